@@ -1,0 +1,547 @@
+"""The scenario registry: loads, validates and answers questions about the platform's configs.
+
+Everything else (data aggregation, the model, training, evaluation, serving) asks the registry
+what scenarios and sequences exist and what their features are; nothing else reads
+`configs/scenarios/*.yaml` or `configs/sequences.yaml`.
+
+Layout of a config directory (default `./configs`, else `MTFM_CONFIG_DIR`, else `--config-dir`):
+
+    configs/sequences.yaml          the shared behaviour sequences (kind history or realtime)
+    configs/scenarios/<name>.yaml   one file per scenario; dropping one in adds a scenario
+
+A feature name means one thing everywhere: if two places declare `poi_id`, both declarations
+must be identical (type, buckets, dim, ...), and the model shares one embedding table for it.
+That is how a target item meets the same item in the behaviour sequences.
+
+Every validation error names the file, the field (a dotted path) and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import yaml
+
+FEATURE_TYPES = ("categorical", "numeric", "categorical_list")
+NUMERIC_TRANSFORMS = ("none", "log1p", "symlog")
+SEQUENCE_KINDS = ("history", "realtime")
+TASK_KINDS = ("ctr", "ctcvr", "binary")
+SERVING_BACKENDS = ("torch", "onnx", "tensorrt")
+# Columns every raw log or aggregated sample has; no feature or task may take these names.
+RESERVED_COLUMNS = ("user_id", "request_id", "ts", "window")
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
+
+
+class RegistryError(ValueError):
+    """A config is invalid. The message names the file, the field and what was expected."""
+
+    def __init__(self, file: str | Path, field_path: str, message: str):
+        self.file = str(file)
+        self.field = field_path
+        super().__init__(f"{file}: {field_path}: {message}" if field_path else f"{file}: {message}")
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One input column. Categorical values are integer ids hashed into `buckets` rows."""
+
+    name: str
+    type: str
+    required: bool = False
+    buckets: int | None = None
+    dim: int | None = None
+    transform: str = "none"
+    max_len: int | None = None
+    description: str = ""
+
+    @property
+    def is_categorical(self) -> bool:
+        return self.type in ("categorical", "categorical_list")
+
+    def spec(self) -> dict[str, Any]:
+        """What must match when the same name is declared twice (not the documentation)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("description", "required")}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A binary label column. `depends_on` names a task this one implies (order implies click)."""
+
+    name: str
+    kind: str
+    depends_on: str | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Per-scenario serving knobs; `deployments/serve.yaml` may override any of them."""
+
+    replicas: int = 1
+    max_ongoing_requests: int = 64
+    max_batch_requests: int = 16
+    max_batch_tokens: int = 65536
+    batch_wait_timeout_s: float = 0.005
+    max_candidates: int = 1000
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    backend: str = "torch"
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Knobs of the synthetic log generator (`mtfm data synth`) for one scenario."""
+
+    exposures_per_user_day: float = 10.0
+    active_user_fraction: float = 1.0
+    label_rates: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    user_features: tuple[Feature, ...]
+    item_features: tuple[Feature, ...]
+    cross_features: tuple[Feature, ...]
+    tasks: tuple[Task, ...]
+    serving: ServingConfig
+    synthetic: SyntheticConfig
+    source: str
+
+    @property
+    def features(self) -> tuple[Feature, ...]:
+        return self.user_features + self.item_features + self.cross_features
+
+    @property
+    def exposure_features(self) -> tuple[Feature, ...]:
+        """The per-exposure features (item and cross) that form a T-token with the user's."""
+        return self.item_features + self.cross_features
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tasks)
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """A shared behaviour log: `history` events precede the window (H-tokens), `realtime`
+    events fall inside it (R-tokens)."""
+
+    name: str
+    kind: str
+    max_len: int
+    features: tuple[Feature, ...]
+    description: str
+    events_per_user_day: float
+    source: str
+
+
+@dataclass(frozen=True)
+class Registry:
+    """All scenarios (sorted by name) and sequences (in file order) of one config directory."""
+
+    config_dir: Path
+    scenarios: dict[str, Scenario]
+    sequences: dict[str, Sequence]
+
+    @classmethod
+    def load(cls, config_dir: str | Path | None = None) -> "Registry":
+        return load_registry(config_dir)
+
+    def scenario(self, name: str) -> Scenario:
+        if name not in self.scenarios:
+            raise KeyError(f"unknown scenario {name!r}; registered: {', '.join(self.scenarios) or 'none'}")
+        return self.scenarios[name]
+
+    def sequence(self, name: str) -> Sequence:
+        if name not in self.sequences:
+            raise KeyError(f"unknown sequence {name!r}; registered: {', '.join(self.sequences) or 'none'}")
+        return self.sequences[name]
+
+    @property
+    def features(self) -> dict[str, Feature]:
+        """Every feature by name (one spec per name, checked at load time)."""
+        out: dict[str, Feature] = {}
+        for seq in self.sequences.values():
+            out.update((f.name, f) for f in seq.features)
+        for scn in self.scenarios.values():
+            out.update((f.name, f) for f in scn.features)
+        return out
+
+    @property
+    def history_sequences(self) -> tuple[Sequence, ...]:
+        return tuple(s for s in self.sequences.values() if s.kind == "history")
+
+    @property
+    def realtime_sequences(self) -> tuple[Sequence, ...]:
+        return tuple(s for s in self.sequences.values() if s.kind == "realtime")
+
+    # ------------------------------------------------------------ data contracts (DESIGN.md)
+
+    def exposure_schema(self, scenario: str) -> pa.Schema:
+        """Raw log `exposures/<scenario>/`: one row per exposure."""
+        scn = self.scenario(scenario)
+        return pa.schema([pa.field("user_id", pa.int64(), False), pa.field("request_id", pa.int64()),
+                          pa.field("ts", pa.int64(), False)]
+                         + [feature_field(f) for f in scn.features]
+                         + [pa.field(t, pa.int8()) for t in scn.task_names])
+
+    def behavior_schema(self, sequence: str) -> pa.Schema:
+        """Raw log `behaviors/<sequence>/`: one row per user action."""
+        seq = self.sequence(sequence)
+        return pa.schema([pa.field("user_id", pa.int64(), False), pa.field("ts", pa.int64(), False)]
+                         + [feature_field(f) for f in seq.features])
+
+    def aggregated_schema(self) -> pa.Schema:
+        """Aggregated samples: one row per (user, window).
+
+        `<scenario>__user` is the user's features in that scenario (from its newest exposure in
+        the window; null if the user had none there); `<scenario>__exposures` the window's
+        exposures sorted by ts (empty if none); `<sequence>__events` the sequence's events
+        sorted by ts, newest `max_len` kept (history: before the window; realtime: inside it).
+        """
+        fields = [pa.field("user_id", pa.int64(), False), pa.field("window", pa.int64(), False)]
+        for scn in self.scenarios.values():
+            fields.append(pa.field(user_column(scn.name), pa.struct([feature_field(f) for f in scn.user_features])))
+            exposure = pa.struct([pa.field("request_id", pa.int64()), pa.field("ts", pa.int64())]
+                                 + [feature_field(f) for f in scn.exposure_features]
+                                 + [pa.field(t, pa.int8()) for t in scn.task_names])
+            fields.append(pa.field(exposures_column(scn.name), pa.list_(exposure)))
+        for seq in self.sequences.values():
+            event = pa.struct([pa.field("ts", pa.int64())] + [feature_field(f) for f in seq.features])
+            fields.append(pa.field(events_column(seq.name), pa.list_(event)))
+        return pa.schema(fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain snapshot (stored in checkpoints); `Registry.from_dict` rebuilds it."""
+        return {
+            "config_dir": str(self.config_dir),
+            "sequences": {n: _raw_sequence(s) for n, s in self.sequences.items()},
+            "scenarios": {n: _raw_scenario(s) for n, s in self.scenarios.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, snapshot: dict[str, Any]) -> "Registry":
+        seqs = _parse_sequences({"sequences": list(snapshot["sequences"].values())}, "<snapshot>/sequences")
+        scns = {}
+        for name, raw in snapshot["scenarios"].items():
+            scns[name] = _parse_scenario(raw, f"<snapshot>/scenarios/{name}", expected_name=name)
+        return _assemble(Path(snapshot.get("config_dir", "<snapshot>")), seqs, scns)
+
+
+def user_column(scenario: str) -> str:
+    return f"{scenario}__user"
+
+
+def exposures_column(scenario: str) -> str:
+    return f"{scenario}__exposures"
+
+
+def events_column(sequence: str) -> str:
+    return f"{sequence}__events"
+
+
+def feature_field(f: Feature) -> pa.Field:
+    """The Arrow type of a feature: categorical ids int64, numeric float32, lists of int64."""
+    arrow_type = {"categorical": pa.int64(), "numeric": pa.float32(), "categorical_list": pa.list_(pa.int64())}[f.type]
+    return pa.field(f.name, arrow_type)
+
+
+def resolve_config_dir(config_dir: str | Path | None = None) -> Path:
+    """`config_dir` if given, else `$MTFM_CONFIG_DIR`, else `./configs`."""
+    return Path(config_dir or os.environ.get("MTFM_CONFIG_DIR") or "configs")
+
+
+def load_registry(config_dir: str | Path | None = None) -> Registry:
+    root = resolve_config_dir(config_dir)
+    if not root.is_dir():
+        raise RegistryError(root, "", "config directory not found (expected a folder holding "
+                            "sequences.yaml and scenarios/*.yaml; set --config-dir or MTFM_CONFIG_DIR)")
+    seq_file = root / "sequences.yaml"
+    if not seq_file.is_file():
+        raise RegistryError(seq_file, "", "file not found: every config directory declares its shared sequences here")
+    sequences = _parse_sequences(_read_yaml(seq_file), str(seq_file))
+    scn_dir = root / "scenarios"
+    files = sorted(scn_dir.glob("*.yaml")) + sorted(scn_dir.glob("*.yml")) if scn_dir.is_dir() else []
+    if not files:
+        raise RegistryError(scn_dir, "", "no scenario files found (expected at least one scenarios/<name>.yaml)")
+    scenarios: dict[str, Scenario] = {}
+    for path in files:
+        scn = _parse_scenario(_read_yaml(path), str(path), expected_name=path.stem)
+        scenarios[scn.name] = scn
+    return _assemble(root, sequences, dict(sorted(scenarios.items())))
+
+
+def _assemble(root: Path, sequences: dict[str, Sequence], scenarios: dict[str, Scenario]) -> Registry:
+    clash = set(sequences) & set(scenarios)
+    if clash:
+        name = sorted(clash)[0]
+        raise RegistryError(scenarios[name].source, "name",
+                            f"{name!r} is already the name of a sequence in {sequences[name].source}; names must be unique")
+    _check_feature_consistency(sequences, scenarios)
+    return Registry(root, scenarios, sequences)
+
+
+def _check_feature_consistency(sequences: dict[str, Sequence], scenarios: dict[str, Scenario]) -> None:
+    seen: dict[str, tuple[Feature, str]] = {}
+    places = [(s.source, f"features", s.features) for s in sequences.values()]
+    for s in scenarios.values():
+        places += [(s.source, "user_features", s.user_features), (s.source, "item_features", s.item_features),
+                   (s.source, "cross_features", s.cross_features)]
+    for source, section, feats in places:
+        for i, f in enumerate(feats):
+            if f.name in seen and seen[f.name][0].spec() != f.spec():
+                first, where = seen[f.name]
+                diff = {k: (first.spec()[k], v) for k, v in f.spec().items() if first.spec()[k] != v}
+                detail = ", ".join(f"{k}: {a!r} there vs {b!r} here" for k, (a, b) in diff.items())
+                raise RegistryError(source, f"{section}[{i}] ({f.name})",
+                                    f"feature name reused with a different type or shape than in {where} ({detail}); "
+                                    "a feature name means one thing everywhere: rename one of them or make them identical")
+            seen.setdefault(f.name, (f, source))
+
+
+# ---------------------------------------------------------------- parsing
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        raise RegistryError(path, "", f"not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RegistryError(path, "", f"expected a mapping at the top level, found {type(data).__name__}")
+    return data
+
+
+class _Fields:
+    """Reads one YAML mapping with type checks; unknown keys are an error."""
+
+    def __init__(self, raw: Any, file: str, where: str, allowed: tuple[str, ...]):
+        if not isinstance(raw, dict):
+            raise RegistryError(file, where or "<top>", f"expected a mapping, found {_kind(raw)}")
+        unknown = [k for k in raw if k not in allowed]
+        if unknown:
+            raise RegistryError(file, _join(where, str(unknown[0])),
+                                f"unknown key; expected one of: {', '.join(allowed)}")
+        self.raw, self.file, self.where = raw, file, where
+
+    def path(self, key: str) -> str:
+        return _join(self.where, key)
+
+    def get(self, key: str, types: type | tuple[type, ...], default: Any = ..., what: str = "") -> Any:
+        if key not in self.raw or self.raw[key] is None:
+            if default is ...:
+                raise RegistryError(self.file, self.path(key), f"required field missing (expected {what or _tname(types)})")
+            return default
+        value = self.raw[key]
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in _tuple(types))
+        if not ok:
+            raise RegistryError(self.file, self.path(key),
+                                f"expected {what or _tname(types)}, found {_kind(value)} {value!r}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: Any = ...) -> str:
+        value = self.get(key, str, default, what=f"one of {', '.join(choices)}")
+        if value not in choices:
+            raise RegistryError(self.file, self.path(key), f"expected one of {', '.join(choices)}, found {value!r}")
+        return value
+
+    def positive(self, key: str, types: type | tuple[type, ...], default: Any = ..., minimum: float = 1) -> Any:
+        value = self.get(key, types, default, what=f"a number >= {minimum}")
+        if value is not None and value < minimum:
+            raise RegistryError(self.file, self.path(key), f"expected a number >= {minimum}, found {value!r}")
+        return value
+
+    def name(self, key: str = "name") -> str:
+        value = self.get(key, str, what="a lower-case identifier")
+        if not NAME_PATTERN.match(value):
+            raise RegistryError(self.file, self.path(key),
+                                f"expected a lower-case identifier (letters, digits, single underscores), found {value!r}")
+        return value
+
+    def items(self, key: str, default: Any = ...) -> list:
+        return self.get(key, list, default, what="a list")
+
+
+def _parse_feature(raw: Any, file: str, where: str) -> Feature:
+    f = _Fields(raw, file, where, ("name", "type", "required", "buckets", "dim", "transform", "max_len", "description"))
+    name = f.name()
+    if name in RESERVED_COLUMNS:
+        raise RegistryError(file, f.path("name"), f"{name!r} is a reserved column ({', '.join(RESERVED_COLUMNS)})")
+    ftype = f.choice("type", FEATURE_TYPES)
+    required = f.get("required", bool, False, what="true or false")
+    desc = f.get("description", str, "")
+    if ftype == "numeric":
+        for key in ("buckets", "dim", "max_len"):
+            if key in f.raw:
+                raise RegistryError(file, f.path(key), "not allowed for a numeric feature (only for categorical types)")
+        return Feature(name, ftype, required, transform=f.choice("transform", NUMERIC_TRANSFORMS, "none"), description=desc)
+    if "transform" in f.raw:
+        raise RegistryError(file, f.path("transform"), f"not allowed for a {ftype} feature (only for numeric)")
+    buckets = f.positive("buckets", int, minimum=2)
+    dim = f.positive("dim", int, minimum=1)
+    max_len = None
+    if ftype == "categorical_list":
+        max_len = f.positive("max_len", int, 8)
+    elif "max_len" in f.raw:
+        raise RegistryError(file, f.path("max_len"), "only a categorical_list feature has max_len")
+    return Feature(name, ftype, required, buckets=buckets, dim=dim, max_len=max_len, description=desc)
+
+
+def _parse_features(items: list, file: str, where: str, taken: dict[str, str]) -> tuple[Feature, ...]:
+    out = []
+    for i, raw in enumerate(items):
+        feat = _parse_feature(raw, file, f"{where}[{i}]")
+        if feat.name in taken:
+            raise RegistryError(file, f"{where}[{i}].name", f"duplicate name {feat.name!r} (already used in {taken[feat.name]})")
+        taken[feat.name] = f"{where}[{i}]"
+        out.append(feat)
+    return tuple(out)
+
+
+def _parse_scenario(raw: Any, file: str, expected_name: str) -> Scenario:
+    f = _Fields(raw, file, "", ("name", "description", "user_features", "item_features", "cross_features",
+                                "tasks", "serving", "synthetic"))
+    name = f.name()
+    if name != expected_name:
+        raise RegistryError(file, "name", f"expected {expected_name!r} (the file name without .yaml), found {name!r}")
+    taken: dict[str, str] = {}
+    user = _parse_features(f.items("user_features", []), file, "user_features", taken)
+    item = _parse_features(f.items("item_features"), file, "item_features", taken)
+    if not item:
+        raise RegistryError(file, "item_features", "expected at least one item feature (a T-token is built from them)")
+    cross = _parse_features(f.items("cross_features", []), file, "cross_features", taken)
+    tasks_raw = f.items("tasks")
+    if not tasks_raw:
+        raise RegistryError(file, "tasks", "expected at least one task (a label column such as click or order)")
+    tasks: list[Task] = []
+    for i, traw in enumerate(tasks_raw):
+        t = _Fields(traw, file, f"tasks[{i}]", ("name", "kind", "depends_on", "description"))
+        tname = t.name()
+        if tname in taken or tname in RESERVED_COLUMNS:
+            raise RegistryError(file, f"tasks[{i}].name", f"duplicate name {tname!r} (already a feature, task or reserved column)")
+        taken[tname] = f"tasks[{i}]"
+        dep = t.get("depends_on", str, None)
+        if dep is not None and dep not in [x.name for x in tasks]:
+            raise RegistryError(file, f"tasks[{i}].depends_on", f"expected the name of an earlier task, found {dep!r}")
+        tasks.append(Task(tname, t.choice("kind", TASK_KINDS, "binary"), dep, t.get("description", str, "")))
+    return Scenario(
+        name=name,
+        description=f.get("description", str, ""),
+        user_features=user, item_features=item, cross_features=cross, tasks=tuple(tasks),
+        serving=_parse_serving(f.get("serving", dict, {}), file),
+        synthetic=_parse_synthetic(f.get("synthetic", dict, {}), file, [t.name for t in tasks]),
+        source=file,
+    )
+
+
+def _parse_serving(raw: dict, file: str) -> ServingConfig:
+    f = _Fields(raw, file, "serving", tuple(x.name for x in dataclasses.fields(ServingConfig)))
+    d = ServingConfig()
+    return ServingConfig(
+        replicas=f.positive("replicas", int, d.replicas),
+        max_ongoing_requests=f.positive("max_ongoing_requests", int, d.max_ongoing_requests),
+        max_batch_requests=f.positive("max_batch_requests", int, d.max_batch_requests),
+        max_batch_tokens=f.positive("max_batch_tokens", int, d.max_batch_tokens),
+        batch_wait_timeout_s=float(f.positive("batch_wait_timeout_s", (int, float), d.batch_wait_timeout_s, minimum=0)),
+        max_candidates=f.positive("max_candidates", int, d.max_candidates),
+        num_cpus=float(f.positive("num_cpus", (int, float), d.num_cpus, minimum=0)),
+        num_gpus=float(f.positive("num_gpus", (int, float), d.num_gpus, minimum=0)),
+        backend=f.choice("backend", SERVING_BACKENDS, d.backend),
+    )
+
+
+def _parse_synthetic(raw: dict, file: str, task_names: list[str]) -> SyntheticConfig:
+    f = _Fields(raw, file, "synthetic", ("exposures_per_user_day", "active_user_fraction", "label_rates"))
+    d = SyntheticConfig()
+    rates = f.get("label_rates", dict, {})
+    for task, rate in rates.items():
+        if task not in task_names:
+            raise RegistryError(file, f"synthetic.label_rates.{task}", f"unknown task; expected one of {', '.join(task_names)}")
+        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate < 1:
+            raise RegistryError(file, f"synthetic.label_rates.{task}", f"expected a probability in (0, 1), found {rate!r}")
+    fraction = float(f.positive("active_user_fraction", (int, float), d.active_user_fraction, minimum=0))
+    if fraction > 1:
+        raise RegistryError(file, "synthetic.active_user_fraction", f"expected a fraction in (0, 1], found {fraction}")
+    return SyntheticConfig(float(f.positive("exposures_per_user_day", (int, float), d.exposures_per_user_day, minimum=0)),
+                           fraction, {k: float(v) for k, v in rates.items()})
+
+
+def _parse_sequences(raw: Any, file: str) -> dict[str, Sequence]:
+    top = _Fields(raw, file, "", ("sequences",))
+    items = top.items("sequences")
+    if not items:
+        raise RegistryError(file, "sequences", "expected at least one sequence")
+    out: dict[str, Sequence] = {}
+    for i, sraw in enumerate(items):
+        where = f"sequences[{i}]"
+        f = _Fields(sraw, file, where, ("name", "kind", "max_len", "features", "description", "events_per_user_day"))
+        name = f.name()
+        if name in out:
+            raise RegistryError(file, f"{where}.name", f"duplicate sequence name {name!r}")
+        feats = _parse_features(f.items("features"), file, f"{where}.features", {})
+        if not feats:
+            raise RegistryError(file, f"{where}.features", "expected at least one item feature")
+        out[name] = Sequence(
+            name=name, kind=f.choice("kind", SEQUENCE_KINDS), max_len=f.positive("max_len", int),
+            features=feats, description=f.get("description", str, ""),
+            events_per_user_day=float(f.positive("events_per_user_day", (int, float), 5.0, minimum=0)),
+            source=file,
+        )
+    return out
+
+
+# ---------------------------------------------------------------- snapshots
+
+def _raw_feature(f: Feature) -> dict[str, Any]:
+    raw = {"name": f.name, "type": f.type, "required": f.required, "description": f.description}
+    if f.type == "numeric":
+        raw["transform"] = f.transform
+    else:
+        raw.update(buckets=f.buckets, dim=f.dim)
+        if f.max_len is not None:
+            raw["max_len"] = f.max_len
+    return raw
+
+
+def _raw_scenario(s: Scenario) -> dict[str, Any]:
+    return {
+        "name": s.name, "description": s.description,
+        "user_features": [_raw_feature(f) for f in s.user_features],
+        "item_features": [_raw_feature(f) for f in s.item_features],
+        "cross_features": [_raw_feature(f) for f in s.cross_features],
+        "tasks": [{k: v for k, v in dataclasses.asdict(t).items() if v is not None} for t in s.tasks],
+        "serving": dataclasses.asdict(s.serving),
+        "synthetic": dataclasses.asdict(s.synthetic),
+    }
+
+
+def _raw_sequence(s: Sequence) -> dict[str, Any]:
+    return {"name": s.name, "kind": s.kind, "max_len": s.max_len, "description": s.description,
+            "events_per_user_day": s.events_per_user_day, "features": [_raw_feature(f) for f in s.features]}
+
+
+# ---------------------------------------------------------------- small helpers
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _tname(types: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list", dict: "a mapping"}
+    return " or ".join(names.get(t, t.__name__) for t in _tuple(types))
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping", type(None): "nothing"}.get(type(value), type(value).__name__)

@@ -1,0 +1,39 @@
+"""Shared test fixtures: one real local Ray cluster per test session, and small config dirs."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = REPO_ROOT / "configs"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray (2 CPUs, small object store), started once and shared by every test."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=600 * 1024**2, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
+    yield ray
+    # Serve tests may have started Serve on this cluster; shut everything down once at the end.
+    ray.shutdown()
+
+
+@pytest.fixture()
+def config_dir(tmp_path: Path) -> Path:
+    """A private copy of the seed configs that a test may edit (add or break a scenario)."""
+    dst = tmp_path / "configs"
+    shutil.copytree(CONFIGS, dst, ignore=shutil.ignore_patterns("movielens"))
+    return dst
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_config_dir(monkeypatch):
+    monkeypatch.delenv("MTFM_CONFIG_DIR", raising=False)
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
