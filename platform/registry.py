@@ -353,9 +353,9 @@ class _Fields:
         return value
 
     def positive(self, key: str, types: type | tuple[type, ...], default: Any = ..., minimum: float = 1) -> Any:
-        value = self.get(key, types, default, what=f"a number >= {minimum}")
+        value = self.get(key, types, default, what=f"{_tname(types)} >= {minimum}")
         if value is not None and value < minimum:
-            raise RegistryError(self.file, self.path(key), f"expected a number >= {minimum}, found {value!r}")
+            raise RegistryError(self.file, self.path(key), f"expected {_tname(types)} >= {minimum}, found {value!r}")
         return value
 
     def name(self, key: str = "name") -> str:

@@ -1,0 +1,74 @@
+"""The package layout: `platform/` is `mtfm.platform` and never shadows the standard library."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from conftest import REPO_ROOT
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+def _is_stdlib_platform(path: str) -> bool:
+    return Path(path).resolve().parent == STDLIB and Path(path).name == "platform.py"
+
+
+def test_no_init_in_platform_folder():
+    assert not (REPO_ROOT / "platform" / "__init__.py").exists()
+    assert not (REPO_ROOT / "platform.py").exists()
+
+
+def test_stdlib_platform_under_pytest():
+    import platform
+
+    assert _is_stdlib_platform(platform.__file__), platform.__file__
+    assert platform.system()  # the real module, not a namespace package
+
+
+def test_stdlib_platform_from_repo_root():
+    code = ("import platform, sys; import mtfm.platform.registry as r; "
+            "print(platform.__file__); print(r.__file__); print(platform.python_version())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    std_file, registry_file, version = out.stdout.split()
+    assert _is_stdlib_platform(std_file)
+    assert Path(registry_file).resolve() == (REPO_ROOT / "platform" / "registry.py").resolve()
+    assert version == ".".join(map(str, sys.version_info[:3]))
+
+
+RAY_PROBE = """
+import json, os, platform, sys
+import ray
+
+ray.init(address=sys.argv[1], runtime_env={"working_dir": sys.argv[2],
+         "excludes": [".git", ".venv", "runs", "data", "*.parquet"]}, log_to_driver=False)
+
+@ray.remote(num_cpus=0.1)
+def probe():
+    import platform
+    import mtfm.platform.registry as registry
+    return [platform.__file__, platform.machine(), os.getcwd(), sorted(registry.load_registry("configs").scenarios)]
+
+print(json.dumps(ray.get(probe.remote())))
+"""
+
+
+def test_stdlib_platform_in_ray_task_with_working_dir(ray_cluster, tmp_path):
+    """A driver started elsewhere ships the repo as the job's working_dir, as `ray job submit` does."""
+    address = ray_cluster.get_runtime_context().gcs_address
+    out = subprocess.run([sys.executable, "-c", RAY_PROBE, address, str(REPO_ROOT)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    std_file, machine, cwd, scenarios = json.loads(out.stdout.strip().splitlines()[-1])
+    assert _is_stdlib_platform(std_file), std_file
+    assert machine
+    assert Path(cwd).resolve() != REPO_ROOT.resolve()  # the task ran in the uploaded copy of the repo
+    assert {"hp", "phf", "sqs"} <= set(scenarios)
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "mtfm.platform.cli", "--help"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, check=True)
+    assert "scenarios" in out.stdout

@@ -1,0 +1,149 @@
+"""The scenario registry: loading, the data contracts it states, and every validation error."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO_ROOT
+from mtfm.platform.registry import Registry, RegistryError, load_registry
+
+
+def _edit(path: Path, mutate) -> None:
+    data = yaml.safe_load(path.read_text())
+    mutate(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def test_seed_registry(config_dir):
+    reg = load_registry(config_dir)
+    assert list(reg.scenarios) == ["hp", "phf", "sqs"]
+    assert [s.kind for s in reg.sequences.values()] == ["history", "realtime"]
+    sqs = reg.scenario("sqs")
+    assert sqs.task_names == ("click", "order", "redeem_1d", "redeem_7d")
+    assert sqs.synthetic.exposures_per_user_day * 10 == reg.scenario("hp").synthetic.exposures_per_user_day
+    # deliberately different item features per scenario
+    item_sets = [frozenset(f.name for f in s.item_features) for s in reg.scenarios.values()]
+    assert len(set(item_sets)) == 3
+    # a name means one thing everywhere
+    assert reg.features["poi_id"].buckets == 20000
+
+
+def test_snapshot_round_trip(config_dir):
+    reg = load_registry(config_dir)
+    again = Registry.from_dict(reg.to_dict())
+    assert again.scenarios.keys() == reg.scenarios.keys()
+    for name, scn in reg.scenarios.items():
+        assert again.scenarios[name].features == scn.features
+        assert again.scenarios[name].tasks == scn.tasks
+        assert again.scenarios[name].serving == scn.serving
+    assert again.aggregated_schema() == reg.aggregated_schema()
+
+
+def test_aggregated_schema_columns(config_dir):
+    schema = load_registry(config_dir).aggregated_schema()
+    assert schema.names == ["user_id", "window", "hp__user", "hp__exposures", "phf__user", "phf__exposures",
+                            "sqs__user", "sqs__exposures", "history__events", "realtime__events"]
+    exposure = schema.field("sqs__exposures").type.value_type
+    assert [exposure.field(i).name for i in range(exposure.num_fields)][-4:] == ["click", "order", "redeem_1d", "redeem_7d"]
+
+
+def test_config_dir_from_environment(config_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("MTFM_CONFIG_DIR", str(config_dir))
+    monkeypatch.chdir(tmp_path)
+    assert list(load_registry().scenarios) == ["hp", "phf", "sqs"]
+
+
+def test_new_scenario_by_yaml(config_dir):
+    (config_dir / "scenarios" / "grocery.yaml").write_text(
+        "name: grocery\nitem_features:\n  - {name: sku_id, type: categorical, buckets: 1000, dim: 8}\n"
+        "tasks:\n  - {name: click, kind: ctr}\n")
+    reg = load_registry(config_dir)
+    assert list(reg.scenarios) == ["grocery", "hp", "phf", "sqs"]
+    assert reg.scenario("grocery").serving.replicas == 1  # defaults filled in
+    assert "grocery__exposures" in reg.aggregated_schema().names
+
+
+BAD_SCENARIOS = [
+    # (mutation of hp.yaml, expected field path in the message, expected words)
+    (lambda d: d.update(colour="red"), "colour", "unknown key"),
+    (lambda d: d["item_features"][1].update(buckets="many"), "item_features[1].buckets", "expected an integer"),
+    (lambda d: d["item_features"][1].update(type="categorial"), "item_features[1].type", "expected one of categorical"),
+    (lambda d: d["item_features"][0].update(dim=0), "item_features[0].dim", "expected an integer >= 1"),
+    (lambda d: d.update(tasks=[]), "tasks", "at least one task"),
+    (lambda d: d.pop("tasks"), "tasks", "required field missing"),
+    (lambda d: d["cross_features"].append(dict(d["item_features"][0])), "cross_features[2].name", "duplicate name 'poi_id'"),
+    (lambda d: d["tasks"].append({"name": "click", "kind": "ctr"}), "tasks[2].name", "duplicate name 'click'"),
+    (lambda d: d["tasks"][1].update(depends_on="purchase"), "tasks[1].depends_on", "earlier task"),
+    (lambda d: d.update(name="homepage"), "name", "the file name"),
+    (lambda d: d["serving"].update(replicas=0), "serving.replicas", ">= 1"),
+    (lambda d: d["serving"].update(backend="tflite"), "serving.backend", "one of torch, onnx, tensorrt"),
+    (lambda d: d["user_features"].append({"name": "ts", "type": "numeric"}), "user_features[2].name", "reserved column"),
+    (lambda d: d["item_features"][2].update(buckets=10), "item_features[2].buckets", "not allowed for a numeric"),
+    (lambda d: d["synthetic"]["label_rates"].update(click=1.5), "synthetic.label_rates.click", "probability"),
+]
+
+
+@pytest.mark.parametrize("mutate, field, words", BAD_SCENARIOS)
+def test_bad_scenario_is_a_clear_error(config_dir, mutate, field, words):
+    path = config_dir / "scenarios" / "hp.yaml"
+    _edit(path, mutate)
+    with pytest.raises(RegistryError) as err:
+        load_registry(config_dir)
+    assert err.value.file == str(path)
+    assert err.value.field.startswith(field), str(err.value)
+    assert words in str(err.value)
+
+
+def test_feature_reused_with_a_different_type(config_dir):
+    path = config_dir / "scenarios" / "phf.yaml"
+    _edit(path, lambda d: d["item_features"].__setitem__(1, {"name": "poi_id", "type": "numeric"}))
+    with pytest.raises(RegistryError) as err:
+        load_registry(config_dir)
+    msg = str(err.value)
+    assert "poi_id" in msg and "reused with a different type" in msg and "type: 'categorical' there vs 'numeric' here" in msg
+
+
+def test_feature_reused_with_different_buckets(config_dir):
+    _edit(config_dir / "scenarios" / "sqs.yaml", lambda d: d["item_features"][2].update(buckets=32))
+    with pytest.raises(RegistryError, match=r"sqs.yaml: item_features\[2\] \(category\): .*buckets: 64 there vs 32 here"):
+        load_registry(config_dir)
+
+
+@pytest.mark.parametrize("mutate, field, words", [
+    (lambda d: d["sequences"][0].update(kind="longterm"), "sequences[0].kind", "one of history, realtime"),
+    (lambda d: d["sequences"][1].update(name="history"), "sequences[1].name", "duplicate sequence name"),
+    (lambda d: d["sequences"][0].pop("max_len"), "sequences[0].max_len", "required field missing"),
+    (lambda d: d["sequences"][0]["features"].append({"name": "price", "type": "numeric"}),
+     "sequences[0].features[4].name", "duplicate name"),
+])
+def test_bad_sequences_file(config_dir, mutate, field, words):
+    _edit(config_dir / "sequences.yaml", mutate)
+    with pytest.raises(RegistryError) as err:
+        load_registry(config_dir)
+    assert err.value.field == field and words in str(err.value)
+
+
+def test_missing_and_malformed_files(config_dir, tmp_path):
+    with pytest.raises(RegistryError, match="config directory not found"):
+        load_registry(tmp_path / "nowhere")
+    (config_dir / "scenarios" / "broken.yaml").write_text("name: broken\ntasks: [unclosed\n")
+    with pytest.raises(RegistryError, match=r"broken.yaml: not valid YAML"):
+        load_registry(config_dir)
+
+
+def _cli(*args, cwd=REPO_ROOT):
+    return subprocess.run([sys.executable, "-m", "mtfm.platform.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cli_list_and_validate(config_dir):
+    out = _cli("scenarios", "list", "--config-dir", str(config_dir))
+    assert out.returncode == 0 and "sqs" in out.stdout and "redeem_7d" in out.stdout
+    out = _cli("scenarios", "validate", "--config-dir", str(config_dir))
+    assert out.returncode == 0 and "3 scenarios" in out.stdout
+    _edit(config_dir / "scenarios" / "sqs.yaml", lambda d: d.update(tasks=[]))
+    out = _cli("scenarios", "validate", "--config-dir", str(config_dir))
+    assert out.returncode == 1 and "sqs.yaml: tasks: expected at least one task" in out.stderr
