@@ -1,0 +1,118 @@
+"""Training checkpoints: what one holds, how it is written, and how a model is rebuilt from it.
+
+A checkpoint is a folder:
+
+    model.pt       the model's state_dict (unwrapped from DDP)
+    optimizer.pt   {"dense": ..., "sparse": ...} optimizer states (training resume only)
+    meta.json      step, epoch, batches consumed in that epoch, the registry snapshot, the model
+                   config and the train config
+
+The registry snapshot makes a checkpoint self-describing: evaluation and serving rebuild the
+exact model it was trained as, whatever `configs/` says today, and `check_compatible` tells a
+user explicitly when the two disagree (never a silent partial load).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mtfm.platform.registry import Registry
+
+if TYPE_CHECKING:  # torch and the model stay unimported until a checkpoint is really read or written
+    import torch
+
+    from mtfm.model import RecommenderBase
+
+MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used as asked; the message says which and why."""
+
+
+@dataclass
+class CheckpointMeta:
+    step: int
+    epoch: int
+    batches_in_epoch: int
+    registry: dict[str, Any]
+    model_config: dict[str, Any]
+    train_config: dict[str, Any]
+
+    @property
+    def scenarios(self) -> list[str]:
+        return list(self.registry["scenarios"])
+
+
+def write_checkpoint(folder: Path, model: "RecommenderBase", optimizers: dict[str, "torch.optim.Optimizer"],
+                     meta: CheckpointMeta) -> Path:
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / MODEL_FILE)
+    torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, folder / OPTIMIZER_FILE)
+    (folder / META_FILE).write_text(json.dumps(dataclasses.asdict(meta), indent=1))
+    return folder
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """`path` itself if it is a checkpoint, else the newest checkpoint inside a run folder."""
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not found (expected a run folder or one of its checkpoint_* folders)")
+    found = sorted(p for p in path.glob(f"{CHECKPOINT_PREFIX}*") if (p / META_FILE).is_file())
+    if not found:
+        raise CheckpointError(f"{path}: no checkpoint_* folder with a {META_FILE} inside (has the run saved one yet?)")
+    return found[-1]
+
+
+def read_meta(checkpoint: str | Path) -> CheckpointMeta:
+    folder = find_checkpoint(checkpoint)
+    try:
+        return CheckpointMeta(**json.loads((folder / META_FILE).read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise CheckpointError(f"{folder / META_FILE}: not a valid checkpoint description ({exc})") from exc
+
+
+def load_model(checkpoint: str | Path, map_location: "str | torch.device" = "cpu",
+               config_changes: dict[str, Any] | None = None) -> tuple["RecommenderBase", CheckpointMeta]:
+    """Rebuild the model exactly as it was trained (its own registry snapshot) and load its weights.
+
+    config_changes: model-config fields to override that do not change parameters, such as
+    `attention_impl` or `compute_dtype` for serving.
+    """
+    import torch
+
+    from mtfm.model import build_model, parse_model_config
+
+    folder = find_checkpoint(checkpoint)
+    meta = read_meta(folder)
+    registry = Registry.from_dict(meta.registry)
+    config = parse_model_config(dict(meta.model_config), str(folder / META_FILE))
+    if config_changes:
+        config = config.replace(**config_changes)
+    model = build_model(config, registry)
+    model.load_state_dict(torch.load(folder / MODEL_FILE, map_location=map_location, weights_only=True))
+    return model.eval(), meta
+
+
+def check_compatible(meta: CheckpointMeta, registry: Registry, where: str) -> None:
+    """Refuse a checkpoint whose scenarios differ from the registry's (DESIGN: never a silent
+    partial load). Adding a scenario to a trained model is an explicit warm start."""
+    have, want = set(meta.scenarios), set(registry.scenarios)
+    if have == want:
+        return
+    parts = []
+    if want - have:
+        parts.append(f"the registry has scenarios the checkpoint lacks: {sorted(want - have)}")
+    if have - want:
+        parts.append(f"the checkpoint has scenarios the registry lacks: {sorted(have - want)}")
+    raise CheckpointError(f"{where}: {'; '.join(parts)}. Resuming needs the scenarios the checkpoint was "
+                          f"trained with ({sorted(have)}, stored in its {META_FILE}): restore those scenario files "
+                          "or start a new run")

@@ -1,0 +1,85 @@
+"""Evaluation: AUC and GAUC for every (scenario, task) on held-out windows (`mtfm eval`).
+
+GAUC is the impression-weighted mean of per-user AUC over users with both classes (see
+`metrics.py`); users are keyed by `user_id`, so a user's exposures in all test windows count
+together. The same `evaluate_batches` runs inside training (at checkpoints) and here.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from mtfm.platform.metrics import auc, gauc
+
+
+def evaluate_batches(model, batches: Iterable, device) -> dict[str, dict]:
+    """Score every T-token of `batches` (TokenBatches) with `model`; metrics per "scenario/task"."""
+    import torch
+
+    scores: dict[str, list] = {}
+    with torch.no_grad():
+        for batch in batches:
+            batch = batch.to(device)
+            with model.autocast(device.type):
+                probs = model(batch).probabilities()
+            user_of_token = batch.user_id[batch.token_user()]
+            for scenario, p in probs.items():
+                feats = batch.features[scenario]
+                scores.setdefault(scenario, []).append((
+                    p.cpu().numpy(), feats.labels.cpu().numpy(), feats.label_mask.cpu().numpy(),
+                    user_of_token[feats.index].cpu().numpy()))
+    results: dict[str, dict] = {}
+    for scenario, parts in scores.items():
+        p, y, m, u = (np.concatenate(x) for x in zip(*parts))
+        for t, task in enumerate(batch.scenario_tasks[scenario]):
+            keep = m[:, t]
+            if not keep.any():
+                continue
+            g = gauc(u[keep], y[keep, t], p[keep, t])
+            results[f"{scenario}/{task}"] = {
+                "auc": auc(y[keep, t], p[keep, t]), "gauc": g.gauc, "exposures": int(keep.sum()),
+                "positives": int(y[keep, t].sum()), "users_scored": g.users_scored, "users_skipped": g.users_skipped,
+            }
+    return dict(sorted(results.items()))
+
+
+def format_table(results: dict[str, dict]) -> str:
+    lines = [f"{'scenario/task':<20} {'AUC':>7} {'GAUC':>7} {'exposures':>10} {'positives':>10} {'users':>7}"]
+    for key, r in results.items():
+        lines.append(f"{key:<20} {r['auc']:>7.4f} {r['gauc']:>7.4f} {r['exposures']:>10} {r['positives']:>10} "
+                     f"{r['users_scored']:>7}")
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, test_windows: int | None = None,
+                        tokens_per_batch: int | None = None) -> dict:
+    """Load a checkpoint (or a run folder's newest) and evaluate it on the last windows of `data`."""
+    import torch
+
+    from mtfm.model import Collator, token_budget_batches
+    from mtfm.platform.checkpoint import find_checkpoint, load_model
+    from mtfm.platform.cluster import init_ray
+    from mtfm.platform.train import split_by_window
+
+    folder = find_checkpoint(checkpoint)
+    model, meta = load_model(folder)
+    windows_held_out = test_windows or meta.train_config.get("test_windows", 1)
+    init_ray()
+    _, test_ds, windows = split_by_window(data, windows_held_out)
+    budget = tokens_per_batch or meta.train_config.get("tokens_per_batch", 8192)
+    reads = test_ds.iter_batches(batch_size=256, batch_format="pyarrow")
+    results = evaluate_batches(model, token_budget_batches(reads, Collator(model.registry), budget), torch.device("cpu"))
+    return {"checkpoint": str(folder), "step": meta.step, "test_windows": windows[-windows_held_out:], "eval": results}
+
+
+def run_from_args(args) -> int:
+    report = evaluate_checkpoint(args.checkpoint, args.data, test_windows=args.test_windows)
+    print(f"checkpoint {report['checkpoint']} (step {report['step']}), test windows {report['test_windows']}")
+    print(format_table(report["eval"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+    return 0

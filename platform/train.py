@@ -1,0 +1,412 @@
+"""Training on Ray Train: `python -m mtfm.platform.train --config configs/train/tiny.yaml`.
+
+The driver reads the aggregated samples with Ray Data, holds out the last `test_windows`
+windows (days) for evaluation, and runs a `TorchTrainer`: each worker takes its Ray Data shard,
+regroups it into token-budget batches (MTGR's load balance: every step a worker sees about
+`tokens_per_batch` tokens, however many users that is), and trains with DDP: Adam on dense
+parameters, Adagrad on the embedding tables (only rows a batch touches get a gradient, and
+Adagrad leaves untouched rows exactly as they are), bf16 autocast and the Triton kernels on GPU.
+
+Every `checkpoint_every` steps and at the end, rank 0 writes a checkpoint (model, optimizers,
+step, position in the epoch, registry snapshot, configs; see `checkpoint.py`) and evaluates
+AUC/GAUC on the held-out windows. A worker that dies is restarted by `FailureConfig` from the
+latest checkpoint, skipping the batches that checkpoint had already consumed, so the resumed run
+continues the same loss curve. `--resume RUN_DIR` does the same for a whole run whose driver died.
+
+With no RAY_ADDRESS it starts an embedded local Ray; under `ray job submit` it joins the cluster.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtfm.platform.registry import Registry, RegistryError, load_registry
+
+RUNS_DIR = "runs"
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
+
+
+# ---------------------------------------------------------------- the train config
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run (`configs/train/<name>.yaml`); every field has a default but `model`."""
+
+    name: str
+    model: str                         # path of the model config (configs/model/*.yaml)
+    data: str = "data/quickstart/samples"  # aggregated samples (Parquet) from `mtfm data aggregate`
+    test_windows: int = 1              # the last N windows (days) are held out for evaluation
+    epochs: int = 1
+    max_steps: int | None = None       # stop early after this many steps in total
+    tokens_per_batch: int = 8192       # per worker and step
+    rows_per_read: int = 256           # users fetched from Ray Data at a time, before token batching
+    lr: float = 1e-3                   # Adam, dense parameters
+    embedding_lr: float = 0.05         # Adagrad, embedding tables
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    evaluate_at_checkpoints: bool = True
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2              # worker failures survived by restarting from the latest checkpoint
+    inject_failure_at_step: int | None = None  # fault injection: a worker dies once at this step
+    source: str = "<dict>"
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise RegistryError(path, "", "train config not found (expected e.g. configs/train/tiny.yaml)")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise RegistryError(path, "", f"not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise RegistryError(path, "", "expected a mapping at the top level")
+        raw.setdefault("name", path.stem)
+        return cls.from_dict(raw, str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> "TrainConfig":
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+        for key, value in raw.items():
+            if key == "source":
+                continue
+            if key not in fields:
+                raise RegistryError(source, key, f"unknown key; expected one of: {', '.join(fields)}")
+            _check_type(source, key, value, fields[key].type)
+        missing = [k for k, f in fields.items() if f.default is dataclasses.MISSING and k not in raw]
+        if missing:
+            raise RegistryError(source, missing[0], "required field missing")
+        config = cls(**{k: v for k, v in raw.items() if k != "source"}, source=source)
+        for key in ("test_windows", "epochs", "tokens_per_batch", "rows_per_read", "log_every",
+                    "checkpoint_every", "keep_checkpoints", "num_workers"):
+            if getattr(config, key) < 1:
+                raise RegistryError(source, key, f"expected an integer >= 1, found {getattr(config, key)}")
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_type(source: str, key: str, value: Any, annotation: str) -> None:
+    expected = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+    names = [a.strip() for a in str(annotation).split("|")]
+    if value is None and "None" in names:
+        return
+    allowed = tuple(t for n in names for t in expected.get(n, ()))
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        raise RegistryError(source, key, f"expected {' or '.join(n for n in names)}, found {value!r}")
+
+
+# ---------------------------------------------------------------- the worker loop
+
+def _split_parameters(model):
+    """(dense, embedding) parameter lists: embedding tables get the sparse-style optimizer."""
+    from torch import nn
+
+    embedding_ids = {id(p) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+                     for p in m.parameters()}
+    dense = [p for p in model.parameters() if id(p) not in embedding_ids]
+    embedding = [p for p in model.parameters() if id(p) in embedding_ids]
+    return dense, embedding
+
+
+def make_optimizers(model, config: TrainConfig) -> dict[str, Any]:
+    import torch
+
+    dense, embedding = _split_parameters(model)
+    optimizers = {"dense": torch.optim.Adam(dense, lr=config.lr, weight_decay=config.weight_decay)}
+    if embedding:
+        optimizers["embedding"] = torch.optim.Adagrad(embedding, lr=config.embedding_lr)
+    return optimizers
+
+
+def _all_have_batch(have: bool, device) -> bool:
+    """True while every worker still has a batch: DDP needs the same number of steps everywhere,
+    and token-budget batching gives workers with equal users unequal step counts."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return have
+    flag = torch.tensor([1 if have else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """After a restart, drop log lines the failed attempt wrote past the checkpoint it resumes."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """What each Ray Train worker runs."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from mtfm.model import Collator, build_model, multitask_bce_loss, parse_model_config, token_budget_batches
+    from mtfm.platform.checkpoint import CheckpointMeta, META_FILE, MODEL_FILE, OPTIMIZER_FILE, write_checkpoint
+    from mtfm.platform.eval import evaluate_batches
+
+    config = TrainConfig.from_dict(loop_config["train_config"])
+    registry = Registry.from_dict(loop_config["registry"])
+    model_config = parse_model_config(dict(loop_config["model_config"]))
+    run_dir = Path(loop_config["run_dir"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(config.seed)
+    device = ray.train.torch.get_device()
+
+    model = build_model(model_config, registry)
+    optimizers = make_optimizers(model, config)
+    step = epoch = skip = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            meta = CheckpointMeta(**json.loads((Path(folder) / META_FILE).read_text()))
+            model.load_state_dict(torch.load(Path(folder) / MODEL_FILE, map_location="cpu", weights_only=True))
+            model.to(device)
+            states = torch.load(Path(folder) / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
+            for name, opt in optimizers.items():
+                opt.load_state_dict(states[name])
+        step, epoch, skip = meta.step, meta.epoch, meta.batches_in_epoch
+        if rank == 0:
+            _truncate_metrics(run_dir / METRICS_FILE, step)
+            print(f"[mtfm] resumed from {checkpoint.path} at step {step} (epoch {epoch}, batch {skip})", flush=True)
+    ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    collator = Collator(model.registry)
+    train_shard = ray.train.get_dataset_shard("train")
+
+    def save(batches_in_epoch: int, metrics: dict) -> None:
+        nonlocal last_saved
+        last_saved = step
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                meta = CheckpointMeta(step, epoch, batches_in_epoch, registry.to_dict(),
+                                      loop_config["model_config"], config.to_dict())
+                write_checkpoint(Path(tmp), model, optimizers, meta)
+                if config.evaluate_at_checkpoints:
+                    model.eval()
+                    with torch.no_grad():
+                        result = evaluate_batches(model, _eval_batches(collator, config), device)
+                    model.train()
+                    _append_jsonl(run_dir / METRICS_FILE, {"step": step, "eval": result})
+                    metrics = metrics | {"eval": result}
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")
+
+    last_saved = step
+    done = config.max_steps is not None and step >= config.max_steps
+    window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": 0.0, "steps": 0}
+    position = skip
+    model.train()
+    while epoch < config.epochs and not done:
+        reads = train_shard.iter_batches(batch_size=config.rows_per_read, batch_format="pyarrow", prefetch_batches=2)
+        batches = token_budget_batches(reads, collator, config.tokens_per_batch)
+        position = 0
+        while True:
+            batch = next(batches, None)
+            if not _all_have_batch(batch is not None, device):
+                break
+            position += 1
+            if position <= skip:
+                continue  # consumed before the checkpoint this attempt resumed from
+            batch = batch.to(device)
+            with model.autocast(device.type):
+                output = ddp_model(batch)
+            loss, _ = multitask_bce_loss(output, batch)
+            for opt in optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            for opt in optimizers.values():
+                opt.step()
+            step += 1
+            window["samples"] += batch.num_users
+            window["tokens"] += batch.num_tokens
+            window["loss"] += loss.detach()  # a tensor: no host sync until the log line
+            window["steps"] += 1
+            if config.inject_failure_at_step == step and rank == 0 and not (run_dir / ".failure_injected").exists():
+                (run_dir / ".failure_injected").touch()
+                raise RuntimeError(f"injected failure at step {step} (train config inject_failure_at_step)")
+            if step % config.log_every == 0:
+                elapsed = time.perf_counter() - window["t"]
+                record = {"step": step, "epoch": epoch, "loss": float(window["loss"]) / window["steps"],
+                          "samples_per_s": window["samples"] * ctx.get_world_size() / elapsed,
+                          "tokens_per_s": window["tokens"] * ctx.get_world_size() / elapsed}
+                if rank == 0:
+                    _append_jsonl(run_dir / METRICS_FILE, record)
+                    print(f"[mtfm] step {step:>6}  epoch {epoch}  loss {record['loss']:.4f}  "
+                          f"{record['samples_per_s']:.0f} samples/s  {record['tokens_per_s']:.0f} tokens/s", flush=True)
+                window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": 0.0, "steps": 0}
+            if step % config.checkpoint_every == 0:
+                save(position, {"step": step, "loss": float(loss.detach())})
+            if config.max_steps is not None and step >= config.max_steps:
+                done = True
+                break
+        if not done:
+            epoch, skip = epoch + 1, 0
+    if last_saved != step or step == 0:
+        save(position if done else 0, {"step": step})
+    if rank == 0:
+        last = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if "eval" in line]
+        if last:
+            (run_dir / EVAL_FILE).write_text(json.dumps(last[-1] | {"checkpoint": f"checkpoint_{step:08d}"}, indent=1))
+
+
+def _eval_batches(collator, config: TrainConfig):
+    import ray.train
+
+    from mtfm.model import token_budget_batches
+
+    reads = ray.train.get_dataset_shard("test").iter_batches(batch_size=config.rows_per_read, batch_format="pyarrow")
+    return token_budget_batches(reads, collator, config.tokens_per_batch)
+
+
+# ---------------------------------------------------------------- the driver
+
+def split_by_window(samples: str | Path, test_windows: int):
+    """(train, test) Ray Datasets: the last `test_windows` windows are the test set."""
+    import ray.data
+
+    path = Path(samples)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no aggregated samples here (run `mtfm data synth` and `mtfm data aggregate` "
+                                "first, or `mtfm quickstart`; pass the aggregate's samples/ folder or its --out folder)")
+    if (path / "samples").is_dir():
+        path = path / "samples"
+    ds = ray.data.read_parquet(str(path))
+    windows = sorted(ds.unique("window"))
+    if len(windows) <= test_windows:
+        raise ValueError(f"{path}: {len(windows)} window(s) of data, but test_windows={test_windows} are held out "
+                         "for evaluation: generate more days or lower test_windows")
+    cut = windows[-test_windows]
+    return ds.filter(expr=f"window < {cut}"), ds.filter(expr=f"window >= {cut}"), windows
+
+
+def default_run_dir(name: str) -> Path:
+    return Path(RUNS_DIR) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(config: TrainConfig, *, data: str | None = None, out: str | Path | None = None,
+          resume: str | Path | None = None, config_dir: str | None = None, log=print) -> Path:
+    """Run one training job; returns the run folder (checkpoints, metrics.jsonl, eval.json)."""
+    from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from mtfm.model import load_model_config
+    from mtfm.platform.checkpoint import check_compatible, find_checkpoint, read_meta
+    from mtfm.platform.cluster import init_ray
+
+    registry = load_registry(config_dir)
+    model_config = load_model_config(config.model)
+    resume_from = None
+    if resume is not None:
+        resume_from = find_checkpoint(resume)
+        meta = read_meta(resume_from)
+        check_compatible(meta, registry, str(resume_from))
+        out = Path(resume)
+    run_dir = Path(out or default_run_dir(config.name)).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    init_ray(log_to_driver=True)
+    train_ds, test_ds, windows = split_by_window(data or config.data, config.test_windows)
+    log(f"[mtfm] run {run_dir}\n[mtfm] scenarios {list(registry.scenarios)}; windows {len(windows)} "
+        f"({len(windows) - config.test_windows} train, {config.test_windows} test); model {model_config.name} "
+        f"({model_config.architecture}, layout {model_config.hta_layout}); {config.num_workers} worker(s)"
+        f"{' with GPU' if config.use_gpu else ''}")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train_config": config.to_dict(), "registry": registry.to_dict(),
+                           "model_config": _model_config_dict(model_config), "run_dir": str(run_dir)},
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
+                             failure_config=FailureConfig(max_failures=config.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),
+        datasets={"train": train_ds, "test": test_ds},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        resume_from_checkpoint=Checkpoint(str(resume_from)) if resume_from else None,
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    eval_path = run_dir / EVAL_FILE
+    if eval_path.exists():
+        from mtfm.platform.eval import format_table
+
+        log(format_table(json.loads(eval_path.read_text())["eval"]))
+    log(f"[mtfm] done: {result.metrics.get('step')} steps; checkpoint {result.checkpoint.path if result.checkpoint else None}")
+    return run_dir
+
+
+def _model_config_dict(model_config) -> dict:
+    raw = dataclasses.asdict(model_config)
+    raw.pop("source", None)
+    if raw.get("scenarios") is not None:
+        raw["scenarios"] = list(raw["scenarios"])
+    return raw
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="CFG", help="train config, e.g. configs/train/tiny.yaml")
+    parser.add_argument("--data", default=None, metavar="AGG_DIR",
+                        help="aggregated samples (the --out of `mtfm data aggregate`); default: the config's `data`")
+    parser.add_argument("--out", default=None, metavar="RUN_DIR", help="run folder (default: runs/<name>-<time>)")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR",
+                        help="continue a run from its newest checkpoint (same run folder)")
+    parser.add_argument("--num-workers", type=int, default=None, help="override the config's num_workers")
+    parser.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    config = TrainConfig.load(args.config)
+    overrides = {k: v for k, v in (("num_workers", args.num_workers), ("max_steps", args.max_steps)) if v is not None}
+    if overrides:
+        config = TrainConfig.from_dict(config.to_dict() | overrides, config.source)
+    train(config, data=args.data, out=args.out, resume=args.resume, config_dir=args.config_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mtfm.platform.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config-dir", default=None, metavar="DIR",
+                        help="scenario config directory (default: $MTFM_CONFIG_DIR, else ./configs)")
+    add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_from_args(args)
+    except (RegistryError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
