@@ -1,0 +1,408 @@
+"""Kernel benchmark (issue 4): HSTU attention (full, target) and Group LayerNorm on one GPU.
+
+Checks correctness at real sizes in bf16 against a float64 reference first, then times
+(triton.testing.do_bench, median) and prints a table; writes JSON to --out
+(default $OUT/kernels.json when OUT is set). FLOP convention (DESIGN.md): forward =
+4 * Hq * d * visible query-key pairs, backward = 2.5 x forward; torch SDPA (causal, same
+tokens, heads and dim, as a dense batch of equal-length users) is counted the same way over
+its causal pairs. Usage: python bench/kernels.py [--out PATH] [--quick]
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+
+def _import_kernels():
+    """mtfm.kernels, from the installed package or, in a bare checkout, from ./kernels."""
+    if importlib.util.find_spec("mtfm") is None:
+        root = Path(__file__).resolve().parents[1]
+        package = types.ModuleType("mtfm")
+        package.__path__ = []
+        sys.modules["mtfm"] = package
+        spec = importlib.util.spec_from_file_location(
+            "mtfm.kernels", root / "kernels" / "__init__.py", submodule_search_locations=[str(root / "kernels")]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["mtfm.kernels"] = module
+        spec.loader.exec_module(module)
+    from mtfm.kernels.group_layer_norm import group_layer_norm
+    from mtfm.kernels.hstu_attention import hstu_attention, hstu_target_attention
+
+    return hstu_attention, hstu_target_attention, group_layer_norm
+
+
+hstu_attention, hstu_target_attention, group_layer_norm = _import_kernels()
+
+ALPHA = 1.0 / 128 ** 0.5
+SCENARIOS = 3
+
+
+def make_batch(length: int, users: int, hq: int, hkv: int, d: int, dtype, device, seed: int):
+    """Users of `length` tokens with the MTFM mix (80% H, 5% R, 15% T in SCENARIOS groups)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    n_r, n_t = int(0.05 * length), int(0.15 * length)
+    n_h = length - n_r - n_t
+    kinds, stamps = [], []
+    for _ in range(users):
+        ts_h = torch.randint(0, 10**6, (n_h,), generator=g)
+        ts_r = torch.randint(10**6, 2 * 10**6, (n_r,), generator=g).sort().values
+        ts_t = torch.randint(10**6, 2 * 10**6 + 10**5, (n_t,), generator=g)
+        ts_t = torch.cat([part.sort().values for part in ts_t.chunk(SCENARIOS)])
+        kinds.append(torch.tensor([0] * n_h + [1] * n_r + [2] * n_t, dtype=torch.int8))
+        stamps.append(torch.cat([ts_h, ts_r, ts_t]))
+    n = users * length
+    offsets = torch.arange(users + 1, dtype=torch.int64) * length
+    target_offsets = torch.arange(users + 1, dtype=torch.int64) * n_t
+    q = torch.randn(n, hq, d, generator=g)
+    k = torch.randn(n, hkv, d, generator=g)
+    v = torch.randn(n, hkv, d, generator=g)
+    to = dict(device=device)
+    return dict(
+        q=q.to(dtype=dtype, **to), k=k.to(dtype=dtype, **to), v=v.to(dtype=dtype, **to),
+        offsets=offsets.to(**to), kind=torch.cat(kinds).to(**to), ts=torch.cat(stamps).to(**to),
+        target_offsets=target_offsets.to(**to), n_t=n_t, length=length, users=users,
+    )
+
+
+def visible_pairs(batch) -> tuple[int, int]:
+    """Visible (query, key) pairs of full attention and of target attention, by the mask rule."""
+    full = target = 0
+    length, n_t = batch["length"], batch["n_t"]
+    for b in range(batch["users"]):
+        kind = batch["kind"][b * length:(b + 1) * length]
+        ts = batch["ts"][b * length:(b + 1) * length]
+        n_h = int((kind == 0).sum())
+        r_ts = ts[kind == 1]
+        earlier_r = torch.searchsorted(r_ts, ts, right=False)
+        own = (kind != 0).to(torch.int64)  # H queries count themselves among the H keys
+        per_query = n_h + earlier_r + own
+        full += int(per_query.sum())
+        target += int(per_query[length - n_t:].sum())
+    return full, target
+
+
+def rel_err(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def check_attention(length: int, hkv: int, d: int, device) -> dict:
+    """bf16 Triton vs float64 reference on two users: out, dq, dk, dv (full) and target."""
+    batch = make_batch(length, 2, 4, hkv, d, torch.bfloat16, device, seed=length + hkv + d)
+    meta = (batch["offsets"], batch["kind"], batch["ts"])
+    norm = float(length)
+    grad = torch.randn(batch["q"].shape[0], 4, d, device=device, dtype=torch.bfloat16)
+    results = {}
+    for dtype, impl in ((torch.float64, "reference"), (torch.bfloat16, "triton")):
+        q, k, v = (batch[n].to(dtype).requires_grad_() for n in "qkv")
+        out = hstu_attention(q, k, v, *meta, alpha=ALPHA, norm=norm, impl=impl)
+        out.backward(grad.to(dtype))
+        rows = torch.cat([torch.arange((b + 1) * length - batch["n_t"], (b + 1) * length) for b in range(2)]).to(device)
+        q_t = q.detach()[rows].requires_grad_()
+        out_t = hstu_target_attention(q_t, k, v, *meta, batch["target_offsets"], alpha=ALPHA, norm=norm, impl=impl)
+        results[impl] = dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad, target=out_t.detach())
+    return {name: rel_err(results["triton"][name], ref) for name, ref in results["reference"].items()}
+
+
+def bench_attention(length, hkv, d, device, total_tokens, quick) -> dict:
+    users = max(1, total_tokens // length)
+    batch = make_batch(length, users, 4, hkv, d, torch.bfloat16, device, seed=1)
+    meta = (batch["offsets"], batch["kind"], batch["ts"])
+    norm = float(length)
+    pairs, target_pairs = visible_pairs(batch)
+    q, k, v = (batch[n].requires_grad_() for n in "qkv")
+    grad = torch.randn_like(q.detach())
+
+    def forward():
+        return hstu_attention(q, k, v, *meta, alpha=ALPHA, norm=norm, impl="triton")
+
+    out = forward()
+    t_fwd = do_bench(forward, return_mode="median")
+    t_bwd = do_bench(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True), return_mode="median")
+    del out
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    torch.autograd.grad(forward(), (q, k, v), grad)
+    peak = torch.cuda.max_memory_allocated(device) - base
+
+    rows = torch.cat([torch.arange((b + 1) * length - batch["n_t"], (b + 1) * length) for b in range(users)]).to(device)
+    q_t = q.detach()[rows].requires_grad_()
+    grad_t = grad[rows]
+
+    def target_forward():
+        return hstu_target_attention(q_t, k, v, *meta, batch["target_offsets"], alpha=ALPHA, norm=norm, impl="triton")
+
+    out_t = target_forward()
+    t_tfwd = do_bench(target_forward, return_mode="median")
+    t_tbwd = do_bench(lambda: torch.autograd.grad(out_t, (q_t, k, v), grad_t, retain_graph=True), return_mode="median")
+    del out_t
+
+    flops = 4 * 4 * d * pairs
+    row = dict(
+        length=length, users=users, tokens=users * length, hq=4, hkv=hkv, d=d, visible_pairs=pairs,
+        fwd_ms=t_fwd, bwd_ms=t_bwd, fwd_tflops=flops / t_fwd * 1e-9, bwd_tflops=2.5 * flops / t_bwd * 1e-9,
+        peak_mib=peak / 2**20, peak_bytes_per_token=peak / (users * length),
+        target_fwd_ms=t_tfwd, target_bwd_ms=t_tbwd,
+        target_fwd_tflops=4 * 4 * d * target_pairs / t_tfwd * 1e-9,
+        target_bwd_tflops=10 * 4 * d * target_pairs / t_tbwd * 1e-9,
+    )
+    row["fwd_graph_ms"] = graph_time(forward)
+    row["target_fwd_graph_ms"] = graph_time(target_forward)
+    if length <= 2048 and hkv == 4 and not quick:
+        with torch.no_grad():
+            reference = lambda: hstu_attention(q, k, v, *meta, alpha=ALPHA, norm=norm, impl="reference")
+            reference()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            reference()
+            torch.cuda.synchronize()
+        row["reference_fwd_ms"] = (time.perf_counter() - t0) * 1e3
+    return row
+
+
+def graph_time(fn) -> float:
+    """Median time of fn replayed from a CUDA graph: the device time without launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        fn()
+    return do_bench(graph.replay, return_mode="median")
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates tried by --sweep, per kernel and head dim.
+SWEEP = {
+    "fwd": {128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+            256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2)]},
+    "dq": {128: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3), (64, 128, 8, 2)],
+           256: [(64, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)]},
+    "dkdv": {128: [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (32, 128, 4, 3)],
+             256: [(64, 64, 8, 2), (32, 64, 4, 2), (32, 64, 8, 3), (64, 64, 4, 2)]},
+}
+
+
+def sweep_configs(device, total_tokens) -> dict:
+    """Time each candidate block config at 4K tokens per user, Hkv=2, and keep the fastest."""
+    from mtfm.kernels import hstu_attention_triton as kernels
+
+    chosen = {}
+    for d in (128, 256):
+        batch = make_batch(4096, total_tokens // 4096, 4, 2, d, torch.bfloat16, device, seed=3)
+        args = (batch["q"], batch["k"], batch["v"], batch["offsets"], batch["offsets"], batch["kind"], batch["ts"],
+                ALPHA, 4096.0)
+        grad = torch.randn_like(batch["q"])
+        runs = {"fwd": lambda: kernels.jagged_hstu_attention(*args),
+                "dq": lambda: kernels.jagged_hstu_attention_backward(grad, *args),
+                "dkdv": lambda: kernels.jagged_hstu_attention_backward(grad, *args)}
+        for name, fn in runs.items():
+            times = {}
+            for config in SWEEP[name][d]:
+                kernels._CONFIGS[name][d] = config
+                try:
+                    times[config] = do_bench(fn, warmup=5, rep=40, return_mode="median")
+                except Exception as error:  # a config that does not fit (shared memory, registers)
+                    print(f"sweep {name} d={d} {config}: {type(error).__name__}", flush=True)
+            best = min(times, key=times.get)
+            kernels._CONFIGS[name][d] = best
+            chosen[f"{name}_d{d}"] = dict(best=best, ms={str(c): t for c, t in times.items()})
+            print(f"sweep {name} d={d}: " + ", ".join(f"{c}: {t:.3f}" for c, t in times.items()) + f" -> {best}",
+                  flush=True)
+    return chosen
+
+
+def bench_sdpa(length, d, device, total_tokens) -> dict:
+    """torch SDPA, causal, bf16, Hq=4 heads, as (users, 4, length, d); best of cuDNN and flash."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    users = max(1, total_tokens // length)
+    q, k, v = (torch.randn(users, 4, length, d, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    flops = 4 * 4 * d * users * length * (length + 1) // 2
+    best = None
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                f = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+                out = f()
+                grad = torch.randn_like(out)
+                t_fwd = do_bench(f, return_mode="median")
+                t_bwd = do_bench(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True), return_mode="median")
+        except RuntimeError as error:
+            print(f"sdpa {backend.name} L={length} d={d}: {str(error).splitlines()[0]}")
+            continue
+        row = dict(backend=backend.name, fwd_ms=t_fwd, bwd_ms=t_bwd,
+                   fwd_tflops=flops / t_fwd * 1e-9, bwd_tflops=2.5 * flops / t_bwd * 1e-9)
+        if best is None or row["fwd_tflops"] > best["fwd_tflops"]:
+            best = row
+    return best
+
+
+def group_runs(n, groups, device, mean_run=None):
+    """Group ids in runs (a user's tokens of one sequence or scenario), or i.i.d. per token
+    when mean_run is None (the worst case for the backward's per-group sums)."""
+    if mean_run is None:
+        return torch.randint(0, groups, (n,), device=device)
+    runs = torch.randint(1, 2 * mean_run, (n,))
+    ids = torch.randint(0, groups, runs.shape)
+    return ids.repeat_interleave(runs)[:n].to(device)
+
+
+def bench_gln(n, d, groups, device, mean_run=64) -> dict:
+    """Correctness against float64, then the public op's eager time and the kernels' device time
+    (CUDA graph replay); GB/s counts x and y (forward), x, dy and dx (backward), and group."""
+    from mtfm.kernels import group_layer_norm_triton as kernels
+
+    x = torch.randn(n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    group = group_runs(n, groups, device, mean_run)
+    weight = torch.randn(groups, d, device=device, requires_grad=True)
+    bias = torch.randn(groups, d, device=device, requires_grad=True)
+    y_ref = group_layer_norm(x.double(), group, weight.double(), bias.double(), impl="reference")
+    y = group_layer_norm(x, group, weight, bias, impl="triton")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, weight, bias), dy, retain_graph=True)
+    grads_ref = torch.autograd.grad(y_ref, (x, weight, bias), dy.double())
+    errors = dict(out=rel_err(y, y_ref), dx=rel_err(grads[0], grads_ref[0]),
+                  dweight=rel_err(grads[1], grads_ref[1]), dbias=rel_err(grads[2], grads_ref[2]))
+    xd, wd, bd = x.detach(), weight.detach(), bias.detach()
+    t_fwd = do_bench(lambda: group_layer_norm(x, group, weight, bias, impl="triton"), return_mode="median")
+    t_bwd = do_bench(lambda: torch.autograd.grad(y, (x, weight, bias), dy, retain_graph=True), return_mode="median")
+    t_fwd_graph = graph_time(lambda: kernels.group_layer_norm(xd, group, wd, bd, 1e-5))
+    t_bwd_graph = graph_time(lambda: kernels.group_layer_norm_backward(dy, xd, group, wd, 1e-5))
+    with torch.no_grad():
+        t_ref_fwd = do_bench(lambda: group_layer_norm(x, group, weight, bias, impl="reference"), return_mode="median")
+    fwd_bytes = 2 * n * d * 2 + n * 8
+    bwd_bytes = 3 * n * d * 2 + n * 8
+    return dict(n=n, d=d, groups=groups, mean_run=mean_run, errors=errors, fwd_ms=t_fwd, bwd_ms=t_bwd, fwd_graph_ms=t_fwd_graph,
+                bwd_graph_ms=t_bwd_graph, reference_fwd_ms=t_ref_fwd,
+                fwd_gbps=fwd_bytes / t_fwd_graph * 1e-6, bwd_gbps=bwd_bytes / t_bwd_graph * 1e-6)
+
+
+def sweep_gln(device) -> dict:
+    """Backward block size and programs per SM for Group LayerNorm, timed at D=512; keeps the best."""
+    from mtfm.kernels import group_layer_norm_triton as kernels
+
+    n, d = 262144, 512
+    x = torch.randn(n, d, device=device, dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    group = group_runs(n, 8, device, 64)
+    weight = torch.randn(8, d, device=device)
+    times = {}
+    for elements in (2048, 4096, 8192):
+        for per_sm in (1, 2, 4):
+            kernels._BWD_BLOCK_ELEMENTS, kernels._BWD_PROGRAMS_PER_SM = elements, per_sm
+            times[(elements, per_sm)] = graph_time(lambda: kernels.group_layer_norm_backward(dy, x, group, weight, 1e-5))
+    best = min(times, key=times.get)
+    kernels._BWD_BLOCK_ELEMENTS, kernels._BWD_PROGRAMS_PER_SM = best
+    print("sweep gln bwd (elements, programs/SM): " + ", ".join(f"{c}: {t:.3f}" for c, t in times.items())
+          + f" -> {best}", flush=True)
+    return dict(best=best, ms={str(c): t for c, t in times.items()})
+
+
+def ceilings(device) -> dict:
+    src = torch.randn(2**28, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+    t_copy = do_bench(lambda: dst.copy_(src), return_mode="median")
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    t_mm = do_bench(lambda: a @ b, return_mode="median")
+    return dict(copy_gbps=2 * src.numel() * 4 / t_copy * 1e-6, matmul_bf16_tflops=2 * 8192**3 / t_mm * 1e-9)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_out = os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT") else None
+    parser.add_argument("--out", default=default_out)
+    parser.add_argument("--tokens", type=int, default=65536, help="total tokens per batch")
+    parser.add_argument("--quick", action="store_true", help="correctness and the 4K / d=128 shapes only")
+    parser.add_argument("--sweep", choices=("none", "attention", "gln", "all"), default="none",
+                        help="pick block configs by timing candidates first")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    result = dict(gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__,
+                  triton=triton.__version__, date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))
+    print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+
+    lengths = [4096] if args.quick else [1024, 2048, 4096, 8192]
+    dims = [128] if args.quick else [128, 256]
+    heads_kv = [4, 1] if args.quick else [4, 2, 1]
+
+    t0 = time.perf_counter()
+    result["correctness"] = []
+    for d in (64, 128, 256):
+        for length, hkv in ((1024, 4), (2048, 1), (4096, 2)):
+            if args.quick and length != 1024:
+                continue
+            errs = check_attention(length, hkv, d, device)
+            result["correctness"].append(dict(length=length, hkv=hkv, d=d, **errs))
+            print(f"check L={length} Hkv={hkv} d={d}: " + " ".join(f"{k}={e:.2e}" for k, e in errs.items()), flush=True)
+    print(f"correctness checks {time.perf_counter() - t0:.0f} s", flush=True)
+
+    if args.sweep in ("attention", "all"):
+        result["sweep"] = sweep_configs(device, args.tokens)
+    tiny = make_batch(64, 1, 4, 1, 128, torch.bfloat16, device, seed=2)
+    result["dispatch_floor_ms"] = do_bench(lambda: hstu_attention(
+        tiny["q"], tiny["k"], tiny["v"], tiny["offsets"], tiny["kind"], tiny["ts"], alpha=ALPHA, norm=64.0),
+        return_mode="median")
+    print(f"one call on 64 tokens (dispatch and launch floor): {result['dispatch_floor_ms']:.3f} ms", flush=True)
+    result["ceilings"] = ceilings(device)
+    print(result["ceilings"], flush=True)
+    result["attention"] = []
+    for d in dims:
+        for length in lengths:
+            sdpa = bench_sdpa(length, d, device, args.tokens)
+            for hkv in heads_kv:
+                row = bench_attention(length, hkv, d, device, args.tokens, args.quick)
+                row["sdpa"] = sdpa
+                result["attention"].append(row)
+                print(json.dumps(row), flush=True)
+    if args.sweep in ("gln", "all"):
+        result["sweep_gln"] = sweep_gln(device)
+    result["gln"] = [bench_gln(262144, d, 8, device) for d in ((512,) if args.quick else (256, 512, 1024))]
+    result["gln"].append(bench_gln(262144, 512, 8, device, mean_run=None))
+    for row in result["gln"]:
+        print(json.dumps(row), flush=True)
+
+    print("\n| L | users | Hkv | d | fwd ms (graph) | fwd TFLOP/s | x SDPA | bwd ms | bwd TFLOP/s | x SDPA | "
+          "target fwd ms (graph) | target fwd+bwd / full | reference fwd / fwd | peak B/token |")
+    print("|" + "---|" * 14)
+    for r in result["attention"]:
+        s = r["sdpa"] or dict(fwd_tflops=float("nan"), bwd_tflops=float("nan"))
+        target = (r["target_fwd_ms"] + r["target_bwd_ms"]) / (r["fwd_ms"] + r["bwd_ms"])
+        speedup = f"{r['reference_fwd_ms'] / r['fwd_ms']:.0f}" if "reference_fwd_ms" in r else "-"
+        print(f"| {r['length']} | {r['users']} | {r['hkv']} | {r['d']} | {r['fwd_ms']:.3f} ({r['fwd_graph_ms']:.3f}) | "
+              f"{r['fwd_tflops']:.0f} | {r['fwd_tflops'] / s['fwd_tflops']:.2f} | {r['bwd_ms']:.3f} | "
+              f"{r['bwd_tflops']:.0f} | {r['bwd_tflops'] / s['bwd_tflops']:.2f} | "
+              f"{r['target_fwd_ms']:.3f} ({r['target_fwd_graph_ms']:.3f}) | {target:.2f} | {speedup} | "
+              f"{r['peak_bytes_per_token']:.0f} |")
+    seen = set()
+    for r in result["attention"]:
+        if r["sdpa"] and (r["length"], r["d"]) not in seen:
+            seen.add((r["length"], r["d"]))
+            s = r["sdpa"]
+            print(f"SDPA {s['backend']} L={r['length']} d={r['d']}: fwd {s['fwd_ms']:.3f} ms {s['fwd_tflops']:.0f} "
+                  f"TFLOP/s, bwd {s['bwd_ms']:.3f} ms {s['bwd_tflops']:.0f} TFLOP/s")
+    copy = result["ceilings"]["copy_gbps"]
+    for r in result["gln"]:
+        print(f"GLN N={r['n']} D={r['d']} G={r['groups']} run={r['mean_run']}: device fwd {r['fwd_graph_ms']:.3f} ms {r['fwd_gbps']:.0f} GB/s "
+              f"({r['fwd_gbps'] / copy:.0%} of copy), bwd {r['bwd_graph_ms']:.3f} ms {r['bwd_gbps']:.0f} GB/s "
+              f"({r['bwd_gbps'] / copy:.0%}); eager op fwd {r['fwd_ms']:.3f} ms, bwd {r['bwd_ms']:.3f} ms; "
+              f"reference fwd {r['reference_fwd_ms']:.3f} ms; errors " + " ".join(f"{k}={e:.1e}" for k, e in r["errors"].items()))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Public Group LayerNorm op with dispatch: LayerNorm whose affine parameters are chosen per token.
+
+    group_layer_norm(x, group, weight, bias, *, eps=1e-5, impl="auto") -> (N, D)
+
+x (N, D); group (N,) int64 in [0, G); weight, bias (G, D):
+out[i] = (x[i] - mean) / sqrt(var + eps) * weight[group[i]] + bias[group[i]].
+Registered as the torch.library op `mtfm::group_layer_norm` with a fake implementation and a
+backward op `mtfm::group_layer_norm_backward` (dx, and dweight, dbias summed per group).
+"""
+
+import torch
+from torch import Tensor
+
+from . import group_layer_norm_reference as reference
+from .backends import resolve_impl
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _implementation(impl: str):
+    if impl == "triton":
+        from . import group_layer_norm_triton
+
+        return group_layer_norm_triton
+    return reference
+
+
+@torch.library.custom_op("mtfm::group_layer_norm", mutates_args=())
+def _gln_op(x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, eps: float, impl: str) -> Tensor:
+    return _implementation(impl).group_layer_norm(x, group, weight, bias, eps)
+
+
+@_gln_op.register_fake
+def _gln_fake(x, group, weight, bias, eps, impl):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mtfm::group_layer_norm_backward", mutates_args=())
+def _gln_backward_op(
+    grad_out: Tensor, x: Tensor, group: Tensor, weight: Tensor, eps: float, impl: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _implementation(impl).group_layer_norm_backward(grad_out, x, group, weight, eps)
+
+
+@_gln_backward_op.register_fake
+def _gln_backward_fake(grad_out, x, group, weight, eps, impl):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, group, weight, bias, eps, impl = inputs
+    ctx.save_for_backward(x, group, weight)
+    ctx.params = (eps, impl)
+
+
+def _backward(ctx, grad_out):
+    dx, dweight, dbias = _gln_backward_op(grad_out.contiguous(), *ctx.saved_tensors, *ctx.params)
+    return dx, None, dweight, dbias, None, None
+
+
+_gln_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(name: str, ok: bool, found, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"group_layer_norm: {name} is {found}, expected {expected}")
+
+
+def group_layer_norm(
+    x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, *, eps: float = 1e-5, impl: str = "auto"
+) -> Tensor:
+    """LayerNorm of each row of x with the affine parameters of its group. Returns (N, D) in x's dtype."""
+    _check("x.shape", x.dim() == 2, tuple(x.shape), "2 dims (tokens, features)")
+    _check("x.dtype", x.dtype in _FLOAT_DTYPES, x.dtype, "float16, bfloat16, float32 or float64")
+    _check("group", group.dim() == 1 and group.shape[0] == x.shape[0] and group.dtype == torch.int64,
+           f"{tuple(group.shape)} {group.dtype}", f"({x.shape[0]},) torch.int64")
+    _check("weight.shape", weight.dim() == 2 and weight.shape[1] == x.shape[1], tuple(weight.shape),
+           f"(G, {x.shape[1]})")
+    _check("bias", bias.shape == weight.shape and bias.dtype == weight.dtype, f"{tuple(bias.shape)} {bias.dtype}",
+           f"{tuple(weight.shape)} {weight.dtype} like weight")
+    for name, t in (("group", group), ("weight", weight), ("bias", bias)):
+        _check(f"{name}.device", t.device == x.device, t.device, f"{x.device} like x")
+    chosen = resolve_impl(impl, x.device)
+    if chosen == "triton":
+        from .group_layer_norm_triton import unsupported_reason
+
+        reason = unsupported_reason(x, weight)
+        if reason is not None and impl == "triton":
+            raise ValueError(f"group_layer_norm: impl='triton' does not support these inputs: {reason}")
+        if reason is not None:  # "auto" takes the reference for what the kernels do not cover
+            chosen = "reference"
+    return _gln_op(x, group, weight, bias, float(eps), chosen)

@@ -1,0 +1,137 @@
+"""Public HSTU attention ops (full and target) over packed jagged sequences, with dispatch.
+
+    hstu_attention(q, k, v, offsets, kind, ts, *, alpha, norm, impl="auto") -> (N, Hq, Dv)
+    hstu_target_attention(q_t, k, v, offsets, kind, ts, target_offsets, *, alpha, norm,
+                          impl="auto") -> (NT, Hq, Dv)
+
+out[i, h] = sum over keys j of i's user visible to i (mask.py) of
+            silu(alpha * <q[i, h], k[j, g]>) / norm * v[j, g],   g = h // (Hq // Hkv).
+q (N, Hq, D), k (N, Hkv, D), v (N, Hkv, Dv); offsets (B+1,) int64; kind (N,) int8 TokenKind;
+ts (N,) int64. Target attention takes only the T-tokens as queries: q_t (NT, Hq, D) with
+target_offsets (B+1,) int64; user b's queries are its last target_offsets[b+1] -
+target_offsets[b] tokens (its T-tokens), and the output equals those rows of hstu_attention.
+
+The kernels rely on the token order of DESIGN.md (per user: H, then R sorted by ts, then T);
+it is not checked here because checking needs the data on the host.
+
+Both go through one torch.library op, `mtfm::hstu_attention`, whose queries are the last
+M_b tokens of each user (full attention: M_b = L_b), with a fake implementation and a
+backward op `mtfm::hstu_attention_backward`, so autograd and torch.compile see one opaque op.
+"""
+
+import torch
+from torch import Tensor
+
+from . import hstu_attention_reference as reference
+from .backends import resolve_impl
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _implementation(impl: str):
+    if impl == "triton":
+        from . import hstu_attention_triton
+
+        return hstu_attention_triton
+    return reference
+
+
+@torch.library.custom_op("mtfm::hstu_attention", mutates_args=())
+def _attention_op(
+    q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, q_offsets: Tensor, kind: Tensor, ts: Tensor,
+    alpha: float, norm: float, impl: str,
+) -> Tensor:
+    return _implementation(impl).jagged_hstu_attention(q, k, v, offsets, q_offsets, kind, ts, alpha, norm)
+
+
+@_attention_op.register_fake
+def _attention_fake(q, k, v, offsets, q_offsets, kind, ts, alpha, norm, impl):
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+
+
+@torch.library.custom_op("mtfm::hstu_attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, q_offsets: Tensor,
+    kind: Tensor, ts: Tensor, alpha: float, norm: float, impl: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _implementation(impl).jagged_hstu_attention_backward(
+        grad_out, q, k, v, offsets, q_offsets, kind, ts, alpha, norm
+    )
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_fake(grad_out, q, k, v, offsets, q_offsets, kind, ts, alpha, norm, impl):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, offsets, q_offsets, kind, ts, alpha, norm, impl = inputs
+    ctx.save_for_backward(q, k, v, offsets, q_offsets, kind, ts)
+    ctx.params = (alpha, norm, impl)
+
+
+def _backward(ctx, grad_out):
+    dq, dk, dv = _attention_backward_op(grad_out.contiguous(), *ctx.saved_tensors, *ctx.params)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(name: str, ok: bool, found, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"hstu attention: {name} is {found}, expected {expected}")
+
+
+def _check_inputs(q, k, v, offsets, q_offsets, kind, ts, q_name: str, q_offsets_name: str) -> None:
+    for name, t in ((q_name, q), ("k", k), ("v", v)):
+        _check(f"{name}.shape", t.dim() == 3, tuple(t.shape), "3 dims (tokens, heads, head_dim)")
+        _check(f"{name}.dtype", t.dtype in _FLOAT_DTYPES, t.dtype, "float16, bfloat16, float32 or float64")
+    n = k.shape[0]
+    _check("v.shape", v.shape[:2] == k.shape[:2], tuple(v.shape), f"({n}, {k.shape[1]}, Dv) like k")
+    _check(f"{q_name}.shape[1] (query heads)", q.shape[1] % k.shape[1] == 0, q.shape[1],
+           f"a multiple of k's {k.shape[1]} kv heads")
+    _check(f"{q_name}.shape[2] (head dim)", q.shape[2] == k.shape[2], q.shape[2], f"k's head dim {k.shape[2]}")
+    _check("k.dtype and v.dtype", k.dtype == q.dtype and v.dtype == q.dtype, (k.dtype, v.dtype), f"{q.dtype} like {q_name}")
+    for name, t, dtype in (("offsets", offsets, torch.int64), (q_offsets_name, q_offsets, torch.int64),
+                           ("kind", kind, torch.int8), ("ts", ts, torch.int64)):
+        _check(f"{name}.dtype", t.dtype == dtype, t.dtype, str(dtype))
+        _check(f"{name}.shape", t.dim() == 1, tuple(t.shape), "1 dim")
+    _check("kind.shape", kind.shape[0] == n, tuple(kind.shape), f"({n},) one per token")
+    _check("ts.shape", ts.shape[0] == n, tuple(ts.shape), f"({n},) one per token")
+    _check(f"{q_offsets_name}.shape", q_offsets.shape == offsets.shape, tuple(q_offsets.shape),
+           f"{tuple(offsets.shape)} like offsets")
+    for name, t in (("k", k), ("v", v), ("offsets", offsets), (q_offsets_name, q_offsets), ("kind", kind), ("ts", ts)):
+        _check(f"{name}.device", t.device == q.device, t.device, f"{q.device} like {q_name}")
+
+
+def _dispatch(q, k, v, offsets, q_offsets, kind, ts, alpha, norm, impl, q_name, q_offsets_name):
+    _check_inputs(q, k, v, offsets, q_offsets, kind, ts, q_name, q_offsets_name)
+    _check("norm", norm > 0, norm, "a positive constant")
+    chosen = resolve_impl(impl, q.device)
+    if chosen == "triton":
+        from .hstu_attention_triton import unsupported_reason
+
+        reason = unsupported_reason(q, v)
+        if reason is not None and impl == "triton":
+            raise ValueError(f"hstu attention: impl='triton' does not support these inputs: {reason}")
+        if reason is not None:  # "auto" takes the reference for what the kernels do not cover
+            chosen = "reference"
+    return _attention_op(q, k, v, offsets, q_offsets, kind, ts, float(alpha), float(norm), chosen)
+
+
+def hstu_attention(
+    q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, kind: Tensor, ts: Tensor,
+    *, alpha: float, norm: float, impl: str = "auto",
+) -> Tensor:
+    """Full HSTU attention: every token is a query. Returns (N, Hq, Dv) in q's dtype."""
+    _check("q.shape[0]", q.dim() == 3 and q.shape[0] == k.shape[0], tuple(q.shape), f"{k.shape[0]} tokens like k")
+    return _dispatch(q, k, v, offsets, offsets, kind, ts, alpha, norm, impl, "q", "offsets")
+
+
+def hstu_target_attention(
+    q_t: Tensor, k: Tensor, v: Tensor, offsets: Tensor, kind: Tensor, ts: Tensor, target_offsets: Tensor,
+    *, alpha: float, norm: float, impl: str = "auto",
+) -> Tensor:
+    """Target attention: only the T-tokens (each user's last ones) are queries. Returns (NT, Hq, Dv)."""
+    return _dispatch(q_t, k, v, offsets, target_offsets, kind, ts, alpha, norm, impl, "q_t", "target_offsets")

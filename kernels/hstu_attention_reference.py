@@ -1,0 +1,84 @@
+"""PyTorch reference of jagged HSTU attention with the MTFM dynamic mask: the specification.
+
+Shapes (packed jagged; user b owns key rows offsets[b]:offsets[b+1], L_b of them):
+    q (NQ, Hq, D), k (N, Hkv, D), v (N, Hkv, Dv), Hq % Hkv == 0, query head h reads kv head
+    h // (Hq // Hkv); kind (N,) int8 TokenKind; ts (N,) int64.
+Queries: user b's queries are its LAST M_b = q_offsets[b+1] - q_offsets[b] tokens, rows
+q_offsets[b]:q_offsets[b+1] of q. Full attention has q_offsets = offsets (every token is a
+query); target attention has M_b = the number of T-tokens.
+
+    S = alpha * Q K^T,   P = silu(S) * M / norm,   out = P V
+with M the dynamic mask (mask.py). `norm` is a constant so a T-token's output does not
+depend on how many other T-tokens there are. Arithmetic is in float32 (float64 inputs stay
+float64); outputs take the input dtype. One user at a time: memory O(max L_b^2 * Hq).
+
+Backward, with dO the output gradient (GQA: dK, dV summed over the group's query heads):
+    dV = P^T dO,   dS = (dO V^T) * M / norm * silu'(S) * alpha,   dQ = dS K,   dK = dS^T Q
+"""
+
+import torch
+from torch import Tensor
+
+from .mask import dynamic_mask_block
+
+
+def _silu_grad(x: Tensor) -> Tensor:
+    sig = torch.sigmoid(x)
+    return sig * (1 + x * (1 - sig))
+
+
+def _users(offsets: Tensor, q_offsets: Tensor):
+    """(key start, key end, query start, query end) per user, skipping users with no query."""
+    bounds, q_bounds = offsets.tolist(), q_offsets.tolist()
+    for b in range(len(bounds) - 1):
+        if q_bounds[b + 1] > q_bounds[b]:
+            yield bounds[b], bounds[b + 1], q_bounds[b], q_bounds[b + 1]
+
+
+def _user_tensors(q, k, v, kind, ts, start, end, q_start, q_end):
+    """One user's queries, keys and values (kv heads repeated per query head) and mask."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    rep = q.shape[1] // k.shape[1]
+    length, m = end - start, q_end - q_start
+    qb = q[q_start:q_end].to(compute)
+    kb = k[start:end].to(compute).repeat_interleave(rep, dim=1)
+    vb = v[start:end].to(compute).repeat_interleave(rep, dim=1)
+    positions = torch.arange(length - m, length, device=q.device)
+    mask = dynamic_mask_block(kind[start:end], ts[start:end], ts[start:end][positions], positions)
+    return qb, kb, vb, mask.to(compute)
+
+
+def jagged_hstu_attention(q, k, v, offsets, q_offsets, kind, ts, alpha: float, norm: float) -> Tensor:
+    """Forward; differentiable by autograd (it is plain PyTorch)."""
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[2])
+    for start, end, q_start, q_end in _users(offsets, q_offsets):
+        qb, kb, vb, mask = _user_tensors(q, k, v, kind, ts, start, end, q_start, q_end)
+        scores = alpha * torch.einsum("mhd,lhd->hml", qb, kb)
+        p = torch.nn.functional.silu(scores) * mask / norm
+        out[q_start:q_end] = torch.einsum("hml,lhd->mhd", p, vb).to(out.dtype)
+    return out
+
+
+def jagged_hstu_attention_backward(
+    grad_out, q, k, v, offsets, q_offsets, kind, ts, alpha: float, norm: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of jagged_hstu_attention, written out (the formulas in the docstring)."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    hkv, rep = k.shape[1], q.shape[1] // k.shape[1]
+    dq = torch.zeros_like(q)
+    dk = torch.zeros(k.shape, dtype=compute, device=k.device)
+    dv = torch.zeros(v.shape, dtype=compute, device=v.device)
+    for start, end, q_start, q_end in _users(offsets, q_offsets):
+        qb, kb, vb, mask = _user_tensors(q, k, v, kind, ts, start, end, q_start, q_end)
+        do = grad_out[q_start:q_end].to(compute)
+        scores = alpha * torch.einsum("mhd,lhd->hml", qb, kb)
+        p = torch.nn.functional.silu(scores) * mask / norm
+        dp = torch.einsum("mhd,lhd->hml", do, vb)
+        ds = dp * mask / norm * _silu_grad(scores) * alpha
+        dq[q_start:q_end] = torch.einsum("hml,lhd->mhd", ds, kb).to(dq.dtype)
+        length = end - start
+        dk_heads = torch.einsum("hml,mhd->lhd", ds, qb)
+        dv_heads = torch.einsum("hml,mhd->lhd", p, do)
+        dk[start:end] = dk_heads.reshape(length, hkv, rep, -1).sum(2)
+        dv[start:end] = dv_heads.reshape(length, hkv, rep, -1).sum(2)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)

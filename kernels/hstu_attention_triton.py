@@ -1,0 +1,409 @@
+"""Triton kernels of jagged HSTU attention with the MTFM dynamic mask built in-kernel.
+
+Same signature and math as hstu_attention_reference.py (the specification): queries are the
+last M_b tokens of each user (full attention: all of them; target attention: the T-tokens),
+    out = (silu(alpha * Q K^T) * M / norm) V
+with the mask M computed from per-token kind and ts (O(N) metadata, no N x N mask).
+
+Tiling relies on the per-user token order H | R (sorted by ts) | T:
+- Off the diagonal, key j is visible to query i iff j is H, or j is R with ts_j < ts_i; a T key
+  is never visible off the diagonal. A query block therefore needs keys [0, kend) only, with
+  kend = n_hist + #(R keys with ts < the block's largest query ts), found by a search;
+  tiles of H keys need no mask, only the few tiles at the H/R boundary and in R are masked.
+- The diagonal term of R and T queries is added elementwise (one row dot product), so T x T
+  tiles are never formed; H queries meet themselves among the H keys.
+So the work follows the visible pairs, not L^2.
+
+Kernels: forward, one program per (query block, query head); backward as two kernels that
+need no atomics: dK/dV, one program per (key block, kv head) looping over the group's query
+heads and the query blocks that can see it (all of them for H and R keys, none for T keys),
+and dQ, shaped like the forward. The backward does 7 tile products per visible tile (QK^T and
+dO V^T are recomputed in both kernels) where the FLOP convention counts 5.
+Programs are laid out over the packed blocks of all users (no padding to the longest user).
+
+The kernels work with h = alpha * s / 2 for a score s = <q, k>, where
+    silu(alpha * s) = h * (1 + tanh h),   d silu(x)/dx at x = alpha * s is (1 + tanh h)(1 + h - h tanh h) / 2,
+so one tanh per pair gives both (on the GPU the single-instruction tanh.approx for half inputs).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per kernel and head dim, for H100.
+# Picked by `bench/kernels.py --sweep attention` at 4K tokens per user (d=64: not swept, by analogy).
+_CONFIGS = {
+    "fwd": {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (128, 64, 8, 2)},
+    "dq": {64: (128, 32, 8, 3), 128: (128, 32, 8, 3), 256: (128, 32, 8, 2)},
+    "dkdv": {64: (32, 128, 8, 3), 128: (32, 128, 8, 3), 256: (64, 64, 8, 2)},
+}
+_INTERPRET_CONFIG = (16, 16, 4, 1)
+
+
+def unsupported_reason(q: Tensor, v: Tensor) -> str | None:
+    """Why these inputs cannot run here, or None. q (NQ, Hq, D), v (N, Hkv, Dv)."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype}; the kernels take float16, bfloat16 or float32"
+    for name, dim in (("head dim D", q.shape[2]), ("value head dim Dv", v.shape[2])):
+        if dim not in (16, 32, 64, 128, 256):
+            return f"{name} = {dim}; the kernels take 16, 32, 64, 128 or 256"
+    return None
+
+
+@triton.jit
+def _tanh(h, FAST: tl.constexpr):
+    if FAST:
+        # One MUFU instruction, where a sigmoid through exp and a reciprocal takes two.
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [h], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 - 2.0 / (1.0 + tl.exp(2.0 * h))
+
+
+@triton.jit
+def _search_step(lo, span, probes_below, step):
+    """Advance a FANOUT-ary search: the answer lies in [lo, lo + span]; probes_below of the
+    probes lo + i * step - 1 (i = 1..FANOUT, those inside the range) are below the bound."""
+    end = lo + span
+    lo = lo + probes_below * step
+    return lo, tl.minimum(step - 1, end - lo)
+
+
+@triton.jit
+def _count_below(ptr, n, bound, FANOUT: tl.constexpr):
+    """Number of leading entries of the ascending ptr[0:n] below `bound`. A FANOUT-ary search:
+    two rounds of one vector load each for n up to FANOUT^2, where a binary search makes
+    log2(n) dependent scalar loads that each wait a full memory latency."""
+    lo = n * 0
+    span = n
+    probe = tl.arange(0, FANOUT) + 1
+    while span > 0:
+        step = (span + FANOUT - 1) // FANOUT
+        idx = lo + probe * step - 1
+        inside = idx < lo + span
+        below = inside & (tl.load(ptr + idx, mask=inside, other=0) < bound)
+        lo, span = _search_step(lo, span, tl.sum(below.to(lo.dtype)), step)
+    return lo
+
+
+@triton.jit
+def _find_user(ScheduleOffsets, num_users, pid, BLOCK: tl.constexpr, FANOUT: tl.constexpr):
+    """The user whose programs [S[b] // BLOCK + b, S[b+1] // BLOCK + b + 1) hold pid: the number
+    of users b with S[b] // BLOCK + b <= pid, less one (the same FANOUT-ary search)."""
+    lo = pid * 0  # a tensor even when Triton specializes num_users == 1 to a constant
+    span = lo + num_users
+    probe = tl.arange(0, FANOUT) + 1
+    while span > 0:
+        step = (span + FANOUT - 1) // FANOUT
+        idx = lo + probe * step - 1
+        inside = idx < lo + span
+        owns_from = tl.load(ScheduleOffsets + idx, mask=inside, other=0) // BLOCK + idx
+        below = inside & (owns_from <= pid)
+        lo, span = _search_step(lo, span, tl.sum(below.to(lo.dtype)), step)
+    return lo - 1
+
+
+@triton.jit
+def _user_block(pid, Offsets, QOffsets, Kind, num_users, ScheduleOffsets, BLOCK: tl.constexpr):
+    """This program's user b and block of rows, and the user's layout.
+
+    Programs are scheduled over the rows that ScheduleOffsets packs (queries or keys): user b
+    owns programs [S[b] // BLOCK + b, S[b+1] // BLOCK + b + 1), which covers its cdiv(rows,
+    BLOCK) blocks with at most one spare, so finding b is a search and the launch needs
+    no prefix sum on the host (grid: total rows // BLOCK + B). The kind of a user's tokens is
+    ascending (H, R, T), so its H and H+R counts are searches too.
+    Returns b, the block's first row, the key start and length, the query start and count,
+    the shift from a query's index to its key position (L_b - M_b), n_hist and n_hist + n_real.
+    """
+    b = _find_user(ScheduleOffsets, num_users, pid, BLOCK, 64)
+    first = (pid - (tl.load(ScheduleOffsets + b) // BLOCK + b)) * BLOCK
+    start = tl.load(Offsets + b)
+    length = tl.load(Offsets + b + 1) - start
+    q_start = tl.load(QOffsets + b)
+    n_q = tl.load(QOffsets + b + 1) - q_start
+    n_hist = _count_below(Kind + start, length, 1, 64)
+    n_hr = _count_below(Kind + start, length, 2, 64)
+    return b, first, start, length, q_start, n_q, length - n_q, n_hist, n_hr
+
+
+@triton.jit
+def _fwd_tiles(acc, q, ts_q, k_base, v_base, ts_base, lo, hi, n_hist, stride_kn, stride_vn, half_alpha,
+               BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr,
+               FAST: tl.constexpr, PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    for n0 in range(lo, hi, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            ok = keys < hi
+            kt = tl.load(k_base + keys[None, :] * stride_kn + offs_d[:, None], mask=ok[None, :], other=0.0)
+            v = tl.load(v_base + keys[:, None] * stride_vn + offs_dv[None, :], mask=ok[:, None], other=0.0)
+            ts_k = tl.load(ts_base + keys, mask=ok, other=0)
+        else:
+            kt = tl.load(k_base + keys[None, :] * stride_kn + offs_d[:, None])
+            v = tl.load(v_base + keys[:, None] * stride_vn + offs_dv[None, :])
+        h = tl.dot(q, kt, input_precision=PRECISION) * half_alpha
+        p = h + h * _tanh(h, FAST)
+        if MASKED:
+            visible = (keys[None, :] < n_hist) | (ok[None, :] & (ts_k[None, :] < ts_q[:, None]))
+            p = tl.where(visible, p, 0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, Offsets, QOffsets, Kind, Ts, num_users,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+    half_alpha, inv_norm,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    FAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b, m0, start, length, q_start, n_q, shift, n_hist, n_hr = _user_block(
+        pid, Offsets, QOffsets, Kind, num_users, QOffsets, BLOCK_M)
+    if m0 >= n_q:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    rows = offs_m < n_q
+    pos_q = shift + offs_m
+    ts_q = tl.load(Ts + start + pos_q, mask=rows, other=0)
+    max_ts = tl.max(tl.where(rows, ts_q, tl.load(Ts + start + shift + m0)))
+    kend = n_hist + _count_below(Ts + start + n_hist, n_hr - n_hist, max_ts, 64)
+    hist_end = (n_hist // BLOCK_N) * BLOCK_N
+
+    kv = h // GROUP
+    q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qn + h * stride_qh + offs_d[None, :],
+                mask=rows[:, None], other=0.0)
+    k_base = K + start * stride_kn + kv * stride_kh
+    v_base = V + start * stride_vn + kv * stride_vh
+    acc = tl.zeros((BLOCK_M, DV), dtype=tl.float32)
+    acc = _fwd_tiles(acc, q, ts_q, k_base, v_base, Ts + start, 0, hist_end, n_hist, stride_kn, stride_vn,
+                     half_alpha, BLOCK_N, D, DV, False, FAST, PRECISION)
+    acc = _fwd_tiles(acc, q, ts_q, k_base, v_base, Ts + start, hist_end, kend, n_hist, stride_kn, stride_vn,
+                     half_alpha, BLOCK_N, D, DV, True, FAST, PRECISION)
+    on_diagonal = rows & (pos_q >= n_hist)
+    k_self = tl.load(k_base + pos_q[:, None] * stride_kn + offs_d[None, :], mask=on_diagonal[:, None], other=0.0)
+    v_self = tl.load(v_base + pos_q[:, None] * stride_vn + offs_dv[None, :], mask=on_diagonal[:, None], other=0.0)
+    h_self = tl.sum(q.to(tl.float32) * k_self.to(tl.float32), axis=1) * half_alpha
+    acc += (h_self + h_self * _tanh(h_self, FAST))[:, None] * v_self.to(tl.float32)
+    tl.store(Out + (q_start + offs_m)[:, None] * stride_on + h * stride_oh + offs_dv[None, :],
+             (acc * inv_norm).to(Out.dtype.element_ty), mask=rows[:, None])
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, ts_q, k_base, v_base, ts_base, lo, hi, n_hist, stride_kn, stride_vn, half_alpha,
+              BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr,
+              FAST: tl.constexpr, PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    for n0 in range(lo, hi, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        if MASKED:
+            ok = keys < hi
+            k = tl.load(k_base + keys[:, None] * stride_kn + offs_d[None, :], mask=ok[:, None], other=0.0)
+            vt = tl.load(v_base + keys[None, :] * stride_vn + offs_dv[:, None], mask=ok[None, :], other=0.0)
+            ts_k = tl.load(ts_base + keys, mask=ok, other=0)
+        else:
+            k = tl.load(k_base + keys[:, None] * stride_kn + offs_d[None, :])
+            vt = tl.load(v_base + keys[None, :] * stride_vn + offs_dv[:, None])
+        h = tl.dot(q, tl.trans(k), input_precision=PRECISION) * half_alpha
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        t = _tanh(h, FAST)
+        ds = dp * ((1.0 + t) * (1.0 + h - h * t))
+        if MASKED:
+            visible = (keys[None, :] < n_hist) | (ok[None, :] & (ts_k[None, :] < ts_q[:, None]))
+            ds = tl.where(visible, ds, 0.0)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, DQ, Offsets, QOffsets, Kind, Ts, num_users,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
+    half_alpha, inv_norm,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    FAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b, m0, start, length, q_start, n_q, shift, n_hist, n_hr = _user_block(
+        pid, Offsets, QOffsets, Kind, num_users, QOffsets, BLOCK_M)
+    if m0 >= n_q:
+        return
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    rows = offs_m < n_q
+    pos_q = shift + offs_m
+    ts_q = tl.load(Ts + start + pos_q, mask=rows, other=0)
+    max_ts = tl.max(tl.where(rows, ts_q, tl.load(Ts + start + shift + m0)))
+    kend = n_hist + _count_below(Ts + start + n_hist, n_hr - n_hist, max_ts, 64)
+    hist_end = (n_hist // BLOCK_N) * BLOCK_N
+
+    kv = h // GROUP
+    q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qn + h * stride_qh + offs_d[None, :],
+                mask=rows[:, None], other=0.0)
+    do = tl.load(DO + (q_start + offs_m)[:, None] * stride_don + h * stride_doh + offs_dv[None, :],
+                 mask=rows[:, None], other=0.0)
+    k_base = K + start * stride_kn + kv * stride_kh
+    v_base = V + start * stride_vn + kv * stride_vh
+    dq = tl.zeros((BLOCK_M, D), dtype=tl.float32)
+    dq = _dq_tiles(dq, q, do, ts_q, k_base, v_base, Ts + start, 0, hist_end, n_hist, stride_kn, stride_vn,
+                   half_alpha, BLOCK_N, D, DV, False, FAST, PRECISION)
+    dq = _dq_tiles(dq, q, do, ts_q, k_base, v_base, Ts + start, hist_end, kend, n_hist, stride_kn, stride_vn,
+                   half_alpha, BLOCK_N, D, DV, True, FAST, PRECISION)
+    on_diagonal = rows & (pos_q >= n_hist)
+    k_self = tl.load(k_base + pos_q[:, None] * stride_kn + offs_d[None, :], mask=on_diagonal[:, None], other=0.0)
+    v_self = tl.load(v_base + pos_q[:, None] * stride_vn + offs_dv[None, :], mask=on_diagonal[:, None], other=0.0)
+    k_self = k_self.to(tl.float32)
+    h_self = tl.sum(q.to(tl.float32) * k_self, axis=1) * half_alpha
+    dp_self = tl.sum(do.to(tl.float32) * v_self.to(tl.float32), axis=1)
+    t = _tanh(h_self, FAST)
+    dq += (dp_self * (1.0 + t) * (1.0 + h_self - h_self * t))[:, None] * k_self
+    tl.store(DQ + (q_start + offs_m)[:, None] * stride_qn + h * stride_qh + offs_d[None, :],
+             (dq * (half_alpha * inv_norm)).to(DQ.dtype.element_ty), mask=rows[:, None])
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, keys, ts_k, q_base, do_base, ts_q_base, n_q, n_hist, n_hr,
+                stride_qn, stride_don, half_alpha,
+                BLOCK_M: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr,
+                FAST: tl.constexpr, PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    for m0 in range(0, n_q, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        rows = offs_m < n_q
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=rows[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_don + offs_dv[None, :], mask=rows[:, None], other=0.0)
+        ht = tl.dot(k, tl.trans(q), input_precision=PRECISION) * half_alpha
+        t = _tanh(ht, FAST)
+        pt = ht + ht * t
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dst = dpt * ((1.0 + t) * (1.0 + ht - ht * t))
+        if MASKED:
+            ts_q = tl.load(ts_q_base + offs_m, mask=rows, other=0)
+            visible = (keys[:, None] < n_hist) | ((keys[:, None] < n_hr) & (ts_k[:, None] < ts_q[None, :]))
+            pt = tl.where(visible, pt, 0.0)
+            dst = tl.where(visible, dst, 0.0)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, DK, DV_, Offsets, QOffsets, Kind, Ts, num_users,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
+    half_alpha, inv_norm,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    FAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kv = tl.program_id(1)
+    b, n0, start, length, q_start, n_q, shift, n_hist, n_hr = _user_block(
+        pid, Offsets, QOffsets, Kind, num_users, Offsets, BLOCK_N)
+    if n0 >= length:
+        return
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    keys = n0 + tl.arange(0, BLOCK_N)
+    key_ok = keys < length
+    k = tl.load(K + (start + keys)[:, None] * stride_kn + kv * stride_kh + offs_d[None, :],
+                mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + (start + keys)[:, None] * stride_vn + kv * stride_vh + offs_dv[None, :],
+                mask=key_ok[:, None], other=0.0)
+    ts_k = tl.load(Ts + start + keys, mask=key_ok, other=0)
+    dk = tl.zeros((BLOCK_N, D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, DV), dtype=tl.float32)
+    # T keys are seen by no query but themselves: such a block skips the query loop.
+    n_q_seen = tl.where(n0 < n_hr, n_q, 0)
+    on_diagonal = key_ok & (keys >= n_hist) & (keys >= shift)
+    self_rows = q_start + keys - shift
+    k_self = k.to(tl.float32)
+    v_self = v.to(tl.float32)
+    for hh in range(GROUP):
+        h = kv * GROUP + hh
+        q_base = Q + q_start * stride_qn + h * stride_qh
+        do_base = DO + q_start * stride_don + h * stride_doh
+        if n0 + BLOCK_N <= n_hist:
+            dk, dv = _dkdv_tiles(dk, dv, k, v, keys, ts_k, q_base, do_base, Ts + start + shift, n_q_seen,
+                                 n_hist, n_hr, stride_qn, stride_don, half_alpha, BLOCK_M, D, DV, False, FAST, PRECISION)
+        else:
+            dk, dv = _dkdv_tiles(dk, dv, k, v, keys, ts_k, q_base, do_base, Ts + start + shift, n_q_seen,
+                                 n_hist, n_hr, stride_qn, stride_don, half_alpha, BLOCK_M, D, DV, True, FAST, PRECISION)
+        q_self = tl.load(Q + self_rows[:, None] * stride_qn + h * stride_qh + offs_d[None, :],
+                         mask=on_diagonal[:, None], other=0.0).to(tl.float32)
+        do_self = tl.load(DO + self_rows[:, None] * stride_don + h * stride_doh + offs_dv[None, :],
+                          mask=on_diagonal[:, None], other=0.0).to(tl.float32)
+        h_self = tl.sum(q_self * k_self, axis=1) * half_alpha
+        t = _tanh(h_self, FAST)
+        dv += (h_self + h_self * t)[:, None] * do_self
+        dp_self = tl.sum(do_self * v_self, axis=1)
+        dk += (dp_self * (1.0 + t) * (1.0 + h_self - h_self * t))[:, None] * q_self
+    tl.store(DK + (start + keys)[:, None] * stride_kn + kv * stride_kh + offs_d[None, :],
+             (dk * (half_alpha * inv_norm)).to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV_ + (start + keys)[:, None] * stride_vn + kv * stride_vh + offs_dv[None, :],
+             (dv * inv_norm).to(DV_.dtype.element_ty), mask=key_ok[:, None])
+
+
+def _launch_params(kernel_name: str, q: Tensor) -> tuple[tuple[int, int, int, int], dict]:
+    config = _INTERPRET_CONFIG if _INTERPRET else _CONFIGS[kernel_name][max(64, q.shape[2])]
+    fast = not _INTERPRET and q.dtype in (torch.float16, torch.bfloat16)
+    return config, dict(FAST=fast, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def jagged_hstu_attention(q, k, v, offsets, q_offsets, kind, ts, alpha: float, norm: float) -> Tensor:
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
+    if q.shape[0] == 0:
+        return out
+    users = offsets.shape[0] - 1
+    (block_m, block_n, warps, stages), flags = _launch_params("fwd", q)
+    _fwd_kernel[(q.shape[0] // block_m + users, q.shape[1])](
+        q, k, v, out, offsets, q_offsets, kind, ts, users,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        0.5 * alpha, 1.0 / norm,
+        GROUP=q.shape[1] // k.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, D=q.shape[2], DV=v.shape[2],
+        num_warps=warps, num_stages=stages, **flags,
+    )
+    return out
+
+
+def jagged_hstu_attention_backward(
+    grad_out, q, k, v, offsets, q_offsets, kind, ts, alpha: float, norm: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if k.shape[0] == 0:
+        return dq, dk, dv
+    users = offsets.shape[0] - 1
+    group = q.shape[1] // k.shape[1]
+    args = (offsets, q_offsets, kind, ts, users,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            grad_out.stride(0), grad_out.stride(1), 0.5 * alpha, 1.0 / norm)
+    (block_m, block_n, warps, stages), flags = _launch_params("dkdv", q)
+    _dkdv_kernel[(k.shape[0] // block_n + users, k.shape[1])](
+        q, k, v, grad_out, dk, dv, *args,
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, D=q.shape[2], DV=v.shape[2],
+        num_warps=warps, num_stages=stages, **flags,
+    )
+    if q.shape[0] == 0:
+        return dq, dk, dv
+    (block_m, block_n, warps, stages), flags = _launch_params("dq", q)
+    _dq_kernel[(q.shape[0] // block_m + users, q.shape[1])](
+        q, k, v, grad_out, dq, *args,
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, D=q.shape[2], DV=v.shape[2],
+        num_warps=warps, num_stages=stages, **flags,
+    )
+    return dq, dk, dv

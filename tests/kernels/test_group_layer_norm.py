@@ -1,0 +1,80 @@
+"""Group LayerNorm: the Triton kernels against the reference, the reference against
+torch's LayerNorm and against autograd, the op registration and the dispatcher's errors."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mtfm.kernels import group_layer_norm_reference as reference
+from mtfm.kernels.group_layer_norm import group_layer_norm
+
+
+def make_inputs(n, d, groups, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        x=torch.randn(n, d, generator=g, dtype=dtype) * 3 + 1,
+        group=torch.randint(0, groups, (n,), generator=g),
+        weight=torch.randn(groups, d, generator=g, dtype=dtype),
+        bias=torch.randn(groups, d, generator=g, dtype=dtype),
+        grad=torch.randn(n, d, generator=g, dtype=dtype),
+    )
+
+
+def forward_and_grads(inputs, impl):
+    x, weight, bias = (inputs[name].clone().requires_grad_() for name in ("x", "weight", "bias"))
+    out = group_layer_norm(x, inputs["group"], weight, bias, eps=1e-5, impl=impl)
+    out.backward(inputs["grad"])
+    return out.detach(), x.grad, weight.grad, bias.grad
+
+
+@settings(max_examples=6, deadline=None)
+@given(n=st.integers(0, 70), d=st.sampled_from([8, 24, 64, 100]), groups=st.integers(1, 20),
+       seed=st.integers(0, 2**31))
+def test_triton_matches_reference(n, d, groups, seed):
+    inputs = make_inputs(n, d, groups, seed)
+    for name, a, e in zip(("out", "dx", "dweight", "dbias"), forward_and_grads(inputs, "triton"),
+                          forward_and_grads(inputs, "reference")):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_reference_with_one_group_is_layer_norm():
+    inputs = make_inputs(33, 24, 1, seed=1, dtype=torch.float64)
+    out = group_layer_norm(inputs["x"], inputs["group"], inputs["weight"], inputs["bias"], impl="reference")
+    expected = torch.nn.functional.layer_norm(inputs["x"], (24,), inputs["weight"][0], inputs["bias"][0], eps=1e-5)
+    torch.testing.assert_close(out, expected)
+
+
+def test_reference_uses_each_tokens_group():
+    inputs = make_inputs(40, 16, 3, seed=2, dtype=torch.float64)
+    out = group_layer_norm(inputs["x"], inputs["group"], inputs["weight"], inputs["bias"], impl="reference")
+    for c in range(3):
+        rows = inputs["group"] == c
+        expected = torch.nn.functional.layer_norm(inputs["x"][rows], (16,), inputs["weight"][c], inputs["bias"][c])
+        torch.testing.assert_close(out[rows], expected)
+
+
+def test_reference_backward_matches_autograd():
+    inputs = make_inputs(30, 20, 4, seed=3, dtype=torch.float64)
+    x, weight, bias = (inputs[name].clone().requires_grad_() for name in ("x", "weight", "bias"))
+    out = reference.group_layer_norm(x, inputs["group"], weight, bias, 1e-5)
+    expected = torch.autograd.grad(out, (x, weight, bias), inputs["grad"])
+    actual = reference.group_layer_norm_backward(inputs["grad"], x.detach(), inputs["group"], weight.detach(), 1e-5)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_custom_op_registration_opcheck(impl):
+    inputs = make_inputs(20, 16, 3, seed=4)
+    args = (inputs["x"].requires_grad_(), inputs["group"], inputs["weight"].requires_grad_(),
+            inputs["bias"].requires_grad_(), 1e-5, impl)
+    torch.library.opcheck(torch.ops.mtfm.group_layer_norm.default, args)
+
+
+def test_dispatcher_errors_name_the_argument():
+    inputs = make_inputs(5, 8, 2, seed=5)
+    with pytest.raises(ValueError, match="weight.shape"):
+        group_layer_norm(inputs["x"], inputs["group"], inputs["weight"][:, :4], inputs["bias"])
+    with pytest.raises(ValueError, match="group is"):
+        group_layer_norm(inputs["x"], inputs["group"].int(), inputs["weight"], inputs["bias"])

@@ -1,0 +1,212 @@
+"""HSTU attention: the Triton kernels against the reference, and the reference against
+independent computations and the invariants of DESIGN.md (2, 3, 4, 5 at the kernel level)."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mtfm.kernels import hstu_attention_reference as reference
+from mtfm.kernels.backends import resolve_impl
+from mtfm.kernels.hstu_attention import hstu_attention, hstu_target_attention
+from mtfm.kernels.mask import TokenKind, build_dynamic_mask
+
+HQ, D, DV = 4, 16, 32
+ALPHA, NORM = 0.4, 40.0
+
+# Per user (history, realtime, target) counts: empty R, no T, T only, a single token, an
+# empty user, and lengths that cross the interpreter's 16-row tiles.
+_users = st.tuples(st.integers(0, 40), st.integers(0, 12), st.integers(0, 10))
+_layouts = st.lists(_users, min_size=1, max_size=4).map(lambda u: u + [(5, 0, 3), (3, 4, 0), (0, 0, 2), (0, 0, 0)])
+
+
+def make_batch(layout, hkv, seed, dtype=torch.float32):
+    """Random jagged batch in the documented token order; small ts ranges make ties common."""
+    g = torch.Generator().manual_seed(seed)
+    kinds, stamps, lengths, targets = [], [], [], []
+    for n_h, n_r, n_t in layout:
+        ts_h = torch.randint(0, 30, (n_h,), generator=g)
+        ts_r = torch.randint(20, 40, (n_r,), generator=g).sort().values
+        ts_t = torch.randint(20, 45, (n_t,), generator=g)
+        ts_t = torch.cat([part.sort().values for part in ts_t.chunk(2)]) if n_t else ts_t  # two scenarios
+        kinds.append(torch.tensor([TokenKind.H] * n_h + [TokenKind.R] * n_r + [TokenKind.T] * n_t, dtype=torch.int8))
+        stamps.append(torch.cat([ts_h, ts_r, ts_t]))
+        lengths.append(n_h + n_r + n_t)
+        targets.append(n_t)
+    n = sum(lengths)
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    target_offsets = torch.tensor([0] + targets).cumsum(0)
+    target_rows = torch.cat([torch.arange(end - t, end) for end, t in zip(offsets[1:].tolist(), targets)])
+    return dict(
+        q=torch.randn(n, HQ, D, generator=g, dtype=dtype),
+        k=torch.randn(n, hkv, D, generator=g, dtype=dtype),
+        v=torch.randn(n, hkv, DV, generator=g, dtype=dtype),
+        grad=torch.randn(n, HQ, DV, generator=g, dtype=dtype),
+        offsets=offsets, kind=torch.cat(kinds), ts=torch.cat(stamps),
+        target_offsets=target_offsets, target_rows=target_rows,
+    )
+
+
+def full_attention_and_grads(b, impl):
+    q, k, v = (b[name].clone().requires_grad_() for name in "qkv")
+    out = hstu_attention(q, k, v, b["offsets"], b["kind"], b["ts"], alpha=ALPHA, norm=NORM, impl=impl)
+    out.backward(b["grad"])
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def target_attention_and_grads(b, impl):
+    q_t = b["q"][b["target_rows"]].clone().requires_grad_()
+    k, v = (b[name].clone().requires_grad_() for name in "kv")
+    out = hstu_target_attention(q_t, k, v, b["offsets"], b["kind"], b["ts"], b["target_offsets"],
+                                alpha=ALPHA, norm=NORM, impl=impl)
+    out.backward(b["grad"][b["target_rows"]])
+    return out.detach(), q_t.grad, k.grad, v.grad
+
+
+def assert_close(actual, expected, names=("out", "dq", "dk", "dv")):
+    for name, a, e in zip(names, actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("hkv", [1, 2, HQ])
+@settings(max_examples=3, deadline=None)
+@given(layout=_layouts, seed=st.integers(0, 2**31))
+def test_triton_full_attention_matches_reference(hkv, layout, seed):
+    b = make_batch(layout, hkv, seed)
+    assert_close(full_attention_and_grads(b, "triton"), full_attention_and_grads(b, "reference"))
+
+
+@pytest.mark.parametrize("hkv", [1, HQ])
+@settings(max_examples=3, deadline=None)
+@given(layout=_layouts, seed=st.integers(0, 2**31))
+def test_triton_target_attention_matches_reference(hkv, layout, seed):
+    b = make_batch(layout, hkv, seed)
+    assert_close(target_attention_and_grads(b, "triton"), target_attention_and_grads(b, "reference"))
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_target_attention_equals_full_attention_rows(impl):
+    """Invariant 3, forward and the query gradient; dk, dv match those of the full layer
+    when only the T rows carry a gradient."""
+    b = make_batch([(30, 6, 7), (12, 0, 5), (9, 4, 0)], 2, seed=1)
+    rows = b["target_rows"]
+    b["grad"] = torch.zeros_like(b["grad"]).index_copy_(0, rows, b["grad"][rows])
+    out, dq, dk, dv = full_attention_and_grads(b, impl)
+    out_t, dq_t, dk_t, dv_t = target_attention_and_grads(b, impl)
+    assert_close((out_t, dq_t, dk_t, dv_t), (out[rows], dq[rows], dk, dv))
+
+
+def dense_per_head(q, k, v, offsets, kind, ts):
+    """Plain multi-head HSTU, one dense einsum per user with the mask builder, float64."""
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=torch.float64)
+    for (start, end), mask in zip(itertools.pairwise(offsets.tolist()), build_dynamic_mask(offsets, kind, ts)):
+        scores = torch.einsum("ihd,jhd->hij", q[start:end].double(), k[start:end].double())
+        weights = torch.nn.functional.silu(ALPHA * scores) * mask / NORM
+        out[start:end] = torch.einsum("hij,jhd->ihd", weights, v[start:end].double())
+    return out
+
+
+def test_gqa_with_equal_heads_is_multi_head_attention():
+    """Invariant 4, and GQA is multi-head attention on k, v repeated per query head."""
+    b = make_batch([(20, 5, 6), (7, 0, 3)], HQ, seed=2)
+    meta = (b["offsets"], b["kind"], b["ts"])
+    out = hstu_attention(b["q"], b["k"], b["v"], *meta, alpha=ALPHA, norm=NORM, impl="reference")
+    torch.testing.assert_close(out.double(), dense_per_head(b["q"], b["k"], b["v"], *meta), rtol=1e-5, atol=1e-7)
+    g = make_batch([(20, 5, 6), (7, 0, 3)], 2, seed=3)
+    out = hstu_attention(g["q"], g["k"], g["v"], *meta, alpha=ALPHA, norm=NORM, impl="reference")
+    k, v = (g[name].repeat_interleave(HQ // 2, dim=1) for name in "kv")
+    torch.testing.assert_close(out.double(), dense_per_head(g["q"], k, v, *meta), rtol=1e-5, atol=1e-7)
+
+
+def test_reference_against_numpy_loops_float64():
+    """The reference against the mask rule and the formula written out pair by pair."""
+    b = make_batch([(3, 2, 3), (2, 1, 1)], 2, seed=4, dtype=torch.float64)
+    q, k, v = b["q"].numpy(), b["k"].numpy(), b["v"].numpy()
+    kind, ts, offsets = b["kind"].numpy(), b["ts"].numpy(), b["offsets"].tolist()
+    expected = np.zeros((q.shape[0], HQ, DV))
+    for start, end in itertools.pairwise(offsets):
+        for i, j, h in itertools.product(range(start, end), range(start, end), range(HQ)):
+            if kind[j] == TokenKind.H or (kind[j] == TokenKind.R and ts[j] < ts[i]) or i == j:
+                x = ALPHA * q[i, h] @ k[j, h // 2]
+                expected[i, h] += x / (1 + np.exp(-x)) / NORM * v[j, h // 2]
+    out = hstu_attention(b["q"], b["k"], b["v"], b["offsets"], b["kind"], b["ts"], alpha=ALPHA, norm=NORM,
+                         impl="reference")
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_reference_backward_matches_autograd_of_reference_forward():
+    b = make_batch([(10, 3, 4), (0, 2, 3)], 2, seed=5, dtype=torch.float64)
+    q_offsets = b["target_offsets"]
+    q = b["q"][b["target_rows"]].requires_grad_()
+    k, v = (b[name].clone().requires_grad_() for name in "kv")
+    meta = (b["offsets"], q_offsets, b["kind"], b["ts"], ALPHA, NORM)
+    grad = torch.randn(q.shape[0], HQ, DV, dtype=torch.float64)
+    out = reference.jagged_hstu_attention(q, k, v, *meta)
+    expected = torch.autograd.grad(out, (q, k, v), grad)
+    actual = reference.jagged_hstu_attention_backward(grad, q.detach(), k.detach(), v.detach(), *meta)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_target_output_ignores_other_targets_and_later_realtime_events(impl):
+    """Invariants 1 and 5 at the kernel level: perturbing the other T-tokens, or an R event
+    with ts >= the target's ts, leaves that target's output unchanged."""
+    b = make_batch([(12, 6, 6)], 2, seed=6)
+    target = 12 + 6 + 2
+    b["ts"][12:18] = torch.tensor([21, 24, 27, 30, 33, 36])
+    b["ts"][target] = 30
+    meta = (b["offsets"], b["kind"], b["ts"])
+    out = hstu_attention(b["q"], b["k"], b["v"], *meta, alpha=ALPHA, norm=NORM, impl=impl)
+    others = [j for j in range(18, 24) if j != target] + [15, 16, 17]  # R events at ts 30, 33, 36
+    for name in "qkv":
+        b[name][others] = torch.randn_like(b[name][others])
+    moved = hstu_attention(b["q"], b["k"], b["v"], *meta, alpha=ALPHA, norm=NORM, impl=impl)
+    torch.testing.assert_close(moved[target], out[target], rtol=1e-6, atol=1e-7)
+
+
+def test_dispatcher_errors_name_the_argument(monkeypatch):
+    b = make_batch([(4, 1, 2)], 2, seed=7)
+    meta = (b["offsets"], b["kind"], b["ts"])
+    with pytest.raises(ValueError, match="q.shape\\[1\\] \\(query heads\\)"):
+        hstu_attention(b["q"][:, :3], b["k"], b["v"], *meta, alpha=ALPHA, norm=NORM)
+    with pytest.raises(ValueError, match="kind.dtype"):
+        hstu_attention(b["q"], b["k"], b["v"], b["offsets"], b["kind"].long(), b["ts"], alpha=ALPHA, norm=NORM)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        hstu_attention(b["q"], b["k"], b["v"], *meta, alpha=ALPHA, norm=NORM, impl="cuda")
+    with pytest.raises(ValueError, match="head dim D = 12"):
+        hstu_attention(b["q"][..., :12], b["k"][..., :12], b["v"], *meta, alpha=ALPHA, norm=NORM, impl="triton")
+    assert resolve_impl("auto", torch.device("cpu")) == "reference"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="need CUDA tensors"):
+        resolve_impl("triton", torch.device("cpu"))
+
+
+def test_custom_op_registration_opcheck():
+    b = make_batch([(6, 2, 3), (3, 0, 2)], 2, seed=8)
+    for args in (
+        (b["q"], b["k"], b["v"], b["offsets"], b["offsets"], b["kind"], b["ts"], ALPHA, NORM, "reference"),
+        (b["q"][b["target_rows"]], b["k"], b["v"], b["offsets"], b["target_offsets"], b["kind"], b["ts"],
+         ALPHA, NORM, "reference"),
+    ):
+        args = tuple(a.clone().requires_grad_() if i < 3 else a for i, a in enumerate(args))
+        torch.library.opcheck(torch.ops.mtfm.hstu_attention.default, args)
+
+
+def test_runs_under_torch_compile_with_autograd():
+    b = make_batch([(6, 2, 3), (3, 0, 2)], 2, seed=9)
+    meta = (b["offsets"], b["kind"], b["ts"])
+
+    def layer(q, k, v):
+        return hstu_attention(q, k, v, *meta, alpha=ALPHA, norm=NORM).square().sum()
+
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    inputs = [b[name].clone().requires_grad_() for name in "qkv"]
+    eager_inputs = [b[name].clone().requires_grad_() for name in "qkv"]
+    compiled(*inputs).backward()
+    layer(*eager_inputs).backward()
+    for a, e in zip(inputs, eager_inputs):
+        torch.testing.assert_close(a.grad, e.grad)
