@@ -9,9 +9,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from mtfm.platform.checkpoint import CheckpointError
 from mtfm.platform.registry import RegistryError, load_registry
 
 WINDOW_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
+    return int(text)
 
 
 def parse_duration_ms(text: str) -> int:
@@ -44,6 +51,138 @@ def cmd_scenarios_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- data
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from mtfm.platform.synth import synthesize
+
+    reg = load_registry(args.config_dir)
+    print(f"synthesizing {args.users:,} users x {args.days} days (seed {args.seed}) for scenarios "
+          f"{', '.join(reg.scenarios)} and sequences {', '.join(reg.sequences)} into {args.out}")
+    counts = synthesize(reg, args.out, users=args.users, days=args.days, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote {sum(counts.values()):,} rows in {len(counts)} tables under {args.out}")
+    return 0
+
+
+def cmd_data_aggregate(args: argparse.Namespace) -> int:
+    from mtfm.platform.aggregate import aggregate
+
+    reg = load_registry(args.config_dir)
+    aggregate(reg, args.raw, args.out, window_ms=args.window, max_ts=args.max_ts,
+              num_partitions=args.partitions, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_data_movielens(args: argparse.Namespace) -> int:
+    from mtfm.platform.movielens import MovieLensFormatError, convert_movielens
+
+    reg = load_registry(args.config_dir)
+    try:
+        convert_movielens(reg, args.out, path=args.path, overwrite=args.overwrite)
+    except MovieLensFormatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- training and evaluation
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """The main job end to end on the embedded default: synthetic logs -> Ray Data -> Ray Train -> AUC/GAUC."""
+    from mtfm.platform.aggregate import aggregate
+    from mtfm.platform.synth import synthesize
+    from mtfm.platform.train import TrainConfig, train
+
+    reg = load_registry(args.config_dir)
+    root = Path(args.out)
+    print(f"[1/3] synthetic raw logs: {args.users} users x {args.days} days -> {root / 'raw'}")
+    synthesize(reg, root / "raw", users=args.users, days=args.days, seed=args.seed, overwrite=True)
+    print(f"[2/3] Ray Data aggregation -> {root / 'agg'}")
+    aggregate(reg, root / "raw", root / "agg", overwrite=True)
+    config = TrainConfig.load(args.train_config)
+    if args.max_steps is not None:
+        config = TrainConfig.from_dict(config.to_dict() | {"max_steps": args.max_steps}, config.source)
+    print(f"[3/3] Ray Train: {args.train_config}")
+    run_dir = train(config, data=str(root / "agg"), config_dir=args.config_dir)
+    print(f"\nnext: mtfm eval --checkpoint {run_dir} --data {root / 'agg'}\n"
+          f"      MTFM_CHECKPOINT={run_dir} serve run deployments/serve.yaml")
+    return 0
+
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mtfm.platform.train import run_from_args
+
+    return run_from_args(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mtfm.platform.report import run_from_args
+
+    return run_from_args(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mtfm.platform.eval import run_from_args
+
+    return run_from_args(args)
+
+
+# ---------------------------------------------------------------- model
+
+def cmd_model_summary(args: argparse.Namespace) -> int:
+    from mtfm.model import build_model, load_model_config
+    from mtfm.model.summary import TokenMix, forward_flops, parameter_counts
+
+    reg = load_registry(args.config_dir)
+    config = load_model_config(args.config)
+    model = build_model(config, reg)
+    print(f"model {config.name} ({config.source}): {config.architecture}, d_model {config.d_model}, "
+          f"{config.num_heads} query heads / {config.kv_heads} kv heads of dim {config.dim_per_head}, "
+          f"layout {config.hta_layout} = {config.num_layers} layers ({', '.join(config.layer_kinds)}; the top one "
+          f"always runs as target attention), "
+          f"attention {config.attention_impl}, GLN {config.norm_impl}, compute {config.compute_dtype}")
+    print(f"scenarios: {', '.join(model.registry.scenarios)}; sequences: {', '.join(reg.sequences)}")
+    print("\nparameters")
+    for part, count in parameter_counts(model).items():
+        print(f"  {part:<18} {count:>14,}")
+    if config.architecture != "mtfm":
+        print(f"\nforward FLOPs: counted for architecture mtfm only, not {config.architecture}")
+        return 0
+    mix = TokenMix.typical(model.registry, args.targets)
+    print(f"\nforward FLOPs per sample ({mix.num_tokens:.0f} tokens: "
+          + ", ".join(f"{g} {n:g}" for g, n in mix.tokens.items())
+          + f"; {mix.full_pairs:,.0f} visible pairs with every token a query, {mix.target_pairs:,.0f} with T only)")
+    for part, flops in forward_flops(config, model.registry, mix).items():
+        print(f"  {part:<18} {flops / 1e9:>14.4f} GFLOP")
+    return 0
+
+
+# ---------------------------------------------------------------- serving
+
+def cmd_serve_config(args: argparse.Namespace) -> int:
+    from mtfm.deployments.serve_config import render_serve_config
+
+    reg = load_registry(args.config_dir)
+    print(render_serve_config(reg, config_dir=args.config_dir or "configs", checkpoint=args.checkpoint,
+                              port=args.port), end="")
+    return 0
+
+
+def cmd_serve_example_request(args: argparse.Namespace) -> int:
+    import json
+
+    from mtfm.deployments.rank_request import example_request
+
+    reg = load_registry(args.config_dir)
+    if args.scenario not in reg.scenarios:
+        print(f"error: unknown scenario {args.scenario!r}; registered: {', '.join(reg.scenarios)}", file=sys.stderr)
+        return 1
+    print(json.dumps(example_request(reg, args.scenario, candidates=args.candidates, events=args.events,
+                                     seed=args.seed), indent=args.indent))
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +203,122 @@ def build_parser() -> argparse.ArgumentParser:
     p = ssub.add_parser("validate", parents=[common], help="load and validate every config; exit 1 with the error if any is bad")
     p.set_defaults(handler=cmd_scenarios_validate)
 
+    data = sub.add_parser("data", help="make raw logs and aggregate them into user-level samples",
+                          description="Raw logs (exposures/<scenario>/, behaviors/<sequence>/ Parquet) and their "
+                                      "aggregation into one sample per user and window (DESIGN.md, Data contracts).")
+    dsub = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = dsub.add_parser("synth", parents=[common], help="write synthetic raw logs for every registered scenario",
+                        description="Write synthetic raw logs (the raw-log contract) for every scenario and sequence "
+                                    "of the registry, driven by their YAML (features, tasks, synthetic: knobs). "
+                                    "Deterministic per seed; day 0 starts 2026-01-01 UTC.")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write exposures/ and behaviors/ into")
+    p.add_argument("--users", type=positive_int, default=2000, metavar="N", help="number of users (default 2000)")
+    p.add_argument("--days", type=positive_int, default=7, metavar="D", help="number of days (default 7)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace exposures/ and behaviors/ already in --out")
+    p.set_defaults(handler=cmd_data_synth)
+
+    p = dsub.add_parser("aggregate", parents=[common], help="aggregate raw logs into user samples on Ray Data",
+                        description="Aggregate raw logs into one sample per (user, window) on Ray Data (RAY_ADDRESS "
+                                    "if set, else a local Ray): OUT/samples/*.parquet with the registry's aggregated "
+                                    "schema, bad rows with a reason under OUT/quarantine/<kind>/<table>/, and "
+                                    "OUT/_summary.json.")
+    p.add_argument("--raw", required=True, metavar="DIR", help="raw logs: DIR/exposures/<scenario>/, DIR/behaviors/<sequence>/")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--window", type=parse_duration_ms, default=parse_duration_ms("1d"), metavar="DURATION",
+                   help="aggregation window, aligned to the epoch: 1d (default), 12h, 30m, ...")
+    p.add_argument("--max-ts", type=int, default=None, metavar="MS",
+                   help="latest valid ts in ms; later rows are quarantined (default: now plus one day)")
+    p.add_argument("--partitions", type=positive_int, default=None, metavar="P",
+                   help="user partitions (default: enough for ~1M rows each, at least one per CPU)")
+    p.add_argument("--overwrite", action="store_true", help="replace samples/, quarantine/ and _summary.json in --out")
+    p.set_defaults(handler=cmd_data_aggregate)
+
+    p = dsub.add_parser("movielens", parents=[common], help="convert MovieLens-100K (RecBole atomic files) to raw logs",
+                        description="Convert MovieLens-100K into the raw-log contract: three scenarios by user age "
+                                    "(<25, 25-34, >=35), click = rating >= 4, order = rating == 5, every rating also a "
+                                    "behaviour event. Use with --config-dir configs/movielens. Needs "
+                                    "`pip install --no-deps recbole==1.2.1` unless --path is given.")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write exposures/ and behaviors/ into")
+    p.add_argument("--path", default=None, metavar="DIR",
+                   help="a folder of RecBole atomic files (*.inter, *.user, *.item) with the ml-100k fields "
+                        "(default: ml-100k shipped in the recbole package)")
+    p.add_argument("--overwrite", action="store_true", help="replace exposures/ and behaviors/ already in --out")
+    p.set_defaults(handler=cmd_data_movielens)
+
+    model = sub.add_parser("model", help="inspect model configs",
+                           description="Inspect a model config (configs/model/*.yaml) on the registered scenarios.")
+    msub = model.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = msub.add_parser("summary", parents=[common], help="print parameter counts and forward FLOPs per sample")
+    p.add_argument("--config", required=True, metavar="FILE", help="model config, e.g. configs/model/small.yaml")
+    p.add_argument("--targets", type=int, default=100, metavar="N",
+                   help="T-tokens per sample for the FLOP count, spread over the scenarios (default 100); "
+                        "sequences count at their max_len")
+    p.set_defaults(handler=cmd_model_summary)
+
+    p = sub.add_parser("quickstart", parents=[common], help="synthetic data -> Ray Data -> Ray Train -> AUC/GAUC, on local Ray",
+                       description="Run the main job end to end on the embedded default (local Ray, local Parquet, "
+                                   "synthetic data): write synthetic logs, aggregate them with Ray Data, train the "
+                                   "tiny config with Ray Train and print AUC/GAUC per scenario and task.")
+    p.add_argument("--out", default="data/quickstart", metavar="DIR", help="data folder (default data/quickstart; replaced)")
+    p.add_argument("--users", type=int, default=400, help="synthetic users (default 400)")
+    p.add_argument("--days", type=int, default=4, help="days of logs; the last one is the test set (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--train-config", default="configs/train/tiny.yaml", metavar="CFG", help="default configs/train/tiny.yaml")
+    p.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps")
+    p.set_defaults(handler=cmd_quickstart)
+
+    p = sub.add_parser("train", parents=[common], help="train on Ray Train (embedded local Ray unless RAY_ADDRESS is set)",
+                       description="Train a model on aggregated samples with Ray Train (TorchTrainer): token-budget "
+                                   "batches, DDP over num_workers, checkpoints with resume, AUC/GAUC on the last "
+                                   "windows. Same as `python -m mtfm.platform.train`.")
+    from mtfm.platform.train import add_train_arguments
+
+    add_train_arguments(p)
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("eval", parents=[common], help="AUC and GAUC per (scenario, task) of a checkpoint",
+                       description="Evaluate a checkpoint on the held-out last windows (days) of aggregated samples: "
+                                   "AUC and GAUC (per-user AUC, impression-weighted, over users with both classes).")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="a run folder (its newest checkpoint is used) or one checkpoint_* folder")
+    p.add_argument("--data", required=True, metavar="AGG_DIR", help="aggregated samples (--out of `mtfm data aggregate`)")
+    p.add_argument("--test-windows", type=int, default=None, metavar="N",
+                   help="hold out the last N windows (default: the checkpoint's train config, usually 1)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser("report", parents=[common], help="plot a run: loss, AUC/GAUC curves, attention heatmap",
+                       description="Write PNGs into RUN_DIR/report/: the loss curve, AUC and GAUC per scenario and "
+                                   "task over the run's checkpoints, and the top layer's attention of T-tokens "
+                                   "(columns, by scenario) to H-tokens (rows) for a few users.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder of `mtfm train`")
+    p.add_argument("--data", default=None, metavar="AGG_DIR",
+                   help="aggregated samples for the attention heatmap (default: the run's training data)")
+    p.set_defaults(handler=cmd_report)
+
+    serve = sub.add_parser("serve", help="serve every scenario on Ray Serve: config and example requests",
+                           description="Ray Serve: one deployment per registered scenario behind POST /<scenario>/rank. "
+                                       "Start it with `serve run deployments/serve.yaml`.")
+    vsub = serve.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = vsub.add_parser("config", parents=[common], help="print serve.yaml generated from the registry",
+                        description="Print the Serve config (`mtfm serve config > deployments/serve.yaml`). It holds "
+                                    "overrides only: the app builder enumerates the registry, so new scenarios need "
+                                    "no edit.")
+    p.add_argument("--checkpoint", default=None, metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="checkpoint to serve (default: null = $MTFM_CHECKPOINT, else the newest run under runs/)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.set_defaults(handler=cmd_serve_config)
+    p = vsub.add_parser("example-request", parents=[common], help="print a valid rank request for a scenario",
+                        description="Print a valid JSON body for POST /<scenario>/rank, built from the scenario's "
+                                    "YAML: every user, item and cross feature and every sequence.")
+    p.add_argument("--scenario", required=True, metavar="S", help="a registered scenario")
+    p.add_argument("--candidates", type=int, default=3, metavar="K", help="candidates (default 3)")
+    p.add_argument("--events", type=int, default=4, metavar="N", help="events per sequence (default 4)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="varies the feature values (default 0)")
+    p.add_argument("--indent", type=int, default=2, metavar="N", help="JSON indent (default 2)")
+    p.set_defaults(handler=cmd_serve_example_request)
+
     return parser
 
 
@@ -73,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args) or 0
     except RegistryError as exc:
         print(f"config error: {exc}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, FileExistsError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
 
 

@@ -149,6 +149,22 @@ def _all_have_batch(have: bool, device) -> bool:
     return bool(flag.item())
 
 
+def _progress(message: str) -> None:
+    # Not print(): Ray Train patches print on workers and the line would reach the driver twice.
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+def quiet_ray_data() -> None:
+    """Training reports its own progress; Ray Data's per-dataset bars and INFO lines are noise there."""
+    import logging
+
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
 def _append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
@@ -172,6 +188,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from mtfm.platform.checkpoint import CheckpointMeta, META_FILE, MODEL_FILE, OPTIMIZER_FILE, write_checkpoint
     from mtfm.platform.eval import evaluate_batches
 
+    quiet_ray_data()
     config = TrainConfig.from_dict(loop_config["train_config"])
     registry = Registry.from_dict(loop_config["registry"])
     model_config = parse_model_config(dict(loop_config["model_config"]))
@@ -196,7 +213,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         step, epoch, skip = meta.step, meta.epoch, meta.batches_in_epoch
         if rank == 0:
             _truncate_metrics(run_dir / METRICS_FILE, step)
-            print(f"[mtfm] resumed from {checkpoint.path} at step {step} (epoch {epoch}, batch {skip})", flush=True)
+            _progress(f"[mtfm] resumed from {checkpoint.path} at step {step} (epoch {epoch}, batch {skip})")
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     collator = Collator(model.registry)
     train_shard = ray.train.get_dataset_shard("train")
@@ -262,8 +279,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                           "tokens_per_s": window["tokens"] * ctx.get_world_size() / elapsed}
                 if rank == 0:
                     _append_jsonl(run_dir / METRICS_FILE, record)
-                    print(f"[mtfm] step {step:>6}  epoch {epoch}  loss {record['loss']:.4f}  "
-                          f"{record['samples_per_s']:.0f} samples/s  {record['tokens_per_s']:.0f} tokens/s", flush=True)
+                    _progress(f"[mtfm] step {step:>6}  epoch {epoch}  loss {record['loss']:.4f}  "
+                          f"{record['samples_per_s']:.0f} samples/s  {record['tokens_per_s']:.0f} tokens/s")
                 window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": 0.0, "steps": 0}
             if step % config.checkpoint_every == 0:
                 save(position, {"step": step, "loss": float(loss.detach())})
@@ -294,6 +311,7 @@ def _eval_batches(collator, config: TrainConfig):
 def split_by_window(samples: str | Path, test_windows: int):
     """(train, test) Ray Datasets: the last `test_windows` windows are the test set."""
     import ray.data
+    from ray.data.expressions import col
 
     path = Path(samples)
     if not path.exists():
@@ -307,7 +325,7 @@ def split_by_window(samples: str | Path, test_windows: int):
         raise ValueError(f"{path}: {len(windows)} window(s) of data, but test_windows={test_windows} are held out "
                          "for evaluation: generate more days or lower test_windows")
     cut = windows[-test_windows]
-    return ds.filter(expr=f"window < {cut}"), ds.filter(expr=f"window >= {cut}"), windows
+    return ds.filter(expr=col("window") < cut), ds.filter(expr=col("window") >= cut), windows
 
 
 def default_run_dir(name: str) -> Path:
@@ -324,6 +342,8 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     from mtfm.platform.checkpoint import check_compatible, find_checkpoint, read_meta
     from mtfm.platform.cluster import init_ray
 
+    if data is not None:
+        config = TrainConfig.from_dict(config.to_dict() | {"data": str(Path(data).resolve())}, config.source)
     registry = load_registry(config_dir)
     model_config = load_model_config(config.model)
     resume_from = None
@@ -337,7 +357,8 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     (run_dir / "train_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     init_ray(log_to_driver=True)
-    train_ds, test_ds, windows = split_by_window(data or config.data, config.test_windows)
+    quiet_ray_data()
+    train_ds, test_ds, windows = split_by_window(config.data, config.test_windows)
     log(f"[mtfm] run {run_dir}\n[mtfm] scenarios {list(registry.scenarios)}; windows {len(windows)} "
         f"({len(windows) - config.test_windows} train, {config.test_windows} test); model {model_config.name} "
         f"({model_config.architecture}, layout {model_config.hta_layout}); {config.num_workers} worker(s)"
@@ -352,7 +373,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),
         datasets={"train": train_ds, "test": test_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=_data_config(DataConfig),
         resume_from_checkpoint=Checkpoint(str(resume_from)) if resume_from else None,
     )
     result = trainer.fit()
@@ -365,6 +386,15 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         log(format_table(json.loads(eval_path.read_text())["eval"]))
     log(f"[mtfm] done: {result.metrics.get('step')} steps; checkpoint {result.checkpoint.path if result.checkpoint else None}")
     return run_dir
+
+
+def _data_config(DataConfig):
+    """Split the train set across workers (the test set is read whole by rank 0), in a fixed order:
+    a restarted worker skips exactly the batches its checkpoint had consumed."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    options.verbose_progress = False
+    return DataConfig(datasets_to_split=["train"], execution_options={"train": options, "test": options})
 
 
 def _model_config_dict(model_config) -> dict:

@@ -37,3 +37,17 @@ def config_dir(tmp_path: Path) -> Path:
 def _no_ambient_config_dir(monkeypatch):
     monkeypatch.delenv("MTFM_CONFIG_DIR", raising=False)
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_samples(ray_cluster, tmp_path_factory) -> Path:
+    """Aggregated samples of a small synthetic world (160 users x 3 days), made once per session."""
+    from mtfm.platform.aggregate import aggregate
+    from mtfm.platform.registry import load_registry
+    from mtfm.platform.synth import synthesize
+
+    root = tmp_path_factory.mktemp("tiny-world")
+    registry = load_registry(CONFIGS)
+    synthesize(registry, root / "raw", users=160, days=3, seed=7, log=lambda *a, **k: None)
+    aggregate(registry, root / "raw", root / "agg", log=lambda *a, **k: None)
+    return root / "agg"

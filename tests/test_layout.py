@@ -72,3 +72,19 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "mtfm.platform.cli", "--help"], cwd=REPO_ROOT,
                          capture_output=True, text=True, check=True)
     assert "scenarios" in out.stdout
+
+
+def test_ray_cluster_yaml_is_a_valid_launcher_config():
+    """ray_cluster.yaml validates against the schema of the installed Ray's cluster launcher."""
+    import jsonschema
+    import ray
+    import yaml
+
+    config = yaml.safe_load((REPO_ROOT / "ray_cluster.yaml").read_text())
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)
+    types = config["available_node_types"]
+    assert "GPU" not in types[config["head_node_type"]]["resources"]
+    assert any(t["resources"].get("GPU", 0) > 0 for t in types.values())
+    setup = " ".join(config["setup_commands"])
+    assert "pip install" in setup and "/home/ubuntu/mtfm" in setup and config["file_mounts"]["/home/ubuntu/mtfm"] == "."

@@ -1,0 +1,26 @@
+"""Connects to the Ray cluster: `RAY_ADDRESS` if set, else an embedded local Ray (quietly).
+
+Every entry point (data aggregation, training, serving) calls `init_ray()` so that the same
+command runs on a laptop and, under `ray job submit`, on a cluster.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+
+def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None, log_to_driver: bool = False):
+    """Return the `ray` module, initialised once; a no-op if Ray is already up (tests, jobs).
+
+    log_to_driver: forward the workers' output (training's progress lines come from rank 0)."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
+                 logging_level=logging.WARNING, log_to_driver=log_to_driver)
+    return ray

@@ -1,0 +1,157 @@
+"""`mtfm report RUN_DIR`: PNG plots of a training run.
+
+- loss.png: the training loss by step (the log lines of metrics.jsonl).
+- eval.png: AUC and GAUC by step, one panel per scenario, one line per task (the evaluations
+  made at checkpoints).
+- attention.png: for a few users, the last layer's attention weights silu(alpha q.k)/n,
+  averaged over heads, of their T-tokens (columns, grouped by scenario) against their newest
+  H-tokens (rows): the paper's interpretability figure.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no training log (is {run_dir} a run folder of `mtfm train`?)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(run_dir: Path, out: Path, plt) -> list[Path]:
+    records = _records(run_dir)
+    written = []
+    losses = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    if losses:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(*zip(*losses), marker=".")
+        ax.set(xlabel="step", ylabel="training loss (mean BCE)", title=f"{run_dir.name}: loss")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "loss.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "loss.png")
+    evals = [r for r in records if "eval" in r]
+    if evals:
+        scenarios = sorted({key.split("/")[0] for r in evals for key in r["eval"]})
+        fig, axes = plt.subplots(2, len(scenarios), figsize=(4 * len(scenarios), 6), squeeze=False)
+        for col, scenario in enumerate(scenarios):
+            tasks = sorted({k.split("/")[1] for r in evals for k in r["eval"] if k.startswith(scenario + "/")})
+            for row, metric in enumerate(("auc", "gauc")):
+                ax = axes[row][col]
+                for task in tasks:
+                    points = [(r["step"], r["eval"][f"{scenario}/{task}"][metric]) for r in evals
+                              if f"{scenario}/{task}" in r["eval"]]
+                    ax.plot(*zip(*points), marker="o", label=task)
+                ax.set(title=f"{scenario} {metric.upper()}", xlabel="step")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "eval.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "eval.png")
+    return written
+
+
+def attention_maps(model, batch, max_history: int) -> list[tuple[np.ndarray, list[str]]]:
+    """Per user of `batch`: (weights (H rows, T columns), column scenario labels) of the top layer."""
+    import torch
+
+    from mtfm.kernels.mask import TokenKind
+    from mtfm.model.layers import JaggedContext
+
+    ctx = JaggedContext.from_batch(batch)
+    with torch.no_grad():
+        x = model.tokenizer(batch)
+        for layer in model.stack.layers[:-1]:
+            x = layer(x, ctx)
+        top = model.stack.layers[-1]
+        a = top.attn
+        h = top.input_norm(x, ctx.group, ctx.group_names)
+        k, _ = top.keys_values(h)
+        q, _ = torch.nn.functional.silu(top.query_gate(h)).view(-1, 2 * a.num_heads, a.head_dim).chunk(2, dim=1)
+        k = k.repeat_interleave(a.num_heads // a.num_kv_heads, dim=1)
+    group_of_token = [batch.group_names[g] for g in batch.group.tolist()]
+    maps = []
+    for b in range(batch.num_users):
+        lo, hi = int(batch.offsets[b]), int(batch.offsets[b + 1])
+        kind = batch.kind[lo:hi]
+        history = (torch.nonzero(kind == TokenKind.H).flatten() + lo)[-max_history:]
+        targets = torch.nonzero(kind == TokenKind.T).flatten() + lo
+        if len(history) == 0 or len(targets) == 0:
+            continue
+        scores = torch.einsum("thd,nhd->tnh", q[targets], k[history])
+        weights = (torch.nn.functional.silu(a.alpha * scores) / a.norm).mean(-1)
+        maps.append((weights.T.numpy(), [group_of_token[i] for i in targets.tolist()]))
+    return maps
+
+
+def plot_attention(run_dir: Path, data: Path, out: Path, plt, users: int = 3, max_history: int = 48) -> Path | None:
+    from mtfm.model import Collator
+    from mtfm.platform.checkpoint import load_model
+
+    model, _ = load_model(run_dir)
+    if not hasattr(model, "stack"):
+        return None  # a baseline without attention layers
+    import pyarrow.parquet as pq
+
+    samples = data / "samples" if (data / "samples").is_dir() else data
+    files = sorted(samples.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{samples}: no aggregated samples to draw the attention of")
+    table = pq.read_table(files[-1])
+    collator = Collator(model.registry)
+    # Users with the most scenarios present make the most telling figure.
+    present = sum((np.asarray(table[c].combine_chunks().value_lengths().fill_null(0)) > 0).astype(int)
+                  for c in table.column_names if c.endswith("__exposures"))
+    rows = np.argsort(-present, kind="stable")[:users]
+    maps = attention_maps(model, collator(table.take(rows)), max_history)
+    if not maps:
+        return None
+    fig, axes = plt.subplots(1, len(maps), figsize=(5 * len(maps), 5), squeeze=False)
+    for ax, (weights, labels) in zip(axes[0], maps):
+        image = ax.imshow(weights, aspect="auto", cmap="viridis")
+        bounds = [i for i in range(1, len(labels)) if labels[i] != labels[i - 1]]
+        for x in bounds:
+            ax.axvline(x - 0.5, color="white", lw=1)
+        starts = [0] + bounds
+        ax.set_xticks(starts, [labels[s] for s in starts], rotation=45, ha="left", fontsize=8)
+        ax.set(xlabel="T-tokens (by scenario)", ylabel="H-tokens (newest last)")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle("Top-layer attention of target tokens to history tokens (mean over heads)")
+    fig.tight_layout()
+    fig.savefig(out / "attention.png", dpi=110)
+    plt.close(fig)
+    return out / "attention.png"
+
+
+def write_report(run_dir: str | Path, data: str | Path | None = None) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import yaml
+
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    written = plot_curves(run_dir, out, plt)
+    if data is None:
+        config = run_dir / "train_config.yaml"
+        data = yaml.safe_load(config.read_text())["data"] if config.is_file() else None
+    if data is not None and Path(data).exists():
+        path = plot_attention(run_dir, Path(data), out, plt)
+        if path:
+            written.append(path)
+    return written
+
+
+def run_from_args(args) -> int:
+    written = write_report(args.run_dir, args.data)
+    for path in written:
+        print(f"wrote {path}")
+    return 0

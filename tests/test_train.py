@@ -1,0 +1,160 @@
+"""Training on a real local Ray: DDP over two workers, kill-and-resume, checkpoints, `ray job submit`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CONFIGS, REPO_ROOT
+from mtfm.model import Collator, build_model, load_model_config, multitask_bce_loss, token_budget_batches
+from mtfm.platform.checkpoint import CheckpointError, check_compatible, find_checkpoint, load_model, read_meta
+from mtfm.platform.registry import RegistryError, load_registry
+from mtfm.platform.report import write_report
+from mtfm.platform.train import METRICS_FILE, TrainConfig, split_by_window, train
+
+TINY = REPO_ROOT / "configs" / "train" / "tiny.yaml"
+
+
+def _config(**changes) -> TrainConfig:
+    base = TrainConfig.load(TINY).to_dict() | {"model": str(REPO_ROOT / "configs/model/tiny.yaml")}
+    return TrainConfig.from_dict(base | changes, "test")
+
+
+def _log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / METRICS_FILE).read_text().splitlines()]
+
+
+def _test_loss(model, samples: Path) -> float:
+    _, test_ds, _ = split_by_window(samples, 1)
+    batches = token_budget_batches(test_ds.iter_batches(batch_size=64, batch_format="pyarrow"),
+                                   Collator(model.registry), 4096)
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            loss, _ = multitask_bce_loss(model.eval()(batch), batch)
+            total, n = total + float(loss) * batch.num_targets, n + batch.num_targets
+    return total / n
+
+
+@pytest.mark.slow
+def test_two_workers_lower_the_loss(tiny_samples, tmp_path):
+    config = _config(num_workers=2, cpus_per_worker=0.5, epochs=3, log_every=2, checkpoint_every=1000)
+    run = train(config, data=str(tiny_samples), out=tmp_path / "run", config_dir=str(CONFIGS), log=lambda *a: None)
+    trained, meta = load_model(run)
+    torch.manual_seed(config.seed)
+    untrained = build_model(load_model_config(config.model), load_registry(CONFIGS))
+    assert _test_loss(trained, tiny_samples) < 0.9 * _test_loss(untrained, tiny_samples)
+    log = _log(run)
+    steps = [r["step"] for r in log if "loss" in r]
+    assert steps == sorted(set(steps)) and meta.step >= steps[-1]
+    evaluation = json.loads((run / "eval.json").read_text())["eval"]
+    expected = {f"{s.name}/{t}" for s in load_registry(CONFIGS).scenarios.values() for t in s.task_names}
+    assert set(evaluation) <= expected and {"hp/click", "phf/click", "sqs/click"} <= set(evaluation)
+    assert all(0.0 <= r["auc"] <= 1.0 for r in evaluation.values())
+
+    written = write_report(run)  # the run remembers its data folder for the attention figure
+    assert sorted(p.name for p in written) == ["attention.png", "eval.png", "loss.png"]
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_the_same_loss_curve(tiny_samples, tmp_path):
+    common = dict(num_workers=1, epochs=2, max_steps=10, log_every=1, checkpoint_every=4,
+                  evaluate_at_checkpoints=False, keep_checkpoints=5)
+    clean = train(_config(**common), data=str(tiny_samples), out=tmp_path / "clean", config_dir=str(CONFIGS),
+                  log=lambda *a: None)
+    killed = train(_config(**common, inject_failure_at_step=6, max_failures=1), data=str(tiny_samples),
+                   out=tmp_path / "killed", config_dir=str(CONFIGS), log=lambda *a: None)
+    assert (killed / ".failure_injected").exists()  # it really died once, after the step-4 checkpoint
+    a, b = _log(clean), _log(killed)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 11))
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
+    assert read_meta(clean).step == read_meta(killed).step == 10
+    wa, wb = torch.load(find_checkpoint(clean) / "model.pt"), torch.load(find_checkpoint(killed) / "model.pt")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_refuses_a_checkpoint_with_other_scenarios(config_dir, tmp_path):
+    registry = load_registry(CONFIGS)
+    meta_registry = registry.to_dict()
+    (config_dir / "scenarios" / "grocery.yaml").write_text(
+        "name: grocery\nitem_features:\n  - {name: sku_id, type: categorical, buckets: 100, dim: 4}\n"
+        "tasks:\n  - {name: click, kind: ctr}\n")
+    from mtfm.platform.checkpoint import CheckpointMeta
+
+    meta = CheckpointMeta(5, 0, 5, meta_registry, {}, {})
+    with pytest.raises(CheckpointError, match=r"the registry has scenarios the checkpoint lacks: \['grocery'\]"):
+        check_compatible(meta, load_registry(config_dir), "runs/x/checkpoint_00000005")
+    with pytest.raises(CheckpointError, match="no checkpoint_"):
+        find_checkpoint(tmp_path)
+
+
+def test_train_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: configs/model/tiny.yaml\ntokens_per_batch: lots\n")
+    with pytest.raises(RegistryError, match=r"bad.yaml: tokens_per_batch: expected int, found 'lots'"):
+        TrainConfig.load(bad)
+    bad.write_text("model: configs/model/tiny.yaml\nepocs: 3\n")
+    with pytest.raises(RegistryError, match=r"bad.yaml: epocs: unknown key"):
+        TrainConfig.load(bad)
+    bad.write_text("epochs: 3\n")
+    with pytest.raises(RegistryError, match=r"bad.yaml: model: required field missing"):
+        TrainConfig.load(bad)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_cluster(temp_dir: str) -> None:
+    """Stop only the cluster started here (`ray stop` would also stop every other Ray on the machine)."""
+    import psutil
+
+    mine = [p for p in psutil.process_iter(["cmdline"]) if any(temp_dir in part for part in (p.info["cmdline"] or []))]
+    for proc in mine:
+        proc.kill()
+    psutil.wait_procs(mine, timeout=30)
+
+
+@pytest.mark.slow
+def test_ray_job_submit(tiny_samples, tmp_path):
+    """`ray job submit --working-dir .` against a separately started `ray start --head` cluster."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    temp_dir = tempfile.mkdtemp(prefix="mtfm-job-", dir="/tmp")  # short: Ray's socket paths live under it
+    dash = _free_port()
+    start = [ray_bin, "start", "--head", f"--port={_free_port()}", "--num-cpus=3", "--include-dashboard=true",
+             f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={_free_port()}",
+             f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    started = subprocess.run(start, capture_output=True, text=True, env=env, timeout=120)
+    try:
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        out = tmp_path / "run"
+        submit = [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
+                  "--", "python", "-m", "mtfm.platform.train", "--config", "configs/train/tiny.yaml",
+                  "--data", str(tiny_samples), "--out", str(out), "--num-workers", "1", "--max-steps", "3"]
+        for _ in range(30):  # the job agent comes up some seconds after `ray start` returns
+            done = subprocess.run(submit, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=400)
+            if "No available agent" not in done.stderr + done.stdout:
+                break
+            time.sleep(3)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "succeeded" in done.stdout
+        assert read_meta(out).step == 3
+        assert "hp/click" in done.stdout  # the evaluation table reached the job's log
+    finally:
+        _stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
