@@ -103,7 +103,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     if args.max_steps is not None:
         config = TrainConfig.from_dict(config.to_dict() | {"max_steps": args.max_steps}, config.source)
     print(f"[3/3] Ray Train: {args.train_config}")
-    run_dir = train(config, data=str(root / "agg"), config_dir=args.config_dir)
+    run_dir = train(config, data=str(root / "agg"), out=args.run_dir, config_dir=args.config_dir)
     print(f"\nnext: mtfm eval --checkpoint {run_dir} --data {root / 'agg'}\n"
           f"      MTFM_CHECKPOINT={run_dir} serve run deployments/serve.yaml")
     return 0
@@ -266,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.add_argument("--train-config", default="configs/train/tiny.yaml", metavar="CFG", help="default configs/train/tiny.yaml")
     p.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps")
+    p.add_argument("--run-dir", default=None, metavar="RUN_DIR", help="run folder (default: runs/<name>-<time>)")
     p.set_defaults(handler=cmd_quickstart)
 
     p = sub.add_parser("train", parents=[common], help="train on Ray Train (embedded local Ray unless RAY_ADDRESS is set)",
