@@ -1,0 +1,150 @@
+"""Raw-log validation: makes one Parquet file of a raw table conform to its contract.
+
+`validate(table, contract)` casts each column to the registry's type and splits the rows into
+good ones (exactly the contract schema) and bad ones (the file's own columns plus `reason`).
+A column whose type differs from the contract is cast as a whole when it can be; otherwise
+value by value (vectorised, through text), and only the values that cannot be cast are bad.
+A row has the first reason that applies, in this order: an unknown table, a missing column,
+a value of the wrong type, a null user_id, a null ts, a ts out of range, a null required
+feature, a label that is not 0/1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mtfm.platform.registry import Registry
+
+INTEGER = r"^\s*[+-]?\d+\s*$"
+FLOAT = r"^\s*[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|inf|infinity|nan)\s*$"
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What one raw table must hold: `schema` is None for a table the registry does not know."""
+
+    table: str                     # "exposures/hp" or "behaviors/history"
+    schema: pa.Schema | None
+    required: tuple[str, ...]      # columns that may not be null (besides user_id and ts)
+    labels: tuple[str, ...]        # columns that must be 0 or 1
+    unknown_reason: str = ""
+
+    @classmethod
+    def for_table(cls, registry: Registry, kind: str, name: str) -> "Contract":
+        table = f"{kind}/{name}"
+        if kind == "exposures" and name in registry.scenarios:
+            scn = registry.scenarios[name]
+            return cls(table, registry.exposure_schema(name), tuple(f.name for f in scn.features if f.required),
+                       scn.task_names)
+        if kind == "behaviors" and name in registry.sequences:
+            seq = registry.sequences[name]
+            return cls(table, registry.behavior_schema(name), tuple(f.name for f in seq.features if f.required), ())
+        known = ", ".join(registry.scenarios if kind == "exposures" else registry.sequences)
+        what = "scenario" if kind == "exposures" else "sequence"
+        return cls(table, None, (), (), f"unknown {what} {name!r} (not in {registry.config_dir}; registered: {known})")
+
+
+def validate(table: pa.Table, contract: Contract, max_ts: int) -> tuple[pa.Table, pa.Table]:
+    """(good rows with exactly the contract schema, bad rows with the file's columns and `reason`)."""
+    n = table.num_rows
+    reasons: list[str] = []
+    code = np.zeros(n, np.int32)  # 0 = good, k = reasons[k - 1]
+
+    def flag(mask: np.ndarray, reason: str) -> None:
+        new = mask & (code == 0)
+        if new.any():
+            reasons.append(reason)
+            code[new] = len(reasons)
+
+    if contract.schema is None:
+        flag(np.ones(n, bool), contract.unknown_reason)
+        return table.slice(0, 0), _with_reason(table, code, reasons)
+    columns = []
+    for field in contract.schema:
+        must_exist = not field.nullable or field.name in contract.required or field.name in contract.labels
+        if field.name not in table.column_names:
+            if must_exist:
+                flag(np.ones(n, bool), f"missing column {field.name} (expected {field.type})")
+            columns.append(pa.nulls(n, field.type))
+            continue
+        source = table[field.name]
+        cast, bad = cast_column(source, field.type)
+        flag(bad, f"wrong type in {field.name}: expected {field.type}, found a {source.type} value that does not convert")
+        columns.append(cast)
+    good = pa.Table.from_arrays(columns, schema=contract.schema)
+    flag(_null(good["user_id"]), "null user_id")
+    flag(_null(good["ts"]), "null ts")
+    ts = good["ts"].to_numpy()  # float with NaN for nulls (already flagged), which compare False
+    flag((ts < 0) | (ts > max_ts), f"ts out of range (expected 0 <= ts <= {max_ts} ms)")
+    for name in contract.required:
+        flag(_null(good[name]), f"null required feature {name}")
+    for name in contract.labels:
+        label = good[name]
+        value = label.to_numpy()  # float with NaN for nulls, which then count as bad
+        flag((value != 0) & (value != 1), f"label {name} not 0/1")
+    if not reasons:
+        return good, table.schema.append(pa.field("reason", pa.string())).empty_table()
+    return good.filter(pa.array(code == 0)), _with_reason(table, code, reasons)
+
+
+def cast_column(column: pa.ChunkedArray | pa.Array, target: pa.DataType) -> tuple[pa.Array, np.ndarray]:
+    """(column cast to target with nulls where a value cannot be cast, mask of those values)."""
+    n = len(column)
+    if column.type == target:
+        return column, np.zeros(n, bool)
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    try:
+        return pc.cast(column, target), np.zeros(n, bool)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        pass
+    if pa.types.is_list(target):
+        if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+            return pa.nulls(n, target), ~_null(column)
+        values, bad_values = cast_column(column.flatten(), target.value_type)
+        lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy()
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        cast = pa.ListArray.from_arrays(offsets, values, type=target, mask=column.is_null())
+        bad = np.zeros(n, bool)
+        bad[pc.list_parent_indices(column).to_numpy()[bad_values]] = True
+        return cast, bad
+    try:
+        text = pc.cast(column, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return pa.nulls(n, target), ~_null(column)
+    integer = pa.types.is_integer(target)
+    ok = pc.fill_null(pc.match_substring_regex(text, INTEGER if integer else FLOAT, ignore_case=True), False)
+    parsed = pc.cast(pc.utf8_trim_whitespace(pc.if_else(ok, text, pa.scalar(None, pa.string()))),
+                     pa.int64() if integer else pa.float64())
+    if integer:
+        info = np.iinfo(target.to_pandas_dtype())
+        ok = pc.and_(ok, pc.fill_null(pc.and_(pc.greater_equal(parsed, info.min), pc.less_equal(parsed, info.max)), True))
+        parsed = pc.if_else(ok, parsed, pa.scalar(None, pa.int64()))
+    bad = ~ok.to_numpy(zero_copy_only=False) & ~_null(column)
+    return pc.cast(parsed, target, safe=False), bad
+
+
+def _null(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    if column.null_count == 0:
+        return np.zeros(len(column), bool)
+    return pc.is_null(column).to_numpy(zero_copy_only=False)
+
+
+def _with_reason(table: pa.Table, code: np.ndarray, reasons: list[str]) -> pa.Table:
+    bad = code > 0
+    labels = pa.array(np.array([""] + reasons, dtype=object)[code[bad]], pa.string())
+    return table.filter(pa.array(bad)).append_column("reason", labels)
+
+
+def list_tables(raw: Path) -> dict[tuple[str, str], list[Path]]:
+    """{(kind, name): sorted Parquet files} for every folder under raw/exposures and raw/behaviors."""
+    out = {}
+    for kind in ("exposures", "behaviors"):
+        root = raw / kind
+        if root.is_dir():
+            for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+                out[(kind, folder.name)] = sorted(folder.rglob("*.parquet"))
+    return out

@@ -1,0 +1,35 @@
+"""The `mtfm data` subcommands: help, and synth -> aggregate through the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mtfm.platform.cli import main
+
+
+@pytest.mark.parametrize("argv", [["data", "--help"], ["data", "synth", "--help"], ["data", "aggregate", "--help"],
+                                  ["data", "movielens", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "--config-dir" in text or argv == ["data", "--help"]
+    assert {"data": "synth", "synth": "--users", "aggregate": "--window", "movielens": "recbole"}[argv[-2]] in text
+
+
+def test_synth_then_aggregate(ray_cluster, config_dir, tmp_path, capsys):
+    raw, agg = tmp_path / "raw", tmp_path / "agg"
+    assert main(["data", "synth", "--config-dir", str(config_dir), "--out", str(raw), "--users", "20", "--days", "2"]) == 0
+    assert "exposures/sqs:" in capsys.readouterr().out
+    assert main(["data", "aggregate", "--config-dir", str(config_dir), "--raw", str(raw), "--out", str(agg),
+                 "--window", "12h"]) == 0
+    out = capsys.readouterr().out
+    assert "compression" in out and "user samples out" in out
+    summary = json.loads((agg / "_summary.json").read_text())
+    assert summary["window_ms"] == 43_200_000 and summary["exposures_in"] == summary["exposures_out"] > 0
+    # A second run into the same folder is refused with a clear message, not a traceback.
+    assert main(["data", "aggregate", "--config-dir", str(config_dir), "--raw", str(raw), "--out", str(agg)]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["data", "synth", "--config-dir", str(config_dir), "--out", str(raw)]) == 1
