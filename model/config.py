@@ -1,0 +1,240 @@
+"""Model configs (`configs/model/*.yaml`): parsing, validation and the HTA layout grammar.
+
+A model config says which architecture to build and its sizes; the registry says what the
+scenarios, sequences and features are. Every error names the file, the field and what was
+expected (a `ModelConfigError` is a `RegistryError`, so the CLI reports both the same way).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtfm.platform.registry import Registry, RegistryError
+
+ARCHITECTURES = ("mtfm", "dlrm_mmoe", "dcnv2")
+KERNEL_IMPLS = ("auto", "triton", "reference")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+_BLOCK = re.compile(r"^\((\d+):(\d+)\)\*(\d+)$")
+
+
+class ModelConfigError(RegistryError):
+    """A model config is invalid; the message names the file, the field and what was expected."""
+
+
+@dataclass(frozen=True)
+class MMoEConfig:
+    """Shared experts (MLP d_model -> expert_dim) and one gate + tower per (scenario, task)."""
+
+    num_experts: int = 4
+    expert_dim: int = 64
+    tower_dim: int = 32
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model. `hta_layout` fixes the layer count; `max_seq_len` is the attention normaliser n.
+
+    alpha: scale inside silu(alpha * q.k); None means 1 / sqrt(head_dim).
+    attention_impl / norm_impl: kernel choice ("auto": Triton on CUDA, reference on CPU).
+    compute_dtype: what training/serving autocast to on GPU (parameters stay float32).
+    scenarios: None = every registered scenario; a list restricts the model (and its batches)
+    to those, e.g. the single-scenario MTFM baseline.
+    """
+
+    name: str
+    architecture: str = "mtfm"
+    d_model: int = 64
+    num_heads: int = 2
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    hta_layout: str = "(0:2)*1"
+    max_seq_len: int = 1024
+    alpha: float | None = None
+    attention_impl: str = "auto"
+    norm_impl: str = "auto"
+    dropout: float = 0.0
+    tokenizer_hidden_dim: int | None = None
+    mmoe: MMoEConfig = MMoEConfig()
+    cross_layers: int = 3
+    compute_dtype: str = "float32"
+    scenarios: tuple[str, ...] | None = None
+    source: str = "<dict>"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def attention_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 1.0 / math.sqrt(self.dim_per_head)
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """'target' or 'full' per layer, bottom to top."""
+        return parse_hta_layout(self.hta_layout, self.source)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_kinds)
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        return self.tokenizer_hidden_dim or self.d_model
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with some fields changed, validated like a loaded file."""
+        raw = dataclasses.asdict(self) | changes
+        if isinstance(raw["mmoe"], MMoEConfig):
+            raw["mmoe"] = dataclasses.asdict(raw["mmoe"])
+        return parse_model_config(raw, raw.pop("source"))
+
+
+def parse_hta_layout(layout: str, file: str = "<model config>") -> tuple[str, ...]:
+    """'(T:F)*N[+(T:F)*N...]' -> per-layer kinds: N blocks of T target layers then F full ones.
+
+    `(3:1)*4` is 4 x (3 target + 1 full) = 16 layers; `(0:16)*1` full only; `(16:0)*1` target only.
+    """
+    expected = ("expected blocks '(T:F)*N' joined by '+', e.g. '(3:1)*4' (4 blocks of 3 target-attention "
+                "layers then 1 full-attention layer), '(0:16)*1' or '(16:0)*1', with N >= 1 and at least one layer")
+    if not isinstance(layout, str) or not layout.strip():
+        raise ModelConfigError(file, "hta_layout", f"{expected}; found {layout!r}")
+    kinds: list[str] = []
+    for block in layout.replace(" ", "").split("+"):
+        match = _BLOCK.match(block)
+        if match is None:
+            raise ModelConfigError(file, "hta_layout", f"cannot parse block {block!r} of {layout!r}: {expected}")
+        target, full, repeat = (int(g) for g in match.groups())
+        if repeat < 1:
+            raise ModelConfigError(file, "hta_layout", f"block {block!r} of {layout!r} repeats {repeat} times: {expected}")
+        kinds += (["target"] * target + ["full"] * full) * repeat
+    if not kinds:
+        raise ModelConfigError(file, "hta_layout", f"{layout!r} has no layers: {expected}")
+    return tuple(kinds)
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """Read and validate one `configs/model/<name>.yaml`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelConfigError(path, "", "model config file not found (expected e.g. configs/model/small.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ModelConfigError(path, "", f"not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ModelConfigError(path, "", f"expected a mapping at the top level, found {type(raw).__name__}")
+    raw = dict(raw)
+    raw.setdefault("name", path.stem)
+    return parse_model_config(raw, str(path))
+
+
+def parse_model_config(raw: dict[str, Any], file: str = "<dict>") -> ModelConfig:
+    """Validate a plain mapping (a loaded YAML file or a checkpoint's snapshot)."""
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig) if f.name != "source"}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        raise ModelConfigError(file, str(unknown[0]), f"unknown key; expected one of: {', '.join(fields)}")
+    r = _Reader(raw, file)
+    cfg = ModelConfig(
+        name=r.get("name", str, "a model name"),
+        architecture=r.choice("architecture", ARCHITECTURES, "mtfm"),
+        d_model=r.positive_int("d_model", 64),
+        num_heads=r.positive_int("num_heads", 2),
+        num_kv_heads=r.positive_int("num_kv_heads", None),
+        head_dim=r.positive_int("head_dim", None),
+        hta_layout=r.get("hta_layout", str, "a layout string such as '(3:1)*4'", "(0:2)*1"),
+        max_seq_len=r.positive_int("max_seq_len", 1024),
+        alpha=r.number("alpha", None),
+        attention_impl=r.choice("attention_impl", KERNEL_IMPLS, "auto"),
+        norm_impl=r.choice("norm_impl", KERNEL_IMPLS, "auto"),
+        dropout=r.number("dropout", 0.0),
+        tokenizer_hidden_dim=r.positive_int("tokenizer_hidden_dim", None),
+        mmoe=_parse_mmoe(r.get("mmoe", dict, "a mapping", {}), file),
+        cross_layers=r.positive_int("cross_layers", 3),
+        compute_dtype=r.choice("compute_dtype", COMPUTE_DTYPES, "float32"),
+        scenarios=_parse_scenarios(raw.get("scenarios"), file),
+        source=file,
+    )
+    if cfg.num_heads % cfg.kv_heads:
+        raise ModelConfigError(file, "num_kv_heads", f"expected a divisor of num_heads ({cfg.num_heads}), "
+                                                     f"found {cfg.kv_heads}")
+    if cfg.head_dim is None and cfg.d_model % cfg.num_heads:
+        raise ModelConfigError(file, "num_heads", f"expected a divisor of d_model ({cfg.d_model}) unless head_dim is "
+                                                  f"set, found {cfg.num_heads}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ModelConfigError(file, "dropout", f"expected a probability in [0, 1), found {cfg.dropout}")
+    if cfg.alpha is not None and cfg.alpha <= 0:
+        raise ModelConfigError(file, "alpha", f"expected a positive number, found {cfg.alpha}")
+    parse_hta_layout(cfg.hta_layout, file)
+    return cfg
+
+
+def _parse_mmoe(raw: dict[str, Any], file: str) -> MMoEConfig:
+    allowed = [f.name for f in dataclasses.fields(MMoEConfig)]
+    unknown = [k for k in raw if k not in allowed]
+    if unknown:
+        raise ModelConfigError(file, f"mmoe.{unknown[0]}", f"unknown key; expected one of: {', '.join(allowed)}")
+    r, d = _Reader(raw, file, "mmoe."), MMoEConfig()
+    return MMoEConfig(r.positive_int("num_experts", d.num_experts), r.positive_int("expert_dim", d.expert_dim),
+                      r.positive_int("tower_dim", d.tower_dim))
+
+
+def _parse_scenarios(value: Any, file: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+        raise ModelConfigError(file, "scenarios", f"expected a non-empty list of scenario names (or nothing for all), "
+                                                  f"found {value!r}")
+    return tuple(value)
+
+
+class _Reader:
+    """Typed access to one YAML mapping; missing or null keys take the default."""
+
+    def __init__(self, raw: dict[str, Any], file: str, prefix: str = ""):
+        self.raw, self.file, self.prefix = raw, file, prefix
+
+    def get(self, key: str, types: type | tuple[type, ...], what: str, default: Any = ...) -> Any:
+        value = self.raw.get(key)
+        if value is None:
+            if default is ...:
+                raise ModelConfigError(self.file, self.prefix + key, f"required field missing (expected {what})")
+            return default
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise ModelConfigError(self.file, self.prefix + key, f"expected {what}, found {value!r}")
+        return value
+
+    def positive_int(self, key: str, default: Any) -> Any:
+        value = self.get(key, int, "a positive integer", default)
+        if value is not None and value < 1:
+            raise ModelConfigError(self.file, self.prefix + key, f"expected a positive integer, found {value!r}")
+        return value
+
+    def number(self, key: str, default: Any) -> Any:
+        value = self.get(key, (int, float), "a number", default)
+        return None if value is None else float(value)
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value = self.get(key, str, f"one of {', '.join(choices)}", default)
+        if value not in choices:
+            raise ModelConfigError(self.file, self.prefix + key, f"expected one of {', '.join(choices)}, found {value!r}")
+        return value
+
+
+def restrict_registry(registry: Registry, scenarios: tuple[str, ...] | list[str] | None) -> Registry:
+    """The registry with only `scenarios` (all when None); sequences are always shared."""
+    if scenarios is None:
+        return registry
+    for name in scenarios:
+        registry.scenario(name)
+    return dataclasses.replace(registry, scenarios={n: s for n, s in registry.scenarios.items() if n in scenarios})

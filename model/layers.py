@@ -1,0 +1,204 @@
+"""Group LayerNorm, the HSTU layer with GQA (full or target attention) and the HTA stack.
+
+HSTU layer on the packed tokens X (N, d_model), per token group g (GLN group):
+    Q, U = silu(W_qu GLN_1(X))         Q, U: (N, Hq, dh)
+    K, V = silu(W_kv GLN_1(X))         K, V: (N, Hkv, dh), query head h reads kv head h // (Hq/Hkv)
+    A[i] = sum_j silu(alpha <Q_i, K_j>) * M_ij / n * V_j      (mtfm.kernels.hstu_attention)
+    Y    = X + W_o dropout(GLN_2(A * U))
+M is the dynamic mask (H visible to all, R to later tokens, each token to itself) and n the
+constant `max_seq_len`. A target-attention layer computes Y only for the T rows (queries =
+T-tokens, keys = every token) and passes the other rows through unchanged; it equals the T
+rows of a full layer with the same weights (no token attends to a T-token other than itself).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtfm.kernels.group_layer_norm import group_layer_norm
+from mtfm.kernels.hstu_attention import hstu_attention, hstu_target_attention
+
+from .batch import TokenBatch
+
+LAYER_KINDS = ("full", "target")
+
+
+@dataclass(frozen=True)
+class JaggedContext:
+    """What every layer needs about the token axis, built once per forward from a TokenBatch.
+
+    group: (N,) int64 index into `group_names`, which lists only the groups that HAVE tokens in
+    the batch, so the GLN parameters of absent groups take no part (and get no gradient).
+    target_group: (NT,) the T-tokens' groups (target_index order) as indices into
+    `target_group_names` (the scenarios present).
+    """
+
+    offsets: Tensor
+    target_offsets: Tensor
+    kind: Tensor
+    ts: Tensor
+    target_index: Tensor
+    group: Tensor
+    group_names: tuple[str, ...]
+    target_group: Tensor
+    target_group_names: tuple[str, ...]
+
+    @classmethod
+    def from_batch(cls, batch: TokenBatch) -> "JaggedContext":
+        present = tuple(name for name in batch.group_names if batch.features[name].num_tokens)
+        targets = tuple(name for name in batch.scenarios if batch.features[name].num_tokens)
+        num_groups = len(batch.group_names)
+        return cls(batch.offsets, batch.target_offsets, batch.kind, batch.ts, batch.target_index,
+                   compact_groups(batch.group, num_groups), present,
+                   compact_groups(batch.group[batch.target_index], num_groups), targets)
+
+
+def compact_groups(group: Tensor, num_groups: int) -> Tensor:
+    """Group ids in [0, num_groups) -> their rank among the ids that occur in `group`, i.e. indices
+    into the names of the groups present, in order. On the tensor's device, no host sync."""
+    present = torch.zeros(num_groups, dtype=torch.int64, device=group.device).index_fill_(0, group, 1)
+    return (torch.cumsum(present, 0) - 1)[group]
+
+
+@dataclass(frozen=True)
+class AttentionParams:
+    """The HSTU attention hyper-parameters shared by every layer of a stack."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    alpha: float
+    norm: float
+    impl: str = "auto"
+
+
+class GroupLayerNorm(nn.Module):
+    """LayerNorm with per-group affine parameters, keyed by group name.
+
+    The (G, D) weight and bias handed to the kernel are stacked at forward time from the
+    groups present in the batch, so checkpoints keep loading when groups are added.
+    """
+
+    def __init__(self, group_names: tuple[str, ...], dim: int, eps: float = 1e-5, impl: str = "auto"):
+        super().__init__()
+        self.weight = nn.ParameterDict({g: nn.Parameter(torch.ones(dim)) for g in group_names})
+        self.bias = nn.ParameterDict({g: nn.Parameter(torch.zeros(dim)) for g in group_names})
+        self.eps, self.impl = eps, impl
+
+    def forward(self, x: Tensor, group: Tensor, group_names: tuple[str, ...]) -> Tensor:
+        """x (N, D), group (N,) indices into group_names -> (N, D)."""
+        weight = torch.stack([self.weight[g] for g in group_names])
+        bias = torch.stack([self.bias[g] for g in group_names])
+        if x.dtype != weight.dtype:
+            # Under autocast the activations are low precision; the kernel wants one dtype.
+            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+        return group_layer_norm(x, group, weight, bias, eps=self.eps, impl=self.impl)
+
+
+class HSTULayer(nn.Module):
+    """One HSTU layer with GQA; `kind` 'full' (every token a query) or 'target' (T-tokens only)."""
+
+    def __init__(self, kind: str, group_names: tuple[str, ...], target_group_names: tuple[str, ...], d_model: int,
+                 attn: AttentionParams, dropout: float = 0.0, norm_impl: str = "auto"):
+        super().__init__()
+        if kind not in LAYER_KINDS:
+            raise ValueError(f"layer kind must be one of {LAYER_KINDS}, found {kind!r}")
+        self.kind, self.attn = kind, attn
+        q_width, kv_width = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
+        self.input_norm = GroupLayerNorm(group_names, d_model, impl=norm_impl)
+        self.query_gate = nn.Linear(d_model, 2 * q_width)
+        self.key_value = nn.Linear(d_model, 2 * kv_width)
+        # A target layer normalises only T rows: it has GLN parameters for the scenarios only.
+        output_groups = target_group_names if kind == "target" else group_names
+        self.output_norm = GroupLayerNorm(output_groups, q_width, impl=norm_impl)
+        self.output = nn.Linear(q_width, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, ctx: JaggedContext) -> Tensor:
+        """x (N, d_model) -> (N, d_model)."""
+        return self.forward_with_kv(x, ctx)[0]
+
+    def forward_with_kv(self, x: Tensor, ctx: JaggedContext) -> tuple[Tensor, Tensor, Tensor]:
+        """(Y, K, V): the layer's output and the keys/values it computed for every token."""
+        h = self.input_norm(x, ctx.group, ctx.group_names)
+        k, v = self.keys_values(h)
+        if self.kind == "full":
+            return x + self.update(h, k, v, ctx, targets_only=False), k, v
+        if not ctx.target_group_names:
+            return x, k, v
+        update = self.update(h[ctx.target_index], k, v, ctx, targets_only=True)
+        return x.index_add(0, ctx.target_index, update.to(x.dtype)), k, v
+
+    def forward_targets(self, x_t: Tensor, k_context: Tensor, v_context: Tensor, merge: "KeyMerge") -> Tensor:
+        """T rows only, against keys/values of H and R tokens computed earlier (`forward_with_kv`
+        on the same users without T-tokens): x_t (NT, d_model) -> (NT, d_model). Equal to the T
+        rows of `forward` (either kind) on the batch holding both, since H and R never see T."""
+        ctx = merge.ctx
+        h_t = self.input_norm(x_t, ctx.target_group, ctx.target_group_names)
+        k_t, v_t = self.keys_values(h_t)
+        k, v = merge(k_context, k_t), merge(v_context, v_t)
+        return x_t + self.update(h_t, k, v, ctx, targets_only=True).to(x_t.dtype)
+
+    def keys_values(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """K, V (N, Hkv, dh) from the normalised input h (N, d_model)."""
+        a = self.attn
+        k, v = F.silu(self.key_value(h)).view(-1, 2 * a.num_kv_heads, a.head_dim).chunk(2, dim=1)
+        return k.contiguous(), v.contiguous()
+
+    def update(self, h_q: Tensor, k: Tensor, v: Tensor, ctx: JaggedContext, targets_only: bool) -> Tensor:
+        """W_o dropout(GLN_2(A * U)) for the queries h_q: every token, or the T-tokens in
+        target_index order when targets_only."""
+        a = self.attn
+        q, u = F.silu(self.query_gate(h_q)).view(-1, 2 * a.num_heads, a.head_dim).chunk(2, dim=1)
+        if targets_only:
+            attended = hstu_target_attention(q.contiguous(), k, v, ctx.offsets, ctx.kind, ctx.ts, ctx.target_offsets,
+                                             alpha=a.alpha, norm=a.norm, impl=a.impl)
+            group, group_names = ctx.target_group, ctx.target_group_names
+        else:
+            attended = hstu_attention(q.contiguous(), k, v, ctx.offsets, ctx.kind, ctx.ts,
+                                      alpha=a.alpha, norm=a.norm, impl=a.impl)
+            group, group_names = ctx.group, ctx.group_names
+        gated = (attended * u).flatten(1)
+        return self.output(self.dropout(self.output_norm(gated, group, group_names)))
+
+
+class KeyMerge:
+    """Interleaves per-user context rows (H, R) and target rows into one jagged key axis:
+    user b's merged rows are its context rows, then its target rows. `ctx` describes the
+    merged axis (its T-tokens are the targets)."""
+
+    def __init__(self, ctx: JaggedContext, context_index: Tensor, target_index: Tensor):
+        self.ctx, self.context_index, self.target_index = ctx, context_index, target_index
+
+    def __call__(self, context_rows: Tensor, target_rows: Tensor) -> Tensor:
+        return interleave_rows(self.context_index, self.target_index, context_rows, target_rows)
+
+
+def interleave_rows(context_index: Tensor, target_index: Tensor, context_rows: Tensor, target_rows: Tensor) -> Tensor:
+    """Rows placed at their merged positions: context_rows[i] at context_index[i], likewise targets."""
+    merged = context_rows.new_empty((len(context_index) + len(target_index),) + context_rows.shape[1:])
+    return merged.index_copy(0, context_index, context_rows).index_copy(0, target_index, target_rows)
+
+
+class HTAStack(nn.Module):
+    """Hybrid target attention: the layers bottom to top as given by the config's `hta_layout`.
+
+    The top layer always runs as target attention: its non-T rows are never read, and by
+    invariant 3 its T rows are those of a full layer, so this is the same model for less work.
+    """
+
+    def __init__(self, layer_kinds: tuple[str, ...], group_names: tuple[str, ...],
+                 target_group_names: tuple[str, ...], d_model: int, attn: AttentionParams,
+                 dropout: float = 0.0, norm_impl: str = "auto"):
+        super().__init__()
+        kinds = layer_kinds[:-1] + ("target",)
+        self.layers = nn.ModuleList(
+            HSTULayer(kind, group_names, target_group_names, d_model, attn, dropout, norm_impl) for kind in kinds)
+
+    def forward(self, x: Tensor, ctx: JaggedContext) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return x

@@ -1,0 +1,133 @@
+"""`ScenarioRanker`: one scenario's subgraph of MTFM, scoring requests for serving.
+
+A request is one user (sequences + the scenario's user features) and K candidates; a batch
+holds B requests. Two ways to score, with the same result (to float tolerance):
+
+    probs = ranker(batch)                                  # one pass over H, R and T tokens
+    user = ranker.encode_users(batch)                      # H and R tokens once ...
+    probs = ranker.score_candidates(user, chunk_batch)     # ... then candidates, chunk by chunk
+
+The split is exact because H and R tokens never attend to T-tokens: each layer's keys and
+values of H and R depend on the user alone, and a T-token's update in every layer (full or
+target) is its target-attention row over those keys plus its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mtfm.kernels.mask import TokenKind
+from mtfm.platform.registry import Registry
+
+from .batch import TokenBatch
+from .config import ModelConfig, restrict_registry
+from .layers import JaggedContext, KeyMerge, compact_groups, interleave_rows
+from .mtfm import MTFM
+
+
+@dataclass
+class UserSide:
+    """The user side of B requests: per layer, the keys and values (Nc, Hkv, dh) of every H and
+    R token, with their jagged layout (offsets (B+1,), kind, ts (Nc,))."""
+
+    user_id: Tensor
+    offsets: Tensor
+    kind: Tensor
+    ts: Tensor
+    group: Tensor
+    group_names: tuple[str, ...]
+    keys: list[Tensor]
+    values: list[Tensor]
+
+
+class ScenarioRanker(MTFM):
+    """MTFM restricted to one scenario: scores requests with exactly the full model's scores.
+
+    Collate requests with `ranker.collator()` (its registry has only this scenario). Output rows
+    are the batch's T-tokens in order (per request by ts, ties in request order), so request
+    b's candidates are rows batch.target_offsets[b]:batch.target_offsets[b+1].
+    """
+
+    def __init__(self, config: ModelConfig, registry: Registry, scenario: str):
+        super().__init__(config, restrict_registry(registry, [scenario]))
+        self.scenario = scenario
+        self.task_names = registry.scenario(scenario).task_names
+
+    def collator(self, **kwargs):
+        """A `Collator` for this scenario's requests (kwargs: max_len)."""
+        from .collate import Collator
+
+        return Collator(self.registry, **kwargs)
+
+    def forward(self, batch: TokenBatch) -> Tensor:
+        """Per candidate per task probabilities (NT, num_tasks), float32."""
+        self._check(batch)
+        ctx = JaggedContext.from_batch(batch)
+        x = self.stack(self.tokenizer(batch), ctx)
+        return self._probabilities(x[batch.target_index], batch)
+
+    def encode_users(self, batch: TokenBatch) -> UserSide:
+        """The user side of the batch's requests (its T-tokens, if any, are ignored, not tokenized)."""
+        self._check(batch)
+        context = torch.nonzero(batch.kind != TokenKind.T).squeeze(1)
+        offsets = batch.offsets - batch.target_offsets  # T-tokens are the last of each user
+        names = tuple(n for n in batch.group_names if n not in batch.scenarios and batch.features[n].num_tokens)
+        group = compact_groups(batch.group[context], len(batch.group_names))
+        empty = context[:0]
+        ctx = JaggedContext(offsets, torch.zeros_like(offsets), batch.kind[context], batch.ts[context], empty,
+                            group, names, empty, ())
+        x = self.tokenizer(batch, groups=names)[context]
+        keys, values = [], []
+        for layer in self.stack.layers:
+            x, k, v = layer.forward_with_kv(x, ctx)
+            keys.append(k)
+            values.append(v)
+        return UserSide(batch.user_id, offsets, ctx.kind, ctx.ts, group, names, keys, values)
+
+    def score_candidates(self, user: UserSide, batch: TokenBatch) -> Tensor:
+        """Probabilities (NT, num_tasks) of the batch's T-tokens against `user` (same users, same
+        order). The batch's own H and R tokens, if any, are ignored (not even tokenized), so a
+        chunk may be collated from the full request table or from one with empty sequences."""
+        self._check(batch)
+        if not torch.equal(batch.user_id, user.user_id):
+            raise ValueError("score_candidates: the batch's users differ from those of the encoded user side")
+        merge = self._key_merge(user, batch)
+        x_t = self.tokenizer.group_tokens(batch, self.scenario)  # one scenario: its rows are target_index
+        for layer, k, v in zip(self.stack.layers, user.keys, user.values):
+            x_t = layer.forward_targets(x_t, k, v, merge)
+        return self._probabilities(x_t, batch)
+
+    def _key_merge(self, user: UserSide, batch: TokenBatch) -> KeyMerge:
+        """Per user: its context rows, then its candidates (the order of a full batch)."""
+        device, num_users = batch.device, batch.num_users
+        users = torch.arange(num_users, device=device)
+        context_counts = user.offsets[1:] - user.offsets[:-1]
+        target_counts = batch.target_offsets[1:] - batch.target_offsets[:-1]
+        context_user = torch.repeat_interleave(users, context_counts)
+        target_user = torch.repeat_interleave(users, target_counts)
+        context_index = torch.arange(len(context_user), device=device) + batch.target_offsets[context_user]
+        target_index = torch.arange(len(target_user), device=device) + user.offsets[target_user + 1]
+        target_names = (self.scenario,) if batch.num_targets else ()
+        ctx = JaggedContext(
+            offsets=user.offsets + batch.target_offsets, target_offsets=batch.target_offsets,
+            kind=interleave_rows(context_index, target_index, user.kind, torch.full_like(target_index, TokenKind.T,
+                                                                                      dtype=torch.int8)),
+            ts=interleave_rows(context_index, target_index, user.ts, batch.ts[batch.target_index]),
+            target_index=target_index,
+            group=interleave_rows(context_index, target_index, user.group,
+                              torch.full_like(target_index, len(user.group_names))),
+            group_names=user.group_names + target_names,
+            target_group=torch.zeros_like(target_index), target_group_names=target_names)
+        return KeyMerge(ctx, context_index, target_index)
+
+    def _probabilities(self, x_t: Tensor, batch: TokenBatch) -> Tensor:
+        if not batch.num_targets:
+            return x_t.new_zeros(0, len(self.task_names), dtype=torch.float32)
+        return torch.sigmoid(self.score_targets(x_t, self.scenario).float())
+
+    def _check(self, batch: TokenBatch) -> None:
+        if batch.scenarios != (self.scenario,):
+            raise ValueError(f"ScenarioRanker({self.scenario!r}) got a batch with scenarios {batch.scenarios}; "
+                             "collate with ranker.collator()")

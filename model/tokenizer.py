@@ -1,0 +1,93 @@
+"""Heterogeneous tokenizer: every group's raw features -> one d_model token per event/exposure.
+
+For a token of group g with categorical features c_1.., categorical lists l_1.. and numerics
+x_1..:
+    token = MLP_g(concat(E[c_1](id), ..., mean_{id in l_1} E[l_1](id), ..., t(x_1), ...))
+E[name] is ONE hashed table per feature name (shared wherever the name appears: a target's
+poi_id meets the history's poi_id in the same table), t the feature's numeric transform
+(none, log1p on max(x, 0), symlog = sign(x) log1p(|x|)), MLP_g = Linear -> SiLU -> Linear.
+Groups are sequences (H/R tokens) and scenarios (T-token = user features of the scenario,
+then its item and cross features, in registry order). Modules are keyed by name, so adding a
+scenario adds entries and leaves every existing parameter name unchanged.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtfm.platform.registry import Feature, Registry
+
+from .batch import GroupFeatures, TokenBatch
+
+
+def group_features(registry: Registry) -> dict[str, tuple[Feature, ...]]:
+    """Input features per group name: sequences, then scenarios (user + item + cross)."""
+    groups = {s.name: s.features for s in registry.sequences.values()}
+    groups.update((s.name, s.user_features + s.exposure_features) for s in registry.scenarios.values())
+    return groups
+
+
+def transform_numeric(x: Tensor, transform: str) -> Tensor:
+    if transform == "log1p":
+        return torch.log1p(x.clamp_min(0))
+    if transform == "symlog":
+        return torch.sign(x) * torch.log1p(x.abs())
+    return x
+
+
+class GroupTokenizer(nn.Module):
+    """MLP over the concatenated embeddings and transformed numerics of one group's features."""
+
+    def __init__(self, features: tuple[Feature, ...], d_model: int, hidden_dim: int):
+        super().__init__()
+        self.features = features
+        in_dim = sum(f.dim if f.is_categorical else 1 for f in features)
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, d_model))
+
+    def forward(self, feats: GroupFeatures, tables: nn.ModuleDict) -> Tensor:
+        """(n, d_model) for the group's n tokens."""
+        parts = []
+        for f in self.features:
+            if f.type == "categorical":
+                parts.append(tables[f.name](feats.categorical[f.name]))
+            elif f.type == "categorical_list":
+                parts.append(F.embedding_bag(feats.list_values[f.name], tables[f.name].weight,
+                                             feats.list_offsets[f.name], mode="mean", include_last_offset=True))
+            else:
+                parts.append(transform_numeric(feats.numeric[f.name], f.transform)[:, None])
+        return self.mlp(torch.cat(parts, dim=1))
+
+
+class HeterogeneousTokenizer(nn.Module):
+    """All groups of a registry -> the packed (N, d_model) token matrix of a `TokenBatch`."""
+
+    def __init__(self, registry: Registry, d_model: int, hidden_dim: int):
+        super().__init__()
+        groups = group_features(registry)
+        used = {f.name: f for feats in groups.values() for f in feats if f.is_categorical}
+        self.d_model = d_model
+        self.tables = nn.ModuleDict({name: nn.Embedding(f.buckets, f.dim) for name, f in sorted(used.items())})
+        for table in self.tables.values():
+            nn.init.normal_(table.weight, std=0.05)
+        self.groups = nn.ModuleDict({name: GroupTokenizer(feats, d_model, hidden_dim) for name, feats in groups.items()})
+
+    def forward(self, batch: TokenBatch, groups: Iterable[str] | None = None) -> Tensor:
+        """(N, d_model): every token of the batch, or only those of `groups` (other rows zero).
+        Groups with no tokens in the batch are not run (their parameters get no gradient)."""
+        wanted = batch.group_names if groups is None else tuple(groups)
+        present = [name for name in wanted if batch.features[name].num_tokens]
+        if not present:
+            return next(self.parameters()).new_zeros(batch.num_tokens, self.d_model)
+        index = torch.cat([batch.features[name].index for name in present])
+        tokens = torch.cat([self.group_tokens(batch, name) for name in present])
+        return tokens.new_zeros(batch.num_tokens, self.d_model).index_copy(0, index, tokens)
+
+    def group_tokens(self, batch: TokenBatch, group: str) -> Tensor:
+        """(n_g, d_model): the tokens of one group, in the order of batch.features[group]."""
+        if group not in self.groups:
+            raise KeyError(f"batch has tokens of group {group!r} that this model has no tokenizer for "
+                           f"(model groups: {list(self.groups)}); collate with the model's registry")
+        return self.groups[group](batch.features[group], self.tables)

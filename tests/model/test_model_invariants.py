@@ -1,0 +1,214 @@
+"""The model invariants of DESIGN.md, each on random inputs drawn fresh per test example."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from model_test_utils import (REPO, assert_same_scores, exposures, random_table, rows_of, scores_by_request, table_of,
+                              tiny_config)
+from mtfm.kernels.mask import TokenKind, build_dynamic_mask
+from mtfm.model import Collator, build_model
+from mtfm.platform.registry import events_column, exposures_column, load_registry
+
+REGISTRY = load_registry(REPO / "configs")
+SEEDS = st.integers(0, 2**31 - 1)
+EXAMPLES = settings(max_examples=6, deadline=None)
+
+
+def tiny_model(layout="(1:1)*1", seed=0, **changes):
+    torch.manual_seed(seed)
+    return build_model(tiny_config(hta_layout=layout, **changes), REGISTRY).eval()
+
+
+MODEL = tiny_model()
+
+
+@EXAMPLES
+@given(seed=SEEDS)
+def test_candidate_independence(seed):
+    """Permuting, adding or removing candidates and other scenarios' exposures changes no score."""
+    rng = torch.Generator().manual_seed(seed)
+    table = random_table(REGISTRY, 3, seed, lengths={"hp": (1, 6), "phf": (1, 6), "sqs": (1, 6)})
+    before = scores_by_request(MODEL, table)
+    rows = rows_of(table)
+    for row in rows:
+        hp = exposures(row, "hp")
+        perm = torch.randperm(len(hp), generator=rng).tolist()
+        kept = [hp[i] for i in perm[: max(1, len(hp) - 2)]]  # reordered, some removed
+        extra = copy.deepcopy(kept[0])
+        extra["request_id"], extra["poi_id"] = -7, extra["poi_id"] + 1  # a new candidate
+        row[exposures_column("hp")] = kept + [extra]
+        row[exposures_column("phf")] = []  # another scenario's exposures removed
+        row[exposures_column("sqs")] = exposures(row, "sqs")[::-1][:-1]
+    after = scores_by_request(MODEL, table_of(rows, REGISTRY))
+    kept_keys = [k for k in after if k[2] != -7]
+    assert kept_keys and all(k in before for k in kept_keys)
+    assert_same_scores(before, after, kept_keys)
+
+
+@EXAMPLES
+@given(seed=SEEDS, scenario=st.sampled_from(sorted(REGISTRY.scenarios)))
+def test_subgraph_scores_equal_the_full_model(seed, scenario):
+    table = random_table(REGISTRY, 4, seed, null_fraction=0.2)
+    full = MODEL(Collator(REGISTRY)(table)).probabilities()
+    ranker = MODEL.subgraph(scenario)
+    assert torch.allclose(ranker(ranker.collator()(table)), full[scenario], atol=1e-6)
+
+
+def test_subgraph_holds_only_its_scenario():
+    ranker = MODEL.subgraph("phf")
+    names = [n for n, _ in ranker.named_parameters()]
+    for other in ("hp", "sqs"):
+        assert not any(f".{other}." in f".{n}." for n in names), other
+    assert not any(n.startswith(("tokenizer.tables.package_id",)) for n in names)
+    assert any(".phf." in n for n in names) and any("tables.dish_id" in n for n in names)
+    assert set(names) < {n for n, _ in MODEL.named_parameters()}
+
+
+@EXAMPLES
+@given(seed=SEEDS)
+def test_no_leakage_from_later_realtime_events(seed):
+    """Changing a realtime event with ts >= ts_t leaves target t unchanged (equal ts included);
+    changing an earlier one changes it."""
+    rows = rows_of(random_table(REGISTRY, 2, seed, lengths={"realtime": (4, 8), "hp": (3, 5)}))
+    row = rows[0]
+    pivot = row[events_column("realtime")][len(row[events_column("realtime")]) // 2]
+    targets = exposures(row, "hp")
+    targets[0]["ts"] = pivot["ts"]  # a target at exactly the event's ts must not see it
+    before = scores_by_request(MODEL, table_of(rows, REGISTRY))
+    pivot["poi_id"], pivot["category"], pivot["action"] = pivot["poi_id"] + 12345, 63, 7
+    after = scores_by_request(MODEL, table_of(rows, REGISTRY))
+    user = row["user_id"]
+    later = [("hp", user, t["request_id"]) for t in targets if t["ts"] <= pivot["ts"]]
+    earlier = [("hp", user, t["request_id"]) for t in targets if t["ts"] > pivot["ts"]]
+    assert later
+    assert_same_scores(before, after, later)
+    for key in earlier:
+        assert not torch.equal(before[key], after[key]), key
+    assert_same_scores(before, after, [k for k in before if k[1] != user])
+
+
+def test_mask_of_a_collated_batch_hand_worked():
+    """MTGR's figure: 2 history tokens, 2 realtime, 3 targets with interleaved timestamps."""
+    rows = rows_of(random_table(REGISTRY, 1, 0, lengths={"history": (2, 2), "realtime": (2, 2), "hp": (2, 2),
+                                                         "phf": (1, 1), "sqs": (0, 0)}))
+    row = rows[0]
+    for e, ts in zip(row[events_column("history")], (1, 2)):
+        e["ts"] = ts
+    for e, ts in zip(row[events_column("realtime")], (10, 30)):
+        e["ts"] = ts
+    for e, ts in zip(exposures(row, "hp"), (20, 5)):  # unsorted on purpose: collate sorts by ts
+        e["ts"] = ts
+    exposures(row, "phf")[0]["ts"] = 40
+    batch = Collator(REGISTRY)(table_of(rows, REGISTRY))
+    H, R, T = TokenKind.H, TokenKind.R, TokenKind.T
+    assert batch.kind.tolist() == [H, H, R, R, T, T, T]
+    assert batch.ts.tolist() == [1, 2, 10, 30, 5, 20, 40]
+    #            h1 h2 r10 r30 t5 t20 t40
+    expected = [[1, 1, 0, 0, 0, 0, 0],   # h1
+                [1, 1, 0, 0, 0, 0, 0],   # h2
+                [1, 1, 1, 0, 0, 0, 0],   # r10
+                [1, 1, 1, 1, 0, 0, 0],   # r30
+                [1, 1, 0, 0, 1, 0, 0],   # t5: no realtime event before it
+                [1, 1, 1, 0, 0, 1, 0],   # t20: sees r10
+                [1, 1, 1, 1, 0, 0, 1]]   # t40: sees both
+    (mask,) = build_dynamic_mask(batch.offsets, batch.kind, batch.ts)
+    assert mask.int().tolist() == expected
+
+
+def test_gradients_reach_every_parameter_and_skip_absent_scenarios():
+    from mtfm.model import multitask_bce_loss
+
+    model = tiny_model(seed=1).train()
+    table = random_table(REGISTRY, 4, 11, lengths={"hp": (2, 4), "phf": (2, 4), "sqs": (2, 4)})
+    loss, _ = multitask_bce_loss(model(Collator(REGISTRY)(table)), Collator(REGISTRY)(table))
+    loss.backward()
+    untouched = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not untouched
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer.step()
+    optimizer.zero_grad()
+    rows = rows_of(table)
+    for row in rows:
+        row[exposures_column("phf")] = []
+    batch = Collator(REGISTRY)(table_of(rows, REGISTRY))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss, terms = multitask_bce_loss(model(batch), batch)
+    assert not any(k.startswith("phf/") for k in terms)
+    loss.backward()
+    phf_only = ("heads.gates.phf.", "heads.towers.phf.", "tokenizer.groups.phf.", "final_norm.weight.phf",
+                "final_norm.bias.phf", "tokenizer.tables.dish_id", "tokenizer.tables.dish_tags")
+    for name, p in model.named_parameters():
+        if name.startswith(phf_only) or ".phf" in name:
+            assert p.grad is None, name
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if name.startswith(phf_only) or name.endswith(".phf"):
+            assert torch.equal(p, before[name]), f"{name} moved though phf was absent"
+
+
+def test_yaml_added_scenario_builds_scores_and_warm_starts(config_dir):
+    (config_dir / "scenarios" / "grocery.yaml").write_text(
+        "name: grocery\n"
+        "user_features:\n  - {name: user_city, type: categorical, buckets: 64, dim: 8, required: true}\n"
+        "item_features:\n  - {name: sku_id, type: categorical, buckets: 999, dim: 8, required: true}\n"
+        "  - {name: poi_id, type: categorical, buckets: 20000, dim: 32, required: true}\n"
+        "  - {name: sku_price, type: numeric, transform: symlog}\n"
+        "tasks:\n  - {name: click, kind: ctr}\n  - {name: add_to_cart, kind: binary, depends_on: click}\n")
+    registry = load_registry(config_dir)
+    model = build_model(tiny_config(), registry).eval()
+    table = random_table(registry, 3, 5, lengths={"grocery": (1, 4)})
+    missing, unexpected = model.load_state_dict(MODEL.state_dict(), strict=False)
+    assert not unexpected
+    assert missing and all("grocery" in k or "sku_id" in k for k in missing), missing
+    out = model(Collator(registry)(table))
+    assert out.logits["grocery"].shape == (sum(len(r["grocery__exposures"]) for r in rows_of(table)), 2)
+    ranker = model.subgraph("grocery")
+    assert torch.allclose(ranker(ranker.collator()(table)), out.probabilities()["grocery"], atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["(0:2)*1", "(2:0)*1", "(1:1)*2"])
+def test_every_layout_keeps_candidate_independence_and_subgraphs(layout):
+    model = tiny_model(layout, num_kv_heads=2)
+    table = random_table(REGISTRY, 3, 9)
+    full = scores_by_request(model, table)
+    rows = rows_of(table)
+    for row in rows:
+        row[exposures_column("sqs")] = []
+    assert_same_scores(full, scores_by_request(model, table_of(rows, REGISTRY)),
+                       [k for k in full if k[0] != "sqs"])
+
+
+@EXAMPLES
+@given(seed=SEEDS, chunks=st.integers(1, 3), layout=st.sampled_from(["(1:1)*1", "(0:2)*1", "(1:1)*2"]))
+def test_user_side_once_then_candidate_chunks_equals_one_pass(seed, chunks, layout):
+    """Serving's split: encode H and R once, score candidates chunk by chunk, same scores."""
+
+    model = MODEL if layout == "(1:1)*1" else tiny_model(layout)
+    ranker = model.subgraph("hp")
+    collate = ranker.collator()
+    table = random_table(REGISTRY, 3, seed, lengths={"hp": (1, 7)})
+    one_pass = ranker(collate(table))
+    rows = rows_of(table)
+    for row in rows:  # the exposures' order of a collated batch: by ts
+        row[exposures_column("hp")].sort(key=lambda e: e["ts"])
+    user = ranker.encode_users(collate(table_of([r | {exposures_column("hp"): []} for r in rows], REGISTRY)))
+    scored = [[] for _ in rows]
+    for c in range(chunks):
+        chunk_rows = [{**r, events_column("history"): [], events_column("realtime"): [],
+                       exposures_column("hp"): [e for i, e in enumerate(r[exposures_column("hp")]) if i % chunks == c]}
+                      for r in rows]
+        batch = collate(table_of(chunk_rows, REGISTRY))
+        probs = ranker.score_candidates(user, batch)
+        bounds = batch.target_offsets.tolist()
+        for b in range(len(rows)):
+            scored[b] += [(i, p) for i, p in zip(range(c, 10**6, chunks), probs[bounds[b]:bounds[b + 1]])]
+    split = torch.stack([p for user_scores in scored for _, p in sorted(user_scores, key=lambda ip: ip[0])])
+    torch.testing.assert_close(split, one_pass, atol=1e-6, rtol=1e-5)
+    whole = collate(table)  # a chunk may also be the full request batch: its H and R are ignored
+    torch.testing.assert_close(ranker.score_candidates(ranker.encode_users(whole), whole), one_pass,
+                               atol=1e-6, rtol=1e-5)
