@@ -1,0 +1,12 @@
+"""Ray Serve for MTFM: one deployment per registered scenario behind `POST /<scenario>/rank`.
+
+    app.py           the application builder (`serve run deployments/serve.yaml`)
+    router.py        HTTP ingress: routing, validation, 4xx errors, /healthz
+    scenario.py      per-scenario deployment: its subgraph, `@serve.batch`, health
+    rank_request.py  the request schema, its validation and example requests
+    backends.py      PyTorch / onnxruntime / TensorRT scoring
+    onnx_export.py   the export-friendly single-request subgraph
+    user_cache.py    encoded user sides kept per user for a short TTL
+    metrics.py       Prometheus metrics through ray.serve.metrics
+    serve_config.py  serve.yaml generated from the registry
+"""

@@ -1,0 +1,129 @@
+"""The Serve application builder: one deployment per registered scenario behind one router.
+
+`serve run deployments/serve.yaml` calls `build_app(args)` with the `args` of serve.yaml. The
+builder enumerates the registry itself, so a scenario added by dropping in its YAML is served
+after a redeploy with no code change and no edit of serve.yaml, which holds only overrides:
+
+    checkpoint   a run folder or checkpoint_* folder; $MTFM_CHECKPOINT overrides it; default:
+                 the newest run under ./runs
+    config_dir   the registry (default $MTFM_CONFIG_DIR, else ./configs): which scenarios, and
+                 each one's `serving:` knobs (replicas, batching, resources, backend)
+    scenarios    per-scenario overrides of those knobs, e.g. {hp: {replicas: 2}}
+
+Deployment `ranker_<scenario>` loads only that scenario's subgraph; the ingress `RankRouter`
+routes `POST /<scenario>/rank` to it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray.serve import Application
+
+from mtfm.platform.checkpoint import CheckpointError, find_checkpoint, read_meta
+from mtfm.platform.registry import Registry, ServingConfig, load_registry
+
+from .backends import backend_unavailable_reason
+from .router import RankRouter
+from .scenario import ScenarioDeployment
+
+CHECKPOINT_ENV = "MTFM_CHECKPOINT"
+DEFAULT_RUNS_DIR = "runs"
+
+
+class ServingOverrides(BaseModel):
+    """Any `ServingConfig` field of one scenario; unset fields keep the scenario YAML's value."""
+
+    model_config = ConfigDict(extra="forbid")
+    replicas: int | None = Field(None, ge=1)
+    max_ongoing_requests: int | None = Field(None, ge=1)
+    max_batch_requests: int | None = Field(None, ge=1)
+    max_batch_tokens: int | None = Field(None, ge=1)
+    batch_wait_timeout_s: float | None = Field(None, ge=0)
+    max_candidates: int | None = Field(None, ge=1)
+    num_cpus: float | None = Field(None, ge=0)
+    num_gpus: float | None = Field(None, ge=0)
+    backend: str | None = None
+
+
+class AppArgs(BaseModel):
+    """The `args` of the application in serve.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+    checkpoint: str | None = None
+    config_dir: str | None = None
+    scenarios: dict[str, ServingOverrides] = Field(default_factory=dict)
+    chunk_size: int = Field(256, ge=1, description="candidates scored together against one user side")
+    user_cache_ttl_s: float = Field(30.0, ge=0, description="keep encoded user sides this long (0: no cache)")
+    user_cache_mb: int = Field(256, ge=1, description="per replica")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    router_replicas: int = Field(1, ge=1)
+    router_num_cpus: float = Field(0.25, ge=0)
+
+
+class ServeConfigError(ValueError):
+    """The serving setup is inconsistent; the message names the setting and what was expected."""
+
+
+def build_app(args: AppArgs) -> Application:
+    args = AppArgs.model_validate(args) if not isinstance(args, AppArgs) else args
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    registry = load_registry(args.config_dir)
+    serving = scenario_serving(registry, args.scenarios)
+    trained = read_meta(checkpoint).scenarios
+    untrained = [s for s in registry.scenarios if s not in trained]
+    if untrained:
+        raise ServeConfigError(f"checkpoint {checkpoint} was trained without scenarios {untrained} that "
+                               f"{registry.config_dir} registers (it has {trained}); train or warm-start a model "
+                               "with them, or serve with the config dir it was trained with")
+    rankers = {
+        name: ScenarioDeployment.options(
+            name=f"ranker_{name}", num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_ongoing_requests,
+            ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        ).bind(name, str(checkpoint), dataclasses.asdict(cfg), args.chunk_size, args.user_cache_ttl_s,
+               args.user_cache_mb)
+        for name, cfg in serving.items()
+    }
+    router = RankRouter.options(num_replicas=args.router_replicas, ray_actor_options={"num_cpus": args.router_num_cpus},
+                                max_ongoing_requests=sum(c.max_ongoing_requests for c in serving.values()))
+    return router.bind(rankers, str(checkpoint), {n: c.max_candidates for n, c in serving.items()}, args.max_body_bytes)
+
+
+def resolve_checkpoint(argument: str | None, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:
+    """$MTFM_CHECKPOINT, else `argument`, else the newest run under `runs_dir`: its newest
+    checkpoint, as an absolute path (replicas may start in another working directory)."""
+    chosen = os.environ.get(CHECKPOINT_ENV) or argument
+    if chosen:
+        return find_checkpoint(Path(chosen).expanduser()).resolve()
+    runs = Path(runs_dir)
+    candidates = [p for p in runs.glob("*/checkpoint_*") if p.is_dir()] if runs.is_dir() else []
+    if not candidates:
+        raise CheckpointError(f"no checkpoint to serve: set `checkpoint` in serve.yaml's args or ${CHECKPOINT_ENV}, "
+                              f"or train a run under {runs.resolve()} (`mtfm train ...`)")
+    newest_run = max({p.parent for p in candidates}, key=lambda run: run.stat().st_mtime)
+    return find_checkpoint(newest_run).resolve()
+
+
+def scenario_serving(registry: Registry, overrides: dict[str, ServingOverrides]) -> dict[str, ServingConfig]:
+    """Each registered scenario's serving knobs: its YAML's `serving:` with serve.yaml's overrides."""
+    unknown = sorted(set(overrides) - set(registry.scenarios))
+    if unknown:
+        raise ServeConfigError(f"serve.yaml args.scenarios.{unknown[0]}: unknown scenario; registered in "
+                               f"{registry.config_dir}: {', '.join(registry.scenarios)}")
+    out = {}
+    for name, scenario in registry.scenarios.items():
+        given = overrides.get(name, ServingOverrides()).model_dump(exclude_none=True)
+        cfg = dataclasses.replace(scenario.serving, **given)
+        where = f"scenario {name} (serving in {scenario.source} or serve.yaml args.scenarios.{name})"
+        reason = backend_unavailable_reason(cfg.backend)
+        if reason is not None:
+            raise ServeConfigError(f"{where}: backend: {reason}")
+        if cfg.max_ongoing_requests < cfg.max_batch_requests:
+            # A replica never holds more than max_ongoing_requests, so batches could never fill.
+            raise ServeConfigError(f"{where}: max_ongoing_requests {cfg.max_ongoing_requests} is below "
+                                   f"max_batch_requests {cfg.max_batch_requests}; expected at least that (twice "
+                                   "keeps the next batch filling while one is scored)")
+        out[name] = cfg
+    return out

@@ -1,0 +1,149 @@
+"""Scoring backends of a scenario replica: how a batch of validated requests becomes scores.
+
+    torch      the PyTorch subgraph; user side once per request, candidates in chunks against
+               it (`ScenarioRanker.encode_users` / `score_candidates`); CUDA with the config's
+               compute dtype (bf16) and the Triton kernels when the replica has a GPU
+    onnx       the subgraph exported per request shape family to ONNX (onnx_export.py), run
+               with onnxruntime on CPU
+    tensorrt   the same ONNX graph run by onnxruntime's TensorRT execution provider, which
+               builds a TensorRT engine from it (needs the `tensorrt` package and a GPU)
+
+`backend_unavailable_reason(name)` says why a backend cannot run here (None when it can), so a
+deployment refuses a scenario's configured backend with a clear error at start-up instead of
+failing on the first request.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from mtfm.model import ScenarioRanker, TokenBatch, UserSide
+from mtfm.platform.registry import SERVING_BACKENDS, events_column, exposures_column
+
+from .rank_request import RankRequest
+from .user_cache import UserSideCache, merge_users, split_users
+
+
+class BackendUnavailable(RuntimeError):
+    """A configured backend cannot run on this machine; the message says what is missing."""
+
+
+class ScoringBackend(Protocol):
+    name: str
+
+    def score(self, requests: list[RankRequest]) -> list[np.ndarray]:
+        """Per request, (K, num_tasks) float32 probabilities in candidate order."""
+
+
+def backend_unavailable_reason(name: str) -> str | None:
+    if name not in SERVING_BACKENDS:
+        return f"unknown backend {name!r}; expected one of {', '.join(SERVING_BACKENDS)}"
+    if name == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        return "backend onnx needs the onnx and onnxruntime packages (pip install 'mtfm[onnx]')"
+    if name == "tensorrt":
+        if importlib.util.find_spec("tensorrt") is None:
+            return ("backend tensorrt needs the `tensorrt` package and an NVIDIA GPU (pip install 'mtfm[tensorrt]' "
+                    "onnxruntime-gpu); choose serving.backend torch or onnx on this machine")
+        import onnxruntime
+
+        if "TensorrtExecutionProvider" not in onnxruntime.get_available_providers():
+            return ("backend tensorrt needs onnxruntime's TensorrtExecutionProvider (install onnxruntime-gpu built "
+                    f"with TensorRT); this onnxruntime has {onnxruntime.get_available_providers()}")
+    return None
+
+
+def create_backend(name: str, ranker: ScenarioRanker, *, device: torch.device, chunk_size: int,
+                   threads: int | None = None, user_cache: UserSideCache | None = None) -> ScoringBackend:
+    """threads: CPU threads for the model's operators (None: the library's default, all cores);
+    a replica passes its CPU share so that co-located replicas do not oversubscribe the cores.
+    user_cache: encoded user sides kept across requests (PyTorch only)."""
+    reason = backend_unavailable_reason(name)
+    if reason is not None:
+        raise BackendUnavailable(f"scenario {ranker.scenario}: {reason}")
+    if name == "torch":
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return TorchBackend(ranker, device=device, chunk_size=chunk_size, user_cache=user_cache)
+    from .onnx_export import OnnxBackend
+
+    providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider"] if name == "tensorrt" else ["CPUExecutionProvider"]
+    return OnnxBackend(ranker, providers=providers, name=name, threads=threads)
+
+
+class TorchBackend:
+    """The PyTorch subgraph. One collate for the whole batch; the user side of every request
+    is encoded once (or taken from `user_cache`), then candidates are scored in chunks of
+    `chunk_size` per request. `reuse_user_side=False` scores everything in one plain pass
+    (benchmark baseline)."""
+
+    name = "torch"
+
+    def __init__(self, ranker: ScenarioRanker, *, device: torch.device, chunk_size: int = 256,
+                 reuse_user_side: bool = True, user_cache: UserSideCache | None = None):
+        self.ranker = ranker.to(device).eval()
+        self.collator = ranker.collator()
+        self.device, self.chunk_size, self.reuse_user_side = device, chunk_size, reuse_user_side
+        self.user_cache = user_cache
+        self.scenario = ranker.scenario
+
+    @torch.no_grad()
+    def score(self, requests: list[RankRequest]) -> list[np.ndarray]:
+        table = pa.concat_tables([r.table for r in requests])
+        with self.ranker.autocast(self.device.type):
+            if not self.reuse_user_side:
+                batch = self._to_device(self.collator(table))
+                return _split(self.ranker(batch), batch.target_offsets)
+            if self.user_cache is not None:
+                user = self._cached_user_sides(requests, table)
+            else:
+                batch = self._to_device(self.collator(table))
+                user = self.ranker.encode_users(batch)
+                if max(r.num_candidates for r in requests) <= self.chunk_size:
+                    return _split(self.ranker.score_candidates(user, batch), batch.target_offsets)
+            parts: list[list[np.ndarray]] = [[] for _ in requests]
+            for start in range(0, max(r.num_candidates for r in requests), self.chunk_size):
+                chunk = self._to_device(self.collator(self._candidate_chunk(table, start)))
+                for b, scores in enumerate(_split(self.ranker.score_candidates(user, chunk), chunk.target_offsets)):
+                    parts[b].append(scores)
+            return [np.concatenate(p) for p in parts]
+
+    def _cached_user_sides(self, requests: list[RankRequest], table: pa.Table) -> UserSide:
+        """The batch's user side: cached users as they are, the others encoded together and cached."""
+        sides = [self.user_cache.get(r.user_state) for r in requests]
+        missing = [i for i, side in enumerate(sides) if side is None]
+        if missing:
+            batch = self._to_device(self.collator(table.take(missing)))
+            for i, side in zip(missing, split_users(self.ranker.encode_users(batch))):
+                sides[i] = side
+                self.user_cache.put(requests[i].user_state, side)
+        return merge_users(sides, self.collator.group_names)
+
+    def _to_device(self, batch: TokenBatch) -> TokenBatch:
+        # Tensor by tensor: TokenBatch.to's one packed copy fails on the empty tensors of a group
+        # without tokens (every candidate chunk has empty sequence groups).
+        if self.device.type == "cpu":
+            return batch
+        return batch.map_tensors(lambda t: t.to(self.device, non_blocking=True))
+
+    def _candidate_chunk(self, table: pa.Table, start: int) -> pa.Table:
+        """The batch's requests with candidates start:start+chunk_size only and no events (the
+        user side already holds them)."""
+        column = exposures_column(self.scenario)
+        index = table.schema.get_field_index(column)
+        table = table.set_column(index, column, pc.list_slice(table.column(column), start, start + self.chunk_size))
+        for name in self.ranker.registry.sequences:
+            index = table.schema.get_field_index(events_column(name))
+            empty = pa.array([[]] * table.num_rows, type=table.schema.field(index).type)
+            table = table.set_column(index, events_column(name), empty)
+        return table
+
+
+def _split(scores: torch.Tensor, target_offsets: torch.Tensor) -> list[np.ndarray]:
+    values = scores.float().cpu().numpy()
+    bounds = target_offsets.tolist()
+    return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

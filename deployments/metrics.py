@@ -1,0 +1,63 @@
+"""The serving metrics, per scenario, through Ray Serve's metrics API (`ray.serve.metrics`).
+
+Ray exports them in Prometheus format on each node's metrics export port
+(`ray.nodes()[i]["MetricsExportPort"]`), prefixed `ray_` and tagged with the deployment,
+replica and application besides `scenario`:
+
+    ray_mtfm_request_latency_ms            histogram, end to end in the router, by status class
+    ray_mtfm_request_errors_total          counter, refused or failed requests by `kind`
+    ray_mtfm_candidates_per_request        histogram
+    ray_mtfm_batch_requests                histogram, requests merged into one scored batch
+    ray_mtfm_batch_tokens                  histogram, tokens of one scored batch
+    ray_mtfm_batch_latency_ms              histogram, scoring time of one batch
+"""
+from __future__ import annotations
+
+from ray.serve import metrics
+
+LATENCY_BUCKETS_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+CANDIDATE_BUCKETS = [1, 10, 50, 100, 200, 500, 1000, 2000]
+BATCH_REQUEST_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
+BATCH_TOKEN_BUCKETS = [64, 256, 1024, 4096, 16384, 65536, 262144]
+
+
+class RouterMetrics:
+    """What the HTTP router records per request."""
+
+    def __init__(self):
+        self.latency_ms = metrics.Histogram(
+            "mtfm_request_latency_ms", description="End-to-end latency of POST /<scenario>/rank, ms.",
+            boundaries=LATENCY_BUCKETS_MS, tag_keys=("scenario", "status"))
+        self.errors = metrics.Counter(
+            "mtfm_request_errors_total", description="Refused or failed rank requests by error kind.",
+            tag_keys=("scenario", "kind"))
+        self.candidates = metrics.Histogram(
+            "mtfm_candidates_per_request", description="Candidates per accepted rank request.",
+            boundaries=CANDIDATE_BUCKETS, tag_keys=("scenario",))
+
+    def request(self, scenario: str, status: int, latency_ms: float) -> None:
+        self.latency_ms.observe(latency_ms, tags={"scenario": scenario, "status": f"{status // 100}xx"})
+
+    def error(self, scenario: str, kind: str) -> None:
+        self.errors.inc(tags={"scenario": scenario, "kind": kind})
+
+
+class BatchMetrics:
+    """What a scenario replica records per scored batch."""
+
+    def __init__(self, scenario: str):
+        self.tags = {"scenario": scenario}
+        self.requests = metrics.Histogram(
+            "mtfm_batch_requests", description="Requests merged into one scored batch.",
+            boundaries=BATCH_REQUEST_BUCKETS, tag_keys=("scenario",))
+        self.tokens = metrics.Histogram(
+            "mtfm_batch_tokens", description="Tokens (events kept + candidates) in one scored batch.",
+            boundaries=BATCH_TOKEN_BUCKETS, tag_keys=("scenario",))
+        self.latency_ms = metrics.Histogram(
+            "mtfm_batch_latency_ms", description="Scoring time of one batch, ms.",
+            boundaries=LATENCY_BUCKETS_MS, tag_keys=("scenario",))
+
+    def batch(self, num_requests: int, num_tokens: int, latency_ms: float) -> None:
+        self.requests.observe(num_requests, tags=self.tags)
+        self.tokens.observe(num_tokens, tags=self.tags)
+        self.latency_ms.observe(latency_ms, tags=self.tags)

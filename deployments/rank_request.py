@@ -1,0 +1,256 @@
+"""The `POST /<scenario>/rank` request: validation against the scenario's features, and the
+one-row aggregated table that the ranker's collator turns into tokens.
+
+A request is one user and K candidates of one scenario (JSON):
+
+    {"user_id": 42,
+     "ts": 1767225600000,                                   request time, int64 ms
+     "user": {"user_city": 3, ...},                          the scenario's user features
+     "sequences": {"history": [{"ts": ..., "poi_id": 7, ...}, ...],
+                   "realtime": [...]},                       events of the shared sequences
+     "candidates": [{"poi_id": 11, "distance_km": 1.5, ...}, ...]}   item and cross features
+
+Events may come in any order (they are sorted by ts; the newest `max_len` per sequence are
+kept, as in training) and must not be later than the request; the model's dynamic mask
+decides what each candidate sees. Every candidate is a T-token at the request's ts. Optional
+features may be omitted or null; unknown names are refused (a typo would otherwise score
+silently without the feature).
+
+Every refusal is a `RequestError`: an HTTP status, a machine-readable `kind`, the request
+`field` at fault (a dotted path such as `candidates[3].poi_id`) and what was expected.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from mtfm.platform.registry import Feature, Registry, Scenario, events_column, exposures_column, feature_field, user_column
+
+# A client clock may run a little ahead of the server's; beyond this the ts is refused.
+FUTURE_TOLERANCE_MS = 60_000
+REQUEST_KEYS = ("user_id", "ts", "user", "sequences", "candidates")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# 2026-01-01 00:00 UTC: the example request's time (in the past, so always accepted).
+EXAMPLE_TS_MS = 1_767_225_600_000
+
+
+class RequestError(ValueError):
+    """A refused request. `status` is the HTTP status, `kind` a stable error name for clients
+    and metrics, `field` the request part at fault (empty for the body as a whole)."""
+
+    def __init__(self, status: int, kind: str, field: str, message: str):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.status, self.kind, self.field, self.message = status, kind, field, message
+
+    def to_json(self) -> dict[str, Any]:
+        return {"error": {"kind": self.kind, "field": self.field, "message": self.message}}
+
+
+@dataclass(frozen=True)
+class RankRequest:
+    """A validated request: its one-row aggregated table and what batching needs to know.
+
+    table: columns user_id, window, <scenario>__user, <scenario>__exposures and
+    <sequence>__events for every sequence, typed as in `registry.aggregated_schema()`.
+    num_tokens: the tokens the collator will make of it (kept events + candidates).
+    user_state: a digest of the user id and every event: requests with the same one have the
+    same user side (the key of a replica's `UserSideCache`).
+    """
+
+    scenario: str
+    user_id: int
+    ts: int
+    table: pa.Table
+    num_candidates: int
+    num_tokens: int
+    user_state: str
+
+
+class RankRequestParser:
+    """Validates JSON requests for one scenario of a registry (the checkpoint's snapshot)."""
+
+    def __init__(self, registry: Registry, scenario: str, max_candidates: int):
+        self.scenario: Scenario = registry.scenario(scenario)
+        self.sequences = tuple(registry.sequences.values())
+        self.max_candidates = max_candidates
+        self.user_schema = _ObjectSchema(self.scenario.user_features)
+        self.candidate_schema = _ObjectSchema(self.scenario.exposure_features)
+        self.event_schemas = {s.name: _ObjectSchema(s.features, extra=("ts",)) for s in self.sequences}
+        schema = registry.aggregated_schema()
+        names = ["user_id", "window", user_column(scenario), exposures_column(scenario)]
+        names += [events_column(s.name) for s in self.sequences]
+        self.schema = pa.schema([schema.field(n) for n in names])
+
+    def parse(self, body: Any, now_ms: int) -> RankRequest:
+        if not isinstance(body, dict):
+            raise RequestError(400, "wrong_type", "", f"expected a JSON object, found {_json_kind(body)}")
+        for key in body:
+            if key not in REQUEST_KEYS:
+                raise RequestError(422, "unknown_field", str(key), f"unknown field; expected {', '.join(REQUEST_KEYS)}")
+        user_id = _integer(_required(body, "user_id", "an integer user id"), "user_id")
+        ts = _integer(_required(body, "ts", "the request time in ms since the epoch"), "ts")
+        if ts < 0:
+            raise RequestError(422, "wrong_type", "ts", f"expected a time in ms since the epoch (>= 0), found {ts}")
+        if ts > now_ms + FUTURE_TOLERANCE_MS:
+            raise RequestError(422, "ts_in_future", "ts",
+                               f"{ts} is {(ts - now_ms) / 1000:.0f} s after the server's clock ({now_ms}); expected "
+                               f"a request time at most {FUTURE_TOLERANCE_MS // 1000} s ahead")
+        user = self.user_schema.parse(_mapping(body.get("user", {}), "user"), "user")
+        events = self._sequences(_mapping(body.get("sequences", {}), "sequences"), ts)
+        candidates = self._candidates(body)
+        exposures = [{"request_id": None, "ts": ts, **c} for c in candidates]
+        row = {"user_id": user_id, "window": 0, user_column(self.scenario.name): user,
+               exposures_column(self.scenario.name): exposures}
+        row.update((events_column(name), evs) for name, evs in events.items())
+        table = pa.Table.from_pylist([row], schema=self.schema)
+        kept = sum(min(len(evs), seq.max_len) for seq, evs in zip(self.sequences, events.values()))
+        state = hashlib.blake2b(repr((user_id, sorted(events.items()))).encode(), digest_size=16).hexdigest()
+        return RankRequest(self.scenario.name, user_id, ts, table, len(candidates), kept + len(candidates), state)
+
+    def _sequences(self, given: dict, ts: int) -> dict[str, list[dict]]:
+        known = {s.name: s for s in self.sequences}
+        for name in given:
+            if name not in known:
+                raise RequestError(422, "unknown_field", f"sequences.{name}",
+                                   f"unknown sequence; expected one of {', '.join(known)}")
+        out = {}
+        for seq in self.sequences:
+            where = f"sequences.{seq.name}"
+            items = given.get(seq.name) or []
+            if not isinstance(items, list):
+                raise RequestError(422, "wrong_type", where, f"expected a list of events, found {_json_kind(items)}")
+            events = []
+            for i, raw in enumerate(items):
+                event = self.event_schemas[seq.name].parse(_mapping(raw, f"{where}[{i}]"), f"{where}[{i}]")
+                event_ts = _integer(_required(raw, "ts", "the event time in ms", f"{where}[{i}]"), f"{where}[{i}].ts")
+                if event_ts > ts:
+                    raise RequestError(422, "event_after_request", f"{where}[{i}].ts",
+                                       f"{event_ts} is after the request ts {ts}; expected events at or before it")
+                events.append({"ts": event_ts, **event})
+            out[seq.name] = sorted(events, key=lambda e: e["ts"])
+        return out
+
+    def _candidates(self, body: dict) -> list[dict]:
+        items = _required(body, "candidates", "a non-empty list of candidate objects")
+        if not isinstance(items, list):
+            raise RequestError(422, "wrong_type", "candidates", f"expected a list of candidates, found {_json_kind(items)}")
+        if not items:
+            raise RequestError(422, "empty_candidates", "candidates", "expected at least one candidate, found none")
+        if len(items) > self.max_candidates:
+            raise RequestError(422, "too_many_candidates", "candidates",
+                               f"found {len(items)} candidates; scenario {self.scenario.name} accepts at most "
+                               f"{self.max_candidates} per request (split the request)")
+        schema = self.candidate_schema
+        return [schema.parse(_mapping(raw, f"candidates[{i}]"), f"candidates[{i}]") for i, raw in enumerate(items)]
+
+
+def example_request(registry: Registry, scenario: str, *, candidates: int = 3, events: int = 4,
+                    ts: int = EXAMPLE_TS_MS, user_id: int = 1, seed: int = 0) -> dict[str, Any]:
+    """A valid request for `scenario`, built from its features: every feature set (so the example
+    documents them all), events one minute apart before `ts`. `seed` varies the values."""
+    scn = registry.scenario(scenario)
+
+    def values(features: tuple[Feature, ...], salt: int) -> dict[str, Any]:
+        return {f.name: _example_value(f, seed * 7919 + salt * 31 + j) for j, f in enumerate(features)}
+
+    return {
+        "user_id": user_id,
+        "ts": ts,
+        "user": values(scn.user_features, 0),
+        "sequences": {s.name: [{"ts": ts - 60_000 * (events - i), **values(s.features, 100 + i)} for i in range(events)]
+                      for s in registry.sequences.values()},
+        "candidates": [values(scn.exposure_features, 1000 + i) for i in range(candidates)],
+    }
+
+
+def _example_value(f: Feature, n: int) -> Any:
+    if f.type == "categorical":
+        return 1 + n % max(f.buckets - 1, 1)
+    if f.type == "categorical_list":
+        return [1 + (n + k) % max(f.buckets - 1, 1) for k in range(min(2, f.max_len or 2))]
+    return round(0.5 + (n % 97) / 10, 2)
+
+
+# ---------------------------------------------------------------- field checks
+
+def _required(body: dict, key: str, expected: str, where: str = "") -> Any:
+    field = f"{where}.{key}" if where else key
+    if body.get(key) is None:
+        raise RequestError(422, "missing_field", field, f"required field missing (expected {expected})")
+    return body[key]
+
+
+def _mapping(value: Any, field: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RequestError(422, "wrong_type", field, f"expected an object, found {_json_kind(value)}")
+    return value
+
+
+def _integer(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(422, "wrong_type", field, f"expected an integer, found {_json_kind(value)} {value!r}")
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise RequestError(422, "wrong_type", field, f"expected a 64-bit integer, found {value}")
+    return value
+
+
+class _ObjectSchema:
+    """The declared features of one kind of request object (user, event, candidate)."""
+
+    def __init__(self, features: tuple[Feature, ...], extra: tuple[str, ...] = ()):
+        self.features, self.extra = features, extra
+        self.declared = {f.name for f in features} | set(extra)
+        self.expected = ", ".join([*extra, *(f.name for f in features)])
+
+    def parse(self, given: dict, where: str) -> dict[str, Any]:
+        """The declared features of `given`, checked by type; absent optional ones are None."""
+        for name in given:
+            if name not in self.declared:
+                raise RequestError(422, "unknown_field", f"{where}.{name}", f"unknown feature; expected one of {self.expected}")
+        out = {}
+        for f in self.features:
+            value = given.get(f.name)
+            if value is None:
+                if f.required:
+                    raise RequestError(422, "missing_field", f"{where}.{f.name}",
+                                       f"required feature missing (expected {_expected(f)})")
+                out[f.name] = None
+            else:
+                out[f.name] = _feature_value(f, value, f"{where}.{f.name}")
+        return out
+
+
+def _feature_value(f: Feature, value: Any, field: str) -> Any:
+    if f.type == "categorical":
+        return _typed(value, field, f, _integer)
+    if f.type == "numeric":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RequestError(422, "wrong_type", field, f"expected {_expected(f)}, found {_json_kind(value)} {value!r}")
+        return float(value)
+    if not isinstance(value, list):
+        raise RequestError(422, "wrong_type", field, f"expected {_expected(f)}, found {_json_kind(value)} {value!r}")
+    return [_typed(v, f"{field}[{i}]", f, _integer) for i, v in enumerate(value)]
+
+
+def _typed(value: Any, field: str, f: Feature, check) -> Any:
+    try:
+        return check(value, field)
+    except RequestError as exc:
+        raise RequestError(422, "wrong_type", field, f"expected {_expected(f)}, found {_json_kind(value)} {value!r}") from exc
+
+
+def _expected(f: Feature) -> str:
+    arrow = feature_field(f).type
+    return {"categorical": f"an integer id ({arrow})", "numeric": f"a finite number ({arrow})",
+            "categorical_list": f"a list of integer ids ({arrow})"}[f.type]
+
+
+def _json_kind(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)

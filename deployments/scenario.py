@@ -1,0 +1,133 @@
+"""The per-scenario deployment: one scenario's subgraph, scoring batched requests.
+
+Each replica loads only the scenario's subgraph of the checkpoint (`load_scenario_ranker`) and
+scores with the scenario's configured backend. Concurrent requests are merged by `@serve.batch` into
+one jagged batch, bounded in tokens (`max_batch_tokens`, through `batch_size_fn`) and in
+requests (`max_batch_requests`): a request costs max(its tokens, max_batch_tokens /
+max_batch_requests), so a full batch of costs never holds more of either.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from ray import serve
+
+from mtfm.model import ScenarioRanker, parse_model_config
+from mtfm.platform.checkpoint import META_FILE, MODEL_FILE, CheckpointError, CheckpointMeta, find_checkpoint, read_meta
+from mtfm.platform.registry import Registry, ServingConfig
+
+from .backends import create_backend
+from .metrics import BatchMetrics
+from .rank_request import RankRequest
+from .user_cache import UserSideCache
+
+# Serve replaces a replica whose health check fails; a few internal errors in a row (not
+# refused requests: those never reach a replica) mean its model or device is broken.
+UNHEALTHY_AFTER_FAILED_BATCHES = 3
+
+
+@dataclass(frozen=True)
+class QueuedRequest:
+    """A request waiting in the batch queue, with its cost in the token budget."""
+
+    request: RankRequest
+    cost: int
+
+
+@dataclass(frozen=True)
+class ScoredRequest:
+    scores: np.ndarray
+    batch_requests: int
+    batch_tokens: int
+
+
+def model_version(checkpoint: str | Path, step: int) -> str:
+    """`<run>/<checkpoint>@step<N>`: names the weights a response was scored with."""
+    path = Path(checkpoint)
+    return f"{path.parent.name}/{path.name}@step{step}"
+
+
+def load_scenario_ranker(checkpoint: str | Path, scenario: str) -> tuple[ScenarioRanker, CheckpointMeta]:
+    """Only `scenario`'s subgraph of a checkpoint: the model rebuilt from the checkpoint's own
+    registry and config, restricted to the scenario, with just its weights read (memory-mapped,
+    so the other scenarios' tensors are never paged in)."""
+    folder = find_checkpoint(checkpoint)
+    meta = read_meta(folder)
+    config = parse_model_config(dict(meta.model_config), str(folder / META_FILE))
+    if config.architecture != "mtfm":
+        raise CheckpointError(f"{folder}: a {config.architecture} model has no scenario subgraph to serve; "
+                              "expected an mtfm checkpoint")
+    ranker = ScenarioRanker(config, Registry.from_dict(meta.registry), scenario)
+    state = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True, mmap=True)
+    ranker.load_state_dict({name: state[name] for name in ranker.state_dict()})
+    return ranker.eval(), meta
+
+
+def _batch_cost(queued: list[QueuedRequest]) -> int:
+    return sum(q.cost for q in queued)
+
+
+@serve.deployment
+class ScenarioDeployment:
+    def __init__(self, scenario: str, checkpoint: str, serving: dict, chunk_size: int, user_cache_ttl_s: float,
+                 user_cache_mb: int):
+        self.scenario = scenario
+        self.serving = ServingConfig(**serving)
+        use_gpu = self.serving.num_gpus > 0 and torch.cuda.is_available()
+        device = torch.device("cuda" if use_gpu else "cpu")
+        ranker, meta = load_scenario_ranker(checkpoint, scenario)
+        self.tasks = list(ranker.task_names)
+        self.version = model_version(checkpoint, meta.step)
+        threads = max(1, round(self.serving.num_cpus))
+        cache = UserSideCache(user_cache_ttl_s, user_cache_mb * 2**20) if user_cache_ttl_s > 0 else None
+        self.backend = create_backend(self.serving.backend, ranker, device=device, chunk_size=chunk_size, threads=threads,
+                                      user_cache=cache)
+        self.metrics = BatchMetrics(scenario)
+        self.slot_tokens = math.ceil(self.serving.max_batch_tokens / self.serving.max_batch_requests)
+        self.failed_batches = 0
+        self.score_batch.set_max_batch_size(self.serving.max_batch_tokens)
+        self.score_batch.set_batch_wait_timeout_s(self.serving.batch_wait_timeout_s)
+
+    async def rank(self, request: RankRequest) -> dict:
+        """Scores one validated request: {"scenario", "model_version", "tasks", "scores": one
+        {task: probability} per candidate, "batch": {"requests", "tokens"} it was scored in}."""
+        cost = max(min(request.num_tokens, self.serving.max_batch_tokens), self.slot_tokens)
+        scored = await self.score_batch(QueuedRequest(request, cost))
+        return {
+            "scenario": self.scenario,
+            "model_version": self.version,
+            "tasks": self.tasks,
+            "scores": [dict(zip(self.tasks, row)) for row in scored.scores.tolist()],
+            "batch": {"requests": scored.batch_requests, "tokens": scored.batch_tokens},
+        }
+
+    @serve.batch(max_batch_size=65536, batch_wait_timeout_s=0.005, batch_size_fn=_batch_cost)
+    async def score_batch(self, queued: list[QueuedRequest]) -> list[ScoredRequest]:
+        requests = [q.request for q in queued]
+        tokens = sum(r.num_tokens for r in requests)
+        start = time.perf_counter()
+        try:
+            # In a thread: the event loop keeps queueing the next batch while this one runs.
+            scores = await asyncio.to_thread(self.backend.score, requests)
+        except Exception:
+            self.failed_batches += 1
+            raise
+        self.failed_batches = 0
+        self.metrics.batch(len(requests), tokens, (time.perf_counter() - start) * 1000)
+        return [ScoredRequest(s, len(requests), tokens) for s in scores]
+
+    def info(self) -> dict:
+        """What /healthz reports for this scenario."""
+        return {"model_version": self.version, "backend": self.backend.name,
+                "serving": dataclasses.asdict(self.serving)}
+
+    def check_health(self) -> None:
+        if self.failed_batches >= UNHEALTHY_AFTER_FAILED_BATCHES:
+            raise RuntimeError(f"scenario {self.scenario}: the last {self.failed_batches} batches failed")

@@ -1,0 +1,80 @@
+"""A replica's cache of encoded user sides, per user for a short TTL, keyed by the user's
+sequence state (`RankRequest.user_state`: a digest of the user id and every event).
+
+A user side depends only on the user's H and R events and the model, so a hit is exact: the
+same events give the same keys and values. Entries expire after `ttl_s` (a user's realtime
+sequence changes within minutes) and the least recently used go first once the cached
+tensors exceed `max_bytes`.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import torch
+
+from mtfm.model import UserSide
+
+
+class UserSideCache:
+    def __init__(self, ttl_s: float, max_bytes: int):
+        self.ttl_s, self.max_bytes = ttl_s, max_bytes
+        self.entries: OrderedDict[str, tuple[float, int, UserSide]] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> UserSide | None:
+        entry = self.entries.get(key)
+        if entry is None or entry[0] < time.monotonic():
+            if entry is not None:
+                self._drop(key)
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return entry[2]
+
+    def put(self, key: str, side: UserSide) -> None:
+        if key in self.entries:
+            self._drop(key)
+        size = user_side_bytes(side)
+        self.entries[key] = (time.monotonic() + self.ttl_s, size, side)
+        self.bytes += size
+        while self.bytes > self.max_bytes and self.entries:
+            self._drop(next(iter(self.entries)))
+
+    def _drop(self, key: str) -> None:
+        self.bytes -= self.entries.pop(key)[1]
+
+
+def split_users(side: UserSide) -> list[UserSide]:
+    """One `UserSide` per user of a batched one."""
+    bounds = side.offsets.tolist()
+    out = []
+    for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        rows = slice(start, end)
+        out.append(UserSide(side.user_id[b:b + 1], side.offsets.new_tensor([0, end - start]), side.kind[rows],
+                            side.ts[rows], side.group[rows], side.group_names,
+                            [k[rows] for k in side.keys], [v[rows] for v in side.values]))
+    return out
+
+
+def merge_users(sides: list[UserSide], group_order: tuple[str, ...]) -> UserSide:
+    """The batched `UserSide` of several one-user ones, group ids renumbered into the names
+    present, in `group_order` (the collator's group order)."""
+    present = set().union(*(s.group_names for s in sides))
+    names = tuple(n for n in group_order if n in present)
+    groups = [torch.tensor([names.index(n) for n in s.group_names], dtype=torch.int64, device=s.group.device)[s.group]
+              if len(s.group_names) else s.group for s in sides]
+    counts = torch.tensor([len(s.kind) for s in sides], dtype=torch.int64)
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(sides[0].offsets.device)
+    return UserSide(torch.cat([s.user_id for s in sides]), offsets, torch.cat([s.kind for s in sides]),
+                    torch.cat([s.ts for s in sides]), torch.cat(groups), names,
+                    [torch.cat(layer) for layer in zip(*(s.keys for s in sides))],
+                    [torch.cat(layer) for layer in zip(*(s.values for s in sides))])
+
+
+def user_side_bytes(side: UserSide) -> int:
+    """What a cached entry holds on the device: its tensors' bytes."""
+    tensors = [side.kind, side.ts, side.group, *side.keys, *side.values]
+    return sum(t.numel() * t.element_size() for t in tensors)

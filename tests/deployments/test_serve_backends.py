@@ -1,0 +1,154 @@
+"""Scoring backends and serving config, in-process (no Serve): user-side reuse and ONNX give
+the plain subgraph's scores, TensorRT fails clearly where it cannot run, serve.yaml is the
+generator's output, the builder's checks and the example request."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from mtfm.deployments.app import AppArgs, ServeConfigError, build_app, resolve_checkpoint, scenario_serving
+from mtfm.deployments.backends import BackendUnavailable, TorchBackend, create_backend
+from mtfm.deployments.rank_request import RankRequestParser, example_request
+from mtfm.deployments.serve_config import render_serve_config
+from mtfm.deployments.user_cache import UserSideCache, split_users, user_side_bytes
+from mtfm.platform.checkpoint import load_model
+from mtfm.platform.cli import main
+from mtfm.platform.registry import load_registry
+from serve_test_utils import REPO, write_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(load_registry(REPO / "configs"), tmp_path_factory.mktemp("run") / "checkpoint_00000003")
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return load_model(checkpoint)[0]
+
+
+def _varied_requests(registry, scenario: str):
+    """Requests with no events, many candidates, events at the request ts, nulls and empty lists."""
+    parser = RankRequestParser(registry, scenario, max_candidates=1000)
+    bodies = [example_request(registry, scenario, candidates=k, events=e, seed=k + e, user_id=k)
+              for k, e in [(3, 4), (70, 0), (9, 40), (1, 1)]]
+    edited = bodies[2]
+    for s in edited["sequences"].values():
+        s[-1]["ts"] = edited["ts"]  # an R event at the request's ts stays invisible to its candidates
+    for c in edited["candidates"][::2]:
+        for name, value in list(c.items()):
+            if isinstance(value, list):
+                c[name] = []
+            elif not any(f.name == name and f.required for f in registry.scenario(scenario).features):
+                c[name] = None
+    return [parser.parse(b, now_ms=int(time.time() * 1000)) for b in bodies]
+
+
+@pytest.mark.parametrize("scenario", ["hp", "phf", "sqs"])
+def test_user_side_reuse_in_chunks_equals_the_plain_subgraph(model, scenario):
+    ranker = model.subgraph(scenario)
+    requests = _varied_requests(model.registry, scenario)
+    cpu = torch.device("cpu")
+    plain = TorchBackend(ranker, device=cpu, reuse_user_side=False).score(requests)
+    chunked = TorchBackend(ranker, device=cpu, chunk_size=16).score(requests)
+    for p, c, r in zip(plain, chunked, requests):
+        assert p.shape == c.shape == (r.num_candidates, len(ranker.task_names))
+        np.testing.assert_allclose(c, p, atol=1e-5)
+
+
+def test_cached_user_sides_give_the_same_scores_and_are_reused(model):
+    ranker = model.subgraph("phf")
+    requests = _varied_requests(model.registry, "phf")
+    plain = TorchBackend(ranker, device=torch.device("cpu"), reuse_user_side=False).score(requests)
+    cache = UserSideCache(ttl_s=60, max_bytes=2**30)
+    cached = TorchBackend(ranker, device=torch.device("cpu"), chunk_size=16, user_cache=cache)
+    cached.score(requests[:2])
+    scores = cached.score(requests[::-1])[::-1]  # two users from the cache, two encoded now
+    assert (cache.hits, cache.misses) == (2, 4)
+    for p, c in zip(plain, scores):
+        np.testing.assert_allclose(c, p, atol=1e-5)
+
+
+def test_user_side_cache_expires_and_stays_within_its_bytes(model):
+    ranker = model.subgraph("hp")
+    batch = ranker.collator()(pa.concat_tables([r.table for r in _varied_requests(model.registry, "hp")]))
+    with torch.no_grad():
+        sides = split_users(ranker.encode_users(batch))
+    newest_two = user_side_bytes(sides[-1]) + user_side_bytes(sides[-2])
+    cache = UserSideCache(ttl_s=60, max_bytes=newest_two)
+    for i, side in enumerate(sides):
+        cache.put(str(i), side)
+    assert cache.bytes <= newest_two and cache.get("0") is None
+    assert cache.get(str(len(sides) - 1)) is not None and cache.get(str(len(sides) - 2)) is not None
+    expired = UserSideCache(ttl_s=0, max_bytes=2**30)
+    expired.put("a", sides[0])
+    time.sleep(0.01)
+    assert expired.get("a") is None and expired.bytes == 0
+
+
+@pytest.mark.parametrize("scenario", ["hp", "phf", "sqs"])
+def test_onnx_backend_matches_pytorch(model, scenario):
+    ranker = model.subgraph(scenario)
+    requests = _varied_requests(model.registry, scenario)
+    plain = TorchBackend(ranker, device=torch.device("cpu"), reuse_user_side=False).score(requests)
+    onnx = create_backend("onnx", ranker, device=torch.device("cpu"), chunk_size=256).score(requests)
+    for p, o in zip(plain, onnx):
+        np.testing.assert_allclose(o, p, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_tensorrt_without_the_package_is_a_clear_error(model):
+    with pytest.raises(BackendUnavailable, match="tensorrt.*package"):
+        create_backend("tensorrt", model.subgraph("sqs"), device=torch.device("cpu"), chunk_size=256)
+    with pytest.raises(ServeConfigError, match=r"scenario sqs .*backend: backend tensorrt needs"):
+        scenario_serving(load_registry(REPO / "configs"), AppArgs(scenarios={"sqs": {"backend": "tensorrt"}}).scenarios)
+
+
+def test_the_committed_serve_yaml_is_the_generators_output():
+    assert (REPO / "deployments/serve.yaml").read_text() == render_serve_config(load_registry(REPO / "configs"))
+
+
+def test_serving_knobs_come_from_yaml_with_overrides_and_are_checked():
+    registry = load_registry(REPO / "configs")
+    serving = scenario_serving(registry, AppArgs(scenarios={"hp": {"replicas": 3}}).scenarios)
+    assert set(serving) == set(registry.scenarios)
+    assert serving["hp"].replicas == 3 and serving["sqs"].max_candidates == registry.scenario("sqs").serving.max_candidates
+    with pytest.raises(ServeConfigError, match="args.scenarios.nope: unknown scenario"):
+        scenario_serving(registry, AppArgs(scenarios={"nope": {}}).scenarios)
+    with pytest.raises(ServeConfigError, match="max_ongoing_requests 4 is below max_batch_requests 16"):
+        scenario_serving(registry, AppArgs(scenarios={"hp": {"max_ongoing_requests": 4}}).scenarios)
+
+
+def test_builder_refuses_a_checkpoint_without_a_registered_scenario(checkpoint, config_dir):
+    text = (config_dir / "scenarios" / "sqs.yaml").read_text().replace("name: sqs", "name: coupon")
+    (config_dir / "scenarios" / "coupon.yaml").write_text(text)
+    with pytest.raises(ServeConfigError, match=r"trained without scenarios \['coupon'\]"):
+        build_app({"checkpoint": str(checkpoint), "config_dir": str(config_dir)})
+
+
+def test_checkpoint_resolution_env_then_argument_then_newest_run(tmp_path, monkeypatch, checkpoint):
+    registry = load_registry(REPO / "configs")
+    old = write_tiny_checkpoint(registry, tmp_path / "runs" / "a-1" / "checkpoint_00000001")
+    new = write_tiny_checkpoint(registry, tmp_path / "runs" / "b-2" / "checkpoint_00000002")
+    monkeypatch.delenv("MTFM_CHECKPOINT", raising=False)
+    assert resolve_checkpoint(None, tmp_path / "runs") == new.resolve()
+    assert resolve_checkpoint(str(old.parent), tmp_path / "runs") == old.resolve()
+    monkeypatch.setenv("MTFM_CHECKPOINT", str(checkpoint))
+    assert resolve_checkpoint(str(old.parent), tmp_path / "runs") == checkpoint.resolve()
+
+
+@pytest.mark.parametrize("scenario", ["hp", "phf", "sqs"])
+def test_example_request_cli_prints_a_valid_request(scenario, capsys):
+    assert main(["serve", "example-request", "--config-dir", str(REPO / "configs"), "--scenario", scenario,
+                 "--candidates", "5"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    registry = load_registry(REPO / "configs")
+    request = RankRequestParser(registry, scenario, max_candidates=10).parse(body, now_ms=int(time.time() * 1000))
+    assert request.num_candidates == 5
