@@ -163,9 +163,9 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
 def cmd_serve_config(args: argparse.Namespace) -> int:
     from mtfm.deployments.serve_config import render_serve_config
 
-    reg = load_registry(args.config_dir)
-    print(render_serve_config(reg, config_dir=args.config_dir or "configs", checkpoint=args.checkpoint,
-                              port=args.port), end="")
+    load_registry(args.config_dir)  # refuse to write a serve config for an invalid registry
+    print(render_serve_config(config_dir=args.config_dir or "configs", checkpoint=args.checkpoint, port=args.port),
+          end="")
     return 0
 
 

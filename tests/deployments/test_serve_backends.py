@@ -112,7 +112,7 @@ def test_tensorrt_without_the_package_is_a_clear_error(model):
 
 
 def test_the_committed_serve_yaml_is_the_generators_output():
-    assert (REPO / "deployments/serve.yaml").read_text() == render_serve_config(load_registry(REPO / "configs"))
+    assert (REPO / "deployments/serve.yaml").read_text() == render_serve_config()
 
 
 def test_serving_knobs_come_from_yaml_with_overrides_and_are_checked():
