@@ -1,0 +1,69 @@
+"""Training throughput on this machine's CPUs, through the real Ray Train path.
+
+    python bench/train_cpu.py [--users 600] [--days 4] [--steps 40] [--workers 1 2] [--out FILE]
+
+Synthesizes and aggregates a small world once, then trains `configs/train/tiny.yaml` (and any
+--model configs) for a fixed number of steps with each worker count, and reports samples/s and
+tokens/s from the run's log, leaving out the first logged window (start-up and first-batch
+costs). Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from mtfm.platform.aggregate import aggregate
+from mtfm.platform.registry import load_registry
+from mtfm.platform.synth import synthesize
+from mtfm.platform.train import METRICS_FILE, TrainConfig, train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--users", type=int, default=600)
+    parser.add_argument("--days", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--models", nargs="+", default=["configs/model/tiny.yaml"])
+    parser.add_argument("--out", default="bench/results/train_cpu.json")
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="mtfm-bench-train-"))
+    registry = load_registry("configs")
+    synthesize(registry, root / "raw", users=args.users, days=args.days, seed=0, log=lambda *a, **k: None)
+    aggregate(registry, root / "raw", root / "agg", log=lambda *a, **k: None)
+    base = TrainConfig.load("configs/train/tiny.yaml").to_dict()
+    rows = []
+    for model in args.models:
+        for workers in args.workers:
+            config = TrainConfig.from_dict(base | {
+                "model": model, "num_workers": workers, "cpus_per_worker": 1.0 / workers, "epochs": 100,
+                "max_steps": args.steps, "log_every": 5, "checkpoint_every": 10_000,
+                "evaluate_at_checkpoints": False}, "bench")
+            start = time.perf_counter()
+            run = train(config, data=str(root / "agg"), out=root / f"run-{Path(model).stem}-{workers}",
+                        log=lambda *a: None)
+            wall = time.perf_counter() - start
+            log = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()][1:]
+            rows.append({"model": Path(model).stem, "workers": workers, "steps": args.steps,
+                         "samples_per_s": sum(r["samples_per_s"] for r in log) / len(log),
+                         "tokens_per_s": sum(r["tokens_per_s"] for r in log) / len(log),
+                         "wall_s_including_startup": wall})
+    print(f"{'model':<8} {'workers':>7} {'samples/s':>10} {'tokens/s':>10} {'wall s':>7}")
+    for r in rows:
+        print(f"{r['model']:<8} {r['workers']:>7} {r['samples_per_s']:>10.0f} {r['tokens_per_s']:>10.0f} "
+              f"{r['wall_s_including_startup']:>7.1f}")
+    result = {"command": "python bench/train_cpu.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
+              "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
+              "users": args.users, "days": args.days, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
