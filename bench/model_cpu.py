@@ -5,14 +5,14 @@ few tokens per batch, on a realistic token mix (history up to 1000, realtime up 
 (mtfm.model.summary) and the achieved GFLOP/s of forward + backward (backward = 2x forward for
 the matmuls, 2.5x for attention).
 
-    python bench/model_cpu.py --config configs/model/small.yaml --out bench/model_cpu.json
+    python bench/model_cpu.py --config configs/model/small.yaml --out bench/results/model_cpu.json
 
 Each case runs in a fresh subprocess so its peak memory (ru_maxrss, the whole process: model,
 optimizer-free step, activations) is its own; `step_mem_mib` is the peak minus the RSS after
 the model and batch were built, i.e. what the step itself added. Times are the minimum over
-the repeats, as wall clock and as process CPU time (all threads): on a shared machine the CPU
-time is the steadier measure of the work. `--device cuda` runs the same
-cases on a GPU (config's kernels and compute dtype; memory = torch.cuda.max_memory_allocated).
+the repeats (wall clock; process CPU time of all threads beside it). The numbers are only
+meaningful on an otherwise idle machine. `--device cuda` runs the same cases on a GPU (the
+config's kernels and compute dtype; memory = torch.cuda.max_memory_allocated).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ CASES = [  # name, hta_layout, num_kv_heads (None = num_heads)
     ("hta(3:1)", "(3:1)*1", None),
     ("hta(3:1)+gqa", "(3:1)*1", 1),
 ]
-TOKEN_BUDGETS = (2048, 4096, 8192)
+TOKEN_BUDGETS = (2500, 5000, 10000)
 MIX = {"history": (200, 1000), "realtime": (20, 100), "hp": (25, 150), "phf": (15, 100), "sqs": (10, 50)}
 
 
@@ -63,7 +63,7 @@ def run_case(config_path: str, layout: str, kv_heads: int | None, budget: int, r
     mix = TokenMix.from_batch(batch)
     batch = batch.to(device)
     flops = forward_flops(config, model.registry, mix)
-    base_rss = _rss_mib()
+    base_mib = _rss_mib()
 
     def step() -> tuple[float, float]:
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -79,7 +79,7 @@ def run_case(config_path: str, layout: str, kv_heads: int | None, budget: int, r
     step()  # warm-up (and Triton compilation)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        base_rss = torch.cuda.memory_allocated() / 2**20
+        base_mib = torch.cuda.memory_allocated() / 2**20
     times, cpu_times = zip(*[step() for _ in range(repeats)])
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
@@ -88,7 +88,7 @@ def run_case(config_path: str, layout: str, kv_heads: int | None, budget: int, r
     return {
         "tokens": batch.num_tokens, "users": batch.num_users, "targets": batch.num_targets,
         "fwd_bwd_s": min(times), "fwd_bwd_s_all": times, "cpu_s": min(cpu_times), "cpu_s_all": cpu_times,
-        "peak_rss_mib": peak, "step_mem_mib": peak - base_rss,
+        "peak_rss_mib": peak, "step_mem_mib": peak - base_mib,
         "fwd_gflop": flops["total"] * batch.num_users / 1e9,
         "fwd_attention_gflop": flops["attention"] * batch.num_users / 1e9,
         # DESIGN.md's convention: backward = 2x forward for matmuls, 2.5x for attention.
@@ -100,7 +100,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/model/small.yaml")
     parser.add_argument("--budgets", type=int, nargs="+", default=list(TOKEN_BUDGETS), help="tokens per batch")
-    parser.add_argument("--repeats", type=int, default=2, help="timed steps per case (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per case (after one warm-up)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")

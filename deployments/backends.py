@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from mtfm.model import ScenarioRanker, TokenBatch, UserSide
+from mtfm.model import ScenarioRanker, UserSide
 from mtfm.platform.registry import SERVING_BACKENDS, events_column, exposures_column
 
 from .rank_request import RankRequest
@@ -96,18 +96,18 @@ class TorchBackend:
         table = pa.concat_tables([r.table for r in requests])
         with self.ranker.autocast(self.device.type):
             if not self.reuse_user_side:
-                batch = self._to_device(self.collator(table))
+                batch = self.collator(table).to(self.device)
                 return _split(self.ranker(batch), batch.target_offsets)
             if self.user_cache is not None:
                 user = self._cached_user_sides(requests, table)
             else:
-                batch = self._to_device(self.collator(table))
+                batch = self.collator(table).to(self.device)
                 user = self.ranker.encode_users(batch)
                 if max(r.num_candidates for r in requests) <= self.chunk_size:
                     return _split(self.ranker.score_candidates(user, batch), batch.target_offsets)
             parts: list[list[np.ndarray]] = [[] for _ in requests]
             for start in range(0, max(r.num_candidates for r in requests), self.chunk_size):
-                chunk = self._to_device(self.collator(self._candidate_chunk(table, start)))
+                chunk = self.collator(self._candidate_chunk(table, start)).to(self.device)
                 for b, scores in enumerate(_split(self.ranker.score_candidates(user, chunk), chunk.target_offsets)):
                     parts[b].append(scores)
             return [np.concatenate(p) for p in parts]
@@ -117,18 +117,11 @@ class TorchBackend:
         sides = [self.user_cache.get(r.user_state) for r in requests]
         missing = [i for i, side in enumerate(sides) if side is None]
         if missing:
-            batch = self._to_device(self.collator(table.take(missing)))
+            batch = self.collator(table.take(missing)).to(self.device)
             for i, side in zip(missing, split_users(self.ranker.encode_users(batch))):
                 sides[i] = side
                 self.user_cache.put(requests[i].user_state, side)
         return merge_users(sides, self.collator.group_names)
-
-    def _to_device(self, batch: TokenBatch) -> TokenBatch:
-        # Tensor by tensor: TokenBatch.to's one packed copy fails on the empty tensors of a group
-        # without tokens (every candidate chunk has empty sequence groups).
-        if self.device.type == "cpu":
-            return batch
-        return batch.map_tensors(lambda t: t.to(self.device, non_blocking=True))
 
     def _candidate_chunk(self, table: pa.Table, start: int) -> pa.Table:
         """The batch's requests with candidates start:start+chunk_size only and no events (the

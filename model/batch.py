@@ -138,13 +138,14 @@ class TokenBatch:
         tensors = self.tensors()
         if all(t.device == device for t in tensors):
             return self
-        order = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())
+        # Empty tensors carry no bytes (and may have strides no byte view accepts): made on device.
+        moved: dict[int, Tensor] = {i: t.new_empty(t.shape, device=device) for i, t in enumerate(tensors) if not t.numel()}
+        order = sorted((i for i in range(len(tensors)) if i not in moved), key=lambda i: -tensors[i].element_size())
         parts = [tensors[i].contiguous().reshape(-1).view(torch.uint8) for i in order]
         flat = torch.cat(parts)
         if device.type == "cuda" and flat.device.type == "cpu":
             flat = flat.pin_memory()
         flat = flat.to(device, non_blocking=non_blocking)
-        moved: dict[int, Tensor] = {}
         for i, piece in zip(order, flat.split([p.numel() for p in parts])):
             moved[i] = piece.view(tensors[i].dtype).view(tensors[i].shape)
         position = iter(range(len(tensors)))

@@ -90,6 +90,8 @@ class GroupLayerNorm(nn.Module):
 
     def forward(self, x: Tensor, group: Tensor, group_names: tuple[str, ...]) -> Tensor:
         """x (N, D), group (N,) indices into group_names -> (N, D)."""
+        if not group_names:  # no group present means no rows
+            return x
         weight = torch.stack([self.weight[g] for g in group_names])
         bias = torch.stack([self.bias[g] for g in group_names])
         if x.dtype != weight.dtype:

@@ -93,6 +93,8 @@ class ScenarioRanker(MTFM):
         self._check(batch)
         if not torch.equal(batch.user_id, user.user_id):
             raise ValueError("score_candidates: the batch's users differ from those of the encoded user side")
+        if not batch.num_targets:
+            return torch.zeros(0, len(self.task_names), device=batch.device)
         merge = self._key_merge(user, batch)
         x_t = self.tokenizer.group_tokens(batch, self.scenario)  # one scenario: its rows are target_index
         for layer, k, v in zip(self.stack.layers, user.keys, user.values):
@@ -109,17 +111,16 @@ class ScenarioRanker(MTFM):
         target_user = torch.repeat_interleave(users, target_counts)
         context_index = torch.arange(len(context_user), device=device) + batch.target_offsets[context_user]
         target_index = torch.arange(len(target_user), device=device) + user.offsets[target_user + 1]
-        target_names = (self.scenario,) if batch.num_targets else ()
+        target_kind = torch.full_like(target_index, TokenKind.T, dtype=torch.int8)
+        target_group = torch.full_like(target_index, len(user.group_names))
         ctx = JaggedContext(
             offsets=user.offsets + batch.target_offsets, target_offsets=batch.target_offsets,
-            kind=interleave_rows(context_index, target_index, user.kind, torch.full_like(target_index, TokenKind.T,
-                                                                                      dtype=torch.int8)),
+            kind=interleave_rows(context_index, target_index, user.kind, target_kind),
             ts=interleave_rows(context_index, target_index, user.ts, batch.ts[batch.target_index]),
             target_index=target_index,
-            group=interleave_rows(context_index, target_index, user.group,
-                              torch.full_like(target_index, len(user.group_names))),
-            group_names=user.group_names + target_names,
-            target_group=torch.zeros_like(target_index), target_group_names=target_names)
+            group=interleave_rows(context_index, target_index, user.group, target_group),
+            group_names=user.group_names + (self.scenario,),
+            target_group=torch.zeros_like(target_index), target_group_names=(self.scenario,))
         return KeyMerge(ctx, context_index, target_index)
 
     def _probabilities(self, x_t: Tensor, batch: TokenBatch) -> Tensor:

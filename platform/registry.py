@@ -290,7 +290,7 @@ def _assemble(root: Path, sequences: dict[str, Sequence], scenarios: dict[str, S
 
 def _check_feature_consistency(sequences: dict[str, Sequence], scenarios: dict[str, Scenario]) -> None:
     seen: dict[str, tuple[Feature, str]] = {}
-    places = [(s.source, f"features", s.features) for s in sequences.values()]
+    places = [(s.source, "features", s.features) for s in sequences.values()]
     for s in scenarios.values():
         places += [(s.source, "user_features", s.user_features), (s.source, "item_features", s.item_features),
                    (s.source, "cross_features", s.cross_features)]

@@ -7,7 +7,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from conftest import REPO_ROOT
+from repo_paths import REPO_ROOT
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"]).resolve()
 

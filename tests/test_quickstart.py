@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from repo_paths import REPO_ROOT
 
 
 @pytest.mark.slow

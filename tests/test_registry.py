@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
+from repo_paths import REPO_ROOT
 from mtfm.platform.registry import Registry, RegistryError, load_registry
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CONFIGS, REPO_ROOT
+from repo_paths import CONFIGS, REPO_ROOT
 from mtfm.model import Collator, build_model, load_model_config, multitask_bce_loss, token_budget_batches
 from mtfm.platform.checkpoint import CheckpointError, check_compatible, find_checkpoint, load_model, read_meta
 from mtfm.platform.registry import RegistryError, load_registry

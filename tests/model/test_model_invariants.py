@@ -212,3 +212,20 @@ def test_user_side_once_then_candidate_chunks_equals_one_pass(seed, chunks, layo
     whole = collate(table)  # a chunk may also be the full request batch: its H and R are ignored
     torch.testing.assert_close(ranker.score_candidates(ranker.encode_users(whole), whole), one_pass,
                                atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lengths", [{"history": (0, 0), "realtime": (0, 0)}, {"hp": (0, 0)},
+                                     {"history": (0, 0), "realtime": (0, 0), "hp": (0, 0)}])
+def test_cold_start_users_and_requests_without_candidates(lengths):
+    """No behaviour yet, or nothing to rank: every path still scores (or returns no rows)."""
+    ranker = MODEL.subgraph("hp")
+    table = random_table(REGISTRY, 3, 4, lengths=lengths)
+    batch = ranker.collator()(table)
+    with torch.no_grad():
+        one_pass = ranker(batch)
+        split = ranker.score_candidates(ranker.encode_users(batch), batch)
+        full = MODEL(Collator(REGISTRY)(table)).probabilities()
+    assert one_pass.shape == split.shape == (batch.num_targets, 2)
+    torch.testing.assert_close(split, one_pass)
+    if batch.num_targets:
+        torch.testing.assert_close(full["hp"], one_pass)
