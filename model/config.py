@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from mtfm.platform.registry import Registry, RegistryError
+from mtfm.platform.registry import Registry, RegistryError, read_yaml_mapping
 
 ARCHITECTURES = ("mtfm", "dlrm_mmoe", "dcnv2")
 KERNEL_IMPLS = ("auto", "triton", "reference")
@@ -125,15 +124,7 @@ def parse_hta_layout(layout: str, file: str = "<model config>") -> tuple[str, ..
 def load_model_config(path: str | Path) -> ModelConfig:
     """Read and validate one `configs/model/<name>.yaml`."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelConfigError(path, "", "model config file not found (expected e.g. configs/model/small.yaml)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ModelConfigError(path, "", f"not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ModelConfigError(path, "", f"expected a mapping at the top level, found {type(raw).__name__}")
-    raw = dict(raw)
+    raw = read_yaml_mapping(path, "model config file (expected e.g. configs/model/small.yaml)", ModelConfigError)
     raw.setdefault("name", path.stem)
     return parse_model_config(raw, str(path))
 

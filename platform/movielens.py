@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import shutil
 import zlib
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mtfm.platform.rawlog import prepare_raw_out
 from mtfm.platform.registry import Registry
 
 AGE_GROUPS = {"young": (0, 25), "adult": (25, 35), "senior": (35, 1000)}
@@ -154,12 +154,7 @@ def convert_movielens(registry: Registry, out: str | Path, path: str | Path | No
         raise MovieLensFormatError(f"{registry.config_dir}: scenario(s) {', '.join(missing)} not registered; the MovieLens "
                          f"adapter writes {', '.join(AGE_GROUPS)}: use --config-dir configs/movielens")
     folder = Path(path) if path else recbole_ml100k()
-    out = Path(out)
-    for sub in ("exposures", "behaviors"):
-        if (out / sub).exists():
-            if not overwrite:
-                raise FileExistsError(f"{out / sub} already exists; choose an empty --out folder or pass --overwrite")
-            shutil.rmtree(out / sub)
+    out = prepare_raw_out(out, overwrite)
     df = load_ratings(folder)
     log(f"read {len(df):,} ratings of {df['user_id'].nunique():,} users on {df['movie_id'].nunique():,} movies from {folder}")
     counts = {}

@@ -10,6 +10,7 @@ feature, a label that is not 0/1.
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +138,18 @@ def _with_reason(table: pa.Table, code: np.ndarray, reasons: list[str]) -> pa.Ta
     bad = code > 0
     labels = pa.array(np.array([""] + reasons, dtype=object)[code[bad]], pa.string())
     return table.filter(pa.array(bad)).append_column("reason", labels)
+
+
+def prepare_raw_out(out: str | Path, overwrite: bool) -> Path:
+    """The folder a raw-log writer (synthetic or adapter) writes exposures/ and behaviors/ into,
+    emptied of earlier ones only when `overwrite` says so."""
+    out = Path(out)
+    for sub in ("exposures", "behaviors"):
+        if (out / sub).exists():
+            if not overwrite:
+                raise FileExistsError(f"{out / sub} already exists; choose an empty --out folder or pass --overwrite")
+            shutil.rmtree(out / sub)
+    return out
 
 
 def list_tables(raw: Path) -> dict[tuple[str, str], list[Path]]:

@@ -266,14 +266,14 @@ def load_registry(config_dir: str | Path | None = None) -> Registry:
     seq_file = root / "sequences.yaml"
     if not seq_file.is_file():
         raise RegistryError(seq_file, "", "file not found: every config directory declares its shared sequences here")
-    sequences = _parse_sequences(_read_yaml(seq_file), str(seq_file))
+    sequences = _parse_sequences(read_yaml_mapping(seq_file), str(seq_file))
     scn_dir = root / "scenarios"
     files = sorted(scn_dir.glob("*.yaml")) + sorted(scn_dir.glob("*.yml")) if scn_dir.is_dir() else []
     if not files:
         raise RegistryError(scn_dir, "", "no scenario files found (expected at least one scenarios/<name>.yaml)")
     scenarios: dict[str, Scenario] = {}
     for path in files:
-        scn = _parse_scenario(_read_yaml(path), str(path), expected_name=path.stem)
+        scn = _parse_scenario(read_yaml_mapping(path), str(path), expected_name=path.stem)
         scenarios[scn.name] = scn
     return _assemble(root, sequences, dict(sorted(scenarios.items())))
 
@@ -308,14 +308,18 @@ def _check_feature_consistency(sequences: dict[str, Sequence], scenarios: dict[s
 
 # ---------------------------------------------------------------- parsing
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml_mapping(path: str | Path, what: str = "config", error: type[RegistryError] = RegistryError) -> dict:
+    """One YAML config file as a mapping; a missing file, bad YAML or a non-mapping is `error`
+    naming the file. `what` says what the file should be, e.g. "train config (configs/train/*.yaml)"."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(path, "", f"{what} not found")
     try:
-        with open(path) as fh:
-            data = yaml.safe_load(fh)
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise RegistryError(path, "", f"not valid YAML: {exc}") from exc
+        raise error(path, "", f"not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise RegistryError(path, "", f"expected a mapping at the top level, found {type(data).__name__}")
+        raise error(path, "", f"expected a mapping at the top level, found {_kind(data)}")
     return data
 
 

@@ -38,7 +38,6 @@ The generative model (deterministic per seed; every step is vectorised numpy):
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mtfm.platform.rawlog import prepare_raw_out
 from mtfm.platform.registry import Feature, Registry, Scenario, Sequence
 
 EPOCH_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: windows are day-aligned
@@ -304,12 +304,7 @@ def _write_by_day(table: pa.Table, schema: pa.Schema, folder: Path) -> None:
 def synthesize(registry: Registry, out: str | Path, users: int = 2000, days: int = 7, seed: int = 0,
                overwrite: bool = False, log=print) -> dict[str, int]:
     """Write synthetic raw logs for every scenario and sequence of `registry`; returns rows per table."""
-    out = Path(out)
-    for sub in ("exposures", "behaviors"):
-        if (out / sub).exists():
-            if not overwrite:
-                raise FileExistsError(f"{out / sub} already exists; choose an empty --out folder or pass --overwrite")
-            shutil.rmtree(out / sub)
+    out = prepare_raw_out(out, overwrite)
     world = World.draw(users, days, seed)
     realtime = registry.realtime_sequences
     spontaneous = {q.name: _spontaneous_events(world, q, np.random.default_rng([seed, _name_seed("sequence", q.name)]))

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from mtfm.platform.registry import Registry, RegistryError, load_registry
+from mtfm.platform.registry import Registry, RegistryError, load_registry, read_yaml_mapping
 
 RUNS_DIR = "runs"
 METRICS_FILE = "metrics.jsonl"
@@ -69,14 +69,7 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
         path = Path(path)
-        if not path.is_file():
-            raise RegistryError(path, "", "train config not found (expected e.g. configs/train/tiny.yaml)")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise RegistryError(path, "", f"not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise RegistryError(path, "", "expected a mapping at the top level")
+        raw = read_yaml_mapping(path, "train config (expected e.g. configs/train/tiny.yaml)")
         raw.setdefault("name", path.stem)
         return cls.from_dict(raw, str(path))
 
