@@ -102,6 +102,53 @@ def load_model(checkpoint: str | Path, map_location: "str | torch.device" = "cpu
     return model.eval(), meta
 
 
+@dataclass
+class WarmStart:
+    """What `warm_start` did, tensor by tensor name (parameters and buffers)."""
+
+    loaded: list[str]
+    initialised: list[str]
+    skipped: list[str]
+
+    def describe(self, names: set[str]) -> str:
+        """Lines grouping tensors by the module they belong to; `names` are scenario, sequence
+        and feature names, so that e.g. every tensor of scenario `grocery` groups together."""
+        lines = []
+        for verb, keys in (("loaded", self.loaded), ("initialised fresh", self.initialised),
+                           ("skipped (in the checkpoint, not in this model)", self.skipped)):
+            groups: dict[str, int] = {}
+            for key in keys:
+                parts = key.split(".")
+                cut = next((i + 1 for i, p in enumerate(parts) if p in names), min(2, len(parts)))
+                prefix = ".".join(parts[:cut])
+                groups[prefix] = groups.get(prefix, 0) + 1
+            lines.append(f"{verb}: {len(keys)} tensors" + ("" if keys else " (none)"))
+            lines += [f"    {prefix}.* ({n})" for prefix, n in sorted(groups.items())]
+        return "\n".join(lines)
+
+
+def warm_start(model: "RecommenderBase", checkpoint: str | Path) -> WarmStart:
+    """Load every tensor of `checkpoint` that this model has under the same name (the shared
+    modules, and the modules of scenarios both know); the model's other tensors (a scenario the
+    checkpoint lacks) keep their fresh initialisation; the checkpoint's tensors this model lacks
+    (a retired scenario) are reported and left in the checkpoint. A tensor present in both with
+    another shape is an error: the two were built from different model configs."""
+    import torch
+
+    folder = find_checkpoint(checkpoint)
+    state = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if mismatched:
+        k = mismatched[0]
+        raise CheckpointError(f"{folder}: {len(mismatched)} tensors have other shapes than this model's, e.g. {k}: "
+                              f"{tuple(state[k].shape)} in the checkpoint vs {tuple(own[k].shape)} here; warm start "
+                              "needs the model config the checkpoint was trained with (its meta.json has it)")
+    loaded = [k for k in own if k in state]
+    model.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    return WarmStart(loaded, [k for k in own if k not in state], [k for k in state if k not in own])
+
+
 def check_compatible(meta: CheckpointMeta, registry: Registry, where: str) -> None:
     """Refuse a checkpoint whose scenarios differ from the registry's (DESIGN: never a silent
     partial load). Adding a scenario to a trained model is an explicit warm start."""
@@ -114,5 +161,5 @@ def check_compatible(meta: CheckpointMeta, registry: Registry, where: str) -> No
     if have - want:
         parts.append(f"the checkpoint has scenarios the registry lacks: {sorted(have - want)}")
     raise CheckpointError(f"{where}: {'; '.join(parts)}. Resuming needs the scenarios the checkpoint was "
-                          f"trained with ({sorted(have)}, stored in its {META_FILE}): restore those scenario files "
-                          "or start a new run")
+                          f"trained with ({sorted(have)}, stored in its {META_FILE}): restore those scenario files, "
+                          "or start a new run from it with --init-from (warm start)")

@@ -63,6 +63,7 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 2              # worker failures survived by restarting from the latest checkpoint
+    freeze_loaded_steps: int = 0       # with --init-from: train only the fresh modules for this many steps
     inject_failure_at_step: int | None = None  # fault injection: a worker dies once at this step
     source: str = "<dict>"
 
@@ -178,7 +179,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import torch
 
     from mtfm.model import Collator, build_model, multitask_bce_loss, parse_model_config, token_budget_batches
-    from mtfm.platform.checkpoint import CheckpointMeta, META_FILE, MODEL_FILE, OPTIMIZER_FILE, write_checkpoint
+    from mtfm.platform.checkpoint import (CheckpointMeta, META_FILE, MODEL_FILE, OPTIMIZER_FILE, warm_start,
+                                          write_checkpoint)
     from mtfm.platform.eval import evaluate_batches
 
     quiet_ray_data()
@@ -193,8 +195,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     model = build_model(model_config, registry)
     optimizers = make_optimizers(model, config)
-    step = epoch = skip = 0
+    # A warm start comes first: when this attempt resumes its own run, the checkpoint below overwrites it.
+    frozen: set[str] = set()
     checkpoint = ray.train.get_checkpoint()
+    if loop_config.get("init_from"):
+        report = warm_start(model, loop_config["init_from"])
+        if config.freeze_loaded_steps:
+            loaded = set(report.loaded)
+            frozen = {name for name, _ in model.named_parameters() if name in loaded}
+        if rank == 0 and checkpoint is None:
+            names = set(registry.scenarios) | set(registry.sequences) | set(registry.features)
+            (run_dir / "warm_start.json").write_text(json.dumps(dataclasses.asdict(report), indent=1))
+            _progress(f"[mtfm] warm start from {loop_config['init_from']}:\n{report.describe(names)}")
+    step = epoch = skip = 0
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             meta = CheckpointMeta(**json.loads((Path(folder) / META_FILE).read_text()))
@@ -253,6 +266,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             for opt in optimizers.values():
                 opt.zero_grad(set_to_none=True)
             loss.backward()
+            if step < config.freeze_loaded_steps:
+                for name, p in model.named_parameters():
+                    if name in frozen:
+                        p.grad = None  # the optimizers skip it: warm-started modules stay as loaded
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             for opt in optimizers.values():
@@ -326,8 +343,14 @@ def default_run_dir(name: str) -> Path:
 
 
 def train(config: TrainConfig, *, data: str | None = None, out: str | Path | None = None,
-          resume: str | Path | None = None, config_dir: str | None = None, log=print) -> Path:
-    """Run one training job; returns the run folder (checkpoints, metrics.jsonl, eval.json)."""
+          resume: str | Path | None = None, init_from: str | Path | None = None, config_dir: str | None = None,
+          log=print) -> Path:
+    """Run one training job; returns the run folder (checkpoints, metrics.jsonl, eval.json).
+
+    resume: continue that run folder from its newest checkpoint (same scenarios required).
+    init_from: start a new run from a checkpoint's weights (warm start): what the registry adds
+    is initialised fresh, what it retired is skipped (see `checkpoint.warm_start`).
+    """
     from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -345,6 +368,12 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         meta = read_meta(resume_from)
         check_compatible(meta, registry, str(resume_from))
         out = Path(resume)
+    if init_from is not None:
+        init_from = find_checkpoint(init_from).resolve()
+        retired = sorted(set(read_meta(init_from).scenarios) - set(registry.scenarios))
+        if retired:
+            log(f"[mtfm] warning: {init_from} has scenarios the registry no longer declares: {retired}; their "
+                "modules are not loaded (they stay in that checkpoint)")
     run_dir = Path(out or default_run_dir(config.name)).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -352,6 +381,10 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     init_ray(log_to_driver=True)
     quiet_ray_data()
     train_ds, test_ds, windows = split_by_window(config.data, config.test_windows)
+    in_data = {c[: -len("__exposures")] for c in train_ds.schema().names if c.endswith("__exposures")}
+    if in_data - set(registry.scenarios):
+        log(f"[mtfm] warning: the samples hold exposures of scenarios not in the registry, ignored: "
+            f"{sorted(in_data - set(registry.scenarios))} (retired, or a --config-dir mismatch?)")
     log(f"[mtfm] run {run_dir}\n[mtfm] scenarios {list(registry.scenarios)}; windows {len(windows)} "
         f"({len(windows) - config.test_windows} train, {config.test_windows} test); model {model_config.name} "
         f"({model_config.architecture}, layout {model_config.hta_layout}); {config.num_workers} worker(s)"
@@ -359,7 +392,8 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train_config": config.to_dict(), "registry": registry.to_dict(),
-                           "model_config": _model_config_dict(model_config), "run_dir": str(run_dir)},
+                           "model_config": _model_config_dict(model_config), "run_dir": str(run_dir),
+                           "init_from": str(init_from) if init_from else None},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
@@ -405,6 +439,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="RUN_DIR", help="run folder (default: runs/<name>-<time>)")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR",
                         help="continue a run from its newest checkpoint (same run folder)")
+    parser.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                        help="warm start a new run from a checkpoint or run folder: shared modules and known "
+                             "scenarios load, scenarios new to the registry start fresh, retired ones are skipped")
     parser.add_argument("--num-workers", type=int, default=None, help="override the config's num_workers")
     parser.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
 
@@ -414,7 +451,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("num_workers", args.num_workers), ("max_steps", args.max_steps)) if v is not None}
     if overrides:
         config = TrainConfig.from_dict(config.to_dict() | overrides, config.source)
-    train(config, data=args.data, out=args.out, resume=args.resume, config_dir=args.config_dir)
+    if args.resume and args.init_from:
+        raise ValueError("--resume continues a run, --init-from starts a new one from a checkpoint: pass one of them")
+    train(config, data=args.data, out=args.out, resume=args.resume, init_from=args.init_from,
+          config_dir=args.config_dir)
     return 0
 
 
