@@ -51,6 +51,22 @@ def cmd_scenarios_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scenarios_infer(args: argparse.Namespace) -> int:
+    from mtfm.platform.schema_inference import SchemaInferenceError, infer_scenario
+
+    skip = tuple(c.strip() for group in args.skip for c in group.split(",") if c.strip())
+    try:
+        result = infer_scenario(args.name, args.exposures, config_dir=args.config_dir, out=args.out,
+                                force=args.force, skip=skip)
+    except SchemaInferenceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    print(f"\nwrote draft {result.out} (validated by the registry); confirm the labels and the user/item/cross "
+          f"split, then run `mtfm scenarios validate`")
+    return 0
+
+
 # ---------------------------------------------------------------- data
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
@@ -195,13 +211,29 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mtfm", description="Train and serve one multi-scenario recommendation foundation model (MTFM) on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    scenarios = sub.add_parser("scenarios", help="list and validate the registered scenarios",
+    scenarios = sub.add_parser("scenarios", help="list, validate and infer (draft) scenarios",
                                description="Inspect the scenario registry (configs/scenarios/*.yaml and configs/sequences.yaml).")
     ssub = scenarios.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = ssub.add_parser("list", parents=[common], help="print every scenario and sequence")
     p.set_defaults(handler=cmd_scenarios_list)
     p = ssub.add_parser("validate", parents=[common], help="load and validate every config; exit 1 with the error if any is bad")
     p.set_defaults(handler=cmd_scenarios_validate)
+    p = ssub.add_parser("infer", parents=[common], help="draft a scenario YAML from an exposure log",
+                        description="Infer a draft configs/scenarios/NAME.yaml from an exposure log (Parquet file "
+                                    "or folder, or CSV): feature types, buckets/dim from cardinality, numeric "
+                                    "transforms, label columns as tasks, the user/item/cross split; features the "
+                                    "registry already declares are copied exactly. The draft is validated by the "
+                                    "registry and a table of what was inferred, and why, is printed. Rules: "
+                                    "platform/schema_inference.py.")
+    p.add_argument("--name", required=True, metavar="NAME", help="scenario name (a lower-case identifier)")
+    p.add_argument("--exposures", required=True, metavar="PATH",
+                   help="the exposure log: a Parquet file, a folder of Parquet files, or a CSV file")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="where to write the draft (default: <config-dir>/scenarios/NAME.yaml)")
+    p.add_argument("--force", action="store_true", help="overwrite the output file if it exists")
+    p.add_argument("--skip", action="append", default=[], metavar="COLUMN[,COLUMN]",
+                   help="leave these columns out (e.g. string columns not mapped to integer ids); repeatable")
+    p.set_defaults(handler=cmd_scenarios_infer)
 
     data = sub.add_parser("data", help="make raw logs and aggregate them into user-level samples",
                           description="Raw logs (exposures/<scenario>/, behaviors/<sequence>/ Parquet) and their "

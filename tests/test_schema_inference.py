@@ -1,0 +1,165 @@
+"""`mtfm scenarios infer`: a draft scenario YAML inferred from an exposure log (platform/schema_inference.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from mtfm.platform.cli import main
+from mtfm.platform.registry import load_registry, read_yaml_mapping
+from mtfm.platform.schema_inference import (
+    SchemaInferenceError, buckets_for, dim_for, infer_scenario, numeric_transform,
+)
+from mtfm.platform.synth import synthesize
+
+from repo_paths import CONFIGS
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    """Synthetic raw logs of the seed configs: 40 users x 2 days."""
+    root = tmp_path_factory.mktemp("infer-raw")
+    synthesize(load_registry(CONFIGS), root, users=40, days=2, seed=3, log=lambda *a, **k: None)
+    return root
+
+
+def _sections(path: Path) -> dict[str, tuple[str, str]]:
+    """feature name -> (section, type) of a scenario YAML."""
+    raw = read_yaml_mapping(path)
+    return {f["name"]: (section, f["type"]) for section in ("user_features", "item_features", "cross_features")
+            for f in raw.get(section) or []}
+
+
+def _tasks(path: Path) -> list[tuple[str, str, str | None]]:
+    return [(t["name"], t.get("kind", "binary"), t.get("depends_on")) for t in read_yaml_mapping(path)["tasks"]]
+
+
+def _table(**columns) -> pa.Table:
+    n = len(next(iter(columns.values())))
+    base = {"user_id": list(range(n)), "request_id": list(range(n)), "ts": [1_767_225_600_000 + i for i in range(n)]}
+    return pa.table(base | columns)
+
+
+def test_round_trip_phf_matches_the_hand_written_yaml(raw, config_dir):
+    hand = config_dir / "scenarios" / "phf.yaml"
+    expected_sections, expected_tasks = _sections(hand), _tasks(hand)
+    hand_raw = read_yaml_mapping(hand)
+    hand.unlink()
+    result = infer_scenario("phf", raw / "exposures" / "phf", config_dir=config_dir)
+    assert result.out == hand and hand.is_file()
+    text = hand.read_text()
+    assert text.startswith("# DRAFT") and "user/item/cross" in text
+    reg = load_registry(config_dir)  # the draft validates together with hp, sqs and the sequences
+    assert _sections(hand) == expected_sections
+    assert _tasks(hand) == expected_tasks
+    # Reused names are copied exactly (sequences: poi_id, category; hp/sqs: user_city, distance_km).
+    seqs = reg.sequence("history")
+    inferred = {f.name: f for f in reg.scenario("phf").features}
+    for f in seqs.features:
+        if f.name in inferred:
+            assert inferred[f.name].spec() == f.spec()
+    assert inferred["user_city"].spec() == reg.scenario("hp").user_features[0].spec()
+    # New names are sized from the data.
+    hand_tags = next(f for f in hand_raw["item_features"] if f["name"] == "dish_tags")
+    assert inferred["dish_tags"].max_len == hand_tags["max_len"]
+    assert inferred["dish_id"].buckets >= 16 and inferred["dish_id"].dim % 4 == 0
+    assert set(reg.scenario("phf").synthetic.label_rates) == {"click", "order"}
+
+
+def test_csv_input_and_rules(tmp_path, config_dir):
+    n = 400
+    table = _table(
+        user_age_band=[i % 7 for i in range(n)],
+        shop_id=[i * 37 % 300 for i in range(n)],
+        shop_rating=[(i % 50) / 10 for i in range(n)],
+        category=[i % 12 for i in range(n)],
+        distance_m=[1.5 + i % 3 if i % 40 else 5000.5 for i in range(n)],  # not integral: CSV has no float type
+        shop_views_30d=[i % 90 for i in range(n)],
+        is_liked=[i % 2 for i in range(n)],
+        clicked=[i % 3 == 0 for i in range(n)],
+        buy=[int(i % 9 == 0) for i in range(n)],
+    )
+    path = tmp_path / "log.csv"
+    pacsv.write_csv(table, path)
+    result = infer_scenario("shop_feed", path, config_dir=config_dir)
+    by_name = {c.column: c for c in result.columns}
+    assert _sections(result.out) == {
+        "user_age_band": ("user_features", "categorical"),
+        "shop_id": ("item_features", "categorical"),
+        "shop_rating": ("item_features", "numeric"),
+        "category": ("item_features", "categorical"),
+        "distance_m": ("cross_features", "numeric"),
+        "shop_views_30d": ("cross_features", "numeric"),
+    }
+    assert by_name["distance_m"].spec["transform"] == "log1p"
+    assert by_name["category"].why.startswith("reused from sequence")
+    assert by_name["shop_id"].spec["buckets"] == 1024 and by_name["shop_id"].spec["required"] is True
+    assert _tasks(result.out) == [("clicked", "ctr", None), ("buy", "ctcvr", "clicked"), ("is_liked", "binary", None)]
+    assert {c.column for c in result.columns if c.role == "skipped"} == {"user_id", "request_id", "ts"}
+    load_registry(config_dir)
+
+
+def test_sizing_rules():
+    assert buckets_for(0) == 16 and buckets_for(8) == 16 and buckets_for(9) == 32 and buckets_for(732) == 2048
+    assert dim_for(1) == 8 and dim_for(16) == 12 and dim_for(10**9) == 64
+    assert all(dim_for(c) % 4 == 0 and 4 <= dim_for(c) <= 64 for c in (1, 2, 5, 100, 10**4, 10**6))
+    import numpy as np
+
+    assert numeric_transform(np.array([0.0, 1.0, 1.0, 2.0, 500.0]))[0] == "log1p"
+    assert numeric_transform(np.array([0.1, 0.5, 0.9]))[0] == "none"
+    assert numeric_transform(np.array([-1.0, 0.5, 1.0, 900.0]))[0] == "symlog"
+
+
+@pytest.mark.parametrize("case, match", [
+    ("string_id", r"log\.parquet: column 'shop_id' holds strings .*must be integers.*--skip shop_id"),
+    ("no_labels", r"log\.parquet: no label columns found.*click, order"),
+    ("bad_name", r"--name 'Shop-Feed': expected a lower-case identifier"),
+    ("missing", r"nope\.parquet: exposure log not found"),
+    ("exists", r"phf\.yaml: already exists; pass --force"),
+    ("sequence_name", r"--name 'history': already the name of a sequence"),
+])
+def test_error_paths_name_the_file_and_column(tmp_path, config_dir, case, match):
+    good = _table(shop_id=[1, 2, 3], click=[0, 1, 0])
+    tables = {"string_id": _table(shop_id=["a", "b", "c"], click=[0, 1, 0]),
+              "no_labels": _table(shop_id=[1, 2, 3], score=[0.1, 0.2, 0.3], flag=[0, 1, 0])}
+    path = tmp_path / "log.parquet"
+    pq.write_table(tables.get(case, good), path)
+    name = {"bad_name": "Shop-Feed", "exists": "phf", "sequence_name": "history"}.get(case, "shop_feed")
+    if case == "missing":
+        path = tmp_path / "nope.parquet"
+    with pytest.raises(SchemaInferenceError, match=match):
+        infer_scenario(name, path, config_dir=config_dir)
+    assert not (config_dir / "scenarios" / "shop_feed.yaml").exists()
+
+
+def test_force_overwrites_and_skip_leaves_columns_out(tmp_path, config_dir):
+    path = tmp_path / "log.parquet"
+    pq.write_table(_table(shop_id=[1, 2, 3], shop_name=["a", "b", "c"], order=[0, 1, 0]), path)
+    result = infer_scenario("phf", path, config_dir=config_dir, force=True, skip=("shop_name",))
+    assert _tasks(result.out) == [("order", "ctcvr", None)]
+    assert "shop_name (--skip)" in result.out.read_text()
+    load_registry(config_dir)
+
+
+def test_cli_prints_the_summary_and_writes_the_file(raw, config_dir, tmp_path, capsys):
+    out = tmp_path / "draft" / "sqs_copy.yaml"
+    argv = ["scenarios", "infer", "--name", "sqs_copy", "--exposures", str(raw / "exposures" / "sqs"),
+            "--config-dir", str(config_dir), "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "column" in printed and "why" in printed
+    assert "redeem_7d" in printed and "depends_on order" in printed and "reused from scenario sqs" in printed
+    assert f"wrote draft {out}" in printed
+    assert _tasks(out)[:2] == [("click", "ctr", None), ("order", "ctcvr", "click")]
+    assert main(argv) == 1  # exists, no --force
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert main(argv + ["--force"]) == 0
+    csv_path = tmp_path / "bad.csv"
+    csv_path.write_text("user_id,ts,shop_id,click\n1,5,abc,0\n2,6,def,1\n")
+    assert main(["scenarios", "infer", "--name", "bad", "--exposures", str(csv_path),
+                 "--config-dir", str(config_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "bad.csv: column 'shop_id' holds strings" in err
