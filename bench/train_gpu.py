@@ -1,0 +1,529 @@
+"""GPU training benchmark (issue 7, parts 1 and 2): MTFM training steps through Ray Train.
+
+    python bench/train_gpu.py [--out FILE] [--no-ray] [--device cuda|cpu] [--tiny] [--only NAME ...]
+
+One Ray Train `TorchTrainer` with one GPU worker (use_gpu=True) runs every case in turn in the
+same worker process (one trainer start instead of one per case); `--no-ray` runs the same worker
+function in-process (debugging; `--device cpu --tiny` for this CPU box at tiny shapes).
+
+Per case: the model is built from its config (plus overrides), Adam + Adagrad from
+`mtfm.platform.train.make_optimizers`, and trained on pre-collated token-budget batches of
+synthetic users (`mtfm.model.sample_tables`, the realistic mix: history 200-1000, realtime 20-100,
+targets 25-150 hp + 15-100 phf + 10-50 sqs, i.e. 50-300 over 3 scenarios), rotating over 4
+distinct batches. The step is train.py's: batch.to(device) (one H2D copy), autocast forward,
+multitask BCE, zero_grad, backward, grad clip 1.0, optimizer steps.
+
+- Throughput pass: W warm-up steps, then S steps with no host sync inside; samples/s, tokens/s.
+- Split pass: K more steps with torch.cuda.synchronize() around data (H2D), forward (+ loss),
+  backward and optimizer (zero_grad + clip + steps); medians.
+- Peak memory: torch.cuda.max_memory_allocated from right after the model was moved to the GPU
+  (parameters, gradients, optimizer state, activations).
+- FLOPs: `mtfm.model.summary.forward_flops` (DESIGN.md's convention) on each batch's exact token
+  mix and visible (query, key) pairs; training FLOPs = 3x forward. MFU = achieved training
+  FLOP/s over the dense bf16 8192^3 matmul rate measured at the start of the same run.
+- Host syncs: one extra step under torch.cuda.set_sync_debug_mode("warn"); each synchronising
+  call is recorded with its innermost frame in this repository's code.
+- Collate: the host time to collate one batch (train.py collates inline, on the worker's CPU).
+OOM is caught per case and recorded. Prints a table last and writes JSON (--out).
+
+On the GPU machine (no install; `ensure_mtfm` maps the package): build Ray with
+/work/shared/device/make-ray-bundle.sh, add the googleapis-common-protos wheel under .devbundle/whl
+(Ray's dashboard agent imports google.rpc; without it the node start timed out there), carry .devbundle,
+and see bench/RESULTS.md "GPU training (issue 7)" for the exact command.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+import types
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MIX = {"history": (200, 1000), "realtime": (20, 100), "hp": (25, 150), "phf": (15, 100), "sqs": (10, 50)}
+MAX_LEN = {"history": 1000, "realtime": 100}
+TINY_MIX = {"history": (10, 50), "realtime": (2, 10), "hp": (3, 10), "phf": (2, 6), "sqs": (1, 4)}
+
+# name, part, model config, overrides, token budget key ("main" or "kernels")
+SMALL = "configs/model/small.yaml"
+CASES = [
+    ("small", "sizes", SMALL, {}, "main"),
+    ("medium", "sizes", "configs/model/medium.yaml", {}, "main"),
+    ("large", "sizes", "configs/model/large.yaml", {}, "main"),
+    # Table 4: the small model's widths (d_model 512, 2 query heads of dim 256), 16 layers; GQA = 1 kv head.
+    ("t4 (0:16)*1", "table4", SMALL, {"hta_layout": "(0:16)*1", "num_kv_heads": 1}, "main"),
+    ("t4 (16:0)*1", "table4", SMALL, {"hta_layout": "(16:0)*1", "num_kv_heads": 1}, "main"),
+    ("t4 (1:1)*8", "table4", SMALL, {"hta_layout": "(1:1)*8", "num_kv_heads": 1}, "main"),
+    ("t4 (3:1)*4", "table4", SMALL, {"hta_layout": "(3:1)*4", "num_kv_heads": 1}, "main"),
+    ("t4 (5:1)*3", "table4", SMALL, {"hta_layout": "(5:1)*3", "num_kv_heads": 1}, "main"),
+    ("t4 (3:1)*4 no GQA", "table4", SMALL, {"hta_layout": "(3:1)*4", "num_kv_heads": 2}, "main"),
+    # Kernels vs the PyTorch references, at a smaller batch (the references are O(L^2) per user).
+    ("kern small triton", "kernels", SMALL, {"attention_impl": "triton", "norm_impl": "triton"}, "kernels"),
+    ("kern small reference", "kernels", SMALL, {"attention_impl": "reference", "norm_impl": "reference"}, "kernels"),
+    ("kern t4 (3:1)*4 triton", "kernels", SMALL,
+     {"hta_layout": "(3:1)*4", "num_kv_heads": 1, "attention_impl": "triton", "norm_impl": "triton"}, "kernels"),
+    ("kern t4 (3:1)*4 reference", "kernels", SMALL,
+     {"hta_layout": "(3:1)*4", "num_kv_heads": 1, "attention_impl": "reference", "norm_impl": "reference"}, "kernels"),
+]
+
+
+def ensure_mtfm() -> None:
+    """Import `mtfm` from the installed package or, in a bare checkout (the GPU machine), map
+    mtfm.platform/model/kernels onto ./platform, ./model, ./kernels (as pyproject.toml does)."""
+    if importlib.util.find_spec("mtfm") is not None:
+        return
+    package = types.ModuleType("mtfm")
+    package.__path__ = []
+    sys.modules["mtfm"] = package
+    for sub in ("platform", "kernels", "model", "deployments"):
+        folder = ROOT / sub
+        init = folder / "__init__.py"
+        if init.exists():
+            spec = importlib.util.spec_from_file_location(f"mtfm.{sub}", init, submodule_search_locations=[str(folder)])
+            module = importlib.util.module_from_spec(spec)
+        else:
+            module = types.ModuleType(f"mtfm.{sub}")
+            module.__path__ = [str(folder)]
+            spec = None
+        sys.modules[f"mtfm.{sub}"] = module
+        setattr(package, sub, module)
+        if spec is not None:
+            spec.loader.exec_module(module)
+
+
+# ---------------------------------------------------------------- helpers (run in the worker)
+
+def exact_mix(batch):
+    """TokenMix of a collated batch: tokens per group and visible (query, key) pairs per user,
+    exact by the mask rule, O(N log N) on the host (TokenMix.from_batch builds dense masks)."""
+    import numpy as np
+
+    from mtfm.kernels.mask import TokenKind
+    from mtfm.model.summary import TokenMix
+
+    offsets, kind, ts = batch.offsets.numpy(), batch.kind.numpy(), batch.ts.numpy()
+    full = target = 0
+    for b in range(batch.num_users):
+        k, t = kind[offsets[b]:offsets[b + 1]], ts[offsets[b]:offsets[b + 1]]
+        n_h = int((k == TokenKind.H).sum())
+        r_ts = np.sort(t[k == TokenKind.R])
+        per_query = n_h + np.searchsorted(r_ts, t, side="left") + (k != TokenKind.H)
+        full += int(per_query.sum())
+        target += int(per_query[k == TokenKind.T].sum())
+    users = max(batch.num_users, 1)
+    counts = np.bincount(batch.group.numpy(), minlength=len(batch.group_names))
+    return TokenMix({n: c / users for n, c in zip(batch.group_names, counts.tolist())}, full / users, target / users,
+                    batch.scenarios)
+
+
+def tiny_overrides(config) -> dict:
+    heads = config.num_heads
+    return {"d_model": 16 * heads, "tokenizer_hidden_dim": 32, "max_seq_len": 256,
+            "mmoe": {"num_experts": 2, "expert_dim": 16, "tower_dim": 8}}
+
+
+def matmul_tflops(device) -> float | None:
+    import torch
+
+    if device.type != "cuda":
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+class SyncRecorder:
+    """Records the synchronising calls torch.cuda's sync debug mode warns about, with the
+    innermost frame of this repository's code that led to each."""
+
+    def __init__(self):
+        self.events: dict[str, int] = {}
+
+    def __enter__(self):
+        import torch
+
+        self._catch = warnings.catch_warnings()
+        self._catch.__enter__()
+        warnings.simplefilter("always")
+        self._old = warnings.showwarning
+        warnings.showwarning = self._record
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = self._old
+        self._catch.__exit__(*exc)
+
+    def _record(self, message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if str(ROOT) in f.filename and "train_gpu.py" not in f.filename]
+        where = (f"{Path(frames[-1].filename).relative_to(ROOT)}:{frames[-1].lineno} {frames[-1].line}"
+                 if frames else f"{filename}:{lineno}")
+        key = f"{where} | {str(message).splitlines()[0][:80]}"
+        self.events[key] = self.events.get(key, 0) + 1
+
+
+def run_case(name, part, config_path, overrides, batches, mixes, device, args, peak_tflops, ray_mode):
+    import torch
+
+    from mtfm.model import build_model, load_model_config, multitask_bce_loss
+    from mtfm.model.summary import forward_flops
+    from mtfm.platform.registry import load_registry
+    from mtfm.platform.train import TrainConfig, make_optimizers
+
+    cuda = device.type == "cuda"
+    registry = load_registry(ROOT / "configs")
+    config = load_model_config(ROOT / config_path)
+    if args.tiny:
+        config = config.replace(**tiny_overrides(config))
+    config = config.replace(**overrides)
+    torch.manual_seed(0)
+    model = build_model(config, registry)
+    if ray_mode:
+        import ray.train.torch
+
+        ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    else:
+        ddp_model = model.to(device)
+    model.train()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    optimizers = make_optimizers(model, TrainConfig(name="bench", model=config_path))
+    params = sum(p.numel() for p in model.parameters())
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def step(cpu_batch, marks=None):
+        def mark():
+            if marks is not None:
+                sync()
+                marks.append(time.perf_counter())
+        mark()
+        batch = cpu_batch.to(device)
+        mark()
+        with model.autocast(device.type):
+            output = ddp_model(batch)
+        loss, _ = multitask_bce_loss(output, batch)
+        mark()
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        mark()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for opt in optimizers.values():
+            opt.step()
+        mark()
+        return loss.detach()
+
+    batch_flops = [forward_flops(config, model.registry, m)["total"] * b.num_users for b, m in zip(batches, mixes)]
+    # Throughput pass.
+    losses = [step(batches[i % len(batches)]) for i in range(args.warmup)]
+    sync()
+    start = time.perf_counter()
+    users = tokens = 0
+    flops = 0.0
+    host = []
+    for i in range(args.steps):
+        b = batches[i % len(batches)]
+        h0 = time.perf_counter()
+        losses.append(step(b))
+        host.append(time.perf_counter() - h0)
+        users, tokens = users + b.num_users, tokens + b.num_tokens
+        flops += batch_flops[i % len(batches)]
+    sync()
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
+    # Split pass.
+    parts = {"data": [], "forward": [], "backward": [], "optimizer": [], "total": []}
+    for i in range(args.split_steps):
+        marks: list[float] = []
+        step(batches[i % len(batches)], marks)
+        for key, (a, b) in zip(("data", "forward", "backward", "optimizer"), zip(marks, marks[1:])):
+            parts[key].append(b - a)
+        parts["total"].append(marks[-1] - marks[0])
+    # Host syncs of one step.
+    syncs = None
+    if cuda:
+        with SyncRecorder() as rec:
+            step(batches[0])
+            sync()
+        syncs = rec.events
+    # GPU busy time of one step (sum of device kernel times) and its top kernels.
+    profile = None
+    if cuda and any(p == name for p in (args.profile or [])):
+        try:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            sync()
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                w0 = time.perf_counter()
+                step(batches[1])
+                sync()
+                wall = time.perf_counter() - w0
+            averages = prof.key_averages()
+
+            def dev(e):
+                return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+
+            kernels = sorted(((e.key, dev(e) / 1e3, e.count) for e in averages if dev(e) > 0), key=lambda k: -k[1])
+            profile = {"wall_ms_under_profiler": 1e3 * wall, "gpu_kernel_ms": sum(k[1] for k in kernels),
+                       "kernel_launches": sum(k[2] for k in kernels),
+                       "top_kernels": [{"name": n[:120], "ms": ms, "calls": c} for n, ms, c in kernels[:15]]}
+            try:
+                text = averages.table(sort_by="self_device_time_total", row_limit=25)
+            except Exception:  # noqa: BLE001
+                text = averages.table(sort_by="self_cuda_time_total", row_limit=25)
+            with open(Path(args.out).resolve().parent / "profiles.txt", "a") as fh:
+                fh.write(f"==== {name}\n{text}\n")
+        except Exception as exc:  # noqa: BLE001 - the profile is extra; keep the case's numbers
+            profile = {"error": f"{type(exc).__name__}: {exc}"}
+    fwd = forward_flops(config, model.registry, mixes[0])
+    final_loss = float(torch.stack(losses).float().mean())
+    train_flops = 3 * flops
+    result = {
+        "case": name, "part": part, "config": config_path, "overrides": overrides,
+        "layout": config.hta_layout, "d_model": config.d_model, "num_heads": config.num_heads,
+        "kv_heads": config.kv_heads, "layers": config.num_layers,
+        "attention_impl": config.attention_impl, "norm_impl": config.norm_impl, "parameters": params,
+        "steps": args.steps, "users_per_step": users / args.steps, "tokens_per_step": tokens / args.steps,
+        "step_s": elapsed / args.steps, "samples_per_s": users / elapsed, "tokens_per_s": tokens / elapsed,
+        "fwd_gflop_per_sample": fwd["total"] / 1e9, "fwd_attention_share": fwd["attention"] / fwd["total"],
+        "train_tflop_per_step": train_flops / args.steps / 1e12,
+        "achieved_tflops": train_flops / elapsed / 1e12,
+        "mfu": (train_flops / elapsed / 1e12) / peak_tflops if peak_tflops else None,
+        "peak_mem_gib": peak, "peak_reserved_gib": reserved,
+        "host_ms_per_step": 1e3 * statistics.mean(host), "profile": profile,
+        "split_ms": {k: 1e3 * statistics.median(v) for k, v in parts.items() if v},
+        "mean_loss": final_loss, "host_syncs_one_step": syncs,
+    }
+    del model, ddp_model, optimizers, losses
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def worker(loop_config: dict) -> None:
+    """Runs every case (the Ray Train worker function, or in-process with --no-ray)."""
+    ensure_mtfm()
+    import numpy as np
+    import torch
+
+    from mtfm.model import Collator, split_by_token_budget
+    from mtfm.model.sample_tables import random_aggregated_table
+    from mtfm.platform.registry import load_registry
+
+    args = argparse.Namespace(**loop_config["args"])
+    ray_mode = loop_config["ray"]
+    if ray_mode:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device(args.device)
+    say = lambda msg: (sys.stdout.write(f"[bench] {msg}\n"), sys.stdout.flush())  # noqa: E731
+    t0 = time.perf_counter()
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    peak_tflops = matmul_tflops(device)
+    say(f"{info}; dense bf16 matmul {peak_tflops} TFLOP/s")
+
+    registry = load_registry(ROOT / "configs")
+    collator = Collator(registry, max_len=MAX_LEN)
+    rng = np.random.default_rng(0)
+    mix = TINY_MIX if args.tiny else MIX
+    budgets = {"main": args.tokens, "kernels": args.kernel_tokens}
+    pools, collate_ms = {}, {}
+    for key, budget in budgets.items():
+        table = random_aggregated_table(registry, max(64, int(5 * budget / (sum(sum(v) / 2 for v in mix.values())))),
+                                        rng, lengths=mix)
+        cuts = split_by_token_budget(collator.token_counts(table), budget)
+        batches, mixes, times = [], [], []
+        for lo, hi in list(zip(cuts, cuts[1:]))[:4]:
+            s = time.perf_counter()
+            batches.append(collator(table.slice(lo, hi - lo)))
+            times.append(time.perf_counter() - s)
+            mixes.append(exact_mix(batches[-1]))
+        pools[key] = (batches, mixes)
+        collate_ms[key] = 1e3 * statistics.median(times)
+        say(f"pool {key}: budget {budget}, {[b.num_tokens for b in batches]} tokens, "
+            f"{[b.num_users for b in batches]} users, {[b.num_targets for b in batches]} targets; "
+            f"collate {collate_ms[key]:.0f} ms/batch")
+
+    results = []
+
+    def write(extra: dict) -> None:
+        out = {"info": info, "dense_bf16_matmul_tflops": peak_tflops, "collate_ms_per_batch": collate_ms,
+               "args": vars(args), "ray": ray_mode, "wall_s": time.perf_counter() - t0} | extra
+        Path(loop_config["out"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(loop_config["out"]).write_text(json.dumps(out, indent=1, default=str))
+
+    for name, part, config_path, overrides, pool in CASES:
+        if args.only and not any(o in name for o in args.only):
+            continue
+        if time.perf_counter() - t0 > args.budget_s:
+            results.append({"case": name, "part": part, "skipped": "time budget"})
+            say(f"{name}: skipped (time budget)")
+            continue
+        batches, mixes = pools[pool]
+        try:
+            r = run_case(name, part, config_path, overrides, batches, mixes, device, args, peak_tflops, ray_mode)
+            r["collate_ms_per_batch"] = collate_ms[pool]
+            r["token_budget"] = budgets[pool]
+            say(f"{name}: {r['samples_per_s']:.0f} samples/s, {r['tokens_per_s']:.0f} tokens/s, step "
+                f"{1e3 * r['step_s']:.1f} ms, split {r['split_ms']}, peak {r['peak_mem_gib']} GiB, mfu {r['mfu']}")
+        except torch.OutOfMemoryError as exc:
+            r = {"case": name, "part": part, "error": f"OOM: {str(exc).splitlines()[0]}"}
+            say(f"{name}: OOM")
+        except Exception as exc:  # noqa: BLE001 - record and go on with the next case
+            r = {"case": name, "part": part, "error": f"{type(exc).__name__}: {exc}",
+                 "traceback": traceback.format_exc()[-2000:]}
+            say(f"{name}: {r['error']}\n{r['traceback']}")
+        results.append(r)
+        write({"partial": True, "results": results})
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    write({"results": results})
+    if ray_mode:
+        import ray.train
+
+        ray.train.report({"cases": len(results)})
+
+
+def run_with_ray(loop_config: dict, use_gpu: bool) -> None:
+    import logging
+    import tempfile
+
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    cpus = max(1, min(8, (os.cpu_count() or 2) - 1))
+    trainer = TorchTrainer(worker, train_loop_config=loop_config,
+                           scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu,
+                                                        resources_per_worker={"CPU": cpus}),
+                           run_config=RunConfig(name="train_gpu_bench", storage_path=tempfile.mkdtemp()))
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    ray.shutdown()
+
+
+def print_table(out: dict) -> None:
+    rows = out["results"]
+    print(f"\n{out['info']}; dense bf16 matmul {out['dense_bf16_matmul_tflops']} TFLOP/s; "
+          f"collate ms/batch {out['collate_ms_per_batch']}")
+    print(f"{'case':<26} {'layout':<9} {'kv':>2} {'tok/step':>8} {'users':>5} {'samples/s':>9} {'tokens/s':>9} "
+          f"{'step ms':>7} {'data':>5} {'fwd':>6} {'bwd':>6} {'opt':>5} {'peak GiB':>8} {'TFLOP/s':>7} {'MFU':>5} {'host ms':>7} {'GPU ms':>7}")
+    for r in rows:
+        if "samples_per_s" not in r:
+            print(f"{r['case']:<26} {r.get('error') or r.get('skipped')}")
+            continue
+        s = r["split_ms"]
+        peak = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"{r['case']:<26} {r['layout']:<9} {r['kv_heads']:>2} {r['tokens_per_step']:>8.0f} "
+              f"{r['users_per_step']:>5.0f} {r['samples_per_s']:>9.1f} {r['tokens_per_s']:>9.0f} "
+              f"{1e3 * r['step_s']:>7.1f} {s['data']:>5.1f} {s['forward']:>6.1f} {s['backward']:>6.1f} "
+              f"{s['optimizer']:>5.1f} {peak:>8} {r['achieved_tflops']:>7.1f} {mfu:>5} {r['host_ms_per_step']:>7.1f}"
+              + (f" {r['profile']['gpu_kernel_ms']:>7.1f}" if (r.get("profile") or {}).get("gpu_kernel_ms") else ""))
+    by = {r["case"]: r for r in rows if "samples_per_s" in r}
+
+    def ratio(a, b, key):
+        return by[a][key] / by[b][key] if a in by and b in by and by[b][key] else None
+
+    goals = {
+        "(3:1)*4 / (0:16)*1 samples/s (goal >= 2.0)": ratio("t4 (3:1)*4", "t4 (0:16)*1", "samples_per_s"),
+        "(3:1)*4 / (0:16)*1 peak memory (goal <= 0.55)": ratio("t4 (3:1)*4", "t4 (0:16)*1", "peak_mem_gib"),
+        "(3:1)*4 GQA / no GQA samples/s (goal >= 1.15)": ratio("t4 (3:1)*4", "t4 (3:1)*4 no GQA", "samples_per_s"),
+        "(3:1)*4 GQA / no GQA peak memory": ratio("t4 (3:1)*4", "t4 (3:1)*4 no GQA", "peak_mem_gib"),
+        "small triton / reference samples/s (goal >= 1.6)": ratio("kern small triton", "kern small reference",
+                                                                  "samples_per_s"),
+        "(3:1)*4 triton / reference samples/s (goal >= 1.6)": ratio("kern t4 (3:1)*4 triton",
+                                                                    "kern t4 (3:1)*4 reference", "samples_per_s"),
+        "large MFU (goal >= 0.40)": by.get("large", {}).get("mfu"),
+    }
+    out["goals"] = goals
+    print()
+    for k, v in goals.items():
+        print(f"{k:<52} {'-' if v is None else f'{v:.3f}'}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/results"), "train_gpu.json"))
+    parser.add_argument("--no-ray", action="store_true", help="run the worker in-process (debugging)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny widths and sequences (CPU debugging)")
+    parser.add_argument("--tokens", type=int, default=None, help="token budget per step (default 131072; tiny 2048)")
+    parser.add_argument("--kernel-tokens", type=int, default=None,
+                        help="token budget of the kernels-vs-reference cases (default 16384; tiny 1024)")
+    parser.add_argument("--warmup", type=int, default=5, help="warm-up steps (>= 4: every batch shape once)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--split-steps", type=int, default=4)
+    parser.add_argument("--budget-s", type=float, default=420.0, help="skip cases that would start after this")
+    parser.add_argument("--profile", nargs="*", default=["large", "t4 (3:1)*4", "t4 (0:16)*1", "medium"],
+                        help="cases to profile for one step (GPU kernel time, top kernels)")
+    parser.add_argument("--only", nargs="*", default=None, help="run only cases whose name contains one of these")
+    args = parser.parse_args()
+    args.tokens = args.tokens or (2048 if args.tiny else 131072)
+    args.kernel_tokens = args.kernel_tokens or (1024 if args.tiny else 16384)
+    out_path = str(Path(args.out).resolve())
+    loop_config = {"args": vars(args), "ray": not args.no_ray, "out": out_path}
+    start = time.perf_counter()
+    if args.no_ray:
+        worker(loop_config)
+    else:
+        os.environ.setdefault("PYTHONPATH", str(ROOT))
+        run_with_ray(loop_config, use_gpu=args.device == "cuda")
+    out = json.loads(Path(out_path).read_text())
+    out["command"] = "python " + " ".join(sys.argv)
+    out["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    out["total_wall_s"] = time.perf_counter() - start
+    print_table(out)
+    Path(out_path).write_text(json.dumps(out, indent=1, default=str))
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
