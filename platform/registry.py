@@ -88,7 +88,7 @@ class ServingConfig:
     max_batch_tokens: int = 65536
     batch_wait_timeout_s: float = 0.005
     max_candidates: int = 1000
-    num_cpus: float = 0.5
+    num_cpus: float = 0.25
     num_gpus: float = 0.0
     backend: str = "torch"
 
