@@ -224,7 +224,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     collator = Collator(model.registry)
     train_shard = ray.train.get_dataset_shard("train")
 
-    def save(batches_in_epoch: int, metrics: dict) -> None:
+    def save(batches_in_epoch: int, metrics: dict, final: bool = False) -> None:
         nonlocal last_saved
         last_saved = step
         with tempfile.TemporaryDirectory() as tmp:
@@ -233,7 +233,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 meta = CheckpointMeta(step, epoch, batches_in_epoch, registry.to_dict(),
                                       loop_config["model_config"], config.to_dict())
                 write_checkpoint(Path(tmp), model, optimizers, meta)
-                if config.evaluate_at_checkpoints:
+                if config.evaluate_at_checkpoints or final:  # the final checkpoint always gets eval.json
                     model.eval()
                     with torch.no_grad():
                         result = evaluate_batches(model, _eval_batches(collator, config), device)
@@ -300,7 +300,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if not done:
             epoch, skip = epoch + 1, 0
     if last_saved != step or step == 0:
-        save(position if done else 0, {"step": step})
+        save(position if done else 0, {"step": step}, final=True)
     if rank == 0:
         last = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if "eval" in line]
         if last:
