@@ -62,6 +62,7 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0       # with use_gpu; a fraction lets small runs share one GPU
     max_failures: int = 2              # worker failures survived by restarting from the latest checkpoint
     freeze_loaded_steps: int = 0       # with --init-from: train only the fresh modules for this many steps
     inject_failure_at_step: int | None = None  # fault injection: a worker dies once at this step
@@ -91,6 +92,9 @@ class TrainConfig:
                     "checkpoint_every", "keep_checkpoints", "num_workers"):
             if getattr(config, key) < 1:
                 raise RegistryError(source, key, f"expected an integer >= 1, found {getattr(config, key)}")
+        for key in ("cpus_per_worker", "gpus_per_worker"):
+            if getattr(config, key) <= 0:
+                raise RegistryError(source, key, f"expected a number > 0, found {getattr(config, key)}")
         return config
 
     def to_dict(self) -> dict[str, Any]:
@@ -395,7 +399,8 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
                            "model_config": _model_config_dict(model_config), "run_dir": str(run_dir),
                            "init_from": str(init_from) if init_from else None},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+                                     resources_per_worker={"CPU": config.cpus_per_worker} | (
+                                         {"GPU": config.gpus_per_worker} if config.use_gpu else {})),
         run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),

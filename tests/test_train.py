@@ -112,6 +112,9 @@ def test_train_config_errors(tmp_path):
     bad.write_text("epochs: 3\n")
     with pytest.raises(RegistryError, match=r"bad.yaml: model: required field missing"):
         TrainConfig.load(bad)
+    bad.write_text("model: configs/model/tiny.yaml\nuse_gpu: true\ngpus_per_worker: 0\n")
+    with pytest.raises(RegistryError, match=r"bad.yaml: gpus_per_worker: expected a number > 0, found 0"):
+        TrainConfig.load(bad)
 
 
 def _free_port() -> int:
