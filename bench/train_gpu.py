@@ -1,6 +1,7 @@
 """GPU training benchmark (issue 7, parts 1 and 2): MTFM training steps through Ray Train.
 
     python bench/train_gpu.py [--out FILE] [--no-ray] [--device cuda|cpu] [--tiny] [--only NAME ...]
+                              [--pipeline] [--compile-shapes N]
 
 One Ray Train `TorchTrainer` with one GPU worker (use_gpu=True) runs every case in turn in the
 same worker process (one trainer start instead of one per case); `--no-ray` runs the same worker
@@ -23,10 +24,18 @@ multitask BCE, zero_grad, backward, grad clip 1.0, optimizer steps.
   FLOP/s over the dense bf16 8192^3 matmul rate measured at the start of the same run.
 - Host syncs: one extra step under torch.cuda.set_sync_debug_mode("warn"); each synchronising
   call is recorded with its innermost frame in this repository's code.
-- Collate: the host time to collate one batch (train.py collates inline, on the worker's CPU).
+- Collate: the host time to collate one batch.
 OOM is caught per case and recorded. Prints a table last and writes JSON (--out).
 
-On the GPU machine (no install; `ensure_mtfm` maps the package): build Ray with
+Optional sections (issue 7, part 1), run before the cases, in the JSON's "sections":
+- `--pipeline` (a): the small model's step fed pre-collated batches, then raw Arrow tables
+  collated inline in the loop (train.py before), then the same through `BatchPrefetcher`
+  (train.py now: collation and the H2D copy in a thread, overlapping the step); ms per step each.
+- `--compile-shapes N` (b): one synchronised step on each of N batches of new shapes, with fresh
+  Triton kernels as shipped (`do_not_specialize` on per-batch arguments) and specialised as
+  before; step times (compiles included) and variants compiled per kernel.
+
+On the GPU machine (no install; `bench/checkout.py` maps the package): build Ray with
 /work/shared/device/make-ray-bundle.sh, add the googleapis-common-protos wheel under .devbundle/whl
 (Ray's dashboard agent imports google.rpc; without it the node start timed out there), carry .devbundle,
 and see bench/RESULTS.md "GPU training (issue 7)" for the exact command.
@@ -35,16 +44,17 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import statistics
 import sys
 import time
 import traceback
-import types
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+
+from checkout import ensure_mtfm_importable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,30 +83,6 @@ CASES = [
     ("kern t4 (3:1)*4 reference", "kernels", SMALL,
      {"hta_layout": "(3:1)*4", "num_kv_heads": 1, "attention_impl": "reference", "norm_impl": "reference"}, "kernels"),
 ]
-
-
-def ensure_mtfm() -> None:
-    """Import `mtfm` from the installed package or, in a bare checkout (the GPU machine), map
-    mtfm.platform/model/kernels onto ./platform, ./model, ./kernels (as pyproject.toml does)."""
-    if importlib.util.find_spec("mtfm") is not None:
-        return
-    package = types.ModuleType("mtfm")
-    package.__path__ = []
-    sys.modules["mtfm"] = package
-    for sub in ("platform", "kernels", "model", "deployments"):
-        folder = ROOT / sub
-        init = folder / "__init__.py"
-        if init.exists():
-            spec = importlib.util.spec_from_file_location(f"mtfm.{sub}", init, submodule_search_locations=[str(folder)])
-            module = importlib.util.module_from_spec(spec)
-        else:
-            module = types.ModuleType(f"mtfm.{sub}")
-            module.__path__ = [str(folder)]
-            spec = None
-        sys.modules[f"mtfm.{sub}"] = module
-        setattr(package, sub, module)
-        if spec is not None:
-            spec.loader.exec_module(module)
 
 
 # ---------------------------------------------------------------- helpers (run in the worker)
@@ -189,60 +175,79 @@ class SyncRecorder:
         self.events[key] = self.events.get(key, 0) + 1
 
 
-def run_case(name, part, config_path, overrides, batches, mixes, device, args, peak_tflops, ray_mode):
-    import torch
+class Trainer:
+    """One case's model, optimizers and training step (platform/train.py's step)."""
 
-    from mtfm.model import build_model, load_model_config, multitask_bce_loss
-    from mtfm.model.summary import forward_flops
-    from mtfm.platform.registry import load_registry
-    from mtfm.platform.train import TrainConfig, make_optimizers
+    def __init__(self, config_path, overrides, device, args, ray_mode):
+        import torch
 
-    cuda = device.type == "cuda"
-    registry = load_registry(ROOT / "configs")
-    config = load_model_config(ROOT / config_path)
-    if args.tiny:
-        config = config.replace(**tiny_overrides(config))
-    config = config.replace(**overrides)
-    torch.manual_seed(0)
-    model = build_model(config, registry)
-    if ray_mode:
-        import ray.train.torch
+        from mtfm.model import build_model, load_model_config
+        from mtfm.platform.registry import load_registry
+        from mtfm.platform.train import TrainConfig, make_optimizers
 
-        ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    else:
-        ddp_model = model.to(device)
-    model.train()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    optimizers = make_optimizers(model, TrainConfig(name="bench", model=config_path))
-    params = sum(p.numel() for p in model.parameters())
+        self.device, self.cuda = device, device.type == "cuda"
+        config = load_model_config(ROOT / config_path)
+        if args.tiny:
+            config = config.replace(**tiny_overrides(config))
+        self.config = config.replace(**overrides)
+        torch.manual_seed(0)
+        self.model = build_model(self.config, load_registry(ROOT / "configs"))
+        if ray_mode:
+            import ray.train.torch
 
-    def sync():
-        if cuda:
+            self.ddp_model = ray.train.torch.prepare_model(self.model,
+                                                           parallel_strategy_kwargs={"find_unused_parameters": True})
+        else:
+            self.ddp_model = self.model.to(device)
+        self.model.train()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.optimizers = make_optimizers(self.model, TrainConfig(name="bench", model=config_path))
+
+    def sync(self):
+        import torch
+
+        if self.cuda:
             torch.cuda.synchronize()
 
-    def step(cpu_batch, marks=None):
+    def step(self, batch, marks=None):
+        """One training step on `batch` (on the host, or already on the device); with `marks`, the
+        times after a sync at the start and after data, forward, backward and optimizer."""
+        import torch
+
+        from mtfm.model import multitask_bce_loss
+
         def mark():
             if marks is not None:
-                sync()
+                self.sync()
                 marks.append(time.perf_counter())
         mark()
-        batch = cpu_batch.to(device)
+        batch = batch.to(self.device)
         mark()
-        with model.autocast(device.type):
-            output = ddp_model(batch)
+        with self.model.autocast(self.device.type):
+            output = self.ddp_model(batch)
         loss, _ = multitask_bce_loss(output, batch)
         mark()
-        for opt in optimizers.values():
+        for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         loss.backward()
         mark()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for opt in optimizers.values():
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        for opt in self.optimizers.values():
             opt.step()
         mark()
         return loss.detach()
+
+
+def run_case(name, part, config_path, overrides, batches, mixes, device, args, peak_tflops, ray_mode):
+    import torch
+
+    from mtfm.model.summary import forward_flops
+
+    trainer = Trainer(config_path, overrides, device, args, ray_mode)
+    config, model, cuda, sync, step = trainer.config, trainer.model, trainer.cuda, trainer.sync, trainer.step
+    params = sum(p.numel() for p in model.parameters())
 
     batch_flops = [forward_flops(config, model.registry, m)["total"] * b.num_users for b, m in zip(batches, mixes)]
     # Throughput pass.
@@ -327,16 +332,121 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
         "split_ms": {k: 1e3 * statistics.median(v) for k, v in parts.items() if v},
         "mean_loss": final_loss, "host_syncs_one_step": syncs,
     }
-    del model, ddp_model, optimizers, losses
+    del model, trainer, losses
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return result
 
 
+def run_pipeline(tables, collator, budget, pool_batches, device, args, ray_mode) -> dict:
+    """Section (a), collation inline vs in the prefetch thread: the small model's step fed three
+    ways in turn, W warm-up + P timed steps each (no host sync inside): pre-collated batches (the
+    cases' setting, the floor), collation inline (train.py before issue 7: `token_budget_batches`
+    then `batch.to` in the loop) and `BatchPrefetcher` (train.py now). The last two collate raw
+    Arrow tables of `rows_per_read` users every step, cycling over `tables`."""
+    import itertools
+
+    from mtfm.model import BatchPrefetcher, token_budget_batches
+
+    trainer = Trainer(SMALL, {}, device, args, ray_mode)
+
+    def raw_batches():
+        return token_budget_batches(itertools.cycle(tables), collator, budget)
+
+    def timed(batches) -> dict:
+        for _ in range(args.warmup):
+            trainer.step(next(batches))
+        trainer.sync()
+        start = time.perf_counter()
+        users = tokens = 0
+        for _ in range(args.pipeline_steps):
+            batch = next(batches)
+            trainer.step(batch)
+            users, tokens = users + batch.num_users, tokens + batch.num_tokens
+        trainer.sync()
+        elapsed = time.perf_counter() - start
+        return {"step_ms": 1e3 * elapsed / args.pipeline_steps, "samples_per_s": users / elapsed,
+                "tokens_per_s": tokens / elapsed}
+
+    result = {"model": SMALL, "token_budget": budget, "steps": args.pipeline_steps,
+              "rows_per_read": len(tables[0]) if tables else 0,
+              "pre-collated": timed(itertools.cycle(pool_batches)), "inline": timed(raw_batches())}
+    with BatchPrefetcher(raw_batches(), device) as prefetched:
+        result["prefetch"] = timed(prefetched)
+    result["prefetch_speedup_over_inline"] = result["inline"]["step_ms"] / result["prefetch"]["step_ms"]
+    return result
+
+
+@contextmanager
+def fresh_triton_kernels(specialised: bool, cache_dir: str):
+    """The jagged attention and GLN kernels replaced by new `JITFunction`s (nothing compiled in
+    memory) that compile into `cache_dir` (nothing on disk): as shipped (`do_not_specialize` on the
+    per-batch arguments) or, with `specialised`, without it (Triton specialises every integer and
+    pointer argument, as before issue 7). Yields name -> kernel; restores the originals."""
+    import triton
+
+    from mtfm.kernels import group_layer_norm_triton, hstu_attention_triton
+
+    names = {hstu_attention_triton: ("_fwd_kernel", "_dq_kernel", "_dkdv_kernel"),
+             group_layer_norm_triton: ("_gln_fwd_kernel", "_gln_bwd_kernel")}
+    originals = {(module, name): getattr(module, name) for module, kernels in names.items() for name in kernels}
+    previous_cache = os.environ.get("TRITON_CACHE_DIR")
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    try:
+        fresh = {}
+        for (module, name), kernel in originals.items():
+            options = {} if specialised else {"do_not_specialize": kernel.do_not_specialize}
+            fresh[name] = triton.jit(kernel.fn, **options)
+            setattr(module, name, fresh[name])
+        yield fresh
+    finally:
+        for (module, name), kernel in originals.items():
+            setattr(module, name, kernel)
+        if previous_cache is None:
+            os.environ.pop("TRITON_CACHE_DIR", None)
+        else:
+            os.environ["TRITON_CACHE_DIR"] = previous_cache
+
+
+def compiled_variants(kernel) -> int | None:
+    """Variants of a `JITFunction` compiled in this process (None where Triton keeps them otherwise)."""
+    try:
+        return sum(len(entry[0]) for entry in kernel.device_caches.values())
+    except (AttributeError, IndexError, TypeError):
+        return None
+
+
+def run_compile_shapes(batches, warmup_batch, device, args, ray_mode) -> dict:
+    """Section (b), Triton specialisation: the small model's first steps on N batches of new
+    shapes (token and user counts, metadata alignment), one synchronised step each, with fresh
+    kernels as shipped and then with fresh kernels specialised as before issue 7 (same batches,
+    same order, an empty Triton cache each). A step that meets a new specialisation pays its
+    compiles; the variants compiled per kernel are counted in memory and on disk."""
+    import tempfile
+
+    trainer = Trainer(SMALL, {}, device, args, ray_mode)
+    trainer.step(warmup_batch)  # cuBLAS, allocator and autograd warm-up, outside both measurements
+    trainer.sync()
+    result = {"model": SMALL, "tokens": [b.num_tokens for b in batches], "users": [b.num_users for b in batches]}
+    for mode, specialised in (("do_not_specialize", False), ("specialised", True)):
+        with tempfile.TemporaryDirectory() as cache_dir, fresh_triton_kernels(specialised, cache_dir) as kernels:
+            step_ms = []
+            for batch in batches:
+                start = time.perf_counter()
+                trainer.step(batch)
+                trainer.sync()
+                step_ms.append(1e3 * (time.perf_counter() - start))
+            result[mode] = {
+                "step_ms": step_ms, "total_s": sum(step_ms) / 1e3,
+                "variants": {name: compiled_variants(k) for name, k in kernels.items()},
+                "compiled_on_disk": {name: len(list(Path(cache_dir).glob(f"*/{name}.json"))) for name in kernels},
+            }
+    return result
+
+
 def worker(loop_config: dict) -> None:
     """Runs every case (the Ray Train worker function, or in-process with --no-ray)."""
-    ensure_mtfm()
     import numpy as np
     import torch
 
@@ -352,6 +462,8 @@ def worker(loop_config: dict) -> None:
         device = ray.train.torch.get_device()
     else:
         device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # batches on it compare equal
     say = lambda msg: (sys.stdout.write(f"[bench] {msg}\n"), sys.stdout.flush())  # noqa: E731
     t0 = time.perf_counter()
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -371,9 +483,11 @@ def worker(loop_config: dict) -> None:
     mix = TINY_MIX if args.tiny else MIX
     budgets = {"main": args.tokens, "kernels": args.kernel_tokens}
     pools, collate_ms = {}, {}
+    mean_tokens_per_user = sum(sum(v) / 2 for v in mix.values())
     for key, budget in budgets.items():
-        table = random_aggregated_table(registry, max(64, int(5 * budget / (sum(sum(v) / 2 for v in mix.values())))),
-                                        rng, lengths=mix)
+        table = random_aggregated_table(registry, max(64, int(5 * budget / mean_tokens_per_user)), rng, lengths=mix)
+        if key == "main":
+            main_table = table
         cuts = split_by_token_budget(collator.token_counts(table), budget)
         batches, mixes, times = [], [], []
         for lo, hi in list(zip(cuts, cuts[1:]))[:4]:
@@ -387,13 +501,37 @@ def worker(loop_config: dict) -> None:
             f"{[b.num_users for b in batches]} users, {[b.num_targets for b in batches]} targets; "
             f"collate {collate_ms[key]:.0f} ms/batch")
 
-    results = []
+    results, sections = [], {}
 
     def write(extra: dict) -> None:
         out = {"info": info, "dense_bf16_matmul_tflops": peak_tflops, "collate_ms_per_batch": collate_ms,
-               "args": vars(args), "ray": ray_mode, "wall_s": time.perf_counter() - t0} | extra
+               "args": vars(args), "ray": ray_mode, "wall_s": time.perf_counter() - t0, "sections": sections} | extra
         Path(loop_config["out"]).parent.mkdir(parents=True, exist_ok=True)
         Path(loop_config["out"]).write_text(json.dumps(out, indent=1, default=str))
+
+    def run_section(name, run) -> None:
+        try:
+            sections[name] = run()
+            say(f"{name}: {json.dumps(sections[name], default=str)}")
+        except Exception as exc:  # noqa: BLE001 - record and go on with the cases
+            sections[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:]}
+            say(f"{name}: {sections[name]['error']}\n{sections[name]['traceback']}")
+        write({"partial": True, "results": results})
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    if args.pipeline:
+        reads = [main_table.slice(lo, args.rows_per_read) for lo in range(0, main_table.num_rows, args.rows_per_read)]
+        run_section("collate_pipeline", lambda: run_pipeline(reads, collator, args.tokens, pools["main"][0], device,
+                                                             args, ray_mode))
+    if args.compile_shapes:
+        table = random_aggregated_table(registry, int((args.compile_shapes + 1) * args.tokens / mean_tokens_per_user),
+                                        rng, lengths=mix, first_user_id=10**6)
+        cuts = split_by_token_budget(collator.token_counts(table), args.tokens)
+        new_shapes = [collator(table.slice(lo, hi - lo)) for lo, hi in list(zip(cuts, cuts[1:]))[:args.compile_shapes]]
+        run_section("compile_shapes", lambda: run_compile_shapes(new_shapes, pools["main"][0][0], device, args,
+                                                                 ray_mode))
 
     for name, part, config_path, overrides, pool in CASES:
         if args.only and not any(o in name for o in args.only):
@@ -486,6 +624,29 @@ def print_table(out: dict) -> None:
     print()
     for k, v in goals.items():
         print(f"{k:<52} {'-' if v is None else f'{v:.3f}'}")
+    print_sections(out.get("sections") or {})
+
+
+def print_sections(sections: dict) -> None:
+    pipeline = sections.get("collate_pipeline")
+    if pipeline and "error" not in pipeline:
+        print(f"\n(a) small model, {pipeline['token_budget']} tokens/step, {pipeline['steps']} timed steps per feed")
+        for feed in ("pre-collated", "inline", "prefetch"):
+            r = pipeline[feed]
+            print(f"  {feed:<13} {r['step_ms']:>7.1f} ms/step {r['samples_per_s']:>8.0f} samples/s "
+                  f"{r['tokens_per_s']:>9.0f} tokens/s")
+        print(f"  prefetch / inline speed-up {pipeline['prefetch_speedup_over_inline']:.2f}x")
+    shapes = sections.get("compile_shapes")
+    if shapes and "error" not in shapes:
+        print(f"\n(b) small model, first step on each of {len(shapes['tokens'])} new batch shapes "
+              f"(tokens {shapes['tokens']})")
+        for mode in ("do_not_specialize", "specialised"):
+            r = shapes[mode]
+            print(f"  {mode:<17} total {r['total_s']:>6.2f} s; ms per step {[round(t) for t in r['step_ms']]}; "
+                  f"variants {r['variants']}")
+    for name, section in sections.items():
+        if "error" in section:
+            print(f"\n{name}: {section['error']}")
 
 
 def main() -> int:
@@ -504,16 +665,22 @@ def main() -> int:
     parser.add_argument("--profile", nargs="*", default=["large", "t4 (3:1)*4", "t4 (0:16)*1", "medium"],
                         help="cases to profile for one step (GPU kernel time, top kernels)")
     parser.add_argument("--only", nargs="*", default=None, help="run only cases whose name contains one of these")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="section (a): small-model steps with collation inline vs in the prefetch thread")
+    parser.add_argument("--pipeline-steps", type=int, default=20, help="timed steps per feed of section (a)")
+    parser.add_argument("--rows-per-read", type=int, default=256, help="users per raw Arrow table in section (a)")
+    parser.add_argument("--compile-shapes", type=int, default=0, metavar="N",
+                        help="section (b): first steps on N new batch shapes, kernels with vs without do_not_specialize")
     args = parser.parse_args()
     args.tokens = args.tokens or (2048 if args.tiny else 131072)
     args.kernel_tokens = args.kernel_tokens or (1024 if args.tiny else 16384)
     out_path = str(Path(args.out).resolve())
     loop_config = {"args": vars(args), "ray": not args.no_ray, "out": out_path}
     start = time.perf_counter()
+    ensure_mtfm_importable()  # before Ray starts: its workers inherit PYTHONPATH
     if args.no_ray:
         worker(loop_config)
     else:
-        os.environ.setdefault("PYTHONPATH", str(ROOT))
         run_with_ray(loop_config, use_gpu=args.device == "cuda")
     out = json.loads(Path(out_path).read_text())
     out["command"] = "python " + " ".join(sys.argv)

@@ -2,7 +2,7 @@
 
     POST /<scenario>/rank   a request (rank_request.py) -> {"scenario", "model_version",
                             "tasks", "scores": [{task: probability} per candidate], "batch"}
-    GET  /healthz           every scenario's model version, backend and serving knobs
+    GET  /healthz           every scenario's model version, backend, device and serving knobs
 
 Requests are validated here, against the checkpoint's registry snapshot (the features the
 model was trained with), so a bad request costs a replica nothing. Every refusal is a 4xx JSON

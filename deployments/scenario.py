@@ -81,14 +81,14 @@ class ScenarioDeployment:
         self.scenario = scenario
         self.serving = ServingConfig(**serving)
         use_gpu = self.serving.num_gpus > 0 and torch.cuda.is_available()
-        device = torch.device("cuda" if use_gpu else "cpu")
+        self.device = torch.device("cuda" if use_gpu else "cpu")
         ranker, meta = load_scenario_ranker(checkpoint, scenario)
         self.tasks = list(ranker.task_names)
         self.version = model_version(checkpoint, meta.step)
         threads = max(1, round(self.serving.num_cpus))
         cache = UserSideCache(user_cache_ttl_s, user_cache_mb * 2**20) if user_cache_ttl_s > 0 else None
-        self.backend = create_backend(self.serving.backend, ranker, device=device, chunk_size=chunk_size, threads=threads,
-                                      user_cache=cache)
+        self.backend = create_backend(self.serving.backend, ranker, device=self.device, chunk_size=chunk_size,
+                                      threads=threads, user_cache=cache)
         self.metrics = BatchMetrics(scenario)
         self.slot_tokens = math.ceil(self.serving.max_batch_tokens / self.serving.max_batch_requests)
         self.failed_batches = 0
@@ -124,8 +124,8 @@ class ScenarioDeployment:
         return [ScoredRequest(s, len(requests), tokens) for s in scores]
 
     def info(self) -> dict:
-        """What /healthz reports for this scenario."""
-        return {"model_version": self.version, "backend": self.backend.name,
+        """What /healthz reports for this scenario (device: where it scores, "cuda" or "cpu")."""
+        return {"model_version": self.version, "backend": self.backend.name, "device": self.device.type,
                 "serving": dataclasses.asdict(self.serving)}
 
     def check_health(self) -> None:

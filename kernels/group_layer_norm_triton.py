@@ -26,6 +26,9 @@ _BWD_BLOCK_ELEMENTS = 8192
 _BWD_PROGRAMS_PER_SM = 2
 _MAX_FEATURES = 2048
 _MAX_GROUPS = 64
+# The kernels are not specialised on the row count (nor the backward on the number of groups
+# present), which change from batch to batch: Triton would compile a variant for each value's
+# divisibility by 16 (and for 1). n_cols and the strides, fixed by the model, keep the hint.
 
 
 def unsupported_reason(x: Tensor, weight: Tensor) -> str | None:
@@ -48,7 +51,7 @@ def _normalize(X, rows, cols, mask, n_cols, stride_x, eps):
     return centered * rstd[:, None], rstd
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _gln_fwd_kernel(X, Group, W, B, Y, n_rows, n_cols, stride_x, stride_y, eps,
                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -62,7 +65,7 @@ def _gln_fwd_kernel(X, Group, W, B, Y, n_rows, n_cols, stride_x, stride_y, eps,
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], (xhat * w + b).to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "n_groups"])
 def _gln_bwd_kernel(X, Group, W, DY, DX, PartialW, PartialB, n_rows, n_cols, n_groups,
                     stride_x, stride_dy, stride_dx, eps,
                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, G_PAD: tl.constexpr):

@@ -42,7 +42,17 @@ _CONFIGS = {
     "dq": {64: (128, 32, 8, 3), 128: (128, 32, 8, 3), 256: (128, 32, 8, 2)},
     "dkdv": {64: (32, 128, 8, 3), 128: (32, 128, 8, 3), 256: (64, 64, 8, 2)},
 }
+# float32 tiles take twice the shared memory: at head dim 256 the tables above ask for more than an
+# H100/H200 has (228 KiB), so float32 there gets smaller tiles and one stage.
+_FP32_D256_CONFIGS = {"fwd": (64, 32, 4, 1), "dq": (64, 32, 4, 1), "dkdv": (32, 32, 4, 1)}
 _INTERPRET_CONFIG = (16, 16, 4, 1)
+# Arguments that change from batch to batch and that Triton would otherwise specialise on (an
+# integer on == 1 and on divisibility by 16, a pointer on 16-byte alignment), compiling a new
+# variant of every kernel for each combination met. The metadata tensors are views into the one
+# buffer of `TokenBatch.to`, so their alignment varies with the batch's sizes. Nothing gains from
+# those hints here: the counts drive loop bounds and searches, the metadata loads are gathers.
+# Q/K/V/grads (fresh allocations) and the strides (fixed by the head counts and dims) keep them.
+_PER_BATCH_ARGS = ["Offsets", "QOffsets", "Kind", "Ts", "num_users"]
 
 
 def unsupported_reason(q: Tensor, v: Tensor) -> str | None:
@@ -95,7 +105,7 @@ def _count_below(ptr, n, bound, FANOUT: tl.constexpr):
 def _find_user(ScheduleOffsets, num_users, pid, BLOCK: tl.constexpr, FANOUT: tl.constexpr):
     """The user whose programs [S[b] // BLOCK + b, S[b+1] // BLOCK + b + 1) hold pid: the number
     of users b with S[b] // BLOCK + b <= pid, less one (the same FANOUT-ary search)."""
-    lo = pid * 0  # a tensor even when Triton specializes num_users == 1 to a constant
+    lo = pid * 0  # a tensor, as the loop below makes it (a loop-carried value keeps one type)
     span = lo + num_users
     probe = tl.arange(0, FANOUT) + 1
     while span > 0:
@@ -156,7 +166,7 @@ def _fwd_tiles(acc, q, ts_q, k_base, v_base, ts_base, lo, hi, n_hist, stride_kn,
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH_ARGS)
 def _fwd_kernel(
     Q, K, V, Out, Offsets, QOffsets, Kind, Ts, num_users,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
@@ -226,7 +236,7 @@ def _dq_tiles(dq, q, do, ts_q, k_base, v_base, ts_base, lo, hi, n_hist, stride_k
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH_ARGS)
 def _dq_kernel(
     Q, K, V, DO, DQ, Offsets, QOffsets, Kind, Ts, num_users,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
@@ -301,7 +311,7 @@ def _dkdv_tiles(dk, dv, k, v, keys, ts_k, q_base, do_base, ts_q_base, n_q, n_his
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH_ARGS)
 def _dkdv_kernel(
     Q, K, V, DO, DK, DV_, Offsets, QOffsets, Kind, Ts, num_users,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
@@ -358,7 +368,12 @@ def _dkdv_kernel(
 
 
 def _launch_params(kernel_name: str, q: Tensor) -> tuple[tuple[int, int, int, int], dict]:
-    config = _INTERPRET_CONFIG if _INTERPRET else _CONFIGS[kernel_name][max(64, q.shape[2])]
+    if _INTERPRET:
+        config = _INTERPRET_CONFIG
+    elif q.dtype == torch.float32 and q.shape[2] == 256:
+        config = _FP32_D256_CONFIGS[kernel_name]
+    else:
+        config = _CONFIGS[kernel_name][max(64, q.shape[2])]
     fast = not _INTERPRET and q.dtype in (torch.float16, torch.bfloat16)
     return config, dict(FAST=fast, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 

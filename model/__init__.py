@@ -20,6 +20,9 @@ Training, evaluation and serving use it like this (one model definition for all 
         if loss.requires_grad:
             loss.backward()
 
+    # Training wraps the batches in `BatchPrefetcher(batches, device)` (prefetch.py): the next
+    # batches are collated in a thread and copied to the device while the current step computes.
+
     probs = output.probabilities()             # scenario -> (n_s, tasks_s), rows = batch.features[s]
     labels = batch.features[s].labels          # (n_s, tasks_s), label_mask says which exist
     users = batch.token_user()[batch.features[s].index]   # the batch row of each T-token (GAUC)
@@ -39,10 +42,11 @@ from .config import ModelConfig, ModelConfigError, load_model_config, parse_hta_
 from .factory import build_model
 from .loss import multitask_bce_loss
 from .mtfm import MTFM, ModelOutput, RecommenderBase
+from .prefetch import BatchPrefetcher
 from .ranker import ScenarioRanker, UserSide
 
 __all__ = [
-    "Collator", "GroupFeatures", "MTFM", "ModelConfig", "ModelConfigError", "ModelOutput", "RecommenderBase",
-    "ScenarioRanker", "TokenBatch", "build_model", "load_model_config", "multitask_bce_loss", "parse_hta_layout",
-    "parse_model_config", "split_by_token_budget", "token_budget_batches", "UserSide",
+    "BatchPrefetcher", "Collator", "GroupFeatures", "MTFM", "ModelConfig", "ModelConfigError", "ModelOutput",
+    "RecommenderBase", "ScenarioRanker", "TokenBatch", "build_model", "load_model_config", "multitask_bce_loss",
+    "parse_hta_layout", "parse_model_config", "split_by_token_budget", "token_budget_batches", "UserSide",
 ]

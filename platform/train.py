@@ -6,6 +6,8 @@ regroups it into token-budget batches (MTGR's load balance: every step a worker 
 `tokens_per_batch` tokens, however many users that is), and trains with DDP: Adam on dense
 parameters, Adagrad on the embedding tables (only rows a batch touches get a gradient, and
 Adagrad leaves untouched rows exactly as they are), bf16 autocast and the Triton kernels on GPU.
+A background thread (`model/prefetch.py`) collates the next batches and copies them to the
+device while the current step computes.
 
 Every `checkpoint_every` steps and at the end, rank 0 writes a checkpoint (model, optimizers,
 step, position in the epoch, registry snapshot, configs; see `checkpoint.py`) and evaluates
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 import tempfile
@@ -134,17 +137,40 @@ def make_optimizers(model, config: TrainConfig) -> dict[str, Any]:
     return optimizers
 
 
-def _all_have_batch(have: bool, device) -> bool:
-    """True while every worker still has a batch: DDP needs the same number of steps everywhere,
-    and token-budget batching gives workers with equal users unequal step counts."""
-    import torch
-    import torch.distributed as dist
+class StepAgreement:
+    """Whether every worker still has a batch: DDP needs the same number of steps everywhere,
+    and token-budget batching gives workers with equal users unequal step counts.
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return have
-    flag = torch.tensor([1 if have else 0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    The flag is all-reduced through a gloo group of its own, on CPU tensors: on the GPU's NCCL
+    group the `.item()` would wait for every kernel queued before it (the whole previous step),
+    a host sync per step; a gloo all-reduce only meets the other workers' host loops.
+    """
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        # new_group is collective: every worker constructs its StepAgreement at the same point.
+        self.group = dist.new_group(backend="gloo") if distributed else None
+
+    def all_have_batch(self, have: bool) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        if self.group is None:
+            return have
+        flag = torch.tensor([1 if have else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
+
+
+def _agreed_batches(batches, agreement: StepAgreement):
+    """`batches` for as long as every worker still has one."""
+    while True:
+        batch = next(batches, None)
+        if not agreement.all_have_batch(batch is not None):
+            return
+        yield batch
 
 
 def _progress(message: str) -> None:
@@ -182,7 +208,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from mtfm.model import Collator, build_model, multitask_bce_loss, parse_model_config, token_budget_batches
+    from mtfm.model import (BatchPrefetcher, Collator, build_model, multitask_bce_loss, parse_model_config,
+                            token_budget_batches)
     from mtfm.platform.checkpoint import (CheckpointMeta, META_FILE, MODEL_FILE, OPTIMIZER_FILE, warm_start,
                                           write_checkpoint)
     from mtfm.platform.eval import evaluate_batches
@@ -197,7 +224,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(config.seed)
     device = ray.train.torch.get_device()
 
-    model = build_model(model_config, registry)
+    # On the device before the optimizers exist: Adagrad allocates its state at construction, beside the parameters.
+    model = build_model(model_config, registry).to(device)
     optimizers = make_optimizers(model, config)
     # A warm start comes first: when this attempt resumes its own run, the checkpoint below overwrites it.
     frozen: set[str] = set()
@@ -216,7 +244,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as folder:
             meta = CheckpointMeta(**json.loads((Path(folder) / META_FILE).read_text()))
             model.load_state_dict(torch.load(Path(folder) / MODEL_FILE, map_location="cpu", weights_only=True))
-            model.to(device)
             states = torch.load(Path(folder) / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
             for name, opt in optimizers.items():
                 opt.load_state_dict(states[name])
@@ -227,6 +254,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     collator = Collator(model.registry)
     train_shard = ray.train.get_dataset_shard("train")
+    agreement = StepAgreement()
 
     def save(batches_in_epoch: int, metrics: dict, final: bool = False) -> None:
         nonlocal last_saved
@@ -254,53 +282,50 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model.train()
     while epoch < config.epochs and not done:
         reads = train_shard.iter_batches(batch_size=config.rows_per_read, batch_format="pyarrow", prefetch_batches=2)
-        batches = token_budget_batches(reads, collator, config.tokens_per_batch)
-        position = 0
-        while True:
-            batch = next(batches, None)
-            if not _all_have_batch(batch is not None, device):
-                break
-            position += 1
-            if position <= skip:
-                continue  # consumed before the checkpoint this attempt resumed from
-            batch = batch.to(device)
-            with model.autocast(device.type):
-                output = ddp_model(batch)
-            loss, _ = multitask_bce_loss(output, batch)
-            for opt in optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if step < config.freeze_loaded_steps:
-                for name, p in model.named_parameters():
-                    if name in frozen:
-                        p.grad = None  # the optimizers skip it: warm-started modules stay as loaded
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            for opt in optimizers.values():
-                opt.step()
-            step += 1
-            window["samples"] += batch.num_users
-            window["tokens"] += batch.num_tokens
-            window["loss"] += loss.detach()  # a tensor: no host sync until the log line
-            window["steps"] += 1
-            if config.inject_failure_at_step == step and rank == 0 and not (run_dir / ".failure_injected").exists():
-                (run_dir / ".failure_injected").touch()
-                raise RuntimeError(f"injected failure at step {step} (train config inject_failure_at_step)")
-            if step % config.log_every == 0:
-                elapsed = time.perf_counter() - window["t"]
-                record = {"step": step, "epoch": epoch, "loss": float(window["loss"]) / window["steps"],
-                          "samples_per_s": window["samples"] * ctx.get_world_size() / elapsed,
-                          "tokens_per_s": window["tokens"] * ctx.get_world_size() / elapsed}
-                if rank == 0:
-                    _append_jsonl(run_dir / METRICS_FILE, record)
-                    _progress(f"[mtfm] step {step:>6}  epoch {epoch}  loss {record['loss']:.4f}  "
-                          f"{record['samples_per_s']:.0f} samples/s  {record['tokens_per_s']:.0f} tokens/s")
-                window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": 0.0, "steps": 0}
-            if step % config.checkpoint_every == 0:
-                save(position, {"step": step, "loss": float(loss.detach())})
-            if config.max_steps is not None and step >= config.max_steps:
-                done = True
-                break
+        # Batches consumed before the checkpoint this attempt resumed from are collated (their
+        # token counts place the later cuts) but never copied or trained on.
+        batches = itertools.islice(token_budget_batches(reads, collator, config.tokens_per_batch), skip, None)
+        position = skip
+        with BatchPrefetcher(batches, device) as prefetched:
+            for batch in _agreed_batches(prefetched, agreement):
+                position += 1
+                with model.autocast(device.type):
+                    output = ddp_model(batch)
+                loss, _ = multitask_bce_loss(output, batch)
+                for opt in optimizers.values():
+                    opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if step < config.freeze_loaded_steps:
+                    for name, p in model.named_parameters():
+                        if name in frozen:
+                            p.grad = None  # the optimizers skip it: warm-started modules stay as loaded
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                for opt in optimizers.values():
+                    opt.step()
+                step += 1
+                window["samples"] += batch.num_users
+                window["tokens"] += batch.num_tokens
+                window["loss"] += loss.detach()  # a tensor: no host sync until the log line
+                window["steps"] += 1
+                if config.inject_failure_at_step == step and rank == 0 and not (run_dir / ".failure_injected").exists():
+                    (run_dir / ".failure_injected").touch()
+                    raise RuntimeError(f"injected failure at step {step} (train config inject_failure_at_step)")
+                if step % config.log_every == 0:
+                    elapsed = time.perf_counter() - window["t"]
+                    record = {"step": step, "epoch": epoch, "loss": float(window["loss"]) / window["steps"],
+                              "samples_per_s": window["samples"] * ctx.get_world_size() / elapsed,
+                              "tokens_per_s": window["tokens"] * ctx.get_world_size() / elapsed}
+                    if rank == 0:
+                        _append_jsonl(run_dir / METRICS_FILE, record)
+                        _progress(f"[mtfm] step {step:>6}  epoch {epoch}  loss {record['loss']:.4f}  "
+                                  f"{record['samples_per_s']:.0f} samples/s  {record['tokens_per_s']:.0f} tokens/s")
+                    window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": 0.0, "steps": 0}
+                if step % config.checkpoint_every == 0:
+                    save(position, {"step": step, "loss": float(loss.detach())})
+                if config.max_steps is not None and step >= config.max_steps:
+                    done = True
+                    break
         if not done:
             epoch, skip = epoch + 1, 0
     if last_saved != step or step == 0:
@@ -340,6 +365,24 @@ def split_by_window(samples: str | Path, test_windows: int):
                          "for evaluation: generate more days or lower test_windows")
     cut = windows[-test_windows]
     return ds.filter(expr=col("window") < cut), ds.filter(expr=col("window") >= cut), windows
+
+
+def keep_users_of(ds, scenarios: list[str]):
+    """The rows with at least one exposure in `scenarios`: a model restricted to some scenarios
+    learns nothing from the others' users, and a batch of only those would give it no loss."""
+    columns = [f"{s}__exposures" for s in scenarios if f"{s}__exposures" in ds.schema().names]
+    if not columns:
+        raise ValueError(f"the samples hold no exposures of {scenarios}")
+
+    def keep(table):
+        import pyarrow.compute as pc
+
+        mask = pc.fill_null(pc.greater(pc.list_value_length(table[columns[0]]), 0), False)
+        for column in columns[1:]:
+            mask = pc.or_(mask, pc.fill_null(pc.greater(pc.list_value_length(table[column]), 0), False))
+        return table.filter(mask)
+
+    return ds.map_batches(keep, batch_format="pyarrow")
 
 
 def default_run_dir(name: str) -> Path:
@@ -389,6 +432,13 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     if in_data - set(registry.scenarios):
         log(f"[mtfm] warning: the samples hold exposures of scenarios not in the registry, ignored: "
             f"{sorted(in_data - set(registry.scenarios))} (retired, or a --config-dir mismatch?)")
+    model_scenarios = list(model_config.scenarios or registry.scenarios)
+    if not in_data & set(model_scenarios):
+        raise ValueError(f"{config.data}: no exposures of the scenarios of model {model_config.name} "
+                         f"({model_scenarios}); the samples hold {sorted(in_data)}")
+    if in_data - set(model_scenarios):
+        train_ds, test_ds = keep_users_of(train_ds, model_scenarios), keep_users_of(test_ds, model_scenarios)
+        log(f"[mtfm] model {model_config.name} covers {model_scenarios}: training and evaluating on their users only")
     log(f"[mtfm] run {run_dir}\n[mtfm] scenarios {list(registry.scenarios)}; windows {len(windows)} "
         f"({len(windows) - config.test_windows} train, {config.test_windows} test); model {model_config.name} "
         f"({model_config.architecture}, layout {model_config.hta_layout}); {config.num_workers} worker(s)"

@@ -19,7 +19,7 @@ from mtfm.model import Collator, build_model, load_model_config, multitask_bce_l
 from mtfm.platform.checkpoint import CheckpointError, check_compatible, find_checkpoint, load_model, read_meta
 from mtfm.platform.registry import RegistryError, load_registry
 from mtfm.platform.report import write_report
-from mtfm.platform.train import METRICS_FILE, TrainConfig, split_by_window, train
+from mtfm.platform.train import METRICS_FILE, TrainConfig, keep_users_of, split_by_window, train
 
 TINY = REPO_ROOT / "configs" / "train" / "tiny.yaml"
 
@@ -99,6 +99,25 @@ def test_resume_refuses_a_checkpoint_with_other_scenarios(config_dir, tmp_path):
         check_compatible(meta, load_registry(config_dir), "runs/x/checkpoint_00000005")
     with pytest.raises(CheckpointError, match="no checkpoint_"):
         find_checkpoint(tmp_path)
+
+
+def test_single_scenario_model_trains_on_its_users_only(tiny_samples):
+    """A `scenarios: [sqs]` run keeps exactly the (user, window) rows with sqs exposures: counted
+    here straight from the Parquet files with pyarrow, without Ray."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    train_ds, _, windows = split_by_window(tiny_samples, 1)
+    table = pq.read_table(tiny_samples / "samples" if (tiny_samples / "samples").is_dir() else tiny_samples)
+    train_rows = table.filter(pc.less(table["window"], windows[-1]))
+    with_sqs = pc.greater(pc.fill_null(pc.list_value_length(train_rows["sqs__exposures"]), 0), 0)
+    expected = sorted(zip(train_rows.filter(with_sqs)["user_id"].to_pylist(),
+                          train_rows.filter(with_sqs)["window"].to_pylist()))
+    kept = keep_users_of(train_ds, ["sqs"]).select_columns(["user_id", "window"]).to_pandas()
+    assert 0 < len(expected) < train_rows.num_rows  # the filter has something to drop
+    assert sorted(zip(kept["user_id"], kept["window"])) == expected
+    with pytest.raises(ValueError, match="no exposures of"):
+        keep_users_of(train_ds, ["grocery"])
 
 
 def test_train_config_errors(tmp_path):

@@ -142,7 +142,9 @@ def test_every_bad_request_gets_its_4xx_and_the_service_keeps_serving(service):
 def test_health(service):
     response = requests.get(f"{service['url']}/healthz", timeout=60)
     assert response.status_code == 200
-    assert set(response.json()["scenarios"]) == set(service["registry"].scenarios)
+    scenarios = response.json()["scenarios"]
+    assert set(scenarios) == set(service["registry"].scenarios)
+    assert {info["device"] for info in scenarios.values()} == {"cpu"}  # num_gpus 0: scored on the CPU
     assert requests.get(f"{service['url']}/-/healthz", timeout=60).status_code == 200
 
 

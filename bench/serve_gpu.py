@@ -1,0 +1,512 @@
+"""GPU serving benchmark (issue 7 part 3): one scenario's subgraph under Ray Serve on the GPU.
+
+    python bench/serve_gpu.py --out bench/results/serve_gpu_large.json --budget-s 200  # GPU machine
+    python bench/serve_gpu.py --device cpu --tiny                                   # CPU check
+
+What runs: the `large` model (configs/model/large.yaml: 15 layers, d_model 768, bf16 autocast),
+randomly initialised, saved as a checkpoint and served by the production app
+(`mtfm.deployments.app:build_app`) on a private local Ray: the router validates the JSON, the
+`ranker_hp` replica (1 GPU) merges concurrent requests with `@serve.batch` and scores with the
+PyTorch backend: CUDA, bf16, and the Triton attention and Group LayerNorm kernels (the checkpoint
+asks for `triton` explicitly, so a fallback to the PyTorch references would fail loudly). Each
+request is one user of scenario hp with 1000 history events (1000 H-tokens, no realtime events)
+and K candidates, K in {50, 200, 1000}; candidates are scored in one chunk (chunk_size 1024).
+CUDA graphs are not used: every request has its own jagged token count and layout, so a graph
+would need padded, bucketed shapes and static copies of the jagged metadata.
+
+User-side reuse (the replica's `UserSideCache` of encoded H/R keys and values):
+    on    requests rotate over 4 users whose user sides are cached (hits; TTL longer than the run)
+    off   every request is a new user (a miss: the user side is encoded, then cached and unused)
+
+Measured, after a warm-up (Triton compiles, first CUDA allocations) that is timed and reported:
+    in process    no HTTP and no Serve: `TorchBackend.score` of one parsed request (collate, H2D,
+                  model, D2H; 1 CPU thread, as a replica), p50/p99 over 50 calls, for the plain
+                  single pass (no user-side split), reuse off and reuse on; the request parse
+                  (the router's validation) separately; and the largest score difference from
+                  the float32 CPU subgraph (the PyTorch references).
+    HTTP, single  200 sequential requests per cell, one at a time: p50/p99 latency, sent with the
+                  standard library's http.client over a keep-alive connection. It includes the
+                  `@serve.batch` wait for more requests (--batch-wait-ms, default 2).
+    HTTP, loaded  a closed loop of 16 clients for 4 s: throughput (requests/s), p50/p99 latency
+                  and the mean number of requests per scored batch.
+Goals, as ratios in the same run: p99 < 10 ms at K=200, and p50 at K=1000 < 3x p50 at K=50.
+A --budget-s guard skips the remaining cells (marked skipped) rather than overrunning. Prints a
+table; writes JSON (--out). --tiny: the tiny model, 50 history events, 10 requests per cell,
+4 clients for 0.6 s (a CPU check of the whole path in under a minute).
+
+GPU machine (no install: `bench/checkout.py` lets this process and the Ray workers import
+mtfm from the checkout): Ray from the bundle unpacked at /tmp/site (see bench/RESULTS.md, "GPU
+training"), `export PYTHONPATH=/tmp/site:$PWD`, then the first command above.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import http.client
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from checkout import ensure_mtfm_importable
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIO = "hp"
+PATH = f"/{SCENARIO}/rank"
+USER_CACHE_TTL_S = 3600.0  # longer than any run: reuse-on requests always hit
+# Holds the 4 cached users of the large model (about 46 MB each: 15 layers of bf16 keys and values
+# of 1000 tokens) with room to spare; reuse-off users are evicted least recently used first.
+USER_CACHE_MB = 1024
+CACHED_USERS = 4
+GOAL_P99_MS, GOAL_K = 10.0, 200
+GOAL_K_RATIO = 3.0
+
+
+@dataclass(frozen=True)
+class Shapes:
+    model_config: str
+    history_events: int
+    ks: tuple[int, ...]
+    requests: int
+    concurrency: int
+    duration_s: float
+    inprocess_repeats: int
+    router_replicas: int
+
+
+FULL = Shapes("configs/model/large.yaml", 1000, (50, 200, 1000), requests=200, concurrency=16, duration_s=4.0,
+              inprocess_repeats=50, router_replicas=4)
+TINY = Shapes("configs/model/tiny.yaml", 50, (50, 200, 1000), requests=10, concurrency=4, duration_s=0.6,
+              inprocess_repeats=5, router_replicas=1)
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.start = time.perf_counter()
+        self.deadline = self.start + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def log(self, message: str) -> None:
+        print(f"[bench {time.perf_counter() - self.start:5.1f} s] {message}", flush=True)
+
+
+# ---------------------------------------------------------------- model, registry and requests
+
+def write_config_dir(folder: Path, history_events: int) -> Path:
+    """configs/ with only scenario hp, and the history sequence keeping `history_events` events."""
+    import yaml
+
+    sequences = yaml.safe_load((ROOT / "configs/sequences.yaml").read_text())
+    for sequence in sequences["sequences"]:
+        if sequence["kind"] == "history":
+            sequence["max_len"] = max(sequence["max_len"], history_events)
+    (folder / "scenarios").mkdir(parents=True)
+    (folder / "sequences.yaml").write_text(yaml.safe_dump(sequences, sort_keys=False))
+    (folder / "scenarios" / f"{SCENARIO}.yaml").write_text((ROOT / f"configs/scenarios/{SCENARIO}.yaml").read_text())
+    return folder
+
+
+def write_checkpoint(model_config: str, registry, folder: Path, kernels: str) -> Path:
+    """The model config, randomly initialised (cost does not depend on the weights), with both
+    kernel choices set to `kernels`."""
+    import torch
+
+    from mtfm.model import build_model, load_model_config
+    from mtfm.platform.checkpoint import CheckpointMeta, write_checkpoint as write
+
+    config = load_model_config(ROOT / model_config).replace(attention_impl=kernels, norm_impl=kernels)
+    torch.manual_seed(0)
+    model = build_model(config, registry)
+    raw = dataclasses.asdict(config)
+    raw.pop("source")
+    return write(folder, model, {}, CheckpointMeta(0, 0, 0, registry.to_dict(), raw, {}))
+
+
+class RequestBodies:
+    """JSON bodies of one K: the same events and candidates, any user id (the cache key)."""
+
+    USER_ID_PLACEHOLDER = 987654321987654321
+
+    def __init__(self, registry, k: int, history_events: int):
+        from mtfm.deployments.rank_request import example_request
+
+        body = example_request(registry, SCENARIO, candidates=k, events=history_events,
+                               user_id=self.USER_ID_PLACEHOLDER, ts=int(time.time() * 1000))
+        body["sequences"] = {name: events if registry.sequences[name].kind == "history" else []
+                             for name, events in body["sequences"].items()}
+        self.example = body
+        self.head, self.tail = json.dumps(body).split(str(self.USER_ID_PLACEHOLDER))
+
+    def for_user(self, user_id: int) -> bytes:
+        return f"{self.head}{user_id}{self.tail}".encode()
+
+
+class UserIds:
+    """reuse on: the same few users again and again; off: a user never seen before, every time."""
+
+    def __init__(self):
+        self.next_new = 10**9
+        self.lock = threading.Lock()
+
+    def pick(self, reuse: bool, i: int) -> int:
+        if reuse:
+            return i % CACHED_USERS
+        with self.lock:
+            self.next_new += 1
+            return self.next_new
+
+
+# ---------------------------------------------------------------- in process
+
+def run_in_process(checkpoint: Path, registry, shapes: Shapes, device_name: str, chunk_size: int,
+                   budget: Budget) -> tuple[list[dict], float]:
+    """Rows per K and, first, the warm-up seconds (every K and mode scored twice)."""
+    import torch
+
+    from mtfm.deployments.backends import TorchBackend
+    from mtfm.deployments.rank_request import RankRequestParser
+    from mtfm.deployments.scenario import load_scenario_ranker
+    from mtfm.deployments.user_cache import UserSideCache
+    from mtfm.model import ScenarioRanker
+
+    device = torch.device(device_name)
+    parser = RankRequestParser(registry, SCENARIO, max_candidates=max(shapes.ks))
+    requests = {}
+    for k in shapes.ks:
+        body = RequestBodies(registry, k, shapes.history_events).example
+        body["user_id"] = 0
+        requests[k] = (body, parser.parse(body, now_ms=body["ts"]))
+    served = load_scenario_ranker(checkpoint, SCENARIO)[0]
+    reference_config = served.config.replace(attention_impl="reference", norm_impl="reference")
+    reference_ranker = ScenarioRanker(reference_config, registry, SCENARIO)
+    reference_ranker.load_state_dict(served.state_dict())
+    reference = TorchBackend(reference_ranker, device=torch.device("cpu"), reuse_user_side=False)
+    expected = {k: reference.score([request])[0] for k, (_, request) in requests.items()}
+    del served, reference_ranker, reference
+
+    torch.set_num_threads(1)  # as a replica with num_cpus 1 (deployments/scenario.py)
+    cache = UserSideCache(USER_CACHE_TTL_S, USER_CACHE_MB * 2**20)
+    modes = {
+        "plain": TorchBackend(load_scenario_ranker(checkpoint, SCENARIO)[0], device=device, reuse_user_side=False),
+        "reuse off": TorchBackend(load_scenario_ranker(checkpoint, SCENARIO)[0], device=device, chunk_size=chunk_size,
+                                  user_cache=cache),
+    }
+    modes["reuse on"] = modes["reuse off"]
+    fresh_users = iter(range(10**9))
+
+    def request_for(mode: str, request):
+        # Reuse off scores a user the cache has never seen; reuse on user 0, cached by its first call.
+        if mode == "reuse off":
+            return dataclasses.replace(request, user_state=f"new-{next(fresh_users)}")
+        return request
+
+    budget.log("in process: warm-up")
+    started = time.perf_counter()
+    for k, (_, request) in requests.items():
+        for mode, backend in modes.items():
+            for _ in range(2):
+                backend.score([request_for(mode, request)])
+    warmup_s = time.perf_counter() - started
+
+    rows = []
+    for k, (body, request) in requests.items():
+        if budget.left() < 0:
+            rows.append({"k": k, "skipped": "budget"})
+            continue
+        parse_ms = _timed(lambda: parser.parse(body, now_ms=body["ts"]), max(shapes.inprocess_repeats // 5, 3))
+        row = {"k": k, "parse_ms": _percentiles(parse_ms)}
+        for mode, backend in modes.items():
+            scores = backend.score([request_for(mode, request)])[0]
+            times = []
+            for _ in range(shapes.inprocess_repeats):
+                one = request_for(mode, request)
+                start = time.perf_counter()
+                backend.score([one])  # returns host arrays: includes the device sync
+                times.append(time.perf_counter() - start)
+            row[mode] = _percentiles(np.array(times) * 1000) | {
+                "max_abs_diff_vs_cpu_fp32": float(np.abs(scores - expected[k]).max())}
+        rows.append(row)
+        budget.log(_in_process_text(row).strip())
+    del modes, cache
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows, warmup_s
+
+
+def _timed(fn, repeats: int) -> np.ndarray:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return np.array(times) * 1000
+
+
+def _percentiles(ms: np.ndarray) -> dict:
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "n": int(len(ms))}
+
+
+# ---------------------------------------------------------------- HTTP
+
+class Client:
+    """One keep-alive HTTP/1.1 connection to the local Serve proxy (standard library only)."""
+
+    def __init__(self, port: int):
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+
+    def post(self, path: str, body: bytes) -> tuple[int, bytes, float]:
+        """(status, response body, seconds from send to the last byte read)."""
+        start = time.perf_counter()
+        self.connection.request("POST", path, body, {"content-type": "application/json"})
+        response = self.connection.getresponse()
+        data = response.read()
+        return response.status, data, time.perf_counter() - start
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def sequential(port: int, bodies: RequestBodies, reuse: bool, users: UserIds, count: int, deadline: float) -> dict:
+    client = Client(port)
+    for i in range(CACHED_USERS):  # untimed: opens the connection and caches every reused user
+        client.post(PATH, bodies.for_user(users.pick(reuse, i)))
+    latencies, errors = [], 0
+    for i in range(count):
+        if time.perf_counter() > deadline:
+            break
+        status, _, seconds = client.post(PATH, bodies.for_user(users.pick(reuse, i)))
+        if status == 200:
+            latencies.append(seconds)
+        else:
+            errors += 1
+    client.close()
+    return _latency_summary(latencies, errors)
+
+
+def closed_loop(port: int, bodies: RequestBodies, reuse: bool, users: UserIds, concurrency: int,
+                duration_s: float) -> dict:
+    latencies, batch_sizes, errors = [], [], []
+    stop = time.perf_counter() + duration_s
+
+    def client_loop(worker: int) -> None:
+        client, i = Client(port), worker
+        while time.perf_counter() < stop:
+            status, data, seconds = client.post(PATH, bodies.for_user(users.pick(reuse, i)))
+            if status == 200:
+                latencies.append(seconds)
+                # Only the last key, "batch" (ScenarioDeployment.rank's order): json.loads of a whole
+                # K=1000 response would make the client threads compete for the GIL.
+                batch_sizes.append(json.loads(b"{" + data[data.rindex(b'"batch"'):])["batch"]["requests"])
+            else:
+                errors.append(status)
+            i += concurrency
+        client.close()
+
+    begin = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, args=(w,)) for w in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - begin
+    return _latency_summary(latencies, len(errors)) | {
+        "concurrency": concurrency, "throughput_rps": len(latencies) / elapsed,
+        "mean_batch_requests": float(np.mean(batch_sizes)) if batch_sizes else float("nan")}
+
+
+def _latency_summary(latencies: list[float], errors: int) -> dict:
+    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    return {"requests": len(latencies), "errors": errors, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(np.mean(ms))}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, device_name: str, chunk_size: int,
+             batch_wait_s: float, budget: Budget) -> tuple[list[dict], dict]:
+    """Rows per (K, reuse) and the setup facts (deploy and warm-up seconds, the replica's /healthz)."""
+    import ray
+    from ray import serve
+
+    from mtfm.deployments.app import build_app
+
+    # address="local": always a private cluster, never one that someone else started on this machine.
+    budget.log("starting a local Ray and Serve")
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    knobs = {"backend": "torch", "num_gpus": 1.0 if device_name == "cuda" else 0.0, "num_cpus": 1.0,
+             "max_batch_requests": 16, "max_ongoing_requests": 64, "max_candidates": max(shapes.ks),
+             "batch_wait_timeout_s": batch_wait_s}
+    rows: list[dict] = []
+    try:
+        started = time.perf_counter()
+        serve.run(build_app({"checkpoint": str(checkpoint), "config_dir": str(config_dir),
+                             "scenarios": {SCENARIO: knobs}, "chunk_size": chunk_size,
+                             "user_cache_ttl_s": USER_CACHE_TTL_S, "user_cache_mb": USER_CACHE_MB,
+                             "router_replicas": shapes.router_replicas, "router_num_cpus": 0.5}),
+                  name="bench", route_prefix="/")
+        setup = {"deploy_s": time.perf_counter() - started, "port": port, "serving": knobs,
+                 "chunk_size": chunk_size, "router_replicas": shapes.router_replicas}
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request("GET", "/healthz")
+        setup["healthz"] = json.loads(connection.getresponse().read())["scenarios"][SCENARIO]
+        connection.close()
+        served_on = setup["healthz"]["device"]
+        if served_on != device_name:
+            raise RuntimeError(f"the {SCENARIO} replica scores on {served_on}, expected {device_name}")
+        budget.log(f"deployed in {setup['deploy_s']:.1f} s, scoring on {served_on}")
+
+        bodies = {k: RequestBodies(registry, k, shapes.history_events) for k in shapes.ks}
+        users = UserIds()
+        started = time.perf_counter()
+        for k in shapes.ks:
+            sequential(port, bodies[k], True, users, 2, float("inf"))
+            closed_loop(port, bodies[k], False, users, shapes.concurrency, shapes.duration_s / 4)
+        setup["warmup_s"] = time.perf_counter() - started
+        budget.log(f"HTTP warm-up {setup['warmup_s']:.1f} s")
+
+        cells = [(k, reuse) for k in shapes.ks for reuse in (True, False)]
+        for index, (k, reuse) in enumerate(cells):
+            # Each remaining cell gets an equal share of what is left of the budget.
+            share = budget.left() / (len(cells) - index)
+            row = {"k": k, "reuse": "on" if reuse else "off"}
+            if share < shapes.duration_s + 1.0:
+                rows.append(row | {"skipped": "budget"})
+                budget.log(f"K={k} reuse {row['reuse']}: skipped (budget)")
+                continue
+            single_deadline = time.perf_counter() + share - shapes.duration_s
+            row["single"] = sequential(port, bodies[k], reuse, users, shapes.requests, single_deadline)
+            row["loaded"] = closed_loop(port, bodies[k], reuse, users, shapes.concurrency, shapes.duration_s)
+            rows.append(row)
+            budget.log(_http_text(row).strip())
+        serve.delete("bench")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return rows, setup
+
+
+# ---------------------------------------------------------------- report
+
+def goals(in_process: list[dict], http_rows: list[dict], ks: tuple[int, ...]) -> list[dict]:
+    """p99 at K=200 against 10 ms and p50 at the largest K over the smallest against 3x."""
+    lo, hi = min(ks), max(ks)
+    out = []
+    series = {f"HTTP reuse {r['reuse']}": {} for r in http_rows}
+    for r in http_rows:
+        if "single" in r:
+            series[f"HTTP reuse {r['reuse']}"][r["k"]] = r["single"]
+    for mode in ("reuse on", "reuse off", "plain"):
+        series[f"in-process {mode}"] = {r["k"]: r[mode] for r in in_process if mode in r}
+    for where, by_k in series.items():
+        if GOAL_K in by_k:
+            p99 = by_k[GOAL_K]["p99_ms"]
+            out.append({"goal": f"p99 < {GOAL_P99_MS:g} ms at K={GOAL_K}", "where": where, "measured": p99,
+                        "ratio_to_goal": p99 / GOAL_P99_MS, "met": bool(p99 < GOAL_P99_MS)})
+        if lo in by_k and hi in by_k:
+            ratio = by_k[hi]["p50_ms"] / by_k[lo]["p50_ms"]
+            out.append({"goal": f"p50 K={hi} < {GOAL_K_RATIO:g}x p50 K={lo}", "where": where, "measured": ratio,
+                        "ratio_to_goal": ratio / GOAL_K_RATIO, "met": bool(ratio < GOAL_K_RATIO)})
+    return out
+
+
+def _in_process_text(r: dict) -> str:
+    cells = "  ".join(f"{mode} {r[mode]['p50_ms']:6.2f}/{r[mode]['p99_ms']:6.2f}"
+                      for mode in ("plain", "reuse off", "reuse on"))
+    diff = max(r[mode]["max_abs_diff_vs_cpu_fp32"] for mode in ("plain", "reuse off", "reuse on"))
+    return f"  K={r['k']:<5} parse {r['parse_ms']['p50_ms']:6.2f}  {cells}   max |diff| vs CPU fp32 {diff:.1e}"
+
+
+def _http_text(r: dict) -> str:
+    if "skipped" in r:
+        return f"  K={r['k']:<5} reuse {r['reuse']:<3}  skipped ({r['skipped']})"
+    s, c = r["single"], r["loaded"]
+    return (f"  K={r['k']:<5} reuse {r['reuse']:<3}  single p50 {s['p50_ms']:7.2f}  p99 {s['p99_ms']:7.2f} ms "
+            f"({s['requests']} req)   c={c['concurrency']}: {c['throughput_rps']:7.1f} rps  p50 {c['p50_ms']:7.2f}  "
+            f"p99 {c['p99_ms']:7.2f} ms  batch {c['mean_batch_requests']:4.1f} req  "
+            f"({c['errors'] + s['errors']} errors)")
+
+
+def print_report(result: dict) -> None:
+    print(f"\nin process (no HTTP, no Serve), {result['device']}, {result['model']}, "
+          f"{result['history_events']} history events; ms p50/p99 per request")
+    for r in result["in_process"]:
+        print(_in_process_text(r) if "skipped" not in r else f"  K={r['k']:<5} skipped ({r['skipped']})")
+    print(f"\nHTTP through Ray Serve (router + {SCENARIO} replica), warm-up {result['http_setup']['warmup_s']:.1f} s")
+    for r in result["http"]:
+        print(_http_text(r))
+    print("\ngoals")
+    for g in result["goals"]:
+        print(f"  {g['goal']:<26} {g['where']:<22} {g['measured']:8.2f}  ({g['ratio_to_goal']:.2f} of the goal)  "
+              f"{'met' if g['met'] else 'NOT met'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench/results/serve_gpu_large.json", help="JSON results file")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--tiny", action="store_true", help="tiny model, 50 history events, short cells (CPU check)")
+    parser.add_argument("--budget-s", type=float, default=200.0, help="stop starting new cells after this")
+    parser.add_argument("--chunk-size", type=int, default=1024, help="candidates scored together (app chunk_size)")
+    parser.add_argument("--batch-wait-ms", type=float, default=2.0,
+                        help="@serve.batch wait after a batch's first request (included in single-request latency)")
+    args = parser.parse_args(argv)
+    shapes = TINY if args.tiny else FULL
+    budget = Budget(args.budget_s)
+
+    ensure_mtfm_importable()
+    import torch
+
+    from mtfm.platform.registry import load_registry
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here (use --device cpu)")
+    with tempfile.TemporaryDirectory(prefix="mtfm-bench-serve-gpu-") as tmp:
+        config_dir = write_config_dir(Path(tmp) / "configs", shapes.history_events)
+        registry = load_registry(config_dir)
+        kernels = "triton" if args.device == "cuda" else "auto"
+        checkpoint = write_checkpoint(shapes.model_config, registry, Path(tmp) / "run" / "checkpoint_0", kernels)
+        budget.log(f"{shapes.model_config} on {args.device}, {shapes.history_events} history events, K in {shapes.ks}")
+        in_process, inprocess_warmup_s = run_in_process(checkpoint, registry, shapes, args.device, args.chunk_size,
+                                                        budget)
+        http_rows, http_setup = run_http(checkpoint, config_dir, registry, shapes, args.device, args.chunk_size,
+                                         args.batch_wait_ms / 1000, budget)
+    result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "device": (torch.cuda.get_device_name() if args.device == "cuda"
+                   else f"cpu ({platform.processor() or platform.machine()})"),
+        "torch": torch.__version__, "cpus": os.cpu_count(), "model": shapes.model_config, "scenario": SCENARIO,
+        "history_events": shapes.history_events, "ks": shapes.ks, "kernels": kernels,
+        "batch_wait_ms": args.batch_wait_ms, "cached_users": CACHED_USERS,
+        "inprocess_warmup_s": inprocess_warmup_s, "in_process": in_process,
+        "http_setup": http_setup, "http": http_rows, "goals": goals(in_process, http_rows, shapes.ks),
+        "runtime_s": time.perf_counter() - budget.start,
+    }
+    print_report(result)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {args.out} ({result['runtime_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
