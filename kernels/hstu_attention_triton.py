@@ -43,7 +43,7 @@ _CONFIGS = {
     "dkdv": {64: (32, 128, 8, 3), 128: (32, 128, 8, 3), 256: (64, 64, 8, 2)},
 }
 # float32 tiles take twice the shared memory: at head dim 256 the tables above ask for more than an
-# H100/H200 has (228 KiB), so float32 there gets smaller tiles and one stage.
+# H100/H200 lets one block use (227 KiB), so float32 there gets smaller tiles and one stage.
 _FP32_D256_CONFIGS = {"fwd": (64, 32, 4, 1), "dq": (64, 32, 4, 1), "dkdv": (32, 32, 4, 1)}
 _INTERPRET_CONFIG = (16, 16, 4, 1)
 # Arguments that change from batch to batch and that Triton would otherwise specialise on (an
