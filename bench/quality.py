@@ -9,7 +9,9 @@ Per training seed (the data is fixed: synthetic data seed 0, or MovieLens-100K) 
 same number of epochs: MTFM on all scenarios ("joint", the `--model` config), MTFM on each scenario's
 data alone (`scenarios: [s]`), the DLRM-MMoE baseline on all scenarios (`--baseline`), and MTFM with
 hybrid target attention `(3:1)*1` against full attention `(0:4)*1` (same widths, 4 layers; the top
-layer is a target layer in both). Every run is a `python -m mtfm.platform.train` job (Ray Train) on the
+layer is a target layer in both). `--variants table4` trains the paper's Table 4 layouts instead (16
+layers, GQA with one KV head, and `(3:1)*4` without GQA), so their AUC/GAUC can be read after the same
+number of tokens. Every run is a `python -m mtfm.platform.train` job (Ray Train) on the
 Ray cluster this script starts; `--parallel` of them run at once. Each scenario's click and order
 (CTCVR) AUC/GAUC on the held-out windows is collected; the script prints mean ± std over seeds and
 the paired differences that the issue's claims are about, and writes JSON (rewritten after every run,
@@ -42,6 +44,12 @@ REPO = Path(__file__).resolve().parents[1]
 TASKS = ("click", "order")
 METRICS = tuple(f"{t}_{m}" for t in TASKS for m in ("auc", "gauc"))
 HTA, FULL = "(3:1)*1", "(0:4)*1"
+# MTFM Table 4 (layout, kv heads; None = as many as query heads), on the --model widths
+TABLE4 = (("(0:16)*1", 1), ("(16:0)*1", 1), ("(1:1)*8", 1), ("(3:1)*4", 1), ("(5:1)*3", 1), ("(3:1)*4", None))
+
+
+def table4_variant(layout: str, kv_heads: int | None) -> str:
+    return f"T4 {layout}" + (" no GQA" if kv_heads is None else "")
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="configs/model/small.yaml")
     p.add_argument("--baseline", default="configs/model/dlrm_mmoe_small.yaml")
     p.add_argument("--variants", nargs="+", default=["joint", "alone", "dlrm", "hta"],
-                   choices=("joint", "alone", "dlrm", "hta"))
+                   choices=("joint", "alone", "dlrm", "hta", "table4"),
+                   help="what to train (default: joint alone dlrm hta; table4: the Table 4 layouts)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--tokens-per-batch", type=int, default=16384)
@@ -124,6 +133,11 @@ def plan_runs(args, scenarios: list[str], work: Path) -> list[Run]:
         for label, layout in (("HTA", HTA), ("full", FULL)):
             variants.append((f"MTFM {label} {layout}", model_file(f"layout_{label}", base | {"hta_layout": layout}),
                              tuple(scenarios)))
+    if "table4" in args.variants:
+        for layout, kv_heads in TABLE4:
+            name = table4_variant(layout, kv_heads)
+            raw = base | {"hta_layout": layout, "num_kv_heads": kv_heads or base["num_heads"]}
+            variants.append((name, model_file("".join(c if c.isalnum() else "_" for c in name), raw), tuple(scenarios)))
     return [Run(v, seed, m, s) for seed in args.seeds for v, m, s in variants]
 
 
@@ -194,6 +208,8 @@ def summarise(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     pairs = [("MTFM joint", "MTFM alone", "order_gauc"), ("MTFM joint", "DLRM-MMoE joint", "order_gauc"),
              ("MTFM joint", "MTFM alone", "click_gauc"), ("MTFM joint", "DLRM-MMoE joint", "click_gauc")]
     pairs += [(f"MTFM HTA {HTA}", f"MTFM full {FULL}", m) for m in ("click_auc", "order_auc")]
+    pairs += [(table4_variant("(3:1)*4", 1), table4_variant(b, kv), m) for b, kv in (("(0:16)*1", 1), ("(3:1)*4", None))
+              for m in ("click_auc", "order_auc")]
     for scenario in sorted({r["scenario"] for r in rows}):
         for a, b, metric in pairs:
             seeds = sorted(s for (sc, v, s) in by if sc == scenario and v == a and (sc, b, s) in by)
@@ -214,7 +230,7 @@ def print_report(table: list[dict], comparisons: list[dict]) -> None:
     print(f"\n{'scenario':<9} {'comparison':<46} {'metric':<11} {'delta (a - b)':>18} {'spread':>7}  verdict")
     for c in comparisons:
         d = c["delta"]
-        if c["a"].startswith("MTFM HTA"):
+        if c["a"].startswith(("MTFM HTA", "T4")):
             verdict = "within 0.1 pp" if abs(d["mean"]) <= 0.001 else f"{abs(d['mean']) * 100:.2f} pp apart"
         else:
             verdict = ("a wins beyond spread" if d["mean"] > c["spread"] else

@@ -2,6 +2,7 @@
 
     python bench/serve_gpu.py --out bench/results/serve_gpu_large.json --budget-s 200  # GPU machine
     python bench/serve_gpu.py --device cpu --tiny                                   # CPU check
+    python bench/serve_gpu.py --profile 200 --out bench/results/serve_profile.json   # where one request's time goes
 
 What runs: the `large` model (configs/model/large.yaml: 15 layers, d_model 768, bf16 autocast),
 randomly initialised, saved as a checkpoint and served by the production app
@@ -27,6 +28,9 @@ Measured, after a warm-up (Triton compiles, first CUDA allocations) that is time
     HTTP, single  200 sequential requests per cell, one at a time: p50/p99 latency, sent with the
                   standard library's http.client over a keep-alive connection. It includes the
                   `@serve.batch` wait for more requests (--batch-wait-ms, default 2).
+    handle        the same sequential requests, parsed in this process and sent straight to the
+                  replica through a DeploymentHandle (no HTTP proxy, no router, no JSON): HTTP single
+                  minus this is what the proxy, the router and the JSON cost.
     HTTP, loaded  a closed loop of 16 clients for 4 s: throughput (requests/s), p50/p99 latency
                   and the mean number of requests per scored batch.
 Goals, as ratios in the same run: p99 < 10 ms at K=200, and p50 at K=1000 < 3x p50 at K=50.
@@ -52,6 +56,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,6 +250,44 @@ def run_in_process(checkpoint: Path, registry, shapes: Shapes, device_name: str,
     return rows, warmup_s
 
 
+def profile_in_process(checkpoint: Path, registry, shapes: Shapes, device_name: str, k: int, out: Path) -> None:
+    """Where one plain request's time goes: torch.profiler over 20 warm `TorchBackend.score` calls."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from mtfm.deployments.backends import TorchBackend
+    from mtfm.deployments.rank_request import RankRequestParser
+    from mtfm.deployments.scenario import load_scenario_ranker
+
+    torch.set_num_threads(1)
+    body = RequestBodies(registry, k, shapes.history_events).example
+    request = RankRequestParser(registry, SCENARIO, max_candidates=k).parse(body, now_ms=body["ts"])
+    backend = TorchBackend(load_scenario_ranker(checkpoint, SCENARIO)[0], device=torch.device(device_name),
+                           reuse_user_side=False)
+    for _ in range(5):
+        backend.score([request])
+    calls = 20
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_name == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            backend.score([request])
+        wall_ms = (time.perf_counter() - start) * 1000 / calls
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_ms = sum(e.self_device_time_total for e in kernels) / 1000 / calls
+    launches = sum(e.count for e in kernels) / calls
+    text = (f"K={k}, plain, {calls} calls: wall {wall_ms:.2f} ms per call, GPU kernels {gpu_ms:.2f} ms per call "
+            f"({launches:.0f} kernels per call)\n\n"
+            + events.table(sort_by="self_cpu_time_total", row_limit=30) + "\n"
+            + events.table(sort_by="self_device_time_total" if device_name == "cuda" else "cpu_time_total",
+                           row_limit=20))
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}")
+
+
 def _timed(fn, repeats: int) -> np.ndarray:
     times = []
     for _ in range(repeats):
@@ -293,6 +336,22 @@ def sequential(port: int, bodies: RequestBodies, reuse: bool, users: UserIds, co
             errors += 1
     client.close()
     return _latency_summary(latencies, errors)
+
+
+def handle_sequential(handle, parsed: Callable[[int], object], reuse: bool, users: UserIds, count: int,
+                      deadline: float) -> dict:
+    """`sequential` without HTTP: `parsed(user_id)` is that user's parsed request."""
+    for i in range(CACHED_USERS):
+        handle.rank.remote(parsed(users.pick(reuse, i))).result()
+    latencies = []
+    for i in range(count):
+        if time.perf_counter() > deadline:
+            break
+        request = parsed(users.pick(reuse, i))
+        start = time.perf_counter()
+        handle.rank.remote(request).result()
+        latencies.append(time.perf_counter() - start)
+    return _latency_summary(latencies, 0)
 
 
 def closed_loop(port: int, bodies: RequestBodies, reuse: bool, users: UserIds, concurrency: int,
@@ -345,6 +404,7 @@ def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, devic
     from ray import serve
 
     from mtfm.deployments.app import build_app
+    from mtfm.deployments.rank_request import RankRequestParser
 
     # address="local": always a private cluster, never one that someone else started on this machine.
     budget.log("starting a local Ray and Serve")
@@ -376,6 +436,12 @@ def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, devic
 
         bodies = {k: RequestBodies(registry, k, shapes.history_events) for k in shapes.ks}
         users = UserIds()
+        replica = serve.get_deployment_handle(f"ranker_{SCENARIO}", app_name="bench")
+        parser = RankRequestParser(registry, SCENARIO, max_candidates=max(shapes.ks))
+
+        def parsed_for(k: int):
+            return lambda user: parser.parse(json.loads(bodies[k].for_user(user)), now_ms=int(time.time() * 1000))
+
         started = time.perf_counter()
         for k in shapes.ks:
             sequential(port, bodies[k], True, users, 2, float("inf"))
@@ -392,8 +458,10 @@ def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, devic
                 rows.append(row | {"skipped": "budget"})
                 budget.log(f"K={k} reuse {row['reuse']}: skipped (budget)")
                 continue
-            single_deadline = time.perf_counter() + share - shapes.duration_s
+            single_deadline = time.perf_counter() + (share - shapes.duration_s) / 2
             row["single"] = sequential(port, bodies[k], reuse, users, shapes.requests, single_deadline)
+            row["handle"] = handle_sequential(replica, parsed_for(k), reuse, users, shapes.requests,
+                                              single_deadline + (share - shapes.duration_s) / 2)
             row["loaded"] = closed_loop(port, bodies[k], reuse, users, shapes.concurrency, shapes.duration_s)
             rows.append(row)
             budget.log(_http_text(row).strip())
@@ -438,9 +506,10 @@ def _in_process_text(r: dict) -> str:
 def _http_text(r: dict) -> str:
     if "skipped" in r:
         return f"  K={r['k']:<5} reuse {r['reuse']:<3}  skipped ({r['skipped']})"
-    s, c = r["single"], r["loaded"]
+    s, h, c = r["single"], r["handle"], r["loaded"]
     return (f"  K={r['k']:<5} reuse {r['reuse']:<3}  single p50 {s['p50_ms']:7.2f}  p99 {s['p99_ms']:7.2f} ms "
-            f"({s['requests']} req)   c={c['concurrency']}: {c['throughput_rps']:7.1f} rps  p50 {c['p50_ms']:7.2f}  "
+            f"({s['requests']} req)   handle p50 {h['p50_ms']:7.2f}  p99 {h['p99_ms']:7.2f} ms   "
+            f"c={c['concurrency']}: {c['throughput_rps']:7.1f} rps  p50 {c['p50_ms']:7.2f}  "
             f"p99 {c['p99_ms']:7.2f} ms  batch {c['mean_batch_requests']:4.1f} req  "
             f"({c['errors'] + s['errors']} errors)")
 
@@ -468,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-size", type=int, default=1024, help="candidates scored together (app chunk_size)")
     parser.add_argument("--batch-wait-ms", type=float, default=2.0,
                         help="@serve.batch wait after a batch's first request (included in single-request latency)")
+    parser.add_argument("--profile", type=int, default=None, metavar="K",
+                        help="measure nothing else: profile one in-process request of K candidates and write the "
+                             "profiler tables to --out with .txt")
     args = parser.parse_args(argv)
     shapes = TINY if args.tiny else FULL
     budget = Budget(args.budget_s)
@@ -484,6 +556,10 @@ def main(argv: list[str] | None = None) -> int:
         registry = load_registry(config_dir)
         kernels = "triton" if args.device == "cuda" else "auto"
         checkpoint = write_checkpoint(shapes.model_config, registry, Path(tmp) / "run" / "checkpoint_0", kernels)
+        if args.profile is not None:
+            profile_in_process(checkpoint, registry, shapes, args.device, args.profile,
+                               Path(args.out).with_suffix(".txt"))
+            return 0
         budget.log(f"{shapes.model_config} on {args.device}, {shapes.history_events} history events, K in {shapes.ks}")
         in_process, inprocess_warmup_s = run_in_process(checkpoint, registry, shapes, args.device, args.chunk_size,
                                                         budget)
