@@ -31,12 +31,14 @@ Measured, after a warm-up (Triton compiles, first CUDA allocations) that is time
     handle        the same sequential requests, parsed in this process and sent straight to the
                   replica through a DeploymentHandle (no HTTP proxy, no router, no JSON): HTTP single
                   minus this is what the proxy, the router and the JSON cost.
-    HTTP, loaded  a closed loop of 16 clients for 4 s: throughput (requests/s), p50/p99 latency
-                  and the mean number of requests per scored batch.
+    HTTP, loaded  a closed loop of 16 clients for 2 s: throughput (requests/s), p50/p99 latency
+                  and the mean number of requests per scored batch; then the same closed loop
+                  through the handle, which shows whether loaded requests queue at the replica or
+                  in front of it (proxy, router).
 Goals, as ratios in the same run: p99 < 10 ms at K=200, and p50 at K=1000 < 3x p50 at K=50.
 A --budget-s guard skips the remaining cells (marked skipped) rather than overrunning. Prints a
 table; writes JSON (--out). --tiny: the tiny model, 50 history events, 10 requests per cell,
-4 clients for 0.6 s (a CPU check of the whole path in under a minute).
+4 clients for 0.3 s per closed loop (a CPU check of the whole path in under a minute).
 
 GPU machine (no install: `bench/checkout.py` lets this process and the Ray workers import
 mtfm from the checkout): Ray from the bundle unpacked at /tmp/site (see bench/RESULTS.md, "GPU
@@ -338,20 +340,47 @@ def sequential(port: int, bodies: RequestBodies, reuse: bool, users: UserIds, co
     return _latency_summary(latencies, errors)
 
 
-def handle_sequential(handle, parsed: Callable[[int], object], reuse: bool, users: UserIds, count: int,
+def handle_sequential(handle, request_for: Callable[[int], object], reuse: bool, users: UserIds, count: int,
                       deadline: float) -> dict:
-    """`sequential` without HTTP: `parsed(user_id)` is that user's parsed request."""
+    """`sequential` without HTTP: `request_for(user_id)` is that user's parsed request."""
     for i in range(CACHED_USERS):
-        handle.rank.remote(parsed(users.pick(reuse, i))).result()
+        handle.rank.remote(request_for(users.pick(reuse, i))).result()
     latencies = []
     for i in range(count):
         if time.perf_counter() > deadline:
             break
-        request = parsed(users.pick(reuse, i))
+        request = request_for(users.pick(reuse, i))
         start = time.perf_counter()
         handle.rank.remote(request).result()
         latencies.append(time.perf_counter() - start)
     return _latency_summary(latencies, 0)
+
+
+def handle_closed_loop(handle, request_for: Callable[[int], object], reuse: bool, users: UserIds, concurrency: int,
+                       duration_s: float) -> dict:
+    """`closed_loop` without HTTP: where the loaded requests queue, the replica or what is in front of it."""
+    latencies, batch_sizes = [], []
+    stop = time.perf_counter() + duration_s
+
+    def client_loop(worker: int) -> None:
+        i = worker
+        while time.perf_counter() < stop:
+            request = request_for(users.pick(reuse, i))
+            start = time.perf_counter()
+            result = handle.rank.remote(request).result()
+            latencies.append(time.perf_counter() - start)
+            batch_sizes.append(result["batch"]["requests"])
+            i += concurrency
+
+    begin = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, args=(w,)) for w in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return _latency_summary(latencies, 0) | {
+        "concurrency": concurrency, "throughput_rps": len(latencies) / (time.perf_counter() - begin),
+        "mean_batch_requests": float(np.mean(batch_sizes)) if batch_sizes else float("nan")}
 
 
 def closed_loop(port: int, bodies: RequestBodies, reuse: bool, users: UserIds, concurrency: int,
@@ -439,8 +468,11 @@ def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, devic
         replica = serve.get_deployment_handle(f"ranker_{SCENARIO}", app_name="bench")
         parser = RankRequestParser(registry, SCENARIO, max_candidates=max(shapes.ks))
 
-        def parsed_for(k: int):
-            return lambda user: parser.parse(json.loads(bodies[k].for_user(user)), now_ms=int(time.time() * 1000))
+        parsed = {k: parser.parse(bodies[k].example, now_ms=bodies[k].example["ts"]) for k in shapes.ks}
+
+        def request_for(k: int) -> Callable[[int], object]:
+            # The user id only keys the replica's user-side cache: the parsed request with that key.
+            return lambda user: dataclasses.replace(parsed[k], user_state=f"handle-user-{user}")
 
         started = time.perf_counter()
         for k in shapes.ks:
@@ -460,9 +492,11 @@ def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, devic
                 continue
             single_deadline = time.perf_counter() + (share - shapes.duration_s) / 2
             row["single"] = sequential(port, bodies[k], reuse, users, shapes.requests, single_deadline)
-            row["handle"] = handle_sequential(replica, parsed_for(k), reuse, users, shapes.requests,
+            row["handle"] = handle_sequential(replica, request_for(k), reuse, users, shapes.requests,
                                               single_deadline + (share - shapes.duration_s) / 2)
-            row["loaded"] = closed_loop(port, bodies[k], reuse, users, shapes.concurrency, shapes.duration_s)
+            row["loaded"] = closed_loop(port, bodies[k], reuse, users, shapes.concurrency, shapes.duration_s / 2)
+            row["handle_loaded"] = handle_closed_loop(replica, request_for(k), reuse, users, shapes.concurrency,
+                                                      shapes.duration_s / 2)
             rows.append(row)
             budget.log(_http_text(row).strip())
         serve.delete("bench")
@@ -506,12 +540,13 @@ def _in_process_text(r: dict) -> str:
 def _http_text(r: dict) -> str:
     if "skipped" in r:
         return f"  K={r['k']:<5} reuse {r['reuse']:<3}  skipped ({r['skipped']})"
-    s, h, c = r["single"], r["handle"], r["loaded"]
+    s, h, c, hc = r["single"], r["handle"], r["loaded"], r["handle_loaded"]
     return (f"  K={r['k']:<5} reuse {r['reuse']:<3}  single p50 {s['p50_ms']:7.2f}  p99 {s['p99_ms']:7.2f} ms "
             f"({s['requests']} req)   handle p50 {h['p50_ms']:7.2f}  p99 {h['p99_ms']:7.2f} ms   "
             f"c={c['concurrency']}: {c['throughput_rps']:7.1f} rps  p50 {c['p50_ms']:7.2f}  "
             f"p99 {c['p99_ms']:7.2f} ms  batch {c['mean_batch_requests']:4.1f} req  "
-            f"({c['errors'] + s['errors']} errors)")
+            f"({c['errors'] + s['errors']} errors)   handle c={hc['concurrency']}: {hc['throughput_rps']:7.1f} rps  "
+            f"p50 {hc['p50_ms']:7.2f}  p99 {hc['p99_ms']:7.2f} ms  batch {hc['mean_batch_requests']:4.1f} req")
 
 
 def print_report(result: dict) -> None:
