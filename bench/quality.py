@@ -137,7 +137,8 @@ def plan_runs(args, scenarios: list[str], work: Path) -> list[Run]:
         for layout, kv_heads in TABLE4:
             name = table4_variant(layout, kv_heads)
             raw = base | {"hta_layout": layout, "num_kv_heads": kv_heads or base["num_heads"]}
-            variants.append((name, model_file("".join(c if c.isalnum() else "_" for c in name), raw), tuple(scenarios)))
+            stem = "".join(c if c.isalnum() else "_" for c in name)
+            variants.append((name, model_file(stem, raw), tuple(scenarios)))
     return [Run(v, seed, m, s) for seed in args.seeds for v, m, s in variants]
 
 
