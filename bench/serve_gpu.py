@@ -3,17 +3,19 @@
     python bench/serve_gpu.py --out bench/results/serve_gpu_large.json --budget-s 200  # GPU machine
     python bench/serve_gpu.py --device cpu --tiny                                   # CPU check
     python bench/serve_gpu.py --profile 200 --out bench/results/serve_profile.json   # where one request's time goes
+    python bench/serve_gpu.py --no-cuda-graphs ...                                  # serve without CUDA graphs
 
 What runs: the `large` model (configs/model/large.yaml: 15 layers, d_model 768, bf16 autocast),
 randomly initialised, saved as a checkpoint and served by the production app
 (`mtfm.deployments.app:build_app`) on a private local Ray: the router validates the JSON, the
-`ranker_hp` replica (1 GPU) merges concurrent requests with `@serve.batch` and scores with the
+`ranker_hp` replica (1 GPU) batches concurrent requests (deployments/batch_queue.py) and scores with the
 PyTorch backend: CUDA, bf16, and the Triton attention and Group LayerNorm kernels (the checkpoint
 asks for `triton` explicitly, so a fallback to the PyTorch references would fail loudly). Each
 request is one user of scenario hp with 1000 history events (1000 H-tokens, no realtime events)
 and K candidates, K in {50, 200, 1000}; candidates are scored in one chunk (chunk_size 1024).
-CUDA graphs are not used: every request has its own jagged token count and layout, so a graph
-would need padded, bucketed shapes and static copies of the jagged metadata.
+The served replica replays CUDA graphs (`serving.cuda_graphs`, on by default; --no-cuda-graphs
+turns it off): a batch is padded to a bucketed shape and the single pass replayed from that
+shape's graph (deployments/cuda_graphs.py), so user-side reuse does not apply to such batches.
 
 User-side reuse (the replica's `UserSideCache` of encoded H/R keys and values):
     on    requests rotate over 4 users whose user sides are cached (hits; TTL longer than the run)
@@ -22,19 +24,22 @@ User-side reuse (the replica's `UserSideCache` of encoded H/R keys and values):
 Measured, after a warm-up (Triton compiles, first CUDA allocations) that is timed and reported:
     in process    no HTTP and no Serve: `TorchBackend.score` of one parsed request (collate, H2D,
                   model, D2H; 1 CPU thread, as a replica), p50/p99 over 50 calls, for the plain
-                  single pass (no user-side split), reuse off and reuse on; the request parse
+                  single pass (no user-side split), reuse off, reuse on and (on CUDA) graphs, the
+                  plain pass padded and replayed from a CUDA graph; the request parse
                   (the router's validation) separately; and the largest score difference from
                   the float32 CPU subgraph (the PyTorch references).
     HTTP, single  200 sequential requests per cell, one at a time: p50/p99 latency, sent with the
                   standard library's http.client over a keep-alive connection. It includes the
-                  `@serve.batch` wait for more requests (--batch-wait-ms, default 2).
+                  replica's batch wait for more requests (--batch-wait-ms, default 0).
     handle        the same sequential requests, parsed in this process and sent straight to the
                   replica through a DeploymentHandle (no HTTP proxy, no router, no JSON): HTTP single
                   minus this is what the proxy, the router and the JSON cost.
     HTTP, loaded  a closed loop of 16 clients for 2 s: throughput (requests/s), p50/p99 latency
                   and the mean number of requests per scored batch; then the same closed loop
                   through the handle, which shows whether loaded requests queue at the replica or
-                  in front of it (proxy, router).
+                  in front of it (proxy, router). Every response says how long it was queued in
+                  the replica and how long its batch scored; their medians are printed beside
+                  each latency, so the replica's share and the transport's can be read off.
 Goals, as ratios in the same run: p99 < 10 ms at K=200, and p50 at K=1000 < 3x p50 at K=50.
 A --budget-s guard skips the remaining cells (marked skipped) rather than overrunning. Prints a
 table; writes JSON (--out). --tiny: the tiny model, 50 history events, 10 requests per cell,
@@ -210,6 +215,8 @@ def run_in_process(checkpoint: Path, registry, shapes: Shapes, device_name: str,
                                   user_cache=cache),
     }
     modes["reuse on"] = modes["reuse off"]
+    if device.type == "cuda":
+        modes["graphs"] = TorchBackend(load_scenario_ranker(checkpoint, SCENARIO)[0], device=device, cuda_graphs=True)
     fresh_users = iter(range(10**9))
 
     def request_for(mode: str, request):
@@ -253,7 +260,8 @@ def run_in_process(checkpoint: Path, registry, shapes: Shapes, device_name: str,
 
 
 def profile_in_process(checkpoint: Path, registry, shapes: Shapes, device_name: str, k: int, out: Path) -> None:
-    """Where one plain request's time goes: torch.profiler over 20 warm `TorchBackend.score` calls."""
+    """Where one request's time goes: torch.profiler over 20 warm `TorchBackend.score` calls of
+    the plain pass, then (on CUDA) of the same pass replayed from a CUDA graph."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -264,29 +272,32 @@ def profile_in_process(checkpoint: Path, registry, shapes: Shapes, device_name: 
     torch.set_num_threads(1)
     body = RequestBodies(registry, k, shapes.history_events).example
     request = RankRequestParser(registry, SCENARIO, max_candidates=k).parse(body, now_ms=body["ts"])
-    backend = TorchBackend(load_scenario_ranker(checkpoint, SCENARIO)[0], device=torch.device(device_name),
-                           reuse_user_side=False)
-    for _ in range(5):
-        backend.score([request])
-    calls = 20
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_name == "cuda" else [])
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for _ in range(calls):
+    texts = []
+    for name, graphs in [("plain", False)] + ([("graphs", True)] if device_name == "cuda" else []):
+        backend = TorchBackend(load_scenario_ranker(checkpoint, SCENARIO)[0], device=torch.device(device_name),
+                               reuse_user_side=False, cuda_graphs=graphs)
+        for _ in range(5):
             backend.score([request])
-        wall_ms = (time.perf_counter() - start) * 1000 / calls
-    events = prof.key_averages()
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    gpu_ms = sum(e.self_device_time_total for e in kernels) / 1000 / calls
-    launches = sum(e.count for e in kernels) / calls
-    text = (f"K={k}, plain, {calls} calls: wall {wall_ms:.2f} ms per call, GPU kernels {gpu_ms:.2f} ms per call "
-            f"({launches:.0f} kernels per call)\n\n"
-            + events.table(sort_by="self_cpu_time_total", row_limit=30) + "\n"
-            + events.table(sort_by="self_device_time_total" if device_name == "cuda" else "cpu_time_total",
-                           row_limit=20))
-    print(text)
+        calls = 20
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_name == "cuda" else [])
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(calls):
+                backend.score([request])
+            wall_ms = (time.perf_counter() - start) * 1000 / calls
+        events = prof.key_averages()
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        gpu_ms = sum(e.self_device_time_total for e in kernels) / 1000 / calls
+        launches = sum(e.count for e in kernels) / calls
+        texts.append(f"K={k}, {name}, {calls} calls: wall {wall_ms:.2f} ms per call, GPU kernels {gpu_ms:.2f} ms per "
+                     f"call ({launches:.0f} kernels per call)\n\n"
+                     + events.table(sort_by="self_cpu_time_total", row_limit=30) + "\n"
+                     + events.table(sort_by="self_device_time_total" if device_name == "cuda" else "cpu_time_total",
+                                    row_limit=20))
+        print(texts[-1])
+        del backend
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    out.write_text("\n\n".join(texts))
     print(f"wrote {out}")
 
 
@@ -327,17 +338,18 @@ def sequential(port: int, bodies: RequestBodies, reuse: bool, users: UserIds, co
     client = Client(port)
     for i in range(CACHED_USERS):  # untimed: opens the connection and caches every reused user
         client.post(PATH, bodies.for_user(users.pick(reuse, i)))
-    latencies, errors = [], 0
+    latencies, batches, errors = [], [], 0
     for i in range(count):
         if time.perf_counter() > deadline:
             break
-        status, _, seconds = client.post(PATH, bodies.for_user(users.pick(reuse, i)))
+        status, data, seconds = client.post(PATH, bodies.for_user(users.pick(reuse, i)))
         if status == 200:
             latencies.append(seconds)
+            batches.append(_batch_of(data))
         else:
             errors += 1
     client.close()
-    return _latency_summary(latencies, errors)
+    return _latency_summary(latencies, errors, batches)
 
 
 def handle_sequential(handle, request_for: Callable[[int], object], reuse: bool, users: UserIds, count: int,
@@ -345,21 +357,22 @@ def handle_sequential(handle, request_for: Callable[[int], object], reuse: bool,
     """`sequential` without HTTP: `request_for(user_id)` is that user's parsed request."""
     for i in range(CACHED_USERS):
         handle.rank.remote(request_for(users.pick(reuse, i))).result()
-    latencies = []
+    latencies, batches = [], []
     for i in range(count):
         if time.perf_counter() > deadline:
             break
         request = request_for(users.pick(reuse, i))
         start = time.perf_counter()
-        handle.rank.remote(request).result()
+        result = handle.rank.remote(request).result()
         latencies.append(time.perf_counter() - start)
-    return _latency_summary(latencies, 0)
+        batches.append(result["batch"])
+    return _latency_summary(latencies, 0, batches)
 
 
 def handle_closed_loop(handle, request_for: Callable[[int], object], reuse: bool, users: UserIds, concurrency: int,
                        duration_s: float) -> dict:
     """`closed_loop` without HTTP: where the loaded requests queue, the replica or what is in front of it."""
-    latencies, batch_sizes = [], []
+    latencies, batches = [], []
     stop = time.perf_counter() + duration_s
 
     def client_loop(worker: int) -> None:
@@ -369,7 +382,7 @@ def handle_closed_loop(handle, request_for: Callable[[int], object], reuse: bool
             start = time.perf_counter()
             result = handle.rank.remote(request).result()
             latencies.append(time.perf_counter() - start)
-            batch_sizes.append(result["batch"]["requests"])
+            batches.append(result["batch"])
             i += concurrency
 
     begin = time.perf_counter()
@@ -378,14 +391,13 @@ def handle_closed_loop(handle, request_for: Callable[[int], object], reuse: bool
         t.start()
     for t in threads:
         t.join()
-    return _latency_summary(latencies, 0) | {
-        "concurrency": concurrency, "throughput_rps": len(latencies) / (time.perf_counter() - begin),
-        "mean_batch_requests": float(np.mean(batch_sizes)) if batch_sizes else float("nan")}
+    return _latency_summary(latencies, 0, batches) | {
+        "concurrency": concurrency, "throughput_rps": len(latencies) / (time.perf_counter() - begin)}
 
 
 def closed_loop(port: int, bodies: RequestBodies, reuse: bool, users: UserIds, concurrency: int,
                 duration_s: float) -> dict:
-    latencies, batch_sizes, errors = [], [], []
+    latencies, batches, errors = [], [], []
     stop = time.perf_counter() + duration_s
 
     def client_loop(worker: int) -> None:
@@ -394,9 +406,7 @@ def closed_loop(port: int, bodies: RequestBodies, reuse: bool, users: UserIds, c
             status, data, seconds = client.post(PATH, bodies.for_user(users.pick(reuse, i)))
             if status == 200:
                 latencies.append(seconds)
-                # Only the last key, "batch" (ScenarioDeployment.rank's order): json.loads of a whole
-                # K=1000 response would make the client threads compete for the GIL.
-                batch_sizes.append(json.loads(b"{" + data[data.rindex(b'"batch"'):])["batch"]["requests"])
+                batches.append(_batch_of(data))
             else:
                 errors.append(status)
             i += concurrency
@@ -409,15 +419,30 @@ def closed_loop(port: int, bodies: RequestBodies, reuse: bool, users: UserIds, c
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - begin
-    return _latency_summary(latencies, len(errors)) | {
-        "concurrency": concurrency, "throughput_rps": len(latencies) / elapsed,
-        "mean_batch_requests": float(np.mean(batch_sizes)) if batch_sizes else float("nan")}
+    return _latency_summary(latencies, len(errors), batches) | {
+        "concurrency": concurrency, "throughput_rps": len(latencies) / elapsed}
 
 
-def _latency_summary(latencies: list[float], errors: int) -> dict:
+def _batch_of(response: bytes) -> dict:
+    """The response's "batch" object. Only that last key (ScenarioDeployment.rank's order) is
+    parsed: json.loads of a whole K=1000 response would make client threads compete for the GIL."""
+    return json.loads(b"{" + response[response.rindex(b'"batch"'):])["batch"]
+
+
+def _latency_summary(latencies: list[float], errors: int, batches: list[dict]) -> dict:
+    """Latency percentiles, and from the replica's "batch" answers: requests per batch, and the
+    median time a request spent in the replica queued (batch wait, earlier batches) and scoring."""
     ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+
+    def mean_and_median(key: str) -> tuple[float, float]:
+        values = np.array([b[key] for b in batches], dtype=float) if batches else np.array([np.nan])
+        return float(np.mean(values)), float(np.median(values))
+
     return {"requests": len(latencies), "errors": errors, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(np.mean(ms))}
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(np.mean(ms)),
+            "mean_batch_requests": mean_and_median("requests")[0],
+            "replica_queued_p50_ms": mean_and_median("queued_ms")[1],
+            "replica_score_p50_ms": mean_and_median("score_ms")[1]}
 
 
 def free_port() -> int:
@@ -427,7 +452,7 @@ def free_port() -> int:
 
 
 def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, device_name: str, chunk_size: int,
-             batch_wait_s: float, budget: Budget) -> tuple[list[dict], dict]:
+             batch_wait_s: float, cuda_graphs: bool, budget: Budget) -> tuple[list[dict], dict]:
     """Rows per (K, reuse) and the setup facts (deploy and warm-up seconds, the replica's /healthz)."""
     import ray
     from ray import serve
@@ -443,7 +468,7 @@ def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, devic
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     knobs = {"backend": "torch", "num_gpus": 1.0 if device_name == "cuda" else 0.0, "num_cpus": 1.0,
              "max_batch_requests": 16, "max_ongoing_requests": 64, "max_candidates": max(shapes.ks),
-             "batch_wait_timeout_s": batch_wait_s}
+             "batch_wait_timeout_s": batch_wait_s, "cuda_graphs": cuda_graphs}
     rows: list[dict] = []
     try:
         started = time.perf_counter()
@@ -516,7 +541,7 @@ def goals(in_process: list[dict], http_rows: list[dict], ks: tuple[int, ...]) ->
     for r in http_rows:
         if "single" in r:
             series[f"HTTP reuse {r['reuse']}"][r["k"]] = r["single"]
-    for mode in ("reuse on", "reuse off", "plain"):
+    for mode in ("reuse on", "reuse off", "plain", "graphs"):
         series[f"in-process {mode}"] = {r["k"]: r[mode] for r in in_process if mode in r}
     for where, by_k in series.items():
         if GOAL_K in by_k:
@@ -531,22 +556,25 @@ def goals(in_process: list[dict], http_rows: list[dict], ks: tuple[int, ...]) ->
 
 
 def _in_process_text(r: dict) -> str:
-    cells = "  ".join(f"{mode} {r[mode]['p50_ms']:6.2f}/{r[mode]['p99_ms']:6.2f}"
-                      for mode in ("plain", "reuse off", "reuse on"))
-    diff = max(r[mode]["max_abs_diff_vs_cpu_fp32"] for mode in ("plain", "reuse off", "reuse on"))
+    modes = [m for m in ("plain", "reuse off", "reuse on", "graphs") if m in r]
+    cells = "  ".join(f"{mode} {r[mode]['p50_ms']:6.2f}/{r[mode]['p99_ms']:6.2f}" for mode in modes)
+    diff = max(r[mode]["max_abs_diff_vs_cpu_fp32"] for mode in modes)
     return f"  K={r['k']:<5} parse {r['parse_ms']['p50_ms']:6.2f}  {cells}   max |diff| vs CPU fp32 {diff:.1e}"
 
 
 def _http_text(r: dict) -> str:
     if "skipped" in r:
         return f"  K={r['k']:<5} reuse {r['reuse']:<3}  skipped ({r['skipped']})"
-    s, h, c, hc = r["single"], r["handle"], r["loaded"], r["handle_loaded"]
-    return (f"  K={r['k']:<5} reuse {r['reuse']:<3}  single p50 {s['p50_ms']:7.2f}  p99 {s['p99_ms']:7.2f} ms "
-            f"({s['requests']} req)   handle p50 {h['p50_ms']:7.2f}  p99 {h['p99_ms']:7.2f} ms   "
-            f"c={c['concurrency']}: {c['throughput_rps']:7.1f} rps  p50 {c['p50_ms']:7.2f}  "
-            f"p99 {c['p99_ms']:7.2f} ms  batch {c['mean_batch_requests']:4.1f} req  "
-            f"({c['errors'] + s['errors']} errors)   handle c={hc['concurrency']}: {hc['throughput_rps']:7.1f} rps  "
-            f"p50 {hc['p50_ms']:7.2f}  p99 {hc['p99_ms']:7.2f} ms  batch {hc['mean_batch_requests']:4.1f} req")
+
+    def cell(name: str, c: dict) -> str:
+        load = f"c={c['concurrency']} {c['throughput_rps']:6.1f} rps " if "concurrency" in c else ""
+        return (f"{name} {load}{c['p50_ms']:6.2f}/{c['p99_ms']:6.2f} ms [replica {c['replica_queued_p50_ms']:5.2f} queued "
+                f"+ {c['replica_score_p50_ms']:5.2f} scoring, batch {c['mean_batch_requests']:3.1f}]")
+
+    errors = r["single"]["errors"] + r["loaded"]["errors"]
+    return (f"  K={r['k']:<5} reuse {r['reuse']:<3} " + "  ".join(
+        cell(name, r[key]) for name, key in (("HTTP", "single"), ("handle", "handle"), ("HTTP", "loaded"),
+                                              ("handle", "handle_loaded"))) + f"  ({errors} errors)")
 
 
 def print_report(result: dict) -> None:
@@ -554,7 +582,8 @@ def print_report(result: dict) -> None:
           f"{result['history_events']} history events; ms p50/p99 per request")
     for r in result["in_process"]:
         print(_in_process_text(r) if "skipped" not in r else f"  K={r['k']:<5} skipped ({r['skipped']})")
-    print(f"\nHTTP through Ray Serve (router + {SCENARIO} replica), warm-up {result['http_setup']['warmup_s']:.1f} s")
+    print(f"\nHTTP through Ray Serve (router + {SCENARIO} replica) and a handle straight to the replica, "
+          f"p50/p99 and the replica's own median times; warm-up {result['http_setup']['warmup_s']:.1f} s")
     for r in result["http"]:
         print(_http_text(r))
     print("\ngoals")
@@ -570,8 +599,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny model, 50 history events, short cells (CPU check)")
     parser.add_argument("--budget-s", type=float, default=200.0, help="stop starting new cells after this")
     parser.add_argument("--chunk-size", type=int, default=1024, help="candidates scored together (app chunk_size)")
-    parser.add_argument("--batch-wait-ms", type=float, default=2.0,
-                        help="@serve.batch wait after a batch's first request (included in single-request latency)")
+    parser.add_argument("--batch-wait-ms", type=float, default=0.0,
+                        help="the replica's wait for more requests after a batch's first one (serving."
+                             "batch_wait_timeout_s; included in single-request latency)")
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help="serve without CUDA graphs (serving.cuda_graphs false); in process, graphs are timed anyway")
     parser.add_argument("--profile", type=int, default=None, metavar="K",
                         help="measure nothing else: profile one in-process request of K candidates and write the "
                              "profiler tables to --out with .txt")
@@ -599,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         in_process, inprocess_warmup_s = run_in_process(checkpoint, registry, shapes, args.device, args.chunk_size,
                                                         budget)
         http_rows, http_setup = run_http(checkpoint, config_dir, registry, shapes, args.device, args.chunk_size,
-                                         args.batch_wait_ms / 1000, budget)
+                                         args.batch_wait_ms / 1000, not args.no_cuda_graphs, budget)
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -607,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
                    else f"cpu ({platform.processor() or platform.machine()})"),
         "torch": torch.__version__, "cpus": os.cpu_count(), "model": shapes.model_config, "scenario": SCENARIO,
         "history_events": shapes.history_events, "ks": shapes.ks, "kernels": kernels,
-        "batch_wait_ms": args.batch_wait_ms, "cached_users": CACHED_USERS,
+        "batch_wait_ms": args.batch_wait_ms, "cached_users": CACHED_USERS, "cuda_graphs": not args.no_cuda_graphs,
         "inprocess_warmup_s": inprocess_warmup_s, "in_process": in_process,
         "http_setup": http_setup, "http": http_rows, "goals": goals(in_process, http_rows, shapes.ks),
         "runtime_s": time.perf_counter() - budget.start,

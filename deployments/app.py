@@ -46,6 +46,7 @@ class ServingOverrides(BaseModel):
     num_cpus: float | None = Field(None, ge=0)
     num_gpus: float | None = Field(None, ge=0)
     backend: str | None = None
+    cuda_graphs: bool | None = None
 
 
 class AppArgs(BaseModel):

@@ -2,7 +2,9 @@
 
     torch      the PyTorch subgraph; user side once per request, candidates in chunks against
                it (`ScenarioRanker.encode_users` / `score_candidates`); on a GPU, weights cast
-               once to the config's compute dtype (bf16), autocast, and the Triton kernels
+               once to the config's compute dtype (bf16), autocast, the Triton kernels, and
+               (cuda_graphs) the single pass replayed from a CUDA graph per bucketed batch
+               shape (cuda_graphs.py), the other paths serving batches too large for a graph
     onnx       the subgraph exported per request shape family to ONNX (onnx_export.py), run
                with onnxruntime on CPU
     tensorrt   the same ONNX graph run by onnxruntime's TensorRT execution provider, which
@@ -25,6 +27,7 @@ import torch
 from mtfm.model import ScenarioRanker, UserSide
 from mtfm.platform.registry import SERVING_BACKENDS, events_column, exposures_column
 
+from .cuda_graphs import CudaGraphRunner
 from .rank_request import RankRequest
 from .user_cache import UserSideCache, merge_users, split_users
 
@@ -58,17 +61,20 @@ def backend_unavailable_reason(name: str) -> str | None:
 
 
 def create_backend(name: str, ranker: ScenarioRanker, *, device: torch.device, chunk_size: int,
-                   threads: int | None = None, user_cache: UserSideCache | None = None) -> ScoringBackend:
+                   threads: int | None = None, user_cache: UserSideCache | None = None,
+                   cuda_graphs: bool = False) -> ScoringBackend:
     """threads: CPU threads for the model's operators (None: the library's default, all cores);
     a replica passes its CPU share so that co-located replicas do not oversubscribe the cores.
-    user_cache: encoded user sides kept across requests (PyTorch only)."""
+    user_cache: encoded user sides kept across requests; cuda_graphs: replay the single pass
+    from CUDA graphs on a GPU (both PyTorch only)."""
     reason = backend_unavailable_reason(name)
     if reason is not None:
         raise BackendUnavailable(f"scenario {ranker.scenario}: {reason}")
     if name == "torch":
         if threads is not None:
             torch.set_num_threads(threads)
-        return TorchBackend(ranker, device=device, chunk_size=chunk_size, user_cache=user_cache)
+        return TorchBackend(ranker, device=device, chunk_size=chunk_size, user_cache=user_cache,
+                            cuda_graphs=cuda_graphs)
     from .onnx_export import OnnxBackend
 
     providers = ["TensorrtExecutionProvider", "CUDAExecutionProvider"] if name == "tensorrt" else ["CPUExecutionProvider"]
@@ -76,15 +82,16 @@ def create_backend(name: str, ranker: ScenarioRanker, *, device: torch.device, c
 
 
 class TorchBackend:
-    """The PyTorch subgraph. One collate for the whole batch; the user side of every request
-    is encoded once (or taken from `user_cache`), then candidates are scored in chunks of
-    `chunk_size` per request. `reuse_user_side=False` scores everything in one plain pass
-    (benchmark baseline)."""
+    """The PyTorch subgraph. One collate for the whole batch; on a GPU with `cuda_graphs`, a
+    batch that fits a graph (`CudaGraphRunner`) is scored by replaying the single pass. Otherwise
+    the user side of every request is encoded once (or taken from `user_cache`), then
+    candidates are scored in chunks of `chunk_size` per request. `reuse_user_side=False`
+    scores everything in one plain pass (benchmark baseline)."""
 
     name = "torch"
 
     def __init__(self, ranker: ScenarioRanker, *, device: torch.device, chunk_size: int = 256,
-                 reuse_user_side: bool = True, user_cache: UserSideCache | None = None):
+                 reuse_user_side: bool = True, user_cache: UserSideCache | None = None, cuda_graphs: bool = False):
         if device.type == "cuda" and ranker.compute_dtype != torch.float32:
             # Serving needs no float32 master weights. Casting them once (in place) spares autocast's
             # per-request weight casts: 531 -> 367 kernels per large-config request (bench/RESULTS.md).
@@ -94,10 +101,16 @@ class TorchBackend:
         self.device, self.chunk_size, self.reuse_user_side = device, chunk_size, reuse_user_side
         self.user_cache = user_cache
         self.scenario = ranker.scenario
+        self.graphs = CudaGraphRunner(self.ranker, device) if cuda_graphs and device.type == "cuda" else None
 
     @torch.no_grad()
     def score(self, requests: list[RankRequest]) -> list[np.ndarray]:
         table = pa.concat_tables([r.table for r in requests])
+        if self.graphs is not None:
+            batch = self.collator(table)
+            scores = self.graphs(batch)
+            if scores is not None:
+                return _split(scores, batch.target_offsets)
         with self.ranker.autocast(self.device.type):
             if not self.reuse_user_side:
                 batch = self.collator(table).to(self.device)

@@ -1,14 +1,14 @@
 """The per-scenario deployment: one scenario's subgraph, scoring batched requests.
 
 Each replica loads only the scenario's subgraph of the checkpoint (`load_scenario_ranker`) and
-scores with the scenario's configured backend. Concurrent requests are merged by `@serve.batch` into
-one jagged batch, bounded in tokens (`max_batch_tokens`, through `batch_size_fn`) and in
-requests (`max_batch_requests`): a request costs max(its tokens, max_batch_tokens /
-max_batch_requests), so a full batch of costs never holds more of either.
+scores with the scenario's configured backend. Concurrent requests are merged by a `BatchQueue`
+(batch_queue.py: those that arrive while a batch scores form the next one) into one jagged
+batch, bounded in tokens (`max_batch_tokens`) and in requests (`max_batch_requests`): a request
+costs max(its tokens, max_batch_tokens / max_batch_requests), so a full batch of costs never
+holds more of either.
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
 import time
@@ -24,6 +24,7 @@ from mtfm.platform.checkpoint import META_FILE, MODEL_FILE, CheckpointError, Che
 from mtfm.platform.registry import Registry, ServingConfig
 
 from .backends import create_backend
+from .batch_queue import BatchQueue
 from .metrics import BatchMetrics
 from .rank_request import RankRequest
 from .user_cache import UserSideCache
@@ -35,10 +36,11 @@ UNHEALTHY_AFTER_FAILED_BATCHES = 3
 
 @dataclass(frozen=True)
 class QueuedRequest:
-    """A request waiting in the batch queue, with its cost in the token budget."""
+    """A request waiting in the batch queue, with its cost in the token budget and when it came."""
 
     request: RankRequest
     cost: int
+    arrived: float
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class ScoredRequest:
     scores: np.ndarray
     batch_requests: int
     batch_tokens: int
+    queued_ms: float
+    score_ms: float
 
 
 def model_version(checkpoint: str | Path, step: int) -> str:
@@ -70,10 +74,6 @@ def load_scenario_ranker(checkpoint: str | Path, scenario: str) -> tuple[Scenari
     return ranker.eval(), meta
 
 
-def _batch_cost(queued: list[QueuedRequest]) -> int:
-    return sum(q.cost for q in queued)
-
-
 @serve.deployment
 class ScenarioDeployment:
     def __init__(self, scenario: str, checkpoint: str, serving: dict, chunk_size: int, user_cache_ttl_s: float,
@@ -88,40 +88,44 @@ class ScenarioDeployment:
         threads = max(1, round(self.serving.num_cpus))
         cache = UserSideCache(user_cache_ttl_s, user_cache_mb * 2**20) if user_cache_ttl_s > 0 else None
         self.backend = create_backend(self.serving.backend, ranker, device=self.device, chunk_size=chunk_size,
-                                      threads=threads, user_cache=cache)
+                                      threads=threads, user_cache=cache, cuda_graphs=self.serving.cuda_graphs)
         self.metrics = BatchMetrics(scenario)
         self.slot_tokens = math.ceil(self.serving.max_batch_tokens / self.serving.max_batch_requests)
         self.failed_batches = 0
-        self.score_batch.set_max_batch_size(self.serving.max_batch_tokens)
-        self.score_batch.set_batch_wait_timeout_s(self.serving.batch_wait_timeout_s)
+        self.queue = BatchQueue(self.score_batch, max_cost=self.serving.max_batch_tokens,
+                                wait_s=self.serving.batch_wait_timeout_s)
 
     async def rank(self, request: RankRequest) -> dict:
         """Scores one validated request: {"scenario", "model_version", "tasks", "scores": one
-        {task: probability} per candidate, "batch": {"requests", "tokens"} it was scored in}."""
+        {task: probability} per candidate, "batch": {"requests", "tokens"} it was scored in, and
+        "queued_ms" (in this replica before its batch started: the batch wait and earlier batches)
+        and "score_ms" (the batch's scoring)}."""
         cost = max(min(request.num_tokens, self.serving.max_batch_tokens), self.slot_tokens)
-        scored = await self.score_batch(QueuedRequest(request, cost))
+        scored = await self.queue.submit(QueuedRequest(request, cost, time.perf_counter()), cost)
         return {
             "scenario": self.scenario,
             "model_version": self.version,
             "tasks": self.tasks,
             "scores": [dict(zip(self.tasks, row)) for row in scored.scores.tolist()],
-            "batch": {"requests": scored.batch_requests, "tokens": scored.batch_tokens},
+            "batch": {"requests": scored.batch_requests, "tokens": scored.batch_tokens,
+                      "queued_ms": round(scored.queued_ms, 3), "score_ms": round(scored.score_ms, 3)},
         }
 
-    @serve.batch(max_batch_size=65536, batch_wait_timeout_s=0.005, batch_size_fn=_batch_cost)
-    async def score_batch(self, queued: list[QueuedRequest]) -> list[ScoredRequest]:
+    def score_batch(self, queued: list[QueuedRequest]) -> list[ScoredRequest]:
+        """Runs in the queue's worker thread: the event loop keeps queueing the next batch."""
         requests = [q.request for q in queued]
         tokens = sum(r.num_tokens for r in requests)
         start = time.perf_counter()
         try:
-            # In a thread: the event loop keeps queueing the next batch while this one runs.
-            scores = await asyncio.to_thread(self.backend.score, requests)
+            scores = self.backend.score(requests)
         except Exception:
             self.failed_batches += 1
             raise
         self.failed_batches = 0
-        self.metrics.batch(len(requests), tokens, (time.perf_counter() - start) * 1000)
-        return [ScoredRequest(s, len(requests), tokens) for s in scores]
+        score_ms = (time.perf_counter() - start) * 1000
+        self.metrics.batch(len(requests), tokens, score_ms)
+        return [ScoredRequest(s, len(requests), tokens, (start - q.arrived) * 1000, score_ms)
+                for s, q in zip(scores, queued)]
 
     def info(self) -> dict:
         """What /healthz reports for this scenario (device: where it scores, "cuda" or "cpu")."""

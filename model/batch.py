@@ -127,26 +127,38 @@ class TokenBatch:
         self.map_tensors(collect)
         return found
 
-    def to(self, device: torch.device | str, non_blocking: bool = True) -> "TokenBatch":
-        """The batch on `device` with ONE host-to-device copy.
-
-        Every tensor is packed into one byte buffer (largest element size first, so each piece
-        stays aligned for its dtype), pinned when the target is CUDA, copied once, and viewed
-        back as the original tensors.
-        """
-        device = torch.device(device)
-        tensors = self.tensors()
-        if all(t.device == device for t in tensors):
-            return self
-        # Empty tensors carry no bytes (and may have strides no byte view accepts): made on device.
-        moved: dict[int, Tensor] = {i: t.new_empty(t.shape, device=device) for i, t in enumerate(tensors) if not t.numel()}
-        order = sorted((i for i in range(len(tensors)) if i not in moved), key=lambda i: -tensors[i].element_size())
+    def pack(self, out: Tensor | None = None) -> Tensor:
+        """Every non-empty tensor's bytes in one flat uint8 tensor (written into `out` if given),
+        largest element size first, so that each piece stays aligned for its dtype."""
+        tensors = [t for t in self.tensors() if t.numel()]
+        order = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())
         parts = [tensors[i].contiguous().reshape(-1).view(torch.uint8) for i in order]
-        flat = torch.cat(parts)
-        if device.type == "cuda" and flat.device.type == "cpu":
-            flat = flat.pin_memory()
-        flat = flat.to(device, non_blocking=non_blocking)
-        for i, piece in zip(order, flat.split([p.numel() for p in parts])):
-            moved[i] = piece.view(tensors[i].dtype).view(tensors[i].shape)
+        return torch.cat(parts, out=out) if out is not None else torch.cat(parts)
+
+    def unpack(self, flat: Tensor) -> "TokenBatch":
+        """A batch shaped like this one viewing `flat`, the `pack()` of a batch of the same
+        shapes and dtypes, on any device. Empty tensors carry no bytes (and may have strides no
+        byte view accepts): they are made on flat's device."""
+        tensors = self.tensors()
+        nonempty = [i for i, t in enumerate(tensors) if t.numel()]
+        order = sorted(range(len(nonempty)), key=lambda j: -tensors[nonempty[j]].element_size())
+        sizes = [tensors[nonempty[j]].numel() * tensors[nonempty[j]].element_size() for j in order]
+        if flat.numel() != sum(sizes):
+            raise ValueError(f"unpack: {flat.numel()} bytes for a batch of {sum(sizes)}")
+        moved = {i: t.new_empty(t.shape, device=flat.device) for i, t in enumerate(tensors) if not t.numel()}
+        for j, piece in zip(order, flat.split(sizes)):
+            t = tensors[nonempty[j]]
+            moved[nonempty[j]] = piece.view(t.dtype).view(t.shape)
         position = iter(range(len(tensors)))
         return self.map_tensors(lambda _: moved[next(position)])
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "TokenBatch":
+        """The batch on `device` with ONE host-to-device copy: every tensor packed into one byte
+        buffer (`pack`), pinned when the target is CUDA, copied once, and viewed back (`unpack`)."""
+        device = torch.device(device)
+        if all(t.device == device for t in self.tensors()):
+            return self
+        flat = self.pack()
+        if device.type == "cuda" and flat.device.type == "cpu":
+            flat = flat.pin_memory()
+        return self.unpack(flat.to(device, non_blocking=non_blocking))

@@ -86,11 +86,12 @@ class ServingConfig:
     max_ongoing_requests: int = 64
     max_batch_requests: int = 16
     max_batch_tokens: int = 65536
-    batch_wait_timeout_s: float = 0.005
+    batch_wait_timeout_s: float = 0.0
     max_candidates: int = 1000
     num_cpus: float = 0.25
     num_gpus: float = 0.0
     backend: str = "torch"
+    cuda_graphs: bool = True
 
 
 @dataclass(frozen=True)
@@ -458,6 +459,7 @@ def _parse_serving(raw: dict, file: str) -> ServingConfig:
         num_cpus=float(f.positive("num_cpus", (int, float), d.num_cpus, minimum=0)),
         num_gpus=float(f.positive("num_gpus", (int, float), d.num_gpus, minimum=0)),
         backend=f.choice("backend", SERVING_BACKENDS, d.backend),
+        cuda_graphs=f.get("cuda_graphs", bool, d.cuda_graphs, what="true or false"),
     )
 
 

@@ -81,6 +81,7 @@ BAD_SCENARIOS = [
     (lambda d: d.update(name="homepage"), "name", "the file name"),
     (lambda d: d["serving"].update(replicas=0), "serving.replicas", ">= 1"),
     (lambda d: d["serving"].update(backend="tflite"), "serving.backend", "one of torch, onnx, tensorrt"),
+    (lambda d: d["serving"].update(cuda_graphs="yes"), "serving.cuda_graphs", "true or false"),
     (lambda d: d["user_features"].append({"name": "ts", "type": "numeric"}), "user_features[2].name", "reserved column"),
     (lambda d: d["item_features"][2].update(buckets=10), "item_features[2].buckets", "not allowed for a numeric"),
     (lambda d: d["synthetic"]["label_rates"].update(click=1.5), "synthetic.label_rates.click", "probability"),

@@ -1,6 +1,7 @@
-"""Scoring backends and serving config, in-process (no Serve): user-side reuse and ONNX give
-the plain subgraph's scores, TensorRT fails clearly where it cannot run, serve.yaml is the
-generator's output, the builder's checks and the example request."""
+"""Scoring backends and serving config, in-process (no Serve): user-side reuse, the CUDA-graph
+runner's padded static buffers and ONNX give the plain subgraph's scores, TensorRT fails
+clearly where it cannot run, serve.yaml is the generator's output, the builder's checks and the
+example request."""
 from __future__ import annotations
 
 import importlib.util
@@ -15,9 +16,11 @@ import torch
 
 from mtfm.deployments.app import AppArgs, ServeConfigError, build_app, resolve_checkpoint, scenario_serving
 from mtfm.deployments.backends import BackendUnavailable, TorchBackend, create_backend
+from mtfm.deployments.cuda_graphs import CudaGraphRunner
 from mtfm.deployments.rank_request import RankRequestParser, example_request
 from mtfm.deployments.serve_config import render_serve_config
 from mtfm.deployments.user_cache import UserSideCache, split_users, user_side_bytes
+from mtfm.model.padding import batch_shape
 from mtfm.platform.checkpoint import load_model
 from mtfm.platform.cli import main
 from mtfm.platform.registry import load_registry
@@ -93,6 +96,44 @@ def test_user_side_cache_expires_and_stays_within_its_bytes(model):
     assert expired.get("a") is None and expired.bytes == 0
 
 
+@pytest.mark.parametrize("scenario", ["hp", "phf"])
+def test_graph_runner_reuses_its_static_buffers_and_gives_the_plain_scores(model, scenario):
+    """On the CPU the runner runs its padded static buffers eagerly: the data path of a replay."""
+    ranker = model.subgraph(scenario)
+    requests = _varied_requests(model.registry, scenario)
+    collate = ranker.collator()
+    parser = RankRequestParser(model.registry, scenario, max_candidates=1000)
+    sibling = parser.parse(example_request(model.registry, scenario, candidates=3, events=5, seed=1, user_id=11),
+                           now_ms=int(time.time() * 1000))
+    runner = CudaGraphRunner(ranker, torch.device("cpu"), max_graphs=3)
+    plain = TorchBackend(ranker, device=torch.device("cpu"), reuse_user_side=False)
+    # Request 0 and its sibling (other events, candidates and user) pad to the same shape, so the
+    # sibling's call overwrites request 0's buffers: stale inputs would give request 0's scores.
+    assert batch_shape(collate(sibling.table)) == batch_shape(collate(requests[0].table))
+    for request in (requests[0], sibling, requests[1], requests[2], requests[0]):
+        scores = runner(collate(request.table))
+        np.testing.assert_allclose(scores.numpy(), plain.score([request])[0], atol=1e-5)
+    assert runner.captures == 3
+    assert runner(collate(requests[3].table)) is None  # a fourth shape: no room for another graph
+    large = CudaGraphRunner(ranker, torch.device("cpu"), max_tokens=16)
+    assert large(collate(requests[1].table)) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_backend_matches_the_float32_cpu_scores(model):
+    ranker = model.subgraph("phf")
+    requests = _varied_requests(model.registry, "phf")
+    cpu = TorchBackend(ranker, device=torch.device("cpu"), reuse_user_side=False).score(requests)
+    graphed = TorchBackend(model.subgraph("phf"), device=torch.device("cuda"), cuda_graphs=True)
+    for _ in range(2):  # capture, then replay
+        for request, expected in zip(requests, cpu):
+            np.testing.assert_allclose(graphed.score([request])[0], expected, atol=2e-2)
+    together = graphed.score(requests)
+    for scores, expected in zip(together, cpu):
+        np.testing.assert_allclose(scores, expected, atol=2e-2)
+    assert graphed.graphs.captures >= 2
+
+
 @pytest.mark.parametrize("scenario", ["hp", "phf", "sqs"])
 def test_onnx_backend_matches_pytorch(model, scenario):
     ranker = model.subgraph(scenario)
@@ -117,9 +158,10 @@ def test_the_committed_serve_yaml_is_the_generators_output():
 
 def test_serving_knobs_come_from_yaml_with_overrides_and_are_checked():
     registry = load_registry(REPO / "configs")
-    serving = scenario_serving(registry, AppArgs(scenarios={"hp": {"replicas": 3}}).scenarios)
+    serving = scenario_serving(registry, AppArgs(scenarios={"hp": {"replicas": 3, "cuda_graphs": False}}).scenarios)
     assert set(serving) == set(registry.scenarios)
     assert serving["hp"].replicas == 3 and serving["sqs"].max_candidates == registry.scenario("sqs").serving.max_candidates
+    assert not serving["hp"].cuda_graphs and serving["phf"].cuda_graphs  # on unless turned off
     with pytest.raises(ServeConfigError, match="args.scenarios.nope: unknown scenario"):
         scenario_serving(registry, AppArgs(scenarios={"nope": {}}).scenarios)
     with pytest.raises(ServeConfigError, match="max_ongoing_requests 4 is below max_batch_requests 16"):

@@ -89,7 +89,10 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(service):
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
     for body, response in zip(bodies, responses):
         np.testing.assert_allclose(_served(response), _offline(service, "hp", body), atol=1e-5)
-    assert max(r.json()["batch"]["requests"] for r in responses) > 1
+    batches = [r.json()["batch"] for r in responses]
+    assert max(b["requests"] for b in batches) > 1
+    # A request's replica time is its queueing then its batch's scoring, both measured.
+    assert all(b["queued_ms"] >= 0 and b["score_ms"] > 0 for b in batches)
 
 
 def _bad_requests(registry) -> list[tuple[str, str, dict | bytes, int, str, str]]:
