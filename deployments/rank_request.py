@@ -18,6 +18,10 @@ silently without the feature).
 
 Every refusal is a `RequestError`: an HTTP status, a machine-readable `kind`, the request
 `field` at fault (a dotted path such as `candidates[3].poi_id`) and what was expected.
+
+Lists of objects (events, candidates) are checked a column at a time and turned into Arrow
+arrays without a Python object per event; only when a column fails is the list checked object
+by object, which names the first bad field.
 """
 from __future__ import annotations
 
@@ -102,16 +106,30 @@ class RankRequestParser:
         user = self.user_schema.parse(_mapping(body.get("user", {}), "user"), "user")
         events = self._sequences(_mapping(body.get("sequences", {}), "sequences"), ts)
         candidates = self._candidates(body)
-        exposures = [{"request_id": None, "ts": ts, **c} for c in candidates]
-        row = {"user_id": user_id, "window": 0, user_column(self.scenario.name): user,
-               exposures_column(self.scenario.name): exposures}
-        row.update((events_column(name), evs) for name, evs in events.items())
-        table = pa.Table.from_pylist([row], schema=self.schema)
-        kept = sum(min(len(evs), seq.max_len) for seq, evs in zip(self.sequences, events.values()))
+        num_candidates = len(body["candidates"])
+        candidates.update(request_id=[None] * num_candidates, ts=[ts] * num_candidates)
+        scenario = self.scenario.name
+        columns = {"user_id": pa.array([user_id], pa.int64()), "window": pa.array([0], pa.int64()),
+                   user_column(scenario): pa.array([user], self.schema.field(user_column(scenario)).type),
+                   exposures_column(scenario): self._one_list(exposures_column(scenario), candidates, num_candidates)}
+        for seq in self.sequences:
+            evs = events[seq.name]
+            columns[events_column(seq.name)] = self._one_list(events_column(seq.name), evs, len(evs["ts"]))
+        table = pa.Table.from_arrays([columns[name] for name in self.schema.names], schema=self.schema)
+        kept = sum(min(len(events[seq.name]["ts"]), seq.max_len) for seq in self.sequences)
         state = hashlib.blake2b(repr((user_id, sorted(events.items()))).encode(), digest_size=16).hexdigest()
-        return RankRequest(self.scenario.name, user_id, ts, table, len(candidates), kept + len(candidates), state)
+        return RankRequest(scenario, user_id, ts, table, num_candidates, kept + num_candidates, state)
 
-    def _sequences(self, given: dict, ts: int) -> dict[str, list[dict]]:
+    def _one_list(self, column: str, values: dict[str, list], n: int) -> pa.Array:
+        """A one-row list<struct> column from per-field value lists (fields not given are null)."""
+        list_type = self.schema.field(column).type
+        struct_type = list_type.value_type
+        children = [pa.array(values[f.name], f.type) if f.name in values else pa.nulls(n, f.type) for f in struct_type]
+        items = pa.StructArray.from_arrays(children, fields=list(struct_type))
+        return pa.ListArray.from_arrays(pa.array([0, n], pa.int32()), items, type=list_type)
+
+    def _sequences(self, given: dict, ts: int) -> dict[str, dict[str, list]]:
+        """Per sequence, its events as columns (ts and every feature), sorted by ts."""
         known = {s.name: s for s in self.sequences}
         for name in given:
             if name not in known:
@@ -123,18 +141,27 @@ class RankRequestParser:
             items = given.get(seq.name) or []
             if not isinstance(items, list):
                 raise RequestError(422, "wrong_type", where, f"expected a list of events, found {_json_kind(items)}")
-            events = []
-            for i, raw in enumerate(items):
-                event = self.event_schemas[seq.name].parse(_mapping(raw, f"{where}[{i}]"), f"{where}[{i}]")
-                event_ts = _integer(_required(raw, "ts", "the event time in ms", f"{where}[{i}]"), f"{where}[{i}].ts")
-                if event_ts > ts:
-                    raise RequestError(422, "event_after_request", f"{where}[{i}].ts",
-                                       f"{event_ts} is after the request ts {ts}; expected events at or before it")
-                events.append({"ts": event_ts, **event})
-            out[seq.name] = sorted(events, key=lambda e: e["ts"])
+            schema = self.event_schemas[seq.name]
+            columns = schema.columns(items)
+            if columns is None or (items and max(columns["ts"]) > ts):
+                columns = {name: [] for name in schema.names}
+                for i, raw in enumerate(items):  # finds the first bad field, in request order
+                    event = schema.parse(_mapping(raw, f"{where}[{i}]"), f"{where}[{i}]")
+                    event_ts = _integer(_required(raw, "ts", "the event time in ms", f"{where}[{i}]"), f"{where}[{i}].ts")
+                    if event_ts > ts:
+                        raise RequestError(422, "event_after_request", f"{where}[{i}].ts",
+                                           f"{event_ts} is after the request ts {ts}; expected events at or before it")
+                    for name in schema.names:
+                        columns[name].append(event_ts if name == "ts" else event[name])
+            event_ts = columns["ts"]
+            if any(a > b for a, b in zip(event_ts, event_ts[1:])):
+                order = sorted(range(len(event_ts)), key=event_ts.__getitem__)  # stable: ties keep request order
+                columns = {name: [values[i] for i in order] for name, values in columns.items()}
+            out[seq.name] = columns
         return out
 
-    def _candidates(self, body: dict) -> list[dict]:
+    def _candidates(self, body: dict) -> dict[str, list]:
+        """The candidates' features as columns."""
         items = _required(body, "candidates", "a non-empty list of candidate objects")
         if not isinstance(items, list):
             raise RequestError(422, "wrong_type", "candidates", f"expected a list of candidates, found {_json_kind(items)}")
@@ -145,7 +172,11 @@ class RankRequestParser:
                                f"found {len(items)} candidates; scenario {self.scenario.name} accepts at most "
                                f"{self.max_candidates} per request (split the request)")
         schema = self.candidate_schema
-        return [schema.parse(_mapping(raw, f"candidates[{i}]"), f"candidates[{i}]") for i, raw in enumerate(items)]
+        columns = schema.columns(items)
+        if columns is None:
+            parsed = [schema.parse(_mapping(raw, f"candidates[{i}]"), f"candidates[{i}]") for i, raw in enumerate(items)]
+            columns = {name: [p[name] for p in parsed] for name in schema.names}
+        return columns
 
 
 def example_request(registry: Registry, scenario: str, *, candidates: int = 3, events: int = 4,
@@ -201,12 +232,42 @@ def _integer(value: Any, field: str) -> int:
 
 
 class _ObjectSchema:
-    """The declared features of one kind of request object (user, event, candidate)."""
+    """The declared features of one kind of request object (user, event, candidate); `extra`
+    names required integer fields besides the features (an event's ts)."""
 
     def __init__(self, features: tuple[Feature, ...], extra: tuple[str, ...] = ()):
         self.features, self.extra = features, extra
-        self.declared = {f.name for f in features} | set(extra)
-        self.expected = ", ".join([*extra, *(f.name for f in features)])
+        self.names = (*extra, *(f.name for f in features))
+        self.declared = frozenset(self.names)
+        self.expected = ", ".join(self.names)
+
+    def columns(self, items: list) -> dict[str, list] | None:
+        """Every object's fields as columns (absent optional features None, numerics as given),
+        or None when any object or value is not plainly valid: then `parse` object by object
+        names the first bad field (or accepts what this quick check was too strict for)."""
+        if not all(type(item) is dict and item.keys() <= self.declared for item in items):
+            return None
+        out = {}
+        for name in self.extra:
+            values = [item.get(name) for item in items]
+            if not _all_int64(values):
+                return None
+            out[name] = values
+        for f in self.features:
+            values = [item.get(f.name) for item in items]
+            present = [v for v in values if v is not None]
+            if f.required and len(present) < len(values):
+                return None
+            if f.type == "categorical":
+                ok = _all_int64(present)
+            elif f.type == "numeric":
+                ok = all(type(v) is float or type(v) is int for v in present) and all(map(math.isfinite, present))
+            else:
+                ok = all(type(v) is list for v in present) and _all_int64([x for v in present for x in v])
+            if not ok:
+                return None
+            out[f.name] = values
+        return out
 
     def parse(self, given: dict, where: str) -> dict[str, Any]:
         """The declared features of `given`, checked by type; absent optional ones are None."""
@@ -224,6 +285,11 @@ class _ObjectSchema:
             else:
                 out[f.name] = _feature_value(f, value, f"{where}.{f.name}")
         return out
+
+
+def _all_int64(values: list) -> bool:
+    """Plain ints (not bools) within int64: what `_integer` accepts."""
+    return all(type(v) is int for v in values) and (not values or (INT64_MIN <= min(values) and max(values) <= INT64_MAX))
 
 
 def _feature_value(f: Feature, value: Any, field: str) -> Any:

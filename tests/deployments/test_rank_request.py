@@ -1,0 +1,105 @@
+"""Request parsing in process: the one-row table equals one built independently from the JSON,
+and a bad value deep inside a long list is refused naming its exact field."""
+from __future__ import annotations
+
+import copy
+
+import pyarrow as pa
+import pytest
+
+from mtfm.deployments.rank_request import RankRequestParser, RequestError, example_request
+from mtfm.platform.registry import events_column, exposures_column, load_registry, user_column
+from serve_test_utils import REPO
+
+REGISTRY = load_registry(REPO / "configs")
+NOW_MS = example_request(REGISTRY, "hp")["ts"] + 1000
+
+
+def _varied_body(scenario: str) -> dict:
+    """Events out of order with ts ties, optional features null or absent, numerics given as ints."""
+    body = example_request(REGISTRY, scenario, candidates=40, events=60, seed=5)
+    history = body["sequences"]["history"]
+    history.reverse()
+    history[3]["ts"] = history[4]["ts"]  # a tie: request order is kept
+    for i, candidate in enumerate(body["candidates"]):
+        for f in REGISTRY.scenario(scenario).exposure_features:
+            if not f.required and i % 3 == 0:
+                candidate[f.name] = None
+            elif not f.required and i % 3 == 1:
+                candidate.pop(f.name)
+            elif f.type == "numeric" and i % 3 == 2:
+                candidate[f.name] = int(candidate[f.name])
+    return body
+
+
+def _expected_table(body: dict, scenario: str) -> pa.Table:
+    """The aggregated row written out by hand, converted by pyarrow's own row conversion."""
+    scn = REGISTRY.scenario(scenario)
+    schema = REGISTRY.aggregated_schema()
+
+    def features(obj: dict, feats) -> dict:
+        return {f.name: (float(obj[f.name]) if f.type == "numeric" and obj.get(f.name) is not None
+                         else obj.get(f.name)) for f in feats}
+
+    row = {"user_id": body["user_id"], "window": 0, user_column(scenario): features(body["user"], scn.user_features),
+           exposures_column(scenario): [{"request_id": None, "ts": body["ts"], **features(c, scn.exposure_features)}
+                                        for c in body["candidates"]]}
+    for name, seq in REGISTRY.sequences.items():
+        events = sorted(body["sequences"].get(name, []), key=lambda e: e["ts"])
+        row[events_column(name)] = [{"ts": e["ts"], **features(e, seq.features)} for e in events]
+    names = ["user_id", "window", user_column(scenario), exposures_column(scenario)]
+    names += [events_column(n) for n in REGISTRY.sequences]
+    return pa.Table.from_pylist([row], schema=pa.schema([schema.field(n) for n in names]))
+
+
+@pytest.mark.parametrize("scenario", ["hp", "phf", "sqs"])
+def test_the_parsed_table_equals_the_row_built_by_hand(scenario):
+    body = _varied_body(scenario)
+    request = RankRequestParser(REGISTRY, scenario, max_candidates=1000).parse(copy.deepcopy(body), now_ms=NOW_MS)
+    expected = _expected_table(body, scenario)
+    assert request.table.equals(expected), (request.table.to_pylist(), expected.to_pylist())
+    assert request.num_candidates == 40
+    kept = sum(min(len(body["sequences"][n]), s.max_len) for n, s in REGISTRY.sequences.items())
+    assert request.num_tokens == kept + 40
+
+
+def test_the_user_state_changes_with_the_events_only():
+    parser = RankRequestParser(REGISTRY, "hp", max_candidates=1000)
+    body = _varied_body("hp")
+    state = parser.parse(copy.deepcopy(body), now_ms=NOW_MS).user_state
+    other_candidates = {**copy.deepcopy(body), "candidates": body["candidates"][:5]}
+    assert parser.parse(other_candidates, now_ms=NOW_MS).user_state == state
+    moved = copy.deepcopy(body)
+    moved["sequences"]["history"][10]["ts"] -= 1
+    assert parser.parse(moved, now_ms=NOW_MS).user_state != state
+
+
+def _broken(path: str, value) -> dict:
+    body = _varied_body("hp")
+    listing, index, name = path.split(".")
+    if listing == "candidates":
+        body["candidates"][int(index)][name] = value
+    else:
+        body["sequences"][listing][int(index)][name] = value
+    return body
+
+
+@pytest.mark.parametrize("path, value, kind", [
+    ("history.37.poi_id", "p7", "wrong_type"),
+    ("history.12.category", True, "wrong_type"),
+    ("history.44.price", float("nan"), "wrong_type"),
+    ("history.50.ts", NOW_MS + 10**6, "event_after_request"),
+    ("history.8.ts", None, "missing_field"),
+    ("history.20.colour", 1, "unknown_field"),
+    ("realtime.3.action", 2**63, "wrong_type"),
+    ("candidates.25.poi_id", None, "missing_field"),
+    ("candidates.31.distance_km", [1.0], "wrong_type"),
+])
+def test_a_bad_value_deep_in_a_list_is_refused_by_its_exact_field(path, value, kind):
+    listing, index, name = path.split(".")
+    body = _broken(path, value)
+    # Fields are named by their index in the request, before the events are sorted by ts.
+    where = f"candidates[{index}]" if listing == "candidates" else f"sequences.{listing}[{index}]"
+    with pytest.raises(RequestError) as error:
+        RankRequestParser(REGISTRY, "hp", max_candidates=1000).parse(body, now_ms=NOW_MS)
+    assert (error.value.kind, error.value.field) == (kind, f"{where}.{name}")
