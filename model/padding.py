@@ -76,9 +76,11 @@ def pad_batch(batch: TokenBatch, shape: BatchShape) -> TokenBatch:
     groups = batch.group_names
     counts = [batch.features[g].num_tokens for g in groups]
     pads = [size - n for size, n in zip(shape.group_tokens, counts)]
-    if shape.num_users <= batch.num_users or any(p < 0 or (p == 0 and n) for p, n in zip(pads, counts)):
-        raise ValueError(f"pad_batch: {shape} does not hold a batch of {batch.num_users} users and group sizes "
-                         f"{dict(zip(groups, counts))}")
+    list_counts = [v.shape[0] for g in groups for v in batch.features[g].list_values.values()]
+    if (shape.num_users <= batch.num_users or any(p < 0 or (p == 0 and n) for p, n in zip(pads, counts))
+            or any(size < n for size, n in zip(shape.list_values, list_counts))):
+        raise ValueError(f"pad_batch: {shape} does not hold a batch of {batch.num_users} users, group sizes "
+                         f"{dict(zip(groups, counts))} and list sizes {list_counts}")
     # Rows of the padding user, per group: H and R sequences (by their tokens' kind), then T.
     kinds = [int(batch.kind[batch.features[g].index[0]]) if n else 0 for g, n in zip(groups, counts)]
     order = sorted((i for i in range(len(groups)) if pads[i]), key=lambda i: (kinds[i], i))

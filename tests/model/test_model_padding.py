@@ -58,6 +58,8 @@ def test_a_shape_too_small_is_refused():
     smaller = tuple(max(0, n - 1) for n in shape.group_tokens)
     with pytest.raises(ValueError, match="group sizes"):
         pad_batch(batch, BatchShape(shape.num_users, smaller, shape.list_values))
+    with pytest.raises(ValueError, match="list sizes"):
+        pad_batch(batch, BatchShape(shape.num_users, shape.group_tokens, tuple(0 for _ in shape.list_values)))
 
 
 def test_pack_and_unpack_round_trip_every_tensor():
