@@ -106,19 +106,20 @@ class TorchBackend:
     @torch.no_grad()
     def score(self, requests: list[RankRequest]) -> list[np.ndarray]:
         table = pa.concat_tables([r.table for r in requests])
+        collated = None  # the whole batch collated on the host, when a path needs it
         if self.graphs is not None:
-            batch = self.collator(table)
-            scores = self.graphs(batch)
+            collated = self.collator(table)
+            scores = self.graphs(collated)
             if scores is not None:
-                return _split(scores, batch.target_offsets)
+                return _split(scores, collated.target_offsets)
         with self.ranker.autocast(self.device.type):
             if not self.reuse_user_side:
-                batch = self.collator(table).to(self.device)
+                batch = (collated if collated is not None else self.collator(table)).to(self.device)
                 return _split(self.ranker(batch), batch.target_offsets)
             if self.user_cache is not None:
                 user = self._cached_user_sides(requests, table)
             else:
-                batch = self.collator(table).to(self.device)
+                batch = (collated if collated is not None else self.collator(table)).to(self.device)
                 user = self.ranker.encode_users(batch)
                 if max(r.num_candidates for r in requests) <= self.chunk_size:
                     return _split(self.ranker.score_candidates(user, batch), batch.target_offsets)

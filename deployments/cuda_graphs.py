@@ -66,14 +66,12 @@ class CudaGraphRunner:
         """Probabilities (NT, num_tasks) of the CPU batch's T-tokens, float32 on the CPU; None
         when the batch's shape is not graphed (too large, or no room for another graph)."""
         shape = batch_shape(batch)
-        if shape.num_tokens > self.max_tokens:
+        if shape.num_tokens > self.max_tokens or (shape not in self.graphs and len(self.graphs) >= self.max_graphs):
             return None
         padded = pad_batch(batch, shape)
         with self.lock:
             entry = self.graphs.get(shape)
             if entry is None:
-                if len(self.graphs) >= self.max_graphs:
-                    return None
                 entry = self.graphs[shape] = self._capture(padded)
             padded.pack(out=entry.staging)
             entry.static_input.copy_(entry.staging, non_blocking=True)
