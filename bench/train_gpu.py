@@ -84,6 +84,8 @@ CASES = [
      {"hta_layout": "(3:1)*4", "num_kv_heads": 1, "attention_impl": "reference", "norm_impl": "reference"}, "kernels"),
 ]
 
+CASE_NAMES = {c[0] for c in CASES}
+
 
 # ---------------------------------------------------------------- helpers (run in the worker)
 
@@ -251,7 +253,12 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
 
     batch_flops = [forward_flops(config, model.registry, m)["total"] * b.num_users for b, m in zip(batches, mixes)]
     # Throughput pass.
-    losses = [step(batches[i % len(batches)]) for i in range(args.warmup)]
+    sync()
+    first = time.perf_counter()
+    losses = [step(batches[0])]
+    sync()
+    first_step_s = time.perf_counter() - first  # with Triton's first compiles
+    losses += [step(batches[i % len(batches)]) for i in range(1, args.warmup)]
     sync()
     start = time.perf_counter()
     users = tokens = 0
@@ -309,8 +316,9 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
                 text = averages.table(sort_by="self_device_time_total", row_limit=25)
             except Exception:  # noqa: BLE001
                 text = averages.table(sort_by="self_cuda_time_total", row_limit=25)
+            host_text = averages.table(sort_by="self_cpu_time_total", row_limit=25)
             with open(Path(args.out).resolve().parent / "profiles.txt", "a") as fh:
-                fh.write(f"==== {name}\n{text}\n")
+                fh.write(f"==== {name}\n{text}\n==== {name}, by host time\n{host_text}\n")
         except Exception as exc:  # noqa: BLE001 - the profile is extra; keep the case's numbers
             profile = {"error": f"{type(exc).__name__}: {exc}"}
     fwd = forward_flops(config, model.registry, mixes[0])
@@ -321,6 +329,7 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
         "layout": config.hta_layout, "d_model": config.d_model, "num_heads": config.num_heads,
         "kv_heads": config.kv_heads, "layers": config.num_layers,
         "attention_impl": config.attention_impl, "norm_impl": config.norm_impl, "parameters": params,
+        "first_step_s": first_step_s,
         "steps": args.steps, "users_per_step": users / args.steps, "tokens_per_step": tokens / args.steps,
         "step_s": elapsed / args.steps, "samples_per_s": users / elapsed, "tokens_per_s": tokens / elapsed,
         "fwd_gflop_per_sample": fwd["total"] / 1e9, "fwd_attention_share": fwd["attention"] / fwd["total"],
@@ -534,7 +543,7 @@ def worker(loop_config: dict) -> None:
                                                                  ray_mode))
 
     for name, part, config_path, overrides, pool in CASES:
-        if args.only and not any(o in name for o in args.only):
+        if args.only and not any(o == name or (o in name and o not in CASE_NAMES) for o in args.only):
             continue
         if time.perf_counter() - t0 > args.budget_s:
             results.append({"case": name, "part": part, "skipped": "time budget"})
@@ -664,7 +673,8 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip cases that would start after this")
     parser.add_argument("--profile", nargs="*", default=["large", "t4 (3:1)*4", "t4 (0:16)*1", "medium"],
                         help="cases to profile for one step (GPU kernel time, top kernels)")
-    parser.add_argument("--only", nargs="*", default=None, help="run only cases whose name contains one of these")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="run only these cases: a case's exact name, or a part of names (\"t4\", \"kern\")")
     parser.add_argument("--pipeline", action="store_true",
                         help="section (a): small-model steps with collation inline vs in the prefetch thread")
     parser.add_argument("--pipeline-steps", type=int, default=20, help="timed steps per feed of section (a)")

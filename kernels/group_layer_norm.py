@@ -5,8 +5,12 @@
 x (N, D); group (N,) int64 in [0, G); weight, bias (G, D):
 out[i] = (x[i] - mean) / sqrt(var + eps) * weight[group[i]] + bias[group[i]].
 Registered as the torch.library op `mtfm::group_layer_norm` with a fake implementation and a
-backward op `mtfm::group_layer_norm_backward` (dx, and dweight, dbias summed per group).
+backward op `mtfm::group_layer_norm_backward` (dx, and dweight, dbias summed per group): what
+torch.compile traces. Eager calls take a plain autograd Function with the same forward and
+backward, which spares the dispatcher's host time.
 """
+
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -61,8 +65,29 @@ def _backward(ctx, grad_out):
 _gln_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(name: str, ok: bool, found, expected: str) -> None:
+class _GroupLayerNormFunction(torch.autograd.Function):
+    """The eager path: the op's forward, saved tensors (x, group, weight; mean and rstd are
+    recomputed) and backward, without the dispatcher's Python hops of a torch.library op,
+    which cost more host time than the kernels take on the GPU (bench/host_overhead.py)."""
+
+    @staticmethod
+    def forward(ctx, x, group, weight, bias, eps, impl):
+        _setup_context(ctx, (x, group, weight, bias, eps, impl), None)
+        return _implementation(impl).group_layer_norm(x, group, weight, bias, eps)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        eps, impl = ctx.params
+        dx, dweight, dbias = _implementation(impl).group_layer_norm_backward(grad_out.contiguous(),
+                                                                             *ctx.saved_tensors, eps)
+        return dx, None, dweight, dbias, None, None
+
+
+def _check(name: str, ok: bool, found, expected: str | Callable[[], str]) -> None:
+    """`found` and `expected` may be functions building the text: they then run only on failure
+    (formatting a shape in every call costs host time and makes torch.compile specialise on it)."""
     if not ok:
+        found, expected = (part() if callable(part) else part for part in (found, expected))
         raise ValueError(f"group_layer_norm: {name} is {found}, expected {expected}")
 
 
@@ -73,13 +98,13 @@ def group_layer_norm(
     _check("x.shape", x.dim() == 2, tuple(x.shape), "2 dims (tokens, features)")
     _check("x.dtype", x.dtype in _FLOAT_DTYPES, x.dtype, "float16, bfloat16, float32 or float64")
     _check("group", group.dim() == 1 and group.shape[0] == x.shape[0] and group.dtype == torch.int64,
-           f"{tuple(group.shape)} {group.dtype}", f"({x.shape[0]},) torch.int64")
+           lambda: f"{tuple(group.shape)} {group.dtype}", lambda: f"({x.shape[0]},) torch.int64")
     _check("weight.shape", weight.dim() == 2 and weight.shape[1] == x.shape[1], tuple(weight.shape),
-           f"(G, {x.shape[1]})")
-    _check("bias", bias.shape == weight.shape and bias.dtype == weight.dtype, f"{tuple(bias.shape)} {bias.dtype}",
-           f"{tuple(weight.shape)} {weight.dtype} like weight")
+           lambda: f"(G, {x.shape[1]})")
+    _check("bias", bias.shape == weight.shape and bias.dtype == weight.dtype,
+           lambda: f"{tuple(bias.shape)} {bias.dtype}", lambda: f"{tuple(weight.shape)} {weight.dtype} like weight")
     for name, t in (("group", group), ("weight", weight), ("bias", bias)):
-        _check(f"{name}.device", t.device == x.device, t.device, f"{x.device} like x")
+        _check(f"{name}.device", t.device == x.device, t.device, lambda: f"{x.device} like x")
     chosen = resolve_impl(impl, x.device)
     if chosen == "triton":
         from .group_layer_norm_triton import unsupported_reason
@@ -89,4 +114,5 @@ def group_layer_norm(
             raise ValueError(f"group_layer_norm: impl='triton' does not support these inputs: {reason}")
         if reason is not None:  # "auto" takes the reference for what the kernels do not cover
             chosen = "reference"
-    return _gln_op(x, group, weight, bias, float(eps), chosen)
+    op = _gln_op if torch.compiler.is_compiling() else _GroupLayerNormFunction.apply
+    return op(x, group, weight, bias, float(eps), chosen)

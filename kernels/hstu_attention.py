@@ -17,7 +17,11 @@ it is not checked here because checking needs the data on the host.
 Both go through one torch.library op, `mtfm::hstu_attention`, whose queries are the last
 M_b tokens of each user (full attention: M_b = L_b), with a fake implementation and a
 backward op `mtfm::hstu_attention_backward`, so autograd and torch.compile see one opaque op.
+Eager calls take a plain autograd Function with the same forward and backward, which spares the
+dispatcher's host time.
 """
+
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -78,8 +82,29 @@ def _backward(ctx, grad_out):
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(name: str, ok: bool, found, expected: str) -> None:
+class _AttentionFunction(torch.autograd.Function):
+    """The eager path: the op's forward, saved tensors (q, k, v and the jagged metadata) and
+    backward, without the dispatcher's Python hops of a torch.library op, which cost more host
+    time than a small batch's kernels take on the GPU (bench/host_overhead.py)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, offsets, q_offsets, kind, ts, alpha, norm, impl):
+        _setup_context(ctx, (q, k, v, offsets, q_offsets, kind, ts, alpha, norm, impl), None)
+        return _implementation(impl).jagged_hstu_attention(q, k, v, offsets, q_offsets, kind, ts, alpha, norm)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        alpha, norm, impl = ctx.params
+        dq, dk, dv = _implementation(impl).jagged_hstu_attention_backward(grad_out.contiguous(), *ctx.saved_tensors,
+                                                                          alpha, norm)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _check(name: str, ok: bool, found, expected: str | Callable[[], str]) -> None:
+    """`found` and `expected` may be functions building the text: they then run only on failure
+    (formatting a shape in every call costs host time and makes torch.compile specialise on it)."""
     if not ok:
+        found, expected = (part() if callable(part) else part for part in (found, expected))
         raise ValueError(f"hstu attention: {name} is {found}, expected {expected}")
 
 
@@ -88,21 +113,23 @@ def _check_inputs(q, k, v, offsets, q_offsets, kind, ts, q_name: str, q_offsets_
         _check(f"{name}.shape", t.dim() == 3, tuple(t.shape), "3 dims (tokens, heads, head_dim)")
         _check(f"{name}.dtype", t.dtype in _FLOAT_DTYPES, t.dtype, "float16, bfloat16, float32 or float64")
     n = k.shape[0]
-    _check("v.shape", v.shape[:2] == k.shape[:2], tuple(v.shape), f"({n}, {k.shape[1]}, Dv) like k")
+    _check("v.shape", v.shape[:2] == k.shape[:2], tuple(v.shape), lambda: f"({n}, {k.shape[1]}, Dv) like k")
     _check(f"{q_name}.shape[1] (query heads)", q.shape[1] % k.shape[1] == 0, q.shape[1],
-           f"a multiple of k's {k.shape[1]} kv heads")
-    _check(f"{q_name}.shape[2] (head dim)", q.shape[2] == k.shape[2], q.shape[2], f"k's head dim {k.shape[2]}")
-    _check("k.dtype and v.dtype", k.dtype == q.dtype and v.dtype == q.dtype, (k.dtype, v.dtype), f"{q.dtype} like {q_name}")
+           lambda: f"a multiple of k's {k.shape[1]} kv heads")
+    _check(f"{q_name}.shape[2] (head dim)", q.shape[2] == k.shape[2], q.shape[2],
+           lambda: f"k's head dim {k.shape[2]}")
+    _check("k.dtype and v.dtype", k.dtype == q.dtype and v.dtype == q.dtype, (k.dtype, v.dtype),
+           lambda: f"{q.dtype} like {q_name}")
     for name, t, dtype in (("offsets", offsets, torch.int64), (q_offsets_name, q_offsets, torch.int64),
                            ("kind", kind, torch.int8), ("ts", ts, torch.int64)):
         _check(f"{name}.dtype", t.dtype == dtype, t.dtype, str(dtype))
         _check(f"{name}.shape", t.dim() == 1, tuple(t.shape), "1 dim")
-    _check("kind.shape", kind.shape[0] == n, tuple(kind.shape), f"({n},) one per token")
-    _check("ts.shape", ts.shape[0] == n, tuple(ts.shape), f"({n},) one per token")
+    _check("kind.shape", kind.shape[0] == n, tuple(kind.shape), lambda: f"({n},) one per token")
+    _check("ts.shape", ts.shape[0] == n, tuple(ts.shape), lambda: f"({n},) one per token")
     _check(f"{q_offsets_name}.shape", q_offsets.shape == offsets.shape, tuple(q_offsets.shape),
-           f"{tuple(offsets.shape)} like offsets")
+           lambda: f"{tuple(offsets.shape)} like offsets")
     for name, t in (("k", k), ("v", v), ("offsets", offsets), (q_offsets_name, q_offsets), ("kind", kind), ("ts", ts)):
-        _check(f"{name}.device", t.device == q.device, t.device, f"{q.device} like {q_name}")
+        _check(f"{name}.device", t.device == q.device, t.device, lambda: f"{q.device} like {q_name}")
 
 
 def _dispatch(q, k, v, offsets, q_offsets, kind, ts, alpha, norm, impl, q_name, q_offsets_name):
@@ -117,7 +144,8 @@ def _dispatch(q, k, v, offsets, q_offsets, kind, ts, alpha, norm, impl, q_name, 
             raise ValueError(f"hstu attention: impl='triton' does not support these inputs: {reason}")
         if reason is not None:  # "auto" takes the reference for what the kernels do not cover
             chosen = "reference"
-    return _attention_op(q, k, v, offsets, q_offsets, kind, ts, float(alpha), float(norm), chosen)
+    op = _attention_op if torch.compiler.is_compiling() else _AttentionFunction.apply
+    return op(q, k, v, offsets, q_offsets, kind, ts, float(alpha), float(norm), chosen)
 
 
 def hstu_attention(
@@ -125,7 +153,8 @@ def hstu_attention(
     *, alpha: float, norm: float, impl: str = "auto",
 ) -> Tensor:
     """Full HSTU attention: every token is a query. Returns (N, Hq, Dv) in q's dtype."""
-    _check("q.shape[0]", q.dim() == 3 and q.shape[0] == k.shape[0], tuple(q.shape), f"{k.shape[0]} tokens like k")
+    _check("q.shape[0]", q.dim() == 3 and q.shape[0] == k.shape[0], tuple(q.shape),
+           lambda: f"{k.shape[0]} tokens like k")
     return _dispatch(q, k, v, offsets, offsets, kind, ts, alpha, norm, impl, "q", "offsets")
 
 

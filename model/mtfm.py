@@ -1,8 +1,8 @@
 """The MTFM model (tokenizer -> HTA stack -> MMoE heads) and its per-scenario subgraph.
 
     x       = HeterogeneousTokenizer(batch)                     (N, d_model)
-    x       = HTAStack(x, dynamic mask from kind/ts)            (N, d_model)
-    z_s     = GLN_final(x[T-tokens of scenario s], group s)     (n_s, d_model)
+    x_t     = HTAStack(x, dynamic mask from kind/ts)            (NT, d_model): the T rows
+    z_s     = GLN_final(x_t[T-tokens of scenario s], group s)   (n_s, d_model)
     logits  = MMoE_s(z_s)                                       (n_s, num_tasks_s)
 
 `MTFM.subgraph(s)` is a `ScenarioRanker` (ranker.py): the same classes built on the registry restricted
@@ -84,9 +84,11 @@ class MTFM(RecommenderBase):
 
     def forward(self, batch: TokenBatch) -> ModelOutput:
         ctx = JaggedContext.from_batch(batch)
-        x = self.stack(self.tokenizer(batch), ctx)
-        return ModelOutput({s: self.score_targets(x[batch.features[s].index], s)
-                            for s in batch.scenarios if batch.features[s].num_tokens})
+        x_t = self.stack(self.tokenizer(batch), ctx)
+        # Both index lists increase, so a scenario's T-tokens are found in target_index by search.
+        rows = {s: torch.searchsorted(batch.target_index, batch.features[s].index)
+                for s in batch.scenarios if batch.features[s].num_tokens}
+        return ModelOutput({s: self.score_targets(x_t[r], s) for s, r in rows.items()})
 
     def score_targets(self, x_s: Tensor, scenario: str) -> Tensor:
         """Logits (n_s, num_tasks) from the stack's output rows x_s (n_s, d_model) of one scenario's T-tokens."""

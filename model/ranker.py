@@ -65,8 +65,7 @@ class ScenarioRanker(MTFM):
         """Per candidate per task probabilities (NT, num_tasks), float32."""
         self._check(batch)
         ctx = JaggedContext.from_batch(batch)
-        x = self.stack(self.tokenizer(batch), ctx)
-        return self._probabilities(x[batch.target_index], batch)
+        return self._probabilities(self.stack(self.tokenizer(batch), ctx), batch)
 
     def encode_users(self, batch: TokenBatch) -> UserSide:
         """The user side of the batch's requests (its T-tokens, if any, are ignored, not tokenized)."""

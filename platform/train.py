@@ -131,7 +131,10 @@ def make_optimizers(model, config: TrainConfig) -> dict[str, Any]:
     import torch
 
     dense, embedding = _split_parameters(model)
-    optimizers = {"dense": torch.optim.Adam(dense, lr=config.lr, weight_decay=config.weight_decay)}
+    # On CUDA the fused Adam updates every tensor in a few launches; the dense parameters are many
+    # small ones (per-group GLN weights, per-task towers), where the default foreach path is launch-bound.
+    fused = bool(dense) and all(p.is_cuda for p in dense)
+    optimizers = {"dense": torch.optim.Adam(dense, lr=config.lr, weight_decay=config.weight_decay, fused=fused)}
     if embedding:
         optimizers["embedding"] = torch.optim.Adagrad(embedding, lr=config.embedding_lr)
     return optimizers

@@ -1,5 +1,6 @@
 """HSTU layer: target == full layer's T rows; GQA (and Hkv == Hq multi-head) against an
-independent dense implementation written from DESIGN.md's formulas."""
+independent dense implementation written from DESIGN.md's formulas; the HTA stack (which runs
+target layers on the T rows only) against those dense layers applied one after another."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from model_test_utils import REPO, random_table
 from mtfm.model import Collator
-from mtfm.model.layers import AttentionParams, HSTULayer, JaggedContext
+from mtfm.model.layers import AttentionParams, HSTULayer, HTAStack, JaggedContext, TokenSplit
 from mtfm.platform.registry import load_registry
 
 REGISTRY = load_registry(REPO / "configs")
@@ -105,3 +106,60 @@ def test_gqa_with_kv_heads_equal_to_heads_is_plain_multi_head():
     layer = make_layer("full", 3, 3, 4, seed=5)
     batch, x = batch_and_input(5)
     torch.testing.assert_close(layer(x, JaggedContext.from_batch(batch)), dense_layer(layer, batch, x))
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1),
+       kinds=st.sampled_from([("target", "target", "full", "target"), ("full", "target", "target"),
+                              ("target", "full", "full", "target"), ("full", "full")]))
+def test_stack_equals_dense_layers_in_turn_with_gradients(seed, kinds):
+    """The stack carries only the T rows through a run of target layers and writes them back
+    before a full layer; its output and every gradient must equal the plain composition."""
+    attn = AttentionParams(2, 1, 3, alpha=0.4, norm=64.0, impl="reference")
+    torch.manual_seed(seed)
+    stack = HTAStack(kinds, GROUPS, SCENARIOS, D_MODEL, attn, norm_impl="reference").double()
+    with torch.no_grad():
+        for p in stack.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.3)
+    batch, x = batch_and_input(seed, users=3)
+    weights = torch.randn(batch.num_targets, D_MODEL, dtype=torch.float64)
+
+    x_stack = x.clone().requires_grad_()
+    out = stack(x_stack, JaggedContext.from_batch(batch))
+    (out * weights).sum().backward()
+
+    x_dense = x.clone().requires_grad_()
+    y = x_dense
+    for layer in stack.layers:
+        y = dense_layer(layer, batch, y)
+    expected = y[batch.target_index]
+    dense_grads = torch.autograd.grad((expected * weights).sum(), [x_dense, *stack.parameters()], allow_unused=True)
+
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x_stack.grad, dense_grads[0])
+    for (name, p), g in zip(stack.named_parameters(), dense_grads[1:]):
+        zero = torch.zeros_like(p)  # a group absent from the batch gets no gradient
+        torch.testing.assert_close(zero if p.grad is None else p.grad, zero if g is None else g, msg=name)
+
+
+def test_token_split_hand_worked():
+    """Kinds H H T R T H T (one user, then the next): the context rows are the non-T positions in
+    order; split and merge are inverse, and their gradients are the same permutations."""
+    kind = torch.tensor([0, 0, 2, 1, 2, 0, 2], dtype=torch.int8)
+    target_index = torch.tensor([2, 4, 6])
+    group = torch.tensor([0, 0, 2, 1, 3, 0, 2])
+    ctx = JaggedContext(torch.tensor([0, 5, 7]), torch.tensor([0, 2, 3]), kind, torch.arange(7), target_index,
+                        group, GROUPS, torch.tensor([0, 1, 0]), SCENARIOS)
+    split = TokenSplit.of(ctx)
+    assert split.context_index.tolist() == [0, 1, 3, 5]
+    assert split.context_group.tolist() == [0, 0, 1, 0]
+    assert split.target_group.tolist() == [2, 3, 2]
+    x = torch.arange(14.0).view(7, 2).requires_grad_()
+    context_rows, target_rows = split.split(x)
+    assert context_rows[:, 0].tolist() == [0.0, 2.0, 6.0, 10.0] and target_rows[:, 0].tolist() == [4.0, 8.0, 12.0]
+    merged = split.merge(context_rows, target_rows)
+    assert torch.equal(merged, x)
+    weights = torch.randn(7, 2)
+    (merged * weights).sum().backward()
+    assert torch.equal(x.grad, weights)
