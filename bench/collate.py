@@ -72,10 +72,10 @@ def main() -> int:
     print(f"{info}\n{'collate':<22} {'tokens':>7} {'p50 ms':>8} {'p90 ms':>8}")
     for name, r in rows.items():
         print(f"{name:<22} {r['tokens']:>7} {r['p50']:>8.3f} {r['p90']:>8.3f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump({"info": info, "collate_ms": rows}, fh, indent=2)
-    print(f"wrote {args.out}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"info": info, "collate_ms": rows}, indent=2))
+    print(f"wrote {out}")
     return 0
 
 
