@@ -67,8 +67,9 @@ _gln_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _GroupLayerNormFunction(torch.autograd.Function):
     """The eager path: the op's forward, saved tensors (x, group, weight; mean and rstd are
-    recomputed) and backward, without the dispatcher's Python hops of a torch.library op,
-    which cost more host time than the kernels take on the GPU (bench/host_overhead.py)."""
+    recomputed) and backward, without the dispatcher's Python hops of a torch.library op: host time
+    per call 72 -> 37 us forward, 266 -> 177 us forward + backward (bench/host_overhead.py, CPU box;
+    the training step is host-bound)."""
 
     @staticmethod
     def forward(ctx, x, group, weight, bias, eps, impl):

@@ -84,8 +84,8 @@ _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _AttentionFunction(torch.autograd.Function):
     """The eager path: the op's forward, saved tensors (q, k, v and the jagged metadata) and
-    backward, without the dispatcher's Python hops of a torch.library op, which cost more host
-    time than a small batch's kernels take on the GPU (bench/host_overhead.py)."""
+    backward, without the dispatcher's Python hops of a torch.library op (the same saving as for
+    group_layer_norm: bench/host_overhead.py; the training step is host-bound)."""
 
     @staticmethod
     def forward(ctx, q, k, v, offsets, q_offsets, kind, ts, alpha, norm, impl):
