@@ -68,6 +68,7 @@ CASES = [
     ("small", "sizes", SMALL, {}, "main"),
     ("medium", "sizes", "configs/model/medium.yaml", {}, "main"),
     ("large", "sizes", "configs/model/large.yaml", {}, "main"),
+    ("large keep context", "sizes", "configs/model/large.yaml", {"recompute_target_context": False}, "main"),
     # Table 4: the small model's widths (d_model 512, 2 query heads of dim 256), 16 layers; GQA = 1 kv head.
     ("t4 (0:16)*1", "table4", SMALL, {"hta_layout": "(0:16)*1", "num_kv_heads": 1}, "main"),
     ("t4 (16:0)*1", "table4", SMALL, {"hta_layout": "(16:0)*1", "num_kv_heads": 1}, "main"),
@@ -75,6 +76,9 @@ CASES = [
     ("t4 (3:1)*4", "table4", SMALL, {"hta_layout": "(3:1)*4", "num_kv_heads": 1}, "main"),
     ("t4 (5:1)*3", "table4", SMALL, {"hta_layout": "(5:1)*3", "num_kv_heads": 1}, "main"),
     ("t4 (3:1)*4 no GQA", "table4", SMALL, {"hta_layout": "(3:1)*4", "num_kv_heads": 2}, "main"),
+    # Target layers keep their H/R rows' K/V activations for backward instead of recomputing them.
+    ("t4 (3:1)*4 keep context", "table4", SMALL,
+     {"hta_layout": "(3:1)*4", "num_kv_heads": 1, "recompute_target_context": False}, "main"),
     # Kernels vs the PyTorch references, at a smaller batch (the references are O(L^2) per user).
     ("kern small triton", "kernels", SMALL, {"attention_impl": "triton", "norm_impl": "triton"}, "kernels"),
     ("kern small reference", "kernels", SMALL, {"attention_impl": "reference", "norm_impl": "reference"}, "kernels"),
@@ -328,6 +332,7 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
         "case": name, "part": part, "config": config_path, "overrides": overrides,
         "layout": config.hta_layout, "d_model": config.d_model, "num_heads": config.num_heads,
         "kv_heads": config.kv_heads, "layers": config.num_layers,
+        "recompute_target_context": config.recompute_target_context,
         "attention_impl": config.attention_impl, "norm_impl": config.norm_impl, "parameters": params,
         "first_step_s": first_step_s,
         "steps": args.steps, "users_per_step": users / args.steps, "tokens_per_step": tokens / args.steps,
@@ -621,6 +626,10 @@ def print_table(out: dict) -> None:
     goals = {
         "(3:1)*4 / (0:16)*1 samples/s (goal >= 2.0)": ratio("t4 (3:1)*4", "t4 (0:16)*1", "samples_per_s"),
         "(3:1)*4 / (0:16)*1 peak memory (goal <= 0.55)": ratio("t4 (3:1)*4", "t4 (0:16)*1", "peak_mem_gib"),
+        "(3:1)*4 recompute / keep context samples/s": ratio("t4 (3:1)*4", "t4 (3:1)*4 keep context",
+                                                            "samples_per_s"),
+        "(3:1)*4 recompute / keep context peak memory": ratio("t4 (3:1)*4", "t4 (3:1)*4 keep context",
+                                                              "peak_mem_gib"),
         "(3:1)*4 GQA / no GQA samples/s (goal >= 1.15)": ratio("t4 (3:1)*4", "t4 (3:1)*4 no GQA", "samples_per_s"),
         "(3:1)*4 GQA / no GQA peak memory": ratio("t4 (3:1)*4", "t4 (3:1)*4 no GQA", "peak_mem_gib"),
         "small triton / reference samples/s (goal >= 1.6)": ratio("kern small triton", "kern small reference",

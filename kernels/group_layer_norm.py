@@ -21,7 +21,11 @@ from .backends import resolve_impl
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _implementation(impl: str):
+def implementation(impl: str):
+    """The module of implementation `impl` ("triton" or "reference"), whose functions
+    `group_layer_norm(x, group, weight, bias, eps)` and `group_layer_norm_backward(grad_out, x,
+    group, weight, eps)` -> (dx, dweight, dbias) are the op's forward and backward without
+    autograd: for an autograd Function that runs the op inside its own forward and backward."""
     if impl == "triton":
         from . import group_layer_norm_triton
 
@@ -31,7 +35,7 @@ def _implementation(impl: str):
 
 @torch.library.custom_op("mtfm::group_layer_norm", mutates_args=())
 def _gln_op(x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, eps: float, impl: str) -> Tensor:
-    return _implementation(impl).group_layer_norm(x, group, weight, bias, eps)
+    return implementation(impl).group_layer_norm(x, group, weight, bias, eps)
 
 
 @_gln_op.register_fake
@@ -43,7 +47,7 @@ def _gln_fake(x, group, weight, bias, eps, impl):
 def _gln_backward_op(
     grad_out: Tensor, x: Tensor, group: Tensor, weight: Tensor, eps: float, impl: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _implementation(impl).group_layer_norm_backward(grad_out, x, group, weight, eps)
+    return implementation(impl).group_layer_norm_backward(grad_out, x, group, weight, eps)
 
 
 @_gln_backward_op.register_fake
@@ -74,12 +78,12 @@ class _GroupLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, weight, bias, eps, impl):
         _setup_context(ctx, (x, group, weight, bias, eps, impl), None)
-        return _implementation(impl).group_layer_norm(x, group, weight, bias, eps)
+        return implementation(impl).group_layer_norm(x, group, weight, bias, eps)
 
     @staticmethod
     def backward(ctx, grad_out):
         eps, impl = ctx.params
-        dx, dweight, dbias = _implementation(impl).group_layer_norm_backward(grad_out.contiguous(),
+        dx, dweight, dbias = implementation(impl).group_layer_norm_backward(grad_out.contiguous(),
                                                                              *ctx.saved_tensors, eps)
         return dx, None, dweight, dbias, None, None
 
@@ -96,6 +100,13 @@ def group_layer_norm(
     x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, *, eps: float = 1e-5, impl: str = "auto"
 ) -> Tensor:
     """LayerNorm of each row of x with the affine parameters of its group. Returns (N, D) in x's dtype."""
+    chosen = checked_implementation(x, group, weight, bias, impl)
+    op = _gln_op if torch.compiler.is_compiling() else _GroupLayerNormFunction.apply
+    return op(x, group, weight, bias, float(eps), chosen)
+
+
+def checked_implementation(x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, impl: str = "auto") -> str:
+    """Checks the inputs of `group_layer_norm` and returns the implementation it runs for them."""
     _check("x.shape", x.dim() == 2, tuple(x.shape), "2 dims (tokens, features)")
     _check("x.dtype", x.dtype in _FLOAT_DTYPES, x.dtype, "float16, bfloat16, float32 or float64")
     _check("group", group.dim() == 1 and group.shape[0] == x.shape[0] and group.dtype == torch.int64,
@@ -115,5 +126,4 @@ def group_layer_norm(
             raise ValueError(f"group_layer_norm: impl='triton' does not support these inputs: {reason}")
         if reason is not None:  # "auto" takes the reference for what the kernels do not cover
             chosen = "reference"
-    op = _gln_op if torch.compiler.is_compiling() else _GroupLayerNormFunction.apply
-    return op(x, group, weight, bias, float(eps), chosen)
+    return chosen

@@ -42,6 +42,10 @@ class ModelConfig:
     alpha: scale inside silu(alpha * q.k); None means 1 / sqrt(head_dim).
     attention_impl / norm_impl: kernel choice ("auto": Triton on CUDA, reference on CPU).
     compute_dtype: what training/serving autocast to on GPU (parameters stay float32).
+    recompute_target_context: per H/R row a target layer keeps only K and V for backward; the
+    K/V projection's normalised input and pre-activation are recomputed in backward from the
+    input the run of target layers shares (model/context_kv.py): less memory, one more GLN and
+    projection per target layer in backward.
     scenarios: None = every registered scenario; a list restricts the model (and its batches)
     to those, e.g. the single-scenario MTFM baseline.
     """
@@ -62,6 +66,7 @@ class ModelConfig:
     mmoe: MMoEConfig = MMoEConfig()
     cross_layers: int = 3
     compute_dtype: str = "float32"
+    recompute_target_context: bool = True
     scenarios: tuple[str, ...] | None = None
     source: str = "<dict>"
 
@@ -153,6 +158,7 @@ def parse_model_config(raw: dict[str, Any], file: str = "<dict>") -> ModelConfig
         mmoe=_parse_mmoe(r.get("mmoe", dict, "a mapping", {}), file),
         cross_layers=r.positive_int("cross_layers", 3),
         compute_dtype=r.choice("compute_dtype", COMPUTE_DTYPES, "float32"),
+        recompute_target_context=r.boolean("recompute_target_context", True),
         scenarios=_parse_scenarios(raw.get("scenarios"), file),
         source=file,
     )
@@ -209,6 +215,14 @@ class _Reader:
         value = self.get(key, int, "a positive integer", default)
         if value is not None and value < 1:
             raise ModelConfigError(self.file, self.prefix + key, f"expected a positive integer, found {value!r}")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ModelConfigError(self.file, self.prefix + key, f"expected true or false, found {value!r}")
         return value
 
     def number(self, key: str, default: Any) -> Any:

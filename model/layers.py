@@ -22,6 +22,8 @@ from mtfm.kernels.group_layer_norm import group_layer_norm
 from mtfm.kernels.hstu_attention import hstu_attention, hstu_target_attention
 
 from .batch import TokenBatch
+from .context_kv import context_keys_values
+from .token_split import TokenSplit, interleave_rows
 
 LAYER_KINDS = ("full", "target")
 
@@ -92,24 +94,27 @@ class GroupLayerNorm(nn.Module):
         """x (N, D), group (N,) indices into group_names -> (N, D)."""
         if not group_names:  # no group present means no rows
             return x
-        # One stack (and at most one cast) for weights and biases: the step is host-bound.
+        return group_layer_norm(x, group, *self.affine(group_names, x.dtype), eps=self.eps, impl=self.impl)
+
+    def affine(self, group_names: tuple[str, ...], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The (G, D) weight and bias of `group_names` in `dtype` (the kernel wants x's dtype, which
+        autocast makes low precision): one stack and at most one cast, as the step is host-bound."""
         affine = torch.stack([self.weight[g] for g in group_names] + [self.bias[g] for g in group_names])
-        if x.dtype != affine.dtype:
-            # Under autocast the activations are low precision; the kernel wants one dtype.
-            affine = affine.to(x.dtype)
-        weight, bias = affine.split(len(group_names))
-        return group_layer_norm(x, group, weight, bias, eps=self.eps, impl=self.impl)
+        return (affine if affine.dtype == dtype else affine.to(dtype)).split(len(group_names))
 
 
 class HSTULayer(nn.Module):
-    """One HSTU layer with GQA; `kind` 'full' (every token a query) or 'target' (T-tokens only)."""
+    """One HSTU layer with GQA; `kind` 'full' (every token a query) or 'target' (T-tokens only).
+
+    recompute_context: a target layer keeps, per H/R row, only K and V for backward (see
+    `forward_target_rows`)."""
 
     def __init__(self, kind: str, group_names: tuple[str, ...], target_group_names: tuple[str, ...], d_model: int,
-                 attn: AttentionParams, dropout: float = 0.0, norm_impl: str = "auto"):
+                 attn: AttentionParams, dropout: float = 0.0, norm_impl: str = "auto", recompute_context: bool = False):
         super().__init__()
         if kind not in LAYER_KINDS:
             raise ValueError(f"layer kind must be one of {LAYER_KINDS}, found {kind!r}")
-        self.kind, self.attn = kind, attn
+        self.kind, self.attn, self.recompute_context = kind, attn, recompute_context
         q_width, kv_width = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
         self.input_norm = GroupLayerNorm(group_names, d_model, impl=norm_impl)
         self.query_gate = nn.Linear(d_model, 2 * q_width)
@@ -122,32 +127,43 @@ class HSTULayer(nn.Module):
 
     def forward(self, x: Tensor, ctx: JaggedContext) -> Tensor:
         """x (N, d_model) -> (N, d_model)."""
+        if self.kind == "target" and ctx.target_group_names:
+            split = TokenSplit.of(ctx)
+            return x.index_copy(0, ctx.target_index, self.forward_target_rows(*split.split(x), split, ctx))
         return self.forward_with_kv(x, ctx)[0]
 
     def forward_with_kv(self, x: Tensor, ctx: JaggedContext) -> tuple[Tensor, Tensor, Tensor]:
-        """(Y, K, V): the layer's output and the keys/values it computed for every token."""
+        """(Y, K, V): the layer's output and the keys/values it computed for every token, for a
+        full layer or a batch without T-tokens (a target layer then passes x through)."""
+        h = self.input_norm(x, ctx.group, ctx.group_names)
+        k, v = self.keys_values(h)
         if self.kind == "full":
-            h = self.input_norm(x, ctx.group, ctx.group_names)
-            k, v = self.keys_values(h)
-            return x + self.update(h, k, v, ctx, targets_only=False), k, v
-        if not ctx.target_group_names:
-            return (x,) + self.keys_values(self.input_norm(x, ctx.group, ctx.group_names))
-        split = TokenSplit.of(ctx)
-        x_t, k, v = self.forward_target_rows(*split.split(x), split, ctx)
-        return x.index_copy(0, ctx.target_index, x_t), k, v
+            q, u = self.queries_gates(h)
+            return x + self.gated_output(self.attention(q, k, v, ctx) * u, ctx), k, v
+        if ctx.target_group_names:
+            raise ValueError("forward_with_kv: a target layer on a batch with T-tokens; call forward")
+        return x, k, v
 
-    def forward_target_rows(self, x_context: Tensor, x_t: Tensor, split: "TokenSplit",
-                            ctx: JaggedContext) -> tuple[Tensor, Tensor, Tensor]:
+    def forward_target_rows(self, x_context: Tensor, x_t: Tensor, split: "TokenSplit", ctx: JaggedContext) -> Tensor:
         """A target layer on the two halves of the token axis: x_context (N - NT, d_model) the H and
-        R rows, x_t (NT, d_model) the T rows, as `split` orders them. Returns (new x_t, K, V).
+        R rows, x_t (NT, d_model) the T rows, as `split` orders them. Returns the new x_t.
 
         A target layer leaves the H and R rows as they are, so the stack hands every layer of a
         run of target layers the same x_context and carries only x_t: no full-size residual
-        update per layer, and autograd keeps one copy of the H and R rows for the whole run."""
-        h_t = self.input_norm(x_t, split.target_group, ctx.group_names)
-        h = split.merge(self.input_norm(x_context, split.context_group, ctx.group_names), h_t)
-        k, v = self.keys_values(h)
-        return x_t + self.update(h_t, k, v, ctx, targets_only=True).to(x_t.dtype), k, v
+        update per layer, and autograd keeps one copy of the H and R rows for the whole run.
+        With `recompute_context`, the H/R rows' normalised input and K/V pre-activation are not kept
+        for backward either (`context_keys_values` recomputes them from x_context)."""
+        norm = self.input_norm
+        h_t = norm(x_t, split.target_group, ctx.group_names)
+        if self.recompute_context:
+            kv = context_keys_values(x_context, h_t, *norm.affine(ctx.group_names, x_context.dtype),
+                                     self.key_value.weight, self.key_value.bias, split, eps=norm.eps, impl=norm.impl)
+            k, v = self.heads_of_keys_values(kv)
+        else:
+            k, v = self.keys_values(split.merge(norm(x_context, split.context_group, ctx.group_names), h_t))
+        q, u = self.queries_gates(h_t)
+        attended = self.attention(q, k, v, ctx, targets_only=True)
+        return x_t + self.gated_output(attended * u, ctx, targets_only=True).to(x_t.dtype)
 
     def forward_targets(self, x_t: Tensor, k_context: Tensor, v_context: Tensor, merge: "KeyMerge") -> Tensor:
         """T rows only, against keys/values of H and R tokens computed earlier (`forward_with_kv`
@@ -157,89 +173,39 @@ class HSTULayer(nn.Module):
         h_t = self.input_norm(x_t, ctx.target_group, ctx.target_group_names)
         k_t, v_t = self.keys_values(h_t)
         k, v = merge(k_context, k_t), merge(v_context, v_t)
-        return x_t + self.update(h_t, k, v, ctx, targets_only=True).to(x_t.dtype)
+        q, u = self.queries_gates(h_t)
+        attended = self.attention(q, k, v, ctx, targets_only=True)
+        return x_t + self.gated_output(attended * u, ctx, targets_only=True).to(x_t.dtype)
 
     def keys_values(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """K, V (N, Hkv, dh) from the normalised input h (N, d_model)."""
+        return self.heads_of_keys_values(F.silu(self.key_value(h)))
+
+    def heads_of_keys_values(self, kv: Tensor) -> tuple[Tensor, Tensor]:
+        """K, V (N, Hkv, dh), contiguous, from the projection's activations kv (N, 2 * Hkv * dh)."""
         a = self.attn
-        k, v = F.silu(self.key_value(h)).view(-1, 2 * a.num_kv_heads, a.head_dim).chunk(2, dim=1)
+        k, v = kv.view(-1, 2 * a.num_kv_heads, a.head_dim).chunk(2, dim=1)
         return k.contiguous(), v.contiguous()
 
-    def update(self, h_q: Tensor, k: Tensor, v: Tensor, ctx: JaggedContext, targets_only: bool) -> Tensor:
-        """W_o dropout(GLN_2(A * U)) for the queries h_q: every token, or the T-tokens in
-        target_index order when targets_only."""
+    def queries_gates(self, h_q: Tensor) -> tuple[Tensor, Tensor]:
+        """Q (contiguous) and U, (Nq, Hq, dh) each, from the queries' normalised input h_q."""
         a = self.attn
         q, u = F.silu(self.query_gate(h_q)).view(-1, 2 * a.num_heads, a.head_dim).chunk(2, dim=1)
+        return q.contiguous(), u
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, ctx: JaggedContext, targets_only: bool = False) -> Tensor:
+        """A (Nq, Hq, dh) for the queries q: every token, or the T-tokens in target_index order."""
+        a = self.attn
         if targets_only:
-            attended = hstu_target_attention(q.contiguous(), k, v, ctx.offsets, ctx.kind, ctx.ts, ctx.target_offsets,
-                                             alpha=a.alpha, norm=a.norm, impl=a.impl)
-            group, group_names = ctx.target_group, ctx.target_group_names
-        else:
-            attended = hstu_attention(q.contiguous(), k, v, ctx.offsets, ctx.kind, ctx.ts,
-                                      alpha=a.alpha, norm=a.norm, impl=a.impl)
-            group, group_names = ctx.group, ctx.group_names
-        gated = (attended * u).flatten(1)
-        return self.output(self.dropout(self.output_norm(gated, group, group_names)))
+            return hstu_target_attention(q, k, v, ctx.offsets, ctx.kind, ctx.ts, ctx.target_offsets,
+                                         alpha=a.alpha, norm=a.norm, impl=a.impl)
+        return hstu_attention(q, k, v, ctx.offsets, ctx.kind, ctx.ts, alpha=a.alpha, norm=a.norm, impl=a.impl)
 
-
-@dataclass(frozen=True)
-class TokenSplit:
-    """The packed token axis as two halves: its H and R rows (context_index, increasing) and its
-    T rows (target_index), with each row's input-GLN group (indices into ctx.group_names)."""
-
-    context_index: Tensor
-    target_index: Tensor
-    context_group: Tensor
-    target_group: Tensor
-
-    @classmethod
-    def of(cls, ctx: JaggedContext) -> "TokenSplit":
-        """Built on the device without a host sync (the row counts come from the shapes)."""
-        n, num_targets = ctx.group.shape[0], ctx.target_index.shape[0]
-        num_context = n - num_targets
-        is_target = torch.zeros(n, dtype=torch.int64, device=ctx.group.device).index_fill_(0, ctx.target_index, 1)
-        # Context row i goes to slot (its rank among context rows); T rows all go to a spare slot.
-        slot = torch.where(is_target.bool(), num_context, torch.cumsum(1 - is_target, 0) - 1)
-        positions = torch.arange(n, device=ctx.group.device)
-        context_index = positions.new_empty(num_context + 1).scatter_(0, slot, positions)[:num_context]
-        return cls(context_index, ctx.target_index, ctx.group[context_index], ctx.group[ctx.target_index])
-
-    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x (N, ...) -> (its H and R rows, its T rows)."""
-        return _SplitRows.apply(x, self.context_index, self.target_index)
-
-    def merge(self, context_rows: Tensor, target_rows: Tensor) -> Tensor:
-        """The two halves back on the packed token axis (N, ...)."""
-        return _MergeRows.apply(context_rows, target_rows, self.context_index, self.target_index)
-
-
-# Splitting the token axis and merging it back are each other's gradient. Written out, neither
-# backward accumulates: autograd's own backward of a row gather is an atomic index_add, which
-# took 0.6-0.9 ms per call for bfloat16 rows at 131K tokens on the H200.
-
-class _SplitRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, context_index: Tensor, target_index: Tensor) -> tuple[Tensor, Tensor]:
-        ctx.save_for_backward(context_index, target_index)
-        return x.index_select(0, context_index), x.index_select(0, target_index)
-
-    @staticmethod
-    def backward(ctx, grad_context: Tensor, grad_target: Tensor):
-        context_index, target_index = ctx.saved_tensors
-        return interleave_rows(context_index, target_index, grad_context, grad_target), None, None
-
-
-class _MergeRows(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, context_rows: Tensor, target_rows: Tensor, context_index: Tensor,
-                target_index: Tensor) -> Tensor:
-        ctx.save_for_backward(context_index, target_index)
-        return interleave_rows(context_index, target_index, context_rows, target_rows)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        context_index, target_index = ctx.saved_tensors
-        return grad.index_select(0, context_index), grad.index_select(0, target_index), None, None
+    def gated_output(self, gated: Tensor, ctx: JaggedContext, targets_only: bool = False) -> Tensor:
+        """W_o dropout(GLN_2(A * U)) for the queries' gated attention A * U (Nq, Hq, dh)."""
+        group, group_names = (ctx.target_group, ctx.target_group_names) if targets_only else (ctx.group,
+                                                                                             ctx.group_names)
+        return self.output(self.dropout(self.output_norm(gated.flatten(1), group, group_names)))
 
 
 class KeyMerge:
@@ -254,12 +220,6 @@ class KeyMerge:
         return interleave_rows(self.context_index, self.target_index, context_rows, target_rows)
 
 
-def interleave_rows(context_index: Tensor, target_index: Tensor, context_rows: Tensor, target_rows: Tensor) -> Tensor:
-    """Rows placed at their merged positions: context_rows[i] at context_index[i], likewise targets."""
-    merged = context_rows.new_empty((len(context_index) + len(target_index),) + context_rows.shape[1:])
-    return merged.index_copy_(0, context_index, context_rows).index_copy_(0, target_index, target_rows)
-
-
 class HTAStack(nn.Module):
     """Hybrid target attention: the layers bottom to top as given by the config's `hta_layout`.
 
@@ -269,11 +229,12 @@ class HTAStack(nn.Module):
 
     def __init__(self, layer_kinds: tuple[str, ...], group_names: tuple[str, ...],
                  target_group_names: tuple[str, ...], d_model: int, attn: AttentionParams,
-                 dropout: float = 0.0, norm_impl: str = "auto"):
+                 dropout: float = 0.0, norm_impl: str = "auto", recompute_context: bool = False):
         super().__init__()
         kinds = layer_kinds[:-1] + ("target",)
         self.layers = nn.ModuleList(
-            HSTULayer(kind, group_names, target_group_names, d_model, attn, dropout, norm_impl) for kind in kinds)
+            HSTULayer(kind, group_names, target_group_names, d_model, attn, dropout, norm_impl, recompute_context)
+            for kind in kinds)
 
     def forward(self, x: Tensor, ctx: JaggedContext) -> Tensor:
         """x (N, d_model) -> the T rows after the top layer, (NT, d_model) in target_index order.
@@ -292,5 +253,5 @@ class HTAStack(nn.Module):
             else:
                 if x_t is None:
                     x_context, x_t = split.split(x)
-                x_t = layer.forward_target_rows(x_context, x_t, split, ctx)[0]
+                x_t = layer.forward_target_rows(x_context, x_t, split, ctx)
         return x_t

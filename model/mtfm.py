@@ -77,7 +77,7 @@ class MTFM(RecommenderBase):
                                float(config.max_seq_len), config.attention_impl)
         self.tokenizer = HeterogeneousTokenizer(registry, config.d_model, config.mlp_hidden_dim)
         self.stack = HTAStack(config.layer_kinds, group_names, tuple(registry.scenarios), config.d_model, attn,
-                              config.dropout, config.norm_impl)
+                              config.dropout, config.norm_impl, config.recompute_target_context)
         self.final_norm = GroupLayerNorm(tuple(registry.scenarios), config.d_model, impl=config.norm_impl)
         mmoe = config.mmoe
         self.heads = MMoEHeads(registry, config.d_model, mmoe.num_experts, mmoe.expert_dim, mmoe.tower_dim)

@@ -42,6 +42,7 @@ def test_malformed_layout_names_the_string_and_the_grammar(layout):
     ({"d_model": "big"}, "d_model", "positive integer"),
     ({"mmoe": {"experts": 3}}, "mmoe.experts", "unknown key"),
     ({"dropout": 1.5}, "dropout", "probability"),
+    ({"recompute_target_context": "yes"}, "recompute_target_context", "true or false"),
     ({"layers": 3}, "layers", "unknown key"),
     ({"scenarios": "hp"}, "scenarios", "list of scenario names"),
 ])

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from model_test_utils import REPO, random_table
 from mtfm.model import Collator
-from mtfm.model.layers import AttentionParams, HSTULayer, HTAStack, JaggedContext, TokenSplit
+from mtfm.model.layers import AttentionParams, HSTULayer, HTAStack, JaggedContext
+from mtfm.kernels.group_layer_norm import group_layer_norm
+from mtfm.model.context_kv import context_keys_values
+from mtfm.model.token_split import TokenSplit
 from mtfm.platform.registry import load_registry
 
 REGISTRY = load_registry(REPO / "configs")
@@ -108,20 +112,28 @@ def test_gqa_with_kv_heads_equal_to_heads_is_plain_multi_head():
     torch.testing.assert_close(layer(x, JaggedContext.from_batch(batch)), dense_layer(layer, batch, x))
 
 
-@settings(max_examples=4, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1),
-       kinds=st.sampled_from([("target", "target", "full", "target"), ("full", "target", "target"),
-                              ("target", "full", "full", "target"), ("full", "full")]))
-def test_stack_equals_dense_layers_in_turn_with_gradients(seed, kinds):
-    """The stack carries only the T rows through a run of target layers and writes them back
-    before a full layer; its output and every gradient must equal the plain composition."""
+def make_stack(kinds, seed, recompute_context):
     attn = AttentionParams(2, 1, 3, alpha=0.4, norm=64.0, impl="reference")
     torch.manual_seed(seed)
-    stack = HTAStack(kinds, GROUPS, SCENARIOS, D_MODEL, attn, norm_impl="reference").double()
+    stack = HTAStack(kinds, GROUPS, SCENARIOS, D_MODEL, attn, norm_impl="reference",
+                     recompute_context=recompute_context).double()
     with torch.no_grad():
         for p in stack.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.3)
+    return stack
+
+
+@pytest.mark.parametrize("recompute_context", [False, True])
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1),
+       kinds=st.sampled_from([("target", "target", "full", "target"), ("full", "target", "target"),
+                              ("target", "full", "full", "target"), ("full", "full")]))
+def test_stack_equals_dense_layers_in_turn_with_gradients(recompute_context, seed, kinds):
+    """The stack carries only the T rows through a run of target layers and writes them back
+    before a full layer; its output and every gradient must equal the plain composition, also
+    when target layers recompute their H/R rows' keys and values in backward."""
+    stack = make_stack(kinds, seed, recompute_context)
     batch, x = batch_and_input(seed, users=3)
     weights = torch.randn(batch.num_targets, D_MODEL, dtype=torch.float64)
 
@@ -141,6 +153,69 @@ def test_stack_equals_dense_layers_in_turn_with_gradients(seed, kinds):
     for (name, p), g in zip(stack.named_parameters(), dense_grads[1:]):
         zero = torch.zeros_like(p)  # a group absent from the batch gets no gradient
         torch.testing.assert_close(zero if p.grad is None else p.grad, zero if g is None else g, msg=name)
+
+
+@pytest.mark.parametrize("recompute_context", [False, True])
+def test_target_layers_keep_only_keys_values_per_token_when_recomputing(recompute_context):
+    """What autograd keeps for backward from a run of target layers, per token: with
+    recompute_context only each layer's K and V; without it also the normalised input of the K/V
+    projection (N, d_model) and its pre-activation (N, 2 * Hkv * dh)."""
+    stack = make_stack(("target", "target", "target"), seed=3, recompute_context=recompute_context)
+    batch, x = batch_and_input(3, users=3)
+    saved = []
+
+    def keep(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = stack(x.clone().requires_grad_(), JaggedContext.from_batch(batch))
+    n = batch.num_tokens
+    shapes = sorted(tuple(t.shape) for t in saved if t.is_floating_point() and t.dim() and t.shape[0] == n)
+    keys_values = [(n, 1, 3)] * 6  # K and V of three layers, one kv head of dim 3
+    if recompute_context:
+        assert shapes == keys_values
+    else:
+        assert shapes == sorted(keys_values + [(n, D_MODEL)] * 3 + [(n, 6)] * 3)
+    out.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_context_keys_values_equals_autograd_of_the_plain_composition(dtype):
+    """The recomputing autograd Function against GLN -> merge -> linear -> silu differentiated by
+    autograd, in float64 and under bfloat16 autocast (where both must cast at the same points)."""
+    torch.manual_seed(0)
+    batch, _ = batch_and_input(11, users=4)
+    split = TokenSplit.of(JaggedContext.from_batch(batch))
+    n_context, n_t = split.context_index.shape[0], split.target_index.shape[0]
+    master = torch.float64 if dtype == torch.float64 else torch.float32
+    x_context = torch.randn(n_context, D_MODEL, dtype=master, requires_grad=True)
+    h_t = torch.randn(n_t, D_MODEL, dtype=master, requires_grad=True)
+    norm_weight = (1 + 0.3 * torch.randn(len(GROUPS), D_MODEL, dtype=master)).requires_grad_()
+    norm_bias = (0.3 * torch.randn(len(GROUPS), D_MODEL, dtype=master)).requires_grad_()
+    weight = (0.3 * torch.randn(6, D_MODEL, dtype=master)).requires_grad_()
+    bias = (0.3 * torch.randn(6, dtype=master)).requires_grad_()
+    inputs = [x_context, h_t, norm_weight, norm_bias, weight, bias]
+    grad_kv = torch.randn(n_context + n_t, 6, dtype=dtype)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+    with autocast:
+        kv = context_keys_values(x_context, h_t, norm_weight, norm_bias, weight, bias, split, eps=1e-5,
+                                 impl="reference")
+    grads = torch.autograd.grad(kv, inputs, grad_kv)
+    with autocast:
+        h = split.merge(group_layer_norm(x_context, split.context_group, norm_weight, norm_bias, impl="reference"),
+                        h_t)
+        expected = F.silu(F.linear(h, weight, bias))
+    expected_grads = torch.autograd.grad(expected, inputs, grad_kv)
+
+    assert kv.dtype == expected.dtype == dtype
+    torch.testing.assert_close(kv, expected)
+    for name, got, want in zip(["x_context", "h_t", "norm_weight", "norm_bias", "weight", "bias"], grads,
+                               expected_grads):
+        assert got.dtype == want.dtype, name
+        torch.testing.assert_close(got, want, msg=name, **({} if dtype == torch.float64 else
+                                                            {"rtol": 2e-2, "atol": 2e-2}))
 
 
 def test_token_split_hand_worked():
