@@ -157,6 +157,9 @@ def test_ray_job_submit(tiny_samples, tmp_path):
     """`ray job submit --working-dir .` against a separately started `ray start --head` cluster."""
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # As in an activated environment: the job's `python` is this interpreter, also when pytest was
+    # started as .venv/bin/python without activating it.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     temp_dir = tempfile.mkdtemp(prefix="mtfm-job-", dir="/tmp")  # short: Ray's socket paths live under it
     dash = _free_port()
     start = [ray_bin, "start", "--head", f"--port={_free_port()}", "--num-cpus=3", "--include-dashboard=true",
