@@ -7,8 +7,8 @@ In a run of target layers every layer reads the same H and R rows (x_context) an
 with h_t the T rows' normalised input. Left to autograd, each layer would keep for backward the
 merged normalised input (N, d_model) and the pre-activation (N, 2 * Hkv * dh): about 2 KB per
 token at d_model 512 in bfloat16, most of a target layer's activation memory, since x_context
-itself is kept once for the whole run. `context_keys_values` keeps only x_context and h_t and
-recomputes the GLN, the merge and the projection in backward: one GLN forward, one merge and
+itself is kept once for the whole run. `context_keys_values` keeps only x_context and h_t (in the
+compute dtype) and recomputes the GLN, the merge and the projection in backward: one GLN forward, one merge and
 one matmul more per target layer, inside one autograd node (no graph is rebuilt, unlike
 activation checkpointing, whose host time the host-bound training step could not afford).
 """
@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from torch.autograd.function import once_differentiable
 
 from mtfm.kernels.group_layer_norm import checked_implementation, implementation
 
@@ -40,40 +42,44 @@ def context_keys_values(x_context: Tensor, h_t: Tensor, norm_weight: Tensor, nor
 
 def _projection_input(x_context, h_t, norm_weight, norm_bias, context_index, target_index, context_group, eps, impl,
                       dtype) -> Tensor:
+    """merge(GLN(x_context), h_t) in `dtype` (h_t already in it)."""
     h_context = implementation(impl).group_layer_norm(x_context, context_group, norm_weight, norm_bias, eps)
-    return interleave_rows(context_index, target_index, h_context.to(dtype), h_t.to(dtype))
+    return interleave_rows(context_index, target_index, h_context.to(dtype), h_t)
 
 
 class _ContextKeysValues(torch.autograd.Function):
-    # Casts are explicit, with autocast off inside: backward runs without autocast and must
-    # recompute exactly what forward computed.
+    # Casts are explicit and autocast is off inside forward and backward, so that backward
+    # recomputes exactly what forward computed whatever autocast state it is called in.
 
     @staticmethod
     def forward(ctx, x_context, h_t, norm_weight, norm_bias, weight, bias, context_index, target_index,
                 context_group, eps, impl, dtype):
+        h_t_compute = h_t.to(dtype)
         with torch.autocast(x_context.device.type, enabled=False):
-            h = _projection_input(x_context, h_t, norm_weight, norm_bias, context_index, target_index,
+            h = _projection_input(x_context, h_t_compute, norm_weight, norm_bias, context_index, target_index,
                                   context_group, eps, impl, dtype)
             kv = F.silu(torch.addmm(bias.to(dtype), h, weight.to(dtype).t()))
-        ctx.save_for_backward(x_context, h_t.to(dtype), norm_weight, norm_bias, weight, bias, context_index,
+        ctx.save_for_backward(x_context, h_t_compute, norm_weight, norm_bias, weight, bias, context_index,
                               target_index, context_group)
         ctx.params = (eps, impl, dtype, h_t.dtype)
         return kv
 
     @staticmethod
+    @once_differentiable  # the Triton GLN backward inside has no derivative of its own
     def backward(ctx, grad_kv):
         x_context, h_t, norm_weight, norm_bias, weight, bias, context_index, target_index, context_group = \
             ctx.saved_tensors
         eps, impl, dtype, h_t_dtype = ctx.params
-        h = _projection_input(x_context, h_t, norm_weight, norm_bias, context_index, target_index, context_group,
-                              eps, impl, dtype)
-        w = weight.to(dtype)
-        grad_pre = torch.ops.aten.silu_backward(grad_kv.to(dtype), torch.addmm(bias.to(dtype), h, w.t()))
-        grad_weight = (grad_pre.t() @ h).to(weight.dtype)
-        grad_bias = grad_pre.sum(0).to(bias.dtype)
-        grad_h = grad_pre @ w
-        grad_context, grad_norm_weight, grad_norm_bias = implementation(impl).group_layer_norm_backward(
-            grad_h.index_select(0, context_index).to(x_context.dtype), x_context, context_group, norm_weight, eps)
-        grad_t = grad_h.index_select(0, target_index).to(h_t_dtype)
+        with torch.autocast(x_context.device.type, enabled=False):
+            h = _projection_input(x_context, h_t, norm_weight, norm_bias, context_index, target_index, context_group,
+                                  eps, impl, dtype)
+            w = weight.to(dtype)
+            grad_pre = torch.ops.aten.silu_backward(grad_kv.to(dtype), torch.addmm(bias.to(dtype), h, w.t()))
+            grad_weight = (grad_pre.t() @ h).to(weight.dtype)
+            grad_bias = grad_pre.sum(0).to(bias.dtype)
+            grad_h = grad_pre @ w
+            grad_context, grad_norm_weight, grad_norm_bias = implementation(impl).group_layer_norm_backward(
+                grad_h.index_select(0, context_index).to(x_context.dtype), x_context, context_group, norm_weight, eps)
+            grad_t = grad_h.index_select(0, target_index).to(h_t_dtype)
         return (grad_context, grad_t, grad_norm_weight, grad_norm_bias, grad_weight, grad_bias,
                 None, None, None, None, None, None)

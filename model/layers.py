@@ -110,7 +110,7 @@ class HSTULayer(nn.Module):
     `forward_target_rows`)."""
 
     def __init__(self, kind: str, group_names: tuple[str, ...], target_group_names: tuple[str, ...], d_model: int,
-                 attn: AttentionParams, dropout: float = 0.0, norm_impl: str = "auto", recompute_context: bool = False):
+                 attn: AttentionParams, dropout: float = 0.0, norm_impl: str = "auto", recompute_context: bool = True):
         super().__init__()
         if kind not in LAYER_KINDS:
             raise ValueError(f"layer kind must be one of {LAYER_KINDS}, found {kind!r}")
@@ -144,7 +144,7 @@ class HSTULayer(nn.Module):
             raise ValueError("forward_with_kv: a target layer on a batch with T-tokens; call forward")
         return x, k, v
 
-    def forward_target_rows(self, x_context: Tensor, x_t: Tensor, split: "TokenSplit", ctx: JaggedContext) -> Tensor:
+    def forward_target_rows(self, x_context: Tensor, x_t: Tensor, split: TokenSplit, ctx: JaggedContext) -> Tensor:
         """A target layer on the two halves of the token axis: x_context (N - NT, d_model) the H and
         R rows, x_t (NT, d_model) the T rows, as `split` orders them. Returns the new x_t.
 
@@ -155,7 +155,9 @@ class HSTULayer(nn.Module):
         for backward either (`context_keys_values` recomputes them from x_context)."""
         norm = self.input_norm
         h_t = norm(x_t, split.target_group, ctx.group_names)
-        if self.recompute_context:
+        # Under torch.compile the plain path is traced: the Function calls the GLN implementation
+        # directly, not through the op that compile knows.
+        if self.recompute_context and not torch.compiler.is_compiling():
             kv = context_keys_values(x_context, h_t, *norm.affine(ctx.group_names, x_context.dtype),
                                      self.key_value.weight, self.key_value.bias, split, eps=norm.eps, impl=norm.impl)
             k, v = self.heads_of_keys_values(kv)
@@ -229,7 +231,7 @@ class HTAStack(nn.Module):
 
     def __init__(self, layer_kinds: tuple[str, ...], group_names: tuple[str, ...],
                  target_group_names: tuple[str, ...], d_model: int, attn: AttentionParams,
-                 dropout: float = 0.0, norm_impl: str = "auto", recompute_context: bool = False):
+                 dropout: float = 0.0, norm_impl: str = "auto", recompute_context: bool = True):
         super().__init__()
         kinds = layer_kinds[:-1] + ("target",)
         self.layers = nn.ModuleList(

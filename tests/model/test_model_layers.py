@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from model_test_utils import REPO, random_table
-from mtfm.model import Collator
-from mtfm.model.layers import AttentionParams, HSTULayer, HTAStack, JaggedContext
 from mtfm.kernels.group_layer_norm import group_layer_norm
+from mtfm.model import Collator
 from mtfm.model.context_kv import context_keys_values
+from mtfm.model.layers import AttentionParams, HSTULayer, HTAStack, JaggedContext
 from mtfm.model.token_split import TokenSplit
 from mtfm.platform.registry import load_registry
 
@@ -157,9 +157,10 @@ def test_stack_equals_dense_layers_in_turn_with_gradients(recompute_context, see
 
 @pytest.mark.parametrize("recompute_context", [False, True])
 def test_target_layers_keep_only_keys_values_per_token_when_recomputing(recompute_context):
-    """What autograd keeps for backward from a run of target layers, per token: with
-    recompute_context only each layer's K and V; without it also the normalised input of the K/V
-    projection (N, d_model) and its pre-activation (N, 2 * Hkv * dh)."""
+    """What autograd keeps for backward from a run of target layers, as distinct storages with a
+    row per token or per H/R row: with recompute_context each layer's K and V and, once for the
+    run, the H/R rows; without it also each layer's normalised input of the K/V projection
+    (N, d_model) and its pre-activation (N, 2 * Hkv * dh)."""
     stack = make_stack(("target", "target", "target"), seed=3, recompute_context=recompute_context)
     batch, x = batch_and_input(3, users=3)
     saved = []
@@ -170,20 +171,47 @@ def test_target_layers_keep_only_keys_values_per_token_when_recomputing(recomput
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         out = stack(x.clone().requires_grad_(), JaggedContext.from_batch(batch))
-    n = batch.num_tokens
-    shapes = sorted(tuple(t.shape) for t in saved if t.is_floating_point() and t.dim() and t.shape[0] == n)
-    keys_values = [(n, 1, 3)] * 6  # K and V of three layers, one kv head of dim 3
-    if recompute_context:
-        assert shapes == keys_values
-    else:
-        assert shapes == sorted(keys_values + [(n, D_MODEL)] * 3 + [(n, 6)] * 3)
+    n, n_context = batch.num_tokens, batch.num_tokens - batch.num_targets
+    storages = {}
+    for t in saved:
+        if t.is_floating_point() and t.dim() and t.shape[0] in (n, n_context):
+            storages.setdefault(t.untyped_storage().data_ptr(), tuple(t.shape))
+    shapes = sorted(storages.values())
+    expected = [(n, 1, 3)] * 6 + [(n_context, D_MODEL)]  # K, V of three layers; the H/R rows, once
+    if not recompute_context:
+        expected += [(n, D_MODEL)] * 3 + [(n, 6)] * 3
+    assert shapes == sorted(expected)
     out.sum().backward()
+
+
+@pytest.mark.parametrize("recompute_context", [False, True])
+def test_stack_on_a_batch_of_t_tokens_only(recompute_context):
+    """No H or R rows at all (every user has candidates only): the split has an empty context
+    half, and the stack still equals the dense layers in turn, gradients included."""
+    stack = make_stack(("target", "full", "target"), seed=7, recompute_context=recompute_context)
+    table = random_table(REGISTRY, 3, 7, lengths={"history": (0, 0), "realtime": (0, 0), "hp": (1, 3),
+                                                  "phf": (0, 3), "sqs": (0, 2)})
+    batch = Collator(REGISTRY)(table)
+    assert batch.num_tokens == batch.num_targets > 0
+    x = torch.randn(batch.num_tokens, D_MODEL, dtype=torch.float64, requires_grad=True)
+    out = stack(x, JaggedContext.from_batch(batch))
+    (out.sum()).backward()
+    x_dense = x.detach().clone().requires_grad_()
+    y = x_dense
+    for layer in stack.layers:
+        y = dense_layer(layer, batch, y)
+    expected = y[batch.target_index]
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x.grad, x_dense.grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_context_keys_values_equals_autograd_of_the_plain_composition(dtype):
     """The recomputing autograd Function against GLN -> merge -> linear -> silu differentiated by
-    autograd, in float64 and under bfloat16 autocast (where both must cast at the same points)."""
+    autograd, in float64 and under bfloat16 autocast: the same ops on the same values, so the
+    forward and every gradient must be equal to the bit (a backward that recomputed in float32,
+    or cast at other points, would not be)."""
     torch.manual_seed(0)
     batch, _ = batch_and_input(11, users=4)
     split = TokenSplit.of(JaggedContext.from_batch(batch))
@@ -210,12 +238,11 @@ def test_context_keys_values_equals_autograd_of_the_plain_composition(dtype):
     expected_grads = torch.autograd.grad(expected, inputs, grad_kv)
 
     assert kv.dtype == expected.dtype == dtype
-    torch.testing.assert_close(kv, expected)
+    torch.testing.assert_close(kv, expected, rtol=0, atol=0)
     for name, got, want in zip(["x_context", "h_t", "norm_weight", "norm_bias", "weight", "bias"], grads,
                                expected_grads):
         assert got.dtype == want.dtype, name
-        torch.testing.assert_close(got, want, msg=name, **({} if dtype == torch.float64 else
-                                                            {"rtol": 2e-2, "atol": 2e-2}))
+        torch.testing.assert_close(got, want, msg=name, rtol=0, atol=0)
 
 
 def test_token_split_hand_worked():
