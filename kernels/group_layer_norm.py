@@ -84,7 +84,7 @@ class _GroupLayerNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         eps, impl = ctx.params
         dx, dweight, dbias = implementation(impl).group_layer_norm_backward(grad_out.contiguous(),
-                                                                             *ctx.saved_tensors, eps)
+                                                                            *ctx.saved_tensors, eps)
         return dx, None, dweight, dbias, None, None
 
 

@@ -8,16 +8,15 @@ with h_t the T rows' normalised input. Left to autograd, each layer would keep f
 merged normalised input (N, d_model) and the pre-activation (N, 2 * Hkv * dh): about 2 KB per
 token at d_model 512 in bfloat16, most of a target layer's activation memory, since x_context
 itself is kept once for the whole run. `context_keys_values` keeps only x_context and h_t (in the
-compute dtype) and recomputes the GLN, the merge and the projection in backward: one GLN forward, one merge and
-one matmul more per target layer, inside one autograd node (no graph is rebuilt, unlike
-activation checkpointing, whose host time the host-bound training step could not afford).
+compute dtype) and recomputes the GLN, the merge and the projection in backward: one GLN forward,
+one merge and one matmul more per target layer, inside one autograd node (no graph is rebuilt,
+unlike activation checkpointing, whose host time the host-bound training step could not afford).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
 from torch.autograd.function import once_differentiable
 
 from mtfm.kernels.group_layer_norm import checked_implementation, implementation

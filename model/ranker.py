@@ -24,8 +24,8 @@ from mtfm.platform.registry import Registry
 from .batch import TokenBatch
 from .config import ModelConfig, restrict_registry
 from .layers import JaggedContext, KeyMerge, compact_groups
-from .token_split import interleave_rows
 from .mtfm import MTFM
+from .token_split import interleave_rows
 
 
 @dataclass
