@@ -4,6 +4,7 @@
     python bench/serve_gpu.py --device cpu --tiny                                   # CPU check
     python bench/serve_gpu.py --profile 200 --out bench/results/serve_profile.json   # where one request's time goes
     python bench/serve_gpu.py --no-cuda-graphs ...                                  # serve without CUDA graphs
+    python bench/serve_gpu.py --direct-ingress ...                                  # HTTP without Serve's proxy
 
 What runs: the `large` model (configs/model/large.yaml: 15 layers, d_model 768, bf16 autocast),
 randomly initialised, saved as a checkpoint and served by the production app
@@ -33,7 +34,12 @@ Measured, after a warm-up (Triton compiles, first CUDA allocations) that is time
                   replica's batch wait for more requests (--batch-wait-ms, default 0).
     handle        the same sequential requests, parsed in this process and sent straight to the
                   replica through a DeploymentHandle (no HTTP proxy, no router, no JSON): HTTP single
-                  minus this is what the proxy, the router and the JSON cost.
+                  minus this is what the proxy, the router and the JSON cost. Beside it, ray.put +
+                  ray.get of a parsed request (as the router hands it to Ray: one Arrow IPC stream)
+                  and of its table alone (which Ray's own Arrow reducer takes column by column).
+    --direct-ingress  Ray Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1, set here for
+                  the private Ray this script starts): the router replicas serve HTTP themselves
+                  on ports of their own and no proxy is in the path; the clients spread over them.
     HTTP, loaded  a closed loop of 16 clients for 2 s: throughput (requests/s), p50/p99 latency
                   and the mean number of requests per scored batch; then the same closed loop
                   through the handle, which shows whether loaded requests queue at the replica or
@@ -395,13 +401,13 @@ def handle_closed_loop(handle, request_for: Callable[[int], object], reuse: bool
         "concurrency": concurrency, "throughput_rps": len(latencies) / (time.perf_counter() - begin)}
 
 
-def closed_loop(port: int, bodies: RequestBodies, reuse: bool, users: UserIds, concurrency: int,
+def closed_loop(ports: list[int], bodies: RequestBodies, reuse: bool, users: UserIds, concurrency: int,
                 duration_s: float) -> dict:
     latencies, batches, errors = [], [], []
     stop = time.perf_counter() + duration_s
 
     def client_loop(worker: int) -> None:
-        client, i = Client(port), worker
+        client, i = Client(ports[worker % len(ports)]), worker
         while time.perf_counter() < stop:
             status, data, seconds = client.post(PATH, bodies.for_user(users.pick(reuse, i)))
             if status == 200:
@@ -451,8 +457,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def direct_ingress_environment() -> int:
+    """Sets Ray Serve's direct ingress (router replicas serve HTTP themselves, no proxy) for the
+    Ray started next, and returns the first port of their range (the first replica's)."""
+    port = free_port()
+    os.environ.update(RAY_SERVE_ENABLE_DIRECT_INGRESS="1", RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(port),
+                      RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(port + 16))
+    return port
+
+
 def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, device_name: str, chunk_size: int,
-             batch_wait_s: float, cuda_graphs: bool, budget: Budget) -> tuple[list[dict], dict]:
+             batch_wait_s: float, cuda_graphs: bool, direct_ingress_port: int | None,
+             budget: Budget) -> tuple[list[dict], dict]:
     """Rows per (K, reuse) and the setup facts (deploy and warm-up seconds, the replica's /healthz)."""
     import ray
     from ray import serve
@@ -477,8 +493,13 @@ def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, devic
                              "user_cache_ttl_s": USER_CACHE_TTL_S, "user_cache_mb": USER_CACHE_MB,
                              "router_replicas": shapes.router_replicas, "router_num_cpus": 0.5}),
                   name="bench", route_prefix="/")
-        setup = {"deploy_s": time.perf_counter() - started, "port": port, "serving": knobs,
-                 "chunk_size": chunk_size, "router_replicas": shapes.router_replicas}
+        # With direct ingress the router replicas listen on the lowest free ports of their range.
+        ports = ([direct_ingress_port + i for i in range(shapes.router_replicas)] if direct_ingress_port
+                 else [port])
+        port = ports[0]
+        setup = {"deploy_s": time.perf_counter() - started, "ports": ports, "serving": knobs,
+                 "chunk_size": chunk_size, "router_replicas": shapes.router_replicas,
+                 "direct_ingress": bool(direct_ingress_port)}
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         connection.request("GET", "/healthz")
         setup["healthz"] = json.loads(connection.getresponse().read())["scenarios"][SCENARIO]
@@ -494,6 +515,12 @@ def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, devic
         parser = RankRequestParser(registry, SCENARIO, max_candidates=max(shapes.ks))
 
         parsed = {k: parser.parse(bodies[k].example, now_ms=bodies[k].example["ts"]) for k in shapes.ks}
+        # What handing a parsed request to Ray costs (serialize, store, read back): as it crosses
+        # now (one Arrow IPC stream), and its table alone, which Ray reduces column by column.
+        setup["ray_put_get_ms"] = {
+            k: {"request": _percentiles(_timed(lambda r=parsed[k]: ray.get(ray.put(r)), 50))["p50_ms"],
+                "table_by_ray": _percentiles(_timed(lambda r=parsed[k]: ray.get(ray.put(r.table)), 50))["p50_ms"]}
+            for k in shapes.ks}
 
         def request_for(k: int) -> Callable[[int], object]:
             # The user id only keys the replica's user-side cache: the parsed request with that key.
@@ -502,7 +529,7 @@ def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, devic
         started = time.perf_counter()
         for k in shapes.ks:
             sequential(port, bodies[k], True, users, 2, float("inf"))
-            closed_loop(port, bodies[k], False, users, shapes.concurrency, shapes.duration_s / 4)
+            closed_loop(ports, bodies[k], False, users, shapes.concurrency, shapes.duration_s / 4)
         setup["warmup_s"] = time.perf_counter() - started
         budget.log(f"HTTP warm-up {setup['warmup_s']:.1f} s")
 
@@ -519,7 +546,7 @@ def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, devic
             row["single"] = sequential(port, bodies[k], reuse, users, shapes.requests, single_deadline)
             row["handle"] = handle_sequential(replica, request_for(k), reuse, users, shapes.requests,
                                               single_deadline + (share - shapes.duration_s) / 2)
-            row["loaded"] = closed_loop(port, bodies[k], reuse, users, shapes.concurrency, shapes.duration_s / 2)
+            row["loaded"] = closed_loop(ports, bodies[k], reuse, users, shapes.concurrency, shapes.duration_s / 2)
             row["handle_loaded"] = handle_closed_loop(replica, request_for(k), reuse, users, shapes.concurrency,
                                                       shapes.duration_s / 2)
             rows.append(row)
@@ -582,8 +609,12 @@ def print_report(result: dict) -> None:
           f"{result['history_events']} history events; ms p50/p99 per request")
     for r in result["in_process"]:
         print(_in_process_text(r) if "skipped" not in r else f"  K={r['k']:<5} skipped ({r['skipped']})")
-    print(f"\nHTTP through Ray Serve (router + {SCENARIO} replica) and a handle straight to the replica, "
-          f"p50/p99 and the replica's own median times; warm-up {result['http_setup']['warmup_s']:.1f} s")
+    setup = result["http_setup"]
+    print(f"\nHTTP through Ray Serve (router + {SCENARIO} replica"
+          f"{', direct ingress' if setup['direct_ingress'] else ', proxy'}) and a handle straight to the replica, "
+          f"p50/p99 and the replica's own median times; warm-up {setup['warmup_s']:.1f} s")
+    print("  ray.put + ray.get, p50 ms, of a parsed request (one Arrow stream) / of its table by Ray's Arrow reducer: " +
+          ", ".join(f"K={k} {ms['request']:.2f} / {ms['table_by_ray']:.2f}" for k, ms in setup["ray_put_get_ms"].items()))
     for r in result["http"]:
         print(_http_text(r))
     print("\ngoals")
@@ -604,12 +635,16 @@ def main(argv: list[str] | None = None) -> int:
                              "batch_wait_timeout_s; included in single-request latency)")
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="serve without CUDA graphs (serving.cuda_graphs false); in process, graphs are timed anyway")
+    parser.add_argument("--direct-ingress", action="store_true",
+                        help="Ray Serve's direct ingress: HTTP goes straight to the router replicas, no proxy "
+                             "(RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in the environment Ray starts with)")
     parser.add_argument("--profile", type=int, default=None, metavar="K",
                         help="measure nothing else: profile one in-process request of K candidates and write the "
                              "profiler tables to --out with .txt")
     args = parser.parse_args(argv)
     shapes = TINY if args.tiny else FULL
     budget = Budget(args.budget_s)
+    direct_ingress_port = direct_ingress_environment() if args.direct_ingress else None
 
     ensure_mtfm_importable()
     import torch
@@ -631,7 +666,8 @@ def main(argv: list[str] | None = None) -> int:
         in_process, inprocess_warmup_s = run_in_process(checkpoint, registry, shapes, args.device, args.chunk_size,
                                                         budget)
         http_rows, http_setup = run_http(checkpoint, config_dir, registry, shapes, args.device, args.chunk_size,
-                                         args.batch_wait_ms / 1000, not args.no_cuda_graphs, budget)
+                                         args.batch_wait_ms / 1000, not args.no_cuda_graphs, direct_ingress_port,
+                                         budget)
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

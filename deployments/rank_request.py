@@ -73,6 +73,26 @@ class RankRequest:
     num_tokens: int
     user_state: str
 
+    def __reduce__(self):
+        # The router sends every request to a replica. Ray's own reducer for Arrow tables
+        # walks nested list<struct> columns in Python (about 4 ms per request of 1000 events
+        # on the 2-core CPU box); one Arrow IPC stream takes 0.03 ms each way.
+        return _request_from_ipc, (self.scenario, self.user_id, self.ts, _table_to_ipc(self.table),
+                                   self.num_candidates, self.num_tokens, self.user_state)
+
+
+def _table_to_ipc(table: pa.Table) -> pa.Buffer:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def _request_from_ipc(scenario: str, user_id: int, ts: int, table: pa.Buffer, num_candidates: int, num_tokens: int,
+                      user_state: str) -> RankRequest:
+    return RankRequest(scenario, user_id, ts, pa.ipc.open_stream(table).read_all(), num_candidates, num_tokens,
+                       user_state)
+
 
 class RankRequestParser:
     """Validates JSON requests for one scenario of a registry (the checkpoint's snapshot)."""
