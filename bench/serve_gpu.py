@@ -37,15 +37,18 @@ Measured, after a warm-up (Triton compiles, first CUDA allocations) that is time
                   minus this is what the proxy, the router and the JSON cost. Beside it, ray.put +
                   ray.get of a parsed request (as the router hands it to Ray: one Arrow IPC stream)
                   and of its table alone (which Ray's own Arrow reducer takes column by column).
-    --direct-ingress  Ray Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1, set here for
-                  the private Ray this script starts): the router replicas serve HTTP themselves
-                  on ports of their own and no proxy is in the path; the clients spread over them.
     HTTP, loaded  a closed loop of 16 clients for 2 s: throughput (requests/s), p50/p99 latency
                   and the mean number of requests per scored batch; then the same closed loop
                   through the handle, which shows whether loaded requests queue at the replica or
                   in front of it (proxy, router). Every response says how long it was queued in
                   the replica and how long its batch scored; their medians are printed beside
                   each latency, so the replica's share and the transport's can be read off.
+The HTTP front (default: Serve's proxy, then the router, then the replica):
+    --direct-ingress    Ray Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1, set here for
+                        the private Ray this script starts): the ingress replicas serve HTTP
+                        themselves on ports of their own, no proxy in the path; clients spread over them.
+    --scenario-ingress  the hp replica is its app's ingress (app arg scenario_ingress): no router,
+                        the replica parses the JSON itself.
 Goals, as ratios in the same run: p99 < 10 ms at K=200, and p50 at K=1000 < 3x p50 at K=50.
 A --budget-s guard skips the remaining cells (marked skipped) rather than overrunning. Prints a
 table; writes JSON (--out). --tiny: the tiny model, 50 history events, 10 requests per cell,
@@ -409,13 +412,20 @@ def closed_loop(ports: list[int], bodies: RequestBodies, reuse: bool, users: Use
     def client_loop(worker: int) -> None:
         client, i = Client(ports[worker % len(ports)]), worker
         while time.perf_counter() < stop:
-            status, data, seconds = client.post(PATH, bodies.for_user(users.pick(reuse, i)))
+            try:
+                status, data, seconds = client.post(PATH, bodies.for_user(users.pick(reuse, i)))
+            except OSError as error:  # counted, not a silently dead client
+                errors.append(type(error).__name__)
+                client.close()
+                client = Client(ports[worker % len(ports)])
+                continue
+            finally:
+                i += concurrency
             if status == 200:
                 latencies.append(seconds)
                 batches.append(_batch_of(data))
             else:
                 errors.append(status)
-            i += concurrency
         client.close()
 
     begin = time.perf_counter()
@@ -457,17 +467,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+DIRECT_INGRESS_PORTS = 16
+
+
 def direct_ingress_environment() -> int:
-    """Sets Ray Serve's direct ingress (router replicas serve HTTP themselves, no proxy) for the
-    Ray started next, and returns the first port of their range (the first replica's)."""
+    """Sets Ray Serve's direct ingress (ingress replicas serve HTTP themselves, no proxy) for the
+    Ray started next, and returns the first port of the range their ports come from."""
     port = free_port()
     os.environ.update(RAY_SERVE_ENABLE_DIRECT_INGRESS="1", RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(port),
-                      RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(port + 16))
+                      RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(port + DIRECT_INGRESS_PORTS))
     return port
 
 
+def listening_ingress_ports(first: int, count: int, timeout_s: float = 60.0) -> list[int]:
+    """The ports of the range starting at `first` where Serve answers `/-/healthz`, once `count`
+    do (Ray takes the lowest free ones, skipping any that something else holds)."""
+    deadline = time.perf_counter() + timeout_s
+    while True:
+        ports = []
+        for port in range(first, first + DIRECT_INGRESS_PORTS):
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                connection.request("GET", "/-/healthz")
+                if connection.getresponse().status == 200:
+                    ports.append(port)
+                connection.close()
+            except OSError:
+                pass
+        if len(ports) >= count:
+            return ports
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"{len(ports)} of {count} ingress replicas answer on ports {first}-"
+                               f"{first + DIRECT_INGRESS_PORTS - 1}: {ports}")
+        time.sleep(0.5)
+
+
 def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, device_name: str, chunk_size: int,
-             batch_wait_s: float, cuda_graphs: bool, direct_ingress_port: int | None,
+             batch_wait_s: float, cuda_graphs: bool, direct_ingress_port: int | None, scenario_ingress: bool,
              budget: Budget) -> tuple[list[dict], dict]:
     """Rows per (K, reuse) and the setup facts (deploy and warm-up seconds, the replica's /healthz)."""
     import ray
@@ -491,15 +527,16 @@ def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, devic
         serve.run(build_app({"checkpoint": str(checkpoint), "config_dir": str(config_dir),
                              "scenarios": {SCENARIO: knobs}, "chunk_size": chunk_size,
                              "user_cache_ttl_s": USER_CACHE_TTL_S, "user_cache_mb": USER_CACHE_MB,
-                             "router_replicas": shapes.router_replicas, "router_num_cpus": 0.5}),
+                             "router_replicas": shapes.router_replicas, "router_num_cpus": 0.5,
+                             "scenario_ingress": SCENARIO if scenario_ingress else None}),
                   name="bench", route_prefix="/")
-        # With direct ingress the router replicas listen on the lowest free ports of their range.
-        ports = ([direct_ingress_port + i for i in range(shapes.router_replicas)] if direct_ingress_port
+        ingress_replicas = 1 if scenario_ingress else shapes.router_replicas
+        ports = (listening_ingress_ports(direct_ingress_port, ingress_replicas) if direct_ingress_port is not None
                  else [port])
         port = ports[0]
         setup = {"deploy_s": time.perf_counter() - started, "ports": ports, "serving": knobs,
                  "chunk_size": chunk_size, "router_replicas": shapes.router_replicas,
-                 "direct_ingress": bool(direct_ingress_port)}
+                 "direct_ingress": direct_ingress_port is not None, "scenario_ingress": scenario_ingress}
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         connection.request("GET", "/healthz")
         setup["healthz"] = json.loads(connection.getresponse().read())["scenarios"][SCENARIO]
@@ -610,7 +647,8 @@ def print_report(result: dict) -> None:
     for r in result["in_process"]:
         print(_in_process_text(r) if "skipped" not in r else f"  K={r['k']:<5} skipped ({r['skipped']})")
     setup = result["http_setup"]
-    print(f"\nHTTP through Ray Serve (router + {SCENARIO} replica"
+    front = f"{SCENARIO} replica as the ingress" if setup["scenario_ingress"] else f"router + {SCENARIO} replica"
+    print(f"\nHTTP through Ray Serve ({front}"
           f"{', direct ingress' if setup['direct_ingress'] else ', proxy'}) and a handle straight to the replica, "
           f"p50/p99 and the replica's own median times; warm-up {setup['warmup_s']:.1f} s")
     print("  ray.put + ray.get, p50 ms, of a parsed request (one Arrow stream) / of its table by Ray's Arrow reducer: " +
@@ -638,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--direct-ingress", action="store_true",
                         help="Ray Serve's direct ingress: HTTP goes straight to the router replicas, no proxy "
                              "(RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in the environment Ray starts with)")
+    parser.add_argument("--scenario-ingress", action="store_true",
+                        help="serve the hp replica as its app's HTTP ingress, no router (app arg scenario_ingress)")
     parser.add_argument("--profile", type=int, default=None, metavar="K",
                         help="measure nothing else: profile one in-process request of K candidates and write the "
                              "profiler tables to --out with .txt")
@@ -667,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         budget)
         http_rows, http_setup = run_http(checkpoint, config_dir, registry, shapes, args.device, args.chunk_size,
                                          args.batch_wait_ms / 1000, not args.no_cuda_graphs, direct_ingress_port,
-                                         budget)
+                                         args.scenario_ingress, budget)
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -11,7 +11,9 @@ after a redeploy with no code change and no edit of serve.yaml, which holds only
     scenarios    per-scenario overrides of those knobs, e.g. {hp: {replicas: 2}}
 
 Deployment `ranker_<scenario>` loads only that scenario's subgraph; the ingress `RankRouter`
-routes `POST /<scenario>/rank` to it.
+routes `POST /<scenario>/rank` to it. With `scenario_ingress: <scenario>` the app serves that
+one scenario and its deployment takes HTTP itself (same API, no router hop): an app per
+scenario, for the lowest latency (README, "Latency through Serve").
 """
 from __future__ import annotations
 
@@ -62,6 +64,8 @@ class AppArgs(BaseModel):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     router_replicas: int = Field(1, ge=1)
     router_num_cpus: float = Field(0.25, ge=0)
+    scenario_ingress: str | None = Field(
+        None, description="serve only this scenario, its replicas taking HTTP themselves (no router)")
 
 
 class ServeConfigError(ValueError):
@@ -79,14 +83,21 @@ def build_app(args: AppArgs) -> Application:
         raise ServeConfigError(f"checkpoint {checkpoint} was trained without scenarios {untrained} that "
                                f"{registry.config_dir} registers (it has {trained}); train or warm-start a model "
                                "with them, or serve with the config dir it was trained with")
+    if args.scenario_ingress is not None:
+        if args.scenario_ingress not in serving:
+            raise ServeConfigError(f"serve.yaml args.scenario_ingress: unknown scenario {args.scenario_ingress!r}; "
+                                   f"registered in {registry.config_dir}: {', '.join(registry.scenarios)}")
+        serving = {args.scenario_ingress: serving[args.scenario_ingress]}
     rankers = {
         name: ScenarioDeployment.options(
             name=f"ranker_{name}", num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_ongoing_requests,
             ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         ).bind(name, str(checkpoint), dataclasses.asdict(cfg), args.chunk_size, args.user_cache_ttl_s,
-               args.user_cache_mb)
+               args.user_cache_mb, args.max_body_bytes)
         for name, cfg in serving.items()
     }
+    if args.scenario_ingress is not None:
+        return rankers[args.scenario_ingress]
     router = RankRouter.options(num_replicas=args.router_replicas, ray_actor_options={"num_cpus": args.router_num_cpus},
                                 max_ongoing_requests=sum(c.max_ongoing_requests for c in serving.values()))
     return router.bind(rankers, str(checkpoint), {n: c.max_candidates for n, c in serving.items()}, args.max_body_bytes)

@@ -1,5 +1,9 @@
 """The per-scenario deployment: one scenario's subgraph, scoring batched requests.
 
+It is called by the router (`rank`, a validated request), or, as the ingress of an app of its
+own (`build_app` with `scenario_ingress`), takes the HTTP API itself (http_api.py), which saves
+the router's hop.
+
 Each replica loads only the scenario's subgraph of the checkpoint (`load_scenario_ranker`) and
 scores with the scenario's configured backend. Concurrent requests are merged by a `BatchQueue`
 (batch_queue.py: those that arrive while a batch scores form the next one) into one jagged
@@ -18,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from mtfm.model import ScenarioRanker, parse_model_config
 from mtfm.platform.checkpoint import META_FILE, MODEL_FILE, CheckpointError, CheckpointMeta, find_checkpoint, read_meta
@@ -25,8 +31,9 @@ from mtfm.platform.registry import Registry, ServingConfig
 
 from .backends import create_backend
 from .batch_queue import BatchQueue
+from .http_api import RankEndpoint
 from .metrics import BatchMetrics
-from .rank_request import RankRequest
+from .rank_request import RankRequest, RankRequestParser
 from .user_cache import UserSideCache
 
 # Serve replaces a replica whose health check fails; a few internal errors in a row (not
@@ -77,7 +84,7 @@ def load_scenario_ranker(checkpoint: str | Path, scenario: str) -> tuple[Scenari
 @serve.deployment
 class ScenarioDeployment:
     def __init__(self, scenario: str, checkpoint: str, serving: dict, chunk_size: int, user_cache_ttl_s: float,
-                 user_cache_mb: int):
+                 user_cache_mb: int, max_body_bytes: int = 8 * 1024 * 1024):
         self.scenario = scenario
         self.serving = ServingConfig(**serving)
         use_gpu = self.serving.num_gpus > 0 and torch.cuda.is_available()
@@ -94,6 +101,15 @@ class ScenarioDeployment:
         self.failed_batches = 0
         self.queue = BatchQueue(self.score_batch, max_cost=self.serving.max_batch_tokens,
                                 wait_s=self.serving.batch_wait_timeout_s)
+        parser = RankRequestParser(Registry.from_dict(meta.registry), scenario, self.serving.max_candidates)
+        self.endpoint = RankEndpoint({scenario: parser}, max_body_bytes)
+
+    async def __call__(self, http: Request) -> JSONResponse:
+        """The HTTP API for this scenario, when this deployment is its app's ingress."""
+        return await self.endpoint.answer(http, lambda _, request: self.rank(request), self._health)
+
+    async def _health(self) -> dict:
+        return {"status": "ok", "scenarios": {self.scenario: self.info()}}
 
     async def rank(self, request: RankRequest) -> dict:
         """Scores one validated request: {"scenario", "model_version", "tasks", "scores": one

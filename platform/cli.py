@@ -179,9 +179,9 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
 def cmd_serve_config(args: argparse.Namespace) -> int:
     from mtfm.deployments.serve_config import render_serve_config
 
-    load_registry(args.config_dir)  # refuse to write a serve config for an invalid registry
-    print(render_serve_config(config_dir=args.config_dir or "configs", checkpoint=args.checkpoint, port=args.port),
-          end="")
+    reg = load_registry(args.config_dir)  # refuse to write a serve config for an invalid registry
+    print(render_serve_config(config_dir=args.config_dir or "configs", checkpoint=args.checkpoint, port=args.port,
+                              scenario_ingress=list(reg.scenarios) if args.scenario_ingress else None), end="")
     return 0
 
 
@@ -341,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, metavar="RUN_DIR_OR_CHECKPOINT",
                    help="checkpoint to serve (default: null = $MTFM_CHECKPOINT, else the newest run under runs/)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--scenario-ingress", action="store_true",
+                   help="one app per registered scenario, its replicas taking HTTP themselves at /<scenario>/rank "
+                        "(no router hop; regenerate when scenarios change)")
     p.set_defaults(handler=cmd_serve_config)
     p = vsub.add_parser("example-request", parents=[common], help="print a valid rank request for a scenario",
                         description="Print a valid JSON body for POST /<scenario>/rank, built from the scenario's "

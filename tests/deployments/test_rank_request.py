@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import pickle
 
 import pyarrow as pa
 import pytest
@@ -121,3 +122,9 @@ def test_a_request_crosses_ray_as_one_arrow_stream(ray_cluster):
     assert received.table.schema == request.table.schema
     assert received.table.equals(request.table)
     assert received == dataclasses.replace(request, table=received.table)
+    # A table of several chunks, sliced: the stream holds exactly the slice's rows.
+    table = pa.concat_tables([request.table] * 3).slice(1, 2)
+    sliced = dataclasses.replace(request, table=table)
+    back = pickle.loads(pickle.dumps(sliced, protocol=5))
+    assert table.column(0).num_chunks == 2
+    assert back.table.num_rows == 2 and back.table.equals(table)

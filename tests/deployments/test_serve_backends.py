@@ -156,6 +156,20 @@ def test_the_committed_serve_yaml_is_the_generators_output():
     assert (REPO / "deployments/serve.yaml").read_text() == render_serve_config()
 
 
+def test_a_scenario_ingress_config_has_one_app_per_scenario_at_its_own_prefix(checkpoint):
+    import yaml
+
+    config = yaml.safe_load(render_serve_config(scenario_ingress=["hp", "sqs"]))
+    apps = {a["name"]: a for a in config["applications"]}
+    assert list(apps) == ["hp", "sqs"]
+    assert {n: (a["route_prefix"], a["args"]["scenario_ingress"]) for n, a in apps.items()} == {
+        "hp": ("/hp", "hp"), "sqs": ("/sqs", "sqs")}
+    assert AppArgs.model_validate(apps["hp"]["args"]).scenario_ingress == "hp"  # what build_app accepts
+    with pytest.raises(ServeConfigError, match="args.scenario_ingress: unknown scenario 'nope'"):
+        build_app({"checkpoint": str(checkpoint), "config_dir": str(REPO / "configs"),
+                   "scenario_ingress": "nope"})
+
+
 def test_serving_knobs_come_from_yaml_with_overrides_and_are_checked():
     registry = load_registry(REPO / "configs")
     serving = scenario_serving(registry, AppArgs(scenarios={"hp": {"replicas": 3, "cuda_graphs": False}}).scenarios)

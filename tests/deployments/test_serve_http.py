@@ -126,7 +126,10 @@ def _bad_requests(registry) -> list[tuple[str, str, dict | bytes, int, str, str]
 
 
 def test_every_bad_request_gets_its_4xx_and_the_service_keeps_serving(service):
-    registry, url = service["registry"], service["url"]
+    _check_bad_requests(service["registry"], service["url"])
+
+
+def _check_bad_requests(registry, url: str) -> None:
     for case, scenario, body, status, kind, field in _bad_requests(registry):
         if isinstance(body, bytes):
             response = requests.post(f"{url}/{scenario}/rank", data=body, timeout=60,
@@ -140,6 +143,32 @@ def test_every_bad_request_gets_its_4xx_and_the_service_keeps_serving(service):
     assert requests.get(f"{url}/hp/rank", timeout=60).status_code == 405
     response = requests.post(f"{url}/hp/rank", json=example_request(registry, "hp"), timeout=60)
     assert response.status_code == 200, response.text
+
+
+def test_a_scenario_replica_takes_http_itself(service):
+    """`scenario_ingress`: an app of hp alone, its replica the ingress (no router), answers the
+    same API below its route prefix, and /rank as well: offline scores, every 4xx, its /healthz;
+    other scenarios are not served there."""
+    from ray import serve
+
+    registry = service["registry"]
+    app = build_app({"checkpoint": str(service["checkpoint"]), "config_dir": str(service["config_dir"]),
+                     "scenarios": {"hp": SMALL_REPLICA}, "max_body_bytes": 256 * 1024, "scenario_ingress": "hp"})
+    serve.run(app, name="hp_alone", route_prefix="/hp-alone")
+    url = f"{service['url']}/hp-alone"
+    try:
+        assert list(serve.status().applications["hp_alone"].deployments) == ["ranker_hp"]
+        body = example_request(registry, "hp", candidates=6, events=5, seed=8)
+        for path in ("/hp/rank", "/rank"):
+            response = requests.post(f"{url}{path}", json=body, timeout=60)
+            assert response.status_code == 200, (path, response.text)
+            np.testing.assert_allclose(_served(response), _offline(service, "hp", body), atol=1e-5)
+        _check_bad_requests(registry, url)
+        response = requests.post(f"{url}/sqs/rank", json=example_request(registry, "sqs"), timeout=60)
+        assert (response.status_code, response.json()["error"]["kind"]) == (404, "unknown_scenario")
+        assert list(requests.get(f"{url}/healthz", timeout=60).json()["scenarios"]) == ["hp"]
+    finally:
+        serve.delete("hp_alone")
 
 
 def test_health(service):

@@ -1,0 +1,105 @@
+"""The ranking HTTP API, answered by the router or by a scenario replica that takes HTTP itself.
+
+    POST /<scenario>/rank   a request (rank_request.py) -> {"scenario", "model_version",
+                            "tasks", "scores": [{task: probability} per candidate], "batch"}
+    POST /rank              the same, where the app serves one scenario (`scenario_ingress`,
+                            whose app's route prefix is then /<scenario>: the same URL)
+    GET  /healthz           every served scenario's model version, backend, device and knobs
+
+Paths are below the application's route prefix.
+
+Requests are validated against the checkpoint's registry snapshot (the features the model was
+trained with) before any scoring. Every refusal is a 4xx JSON body {"error": {"kind", "field",
+"message"}}; a scenario replica that dies mid-request gives a 503 the client may retry (Serve
+starts a new replica); a scoring failure gives a 500.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError,
+                                  RequestCancelledError)
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from .metrics import RouterMetrics
+from .rank_request import RankRequest, RankRequestParser, RequestError
+
+# Tag used for requests whose path names no served scenario (bounded metric cardinality).
+NO_SCENARIO = "-"
+
+Rank = Callable[[str, RankRequest], Awaitable[dict]]
+
+
+class RankEndpoint:
+    """Answers one HTTP request of the API: `rank(scenario, request)` scores a validated request,
+    `health()` gives /healthz's {"status", "scenarios"}."""
+
+    def __init__(self, parsers: dict[str, RankRequestParser], max_body_bytes: int):
+        self.parsers, self.max_body_bytes = parsers, max_body_bytes
+        self.metrics = RouterMetrics()
+
+    async def answer(self, http: Request, rank: Rank, health: Callable[[], Awaitable[dict]]) -> JSONResponse:
+        start = time.perf_counter()
+        scenario = NO_SCENARIO
+        served = ", ".join(self.parsers)
+        try:
+            parts = [p for p in _path_in_app(http).split("/") if p]
+            if parts == ["healthz"] and http.method == "GET":
+                return JSONResponse(await health())
+            if parts == ["rank"] and len(self.parsers) == 1:
+                parts = [*self.parsers, "rank"]
+            if len(parts) != 2 or parts[1] != "rank":
+                raise RequestError(404, "not_found", "path", f"no route {http.url.path!r}; expected POST /<scenario>/rank "
+                                   f"with scenario one of {served}, or GET /healthz")
+            if parts[0] not in self.parsers:
+                raise RequestError(404, "unknown_scenario", "path", f"unknown scenario {parts[0]!r}; served: {served}")
+            scenario = parts[0]
+            if http.method != "POST":
+                raise RequestError(405, "method_not_allowed", "method", f"expected POST, found {http.method}")
+            body = await self._json_body(http)
+            request = self.parsers[scenario].parse(body, now_ms=int(time.time() * 1000))
+            self.metrics.candidates.observe(request.num_candidates, tags={"scenario": scenario})
+            response = JSONResponse(await rank(scenario, request))
+        except RequestError as exc:
+            self.metrics.error(scenario, exc.kind)
+            response = JSONResponse(exc.to_json(), status_code=exc.status)
+        except (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError,
+                RequestCancelledError) as exc:
+            self.metrics.error(scenario, "replica_unavailable")
+            response = JSONResponse(RequestError(503, "replica_unavailable", "", f"scenario {scenario}: no replica "
+                                                 f"could answer ({type(exc).__name__}); retry").to_json(), 503)
+        except Exception as exc:  # a scoring failure must answer, not hang the client
+            self.metrics.error(scenario, "internal")
+            response = JSONResponse(RequestError(500, "internal", "", f"scenario {scenario}: scoring failed: "
+                                                 f"{type(exc).__name__}: {exc}").to_json(), 500)
+        self.metrics.request(scenario, response.status_code, (time.perf_counter() - start) * 1000)
+        return response
+
+    async def _json_body(self, http: Request):
+        declared = http.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise _too_large(int(declared), self.max_body_bytes)
+        chunks, size = [], 0
+        async for chunk in http.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _too_large(size, self.max_body_bytes)
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RequestError(400, "invalid_json", "body", f"not valid JSON: {exc}") from exc
+
+
+def _path_in_app(http: Request) -> str:
+    """The request path below the application's route prefix (Serve's `root_path`)."""
+    path, prefix = http.url.path, http.scope.get("root_path", "").rstrip("/")
+    return path[len(prefix):] if prefix and path.startswith(prefix + "/") else path
+
+
+def _too_large(size: int, limit: int) -> RequestError:
+    return RequestError(413, "body_too_large", "body", f"{size} bytes or more; expected at most {limit} bytes")
