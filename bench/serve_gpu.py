@@ -414,18 +414,17 @@ def closed_loop(ports: list[int], bodies: RequestBodies, reuse: bool, users: Use
         while time.perf_counter() < stop:
             try:
                 status, data, seconds = client.post(PATH, bodies.for_user(users.pick(reuse, i)))
-            except OSError as error:  # counted, not a silently dead client
+                if status == 200:
+                    batches.append(_batch_of(data))
+                    latencies.append(seconds)
+                else:
+                    errors.append(status)
+            except (OSError, http.client.HTTPException, ValueError) as error:  # counted, not a dead client
                 errors.append(type(error).__name__)
                 client.close()
                 client = Client(ports[worker % len(ports)])
-                continue
-            finally:
-                i += concurrency
-            if status == 200:
-                latencies.append(seconds)
-                batches.append(_batch_of(data))
-            else:
-                errors.append(status)
+                time.sleep(0.05)
+            i += concurrency
         client.close()
 
     begin = time.perf_counter()
@@ -479,13 +478,13 @@ def direct_ingress_environment() -> int:
     return port
 
 
-def listening_ingress_ports(first: int, count: int, timeout_s: float = 60.0) -> list[int]:
+def listening_ingress_ports(first: int, count: int, proxy_port: int, timeout_s: float = 60.0) -> list[int]:
     """The ports of the range starting at `first` where Serve answers `/-/healthz`, once `count`
     do (Ray takes the lowest free ones, skipping any that something else holds)."""
     deadline = time.perf_counter() + timeout_s
     while True:
         ports = []
-        for port in range(first, first + DIRECT_INGRESS_PORTS):
+        for port in [p for p in range(first, first + DIRECT_INGRESS_PORTS) if p != proxy_port]:
             try:
                 connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
                 connection.request("GET", "/-/healthz")
@@ -530,12 +529,12 @@ def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, devic
                              "router_replicas": shapes.router_replicas, "router_num_cpus": 0.5,
                              "scenario_ingress": SCENARIO if scenario_ingress else None}),
                   name="bench", route_prefix="/")
-        ingress_replicas = 1 if scenario_ingress else shapes.router_replicas
-        ports = (listening_ingress_ports(direct_ingress_port, ingress_replicas) if direct_ingress_port is not None
+        ingress_replicas = registry.scenarios[SCENARIO].serving.replicas if scenario_ingress else shapes.router_replicas
+        ports = (listening_ingress_ports(direct_ingress_port, ingress_replicas, port) if direct_ingress_port is not None
                  else [port])
         port = ports[0]
         setup = {"deploy_s": time.perf_counter() - started, "ports": ports, "serving": knobs,
-                 "chunk_size": chunk_size, "router_replicas": shapes.router_replicas,
+                 "chunk_size": chunk_size, "router_replicas": 0 if scenario_ingress else shapes.router_replicas,
                  "direct_ingress": direct_ingress_port is not None, "scenario_ingress": scenario_ingress}
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         connection.request("GET", "/healthz")

@@ -93,7 +93,7 @@ def build_app(args: AppArgs) -> Application:
             name=f"ranker_{name}", num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_ongoing_requests,
             ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         ).bind(name, str(checkpoint), dataclasses.asdict(cfg), args.chunk_size, args.user_cache_ttl_s,
-               args.user_cache_mb, args.max_body_bytes)
+               args.user_cache_mb, args.max_body_bytes if args.scenario_ingress is not None else None)
         for name, cfg in serving.items()
     }
     if args.scenario_ingress is not None:

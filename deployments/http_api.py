@@ -25,7 +25,7 @@ from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError,
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from .metrics import RouterMetrics
+from .metrics import RequestMetrics
 from .rank_request import RankRequest, RankRequestParser, RequestError
 
 # Tag used for requests whose path names no served scenario (bounded metric cardinality).
@@ -36,11 +36,14 @@ Rank = Callable[[str, RankRequest], Awaitable[dict]]
 
 class RankEndpoint:
     """Answers one HTTP request of the API: `rank(scenario, request)` scores a validated request,
-    `health()` gives /healthz's {"status", "scenarios"}."""
+    `health()` gives /healthz's {"status", "scenarios"}. `bare_rank`: also POST /rank, for the app
+    of one scenario."""
 
-    def __init__(self, parsers: dict[str, RankRequestParser], max_body_bytes: int):
-        self.parsers, self.max_body_bytes = parsers, max_body_bytes
-        self.metrics = RouterMetrics()
+    def __init__(self, parsers: dict[str, RankRequestParser], max_body_bytes: int, *, bare_rank: bool = False):
+        if bare_rank and len(parsers) != 1:
+            raise ValueError(f"bare_rank: POST /rank needs exactly one scenario, found {list(parsers)}")
+        self.parsers, self.max_body_bytes, self.bare_rank = parsers, max_body_bytes, bare_rank
+        self.metrics = RequestMetrics()
 
     async def answer(self, http: Request, rank: Rank, health: Callable[[], Awaitable[dict]]) -> JSONResponse:
         start = time.perf_counter()
@@ -50,11 +53,13 @@ class RankEndpoint:
             parts = [p for p in _path_in_app(http).split("/") if p]
             if parts == ["healthz"] and http.method == "GET":
                 return JSONResponse(await health())
-            if parts == ["rank"] and len(self.parsers) == 1:
+            if parts == ["rank"] and self.bare_rank:
                 parts = [*self.parsers, "rank"]
             if len(parts) != 2 or parts[1] != "rank":
-                raise RequestError(404, "not_found", "path", f"no route {http.url.path!r}; expected POST /<scenario>/rank "
-                                   f"with scenario one of {served}, or GET /healthz")
+                bare = " or POST /rank" if self.bare_rank else ""
+                raise RequestError(404, "not_found", "path", f"no route {http.url.path!r}; expected, below the app's "
+                                   f"route prefix, POST /<scenario>/rank with scenario one of {served}{bare}, or "
+                                   "GET /healthz")
             if parts[0] not in self.parsers:
                 raise RequestError(404, "unknown_scenario", "path", f"unknown scenario {parts[0]!r}; served: {served}")
             scenario = parts[0]

@@ -4,7 +4,8 @@ Ray exports them in Prometheus format on each node's metrics export port
 (`ray.nodes()[i]["MetricsExportPort"]`), prefixed `ray_` and tagged with the deployment,
 replica and application besides `scenario`:
 
-    ray_mtfm_request_latency_ms            histogram, end to end in the router, by status class
+    ray_mtfm_request_latency_ms            histogram, end to end in the HTTP ingress (the router, or a
+                                           scenario replica serving HTTP itself), by status class
     ray_mtfm_request_errors_total          counter, refused or failed requests by `kind`
     ray_mtfm_candidates_per_request        histogram
     ray_mtfm_batch_requests                histogram, requests merged into one scored batch
@@ -21,8 +22,8 @@ BATCH_REQUEST_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 BATCH_TOKEN_BUCKETS = [64, 256, 1024, 4096, 16384, 65536, 262144]
 
 
-class RouterMetrics:
-    """What the HTTP router records per request."""
+class RequestMetrics:
+    """What the HTTP ingress (http_api.py: the router, or a scenario replica) records per request."""
 
     def __init__(self):
         self.latency_ms = metrics.Histogram(

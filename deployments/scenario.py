@@ -84,7 +84,8 @@ def load_scenario_ranker(checkpoint: str | Path, scenario: str) -> tuple[Scenari
 @serve.deployment
 class ScenarioDeployment:
     def __init__(self, scenario: str, checkpoint: str, serving: dict, chunk_size: int, user_cache_ttl_s: float,
-                 user_cache_mb: int, max_body_bytes: int = 8 * 1024 * 1024):
+                 user_cache_mb: int, http_max_body_bytes: int | None = None):
+        """`http_max_body_bytes`: set when this deployment is its app's HTTP ingress."""
         self.scenario = scenario
         self.serving = ServingConfig(**serving)
         use_gpu = self.serving.num_gpus > 0 and torch.cuda.is_available()
@@ -101,11 +102,15 @@ class ScenarioDeployment:
         self.failed_batches = 0
         self.queue = BatchQueue(self.score_batch, max_cost=self.serving.max_batch_tokens,
                                 wait_s=self.serving.batch_wait_timeout_s)
-        parser = RankRequestParser(Registry.from_dict(meta.registry), scenario, self.serving.max_candidates)
-        self.endpoint = RankEndpoint({scenario: parser}, max_body_bytes)
+        self.endpoint = None
+        if http_max_body_bytes is not None:
+            parser = RankRequestParser(Registry.from_dict(meta.registry), scenario, self.serving.max_candidates)
+            self.endpoint = RankEndpoint({scenario: parser}, http_max_body_bytes, bare_rank=True)
 
     async def __call__(self, http: Request) -> JSONResponse:
         """The HTTP API for this scenario, when this deployment is its app's ingress."""
+        if self.endpoint is None:
+            raise RuntimeError(f"ranker_{self.scenario} was deployed behind a router; it takes no HTTP itself")
         return await self.endpoint.answer(http, lambda _, request: self.rank(request), self._health)
 
     async def _health(self) -> dict:

@@ -1,5 +1,6 @@
 """Request parsing in process: the one-row table equals one built independently from the JSON,
-and a bad value deep inside a long list is refused naming its exact field."""
+a bad value deep inside a long list is refused naming its exact field, a parsed request crosses
+Ray as one Arrow stream, and the HTTP endpoint's routes below an app's prefix."""
 from __future__ import annotations
 
 import copy
@@ -128,3 +129,45 @@ def test_a_request_crosses_ray_as_one_arrow_stream(ray_cluster):
     back = pickle.loads(pickle.dumps(sliced, protocol=5))
     assert table.column(0).num_chunks == 2
     assert back.table.num_rows == 2 and back.table.equals(table)
+
+
+def _post(endpoint, path: str, body: dict, root_path: str = "") -> tuple[int, dict]:
+    """`endpoint.answer` on a real Starlette request; scoring answers with the scenario it was asked for."""
+    import asyncio
+    import json
+
+    from starlette.requests import Request
+
+    raw = json.dumps(body).encode()
+
+    async def receive():
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    async def rank(scenario, request):
+        return {"scenario": scenario, "candidates": request.num_candidates}
+
+    async def health():
+        return {"status": "ok"}
+
+    scope = {"type": "http", "method": "POST", "path": path, "root_path": root_path, "query_string": b"",
+             "headers": [(b"content-type", b"application/json")]}
+    response = asyncio.run(endpoint.answer(Request(scope, receive), rank, health))
+    return response.status_code, json.loads(response.body)
+
+
+def test_bare_rank_is_served_only_by_the_app_of_one_scenario():
+    from mtfm.deployments.http_api import RankEndpoint
+
+    body = example_request(REGISTRY, "hp", candidates=3)
+    parser = RankRequestParser(REGISTRY, "hp", max_candidates=10)
+    router = RankEndpoint({"hp": parser}, 1 << 20)
+    alone = RankEndpoint({"hp": parser}, 1 << 20, bare_rank=True)
+    assert _post(router, "/hp/rank", body) == (200, {"scenario": "hp", "candidates": 3})
+    assert _post(router, "/rank", body)[0] == 404
+    assert _post(alone, "/rank", body) == (200, {"scenario": "hp", "candidates": 3})
+    # Below an app's route prefix (Serve's root_path), as the scenario apps are deployed at /<scenario>.
+    assert _post(alone, "/hp/rank", body, root_path="/hp") == (200, {"scenario": "hp", "candidates": 3})
+    assert _post(alone, "/hp/hp/rank", body, root_path="/hp")[0] == 200
+    assert _post(alone, "/hp/sqs/rank", body, root_path="/hp")[1]["error"]["kind"] == "unknown_scenario"
+    with pytest.raises(ValueError, match="exactly one scenario"):
+        RankEndpoint({"hp": parser, "sqs": RankRequestParser(REGISTRY, "sqs", 10)}, 1 << 20, bare_rank=True)
