@@ -5,6 +5,7 @@
     python bench/serve_gpu.py --profile 200 --out bench/results/serve_profile.json   # where one request's time goes
     python bench/serve_gpu.py --no-cuda-graphs ...                                  # serve without CUDA graphs
     python bench/serve_gpu.py --direct-ingress ...                                  # HTTP without Serve's proxy
+    python bench/serve_gpu.py --parse-only --device cpu --out bench/results/request_parse.json  # body forms
 
 What runs: the `large` model (configs/model/large.yaml: 15 layers, d_model 768, bf16 autocast),
 randomly initialised, saved as a checkpoint and served by the production app
@@ -49,6 +50,8 @@ The HTTP front (default: Serve's proxy, then the router, then the replica):
                         themselves on ports of their own, no proxy in the path; clients spread over them.
     --scenario-ingress  the hp replica is its app's ingress (app arg scenario_ingress): no router,
                         the replica parses the JSON itself.
+    --columns           bodies with events and candidates as objects of columns (in process, both
+                        forms' json.loads + parse are timed anyway).
 Goals, as ratios in the same run: p99 < 10 ms at K=200, and p50 at K=1000 < 3x p50 at K=50.
 A --budget-s guard skips the remaining cells (marked skipped) rather than overrunning. Prints a
 table; writes JSON (--out). --tiny: the tiny model, 50 history events, 10 requests per cell,
@@ -159,12 +162,12 @@ class RequestBodies:
 
     USER_ID_PLACEHOLDER = 987654321987654321
 
-    def __init__(self, registry, k: int, history_events: int):
+    def __init__(self, registry, k: int, history_events: int, columns: bool = False):
         from mtfm.deployments.rank_request import example_request
 
         body = example_request(registry, SCENARIO, candidates=k, events=history_events,
-                               user_id=self.USER_ID_PLACEHOLDER, ts=int(time.time() * 1000))
-        body["sequences"] = {name: events if registry.sequences[name].kind == "history" else []
+                               user_id=self.USER_ID_PLACEHOLDER, ts=int(time.time() * 1000), columns=columns)
+        body["sequences"] = {name: events if registry.sequences[name].kind == "history" else type(events)()
                              for name, events in body["sequences"].items()}
         self.example = body
         self.head, self.tail = json.dumps(body).split(str(self.USER_ID_PLACEHOLDER))
@@ -247,8 +250,10 @@ def run_in_process(checkpoint: Path, registry, shapes: Shapes, device_name: str,
         if budget.left() < 0:
             rows.append({"k": k, "skipped": "budget"})
             continue
-        parse_ms = _timed(lambda: parser.parse(body, now_ms=body["ts"]), max(shapes.inprocess_repeats // 5, 3))
+        repeats = max(shapes.inprocess_repeats // 5, 3)
+        parse_ms = _timed(lambda: parser.parse(body, now_ms=body["ts"]), repeats)
         row = {"k": k, "parse_ms": _percentiles(parse_ms)}
+        row |= decode_parse_times(registry, parser, k, shapes.history_events, repeats)
         for mode, backend in modes.items():
             scores = backend.score([request_for(mode, request)])[0]
             times = []
@@ -308,6 +313,19 @@ def profile_in_process(checkpoint: Path, registry, shapes: Shapes, device_name: 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n\n".join(texts))
     print(f"wrote {out}")
+
+
+def decode_parse_times(registry, parser, k: int, history_events: int, repeats: int) -> dict:
+    """What the ingress does with a body: json.loads + parse, events and candidates as lists of
+    objects (the default) or as objects of columns; p50/p99 ms and the body's bytes."""
+    out = {}
+    for form, columns in (("rows", False), ("columns", True)):
+        body = RequestBodies(registry, k, history_events, columns).example
+        raw = json.dumps(body).encode()
+        parser.parse(json.loads(raw), now_ms=body["ts"])
+        out[f"decode_parse_{form}_ms"] = _percentiles(
+            _timed(lambda: parser.parse(json.loads(raw), now_ms=body["ts"]), repeats)) | {"body_bytes": len(raw)}
+    return out
 
 
 def _timed(fn, repeats: int) -> np.ndarray:
@@ -503,7 +521,7 @@ def listening_ingress_ports(first: int, count: int, proxy_port: int, timeout_s: 
 
 def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, device_name: str, chunk_size: int,
              batch_wait_s: float, cuda_graphs: bool, direct_ingress_port: int | None, scenario_ingress: bool,
-             budget: Budget) -> tuple[list[dict], dict]:
+             columns: bool, budget: Budget) -> tuple[list[dict], dict]:
     """Rows per (K, reuse) and the setup facts (deploy and warm-up seconds, the replica's /healthz)."""
     import ray
     from ray import serve
@@ -535,7 +553,8 @@ def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, devic
         port = ports[0]
         setup = {"deploy_s": time.perf_counter() - started, "ports": ports, "serving": knobs,
                  "chunk_size": chunk_size, "router_replicas": 0 if scenario_ingress else shapes.router_replicas,
-                 "direct_ingress": direct_ingress_port is not None, "scenario_ingress": scenario_ingress}
+                 "direct_ingress": direct_ingress_port is not None, "scenario_ingress": scenario_ingress,
+                 "columns": columns}
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         connection.request("GET", "/healthz")
         setup["healthz"] = json.loads(connection.getresponse().read())["scenarios"][SCENARIO]
@@ -545,7 +564,7 @@ def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, devic
             raise RuntimeError(f"the {SCENARIO} replica scores on {served_on}, expected {device_name}")
         budget.log(f"deployed in {setup['deploy_s']:.1f} s, scoring on {served_on}")
 
-        bodies = {k: RequestBodies(registry, k, shapes.history_events) for k in shapes.ks}
+        bodies = {k: RequestBodies(registry, k, shapes.history_events, columns) for k in shapes.ks}
         users = UserIds()
         replica = serve.get_deployment_handle(f"ranker_{SCENARIO}", app_name="bench")
         parser = RankRequestParser(registry, SCENARIO, max_candidates=max(shapes.ks))
@@ -622,7 +641,9 @@ def _in_process_text(r: dict) -> str:
     modes = [m for m in ("plain", "reuse off", "reuse on", "graphs") if m in r]
     cells = "  ".join(f"{mode} {r[mode]['p50_ms']:6.2f}/{r[mode]['p99_ms']:6.2f}" for mode in modes)
     diff = max(r[mode]["max_abs_diff_vs_cpu_fp32"] for mode in modes)
-    return f"  K={r['k']:<5} parse {r['parse_ms']['p50_ms']:6.2f}  {cells}   max |diff| vs CPU fp32 {diff:.1e}"
+    decode = (f"json+parse rows {r['decode_parse_rows_ms']['p50_ms']:5.2f} ({r['decode_parse_rows_ms']['body_bytes'] // 1000} KB)"
+              f" columns {r['decode_parse_columns_ms']['p50_ms']:5.2f} ({r['decode_parse_columns_ms']['body_bytes'] // 1000} KB)")
+    return f"  K={r['k']:<5} parse {r['parse_ms']['p50_ms']:6.2f}  {decode}  {cells}   max |diff| vs CPU fp32 {diff:.1e}"
 
 
 def _http_text(r: dict) -> str:
@@ -677,6 +698,10 @@ def main(argv: list[str] | None = None) -> int:
                              "(RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in the environment Ray starts with)")
     parser.add_argument("--scenario-ingress", action="store_true",
                         help="serve the hp replica as its app's HTTP ingress, no router (app arg scenario_ingress)")
+    parser.add_argument("--columns", action="store_true",
+                        help="HTTP bodies with events and candidates as objects of columns (rank_request.py)")
+    parser.add_argument("--parse-only", action="store_true",
+                        help="measure nothing else: json.loads + parse of one request, rows vs columns (CPU)")
     parser.add_argument("--profile", type=int, default=None, metavar="K",
                         help="measure nothing else: profile one in-process request of K candidates and write the "
                              "profiler tables to --out with .txt")
@@ -701,12 +726,28 @@ def main(argv: list[str] | None = None) -> int:
             profile_in_process(checkpoint, registry, shapes, args.device, args.profile,
                                Path(args.out).with_suffix(".txt"))
             return 0
+        if args.parse_only:
+            from mtfm.deployments.rank_request import RankRequestParser
+
+            parser = RankRequestParser(registry, SCENARIO, max_candidates=max(shapes.ks))
+            rows = [{"k": k} | decode_parse_times(registry, parser, k, shapes.history_events, 300) for k in shapes.ks]
+            print(f"json.loads + parse of one request, {shapes.history_events} history events, p50 / p99 ms (body KB):")
+            for r in rows:
+                print(f"  K={r['k']:<5}" + "  ".join(
+                    f"{form} {r[f'decode_parse_{form}_ms']['p50_ms']:5.2f} / {r[f'decode_parse_{form}_ms']['p99_ms']:5.2f}"
+                    f" ({r[f'decode_parse_{form}_ms']['body_bytes'] // 1000})" for form in ("rows", "columns")))
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                                  "machine": platform.processor() or platform.machine(),
+                                                  "history_events": shapes.history_events, "decode_parse": rows},
+                                                 indent=1))
+            return 0
         budget.log(f"{shapes.model_config} on {args.device}, {shapes.history_events} history events, K in {shapes.ks}")
         in_process, inprocess_warmup_s = run_in_process(checkpoint, registry, shapes, args.device, args.chunk_size,
                                                         budget)
         http_rows, http_setup = run_http(checkpoint, config_dir, registry, shapes, args.device, args.chunk_size,
                                          args.batch_wait_ms / 1000, not args.no_cuda_graphs, direct_ingress_port,
-                                         args.scenario_ingress, budget)
+                                         args.scenario_ingress, args.columns, budget)
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

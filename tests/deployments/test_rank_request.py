@@ -108,6 +108,72 @@ def test_a_bad_value_deep_in_a_list_is_refused_by_its_exact_field(path, value, k
     assert (error.value.kind, error.value.field) == (kind, f"{where}.{name}")
 
 
+def _as_columns(objects: list[dict], names) -> dict[str, list]:
+    """The same objects as an object of columns; a field absent from every object is omitted."""
+    return {name: [o.get(name) for o in objects] for name in names if any(name in o for o in objects)}
+
+
+def _columnar(body: dict, scenario: str = "hp") -> dict:
+    scn = REGISTRY.scenario(scenario)
+    out = copy.deepcopy(body)
+    out["candidates"] = _as_columns(body["candidates"], [f.name for f in scn.exposure_features])
+    out["sequences"] = {name: _as_columns(events, ["ts", *(f.name for f in REGISTRY.sequences[name].features)])
+                        for name, events in body["sequences"].items()}
+    return out
+
+
+@pytest.mark.parametrize("scenario", ["hp", "sqs"])
+def test_events_and_candidates_as_columns_give_the_same_request(scenario):
+    parser = RankRequestParser(REGISTRY, scenario, max_candidates=1000)
+    body = _varied_body(scenario)
+    columns = _columnar(body, scenario)
+    assert isinstance(columns["candidates"], dict) and isinstance(columns["sequences"]["history"], dict)
+    request = parser.parse(columns, now_ms=NOW_MS)
+    assert request.table.equals(_expected_table(body, scenario))
+    rows = parser.parse(copy.deepcopy(body), now_ms=NOW_MS)
+    assert (request.num_candidates, request.num_tokens, request.user_state) == (
+        rows.num_candidates, rows.num_tokens, rows.user_state)
+
+
+@pytest.mark.parametrize("path, value, kind, field", [
+    ("sequences.history.poi_id", ("set", 37, "p7"), "wrong_type", "sequences.history.poi_id[37]"),
+    ("sequences.history.ts", ("set", 50, NOW_MS + 10**6), "event_after_request", "sequences.history.ts[50]"),
+    ("sequences.history.ts", ("set", 8, None), "missing_field", "sequences.history.ts[8]"),
+    ("sequences.realtime.action", ("set", 3, 2**63), "wrong_type", "sequences.realtime.action[3]"),
+    ("sequences.history.colour", ("column", [1]), "unknown_field", "sequences.history.colour"),
+    ("sequences.history.price", ("column", 4.5), "wrong_type", "sequences.history.price"),
+    ("sequences.history.category", ("column", [1, 2]), "wrong_type", "sequences.history.category"),
+    ("candidates.poi_id", ("set", 25, None), "missing_field", "candidates.poi_id[25]"),
+    ("candidates.distance_km", ("set", 31, [1.0]), "wrong_type", "candidates.distance_km[31]"),
+    ("candidates.poi_id", ("drop",), "missing_field", "candidates.poi_id[0]"),
+])
+def test_a_bad_value_in_a_column_is_refused_by_its_exact_field(path, value, kind, field):
+    body = _columnar(_varied_body("hp"))
+    *parent, name = path.split(".")
+    columns = body
+    for key in parent:
+        columns = columns[key]
+    if value[0] == "set":
+        columns[name][value[1]] = value[2]
+    elif value[0] == "column":
+        columns[name] = value[1]
+    else:
+        del columns[name]
+    with pytest.raises(RequestError) as error:
+        RankRequestParser(REGISTRY, "hp", max_candidates=1000).parse(body, now_ms=NOW_MS)
+    assert (error.value.kind, error.value.field) == (kind, field), error.value.message
+
+
+def test_candidate_columns_are_counted_against_the_limits():
+    parser = RankRequestParser(REGISTRY, "hp", max_candidates=10)
+    body = _columnar(_varied_body("hp"))
+    for empty in ({}, {name: [] for name in body["candidates"]}):
+        with pytest.raises(RequestError, match="at least one candidate"):
+            parser.parse({**body, "candidates": empty}, now_ms=NOW_MS)
+    with pytest.raises(RequestError, match="found 40 candidates"):
+        parser.parse(body, now_ms=NOW_MS)
+
+
 def test_a_request_crosses_ray_as_one_arrow_stream(ray_cluster):
     """What the router sends a replica: through Ray's own serializer the request comes back
     equal, and its pickled form holds no Arrow table (Ray's reducer for those walks nested

@@ -79,6 +79,11 @@ def test_scores_equal_the_offline_model(service):
         assert result["model_version"] == "run-a/checkpoint_00000007@step7"
         assert result["tasks"] == list(service["registry"].scenario(scenario).task_names)
         np.testing.assert_allclose(_served(response), _offline(service, scenario, body), atol=1e-5)
+        # The same request with events and candidates as columns scores the same.
+        columns = example_request(service["registry"], scenario, candidates=7, events=5, seed=3, columns=True)
+        response = requests.post(f"{service['url']}/{scenario}/rank", json=columns, timeout=60)
+        assert response.status_code == 200, response.text
+        np.testing.assert_allclose(_served(response), _offline(service, scenario, body), atol=1e-5)
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(service):
