@@ -720,17 +720,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mtfm-bench-serve-gpu-") as tmp:
         config_dir = write_config_dir(Path(tmp) / "configs", shapes.history_events)
         registry = load_registry(config_dir)
-        kernels = "triton" if args.device == "cuda" else "auto"
-        checkpoint = write_checkpoint(shapes.model_config, registry, Path(tmp) / "run" / "checkpoint_0", kernels)
-        if args.profile is not None:
-            profile_in_process(checkpoint, registry, shapes, args.device, args.profile,
-                               Path(args.out).with_suffix(".txt"))
-            return 0
         if args.parse_only:
             from mtfm.deployments.rank_request import RankRequestParser
 
-            parser = RankRequestParser(registry, SCENARIO, max_candidates=max(shapes.ks))
-            rows = [{"k": k} | decode_parse_times(registry, parser, k, shapes.history_events, 300) for k in shapes.ks]
+            request_parser = RankRequestParser(registry, SCENARIO, max_candidates=max(shapes.ks))
+            rows = [{"k": k} | decode_parse_times(registry, request_parser, k, shapes.history_events, 300) for k in shapes.ks]
             print(f"json.loads + parse of one request, {shapes.history_events} history events, p50 / p99 ms (body KB):")
             for r in rows:
                 print(f"  K={r['k']:<5}" + "  ".join(
@@ -741,6 +735,12 @@ def main(argv: list[str] | None = None) -> int:
                                                   "machine": platform.processor() or platform.machine(),
                                                   "history_events": shapes.history_events, "decode_parse": rows},
                                                  indent=1))
+            return 0
+        kernels = "triton" if args.device == "cuda" else "auto"
+        checkpoint = write_checkpoint(shapes.model_config, registry, Path(tmp) / "run" / "checkpoint_0", kernels)
+        if args.profile is not None:
+            profile_in_process(checkpoint, registry, shapes, args.device, args.profile,
+                               Path(args.out).with_suffix(".txt"))
             return 0
         budget.log(f"{shapes.model_config} on {args.device}, {shapes.history_events} history events, K in {shapes.ks}")
         in_process, inprocess_warmup_s = run_in_process(checkpoint, registry, shapes, args.device, args.chunk_size,

@@ -47,6 +47,8 @@ from mtfm.platform.registry import Feature, Registry, Scenario, events_column, e
 FUTURE_TOLERANCE_MS = 60_000
 REQUEST_KEYS = ("user_id", "ts", "user", "sequences", "candidates")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Numeric features are float32: larger ints are converted by float() rather than refused by Arrow.
+FLOAT32_EXACT_INT = 2**24
 # 2026-01-01 00:00 UTC: the example request's time (in the past, so always accepted).
 EXAMPLE_TS_MS = 1_767_225_600_000
 
@@ -308,6 +310,7 @@ class _ObjectSchema:
         for name in given:
             if name not in self.declared:
                 raise RequestError(422, "unknown_field", f"{where}.{name}", f"unknown column; expected {self.expected}")
+        given = {name: values for name, values in given.items() if values is not None}  # null: omitted
         count = _column_length(given, where)
         out = {name: given[name] if name in given else [None] * count for name in self.names}
         if self._plainly_valid(out):
@@ -340,7 +343,8 @@ class _ObjectSchema:
             if f.type == "categorical":
                 ok = _all_int64(present)
             elif f.type == "numeric":
-                ok = all(type(v) is float or type(v) is int for v in present) and all(map(math.isfinite, present))
+                ok = (all(type(v) is float or (type(v) is int and abs(v) <= FLOAT32_EXACT_INT) for v in present)
+                      and all(map(math.isfinite, present)))
             else:
                 ok = all(type(v) is list for v in present) and _all_int64([x for v in present for x in v])
             if not ok:
@@ -390,9 +394,13 @@ def _feature_value(f: Feature, value: Any, field: str) -> Any:
     if f.type == "categorical":
         return _typed(value, field, f, _integer)
     if f.type == "numeric":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        try:
+            number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+        except OverflowError:
+            number = math.nan
+        if not math.isfinite(number):
             raise RequestError(422, "wrong_type", field, f"expected {_expected(f)}, found {_json_kind(value)} {value!r}")
-        return float(value)
+        return number
     if not isinstance(value, list):
         raise RequestError(422, "wrong_type", field, f"expected {_expected(f)}, found {_json_kind(value)} {value!r}")
     return [_typed(v, f"{field}[{i}]", f, _integer) for i, v in enumerate(value)]

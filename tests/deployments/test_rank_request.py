@@ -237,3 +237,18 @@ def test_bare_rank_is_served_only_by_the_app_of_one_scenario():
     assert _post(alone, "/hp/sqs/rank", body, root_path="/hp")[1]["error"]["kind"] == "unknown_scenario"
     with pytest.raises(ValueError, match="exactly one scenario"):
         RankEndpoint({"hp": parser, "sqs": RankRequestParser(REGISTRY, "sqs", 10)}, 1 << 20, bare_rank=True)
+
+
+def test_numeric_values_beyond_float32_and_null_columns():
+    parser = RankRequestParser(REGISTRY, "hp", max_candidates=1000)
+    rows = _varied_body("hp")
+    rows["candidates"][2]["distance_km"] = 2**24 + 1  # not exact in float32: converted, not a server error
+    assert parser.parse(copy.deepcopy(rows), now_ms=NOW_MS).num_candidates == 40
+    rows["candidates"][2]["distance_km"] = 10**400  # beyond float: refused
+    with pytest.raises(RequestError) as error:
+        parser.parse(rows, now_ms=NOW_MS)
+    assert (error.value.kind, error.value.field) == ("wrong_type", "candidates[2].distance_km")
+    columns = _columnar(_varied_body("hp"))
+    optional = next(f.name for f in REGISTRY.scenario("hp").exposure_features if not f.required)
+    columns["candidates"][optional] = None  # a null column is an omitted one
+    assert parser.parse(columns, now_ms=NOW_MS).num_candidates == 40
