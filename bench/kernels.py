@@ -6,6 +6,8 @@ Checks correctness at real sizes in bf16 against a float64 reference first, then
 4 * Hq * d * visible query-key pairs, backward = 2.5 x forward; torch SDPA (causal, same
 tokens, heads and dim, as a dense batch of equal-length users) is counted the same way over
 its causal pairs. Usage: python bench/kernels.py [--out PATH] [--quick]
+--serving: only the forward at serving sizes (one request: few queries, 1000 history keys), with
+each program's keys split across programs (`key_splits`) or not.
 """
 
 import argparse
@@ -320,6 +322,52 @@ def ceilings(device) -> dict:
     return dict(copy_gbps=2 * src.numel() * 4 / t_copy * 1e-6, matmul_bf16_tflops=2 * 8192**3 / t_mm * 1e-9)
 
 
+def serving_batch(users: int, history: int, candidates: int, hq: int, hkv: int, d: int, device, seed: int = 3):
+    """A serving batch: per user `history` H-tokens then `candidates` T-tokens (one scenario)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    length = history + candidates
+    n = users * length
+    kind = torch.tensor(([0] * history + [2] * candidates) * users, dtype=torch.int8)
+    ts = torch.cat([torch.cat([torch.randint(0, 10**6, (history,), generator=g).sort().values,
+                               torch.full((candidates,), 2 * 10**6)]) for _ in range(users)])
+    offsets = torch.arange(users + 1) * length
+    target_offsets = torch.arange(users + 1) * candidates
+    rows = torch.cat([torch.arange(b * length + history, (b + 1) * length) for b in range(users)])
+    q, k, v = (torch.randn(n, h, d, generator=g).to(torch.bfloat16) for h in (hq, hkv, hkv))
+    on = lambda t: t.to(device)
+    return dict(q=on(q), k=on(k), v=on(v), offsets=on(offsets), kind=on(kind), ts=on(ts),
+                target_offsets=on(target_offsets), target_rows=on(rows))
+
+
+def bench_key_splits(device) -> list[dict]:
+    """The forward at serving sizes (the large config's 3 heads of 256, 1000 history tokens per
+    user, K candidates), with each program's keys split as `_key_splits` picks, against one
+    program per (query block, head); device time from a CUDA graph, and the largest difference."""
+    from mtfm.kernels import hstu_attention_triton as triton_impl
+
+    rows = []
+    for users, k_cands in ((1, 50), (1, 200), (1, 1000), (4, 200), (16, 200)):
+        b = serving_batch(users, 1000, k_cands, 3, 3, 256, device)
+        meta = (b["offsets"], b["kind"], b["ts"])
+        q_t = b["q"][b["target_rows"]]
+        for name, q, q_offsets in (("full", b["q"], b["offsets"]), ("target", q_t, b["target_offsets"])):
+            def run(splits, q=q, q_offsets=q_offsets):
+                return triton_impl.jagged_hstu_attention(q, b["k"], b["v"], meta[0], q_offsets, meta[1], meta[2],
+                                                         ALPHA, 1000.0, key_splits=splits)
+            block_m, block_n = triton_impl._launch_params("fwd", q)[0][:2]
+            chosen = triton_impl._key_splits((q.shape[0] // block_m + users) * q.shape[1], b["k"].shape[0] // users,
+                                             block_n, device)
+            with torch.no_grad():
+                one, split = run(1), run(None)
+            diff = (split.float() - one.float()).abs().max().item() / one.float().abs().max().item()
+            row = dict(users=users, candidates=k_cands, attention=name, queries=q.shape[0], key_splits=chosen,
+                       unsplit_ms=graph_time(lambda: run(1)), split_ms=graph_time(lambda: run(None)),
+                       max_rel_diff=diff)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_out = os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT") else None
@@ -328,12 +376,25 @@ def main():
     parser.add_argument("--quick", action="store_true", help="correctness and the 4K / d=128 shapes only")
     parser.add_argument("--sweep", choices=("none", "attention", "gln", "all"), default="none",
                         help="pick block configs by timing candidates first")
+    parser.add_argument("--serving", action="store_true",
+                        help="only the forward at serving sizes, keys split across programs or not")
     args = parser.parse_args()
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     result = dict(gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                   triton=triton.__version__, date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))
     print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    if args.serving:
+        result["key_splits"] = bench_key_splits(device)
+        print("\n| users | K | attention | queries | key splits | unsplit ms | split ms | speed-up | max rel diff |")
+        print("|" + "---|" * 9)
+        for r in result["key_splits"]:
+            print(f"| {r['users']} | {r['candidates']} | {r['attention']} | {r['queries']} | {r['key_splits']} | "
+                  f"{r['unsplit_ms']:.4f} | {r['split_ms']:.4f} | {r['unsplit_ms'] / r['split_ms']:.2f}x | "
+                  f"{r['max_rel_diff']:.1e} |")
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+        return
 
     lengths = [4096] if args.quick else [1024, 2048, 4096, 8192]
     dims = [128] if args.quick else [128, 256]

@@ -16,8 +16,10 @@ asks for `triton` explicitly, so a fallback to the PyTorch references would fail
 request is one user of scenario hp with 1000 history events (1000 H-tokens, no realtime events)
 and K candidates, K in {50, 200, 1000}; candidates are scored in one chunk (chunk_size 1024).
 The served replica replays CUDA graphs (`serving.cuda_graphs`, on by default; --no-cuda-graphs
-turns it off): a batch is padded to a bucketed shape and the single pass replayed from that
-shape's graph (deployments/cuda_graphs.py), so user-side reuse does not apply to such batches.
+turns it off): a batch is padded to a bucketed shape and replayed from that shape's graph
+(deployments/cuda_graphs.py). With the user-side cache, a batch of cached users replays a graph
+of its candidates alone against their cached keys and values; any other batch replays the
+single pass that also returns each user side, which is cached.
 
 User-side reuse (the replica's `UserSideCache` of encoded H/R keys and values):
     on    requests rotate over 4 users whose user sides are cached (hits; TTL longer than the run)
@@ -26,8 +28,10 @@ User-side reuse (the replica's `UserSideCache` of encoded H/R keys and values):
 Measured, after a warm-up (Triton compiles, first CUDA allocations) that is timed and reported:
     in process    no HTTP and no Serve: `TorchBackend.score` of one parsed request (collate, H2D,
                   model, D2H; 1 CPU thread, as a replica), p50/p99 over 50 calls, for the plain
-                  single pass (no user-side split), reuse off, reuse on and (on CUDA) graphs, the
-                  plain pass padded and replayed from a CUDA graph; the request parse
+                  single pass (no user-side split), reuse off, reuse on and (on CUDA) from CUDA
+                  graphs: "graphs" the padded single pass, "graphs reuse off" the pass that also
+                  encodes and caches the user side (a new user each call), "graphs reuse on"
+                  the candidates alone against the cached user side; the request parse
                   (the router's validation) separately; and the largest score difference from
                   the float32 CPU subgraph (the PyTorch references).
     HTTP, single  200 sequential requests per cell, one at a time: p50/p99 latency, sent with the
@@ -86,6 +90,7 @@ from checkout import ensure_mtfm_importable
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = "hp"
 PATH = f"/{SCENARIO}/rank"
+IN_PROCESS_MODES = ("plain", "reuse off", "reuse on", "graphs", "graphs reuse off", "graphs reuse on")
 USER_CACHE_TTL_S = 3600.0  # longer than any run: reuse-on requests always hit
 # Holds the 4 cached users of the large model (about 46 MB each: 15 layers of bf16 keys and values
 # of 1000 tokens) with room to spare; reuse-off users are evicted least recently used first.
@@ -229,11 +234,15 @@ def run_in_process(checkpoint: Path, registry, shapes: Shapes, device_name: str,
     modes["reuse on"] = modes["reuse off"]
     if device.type == "cuda":
         modes["graphs"] = TorchBackend(load_scenario_ranker(checkpoint, SCENARIO)[0], device=device, cuda_graphs=True)
+        modes["graphs reuse off"] = TorchBackend(load_scenario_ranker(checkpoint, SCENARIO)[0], device=device,
+                                                 cuda_graphs=True,
+                                                 user_cache=UserSideCache(USER_CACHE_TTL_S, USER_CACHE_MB * 2**20))
+        modes["graphs reuse on"] = modes["graphs reuse off"]
     fresh_users = iter(range(10**9))
 
     def request_for(mode: str, request):
         # Reuse off scores a user the cache has never seen; reuse on user 0, cached by its first call.
-        if mode == "reuse off":
+        if mode.endswith("reuse off"):
             return dataclasses.replace(request, user_state=f"new-{next(fresh_users)}")
         return request
 
@@ -275,29 +284,41 @@ def run_in_process(checkpoint: Path, registry, shapes: Shapes, device_name: str,
 
 def profile_in_process(checkpoint: Path, registry, shapes: Shapes, device_name: str, k: int, out: Path) -> None:
     """Where one request's time goes: torch.profiler over 20 warm `TorchBackend.score` calls of
-    the plain pass, then (on CUDA) of the same pass replayed from a CUDA graph."""
+    the plain pass, then (on CUDA) replayed from CUDA graphs: the single pass, the pass that also
+    encodes and caches the user side (a new user each call) and the candidates against a cached one."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from mtfm.deployments.backends import TorchBackend
     from mtfm.deployments.rank_request import RankRequestParser
     from mtfm.deployments.scenario import load_scenario_ranker
+    from mtfm.deployments.user_cache import UserSideCache
 
     torch.set_num_threads(1)
     body = RequestBodies(registry, k, shapes.history_events).example
     request = RankRequestParser(registry, SCENARIO, max_candidates=k).parse(body, now_ms=body["ts"])
+    fresh_users = iter(range(10**9))
     texts = []
-    for name, graphs in [("plain", False)] + ([("graphs", True)] if device_name == "cuda" else []):
+    modes = [("plain", False, False, False)]
+    if device_name == "cuda":
+        modes += [("graphs", True, False, False), ("graphs reuse off", True, True, False),
+                  ("graphs reuse on", True, True, True)]
+    for name, graphs, cached, hit in modes:
+        cache = UserSideCache(USER_CACHE_TTL_S, USER_CACHE_MB * 2**20) if cached else None
         backend = TorchBackend(load_scenario_ranker(checkpoint, SCENARIO)[0], device=torch.device(device_name),
-                               reuse_user_side=False, cuda_graphs=graphs)
+                               reuse_user_side=cached, cuda_graphs=graphs, user_cache=cache)
+
+        def one_request():
+            return request if hit or not cached else dataclasses.replace(request, user_state=f"new-{next(fresh_users)}")
+
         for _ in range(5):
-            backend.score([request])
+            backend.score([one_request()])
         calls = 20
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_name == "cuda" else [])
         with profile(activities=activities) as prof:
             start = time.perf_counter()
             for _ in range(calls):
-                backend.score([request])
+                backend.score([one_request()])
             wall_ms = (time.perf_counter() - start) * 1000 / calls
         events = prof.key_averages()
         kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -316,15 +337,19 @@ def profile_in_process(checkpoint: Path, registry, shapes: Shapes, device_name: 
 
 
 def decode_parse_times(registry, parser, k: int, history_events: int, repeats: int) -> dict:
-    """What the ingress does with a body: json.loads + parse, events and candidates as lists of
-    objects (the default) or as objects of columns; p50/p99 ms and the body's bytes."""
+    """What the ingress does with a body: decode (orjson, as deployments/http_api.py does) + parse,
+    events and candidates as lists of objects (the default) or as objects of columns; p50/p99 ms
+    and the body's bytes. Beside it the same with the standard library's json.loads, as before."""
+    import orjson
+
     out = {}
     for form, columns in (("rows", False), ("columns", True)):
         body = RequestBodies(registry, k, history_events, columns).example
         raw = json.dumps(body).encode()
-        parser.parse(json.loads(raw), now_ms=body["ts"])
-        out[f"decode_parse_{form}_ms"] = _percentiles(
-            _timed(lambda: parser.parse(json.loads(raw), now_ms=body["ts"]), repeats)) | {"body_bytes": len(raw)}
+        for suffix, loads in (("", orjson.loads), ("_stdlib_json", json.loads)):
+            parser.parse(loads(raw), now_ms=body["ts"])
+            out[f"decode_parse_{form}{suffix}_ms"] = _percentiles(
+                _timed(lambda: parser.parse(loads(raw), now_ms=body["ts"]), repeats)) | {"body_bytes": len(raw)}
     return out
 
 
@@ -509,7 +534,7 @@ def listening_ingress_ports(first: int, count: int, proxy_port: int, timeout_s: 
                 if connection.getresponse().status == 200:
                     ports.append(port)
                 connection.close()
-            except OSError:
+            except (OSError, http.client.HTTPException):  # nothing there, or something that does not speak HTTP
                 pass
         if len(ports) >= count:
             return ports
@@ -623,7 +648,7 @@ def goals(in_process: list[dict], http_rows: list[dict], ks: tuple[int, ...]) ->
     for r in http_rows:
         if "single" in r:
             series[f"HTTP reuse {r['reuse']}"][r["k"]] = r["single"]
-    for mode in ("reuse on", "reuse off", "plain", "graphs"):
+    for mode in IN_PROCESS_MODES:
         series[f"in-process {mode}"] = {r["k"]: r[mode] for r in in_process if mode in r}
     for where, by_k in series.items():
         if GOAL_K in by_k:
@@ -638,11 +663,12 @@ def goals(in_process: list[dict], http_rows: list[dict], ks: tuple[int, ...]) ->
 
 
 def _in_process_text(r: dict) -> str:
-    modes = [m for m in ("plain", "reuse off", "reuse on", "graphs") if m in r]
+    modes = [m for m in IN_PROCESS_MODES if m in r]
     cells = "  ".join(f"{mode} {r[mode]['p50_ms']:6.2f}/{r[mode]['p99_ms']:6.2f}" for mode in modes)
     diff = max(r[mode]["max_abs_diff_vs_cpu_fp32"] for mode in modes)
-    decode = (f"json+parse rows {r['decode_parse_rows_ms']['p50_ms']:5.2f} ({r['decode_parse_rows_ms']['body_bytes'] // 1000} KB)"
-              f" columns {r['decode_parse_columns_ms']['p50_ms']:5.2f} ({r['decode_parse_columns_ms']['body_bytes'] // 1000} KB)")
+    decode = "  ".join(f"decode+parse {form} {r[f'decode_parse_{form}_ms']['p50_ms']:5.2f} "
+                       f"(json {r[f'decode_parse_{form}_stdlib_json_ms']['p50_ms']:5.2f}, "
+                       f"{r[f'decode_parse_{form}_ms']['body_bytes'] // 1000} KB)" for form in ("rows", "columns"))
     return f"  K={r['k']:<5} parse {r['parse_ms']['p50_ms']:6.2f}  {decode}  {cells}   max |diff| vs CPU fp32 {diff:.1e}"
 
 
@@ -725,11 +751,14 @@ def main(argv: list[str] | None = None) -> int:
 
             request_parser = RankRequestParser(registry, SCENARIO, max_candidates=max(shapes.ks))
             rows = [{"k": k} | decode_parse_times(registry, request_parser, k, shapes.history_events, 300) for k in shapes.ks]
-            print(f"json.loads + parse of one request, {shapes.history_events} history events, p50 / p99 ms (body KB):")
+            print(f"decode + parse of one request, {shapes.history_events} history events, p50 / p99 ms, with "
+                  "orjson and (json) with the standard library's json.loads (body KB):")
             for r in rows:
                 print(f"  K={r['k']:<5}" + "  ".join(
                     f"{form} {r[f'decode_parse_{form}_ms']['p50_ms']:5.2f} / {r[f'decode_parse_{form}_ms']['p99_ms']:5.2f}"
-                    f" ({r[f'decode_parse_{form}_ms']['body_bytes'] // 1000})" for form in ("rows", "columns")))
+                    f" (json {r[f'decode_parse_{form}_stdlib_json_ms']['p50_ms']:5.2f} / "
+                    f"{r[f'decode_parse_{form}_stdlib_json_ms']['p99_ms']:5.2f}, {r[f'decode_parse_{form}_ms']['body_bytes'] // 1000})"
+                    for form in ("rows", "columns")))
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                                   "machine": platform.processor() or platform.machine(),

@@ -83,10 +83,14 @@ def create_backend(name: str, ranker: ScenarioRanker, *, device: torch.device, c
 
 class TorchBackend:
     """The PyTorch subgraph. One collate for the whole batch; on a GPU with `cuda_graphs`, a
-    batch that fits a graph (`CudaGraphRunner`) is scored by replaying the single pass. Otherwise
-    the user side of every request is encoded once (or taken from `user_cache`), then
-    candidates are scored in chunks of `chunk_size` per request. `reuse_user_side=False`
-    scores everything in one plain pass (benchmark baseline)."""
+    batch that fits a graph (`CudaGraphRunner`) is scored by replaying one. Otherwise the user
+    side of every request is encoded once (or taken from `user_cache`), then candidates are
+    scored in chunks of `chunk_size` per request. `reuse_user_side=False` scores everything in
+    one plain pass (benchmark baseline).
+
+    With graphs and a `user_cache`: a batch whose users are all cached replays a graph of its
+    candidates alone against their cached user sides; any other batch replays the single pass
+    that also gives each request's user side, and caches the new ones."""
 
     name = "torch"
 
@@ -99,40 +103,58 @@ class TorchBackend:
         self.ranker = ranker.to(device).eval()
         self.collator = ranker.collator()
         self.device, self.chunk_size, self.reuse_user_side = device, chunk_size, reuse_user_side
-        self.user_cache = user_cache
+        self.user_cache = user_cache if reuse_user_side else None
         self.scenario = ranker.scenario
         self.graphs = CudaGraphRunner(self.ranker, device) if cuda_graphs and device.type == "cuda" else None
 
     @torch.no_grad()
     def score(self, requests: list[RankRequest]) -> list[np.ndarray]:
         table = pa.concat_tables([r.table for r in requests])
+        # Looked up once per batch: a hit or a miss is counted once, whichever path scores it.
+        sides = [self.user_cache.get(r.user_state) for r in requests] if self.user_cache is not None else None
         collated = None  # the whole batch collated on the host, when a path needs it
         if self.graphs is not None:
+            if sides is not None and all(side is not None for side in sides):
+                candidates = self.collator(self._candidates_only(table))
+                scores = self.graphs.scores_for_user_sides(sides, candidates)
+                if scores is not None:
+                    return _split(scores, candidates.target_offsets)
             collated = self.collator(table)
-            scores = self.graphs(collated)
+            if sides is None:
+                scores = self.graphs.scores(collated)
+            else:
+                graphed = self.graphs.scores_and_user_sides(collated)
+                scores = None if graphed is None else graphed[0]
+                if graphed is not None:
+                    for request, side, encoded in zip(requests, sides, graphed[1]):
+                        if side is None:
+                            self.user_cache.put(request.user_state, encoded)
             if scores is not None:
                 return _split(scores, collated.target_offsets)
         with self.ranker.autocast(self.device.type):
             if not self.reuse_user_side:
                 batch = (collated if collated is not None else self.collator(table)).to(self.device)
                 return _split(self.ranker(batch), batch.target_offsets)
-            if self.user_cache is not None:
-                user = self._cached_user_sides(requests, table)
+            if sides is not None:
+                user = self._cached_user_sides(requests, sides, table)
             else:
                 batch = (collated if collated is not None else self.collator(table)).to(self.device)
                 user = self.ranker.encode_users(batch)
                 if max(r.num_candidates for r in requests) <= self.chunk_size:
                     return _split(self.ranker.score_candidates(user, batch), batch.target_offsets)
+            candidates = self._candidates_only(table)
             parts: list[list[np.ndarray]] = [[] for _ in requests]
             for start in range(0, max(r.num_candidates for r in requests), self.chunk_size):
-                chunk = self.collator(self._candidate_chunk(table, start)).to(self.device)
-                for b, scores in enumerate(_split(self.ranker.score_candidates(user, chunk), chunk.target_offsets)):
+                chunk = self.collator(_candidate_slice(candidates, self.scenario, start, self.chunk_size))
+                for b, scores in enumerate(_split(self.ranker.score_candidates(user, chunk.to(self.device)),
+                                                  chunk.target_offsets)):
                     parts[b].append(scores)
             return [np.concatenate(p) for p in parts]
 
-    def _cached_user_sides(self, requests: list[RankRequest], table: pa.Table) -> UserSide:
+    def _cached_user_sides(self, requests: list[RankRequest], sides: list[UserSide | None],
+                           table: pa.Table) -> UserSide:
         """The batch's user side: cached users as they are, the others encoded together and cached."""
-        sides = [self.user_cache.get(r.user_state) for r in requests]
+        sides = list(sides)
         missing = [i for i, side in enumerate(sides) if side is None]
         if missing:
             batch = self.collator(table.take(missing)).to(self.device)
@@ -141,17 +163,20 @@ class TorchBackend:
                 self.user_cache.put(requests[i].user_state, side)
         return merge_users(sides, self.collator.group_names)
 
-    def _candidate_chunk(self, table: pa.Table, start: int) -> pa.Table:
-        """The batch's requests with candidates start:start+chunk_size only and no events (the
-        user side already holds them)."""
-        column = exposures_column(self.scenario)
-        index = table.schema.get_field_index(column)
-        table = table.set_column(index, column, pc.list_slice(table.column(column), start, start + self.chunk_size))
+    def _candidates_only(self, table: pa.Table) -> pa.Table:
+        """The batch's requests with no events (the user side already holds them)."""
         for name in self.ranker.registry.sequences:
             index = table.schema.get_field_index(events_column(name))
             empty = pa.array([[]] * table.num_rows, type=table.schema.field(index).type)
             table = table.set_column(index, events_column(name), empty)
         return table
+
+
+def _candidate_slice(table: pa.Table, scenario: str, start: int, size: int) -> pa.Table:
+    """The requests with their candidates start:start+size only."""
+    column = exposures_column(scenario)
+    index = table.schema.get_field_index(column)
+    return table.set_column(index, column, pc.list_slice(table.column(column), start, start + size))
 
 
 def _split(scores: torch.Tensor, target_offsets: torch.Tensor) -> list[np.ndarray]:

@@ -1,19 +1,28 @@
-"""The scenario subgraph's single pass replayed from CUDA graphs, one graph per bucketed batch shape.
+"""The scenario subgraph replayed from CUDA graphs, one graph per program and bucketed batch shape.
 
 Serving one request of the large model launches ~370 kernels whose GPU time is ~2 ms, while
 the host spends ~20 ms issuing them (bench/RESULTS.md, "Serving on GPU"). A CUDA graph records
 the launches once and replays them with one call. A graph needs fixed buffers, so a batch is
 padded to its bucketed shape (`mtfm.model.padding`), packed into one pinned byte buffer, copied
 into the graph's static input with one host-to-device copy, and replayed; the real candidates'
-rows of the static output are copied back.
+rows of the static output are copied back. Three programs:
 
     runner = CudaGraphRunner(ranker, device)
-    scores = runner(cpu_batch)        # (NT, num_tasks) float32 on the CPU, or None: not graphed
+    runner.scores(batch)                      # the single pass: (NT, num_tasks) float32 on the CPU
+    runner.scores_and_user_sides(batch)       # the same scores, and each request's encoded user
+                                              # side (keys and values per layer) to cache
+    runner.scores_for_user_sides(sides, candidates)
+                                              # candidates only, against cached user sides
 
-A new shape is captured on first sight (two warm-up passes, then the capture: about 3 plain
-passes); `None` (the caller runs the model eagerly) when the padded batch has more than
-`max_tokens` tokens or `max_graphs` graphs exist. All graphs share one memory pool: they are
-replayed one at a time (a lock), and each output is copied out before the next replay.
+The last serves a batch whose users are all in the replica's `UserSideCache`: its graph holds
+the candidates' T-tokens alone, and each user's cached keys and values are copied into the
+graph's static user side on the device (one copy per user and field), so neither the user's
+events nor their H-token layers are processed again.
+
+A shape is captured on first sight (two warm-up passes, then the capture: about 3 plain
+passes); each call returns None (the caller runs the model eagerly) when the padded batch has
+more than `max_tokens` tokens or `max_graphs` graphs exist. All graphs share one memory pool:
+they are replayed one at a time (a lock), and each output is copied out before the next replay.
 
 On a CPU device nothing is captured: the same padded static buffers are run eagerly, which lets
 the CPU tests check the padding and buffer reuse that the GPU replays rely on.
@@ -22,13 +31,17 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from mtfm.model import ScenarioRanker, TokenBatch
-from mtfm.model.padding import BatchShape, batch_shape, pad_batch
+from mtfm.kernels.mask import TokenKind
+from mtfm.model import ScenarioRanker, TokenBatch, UserSide
+from mtfm.model.padding import batch_shape, bucket, pad_batch
+
+from .user_cache import group_ids_in
 
 DEFAULT_MAX_GRAPHS = 32
 DEFAULT_MAX_TOKENS = 32768
@@ -37,23 +50,25 @@ WARMUP_PASSES = 2
 
 @dataclass
 class _Graph:
-    """One shape's static buffers: pinned host staging, device input, the batch viewing it, output."""
+    """One graph's static buffers: pinned host staging and its device copy (the static input),
+    the padded batch viewing it, the static user side of a candidates graph, and the outputs."""
 
     staging: Tensor
     static_input: Tensor
-    static_batch: TokenBatch
-    output: Tensor | None = None
+    batch: TokenBatch
+    user: UserSide | None = None
+    outputs: tuple[Tensor, ...] = ()
     graph: "torch.cuda.CUDAGraph | None" = None
 
 
 class CudaGraphRunner:
-    """`ScenarioRanker.forward` on padded batches, replayed from one CUDA graph per `BatchShape`."""
+    """The subgraph's programs on padded batches, replayed from one CUDA graph per program and shape."""
 
     def __init__(self, ranker: ScenarioRanker, device: torch.device, *, max_graphs: int = DEFAULT_MAX_GRAPHS,
                  max_tokens: int = DEFAULT_MAX_TOKENS):
         self.ranker, self.device = ranker, device
         self.max_graphs, self.max_tokens = max_graphs, max_tokens
-        self.graphs: dict[BatchShape, _Graph] = {}
+        self.graphs: dict[tuple, _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.lock = threading.Lock()
 
@@ -62,24 +77,136 @@ class CudaGraphRunner:
         return len(self.graphs)
 
     @torch.no_grad()
-    def __call__(self, batch: TokenBatch) -> Tensor | None:
+    def scores(self, batch: TokenBatch) -> Tensor | None:
         """Probabilities (NT, num_tasks) of the CPU batch's T-tokens, float32 on the CPU; None
         when the batch's shape is not graphed (too large, or no room for another graph)."""
         shape = batch_shape(batch)
-        if shape.num_tokens > self.max_tokens or (shape not in self.graphs and len(self.graphs) >= self.max_graphs):
+        key = ("single pass", shape)
+        if not self._admits(key, shape.num_tokens):
             return None
-        padded = pad_batch(batch, shape)
         with self.lock:
-            entry = self.graphs.get(shape)
-            if entry is None:
-                entry = self.graphs[shape] = self._capture(padded)
-            padded.pack(out=entry.staging)
-            entry.static_input.copy_(entry.staging, non_blocking=True)
-            if entry.graph is not None:
-                entry.graph.replay()
-            else:
-                entry.output = self._forward(entry.static_batch)
-            return entry.output[:batch.num_targets].cpu()
+            entry = self._replay(key, pad_batch(batch, shape), self._single_pass)
+            return entry.outputs[0][:batch.num_targets].cpu()
+
+    @torch.no_grad()
+    def scores_and_user_sides(self, batch: TokenBatch) -> tuple[Tensor, list[UserSide]] | None:
+        """`scores(batch)`, and per request its user side on the device (`ScenarioRanker.encode_users`
+        of that request alone, copied out of the graph's buffers), from one pass
+        (`ScenarioRanker.forward_with_user_sides`); None when not graphed."""
+        shape = batch_shape(batch)
+        key = ("single pass with user sides", shape)
+        if not self._admits(key, shape.num_tokens):
+            return None
+        with self.lock:
+            entry = self._replay(key, pad_batch(batch, shape), self._single_pass_with_user_sides)
+            scores = entry.outputs[0][:batch.num_targets].cpu()  # also waits for the replay
+            kv, kind, ts, group = entry.outputs[1:]
+            bounds = (batch.offsets - batch.target_offsets).tolist()  # context rows: the real users' come first
+            names = self.ranker.context_group_names(entry.batch)
+            sides = []
+            for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+                rows = slice(start, end)
+                sides.append(UserSide(entry.batch.user_id[b:b + 1].clone(), _one_user_offsets(end - start, self.device),
+                                      kind[rows].clone(), ts[rows].clone(), group[rows].clone(), names,
+                                      kv[:, :, rows].clone()))
+            return scores, sides
+
+    @torch.no_grad()
+    def scores_for_user_sides(self, sides: list[UserSide], candidates: TokenBatch) -> Tensor | None:
+        """Probabilities (NT, num_tasks) of the CPU batch `candidates` (its requests' candidates;
+        any H and R tokens are ignored) against the user sides of the same users, in order, as
+        `ScenarioRanker.score_candidates` gives them; None when not graphed."""
+        present = set().union(*(s.group_names for s in sides))
+        names = tuple(n for n in candidates.group_names if n in present)
+        counts = [s.kind.shape[0] for s in sides]
+        shape = batch_shape(candidates)
+        context_rows = bucket(sum(counts))
+        key = ("candidates", shape, context_rows, names)
+        if not self._admits(key, shape.num_tokens + context_rows):
+            return None
+        # The user side's layout: real users, then empty ones, then the padding user owning the padding rows.
+        ends = torch.tensor(counts, dtype=torch.int64).cumsum(0)
+        offsets = torch.cat([ends.new_zeros(1), ends, ends.new_full((shape.num_users - len(sides) - 1,), int(ends[-1])),
+                             ends.new_tensor([context_rows])])
+
+        def load(user: UserSide) -> None:
+            start = 0
+            for side, n in zip(sides, counts):
+                rows = slice(start, start + n)
+                user.kind[rows].copy_(side.kind)
+                user.ts[rows].copy_(side.ts)
+                user.group[rows].copy_(group_ids_in(side, names))
+                user.kv[:, :, rows].copy_(side.kv)
+                start += n
+
+        def static_user(offsets: Tensor, batch: TokenBatch) -> UserSide:
+            kv = sides[0].kv
+            return UserSide(batch.user_id, offsets, torch.full((context_rows,), int(TokenKind.H), dtype=torch.int8,
+                                                                device=self.device),
+                            torch.zeros(context_rows, dtype=torch.int64, device=self.device),
+                            torch.zeros(context_rows, dtype=torch.int64, device=self.device), names,
+                            kv.new_zeros(kv.shape[:2] + (context_rows,) + kv.shape[3:]))
+
+        with self.lock:
+            entry = self._replay(key, pad_batch(candidates, shape), self._candidates, prefix=offsets,
+                                 static_user=static_user, load=load)
+            return entry.outputs[0][:candidates.num_targets].cpu()
+
+    def _admits(self, key: tuple, tokens: int) -> bool:
+        return tokens <= self.max_tokens and (key in self.graphs or len(self.graphs) < self.max_graphs)
+
+    def _replay(self, key: tuple, padded: TokenBatch, program: Callable[[_Graph], tuple[Tensor, ...]], *,
+                prefix: Tensor | None = None, static_user: Callable[[Tensor, TokenBatch], UserSide] | None = None,
+                load: Callable[[UserSide], None] | None = None) -> _Graph:
+        """Loads the inputs into `key`'s graph (captured now if new) and replays it. The static
+        input is `prefix` (int64, e.g. offsets) then the padded batch, in one buffer and one copy;
+        `load` fills the static user side (made by `static_user`) from device tensors."""
+        prefix_bytes = 0 if prefix is None else prefix.numel() * prefix.element_size()
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._new_graph(padded, prefix, static_user)
+            if load is not None:
+                load(entry.user)
+            self._capture(entry, program)
+        if prefix is not None:
+            entry.staging[:prefix_bytes].copy_(prefix.view(torch.uint8))
+        padded.pack(out=entry.staging[prefix_bytes:])
+        entry.static_input.copy_(entry.staging, non_blocking=True)
+        if load is not None:
+            load(entry.user)
+        if entry.graph is not None:
+            entry.graph.replay()
+        else:
+            entry.outputs = program(entry)
+        return entry
+
+    def _new_graph(self, padded: TokenBatch, prefix: Tensor | None,
+                   static_user: Callable[[Tensor, TokenBatch], UserSide] | None) -> _Graph:
+        pieces = ([] if prefix is None else [prefix.view(torch.uint8)]) + [padded.pack()]
+        flat = torch.cat(pieces)
+        staging = flat.pin_memory() if self.device.type == "cuda" else flat.clone()
+        static_input = flat.to(self.device)
+        prefix_bytes = flat.numel() - pieces[-1].numel()
+        batch = padded.unpack(static_input[prefix_bytes:])
+        user = None
+        if static_user is not None:
+            user = static_user(static_input[:prefix_bytes].view(torch.int64), batch)
+        return _Graph(staging, static_input, batch, user)
+
+    def _capture(self, entry: _Graph, program: Callable[[_Graph], tuple[Tensor, ...]]) -> None:
+        if self.device.type != "cuda":
+            return
+        # Warm-up on a side stream (Triton compiles and autotunes, cuBLAS picks its kernels), as
+        # capture must see no first-time work.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_PASSES):
+                program(entry)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        entry.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(entry.graph, pool=self.pool, capture_error_mode="thread_local"):
+            entry.outputs = program(entry)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         # The autocast cache would keep casts made during capture; the served weights are
@@ -88,26 +215,20 @@ class CudaGraphRunner:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=self.ranker.compute_dtype, cache_enabled=False)
 
-    def _forward(self, batch: TokenBatch) -> Tensor:
+    def _single_pass(self, entry: _Graph) -> tuple[Tensor, ...]:
         with self._autocast():
-            return self.ranker(batch)
+            return (self.ranker(entry.batch),)
 
-    def _capture(self, padded: TokenBatch) -> _Graph:
-        flat = padded.pack()
-        staging = flat.pin_memory() if self.device.type == "cuda" else flat.clone()
-        static_input = flat.to(self.device)
-        entry = _Graph(staging, static_input, padded.unpack(static_input))
-        if self.device.type != "cuda":
-            return entry
-        # Warm-up on a side stream (Triton compiles and autotunes, cuBLAS picks its kernels), as
-        # capture must see no first-time work.
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_PASSES):
-                self._forward(entry.static_batch)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        entry.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(entry.graph, pool=self.pool, capture_error_mode="thread_local"):
-            entry.output = self._forward(entry.static_batch)
-        return entry
+    def _single_pass_with_user_sides(self, entry: _Graph) -> tuple[Tensor, ...]:
+        with self._autocast():
+            scores, user = self.ranker.forward_with_user_sides(entry.batch)
+        return scores, user.kv, user.kind, user.ts, user.group
+
+    def _candidates(self, entry: _Graph) -> tuple[Tensor, ...]:
+        with self._autocast():
+            return (self.ranker.score_candidates(entry.user, entry.batch, check_users=False),)
+
+
+def _one_user_offsets(rows: int, device: torch.device) -> Tensor:
+    """[0, rows] on the device, made there: a small host-to-device copy would wait for the stream."""
+    return torch.arange(2, dtype=torch.int64, device=device) * rows

@@ -12,12 +12,20 @@ Requests are validated against the checkpoint's registry snapshot (the features 
 trained with) before any scoring. Every refusal is a 4xx JSON body {"error": {"kind", "field",
 "message"}}; a scenario replica that dies mid-request gives a 503 the client may retry (Serve
 starts a new replica); a scoring failure gives a 500.
+
+Bodies are decoded and responses encoded with orjson: 3-5x faster than the standard library's
+json for a request of 1000 events (bench/RESULTS.md). A body orjson refuses is read again with
+the standard library, which also accepts integers beyond 64 bits and NaN, so that such a value
+gets the parser's 422 naming its field, not a 400 for the whole body.
 """
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
 
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError,
@@ -32,6 +40,13 @@ from .rank_request import RankRequest, RankRequestParser, RequestError
 NO_SCENARIO = "-"
 
 Rank = Callable[[str, RankRequest], Awaitable[dict]]
+
+
+class FastJSONResponse(JSONResponse):
+    """A JSON response encoded by orjson (the same compact JSON as Starlette's, faster)."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
 
 
 class RankEndpoint:
@@ -52,7 +67,7 @@ class RankEndpoint:
         try:
             parts = [p for p in _path_in_app(http).split("/") if p]
             if parts == ["healthz"] and http.method == "GET":
-                return JSONResponse(await health())
+                return FastJSONResponse(await health())
             if parts == ["rank"] and self.bare_rank:
                 parts = [*self.parsers, "rank"]
             if len(parts) != 2 or parts[1] != "rank":
@@ -68,18 +83,18 @@ class RankEndpoint:
             body = await self._json_body(http)
             request = self.parsers[scenario].parse(body, now_ms=int(time.time() * 1000))
             self.metrics.candidates.observe(request.num_candidates, tags={"scenario": scenario})
-            response = JSONResponse(await rank(scenario, request))
+            response = FastJSONResponse(await rank(scenario, request))
         except RequestError as exc:
             self.metrics.error(scenario, exc.kind)
-            response = JSONResponse(exc.to_json(), status_code=exc.status)
+            response = FastJSONResponse(exc.to_json(), status_code=exc.status)
         except (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError,
                 RequestCancelledError) as exc:
             self.metrics.error(scenario, "replica_unavailable")
-            response = JSONResponse(RequestError(503, "replica_unavailable", "", f"scenario {scenario}: no replica "
+            response = FastJSONResponse(RequestError(503, "replica_unavailable", "", f"scenario {scenario}: no replica "
                                                  f"could answer ({type(exc).__name__}); retry").to_json(), 503)
         except Exception as exc:  # a scoring failure must answer, not hang the client
             self.metrics.error(scenario, "internal")
-            response = JSONResponse(RequestError(500, "internal", "", f"scenario {scenario}: scoring failed: "
+            response = FastJSONResponse(RequestError(500, "internal", "", f"scenario {scenario}: scoring failed: "
                                                  f"{type(exc).__name__}: {exc}").to_json(), 500)
         self.metrics.request(scenario, response.status_code, (time.perf_counter() - start) * 1000)
         return response
@@ -94,8 +109,13 @@ class RankEndpoint:
             if size > self.max_body_bytes:
                 raise _too_large(size, self.max_body_bytes)
             chunks.append(chunk)
+        body = b"".join(chunks)
         try:
-            return json.loads(b"".join(chunks))
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+        try:
+            return json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise RequestError(400, "invalid_json", "body", f"not valid JSON: {exc}") from exc
 

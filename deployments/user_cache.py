@@ -48,14 +48,16 @@ class UserSideCache:
 
 
 def split_users(side: UserSide) -> list[UserSide]:
-    """One `UserSide` per user of a batched one."""
+    """One `UserSide` per user of a batched one. Each user's keys and values are copied out of
+    a batch of several: a view would keep the whole batch's block alive, unseen by the cache's
+    byte count."""
     bounds = side.offsets.tolist()
     out = []
     for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         rows = slice(start, end)
+        kv = side.kv[:, :, rows] if len(bounds) == 2 else side.kv[:, :, rows].clone()
         out.append(UserSide(side.user_id[b:b + 1], side.offsets.new_tensor([0, end - start]), side.kind[rows],
-                            side.ts[rows], side.group[rows], side.group_names,
-                            [k[rows] for k in side.keys], [v[rows] for v in side.values]))
+                            side.ts[rows], side.group[rows], side.group_names, kv))
     return out
 
 
@@ -64,17 +66,21 @@ def merge_users(sides: list[UserSide], group_order: tuple[str, ...]) -> UserSide
     present, in `group_order` (the collator's group order)."""
     present = set().union(*(s.group_names for s in sides))
     names = tuple(n for n in group_order if n in present)
-    groups = [torch.tensor([names.index(n) for n in s.group_names], dtype=torch.int64, device=s.group.device)[s.group]
-              if len(s.group_names) else s.group for s in sides]
+    groups = [group_ids_in(s, names) for s in sides]
     counts = torch.tensor([len(s.kind) for s in sides], dtype=torch.int64)
     offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(sides[0].offsets.device)
     return UserSide(torch.cat([s.user_id for s in sides]), offsets, torch.cat([s.kind for s in sides]),
-                    torch.cat([s.ts for s in sides]), torch.cat(groups), names,
-                    [torch.cat(layer) for layer in zip(*(s.keys for s in sides))],
-                    [torch.cat(layer) for layer in zip(*(s.values for s in sides))])
+                    torch.cat([s.ts for s in sides]), torch.cat(groups), names, torch.cat([s.kv for s in sides], dim=2))
+
+
+def group_ids_in(side: UserSide, names: tuple[str, ...]) -> torch.Tensor:
+    """The side's group ids as indices into `names` (which hold every group of the side)."""
+    if side.group_names == names or not len(side.group_names):
+        return side.group
+    return torch.tensor([names.index(n) for n in side.group_names], dtype=torch.int64, device=side.group.device)[side.group]
 
 
 def user_side_bytes(side: UserSide) -> int:
     """What a cached entry holds on the device: its tensors' bytes."""
-    tensors = [side.kind, side.ts, side.group, *side.keys, *side.values]
+    tensors = [side.kind, side.ts, side.group, side.kv]
     return sum(t.numel() * t.element_size() for t in tensors)

@@ -26,6 +26,7 @@ The kernels work with h = alpha * s / 2 for a score s = <q, k>, where
 so one tanh per pair gives both (on the GPU the single-instruction tanh.approx for half inputs).
 """
 
+import functools
 import os
 
 import torch
@@ -169,13 +170,14 @@ def _fwd_tiles(acc, q, ts_q, k_base, v_base, ts_base, lo, hi, n_hist, stride_kn,
 @triton.jit(do_not_specialize=_PER_BATCH_ARGS)
 def _fwd_kernel(
     Q, K, V, Out, Offsets, QOffsets, Kind, Ts, num_users,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh, stride_os,
     half_alpha, inv_norm,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    FAST: tl.constexpr, PRECISION: tl.constexpr,
+    KEY_SPLITS: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
+    split = tl.program_id(2)
     b, m0, start, length, q_start, n_q, shift, n_hist, n_hr = _user_block(
         pid, Offsets, QOffsets, Kind, num_users, QOffsets, BLOCK_M)
     if m0 >= n_q:
@@ -195,17 +197,26 @@ def _fwd_kernel(
                 mask=rows[:, None], other=0.0)
     k_base = K + start * stride_kn + kv * stride_kh
     v_base = V + start * stride_vn + kv * stride_vh
+    # This program's share of the keys [0, kend): whole tiles, the split-th of KEY_SPLITS.
+    lo = 0
+    hi = kend
+    if KEY_SPLITS > 1:
+        per_split = tl.cdiv(tl.cdiv(kend, BLOCK_N), KEY_SPLITS) * BLOCK_N
+        lo = split * per_split
+        hi = tl.minimum(kend, lo + per_split)
     acc = tl.zeros((BLOCK_M, DV), dtype=tl.float32)
-    acc = _fwd_tiles(acc, q, ts_q, k_base, v_base, Ts + start, 0, hist_end, n_hist, stride_kn, stride_vn,
-                     half_alpha, BLOCK_N, D, DV, False, FAST, PRECISION)
-    acc = _fwd_tiles(acc, q, ts_q, k_base, v_base, Ts + start, hist_end, kend, n_hist, stride_kn, stride_vn,
-                     half_alpha, BLOCK_N, D, DV, True, FAST, PRECISION)
-    on_diagonal = rows & (pos_q >= n_hist)
-    k_self = tl.load(k_base + pos_q[:, None] * stride_kn + offs_d[None, :], mask=on_diagonal[:, None], other=0.0)
-    v_self = tl.load(v_base + pos_q[:, None] * stride_vn + offs_dv[None, :], mask=on_diagonal[:, None], other=0.0)
-    h_self = tl.sum(q.to(tl.float32) * k_self.to(tl.float32), axis=1) * half_alpha
-    acc += (h_self + h_self * _tanh(h_self, FAST))[:, None] * v_self.to(tl.float32)
-    tl.store(Out + (q_start + offs_m)[:, None] * stride_on + h * stride_oh + offs_dv[None, :],
+    acc = _fwd_tiles(acc, q, ts_q, k_base, v_base, Ts + start, lo, tl.minimum(hi, hist_end), n_hist, stride_kn,
+                     stride_vn, half_alpha, BLOCK_N, D, DV, False, FAST, PRECISION)
+    acc = _fwd_tiles(acc, q, ts_q, k_base, v_base, Ts + start, tl.maximum(lo, hist_end), hi, n_hist, stride_kn,
+                     stride_vn, half_alpha, BLOCK_N, D, DV, True, FAST, PRECISION)
+    if split == 0:
+        on_diagonal = rows & (pos_q >= n_hist)
+        k_self = tl.load(k_base + pos_q[:, None] * stride_kn + offs_d[None, :], mask=on_diagonal[:, None], other=0.0)
+        v_self = tl.load(v_base + pos_q[:, None] * stride_vn + offs_dv[None, :], mask=on_diagonal[:, None], other=0.0)
+        h_self = tl.sum(q.to(tl.float32) * k_self.to(tl.float32), axis=1) * half_alpha
+        acc += (h_self + h_self * _tanh(h_self, FAST))[:, None] * v_self.to(tl.float32)
+    # With key splits, Out is the float32 partial sums (KEY_SPLITS, Nq, Hq, DV), summed by the caller.
+    tl.store(Out + split * stride_os + (q_start + offs_m)[:, None] * stride_on + h * stride_oh + offs_dv[None, :],
              (acc * inv_norm).to(Out.dtype.element_ty), mask=rows[:, None])
 
 
@@ -378,21 +389,48 @@ def _launch_params(kernel_name: str, q: Tensor) -> tuple[tuple[int, int, int, in
     return config, dict(FAST=fast, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def jagged_hstu_attention(q, k, v, offsets, q_offsets, kind, ts, alpha: float, norm: float) -> Tensor:
+def jagged_hstu_attention(q, k, v, offsets, q_offsets, kind, ts, alpha: float, norm: float,
+                          key_splits: int | None = None) -> Tensor:
+    """key_splits: programs per (query block, head) over the keys (None: `_key_splits` picks);
+    their float32 partial outputs are summed here."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
     if q.shape[0] == 0:
         return out
     users = offsets.shape[0] - 1
     (block_m, block_n, warps, stages), flags = _launch_params("fwd", q)
-    _fwd_kernel[(q.shape[0] // block_m + users, q.shape[1])](
-        q, k, v, out, offsets, q_offsets, kind, ts, users,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+    query_blocks = q.shape[0] // block_m + users
+    if key_splits is None:
+        key_splits = _key_splits(query_blocks * q.shape[1], k.shape[0] // max(users, 1), block_n, q.device)
+    dest = out if key_splits == 1 else torch.empty((key_splits,) + out.shape, dtype=torch.float32, device=q.device)
+    _fwd_kernel[(query_blocks, q.shape[1], key_splits)](
+        q, k, v, dest, offsets, q_offsets, kind, ts, users,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        dest.stride(-3), dest.stride(-2), dest.stride(0) if key_splits > 1 else 0,
         0.5 * alpha, 1.0 / norm,
         GROUP=q.shape[1] // k.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, D=q.shape[2], DV=v.shape[2],
-        num_warps=warps, num_stages=stages, **flags,
+        KEY_SPLITS=key_splits, num_warps=warps, num_stages=stages, **flags,
     )
-    return out
+    return out if key_splits == 1 else dest.sum(0).to(q.dtype)
+
+
+MAX_KEY_SPLITS = 8
+
+
+def _key_splits(programs: int, keys_per_user: int, block_n: int, device: torch.device) -> int:
+    """Splits of each program's keys when the (query block, head) programs alone would leave
+    most of the GPU idle: a serving request of 200 candidates against 1000 history keys is 6
+    programs at head dim 256, each walking 16 key tiles in turn, on 132 SMs. Each split keeps
+    at least two key tiles (of the average user). One in the interpreter and on the CPU."""
+    if _INTERPRET or device.type != "cuda":
+        return 1
+    idle = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) // programs
+    return max(1, min(MAX_KEY_SPLITS, idle, keys_per_user // (2 * block_n)))
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def jagged_hstu_attention_backward(

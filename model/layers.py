@@ -144,7 +144,8 @@ class HSTULayer(nn.Module):
             raise ValueError("forward_with_kv: a target layer on a batch with T-tokens; call forward")
         return x, k, v
 
-    def forward_target_rows(self, x_context: Tensor, x_t: Tensor, split: TokenSplit, ctx: JaggedContext) -> Tensor:
+    def forward_target_rows(self, x_context: Tensor, x_t: Tensor, split: TokenSplit, ctx: JaggedContext,
+                            context_kv: Tensor | None = None) -> Tensor:
         """A target layer on the two halves of the token axis: x_context (N - NT, d_model) the H and
         R rows, x_t (NT, d_model) the T rows, as `split` orders them. Returns the new x_t.
 
@@ -152,7 +153,8 @@ class HSTULayer(nn.Module):
         run of target layers the same x_context and carries only x_t: no full-size residual
         update per layer, and autograd keeps one copy of the H and R rows for the whole run.
         With `recompute_context`, the H/R rows' normalised input and K/V pre-activation are not kept
-        for backward either (`context_keys_values` recomputes them from x_context)."""
+        for backward either (`context_keys_values` recomputes them from x_context).
+        context_kv: if given, (2, N - NT, Hkv, dh), receives the H and R rows' keys and values."""
         norm = self.input_norm
         h_t = norm(x_t, split.target_group, ctx.group_names)
         # Under torch.compile the plain path is traced: the Function calls the GLN implementation
@@ -163,6 +165,8 @@ class HSTULayer(nn.Module):
             k, v = self.heads_of_keys_values(kv)
         else:
             k, v = self.keys_values(split.merge(norm(x_context, split.context_group, ctx.group_names), h_t))
+        if context_kv is not None:
+            _keep_context_rows(context_kv, k, v, split)
         q, u = self.queries_gates(h_t)
         attended = self.attention(q, k, v, ctx, targets_only=True)
         return x_t + self.gated_output(attended * u, ctx, targets_only=True).to(x_t.dtype)
@@ -238,22 +242,35 @@ class HTAStack(nn.Module):
             HSTULayer(kind, group_names, target_group_names, d_model, attn, dropout, norm_impl, recompute_context)
             for kind in kinds)
 
-    def forward(self, x: Tensor, ctx: JaggedContext) -> Tensor:
+    def forward(self, x: Tensor, ctx: JaggedContext, context_kv: Tensor | None = None) -> Tensor:
         """x (N, d_model) -> the T rows after the top layer, (NT, d_model) in target_index order.
 
         A run of target layers works on x split into its H and R rows (left as they are) and its
-        T rows (`HSTULayer.forward_target_rows`); the halves are merged again before a full layer."""
+        T rows (`HSTULayer.forward_target_rows`); the halves are merged again before a full layer.
+        context_kv: if given, (num_layers, 2, N - NT, Hkv, dh), receives every layer's keys and
+        values of the H and R rows (a serving pass that also fills the user-side cache)."""
         if not ctx.target_group_names:
             return x[:0]
         split = TokenSplit.of(ctx)
         x_context = x_t = None  # x's two halves while a run of target layers goes on (x is then stale)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            layer_kv = None if context_kv is None else context_kv[i]
             if layer.kind == "full":
                 if x_t is not None:
                     x, x_context, x_t = split.merge(x_context, x_t), None, None
-                x = layer(x, ctx)
+                if layer_kv is None:
+                    x = layer(x, ctx)
+                else:
+                    x, k, v = layer.forward_with_kv(x, ctx)
+                    _keep_context_rows(layer_kv, k, v, split)
             else:
                 if x_t is None:
                     x_context, x_t = split.split(x)
-                x_t = layer.forward_target_rows(x_context, x_t, split, ctx)
+                x_t = layer.forward_target_rows(x_context, x_t, split, ctx, layer_kv)
         return x_t
+
+
+def _keep_context_rows(context_kv: Tensor, k: Tensor, v: Tensor, split: TokenSplit) -> None:
+    """The H and R rows of a layer's keys and values k, v (N, Hkv, dh) into context_kv (2, N - NT, Hkv, dh)."""
+    torch.index_select(k, 0, split.context_index, out=context_kv[0])
+    torch.index_select(v, 0, split.context_index, out=context_kv[1])

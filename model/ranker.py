@@ -25,13 +25,14 @@ from .batch import TokenBatch
 from .config import ModelConfig, restrict_registry
 from .layers import JaggedContext, KeyMerge, compact_groups
 from .mtfm import MTFM
-from .token_split import interleave_rows
+from .token_split import context_rows, interleave_rows
 
 
 @dataclass
 class UserSide:
-    """The user side of B requests: per layer, the keys and values (Nc, Hkv, dh) of every H and
-    R token, with their jagged layout (offsets (B+1,), kind, ts (Nc,))."""
+    """The user side of B requests: the keys and values of every H and R token in every layer,
+    kv (num_layers, 2, Nc, Hkv, dh) (kv[l, 0] the keys, kv[l, 1] the values), with their jagged
+    layout (offsets (B+1,), kind, ts, group (Nc,): indices into group_names)."""
 
     user_id: Tensor
     offsets: Tensor
@@ -39,8 +40,7 @@ class UserSide:
     ts: Tensor
     group: Tensor
     group_names: tuple[str, ...]
-    keys: list[Tensor]
-    values: list[Tensor]
+    kv: Tensor
 
 
 class ScenarioRanker(MTFM):
@@ -68,37 +68,65 @@ class ScenarioRanker(MTFM):
         ctx = JaggedContext.from_batch(batch)
         return self._probabilities(self.stack(self.tokenizer(batch), ctx), batch)
 
+    def forward_with_user_sides(self, batch: TokenBatch) -> tuple[Tensor, UserSide]:
+        """`forward(batch)` and the batch's user side, equal to `encode_users(batch)`, from the same
+        pass: each layer's keys and values of the H and R rows are copied out as it computes them
+        (H and R never attend to T, so they are those of the user alone)."""
+        self._check(batch)
+        if not batch.num_targets:
+            return self(batch), self.encode_users(batch)
+        ctx = JaggedContext.from_batch(batch)
+        context = context_rows(batch.num_tokens, batch.target_index)
+        first = self.stack.layers[0]
+        a, device = first.attn, batch.device.type
+        # The dtype the layers' key/value projections give: autocast's, else their weights'.
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else first.key_value.weight.dtype
+        kv = torch.empty(len(self.stack.layers), 2, context.shape[0], a.num_kv_heads, a.head_dim, dtype=dtype,
+                         device=batch.device)
+        probs = self._probabilities(self.stack(self.tokenizer(batch), ctx, kv), batch)
+        group = compact_groups(batch.group[context], len(batch.group_names))
+        user = UserSide(batch.user_id, batch.offsets - batch.target_offsets, batch.kind[context], batch.ts[context],
+                        group, self.context_group_names(batch), kv)
+        return probs, user
+
     def encode_users(self, batch: TokenBatch) -> UserSide:
         """The user side of the batch's requests (its T-tokens, if any, are ignored, not tokenized)."""
         self._check(batch)
-        context = torch.nonzero(batch.kind != TokenKind.T).squeeze(1)
+        context = context_rows(batch.num_tokens, batch.target_index)
         offsets = batch.offsets - batch.target_offsets  # T-tokens are the last of each user
-        names = tuple(n for n in batch.group_names if n not in batch.scenarios and batch.features[n].num_tokens)
+        names = self.context_group_names(batch)
         group = compact_groups(batch.group[context], len(batch.group_names))
         empty = context[:0]
         ctx = JaggedContext(offsets, torch.zeros_like(offsets), batch.kind[context], batch.ts[context], empty,
                             group, names, empty, ())
         x = self.tokenizer(batch, groups=names)[context]
-        keys, values = [], []
-        for layer in self.stack.layers:
+        kv = None
+        for i, layer in enumerate(self.stack.layers):
             x, k, v = layer.forward_with_kv(x, ctx)
-            keys.append(k)
-            values.append(v)
-        return UserSide(batch.user_id, offsets, ctx.kind, ctx.ts, group, names, keys, values)
+            if kv is None:
+                kv = k.new_empty((len(self.stack.layers), 2) + k.shape)
+            kv[i, 0], kv[i, 1] = k, v
+        return UserSide(batch.user_id, offsets, ctx.kind, ctx.ts, group, names, kv)
 
-    def score_candidates(self, user: UserSide, batch: TokenBatch) -> Tensor:
+    @staticmethod
+    def context_group_names(batch: TokenBatch) -> tuple[str, ...]:
+        """The groups of the batch's H and R tokens, present in it: those of its user side."""
+        return tuple(n for n in batch.group_names if n not in batch.scenarios and batch.features[n].num_tokens)
+
+    def score_candidates(self, user: UserSide, batch: TokenBatch, *, check_users: bool = True) -> Tensor:
         """Probabilities (NT, num_tasks) of the batch's T-tokens against `user` (same users, same
         order). The batch's own H and R tokens, if any, are ignored (not even tokenized), so a
-        chunk may be collated from the full request table or from one with empty sequences."""
+        chunk may be collated from the full request table or from one with empty sequences.
+        check_users=False skips comparing the user ids, a host sync (CUDA graph capture)."""
         self._check(batch)
-        if not torch.equal(batch.user_id, user.user_id):
+        if check_users and not torch.equal(batch.user_id, user.user_id):
             raise ValueError("score_candidates: the batch's users differ from those of the encoded user side")
         if not batch.num_targets:
             return torch.zeros(0, len(self.task_names), device=batch.device)
         merge = self._key_merge(user, batch)
         x_t = self.tokenizer.group_tokens(batch, self.scenario)  # one scenario: its rows are target_index
-        for layer, k, v in zip(self.stack.layers, user.keys, user.values):
-            x_t = layer.forward_targets(x_t, k, v, merge)
+        for layer, kv in zip(self.stack.layers, user.kv):
+            x_t = layer.forward_targets(x_t, kv[0], kv[1], merge)
         return self._probabilities(x_t, batch)
 
     def _key_merge(self, user: UserSide, batch: TokenBatch) -> KeyMerge:
@@ -107,8 +135,9 @@ class ScenarioRanker(MTFM):
         users = torch.arange(num_users, device=device)
         context_counts = user.offsets[1:] - user.offsets[:-1]
         target_counts = batch.target_offsets[1:] - batch.target_offsets[:-1]
-        context_user = torch.repeat_interleave(users, context_counts)
-        target_user = torch.repeat_interleave(users, target_counts)
+        # output_size from the shapes: no host sync
+        context_user = torch.repeat_interleave(users, context_counts, output_size=user.kind.shape[0])
+        target_user = torch.repeat_interleave(users, target_counts, output_size=batch.num_targets)
         context_index = torch.arange(len(context_user), device=device) + batch.target_offsets[context_user]
         target_index = torch.arange(len(target_user), device=device) + user.offsets[target_user + 1]
         target_kind = torch.full_like(target_index, TokenKind.T, dtype=torch.int8)

@@ -29,13 +29,7 @@ class TokenSplit:
     @classmethod
     def of(cls, ctx: "JaggedContext") -> "TokenSplit":
         """Built on the device without a host sync (the row counts come from the shapes)."""
-        n, num_targets = ctx.group.shape[0], ctx.target_index.shape[0]
-        num_context = n - num_targets
-        is_target = torch.zeros(n, dtype=torch.int64, device=ctx.group.device).index_fill_(0, ctx.target_index, 1)
-        # Context row i goes to slot (its rank among context rows); T rows all go to a spare slot.
-        slot = torch.where(is_target.bool(), num_context, torch.cumsum(1 - is_target, 0) - 1)
-        positions = torch.arange(n, device=ctx.group.device)
-        context_index = positions.new_empty(num_context + 1).scatter_(0, slot, positions)[:num_context]
+        context_index = context_rows(ctx.group.shape[0], ctx.target_index)
         return cls(context_index, ctx.target_index, ctx.group[context_index], ctx.group[ctx.target_index])
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -74,6 +68,17 @@ class _MergeRows(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         context_index, target_index = ctx.saved_tensors
         return grad.index_select(0, context_index), grad.index_select(0, target_index), None, None
+
+
+def context_rows(num_rows: int, target_index: Tensor) -> Tensor:
+    """The rows of a packed axis of `num_rows` that are not in target_index, increasing: on the
+    device, without the host sync of `nonzero` (the count comes from the shapes)."""
+    num_context = num_rows - target_index.shape[0]
+    is_target = torch.zeros(num_rows, dtype=torch.int64, device=target_index.device).index_fill_(0, target_index, 1)
+    # Context row i goes to slot (its rank among context rows); T rows all go to a spare slot.
+    slot = torch.where(is_target.bool(), num_context, torch.cumsum(1 - is_target, 0) - 1)
+    positions = torch.arange(num_rows, device=target_index.device)
+    return positions.new_empty(num_context + 1).scatter_(0, slot, positions)[:num_context]
 
 
 def interleave_rows(context_index: Tensor, target_index: Tensor, context_rows: Tensor, target_rows: Tensor) -> Tensor:

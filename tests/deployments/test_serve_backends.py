@@ -111,12 +111,86 @@ def test_graph_runner_reuses_its_static_buffers_and_gives_the_plain_scores(model
     # sibling's call overwrites request 0's buffers: stale inputs would give request 0's scores.
     assert batch_shape(collate(sibling.table)) == batch_shape(collate(requests[0].table))
     for request in (requests[0], sibling, requests[1], requests[2], requests[0]):
-        scores = runner(collate(request.table))
+        scores = runner.scores(collate(request.table))
         np.testing.assert_allclose(scores.numpy(), plain.score([request])[0], atol=1e-5)
     assert runner.captures == 3
-    assert runner(collate(requests[3].table)) is None  # a fourth shape: no room for another graph
+    assert runner.scores(collate(requests[3].table)) is None  # a fourth shape: no room for another graph
     large = CudaGraphRunner(ranker, torch.device("cpu"), max_tokens=16)
-    assert large(collate(requests[1].table)) is None
+    assert large.scores(collate(requests[1].table)) is None
+
+
+def _without_events(table: pa.Table) -> pa.Table:
+    for name in table.column_names:
+        if name.startswith("seq_"):
+            table = table.set_column(table.schema.get_field_index(name), name,
+                                     pa.array([[]] * table.num_rows, type=table.schema.field(name).type))
+    return table
+
+
+@pytest.mark.parametrize("scenario", ["hp", "phf"])
+def test_graph_runner_user_side_programs_give_the_plain_scores_and_encoded_sides(model, scenario):
+    """The two reuse programs on the CPU (static buffers run eagerly): the pass that also
+    returns each request's user side gives the plain scores and, per request, the side that
+    `encode_users` gives it alone; candidates against those cached sides give the plain scores,
+    also when the graph's buffers last held another user's side (stale keys would move them)."""
+    ranker = model.subgraph(scenario)
+    requests = _varied_requests(model.registry, scenario)
+    collate = ranker.collator()
+    plain = TorchBackend(ranker, device=torch.device("cpu"), reuse_user_side=False)
+    expected = plain.score(requests)
+    runner = CudaGraphRunner(ranker, torch.device("cpu"))
+    scores, sides = runner.scores_and_user_sides(collate(pa.concat_tables([r.table for r in requests])))
+    bounds = collate(pa.concat_tables([r.table for r in requests])).target_offsets.tolist()
+    for b, request in enumerate(requests):
+        np.testing.assert_allclose(scores[bounds[b]:bounds[b + 1]].numpy(), expected[b], atol=1e-5)
+        with torch.no_grad():
+            alone = ranker.encode_users(collate(request.table))
+        assert sides[b].group_names == alone.group_names or not sides[b].kind.numel()
+        torch.testing.assert_close(sides[b].kv, alone.kv, atol=1e-5, rtol=1e-5)
+        for field in ("offsets", "kind", "ts", "user_id"):
+            assert torch.equal(getattr(sides[b], field), getattr(alone, field)), field
+        if sides[b].kind.numel():
+            assert torch.equal(sides[b].group, alone.group)
+    # A sibling of request 0 (other user, events and candidates, same sizes) replays the same
+    # candidates graph: each call must reload the static user side, or the other's keys score it.
+    parser = RankRequestParser(model.registry, scenario, max_candidates=1000)
+    sibling = parser.parse(example_request(model.registry, scenario, candidates=3, events=4, seed=99, user_id=12),
+                           now_ms=int(time.time() * 1000))
+    sibling_expected = plain.score([sibling])[0]
+    sibling_side = runner.scores_and_user_sides(collate(sibling.table))[1][0]
+    captured = runner.captures
+    for request, side, want in [(requests[0], sides[0], expected[0]), (sibling, sibling_side, sibling_expected)] * 2:
+        got = runner.scores_for_user_sides([side], collate(_without_events(request.table)))
+        np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+    assert runner.captures == captured + 1
+    assert not np.allclose(sibling_expected, expected[0], atol=1e-3)
+    together = collate(_without_events(pa.concat_tables([r.table for r in requests])))
+    got = runner.scores_for_user_sides(sides, together)
+    np.testing.assert_allclose(got.numpy(), np.concatenate(expected), atol=1e-5)
+
+
+def test_graphed_backend_caches_user_sides_and_scores_hits_from_candidates_alone(model):
+    """The backend's routing with a graph runner (on the CPU: its static buffers run eagerly):
+    a miss scores through the pass that also encodes and caches, a batch of hits through the
+    candidates graph, a mixed batch through the former again, always with the plain scores."""
+    ranker = model.subgraph("phf")
+    requests = _varied_requests(model.registry, "phf")
+    expected = TorchBackend(ranker, device=torch.device("cpu"), reuse_user_side=False).score(requests)
+    cache = UserSideCache(ttl_s=60, max_bytes=2**30)
+    backend = TorchBackend(ranker, device=torch.device("cpu"), user_cache=cache)
+    backend.graphs = CudaGraphRunner(backend.ranker, torch.device("cpu"))
+    graphs = backend.graphs.graphs
+    for scores, want in zip(backend.score(requests[:2]), expected[:2]):  # two misses
+        np.testing.assert_allclose(scores, want, atol=1e-5)
+    assert (cache.hits, cache.misses, len(cache.entries)) == (0, 2, 2)
+    assert [key[0] for key in graphs] == ["single pass with user sides"]
+    for scores, want in zip(backend.score(requests[:2][::-1]), expected[:2][::-1]):  # two hits
+        np.testing.assert_allclose(scores, want, atol=1e-5)
+    assert (cache.hits, cache.misses) == (2, 2)
+    assert sorted(key[0] for key in graphs) == ["candidates", "single pass with user sides"]
+    for scores, want in zip(backend.score(requests), expected):  # two hits, two misses
+        np.testing.assert_allclose(scores, want, atol=1e-5)
+    assert (cache.hits, cache.misses, len(cache.entries)) == (4, 4, 4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -132,6 +206,13 @@ def test_cuda_graph_backend_matches_the_float32_cpu_scores(model):
     for scores, expected in zip(together, cpu):
         np.testing.assert_allclose(scores, expected, atol=2e-2)
     assert graphed.graphs.captures >= 2
+    cache = UserSideCache(ttl_s=60, max_bytes=2**30)
+    reusing = TorchBackend(model.subgraph("phf"), device=torch.device("cuda"), cuda_graphs=True, user_cache=cache)
+    for _ in range(3):  # misses (single pass with user sides, captured), hits (candidates, captured), hits (replayed)
+        for request, expected in zip(requests, cpu):
+            np.testing.assert_allclose(reusing.score([request])[0], expected, atol=2e-2)
+    assert cache.hits == 2 * len(requests) and {key[0] for key in reusing.graphs.graphs} == {
+        "single pass with user sides", "candidates"}
 
 
 @pytest.mark.parametrize("scenario", ["hp", "phf", "sqs"])
