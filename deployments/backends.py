@@ -110,7 +110,8 @@ class TorchBackend:
     @torch.no_grad()
     def score(self, requests: list[RankRequest]) -> list[np.ndarray]:
         table = pa.concat_tables([r.table for r in requests])
-        # Looked up once per batch: a hit or a miss is counted once, whichever path scores it.
+        # Looked up once per batch, so each request counts once as a hit or a miss. A graphed batch
+        # that mixes hits and misses replays the single pass for all of it: its hits are recomputed.
         sides = [self.user_cache.get(r.user_state) for r in requests] if self.user_cache is not None else None
         collated = None  # the whole batch collated on the host, when a path needs it
         if self.graphs is not None:

@@ -17,7 +17,9 @@ rows of the static output are copied back. Three programs:
 The last serves a batch whose users are all in the replica's `UserSideCache`: its graph holds
 the candidates' T-tokens alone, and each user's cached keys and values are copied into the
 graph's static user side on the device (one copy per user and field), so neither the user's
-events nor their H-token layers are processed again.
+events nor their H-token layers are processed again. Each such graph owns its static user side
+(its bucketed context rows' keys and values in every layer: about 46 MB per 1000 rows for the
+large config), beside the cache's own budget; the graph key includes the users' groups.
 
 A shape is captured on first sight (two warm-up passes, then the capture: about 3 plain
 passes); each call returns None (the caller runs the model eagerly) when the padded batch has
@@ -39,7 +41,9 @@ from torch import Tensor
 
 from mtfm.kernels.mask import TokenKind
 from mtfm.model import ScenarioRanker, TokenBatch, UserSide
+from mtfm.model.layers import compact_groups
 from mtfm.model.padding import batch_shape, bucket, pad_batch
+from mtfm.model.token_split import context_rows
 
 from .user_cache import group_ids_in
 
@@ -102,13 +106,21 @@ class CudaGraphRunner:
             scores = entry.outputs[0][:batch.num_targets].cpu()  # also waits for the replay
             kv, kind, ts, group = entry.outputs[1:]
             bounds = (batch.offsets - batch.target_offsets).tolist()  # context rows: the real users' come first
-            names = self.ranker.context_group_names(entry.batch)
+            names = self.ranker.context_group_names(batch)
+            host_group = compact_groups(batch.group[context_rows(batch.num_tokens, batch.target_index)],
+                                        len(batch.group_names))
             sides = []
             for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
                 rows = slice(start, end)
+                # The user's own groups, as `encode_users` of this request alone names them.
+                own = sorted(set(host_group[rows].tolist()))
+                user_group = group[rows].clone()
+                if len(own) < len(names):
+                    user_group = torch.tensor([own.index(i) if i in own else 0 for i in range(len(names))],
+                                              device=self.device)[user_group]
                 sides.append(UserSide(entry.batch.user_id[b:b + 1].clone(), _one_user_offsets(end - start, self.device),
-                                      kind[rows].clone(), ts[rows].clone(), group[rows].clone(), names,
-                                      kv[:, :, rows].clone()))
+                                      kind[rows].clone(), ts[rows].clone(), user_group,
+                                      tuple(names[i] for i in own), kv[:, :, rows].clone()))
             return scores, sides
 
     @torch.no_grad()
@@ -124,7 +136,9 @@ class CudaGraphRunner:
         key = ("candidates", shape, context_rows, names)
         if not self._admits(key, shape.num_tokens + context_rows):
             return None
-        # The user side's layout: real users, then empty ones, then the padding user owning the padding rows.
+        # The user side's layout: real users, then empty ones, then the padding user owning the
+        # padding rows. Those rows keep whatever an earlier replay left there (valid kinds, times and
+        # groups): the padding user's scores are discarded, and attention never crosses users.
         ends = torch.tensor(counts, dtype=torch.int64).cumsum(0)
         offsets = torch.cat([ends.new_zeros(1), ends, ends.new_full((shape.num_users - len(sides) - 1,), int(ends[-1])),
                              ends.new_tensor([context_rows])])
@@ -165,9 +179,7 @@ class CudaGraphRunner:
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = self._new_graph(padded, prefix, static_user)
-            if load is not None:
-                load(entry.user)
-            self._capture(entry, program)
+            self._capture(entry, program)  # on the new buffers as made (a static user side of zeros)
         if prefix is not None:
             entry.staging[:prefix_bytes].copy_(prefix.view(torch.uint8))
         padded.pack(out=entry.staging[prefix_bytes:])

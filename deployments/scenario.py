@@ -123,6 +123,8 @@ class ScenarioDeployment:
         and "score_ms" (the batch's scoring)}."""
         cost = max(min(request.num_tokens, self.serving.max_batch_tokens), self.slot_tokens)
         scored = await self.queue.submit(QueuedRequest(request, cost, time.perf_counter()), cost)
+        if not np.isfinite(scored.scores).all():
+            raise RuntimeError(f"scenario {self.scenario}: the model gave scores that are not finite")
         return {
             "scenario": self.scenario,
             "model_version": self.version,

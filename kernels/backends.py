@@ -6,6 +6,7 @@ tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before triton was imp
 cover, such as float64; the dispatchers check that).
 """
 
+import functools
 import importlib.util
 import os
 
@@ -39,3 +40,9 @@ def resolve_impl(impl: str, device: torch.device) -> str:
         if reason is not None:
             raise RuntimeError(f"impl='triton' cannot run: {reason}")
     return impl
+
+
+@functools.cache
+def multiprocessors(device_index: int) -> int:
+    """The streaming multiprocessors of CUDA device `device_index`: what kernels size their grids by."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

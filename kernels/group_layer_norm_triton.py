@@ -11,13 +11,14 @@ or two groups and is summed once per group present. mean and rstd are recomputed
 which the backward reads anyway, so the forward saves nothing.
 """
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .backends import multiprocessors
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MAX_BLOCK_ELEMENTS = 8192  # rows x padded features per forward program: loads in flight, no spills
@@ -110,11 +111,6 @@ def _blocks(n_cols: int, elements: int) -> tuple[int, int, int]:
     return block_r, block_d, 4 if block_d <= 256 else 8 if block_d <= 1024 else 16
 
 
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def group_layer_norm(x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     x = x.contiguous()
     y = torch.empty_like(x)
@@ -133,7 +129,7 @@ def group_layer_norm_backward(grad_out, x, group, weight, eps: float) -> tuple[T
     n_groups, n_cols = weight.shape
     dx = torch.empty_like(x)
     block_r, block_d, warps = _blocks(n_cols, _BWD_BLOCK_ELEMENTS)
-    slots = 4 if _INTERPRET else _BWD_PROGRAMS_PER_SM * _multiprocessors(x.device.index)
+    slots = 4 if _INTERPRET else _BWD_PROGRAMS_PER_SM * multiprocessors(x.device.index)
     programs = max(1, min(slots, triton.cdiv(x.shape[0], block_r)))
     partial = torch.empty(2, programs, n_groups, n_cols, dtype=torch.float32, device=x.device)
     _gln_bwd_kernel[(programs,)](

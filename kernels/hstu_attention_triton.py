@@ -26,13 +26,14 @@ The kernels work with h = alpha * s / 2 for a score s = <q, k>, where
 so one tanh per pair gives both (on the GPU the single-instruction tanh.approx for half inputs).
 """
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .backends import multiprocessors
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -197,7 +198,8 @@ def _fwd_kernel(
                 mask=rows[:, None], other=0.0)
     k_base = K + start * stride_kn + kv * stride_kh
     v_base = V + start * stride_vn + kv * stride_vh
-    # This program's share of the keys [0, kend): whole tiles, the split-th of KEY_SPLITS.
+    # This program's share of the keys [0, kend): whole tiles, the split-th of KEY_SPLITS. A
+    # compile-time count: as a runtime argument, the unsplit kernel ran 1.4-1.7x slower on an H200.
     lo = 0
     hi = kend
     if KEY_SPLITS > 1:
@@ -421,16 +423,14 @@ def _key_splits(programs: int, keys_per_user: int, block_n: int, device: torch.d
     """Splits of each program's keys when the (query block, head) programs alone would leave
     most of the GPU idle: a serving request of 200 candidates against 1000 history keys is 6
     programs at head dim 256, each walking 16 key tiles in turn, on 132 SMs. Each split keeps
-    at least two key tiles (of the average user). One in the interpreter and on the CPU."""
+    at least two key tiles of the average user (a graphed batch's empty padding users lower
+    that average, so it errs towards fewer splits). Each count is a variant of its own, compiled
+    on first use (at most MAX_KEY_SPLITS). One in the interpreter and on the CPU."""
     if _INTERPRET or device.type != "cuda":
         return 1
-    idle = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device()) // programs
-    return max(1, min(MAX_KEY_SPLITS, idle, keys_per_user // (2 * block_n)))
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    sms_per_program = multiprocessors(index) // programs
+    return max(1, min(MAX_KEY_SPLITS, sms_per_program, keys_per_user // (2 * block_n)))
 
 
 def jagged_hstu_attention_backward(

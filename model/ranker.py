@@ -77,12 +77,7 @@ class ScenarioRanker(MTFM):
             return self(batch), self.encode_users(batch)
         ctx = JaggedContext.from_batch(batch)
         context = context_rows(batch.num_tokens, batch.target_index)
-        first = self.stack.layers[0]
-        a, device = first.attn, batch.device.type
-        # The dtype the layers' key/value projections give: autocast's, else their weights'.
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else first.key_value.weight.dtype
-        kv = torch.empty(len(self.stack.layers), 2, context.shape[0], a.num_kv_heads, a.head_dim, dtype=dtype,
-                         device=batch.device)
+        kv = self._context_kv(context.shape[0], batch.device)
         probs = self._probabilities(self.stack(self.tokenizer(batch), ctx, kv), batch)
         group = compact_groups(batch.group[context], len(batch.group_names))
         user = UserSide(batch.user_id, batch.offsets - batch.target_offsets, batch.kind[context], batch.ts[context],
@@ -100,13 +95,19 @@ class ScenarioRanker(MTFM):
         ctx = JaggedContext(offsets, torch.zeros_like(offsets), batch.kind[context], batch.ts[context], empty,
                             group, names, empty, ())
         x = self.tokenizer(batch, groups=names)[context]
-        kv = None
+        kv = self._context_kv(context.shape[0], batch.device)
         for i, layer in enumerate(self.stack.layers):
-            x, k, v = layer.forward_with_kv(x, ctx)
-            if kv is None:
-                kv = k.new_empty((len(self.stack.layers), 2) + k.shape)
-            kv[i, 0], kv[i, 1] = k, v
+            x, kv[i, 0], kv[i, 1] = layer.forward_with_kv(x, ctx)
         return UserSide(batch.user_id, offsets, ctx.kind, ctx.ts, group, names, kv)
+
+    def _context_kv(self, rows: int, device: torch.device) -> Tensor:
+        """An empty (num_layers, 2, rows, Hkv, dh) buffer for a user side's keys and values, in the
+        dtype the layers' key/value projections give: autocast's when it is on, else their weights'."""
+        first = self.stack.layers[0]
+        on = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if on else first.key_value.weight.dtype
+        return torch.empty(len(self.stack.layers), 2, rows, first.attn.num_kv_heads, first.attn.head_dim,
+                           dtype=dtype, device=device)
 
     @staticmethod
     def context_group_names(batch: TokenBatch) -> tuple[str, ...]:

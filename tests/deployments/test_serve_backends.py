@@ -145,12 +145,11 @@ def test_graph_runner_user_side_programs_give_the_plain_scores_and_encoded_sides
         np.testing.assert_allclose(scores[bounds[b]:bounds[b + 1]].numpy(), expected[b], atol=1e-5)
         with torch.no_grad():
             alone = ranker.encode_users(collate(request.table))
-        assert sides[b].group_names == alone.group_names or not sides[b].kind.numel()
+        assert sides[b].group_names == alone.group_names  # its own groups, not the batch's
         torch.testing.assert_close(sides[b].kv, alone.kv, atol=1e-5, rtol=1e-5)
-        for field in ("offsets", "kind", "ts", "user_id"):
+        for field in ("offsets", "kind", "ts", "user_id", "group"):
             assert torch.equal(getattr(sides[b], field), getattr(alone, field)), field
-        if sides[b].kind.numel():
-            assert torch.equal(sides[b].group, alone.group)
+    assert sides[1].group_names == () and len(set().union(*(s.group_names for s in sides))) >= 1
     # A sibling of request 0 (other user, events and candidates, same sizes) replays the same
     # candidates graph: each call must reload the static user side, or the other's keys score it.
     parser = RankRequestParser(model.registry, scenario, max_candidates=1000)
@@ -193,6 +192,24 @@ def test_graphed_backend_caches_user_sides_and_scores_hits_from_candidates_alone
     assert (cache.hits, cache.misses, len(cache.entries)) == (4, 4, 4)
 
 
+def test_scenario_replica_refuses_to_answer_with_scores_that_are_not_finite(checkpoint, model):
+    """orjson would write NaN as null: the replica raises instead (a 500 over HTTP)."""
+    import asyncio
+    import dataclasses
+
+    from mtfm.deployments.scenario import ScenarioDeployment
+    from mtfm.platform.registry import ServingConfig
+
+    replica = ScenarioDeployment.func_or_class("hp", str(checkpoint), dataclasses.asdict(ServingConfig()),
+                                               chunk_size=64, user_cache_ttl_s=0, user_cache_mb=0)
+    request = _varied_requests(model.registry, "hp")[0]
+    assert np.isfinite([s for c in asyncio.run(replica.rank(request))["scores"] for s in c.values()]).all()
+    with torch.no_grad():
+        replica.backend.ranker.heads.parameters().__next__().fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="not finite"):
+        asyncio.run(replica.rank(request))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_backend_matches_the_float32_cpu_scores(model):
     ranker = model.subgraph("phf")
@@ -206,13 +223,26 @@ def test_cuda_graph_backend_matches_the_float32_cpu_scores(model):
     for scores, expected in zip(together, cpu):
         np.testing.assert_allclose(scores, expected, atol=2e-2)
     assert graphed.graphs.captures >= 2
-    cache = UserSideCache(ttl_s=60, max_bytes=2**30)
-    reusing = TorchBackend(model.subgraph("phf"), device=torch.device("cuda"), cuda_graphs=True, user_cache=cache)
-    for _ in range(3):  # misses (single pass with user sides, captured), hits (candidates, captured), hits (replayed)
-        for request, expected in zip(requests, cpu):
-            np.testing.assert_allclose(reusing.score([request])[0], expected, atol=2e-2)
-    assert cache.hits == 2 * len(requests) and {key[0] for key in reusing.graphs.graphs} == {
-        "single pass with user sides", "candidates"}
+    for compute_dtype in ("float32", "bfloat16"):
+        ranker = model.subgraph("phf")
+        ranker.config = ranker.config.replace(compute_dtype=compute_dtype)
+        cache = UserSideCache(ttl_s=60, max_bytes=2**30)
+        reusing = TorchBackend(ranker, device=torch.device("cuda"), cuda_graphs=True, user_cache=cache)
+        tolerance = 2e-2 if compute_dtype == "bfloat16" else 1e-4
+        for _ in range(3):  # misses (single pass with user sides, captured), hits (candidates, captured), replays
+            for request, expected in zip(requests, cpu):
+                np.testing.assert_allclose(reusing.score([request])[0], expected, atol=tolerance)
+        assert cache.hits == 2 * len(requests)
+        # Several users per batch: all cached, then two of them evicted (a mixed batch), then all again.
+        for batch in (requests, requests[::-1]):
+            for scores, expected in zip(reusing.score(batch), [cpu[requests.index(r)] for r in batch]):
+                np.testing.assert_allclose(scores, expected, atol=tolerance)
+        for request in requests[:2]:
+            cache._drop(request.user_state)
+        for _ in range(2):
+            for scores, expected in zip(reusing.score(requests), cpu):
+                np.testing.assert_allclose(scores, expected, atol=tolerance)
+        assert {key[0] for key in reusing.graphs.graphs} == {"single pass with user sides", "candidates"}
 
 
 @pytest.mark.parametrize("scenario", ["hp", "phf", "sqs"])

@@ -7,6 +7,7 @@ after a redeploy.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import threading
@@ -111,6 +112,8 @@ def _bad_requests(registry) -> list[tuple[str, str, dict | bytes, int, str, str]
     missing_item = edit(candidates=[{k: v for k, v in good["candidates"][0].items() if k != "poi_id"}])
     wrong_type = edit(candidates=[{**good["candidates"][0], "poi_rating": "high"}])
     late_event = edit(sequences={"history": [{**good["sequences"]["history"][0], "ts": good["ts"] + 1}]})
+    # Not JSON to orjson; the standard library reads it, and the parser names the field.
+    not_a_number = json.dumps(edit(candidates=[{**good["candidates"][0], "poi_rating": float("nan")}])).encode()
     return [
         ("unknown scenario", "nope", good, 404, "unknown_scenario", "path"),
         ("missing user feature", "hp", edit(user={"user_level": 1}), 422, "missing_field", "user.user_city"),
@@ -125,6 +128,8 @@ def _bad_requests(registry) -> list[tuple[str, str, dict | bytes, int, str, str]
         ("ts in the future", "hp", edit(ts=future), 422, "ts_in_future", "ts"),
         ("event after the request", "hp", late_event, 422, "event_after_request", "sequences.history[0].ts"),
         ("invalid json", "hp", b"{not json", 400, "invalid_json", "body"),
+        ("NaN for a number", "hp", not_a_number, 422, "wrong_type", "candidates[0].poi_rating"),
+        ("nested too deeply", "hp", b"[" * 5000 + b"]" * 5000, 400, "invalid_json", "body"),
         ("not an object", "hp", b"[1, 2]", 400, "wrong_type", ""),
         ("oversized body", "hp", b"[" + b"0," * 200_000 + b"0]", 413, "body_too_large", "body"),
     ]

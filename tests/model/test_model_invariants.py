@@ -232,6 +232,20 @@ def test_single_pass_with_user_sides_equals_forward_and_encode_users(layout):
         assert torch.equal(getattr(user, field), getattr(alone, field)), field
 
 
+def test_user_side_keys_and_values_take_the_autocast_dtype():
+    """Under autocast (bf16 on the CPU here, as serving on a GPU) both paths keep the keys and
+    values in the autocast dtype, with the same values."""
+    ranker = tiny_model("(1:1)*2", num_kv_heads=2).subgraph("hp")
+    batch = ranker.collator()(random_table(REGISTRY, 3, 6, lengths={"hp": (1, 7)}))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        probs, user = ranker.forward_with_user_sides(batch)
+        alone = ranker.encode_users(batch)
+        one_pass = ranker(batch)
+    assert user.kv.dtype == alone.kv.dtype == torch.bfloat16
+    torch.testing.assert_close(user.kv, alone.kv, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(probs, one_pass, atol=1e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("lengths", [{"history": (0, 0), "realtime": (0, 0)}, {"hp": (0, 0)},
                                      {"history": (0, 0), "realtime": (0, 0), "hp": (0, 0)}])
 def test_cold_start_users_and_requests_without_candidates(lengths):
