@@ -4,7 +4,8 @@
 
 Serving: one hp request of K = 50, 200, 1000 candidates and 1000 history events (the request of
 bench/serve_gpu.py), parsed as the router does, collated as a replica does (the graphed GPU path collates every request on the
-host before its single copy to the device). Training: 40 synthetic users of the GPU benchmark's
+host before its single copy to the device), and its candidates alone, as a replica collates a
+request whose user side is cached. Training: 40 synthetic users of the GPU benchmark's
 token mix (about 27K tokens), collated with the full registry. Medians and p90 over --repeats
 calls, in one process on one thread; prints a table and writes JSON (--out, default
 $OUT/collate.json or bench/results/collate.json).
@@ -46,6 +47,7 @@ def main() -> int:
     ensure_mtfm_importable()
     import torch
 
+    from mtfm.deployments.backends import without_events
     from mtfm.deployments.rank_request import RankRequestParser
     from mtfm.model import Collator
     from mtfm.model.config import restrict_registry
@@ -63,6 +65,10 @@ def main() -> int:
         request = request_parser.parse(body, now_ms=body["ts"])
         rows[f"request K={k}"] = timed_ms(lambda: request_collator(request.table), args.repeats) | {
             "tokens": request.num_tokens}
+    for k in (50, 200, 1000):  # a cached user: its candidates alone (deployments/backends.py)
+        body = RequestBodies(serving_registry, k, history_events=1000).example
+        candidates = without_events(request_parser.parse(body, now_ms=body["ts"]).table, serving_registry.sequences)
+        rows[f"candidates K={k}"] = timed_ms(lambda: request_collator(candidates), args.repeats) | {"tokens": k}
     registry = load_registry(ROOT / "configs")
     train_collator = Collator(registry, max_len={"history": 1000, "realtime": 100})
     table = random_aggregated_table(registry, 40, np.random.default_rng(0), lengths=TRAIN_MIX)

@@ -17,6 +17,7 @@ failing on the first request.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable
 from typing import Protocol
 
 import numpy as np
@@ -165,12 +166,16 @@ class TorchBackend:
         return merge_users(sides, self.collator.group_names)
 
     def _candidates_only(self, table: pa.Table) -> pa.Table:
-        """The batch's requests with no events (the user side already holds them)."""
-        for name in self.ranker.registry.sequences:
-            index = table.schema.get_field_index(events_column(name))
-            empty = pa.array([[]] * table.num_rows, type=table.schema.field(index).type)
-            table = table.set_column(index, events_column(name), empty)
-        return table
+        return without_events(table, self.ranker.registry.sequences)
+
+
+def without_events(table: pa.Table, sequences: Iterable[str]) -> pa.Table:
+    """The requests of `table` with no events in `sequences` (their user side already holds them)."""
+    for name in sequences:
+        index = table.schema.get_field_index(events_column(name))
+        empty = pa.array([[]] * table.num_rows, type=table.schema.field(index).type)
+        table = table.set_column(index, events_column(name), empty)
+    return table
 
 
 def _candidate_slice(table: pa.Table, scenario: str, start: int, size: int) -> pa.Table:

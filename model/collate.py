@@ -110,6 +110,10 @@ class Collator:
         features: dict[str, GroupFeatures] = {}
         start = 0
         for g, tokens, n in zip(self.groups, kept, sizes):
+            if not n and g.kind != TokenKind.T:
+                # A serving request's candidates are collated without its events: skip the Arrow work.
+                features[g.name] = _no_tokens(g.features)
+                continue
             pos = position[start:start + n]
             start += n
             rows = np.argsort(pos, kind="stable")
@@ -230,6 +234,20 @@ def _add_features(out: GroupFeatures, features: tuple[Feature, ...], structs: pa
             flat = pc.list_flatten(lists)
             out.list_values[f.name] = _tensor(hash_to_buckets(_int64(flat), f.buckets, _valid(flat)))
             out.list_offsets[f.name] = _tensor(_offsets(_list_lengths(lists)))
+
+
+def _no_tokens(features: tuple[Feature, ...]) -> GroupFeatures:
+    """What `_add_features` gives a group of no tokens: the same names and dtypes, empty."""
+    out = GroupFeatures(index=torch.zeros(0, dtype=torch.int64))
+    for f in features:
+        if f.type == "numeric":
+            out.numeric[f.name] = torch.zeros(0, dtype=torch.float32)
+        elif f.type == "categorical":
+            out.categorical[f.name] = torch.zeros(0, dtype=torch.int64)
+        else:
+            out.list_values[f.name] = torch.zeros(0, dtype=torch.int64)
+            out.list_offsets[f.name] = torch.zeros(1, dtype=torch.int64)
+    return out
 
 
 def _valid(array: pa.Array) -> np.ndarray:

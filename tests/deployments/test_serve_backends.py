@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mtfm.deployments.app import AppArgs, ServeConfigError, build_app, resolve_checkpoint, scenario_serving
-from mtfm.deployments.backends import BackendUnavailable, TorchBackend, create_backend
+from mtfm.deployments.backends import BackendUnavailable, TorchBackend, create_backend, without_events
 from mtfm.deployments.cuda_graphs import CudaGraphRunner
 from mtfm.deployments.rank_request import RankRequestParser, example_request
 from mtfm.deployments.serve_config import render_serve_config
@@ -119,14 +119,6 @@ def test_graph_runner_reuses_its_static_buffers_and_gives_the_plain_scores(model
     assert large.scores(collate(requests[1].table)) is None
 
 
-def _without_events(table: pa.Table) -> pa.Table:
-    for name in table.column_names:
-        if name.startswith("seq_"):
-            table = table.set_column(table.schema.get_field_index(name), name,
-                                     pa.array([[]] * table.num_rows, type=table.schema.field(name).type))
-    return table
-
-
 @pytest.mark.parametrize("scenario", ["hp", "phf"])
 def test_graph_runner_user_side_programs_give_the_plain_scores_and_encoded_sides(model, scenario):
     """The two reuse programs on the CPU (static buffers run eagerly): the pass that also
@@ -159,11 +151,11 @@ def test_graph_runner_user_side_programs_give_the_plain_scores_and_encoded_sides
     sibling_side = runner.scores_and_user_sides(collate(sibling.table))[1][0]
     captured = runner.captures
     for request, side, want in [(requests[0], sides[0], expected[0]), (sibling, sibling_side, sibling_expected)] * 2:
-        got = runner.scores_for_user_sides([side], collate(_without_events(request.table)))
+        got = runner.scores_for_user_sides([side], collate(without_events(request.table, model.registry.sequences)))
         np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
     assert runner.captures == captured + 1
     assert not np.allclose(sibling_expected, expected[0], atol=1e-3)
-    together = collate(_without_events(pa.concat_tables([r.table for r in requests])))
+    together = collate(without_events(pa.concat_tables([r.table for r in requests]), model.registry.sequences))
     got = runner.scores_for_user_sides(sides, together)
     np.testing.assert_allclose(got.numpy(), np.concatenate(expected), atol=1e-5)
 

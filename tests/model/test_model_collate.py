@@ -111,6 +111,23 @@ def test_collate_of_an_empty_user():
     assert batch.offsets.tolist() == [0, 0, 0, 0] and batch.num_tokens == 0
 
 
+def test_a_group_without_tokens_has_the_features_of_one_with_tokens_empty():
+    """Sequences with no events (as serving collates candidates alone) keep every feature name
+    and dtype that the same sequences with events give, with no rows and list offsets [0]."""
+    collate = Collator(REGISTRY)
+    with_events = collate(random_table(REGISTRY, 3, 5))
+    without = collate(random_table(REGISTRY, 3, 5, lengths={"history": (0, 0), "realtime": (0, 0)}))
+    for name in ("history", "realtime"):
+        full, empty = with_events.features[name], without.features[name]
+        assert full.num_tokens > 0 and empty.num_tokens == 0
+        for kind in ("categorical", "numeric", "list_values"):
+            a, b = getattr(full, kind), getattr(empty, kind)
+            assert {k: v.dtype for k, v in a.items()} == {k: v.dtype for k, v in b.items()}, (name, kind)
+            assert all(v.shape == (0,) for v in b.values())
+        assert {k: v.tolist() for k, v in empty.list_offsets.items()} == {k: [0] for k in full.list_offsets}
+        assert empty.index.dtype == full.index.dtype and (empty.labels, empty.request_id) == (None, None)
+
+
 def test_unknown_max_len_group_is_an_error():
     with pytest.raises(KeyError, match="nope"):
         Collator(REGISTRY, max_len={"nope": 3})
