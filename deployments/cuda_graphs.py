@@ -132,16 +132,16 @@ class CudaGraphRunner:
         names = tuple(n for n in candidates.group_names if n in present)
         counts = [s.kind.shape[0] for s in sides]
         shape = batch_shape(candidates)
-        context_rows = bucket(sum(counts))
-        key = ("candidates", shape, context_rows, names)
-        if not self._admits(key, shape.num_tokens + context_rows):
+        context_size = bucket(sum(counts))
+        key = ("candidates", shape, context_size, names)
+        if not self._admits(key, shape.num_tokens + context_size):
             return None
         # The user side's layout: real users, then empty ones, then the padding user owning the
         # padding rows. Those rows keep whatever an earlier replay left there (valid kinds, times and
         # groups): the padding user's scores are discarded, and attention never crosses users.
         ends = torch.tensor(counts, dtype=torch.int64).cumsum(0)
         offsets = torch.cat([ends.new_zeros(1), ends, ends.new_full((shape.num_users - len(sides) - 1,), int(ends[-1])),
-                             ends.new_tensor([context_rows])])
+                             ends.new_tensor([context_size])])
 
         def load(user: UserSide) -> None:
             start = 0
@@ -155,11 +155,11 @@ class CudaGraphRunner:
 
         def static_user(offsets: Tensor, batch: TokenBatch) -> UserSide:
             kv = sides[0].kv
-            return UserSide(batch.user_id, offsets, torch.full((context_rows,), int(TokenKind.H), dtype=torch.int8,
+            return UserSide(batch.user_id, offsets, torch.full((context_size,), int(TokenKind.H), dtype=torch.int8,
                                                                 device=self.device),
-                            torch.zeros(context_rows, dtype=torch.int64, device=self.device),
-                            torch.zeros(context_rows, dtype=torch.int64, device=self.device), names,
-                            kv.new_zeros(kv.shape[:2] + (context_rows,) + kv.shape[3:]))
+                            torch.zeros(context_size, dtype=torch.int64, device=self.device),
+                            torch.zeros(context_size, dtype=torch.int64, device=self.device), names,
+                            kv.new_zeros(kv.shape[:2] + (context_size,) + kv.shape[3:]))
 
         with self.lock:
             entry = self._replay(key, pad_batch(candidates, shape), self._candidates, prefix=offsets,
