@@ -188,23 +188,26 @@ def graph_time(fn) -> float:
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates tried by --sweep, per kernel and head dim.
 SWEEP = {
     "fwd": {128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
-            256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2)]},
+            256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 3)]},
     "dq": {128: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3), (64, 128, 8, 2)],
-           256: [(64, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2)]},
+           256: [(64, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3),
+                 (128, 64, 8, 1), (64, 64, 8, 3)]},
     "dkdv": {128: [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (32, 128, 4, 3)],
-             256: [(64, 64, 8, 2), (32, 64, 4, 2), (32, 64, 8, 3), (64, 64, 4, 2)]},
+             256: [(64, 64, 8, 2), (32, 64, 4, 2), (32, 64, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3), (64, 32, 8, 2),
+                   (32, 128, 8, 2), (64, 64, 8, 1), (64, 128, 8, 1), (16, 64, 4, 3), (32, 32, 4, 3)]},
 }
 
 
-def sweep_configs(device, total_tokens) -> dict:
-    """Time each candidate block config at 4K tokens per user, Hkv=2, and keep the fastest."""
+def sweep_configs(device, total_tokens, length: int = 4096, dims=(128, 256), hq: int = 4, hkv: int = 2) -> dict:
+    """Time each candidate block config at `length` tokens per user (the MTFM mix of make_batch)
+    and keep the fastest."""
     from mtfm.kernels import hstu_attention_triton as kernels
 
     chosen = {}
-    for d in (128, 256):
-        batch = make_batch(4096, total_tokens // 4096, 4, 2, d, torch.bfloat16, device, seed=3)
+    for d in dims:
+        batch = make_batch(length, total_tokens // length, hq, hkv, d, torch.bfloat16, device, seed=3)
         args = (batch["q"], batch["k"], batch["v"], batch["offsets"], batch["offsets"], batch["kind"], batch["ts"],
-                ALPHA, 4096.0)
+                ALPHA, float(length))
         grad = torch.randn_like(batch["q"])
         runs = {"fwd": lambda: kernels.jagged_hstu_attention(*args),
                 "dq": lambda: kernels.jagged_hstu_attention_backward(grad, *args),
@@ -292,19 +295,23 @@ def bench_gln(n, d, groups, device, mean_run=64) -> dict:
 
 
 def sweep_gln(device) -> dict:
-    """Backward block size and programs per SM for Group LayerNorm, timed at D=512; keeps the best."""
+    """Backward block size and programs per SM for Group LayerNorm, timed on 131,072 rows as the
+    model has them (a float32 residual stream, a bfloat16 gradient of the norm's output, runs of
+    64 tokens of one of 8 groups) at D = 512 and 768; keeps the best summed over both."""
     from mtfm.kernels import group_layer_norm_triton as kernels
 
-    n, d = 262144, 512
-    x = torch.randn(n, d, device=device, dtype=torch.bfloat16)
-    dy = torch.randn_like(x)
-    group = group_runs(n, 8, device, 64)
-    weight = torch.randn(8, d, device=device)
+    n = 131072
+    inputs = {}
+    for d in (512, 768):
+        x = torch.randn(n, d, device=device)
+        inputs[d] = (torch.randn(n, d, device=device, dtype=torch.bfloat16), x, group_runs(n, 8, device, 64),
+                     torch.randn(8, d, device=device))
     times = {}
-    for elements in (2048, 4096, 8192):
+    for elements in (2048, 4096, 8192, 16384):
         for per_sm in (1, 2, 4):
             kernels._BWD_BLOCK_ELEMENTS, kernels._BWD_PROGRAMS_PER_SM = elements, per_sm
-            times[(elements, per_sm)] = graph_time(lambda: kernels.group_layer_norm_backward(dy, x, group, weight, 1e-5))
+            times[(elements, per_sm)] = sum(graph_time(lambda: kernels.group_layer_norm_backward(*args, 1e-5))
+                                            for args in inputs.values())
     best = min(times, key=times.get)
     kernels._BWD_BLOCK_ELEMENTS, kernels._BWD_PROGRAMS_PER_SM = best
     print("sweep gln bwd (elements, programs/SM): " + ", ".join(f"{c}: {t:.3f}" for c, t in times.items())
@@ -376,6 +383,12 @@ def main():
     parser.add_argument("--quick", action="store_true", help="correctness and the 4K / d=128 shapes only")
     parser.add_argument("--sweep", choices=("none", "attention", "gln", "all"), default="none",
                         help="pick block configs by timing candidates first")
+    parser.add_argument("--sweep-length", type=int, default=4096,
+                        help="tokens per user of the attention sweep (training batches average about 850)")
+    parser.add_argument("--sweep-dims", type=int, nargs="+", default=[128, 256], help="head dims the sweep tries")
+    parser.add_argument("--sweep-heads", type=int, nargs=2, default=[4, 2], metavar=("HQ", "HKV"),
+                        help="query and kv heads of the sweep's batch")
+    parser.add_argument("--sweep-only", action="store_true", help="only the sweeps (no correctness checks, no tables)")
     parser.add_argument("--serving", action="store_true",
                         help="only the forward at serving sizes, keys split across programs or not")
     args = parser.parse_args()
@@ -402,7 +415,7 @@ def main():
 
     t0 = time.perf_counter()
     result["correctness"] = []
-    for d in (64, 128, 256):
+    for d in () if args.sweep_only else (64, 128, 256):
         for length, hkv in ((1024, 4), (2048, 1), (4096, 2)):
             if args.quick and length != 1024:
                 continue
@@ -412,7 +425,13 @@ def main():
     print(f"correctness checks {time.perf_counter() - t0:.0f} s", flush=True)
 
     if args.sweep in ("attention", "all"):
-        result["sweep"] = sweep_configs(device, args.tokens)
+        result["sweep"] = sweep_configs(device, args.tokens, args.sweep_length, args.sweep_dims, *args.sweep_heads)
+    if args.sweep_only:
+        if args.sweep in ("gln", "all"):
+            result["sweep_gln"] = sweep_gln(device)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+        return
     tiny = make_batch(64, 1, 4, 1, 128, torch.bfloat16, device, seed=2)
     result["dispatch_floor_ms"] = do_bench(lambda: hstu_attention(
         tiny["q"], tiny["k"], tiny["v"], tiny["offsets"], tiny["kind"], tiny["ts"], alpha=ALPHA, norm=64.0),

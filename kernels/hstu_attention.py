@@ -65,7 +65,7 @@ def _attention_backward_op(
 
 @_attention_backward_op.register_fake
 def _attention_backward_fake(grad_out, q, k, v, offsets, q_offsets, kind, ts, alpha, norm, impl):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):

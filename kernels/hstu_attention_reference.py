@@ -65,7 +65,7 @@ def jagged_hstu_attention_backward(
     """(dq, dk, dv) of jagged_hstu_attention, written out (the formulas in the docstring)."""
     compute = torch.promote_types(q.dtype, torch.float32)
     hkv, rep = k.shape[1], q.shape[1] // k.shape[1]
-    dq = torch.zeros_like(q)
+    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=compute, device=k.device)
     dv = torch.zeros(v.shape, dtype=compute, device=v.device)
     for start, end, q_start, q_end in _users(offsets, q_offsets):

@@ -37,12 +37,13 @@ from .backends import multiprocessors
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per kernel and head dim, for H100.
-# Picked by `bench/kernels.py --sweep attention` at 4K tokens per user (d=64: not swept, by analogy).
+# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per kernel and head dim, for H100/H200.
+# Picked by `bench/kernels.py --sweep attention`: d=128 at 4K tokens per user (H100), d=256 at 1K
+# (H200; training batches average about 850 per user), d=64 not swept, by analogy.
 _CONFIGS = {
     "fwd": {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (128, 64, 8, 2)},
-    "dq": {64: (128, 32, 8, 3), 128: (128, 32, 8, 3), 256: (128, 32, 8, 2)},
-    "dkdv": {64: (32, 128, 8, 3), 128: (32, 128, 8, 3), 256: (64, 64, 8, 2)},
+    "dq": {64: (128, 32, 8, 3), 128: (128, 32, 8, 3), 256: (128, 32, 8, 3)},
+    "dkdv": {64: (32, 128, 8, 3), 128: (32, 128, 8, 3), 256: (32, 32, 4, 3)},
 }
 # float32 tiles take twice the shared memory: at head dim 256 the tables above ask for more than an
 # H100/H200 lets one block use (227 KiB), so float32 there gets smaller tiles and one stage.
@@ -253,7 +254,7 @@ def _dq_tiles(dq, q, do, ts_q, k_base, v_base, ts_base, lo, hi, n_hist, stride_k
 def _dq_kernel(
     Q, K, V, DO, DQ, Offsets, QOffsets, Kind, Ts, num_users,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
-    half_alpha, inv_norm,
+    stride_dqn, stride_dqh, stride_dkn, stride_dkh, stride_dvn, stride_dvh, half_alpha, inv_norm,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     FAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -293,7 +294,7 @@ def _dq_kernel(
     dp_self = tl.sum(do.to(tl.float32) * v_self.to(tl.float32), axis=1)
     t = _tanh(h_self, FAST)
     dq += (dp_self * (1.0 + t) * (1.0 + h_self - h_self * t))[:, None] * k_self
-    tl.store(DQ + (q_start + offs_m)[:, None] * stride_qn + h * stride_qh + offs_d[None, :],
+    tl.store(DQ + (q_start + offs_m)[:, None] * stride_dqn + h * stride_dqh + offs_d[None, :],
              (dq * (half_alpha * inv_norm)).to(DQ.dtype.element_ty), mask=rows[:, None])
 
 
@@ -328,7 +329,7 @@ def _dkdv_tiles(dk, dv, k, v, keys, ts_k, q_base, do_base, ts_q_base, n_q, n_his
 def _dkdv_kernel(
     Q, K, V, DO, DK, DV_, Offsets, QOffsets, Kind, Ts, num_users,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
-    half_alpha, inv_norm,
+    stride_dqn, stride_dqh, stride_dkn, stride_dkh, stride_dvn, stride_dvh, half_alpha, inv_norm,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     FAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -374,9 +375,9 @@ def _dkdv_kernel(
         dv += (h_self + h_self * t)[:, None] * do_self
         dp_self = tl.sum(do_self * v_self, axis=1)
         dk += (dp_self * (1.0 + t) * (1.0 + h_self - h_self * t))[:, None] * q_self
-    tl.store(DK + (start + keys)[:, None] * stride_kn + kv * stride_kh + offs_d[None, :],
+    tl.store(DK + (start + keys)[:, None] * stride_dkn + kv * stride_dkh + offs_d[None, :],
              (dk * (half_alpha * inv_norm)).to(DK.dtype.element_ty), mask=key_ok[:, None])
-    tl.store(DV_ + (start + keys)[:, None] * stride_vn + kv * stride_vh + offs_dv[None, :],
+    tl.store(DV_ + (start + keys)[:, None] * stride_dvn + kv * stride_dvh + offs_dv[None, :],
              (dv * inv_norm).to(DV_.dtype.element_ty), mask=key_ok[:, None])
 
 
@@ -395,7 +396,7 @@ def jagged_hstu_attention(q, k, v, offsets, q_offsets, kind, ts, alpha: float, n
                           key_splits: int | None = None) -> Tensor:
     """key_splits: programs per (query block, head) over the keys (None: `_key_splits` picks);
     their float32 partial outputs are summed here."""
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = _rows(q), _rows(k), _rows(v)
     out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
     if q.shape[0] == 0:
         return out
@@ -414,6 +415,13 @@ def jagged_hstu_attention(q, k, v, offsets, q_offsets, kind, ts, alpha: float, n
         KEY_SPLITS=key_splits, num_warps=warps, num_stages=stages, **flags,
     )
     return out if key_splits == 1 else dest.sum(0).to(q.dtype)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """t with unit stride along its last dim, which is all the kernels need: the queries and keys
+    of a layer are views into its projection's output (rows of [Q | U] or [K | V]), read in place
+    rather than copied."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 MAX_KEY_SPLITS = 8
@@ -436,15 +444,14 @@ def _key_splits(programs: int, keys_per_user: int, block_n: int, device: torch.d
 def jagged_hstu_attention_backward(
     grad_out, q, k, v, offsets, q_offsets, kind, ts, alpha: float, norm: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    q, k, v, grad_out = _rows(q), _rows(k), _rows(v), _rows(grad_out)
+    dq, dk, dv = (t.new_empty(t.shape) for t in (q, k, v))
     if k.shape[0] == 0:
         return dq, dk, dv
     users = offsets.shape[0] - 1
     group = q.shape[1] // k.shape[1]
     args = (offsets, q_offsets, kind, ts, users,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            grad_out.stride(0), grad_out.stride(1), 0.5 * alpha, 1.0 / norm)
+            *(stride for t in (q, k, v, grad_out, dq, dk, dv) for stride in t.stride()[:2]), 0.5 * alpha, 1.0 / norm)
     (block_m, block_n, warps, stages), flags = _launch_params("dkdv", q)
     _dkdv_kernel[(k.shape[0] // block_n + users, k.shape[1])](
         q, k, v, grad_out, dk, dv, *args,

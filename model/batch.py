@@ -154,11 +154,16 @@ class TokenBatch:
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> "TokenBatch":
         """The batch on `device` with ONE host-to-device copy: every tensor packed into one byte
-        buffer (`pack`), pinned when the target is CUDA, copied once, and viewed back (`unpack`)."""
+        buffer (`pack`), copied once, and viewed back (`unpack`). From the host to CUDA the pack
+        goes straight into pinned memory from torch's caching host allocator: a pack into fresh
+        pageable memory then `pin_memory()` cost a second copy and the page faults of a new
+        buffer each step (3-35 ms for a 131K-token batch on the GPU host, bench/RESULTS.md)."""
         device = torch.device(device)
-        if all(t.device == device for t in self.tensors()):
+        tensors = self.tensors()
+        if all(t.device == device for t in tensors):
             return self
-        flat = self.pack()
-        if device.type == "cuda" and flat.device.type == "cpu":
-            flat = flat.pin_memory()
-        return self.unpack(flat.to(device, non_blocking=non_blocking))
+        staging = None
+        if device.type == "cuda" and all(t.device.type == "cpu" for t in tensors):
+            staging = torch.empty(sum(t.numel() * t.element_size() for t in tensors), dtype=torch.uint8,
+                                  pin_memory=True)
+        return self.unpack(self.pack(staging).to(device, non_blocking=non_blocking))

@@ -188,16 +188,17 @@ class HSTULayer(nn.Module):
         return self.heads_of_keys_values(F.silu(self.key_value(h)))
 
     def heads_of_keys_values(self, kv: Tensor) -> tuple[Tensor, Tensor]:
-        """K, V (N, Hkv, dh), contiguous, from the projection's activations kv (N, 2 * Hkv * dh)."""
+        """K, V (N, Hkv, dh) from the projection's activations kv (N, 2 * Hkv * dh): views into kv
+        (the attention kernels read rows of any stride; a copy would cost a kernel each)."""
         a = self.attn
         k, v = kv.view(-1, 2 * a.num_kv_heads, a.head_dim).chunk(2, dim=1)
-        return k.contiguous(), v.contiguous()
+        return k, v
 
     def queries_gates(self, h_q: Tensor) -> tuple[Tensor, Tensor]:
-        """Q (contiguous) and U, (Nq, Hq, dh) each, from the queries' normalised input h_q."""
+        """Q and U, (Nq, Hq, dh) each, views into the activations of the queries' projection."""
         a = self.attn
         q, u = F.silu(self.query_gate(h_q)).view(-1, 2 * a.num_heads, a.head_dim).chunk(2, dim=1)
-        return q.contiguous(), u
+        return q, u
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, ctx: JaggedContext, targets_only: bool = False) -> Tensor:
         """A (Nq, Hq, dh) for the queries q: every token, or the T-tokens in target_index order."""

@@ -38,6 +38,20 @@ def test_triton_matches_reference(n, d, groups, seed):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("n, groups", [(300, 5), (41, 2), (16, 1)])
+def test_triton_backward_over_runs_of_groups(n, groups):
+    """Groups in runs (a user's tokens of one sequence or scenario), as the model has them: the
+    backward's blocks that continue a run, start one, or hold a boundary, over programs whose
+    ranges split runs; the same group recurring after others."""
+    inputs = make_inputs(n, 24, groups, seed=n)
+    runs = torch.randint(1, 40, (n,), generator=torch.Generator().manual_seed(n))
+    run_groups = torch.randint(0, groups, (n,), generator=torch.Generator().manual_seed(n + 1))
+    inputs["group"] = run_groups.repeat_interleave(runs)[:n]
+    for name, a, e in zip(("out", "dx", "dweight", "dbias"), forward_and_grads(inputs, "triton"),
+                          forward_and_grads(inputs, "reference")):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_reference_with_one_group_is_layer_norm():
     inputs = make_inputs(33, 24, 1, seed=1, dtype=torch.float64)
     out = group_layer_norm(inputs["x"], inputs["group"], inputs["weight"], inputs["bias"], impl="reference")

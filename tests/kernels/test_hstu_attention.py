@@ -87,6 +87,19 @@ def test_triton_target_attention_matches_reference(hkv, layout, seed):
     assert_close(target_attention_and_grads(b, "triton"), target_attention_and_grads(b, "reference"))
 
 
+def test_triton_reads_rows_of_any_stride():
+    """q, k, v as views into wider rows (a layer's [Q | U] and [K | V] projections), their other
+    half NaN so that a read outside the view would show: outputs and gradients as contiguous."""
+    b = make_batch([(30, 6, 5), (9, 3, 2), (0, 0, 3)], 2, seed=7)
+    wide = {name: torch.cat([b[name], torch.full_like(b[name], float("nan"))], 1).requires_grad_() for name in "qkv"}
+    views = [wide[name][:, :b[name].shape[1]] for name in "qkv"]
+    assert not any(view.is_contiguous() for view in views)
+    out = hstu_attention(*views, b["offsets"], b["kind"], b["ts"], alpha=ALPHA, norm=NORM, impl="triton")
+    out.backward(b["grad"])
+    grads = [wide[name].grad[:, :b[name].shape[1]] for name in "qkv"]
+    assert_close([out.detach()] + grads, full_attention_and_grads(b, "reference"))
+
+
 @pytest.mark.parametrize("key_splits", [2, 3])
 def test_triton_forward_split_over_keys_matches_reference(key_splits):
     """The forward with each program's keys split (serving: few query blocks, many keys), full

@@ -160,7 +160,8 @@ def test_target_layers_keep_only_keys_values_per_token_when_recomputing(recomput
     """What autograd keeps for backward from a run of target layers, as distinct storages with a
     row per token or per H/R row: with recompute_context each layer's K and V and, once for the
     run, the H/R rows; without it also each layer's normalised input of the K/V projection
-    (N, d_model) and its pre-activation (N, 2 * Hkv * dh)."""
+    (N, d_model) and its pre-activation (N, 2 * Hkv * dh). K and V are views into one buffer,
+    the projection's activations, which the attention reads in place."""
     stack = make_stack(("target", "target", "target"), seed=3, recompute_context=recompute_context)
     batch, x = batch_and_input(3, users=3)
     saved = []
@@ -177,7 +178,7 @@ def test_target_layers_keep_only_keys_values_per_token_when_recomputing(recomput
         if t.is_floating_point() and t.dim() and t.shape[0] in (n, n_context):
             storages.setdefault(t.untyped_storage().data_ptr(), tuple(t.shape))
     shapes = sorted(storages.values())
-    expected = [(n, 1, 3)] * 6 + [(n_context, D_MODEL)]  # K, V of three layers; the H/R rows, once
+    expected = [(n, 1, 3)] * 3 + [(n_context, D_MODEL)]  # [K | V] of three layers; the H/R rows, once
     if not recompute_context:
         expected += [(n, D_MODEL)] * 3 + [(n, 6)] * 3
     assert shapes == sorted(expected)
