@@ -295,26 +295,27 @@ def bench_gln(n, d, groups, device, mean_run=64) -> dict:
 
 
 def sweep_gln(device) -> dict:
-    """Backward block size and programs per SM for Group LayerNorm, timed on 131,072 rows as the
-    model has them (a float32 residual stream, a bfloat16 gradient of the norm's output, runs of
-    64 tokens of one of 8 groups) at D = 512 and 768; keeps the best summed over both."""
+    """Backward block size, programs per SM and warps for Group LayerNorm, timed on 131,072 rows
+    as the model has them under autocast (bfloat16 x and output gradient, runs of 64 tokens of one
+    of 8 groups) at D = 512 and 768; keeps the best summed over both."""
     from mtfm.kernels import group_layer_norm_triton as kernels
 
     n = 131072
     inputs = {}
     for d in (512, 768):
-        x = torch.randn(n, d, device=device)
-        inputs[d] = (torch.randn(n, d, device=device, dtype=torch.bfloat16), x, group_runs(n, 8, device, 64),
-                     torch.randn(8, d, device=device))
+        inputs[d] = (torch.randn(n, d, device=device, dtype=torch.bfloat16),
+                     torch.randn(n, d, device=device, dtype=torch.bfloat16), group_runs(n, 8, device, 64),
+                     torch.randn(8, d, device=device, dtype=torch.bfloat16))
     times = {}
-    for elements in (2048, 4096, 8192, 16384):
-        for per_sm in (1, 2, 4):
-            kernels._BWD_BLOCK_ELEMENTS, kernels._BWD_PROGRAMS_PER_SM = elements, per_sm
-            times[(elements, per_sm)] = sum(graph_time(lambda: kernels.group_layer_norm_backward(*args, 1e-5))
-                                            for args in inputs.values())
+    for elements in (4096, 8192):
+        for per_sm in (1, 2, 4, 8):
+            for warps in (4, 8):
+                kernels._BWD_BLOCK_ELEMENTS, kernels._BWD_PROGRAMS_PER_SM, kernels._BWD_WARPS = elements, per_sm, warps
+                times[(elements, per_sm, warps)] = sum(
+                    graph_time(lambda: kernels.group_layer_norm_backward(*args, 1e-5)) for args in inputs.values())
     best = min(times, key=times.get)
-    kernels._BWD_BLOCK_ELEMENTS, kernels._BWD_PROGRAMS_PER_SM = best
-    print("sweep gln bwd (elements, programs/SM): " + ", ".join(f"{c}: {t:.3f}" for c, t in times.items())
+    kernels._BWD_BLOCK_ELEMENTS, kernels._BWD_PROGRAMS_PER_SM, kernels._BWD_WARPS = best
+    print("sweep gln bwd (elements, programs/SM, warps): " + ", ".join(f"{c}: {t:.3f}" for c, t in times.items())
           + f" -> {best}", flush=True)
     return dict(best=best, ms={str(c): t for c, t in times.items()})
 

@@ -670,7 +670,9 @@ def print_sections(sections: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/results"), "train_gpu.json"))
+    parser.add_argument("--out", default=None, help="JSON results (default under $OUT or bench/results: "
+                        "train_gpu.json, or train_gpu_tiny.json with --tiny, so that a debugging run keeps "
+                        "the recorded GPU results)")
     parser.add_argument("--no-ray", action="store_true", help="run the worker in-process (debugging)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny widths and sequences (CPU debugging)")
@@ -692,6 +694,9 @@ def main() -> int:
     parser.add_argument("--compile-shapes", type=int, default=0, metavar="N",
                         help="section (b): first steps on N new batch shapes, kernels with vs without do_not_specialize")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = os.path.join(os.environ.get("OUT", "bench/results"),
+                                "train_gpu_tiny.json" if args.tiny else "train_gpu.json")
     args.tokens = args.tokens or (2048 if args.tiny else 131072)
     args.kernel_tokens = args.kernel_tokens or (1024 if args.tiny else 16384)
     out_path = str(Path(args.out).resolve())

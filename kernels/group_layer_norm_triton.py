@@ -22,9 +22,10 @@ from .backends import multiprocessors
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MAX_BLOCK_ELEMENTS = 8192  # rows x padded features per forward program: loads in flight, no spills
-# Backward block size and grid, picked by `bench/kernels.py --sweep gln` (H200, D = 512 and 768).
+# Backward block size and grid: H200, D = 512 and 768, bf16 (`bench/kernels.py --sweep gln`, bench/RESULTS.md).
 _BWD_BLOCK_ELEMENTS = 8192
-_BWD_PROGRAMS_PER_SM = 1
+_BWD_PROGRAMS_PER_SM = 2
+_BWD_WARPS = None  # None: as the forward's, by feature dim
 _MAX_FEATURES = 2048
 # The kernels are not specialised on the row count (nor the backward on the number of groups
 # present), which change from batch to batch: Triton would compile a variant for each value's
@@ -157,6 +158,7 @@ def group_layer_norm_backward(grad_out, x, group, weight, eps: float) -> tuple[T
     if x.shape[0] == 0:
         return dx, torch.zeros_like(weight), torch.zeros_like(weight)
     block_r, block_d, warps = _blocks(n_cols, _BWD_BLOCK_ELEMENTS)
+    warps = _BWD_WARPS or warps
     slots = 4 if _INTERPRET else _BWD_PROGRAMS_PER_SM * multiprocessors(x.device.index)
     programs = max(1, min(slots, triton.cdiv(x.shape[0], block_r)))
     partial = torch.zeros(2, programs, n_groups, n_cols, dtype=torch.float32, device=x.device)
