@@ -156,8 +156,8 @@ class TokenBatch:
         """The batch on `device` with ONE host-to-device copy: every tensor packed into one byte
         buffer (`pack`), copied once, and viewed back (`unpack`). From the host to CUDA the pack
         goes straight into pinned memory from torch's caching host allocator: a pack into fresh
-        pageable memory then `pin_memory()` cost a second copy and the page faults of a new
-        buffer each step (3-35 ms for a 131K-token batch on the GPU host, bench/RESULTS.md)."""
+        pageable memory then `pin_memory()` cost a second host copy and the page faults of a new
+        buffer each step."""
         device = torch.device(device)
         tensors = self.tensors()
         if all(t.device == device for t in tensors):
