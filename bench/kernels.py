@@ -38,12 +38,12 @@ def _import_kernels():
         sys.modules["mtfm.kernels"] = module
         spec.loader.exec_module(module)
     from mtfm.kernels.group_layer_norm import group_layer_norm
-    from mtfm.kernels.hstu_attention import hstu_attention, hstu_target_attention
+    from mtfm.kernels.hstu_attention import hstu_attention, hstu_split_target_attention, hstu_target_attention
 
-    return hstu_attention, hstu_target_attention, group_layer_norm
+    return hstu_attention, hstu_target_attention, hstu_split_target_attention, group_layer_norm
 
 
-hstu_attention, hstu_target_attention, group_layer_norm = _import_kernels()
+hstu_attention, hstu_target_attention, hstu_split_target_attention, group_layer_norm = _import_kernels()
 
 ALPHA = 1.0 / 128 ** 0.5
 SCENARIOS = 3
@@ -98,7 +98,8 @@ def rel_err(a, b) -> float:
 
 
 def check_attention(length: int, hkv: int, d: int, device) -> dict:
-    """bf16 Triton vs float64 reference on two users: out, dq, dk, dv (full) and target."""
+    """bf16 Triton vs float64 reference on two users: out, dq, dk, dv (full), target, and split
+    target attention's output and gradients (dk_t, dv_t of the T rows' own keys)."""
     batch = make_batch(length, 2, 4, hkv, d, torch.bfloat16, device, seed=length + hkv + d)
     meta = (batch["offsets"], batch["kind"], batch["ts"])
     norm = float(length)
@@ -112,6 +113,13 @@ def check_attention(length: int, hkv: int, d: int, device) -> dict:
         q_t = q.detach()[rows].requires_grad_()
         out_t = hstu_target_attention(q_t, k, v, *meta, batch["target_offsets"], alpha=ALPHA, norm=norm, impl=impl)
         results[impl] = dict(out=out.detach(), dq=q.grad, dk=k.grad, dv=v.grad, target=out_t.detach())
+        half = {name: (t.detach().to(dtype).requires_grad_() if t.is_floating_point() else t)
+                for name, t in split_halves(batch).items()}
+        out_s = hstu_split_target_attention(**half, alpha=ALPHA, norm=norm, impl=impl)
+        out_s.backward(grad[rows].to(dtype))
+        results[impl].update(split=out_s.detach(), split_dq=half["q_t"].grad, split_dk_context=half["k_context"].grad,
+                             split_dv_context=half["v_context"].grad, split_dk_t=half["k_t"].grad,
+                             split_dv_t=half["v_t"].grad)
     return {name: rel_err(results["triton"][name], ref) for name, ref in results["reference"].items()}
 
 
@@ -196,25 +204,56 @@ SWEEP = {
              256: [(64, 64, 8, 2), (32, 64, 4, 2), (32, 64, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3), (64, 32, 8, 2),
                    (32, 128, 8, 2), (64, 64, 8, 1), (64, 128, 8, 1), (16, 64, 4, 3), (32, 32, 4, 3)]},
 }
+# Split target attention's backward (--sweep-targets): a key block meets a few query blocks (the
+# user's T rows), so smaller and differently shaped tiles are tried too.
+SPLIT_SWEEP = {
+    "dq": {128: [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2)],
+           256: [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 3), (32, 64, 4, 3),
+                 (32, 32, 4, 3)]},
+    "dkdv": {128: [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 8, 3)],
+             256: [(32, 32, 4, 3), (32, 64, 4, 2), (32, 64, 8, 2), (64, 64, 8, 2), (16, 64, 4, 3), (64, 32, 4, 2),
+                   (16, 128, 8, 2), (32, 128, 8, 1), (64, 64, 4, 2), (16, 32, 4, 3)]},
+}
 
 
-def sweep_configs(device, total_tokens, length: int = 4096, dims=(128, 256), hq: int = 4, hkv: int = 2) -> dict:
+def split_halves(batch) -> dict:
+    """make_batch's users as split target attention takes them: each user's last n_t rows (its T
+    rows) are the queries and the T half of the keys, the rest the context half. Keyword names of
+    `hstu_split_target_attention`, in the positional order of the Triton module's functions."""
+    length, n_t, users = batch["length"], batch["n_t"], batch["users"]
+    within = torch.arange(users * length, device=batch["k"].device) % length
+    context, target = (within < length - n_t).nonzero().squeeze(1), (within >= length - n_t).nonzero().squeeze(1)
+    return dict(q_t=batch["q"][target], k_context=batch["k"][context], v_context=batch["v"][context],
+                k_t=batch["k"][target], v_t=batch["v"][target],
+                context_offsets=batch["offsets"] - batch["target_offsets"], target_offsets=batch["target_offsets"],
+                context_kind=batch["kind"][context], context_ts=batch["ts"][context], target_ts=batch["ts"][target])
+
+
+def sweep_configs(device, total_tokens, length: int = 4096, dims=(128, 256), hq: int = 4, hkv: int = 2,
+                  targets: bool = False) -> dict:
     """Time each candidate block config at `length` tokens per user (the MTFM mix of make_batch)
-    and keep the fastest."""
+    and keep the fastest: of full attention, or with `targets` of split target attention's backward
+    (each user's 15% T rows the queries)."""
     from mtfm.kernels import hstu_attention_triton as kernels
 
     chosen = {}
     for d in dims:
         batch = make_batch(length, total_tokens // length, hq, hkv, d, torch.bfloat16, device, seed=3)
-        args = (batch["q"], batch["k"], batch["v"], batch["offsets"], batch["offsets"], batch["kind"], batch["ts"],
-                ALPHA, float(length))
-        grad = torch.randn_like(batch["q"])
-        runs = {"fwd": lambda: kernels.jagged_hstu_attention(*args),
-                "dq": lambda: kernels.jagged_hstu_attention_backward(grad, *args),
-                "dkdv": lambda: kernels.jagged_hstu_attention_backward(grad, *args)}
+        if targets:
+            half = split_halves(batch)
+            args = (*half.values(), ALPHA, float(length))
+            grad = torch.randn_like(half["q_t"])
+            runs = {name: lambda: kernels.jagged_split_target_attention_backward(grad, *args) for name in ("dkdv", "dq")}
+        else:
+            args = (batch["q"], batch["k"], batch["v"], batch["offsets"], batch["offsets"], batch["kind"],
+                    batch["ts"], ALPHA, float(length))
+            grad = torch.randn_like(batch["q"])
+            runs = {"fwd": lambda: kernels.jagged_hstu_attention(*args),
+                    "dq": lambda: kernels.jagged_hstu_attention_backward(grad, *args),
+                    "dkdv": lambda: kernels.jagged_hstu_attention_backward(grad, *args)}
         for name, fn in runs.items():
             times = {}
-            for config in SWEEP[name][d]:
+            for config in (SPLIT_SWEEP if targets else SWEEP)[name][d]:
                 kernels._CONFIGS[name][d] = config
                 try:
                     times[config] = do_bench(fn, warmup=5, rep=40, return_mode="median")
@@ -222,7 +261,8 @@ def sweep_configs(device, total_tokens, length: int = 4096, dims=(128, 256), hq:
                     print(f"sweep {name} d={d} {config}: {type(error).__name__}", flush=True)
             best = min(times, key=times.get)
             kernels._CONFIGS[name][d] = best
-            chosen[f"{name}_d{d}"] = dict(best=best, ms={str(c): t for c, t in times.items()})
+            chosen[f"{name}{'_split' if targets else ''}_d{d}_h{hq}_{hkv}"] = dict(
+                best=best, ms={str(c): t for c, t in times.items()})
             print(f"sweep {name} d={d}: " + ", ".join(f"{c}: {t:.3f}" for c, t in times.items()) + f" -> {best}",
                   flush=True)
     return chosen
@@ -296,8 +336,9 @@ def bench_gln(n, d, groups, device, mean_run=64) -> dict:
 
 def sweep_gln(device) -> dict:
     """Backward block size, programs per SM and warps for Group LayerNorm, timed on 131,072 rows
-    as the model has them under autocast (bfloat16 x and output gradient, runs of 64 tokens of one
-    of 8 groups) at D = 512 and 768; keeps the best summed over both."""
+    as the model has them under autocast (bfloat16 x and output gradient, float32 affine
+    parameters, runs of 64 tokens of one of 8 groups) at D = 512 and 768; keeps the best summed
+    over both."""
     from mtfm.kernels import group_layer_norm_triton as kernels
 
     n = 131072
@@ -305,7 +346,7 @@ def sweep_gln(device) -> dict:
     for d in (512, 768):
         inputs[d] = (torch.randn(n, d, device=device, dtype=torch.bfloat16),
                      torch.randn(n, d, device=device, dtype=torch.bfloat16), group_runs(n, 8, device, 64),
-                     torch.randn(8, d, device=device, dtype=torch.bfloat16))
+                     torch.randn(8, d, device=device, dtype=torch.float32))
     times = {}
     for elements in (4096, 8192):
         for per_sm in (1, 2, 4, 8):
@@ -389,6 +430,8 @@ def main():
     parser.add_argument("--sweep-dims", type=int, nargs="+", default=[128, 256], help="head dims the sweep tries")
     parser.add_argument("--sweep-heads", type=int, nargs=2, default=[4, 2], metavar=("HQ", "HKV"),
                         help="query and kv heads of the sweep's batch")
+    parser.add_argument("--sweep-targets", action="store_true",
+                        help="the attention sweep times split target attention's backward (T rows as queries)")
     parser.add_argument("--sweep-only", action="store_true", help="only the sweeps (no correctness checks, no tables)")
     parser.add_argument("--serving", action="store_true",
                         help="only the forward at serving sizes, keys split across programs or not")
@@ -426,7 +469,8 @@ def main():
     print(f"correctness checks {time.perf_counter() - t0:.0f} s", flush=True)
 
     if args.sweep in ("attention", "all"):
-        result["sweep"] = sweep_configs(device, args.tokens, args.sweep_length, args.sweep_dims, *args.sweep_heads)
+        result["sweep"] = sweep_configs(device, args.tokens, args.sweep_length, args.sweep_dims, *args.sweep_heads,
+                                        targets=args.sweep_targets)
     if args.sweep_only:
         if args.sweep in ("gln", "all"):
             result["sweep_gln"] = sweep_gln(device)

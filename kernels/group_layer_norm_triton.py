@@ -22,10 +22,13 @@ from .backends import multiprocessors
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MAX_BLOCK_ELEMENTS = 8192  # rows x padded features per forward program: loads in flight, no spills
-# Backward block size and grid: H200, D = 512 and 768, bf16 (`bench/kernels.py --sweep gln`, bench/RESULTS.md).
-_BWD_BLOCK_ELEMENTS = 8192
+# Backward block size, grid and warps: H200, D = 512 and 768, bf16 x and gradients as the model has
+# them under autocast (`bench/kernels.py --sweep gln`: 0.78 ms for both dims against 1.26 ms for 8192
+# elements and 8 warps, bench/RESULTS.md). Wider rows than the sweep's keep the forward's warps.
+_BWD_BLOCK_ELEMENTS = 4096
 _BWD_PROGRAMS_PER_SM = 2
-_BWD_WARPS = None  # None: as the forward's, by feature dim
+_BWD_WARPS = 4
+_BWD_SWEPT_FEATURES = 1024
 _MAX_FEATURES = 2048
 # The kernels are not specialised on the row count (nor the backward on the number of groups
 # present), which change from batch to batch: Triton would compile a variant for each value's
@@ -158,12 +161,13 @@ def group_layer_norm_backward(grad_out, x, group, weight, eps: float) -> tuple[T
     if x.shape[0] == 0:
         return dx, torch.zeros_like(weight), torch.zeros_like(weight)
     block_r, block_d, warps = _blocks(n_cols, _BWD_BLOCK_ELEMENTS)
-    warps = _BWD_WARPS or warps
+    warps = _BWD_WARPS if block_d <= _BWD_SWEPT_FEATURES else warps
     slots = 4 if _INTERPRET else _BWD_PROGRAMS_PER_SM * multiprocessors(x.device.index)
     programs = max(1, min(slots, triton.cdiv(x.shape[0], block_r)))
     partial = torch.zeros(2, programs, n_groups, n_cols, dtype=torch.float32, device=x.device)
     _gln_bwd_kernel[(programs,)](
         x, group, weight.contiguous(), grad_out, dx, partial[0], partial[1], x.shape[0], n_cols, n_groups,
-        x.stride(0), grad_out.stride(0), dx.stride(0), eps, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+        x.stride(0), grad_out.stride(0), dx.stride(0), eps, BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=warps,
     )
     return dx, partial[0].sum(0).to(weight.dtype), partial[1].sum(0).to(weight.dtype)

@@ -12,6 +12,9 @@ with M the dynamic mask (mask.py). `norm` is a constant so a T-token's output do
 depend on how many other T-tokens there are. Arithmetic is in float32 (float64 inputs stay
 float64); outputs take the input dtype. One user at a time: memory O(max L_b^2 * Hq).
 
+Split target attention (`jagged_split_target_attention`) takes a user's H and R keys and its T
+keys from two tensors; it is the merged axis's target attention, and is computed as such here.
+
 Backward, with dO the output gradient (GQA: dK, dV summed over the group's query heads):
     dV = P^T dO,   dS = (dO V^T) * M / norm * silu'(S) * alpha,   dQ = dS K,   dK = dS^T Q
 """
@@ -82,3 +85,52 @@ def jagged_hstu_attention_backward(
         dk[start:end] = dk_heads.reshape(length, hkv, rep, -1).sum(2)
         dv[start:end] = dv_heads.reshape(length, hkv, rep, -1).sum(2)
     return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _merged_order(context_offsets: Tensor, target_offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of the merged key axis (per user: its context rows, then its T rows) that hold the
+    context rows and the T rows, in their own orders."""
+    c_bounds, t_bounds = context_offsets.tolist(), target_offsets.tolist()
+    context_rows, target_rows, start = [], [], 0
+    for b in range(len(c_bounds) - 1):
+        n_c, n_t = c_bounds[b + 1] - c_bounds[b], t_bounds[b + 1] - t_bounds[b]
+        context_rows += range(start, start + n_c)
+        target_rows += range(start + n_c, start + n_c + n_t)
+        start += n_c + n_t
+    return tuple(torch.tensor(rows, dtype=torch.int64, device=context_offsets.device)
+                 for rows in (context_rows, target_rows))
+
+
+def _merge(context: Tensor, target: Tensor, context_rows: Tensor, target_rows: Tensor) -> Tensor:
+    merged = context.new_empty((context.shape[0] + target.shape[0],) + context.shape[1:])
+    merged[context_rows] = context
+    merged[target_rows] = target
+    return merged
+
+
+def _merged_inputs(k_context, v_context, k_t, v_t, context_offsets, target_offsets, context_kind, context_ts,
+                   target_ts):
+    context_rows, target_rows = _merged_order(context_offsets, target_offsets)
+    target_kind = torch.full_like(target_ts, 2, dtype=context_kind.dtype)
+    merged = [_merge(c, t, context_rows, target_rows) for c, t in
+              ((k_context, k_t), (v_context, v_t), (context_kind, target_kind), (context_ts, target_ts))]
+    return (*merged, context_offsets + target_offsets, context_rows, target_rows)
+
+
+def jagged_split_target_attention(q_t, k_context, v_context, k_t, v_t, context_offsets, target_offsets, context_kind,
+                                  context_ts, target_ts, alpha: float, norm: float) -> Tensor:
+    """Target attention with each user's H and R keys in k_context and its T keys in k_t (row for
+    row with q_t): the merged key axis's target attention, by definition."""
+    k, v, kind, ts, offsets, _, _ = _merged_inputs(k_context, v_context, k_t, v_t, context_offsets, target_offsets,
+                                                   context_kind, context_ts, target_ts)
+    return jagged_hstu_attention(q_t, k, v, offsets, target_offsets, kind, ts, alpha, norm)
+
+
+def jagged_split_target_attention_backward(grad_out, q_t, k_context, v_context, k_t, v_t, context_offsets,
+                                           target_offsets, context_kind, context_ts, target_ts, alpha: float,
+                                           norm: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq_t, dk_context, dv_context, dk_t, dv_t): the merged backward's rows, split."""
+    k, v, kind, ts, offsets, context_rows, target_rows = _merged_inputs(
+        k_context, v_context, k_t, v_t, context_offsets, target_offsets, context_kind, context_ts, target_ts)
+    dq, dk, dv = jagged_hstu_attention_backward(grad_out, q_t, k, v, offsets, target_offsets, kind, ts, alpha, norm)
+    return dq, dk[context_rows], dv[context_rows], dk[target_rows], dv[target_rows]

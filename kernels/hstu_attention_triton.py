@@ -21,6 +21,12 @@ and dQ, shaped like the forward. The backward does 7 tile products per visible t
 dO V^T are recomputed in both kernels) where the FLOP convention counts 5.
 Programs are laid out over the packed blocks of all users (no padding to the longest user).
 
+Split target attention (SPLIT) runs the same kernels with a user's keys in two places: its H and
+R rows in K, V (rows Offsets[b]:Offsets[b+1], their Kind and Ts) and its T rows, the queries, in
+KSelf, VSelf (row for row with Q; TsSelf their ts). Off the diagonal only the first half is read;
+the diagonal term reads the second, whose dK/dV is that term alone (`_self_dkdv_kernel`). In the
+merged layout KSelf, VSelf and TsSelf are K, V and Ts themselves.
+
 The kernels work with h = alpha * s / 2 for a score s = <q, k>, where
     silu(alpha * s) = h * (1 + tanh h),   d silu(x)/dx at x = alpha * s is (1 + tanh h)(1 + h - h tanh h) / 2,
 so one tanh per pair gives both (on the GPU the single-instruction tanh.approx for half inputs).
@@ -40,6 +46,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per kernel and head dim, for H100/H200.
 # Picked by `bench/kernels.py --sweep attention`: d=128 at 4K tokens per user (H100), d=256 at 1K
 # (H200; training batches average about 850 per user), d=64 not swept, by analogy.
+# Split target attention (a user's 50-300 T rows as queries) takes the same configs: swept on its
+# own at d=256 (`--sweep attention --sweep-targets`), its backward was fastest with these at Hq=2,
+# Hkv=1 and within 1.5% of the fastest at Hq=Hkv=3.
 _CONFIGS = {
     "fwd": {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (128, 64, 8, 2)},
     "dq": {64: (128, 32, 8, 3), 128: (128, 32, 8, 3), 256: (128, 32, 8, 3)},
@@ -49,13 +58,15 @@ _CONFIGS = {
 # H100/H200 lets one block use (227 KiB), so float32 there gets smaller tiles and one stage.
 _FP32_D256_CONFIGS = {"fwd": (64, 32, 4, 1), "dq": (64, 32, 4, 1), "dkdv": (32, 32, 4, 1)}
 _INTERPRET_CONFIG = (16, 16, 4, 1)
+# Rows per program of the T rows' own dK/dV with split keys (an elementwise pass over the rows).
+_SELF_BLOCK = 32
 # Arguments that change from batch to batch and that Triton would otherwise specialise on (an
 # integer on == 1 and on divisibility by 16, a pointer on 16-byte alignment), compiling a new
 # variant of every kernel for each combination met. The metadata tensors are views into the one
 # buffer of `TokenBatch.to`, so their alignment varies with the batch's sizes. Nothing gains from
 # those hints here: the counts drive loop bounds and searches, the metadata loads are gathers.
 # Q/K/V/grads (fresh allocations) and the strides (fixed by the head counts and dims) keep them.
-_PER_BATCH_ARGS = ["Offsets", "QOffsets", "Kind", "Ts", "num_users"]
+_PER_BATCH_ARGS = ["Offsets", "QOffsets", "Kind", "Ts", "TsSelf", "num_users"]
 
 
 def unsupported_reason(q: Tensor, v: Tensor) -> str | None:
@@ -122,7 +133,7 @@ def _find_user(ScheduleOffsets, num_users, pid, BLOCK: tl.constexpr, FANOUT: tl.
 
 
 @triton.jit
-def _user_block(pid, Offsets, QOffsets, Kind, num_users, ScheduleOffsets, BLOCK: tl.constexpr):
+def _user_block(pid, Offsets, QOffsets, Kind, num_users, ScheduleOffsets, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
     """This program's user b and block of rows, and the user's layout.
 
     Programs are scheduled over the rows that ScheduleOffsets packs (queries or keys): user b
@@ -131,7 +142,9 @@ def _user_block(pid, Offsets, QOffsets, Kind, num_users, ScheduleOffsets, BLOCK:
     no prefix sum on the host (grid: total rows // BLOCK + B). The kind of a user's tokens is
     ascending (H, R, T), so its H and H+R counts are searches too.
     Returns b, the block's first row, the key start and length, the query start and count,
-    the shift from a query's index to its key position (L_b - M_b), n_hist and n_hist + n_real.
+    the shift from a query's index to its key position (L_b - M_b), n_hist and n_hist + n_real,
+    and the row of the first query's own key (in K, or with SPLIT in the T rows' KSelf).
+    With SPLIT the key axis holds only the user's H and R rows (its T rows, the queries, come after).
     """
     b = _find_user(ScheduleOffsets, num_users, pid, BLOCK, 64)
     first = (pid - (tl.load(ScheduleOffsets + b) // BLOCK + b)) * BLOCK
@@ -140,8 +153,10 @@ def _user_block(pid, Offsets, QOffsets, Kind, num_users, ScheduleOffsets, BLOCK:
     q_start = tl.load(QOffsets + b)
     n_q = tl.load(QOffsets + b + 1) - q_start
     n_hist = _count_below(Kind + start, length, 1, 64)
+    if SPLIT:
+        return b, first, start, length, q_start, n_q, length, n_hist, length, q_start
     n_hr = _count_below(Kind + start, length, 2, 64)
-    return b, first, start, length, q_start, n_q, length - n_q, n_hist, n_hr
+    return b, first, start, length, q_start, n_q, length - n_q, n_hist, n_hr, start + length - n_q
 
 
 @triton.jit
@@ -171,17 +186,17 @@ def _fwd_tiles(acc, q, ts_q, k_base, v_base, ts_base, lo, hi, n_hist, stride_kn,
 
 @triton.jit(do_not_specialize=_PER_BATCH_ARGS)
 def _fwd_kernel(
-    Q, K, V, Out, Offsets, QOffsets, Kind, Ts, num_users,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh, stride_os,
-    half_alpha, inv_norm,
+    Q, K, V, KSelf, VSelf, Out, Offsets, QOffsets, Kind, Ts, TsSelf, num_users,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_ksn, stride_ksh, stride_vsn, stride_vsh,
+    stride_on, stride_oh, stride_os, half_alpha, inv_norm,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    KEY_SPLITS: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
+    KEY_SPLITS: tl.constexpr, SPLIT: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
-    b, m0, start, length, q_start, n_q, shift, n_hist, n_hr = _user_block(
-        pid, Offsets, QOffsets, Kind, num_users, QOffsets, BLOCK_M)
+    b, m0, start, length, q_start, n_q, shift, n_hist, n_hr, self_start = _user_block(
+        pid, Offsets, QOffsets, Kind, num_users, QOffsets, BLOCK_M, SPLIT)
     if m0 >= n_q:
         return
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -189,8 +204,9 @@ def _fwd_kernel(
     offs_dv = tl.arange(0, DV)
     rows = offs_m < n_q
     pos_q = shift + offs_m
-    ts_q = tl.load(Ts + start + pos_q, mask=rows, other=0)
-    max_ts = tl.max(tl.where(rows, ts_q, tl.load(Ts + start + shift + m0)))
+    self_rows = self_start + offs_m
+    ts_q = tl.load(TsSelf + self_rows, mask=rows, other=0)
+    max_ts = tl.max(tl.where(rows, ts_q, tl.load(TsSelf + self_start + m0)))
     kend = n_hist + _count_below(Ts + start + n_hist, n_hr - n_hist, max_ts, 64)
     hist_end = (n_hist // BLOCK_N) * BLOCK_N
 
@@ -214,8 +230,10 @@ def _fwd_kernel(
                      stride_vn, half_alpha, BLOCK_N, D, DV, True, FAST, PRECISION)
     if split == 0:
         on_diagonal = rows & (pos_q >= n_hist)
-        k_self = tl.load(k_base + pos_q[:, None] * stride_kn + offs_d[None, :], mask=on_diagonal[:, None], other=0.0)
-        v_self = tl.load(v_base + pos_q[:, None] * stride_vn + offs_dv[None, :], mask=on_diagonal[:, None], other=0.0)
+        k_self = tl.load(KSelf + self_rows[:, None] * stride_ksn + kv * stride_ksh + offs_d[None, :],
+                         mask=on_diagonal[:, None], other=0.0)
+        v_self = tl.load(VSelf + self_rows[:, None] * stride_vsn + kv * stride_vsh + offs_dv[None, :],
+                         mask=on_diagonal[:, None], other=0.0)
         h_self = tl.sum(q.to(tl.float32) * k_self.to(tl.float32), axis=1) * half_alpha
         acc += (h_self + h_self * _tanh(h_self, FAST))[:, None] * v_self.to(tl.float32)
     # With key splits, Out is the float32 partial sums (KEY_SPLITS, Nq, Hq, DV), summed by the caller.
@@ -252,16 +270,17 @@ def _dq_tiles(dq, q, do, ts_q, k_base, v_base, ts_base, lo, hi, n_hist, stride_k
 
 @triton.jit(do_not_specialize=_PER_BATCH_ARGS)
 def _dq_kernel(
-    Q, K, V, DO, DQ, Offsets, QOffsets, Kind, Ts, num_users,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
-    stride_dqn, stride_dqh, stride_dkn, stride_dkh, stride_dvn, stride_dvh, half_alpha, inv_norm,
+    Q, K, V, KSelf, VSelf, DO, DQ, Offsets, QOffsets, Kind, Ts, TsSelf, num_users,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_ksn, stride_ksh, stride_vsn, stride_vsh,
+    stride_don, stride_doh, stride_dqn, stride_dqh, stride_dkn, stride_dkh, stride_dvn, stride_dvh,
+    half_alpha, inv_norm,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    FAST: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
-    b, m0, start, length, q_start, n_q, shift, n_hist, n_hr = _user_block(
-        pid, Offsets, QOffsets, Kind, num_users, QOffsets, BLOCK_M)
+    b, m0, start, length, q_start, n_q, shift, n_hist, n_hr, self_start = _user_block(
+        pid, Offsets, QOffsets, Kind, num_users, QOffsets, BLOCK_M, SPLIT)
     if m0 >= n_q:
         return
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -269,8 +288,9 @@ def _dq_kernel(
     offs_dv = tl.arange(0, DV)
     rows = offs_m < n_q
     pos_q = shift + offs_m
-    ts_q = tl.load(Ts + start + pos_q, mask=rows, other=0)
-    max_ts = tl.max(tl.where(rows, ts_q, tl.load(Ts + start + shift + m0)))
+    self_rows = self_start + offs_m
+    ts_q = tl.load(TsSelf + self_rows, mask=rows, other=0)
+    max_ts = tl.max(tl.where(rows, ts_q, tl.load(TsSelf + self_start + m0)))
     kend = n_hist + _count_below(Ts + start + n_hist, n_hr - n_hist, max_ts, 64)
     hist_end = (n_hist // BLOCK_N) * BLOCK_N
 
@@ -287,9 +307,10 @@ def _dq_kernel(
     dq = _dq_tiles(dq, q, do, ts_q, k_base, v_base, Ts + start, hist_end, kend, n_hist, stride_kn, stride_vn,
                    half_alpha, BLOCK_N, D, DV, True, FAST, PRECISION)
     on_diagonal = rows & (pos_q >= n_hist)
-    k_self = tl.load(k_base + pos_q[:, None] * stride_kn + offs_d[None, :], mask=on_diagonal[:, None], other=0.0)
-    v_self = tl.load(v_base + pos_q[:, None] * stride_vn + offs_dv[None, :], mask=on_diagonal[:, None], other=0.0)
-    k_self = k_self.to(tl.float32)
+    k_self = tl.load(KSelf + self_rows[:, None] * stride_ksn + kv * stride_ksh + offs_d[None, :],
+                     mask=on_diagonal[:, None], other=0.0).to(tl.float32)
+    v_self = tl.load(VSelf + self_rows[:, None] * stride_vsn + kv * stride_vsh + offs_dv[None, :],
+                     mask=on_diagonal[:, None], other=0.0)
     h_self = tl.sum(q.to(tl.float32) * k_self, axis=1) * half_alpha
     dp_self = tl.sum(do.to(tl.float32) * v_self.to(tl.float32), axis=1)
     t = _tanh(h_self, FAST)
@@ -327,16 +348,19 @@ def _dkdv_tiles(dk, dv, k, v, keys, ts_k, q_base, do_base, ts_q_base, n_q, n_his
 
 @triton.jit(do_not_specialize=_PER_BATCH_ARGS)
 def _dkdv_kernel(
-    Q, K, V, DO, DK, DV_, Offsets, QOffsets, Kind, Ts, num_users,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_don, stride_doh,
-    stride_dqn, stride_dqh, stride_dkn, stride_dkh, stride_dvn, stride_dvh, half_alpha, inv_norm,
+    Q, K, V, KSelf, VSelf, DO, DK, DV_, Offsets, QOffsets, Kind, Ts, TsSelf, num_users,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_ksn, stride_ksh, stride_vsn, stride_vsh,
+    stride_don, stride_doh, stride_dqn, stride_dqh, stride_dkn, stride_dkh, stride_dvn, stride_dvh,
+    half_alpha, inv_norm,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    FAST: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """dK and dV of the keys in K (with SPLIT, the H and R rows only: the T rows' own terms are
+    `_self_dkdv_kernel`'s)."""
     pid = tl.program_id(0)
     kv = tl.program_id(1)
-    b, n0, start, length, q_start, n_q, shift, n_hist, n_hr = _user_block(
-        pid, Offsets, QOffsets, Kind, num_users, Offsets, BLOCK_N)
+    b, n0, start, length, q_start, n_q, shift, n_hist, n_hr, self_start = _user_block(
+        pid, Offsets, QOffsets, Kind, num_users, Offsets, BLOCK_N, SPLIT)
     if n0 >= length:
         return
     offs_d = tl.arange(0, D)
@@ -352,7 +376,7 @@ def _dkdv_kernel(
     dv = tl.zeros((BLOCK_N, DV), dtype=tl.float32)
     # T keys are seen by no query but themselves: such a block skips the query loop.
     n_q_seen = tl.where(n0 < n_hr, n_q, 0)
-    on_diagonal = key_ok & (keys >= n_hist) & (keys >= shift)
+    on_diagonal = key_ok & (keys >= n_hist) & (keys >= shift)  # never with SPLIT (shift = length)
     self_rows = q_start + keys - shift
     k_self = k.to(tl.float32)
     v_self = v.to(tl.float32)
@@ -361,24 +385,67 @@ def _dkdv_kernel(
         q_base = Q + q_start * stride_qn + h * stride_qh
         do_base = DO + q_start * stride_don + h * stride_doh
         if n0 + BLOCK_N <= n_hist:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, keys, ts_k, q_base, do_base, Ts + start + shift, n_q_seen,
-                                 n_hist, n_hr, stride_qn, stride_don, half_alpha, BLOCK_M, D, DV, False, FAST, PRECISION)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, keys, ts_k, q_base, do_base, TsSelf + self_start, n_q_seen,
+                                 n_hist, n_hr, stride_qn, stride_don, half_alpha, BLOCK_M, D, DV, False, FAST,
+                                 PRECISION)
         else:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, keys, ts_k, q_base, do_base, Ts + start + shift, n_q_seen,
+            dk, dv = _dkdv_tiles(dk, dv, k, v, keys, ts_k, q_base, do_base, TsSelf + self_start, n_q_seen,
                                  n_hist, n_hr, stride_qn, stride_don, half_alpha, BLOCK_M, D, DV, True, FAST, PRECISION)
-        q_self = tl.load(Q + self_rows[:, None] * stride_qn + h * stride_qh + offs_d[None, :],
-                         mask=on_diagonal[:, None], other=0.0).to(tl.float32)
-        do_self = tl.load(DO + self_rows[:, None] * stride_don + h * stride_doh + offs_dv[None, :],
-                          mask=on_diagonal[:, None], other=0.0).to(tl.float32)
-        h_self = tl.sum(q_self * k_self, axis=1) * half_alpha
-        t = _tanh(h_self, FAST)
-        dv += (h_self + h_self * t)[:, None] * do_self
-        dp_self = tl.sum(do_self * v_self, axis=1)
-        dk += (dp_self * (1.0 + t) * (1.0 + h_self - h_self * t))[:, None] * q_self
+        if not SPLIT:
+            dk, dv = _self_dkdv(dk, dv, k_self, v_self, Q, DO, self_rows, on_diagonal, h, stride_qn, stride_qh,
+                                stride_don, stride_doh, half_alpha, D, DV, FAST)
     tl.store(DK + (start + keys)[:, None] * stride_dkn + kv * stride_dkh + offs_d[None, :],
              (dk * (half_alpha * inv_norm)).to(DK.dtype.element_ty), mask=key_ok[:, None])
     tl.store(DV_ + (start + keys)[:, None] * stride_dvn + kv * stride_dvh + offs_dv[None, :],
              (dv * inv_norm).to(DV_.dtype.element_ty), mask=key_ok[:, None])
+
+
+@triton.jit
+def _self_dkdv(dk, dv, k_self, v_self, Q, DO, self_rows, on_diagonal, h, stride_qn, stride_qh, stride_don, stride_doh,
+               half_alpha, D: tl.constexpr, DV: tl.constexpr, FAST: tl.constexpr):
+    """Adds query head h's diagonal terms (a query row meets its own key) to dk, dv of the key rows
+    whose queries are at self_rows of Q and DO (where on_diagonal)."""
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    q_self = tl.load(Q + self_rows[:, None] * stride_qn + h * stride_qh + offs_d[None, :],
+                     mask=on_diagonal[:, None], other=0.0).to(tl.float32)
+    do_self = tl.load(DO + self_rows[:, None] * stride_don + h * stride_doh + offs_dv[None, :],
+                      mask=on_diagonal[:, None], other=0.0).to(tl.float32)
+    h_self = tl.sum(q_self * k_self, axis=1) * half_alpha
+    t = _tanh(h_self, FAST)
+    dv += (h_self + h_self * t)[:, None] * do_self
+    dp_self = tl.sum(do_self * v_self, axis=1)
+    dk += (dp_self * (1.0 + t) * (1.0 + h_self - h_self * t))[:, None] * q_self
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _self_dkdv_kernel(
+    Q, KSelf, VSelf, DO, DK, DV_, num_rows,
+    stride_qn, stride_qh, stride_ksn, stride_ksh, stride_vsn, stride_vsh, stride_don, stride_doh,
+    stride_dkn, stride_dkh, stride_dvn, stride_dvh, half_alpha, inv_norm,
+    GROUP: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, FAST: tl.constexpr,
+):
+    """dK and dV of the T rows with SPLIT: a T key is seen only by its own query (the same row of
+    Q), so each row's gradient is its diagonal terms summed over the kv head's query heads."""
+    kv = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < num_rows
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    k_self = tl.load(KSelf + rows[:, None] * stride_ksn + kv * stride_ksh + offs_d[None, :], mask=ok[:, None],
+                     other=0.0).to(tl.float32)
+    v_self = tl.load(VSelf + rows[:, None] * stride_vsn + kv * stride_vsh + offs_dv[None, :], mask=ok[:, None],
+                     other=0.0).to(tl.float32)
+    dk = tl.zeros((BLOCK, D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK, DV), dtype=tl.float32)
+    for hh in range(GROUP):
+        dk, dv = _self_dkdv(dk, dv, k_self, v_self, Q, DO, rows, ok, kv * GROUP + hh, stride_qn, stride_qh,
+                            stride_don, stride_doh, half_alpha, D, DV, FAST)
+    tl.store(DK + rows[:, None] * stride_dkn + kv * stride_dkh + offs_d[None, :],
+             (dk * (half_alpha * inv_norm)).to(DK.dtype.element_ty), mask=ok[:, None])
+    tl.store(DV_ + rows[:, None] * stride_dvn + kv * stride_dvh + offs_dv[None, :],
+             (dv * inv_norm).to(DV_.dtype.element_ty), mask=ok[:, None])
 
 
 def _launch_params(kernel_name: str, q: Tensor) -> tuple[tuple[int, int, int, int], dict]:
@@ -396,7 +463,20 @@ def jagged_hstu_attention(q, k, v, offsets, q_offsets, kind, ts, alpha: float, n
                           key_splits: int | None = None) -> Tensor:
     """key_splits: programs per (query block, head) over the keys (None: `_key_splits` picks);
     their float32 partial outputs are summed here."""
-    q, k, v = _rows(q), _rows(k), _rows(v)
+    return _forward(q, k, v, k, v, offsets, q_offsets, kind, ts, ts, alpha, norm, False, key_splits)
+
+
+def jagged_split_target_attention(q_t, k_context, v_context, k_t, v_t, context_offsets, target_offsets,
+                                  context_kind, context_ts, target_ts, alpha: float, norm: float,
+                                  key_splits: int | None = None) -> Tensor:
+    """Target attention with each user's keys in two places: its H and R rows in k_context (rows
+    context_offsets[b]:context_offsets[b+1]) and its T rows in k_t, row for row with q_t."""
+    return _forward(q_t, k_context, v_context, k_t, v_t, context_offsets, target_offsets, context_kind, context_ts,
+                    target_ts, alpha, norm, True, key_splits)
+
+
+def _forward(q, k, v, k_self, v_self, offsets, q_offsets, kind, ts, ts_self, alpha, norm, split, key_splits):
+    q, k, v, k_self, v_self = (_rows(t) for t in (q, k, v, k_self, v_self))
     out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
     if q.shape[0] == 0:
         return out
@@ -407,14 +487,19 @@ def jagged_hstu_attention(q, k, v, offsets, q_offsets, kind, ts, alpha: float, n
         key_splits = _key_splits(query_blocks * q.shape[1], k.shape[0] // max(users, 1), block_n, q.device)
     dest = out if key_splits == 1 else torch.empty((key_splits,) + out.shape, dtype=torch.float32, device=q.device)
     _fwd_kernel[(query_blocks, q.shape[1], key_splits)](
-        q, k, v, dest, offsets, q_offsets, kind, ts, users,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        q, k, v, k_self, v_self, dest, offsets, q_offsets, kind, ts, ts_self, users,
+        *_head_strides(q, k, v, k_self, v_self),
         dest.stride(-3), dest.stride(-2), dest.stride(0) if key_splits > 1 else 0,
         0.5 * alpha, 1.0 / norm,
         GROUP=q.shape[1] // k.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, D=q.shape[2], DV=v.shape[2],
-        KEY_SPLITS=key_splits, num_warps=warps, num_stages=stages, **flags,
+        KEY_SPLITS=key_splits, SPLIT=split, num_warps=warps, num_stages=stages, **flags,
     )
     return out if key_splits == 1 else dest.sum(0).to(q.dtype)
+
+
+def _head_strides(*tensors: Tensor) -> tuple[int, ...]:
+    """The row and head strides of each (rows, heads, dim) tensor, in order."""
+    return tuple(stride for t in tensors for stride in t.stride()[:2])
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -444,26 +529,51 @@ def _key_splits(programs: int, keys_per_user: int, block_n: int, device: torch.d
 def jagged_hstu_attention_backward(
     grad_out, q, k, v, offsets, q_offsets, kind, ts, alpha: float, norm: float
 ) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(grad_out, q, k, v, None, None, offsets, q_offsets, kind, ts, ts, alpha, norm)
+
+
+def jagged_split_target_attention_backward(
+    grad_out, q_t, k_context, v_context, k_t, v_t, context_offsets, target_offsets, context_kind, context_ts,
+    target_ts, alpha: float, norm: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq_t, dk_context, dv_context, dk_t, dv_t)."""
+    return _backward(grad_out, q_t, k_context, v_context, k_t, v_t, context_offsets, target_offsets, context_kind,
+                     context_ts, target_ts, alpha, norm)
+
+
+def _backward(grad_out, q, k, v, k_self, v_self, offsets, q_offsets, kind, ts, ts_self, alpha, norm):
+    """With k_self None, the merged layout: (dq, dk, dv); else (dq, dk, dv, dk_self, dv_self)."""
+    split = k_self is not None
     q, k, v, grad_out = _rows(q), _rows(k), _rows(v), _rows(grad_out)
-    dq, dk, dv = (t.new_empty(t.shape) for t in (q, k, v))
-    if k.shape[0] == 0:
-        return dq, dk, dv
+    k_self, v_self = (_rows(k_self), _rows(v_self)) if split else (k, v)
+    grads = [t.new_empty(t.shape) for t in ((q, k, v, k_self, v_self) if split else (q, k, v))]
+    dq, dk, dv = grads[:3]
     users = offsets.shape[0] - 1
     group = q.shape[1] // k.shape[1]
-    args = (offsets, q_offsets, kind, ts, users,
-            *(stride for t in (q, k, v, grad_out, dq, dk, dv) for stride in t.stride()[:2]), 0.5 * alpha, 1.0 / norm)
-    (block_m, block_n, warps, stages), flags = _launch_params("dkdv", q)
-    _dkdv_kernel[(k.shape[0] // block_n + users, k.shape[1])](
-        q, k, v, grad_out, dk, dv, *args,
-        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, D=q.shape[2], DV=v.shape[2],
-        num_warps=warps, num_stages=stages, **flags,
-    )
+    strides = _head_strides(q, k, v, k_self, v_self, grad_out, dq, dk, dv)
+    args = (offsets, q_offsets, kind, ts, ts_self, users, *strides, 0.5 * alpha, 1.0 / norm)
+    if k.shape[0] > 0:
+        (block_m, block_n, warps, stages), flags = _launch_params("dkdv", q)
+        _dkdv_kernel[(k.shape[0] // block_n + users, k.shape[1])](
+            q, k, v, k_self, v_self, grad_out, dk, dv, *args,
+            GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, D=q.shape[2], DV=v.shape[2], SPLIT=split,
+            num_warps=warps, num_stages=stages, **flags,
+        )
     if q.shape[0] == 0:
-        return dq, dk, dv
+        return tuple(grads)
+    if split:
+        dk_self, dv_self = grads[3:]
+        _, flags = _launch_params("dkdv", q)
+        block = 16 if _INTERPRET else _SELF_BLOCK
+        _self_dkdv_kernel[(triton.cdiv(q.shape[0], block), k.shape[1])](
+            q, k_self, v_self, grad_out, dk_self, dv_self, q.shape[0],
+            *_head_strides(q, k_self, v_self, grad_out, dk_self, dv_self), 0.5 * alpha, 1.0 / norm,
+            GROUP=group, BLOCK=block, D=q.shape[2], DV=v.shape[2], FAST=flags["FAST"], num_warps=4,
+        )
     (block_m, block_n, warps, stages), flags = _launch_params("dq", q)
     _dq_kernel[(q.shape[0] // block_m + users, q.shape[1])](
-        q, k, v, grad_out, dq, *args,
-        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, D=q.shape[2], DV=v.shape[2],
+        q, k, v, k_self, v_self, grad_out, dq, *args,
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, D=q.shape[2], DV=v.shape[2], SPLIT=split,
         num_warps=warps, num_stages=stages, **flags,
     )
-    return dq, dk, dv
+    return tuple(grads)

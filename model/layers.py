@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtfm.kernels.group_layer_norm import group_layer_norm
-from mtfm.kernels.hstu_attention import hstu_attention, hstu_target_attention
+from mtfm.kernels.hstu_attention import hstu_attention, hstu_split_target_attention
 
 from .batch import TokenBatch
 from .context_kv import context_keys_values
-from .token_split import TokenSplit, interleave_rows
+from .token_split import SplitKeys, TokenSplit
 
 LAYER_KINDS = ("full", "target")
 
@@ -94,13 +94,13 @@ class GroupLayerNorm(nn.Module):
         """x (N, D), group (N,) indices into group_names -> (N, D)."""
         if not group_names:  # no group present means no rows
             return x
-        return group_layer_norm(x, group, *self.affine(group_names, x.dtype), eps=self.eps, impl=self.impl)
+        return group_layer_norm(x, group, *self.affine(group_names), eps=self.eps, impl=self.impl)
 
-    def affine(self, group_names: tuple[str, ...], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """The (G, D) weight and bias of `group_names` in `dtype` (the kernel wants x's dtype, which
-        autocast makes low precision): one stack and at most one cast, as the step is host-bound."""
+    def affine(self, group_names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+        """The (G, D) weight and bias of `group_names`, in the parameters' dtype (the op takes them in
+        any float dtype beside a low-precision x, so autocast costs no casts here): one stack."""
         affine = torch.stack([self.weight[g] for g in group_names] + [self.bias[g] for g in group_names])
-        return (affine if affine.dtype == dtype else affine.to(dtype)).split(len(group_names))
+        return affine.split(len(group_names))
 
 
 class HSTULayer(nn.Module):
@@ -136,13 +136,12 @@ class HSTULayer(nn.Module):
         """(Y, K, V): the layer's output and the keys/values it computed for every token, for a
         full layer or a batch without T-tokens (a target layer then passes x through)."""
         h = self.input_norm(x, ctx.group, ctx.group_names)
-        k, v = self.keys_values(h)
         if self.kind == "full":
-            q, u = self.queries_gates(h)
-            return x + self.gated_output(self.attention(q, k, v, ctx) * u, ctx), k, v
+            q, u, k, v = self.projections(h)
+            return x + self.gated_output(self.attention(q, k, v, ctx) * u, ctx.group, ctx.group_names), k, v
         if ctx.target_group_names:
             raise ValueError("forward_with_kv: a target layer on a batch with T-tokens; call forward")
-        return x, k, v
+        return x, *self.keys_values(h)
 
     def forward_target_rows(self, x_context: Tensor, x_t: Tensor, split: TokenSplit, ctx: JaggedContext,
                             context_kv: Tensor | None = None) -> Tensor:
@@ -151,37 +150,49 @@ class HSTULayer(nn.Module):
 
         A target layer leaves the H and R rows as they are, so the stack hands every layer of a
         run of target layers the same x_context and carries only x_t: no full-size residual
-        update per layer, and autograd keeps one copy of the H and R rows for the whole run.
+        update per layer, and autograd keeps one copy of the H and R rows for the whole run. The
+        keys and values stay in the two halves too (split target attention): nothing is merged.
         With `recompute_context`, the H/R rows' normalised input and K/V pre-activation are not kept
         for backward either (`context_keys_values` recomputes them from x_context).
         context_kv: if given, (2, N - NT, Hkv, dh), receives the H and R rows' keys and values."""
         norm = self.input_norm
-        h_t = norm(x_t, split.target_group, ctx.group_names)
+        affine = norm.affine(ctx.group_names)  # once for both halves
         # Under torch.compile the plain path is traced: the Function calls the GLN implementation
         # directly, not through the op that compile knows.
         if self.recompute_context and not torch.compiler.is_compiling():
-            kv = context_keys_values(x_context, h_t, *norm.affine(ctx.group_names, x_context.dtype),
-                                     self.key_value.weight, self.key_value.bias, split, eps=norm.eps, impl=norm.impl)
-            k, v = self.heads_of_keys_values(kv)
+            kv_context = context_keys_values(x_context, split.context_group, *affine, self.key_value.weight,
+                                             self.key_value.bias, eps=norm.eps, impl=norm.impl)
+            k_context, v_context = self.heads_of_keys_values(kv_context)
         else:
-            k, v = self.keys_values(split.merge(norm(x_context, split.context_group, ctx.group_names), h_t))
+            k_context, v_context = self.keys_values(
+                group_layer_norm(x_context, split.context_group, *affine, eps=norm.eps, impl=norm.impl))
         if context_kv is not None:
-            _keep_context_rows(context_kv, k, v, split)
-        q, u = self.queries_gates(h_t)
-        attended = self.attention(q, k, v, ctx, targets_only=True)
-        return x_t + self.gated_output(attended * u, ctx, targets_only=True).to(x_t.dtype)
+            context_kv[0].copy_(k_context)
+            context_kv[1].copy_(v_context)
+        h_t = group_layer_norm(x_t, split.target_group, *affine, eps=norm.eps, impl=norm.impl)
+        return self.target_rows_update(x_t, h_t, k_context, v_context, split.keys, ctx.target_group,
+                                       ctx.target_group_names)
 
-    def forward_targets(self, x_t: Tensor, k_context: Tensor, v_context: Tensor, merge: "KeyMerge") -> Tensor:
+    def forward_targets(self, x_t: Tensor, k_context: Tensor, v_context: Tensor, keys: SplitKeys,
+                        target_group: Tensor, target_group_names: tuple[str, ...]) -> Tensor:
         """T rows only, against keys/values of H and R tokens computed earlier (`forward_with_kv`
         on the same users without T-tokens): x_t (NT, d_model) -> (NT, d_model). Equal to the T
-        rows of `forward` (either kind) on the batch holding both, since H and R never see T."""
-        ctx = merge.ctx
-        h_t = self.input_norm(x_t, ctx.target_group, ctx.target_group_names)
-        k_t, v_t = self.keys_values(h_t)
-        k, v = merge(k_context, k_t), merge(v_context, v_t)
-        q, u = self.queries_gates(h_t)
-        attended = self.attention(q, k, v, ctx, targets_only=True)
-        return x_t + self.gated_output(attended * u, ctx, targets_only=True).to(x_t.dtype)
+        rows of `forward` (either kind) on the batch holding both, since H and R never see T.
+        target_group (NT,) indexes target_group_names, the scenarios: groups of both GLNs."""
+        h_t = self.input_norm(x_t, target_group, target_group_names)
+        return self.target_rows_update(x_t, h_t, k_context, v_context, keys, target_group, target_group_names)
+
+    def target_rows_update(self, x_t: Tensor, h_t: Tensor, k_context: Tensor, v_context: Tensor, keys: SplitKeys,
+                           target_group: Tensor, target_group_names: tuple[str, ...]) -> Tensor:
+        """x_t plus the layer's update of the T rows, from their normalised input h_t and the H and
+        R rows' keys and values: the T rows' own keys and values are computed here and kept apart.
+        target_group (NT,) indexes target_group_names, the output GLN's groups (the scenarios)."""
+        q, u, k_t, v_t = self.projections(h_t)
+        a = self.attn
+        attended = hstu_split_target_attention(q, k_context, v_context, k_t, v_t, keys.context_offsets,
+                                               keys.context_kind, keys.context_ts, keys.target_offsets,
+                                               keys.target_ts, alpha=a.alpha, norm=a.norm, impl=a.impl)
+        return x_t + self.gated_output(attended * u, target_group, target_group_names).to(x_t.dtype)
 
     def keys_values(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """K, V (N, Hkv, dh) from the normalised input h (N, d_model)."""
@@ -194,37 +205,28 @@ class HSTULayer(nn.Module):
         k, v = kv.view(-1, 2 * a.num_kv_heads, a.head_dim).chunk(2, dim=1)
         return k, v
 
-    def queries_gates(self, h_q: Tensor) -> tuple[Tensor, Tensor]:
-        """Q and U, (Nq, Hq, dh) each, views into the activations of the queries' projection."""
+    def projections(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Q, U (N, Hq, dh) and K, V (N, Hkv, dh) from the normalised input h (N, d_model): both
+        projections in one matmul, views into its activations. One matmul, one silu and one bias
+        sum where two projections took two of each (and their backwards): the target-heavy steps
+        are host-bound."""
         a = self.attn
-        q, u = F.silu(self.query_gate(h_q)).view(-1, 2 * a.num_heads, a.head_dim).chunk(2, dim=1)
-        return q, u
+        weight = torch.cat([self.query_gate.weight, self.key_value.weight])
+        bias = torch.cat([self.query_gate.bias, self.key_value.bias])
+        qu, kv = F.silu(F.linear(h, weight, bias)).split([self.query_gate.out_features, self.key_value.out_features], 1)
+        q, u = qu.view(-1, 2 * a.num_heads, a.head_dim).chunk(2, dim=1)
+        k, v = self.heads_of_keys_values(kv)
+        return q, u, k, v
 
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, ctx: JaggedContext, targets_only: bool = False) -> Tensor:
-        """A (Nq, Hq, dh) for the queries q: every token, or the T-tokens in target_index order."""
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, ctx: JaggedContext) -> Tensor:
+        """A (N, Hq, dh): full attention, every token a query."""
         a = self.attn
-        if targets_only:
-            return hstu_target_attention(q, k, v, ctx.offsets, ctx.kind, ctx.ts, ctx.target_offsets,
-                                         alpha=a.alpha, norm=a.norm, impl=a.impl)
         return hstu_attention(q, k, v, ctx.offsets, ctx.kind, ctx.ts, alpha=a.alpha, norm=a.norm, impl=a.impl)
 
-    def gated_output(self, gated: Tensor, ctx: JaggedContext, targets_only: bool = False) -> Tensor:
-        """W_o dropout(GLN_2(A * U)) for the queries' gated attention A * U (Nq, Hq, dh)."""
-        group, group_names = (ctx.target_group, ctx.target_group_names) if targets_only else (ctx.group,
-                                                                                             ctx.group_names)
+    def gated_output(self, gated: Tensor, group: Tensor, group_names: tuple[str, ...]) -> Tensor:
+        """W_o dropout(GLN_2(A * U)) for the queries' gated attention A * U (Nq, Hq, dh), the
+        queries' output-GLN groups `group` indexing group_names."""
         return self.output(self.dropout(self.output_norm(gated.flatten(1), group, group_names)))
-
-
-class KeyMerge:
-    """Interleaves per-user context rows (H, R) and target rows into one jagged key axis:
-    user b's merged rows are its context rows, then its target rows. `ctx` describes the
-    merged axis (its T-tokens are the targets)."""
-
-    def __init__(self, ctx: JaggedContext, context_index: Tensor, target_index: Tensor):
-        self.ctx, self.context_index, self.target_index = ctx, context_index, target_index
-
-    def __call__(self, context_rows: Tensor, target_rows: Tensor) -> Tensor:
-        return interleave_rows(self.context_index, self.target_index, context_rows, target_rows)
 
 
 class HTAStack(nn.Module):

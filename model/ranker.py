@@ -18,14 +18,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mtfm.kernels.mask import TokenKind
 from mtfm.platform.registry import Registry
 
 from .batch import TokenBatch
 from .config import ModelConfig, restrict_registry
-from .layers import JaggedContext, KeyMerge, compact_groups
+from .layers import JaggedContext, compact_groups
 from .mtfm import MTFM
-from .token_split import context_rows, interleave_rows
+from .token_split import SplitKeys, context_rows
 
 
 @dataclass
@@ -124,34 +123,12 @@ class ScenarioRanker(MTFM):
             raise ValueError("score_candidates: the batch's users differ from those of the encoded user side")
         if not batch.num_targets:
             return torch.zeros(0, len(self.task_names), device=batch.device)
-        merge = self._key_merge(user, batch)
+        keys = SplitKeys(user.offsets, user.kind, user.ts, batch.target_offsets, batch.ts[batch.target_index])
+        target_group = torch.zeros_like(batch.target_index)  # one scenario
         x_t = self.tokenizer.group_tokens(batch, self.scenario)  # one scenario: its rows are target_index
         for layer, kv in zip(self.stack.layers, user.kv):
-            x_t = layer.forward_targets(x_t, kv[0], kv[1], merge)
+            x_t = layer.forward_targets(x_t, kv[0], kv[1], keys, target_group, (self.scenario,))
         return self._probabilities(x_t, batch)
-
-    def _key_merge(self, user: UserSide, batch: TokenBatch) -> KeyMerge:
-        """Per user: its context rows, then its candidates (the order of a full batch)."""
-        device, num_users = batch.device, batch.num_users
-        users = torch.arange(num_users, device=device)
-        context_counts = user.offsets[1:] - user.offsets[:-1]
-        target_counts = batch.target_offsets[1:] - batch.target_offsets[:-1]
-        # output_size from the shapes: no host sync
-        context_user = torch.repeat_interleave(users, context_counts, output_size=user.kind.shape[0])
-        target_user = torch.repeat_interleave(users, target_counts, output_size=batch.num_targets)
-        context_index = torch.arange(len(context_user), device=device) + batch.target_offsets[context_user]
-        target_index = torch.arange(len(target_user), device=device) + user.offsets[target_user + 1]
-        target_kind = torch.full_like(target_index, TokenKind.T, dtype=torch.int8)
-        target_group = torch.full_like(target_index, len(user.group_names))
-        ctx = JaggedContext(
-            offsets=user.offsets + batch.target_offsets, target_offsets=batch.target_offsets,
-            kind=interleave_rows(context_index, target_index, user.kind, target_kind),
-            ts=interleave_rows(context_index, target_index, user.ts, batch.ts[batch.target_index]),
-            target_index=target_index,
-            group=interleave_rows(context_index, target_index, user.group, target_group),
-            group_names=user.group_names + (self.scenario,),
-            target_group=torch.zeros_like(target_index), target_group_names=(self.scenario,))
-        return KeyMerge(ctx, context_index, target_index)
 
     def _probabilities(self, x_t: Tensor, batch: TokenBatch) -> Tensor:
         if not batch.num_targets:

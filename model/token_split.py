@@ -3,6 +3,8 @@
 A run of target layers leaves the H and R rows unchanged, so the HTA stack splits the token axis
 once per run (`TokenSplit.split`), carries only the T rows through the run and merges the two
 halves again (`TokenSplit.merge`) before a full layer. `interleave_rows` is the merge itself.
+Inside the run nothing is merged: a target layer's keys and values stay in the two halves, as
+split target attention takes them (the H and R rows' kind and ts, and the T rows' ts, are here).
 """
 from __future__ import annotations
 
@@ -17,20 +19,37 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class SplitKeys:
+    """Where split target attention finds each user's keys: user b's H and R rows are rows
+    context_offsets[b]:context_offsets[b+1] of the context half (context_kind, context_ts theirs),
+    its T rows are rows target_offsets[b]:target_offsets[b+1] of the T half (target_ts theirs)."""
+
+    context_offsets: Tensor
+    context_kind: Tensor
+    context_ts: Tensor
+    target_offsets: Tensor
+    target_ts: Tensor
+
+
+@dataclass(frozen=True)
 class TokenSplit:
     """The packed token axis as two halves: its H and R rows (context_index, increasing) and its
-    T rows (target_index), with each row's input-GLN group (indices into ctx.group_names)."""
+    T rows (target_index), with each row's input-GLN group (indices into ctx.group_names), and
+    the halves' layout for split target attention."""
 
     context_index: Tensor
     target_index: Tensor
     context_group: Tensor
     target_group: Tensor
+    keys: SplitKeys
 
     @classmethod
     def of(cls, ctx: "JaggedContext") -> "TokenSplit":
         """Built on the device without a host sync (the row counts come from the shapes)."""
         context_index = context_rows(ctx.group.shape[0], ctx.target_index)
-        return cls(context_index, ctx.target_index, ctx.group[context_index], ctx.group[ctx.target_index])
+        keys = SplitKeys(ctx.offsets - ctx.target_offsets, ctx.kind[context_index], ctx.ts[context_index],
+                         ctx.target_offsets, ctx.ts[ctx.target_index])
+        return cls(context_index, ctx.target_index, ctx.group[context_index], ctx.group[ctx.target_index], keys)
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (N, ...) -> (its H and R rows, its T rows)."""

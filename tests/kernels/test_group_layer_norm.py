@@ -52,6 +52,21 @@ def test_triton_backward_over_runs_of_groups(n, groups):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_bfloat16_x_with_float32_affine_as_under_autocast(impl):
+    """The model hands its float32 affine parameters to the op beside a bf16 x (no cast per call):
+    output and dx in bf16, dweight and dbias in float32, all against a float64 computation."""
+    inputs = make_inputs(90, 40, 3, seed=5)
+    inputs["x"], inputs["grad"] = inputs["x"].bfloat16(), inputs["grad"].bfloat16()
+    out, dx, dweight, dbias = forward_and_grads(inputs, impl)
+    assert (out.dtype, dx.dtype, dweight.dtype, dbias.dtype) == (torch.bfloat16,) * 2 + (torch.float32,) * 2
+    exact = {name: t.double() for name, t in inputs.items() if name != "group"} | {"group": inputs["group"]}
+    for name, got, want in zip(("out", "dx", "dweight", "dbias"), (out, dx, dweight, dbias),
+                               forward_and_grads(exact, "reference")):
+        tol = 2e-2 if got.dtype == torch.bfloat16 else 1e-5  # bf16 outputs: one rounding
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
 def test_reference_with_one_group_is_layer_norm():
     inputs = make_inputs(33, 24, 1, seed=1, dtype=torch.float64)
     out = group_layer_norm(inputs["x"], inputs["group"], inputs["weight"], inputs["bias"], impl="reference")

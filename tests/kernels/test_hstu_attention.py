@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from mtfm.kernels import hstu_attention_reference as reference
 from mtfm.kernels.backends import resolve_impl
-from mtfm.kernels.hstu_attention import hstu_attention, hstu_target_attention
+from mtfm.kernels.hstu_attention import hstu_attention, hstu_split_target_attention, hstu_target_attention
 from mtfm.kernels.mask import TokenKind, build_dynamic_mask
 
 HQ, D, DV = 4, 16, 32
@@ -66,6 +66,29 @@ def target_attention_and_grads(b, impl):
     return out.detach(), q_t.grad, k.grad, v.grad
 
 
+def split_inputs(b):
+    """b's keys and metadata as the two halves split target attention takes: (k_context, v_context,
+    k_t, v_t, context_offsets, context_kind, context_ts, target_offsets, target_ts) and the context rows."""
+    is_target = torch.zeros(b["k"].shape[0], dtype=torch.bool)
+    is_target[b["target_rows"]] = True
+    context_rows, target_rows = (~is_target).nonzero().squeeze(1), b["target_rows"]
+    halves = [b[name][rows].clone() for name in "kv" for rows in (context_rows, target_rows)]
+    return (halves[0], halves[2], halves[1], halves[3], b["offsets"] - b["target_offsets"], b["kind"][context_rows],
+            b["ts"][context_rows], b["target_offsets"], b["ts"][target_rows]), context_rows
+
+
+def split_attention_and_grads(b, impl):
+    """Split target attention's output and gradients, the key gradients merged back onto b's rows."""
+    (k_c, v_c, k_t, v_t, *meta), context_rows = split_inputs(b)
+    q_t = b["q"][b["target_rows"]].clone().requires_grad_()
+    k_c, v_c, k_t, v_t = (t.requires_grad_() for t in (k_c, v_c, k_t, v_t))
+    out = hstu_split_target_attention(q_t, k_c, v_c, k_t, v_t, *meta, alpha=ALPHA, norm=NORM, impl=impl)
+    out.backward(b["grad"][b["target_rows"]])
+    dk = torch.empty_like(b["k"]).index_copy_(0, context_rows, k_c.grad).index_copy_(0, b["target_rows"], k_t.grad)
+    dv = torch.empty_like(b["v"]).index_copy_(0, context_rows, v_c.grad).index_copy_(0, b["target_rows"], v_t.grad)
+    return out.detach(), q_t.grad, dk, dv
+
+
 def assert_close(actual, expected, names=("out", "dq", "dk", "dv")):
     for name, a, e in zip(names, actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
@@ -85,6 +108,17 @@ def test_triton_full_attention_matches_reference(hkv, layout, seed):
 def test_triton_target_attention_matches_reference(hkv, layout, seed):
     b = make_batch(layout, hkv, seed)
     assert_close(target_attention_and_grads(b, "triton"), target_attention_and_grads(b, "reference"))
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("hkv", [1, 2])
+@settings(max_examples=3, deadline=None)
+@given(layout=_layouts, seed=st.integers(0, 2**31))
+def test_split_target_attention_equals_merged_target_attention(impl, hkv, layout, seed):
+    """Keys given as H/R rows and T rows apart: output and every gradient equal the merged axis's
+    target attention (the reference), the T rows' dK/dV (their diagonal terms) included."""
+    b = make_batch(layout, hkv, seed)
+    assert_close(split_attention_and_grads(b, impl), target_attention_and_grads(b, "reference"))
 
 
 def test_triton_reads_rows_of_any_stride():
@@ -213,6 +247,13 @@ def test_dispatcher_errors_name_the_argument(monkeypatch):
         hstu_attention(b["q"], b["k"], b["v"], *meta, alpha=ALPHA, norm=NORM, impl="cuda")
     with pytest.raises(ValueError, match="head dim D = 12"):
         hstu_attention(b["q"][..., :12], b["k"][..., :12], b["v"], *meta, alpha=ALPHA, norm=NORM, impl="triton")
+    (k_c, v_c, k_t, v_t, *split_meta), _ = split_inputs(b)
+    q_t = b["q"][b["target_rows"]]
+    with pytest.raises(ValueError, match="k_t.shape"):
+        hstu_split_target_attention(q_t, k_c, v_c, k_t[:1], v_t, *split_meta, alpha=ALPHA, norm=NORM)
+    with pytest.raises(ValueError, match="context_kind.shape"):
+        hstu_split_target_attention(q_t, k_c, v_c, k_t, v_t, split_meta[0], split_meta[1][:2], *split_meta[2:],
+                                    alpha=ALPHA, norm=NORM)
     assert resolve_impl("auto", torch.device("cpu")) == "reference"
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="need CUDA tensors"):
@@ -228,6 +269,10 @@ def test_custom_op_registration_opcheck():
     ):
         args = tuple(a.clone().requires_grad_() if i < 3 else a for i, a in enumerate(args))
         torch.library.opcheck(torch.ops.mtfm.hstu_attention.default, args)
+    (k_c, v_c, k_t, v_t, c_offsets, c_kind, c_ts, t_offsets, t_ts), _ = split_inputs(b)
+    tensors = [t.requires_grad_() for t in (b["q"][b["target_rows"]], k_c, v_c, k_t, v_t)]
+    torch.library.opcheck(torch.ops.mtfm.hstu_split_target_attention.default,
+                          (*tensors, c_offsets, t_offsets, c_kind, c_ts, t_ts, ALPHA, NORM, "reference"))
 
 
 def test_runs_under_torch_compile_with_autograd():

@@ -95,6 +95,32 @@ def test_attention_kernels_do_not_specialise_on_batch_sizes_or_metadata_alignmen
     _assert_varying_args_unspecialised(first, launches(17, misaligned=True), kernels)
 
 
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_split_target_attention_kernels_do_not_specialise_on_batch_sizes_or_metadata_alignment(monkeypatch,
+                                                                                               direction):
+    """The same for split target attention: 3 T rows per user, its offsets and ts views at odd offsets."""
+    names = ["_fwd_kernel"] if direction == "forward" else ["_dkdv_kernel", "_self_dkdv_kernel", "_dq_kernel"]
+    kernels = {name: getattr(attention, name) for name in names}
+
+    def launches(users, misaligned):
+        _, k, v, offsets, _, kind, ts = _attention_inputs(users, misaligned)
+        shift, n_t = int(misaligned), 3 * users
+        target_offsets = torch.cat([torch.zeros(1 + shift, dtype=torch.int64), torch.arange(1, users + 1) * 3])[shift:]
+        target_ts = (torch.arange(n_t + shift, dtype=torch.int64) + 100)[shift:]
+        q_t, k_t, v_t = torch.randn(n_t, 2, 64), torch.randn(n_t, 1, 64), torch.randn(n_t, 1, 64)
+        args = (q_t, k, v, k_t, v_t, offsets, target_offsets, kind, ts, target_ts, 1.0, 8.0)
+        if direction == "forward":
+            run = lambda: attention.jagged_split_target_attention(*args)  # noqa: E731
+        else:
+            grad = torch.randn(n_t, 2, 64)
+            run = lambda: attention.jagged_split_target_attention_backward(grad, *args)  # noqa: E731
+        return _record(monkeypatch, attention, names, run)
+
+    first = launches(16, misaligned=False)
+    monkeypatch.undo()
+    _assert_varying_args_unspecialised(first, launches(17, misaligned=True), kernels)
+
+
 def test_group_layer_norm_kernels_do_not_specialise_on_the_row_count(monkeypatch):
     kernels = {"_gln_fwd_kernel": gln._gln_fwd_kernel, "_gln_bwd_kernel": gln._gln_bwd_kernel}
 

@@ -160,8 +160,9 @@ def test_target_layers_keep_only_keys_values_per_token_when_recomputing(recomput
     """What autograd keeps for backward from a run of target layers, as distinct storages with a
     row per token or per H/R row: with recompute_context each layer's K and V and, once for the
     run, the H/R rows; without it also each layer's normalised input of the K/V projection
-    (N, d_model) and its pre-activation (N, 2 * Hkv * dh). K and V are views into one buffer,
-    the projection's activations, which the attention reads in place."""
+    (N - NT, d_model) and its pre-activation (N - NT, 2 * Hkv * dh). K and V are views into one
+    buffer, the projection's activations, which the attention reads in place; the H/R rows' and
+    the T rows' keys stay apart (split target attention), so nothing of N rows is kept."""
     stack = make_stack(("target", "target", "target"), seed=3, recompute_context=recompute_context)
     batch, x = batch_and_input(3, users=3)
     saved = []
@@ -178,9 +179,9 @@ def test_target_layers_keep_only_keys_values_per_token_when_recomputing(recomput
         if t.is_floating_point() and t.dim() and t.shape[0] in (n, n_context):
             storages.setdefault(t.untyped_storage().data_ptr(), tuple(t.shape))
     shapes = sorted(storages.values())
-    expected = [(n, 1, 3)] * 3 + [(n_context, D_MODEL)]  # [K | V] of three layers; the H/R rows, once
+    expected = [(n_context, 1, 3)] * 3 + [(n_context, D_MODEL)]  # [K | V] of three layers; the H/R rows, once
     if not recompute_context:
-        expected += [(n, D_MODEL)] * 3 + [(n, 6)] * 3
+        expected += [(n_context, D_MODEL)] * 3 + [(n_context, 6)] * 3
     assert shapes == sorted(expected)
     out.sum().backward()
 
@@ -209,39 +210,36 @@ def test_stack_on_a_batch_of_t_tokens_only(recompute_context):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_context_keys_values_equals_autograd_of_the_plain_composition(dtype):
-    """The recomputing autograd Function against GLN -> merge -> linear -> silu differentiated by
-    autograd, in float64 and under bfloat16 autocast: the same ops on the same values, so the
-    forward and every gradient must be equal to the bit (a backward that recomputed in float32,
-    or cast at other points, would not be)."""
+    """The recomputing autograd Function against GLN -> linear -> silu differentiated by autograd,
+    in float64 and under bfloat16 autocast: the same ops on the same values, so the forward and
+    every gradient must be equal to the bit (a backward that recomputed in float32, or cast at
+    other points, would not be)."""
     torch.manual_seed(0)
     batch, _ = batch_and_input(11, users=4)
     split = TokenSplit.of(JaggedContext.from_batch(batch))
-    n_context, n_t = split.context_index.shape[0], split.target_index.shape[0]
+    n_context = split.context_index.shape[0]
     master = torch.float64 if dtype == torch.float64 else torch.float32
     x_context = torch.randn(n_context, D_MODEL, dtype=master, requires_grad=True)
-    h_t = torch.randn(n_t, D_MODEL, dtype=master, requires_grad=True)
     norm_weight = (1 + 0.3 * torch.randn(len(GROUPS), D_MODEL, dtype=master)).requires_grad_()
     norm_bias = (0.3 * torch.randn(len(GROUPS), D_MODEL, dtype=master)).requires_grad_()
     weight = (0.3 * torch.randn(6, D_MODEL, dtype=master)).requires_grad_()
     bias = (0.3 * torch.randn(6, dtype=master)).requires_grad_()
-    inputs = [x_context, h_t, norm_weight, norm_bias, weight, bias]
-    grad_kv = torch.randn(n_context + n_t, 6, dtype=dtype)
+    inputs = [x_context, norm_weight, norm_bias, weight, bias]
+    grad_kv = torch.randn(n_context, 6, dtype=dtype)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
     with autocast:
-        kv = context_keys_values(x_context, h_t, norm_weight, norm_bias, weight, bias, split, eps=1e-5,
+        kv = context_keys_values(x_context, split.context_group, norm_weight, norm_bias, weight, bias, eps=1e-5,
                                  impl="reference")
     grads = torch.autograd.grad(kv, inputs, grad_kv)
     with autocast:
-        h = split.merge(group_layer_norm(x_context, split.context_group, norm_weight, norm_bias, impl="reference"),
-                        h_t)
+        h = group_layer_norm(x_context, split.context_group, norm_weight, norm_bias, impl="reference")
         expected = F.silu(F.linear(h, weight, bias))
     expected_grads = torch.autograd.grad(expected, inputs, grad_kv)
 
     assert kv.dtype == expected.dtype == dtype
     torch.testing.assert_close(kv, expected, rtol=0, atol=0)
-    for name, got, want in zip(["x_context", "h_t", "norm_weight", "norm_bias", "weight", "bias"], grads,
-                               expected_grads):
+    for name, got, want in zip(["x_context", "norm_weight", "norm_bias", "weight", "bias"], grads, expected_grads):
         assert got.dtype == want.dtype, name
         torch.testing.assert_close(got, want, msg=name, rtol=0, atol=0)
 
