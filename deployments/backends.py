@@ -163,7 +163,7 @@ class TorchBackend:
             for i, side in zip(missing, split_users(self.ranker.encode_users(batch))):
                 sides[i] = side
                 self.user_cache.put(requests[i].user_state, side)
-        return merge_users(sides, self.collator.group_names)
+        return merge_users(sides)
 
     def _candidates_only(self, table: pa.Table) -> pa.Table:
         return without_events(table, self.ranker.registry.sequences)

@@ -19,7 +19,7 @@ the candidates' T-tokens alone, and each user's cached keys and values are copie
 graph's static user side on the device (one copy per user and field), so neither the user's
 events nor their H-token layers are processed again. Each such graph owns its static user side
 (its bucketed context rows' keys and values in every layer: about 46 MB per 1000 rows for the
-large config), beside the cache's own budget; the graph key includes the users' groups.
+large config), beside the cache's own budget.
 
 A shape is captured on first sight (two warm-up passes, then the capture: about 3 plain
 passes); each call returns None (the caller runs the model eagerly) when the padded batch has
@@ -41,11 +41,7 @@ from torch import Tensor
 
 from mtfm.kernels.mask import TokenKind
 from mtfm.model import ScenarioRanker, TokenBatch, UserSide
-from mtfm.model.layers import compact_groups
 from mtfm.model.padding import batch_shape, bucket, pad_batch
-from mtfm.model.token_split import context_rows
-
-from .user_cache import group_ids_in
 
 DEFAULT_MAX_GRAPHS = 32
 DEFAULT_MAX_TOKENS = 32768
@@ -104,23 +100,11 @@ class CudaGraphRunner:
         with self.lock:
             entry = self._replay(key, pad_batch(batch, shape), self._single_pass_with_user_sides)
             scores = entry.outputs[0][:batch.num_targets].cpu()  # also waits for the replay
-            kv, kind, ts, group = entry.outputs[1:]
+            kv, kind, ts = entry.outputs[1:]
             bounds = (batch.offsets - batch.target_offsets).tolist()  # context rows: the real users' come first
-            names = self.ranker.context_group_names(batch)
-            host_group = compact_groups(batch.group[context_rows(batch.num_tokens, batch.target_index)],
-                                        len(batch.group_names))
-            sides = []
-            for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-                rows = slice(start, end)
-                # The user's own groups, as `encode_users` of this request alone names them.
-                own = sorted(set(host_group[rows].tolist()))
-                user_group = group[rows].clone()
-                if len(own) < len(names):
-                    user_group = torch.tensor([own.index(i) if i in own else 0 for i in range(len(names))],
-                                              device=self.device)[user_group]
-                sides.append(UserSide(entry.batch.user_id[b:b + 1].clone(), _one_user_offsets(end - start, self.device),
-                                      kind[rows].clone(), ts[rows].clone(), user_group,
-                                      tuple(names[i] for i in own), kv[:, :, rows].clone()))
+            sides = [UserSide(entry.batch.user_id[b:b + 1].clone(), _one_user_offsets(end - start, self.device),
+                              kind[start:end].clone(), ts[start:end].clone(), kv[:, :, start:end].clone())
+                     for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:]))]
             return scores, sides
 
     @torch.no_grad()
@@ -128,17 +112,15 @@ class CudaGraphRunner:
         """Probabilities (NT, num_tasks) of the CPU batch `candidates` (its requests' candidates;
         any H and R tokens are ignored) against the user sides of the same users, in order, as
         `ScenarioRanker.score_candidates` gives them; None when not graphed."""
-        present = set().union(*(s.group_names for s in sides))
-        names = tuple(n for n in candidates.group_names if n in present)
         counts = [s.kind.shape[0] for s in sides]
         shape = batch_shape(candidates)
         context_size = bucket(sum(counts))
-        key = ("candidates", shape, context_size, names)
+        key = ("candidates", shape, context_size)
         if not self._admits(key, shape.num_tokens + context_size):
             return None
         # The user side's layout: real users, then empty ones, then the padding user owning the
-        # padding rows. Those rows keep whatever an earlier replay left there (valid kinds, times and
-        # groups): the padding user's scores are discarded, and attention never crosses users.
+        # padding rows. Those rows keep whatever an earlier replay left there (valid kinds and times):
+        # the padding user's scores are discarded, and attention never crosses users.
         ends = torch.tensor(counts, dtype=torch.int64).cumsum(0)
         offsets = torch.cat([ends.new_zeros(1), ends, ends.new_full((shape.num_users - len(sides) - 1,), int(ends[-1])),
                              ends.new_tensor([context_size])])
@@ -149,7 +131,6 @@ class CudaGraphRunner:
                 rows = slice(start, start + n)
                 user.kind[rows].copy_(side.kind)
                 user.ts[rows].copy_(side.ts)
-                user.group[rows].copy_(group_ids_in(side, names))
                 user.kv[:, :, rows].copy_(side.kv)
                 start += n
 
@@ -158,7 +139,6 @@ class CudaGraphRunner:
             return UserSide(batch.user_id, offsets, torch.full((context_size,), int(TokenKind.H), dtype=torch.int8,
                                                                 device=self.device),
                             torch.zeros(context_size, dtype=torch.int64, device=self.device),
-                            torch.zeros(context_size, dtype=torch.int64, device=self.device), names,
                             kv.new_zeros(kv.shape[:2] + (context_size,) + kv.shape[3:]))
 
         with self.lock:
@@ -234,7 +214,7 @@ class CudaGraphRunner:
     def _single_pass_with_user_sides(self, entry: _Graph) -> tuple[Tensor, ...]:
         with self._autocast():
             scores, user = self.ranker.forward_with_user_sides(entry.batch)
-        return scores, user.kv, user.kind, user.ts, user.group
+        return scores, user.kv, user.kind, user.ts
 
     def _candidates(self, entry: _Graph) -> tuple[Tensor, ...]:
         with self._autocast():

@@ -57,30 +57,19 @@ def split_users(side: UserSide) -> list[UserSide]:
         rows = slice(start, end)
         kv = side.kv[:, :, rows] if len(bounds) == 2 else side.kv[:, :, rows].clone()
         out.append(UserSide(side.user_id[b:b + 1], side.offsets.new_tensor([0, end - start]), side.kind[rows],
-                            side.ts[rows], side.group[rows], side.group_names, kv))
+                            side.ts[rows], kv))
     return out
 
 
-def merge_users(sides: list[UserSide], group_order: tuple[str, ...]) -> UserSide:
-    """The batched `UserSide` of several one-user ones, group ids renumbered into the names
-    present, in `group_order` (the collator's group order)."""
-    present = set().union(*(s.group_names for s in sides))
-    names = tuple(n for n in group_order if n in present)
-    groups = [group_ids_in(s, names) for s in sides]
+def merge_users(sides: list[UserSide]) -> UserSide:
+    """The batched `UserSide` of several one-user ones."""
     counts = torch.tensor([len(s.kind) for s in sides], dtype=torch.int64)
     offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(sides[0].offsets.device)
     return UserSide(torch.cat([s.user_id for s in sides]), offsets, torch.cat([s.kind for s in sides]),
-                    torch.cat([s.ts for s in sides]), torch.cat(groups), names, torch.cat([s.kv for s in sides], dim=2))
-
-
-def group_ids_in(side: UserSide, names: tuple[str, ...]) -> torch.Tensor:
-    """The side's group ids as indices into `names` (which hold every group of the side)."""
-    if side.group_names == names or not len(side.group_names):
-        return side.group
-    return torch.tensor([names.index(n) for n in side.group_names], dtype=torch.int64, device=side.group.device)[side.group]
+                    torch.cat([s.ts for s in sides]), torch.cat([s.kv for s in sides], dim=2))
 
 
 def user_side_bytes(side: UserSide) -> int:
     """What a cached entry holds on the device: its tensors' bytes."""
-    tensors = [side.kind, side.ts, side.group, side.kv]
+    tensors = [side.kind, side.ts, side.kv]
     return sum(t.numel() * t.element_size() for t in tensors)

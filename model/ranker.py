@@ -30,15 +30,13 @@ from .token_split import SplitKeys, context_rows
 @dataclass
 class UserSide:
     """The user side of B requests: the keys and values of every H and R token in every layer,
-    kv (num_layers, 2, Nc, Hkv, dh) (kv[l, 0] the keys, kv[l, 1] the values), with their jagged
-    layout (offsets (B+1,), kind, ts, group (Nc,): indices into group_names)."""
+    kv (num_layers, 2, Nc, Hkv, dh) (kv[l, 0] the keys, kv[l, 1] the values), with what split
+    target attention needs of their layout: offsets (B+1,), kind and ts (Nc,)."""
 
     user_id: Tensor
     offsets: Tensor
     kind: Tensor
     ts: Tensor
-    group: Tensor
-    group_names: tuple[str, ...]
     kv: Tensor
 
 
@@ -78,9 +76,7 @@ class ScenarioRanker(MTFM):
         context = context_rows(batch.num_tokens, batch.target_index)
         kv = self._context_kv(context.shape[0], batch.device)
         probs = self._probabilities(self.stack(self.tokenizer(batch), ctx, kv), batch)
-        group = compact_groups(batch.group[context], len(batch.group_names))
-        user = UserSide(batch.user_id, batch.offsets - batch.target_offsets, batch.kind[context], batch.ts[context],
-                        group, self.context_group_names(batch), kv)
+        user = UserSide(batch.user_id, batch.offsets - batch.target_offsets, batch.kind[context], batch.ts[context], kv)
         return probs, user
 
     def encode_users(self, batch: TokenBatch) -> UserSide:
@@ -97,7 +93,7 @@ class ScenarioRanker(MTFM):
         kv = self._context_kv(context.shape[0], batch.device)
         for i, layer in enumerate(self.stack.layers):
             x, kv[i, 0], kv[i, 1] = layer.forward_with_kv(x, ctx)
-        return UserSide(batch.user_id, offsets, ctx.kind, ctx.ts, group, names, kv)
+        return UserSide(batch.user_id, offsets, ctx.kind, ctx.ts, kv)
 
     def _context_kv(self, rows: int, device: torch.device) -> Tensor:
         """An empty (num_layers, 2, rows, Hkv, dh) buffer for a user side's keys and values, in the

@@ -72,8 +72,7 @@ def attention_maps(model, batch, max_history: int) -> list[tuple[np.ndarray, lis
         top = model.stack.layers[-1]
         a = top.attn
         h = top.input_norm(x, ctx.group, ctx.group_names)
-        k, _ = top.keys_values(h)
-        q, _ = torch.nn.functional.silu(top.query_gate(h)).view(-1, 2 * a.num_heads, a.head_dim).chunk(2, dim=1)
+        q, _, k, _ = top.projections(h)
         k = k.repeat_interleave(a.num_heads // a.num_kv_heads, dim=1)
     group_of_token = [batch.group_names[g] for g in batch.group.tolist()]
     maps = []

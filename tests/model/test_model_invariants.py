@@ -217,7 +217,7 @@ def test_user_side_once_then_candidate_chunks_equals_one_pass(seed, chunks, layo
 @pytest.mark.parametrize("layout", ["(1:1)*1", "(0:2)*1", "(2:0)*1", "(1:1)*2"])
 def test_single_pass_with_user_sides_equals_forward_and_encode_users(layout):
     """The serving pass that fills the user-side cache: its scores are the single pass's and its
-    user side is `encode_users`'s (keys and values of every layer, kind, ts, groups), for
+    user side is `encode_users`'s (keys and values of every layer, kind, ts), for
     layouts that start or end with a run of target layers or alternate."""
     model = MODEL if layout == "(1:1)*1" else tiny_model(layout, num_kv_heads=2)
     ranker = model.subgraph("hp")
@@ -226,9 +226,9 @@ def test_single_pass_with_user_sides_equals_forward_and_encode_users(layout):
         probs, user = ranker.forward_with_user_sides(batch)
         alone = ranker.encode_users(batch)
         torch.testing.assert_close(probs, ranker(batch), atol=1e-6, rtol=1e-5)
-    assert user.kv.shape == alone.kv.shape and user.group_names == alone.group_names
+    assert user.kv.shape == alone.kv.shape
     torch.testing.assert_close(user.kv, alone.kv, atol=1e-6, rtol=1e-5)
-    for field in ("user_id", "offsets", "kind", "ts", "group"):
+    for field in ("user_id", "offsets", "kind", "ts"):
         assert torch.equal(getattr(user, field), getattr(alone, field)), field
 
 
