@@ -80,8 +80,8 @@ def main() -> int:
         from mtfm.kernels import group_layer_norm_triton as gln_triton
 
         block_r, block_d, warps = gln_triton._blocks(d, gln_triton._MAX_BLOCK_ELEMENTS)
-        gln_triton._gln_fwd_kernel[(1,)](x, group, weight, bias, y, n, d, d, d, 1e-5,
-                                         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+        gln_triton._gln_fwd_kernel[(1,)](x, group, weight, bias, y, n, d, weight.shape[0], d, d, n * d, 1e-5,
+                                         SETS=1, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
 
     def gln_forward():
         with torch.no_grad():

@@ -361,6 +361,55 @@ def sweep_gln(device) -> dict:
     return dict(best=best, ms={str(c): t for c, t in times.items()})
 
 
+def bench_gln_stacked(device, n: int = 104000) -> list[dict]:
+    """The stacked GLN of a run of target layers (S sets of affine parameters on the same H and R
+    rows, as `model/context_kv.py` calls it: float32 x, bfloat16 output and gradients) against S
+    plain calls and the float32 sum of their dx (what each layer running its own GLN cost), after
+    checking it against the float64 reference; then the backward's block size and warps for S > 1."""
+    from mtfm.kernels import group_layer_norm_reference as reference
+    from mtfm.kernels import group_layer_norm_triton as kernels
+
+    rows = []
+    for d in (512, 768):
+        x, group = torch.randn(n, d, device=device), group_runs(n, 6, device, 200)
+        for sets in (1, 3, 4, 5):
+            weight = 1 + 0.3 * torch.randn(sets, 6, d, device=device)
+            bias = 0.3 * torch.randn(sets, 6, d, device=device)
+            dy = torch.randn(sets, n, d, device=device, dtype=torch.bfloat16)
+            out = kernels.group_layer_norm_stacked(x, group, weight, bias, 1e-5, torch.bfloat16)
+            grads = kernels.group_layer_norm_stacked_backward(dy, x, group, weight, 1e-5)
+            exact = reference.group_layer_norm_stacked(x.double(), group, weight.double(), bias.double(), 1e-5)
+            exact_grads = reference.group_layer_norm_stacked_backward(dy.double(), x.double(), group, weight.double(),
+                                                                      1e-5)
+            errors = dict(out=rel_err(out, exact), **{name: rel_err(g, e) for name, g, e in
+                                                      zip(("dx", "dweight", "dbias"), grads, exact_grads)})
+
+            def stacked():
+                kernels.group_layer_norm_stacked(x, group, weight, bias, 1e-5, torch.bfloat16)
+                kernels.group_layer_norm_stacked_backward(dy, x, group, weight, 1e-5)
+
+            def one_by_one():
+                dx = None
+                for s in range(sets):
+                    kernels.group_layer_norm(x, group, weight[s], bias[s], 1e-5, torch.bfloat16)
+                    dx_s = kernels.group_layer_norm_backward(dy[s], x, group, weight[s], 1e-5)[0]
+                    dx = dx_s if dx is None else dx + dx_s
+            row = dict(n=n, d=d, sets=sets, errors=errors, stacked_ms=graph_time(stacked),
+                       one_by_one_ms=graph_time(one_by_one))
+            if sets > 1:
+                chosen = kernels._BWD_BLOCK_ELEMENTS, kernels._BWD_WARPS
+                row["bwd_sweep_ms"] = {}
+                for elements in (4096, 8192, 16384):
+                    for warps in (4, 8):
+                        kernels._BWD_BLOCK_ELEMENTS, kernels._BWD_WARPS = elements, warps
+                        row["bwd_sweep_ms"][f"{elements},{warps}"] = graph_time(
+                            lambda: kernels.group_layer_norm_stacked_backward(dy, x, group, weight, 1e-5))
+                kernels._BWD_BLOCK_ELEMENTS, kernels._BWD_WARPS = chosen
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def ceilings(device) -> dict:
     src = torch.randn(2**28, device=device)  # 1 GiB
     dst = torch.empty_like(src)
@@ -435,6 +484,8 @@ def main():
     parser.add_argument("--sweep-only", action="store_true", help="only the sweeps (no correctness checks, no tables)")
     parser.add_argument("--serving", action="store_true",
                         help="only the forward at serving sizes, keys split across programs or not")
+    parser.add_argument("--gln-stacked", action="store_true",
+                        help="only the stacked GLN of a run of target layers against one call per layer")
     args = parser.parse_args()
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
@@ -449,6 +500,17 @@ def main():
             print(f"| {r['users']} | {r['candidates']} | {r['attention']} | {r['queries']} | {r['key_splits']} | "
                   f"{r['unsplit_ms']:.4f} | {r['split_ms']:.4f} | {r['unsplit_ms'] / r['split_ms']:.2f}x | "
                   f"{r['max_rel_diff']:.1e} |")
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+        return
+
+    if args.gln_stacked:
+        result["gln_stacked"] = bench_gln_stacked(device)
+        print("\n| D | sets | stacked fwd+bwd ms | one call per set ms | speed-up | max rel err |")
+        print("|" + "---|" * 6)
+        for r in result["gln_stacked"]:
+            print(f"| {r['d']} | {r['sets']} | {r['stacked_ms']:.3f} | {r['one_by_one_ms']:.3f} | "
+                  f"{r['one_by_one_ms'] / r['stacked_ms']:.2f}x | {max(r['errors'].values()):.1e} |")
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1))
         return

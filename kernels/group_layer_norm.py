@@ -23,9 +23,13 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def implementation(impl: str):
     """The module of implementation `impl` ("triton" or "reference"), whose functions
-    `group_layer_norm(x, group, weight, bias, eps)` and `group_layer_norm_backward(grad_out, x,
-    group, weight, eps)` -> (dx, dweight, dbias) are the op's forward and backward without
-    autograd: for an autograd Function that runs the op inside its own forward and backward."""
+    `group_layer_norm(x, group, weight, bias, eps, out_dtype=None)` and `group_layer_norm_backward(
+    grad_out, x, group, weight, eps)` -> (dx, dweight, dbias) are the op's forward and backward
+    without autograd: for an autograd Function that runs the op inside its own forward and
+    backward. `group_layer_norm_stacked` and `group_layer_norm_stacked_backward` are the same for
+    S sets of affine parameters (S, G, D) on the same rows, out (S, N, D) and dout likewise: each
+    row normalised once, the sets' gradients summed into one dx (the H and R rows of a run of
+    target layers, `mtfm.model.context_kv`)."""
     if impl == "triton":
         from . import group_layer_norm_triton
 

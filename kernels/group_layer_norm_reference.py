@@ -6,7 +6,13 @@ x (N, D), group (N,) int64 in [0, G), weight and bias (G, D):
 Backward, with g[i] = dout[i] * weight[group[i]]:
     dx[i] = rstd[i] * (g[i] - mean(g[i]) - xhat[i] * mean(g[i] * xhat[i]))
     dweight[c] = sum_{i: group[i] = c} dout[i] * xhat[i],   dbias[c] = sum_{i: group[i] = c} dout[i]
-Arithmetic in float32 (float64 stays float64); outputs and gradients take their input's dtype.
+Arithmetic in float32 (float64 stays float64); gradients take their input's dtype, the output x's
+or the dtype asked for (the model asks for the autocast dtype: the next matmul's input).
+
+Stacked: S sets of affine parameters, weight and bias (S, G, D), on the same rows: out (S, N, D),
+out[s, i] = xhat[i] * weight[s, group[i]] + bias[s, group[i]], each row normalised once; backward
+takes dout (S, N, D), with g[i] = sum_s dout[s, i] * weight[s, group[i]] in the dx formula above
+and dweight[s], dbias[s] as above from dout[s]. S = 1 is the plain op.
 """
 
 import torch
@@ -20,20 +26,35 @@ def _normalize(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return centered * rstd, rstd
 
 
-def group_layer_norm(x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """Forward; differentiable by autograd (it is plain PyTorch)."""
-    xhat, _ = _normalize(x, eps)
-    return (xhat * weight[group].to(xhat.dtype) + bias[group].to(xhat.dtype)).to(x.dtype)
+def group_layer_norm(x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                     out_dtype: torch.dtype | None = None) -> Tensor:
+    """Forward, in out_dtype (default x's); differentiable by autograd (it is plain PyTorch)."""
+    return group_layer_norm_stacked(x, group, weight[None], bias[None], eps, out_dtype)[0]
 
 
 def group_layer_norm_backward(
     grad_out: Tensor, x: Tensor, group: Tensor, weight: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias), written out (the formulas in the docstring)."""
+    dx, dweight, dbias = group_layer_norm_stacked_backward(grad_out[None], x, group, weight[None], eps)
+    return dx, dweight[0], dbias[0]
+
+
+def group_layer_norm_stacked(x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                             out_dtype: torch.dtype | None = None) -> Tensor:
+    """(S, N, D) for weight and bias (S, G, D), in out_dtype (default x's); differentiable by autograd."""
+    xhat, _ = _normalize(x, eps)
+    return (xhat * weight[:, group].to(xhat.dtype) + bias[:, group].to(xhat.dtype)).to(out_dtype or x.dtype)
+
+
+def group_layer_norm_stacked_backward(
+    grad_out: Tensor, x: Tensor, group: Tensor, weight: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx (N, D), dweight (S, G, D), dbias (S, G, D)) for grad_out (S, N, D)."""
     xhat, rstd = _normalize(x, eps)
     dy = grad_out.to(xhat.dtype)
-    g = dy * weight[group].to(xhat.dtype)
+    g = (dy * weight[:, group].to(xhat.dtype)).sum(0)
     dx = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
-    dweight = torch.zeros(weight.shape, dtype=xhat.dtype, device=x.device).index_add_(0, group, dy * xhat)
-    dbias = torch.zeros(weight.shape, dtype=xhat.dtype, device=x.device).index_add_(0, group, dy)
+    dweight = torch.zeros(weight.shape, dtype=xhat.dtype, device=x.device).index_add_(1, group, dy * xhat)
+    dbias = torch.zeros(weight.shape, dtype=xhat.dtype, device=x.device).index_add_(1, group, dy)
     return dx.to(x.dtype), dweight.to(weight.dtype), dbias.to(weight.dtype)

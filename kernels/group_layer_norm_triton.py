@@ -9,6 +9,9 @@ in runs of one group (a user's history of one sequence, its targets of one scena
 program adds a run's blocks elementwise into (rows, D) sums and reduces them over rows once,
 when the run ends; only a block that holds a run boundary is summed per group present. mean
 and rstd are recomputed from x, which the backward reads anyway, so the forward saves nothing.
+Stacked (S sets of affine parameters on the same rows, a run of target layers): the forward
+normalises each row once and writes S outputs; the backward sums the sets' g for dx and keeps a
+run's per-set sums reduced over rows (`_gln_stacked_bwd_kernel`).
 """
 
 import os
@@ -30,6 +33,10 @@ _BWD_PROGRAMS_PER_SM = 2
 _BWD_WARPS = 4
 _BWD_SWEPT_FEATURES = 1024
 _MAX_FEATURES = 2048
+# The stacked backward keeps a run's sums per set in registers, (sets padded to a power of 2) x
+# padded features: at most this many, more sets go in several launches (H200: 5 sets of D = 768,
+# 8 x 1024, took 2.3x the time of 4 sets; 5 sets of D = 512, 8 x 512, 1.2x; `bench/kernels.py --gln-stacked`).
+_BWD_STACKED_SUMS = 4096
 # The kernels are not specialised on the row count (nor the backward on the number of groups
 # present), which change from batch to batch: Triton would compile a variant for each value's
 # divisibility by 16 (and for 1). n_cols and the strides, fixed by the model, keep the hint.
@@ -53,18 +60,21 @@ def _normalize(X, rows, cols, mask, n_cols, stride_x, eps):
     return centered * rstd[:, None], rstd
 
 
-@triton.jit(do_not_specialize=["n_rows"])
-def _gln_fwd_kernel(X, Group, W, B, Y, n_rows, n_cols, stride_x, stride_y, eps,
-                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+@triton.jit(do_not_specialize=["n_rows", "n_groups"])
+def _gln_fwd_kernel(X, Group, W, B, Y, n_rows, n_cols, n_groups, stride_x, stride_y, stride_y_set, eps,
+                    SETS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < n_rows
     mask = row_ok[:, None] & (cols < n_cols)[None, :]
     xhat, _ = _normalize(X, rows, cols, mask, n_cols, stride_x, eps)
     group = tl.load(Group + rows, mask=row_ok, other=0)
-    w = tl.load(W + group[:, None] * n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + group[:, None] * n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], (xhat * w + b).to(Y.dtype.element_ty), mask=mask)
+    for s in tl.static_range(SETS):  # the rows' statistics once, each set's affine parameters in turn
+        at = (s * n_groups + group)[:, None] * n_cols + cols[None, :]
+        w = tl.load(W + at, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + at, mask=mask, other=0.0).to(tl.float32)
+        tl.store(Y + s * stride_y_set + rows[:, None] * stride_y + cols[None, :], (xhat * w + b).to(Y.dtype.element_ty),
+                 mask=mask)
 
 
 @triton.jit
@@ -134,6 +144,77 @@ def _gln_bwd_kernel(X, Group, W, DY, DX, PartialW, PartialB, n_rows, n_cols, n_g
     _add_to_partial(PartialB, pid, run_group, n_groups, n_cols, cols, col_ok, tl.sum(run_b, axis=0))
 
 
+@triton.jit
+def _add_sets_to_partial(Partial, pid, group, n_groups, n_cols, sets, cols, ok, sums, SETS: tl.constexpr):
+    """Partial[pid, sets, group, :] += sums (SETS_PAD, BLOCK_D) where `ok`: as `_add_to_partial`, for
+    the stacked backward's (programs, SETS, G, D) partials."""
+    tl.debug_barrier()
+    at = Partial + ((pid * SETS + sets[:, None]) * n_groups + group) * n_cols + cols[None, :]
+    tl.store(at, tl.load(at, mask=ok, other=0.0) + sums, mask=ok)
+
+
+@triton.jit(do_not_specialize=["n_rows", "n_groups"])
+def _gln_stacked_bwd_kernel(X, Group, W, DY, DX, PartialW, PartialB, n_rows, n_cols, n_groups,
+                            stride_x, stride_dy, stride_dy_set, stride_dx, eps,
+                            SETS: tl.constexpr, SETS_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
+    """The backward of SETS sets of affine parameters on the same rows: dx from the sets' g summed,
+    and per set the sums of dy * xhat and dy per group. The grid and the runs are those of
+    `_gln_bwd_kernel`, but a run's sums are kept reduced over rows, (SETS_PAD, BLOCK_D): each set's
+    (BLOCK_R, BLOCK_D) tile is summed over its rows as it comes, so the registers do not grow
+    with the sets."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    sets = tl.arange(0, SETS_PAD)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < n_cols
+    sums_ok = (sets < SETS)[:, None] & col_ok[None, :]
+    per_program = tl.cdiv(tl.cdiv(n_rows, BLOCK_R), programs) * BLOCK_R
+    run_w = tl.zeros((SETS_PAD, BLOCK_D), dtype=tl.float32)
+    run_b = tl.zeros((SETS_PAD, BLOCK_D), dtype=tl.float32)
+    run_group = tl.load(Group + tl.minimum(pid * per_program, n_rows - 1))
+    for r0 in range(pid * per_program, tl.minimum(n_rows, (pid + 1) * per_program), BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & col_ok[None, :]
+        xhat, rstd = _normalize(X, rows, cols, mask, n_cols, stride_x, eps)
+        group = tl.load(Group + rows, mask=row_ok, other=-1)
+        lowest = tl.min(tl.where(row_ok, group, n_groups))
+        highest = tl.max(group)  # masked rows hold -1
+        if (lowest != run_group) | (highest != run_group):  # the run ends: its sums go out
+            _add_sets_to_partial(PartialW, pid, run_group, n_groups, n_cols, sets, cols, sums_ok, run_w, SETS)
+            _add_sets_to_partial(PartialB, pid, run_group, n_groups, n_cols, sets, cols, sums_ok, run_b, SETS)
+            run_w = tl.zeros((SETS_PAD, BLOCK_D), dtype=tl.float32)
+            run_b = tl.zeros((SETS_PAD, BLOCK_D), dtype=tl.float32)
+            run_group = highest
+        g = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        for s in tl.static_range(SETS):
+            dy = tl.load(DY + s * stride_dy_set + rows[:, None] * stride_dy + cols[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+            w = tl.load(W + (s * n_groups + group)[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+            g += dy * w.to(tl.float32)
+            dy_xhat = dy * xhat  # masked rows and columns are 0 (dy and xhat are)
+            this_set = (sets == s)[:, None]
+            if lowest == highest:
+                run_w += tl.where(this_set, tl.sum(dy_xhat, axis=0)[None, :], 0.0)
+                run_b += tl.where(this_set, tl.sum(dy, axis=0)[None, :], 0.0)
+            else:  # a run boundary inside the block: its sums go out per group present
+                c = lowest
+                while c <= highest:
+                    in_group = (group == c)[:, None]
+                    _add_sets_to_partial(PartialW, pid, c, n_groups, n_cols, sets, cols, sums_ok & this_set,
+                                         tl.sum(tl.where(in_group, dy_xhat, 0.0), axis=0)[None, :], SETS)
+                    _add_sets_to_partial(PartialB, pid, c, n_groups, n_cols, sets, cols, sums_ok & this_set,
+                                         tl.sum(tl.where(in_group, dy, 0.0), axis=0)[None, :], SETS)
+                    c = tl.min(tl.where(row_ok & (group > c), group, n_groups))
+        mean_g = tl.sum(g, axis=1) / n_cols
+        mean_gx = tl.sum(g * xhat, axis=1) / n_cols
+        dx = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None]
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    _add_sets_to_partial(PartialW, pid, run_group, n_groups, n_cols, sets, cols, sums_ok, run_w, SETS)
+    _add_sets_to_partial(PartialB, pid, run_group, n_groups, n_cols, sets, cols, sums_ok, run_b, SETS)
+
+
 def _blocks(n_cols: int, elements: int) -> tuple[int, int, int]:
     """(rows per block, padded features, warps) for blocks of about `elements` values."""
     block_d = max(16, triton.next_power_of_2(n_cols))
@@ -141,17 +222,9 @@ def _blocks(n_cols: int, elements: int) -> tuple[int, int, int]:
     return block_r, block_d, 4 if block_d <= 256 else 8 if block_d <= 1024 else 16
 
 
-def group_layer_norm(x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    x = x.contiguous()
-    y = torch.empty_like(x)
-    if x.shape[0] == 0:
-        return y
-    block_r, block_d, warps = _blocks(x.shape[1], _MAX_BLOCK_ELEMENTS)
-    _gln_fwd_kernel[(triton.cdiv(x.shape[0], block_r),)](
-        x, group, weight.contiguous(), bias.contiguous(), y, x.shape[0], x.shape[1], x.stride(0), y.stride(0), eps,
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
-    )
-    return y
+def group_layer_norm(x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                     out_dtype: torch.dtype | None = None) -> Tensor:
+    return group_layer_norm_stacked(x, group, weight[None], bias[None], eps, out_dtype)[0]
 
 
 def group_layer_norm_backward(grad_out, x, group, weight, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -169,5 +242,47 @@ def group_layer_norm_backward(grad_out, x, group, weight, eps: float) -> tuple[T
         x, group, weight.contiguous(), grad_out, dx, partial[0], partial[1], x.shape[0], n_cols, n_groups,
         x.stride(0), grad_out.stride(0), dx.stride(0), eps, BLOCK_R=block_r, BLOCK_D=block_d,
         num_warps=warps,
+    )
+    return dx, partial[0].sum(0).to(weight.dtype), partial[1].sum(0).to(weight.dtype)
+
+
+def group_layer_norm_stacked(x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                             out_dtype: torch.dtype | None = None) -> Tensor:
+    sets, n_groups, n_cols = weight.shape
+    x = x.contiguous()
+    y = x.new_empty((sets,) + x.shape, dtype=out_dtype or x.dtype)
+    if x.shape[0] == 0:
+        return y
+    block_r, block_d, warps = _blocks(n_cols, _MAX_BLOCK_ELEMENTS)
+    _gln_fwd_kernel[(triton.cdiv(x.shape[0], block_r),)](
+        x, group, weight.contiguous(), bias.contiguous(), y, x.shape[0], n_cols, n_groups, x.stride(0), y.stride(1),
+        y.stride(0), eps, SETS=sets, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+    )
+    return y
+
+
+def group_layer_norm_stacked_backward(grad_out, x, group, weight, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    sets, n_groups, n_cols = weight.shape
+    if sets == 1:
+        dx, dweight, dbias = group_layer_norm_backward(grad_out[0], x, group, weight[0], eps)
+        return dx, dweight[None], dbias[None]
+    block_r, block_d, warps = _blocks(n_cols, _BWD_BLOCK_ELEMENTS)
+    per_launch = max(1, _BWD_STACKED_SUMS // block_d)
+    if sets > per_launch:
+        parts = [group_layer_norm_stacked_backward(grad_out[i:i + per_launch], x, group, weight[i:i + per_launch], eps)
+                 for i in range(0, sets, per_launch)]
+        return sum(p[0] for p in parts), torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+    x, grad_out = x.contiguous(), grad_out.contiguous()
+    dx = torch.empty_like(x)
+    if x.shape[0] == 0:
+        return dx, torch.zeros_like(weight), torch.zeros_like(weight)
+    warps = _BWD_WARPS if block_d <= _BWD_SWEPT_FEATURES else warps
+    slots = 4 if _INTERPRET else _BWD_PROGRAMS_PER_SM * multiprocessors(x.device.index)
+    programs = max(1, min(slots, triton.cdiv(x.shape[0], block_r)))
+    partial = torch.zeros(2, programs, sets, n_groups, n_cols, dtype=torch.float32, device=x.device)
+    _gln_stacked_bwd_kernel[(programs,)](
+        x, group, weight.contiguous(), grad_out, dx, partial[0], partial[1], x.shape[0], n_cols, n_groups,
+        x.stride(0), grad_out.stride(1), grad_out.stride(0), dx.stride(0), eps, SETS=sets,
+        SETS_PAD=triton.next_power_of_2(sets), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
     )
     return dx, partial[0].sum(0).to(weight.dtype), partial[1].sum(0).to(weight.dtype)

@@ -94,7 +94,11 @@ class GroupLayerNorm(nn.Module):
         """x (N, D), group (N,) indices into group_names -> (N, D)."""
         if not group_names:  # no group present means no rows
             return x
-        return group_layer_norm(x, group, *self.affine(group_names), eps=self.eps, impl=self.impl)
+        return self.with_affine(x, group, self.affine(group_names))
+
+    def with_affine(self, x: Tensor, group: Tensor, affine: tuple[Tensor, Tensor]) -> Tensor:
+        """The same with the groups' (G, D) weight and bias given (stacked by the caller)."""
+        return group_layer_norm(x, group, *affine, eps=self.eps, impl=self.impl)
 
     def affine(self, group_names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
         """The (G, D) weight and bias of `group_names`, in the parameters' dtype (the op takes them in
@@ -107,7 +111,7 @@ class HSTULayer(nn.Module):
     """One HSTU layer with GQA; `kind` 'full' (every token a query) or 'target' (T-tokens only).
 
     recompute_context: a target layer keeps, per H/R row, only K and V for backward (see
-    `forward_target_rows`)."""
+    `run_context_keys_values`)."""
 
     def __init__(self, kind: str, group_names: tuple[str, ...], target_group_names: tuple[str, ...], d_model: int,
                  attn: AttentionParams, dropout: float = 0.0, norm_impl: str = "auto", recompute_context: bool = True):
@@ -129,7 +133,10 @@ class HSTULayer(nn.Module):
         """x (N, d_model) -> (N, d_model)."""
         if self.kind == "target" and ctx.target_group_names:
             split = TokenSplit.of(ctx)
-            return x.index_copy(0, ctx.target_index, self.forward_target_rows(*split.split(x), split, ctx))
+            x_context, x_t = split.split(x)
+            (affine, k_context, v_context), = run_context_keys_values([self], x_context, split, ctx.group_names)
+            return x.index_copy(0, ctx.target_index, self.forward_target_rows(x_t, affine, k_context, v_context,
+                                                                             split, ctx))
         return self.forward_with_kv(x, ctx)[0]
 
     def forward_with_kv(self, x: Tensor, ctx: JaggedContext) -> tuple[Tensor, Tensor, Tensor]:
@@ -143,33 +150,17 @@ class HSTULayer(nn.Module):
             raise ValueError("forward_with_kv: a target layer on a batch with T-tokens; call forward")
         return x, *self.keys_values(h)
 
-    def forward_target_rows(self, x_context: Tensor, x_t: Tensor, split: TokenSplit, ctx: JaggedContext,
-                            context_kv: Tensor | None = None) -> Tensor:
-        """A target layer on the two halves of the token axis: x_context (N - NT, d_model) the H and
-        R rows, x_t (NT, d_model) the T rows, as `split` orders them. Returns the new x_t.
+    def forward_target_rows(self, x_t: Tensor, affine: tuple[Tensor, Tensor], k_context: Tensor, v_context: Tensor,
+                            split: TokenSplit, ctx: JaggedContext) -> Tensor:
+        """A target layer on the T rows x_t (NT, d_model), as `split` orders them, against the H and R
+        rows' keys and values (`run_context_keys_values`): returns the new x_t. affine: the input
+        GLN's (G, D) weight and bias of ctx.group_names.
 
         A target layer leaves the H and R rows as they are, so the stack hands every layer of a
-        run of target layers the same x_context and carries only x_t: no full-size residual
+        run of target layers the same H and R rows and carries only x_t: no full-size residual
         update per layer, and autograd keeps one copy of the H and R rows for the whole run. The
-        keys and values stay in the two halves too (split target attention): nothing is merged.
-        With `recompute_context`, the H/R rows' normalised input and K/V pre-activation are not kept
-        for backward either (`context_keys_values` recomputes them from x_context).
-        context_kv: if given, (2, N - NT, Hkv, dh), receives the H and R rows' keys and values."""
-        norm = self.input_norm
-        affine = norm.affine(ctx.group_names)  # once for both halves
-        # Under torch.compile the plain path is traced: the Function calls the GLN implementation
-        # directly, not through the op that compile knows.
-        if self.recompute_context and not torch.compiler.is_compiling():
-            kv_context = context_keys_values(x_context, split.context_group, *affine, self.key_value.weight,
-                                             self.key_value.bias, eps=norm.eps, impl=norm.impl)
-            k_context, v_context = self.heads_of_keys_values(kv_context)
-        else:
-            k_context, v_context = self.keys_values(
-                group_layer_norm(x_context, split.context_group, *affine, eps=norm.eps, impl=norm.impl))
-        if context_kv is not None:
-            context_kv[0].copy_(k_context)
-            context_kv[1].copy_(v_context)
-        h_t = group_layer_norm(x_t, split.target_group, *affine, eps=norm.eps, impl=norm.impl)
+        keys and values stay in the two halves too (split target attention): nothing is merged."""
+        h_t = self.input_norm.with_affine(x_t, split.target_group, affine)
         return self.target_rows_update(x_t, h_t, k_context, v_context, split.keys, ctx.target_group,
                                        ctx.target_group_names)
 
@@ -229,6 +220,34 @@ class HSTULayer(nn.Module):
         return self.output(self.dropout(self.output_norm(gated.flatten(1), group, group_names)))
 
 
+def run_context_keys_values(layers, x_context: Tensor, split: TokenSplit,
+                            group_names: tuple[str, ...]) -> list[tuple[tuple[Tensor, Tensor], Tensor, Tensor]]:
+    """For a run of target layers on the same H and R rows x_context (N - NT, d_model), per layer:
+    its input GLN's (G, D) weight and bias of group_names (stacked once for the run, for the T rows
+    too) and the H and R rows' keys and values K, V (N - NT, Hkv, dh).
+
+    With `recompute_context` (the layers' setting) the run's keys and values come from
+    `context_keys_values`: each row normalised once for the whole run, one batched projection, and
+    per H/R row only K and V kept for backward. Without it, or under torch.compile (which traces
+    the plain path: the Function calls the GLN implementation, not the op that compile knows), each
+    layer runs its own GLN and projection and autograd keeps their activations."""
+    first = layers[0]
+    norm, num_layers, num_groups = first.input_norm, len(layers), len(group_names)
+    stacked = torch.stack([layer.input_norm.weight[g] for layer in layers for g in group_names]
+                          + [layer.input_norm.bias[g] for layer in layers for g in group_names])
+    norm_weight, norm_bias = stacked.view(2, num_layers, num_groups, -1)
+    affines = list(zip(norm_weight.unbind(0), norm_bias.unbind(0)))
+    if first.recompute_context and not torch.compiler.is_compiling():
+        weight = torch.stack([layer.key_value.weight for layer in layers])
+        bias = torch.stack([layer.key_value.bias for layer in layers])
+        kvs = context_keys_values(x_context, split.context_group, norm_weight, norm_bias, weight, bias, eps=norm.eps,
+                                  impl=norm.impl)
+    else:
+        kvs = [F.silu(layer.key_value(layer.input_norm.with_affine(x_context, split.context_group, affine)))
+               for layer, affine in zip(layers, affines)]
+    return [(affine, *layer.heads_of_keys_values(kv)) for layer, affine, kv in zip(layers, affines, kvs)]
+
+
 class HTAStack(nn.Module):
     """Hybrid target attention: the layers bottom to top as given by the config's `hta_layout`.
 
@@ -244,14 +263,18 @@ class HTAStack(nn.Module):
         self.layers = nn.ModuleList(
             HSTULayer(kind, group_names, target_group_names, d_model, attn, dropout, norm_impl, recompute_context)
             for kind in kinds)
+        # run_end[i]: one past the last layer of the run of target layers that layer i is in.
+        self.run_end = [next((j for j in range(i, len(kinds)) if kinds[j] == "full"), len(kinds))
+                        for i in range(len(kinds))]
 
     def forward(self, x: Tensor, ctx: JaggedContext, context_kv: Tensor | None = None) -> Tensor:
         """x (N, d_model) -> the T rows after the top layer, (NT, d_model) in target_index order.
 
         A run of target layers works on x split into its H and R rows (left as they are) and its
-        T rows (`HSTULayer.forward_target_rows`); the halves are merged again before a full layer.
-        context_kv: if given, (num_layers, 2, N - NT, Hkv, dh), receives every layer's keys and
-        values of the H and R rows (a serving pass that also fills the user-side cache)."""
+        T rows (`HSTULayer.forward_target_rows`), the run's keys and values of the H and R rows
+        computed at its start (`run_context_keys_values`); the halves are merged again before a
+        full layer. context_kv: if given, (num_layers, 2, N - NT, Hkv, dh), receives every layer's
+        keys and values of the H and R rows (a serving pass that also fills the user-side cache)."""
         if not ctx.target_group_names:
             return x[:0]
         split = TokenSplit.of(ctx)
@@ -269,7 +292,13 @@ class HTAStack(nn.Module):
             else:
                 if x_t is None:
                     x_context, x_t = split.split(x)
-                x_t = layer.forward_target_rows(x_context, x_t, split, ctx, layer_kv)
+                    run = iter(run_context_keys_values(self.layers[i:self.run_end[i]], x_context, split,
+                                                       ctx.group_names))
+                affine, k_context, v_context = next(run)
+                if layer_kv is not None:
+                    layer_kv[0].copy_(k_context)
+                    layer_kv[1].copy_(v_context)
+                x_t = layer.forward_target_rows(x_t, affine, k_context, v_context, split, ctx)
         return x_t
 
 

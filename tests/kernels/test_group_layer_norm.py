@@ -67,6 +67,57 @@ def test_bfloat16_x_with_float32_affine_as_under_autocast(impl):
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
+def stacked_inputs(n, d, groups, sets, seed):
+    """make_inputs with weight, bias and grad for `sets` sets of affine parameters, groups in runs."""
+    inputs = make_inputs(n, d, groups, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    runs = torch.randint(1, 30, (n,), generator=g)
+    inputs["group"] = torch.randint(0, groups, (n,), generator=g).repeat_interleave(runs)[:n]
+    for name, shape in (("weight", (sets, groups, d)), ("bias", (sets, groups, d)), ("grad", (sets, n, d))):
+        inputs[name] = torch.randn(shape, generator=g)
+    return inputs
+
+
+@pytest.mark.parametrize("n, d, groups, sets", [(200, 24, 4, 3), (64, 40, 2, 5), (37, 16, 1, 2), (90, 8, 3, 1)])
+def test_stacked_reference_is_each_set_on_its_own(n, d, groups, sets):
+    """The stacked reference against the plain reference once per set: outputs per set, dx the sum
+    of the sets' dx (dx is linear in the output gradient), dweight and dbias per set."""
+    inputs = stacked_inputs(n, d, groups, sets, seed=n)
+    x, group = inputs["x"].double(), inputs["group"]
+    weight, bias, grad = (inputs[name].double() for name in ("weight", "bias", "grad"))
+    out = reference.group_layer_norm_stacked(x, group, weight, bias, 1e-5)
+    dx, dweight, dbias = reference.group_layer_norm_stacked_backward(grad, x, group, weight, 1e-5)
+    expected_dx = torch.zeros_like(x)
+    for s in range(sets):
+        torch.testing.assert_close(out[s], reference.group_layer_norm(x, group, weight[s], bias[s], 1e-5))
+        dx_s, dweight_s, dbias_s = reference.group_layer_norm_backward(grad[s], x, group, weight[s], 1e-5)
+        expected_dx += dx_s
+        torch.testing.assert_close(dweight[s], dweight_s)
+        torch.testing.assert_close(dbias[s], dbias_s)
+    torch.testing.assert_close(dx, expected_dx)
+
+
+@pytest.mark.parametrize("n, d, groups, sets, sums", [(300, 24, 5, 3, None), (41, 40, 2, 4, None),
+                                                     (64, 16, 1, 5, None), (50, 8, 3, 2, None), (90, 24, 4, 5, 64)])
+def test_triton_stacked_matches_reference(n, d, groups, sets, sums, monkeypatch):
+    """The stacked kernels (sets padded to a power of two in backward) over runs of groups; with
+    `sums` set, the backward's per-set sums fit two sets per launch, so 5 sets take 3 launches."""
+    from mtfm.kernels import group_layer_norm_triton as triton_impl
+
+    if sums is not None:
+        monkeypatch.setattr(triton_impl, "_BWD_STACKED_SUMS", sums)
+
+    inputs = stacked_inputs(n, d, groups, sets, seed=n + d)
+    args = inputs["x"], inputs["group"]
+    out = triton_impl.group_layer_norm_stacked(*args, inputs["weight"], inputs["bias"], 1e-5, torch.bfloat16)
+    expected = reference.group_layer_norm_stacked(*args, inputs["weight"], inputs["bias"], 1e-5)
+    torch.testing.assert_close(out.float(), expected, rtol=2**-7, atol=0)  # within one bfloat16 ulp
+    grads = triton_impl.group_layer_norm_stacked_backward(inputs["grad"], *args, inputs["weight"], 1e-5)
+    expected_grads = reference.group_layer_norm_stacked_backward(inputs["grad"], *args, inputs["weight"], 1e-5)
+    for name, got, want in zip(("dx", "dweight", "dbias"), grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def test_reference_with_one_group_is_layer_norm():
     inputs = make_inputs(33, 24, 1, seed=1, dtype=torch.float64)
     out = group_layer_norm(inputs["x"], inputs["group"], inputs["weight"], inputs["bias"], impl="reference")
