@@ -13,9 +13,9 @@ and autograd summed their dx.
 Left to autograd, each layer would also keep for backward the normalised input (N - NT, d_model)
 and the pre-activation (N - NT, 2 * Hkv * dh): about 2 KB per token and layer at d_model 512 in
 bfloat16, most of a target layer's activation memory, since x_context itself is kept once for the
-whole run. The Function keeps only x_context and recomputes the GLN and the projection in
-backward, inside one autograd node (no graph is rebuilt, unlike activation checkpointing, whose
-host time the training step could not afford).
+whole run. By default the Function keeps only x_context and recomputes the GLN and the
+projection in backward, inside one autograd node (no graph is rebuilt, unlike activation
+checkpointing, whose host time the training step could not afford); `recompute=False` keeps them.
 """
 from __future__ import annotations
 
@@ -27,19 +27,21 @@ from mtfm.kernels.group_layer_norm import checked_implementation, implementation
 
 
 def context_keys_values(x_context: Tensor, context_group: Tensor, norm_weight: Tensor, norm_bias: Tensor,
-                        weight: Tensor, bias: Tensor, *, eps: float, impl: str = "auto") -> tuple[Tensor, ...]:
+                        weight: Tensor, bias: Tensor, *, eps: float, impl: str = "auto",
+                        recompute: bool = True) -> tuple[Tensor, ...]:
     """silu(GLN_l(x_context) @ weight[l].T + bias[l]) for the L layers l of a run: L tensors (N - NT, out)
     in the compute dtype (the autocast dtype when autocast is on for x_context's device, else
     x_context's dtype), views into one buffer.
 
     x_context (N - NT, D) the H and R rows, context_group (N - NT,) their groups, indices into the
     input GLNs' affine parameters norm_weight, norm_bias (L, G, D); weight (L, out, D), bias (L, out)
-    the K/V projections."""
+    the K/V projections. recompute=False keeps the normalised input and the pre-activation for
+    backward instead (memory for the GLN and projection recomputed)."""
     chosen = checked_implementation(x_context, context_group, norm_weight[0], norm_bias[0], impl)
     device = x_context.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_context.dtype
     return _ContextKeysValues.apply(x_context, context_group, norm_weight, norm_bias, weight, bias, float(eps), chosen,
-                                    dtype)
+                                    dtype, recompute)
 
 
 class _ContextKeysValues(torch.autograd.Function):
@@ -47,37 +49,43 @@ class _ContextKeysValues(torch.autograd.Function):
     # recomputes exactly what forward computed whatever autocast state it is called in.
 
     @staticmethod
-    def forward(ctx, x_context, context_group, norm_weight, norm_bias, weight, bias, eps, impl, dtype):
+    def forward(ctx, x_context, context_group, norm_weight, norm_bias, weight, bias, eps, impl, dtype, recompute):
         # The projections' parameters in the compute dtype are kept for backward (0.5-2.4 MB a layer):
         # recasting them there would cost two more launches per run in a host-bound step.
         w, b = weight.to(dtype), bias.to(dtype)
         with torch.autocast(x_context.device.type, enabled=False):
             h = implementation(impl).group_layer_norm_stacked(x_context, context_group, norm_weight, norm_bias, eps,
                                                               dtype)
-            kv = torch.nn.functional.silu(_projections(h, w, b), inplace=True)
-        ctx.save_for_backward(x_context, context_group, norm_weight, norm_bias, w, b)
+            pre = _projections(h, w, b)
+            kv = torch.nn.functional.silu(pre, inplace=recompute)
+        kept = () if recompute else (h, pre)
+        ctx.save_for_backward(x_context, context_group, norm_weight, norm_bias, w, b, *kept)
         ctx.params = (eps, impl, weight.dtype, bias.dtype)
         return kv.unbind(0)
 
     @staticmethod
     @once_differentiable  # the Triton GLN backward inside has no derivative of its own
     def backward(ctx, *grad_kv):
-        x_context, context_group, norm_weight, norm_bias, w, b = ctx.saved_tensors
+        x_context, context_group, norm_weight, norm_bias, w, b, *kept = ctx.saved_tensors
         eps, impl, weight_dtype, bias_dtype = ctx.params
         gln = implementation(impl)
         with torch.autocast(x_context.device.type, enabled=False):
-            h = gln.group_layer_norm_stacked(x_context, context_group, norm_weight, norm_bias, eps, w.dtype)
-            grad_pre = _projections(h, w, b)  # the pre-activation, then in place its gradient
+            if kept:
+                h, pre = kept
+                grad_pre = torch.empty_like(pre)
+            else:
+                h = gln.group_layer_norm_stacked(x_context, context_group, norm_weight, norm_bias, eps, w.dtype)
+                pre = grad_pre = _projections(h, w, b)  # the pre-activation, then in place its gradient
             for layer, grad in enumerate(grad_kv):
-                torch.ops.aten.silu_backward.grad_input(grad.to(w.dtype), grad_pre[layer], grad_input=grad_pre[layer])
+                torch.ops.aten.silu_backward.grad_input(grad.to(w.dtype), pre[layer], grad_input=grad_pre[layer])
             grad_weight = torch.bmm(grad_pre.transpose(1, 2), h).to(weight_dtype)
             del h
             grad_bias = grad_pre.sum(1).to(bias_dtype)
             grad_h = torch.bmm(grad_pre, w)
-            del grad_pre
+            del grad_pre, pre
             grad_context, grad_norm_weight, grad_norm_bias = gln.group_layer_norm_stacked_backward(
                 grad_h, x_context, context_group, norm_weight, eps)
-        return grad_context, None, grad_norm_weight, grad_norm_bias, grad_weight, grad_bias, None, None, None
+        return grad_context, None, grad_norm_weight, grad_norm_bias, grad_weight, grad_bias, None, None, None, None
 
 
 def _projections(h: Tensor, w: Tensor, b: Tensor) -> Tensor:

@@ -226,22 +226,22 @@ def run_context_keys_values(layers, x_context: Tensor, split: TokenSplit,
     its input GLN's (G, D) weight and bias of group_names (stacked once for the run, for the T rows
     too) and the H and R rows' keys and values K, V (N - NT, Hkv, dh).
 
-    With `recompute_context` (the layers' setting) the run's keys and values come from
-    `context_keys_values`: each row normalised once for the whole run, one batched projection, and
-    per H/R row only K and V kept for backward. Without it, or under torch.compile (which traces
-    the plain path: the Function calls the GLN implementation, not the op that compile knows), each
-    layer runs its own GLN and projection and autograd keeps their activations."""
+    The run's keys and values come from `context_keys_values`: each row normalised once for the
+    whole run, the projections into one buffer; with `recompute_context` (the layers' setting) only
+    K and V are kept per H/R row for backward. Under torch.compile each layer runs its own GLN and
+    projection (compile traces the plain path: the Function calls the GLN implementation, not the
+    op that compile knows)."""
     first = layers[0]
     norm, num_layers, num_groups = first.input_norm, len(layers), len(group_names)
     stacked = torch.stack([layer.input_norm.weight[g] for layer in layers for g in group_names]
                           + [layer.input_norm.bias[g] for layer in layers for g in group_names])
     norm_weight, norm_bias = stacked.view(2, num_layers, num_groups, -1)
     affines = list(zip(norm_weight.unbind(0), norm_bias.unbind(0)))
-    if first.recompute_context and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling():
         weight = torch.stack([layer.key_value.weight for layer in layers])
         bias = torch.stack([layer.key_value.bias for layer in layers])
         kvs = context_keys_values(x_context, split.context_group, norm_weight, norm_bias, weight, bias, eps=norm.eps,
-                                  impl=norm.impl)
+                                  impl=norm.impl, recompute=first.recompute_context)
     else:
         kvs = [F.silu(layer.key_value(layer.input_norm.with_affine(x_context, split.context_group, affine)))
                for layer, affine in zip(layers, affines)]

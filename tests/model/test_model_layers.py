@@ -158,10 +158,10 @@ def test_stack_equals_dense_layers_in_turn_with_gradients(recompute_context, see
 @pytest.mark.parametrize("recompute_context", [False, True])
 def test_target_layers_keep_only_keys_values_per_token_when_recomputing(recompute_context):
     """What autograd keeps for backward from a run of target layers, as distinct storages with a
-    row per token or per H/R row, in elements: with recompute_context each layer's K and V (views
-    into one buffer for the whole run, the batched projection's activations, which the attention
-    reads in place) and, once for the run, the H/R rows; without it also each layer's normalised
-    input of the K/V projection (N - NT, d_model) and its pre-activation (N - NT, 2 * Hkv * dh).
+    row per token or per H/R row (per layer of the run), in elements: with recompute_context each layer's K and V (views
+    into one buffer for the whole run, the projections' activations, which the attention reads in
+    place) and, once for the run, the H/R rows; without it also each layer's normalised input of
+    the K/V projection (N - NT, d_model) and its pre-activation (N - NT, 2 * Hkv * dh).
     The H/R rows' and the T rows' keys stay apart (split target attention), so nothing of N rows
     is kept."""
     stack = make_stack(("target", "target", "target"), seed=3, recompute_context=recompute_context)
@@ -177,12 +177,13 @@ def test_target_layers_keep_only_keys_values_per_token_when_recomputing(recomput
     n, n_context = batch.num_tokens, batch.num_tokens - batch.num_targets
     storages = {}
     for t in saved:
-        if t.is_floating_point() and t.dim() and t.shape[0] in (n, n_context):
+        per_row = t.dim() and (t.shape[0] in (n, n_context) or (t.dim() > 1 and t.shape[1] == n_context))
+        if t.is_floating_point() and per_row:  # rows first, or per layer of the run, then rows
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // t.element_size()
     kv = 3 * n_context * 6  # [K | V] of three layers, Hkv 1, dh 3
-    expected = [n_context * D_MODEL] + ([kv] if recompute_context else [n_context * 6] * 3)  # the H/R rows, once
-    if not recompute_context:
-        expected += [n_context * D_MODEL] * 3 + [n_context * 6] * 3
+    expected = [n_context * D_MODEL, kv]  # the H/R rows, once; the run's keys and values
+    if not recompute_context:  # the run's normalised inputs and pre-activations, one buffer each
+        expected += [3 * n_context * D_MODEL, kv]
     assert sorted(storages.values()) == sorted(expected)
     out.sum().backward()
 
@@ -209,11 +210,12 @@ def test_stack_on_a_batch_of_t_tokens_only(recompute_context):
     torch.testing.assert_close(x.grad, x_dense.grad)
 
 
-@pytest.mark.parametrize("dtype, impl", [(torch.float64, "reference"), (torch.bfloat16, "reference"),
-                                         (torch.bfloat16, "triton")])
-def test_context_keys_values_equals_autograd_of_the_plain_composition(dtype, impl):
-    """The run's recomputing autograd Function (3 layers) against GLN -> linear -> silu per layer,
-    differentiated by autograd, in float64 and under bfloat16 autocast. With the reference GLN
+@pytest.mark.parametrize("dtype, impl, recompute", [(torch.float64, "reference", True), (torch.bfloat16, "reference", True),
+                                                    (torch.bfloat16, "triton", True), (torch.float64, "reference", False),
+                                                    (torch.bfloat16, "triton", False)])
+def test_context_keys_values_equals_autograd_of_the_plain_composition(dtype, impl, recompute):
+    """The run's autograd Function (3 layers; recomputing or keeping its activations) against GLN ->
+    linear -> silu per layer, differentiated by autograd, in float64 and under bfloat16 autocast. With the reference GLN
     these are the same ops on the same values up to the order of summation (the layers' dx summed
     inside one GLN backward, matmuls batched), so they agree to rounding; a backward that cast at
     other points, or a layer that took another layer's parameters, would not."""
@@ -233,7 +235,7 @@ def test_context_keys_values_equals_autograd_of_the_plain_composition(dtype, imp
 
     with autocast:
         kv = context_keys_values(x_context, split.context_group, norm_weight, norm_bias, weight, bias, eps=1e-5,
-                                 impl=impl)
+                                 impl=impl, recompute=recompute)
     grads = torch.autograd.grad(kv, inputs, grad_kv.unbind(0))
     with autocast:
         expected = [F.silu(F.linear(group_layer_norm(x_context, split.context_group, norm_weight[l], norm_bias[l],
