@@ -492,25 +492,22 @@ def main():
     result = dict(gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                   triton=triton.__version__, date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))
     print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    if args.serving:
-        result["key_splits"] = bench_key_splits(device)
-        print("\n| users | K | attention | queries | key splits | unsplit ms | split ms | speed-up | max rel diff |")
-        print("|" + "---|" * 9)
-        for r in result["key_splits"]:
-            print(f"| {r['users']} | {r['candidates']} | {r['attention']} | {r['queries']} | {r['key_splits']} | "
-                  f"{r['unsplit_ms']:.4f} | {r['split_ms']:.4f} | {r['unsplit_ms'] / r['split_ms']:.2f}x | "
-                  f"{r['max_rel_diff']:.1e} |")
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=1))
-        return
-
-    if args.gln_stacked:
-        result["gln_stacked"] = bench_gln_stacked(device)
-        print("\n| D | sets | stacked fwd+bwd ms | one call per set ms | speed-up | max rel err |")
-        print("|" + "---|" * 6)
-        for r in result["gln_stacked"]:
-            print(f"| {r['d']} | {r['sets']} | {r['stacked_ms']:.3f} | {r['one_by_one_ms']:.3f} | "
-                  f"{r['one_by_one_ms'] / r['stacked_ms']:.2f}x | {max(r['errors'].values()):.1e} |")
+    if args.serving or args.gln_stacked:  # one study alone, its table
+        if args.serving:
+            result["key_splits"] = bench_key_splits(device)
+            header = "users | K | attention | queries | key splits | unsplit ms | split ms | speed-up | max rel diff"
+            rows = [f"{r['users']} | {r['candidates']} | {r['attention']} | {r['queries']} | {r['key_splits']} | "
+                    f"{r['unsplit_ms']:.4f} | {r['split_ms']:.4f} | {r['unsplit_ms'] / r['split_ms']:.2f}x | "
+                    f"{r['max_rel_diff']:.1e}" for r in result["key_splits"]]
+        else:
+            result["gln_stacked"] = bench_gln_stacked(device)
+            header = "D | sets | stacked fwd+bwd ms | one call per set ms | speed-up | max rel err"
+            rows = [f"{r['d']} | {r['sets']} | {r['stacked_ms']:.3f} | {r['one_by_one_ms']:.3f} | "
+                    f"{r['one_by_one_ms'] / r['stacked_ms']:.2f}x | {max(r['errors'].values()):.1e}"
+                    for r in result["gln_stacked"]]
+        print(f"\n| {header} |\n|" + "---|" * (header.count("|") + 1))
+        for row in rows:
+            print(f"| {row} |")
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1))
         return

@@ -78,6 +78,25 @@ def _gln_fwd_kernel(X, Group, W, B, Y, n_rows, n_cols, n_groups, stride_x, strid
 
 
 @triton.jit
+def _program_rows(Group, n_rows, BLOCK_R: tl.constexpr):
+    """The backward program's contiguous range of row blocks, [start, end), and its first row's group."""
+    per_program = tl.cdiv(tl.cdiv(n_rows, BLOCK_R), tl.num_programs(0)) * BLOCK_R
+    start = tl.program_id(0) * per_program
+    return start, tl.minimum(n_rows, start + per_program), tl.load(Group + tl.minimum(start, n_rows - 1))
+
+
+@triton.jit
+def _row_block(X, Group, r0, n_rows, cols, col_ok, n_cols, stride_x, eps, BLOCK_R: tl.constexpr):
+    """The backward's block of rows from r0: rows, row_ok, mask, xhat, rstd and group (-1 past the end)."""
+    rows = r0 + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & col_ok[None, :]
+    xhat, rstd = _normalize(X, rows, cols, mask, n_cols, stride_x, eps)
+    group = tl.load(Group + rows, mask=row_ok, other=-1)
+    return rows, row_ok, mask, xhat, rstd, group
+
+
+@triton.jit
 def _add_to_partial(Partial, pid, group, n_groups, n_cols, cols, col_ok, rows_sum):
     """Partial[pid, group, :] += rows_sum: this program's own slice, so no atomics. The barrier
     makes this program's earlier stores to the slice visible to whichever of its threads loads
@@ -92,23 +111,18 @@ def _gln_bwd_kernel(X, Group, W, DY, DX, PartialW, PartialB, n_rows, n_cols, n_g
                     stride_x, stride_dy, stride_dx, eps,
                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
-    programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < n_cols
     # A contiguous range of row blocks per program, so that consecutive blocks mostly continue
     # one run of a group: their dy * xhat and dy are added elementwise into (BLOCK_R, BLOCK_D)
     # sums, reduced over rows only when the run ends.
-    per_program = tl.cdiv(tl.cdiv(n_rows, BLOCK_R), programs) * BLOCK_R
+    start, end, run_group = _program_rows(Group, n_rows, BLOCK_R)
     run_w = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     run_b = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    run_group = tl.load(Group + tl.minimum(pid * per_program, n_rows - 1))
-    for r0 in range(pid * per_program, tl.minimum(n_rows, (pid + 1) * per_program), BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        row_ok = rows < n_rows
-        mask = row_ok[:, None] & col_ok[None, :]
-        xhat, rstd = _normalize(X, rows, cols, mask, n_cols, stride_x, eps)
+    for r0 in range(start, end, BLOCK_R):
+        rows, row_ok, mask, xhat, rstd, group = _row_block(X, Group, r0, n_rows, cols, col_ok, n_cols, stride_x, eps,
+                                                           BLOCK_R)
         dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        group = tl.load(Group + rows, mask=row_ok, other=-1)
         w = tl.load(W + group[:, None] * n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         g = dy * w
         mean_g = tl.sum(g, axis=1) / n_cols
@@ -164,21 +178,16 @@ def _gln_stacked_bwd_kernel(X, Group, W, DY, DX, PartialW, PartialB, n_rows, n_c
     (BLOCK_R, BLOCK_D) tile is summed over its rows as it comes, so the registers do not grow
     with the sets."""
     pid = tl.program_id(0)
-    programs = tl.num_programs(0)
     sets = tl.arange(0, SETS_PAD)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < n_cols
     sums_ok = (sets < SETS)[:, None] & col_ok[None, :]
-    per_program = tl.cdiv(tl.cdiv(n_rows, BLOCK_R), programs) * BLOCK_R
+    start, end, run_group = _program_rows(Group, n_rows, BLOCK_R)
     run_w = tl.zeros((SETS_PAD, BLOCK_D), dtype=tl.float32)
     run_b = tl.zeros((SETS_PAD, BLOCK_D), dtype=tl.float32)
-    run_group = tl.load(Group + tl.minimum(pid * per_program, n_rows - 1))
-    for r0 in range(pid * per_program, tl.minimum(n_rows, (pid + 1) * per_program), BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        row_ok = rows < n_rows
-        mask = row_ok[:, None] & col_ok[None, :]
-        xhat, rstd = _normalize(X, rows, cols, mask, n_cols, stride_x, eps)
-        group = tl.load(Group + rows, mask=row_ok, other=-1)
+    for r0 in range(start, end, BLOCK_R):
+        rows, row_ok, mask, xhat, rstd, group = _row_block(X, Group, r0, n_rows, cols, col_ok, n_cols, stride_x, eps,
+                                                           BLOCK_R)
         lowest = tl.min(tl.where(row_ok, group, n_groups))
         highest = tl.max(group)  # masked rows hold -1
         if (lowest != run_group) | (highest != run_group):  # the run ends: its sums go out
@@ -222,6 +231,14 @@ def _blocks(n_cols: int, elements: int) -> tuple[int, int, int]:
     return block_r, block_d, 4 if block_d <= 256 else 8 if block_d <= 1024 else 16
 
 
+def _backward_grid(x: Tensor, n_cols: int) -> tuple[int, int, int, int]:
+    """(rows per block, padded features, warps, programs) of the backward kernels for x's rows."""
+    block_r, block_d, warps = _blocks(n_cols, _BWD_BLOCK_ELEMENTS)
+    warps = _BWD_WARPS if block_d <= _BWD_SWEPT_FEATURES else warps
+    slots = 4 if _INTERPRET else _BWD_PROGRAMS_PER_SM * multiprocessors(x.device.index)
+    return block_r, block_d, warps, max(1, min(slots, triton.cdiv(x.shape[0], block_r)))
+
+
 def group_layer_norm(x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, eps: float,
                      out_dtype: torch.dtype | None = None) -> Tensor:
     return group_layer_norm_stacked(x, group, weight[None], bias[None], eps, out_dtype)[0]
@@ -233,10 +250,7 @@ def group_layer_norm_backward(grad_out, x, group, weight, eps: float) -> tuple[T
     dx = torch.empty_like(x)
     if x.shape[0] == 0:
         return dx, torch.zeros_like(weight), torch.zeros_like(weight)
-    block_r, block_d, warps = _blocks(n_cols, _BWD_BLOCK_ELEMENTS)
-    warps = _BWD_WARPS if block_d <= _BWD_SWEPT_FEATURES else warps
-    slots = 4 if _INTERPRET else _BWD_PROGRAMS_PER_SM * multiprocessors(x.device.index)
-    programs = max(1, min(slots, triton.cdiv(x.shape[0], block_r)))
+    block_r, block_d, warps, programs = _backward_grid(x, n_cols)
     partial = torch.zeros(2, programs, n_groups, n_cols, dtype=torch.float32, device=x.device)
     _gln_bwd_kernel[(programs,)](
         x, group, weight.contiguous(), grad_out, dx, partial[0], partial[1], x.shape[0], n_cols, n_groups,
@@ -266,7 +280,7 @@ def group_layer_norm_stacked_backward(grad_out, x, group, weight, eps: float) ->
     if sets == 1:
         dx, dweight, dbias = group_layer_norm_backward(grad_out[0], x, group, weight[0], eps)
         return dx, dweight[None], dbias[None]
-    block_r, block_d, warps = _blocks(n_cols, _BWD_BLOCK_ELEMENTS)
+    block_r, block_d, warps, programs = _backward_grid(x, n_cols)
     per_launch = max(1, _BWD_STACKED_SUMS // block_d)
     if sets > per_launch:
         parts = [group_layer_norm_stacked_backward(grad_out[i:i + per_launch], x, group, weight[i:i + per_launch], eps)
@@ -276,9 +290,6 @@ def group_layer_norm_stacked_backward(grad_out, x, group, weight, eps: float) ->
     dx = torch.empty_like(x)
     if x.shape[0] == 0:
         return dx, torch.zeros_like(weight), torch.zeros_like(weight)
-    warps = _BWD_WARPS if block_d <= _BWD_SWEPT_FEATURES else warps
-    slots = 4 if _INTERPRET else _BWD_PROGRAMS_PER_SM * multiprocessors(x.device.index)
-    programs = max(1, min(slots, triton.cdiv(x.shape[0], block_r)))
     partial = torch.zeros(2, programs, sets, n_groups, n_cols, dtype=torch.float32, device=x.device)
     _gln_stacked_bwd_kernel[(programs,)](
         x, group, weight.contiguous(), grad_out, dx, partial[0], partial[1], x.shape[0], n_cols, n_groups,
