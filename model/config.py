@@ -44,8 +44,8 @@ class ModelConfig:
     compute_dtype: what training/serving autocast to on GPU (parameters stay float32).
     recompute_target_context: per H/R row a target layer keeps only K and V for backward; the
     K/V projection's normalised input and pre-activation are recomputed in backward from the
-    input the run of target layers shares (model/context_kv.py): less memory, one more GLN and
-    projection per target layer in backward.
+    input the run of target layers shares (model/context_kv.py): less memory, one more stacked GLN
+    and projection per run of target layers in backward.
     scenarios: None = every registered scenario; a list restricts the model (and its batches)
     to those, e.g. the single-scenario MTFM baseline.
     """
