@@ -25,6 +25,8 @@ multitask BCE, zero_grad, backward, grad clip 1.0, optimizer steps.
 - Host syncs: one extra step under torch.cuda.set_sync_debug_mode("warn"); each synchronising
   call is recorded with its innermost frame in this repository's code.
 - Collate: the host time to collate one batch.
+- Host probe (`host_probe`): the process's host speed at the start and after each case, to read
+  host-bound cases against (a Python loop; host time per tiny CUDA launch).
 OOM is caught per case and recorded. Prints a table last and writes JSON (--out).
 
 Optional sections (issue 7, part 1), run before the cases, in the JSON's "sections":
@@ -247,6 +249,25 @@ class Trainer:
         return loss.detach()
 
 
+def host_probe(device) -> dict:
+    """This process's host speed, to read the samples/s of host-bound cases against (it varied 1.4x between
+    processes on one machine, bench/RESULTS.md): a pure Python loop of 10^6 additions, and the host time per
+    launch of 2,000 one-element CUDA adds (queued, not waited for)."""
+    start, total = time.perf_counter(), 0
+    for i in range(1_000_000):
+        total += i
+    probe = {"python_loop_ms": 1e3 * (time.perf_counter() - start)}
+    if device.type == "cuda":
+        t = torch.zeros(1, device=device)
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(2000):
+            t.add_(1)
+        probe["launch_us"] = 1e6 * (time.perf_counter() - start) / 2000
+        torch.cuda.synchronize(device)
+    return probe
+
+
 def run_case(name, part, config_path, overrides, batches, mixes, device, args, peak_tflops, ray_mode):
     import torch
 
@@ -343,7 +364,7 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
         "achieved_tflops": train_flops / elapsed / 1e12,
         "mfu": (train_flops / elapsed / 1e12) / peak_tflops if peak_tflops else None,
         "peak_mem_gib": peak, "peak_reserved_gib": reserved,
-        "host_ms_per_step": 1e3 * statistics.mean(host), "profile": profile,
+        "host_ms_per_step": 1e3 * statistics.mean(host), "host_probe": host_probe(device), "profile": profile,
         "split_ms": {k: 1e3 * statistics.median(v) for k, v in parts.items() if v},
         "mean_loss": final_loss, "host_syncs_one_step": syncs,
     }
@@ -490,6 +511,7 @@ def worker(loop_config: dict) -> None:
     except ImportError:
         pass
     peak_tflops = matmul_tflops(device)
+    info["host_probe"] = host_probe(device)
     say(f"{info}; dense bf16 matmul {peak_tflops} TFLOP/s")
 
     registry = load_registry(ROOT / "configs")
