@@ -26,10 +26,15 @@ def _normalize(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return centered * rstd, rstd
 
 
+def _affine(xhat: Tensor, weight: Tensor, bias: Tensor, dtype: torch.dtype) -> Tensor:
+    return (xhat * weight.to(xhat.dtype) + bias.to(xhat.dtype)).to(dtype)
+
+
 def group_layer_norm(x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, eps: float,
                      out_dtype: torch.dtype | None = None) -> Tensor:
     """Forward, in out_dtype (default x's); differentiable by autograd (it is plain PyTorch)."""
-    return group_layer_norm_stacked(x, group, weight[None], bias[None], eps, out_dtype)[0]
+    xhat, _ = _normalize(x, eps)
+    return _affine(xhat, weight[group], bias[group], out_dtype or x.dtype)
 
 
 def group_layer_norm_backward(
@@ -44,7 +49,7 @@ def group_layer_norm_stacked(x: Tensor, group: Tensor, weight: Tensor, bias: Ten
                              out_dtype: torch.dtype | None = None) -> Tensor:
     """(S, N, D) for weight and bias (S, G, D), in out_dtype (default x's); differentiable by autograd."""
     xhat, _ = _normalize(x, eps)
-    return (xhat * weight[:, group].to(xhat.dtype) + bias[:, group].to(xhat.dtype)).to(out_dtype or x.dtype)
+    return _affine(xhat, weight[:, group], bias[:, group], out_dtype or x.dtype)
 
 
 def group_layer_norm_stacked_backward(

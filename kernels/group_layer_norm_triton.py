@@ -38,8 +38,9 @@ _MAX_FEATURES = 2048
 # 8 x 1024, took 2.3x the time of 4 sets; 5 sets of D = 512, 8 x 512, 1.2x; `bench/kernels.py --gln-stacked`).
 _BWD_STACKED_SUMS = 4096
 # The kernels are not specialised on the row count (nor the backward on the number of groups
-# present), which change from batch to batch: Triton would compile a variant for each value's
-# divisibility by 16 (and for 1). n_cols and the strides, fixed by the model, keep the hint.
+# present), nor on the stride between stacked sets (rows x features), which change from batch to
+# batch: Triton would compile a variant for each value's divisibility by 16 (and for 1). n_cols and
+# the row strides, fixed by the model, keep the hint.
 
 
 def unsupported_reason(x: Tensor, weight: Tensor) -> str | None:
@@ -60,7 +61,7 @@ def _normalize(X, rows, cols, mask, n_cols, stride_x, eps):
     return centered * rstd[:, None], rstd
 
 
-@triton.jit(do_not_specialize=["n_rows", "n_groups"])
+@triton.jit(do_not_specialize=["n_rows", "n_groups", "stride_y_set"])
 def _gln_fwd_kernel(X, Group, W, B, Y, n_rows, n_cols, n_groups, stride_x, stride_y, stride_y_set, eps,
                     SETS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -69,6 +70,7 @@ def _gln_fwd_kernel(X, Group, W, B, Y, n_rows, n_cols, n_groups, stride_x, strid
     mask = row_ok[:, None] & (cols < n_cols)[None, :]
     xhat, _ = _normalize(X, rows, cols, mask, n_cols, stride_x, eps)
     group = tl.load(Group + rows, mask=row_ok, other=0)
+    stride_y_set = stride_y_set.to(tl.int64)  # sets x rows x features passes 2^31 at large batches
     for s in tl.static_range(SETS):  # the rows' statistics once, each set's affine parameters in turn
         at = (s * n_groups + group)[:, None] * n_cols + cols[None, :]
         w = tl.load(W + at, mask=mask, other=0.0).to(tl.float32)
@@ -167,7 +169,7 @@ def _add_sets_to_partial(Partial, pid, group, n_groups, n_cols, sets, cols, ok, 
     tl.store(at, tl.load(at, mask=ok, other=0.0) + sums, mask=ok)
 
 
-@triton.jit(do_not_specialize=["n_rows", "n_groups"])
+@triton.jit(do_not_specialize=["n_rows", "n_groups", "stride_dy_set"])
 def _gln_stacked_bwd_kernel(X, Group, W, DY, DX, PartialW, PartialB, n_rows, n_cols, n_groups,
                             stride_x, stride_dy, stride_dy_set, stride_dx, eps,
                             SETS: tl.constexpr, SETS_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -178,6 +180,7 @@ def _gln_stacked_bwd_kernel(X, Group, W, DY, DX, PartialW, PartialB, n_rows, n_c
     (BLOCK_R, BLOCK_D) tile is summed over its rows as it comes, so the registers do not grow
     with the sets."""
     pid = tl.program_id(0)
+    stride_dy_set = stride_dy_set.to(tl.int64)  # as the forward's stride_y_set
     sets = tl.arange(0, SETS_PAD)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < n_cols
@@ -241,7 +244,9 @@ def _backward_grid(x: Tensor, n_cols: int) -> tuple[int, int, int, int]:
 
 def group_layer_norm(x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, eps: float,
                      out_dtype: torch.dtype | None = None) -> Tensor:
-    return group_layer_norm_stacked(x, group, weight[None], bias[None], eps, out_dtype)[0]
+    x = x.contiguous()
+    y = x.new_empty(x.shape, dtype=out_dtype or x.dtype)
+    return _forward(x, group, weight[None], bias[None], eps, y, stride_y_set=0)
 
 
 def group_layer_norm_backward(grad_out, x, group, weight, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -262,15 +267,22 @@ def group_layer_norm_backward(grad_out, x, group, weight, eps: float) -> tuple[T
 
 def group_layer_norm_stacked(x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, eps: float,
                              out_dtype: torch.dtype | None = None) -> Tensor:
-    sets, n_groups, n_cols = weight.shape
     x = x.contiguous()
-    y = x.new_empty((sets,) + x.shape, dtype=out_dtype or x.dtype)
+    y = x.new_empty((weight.shape[0],) + x.shape, dtype=out_dtype or x.dtype)
+    return _forward(x, group, weight, bias, eps, y, stride_y_set=y.stride(0))
+
+
+def _forward(x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, eps: float, y: Tensor,
+             stride_y_set: int) -> Tensor:
+    """Writes the S sets of weight (S, G, D) into y, outputs stride_y_set elements apart (rows at y's
+    stride(-2)), and returns y."""
+    sets, n_groups, n_cols = weight.shape
     if x.shape[0] == 0:
         return y
     block_r, block_d, warps = _blocks(n_cols, _MAX_BLOCK_ELEMENTS)
     _gln_fwd_kernel[(triton.cdiv(x.shape[0], block_r),)](
-        x, group, weight.contiguous(), bias.contiguous(), y, x.shape[0], n_cols, n_groups, x.stride(0), y.stride(1),
-        y.stride(0), eps, SETS=sets, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+        x, group, weight.contiguous(), bias.contiguous(), y, x.shape[0], n_cols, n_groups, x.stride(0),
+        y.stride(-2), stride_y_set, eps, SETS=sets, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
     )
     return y
 

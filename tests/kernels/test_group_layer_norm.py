@@ -67,6 +67,20 @@ def test_bfloat16_x_with_float32_affine_as_under_autocast(impl):
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_output_can_be_modified_in_place(impl):
+    """The output is a tensor of its own, not a view of a buffer made inside the op (autograd refuses
+    in-place ops on those): scaling it in place scales the gradients."""
+    inputs = make_inputs(50, 24, 3, seed=9)
+    out, dx, dweight, dbias = forward_and_grads(inputs, impl)
+    x, weight, bias = (inputs[name].clone().requires_grad_() for name in ("x", "weight", "bias"))
+    scaled = group_layer_norm(x, inputs["group"], weight, bias, eps=1e-5, impl=impl)
+    scaled.mul_(2.0).backward(inputs["grad"])
+    for name, got, want in (("out", scaled.detach(), 2 * out), ("dx", x.grad, 2 * dx),
+                            ("dweight", weight.grad, 2 * dweight), ("dbias", bias.grad, 2 * dbias)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 def stacked_inputs(n, d, groups, sets, seed):
     """make_inputs with weight, bias and grad for `sets` sets of affine parameters, groups in runs."""
     inputs = make_inputs(n, d, groups, seed)

@@ -137,3 +137,26 @@ def test_group_layer_norm_kernels_do_not_specialise_on_the_row_count(monkeypatch
     first = launches(32, groups=3)
     monkeypatch.undo()
     _assert_varying_args_unspecialised(first, launches(33, groups=1), kernels)
+
+
+def test_stacked_group_layer_norm_kernels_do_not_specialise_on_the_row_count(monkeypatch):
+    """Stacked sets (a run of target layers) are rows x features apart: 32 x 24 and 33 x 24 differ in
+    divisibility by 16, as the row counts do."""
+    kernels = {"_gln_fwd_kernel": gln._gln_fwd_kernel, "_gln_stacked_bwd_kernel": gln._gln_stacked_bwd_kernel}
+
+    def launches(rows, groups):
+        monkeypatch.setattr(gln, "multiprocessors", lambda index: 4)
+        x, group = torch.randn(rows, 24), torch.arange(rows) % groups
+        weight, bias = torch.ones(3, groups, 24), torch.zeros(3, groups, 24)
+
+        def run():
+            gln.group_layer_norm_stacked(x, group, weight, bias, 1e-5)
+            gln.group_layer_norm_stacked_backward(torch.randn(3, rows, 24), x, group, weight, 1e-5)
+        return _record(monkeypatch, gln, list(kernels), run)
+
+    first = launches(32, groups=3)
+    monkeypatch.undo()
+    second = launches(33, groups=1)
+    assert {"stride_y_set", "stride_dy_set"} <= {arg for k in kernels for arg in first[k][0]
+                                                 if _key(first[k][0][arg]) != _key(second[k][0][arg])}
+    _assert_varying_args_unspecialised(first, second, kernels)
