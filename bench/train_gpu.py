@@ -1,7 +1,7 @@
 """GPU training benchmark (issue 7, parts 1 and 2): MTFM training steps through Ray Train.
 
     python bench/train_gpu.py [--out FILE] [--no-ray] [--device cuda|cpu] [--tiny] [--only NAME ...]
-                              [--pipeline] [--compile-shapes N]
+                              [--cuda-graphs off|on|both] [--pipeline] [--compile-shapes N]
 
 One Ray Train `TorchTrainer` with one GPU worker (use_gpu=True) runs every case in turn in the
 same worker process (one trainer start instead of one per case); `--no-ray` runs the same worker
@@ -11,12 +11,16 @@ Per case: the model is built from its config (plus overrides), Adam + Adagrad fr
 `mtfm.platform.train.make_optimizers`, and trained on pre-collated token-budget batches of
 synthetic users (`mtfm.model.sample_tables`, the realistic mix: history 200-1000, realtime 20-100,
 targets 25-150 hp + 15-100 phf + 10-50 sqs, i.e. 50-300 over 3 scenarios), rotating over 4
-distinct batches. The step is train.py's: batch.to(device) (one H2D copy), autocast forward,
-multitask BCE, zero_grad, backward, grad clip 1.0, optimizer steps.
+distinct batches. The step is train.py's (`mtfm.platform.train_step.TrainStep`): batch.to(device)
+(one H2D copy), autocast forward, multitask BCE, zero_grad, backward, grad clip 1.0, optimizer steps.
+`--cuda-graphs on` runs every case with forward and backward replayed from a CUDA graph (the 4
+batches padded to one `GrowingShape`; samples, tokens and FLOPs count the real rows only, so the
+padding is a cost), `both` runs each case eagerly and then graphed (" graphed" rows).
 
 - Throughput pass: W warm-up steps, then S steps with no host sync inside; samples/s, tokens/s.
 - Split pass: K more steps with torch.cuda.synchronize() around data (H2D), forward (+ loss),
-  backward and optimizer (zero_grad + clip + steps); medians.
+  backward and optimizer (zero_grad + clip + steps); medians. Graphed, forward and backward are one
+  replay: the "fwd" column holds it and "bwd" is empty.
 - Peak memory: torch.cuda.max_memory_allocated from right after the model was moved to the GPU
   (parameters, gradients, optimizer state, activations).
 - FLOPs: `mtfm.model.summary.forward_flops` (DESIGN.md's convention) on each batch's exact token
@@ -187,12 +191,13 @@ class SyncRecorder:
 class Trainer:
     """One case's model, optimizers and training step (platform/train.py's step)."""
 
-    def __init__(self, config_path, overrides, device, args, ray_mode):
+    def __init__(self, config_path, overrides, device, args, ray_mode, cuda_graphs=False):
         import torch
 
         from mtfm.model import build_model, load_model_config
         from mtfm.platform.registry import load_registry
         from mtfm.platform.train import TrainConfig, make_optimizers
+        from mtfm.platform.train_step import TrainStep
 
         self.device, self.cuda = device, device.type == "cuda"
         config = load_model_config(ROOT / config_path)
@@ -212,7 +217,10 @@ class Trainer:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        self.optimizers = make_optimizers(self.model, TrainConfig(name="bench", model=config_path))
+        self.optimizers = make_optimizers(self.model, TrainConfig(name="bench", model=config_path,
+                                                                  cuda_graphs=cuda_graphs))
+        self.train_step = TrainStep(self.model, self.optimizers.values(), module=self.ddp_model, grad_clip=1.0,
+                                    cuda_graphs=cuda_graphs)
 
     def sync(self):
         import torch
@@ -222,11 +230,8 @@ class Trainer:
 
     def step(self, batch, marks=None):
         """One training step on `batch` (on the host, or already on the device); with `marks`, the
-        times after a sync at the start and after data, forward, backward and optimizer."""
-        import torch
-
-        from mtfm.model import multitask_bce_loss
-
+        times after a sync at the start and after data, forward, backward and optimizer (graphed:
+        forward and backward are one mark)."""
         def mark():
             if marks is not None:
                 self.sync()
@@ -234,25 +239,21 @@ class Trainer:
         mark()
         batch = batch.to(self.device)
         mark()
-        with self.model.autocast(self.device.type):
-            output = self.ddp_model(batch)
-        loss, _ = multitask_bce_loss(output, batch)
+        loss = self.train_step.gradients(batch, mark=mark)
         mark()
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.train_step.cuda_graphs and marks is not None:
+            marks.append(marks[-1])  # no separate backward
+        self.train_step.update()
         mark()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        for opt in self.optimizers.values():
-            opt.step()
-        mark()
-        return loss.detach()
+        return loss
 
 
 def host_probe(device) -> dict:
     """This process's host speed, to read the samples/s of host-bound cases against (it varied 1.4x between
     processes on one machine, bench/RESULTS.md): a pure Python loop of 10^6 additions, and the host time per
     launch of 2,000 one-element CUDA adds (queued, not waited for)."""
+    import torch
+
     start, total = time.perf_counter(), 0
     for i in range(1_000_000):
         total += i
@@ -268,16 +269,24 @@ def host_probe(device) -> dict:
     return probe
 
 
-def run_case(name, part, config_path, overrides, batches, mixes, device, args, peak_tflops, ray_mode):
+def run_case(name, part, config_path, overrides, batches, mixes, device, args, peak_tflops, ray_mode,
+             cuda_graphs=False):
     import torch
 
+    from mtfm.model.padding import GrowingShape
     from mtfm.model.summary import forward_flops
 
-    trainer = Trainer(config_path, overrides, device, args, ray_mode)
+    trainer = Trainer(config_path, overrides, device, args, ray_mode, cuda_graphs=cuda_graphs)
     config, model, cuda, sync, step = trainer.config, trainer.model, trainer.cuda, trainer.sync, trainer.step
     params = sum(p.numel() for p in model.parameters())
 
     batch_flops = [forward_flops(config, model.registry, m)["total"] * b.num_users for b, m in zip(batches, mixes)]
+    real = batches  # what samples, tokens and FLOPs count
+    if cuda_graphs:  # one shape that holds all four batches (each size their largest + 1), so one graph serves them
+        shapes = GrowingShape(headroom=0.0, granule=1)
+        for b in batches:
+            shapes.fit(b)
+        batches = [shapes.pad(b) for b in batches]
     # Throughput pass.
     sync()
     first = time.perf_counter()
@@ -295,7 +304,7 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
         h0 = time.perf_counter()
         losses.append(step(b))
         host.append(time.perf_counter() - h0)
-        users, tokens = users + b.num_users, tokens + b.num_tokens
+        users, tokens = users + real[i % len(real)].num_users, tokens + real[i % len(real)].num_tokens
         flops += batch_flops[i % len(batches)]
     sync()
     elapsed = time.perf_counter() - start
@@ -366,7 +375,9 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
         "peak_mem_gib": peak, "peak_reserved_gib": reserved,
         "host_ms_per_step": 1e3 * statistics.mean(host), "host_probe": host_probe(device), "profile": profile,
         "split_ms": {k: 1e3 * statistics.median(v) for k, v in parts.items() if v},
-        "mean_loss": final_loss, "host_syncs_one_step": syncs,
+        "mean_loss": final_loss, "host_syncs_one_step": syncs, "cuda_graphs": cuda_graphs,
+        "graph_captures": trainer.train_step.captures,
+        "padded_tokens_per_real": (sum(b.num_tokens for b in batches) / sum(b.num_tokens for b in real)),
     }
     del model, trainer, losses
     gc.collect()
@@ -578,24 +589,28 @@ def worker(loop_config: dict) -> None:
             say(f"{name}: skipped (time budget)")
             continue
         batches, mixes = pools[pool]
-        try:
-            r = run_case(name, part, config_path, overrides, batches, mixes, device, args, peak_tflops, ray_mode)
-            r["collate_ms_per_batch"] = collate_ms[pool]
-            r["token_budget"] = budgets[pool]
-            say(f"{name}: {r['samples_per_s']:.0f} samples/s, {r['tokens_per_s']:.0f} tokens/s, step "
-                f"{1e3 * r['step_s']:.1f} ms, split {r['split_ms']}, peak {r['peak_mem_gib']} GiB, mfu {r['mfu']}")
-        except torch.OutOfMemoryError as exc:
-            r = {"case": name, "part": part, "error": f"OOM: {str(exc).splitlines()[0]}"}
-            say(f"{name}: OOM")
-        except Exception as exc:  # noqa: BLE001 - record and go on with the next case
-            r = {"case": name, "part": part, "error": f"{type(exc).__name__}: {exc}",
-                 "traceback": traceback.format_exc()[-2000:]}
-            say(f"{name}: {r['error']}\n{r['traceback']}")
-        results.append(r)
-        write({"partial": True, "results": results})
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for graphed in {"off": [False], "on": [True], "both": [False, True]}[args.cuda_graphs]:
+            case = name + (" graphed" if graphed and args.cuda_graphs == "both" else "")
+            try:
+                r = run_case(name, part, config_path, overrides, batches, mixes, device, args, peak_tflops, ray_mode,
+                             cuda_graphs=graphed)
+                r["case"] = case
+                r["collate_ms_per_batch"] = collate_ms[pool]
+                r["token_budget"] = budgets[pool]
+                say(f"{case}: {r['samples_per_s']:.0f} samples/s, {r['tokens_per_s']:.0f} tokens/s, step "
+                    f"{1e3 * r['step_s']:.1f} ms, split {r['split_ms']}, peak {r['peak_mem_gib']} GiB, mfu {r['mfu']}")
+            except torch.OutOfMemoryError as exc:
+                r = {"case": case, "part": part, "error": f"OOM: {str(exc).splitlines()[0]}"}
+                say(f"{case}: OOM")
+            except Exception as exc:  # noqa: BLE001 - record and go on with the next case
+                r = {"case": case, "part": part, "error": f"{type(exc).__name__}: {exc}",
+                     "traceback": traceback.format_exc()[-2000:]}
+                say(f"{case}: {r['error']}\n{r['traceback']}")
+            results.append(r)
+            write({"partial": True, "results": results})
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     write({"results": results})
     if ray_mode:
         import ray.train
@@ -633,7 +648,7 @@ def print_table(out: dict) -> None:
         if "samples_per_s" not in r:
             print(f"{r['case']:<26} {r.get('error') or r.get('skipped')}")
             continue
-        s = r["split_ms"]
+        s = r["split_ms"] | ({"backward": float("nan")} if r.get("cuda_graphs") else {})
         peak = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         print(f"{r['case']:<26} {r['layout']:<9} {r['kv_heads']:>2} {r['tokens_per_step']:>8.0f} "
@@ -646,7 +661,14 @@ def print_table(out: dict) -> None:
     def ratio(a, b, key):
         return by[a][key] / by[b][key] if a in by and b in by and by[b][key] else None
 
-    goals = {
+    graphed = {
+        "graphed (3:1)*4 / (0:16)*1 samples/s (goal >= 2.0)": ratio("t4 (3:1)*4 graphed", "t4 (0:16)*1 graphed",
+                                                                    "samples_per_s"),
+        "graphed (3:1)*4 GQA / no GQA samples/s (goal >= 1.15)": ratio("t4 (3:1)*4 graphed",
+                                                                       "t4 (3:1)*4 no GQA graphed", "samples_per_s"),
+        "graphed large MFU (goal >= 0.40)": by.get("large graphed", {}).get("mfu"),
+    }
+    goals = {k: v for k, v in graphed.items() if v is not None} | {
         "(3:1)*4 / (0:16)*1 samples/s (goal >= 2.0)": ratio("t4 (3:1)*4", "t4 (0:16)*1", "samples_per_s"),
         "(3:1)*4 / (0:16)*1 peak memory (goal <= 0.55)": ratio("t4 (3:1)*4", "t4 (0:16)*1", "peak_mem_gib"),
         "(3:1)*4 recompute / keep context samples/s": ratio("t4 (3:1)*4", "t4 (3:1)*4 keep context",
@@ -709,6 +731,9 @@ def main() -> int:
                         help="cases to profile for one step (GPU kernel time, top kernels)")
     parser.add_argument("--only", nargs="*", default=None,
                         help="run only these cases: a case's exact name, or a part of names (\"t4\", \"kern\")")
+    parser.add_argument("--cuda-graphs", choices=["off", "on", "both"], default="off",
+                        help="replay forward and backward from a CUDA graph over padded batches: off, on, or each "
+                             "case both ways (\" graphed\" rows)")
     parser.add_argument("--pipeline", action="store_true",
                         help="section (a): small-model steps with collation inline vs in the prefetch thread")
     parser.add_argument("--pipeline-steps", type=int, default=20, help="timed steps per feed of section (a)")

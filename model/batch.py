@@ -60,6 +60,15 @@ class GroupFeatures:
         )
 
 
+@dataclass(frozen=True)
+class UnpaddedSizes:
+    """A padded batch's real users, tokens and T-tokens (`model/padding.py`)."""
+
+    num_users: int
+    num_tokens: int
+    num_targets: int
+
+
 @dataclass
 class TokenBatch:
     """A jagged batch of B users and N tokens (see the module docstring for the layout).
@@ -71,6 +80,7 @@ class TokenBatch:
     target_index: (NT,) int64 increasing positions of the T-tokens (user-major): the packed
         query order of target attention.
     features: group name -> GroupFeatures (every group of `group_names`, possibly empty).
+    unpadded: the real sizes of a batch padded to a fixed shape (`model/padding.py`), else None.
     """
 
     group_names: tuple[str, ...]
@@ -83,6 +93,7 @@ class TokenBatch:
     ts: Tensor
     target_index: Tensor
     features: dict[str, GroupFeatures]
+    unpadded: UnpaddedSizes | None = None
 
     @property
     def num_users(self) -> int:

@@ -60,11 +60,12 @@ class RecommenderBase(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         return COMPUTE_DTYPES[self.config.compute_dtype]
 
-    def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
-        """torch.autocast to the config's compute dtype on CUDA; a no-op on CPU or for float32."""
+    def autocast(self, device_type: str, cache: bool = True) -> contextlib.AbstractContextManager:
+        """torch.autocast to the config's compute dtype on CUDA; a no-op on CPU or for float32.
+        cache=False for CUDA graph capture: cached casts of the weights would outlive the capture."""
         if device_type != "cuda" or self.compute_dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(device_type, dtype=self.compute_dtype)
+        return torch.autocast(device_type, dtype=self.compute_dtype, cache_enabled=cache)
 
 
 class MTFM(RecommenderBase):

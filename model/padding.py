@@ -1,11 +1,13 @@
-"""Padding a `TokenBatch` to a bucketed shape, so that one CUDA graph serves every batch that fits it.
+"""Padding a `TokenBatch` to a fixed shape, so that one CUDA graph serves every batch that fits it.
 
 A CUDA graph replays fixed kernels on fixed buffers: every tensor of the batch must keep its
-size between calls. `batch_shape(batch)` rounds each size up to a bucket, and
-`pad_batch(batch, shape)` fills the batch up to it without changing a real token's output:
+size between calls. Serving rounds each size up to a bucket (`batch_shape(batch)`); training
+keeps one shape that grows to hold its batches (`GrowingShape`). `pad_batch(batch, shape)`
+fills the batch up to a shape without changing a real token's output:
 
-    users    real users 0..B-1 unchanged, then empty users (no tokens), then ONE padding user
-             owning every padding row
+    users    real users 0..B-1 unchanged, then empty users (no tokens), then the padding users
+             owning the padding rows: ONE, or (with max_user_tokens) as many as keep each one's
+             sequence that short, so that attention over them costs what a real user's does
     tokens   per group, the padding user gets bucket(n_g) - n_g rows of that group's kind
              (H and R sequences first, then each scenario's T-tokens, the order the kernels
              rely on), ts 0, every feature 0 (the "missing" row), labels masked out
@@ -13,11 +15,14 @@ size between calls. `batch_shape(batch)` rounds each size up to a bucket, and
              the group owns the extra values, its other rows get empty lists
 
 Attention never crosses users and every other op is per token, so the real users' outputs are
-those of the unpadded batch; rows of the padding user are discarded. The padded rows come after
-the real ones in every tensor, so output row r < NT is the unpadded batch's row r.
+those of the unpadded batch; rows of the padding users are discarded, and as their labels are
+masked out they add nothing to a training loss or its gradients. The padded rows come after the
+real ones in every tensor, so output row r < NT is the unpadded batch's row r. The padded batch
+records the real sizes (`TokenBatch.unpadded`) for throughput counts.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +30,7 @@ from torch import Tensor
 
 from mtfm.kernels.mask import TokenKind
 
-from .batch import GroupFeatures, TokenBatch
+from .batch import GroupFeatures, TokenBatch, UnpaddedSizes
 
 
 def bucket(n: int) -> int:
@@ -71,18 +76,39 @@ def batch_shape(batch: TokenBatch) -> BatchShape:
     )
 
 
-def pad_batch(batch: TokenBatch, shape: BatchShape) -> TokenBatch:
-    """`batch` (on the CPU) padded to `shape` (which must hold it: see `batch_shape`)."""
+def group_kinds(batch: TokenBatch) -> list[int | None]:
+    """The TokenKind of each group's tokens (None for a group with no tokens in `batch`)."""
+    return [int(batch.kind[batch.features[g].index[0]]) if batch.features[g].num_tokens else None
+            for g in batch.group_names]
+
+
+def padding_users(batch: TokenBatch, shape: BatchShape, max_user_tokens: int | None) -> int:
+    """How many padding users `pad_batch` gives `batch` in `shape`: one, or with max_user_tokens
+    enough that none has more rows."""
+    rows = shape.num_tokens - batch.num_tokens
+    return 1 if max_user_tokens is None else max(1, math.ceil(rows / max_user_tokens))
+
+
+def pad_batch(batch: TokenBatch, shape: BatchShape, *, kinds: list[int | None] | None = None,
+              max_user_tokens: int | None = None) -> TokenBatch:
+    """`batch` (on the CPU) padded to `shape` (which must hold it: see `batch_shape`). `kinds`: each
+    group's TokenKind (`group_kinds` of an earlier batch), needed when a group absent from `batch`
+    gets padding rows; `max_user_tokens`: the most padding rows per padding user."""
     groups = batch.group_names
     counts = [batch.features[g].num_tokens for g in groups]
     pads = [size - n for size, n in zip(shape.group_tokens, counts)]
     list_counts = [v.shape[0] for g in groups for v in batch.features[g].list_values.values()]
-    if (shape.num_users <= batch.num_users or any(p < 0 or (p == 0 and n) for p, n in zip(pads, counts))
+    pad_users = padding_users(batch, shape, max_user_tokens)
+    if (shape.num_users < batch.num_users + pad_users or any(p < 0 or (p == 0 and n) for p, n in zip(pads, counts))
             or any(size < n for size, n in zip(shape.list_values, list_counts))):
         raise ValueError(f"pad_batch: {shape} does not hold a batch of {batch.num_users} users, group sizes "
                          f"{dict(zip(groups, counts))} and list sizes {list_counts}")
-    # Rows of the padding user, per group: H and R sequences (by their tokens' kind), then T.
-    kinds = [int(batch.kind[batch.features[g].index[0]]) if n else 0 for g, n in zip(groups, counts)]
+    # Rows of the padding users, per group: H and R sequences (by their tokens' kind), then T.
+    found = group_kinds(batch)
+    kinds = [k if k is not None else (kinds[i] if kinds is not None else None) for i, k in enumerate(found)]
+    unknown = [g for g, k, p in zip(groups, kinds, pads) if p and k is None]
+    if unknown:
+        raise ValueError(f"pad_batch: groups {unknown} have no tokens in the batch to take their kind from; pass kinds")
     order = sorted((i for i in range(len(groups)) if pads[i]), key=lambda i: (kinds[i], i))
     start, first_row = batch.num_tokens, {}
     for i in order:
@@ -99,11 +125,14 @@ def pad_batch(batch: TokenBatch, shape: BatchShape) -> TokenBatch:
     targets = [i for i in order if kinds[i] == TokenKind.T]
     target_index = torch.cat([batch.target_index] + [new_index[i] for i in targets])
     target_pad = sum(pads[i] for i in targets)
-    empty_users = shape.num_users - batch.num_users - 1
+    empty_users = shape.num_users - batch.num_users - pad_users
+    # The padding rows split evenly between the padding users: ends[u] rows after the real ones.
+    ends = torch.tensor([round(u * total_pad / pad_users) for u in range(1, pad_users + 1)], dtype=torch.int64)
     offsets = torch.cat([batch.offsets, batch.offsets.new_full((empty_users,), batch.num_tokens),
-                         batch.offsets.new_tensor([batch.num_tokens + total_pad])])
+                         batch.num_tokens + ends])
+    target_ends = (ends - (total_pad - target_pad)).clamp_min(0)  # the T rows are the last target_pad
     target_offsets = torch.cat([batch.target_offsets, batch.target_offsets[-1:].expand(empty_users),
-                                batch.target_offsets[-1:] + target_pad])
+                                batch.target_offsets[-1:] + target_ends])
 
     list_sizes = iter(shape.list_values)
     features = {}
@@ -126,4 +155,46 @@ def pad_batch(batch: TokenBatch, shape: BatchShape) -> TokenBatch:
     return TokenBatch(
         group_names=groups, scenario_tasks=batch.scenario_tasks, offsets=offsets, target_offsets=target_offsets,
         user_id=pad_rows(batch.user_id, shape.num_users - batch.num_users, -1), kind=kind, group=group,
-        ts=pad_rows(batch.ts, total_pad), target_index=target_index, features=features)
+        ts=pad_rows(batch.ts, total_pad), target_index=target_index, features=features,
+        unpadded=batch.unpadded or UnpaddedSizes(batch.num_users, batch.num_tokens, batch.num_targets))
+
+
+class GrowingShape:
+    """The one shape of a training run's padded batches: each size the largest seen so far plus
+    `headroom`, rounded up to `granule`. A run's batches (token-budget batches of similar
+    totals) soon all fit it, so one CUDA graph serves the run after its first few batches; the
+    shape grows, and a new graph is captured, only when a batch does not fit. Padding users hold
+    at most `max_user_tokens` rows each (about a real user's length: the attention over a padding
+    user costs what a real user's does). Not thread-safe: one producer pads a run's batches."""
+
+    def __init__(self, headroom: float = 0.02, granule: int = 64, max_user_tokens: int = 1024):
+        self.headroom, self.granule, self.max_user_tokens = headroom, granule, max_user_tokens
+        self.shape: BatchShape | None = None
+        self.kinds: list[int | None] | None = None
+        self.grown = 0  # times the shape changed (the first shape counts)
+
+    def _room(self, n: int, current: int, extra: int = 0) -> int:
+        """current if it holds n + extra, else n grown by the headroom, plus extra, rounded up."""
+        if current >= n + extra:
+            return current
+        return max(current, math.ceil((math.ceil(n * (1 + self.headroom)) + extra) / self.granule) * self.granule)
+
+    def fit(self, batch: TokenBatch) -> BatchShape:
+        """The run's shape, grown first if `batch` does not fit it."""
+        found = group_kinds(batch)
+        self.kinds = found if self.kinds is None else [k if k is not None else old for k, old in zip(found, self.kinds)]
+        old = self.shape
+        counts = [batch.features[g].num_tokens for g in batch.group_names]
+        lists = [v.shape[0] for g in batch.group_names for v in batch.features[g].list_values.values()]
+        old_tokens = old.group_tokens if old else (0,) * len(counts)
+        old_lists = old.list_values if old else (0,) * len(lists)
+        group_tokens = tuple(self._room(n, size, extra=1 if n else 0) for n, size in zip(counts, old_tokens))
+        list_values = tuple(self._room(n, size) for n, size in zip(lists, old_lists))
+        users = batch.num_users + padding_users(batch, BatchShape(0, group_tokens, list_values), self.max_user_tokens)
+        self.shape = BatchShape(self._room(users, old.num_users if old else 0), group_tokens, list_values)
+        self.grown += self.shape != old
+        return self.shape
+
+    def pad(self, batch: TokenBatch) -> TokenBatch:
+        """`batch` (on the CPU) padded to the run's shape, grown first if it does not fit."""
+        return pad_batch(batch, self.fit(batch), kinds=self.kinds, max_user_tokens=self.max_user_tokens)

@@ -57,6 +57,7 @@ class TrainConfig:
     embedding_lr: float = 0.05         # Adagrad, embedding tables
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0
+    cuda_graphs: bool = False          # replay each step from a CUDA graph over padded batches (one GPU worker)
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
@@ -98,6 +99,10 @@ class TrainConfig:
         for key in ("cpus_per_worker", "gpus_per_worker"):
             if getattr(config, key) <= 0:
                 raise RegistryError(source, key, f"expected a number > 0, found {getattr(config, key)}")
+        if config.cuda_graphs and (not config.use_gpu or config.num_workers != 1):
+            raise RegistryError(source, "cuda_graphs", "needs use_gpu: true and num_workers: 1 (DDP all-reduces "
+                                f"gradients inside backward), found use_gpu {config.use_gpu}, num_workers "
+                                f"{config.num_workers}")
         return config
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,7 +139,9 @@ def make_optimizers(model, config: TrainConfig) -> dict[str, Any]:
     # On CUDA the fused Adam updates every tensor in a few launches; the dense parameters are many
     # small ones (per-group GLN weights, per-task towers), where the default foreach path is launch-bound.
     fused = bool(dense) and all(p.is_cuda for p in dense)
-    optimizers = {"dense": torch.optim.Adam(dense, lr=config.lr, weight_decay=config.weight_decay, fused=fused)}
+    # capturable: a CUDA graph replays the step (its step counts live on the device).
+    optimizers = {"dense": torch.optim.Adam(dense, lr=config.lr, weight_decay=config.weight_decay, fused=fused,
+                                            capturable=fused and config.cuda_graphs)}
     if embedding:
         optimizers["embedding"] = torch.optim.Adagrad(embedding, lr=config.embedding_lr)
     return optimizers
@@ -211,11 +218,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from mtfm.model import (BatchPrefetcher, Collator, build_model, multitask_bce_loss, parse_model_config,
-                            token_budget_batches)
+    from mtfm.model import BatchPrefetcher, Collator, build_model, parse_model_config, token_budget_batches
+    from mtfm.model.padding import GrowingShape
     from mtfm.platform.checkpoint import (CheckpointMeta, META_FILE, MODEL_FILE, OPTIMIZER_FILE, warm_start,
                                           write_checkpoint)
     from mtfm.platform.eval import evaluate_batches
+    from mtfm.platform.train_step import TrainStep
 
     quiet_ray_data()
     config = TrainConfig.from_dict(loop_config["train_config"])
@@ -256,6 +264,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             _progress(f"[mtfm] resumed from {checkpoint.path} at step {step} (epoch {epoch}, batch {skip})")
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     collator = Collator(model.registry)
+    train_step = TrainStep(model, optimizers.values(), module=ddp_model, grad_clip=config.grad_clip,
+                           cuda_graphs=config.cuda_graphs)
+    # With CUDA graphs every batch is padded to the run's one shape, in the prefetch thread.
+    shapes = GrowingShape() if config.cuda_graphs else None
+    frozen_params = [p for name, p in model.named_parameters() if name in frozen]
     train_shard = ray.train.get_dataset_shard("train")
     agreement = StepAgreement()
 
@@ -288,27 +301,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # Batches consumed before the checkpoint this attempt resumed from are collated (their
         # token counts place the later cuts) but never copied or trained on.
         batches = itertools.islice(token_budget_batches(reads, collator, config.tokens_per_batch), skip, None)
+        if shapes is not None:
+            batches = map(shapes.pad, batches)
         position = skip
         with BatchPrefetcher(batches, device) as prefetched:
             for batch in _agreed_batches(prefetched, agreement):
                 position += 1
-                with model.autocast(device.type):
-                    output = ddp_model(batch)
-                loss, _ = multitask_bce_loss(output, batch)
-                for opt in optimizers.values():
-                    opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if step < config.freeze_loaded_steps:
-                    for name, p in model.named_parameters():
-                        if name in frozen:
-                            p.grad = None  # the optimizers skip it: warm-started modules stay as loaded
-                if config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                for opt in optimizers.values():
-                    opt.step()
+                # Frozen: the optimizers skip them, so warm-started modules stay as loaded.
+                loss = train_step(batch, frozen_params if step < config.freeze_loaded_steps else ())
                 step += 1
-                window["samples"] += batch.num_users
-                window["tokens"] += batch.num_tokens
+                real = batch.unpadded or batch  # padded batches count their real users and tokens
+                window["samples"] += real.num_users
+                window["tokens"] += real.num_tokens
                 window["loss"] += loss.detach()  # a tensor: no host sync until the log line
                 window["steps"] += 1
                 if config.inject_failure_at_step == step and rank == 0 and not (run_dir / ".failure_injected").exists():
@@ -319,6 +323,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     record = {"step": step, "epoch": epoch, "loss": float(window["loss"]) / window["steps"],
                               "samples_per_s": window["samples"] * ctx.get_world_size() / elapsed,
                               "tokens_per_s": window["tokens"] * ctx.get_world_size() / elapsed}
+                    if shapes is not None:
+                        record |= {"graph_captures": train_step.captures, "padded_shape_tokens": shapes.shape.num_tokens}
                     if rank == 0:
                         _append_jsonl(run_dir / METRICS_FILE, record)
                         _progress(f"[mtfm] step {step:>6}  epoch {epoch}  loss {record['loss']:.4f}  "

@@ -134,6 +134,9 @@ def test_train_config_errors(tmp_path):
     bad.write_text("model: configs/model/tiny.yaml\nuse_gpu: true\ngpus_per_worker: 0\n")
     with pytest.raises(RegistryError, match=r"bad.yaml: gpus_per_worker: expected a number > 0, found 0"):
         TrainConfig.load(bad)
+    bad.write_text("model: configs/model/tiny.yaml\nuse_gpu: true\nnum_workers: 2\ncuda_graphs: true\n")
+    with pytest.raises(RegistryError, match=r"bad.yaml: cuda_graphs: needs use_gpu: true and num_workers: 1"):
+        TrainConfig.load(bad)
 
 
 def _free_port() -> int:

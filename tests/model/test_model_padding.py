@@ -1,5 +1,7 @@
 """Padding a batch to its bucketed shape (model/padding.py) leaves every real token's output
-unchanged, and the sizes are the bucket's; plus the byte packing that the padded copies use."""
+unchanged, and the sizes are the bucket's; the training shape that grows to hold its batches,
+padding users of bounded length, and a padded batch's loss and gradients against the unpadded
+batch's; plus the byte packing that the padded copies use."""
 from __future__ import annotations
 
 import pytest
@@ -7,8 +9,8 @@ import torch
 
 from model_test_utils import REPO, random_table, tiny_config
 from mtfm.kernels.mask import TokenKind
-from mtfm.model import Collator, build_model
-from mtfm.model.padding import BatchShape, batch_shape, bucket, pad_batch, user_bucket
+from mtfm.model import Collator, build_model, multitask_bce_loss
+from mtfm.model.padding import BatchShape, GrowingShape, batch_shape, bucket, pad_batch, user_bucket
 from mtfm.platform.registry import load_registry
 
 REGISTRY = load_registry(REPO / "configs")
@@ -48,6 +50,89 @@ def test_padded_batch_gives_every_real_token_the_same_output(seed):
     for s, logits in expected.items():
         assert actual[s].shape[0] == padded.features[s].num_tokens > logits.shape[0]
         torch.testing.assert_close(actual[s][:logits.shape[0]], logits, atol=1e-6, rtol=1e-5)
+
+
+MIXED = {"history": (0, 30), "realtime": (0, 9), "hp": (0, 7), "phf": (0, 5), "sqs": (0, 3)}
+
+
+def assert_padding_users_well_formed(padded, real_users: int, max_rows: int | None):
+    """Users past the real ones: empty ones, then padding users of at most max_rows rows, each H, R, then T,
+    its T rows counted by target_offsets."""
+    counts = (padded.offsets[1:] - padded.offsets[:-1]).tolist()[real_users:]
+    target_counts = (padded.target_offsets[1:] - padded.target_offsets[:-1]).tolist()[real_users:]
+    first = next(u for u, n in enumerate(counts) if n)
+    assert all(n for n in counts[first:]) and not any(counts[:first])
+    for u, (n, nt) in enumerate(zip(counts, target_counts)):
+        start = int(padded.offsets[real_users + u])
+        kinds = padded.kind[start:start + n].tolist()
+        assert kinds == sorted(kinds) and kinds.count(TokenKind.T) == nt
+        assert max_rows is None or n <= max_rows
+    assert torch.equal(padded.target_index, torch.nonzero(padded.kind == TokenKind.T).squeeze(1))
+
+
+@pytest.mark.parametrize("max_user_tokens", [None, 7])
+def test_padding_rows_split_between_padding_users_of_bounded_length(max_user_tokens):
+    torch.manual_seed(3)
+    model = build_model(tiny_config(hta_layout="(1:1)*1"), REGISTRY).eval()
+    batch = Collator(REGISTRY)(random_table(REGISTRY, 6, 4, lengths=MIXED))
+    base = batch_shape(batch)
+    shape = BatchShape(batch.num_users + 16, tuple(n + 11 for n in base.group_tokens), base.list_values)
+    padded = pad_batch(batch, shape, max_user_tokens=max_user_tokens)
+    assert (padded.num_users, padded.num_tokens) == (shape.num_users, shape.num_tokens)
+    assert padded.unpadded.num_users == batch.num_users and padded.unpadded.num_tokens == batch.num_tokens
+    assert_padding_users_well_formed(padded, batch.num_users, max_user_tokens)
+    pad_rows = shape.num_tokens - batch.num_tokens
+    assert int((padded.offsets[1:] > padded.offsets[:-1]).sum()) - int((batch.offsets[1:] > batch.offsets[:-1]).sum()) \
+        == (1 if max_user_tokens is None else -(-pad_rows // max_user_tokens))
+    with torch.no_grad():
+        expected, actual = model(batch).logits, model(padded).logits
+    for s, logits in expected.items():
+        torch.testing.assert_close(actual[s][:logits.shape[0]], logits, atol=1e-6, rtol=1e-5)
+
+
+def test_growing_shape_grows_only_for_a_batch_that_does_not_fit():
+    shapes = GrowingShape(headroom=0.5, granule=4, max_user_tokens=16)
+    first = Collator(REGISTRY)(random_table(REGISTRY, 6, 5, lengths=MIXED))
+    padded = shapes.pad(first)
+    shape = shapes.shape
+    for n, size in zip((first.features[g].num_tokens for g in first.group_names), shape.group_tokens):
+        assert size % 4 == 0 and size >= (-(-int(n * 1.5) // 1) + 1 if n else 0) and (n == 0 or size > n)
+    assert padded.num_tokens == shape.num_tokens and shapes.grown == 1
+    assert_padding_users_well_formed(padded, first.num_users, 16)
+    # A smaller batch, one scenario (sqs) absent: same shape, and sqs's padding rows are T-tokens.
+    rows = random_table(REGISTRY, 3, 6, lengths={**MIXED, "history": (0, 5), "sqs": (0, 0)})
+    smaller = Collator(REGISTRY)(rows)
+    assert smaller.features["sqs"].num_tokens == 0 and shape.group_tokens[first.group_names.index("sqs")] > 0
+    padded = shapes.pad(smaller)
+    assert shapes.shape == shape and shapes.grown == 1 and padded.num_tokens == shape.num_tokens
+    assert (padded.kind[padded.features["sqs"].index] == TokenKind.T).all()
+    assert_padding_users_well_formed(padded, smaller.num_users, 16)
+    # A batch larger in some group grows the shape there and keeps the other sizes.
+    larger = Collator(REGISTRY)(random_table(REGISTRY, 12, 7, lengths={**MIXED, "history": (40, 60)}))
+    shapes.pad(larger)
+    h = first.group_names.index("history")
+    assert shapes.grown == 2 and shapes.shape.group_tokens[h] > larger.features["history"].num_tokens
+    assert all(new >= old for new, old in zip(shapes.shape.group_tokens, shape.group_tokens))
+
+
+def test_padded_batch_gives_the_same_loss_and_gradients():
+    """What a CUDA-graphed training step relies on: the padding rows' labels are masked out, so the
+    loss and every parameter's gradient are the unpadded batch's."""
+    torch.manual_seed(5)
+    model = build_model(tiny_config(hta_layout="(1:1)*2"), REGISTRY).double().train()
+    batch = Collator(REGISTRY)(random_table(REGISTRY, 7, 8, lengths=MIXED))
+    padded = GrowingShape(headroom=0.3, granule=8, max_user_tokens=10).pad(batch)
+    results = []
+    for b in (batch, padded):
+        model.zero_grad(set_to_none=True)
+        loss, _ = multitask_bce_loss(model(b), b)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (padded_loss, padded_grads) = results
+    torch.testing.assert_close(padded_loss, loss, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == padded_grads.keys() and len(grads) > 10
+    for name, grad in grads.items():  # the loss's BCE is float32: sums over more rows round differently
+        torch.testing.assert_close(padded_grads[name], grad, rtol=1e-5, atol=1e-9, msg=lambda m: f"{name}: {m}")
 
 
 def test_a_shape_too_small_is_refused():
