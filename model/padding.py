@@ -8,17 +8,22 @@ fills the batch up to a shape without changing a real token's output:
     users    real users 0..B-1 unchanged, then empty users (no tokens), then the padding users
              owning the padding rows: ONE, or (with max_user_tokens) as many as keep each one's
              sequence that short, so that attention over them costs what a real user's does
-    tokens   per group, the padding user gets bucket(n_g) - n_g rows of that group's kind
-             (H and R sequences first, then each scenario's T-tokens, the order the kernels
-             rely on), ts 0, every feature 0 (the "missing" row), labels masked out
-    lists    a categorical list's values are padded with row 0; the padding user's first row of
-             the group owns the extra values, its other rows get empty lists
+    tokens   per group, the shape's rows minus the batch's (at least one where the batch has
+             any) of that group's kind (H and R sequences first, then each scenario's T-tokens,
+             the order the kernels rely on), ts 0, every feature 0 (the "missing" row), labels
+             masked out; split evenly between the padding users in that order
+    lists    a categorical list's values are padded with row 0; the group's first padding row
+             owns the extra values, its other padding rows get empty lists
 
 Attention never crosses users and every other op is per token, so the real users' outputs are
 those of the unpadded batch; rows of the padding users are discarded, and as their labels are
-masked out they add nothing to a training loss or its gradients. The padded rows come after the
-real ones in every tensor, so output row r < NT is the unpadded batch's row r. The padded batch
-records the real sizes (`TokenBatch.unpadded`) for throughput counts.
+masked out they add nothing to a training loss or to the value of any gradient. One difference
+remains: a scenario with no real target in the batch but padding rows in the shape runs its
+towers, so its parameters get zero gradients where the unpadded batch gives them none, and Adam
+still moves them by their momentum (as it does under DDP when another worker has that
+scenario). The padded rows come after the real ones in every tensor, so output row r < NT is
+the unpadded batch's row r. The padded batch records the real sizes (`TokenBatch.unpadded`) for
+throughput counts.
 """
 from __future__ import annotations
 
@@ -98,9 +103,15 @@ def pad_batch(batch: TokenBatch, shape: BatchShape, *, kinds: list[int | None] |
     counts = [batch.features[g].num_tokens for g in groups]
     pads = [size - n for size, n in zip(shape.group_tokens, counts)]
     list_counts = [v.shape[0] for g in groups for v in batch.features[g].list_values.values()]
+    list_pads = [pads[i] for i, g in enumerate(groups) for _ in batch.features[g].list_values]
+    if len(shape.group_tokens) != len(groups) or len(shape.list_values) != len(list_counts):
+        raise ValueError(f"pad_batch: {shape} has {len(shape.group_tokens)} groups and {len(shape.list_values)} "
+                         f"list features, the batch {len(groups)} and {len(list_counts)}")
+    if max_user_tokens is not None and max_user_tokens < 1:
+        raise ValueError(f"pad_batch: max_user_tokens must be >= 1, found {max_user_tokens}")
     pad_users = padding_users(batch, shape, max_user_tokens)
     if (shape.num_users < batch.num_users + pad_users or any(p < 0 or (p == 0 and n) for p, n in zip(pads, counts))
-            or any(size < n for size, n in zip(shape.list_values, list_counts))):
+            or any(size < n or (size > n and not pad) for size, n, pad in zip(shape.list_values, list_counts, list_pads))):
         raise ValueError(f"pad_batch: {shape} does not hold a batch of {batch.num_users} users, group sizes "
                          f"{dict(zip(groups, counts))} and list sizes {list_counts}")
     # Rows of the padding users, per group: H and R sequences (by their tokens' kind), then T.
@@ -168,6 +179,9 @@ class GrowingShape:
     user costs what a real user's does). Not thread-safe: one producer pads a run's batches."""
 
     def __init__(self, headroom: float = 0.02, granule: int = 64, max_user_tokens: int = 1024):
+        if headroom < 0 or granule < 1 or max_user_tokens < 1:
+            raise ValueError(f"GrowingShape: headroom >= 0, granule >= 1 and max_user_tokens >= 1, found {headroom}, "
+                             f"{granule}, {max_user_tokens}")
         self.headroom, self.granule, self.max_user_tokens = headroom, granule, max_user_tokens
         self.shape: BatchShape | None = None
         self.kinds: list[int | None] | None = None
@@ -190,7 +204,9 @@ class GrowingShape:
         old_lists = old.list_values if old else (0,) * len(lists)
         group_tokens = tuple(self._room(n, size, extra=1 if n else 0) for n, size in zip(counts, old_tokens))
         list_values = tuple(self._room(n, size) for n, size in zip(lists, old_lists))
-        users = batch.num_users + padding_users(batch, BatchShape(0, group_tokens, list_values), self.max_user_tokens)
+        # Room for the most padding users any batch can need (one with no tokens), so that a batch
+        # with fewer tokens than the last does not grow the shape.
+        users = batch.num_users + max(1, math.ceil(sum(group_tokens) / self.max_user_tokens))
         self.shape = BatchShape(self._room(users, old.num_users if old else 0), group_tokens, list_values)
         self.grown += self.shape != old
         return self.shape

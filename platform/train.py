@@ -324,7 +324,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                               "samples_per_s": window["samples"] * ctx.get_world_size() / elapsed,
                               "tokens_per_s": window["tokens"] * ctx.get_world_size() / elapsed}
                     if shapes is not None:
-                        record |= {"graph_captures": train_step.captures, "padded_shape_tokens": shapes.shape.num_tokens}
+                        record["graph_captures"] = train_step.captures
                     if rank == 0:
                         _append_jsonl(run_dir / METRICS_FILE, record)
                         _progress(f"[mtfm] step {step:>6}  epoch {epoch}  loss {record['loss']:.4f}  "

@@ -19,10 +19,11 @@ the capture; the previous graph and its memory go. A batch of the graph's shape 
 its static buffers (one device copy) and replayed. The gradients are the graph's own buffers,
 written by each replay, so the graphed step never zeroes them.
 
-Graphs need one worker (no DDP: its gradient all-reduce runs inside backward). Steps that drop
-frozen parameters' gradients (a warm start's `freeze_loaded_steps`) run eagerly. On a CPU
-device nothing is captured: the graphed path runs eagerly on the same static buffers, so the CPU
-tests check what the replays rely on.
+Graphs need one worker (no DDP: its gradient all-reduce runs inside backward) and a step with
+no host synchronisation (the Triton kernels; the PyTorch reference kernels synchronise). Steps
+that drop frozen parameters' gradients (a warm start's `freeze_loaded_steps`) run eagerly. On a
+CPU device nothing is captured: the graphed path runs eagerly on the same static buffers (the
+padding, the copies into them), which the CPU tests check; the capture itself is tested on GPU.
 """
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ class TrainStep:
         key = tuple((t.dtype, t.shape) for t in batch.tensors())
         entry = self._graph
         if entry is None or entry.key != key:
-            self._graph = entry = None  # frees the old graph's memory before the new one takes its own
+            self._graph = entry = None  # the old graph goes before the new one takes memory of its own
             entry = self._graph = self._capture(batch, key)
         else:
             batch.pack(out=entry.static_input)
@@ -127,6 +128,7 @@ class TrainStep:
         if static_input.device.type != "cuda":
             return entry
         device = static_input.device
+        torch.cuda.empty_cache()  # the old graph's pool
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -138,13 +140,19 @@ class TrainStep:
         self._clear_gradients()
         torch.cuda.empty_cache()  # the warm-up's blocks: the graph takes its memory from its own pool
         entry.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(entry.graph, capture_error_mode="thread_local"):
-            entry.loss = self._forward_backward(entry.batch, cache=False)
-            if self.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            for opt in self.optimizers:
-                if _captured(opt):
-                    opt.step()
+        try:
+            with torch.cuda.graph(entry.graph, capture_error_mode="thread_local"):
+                entry.loss = self._forward_backward(entry.batch, cache=False)
+                if self.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                for opt in self.optimizers:
+                    if _captured(opt):
+                        opt.step()
+        except RuntimeError as exc:
+            raise RuntimeError("cuda_graphs: capturing the training step failed; a step that waits for the GPU "
+                               "(a .item(), .tolist(), or the PyTorch reference kernels: attention_impl or "
+                               "norm_impl 'reference') cannot be captured; use the Triton kernels or set "
+                               f"cuda_graphs: false ({exc})") from exc
         self.captures += 1
         return entry
 
