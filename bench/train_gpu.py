@@ -13,14 +13,14 @@ synthetic users (`mtfm.model.sample_tables`, the realistic mix: history 200-1000
 targets 25-150 hp + 15-100 phf + 10-50 sqs, i.e. 50-300 over 3 scenarios), rotating over 4
 distinct batches. The step is train.py's (`mtfm.platform.train_step.TrainStep`): batch.to(device)
 (one H2D copy), autocast forward, multitask BCE, zero_grad, backward, grad clip 1.0, optimizer steps.
-`--cuda-graphs on` runs every case with forward and backward replayed from a CUDA graph (the 4
+`--cuda-graphs on` runs every case with forward, backward, clipping and Adam replayed from a CUDA graph (the 4
 batches padded to one `GrowingShape`; samples, tokens and FLOPs count the real rows only, so the
 padding is a cost), `both` runs each case eagerly and then graphed (" graphed" rows).
 
 - Throughput pass: W warm-up steps, then S steps with no host sync inside; samples/s, tokens/s.
 - Split pass: K more steps with torch.cuda.synchronize() around data (H2D), forward (+ loss),
-  backward and optimizer (zero_grad + clip + steps); medians. Graphed, forward and backward are one
-  replay: the "fwd" column holds it and "bwd" is empty.
+  backward and optimizer (zero_grad + clip + steps); medians. Graphed, forward, backward, clipping and
+  Adam are one replay: the "fwd" column holds it, "bwd" is empty and "opt" is Adagrad's eager step.
 - Peak memory: torch.cuda.max_memory_allocated from right after the model was moved to the GPU
   (parameters, gradients, optimizer state, activations).
 - FLOPs: `mtfm.model.summary.forward_flops` (DESIGN.md's convention) on each batch's exact token
