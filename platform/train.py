@@ -7,7 +7,9 @@ regroups it into token-budget batches (MTGR's load balance: every step a worker 
 parameters, Adagrad on the embedding tables (only rows a batch touches get a gradient, and
 Adagrad leaves untouched rows exactly as they are), bf16 autocast and the Triton kernels on GPU.
 A background thread (`model/prefetch.py`) collates the next batches and copies them to the
-device while the current step computes.
+device while the current step computes. The step itself is `train_step.py`'s; with
+`cuda_graphs: true` (one GPU worker) the thread also pads each batch to the run's one shape and
+the step is replayed from a CUDA graph.
 
 Every `checkpoint_every` steps and at the end, rank 0 writes a checkpoint (model, optimizers,
 step, position in the epoch, registry snapshot, configs; see `checkpoint.py`) and evaluates
