@@ -87,13 +87,6 @@ def group_kinds(batch: TokenBatch) -> list[int | None]:
             for g in batch.group_names]
 
 
-def padding_users(batch: TokenBatch, shape: BatchShape, max_user_tokens: int | None) -> int:
-    """How many padding users `pad_batch` gives `batch` in `shape`: one, or with max_user_tokens
-    enough that none has more rows."""
-    rows = shape.num_tokens - batch.num_tokens
-    return 1 if max_user_tokens is None else max(1, math.ceil(rows / max_user_tokens))
-
-
 def pad_batch(batch: TokenBatch, shape: BatchShape, *, kinds: list[int | None] | None = None,
               max_user_tokens: int | None = None) -> TokenBatch:
     """`batch` (on the CPU) padded to `shape` (which must hold it: see `batch_shape`). `kinds`: each
@@ -109,7 +102,9 @@ def pad_batch(batch: TokenBatch, shape: BatchShape, *, kinds: list[int | None] |
                          f"list features, the batch {len(groups)} and {len(list_counts)}")
     if max_user_tokens is not None and max_user_tokens < 1:
         raise ValueError(f"pad_batch: max_user_tokens must be >= 1, found {max_user_tokens}")
-    pad_users = padding_users(batch, shape, max_user_tokens)
+    # One padding user, or with max_user_tokens enough that none has more rows.
+    pad_rows_total = shape.num_tokens - batch.num_tokens
+    pad_users = 1 if max_user_tokens is None else max(1, math.ceil(pad_rows_total / max_user_tokens))
     if (shape.num_users < batch.num_users + pad_users or any(p < 0 or (p == 0 and n) for p, n in zip(pads, counts))
             or any(size < n or (size > n and not pad) for size, n, pad in zip(shape.list_values, list_counts, list_pads))):
         raise ValueError(f"pad_batch: {shape} does not hold a batch of {batch.num_users} users, group sizes "
