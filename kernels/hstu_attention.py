@@ -19,6 +19,11 @@ context_offsets[b]:context_offsets[b+1], with their kind and ts) and its T rows 
 row with q_t. It equals hstu_target_attention on the merged axis (per user: context rows, then T
 rows), without that axis being built: a run of target layers keeps its H and R rows apart.
 
+Each takes an optional `gate` shaped like its output and then returns out * gate (the HSTU
+layer's A * U). Inside the op, the eager backward can lay the gradients of q, k, v and the gate
+out as the blocks of one buffer when they are the column blocks of one (a layer's projection
+output, split by `mtfm.model.column_blocks`), so that the split's backward concatenates nothing.
+
 The kernels rely on the token order of DESIGN.md (per user: H, then R sorted by ts, then T);
 it is not checked here because checking needs the data on the host.
 
@@ -92,21 +97,76 @@ _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _AttentionFunction(torch.autograd.Function):
-    """The eager path: the op's forward, saved tensors (q, k, v and the jagged metadata) and
-    backward, without the dispatcher's Python hops of a torch.library op (the same saving as for
-    group_layer_norm: bench/host_overhead.py; the training step is host-bound)."""
+    """The eager path: the op's forward and backward without the dispatcher's Python hops of a
+    torch.library op (the same saving as for group_layer_norm: bench/host_overhead.py), with the
+    gate inside and the gradients in shared buffers (`_shared_gradients`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, offsets, q_offsets, kind, ts, alpha, norm, impl):
-        _setup_context(ctx, (q, k, v, offsets, q_offsets, kind, ts, alpha, norm, impl), None)
-        return _implementation(impl).jagged_hstu_attention(q, k, v, offsets, q_offsets, kind, ts, alpha, norm)
+    def forward(ctx, q, k, v, offsets, q_offsets, kind, ts, alpha, norm, impl, gate):
+        out = _implementation(impl).jagged_hstu_attention(q, k, v, offsets, q_offsets, kind, ts, alpha, norm)
+        return _save_gated(ctx, (q, k, v), (offsets, q_offsets, kind, ts), (alpha, norm, impl), out, gate)
 
     @staticmethod
     def backward(ctx, grad_out):
+        grad_out, inputs, meta, grads, grad_gate = _gated_backward(ctx, grad_out, _AttentionFunction)
         alpha, norm, impl = ctx.params
-        dq, dk, dv = _implementation(impl).jagged_hstu_attention_backward(grad_out.contiguous(), *ctx.saved_tensors,
-                                                                          alpha, norm)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        grads = _implementation(impl).jagged_hstu_attention_backward(grad_out, *inputs, *meta, alpha, norm, grads=grads)
+        return (*grads, None, None, None, None, None, None, None, grad_gate)
+
+
+def _save_gated(ctx, inputs: tuple, meta: tuple, params: tuple, out: Tensor, gate: Tensor | None) -> Tensor:
+    """Saves what an eager backward needs (the attention output too when gated); returns out or out * gate."""
+    ctx.params, ctx.counts, ctx.gated = params, (len(inputs), len(meta)), gate is not None
+    ctx.save_for_backward(*inputs, *meta, *((out, gate) if ctx.gated else ()))
+    return _implementation(params[2]).gate(out, gate) if ctx.gated else out
+
+
+def _gated_backward(ctx, grad: Tensor, function) -> tuple[Tensor, tuple, tuple, list[Tensor] | None, Tensor | None]:
+    """(the attention output's gradient, the saved inputs, their metadata, empty gradients for the
+    inputs from `_shared_gradients` or None, the gate's gradient or None). A backward that is itself
+    differentiated (create_graph) shares nothing, and takes the ungated output from `function` run
+    again, so that the gate's gradient carries its dependence on q, k and v."""
+    saved, (num_inputs, num_meta) = ctx.saved_tensors, ctx.counts
+    inputs, meta = saved[:num_inputs], saved[num_inputs:num_inputs + num_meta]
+    if torch.is_grad_enabled():
+        if not ctx.gated:
+            return grad.contiguous(), inputs, meta, None, None
+        gate = saved[-1]
+        out = function.apply(*inputs, *meta, *ctx.params, None)
+        return (grad * gate).contiguous(), inputs, meta, None, grad * out
+    if not ctx.gated:
+        return grad.contiguous(), inputs, meta, _shared_gradients(inputs), None
+    out, gate = saved[num_inputs + num_meta:]
+    *grads, grad_gate = _shared_gradients(inputs + (gate,))
+    grad = _implementation(ctx.params[2]).gate_backward(grad, out, gate, grad_gate)
+    return grad.contiguous(), inputs, meta, grads, grad_gate
+
+
+def _shared_gradients(tensors: tuple[Tensor, ...]) -> list[Tensor]:
+    """Empty gradients shaped like `tensors`, (rows, heads, dim) each. Tensors that are the column
+    blocks of one row-major buffer and tile its rows exactly (a layer's Q, U, K and V: views into
+    its projection's output) get views into one new buffer laid out like that one, which
+    `mtfm.model.column_blocks` then hands on whole as the projection's gradient; others get
+    contiguous tensors of their own."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.dim() == 3 and t.shape[0] > 0 and t.stride(2) == 1 and t.stride(1) == t.shape[2]:
+            groups.setdefault((t.untyped_storage().data_ptr(), t.shape[0], t.stride(0), t.dtype), []).append(i)
+    grads: list[Tensor | None] = [None] * len(tensors)
+    for (_, rows, width, _), members in groups.items():
+        members.sort(key=lambda i: tensors[i].storage_offset())
+        first = end = tensors[members[0]].storage_offset()
+        for i in members:
+            if tensors[i].storage_offset() != end:
+                break
+            end += tensors[i].shape[1] * tensors[i].shape[2]
+        else:
+            if end - first == width:
+                buffer = tensors[members[0]].new_empty(rows, width)
+                for i in members:
+                    t = tensors[i]
+                    grads[i] = buffer.as_strided(t.shape, t.stride(), t.storage_offset() - first)
+    return [t.new_empty(t.shape) if g is None else g for g, t in zip(grads, tensors)]
 
 
 @torch.library.custom_op("mtfm::hstu_split_target_attention", mutates_args=())
@@ -160,16 +220,20 @@ class _SplitAttentionFunction(torch.autograd.Function):
     """The eager path of the split op, as `_AttentionFunction` is of the merged one."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        _split_setup_context(ctx, inputs, None)
-        return _implementation(inputs[-1]).jagged_split_target_attention(*inputs[:-1])
+    def forward(ctx, q_t, k_context, v_context, k_t, v_t, context_offsets, target_offsets, context_kind, context_ts,
+                target_ts, alpha, norm, impl, gate):
+        inputs, meta = (q_t, k_context, v_context, k_t, v_t), (context_offsets, target_offsets, context_kind,
+                                                                context_ts, target_ts)
+        out = _implementation(impl).jagged_split_target_attention(*inputs, *meta, alpha, norm)
+        return _save_gated(ctx, inputs, meta, (alpha, norm, impl), out, gate)
 
     @staticmethod
     def backward(ctx, grad_out):
+        grad_out, inputs, meta, grads, grad_gate = _gated_backward(ctx, grad_out, _SplitAttentionFunction)
         alpha, norm, impl = ctx.params
-        grads = _implementation(impl).jagged_split_target_attention_backward(grad_out.contiguous(),
-                                                                             *ctx.saved_tensors, alpha, norm)
-        return (*grads, None, None, None, None, None, None, None, None)
+        grads = _implementation(impl).jagged_split_target_attention_backward(grad_out, *inputs, *meta, alpha, norm,
+                                                                             grads=grads)
+        return (*grads, None, None, None, None, None, None, None, None, grad_gate)
 
 
 def _check(name: str, ok: bool, found, expected: str | Callable[[], str]) -> None:
@@ -211,11 +275,23 @@ def _check_inputs(q, k, v, offsets, q_offsets, kind, ts, names: tuple[str, ...])
         _check(f"{name}.device", t.device == q.device, t.device, lambda: f"{q.device} like {q_name}")
 
 
-def _dispatch(q, k, v, offsets, q_offsets, kind, ts, alpha, norm, impl, names):
+def _dispatch(q, k, v, offsets, q_offsets, kind, ts, alpha, norm, impl, names, gate):
     _check_inputs(q, k, v, offsets, q_offsets, kind, ts, names)
+    _check_gate(gate, q, v, names[0])
     chosen = _choose_impl(q, v, norm, impl)
-    op = _attention_op if torch.compiler.is_compiling() else _AttentionFunction.apply
-    return op(q, k, v, offsets, q_offsets, kind, ts, float(alpha), float(norm), chosen)
+    if torch.compiler.is_compiling():
+        out = _attention_op(q, k, v, offsets, q_offsets, kind, ts, float(alpha), float(norm), chosen)
+        return out if gate is None else out * gate
+    return _AttentionFunction.apply(q, k, v, offsets, q_offsets, kind, ts, float(alpha), float(norm), chosen, gate)
+
+
+def _check_gate(gate: Tensor | None, q: Tensor, v: Tensor, q_name: str) -> None:
+    if gate is None:
+        return
+    shape = (q.shape[0], q.shape[1], v.shape[2])
+    _check("gate.shape", tuple(gate.shape) == shape, tuple(gate.shape), lambda: f"{shape}, the output's")
+    _check("gate.dtype", gate.dtype == q.dtype, gate.dtype, lambda: f"{q.dtype} like {q_name}")
+    _check("gate.device", gate.device == q.device, gate.device, lambda: f"{q.device} like {q_name}")
 
 
 def _choose_impl(q: Tensor, v: Tensor, norm: float, impl: str) -> str:
@@ -234,29 +310,31 @@ def _choose_impl(q: Tensor, v: Tensor, norm: float, impl: str) -> str:
 
 def hstu_attention(
     q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, kind: Tensor, ts: Tensor,
-    *, alpha: float, norm: float, impl: str = "auto",
+    *, alpha: float, norm: float, impl: str = "auto", gate: Tensor | None = None,
 ) -> Tensor:
-    """Full HSTU attention: every token is a query. Returns (N, Hq, Dv) in q's dtype."""
+    """Full HSTU attention: every token is a query. Returns (N, Hq, Dv) in q's dtype (times gate if given)."""
     _check("q.shape[0]", q.dim() == 3 and q.shape[0] == k.shape[0], tuple(q.shape),
            lambda: f"{k.shape[0]} tokens like k")
-    return _dispatch(q, k, v, offsets, offsets, kind, ts, alpha, norm, impl, _MERGED_NAMES)
+    return _dispatch(q, k, v, offsets, offsets, kind, ts, alpha, norm, impl, _MERGED_NAMES, gate)
 
 
 def hstu_target_attention(
     q_t: Tensor, k: Tensor, v: Tensor, offsets: Tensor, kind: Tensor, ts: Tensor, target_offsets: Tensor,
-    *, alpha: float, norm: float, impl: str = "auto",
+    *, alpha: float, norm: float, impl: str = "auto", gate: Tensor | None = None,
 ) -> Tensor:
-    """Target attention: only the T-tokens (each user's last ones) are queries. Returns (NT, Hq, Dv)."""
+    """Target attention: only the T-tokens (each user's last ones) are queries. Returns (NT, Hq, Dv)
+    (times gate if given)."""
     return _dispatch(q_t, k, v, offsets, target_offsets, kind, ts, alpha, norm, impl,
-                     ("q_t",) + _MERGED_NAMES[1:4] + ("target_offsets",) + _MERGED_NAMES[5:])
+                     ("q_t",) + _MERGED_NAMES[1:4] + ("target_offsets",) + _MERGED_NAMES[5:], gate)
 
 
 def hstu_split_target_attention(
     q_t: Tensor, k_context: Tensor, v_context: Tensor, k_t: Tensor, v_t: Tensor, context_offsets: Tensor,
     context_kind: Tensor, context_ts: Tensor, target_offsets: Tensor, target_ts: Tensor,
-    *, alpha: float, norm: float, impl: str = "auto",
+    *, alpha: float, norm: float, impl: str = "auto", gate: Tensor | None = None,
 ) -> Tensor:
-    """Target attention over keys kept as two halves (the module docstring). Returns (NT, Hq, Dv)."""
+    """Target attention over keys kept as two halves (the module docstring). Returns (NT, Hq, Dv)
+    (times gate if given)."""
     _check_inputs(q_t, k_context, v_context, context_offsets, target_offsets, context_kind, context_ts,
                   ("q_t", "k_context", "v_context", "context_offsets", "target_offsets", "context_kind", "context_ts"))
     nt = q_t.shape[0]
@@ -270,7 +348,11 @@ def hstu_split_target_attention(
     _check("target_ts.shape", target_ts.dim() == 1 and target_ts.shape[0] == nt, tuple(target_ts.shape),
            lambda: f"({nt},) one per query")
     _check("target_ts.device", target_ts.device == q_t.device, target_ts.device, lambda: f"{q_t.device} like q_t")
+    _check_gate(gate, q_t, v_context, "q_t")
     chosen = _choose_impl(q_t, v_context, norm, impl)
-    op = _split_op if torch.compiler.is_compiling() else _SplitAttentionFunction.apply
-    return op(q_t, k_context, v_context, k_t, v_t, context_offsets, target_offsets, context_kind, context_ts,
-              target_ts, float(alpha), float(norm), chosen)
+    args = (q_t, k_context, v_context, k_t, v_t, context_offsets, target_offsets, context_kind, context_ts, target_ts,
+            float(alpha), float(norm), chosen)
+    if torch.compiler.is_compiling():
+        out = _split_op(*args)
+        return out if gate is None else out * gate
+    return _SplitAttentionFunction.apply(*args, gate)

@@ -63,9 +63,13 @@ def jagged_hstu_attention(q, k, v, offsets, q_offsets, kind, ts, alpha: float, n
 
 
 def jagged_hstu_attention_backward(
-    grad_out, q, k, v, offsets, q_offsets, kind, ts, alpha: float, norm: float
+    grad_out, q, k, v, offsets, q_offsets, kind, ts, alpha: float, norm: float, grads=None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of jagged_hstu_attention, written out (the formulas in the docstring)."""
+    """(dq, dk, dv) of jagged_hstu_attention, written out (the formulas in the docstring); copied
+    into `grads` if given."""
+    if grads is not None:
+        return _copied(grads, jagged_hstu_attention_backward(grad_out, q, k, v, offsets, q_offsets, kind, ts, alpha,
+                                                             norm))
     compute = torch.promote_types(q.dtype, torch.float32)
     hkv, rep = k.shape[1], q.shape[1] // k.shape[1]
     dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
@@ -128,9 +132,31 @@ def jagged_split_target_attention(q_t, k_context, v_context, k_t, v_t, context_o
 
 def jagged_split_target_attention_backward(grad_out, q_t, k_context, v_context, k_t, v_t, context_offsets,
                                            target_offsets, context_kind, context_ts, target_ts, alpha: float,
-                                           norm: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq_t, dk_context, dv_context, dk_t, dv_t): the merged backward's rows, split."""
+                                           norm: float, grads=None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq_t, dk_context, dv_context, dk_t, dv_t): the merged backward's rows, split; copied into
+    `grads` if given."""
+    if grads is not None:
+        return _copied(grads, jagged_split_target_attention_backward(
+            grad_out, q_t, k_context, v_context, k_t, v_t, context_offsets, target_offsets, context_kind, context_ts,
+            target_ts, alpha, norm))
     k, v, kind, ts, offsets, context_rows, target_rows = _merged_inputs(
         k_context, v_context, k_t, v_t, context_offsets, target_offsets, context_kind, context_ts, target_ts)
     dq, dk, dv = jagged_hstu_attention_backward(grad_out, q_t, k, v, offsets, target_offsets, kind, ts, alpha, norm)
     return dq, dk[context_rows], dv[context_rows], dk[target_rows], dv[target_rows]
+
+
+def gate(out: Tensor, gate: Tensor) -> Tensor:
+    """The gated output out * gate (the HSTU layer's A * U)."""
+    return out * gate
+
+
+def gate_backward(grad: Tensor, out: Tensor, gate: Tensor, grad_gate: Tensor) -> Tensor:
+    """For gated = out * gate: writes grad * out into grad_gate and returns grad * gate."""
+    torch.mul(grad, out, out=grad_gate)
+    return grad * gate
+
+
+def _copied(grads, results) -> tuple[Tensor, ...]:
+    for grad, result in zip(grads, results, strict=True):
+        grad.copy_(result)
+    return tuple(grads)

@@ -20,6 +20,8 @@ heads and the query blocks that can see it (all of them for H and R keys, none f
 and dQ, shaped like the forward. The backward does 7 tile products per visible tile (QK^T and
 dO V^T are recomputed in both kernels) where the FLOP convention counts 5.
 Programs are laid out over the packed blocks of all users (no padding to the longest user).
+The gate (out * U, U a column block of the layer's projection) and its backward are two small
+row-wise kernels: torch's elementwise kernels run unvectorised on the strided U.
 
 Split target attention (SPLIT) runs the same kernels with a user's keys in two places: its H and
 R rows in K, V (rows Offsets[b]:Offsets[b+1], their Kind and Ts) and its T rows, the queries, in
@@ -448,6 +450,68 @@ def _self_dkdv_kernel(
              (dv * inv_norm).to(DV_.dtype.element_ty), mask=ok[:, None])
 
 
+@triton.jit(do_not_specialize=["n_rows"])
+def _gate_kernel(A, U, G, n_rows, stride_a, stride_u, stride_g, WIDTH: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_W: tl.constexpr):
+    """G = A * U, rows of WIDTH values at any row stride (U a column block of the projection)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_W)
+    mask = (rows < n_rows)[:, None] & (cols < WIDTH)[None, :]
+    a = tl.load(A + rows[:, None] * stride_a + cols[None, :], mask=mask).to(tl.float32)
+    u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask).to(tl.float32)
+    tl.store(G + rows[:, None] * stride_g + cols[None, :], (a * u).to(G.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _gate_bwd_kernel(DG, A, U, DA, DU, n_rows, stride_dg, stride_a, stride_u, stride_da, stride_du,
+                     WIDTH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    """DA = DG * U and DU = DG * A in one pass (two elementwise kernels, strided hence unvectorised, before)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_W)
+    mask = (rows < n_rows)[:, None] & (cols < WIDTH)[None, :]
+    dg = tl.load(DG + rows[:, None] * stride_dg + cols[None, :], mask=mask).to(tl.float32)
+    a = tl.load(A + rows[:, None] * stride_a + cols[None, :], mask=mask).to(tl.float32)
+    u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask).to(tl.float32)
+    tl.store(DA + rows[:, None] * stride_da + cols[None, :], (dg * u).to(DA.dtype.element_ty), mask=mask)
+    tl.store(DU + rows[:, None] * stride_du + cols[None, :], (dg * a).to(DU.dtype.element_ty), mask=mask)
+
+
+def _as_rows(t: Tensor) -> bool:
+    """Whether t (rows, heads, dim) is rows of heads * dim contiguous values (at any row stride)."""
+    return t.stride(2) == 1 and t.stride(1) == t.shape[2]
+
+
+def _gate_grid(rows: int, width: int) -> tuple[int, int, tuple[int]]:
+    block_w = triton.next_power_of_2(width)
+    block_r = 2 if _INTERPRET else max(1, 4096 // block_w)
+    return block_r, block_w, (triton.cdiv(rows, block_r),)
+
+
+def gate(out: Tensor, gate: Tensor) -> Tensor:
+    """out * gate for out (rows, heads, dim) contiguous and the gate a view of the same shape."""
+    if not (out.is_contiguous() and _as_rows(gate)) or out.shape[0] == 0:
+        return out * gate
+    gated = torch.empty_like(out)
+    block_r, block_w, grid = _gate_grid(out.shape[0], out[0].numel())
+    _gate_kernel[grid](out, gate, gated, out.shape[0], out.stride(0), gate.stride(0), gated.stride(0),
+                       WIDTH=out[0].numel(), BLOCK_R=block_r, BLOCK_W=block_w, num_warps=4)
+    return gated
+
+
+def gate_backward(grad: Tensor, out: Tensor, gate: Tensor, grad_gate: Tensor) -> Tensor:
+    """For gated = out * gate: writes grad * out into grad_gate (any row stride) and returns grad * gate."""
+    tensors = (grad, out, gate, grad_gate)
+    if not all(_as_rows(t) for t in tensors) or grad.shape[0] == 0:
+        torch.mul(grad, out, out=grad_gate)
+        return grad * gate
+    grad_out = torch.empty(out.shape, dtype=torch.result_type(grad, gate), device=out.device)
+    block_r, block_w, grid = _gate_grid(out.shape[0], out[0].numel())
+    _gate_bwd_kernel[grid](grad, out, gate, grad_out, grad_gate, out.shape[0], *(t.stride(0) for t in tensors[:3]),
+                           grad_out.stride(0), grad_gate.stride(0), WIDTH=out[0].numel(), BLOCK_R=block_r,
+                           BLOCK_W=block_w, num_warps=4)
+    return grad_out
+
+
 def _launch_params(kernel_name: str, q: Tensor) -> tuple[tuple[int, int, int, int], dict]:
     if _INTERPRET:
         config = _INTERPRET_CONFIG
@@ -527,26 +591,31 @@ def _key_splits(programs: int, keys_per_user: int, block_n: int, device: torch.d
 
 
 def jagged_hstu_attention_backward(
-    grad_out, q, k, v, offsets, q_offsets, kind, ts, alpha: float, norm: float
+    grad_out, q, k, v, offsets, q_offsets, kind, ts, alpha: float, norm: float, grads=None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward(grad_out, q, k, v, None, None, offsets, q_offsets, kind, ts, ts, alpha, norm)
+    """(dq, dk, dv), written into `grads` if given (tensors shaped like q, k, v, rows of any stride)."""
+    return _backward(grad_out, q, k, v, None, None, offsets, q_offsets, kind, ts, ts, alpha, norm, grads)
 
 
 def jagged_split_target_attention_backward(
     grad_out, q_t, k_context, v_context, k_t, v_t, context_offsets, target_offsets, context_kind, context_ts,
-    target_ts, alpha: float, norm: float
+    target_ts, alpha: float, norm: float, grads=None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq_t, dk_context, dv_context, dk_t, dv_t)."""
+    """(dq_t, dk_context, dv_context, dk_t, dv_t), written into `grads` if given."""
     return _backward(grad_out, q_t, k_context, v_context, k_t, v_t, context_offsets, target_offsets, context_kind,
-                     context_ts, target_ts, alpha, norm)
+                     context_ts, target_ts, alpha, norm, grads)
 
 
-def _backward(grad_out, q, k, v, k_self, v_self, offsets, q_offsets, kind, ts, ts_self, alpha, norm):
+def _backward(grad_out, q, k, v, k_self, v_self, offsets, q_offsets, kind, ts, ts_self, alpha, norm, grads):
     """With k_self None, the merged layout: (dq, dk, dv); else (dq, dk, dv, dk_self, dv_self)."""
     split = k_self is not None
     q, k, v, grad_out = _rows(q), _rows(k), _rows(v), _rows(grad_out)
     k_self, v_self = (_rows(k_self), _rows(v_self)) if split else (k, v)
-    grads = [t.new_empty(t.shape) for t in ((q, k, v, k_self, v_self) if split else (q, k, v))]
+    inputs = (q, k, v, k_self, v_self) if split else (q, k, v)
+    if grads is None:
+        grads = [t.new_empty(t.shape) for t in inputs]
+    elif any(g.stride(-1) != 1 for g in grads):
+        raise ValueError("hstu attention backward: the given gradients need unit stride along their last dim")
     dq, dk, dv = grads[:3]
     users = offsets.shape[0] - 1
     group = q.shape[1] // k.shape[1]

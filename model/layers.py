@@ -22,6 +22,7 @@ from mtfm.kernels.group_layer_norm import group_layer_norm
 from mtfm.kernels.hstu_attention import hstu_attention, hstu_split_target_attention
 
 from .batch import TokenBatch
+from .column_blocks import column_blocks
 from .context_kv import context_keys_values
 from .token_split import SplitKeys, TokenSplit
 
@@ -145,7 +146,7 @@ class HSTULayer(nn.Module):
         h = self.input_norm(x, ctx.group, ctx.group_names)
         if self.kind == "full":
             q, u, k, v = self.projections(h)
-            return x + self.gated_output(self.attention(q, k, v, ctx) * u, ctx.group, ctx.group_names), k, v
+            return x + self.gated_output(self.attention(q, k, v, u, ctx), ctx.group, ctx.group_names), k, v
         if ctx.target_group_names:
             raise ValueError("forward_with_kv: a target layer on a batch with T-tokens; call forward")
         return x, *self.keys_values(h)
@@ -180,10 +181,11 @@ class HSTULayer(nn.Module):
         target_group (NT,) indexes target_group_names, the output GLN's groups (the scenarios)."""
         q, u, k_t, v_t = self.projections(h_t)
         a = self.attn
-        attended = hstu_split_target_attention(q, k_context, v_context, k_t, v_t, keys.context_offsets,
-                                               keys.context_kind, keys.context_ts, keys.target_offsets,
-                                               keys.target_ts, alpha=a.alpha, norm=a.norm, impl=a.impl)
-        return x_t + self.gated_output(attended * u, target_group, target_group_names).to(x_t.dtype)
+        gated = hstu_split_target_attention(q, k_context, v_context, k_t, v_t, keys.context_offsets,
+                                            keys.context_kind, keys.context_ts, keys.target_offsets, keys.target_ts,
+                                            alpha=a.alpha, norm=a.norm, impl=a.impl, gate=u)
+        y_t = x_t + self.gated_output(gated, target_group, target_group_names)  # a float32 x_t takes a bf16 update
+        return y_t if y_t.dtype == x_t.dtype else y_t.to(x_t.dtype)  # as is: no cast kernel each way
 
     def keys_values(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """K, V (N, Hkv, dh) from the normalised input h (N, d_model)."""
@@ -193,26 +195,26 @@ class HSTULayer(nn.Module):
         """K, V (N, Hkv, dh) from the projection's activations kv (N, 2 * Hkv * dh): views into kv
         (the attention kernels read rows of any stride; a copy would cost a kernel each)."""
         a = self.attn
-        k, v = kv.view(-1, 2 * a.num_kv_heads, a.head_dim).chunk(2, dim=1)
+        k, v = column_blocks(kv, [(a.num_kv_heads, a.head_dim)] * 2)
         return k, v
 
     def projections(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Q, U (N, Hq, dh) and K, V (N, Hkv, dh) from the normalised input h (N, d_model): both
         projections in one matmul, views into its activations. One matmul, one silu and one bias
         sum where two projections took two of each (and their backwards): the target-heavy steps
-        are host-bound."""
+        are host-bound. The attention takes U as its gate, so the four blocks' gradients come back
+        as one buffer (`column_blocks`)."""
         a = self.attn
         weight = torch.cat([self.query_gate.weight, self.key_value.weight])
         bias = torch.cat([self.query_gate.bias, self.key_value.bias])
-        qu, kv = F.silu(F.linear(h, weight, bias)).split([self.query_gate.out_features, self.key_value.out_features], 1)
-        q, u = qu.view(-1, 2 * a.num_heads, a.head_dim).chunk(2, dim=1)
-        k, v = self.heads_of_keys_values(kv)
+        q, u, k, v = column_blocks(F.silu(F.linear(h, weight, bias)), [(a.num_heads, a.head_dim)] * 2
+                                   + [(a.num_kv_heads, a.head_dim)] * 2)
         return q, u, k, v
 
-    def attention(self, q: Tensor, k: Tensor, v: Tensor, ctx: JaggedContext) -> Tensor:
-        """A (N, Hq, dh): full attention, every token a query."""
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, u: Tensor, ctx: JaggedContext) -> Tensor:
+        """A * U (N, Hq, dh): full attention, every token a query, gated by U."""
         a = self.attn
-        return hstu_attention(q, k, v, ctx.offsets, ctx.kind, ctx.ts, alpha=a.alpha, norm=a.norm, impl=a.impl)
+        return hstu_attention(q, k, v, ctx.offsets, ctx.kind, ctx.ts, alpha=a.alpha, norm=a.norm, impl=a.impl, gate=u)
 
     def gated_output(self, gated: Tensor, group: Tensor, group_names: tuple[str, ...]) -> Tensor:
         """W_o dropout(GLN_2(A * U)) for the queries' gated attention A * U (Nq, Hq, dh), the

@@ -134,6 +134,74 @@ def test_triton_reads_rows_of_any_stride():
     assert_close([out.detach()] + grads, full_attention_and_grads(b, "reference"))
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_gate_multiplies_the_output_and_gets_its_gradient(impl):
+    """`gate`: the op returns out * gate; every gradient, the gate's included, equals autograd's of
+    that product, for full and split target attention."""
+    b = make_batch([(20, 5, 6), (7, 0, 3), (0, 0, 2)], 2, seed=12)
+    gate = torch.randn(b["q"].shape[0], HQ, DV, generator=torch.Generator().manual_seed(1))
+    q, k, v, g = (t.clone().requires_grad_() for t in (b["q"], b["k"], b["v"], gate))
+    meta = (b["offsets"], b["kind"], b["ts"])
+    gated = hstu_attention(q, k, v, *meta, alpha=ALPHA, norm=NORM, impl=impl, gate=g)
+    grads = torch.autograd.grad(gated, (q, k, v, g), b["grad"])
+    q2, k2, v2, g2 = (t.clone().requires_grad_() for t in (b["q"], b["k"], b["v"], gate))
+    expected = hstu_attention(q2, k2, v2, *meta, alpha=ALPHA, norm=NORM, impl="reference") * g2
+    expected_grads = torch.autograd.grad(expected, (q2, k2, v2, g2), b["grad"])
+    assert_close((gated, *grads), (expected, *expected_grads), ("out", "dq", "dk", "dv", "dgate"))
+
+    (k_c, v_c, k_t, v_t, *split_meta), _ = split_inputs(b)
+    rows = b["target_rows"]
+    inputs = [t.clone().requires_grad_() for t in (b["q"][rows], k_c, v_c, k_t, v_t, gate[rows])]
+    gated = hstu_split_target_attention(*inputs[:5], *split_meta, alpha=ALPHA, norm=NORM, impl=impl, gate=inputs[5])
+    grads = torch.autograd.grad(gated, inputs, b["grad"][rows])
+    plain = [t.detach().clone().requires_grad_() for t in inputs]
+    expected = hstu_split_target_attention(*plain[:5], *split_meta, alpha=ALPHA, norm=NORM, impl="reference") * plain[5]
+    expected_grads = torch.autograd.grad(expected, plain, b["grad"][rows])
+    assert_close((gated, *grads), (expected, *expected_grads), ("out", "dq_t", "dk_c", "dv_c", "dk_t", "dv_t", "du"))
+
+
+def column_views(tensors):
+    """`tensors` (rows, heads, dim) each as views into one new (rows, width) buffer, side by side."""
+    rows = tensors[0].shape[0]
+    buffer = torch.cat([t.reshape(rows, -1) for t in tensors], 1)
+    widths = [t.shape[1] * t.shape[2] for t in tensors]
+    return [block.view(t.shape) for block, t in zip(buffer.split(widths, 1), tensors)]
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_gradients_of_column_blocks_of_one_buffer_come_as_one_buffer(impl):
+    """Split target attention with q_t, k_t, v_t and the gate as views into one buffer (a layer's
+    projection of its T rows) and the context keys and values into another: the gradients come
+    back as views into two new buffers laid out the same way, with the values of separate tensors.
+    Blocks that leave a hole in their buffer (no gate) get gradients of their own."""
+    b = make_batch([(20, 5, 6), (7, 0, 3), (0, 0, 2)], 1, seed=13)
+    (k_c, v_c, k_t, v_t, *split_meta), _ = split_inputs(b)
+    rows = b["target_rows"]
+    gate = torch.randn(rows.shape[0], HQ, DV, generator=torch.Generator().manual_seed(2))
+    separate = [t.clone().requires_grad_() for t in (b["q"][rows], k_c, v_c, k_t, v_t, gate)]
+    out = hstu_split_target_attention(*separate[:5], *split_meta, alpha=ALPHA, norm=NORM, impl=impl, gate=separate[5])
+    expected = torch.autograd.grad(out, separate, b["grad"][rows])
+
+    q_t, u, k_t, v_t = column_views([b["q"][rows], gate, k_t, v_t])
+    k_c, v_c = column_views([k_c, v_c])
+    views = [t.requires_grad_() for t in (q_t, k_c, v_c, k_t, v_t, u)]
+    out = hstu_split_target_attention(*views[:5], *split_meta, alpha=ALPHA, norm=NORM, impl=impl, gate=views[5])
+    grads = torch.autograd.grad(out, views, b["grad"][rows])
+    assert_close(grads, expected, ("dq_t", "dk_c", "dv_c", "dk_t", "dv_t", "du"))
+    for view, grad in zip(views, grads):
+        assert grad.stride() == view.stride()
+    dq_t, dk_c, dv_c, dk_t, dv_t, du = grads
+    assert dq_t._base is not None and all(g._base is dq_t._base for g in (du, dk_t, dv_t))
+    assert dq_t._base.shape == (rows.shape[0], HQ * (D + DV) + D + DV)
+    assert dk_c._base is not None and dv_c._base is dk_c._base is not dq_t._base
+
+    q_t, k_t, v_t = (t.detach().requires_grad_() for t in (q_t, k_t, v_t))  # u's columns unused: a hole
+    out = hstu_split_target_attention(q_t, k_c.detach(), v_c.detach(), k_t, v_t, *split_meta, alpha=ALPHA,
+                                      norm=NORM, impl=impl)
+    grads = torch.autograd.grad(out, (q_t, k_t, v_t), b["grad"][rows])
+    assert all(g._base is None for g in grads)
+
+
 @pytest.mark.parametrize("key_splits", [2, 3])
 def test_triton_forward_split_over_keys_matches_reference(key_splits):
     """The forward with each program's keys split (serving: few query blocks, many keys), full
@@ -254,6 +322,11 @@ def test_dispatcher_errors_name_the_argument(monkeypatch):
     with pytest.raises(ValueError, match="context_kind.shape"):
         hstu_split_target_attention(q_t, k_c, v_c, k_t, v_t, split_meta[0], split_meta[1][:2], *split_meta[2:],
                                     alpha=ALPHA, norm=NORM)
+    with pytest.raises(ValueError, match=r"gate.shape is \(7, 4, 16\), expected \(7, 4, 32\)"):
+        hstu_attention(b["q"], b["k"], b["v"], *meta, alpha=ALPHA, norm=NORM, gate=b["q"])
+    with pytest.raises(ValueError, match="gate.dtype"):
+        hstu_split_target_attention(q_t, k_c, v_c, k_t, v_t, *split_meta, alpha=ALPHA, norm=NORM,
+                                    gate=torch.zeros(q_t.shape[0], HQ, DV, dtype=torch.float64))
     assert resolve_impl("auto", torch.device("cpu")) == "reference"
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="need CUDA tensors"):
