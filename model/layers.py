@@ -184,8 +184,8 @@ class HSTULayer(nn.Module):
         gated = hstu_split_target_attention(q, k_context, v_context, k_t, v_t, keys.context_offsets,
                                             keys.context_kind, keys.context_ts, keys.target_offsets, keys.target_ts,
                                             alpha=a.alpha, norm=a.norm, impl=a.impl, gate=u)
-        y_t = x_t + self.gated_output(gated, target_group, target_group_names)  # a float32 x_t takes a bf16 update
-        return y_t if y_t.dtype == x_t.dtype else y_t.to(x_t.dtype)  # as is: no cast kernel each way
+        # float32 x_t plus the bf16 update is float32 already: the cast is a no-op then (no cast kernel each way)
+        return (x_t + self.gated_output(gated, target_group, target_group_names)).to(x_t.dtype)
 
     def keys_values(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """K, V (N, Hkv, dh) from the normalised input h (N, d_model)."""
