@@ -204,9 +204,11 @@ SWEEP = {
              256: [(64, 64, 8, 2), (32, 64, 4, 2), (32, 64, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3), (64, 32, 8, 2),
                    (32, 128, 8, 2), (64, 64, 8, 1), (64, 128, 8, 1), (16, 64, 4, 3), (32, 32, 4, 3)]},
 }
-# Split target attention's backward (--sweep-targets): a key block meets a few query blocks (the
-# user's T rows), so smaller and differently shaped tiles are tried too.
+# Split target attention (--sweep-targets): a key block meets a few query blocks (the user's T
+# rows), so smaller and differently shaped tiles are tried too.
 SPLIT_SWEEP = {
+    "fwd": {128: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)],
+            256: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 4, 3)]},
     "dq": {128: [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2)],
            256: [(128, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 3), (32, 64, 4, 3),
                  (32, 32, 4, 3)]},
@@ -232,8 +234,8 @@ def split_halves(batch) -> dict:
 def sweep_configs(device, total_tokens, length: int = 4096, dims=(128, 256), hq: int = 4, hkv: int = 2,
                   targets: bool = False) -> dict:
     """Time each candidate block config at `length` tokens per user (the MTFM mix of make_batch)
-    and keep the fastest: of full attention, or with `targets` of split target attention's backward
-    (each user's 15% T rows the queries)."""
+    and keep the fastest: of full attention, or with `targets` of split target attention (each
+    user's 15% T rows the queries)."""
     from mtfm.kernels import hstu_attention_triton as kernels
 
     chosen = {}
@@ -244,6 +246,7 @@ def sweep_configs(device, total_tokens, length: int = 4096, dims=(128, 256), hq:
             args = (*half.values(), ALPHA, float(length))
             grad = torch.randn_like(half["q_t"])
             runs = {name: lambda: kernels.jagged_split_target_attention_backward(grad, *args) for name in ("dkdv", "dq")}
+            runs["fwd"] = lambda: kernels.jagged_split_target_attention(*args)
         else:
             args = (batch["q"], batch["k"], batch["v"], batch["offsets"], batch["offsets"], batch["kind"],
                     batch["ts"], ALPHA, float(length))
@@ -253,14 +256,17 @@ def sweep_configs(device, total_tokens, length: int = 4096, dims=(128, 256), hq:
                     "dkdv": lambda: kernels.jagged_hstu_attention_backward(grad, *args)}
         for name, fn in runs.items():
             times = {}
+            # split target attention reads its own table when the kernel module has one
+            key = f"{name}_split" if targets else name
+            table = kernels._CONFIGS.setdefault(key, dict(kernels._CONFIGS[name]))
             for config in (SPLIT_SWEEP if targets else SWEEP)[name][d]:
-                kernels._CONFIGS[name][d] = config
+                table[d] = config
                 try:
                     times[config] = do_bench(fn, warmup=5, rep=40, return_mode="median")
                 except Exception as error:  # a config that does not fit (shared memory, registers)
                     print(f"sweep {name} d={d} {config}: {type(error).__name__}", flush=True)
             best = min(times, key=times.get)
-            kernels._CONFIGS[name][d] = best
+            table[d] = best
             chosen[f"{name}{'_split' if targets else ''}_d{d}_h{hq}_{hkv}"] = dict(
                 best=best, ms={str(c): t for c, t in times.items()})
             print(f"sweep {name} d={d}: " + ", ".join(f"{c}: {t:.3f}" for c, t in times.items()) + f" -> {best}",
@@ -453,8 +459,9 @@ def bench_key_splits(device) -> list[dict]:
                 return triton_impl.jagged_hstu_attention(q, b["k"], b["v"], meta[0], q_offsets, meta[1], meta[2],
                                                          ALPHA, 1000.0, key_splits=splits)
             block_m, block_n = triton_impl._launch_params("fwd", q)[0][:2]
-            chosen = triton_impl._key_splits((q.shape[0] // block_m + users) * q.shape[1], b["k"].shape[0] // users,
-                                             block_n, device)
+            heads, block_m = triton_impl._heads_per_tile(q, q.shape[1] // b["k"].shape[1], block_m)
+            chosen = triton_impl._key_splits((q.shape[0] // (block_m // heads) + users) * (q.shape[1] // heads),
+                                             b["k"].shape[0] // users, block_n, device)
             with torch.no_grad():
                 one, split = run(1), run(None)
             diff = (split.float() - one.float()).abs().max().item() / one.float().abs().max().item()
@@ -480,7 +487,7 @@ def main():
     parser.add_argument("--sweep-heads", type=int, nargs=2, default=[4, 2], metavar=("HQ", "HKV"),
                         help="query and kv heads of the sweep's batch")
     parser.add_argument("--sweep-targets", action="store_true",
-                        help="the attention sweep times split target attention's backward (T rows as queries)")
+                        help="the attention sweep times split target attention (T rows as queries)")
     parser.add_argument("--sweep-only", action="store_true", help="only the sweeps (no correctness checks, no tables)")
     parser.add_argument("--serving", action="store_true",
                         help="only the forward at serving sizes, keys split across programs or not")

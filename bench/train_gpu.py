@@ -348,9 +348,9 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
                        "kernel_launches": sum(k[2] for k in kernels),
                        "top_kernels": [{"name": n[:120], "ms": ms, "calls": c} for n, ms, c in kernels[:15]]}
             try:
-                text = averages.table(sort_by="self_device_time_total", row_limit=25)
+                text = averages.table(sort_by="self_device_time_total", row_limit=40)
             except Exception:  # noqa: BLE001
-                text = averages.table(sort_by="self_cuda_time_total", row_limit=25)
+                text = averages.table(sort_by="self_cuda_time_total", row_limit=40)
             host_text = averages.table(sort_by="self_cpu_time_total", row_limit=25)
             with open(Path(args.out).resolve().parent / "profiles.txt", "a") as fh:
                 fh.write(f"==== {name}\n{text}\n==== {name}, by host time\n{host_text}\n")

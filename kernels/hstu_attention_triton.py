@@ -14,11 +14,14 @@ Tiling relies on the per-user token order H | R (sorted by ts) | T:
   tiles are never formed; H queries meet themselves among the H keys.
 So the work follows the visible pairs, not L^2.
 
-Kernels: forward, one program per (query block, query head); backward as two kernels that
-need no atomics: dK/dV, one program per (key block, kv head) looping over the group's query
-heads and the query blocks that can see it (all of them for H and R keys, none for T keys),
-and dQ, shaped like the forward. The backward does 7 tile products per visible tile (QK^T and
-dO V^T are recomputed in both kernels) where the FLOP convention counts 5.
+Kernels: forward, one program per (query block, query head); backward as two kernels that need
+no atomics: dK/dV, one program per (key block, kv head) looping over the group's query heads and
+the query blocks that can see it (all of them for H and R keys, none for T keys), and dQ, shaped
+like the forward. With GQA at head dim 256 a tile's rows are (query, head) pairs of a kv head's
+query heads (`_query_rows`, `PACK_HEADS_MIN_DIM`): one program per (query block, kv head), one
+tile product for the heads that share the keys, and a user's few T rows fill fuller tiles. The
+backward does 7 tile products per visible tile (QK^T and dO V^T are recomputed in both kernels)
+where the FLOP convention counts 5.
 Programs are laid out over the packed blocks of all users (no padding to the longest user).
 The gate (out * U, U a column block of the layer's projection) and its backward are two small
 row-wise kernels: torch's elementwise kernels run unvectorised on the strided U.
@@ -45,21 +48,30 @@ from .backends import multiprocessors
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) per kernel and head dim, for H100/H200.
+# (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages) per kernel and head dim, for H100/H200
+# (with packed heads a query row is a (query, head) pair: BLOCK_M // heads queries).
 # Picked by `bench/kernels.py --sweep attention`: d=128 at 4K tokens per user (H100), d=256 at 1K
 # (H200; training batches average about 850 per user), d=64 not swept, by analogy.
-# Split target attention (a user's 50-300 T rows as queries) takes the same configs: swept on its
-# own at d=256 (`--sweep attention --sweep-targets`), its backward was fastest with these at Hq=2,
-# Hkv=1 and within 1.5% of the fastest at Hq=Hkv=3.
+# Split target attention (a user's 50-300 T rows as queries) takes the same configs but where a
+# "_split" entry says otherwise (float32 at d=256 and the interpreter have one config each): swept on its own at d=256 (`--sweep attention --sweep-targets`,
+# Hq=2, Hkv=1, query heads packed into tile rows), its backward took 0.77 ms with dK/dV tiles
+# (64, 32, 4, 2) against 0.82 with the full attention's (32, 32, 4, 3) (0.99x at Hq=Hkv=3, an
+# earlier sweep).
 _CONFIGS = {
     "fwd": {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (128, 64, 8, 2)},
     "dq": {64: (128, 32, 8, 3), 128: (128, 32, 8, 3), 256: (128, 32, 8, 3)},
     "dkdv": {64: (32, 128, 8, 3), 128: (32, 128, 8, 3), 256: (32, 32, 4, 3)},
+    "dkdv_split": {256: (64, 32, 4, 2)},
 }
 # float32 tiles take twice the shared memory: at head dim 256 the tables above ask for more than an
 # H100/H200 lets one block use (227 KiB), so float32 there gets smaller tiles and one stage.
 _FP32_D256_CONFIGS = {"fwd": (64, 32, 4, 1), "dq": (64, 32, 4, 1), "dkdv": (32, 32, 4, 1)}
 _INTERPRET_CONFIG = (16, 16, 4, 1)
+# Query heads of a kv head share tile rows (`_query_rows`) at head dims of at least this. H200
+# (bench/RESULTS.md, "Query heads packed into tile rows"): in the training step at d=256, Hq=2,
+# Hkv=1 packing took the forward to 0.81x, dQ to 0.94x and dK/dV to 0.97x; at d=128 (Hq=4,
+# `bench/kernels.py`) it made the forward 1.04-1.13x and the backward 1.08-1.16x slower.
+PACK_HEADS_MIN_DIM = 256
 # Rows per program of the T rows' own dK/dV with split keys (an elementwise pass over the rows).
 _SELF_BLOCK = 32
 # Arguments that change from batch to batch and that Triton would otherwise specialise on (an
@@ -162,6 +174,19 @@ def _user_block(pid, Offsets, QOffsets, Kind, num_users, ScheduleOffsets, BLOCK:
 
 
 @triton.jit
+def _query_rows(m0, n_q, h0, BLOCK_M: tl.constexpr, HEADS: tl.constexpr):
+    """A forward or dQ program's BLOCK_M rows: BLOCK_M // HEADS queries from m0, each with the
+    query heads h0 .. h0 + HEADS - 1 in turn (a tile row is a (query, head) pair; HEADS > 1 packs
+    query heads of one kv head, which share its keys and values, so one tile product serves them
+    all and a user's few T rows fill fewer, fuller tiles). Returns each row's query index, query
+    head and whether it is a query of this block."""
+    r = tl.arange(0, BLOCK_M)
+    offs_m = m0 + r // HEADS
+    rows = (r < (BLOCK_M // HEADS) * HEADS) & (offs_m < n_q)
+    return offs_m, h0 + r % HEADS, rows
+
+
+@triton.jit
 def _fwd_tiles(acc, q, ts_q, k_base, v_base, ts_base, lo, hi, n_hist, stride_kn, stride_vn, half_alpha,
                BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr,
                FAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -191,20 +216,20 @@ def _fwd_kernel(
     Q, K, V, KSelf, VSelf, Out, Offsets, QOffsets, Kind, Ts, TsSelf, num_users,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_ksn, stride_ksh, stride_vsn, stride_vsh,
     stride_on, stride_oh, stride_os, half_alpha, inv_norm,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    KEY_SPLITS: tl.constexpr, SPLIT: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    DV: tl.constexpr, KEY_SPLITS: tl.constexpr, SPLIT: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    h = tl.program_id(1)
+    h0 = tl.program_id(1) * HEADS
+    kv = h0 // GROUP
     split = tl.program_id(2)
     b, m0, start, length, q_start, n_q, shift, n_hist, n_hr, self_start = _user_block(
-        pid, Offsets, QOffsets, Kind, num_users, QOffsets, BLOCK_M, SPLIT)
+        pid, Offsets, QOffsets, Kind, num_users, QOffsets, BLOCK_M // HEADS, SPLIT)
     if m0 >= n_q:
         return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_m, heads, rows = _query_rows(m0, n_q, h0, BLOCK_M, HEADS)
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
-    rows = offs_m < n_q
     pos_q = shift + offs_m
     self_rows = self_start + offs_m
     ts_q = tl.load(TsSelf + self_rows, mask=rows, other=0)
@@ -212,8 +237,7 @@ def _fwd_kernel(
     kend = n_hist + _count_below(Ts + start + n_hist, n_hr - n_hist, max_ts, 64)
     hist_end = (n_hist // BLOCK_N) * BLOCK_N
 
-    kv = h // GROUP
-    q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qn + h * stride_qh + offs_d[None, :],
+    q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qn + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=rows[:, None], other=0.0)
     k_base = K + start * stride_kn + kv * stride_kh
     v_base = V + start * stride_vn + kv * stride_vh
@@ -239,7 +263,8 @@ def _fwd_kernel(
         h_self = tl.sum(q.to(tl.float32) * k_self.to(tl.float32), axis=1) * half_alpha
         acc += (h_self + h_self * _tanh(h_self, FAST))[:, None] * v_self.to(tl.float32)
     # With key splits, Out is the float32 partial sums (KEY_SPLITS, Nq, Hq, DV), summed by the caller.
-    tl.store(Out + split * stride_os + (q_start + offs_m)[:, None] * stride_on + h * stride_oh + offs_dv[None, :],
+    tl.store(Out + split * stride_os + (q_start + offs_m)[:, None] * stride_on + heads[:, None] * stride_oh
+             + offs_dv[None, :],
              (acc * inv_norm).to(Out.dtype.element_ty), mask=rows[:, None])
 
 
@@ -276,19 +301,19 @@ def _dq_kernel(
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_ksn, stride_ksh, stride_vsn, stride_vsh,
     stride_don, stride_doh, stride_dqn, stride_dqh, stride_dkn, stride_dkh, stride_dvn, stride_dvh,
     half_alpha, inv_norm,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    SPLIT: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    DV: tl.constexpr, SPLIT: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    h = tl.program_id(1)
+    h0 = tl.program_id(1) * HEADS
+    kv = h0 // GROUP
     b, m0, start, length, q_start, n_q, shift, n_hist, n_hr, self_start = _user_block(
-        pid, Offsets, QOffsets, Kind, num_users, QOffsets, BLOCK_M, SPLIT)
+        pid, Offsets, QOffsets, Kind, num_users, QOffsets, BLOCK_M // HEADS, SPLIT)
     if m0 >= n_q:
         return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_m, heads, rows = _query_rows(m0, n_q, h0, BLOCK_M, HEADS)
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
-    rows = offs_m < n_q
     pos_q = shift + offs_m
     self_rows = self_start + offs_m
     ts_q = tl.load(TsSelf + self_rows, mask=rows, other=0)
@@ -296,10 +321,9 @@ def _dq_kernel(
     kend = n_hist + _count_below(Ts + start + n_hist, n_hr - n_hist, max_ts, 64)
     hist_end = (n_hist // BLOCK_N) * BLOCK_N
 
-    kv = h // GROUP
-    q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qn + h * stride_qh + offs_d[None, :],
+    q = tl.load(Q + (q_start + offs_m)[:, None] * stride_qn + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=rows[:, None], other=0.0)
-    do = tl.load(DO + (q_start + offs_m)[:, None] * stride_don + h * stride_doh + offs_dv[None, :],
+    do = tl.load(DO + (q_start + offs_m)[:, None] * stride_don + heads[:, None] * stride_doh + offs_dv[None, :],
                  mask=rows[:, None], other=0.0)
     k_base = K + start * stride_kn + kv * stride_kh
     v_base = V + start * stride_vn + kv * stride_vh
@@ -317,22 +341,29 @@ def _dq_kernel(
     dp_self = tl.sum(do.to(tl.float32) * v_self.to(tl.float32), axis=1)
     t = _tanh(h_self, FAST)
     dq += (dp_self * (1.0 + t) * (1.0 + h_self - h_self * t))[:, None] * k_self
-    tl.store(DQ + (q_start + offs_m)[:, None] * stride_dqn + h * stride_dqh + offs_d[None, :],
+    tl.store(DQ + (q_start + offs_m)[:, None] * stride_dqn + heads[:, None] * stride_dqh + offs_d[None, :],
              (dq * (half_alpha * inv_norm)).to(DQ.dtype.element_ty), mask=rows[:, None])
 
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, keys, ts_k, q_base, do_base, ts_q_base, n_q, n_hist, n_hr,
-                stride_qn, stride_don, half_alpha,
-                BLOCK_M: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr,
+                stride_qn, stride_qh, stride_don, stride_doh, half_alpha,
+                HEADS: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, MASKED: tl.constexpr,
                 FAST: tl.constexpr, PRECISION: tl.constexpr):
+    """dk, dv plus the key block's products with the n_q queries of HEADS consecutive query heads
+    (q_base, do_base: the first query of the first head), packed as the forward packs them: tile
+    row r is query r // HEADS of head r % HEADS."""
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
-    for m0 in range(0, n_q, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        rows = offs_m < n_q
-        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=rows[:, None], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_don + offs_dv[None, :], mask=rows[:, None], other=0.0)
+    for r0 in range(0, n_q * HEADS, BLOCK_M):
+        r = r0 + tl.arange(0, BLOCK_M)
+        offs_m = r // HEADS
+        hh = r % HEADS
+        rows = r < n_q * HEADS
+        q = tl.load(q_base + offs_m[:, None] * stride_qn + hh[:, None] * stride_qh + offs_d[None, :],
+                    mask=rows[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_don + hh[:, None] * stride_doh + offs_dv[None, :],
+                     mask=rows[:, None], other=0.0)
         ht = tl.dot(k, tl.trans(q), input_precision=PRECISION) * half_alpha
         t = _tanh(ht, FAST)
         pt = ht + ht * t
@@ -354,8 +385,8 @@ def _dkdv_kernel(
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_ksn, stride_ksh, stride_vsn, stride_vsh,
     stride_don, stride_doh, stride_dqn, stride_dqh, stride_dkn, stride_dkh, stride_dvn, stride_dvh,
     half_alpha, inv_norm,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    SPLIT: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, HEADS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    DV: tl.constexpr, SPLIT: tl.constexpr, FAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dK and dV of the keys in K (with SPLIT, the H and R rows only: the T rows' own terms are
     `_self_dkdv_kernel`'s)."""
@@ -382,20 +413,21 @@ def _dkdv_kernel(
     self_rows = q_start + keys - shift
     k_self = k.to(tl.float32)
     v_self = v.to(tl.float32)
-    for hh in range(GROUP):
-        h = kv * GROUP + hh
-        q_base = Q + q_start * stride_qn + h * stride_qh
-        do_base = DO + q_start * stride_don + h * stride_doh
+    for h0 in range(kv * GROUP, (kv + 1) * GROUP, HEADS):
+        q_base = Q + q_start * stride_qn + h0 * stride_qh
+        do_base = DO + q_start * stride_don + h0 * stride_doh
         if n0 + BLOCK_N <= n_hist:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, keys, ts_k, q_base, do_base, TsSelf + self_start, n_q_seen,
-                                 n_hist, n_hr, stride_qn, stride_don, half_alpha, BLOCK_M, D, DV, False, FAST,
-                                 PRECISION)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, keys, ts_k, q_base, do_base, TsSelf + self_start, n_q_seen, n_hist,
+                                 n_hr, stride_qn, stride_qh, stride_don, stride_doh, half_alpha, HEADS, BLOCK_M, D, DV,
+                                 False, FAST, PRECISION)
         else:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, keys, ts_k, q_base, do_base, TsSelf + self_start, n_q_seen,
-                                 n_hist, n_hr, stride_qn, stride_don, half_alpha, BLOCK_M, D, DV, True, FAST, PRECISION)
-        if not SPLIT:
-            dk, dv = _self_dkdv(dk, dv, k_self, v_self, Q, DO, self_rows, on_diagonal, h, stride_qn, stride_qh,
-                                stride_don, stride_doh, half_alpha, D, DV, FAST)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, keys, ts_k, q_base, do_base, TsSelf + self_start, n_q_seen, n_hist,
+                                 n_hr, stride_qn, stride_qh, stride_don, stride_doh, half_alpha, HEADS, BLOCK_M, D, DV,
+                                 True, FAST, PRECISION)
+    if not SPLIT:
+        for hh in range(GROUP):
+            dk, dv = _self_dkdv(dk, dv, k_self, v_self, Q, DO, self_rows, on_diagonal, kv * GROUP + hh, stride_qn,
+                                stride_qh, stride_don, stride_doh, half_alpha, D, DV, FAST)
     tl.store(DK + (start + keys)[:, None] * stride_dkn + kv * stride_dkh + offs_d[None, :],
              (dk * (half_alpha * inv_norm)).to(DK.dtype.element_ty), mask=key_ok[:, None])
     tl.store(DV_ + (start + keys)[:, None] * stride_dvn + kv * stride_dvh + offs_dv[None, :],
@@ -512,21 +544,29 @@ def gate_backward(grad: Tensor, out: Tensor, gate: Tensor, grad_gate: Tensor) ->
     return grad_out
 
 
-def _launch_params(kernel_name: str, q: Tensor) -> tuple[tuple[int, int, int, int], dict]:
+def _launch_params(kernel_name: str, q: Tensor, split: bool = False) -> tuple[tuple[int, int, int, int], dict]:
     if _INTERPRET:
         config = _INTERPRET_CONFIG
     elif q.dtype == torch.float32 and q.shape[2] == 256:
         config = _FP32_D256_CONFIGS[kernel_name]
     else:
-        config = _CONFIGS[kernel_name][max(64, q.shape[2])]
+        d = max(64, q.shape[2])
+        config = (split and _CONFIGS.get(f"{kernel_name}_split", {}).get(d)) or _CONFIGS[kernel_name][d]
     fast = not _INTERPRET and q.dtype in (torch.float16, torch.bfloat16)
     return config, dict(FAST=fast, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
+def _heads_per_tile(q: Tensor, group: int, block_m: int) -> tuple[int, int]:
+    """(query heads per tile, BLOCK_M): a kv head's whole group of query heads at head dims of at
+    least PACK_HEADS_MIN_DIM, else one; BLOCK_M grows to hold a group larger than it."""
+    heads = group if q.shape[2] >= PACK_HEADS_MIN_DIM else 1
+    return heads, max(block_m, triton.next_power_of_2(heads))
+
+
 def jagged_hstu_attention(q, k, v, offsets, q_offsets, kind, ts, alpha: float, norm: float,
                           key_splits: int | None = None) -> Tensor:
-    """key_splits: programs per (query block, head) over the keys (None: `_key_splits` picks);
-    their float32 partial outputs are summed here."""
+    """key_splits: programs per (query block, head or packed heads) over the keys (None:
+    `_key_splits` picks); their float32 partial outputs are summed here."""
     return _forward(q, k, v, k, v, offsets, q_offsets, kind, ts, ts, alpha, norm, False, key_splits)
 
 
@@ -545,17 +585,19 @@ def _forward(q, k, v, k_self, v_self, offsets, q_offsets, kind, ts, ts_self, alp
     if q.shape[0] == 0:
         return out
     users = offsets.shape[0] - 1
-    (block_m, block_n, warps, stages), flags = _launch_params("fwd", q)
-    query_blocks = q.shape[0] // block_m + users
+    (block_m, block_n, warps, stages), flags = _launch_params("fwd", q, split)
+    group = q.shape[1] // k.shape[1]
+    heads, block_m = _heads_per_tile(q, group, block_m)
+    query_blocks = q.shape[0] // (block_m // heads) + users
     if key_splits is None:
-        key_splits = _key_splits(query_blocks * q.shape[1], k.shape[0] // max(users, 1), block_n, q.device)
+        key_splits = _key_splits(query_blocks * (q.shape[1] // heads), k.shape[0] // max(users, 1), block_n, q.device)
     dest = out if key_splits == 1 else torch.empty((key_splits,) + out.shape, dtype=torch.float32, device=q.device)
-    _fwd_kernel[(query_blocks, q.shape[1], key_splits)](
+    _fwd_kernel[(query_blocks, q.shape[1] // heads, key_splits)](
         q, k, v, k_self, v_self, dest, offsets, q_offsets, kind, ts, ts_self, users,
         *_head_strides(q, k, v, k_self, v_self),
         dest.stride(-3), dest.stride(-2), dest.stride(0) if key_splits > 1 else 0,
         0.5 * alpha, 1.0 / norm,
-        GROUP=q.shape[1] // k.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, D=q.shape[2], DV=v.shape[2],
+        GROUP=group, HEADS=heads, BLOCK_M=block_m, BLOCK_N=block_n, D=q.shape[2], DV=v.shape[2],
         KEY_SPLITS=key_splits, SPLIT=split, num_warps=warps, num_stages=stages, **flags,
     )
     return out if key_splits == 1 else dest.sum(0).to(q.dtype)
@@ -622,10 +664,11 @@ def _backward(grad_out, q, k, v, k_self, v_self, offsets, q_offsets, kind, ts, t
     strides = _head_strides(q, k, v, k_self, v_self, grad_out, dq, dk, dv)
     args = (offsets, q_offsets, kind, ts, ts_self, users, *strides, 0.5 * alpha, 1.0 / norm)
     if k.shape[0] > 0:
-        (block_m, block_n, warps, stages), flags = _launch_params("dkdv", q)
+        (block_m, block_n, warps, stages), flags = _launch_params("dkdv", q, split)
+        heads, block_m = _heads_per_tile(q, group, block_m)
         _dkdv_kernel[(k.shape[0] // block_n + users, k.shape[1])](
             q, k, v, k_self, v_self, grad_out, dk, dv, *args,
-            GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, D=q.shape[2], DV=v.shape[2], SPLIT=split,
+            GROUP=group, HEADS=heads, BLOCK_M=block_m, BLOCK_N=block_n, D=q.shape[2], DV=v.shape[2], SPLIT=split,
             num_warps=warps, num_stages=stages, **flags,
         )
     if q.shape[0] == 0:
@@ -639,10 +682,11 @@ def _backward(grad_out, q, k, v, k_self, v_self, offsets, q_offsets, kind, ts, t
             *_head_strides(q, k_self, v_self, grad_out, dk_self, dv_self), 0.5 * alpha, 1.0 / norm,
             GROUP=group, BLOCK=block, D=q.shape[2], DV=v.shape[2], FAST=flags["FAST"], num_warps=4,
         )
-    (block_m, block_n, warps, stages), flags = _launch_params("dq", q)
-    _dq_kernel[(q.shape[0] // block_m + users, q.shape[1])](
+    (block_m, block_n, warps, stages), flags = _launch_params("dq", q, split)
+    heads, block_m = _heads_per_tile(q, group, block_m)
+    _dq_kernel[(q.shape[0] // (block_m // heads) + users, q.shape[1] // heads)](
         q, k, v, k_self, v_self, grad_out, dq, *args,
-        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, D=q.shape[2], DV=v.shape[2], SPLIT=split,
+        GROUP=group, HEADS=heads, BLOCK_M=block_m, BLOCK_N=block_n, D=q.shape[2], DV=v.shape[2], SPLIT=split,
         num_warps=warps, num_stages=stages, **flags,
     )
     return tuple(grads)

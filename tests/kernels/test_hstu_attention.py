@@ -2,6 +2,7 @@
 independent computations and the invariants of DESIGN.md (2, 3, 4, 5 at the kernel level)."""
 
 import itertools
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtfm.kernels import hstu_attention_reference as reference
+from mtfm.kernels import hstu_attention_triton as triton_kernels
 from mtfm.kernels.backends import resolve_impl
 from mtfm.kernels.hstu_attention import hstu_attention, hstu_split_target_attention, hstu_target_attention
 from mtfm.kernels.mask import TokenKind, build_dynamic_mask
@@ -23,7 +25,7 @@ _users = st.tuples(st.integers(0, 40), st.integers(0, 12), st.integers(0, 10))
 _layouts = st.lists(_users, min_size=1, max_size=4).map(lambda u: u + [(5, 0, 3), (3, 4, 0), (0, 0, 2), (0, 0, 0)])
 
 
-def make_batch(layout, hkv, seed, dtype=torch.float32):
+def make_batch(layout, hkv, seed, dtype=torch.float32, hq=HQ):
     """Random jagged batch in the documented token order; small ts ranges make ties common."""
     g = torch.Generator().manual_seed(seed)
     kinds, stamps, lengths, targets = [], [], [], []
@@ -41,13 +43,25 @@ def make_batch(layout, hkv, seed, dtype=torch.float32):
     target_offsets = torch.tensor([0] + targets).cumsum(0)
     target_rows = torch.cat([torch.arange(end - t, end) for end, t in zip(offsets[1:].tolist(), targets)])
     return dict(
-        q=torch.randn(n, HQ, D, generator=g, dtype=dtype),
+        q=torch.randn(n, hq, D, generator=g, dtype=dtype),
         k=torch.randn(n, hkv, D, generator=g, dtype=dtype),
         v=torch.randn(n, hkv, DV, generator=g, dtype=dtype),
-        grad=torch.randn(n, HQ, DV, generator=g, dtype=dtype),
+        grad=torch.randn(n, hq, DV, generator=g, dtype=dtype),
         offsets=offsets, kind=torch.cat(kinds), ts=torch.cat(stamps),
         target_offsets=target_offsets, target_rows=target_rows,
     )
+
+
+@contextmanager
+def heads_packed(pack: bool):
+    """The Triton kernels with a kv head's query heads sharing tile rows (as on the GPU at head
+    dim 256) or one head per tile, whatever the head dim."""
+    saved = triton_kernels.PACK_HEADS_MIN_DIM
+    triton_kernels.PACK_HEADS_MIN_DIM = 0 if pack else 10**9
+    try:
+        yield
+    finally:
+        triton_kernels.PACK_HEADS_MIN_DIM = saved
 
 
 def full_attention_and_grads(b, impl):
@@ -94,12 +108,13 @@ def assert_close(actual, expected, names=("out", "dq", "dk", "dv")):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("hkv", [1, 2, HQ])
+@pytest.mark.parametrize("hkv, pack", [(1, False), (1, True), (2, True), (HQ, False)])
 @settings(max_examples=3, deadline=None)
 @given(layout=_layouts, seed=st.integers(0, 2**31))
-def test_triton_full_attention_matches_reference(hkv, layout, seed):
+def test_triton_full_attention_matches_reference(hkv, pack, layout, seed):
     b = make_batch(layout, hkv, seed)
-    assert_close(full_attention_and_grads(b, "triton"), full_attention_and_grads(b, "reference"))
+    with heads_packed(pack):
+        assert_close(full_attention_and_grads(b, "triton"), full_attention_and_grads(b, "reference"))
 
 
 @pytest.mark.parametrize("hkv", [1, HQ])
@@ -119,6 +134,21 @@ def test_split_target_attention_equals_merged_target_attention(impl, hkv, layout
     target attention (the reference), the T rows' dK/dV (their diagonal terms) included."""
     b = make_batch(layout, hkv, seed)
     assert_close(split_attention_and_grads(b, impl), target_attention_and_grads(b, "reference"))
+
+
+@pytest.mark.parametrize("pack", [True, False])
+@pytest.mark.parametrize("hq, hkv", [(3, 1), (6, 2), (20, 1)])
+def test_triton_packs_query_heads_of_any_group_size(hq, hkv, pack):
+    """Packed, a tile's rows are (query, head) pairs of a kv head's query heads: with 3 heads per kv
+    head the interpreter's 16-row tiles hold 5 queries and a spare row; 20 heads do not fit in 16
+    rows, so the tiles grow to 32 (one query, 12 spare rows). Packed or not (the GPU packs at head
+    dim 256 only), full, target and split target attention, every gradient, against the reference."""
+    b = make_batch([(23, 7, 9), (0, 3, 5), (17, 0, 1), (4, 2, 0)], hkv, seed=11, hq=hq)
+    expected = target_attention_and_grads(b, "reference")
+    with heads_packed(pack):
+        assert_close(full_attention_and_grads(b, "triton"), full_attention_and_grads(b, "reference"))
+        assert_close(target_attention_and_grads(b, "triton"), expected)
+        assert_close(split_attention_and_grads(b, "triton"), expected)
 
 
 def test_triton_reads_rows_of_any_stride():
@@ -202,25 +232,30 @@ def test_gradients_of_column_blocks_of_one_buffer_come_as_one_buffer(impl):
     assert all(g._base is None for g in grads)
 
 
+@pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("key_splits", [2, 3])
-def test_triton_forward_split_over_keys_matches_reference(key_splits):
-    """The forward with each program's keys split (serving: few query blocks, many keys), full
-    and target attention, against the reference. Users long enough for every split to hold
-    tiles of H keys, of the H/R boundary and of R keys, and short ones with empty splits."""
-    from mtfm.kernels import hstu_attention_triton as triton_impl
-
-    b = make_batch([(70, 20, 6), (40, 9, 3), (3, 2, 2), (0, 0, 4), (20, 0, 0)], 2, seed=3)
+def test_triton_forward_split_over_keys_matches_reference(key_splits, pack):
+    """The forward with each program's keys split (serving: few query blocks, many keys), full,
+    target and split target attention, against the reference, with 3 query heads per kv head
+    packed into tile rows or not. Users long enough for every split to hold tiles of H keys, of
+    the H/R boundary and of R keys, and short ones with empty splits."""
+    b = make_batch([(70, 20, 6), (40, 9, 3), (3, 2, 2), (0, 0, 4), (20, 0, 0)], 2, seed=3, hq=6)
     offsets, kind, ts = b["offsets"], b["kind"], b["ts"]
+    q_t, q_offsets = b["q"][b["target_rows"]], b["target_offsets"]
+    (k_c, v_c, k_t, v_t, context_offsets, context_kind, context_ts, _, target_ts), _ = split_inputs(b)
     expected = reference.jagged_hstu_attention(b["q"], b["k"], b["v"], offsets, offsets, kind, ts, ALPHA, NORM)
-    split = triton_impl.jagged_hstu_attention(b["q"], b["k"], b["v"], offsets, offsets, kind, ts, ALPHA, NORM,
-                                              key_splits=key_splits)
-    torch.testing.assert_close(split, expected, rtol=1e-5, atol=1e-6)
-    q_t = b["q"][b["target_rows"]]
-    q_offsets = b["target_offsets"]
     expected_t = reference.jagged_hstu_attention(q_t, b["k"], b["v"], offsets, q_offsets, kind, ts, ALPHA, NORM)
-    split_t = triton_impl.jagged_hstu_attention(q_t, b["k"], b["v"], offsets, q_offsets, kind, ts, ALPHA, NORM,
-                                                key_splits=key_splits)
+    with heads_packed(pack):
+        split = triton_kernels.jagged_hstu_attention(b["q"], b["k"], b["v"], offsets, offsets, kind, ts, ALPHA, NORM,
+                                                     key_splits=key_splits)
+        split_t = triton_kernels.jagged_hstu_attention(q_t, b["k"], b["v"], offsets, q_offsets, kind, ts, ALPHA, NORM,
+                                                       key_splits=key_splits)
+        halves = triton_kernels.jagged_split_target_attention(q_t, k_c, v_c, k_t, v_t, context_offsets, q_offsets,
+                                                              context_kind, context_ts, target_ts, ALPHA, NORM,
+                                                              key_splits=key_splits)
+    torch.testing.assert_close(split, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(split_t, expected_t, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(halves, expected_t, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
