@@ -459,9 +459,8 @@ def bench_key_splits(device) -> list[dict]:
                 return triton_impl.jagged_hstu_attention(q, b["k"], b["v"], meta[0], q_offsets, meta[1], meta[2],
                                                          ALPHA, 1000.0, key_splits=splits)
             block_m, block_n = triton_impl._launch_params("fwd", q)[0][:2]
-            heads, block_m = triton_impl._heads_per_tile(q, q.shape[1] // b["k"].shape[1], block_m)
-            chosen = triton_impl._key_splits((q.shape[0] // (block_m // heads) + users) * (q.shape[1] // heads),
-                                             b["k"].shape[0] // users, block_n, device)
+            query_blocks, head_programs = triton_impl._query_grid(q, b["k"], users, block_m)[:2]
+            chosen = triton_impl._key_splits(query_blocks * head_programs, b["k"].shape[0] // users, block_n, device)
             with torch.no_grad():
                 one, split = run(1), run(None)
             diff = (split.float() - one.float()).abs().max().item() / one.float().abs().max().item()

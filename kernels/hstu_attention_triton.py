@@ -53,10 +53,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Picked by `bench/kernels.py --sweep attention`: d=128 at 4K tokens per user (H100), d=256 at 1K
 # (H200; training batches average about 850 per user), d=64 not swept, by analogy.
 # Split target attention (a user's 50-300 T rows as queries) takes the same configs but where a
-# "_split" entry says otherwise (float32 at d=256 and the interpreter have one config each): swept on its own at d=256 (`--sweep attention --sweep-targets`,
-# Hq=2, Hkv=1, query heads packed into tile rows), its backward took 0.77 ms with dK/dV tiles
-# (64, 32, 4, 2) against 0.82 with the full attention's (32, 32, 4, 3) (0.99x at Hq=Hkv=3, an
-# earlier sweep).
+# "_split" entry says otherwise (float32 at d=256 and the interpreter have one config each):
+# swept on its own at d=256 (`--sweep attention --sweep-targets`, Hq=2, Hkv=1, query heads
+# packed into tile rows), its backward took 0.77 ms with dK/dV tiles (64, 32, 4, 2) against
+# 0.82 with the full attention's (32, 32, 4, 3) (0.99x at Hq=Hkv=3, an earlier sweep).
 _CONFIGS = {
     "fwd": {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (128, 64, 8, 2)},
     "dq": {64: (128, 32, 8, 3), 128: (128, 32, 8, 3), 256: (128, 32, 8, 3)},
@@ -563,6 +563,12 @@ def _heads_per_tile(q: Tensor, group: int, block_m: int) -> tuple[int, int]:
     return heads, max(block_m, triton.next_power_of_2(heads))
 
 
+def _query_grid(q: Tensor, k: Tensor, users: int, block_m: int) -> tuple[int, int, int, int]:
+    """(query blocks, head programs, query heads per tile, BLOCK_M) of the forward and dQ grids."""
+    heads, block_m = _heads_per_tile(q, q.shape[1] // k.shape[1], block_m)
+    return q.shape[0] // (block_m // heads) + users, q.shape[1] // heads, heads, block_m
+
+
 def jagged_hstu_attention(q, k, v, offsets, q_offsets, kind, ts, alpha: float, norm: float,
                           key_splits: int | None = None) -> Tensor:
     """key_splits: programs per (query block, head or packed heads) over the keys (None:
@@ -586,18 +592,16 @@ def _forward(q, k, v, k_self, v_self, offsets, q_offsets, kind, ts, ts_self, alp
         return out
     users = offsets.shape[0] - 1
     (block_m, block_n, warps, stages), flags = _launch_params("fwd", q, split)
-    group = q.shape[1] // k.shape[1]
-    heads, block_m = _heads_per_tile(q, group, block_m)
-    query_blocks = q.shape[0] // (block_m // heads) + users
+    query_blocks, head_programs, heads, block_m = _query_grid(q, k, users, block_m)
     if key_splits is None:
-        key_splits = _key_splits(query_blocks * (q.shape[1] // heads), k.shape[0] // max(users, 1), block_n, q.device)
+        key_splits = _key_splits(query_blocks * head_programs, k.shape[0] // max(users, 1), block_n, q.device)
     dest = out if key_splits == 1 else torch.empty((key_splits,) + out.shape, dtype=torch.float32, device=q.device)
-    _fwd_kernel[(query_blocks, q.shape[1] // heads, key_splits)](
+    _fwd_kernel[(query_blocks, head_programs, key_splits)](
         q, k, v, k_self, v_self, dest, offsets, q_offsets, kind, ts, ts_self, users,
         *_head_strides(q, k, v, k_self, v_self),
         dest.stride(-3), dest.stride(-2), dest.stride(0) if key_splits > 1 else 0,
         0.5 * alpha, 1.0 / norm,
-        GROUP=group, HEADS=heads, BLOCK_M=block_m, BLOCK_N=block_n, D=q.shape[2], DV=v.shape[2],
+        GROUP=q.shape[1] // k.shape[1], HEADS=heads, BLOCK_M=block_m, BLOCK_N=block_n, D=q.shape[2], DV=v.shape[2],
         KEY_SPLITS=key_splits, SPLIT=split, num_warps=warps, num_stages=stages, **flags,
     )
     return out if key_splits == 1 else dest.sum(0).to(q.dtype)
@@ -683,8 +687,8 @@ def _backward(grad_out, q, k, v, k_self, v_self, offsets, q_offsets, kind, ts, t
             GROUP=group, BLOCK=block, D=q.shape[2], DV=v.shape[2], FAST=flags["FAST"], num_warps=4,
         )
     (block_m, block_n, warps, stages), flags = _launch_params("dq", q, split)
-    heads, block_m = _heads_per_tile(q, group, block_m)
-    _dq_kernel[(q.shape[0] // (block_m // heads) + users, q.shape[1] // heads)](
+    query_blocks, head_programs, heads, block_m = _query_grid(q, k, users, block_m)
+    _dq_kernel[(query_blocks, head_programs)](
         q, k, v, k_self, v_self, grad_out, dq, *args,
         GROUP=group, HEADS=heads, BLOCK_M=block_m, BLOCK_N=block_n, D=q.shape[2], DV=v.shape[2], SPLIT=split,
         num_warps=warps, num_stages=stages, **flags,
