@@ -7,11 +7,14 @@ Checks correctness at real sizes in bf16 against a float64 reference first, then
 tokens, heads and dim, as a dense batch of equal-length users) is counted the same way over
 its causal pairs. Usage: python bench/kernels.py [--out PATH] [--quick]
 --serving: only the forward at serving sizes (one request: few queries, 1000 history keys), with
-each program's keys split across programs (`key_splits`) or not.
+each program's keys split across programs (`key_splits`) or not. --gln-stacked: only the stacked
+GLN of a run of target layers (and its backward's block sweep). --silu: only the projections'
+silu backward with the bias gradient against torch's silu_backward and column sum.
 """
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import sys
@@ -341,43 +344,44 @@ def bench_gln(n, d, groups, device, mean_run=64) -> dict:
 
 
 def sweep_gln(device) -> dict:
-    """Backward block size, programs per SM and warps for Group LayerNorm, timed on 131,072 rows
-    as the model has them under autocast (bfloat16 x and output gradient, float32 affine
-    parameters, runs of 64 tokens of one of 8 groups) at D = 512 and 768; keeps the best summed
-    over both."""
+    """Backward block size, warps and programs per SM for Group LayerNorm, timed on 131,072 rows as
+    the model has them under autocast (bfloat16 x and output gradient, float32 affine parameters,
+    runs of 64 tokens of one of 8 groups) at D = 512 and 768; keeps the best of each width in
+    `_BWD_CONFIGS` (by padded width)."""
     from mtfm.kernels import group_layer_norm_triton as kernels
 
     n = 131072
-    inputs = {}
+    result = {"best": {}, "ms": {}}
     for d in (512, 768):
-        inputs[d] = (torch.randn(n, d, device=device, dtype=torch.bfloat16),
-                     torch.randn(n, d, device=device, dtype=torch.bfloat16), group_runs(n, 8, device, 64),
-                     torch.randn(8, d, device=device, dtype=torch.float32))
-    times = {}
-    for elements in (4096, 8192):
-        for per_sm in (1, 2, 4, 8):
-            for warps in (4, 8):
-                kernels._BWD_BLOCK_ELEMENTS, kernels._BWD_PROGRAMS_PER_SM, kernels._BWD_WARPS = elements, per_sm, warps
-                times[(elements, per_sm, warps)] = sum(
-                    graph_time(lambda: kernels.group_layer_norm_backward(*args, 1e-5)) for args in inputs.values())
-    best = min(times, key=times.get)
-    kernels._BWD_BLOCK_ELEMENTS, kernels._BWD_PROGRAMS_PER_SM, kernels._BWD_WARPS = best
-    print("sweep gln bwd (elements, programs/SM, warps): " + ", ".join(f"{c}: {t:.3f}" for c, t in times.items())
-          + f" -> {best}", flush=True)
-    return dict(best=best, ms={str(c): t for c, t in times.items()})
+        args = (torch.randn(n, d, device=device, dtype=torch.bfloat16),
+                torch.randn(n, d, device=device, dtype=torch.bfloat16), group_runs(n, 8, device, 64),
+                torch.randn(8, d, device=device, dtype=torch.float32))
+        block_d = triton.next_power_of_2(d)
+        times = {}
+        for config in itertools.product((2048, 4096, 8192), (2, 4, 8), (1, 2, 4, 8)):
+            kernels._BWD_CONFIGS[block_d] = config
+            times[config] = graph_time(lambda: kernels.group_layer_norm_backward(*args, 1e-5))
+        best = min(times, key=times.get)
+        kernels._BWD_CONFIGS[block_d] = best
+        result["best"][d], result["ms"][d] = best, {str(c): t for c, t in times.items()}
+        print(f"sweep gln bwd D={d} (elements, warps, programs/SM): "
+              + ", ".join(f"{c}: {t:.3f}" for c, t in sorted(times.items(), key=lambda kv: kv[1])[:6])
+              + f" -> {best}", flush=True)
+    return result
 
 
 def bench_gln_stacked(device, n: int = 104000) -> list[dict]:
     """The stacked GLN of a run of target layers (S sets of affine parameters on the same H and R
-    rows, as `model/context_kv.py` calls it: float32 x, bfloat16 output and gradients) against S
-    plain calls and the float32 sum of their dx (what each layer running its own GLN cost), after
-    checking it against the float64 reference; then the backward's block size and warps for S > 1."""
+    rows, as `model/context_kv.py` calls it under autocast: bfloat16 x, output and gradients) against
+    S plain calls and the float32 sum of their dx (what each layer running its own GLN cost), after
+    checking it against the float64 reference; then the backward's block size, warps and programs
+    per SM for the runs the training step has (D = 512 with 3 sets, D = 768 with 4)."""
     from mtfm.kernels import group_layer_norm_reference as reference
     from mtfm.kernels import group_layer_norm_triton as kernels
 
     rows = []
     for d in (512, 768):
-        x, group = torch.randn(n, d, device=device), group_runs(n, 6, device, 200)
+        x, group = torch.randn(n, d, device=device, dtype=torch.bfloat16), group_runs(n, 6, device, 200)
         for sets in (1, 3, 4, 5):
             weight = 1 + 0.3 * torch.randn(sets, 6, d, device=device)
             bias = 0.3 * torch.randn(sets, 6, d, device=device)
@@ -402,17 +406,56 @@ def bench_gln_stacked(device, n: int = 104000) -> list[dict]:
                     dx = dx_s if dx is None else dx + dx_s
             row = dict(n=n, d=d, sets=sets, errors=errors, stacked_ms=graph_time(stacked),
                        one_by_one_ms=graph_time(one_by_one))
-            if sets > 1:
-                chosen = kernels._BWD_BLOCK_ELEMENTS, kernels._BWD_WARPS
+            if (d, sets) in ((512, 3), (768, 4)):  # the runs of `t4 (3:1)*4` and `large`
+                table, block_d = kernels._BWD_STACKED_CONFIGS, triton.next_power_of_2(d)
+                chosen = table.get(block_d)
+                row["bwd_ms"] = graph_time(lambda: kernels.group_layer_norm_stacked_backward(dy, x, group, weight, 1e-5))
+                row["bwd_gbps"] = (2 * x.numel() * x.element_size() + dy.numel() * dy.element_size()) / row["bwd_ms"] * 1e-6
                 row["bwd_sweep_ms"] = {}
-                for elements in (4096, 8192, 16384):
-                    for warps in (4, 8):
-                        kernels._BWD_BLOCK_ELEMENTS, kernels._BWD_WARPS = elements, warps
-                        row["bwd_sweep_ms"][f"{elements},{warps}"] = graph_time(
-                            lambda: kernels.group_layer_norm_stacked_backward(dy, x, group, weight, 1e-5))
-                kernels._BWD_BLOCK_ELEMENTS, kernels._BWD_WARPS = chosen
+                for config in itertools.product((1024, 2048, 4096, 8192), (1, 2, 4, 8), (2, 4, 8)):
+                    table[block_d] = config
+                    row["bwd_sweep_ms"][",".join(map(str, config))] = graph_time(
+                        lambda: kernels.group_layer_norm_stacked_backward(dy, x, group, weight, 1e-5))
+                if chosen is None:
+                    del table[block_d]
+                else:
+                    table[block_d] = chosen
+                best = min(row["bwd_sweep_ms"], key=row["bwd_sweep_ms"].get)
+                print(f"stacked bwd D={d} sets={sets}: {row['bwd_ms']:.3f} ms ({row['bwd_gbps']:.0f} GB/s) as set, "
+                      f"best (elements, warps, programs/SM) {best}: {row['bwd_sweep_ms'][best]:.3f} ms", flush=True)
             rows.append(row)
             print(json.dumps(row), flush=True)
+    return rows
+
+
+def bench_silu_backward(device) -> list[dict]:
+    """The projections' silu backward with the bias gradient in one pass (`linear_silu_triton`)
+    against torch's silu_backward and column sum (what autograd ran), after checking it against
+    float64, at the training step's shapes: a full layer's Q/U/K/V projection (large: 3 x 256 x 4
+    columns), a target layer's T rows, a run's H and R rows' K/V (large, and the Table 4 models')."""
+    from mtfm.kernels import linear_silu_triton as kernels
+
+    rows = []
+    for n, c in ((131072, 3072), (27648, 3072), (104000, 1536), (131072, 1536), (104000, 512)):
+        pre = 2 * torch.randn(n, c, device=device, dtype=torch.bfloat16)
+        dy = torch.randn(n, c, device=device, dtype=torch.bfloat16)
+        grad_pre, grad_bias = kernels.silu_backward_bias_grad(dy, pre)
+        s = torch.sigmoid(pre.double())
+        exact = dy.double() * s * (1 + pre.double() * (1 - s))
+        errors = dict(grad_pre=rel_err(grad_pre, exact), grad_bias=rel_err(grad_bias, exact.sum(0)))
+        out = torch.empty_like(pre)
+
+        def torch_ops():
+            torch.ops.aten.silu_backward.grad_input(dy, pre, grad_input=out)
+            return out.sum(0)
+
+        fused_ms = graph_time(lambda: kernels.silu_backward_bias_grad(dy, pre, out))
+        torch_ms = graph_time(torch_ops)
+        bytes_moved = 3 * n * c * 2
+        row = dict(n=n, c=c, errors=errors, fused_ms=fused_ms, torch_ms=torch_ms,
+                   fused_gbps=bytes_moved / fused_ms * 1e-6, torch_gbps=(bytes_moved + n * c * 2) / torch_ms * 1e-6)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -490,6 +533,8 @@ def main():
     parser.add_argument("--sweep-only", action="store_true", help="only the sweeps (no correctness checks, no tables)")
     parser.add_argument("--serving", action="store_true",
                         help="only the forward at serving sizes, keys split across programs or not")
+    parser.add_argument("--silu", action="store_true",
+                        help="only the projections' silu backward with the bias gradient against torch's two kernels")
     parser.add_argument("--gln-stacked", action="store_true",
                         help="only the stacked GLN of a run of target layers against one call per layer")
     args = parser.parse_args()
@@ -498,8 +543,14 @@ def main():
     result = dict(gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                   triton=triton.__version__, date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))
     print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    if args.serving or args.gln_stacked:  # one study alone, its table
-        if args.serving:
+    if args.serving or args.gln_stacked or args.silu:  # one study alone, its table
+        if args.silu:
+            result["silu_backward"] = bench_silu_backward(device)
+            header = "rows | columns | fused ms | torch silu_backward + sum ms | speed-up | fused GB/s | max rel err"
+            rows = [f"{r['n']} | {r['c']} | {r['fused_ms']:.3f} | {r['torch_ms']:.3f} | "
+                    f"{r['torch_ms'] / r['fused_ms']:.2f}x | {r['fused_gbps']:.0f} | {max(r['errors'].values()):.1e}"
+                    for r in result["silu_backward"]]
+        elif args.serving:
             result["key_splits"] = bench_key_splits(device)
             header = "users | K | attention | queries | key splits | unsplit ms | split ms | speed-up | max rel diff"
             rows = [f"{r['users']} | {r['candidates']} | {r['attention']} | {r['queries']} | {r['key_splits']} | "

@@ -26,17 +26,23 @@ from .backends import multiprocessors
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MAX_BLOCK_ELEMENTS = 8192  # rows x padded features per forward program: loads in flight, no spills
 # Backward block size, grid and warps: H200, D = 512 and 768, bf16 x and gradients as the model has
-# them under autocast (`bench/kernels.py --sweep gln`: 0.78 ms for both dims against 1.26 ms for 8192
-# elements and 8 warps, bench/RESULTS.md). Wider rows than the sweep's keep the forward's warps.
-_BWD_BLOCK_ELEMENTS = 4096
-_BWD_PROGRAMS_PER_SM = 2
-_BWD_WARPS = 4
+# them under autocast (`bench/kernels.py --sweep gln`: 0.71 ms for both dims against 0.80 ms for 4096
+# elements, 2 programs per SM and 4 warps, bench/RESULTS.md). Wider rows than the sweep's keep the
+# forward's warps.
+_BWD_BLOCK_ELEMENTS = 2048
+_BWD_PROGRAMS_PER_SM = 8
+_BWD_WARPS = 2
 _BWD_SWEPT_FEATURES = 1024
 _MAX_FEATURES = 2048
 # The stacked backward keeps a run's sums per set in registers, (sets padded to a power of 2) x
 # padded features: at most this many, more sets go in several launches (H200: 5 sets of D = 768,
 # 8 x 1024, took 2.3x the time of 4 sets; 5 sets of D = 512, 8 x 512, 1.2x; `bench/kernels.py --gln-stacked`).
 _BWD_STACKED_SUMS = 4096
+# Its (block elements, warps, programs per SM) by padded feature count, else the plain backward's.
+# H200, bf16, 104,000 rows (`bench/kernels.py --gln-stacked`): at D = 512 with 3 sets 0.35 ms, against
+# 0.71 with (4096, 4, 2); at D = 768 (1024 padded) with 4 sets (4096, 4, 2) stays the fastest (0.71
+# ms), and 2 warps there spill the run's sums (15 ms).
+_BWD_STACKED_CONFIGS = {512: (2048, 2, 4), 1024: (4096, 4, 2)}
 # The kernels are not specialised on the row count (nor the backward on the number of groups
 # present), nor on the stride between stacked sets (rows x features), which change from batch to
 # batch: Triton would compile a variant for each value's divisibility by 16 (and for 1). n_cols and
@@ -234,11 +240,14 @@ def _blocks(n_cols: int, elements: int) -> tuple[int, int, int]:
     return block_r, block_d, 4 if block_d <= 256 else 8 if block_d <= 1024 else 16
 
 
-def _backward_grid(x: Tensor, n_cols: int) -> tuple[int, int, int, int]:
-    """(rows per block, padded features, warps, programs) of the backward kernels for x's rows."""
-    block_r, block_d, warps = _blocks(n_cols, _BWD_BLOCK_ELEMENTS)
-    warps = _BWD_WARPS if block_d <= _BWD_SWEPT_FEATURES else warps
-    slots = 4 if _INTERPRET else _BWD_PROGRAMS_PER_SM * multiprocessors(x.device.index)
+def _backward_grid(x: Tensor, n_cols: int, elements: int, swept_warps: int,
+                   per_sm: int) -> tuple[int, int, int, int]:
+    """(rows per block, padded features, warps, programs) of a backward kernel for x's rows, with
+    blocks of about `elements` values, `per_sm` programs per SM and `swept_warps` up to the swept
+    feature count."""
+    block_r, block_d, warps = _blocks(n_cols, elements)
+    warps = swept_warps if block_d <= _BWD_SWEPT_FEATURES else warps
+    slots = 4 if _INTERPRET else per_sm * multiprocessors(x.device.index)
     return block_r, block_d, warps, max(1, min(slots, triton.cdiv(x.shape[0], block_r)))
 
 
@@ -255,7 +264,7 @@ def group_layer_norm_backward(grad_out, x, group, weight, eps: float) -> tuple[T
     dx = torch.empty_like(x)
     if x.shape[0] == 0:
         return dx, torch.zeros_like(weight), torch.zeros_like(weight)
-    block_r, block_d, warps, programs = _backward_grid(x, n_cols)
+    block_r, block_d, warps, programs = _backward_grid(x, n_cols, _BWD_BLOCK_ELEMENTS, _BWD_WARPS, _BWD_PROGRAMS_PER_SM)
     partial = torch.zeros(2, programs, n_groups, n_cols, dtype=torch.float32, device=x.device)
     _gln_bwd_kernel[(programs,)](
         x, group, weight.contiguous(), grad_out, dx, partial[0], partial[1], x.shape[0], n_cols, n_groups,
@@ -292,7 +301,9 @@ def group_layer_norm_stacked_backward(grad_out, x, group, weight, eps: float) ->
     if sets == 1:
         dx, dweight, dbias = group_layer_norm_backward(grad_out[0], x, group, weight[0], eps)
         return dx, dweight[None], dbias[None]
-    block_r, block_d, warps, programs = _backward_grid(x, n_cols)
+    config = _BWD_STACKED_CONFIGS.get(triton.next_power_of_2(n_cols),
+                                      (_BWD_BLOCK_ELEMENTS, _BWD_WARPS, _BWD_PROGRAMS_PER_SM))
+    block_r, block_d, warps, programs = _backward_grid(x, n_cols, *config)
     per_launch = max(1, _BWD_STACKED_SUMS // block_d)
     if sets > per_launch:
         parts = [group_layer_norm_stacked_backward(grad_out[i:i + per_launch], x, group, weight[i:i + per_launch], eps)

@@ -40,7 +40,8 @@ class ModelConfig:
     """One model. `hta_layout` fixes the layer count; `max_seq_len` is the attention normaliser n.
 
     alpha: scale inside silu(alpha * q.k); None means 1 / sqrt(head_dim).
-    attention_impl / norm_impl: kernel choice ("auto": Triton on CUDA, reference on CPU).
+    attention_impl / norm_impl: kernel choice ("auto": Triton on CUDA, reference on CPU); norm_impl
+    also picks the projections' silu backward (`mtfm.kernels.linear_silu`).
     compute_dtype: what training/serving autocast to on GPU (parameters stay float32).
     recompute_target_context: per H/R row a target layer keeps only K and V for backward; the
     K/V projection's normalised input and pre-activation are recomputed in backward from the

@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from mtfm.kernels.group_layer_norm import checked_implementation, implementation
+from mtfm.kernels.linear_silu import silu_backward_bias_grad
 
 
 def context_keys_values(x_context: Tensor, context_group: Tensor, norm_weight: Tensor, norm_bias: Tensor,
@@ -76,11 +77,11 @@ class _ContextKeysValues(torch.autograd.Function):
             else:
                 h = gln.group_layer_norm_stacked(x_context, context_group, norm_weight, norm_bias, eps, w.dtype)
                 pre = grad_pre = _projections(h, w, b)  # the pre-activation, then in place its gradient
-            for layer, grad in enumerate(grad_kv):
-                torch.ops.aten.silu_backward.grad_input(grad.to(w.dtype), pre[layer], grad_input=grad_pre[layer])
+            grad_bias = torch.stack([
+                silu_backward_bias_grad(grad.to(w.dtype), pre[layer], grad_pre[layer], impl=impl)[1]
+                for layer, grad in enumerate(grad_kv)]).to(bias_dtype)
             grad_weight = torch.bmm(grad_pre.transpose(1, 2), h).to(weight_dtype)
             del h
-            grad_bias = grad_pre.sum(1).to(bias_dtype)
             grad_h = torch.bmm(grad_pre, w)
             del grad_pre, pre
             grad_context, grad_norm_weight, grad_norm_bias = gln.group_layer_norm_stacked_backward(

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from mtfm.kernels.group_layer_norm import group_layer_norm
 from mtfm.kernels.hstu_attention import hstu_attention, hstu_split_target_attention
+from mtfm.kernels.linear_silu import linear_silu
 
 from .batch import TokenBatch
 from .column_blocks import column_blocks
@@ -189,7 +190,8 @@ class HSTULayer(nn.Module):
 
     def keys_values(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """K, V (N, Hkv, dh) from the normalised input h (N, d_model)."""
-        return self.heads_of_keys_values(F.silu(self.key_value(h)))
+        return self.heads_of_keys_values(linear_silu(h, self.key_value.weight, self.key_value.bias,
+                                                     impl=self.input_norm.impl))
 
     def heads_of_keys_values(self, kv: Tensor) -> tuple[Tensor, Tensor]:
         """K, V (N, Hkv, dh) from the projection's activations kv (N, 2 * Hkv * dh): views into kv
@@ -202,13 +204,13 @@ class HSTULayer(nn.Module):
         """Q, U (N, Hq, dh) and K, V (N, Hkv, dh) from the normalised input h (N, d_model): both
         projections in one matmul, views into its activations. One matmul, one silu and one bias
         sum where two projections took two of each (and their backwards): the target-heavy steps
-        are host-bound. The attention takes U as its gate, so the four blocks' gradients come back
-        as one buffer (`column_blocks`)."""
+        are host-bound; silu's backward also sums the bias gradient (`linear_silu`). The attention
+        takes U as its gate, so the four blocks' gradients come back as one buffer (`column_blocks`)."""
         a = self.attn
         weight = torch.cat([self.query_gate.weight, self.key_value.weight])
         bias = torch.cat([self.query_gate.bias, self.key_value.bias])
-        q, u, k, v = column_blocks(F.silu(F.linear(h, weight, bias)), [(a.num_heads, a.head_dim)] * 2
-                                   + [(a.num_kv_heads, a.head_dim)] * 2)
+        q, u, k, v = column_blocks(linear_silu(h, weight, bias, impl=self.input_norm.impl),
+                                   [(a.num_heads, a.head_dim)] * 2 + [(a.num_kv_heads, a.head_dim)] * 2)
         return q, u, k, v
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, u: Tensor, ctx: JaggedContext) -> Tensor:

@@ -1,0 +1,83 @@
+"""Public op of a projection followed by silu, with dispatch: an HSTU layer's Q/U/K/V projections.
+
+    linear_silu(h, weight, bias, *, impl="auto") -> silu(h @ weight.T + bias)     (N, C)
+
+h (N, D), weight (C, D), bias (C,). Under autocast the matmul runs in the autocast dtype, as
+F.linear would, and so does the result. Forward: one matmul with the bias in its epilogue, one
+silu. Backward: `silu_backward_bias_grad` (dy -> dpre and the bias gradient in one pass, the
+Triton kernel on CUDA, `linear_silu_reference.py` elsewhere), then the two matmuls. Left to
+autograd, the bias gradient was a reduction of its own that read dpre once more.
+
+    silu_backward_bias_grad(grad_y, pre, grad_pre=None, *, impl="auto") -> (dpre, dbias float32)
+
+is that pass alone, for callers with their own projections (`mtfm.model.context_kv`).
+Under torch.compile (which fuses them itself) and without gradients (serving) `linear_silu` is plain
+F.silu(F.linear(...)).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import linear_silu_reference as reference
+from .backends import resolve_impl
+
+
+def implementation(impl: str):
+    """The module of implementation `impl` ("triton" or "reference"): its `silu_backward_bias_grad`."""
+    if impl == "triton":
+        from . import linear_silu_triton
+
+        return linear_silu_triton
+    return reference
+
+
+def silu_backward_bias_grad(grad_y: Tensor, pre: Tensor, grad_pre: Tensor | None = None, *,
+                            impl: str = "auto") -> tuple[Tensor, Tensor]:
+    """For y = silu(pre): (dL/dpre in pre's dtype, written into grad_pre if given (pre itself
+    allowed), its float32 sum over rows, the bias gradient). grad_y, pre (N, C)."""
+    if grad_y.shape != pre.shape or pre.dim() != 2:
+        raise ValueError(f"silu_backward_bias_grad: grad_y {tuple(grad_y.shape)} and pre {tuple(pre.shape)} "
+                         "must be the same (rows, columns) shape")
+    chosen = resolve_impl(impl, pre.device)
+    if chosen == "triton" and pre.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        chosen = "reference"
+    return implementation(chosen).silu_backward_bias_grad(grad_y, pre, grad_pre)
+
+
+def linear_silu(h: Tensor, weight: Tensor, bias: Tensor, *, impl: str = "auto") -> Tensor:
+    """silu(h @ weight.T + bias), in the autocast dtype when autocast is on for h's device."""
+    if torch.compiler.is_compiling():
+        return F.silu(F.linear(h, weight, bias))
+    if h.dim() != 2 or weight.dim() != 2 or weight.shape[1] != h.shape[1] or bias.shape != weight.shape[:1]:
+        raise ValueError(f"linear_silu: h {tuple(h.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)}; "
+                         "expected (N, D), (C, D), (C,)")
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (h, weight, bias))):
+        return F.silu(F.linear(h, weight, bias))  # no backward to fuse
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    return _LinearSilu.apply(h, weight, bias, dtype, resolve_impl(impl, h.device))
+
+
+class _LinearSilu(torch.autograd.Function):
+    # Casts are explicit and autocast is off inside, as autocast would cast for F.linear.
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, dtype, impl):
+        with torch.autocast(h.device.type, enabled=False):
+            x, w = h.to(dtype), weight.to(dtype)
+            pre = torch.addmm(bias.to(dtype), x, w.t())
+            y = F.silu(pre)
+        ctx.save_for_backward(x, w, pre)
+        ctx.params = (impl, h.dtype, weight.dtype, bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, w, pre = ctx.saved_tensors
+        impl, h_dtype, weight_dtype, bias_dtype = ctx.params
+        with torch.autocast(x.device.type, enabled=False):
+            grad_pre, grad_bias = silu_backward_bias_grad(grad_y.to(pre.dtype), pre, impl=impl)
+            grad_h = (grad_pre @ w).to(h_dtype) if ctx.needs_input_grad[0] else None
+            grad_weight = (grad_pre.t() @ x).to(weight_dtype) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_weight, grad_bias.to(bias_dtype), None, None

@@ -1,0 +1,79 @@
+"""linear_silu and silu_backward_bias_grad against autograd of F.silu(F.linear(...)) in float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtfm.kernels.linear_silu import linear_silu, silu_backward_bias_grad
+
+
+def autograd_reference(h, weight, bias, grad_y):
+    """Output and gradients of the plain ops, in float64."""
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, weight, bias))
+    y = F.silu(F.linear(h64, w64, b64))
+    y.backward(grad_y.double())
+    return y.detach(), h64.grad, w64.grad, b64.grad
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("rows, cols", [(0, 24), (1, 40), (37, 24), (70, 300)])
+def test_silu_backward_bias_grad_matches_autograd(impl, rows, cols):
+    """Row counts that leave partial row blocks and several row ranges, columns that leave a partial
+    column block; dy with a row stride wider than its columns (a column block of a wider buffer)."""
+    g = torch.Generator().manual_seed(rows * 1000 + cols)
+    pre = 3 * torch.randn(rows, cols, generator=g)
+    grad_y = torch.randn(rows, cols + 5, generator=g)[:, :cols]
+    z = pre.double().requires_grad_()
+    F.silu(z).backward(grad_y.double())
+    grad_pre, grad_bias = silu_backward_bias_grad(grad_y, pre, impl=impl)
+    torch.testing.assert_close(grad_pre.double(), z.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_bias.double(), z.grad.sum(0), rtol=1e-5, atol=1e-5)
+    assert grad_pre.dtype == pre.dtype and grad_bias.dtype == torch.float32
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_silu_backward_in_place_over_the_pre_activation(impl):
+    """grad_pre may be pre itself (the K/V projections of a run of target layers reuse the buffer)."""
+    pre = torch.randn(50, 64, dtype=torch.float64 if impl == "reference" else torch.float32)
+    grad_y = torch.randn_like(pre)
+    expected = silu_backward_bias_grad(grad_y, pre.clone(), impl=impl)
+    buffer = pre.clone()
+    grad_pre, grad_bias = silu_backward_bias_grad(grad_y, buffer, buffer, impl=impl)
+    assert grad_pre.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(grad_pre, expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(grad_bias, expected[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_linear_silu_output_and_gradients_match_autograd(impl):
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(45, 20, generator=g, requires_grad=True)
+    weight = (0.3 * torch.randn(36, 20, generator=g)).requires_grad_()
+    bias = torch.randn(36, generator=g, requires_grad=True)
+    grad_y = torch.randn(45, 36, generator=g)
+    y = linear_silu(h, weight, bias, impl=impl)
+    y.backward(grad_y)
+    expected = autograd_reference(h, weight, bias, grad_y)
+    for name, actual, exact in zip(("y", "dh", "dweight", "dbias"), (y.detach(), h.grad, weight.grad, bias.grad),
+                                   expected):
+        torch.testing.assert_close(actual.double(), exact, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_linear_silu_under_autocast_computes_in_the_autocast_dtype():
+    """As F.linear under autocast: bfloat16 output, float32 parameter gradients."""
+    h = torch.randn(16, 8, requires_grad=True)
+    weight = torch.randn(12, 8, requires_grad=True)
+    bias = torch.randn(12, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear_silu(h, weight, bias, impl="reference")
+        expected = F.silu(F.linear(h, weight, bias))
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected)
+    y.float().sum().backward()
+    assert weight.grad.dtype == bias.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
+
+
+def test_errors_name_the_shapes():
+    with pytest.raises(ValueError, match=r"linear_silu: h \(4, 3\), weight \(5, 2\)"):
+        linear_silu(torch.zeros(4, 3), torch.zeros(5, 2), torch.zeros(5))
+    with pytest.raises(ValueError, match="grad_y"):
+        silu_backward_bias_grad(torch.zeros(4, 3), torch.zeros(4, 2))
