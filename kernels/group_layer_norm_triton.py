@@ -25,13 +25,12 @@ from .backends import multiprocessors
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MAX_BLOCK_ELEMENTS = 8192  # rows x padded features per forward program: loads in flight, no spills
-# Backward block size, grid and warps: H200, D = 512 and 768, bf16 x and gradients as the model has
-# them under autocast (`bench/kernels.py --sweep gln`: 0.71 ms for both dims against 0.80 ms for 4096
-# elements, 2 programs per SM and 4 warps, bench/RESULTS.md). Wider rows than the sweep's keep the
-# forward's warps.
-_BWD_BLOCK_ELEMENTS = 2048
-_BWD_PROGRAMS_PER_SM = 8
-_BWD_WARPS = 2
+# Backward (block elements, warps, programs per SM) by padded feature count, else _BWD_DEFAULT: H200,
+# bf16 x and gradients as the model has them under autocast (`bench/kernels.py --sweep gln`: D = 512
+# and 768 summed, 0.71 ms with the default against 0.80 ms with (4096, 4, 2), bench/RESULTS.md).
+# Wider rows than the sweep's keep the forward's warps.
+_BWD_DEFAULT = (2048, 2, 8)
+_BWD_CONFIGS: dict[int, tuple[int, int, int]] = {}  # widths whose own sweep (per width) beat the default
 _BWD_SWEPT_FEATURES = 1024
 _MAX_FEATURES = 2048
 # The stacked backward keeps a run's sums per set in registers, (sets padded to a power of 2) x
@@ -240,11 +239,12 @@ def _blocks(n_cols: int, elements: int) -> tuple[int, int, int]:
     return block_r, block_d, 4 if block_d <= 256 else 8 if block_d <= 1024 else 16
 
 
-def _backward_grid(x: Tensor, n_cols: int, elements: int, swept_warps: int,
-                   per_sm: int) -> tuple[int, int, int, int]:
-    """(rows per block, padded features, warps, programs) of a backward kernel for x's rows, with
-    blocks of about `elements` values, `per_sm` programs per SM and `swept_warps` up to the swept
-    feature count."""
+def _backward_grid(x: Tensor, n_cols: int, configs: dict[int, tuple[int, int, int]]) -> tuple[int, int, int, int]:
+    """(rows per block, padded features, warps, programs) of a backward kernel for x's rows, with the
+    (block elements, warps, programs per SM) that `configs` holds for the padded width (else the
+    plain backward's), the warps only up to the swept feature count."""
+    block_d = max(16, triton.next_power_of_2(n_cols))
+    elements, swept_warps, per_sm = configs.get(block_d) or _BWD_CONFIGS.get(block_d, _BWD_DEFAULT)
     block_r, block_d, warps = _blocks(n_cols, elements)
     warps = swept_warps if block_d <= _BWD_SWEPT_FEATURES else warps
     slots = 4 if _INTERPRET else per_sm * multiprocessors(x.device.index)
@@ -264,7 +264,7 @@ def group_layer_norm_backward(grad_out, x, group, weight, eps: float) -> tuple[T
     dx = torch.empty_like(x)
     if x.shape[0] == 0:
         return dx, torch.zeros_like(weight), torch.zeros_like(weight)
-    block_r, block_d, warps, programs = _backward_grid(x, n_cols, _BWD_BLOCK_ELEMENTS, _BWD_WARPS, _BWD_PROGRAMS_PER_SM)
+    block_r, block_d, warps, programs = _backward_grid(x, n_cols, _BWD_CONFIGS)
     partial = torch.zeros(2, programs, n_groups, n_cols, dtype=torch.float32, device=x.device)
     _gln_bwd_kernel[(programs,)](
         x, group, weight.contiguous(), grad_out, dx, partial[0], partial[1], x.shape[0], n_cols, n_groups,
@@ -301,9 +301,7 @@ def group_layer_norm_stacked_backward(grad_out, x, group, weight, eps: float) ->
     if sets == 1:
         dx, dweight, dbias = group_layer_norm_backward(grad_out[0], x, group, weight[0], eps)
         return dx, dweight[None], dbias[None]
-    config = _BWD_STACKED_CONFIGS.get(triton.next_power_of_2(n_cols),
-                                      (_BWD_BLOCK_ELEMENTS, _BWD_WARPS, _BWD_PROGRAMS_PER_SM))
-    block_r, block_d, warps, programs = _backward_grid(x, n_cols, *config)
+    block_r, block_d, warps, programs = _backward_grid(x, n_cols, _BWD_STACKED_CONFIGS)
     per_launch = max(1, _BWD_STACKED_SUMS // block_d)
     if sets > per_launch:
         parts = [group_layer_norm_stacked_backward(grad_out[i:i + per_launch], x, group, weight[i:i + per_launch], eps)

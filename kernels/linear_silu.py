@@ -8,7 +8,7 @@ silu. Backward: `silu_backward_bias_grad` (dy -> dpre and the bias gradient in o
 Triton kernel on CUDA, `linear_silu_reference.py` elsewhere), then the two matmuls. Left to
 autograd, the bias gradient was a reduction of its own that read dpre once more.
 
-    silu_backward_bias_grad(grad_y, pre, grad_pre=None, *, impl="auto") -> (dpre, dbias float32)
+    silu_backward_bias_grad(grad_y, pre, grad_pre=None, *, impl="auto") -> (dpre, dbias)
 
 is that pass alone, for callers with their own projections (`mtfm.model.context_kv`).
 Under torch.compile (which fuses them itself) and without gradients (serving) `linear_silu` is plain
@@ -18,6 +18,7 @@ F.silu(F.linear(...)).
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import linear_silu_reference as reference
 from .backends import resolve_impl
@@ -35,10 +36,14 @@ def implementation(impl: str):
 def silu_backward_bias_grad(grad_y: Tensor, pre: Tensor, grad_pre: Tensor | None = None, *,
                             impl: str = "auto") -> tuple[Tensor, Tensor]:
     """For y = silu(pre): (dL/dpre in pre's dtype, written into grad_pre if given (pre itself
-    allowed), its float32 sum over rows, the bias gradient). grad_y, pre (N, C)."""
+    allowed; unit column stride), its sum over rows in float32 (float64 for float64 input), the bias
+    gradient). grad_y, pre (N, C)."""
     if grad_y.shape != pre.shape or pre.dim() != 2:
         raise ValueError(f"silu_backward_bias_grad: grad_y {tuple(grad_y.shape)} and pre {tuple(pre.shape)} "
                          "must be the same (rows, columns) shape")
+    if grad_pre is not None and (grad_pre.shape != pre.shape or grad_pre.stride(-1) != 1):
+        raise ValueError(f"silu_backward_bias_grad: grad_pre {tuple(grad_pre.shape)} with strides {grad_pre.stride()} "
+                         f"must be pre's shape {tuple(pre.shape)} with unit column stride")
     chosen = resolve_impl(impl, pre.device)
     if chosen == "triton" and pre.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         chosen = "reference"
@@ -73,6 +78,7 @@ class _LinearSilu(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the Triton pass inside has no derivative of its own
     def backward(ctx, grad_y):
         x, w, pre = ctx.saved_tensors
         impl, h_dtype, weight_dtype, bias_dtype = ctx.params

@@ -48,7 +48,7 @@ def silu_backward_bias_grad(grad_y: Tensor, pre: Tensor, grad_pre: Tensor | None
     if grad_pre is None:
         grad_pre = torch.empty_like(pre)
     n_rows, n_cols = pre.shape
-    if n_rows == 0:
+    if n_rows == 0 or n_cols == 0:
         return grad_pre, torch.zeros(n_cols, dtype=torch.float32, device=pre.device)
     block_r, block_c = (16, 16) if _INTERPRET else (_BLOCK_R, _BLOCK_C)
     column_blocks = triton.cdiv(n_cols, block_c)

@@ -72,8 +72,34 @@ def test_linear_silu_under_autocast_computes_in_the_autocast_dtype():
     assert weight.grad.dtype == bias.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_linear_silu_gradients_of_the_parameters_alone(impl):
+    """h without a gradient (an input, not an activation): only the weight's and bias's come back."""
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(30, 12, generator=g)
+    weight = torch.randn(20, 12, generator=g, requires_grad=True)
+    bias = torch.randn(20, generator=g, requires_grad=True)
+    grad_y = torch.randn(30, 20, generator=g)
+    linear_silu(h, weight, bias, impl=impl).backward(grad_y)
+    _, _, dweight, dbias = autograd_reference(h, weight, bias, grad_y)
+    torch.testing.assert_close(weight.grad.double(), dweight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bias.grad.double(), dbias, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_silu_has_no_second_derivative():
+    """Its backward is one opaque pass: differentiating it again raises, rather than giving a wrong
+    second derivative."""
+    h = torch.randn(5, 4, requires_grad=True)
+    y = linear_silu(h, torch.randn(3, 4, requires_grad=True), torch.randn(3, requires_grad=True), impl="reference")
+    (grad,) = torch.autograd.grad(y.sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
+
+
 def test_errors_name_the_shapes():
     with pytest.raises(ValueError, match=r"linear_silu: h \(4, 3\), weight \(5, 2\)"):
         linear_silu(torch.zeros(4, 3), torch.zeros(5, 2), torch.zeros(5))
     with pytest.raises(ValueError, match="grad_y"):
         silu_backward_bias_grad(torch.zeros(4, 3), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="unit column stride"):
+        silu_backward_bias_grad(torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(3, 4).t())
