@@ -54,20 +54,49 @@ SCENARIOS = 3
 
 def make_batch(length: int, users: int, hq: int, hkv: int, d: int, dtype, device, seed: int):
     """Users of `length` tokens with the MTFM mix (80% H, 5% R, 15% T in SCENARIOS groups)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
     n_r, n_t = int(0.05 * length), int(0.15 * length)
-    n_h = length - n_r - n_t
+    batch = _users_batch([(length - n_r - n_t, n_r, n_t)] * users, hq, hkv, d, dtype, device, seed)
+    return dict(batch, n_t=n_t, length=length)
+
+
+def training_mix_batch(total_tokens: int, hq: int, hkv: int, d: int, dtype, device, seed: int):
+    """Users with the training batches' lengths (bench/train_gpu.py's MIX: history 200-1000,
+    realtime 20-100, 50-300 targets over SCENARIOS scenarios), as many as fit in total_tokens: what
+    the sweep should time, since users of one length favour larger blocks (bench/RESULTS.md, "dK
+    and dV in launches of their own"). `length` is the normaliser n (model configs' max_seq_len)."""
+    from train_gpu import MIX
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def draw(part):
+        low, high = MIX[part]
+        return int(torch.randint(low, high + 1, (1,), generator=g))
+
+    parts, tokens = [], 0
+    while True:
+        user = (draw("history"), draw("realtime"), draw("hp") + draw("phf") + draw("sqs"))
+        if parts and tokens + sum(user) > total_tokens:
+            break
+        parts.append(user)
+        tokens += sum(user)
+    return dict(_users_batch(parts, hq, hkv, d, dtype, device, seed), length=2048)
+
+
+def _users_batch(parts, hq: int, hkv: int, d: int, dtype, device, seed: int) -> dict:
+    """A packed batch of users with (n_h, n_r, n_t) tokens each, in the kernels' token order (H, R by
+    ts, T by scenario and ts), random q, k, v."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
     kinds, stamps = [], []
-    for _ in range(users):
+    for n_h, n_r, n_t in parts:
         ts_h = torch.randint(0, 10**6, (n_h,), generator=g)
         ts_r = torch.randint(10**6, 2 * 10**6, (n_r,), generator=g).sort().values
         ts_t = torch.randint(10**6, 2 * 10**6 + 10**5, (n_t,), generator=g)
         ts_t = torch.cat([part.sort().values for part in ts_t.chunk(SCENARIOS)])
         kinds.append(torch.tensor([0] * n_h + [1] * n_r + [2] * n_t, dtype=torch.int8))
         stamps.append(torch.cat([ts_h, ts_r, ts_t]))
-    n = users * length
-    offsets = torch.arange(users + 1, dtype=torch.int64) * length
-    target_offsets = torch.arange(users + 1, dtype=torch.int64) * n_t
+    offsets = torch.tensor([0] + [sum(p) for p in parts]).cumsum(0)
+    target_offsets = torch.tensor([0] + [p[2] for p in parts]).cumsum(0)
+    n = int(offsets[-1])
     q = torch.randn(n, hq, d, generator=g)
     k = torch.randn(n, hkv, d, generator=g)
     v = torch.randn(n, hkv, d, generator=g)
@@ -75,7 +104,7 @@ def make_batch(length: int, users: int, hq: int, hkv: int, d: int, dtype, device
     return dict(
         q=q.to(dtype=dtype, **to), k=k.to(dtype=dtype, **to), v=v.to(dtype=dtype, **to),
         offsets=offsets.to(**to), kind=torch.cat(kinds).to(**to), ts=torch.cat(stamps).to(**to),
-        target_offsets=target_offsets.to(**to), n_t=n_t, length=length, users=users,
+        target_offsets=target_offsets.to(**to), users=len(parts),
     )
 
 
@@ -222,37 +251,44 @@ SPLIT_SWEEP = {
 
 
 def split_halves(batch) -> dict:
-    """make_batch's users as split target attention takes them: each user's last n_t rows (its T
-    rows) are the queries and the T half of the keys, the rest the context half. Keyword names of
-    `hstu_split_target_attention`, in the positional order of the Triton module's functions."""
-    length, n_t, users = batch["length"], batch["n_t"], batch["users"]
-    within = torch.arange(users * length, device=batch["k"].device) % length
-    context, target = (within < length - n_t).nonzero().squeeze(1), (within >= length - n_t).nonzero().squeeze(1)
+    """A batch's users as split target attention takes them: each user's T rows (its last
+    target_offsets[b+1] - target_offsets[b]) are the queries and the T half of the keys, the rest
+    the context half. Keyword names of `hstu_split_target_attention`, in the positional order of the
+    Triton module's functions."""
+    offsets, target_offsets = batch["offsets"], batch["target_offsets"]
+    lengths, n_t = offsets.diff(), target_offsets.diff()
+    user = torch.repeat_interleave(torch.arange(batch["users"], device=offsets.device), lengths)
+    is_target = torch.arange(int(offsets[-1]), device=offsets.device) - offsets[user] >= (lengths - n_t)[user]
+    context, target = (~is_target).nonzero().squeeze(1), is_target.nonzero().squeeze(1)
     return dict(q_t=batch["q"][target], k_context=batch["k"][context], v_context=batch["v"][context],
                 k_t=batch["k"][target], v_t=batch["v"][target],
-                context_offsets=batch["offsets"] - batch["target_offsets"], target_offsets=batch["target_offsets"],
+                context_offsets=offsets - target_offsets, target_offsets=target_offsets,
                 context_kind=batch["kind"][context], context_ts=batch["ts"][context], target_ts=batch["ts"][target])
 
 
 def sweep_configs(device, total_tokens, length: int = 4096, dims=(128, 256), hq: int = 4, hkv: int = 2,
                   targets: bool = False) -> dict:
-    """Time each candidate block config at `length` tokens per user (the MTFM mix of make_batch)
-    and keep the fastest: of full attention, or with `targets` of split target attention (each
-    user's 15% T rows the queries)."""
+    """Time each candidate block config at `length` tokens per user (the MTFM mix of make_batch; 0:
+    the training batches' lengths, `training_mix_batch`) and keep the fastest: of full attention,
+    or with `targets` of split target attention (each user's T rows the queries)."""
     from mtfm.kernels import hstu_attention_triton as kernels
 
     chosen = {}
     for d in dims:
-        batch = make_batch(length, total_tokens // length, hq, hkv, d, torch.bfloat16, device, seed=3)
+        if length:
+            batch = make_batch(length, total_tokens // length, hq, hkv, d, torch.bfloat16, device, seed=3)
+        else:
+            batch = training_mix_batch(total_tokens, hq, hkv, d, torch.bfloat16, device, seed=3)
+        norm = float(batch["length"])
         if targets:
             half = split_halves(batch)
-            args = (*half.values(), ALPHA, float(length))
+            args = (*half.values(), ALPHA, norm)
             grad = torch.randn_like(half["q_t"])
             runs = {name: lambda: kernels.jagged_split_target_attention_backward(grad, *args) for name in ("dkdv", "dq")}
             runs["fwd"] = lambda: kernels.jagged_split_target_attention(*args)
         else:
             args = (batch["q"], batch["k"], batch["v"], batch["offsets"], batch["offsets"], batch["kind"],
-                    batch["ts"], ALPHA, float(length))
+                    batch["ts"], ALPHA, norm)
             grad = torch.randn_like(batch["q"])
             runs = {"fwd": lambda: kernels.jagged_hstu_attention(*args),
                     "dq": lambda: kernels.jagged_hstu_attention_backward(grad, *args),
@@ -524,7 +560,8 @@ def main():
     parser.add_argument("--sweep", choices=("none", "attention", "gln", "all"), default="none",
                         help="pick block configs by timing candidates first")
     parser.add_argument("--sweep-length", type=int, default=4096,
-                        help="tokens per user of the attention sweep (training batches average about 850)")
+                        help="tokens per user of the attention sweep; 0: the training batches' lengths "
+                             "(history 200-1000, realtime 20-100, 50-300 targets per user)")
     parser.add_argument("--sweep-dims", type=int, nargs="+", default=[128, 256], help="head dims the sweep tries")
     parser.add_argument("--sweep-heads", type=int, nargs=2, default=[4, 2], metavar=("HQ", "HKV"),
                         help="query and kv heads of the sweep's batch")
