@@ -26,6 +26,9 @@ padding is a cost), `both` runs each case eagerly and then graphed (" graphed" r
 - FLOPs: `mtfm.model.summary.forward_flops` (DESIGN.md's convention) on each batch's exact token
   mix and visible (query, key) pairs; training FLOPs = 3x forward. MFU = achieved training
   FLOP/s over the dense bf16 8192^3 matmul rate measured at the start of the same run.
+- Profile (`--profile` cases): one step under torch.profiler, its top kernels into profiles.txt; with
+  `--profile-ops` (and `--cuda-graphs off`) also each kernel's time by the autograd node or the code
+  that launched it (`kernel_time_by_op`).
 - Host syncs: one extra step under torch.cuda.set_sync_debug_mode("warn"); each synchronising
   call is recorded with its innermost frame in this repository's code.
 - Collate: the host time to collate one batch.
@@ -269,6 +272,36 @@ def host_probe(device) -> dict:
     return probe
 
 
+def kernel_time_by_op(prof, rows: int = 70) -> tuple[str, float]:
+    """GPU kernel time of a profiled step (eager: a CUDA graph's replay hides who launched what) by
+    where it was launched: the autograd node for backward work, else the two innermost frames of
+    this repository's code; then by the aten op and its input shapes under it. Returns the table
+    and the total ms (each kernel counted once, at the event that launched it)."""
+    by_site, by_op = {}, {}
+    for event in prof.events():
+        if not event.kernels:
+            continue
+        ms = sum(k.duration for k in event.kernels) / 1e3
+        site, frames, parent = None, [], event
+        while parent is not None and site is None:
+            if parent.name.startswith("autograd::engine::evaluate_function: "):
+                site = "bwd " + parent.name.split(": ", 1)[1]
+            elif ".py(" in parent.name and any(f"{d}/" in parent.name for d in ("mtfm", "model", "kernels")):
+                frames.append(parent.name.split("/")[-1])
+            parent = parent.cpu_parent
+        if site is None:
+            site = "fwd " + (" < ".join(frames[:2]) or "?")
+        by_site[site] = by_site.get(site, 0.0) + ms
+        key = (site, event.name, str(event.input_shapes)[:70])
+        calls, total = by_op.get(key, (0, 0.0))
+        by_op[key] = (calls + 1, total + ms)
+    lines = [f"{ms:9.3f} ms  {site}" for site, ms in sorted(by_site.items(), key=lambda kv: -kv[1])[:rows]]
+    lines.append("")
+    lines += [f"{total:9.3f} ms {calls:4d}x  {site} | {op} {shapes}"
+              for (site, op, shapes), (calls, total) in sorted(by_op.items(), key=lambda kv: -kv[1][1])[:2 * rows]]
+    return "\n".join(lines), sum(by_site.values())
+
+
 def run_case(name, part, config_path, overrides, batches, mixes, device, args, peak_tflops, ray_mode,
              cuda_graphs=False):
     import torch
@@ -333,7 +366,8 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
             from torch.profiler import profile as torch_profile
 
             sync()
-            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                               record_shapes=args.profile_ops, with_stack=args.profile_ops) as prof:
                 w0 = time.perf_counter()
                 step(batches[1])
                 sync()
@@ -354,6 +388,11 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
             host_text = averages.table(sort_by="self_cpu_time_total", row_limit=25)
             with open(Path(args.out).resolve().parent / "profiles.txt", "a") as fh:
                 fh.write(f"==== {name}\n{text}\n==== {name}, by host time\n{host_text}\n")
+                if args.profile_ops:
+                    by_op, total_ms = kernel_time_by_op(prof)
+                    # with_stack lists the Python frames as events too, holding their kernels' time again
+                    profile["gpu_kernel_ms"] = total_ms
+                    fh.write(f"==== {name}, GPU time by the op that launched it\n{by_op}\n")
         except Exception as exc:  # noqa: BLE001 - the profile is extra; keep the case's numbers
             profile = {"error": f"{type(exc).__name__}: {exc}"}
     fwd = forward_flops(config, model.registry, mixes[0])
@@ -729,6 +768,9 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip cases that would start after this")
     parser.add_argument("--profile", nargs="*", default=["large", "t4 (3:1)*4", "t4 (0:16)*1", "medium"],
                         help="cases to profile for one step (GPU kernel time, top kernels)")
+    parser.add_argument("--profile-ops", action="store_true",
+                        help="add to profiles.txt each profiled case's GPU time by the op and code that launched it "
+                             "(with --cuda-graphs off: a graph's replay hides who launched what)")
     parser.add_argument("--only", nargs="*", default=None,
                         help="run only these cases: a case's exact name, or a part of names (\"t4\", \"kern\")")
     parser.add_argument("--cuda-graphs", choices=["off", "on", "both"], default="off",

@@ -35,6 +35,9 @@ class MMoEHeads(nn.Module):
         experts = self.experts(x).view(-1, self.num_experts, self.expert_dim)
         logits = []
         for task, gate in self.gates[scenario].items():
-            mixed = torch.einsum("ne,ned->nd", torch.softmax(gate(x), dim=-1), experts)
+            # A weighted sum, not an einsum: that one is a batched matmul of n (1 x E) @ (E x d) products,
+            # whose backward (n outer products) took 0.17 ms per call at 14K T rows on the H200.
+            weights = torch.softmax(gate(x), dim=-1).to(experts.dtype)
+            mixed = (weights.unsqueeze(-1) * experts).sum(1)
             logits.append(self.towers[scenario][task](mixed))
         return torch.cat(logits, dim=1)
