@@ -272,21 +272,29 @@ def host_probe(device) -> dict:
     return probe
 
 
-def kernel_time_by_op(prof, rows: int = 70) -> tuple[str, float]:
+def kernel_time_by_op(prof, rows: int = 70) -> tuple[str, dict]:
     """GPU kernel time of a profiled step (eager: a CUDA graph's replay hides who launched what) by
-    where it was launched: the autograd node for backward work, else the two innermost frames of
-    this repository's code; then by the aten op and its input shapes under it. Returns the table
-    and the total ms (each kernel counted once, at the event that launched it)."""
-    by_site, by_op = {}, {}
+    where it was launched: the autograd node for backward work, else ("fwd": the forward, and also
+    the loss, the optimizer steps and copies) the two innermost frames of this repository's code
+    where the profiler links the op to them ("?" where it does not: torch 2.11 on the H200 did
+    not); then by the aten op and its input shapes under it. Returns the table and the profile's
+    totals counted from the kernels themselves, each once (with_stack's Python frames are events
+    too, and the profiler's own totals count their kernels again): gpu_kernel_ms,
+    kernel_launches, top_kernels."""
+    by_site, by_op, by_kernel = {}, {}, {}
     for event in prof.events():
         if not event.kernels:
             continue
+        for kernel in event.kernels:
+            calls, total = by_kernel.get(kernel.name, (0, 0.0))
+            by_kernel[kernel.name] = (calls + 1, total + kernel.duration / 1e3)
         ms = sum(k.duration for k in event.kernels) / 1e3
         site, frames, parent = None, [], event
         while parent is not None and site is None:
             if parent.name.startswith("autograd::engine::evaluate_function: "):
                 site = "bwd " + parent.name.split(": ", 1)[1]
-            elif ".py(" in parent.name and any(f"{d}/" in parent.name for d in ("mtfm", "model", "kernels")):
+            elif ".py(" in parent.name and any(f"{d}/" in parent.name for d in ("mtfm", "model", "kernels",
+                                                                                   "platform")):
                 frames.append(parent.name.split("/")[-1])
             parent = parent.cpu_parent
         if site is None:
@@ -299,7 +307,10 @@ def kernel_time_by_op(prof, rows: int = 70) -> tuple[str, float]:
     lines.append("")
     lines += [f"{total:9.3f} ms {calls:4d}x  {site} | {op} {shapes}"
               for (site, op, shapes), (calls, total) in sorted(by_op.items(), key=lambda kv: -kv[1][1])[:2 * rows]]
-    return "\n".join(lines), sum(by_site.values())
+    top = sorted(by_kernel.items(), key=lambda kv: -kv[1][1])
+    totals = {"gpu_kernel_ms": sum(by_site.values()), "kernel_launches": sum(c for c, _ in by_kernel.values()),
+              "top_kernels": [{"name": n[:120], "ms": ms, "calls": c} for n, (c, ms) in top[:15]]}
+    return "\n".join(lines), totals
 
 
 def run_case(name, part, config_path, overrides, batches, mixes, device, args, peak_tflops, ray_mode,
@@ -389,9 +400,8 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
             with open(Path(args.out).resolve().parent / "profiles.txt", "a") as fh:
                 fh.write(f"==== {name}\n{text}\n==== {name}, by host time\n{host_text}\n")
                 if args.profile_ops:
-                    by_op, total_ms = kernel_time_by_op(prof)
-                    # with_stack lists the Python frames as events too, holding their kernels' time again
-                    profile["gpu_kernel_ms"] = total_ms
+                    by_op, totals = kernel_time_by_op(prof)
+                    profile.update(totals)
                     fh.write(f"==== {name}, GPU time by the op that launched it\n{by_op}\n")
         except Exception as exc:  # noqa: BLE001 - the profile is extra; keep the case's numbers
             profile = {"error": f"{type(exc).__name__}: {exc}"}
@@ -783,6 +793,8 @@ def main() -> int:
     parser.add_argument("--compile-shapes", type=int, default=0, metavar="N",
                         help="section (b): first steps on N new batch shapes, kernels with vs without do_not_specialize")
     args = parser.parse_args()
+    if args.profile_ops and args.cuda_graphs != "off":
+        parser.error("--profile-ops needs --cuda-graphs off: a graph's replay hides which op launched a kernel")
     if args.out is None:
         args.out = os.path.join(os.environ.get("OUT", "bench/results"),
                                 "train_gpu_tiny.json" if args.tiny else "train_gpu.json")

@@ -40,11 +40,19 @@ def transform_numeric(x: Tensor, transform: str) -> Tensor:
 
 
 def embedding_lookups(tables: nn.ModuleDict, lookups: list[tuple[str, Tensor]]) -> list[Tensor]:
-    """tables[name](ids) for each (name, ids) of `lookups`, in order. The lookups into tables of one
-    width share one backward: their ids, offset to each table's first row in the tables'
-    concatenation, go through one `embedding_dense_backward` (a sort and a segment sum, the same
-    deterministic op as F.embedding's), where one F.embedding per lookup ran one each: about 20 a
-    training step, 1.7 ms of a 65 ms step on the H200, each bound by its launches, not its rows."""
+    """tables[name](ids) for each (name, ids) of `lookups`, in order (plain nn.Embedding tables). The
+    lookups into tables of one width share one backward: their ids, offset to each table's first row
+    in the tables' concatenation, go through one `embedding_dense_backward` (F.embedding's own
+    backward op: a sort and segmented sums), where one F.embedding per
+    lookup ran one each: about 20 a training step, 1.7 ms of a 65 ms step on the H200, each bound by
+    its launches, not its rows. A table whose lookups' outputs all go unused gets a zero gradient."""
+    for name, _ in lookups:
+        table = tables[name]
+        if table.padding_idx is not None or table.max_norm is not None or table.scale_grad_by_freq or table.sparse:
+            raise ValueError(f"embedding_lookups: table {name!r} sets padding_idx, max_norm, scale_grad_by_freq or "
+                             "sparse, which the shared backward does not implement")
+    if not torch.is_grad_enabled():  # serving: no backward to share
+        return [F.embedding(ids, tables[name].weight) for name, ids in lookups]
     out: list[Tensor | None] = [None] * len(lookups)
     by_width: dict[int, list[int]] = {}
     for i, (name, _) in enumerate(lookups):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -40,12 +41,15 @@ def test_mmoe_heads_equal_a_numpy_reference():
 
 
 def test_embedding_lookups_sharing_a_backward_equal_one_f_embedding_each():
-    """Lookups into tables of two widths, one table read twice (repeated ids within and across
-    lookups), one lookup's output unused: outputs and table gradients equal F.embedding's per
-    lookup, in float64 (the summation order alone differs)."""
+    """Lookups into tables of two widths (three tables of width 4, so that each table's offset into
+    the concatenation counts), one table read twice, repeated ids within and across lookups, a
+    lookup of no ids, and a table whose only lookup's output goes unused (its gradient: zeros):
+    outputs and table gradients equal F.embedding's per lookup, in float64 (the summation order
+    alone differs)."""
     gen = torch.Generator().manual_seed(0)
-    specs = {"a": (30, 4), "b": (7, 4), "c": (11, 8)}
-    lookups = [("a", 25), ("c", 9), ("b", 40), ("a", 12), ("c", 5)]
+    specs = {"a": (30, 4), "b": (7, 4), "c": (11, 8), "d": (13, 4), "e": (5, 4)}
+    lookups = [("a", 25), ("c", 9), ("b", 40), ("d", 0), ("a", 12), ("d", 31), ("c", 5), ("e", 6)]
+    used = [0, 1, 2, 3, 4, 5]  # c's second lookup and e's only one go unused
 
     def tables():
         torch.manual_seed(1)
@@ -58,12 +62,23 @@ def test_embedding_lookups_sharing_a_backward_equal_one_f_embedding_each():
     expected = [F.embedding(i, reference[name].weight) for (name, _), i in zip(lookups, ids)]
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=0, atol=0)
-    used = [0, 1, 2, 3]  # the last lookup's output goes unused
+    with torch.no_grad():  # serving takes plain lookups
+        plain = embedding_lookups(ours, [(name, i) for (name, _), i in zip(lookups, ids)])
+    for g, e in zip(plain, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
     torch.autograd.backward([got[j] for j in used], [grads[j] for j in used])
     torch.autograd.backward([expected[j] for j in used], [grads[j] for j in used])
     for name in specs:
-        torch.testing.assert_close(ours[name].weight.grad, reference[name].weight.grad, rtol=1e-12, atol=1e-12,
+        want = reference[name].weight.grad
+        want = torch.zeros_like(reference[name].weight) if want is None else want
+        torch.testing.assert_close(ours[name].weight.grad, want, rtol=1e-12, atol=1e-12,
                                    msg=lambda m: f"table {name}: {m}")
-    # A hand-worked row: table b's row r gets the sum of the gradient rows whose id is r.
-    r = int(ids[2][0])
-    assert torch.allclose(ours["b"].weight.grad[r], grads[2][ids[2] == r].sum(0))
+    # A hand-worked row: table d's row r gets the sum of the gradient rows whose id is r.
+    r = int(ids[5][0])
+    assert torch.allclose(ours["d"].weight.grad[r], grads[5][ids[5] == r].sum(0))
+
+
+def test_embedding_lookups_refuse_tables_with_options_they_do_not_implement():
+    tables = torch.nn.ModuleDict({"a": torch.nn.Embedding(5, 4, padding_idx=0)})
+    with pytest.raises(ValueError, match="table 'a'"):
+        embedding_lookups(tables, [("a", torch.tensor([1, 2]))])
