@@ -43,9 +43,9 @@ def embedding_lookups(tables: nn.ModuleDict, lookups: list[tuple[str, Tensor]]) 
     """tables[name](ids) for each (name, ids) of `lookups`, in order (plain nn.Embedding tables). The
     lookups into tables of one width share one backward: their ids, offset to each table's first row
     in the tables' concatenation, go through one `embedding_dense_backward` (F.embedding's own
-    backward op: a sort and segmented sums), where one F.embedding per
-    lookup ran one each: about 20 a training step, 1.7 ms of a 65 ms step on the H200, each bound by
-    its launches, not its rows. A table whose lookups' outputs all go unused gets a zero gradient."""
+    backward op: a sort and segmented sums), where one F.embedding per lookup ran one each: about
+    20 a training step, 1.7 ms of a 65 ms step on the H200, each bound by its launches, not its rows.
+    A table whose lookups' outputs all go unused gets a zero gradient."""
     for name, _ in lookups:
         table = tables[name]
         if table.padding_idx is not None or table.max_norm is not None or table.scale_grad_by_freq or table.sparse:
