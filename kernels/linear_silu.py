@@ -1,18 +1,22 @@
-"""Public op of a projection followed by silu, with dispatch: an HSTU layer's Q/U/K/V projections.
+"""Public ops of the layers' projections, with dispatch: a projection followed by silu (an HSTU
+layer's Q/U/K/V projections) and a plain projection (its output projection).
 
     linear_silu(h, weight, bias, *, impl="auto") -> silu(h @ weight.T + bias)     (N, C)
+    linear(h, weight, bias, *, impl="auto")      -> h @ weight.T + bias           (N, C)
 
 h (N, D), weight (C, D), bias (C,). Under autocast the matmul runs in the autocast dtype, as
-F.linear would, and so does the result. Forward: one matmul with the bias in its epilogue, one
-silu. Backward: `silu_backward_bias_grad` (dy -> dpre and the bias gradient in one pass, the
-Triton kernel on CUDA, `linear_silu_reference.py` elsewhere), then the two matmuls. Left to
-autograd, the bias gradient was a reduction of its own that read dpre once more.
+F.linear would, and so does the result. Forward: one matmul with the bias in its epilogue (and one
+silu). Backward: the bias gradient by the Triton kernel on CUDA (`linear_silu_reference.py`
+elsewhere): for linear_silu in the same pass as silu's backward (`silu_backward_bias_grad`: dy ->
+dpre and its column sums), for linear a column sum of dy (`bias_grad`); then the two matmuls. Left
+to autograd, the bias gradient was a reduction of its own, which read dpre once more and ran at
+about a fifth of the memory bandwidth on tall bf16 matrices.
 
     silu_backward_bias_grad(grad_y, pre, grad_pre=None, *, impl="auto") -> (dpre, dbias)
 
 is that pass alone, for callers with their own projections (`mtfm.model.context_kv`).
-Under torch.compile (which fuses them itself) and without gradients (serving) `linear_silu` is plain
-F.silu(F.linear(...)).
+Under torch.compile (which fuses them itself) and without gradients (serving) the ops are plain
+F.linear (and F.silu).
 """
 
 import torch
@@ -25,7 +29,8 @@ from .backends import resolve_impl
 
 
 def implementation(impl: str):
-    """The module of implementation `impl` ("triton" or "reference"): its `silu_backward_bias_grad`."""
+    """The module of implementation `impl` ("triton" or "reference"): its `silu_backward_bias_grad`
+    and `bias_grad`."""
     if impl == "triton":
         from . import linear_silu_triton
 
@@ -54,14 +59,35 @@ def linear_silu(h: Tensor, weight: Tensor, bias: Tensor, *, impl: str = "auto") 
     """silu(h @ weight.T + bias), in the autocast dtype when autocast is on for h's device."""
     if torch.compiler.is_compiling():
         return F.silu(F.linear(h, weight, bias))
+    if not _needs_backward("linear_silu", h, weight, bias):
+        return F.silu(F.linear(h, weight, bias))
+    return _LinearSilu.apply(h, weight, bias, _compute_dtype(h), resolve_impl(impl, h.device))
+
+
+def linear(h: Tensor, weight: Tensor, bias: Tensor, *, impl: str = "auto") -> Tensor:
+    """h @ weight.T + bias, in the autocast dtype when autocast is on for h's device."""
+    if torch.compiler.is_compiling() or not _needs_backward("linear", h, weight, bias):
+        return F.linear(h, weight, bias)
+    return _Linear.apply(h, weight, bias, _compute_dtype(h), resolve_impl(impl, h.device))
+
+
+def _needs_backward(op: str, h: Tensor, weight: Tensor, bias: Tensor) -> bool:
+    """Whether a call must go through the op's autograd Function; raises on shapes it does not take."""
     if h.dim() != 2 or weight.dim() != 2 or weight.shape[1] != h.shape[1] or bias.shape != weight.shape[:1]:
-        raise ValueError(f"linear_silu: h {tuple(h.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)}; "
+        raise ValueError(f"{op}: h {tuple(h.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)}; "
                          "expected (N, D), (C, D), (C,)")
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (h, weight, bias))):
-        return F.silu(F.linear(h, weight, bias))  # no backward to fuse
+    return torch.is_grad_enabled() and any(t.requires_grad for t in (h, weight, bias))
+
+
+def _compute_dtype(h: Tensor) -> torch.dtype:
     device = h.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-    return _LinearSilu.apply(h, weight, bias, dtype, resolve_impl(impl, h.device))
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+
+
+def _bias_grad(grad: Tensor, impl: str) -> Tensor:
+    if impl == "triton" and grad.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        impl = "reference"
+    return implementation(impl).bias_grad(grad)
 
 
 class _LinearSilu(torch.autograd.Function):
@@ -87,3 +113,28 @@ class _LinearSilu(torch.autograd.Function):
             grad_h = (grad_pre @ w).to(h_dtype) if ctx.needs_input_grad[0] else None
             grad_weight = (grad_pre.t() @ x).to(weight_dtype) if ctx.needs_input_grad[1] else None
         return grad_h, grad_weight, grad_bias.to(bias_dtype), None, None
+
+
+class _Linear(torch.autograd.Function):
+    # As _LinearSilu: explicit casts, autocast off inside.
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, dtype, impl):
+        with torch.autocast(h.device.type, enabled=False):
+            x, w = h.to(dtype), weight.to(dtype)
+            y = torch.addmm(bias.to(dtype), x, w.t())
+        ctx.save_for_backward(x, w)
+        ctx.params = (impl, h.dtype, weight.dtype, bias.dtype)
+        return y
+
+    @staticmethod
+    @once_differentiable  # the Triton pass inside has no derivative of its own
+    def backward(ctx, grad_y):
+        x, w = ctx.saved_tensors
+        impl, h_dtype, weight_dtype, bias_dtype = ctx.params
+        with torch.autocast(x.device.type, enabled=False):
+            grad = grad_y.to(x.dtype)
+            grad_h = (grad @ w).to(h_dtype) if ctx.needs_input_grad[0] else None
+            grad_weight = (grad.t() @ x).to(weight_dtype) if ctx.needs_input_grad[1] else None
+            grad_bias = _bias_grad(grad, impl).to(bias_dtype) if ctx.needs_input_grad[2] else None
+        return grad_h, grad_weight, grad_bias, None, None

@@ -19,3 +19,8 @@ def silu_backward_bias_grad(grad_y: Tensor, pre: Tensor, grad_pre: Tensor | None
     if grad_pre is None:
         return dpre.to(pre.dtype), grad_bias
     return grad_pre.copy_(dpre), grad_bias
+
+
+def bias_grad(grad_y: Tensor) -> Tensor:
+    """db (C,) of a plain projection pre = h @ W.T + b: dy (N, C) summed over rows in float32 (float64 stays)."""
+    return grad_y.to(torch.promote_types(grad_y.dtype, torch.float32)).sum(0)

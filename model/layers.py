@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from mtfm.kernels.group_layer_norm import group_layer_norm
 from mtfm.kernels.hstu_attention import hstu_attention, hstu_split_target_attention
-from mtfm.kernels.linear_silu import linear_silu
+from mtfm.kernels.linear_silu import linear, linear_silu
 
 from .batch import TokenBatch
 from .column_blocks import column_blocks
@@ -221,7 +221,8 @@ class HSTULayer(nn.Module):
     def gated_output(self, gated: Tensor, group: Tensor, group_names: tuple[str, ...]) -> Tensor:
         """W_o dropout(GLN_2(A * U)) for the queries' gated attention A * U (Nq, Hq, dh), the
         queries' output-GLN groups `group` indexing group_names."""
-        return self.output(self.dropout(self.output_norm(gated.flatten(1), group, group_names)))
+        normed = self.dropout(self.output_norm(gated.flatten(1), group, group_names))
+        return linear(normed, self.output.weight, self.output.bias, impl=self.input_norm.impl)
 
 
 def run_context_keys_values(layers, x_context: Tensor, split: TokenSplit,

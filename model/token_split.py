@@ -2,7 +2,7 @@
 
 A run of target layers leaves the H and R rows unchanged, so the HTA stack splits the token axis
 once per run (`TokenSplit.split`), carries only the T rows through the run and merges the two
-halves again (`TokenSplit.merge`) before a full layer. `interleave_rows` is the merge itself.
+halves again (`TokenSplit.merge`, the kernel op `merge_rows`) before a full layer.
 Inside the run nothing is merged: a target layer's keys and values stay in the two halves, as
 split target attention takes them (the H and R rows' kind and ts, and the T rows' ts, are here).
 """
@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from mtfm.kernels.merge_rows import merge_rows
 
 if TYPE_CHECKING:
     from .layers import JaggedContext
@@ -35,10 +37,12 @@ class SplitKeys:
 class TokenSplit:
     """The packed token axis as two halves: its H and R rows (context_index, increasing) and its
     T rows (target_index), with each row's input-GLN group (indices into ctx.group_names), and
-    the halves' layout for split target attention."""
+    the halves' layout for split target attention. merge_source (N,): where each row of the axis
+    is in the halves concatenated (H and R rows, then T rows), the inverse of the split."""
 
     context_index: Tensor
     target_index: Tensor
+    merge_source: Tensor
     context_group: Tensor
     target_group: Tensor
     keys: SplitKeys
@@ -46,18 +50,22 @@ class TokenSplit:
     @classmethod
     def of(cls, ctx: "JaggedContext") -> "TokenSplit":
         """Built on the device without a host sync (the row counts come from the shapes)."""
-        context_index = context_rows(ctx.group.shape[0], ctx.target_index)
+        num_rows = ctx.group.shape[0]
+        context_index = context_rows(num_rows, ctx.target_index)
+        positions = torch.arange(num_rows, device=context_index.device)
+        merge_source = torch.empty_like(positions).scatter_(0, torch.cat([context_index, ctx.target_index]), positions)
         keys = SplitKeys(ctx.offsets - ctx.target_offsets, ctx.kind[context_index], ctx.ts[context_index],
                          ctx.target_offsets, ctx.ts[ctx.target_index])
-        return cls(context_index, ctx.target_index, ctx.group[context_index], ctx.group[ctx.target_index], keys)
+        return cls(context_index, ctx.target_index, merge_source, ctx.group[context_index],
+                   ctx.group[ctx.target_index], keys)
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (N, ...) -> (its H and R rows, its T rows)."""
-        return _SplitRows.apply(x, self.context_index, self.target_index)
+        return _SplitRows.apply(x, self.context_index, self.target_index, self.merge_source)
 
     def merge(self, context_rows: Tensor, target_rows: Tensor) -> Tensor:
         """The two halves back on the packed token axis (N, ...)."""
-        return _MergeRows.apply(context_rows, target_rows, self.context_index, self.target_index)
+        return _MergeRows.apply(context_rows, target_rows, self.context_index, self.target_index, self.merge_source)
 
 
 # Splitting the token axis and merging it back are each other's gradient. Written out, neither
@@ -66,27 +74,28 @@ class TokenSplit:
 
 class _SplitRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, context_index: Tensor, target_index: Tensor) -> tuple[Tensor, Tensor]:
-        ctx.save_for_backward(context_index, target_index)
+    def forward(ctx, x: Tensor, context_index: Tensor, target_index: Tensor,
+                merge_source: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(merge_source)
         return x.index_select(0, context_index), x.index_select(0, target_index)
 
     @staticmethod
     def backward(ctx, grad_context: Tensor, grad_target: Tensor):
-        context_index, target_index = ctx.saved_tensors
-        return interleave_rows(context_index, target_index, grad_context, grad_target), None, None
+        merge_source, = ctx.saved_tensors
+        return merge_rows(grad_context, grad_target, merge_source), None, None, None
 
 
 class _MergeRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, context_rows: Tensor, target_rows: Tensor, context_index: Tensor,
-                target_index: Tensor) -> Tensor:
+    def forward(ctx, context_rows: Tensor, target_rows: Tensor, context_index: Tensor, target_index: Tensor,
+                merge_source: Tensor) -> Tensor:
         ctx.save_for_backward(context_index, target_index)
-        return interleave_rows(context_index, target_index, context_rows, target_rows)
+        return merge_rows(context_rows, target_rows, merge_source)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         context_index, target_index = ctx.saved_tensors
-        return grad.index_select(0, context_index), grad.index_select(0, target_index), None, None
+        return grad.index_select(0, context_index), grad.index_select(0, target_index), None, None, None
 
 
 def context_rows(num_rows: int, target_index: Tensor) -> Tensor:
@@ -98,9 +107,3 @@ def context_rows(num_rows: int, target_index: Tensor) -> Tensor:
     slot = torch.where(is_target.bool(), num_context, torch.cumsum(1 - is_target, 0) - 1)
     positions = torch.arange(num_rows, device=target_index.device)
     return positions.new_empty(num_context + 1).scatter_(0, slot, positions)[:num_context]
-
-
-def interleave_rows(context_index: Tensor, target_index: Tensor, context_rows: Tensor, target_rows: Tensor) -> Tensor:
-    """Rows placed at their merged positions: context_rows[i] at context_index[i], likewise targets."""
-    merged = context_rows.new_empty((len(context_index) + len(target_index),) + context_rows.shape[1:])
-    return merged.index_copy_(0, context_index, context_rows).index_copy_(0, target_index, target_rows)

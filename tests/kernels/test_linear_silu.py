@@ -1,9 +1,10 @@
-"""linear_silu and silu_backward_bias_grad against autograd of F.silu(F.linear(...)) in float64."""
+"""linear_silu, silu_backward_bias_grad and linear against autograd of F.silu(F.linear(...)) and
+F.linear(...) in float64."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mtfm.kernels.linear_silu import linear_silu, silu_backward_bias_grad
+from mtfm.kernels.linear_silu import linear, linear_silu, silu_backward_bias_grad
 
 
 def autograd_reference(h, weight, bias, grad_y):
@@ -99,7 +100,49 @@ def test_linear_silu_has_no_second_derivative():
 def test_errors_name_the_shapes():
     with pytest.raises(ValueError, match=r"linear_silu: h \(4, 3\), weight \(5, 2\)"):
         linear_silu(torch.zeros(4, 3), torch.zeros(5, 2), torch.zeros(5))
+    with pytest.raises(ValueError, match=r"linear: h \(4, 3\), weight \(5, 3\), bias \(4,\)"):
+        linear(torch.zeros(4, 3), torch.zeros(5, 3), torch.zeros(4))
     with pytest.raises(ValueError, match="grad_y"):
         silu_backward_bias_grad(torch.zeros(4, 3), torch.zeros(4, 2))
     with pytest.raises(ValueError, match="unit column stride"):
         silu_backward_bias_grad(torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(3, 4).t())
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("rows, wrt", [(45, "all"), (70, "parameters"), (0, "all")])
+def test_linear_output_and_gradients_match_autograd(impl, rows, wrt):
+    """The plain projection: output and gradients against F.linear's autograd in float64 (row counts
+    that leave partial row blocks and several row ranges of the bias sum, an empty batch); h without
+    a gradient gives the parameters' alone."""
+    g = torch.Generator().manual_seed(rows)
+    h = torch.randn(rows, 20, generator=g, requires_grad=wrt == "all")
+    weight = (0.3 * torch.randn(36, 20, generator=g)).requires_grad_()
+    bias = torch.randn(36, generator=g, requires_grad=True)
+    grad_y = torch.randn(rows, 36, generator=g)
+    y = linear(h, weight, bias, impl=impl)
+    y.backward(grad_y)
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h, weight, bias))
+    y64 = F.linear(h64, w64, b64)
+    y64.backward(grad_y.double())
+    torch.testing.assert_close(y.detach().double(), y64.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bias.grad.double(), b64.grad, rtol=1e-5, atol=1e-5)
+    if wrt == "all":
+        torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-5)
+    else:
+        assert h.grad is None
+
+
+def test_linear_under_autocast_computes_in_the_autocast_dtype():
+    """As F.linear under autocast: bfloat16 output, float32 gradients of float32 leaves."""
+    h = torch.randn(16, 8, requires_grad=True)
+    weight = torch.randn(12, 8, requires_grad=True)
+    bias = torch.randn(12, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear(h, weight, bias, impl="reference")
+        expected = F.linear(h, weight, bias)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected)
+    y.float().sum().backward()
+    assert weight.grad.dtype == bias.grad.dtype == h.grad.dtype == torch.float32
+    torch.testing.assert_close(bias.grad, torch.full((12,), 16.0))

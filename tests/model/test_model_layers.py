@@ -273,6 +273,7 @@ def test_token_split_hand_worked():
                         group, GROUPS, torch.tensor([0, 1, 0]), SCENARIOS)
     split = TokenSplit.of(ctx)
     assert split.context_index.tolist() == [0, 1, 3, 5]
+    assert split.merge_source.tolist() == [0, 1, 4, 2, 5, 3, 6]
     assert split.context_group.tolist() == [0, 0, 1, 0]
     assert split.target_group.tolist() == [2, 3, 2]
     x = torch.arange(14.0).view(7, 2).requires_grad_()
