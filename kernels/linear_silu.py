@@ -9,12 +9,13 @@ F.linear would, and so does the result. Forward: one matmul with the bias in its
 silu). Backward: the bias gradient by the Triton kernel on CUDA (`linear_silu_reference.py`
 elsewhere): for linear_silu in the same pass as silu's backward (`silu_backward_bias_grad`: dy ->
 dpre and its column sums), for linear a column sum of dy (`bias_grad`); then the two matmuls. Left
-to autograd, the bias gradient was a reduction of its own, which read dpre once more and ran at
-about a fifth of the memory bandwidth on tall bf16 matrices.
+to autograd, the bias gradient was a reduction of its own, which for linear_silu read dpre once
+more, and for linear took 41-50 us a call in the H200 training step where the kernel takes 22-28.
 
     silu_backward_bias_grad(grad_y, pre, grad_pre=None, *, impl="auto") -> (dpre, dbias)
+    bias_grad(grad_y, *, impl="auto") -> dbias
 
-is that pass alone, for callers with their own projections (`mtfm.model.context_kv`).
+are those passes alone, for callers with their own projections (`mtfm.model.context_kv`).
 Under torch.compile (which fuses them itself) and without gradients (serving) the ops are plain
 F.linear (and F.silu).
 """
@@ -49,30 +50,38 @@ def silu_backward_bias_grad(grad_y: Tensor, pre: Tensor, grad_pre: Tensor | None
     if grad_pre is not None and (grad_pre.shape != pre.shape or grad_pre.stride(-1) != 1):
         raise ValueError(f"silu_backward_bias_grad: grad_pre {tuple(grad_pre.shape)} with strides {grad_pre.stride()} "
                          f"must be pre's shape {tuple(pre.shape)} with unit column stride")
-    chosen = resolve_impl(impl, pre.device)
-    if chosen == "triton" and pre.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        chosen = "reference"
-    return implementation(chosen).silu_backward_bias_grad(grad_y, pre, grad_pre)
+    return implementation(_chosen(impl, pre)).silu_backward_bias_grad(grad_y, pre, grad_pre)
+
+
+def bias_grad(grad_y: Tensor, *, impl: str = "auto") -> Tensor:
+    """For a plain projection: grad_y (N, C) summed over rows, in float32 (float64 for float64 input)."""
+    if grad_y.dim() != 2:
+        raise ValueError(f"bias_grad: grad_y {tuple(grad_y.shape)} must be (rows, columns)")
+    return implementation(_chosen(impl, grad_y)).bias_grad(grad_y)
+
+
+def _chosen(impl: str, t: Tensor) -> str:
+    chosen = resolve_impl(impl, t.device)
+    return "reference" if chosen == "triton" and t.dtype not in (torch.float16, torch.bfloat16, torch.float32) else chosen
 
 
 def linear_silu(h: Tensor, weight: Tensor, bias: Tensor, *, impl: str = "auto") -> Tensor:
     """silu(h @ weight.T + bias), in the autocast dtype when autocast is on for h's device."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not _needs_backward("linear_silu", h, weight, bias):
         return F.silu(F.linear(h, weight, bias))
-    if not _needs_backward("linear_silu", h, weight, bias):
-        return F.silu(F.linear(h, weight, bias))
-    return _LinearSilu.apply(h, weight, bias, _compute_dtype(h), resolve_impl(impl, h.device))
+    return _Projection.apply(h, weight, bias, _compute_dtype(h), resolve_impl(impl, h.device), True)
 
 
 def linear(h: Tensor, weight: Tensor, bias: Tensor, *, impl: str = "auto") -> Tensor:
     """h @ weight.T + bias, in the autocast dtype when autocast is on for h's device."""
     if torch.compiler.is_compiling() or not _needs_backward("linear", h, weight, bias):
         return F.linear(h, weight, bias)
-    return _Linear.apply(h, weight, bias, _compute_dtype(h), resolve_impl(impl, h.device))
+    return _Projection.apply(h, weight, bias, _compute_dtype(h), resolve_impl(impl, h.device), False)
 
 
 def _needs_backward(op: str, h: Tensor, weight: Tensor, bias: Tensor) -> bool:
-    """Whether a call must go through the op's autograd Function; raises on shapes it does not take."""
+    """Whether a call must go through the autograd Function (else there is no backward to fuse);
+    raises on shapes the ops do not take."""
     if h.dim() != 2 or weight.dim() != 2 or weight.shape[1] != h.shape[1] or bias.shape != weight.shape[:1]:
         raise ValueError(f"{op}: h {tuple(h.shape)}, weight {tuple(weight.shape)}, bias {tuple(bias.shape)}; "
                          "expected (N, D), (C, D), (C,)")
@@ -84,57 +93,31 @@ def _compute_dtype(h: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
 
 
-def _bias_grad(grad: Tensor, impl: str) -> Tensor:
-    if impl == "triton" and grad.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        impl = "reference"
-    return implementation(impl).bias_grad(grad)
-
-
-class _LinearSilu(torch.autograd.Function):
-    # Casts are explicit and autocast is off inside, as autocast would cast for F.linear.
+class _Projection(torch.autograd.Function):
+    """h @ weight.T + bias, then silu if `silu`. Casts are explicit and autocast is off inside, as
+    autocast would cast for F.linear."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, dtype, impl):
+    def forward(ctx, h, weight, bias, dtype, impl, silu):
         with torch.autocast(h.device.type, enabled=False):
             x, w = h.to(dtype), weight.to(dtype)
             pre = torch.addmm(bias.to(dtype), x, w.t())
-            y = F.silu(pre)
-        ctx.save_for_backward(x, w, pre)
+            y = F.silu(pre) if silu else pre
+        ctx.save_for_backward(x, w, *((pre,) if silu else ()))
         ctx.params = (impl, h.dtype, weight.dtype, bias.dtype)
         return y
 
     @staticmethod
     @once_differentiable  # the Triton pass inside has no derivative of its own
     def backward(ctx, grad_y):
-        x, w, pre = ctx.saved_tensors
+        x, w, *pre = ctx.saved_tensors
         impl, h_dtype, weight_dtype, bias_dtype = ctx.params
         with torch.autocast(x.device.type, enabled=False):
-            grad_pre, grad_bias = silu_backward_bias_grad(grad_y.to(pre.dtype), pre, impl=impl)
+            if pre:
+                grad_pre, grad_bias = silu_backward_bias_grad(grad_y.to(x.dtype), pre[0], impl=impl)
+            else:
+                grad_pre = grad_y.to(x.dtype)
+                grad_bias = bias_grad(grad_pre, impl=impl)
             grad_h = (grad_pre @ w).to(h_dtype) if ctx.needs_input_grad[0] else None
             grad_weight = (grad_pre.t() @ x).to(weight_dtype) if ctx.needs_input_grad[1] else None
-        return grad_h, grad_weight, grad_bias.to(bias_dtype), None, None
-
-
-class _Linear(torch.autograd.Function):
-    # As _LinearSilu: explicit casts, autocast off inside.
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, dtype, impl):
-        with torch.autocast(h.device.type, enabled=False):
-            x, w = h.to(dtype), weight.to(dtype)
-            y = torch.addmm(bias.to(dtype), x, w.t())
-        ctx.save_for_backward(x, w)
-        ctx.params = (impl, h.dtype, weight.dtype, bias.dtype)
-        return y
-
-    @staticmethod
-    @once_differentiable  # the Triton pass inside has no derivative of its own
-    def backward(ctx, grad_y):
-        x, w = ctx.saved_tensors
-        impl, h_dtype, weight_dtype, bias_dtype = ctx.params
-        with torch.autocast(x.device.type, enabled=False):
-            grad = grad_y.to(x.dtype)
-            grad_h = (grad @ w).to(h_dtype) if ctx.needs_input_grad[0] else None
-            grad_weight = (grad.t() @ x).to(weight_dtype) if ctx.needs_input_grad[1] else None
-            grad_bias = _bias_grad(grad, impl).to(bias_dtype) if ctx.needs_input_grad[2] else None
-        return grad_h, grad_weight, grad_bias, None, None
+        return grad_h, grad_weight, grad_bias.to(bias_dtype), None, None, None

@@ -1,8 +1,9 @@
-"""PyTorch reference of the projection's activation backward: the specification.
+"""PyTorch reference of the projections' bias gradients: the specification.
 
 For y = silu(pre), pre = h @ W.T + b (pre (N, C)), given dy (N, C):
     dpre = dy * s * (1 + pre * (1 - s)),   s = sigmoid(pre)
     db   = sum over rows of dpre            (float32, summed before dpre is rounded to pre's dtype)
+For a plain projection (y = pre), db is the sum over rows of dy, in float32.
 Arithmetic in float32 (float64 stays float64); dpre takes pre's dtype.
 """
 

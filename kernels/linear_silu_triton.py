@@ -2,8 +2,9 @@
 
 With silu (`silu_backward_bias_grad`), one pass over dy and pre writes dpre and sums it over rows,
 so the bias gradient needs no second read of dpre (a separate reduction kernel per projection
-before). Without (`bias_grad`, a plain projection), the pass sums dy alone: torch's column sum of a
-tall bf16 matrix ran at about 0.7 TB/s on the H200. A grid of (column blocks, row ranges): each
+before). Without (`bias_grad`, a plain projection), the pass sums dy alone (autograd's column sum took
+41-50 us a call in the H200 training step, this 22-28; timed alone, from DRAM, the two are alike at
+28K x 512 and the kernel is 1.6x faster at 131K x 512, 1.4x slower at 28K x 768). A grid of (column blocks, row ranges): each
 program walks its range in blocks of BLOCK_R rows, adds elementwise into a (BLOCK_R, BLOCK_C)
 float32 sum, reduces it over rows once at the end and writes it into its own row of a (row ranges,
 C) partial, summed afterwards: no atomics, a deterministic result.
@@ -26,7 +27,7 @@ _PROGRAMS_PER_SM = 4
 
 @triton.jit(do_not_specialize=["n_rows", "rows_per_program"])
 def _bias_grad_kernel(DY, Z, DZ, Partial, n_rows, n_cols, rows_per_program, stride_dy, stride_z, stride_dz,
-                          SILU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                      SILU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < n_cols
     start = tl.program_id(1) * rows_per_program

@@ -17,11 +17,16 @@ from .backends import resolve_impl
 
 
 def merge_rows(first: Tensor, second: Tensor, source: Tensor, *, impl: str = "auto") -> Tensor:
+    """(len(source), *first.shape[1:]): row r is row source[r] of first and second concatenated.
+    source: int64 on the rows' device, its values in [0, len(first) + len(second)) (not checked:
+    that would cost a host sync; the kernel would read out of bounds)."""
     if first.shape[1:] != second.shape[1:] or first.dtype != second.dtype or first.device != second.device:
         raise ValueError(f"merge_rows: first {tuple(first.shape)} {first.dtype} and second {tuple(second.shape)} "
                          f"{second.dtype} must share dtype, device and trailing shape")
-    if source.dim() != 1 or source.dtype != torch.int64:
-        raise ValueError(f"merge_rows: source must be a 1-d int64 index, got {tuple(source.shape)} {source.dtype}")
+    if source.dim() != 1 or source.dtype != torch.int64 or source.device != first.device:
+        raise ValueError(f"merge_rows: source must be a 1-d int64 index on {first.device}, got {tuple(source.shape)} "
+                         f"{source.dtype} on {source.device}")
+    source = source.contiguous()
     chosen = resolve_impl(impl, first.device)
     if torch.compiler.is_compiling() or first.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         chosen = "reference"
