@@ -1,6 +1,7 @@
 """Public Group LayerNorm op with dispatch: LayerNorm whose affine parameters are chosen per token.
 
     group_layer_norm(x, group, weight, bias, *, eps=1e-5, impl="auto") -> (N, D)
+    group_layer_norm_residual(x, group, weight, bias, *, eps=1e-5, impl="auto") -> (x, (N, D))
 
 x (N, D); group (N,) int64 in [0, G); weight, bias (G, D):
 out[i] = (x[i] - mean) / sqrt(var + eps) * weight[group[i]] + bias[group[i]].
@@ -8,6 +9,12 @@ Registered as the torch.library op `mtfm::group_layer_norm` with a fake implemen
 backward op `mtfm::group_layer_norm_backward` (dx, and dweight, dbias summed per group): what
 torch.compile traces. Eager calls take a plain autograd Function with the same forward and
 backward, which spares the dispatcher's host time.
+
+`group_layer_norm_residual` is the GLN at the head of a residual branch, y = x + f(GLN(x)): it also
+returns x (a view), to be the residual add's operand, and its backward adds the gradient that comes
+back through that view to the GLN's dx inside the backward kernel, where autograd would sum the two
+in a pass of its own (a read of both and a write, per layer). Under torch.compile, which fuses such
+sums itself, it is (x, group_layer_norm(x)).
 """
 
 from typing import Callable
@@ -92,6 +99,23 @@ class _GroupLayerNormFunction(torch.autograd.Function):
         return dx, None, dweight, dbias, None, None
 
 
+class _ResidualGroupLayerNormFunction(torch.autograd.Function):
+    """`_GroupLayerNormFunction` that also returns x (autograd makes it a view with this node as its
+    grad_fn), whose gradient the backward kernel adds to dx."""
+
+    @staticmethod
+    def forward(ctx, x, group, weight, bias, eps, impl):
+        _setup_context(ctx, (x, group, weight, bias, eps, impl), None)
+        return x, implementation(impl).group_layer_norm(x, group, weight, bias, eps)
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_out):
+        eps, impl = ctx.params
+        dx, dweight, dbias = implementation(impl).group_layer_norm_backward(grad_out.contiguous(),
+                                                                            *ctx.saved_tensors, eps, grad_x)
+        return dx, None, dweight, dbias, None, None
+
+
 def _check(name: str, ok: bool, found, expected: str | Callable[[], str]) -> None:
     """`found` and `expected` may be functions building the text: they then run only on failure
     (formatting a shape in every call costs host time and makes torch.compile specialise on it)."""
@@ -107,6 +131,17 @@ def group_layer_norm(
     chosen = checked_implementation(x, group, weight, bias, impl)
     op = _gln_op if torch.compiler.is_compiling() else _GroupLayerNormFunction.apply
     return op(x, group, weight, bias, float(eps), chosen)
+
+
+def group_layer_norm_residual(
+    x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, *, eps: float = 1e-5, impl: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    """(x, group_layer_norm(x, ...)) for a residual branch: x's gradient through the first output is
+    added to the GLN's inside its backward."""
+    chosen = checked_implementation(x, group, weight, bias, impl)
+    if torch.compiler.is_compiling():
+        return x, _gln_op(x, group, weight, bias, float(eps), chosen)
+    return _ResidualGroupLayerNormFunction.apply(x, group, weight, bias, float(eps), chosen)
 
 
 def checked_implementation(x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, impl: str = "auto") -> str:

@@ -38,10 +38,12 @@ def group_layer_norm(x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, eps
 
 
 def group_layer_norm_backward(
-    grad_out: Tensor, x: Tensor, group: Tensor, weight: Tensor, eps: float
+    grad_out: Tensor, x: Tensor, group: Tensor, weight: Tensor, eps: float, grad_residual: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dweight, dbias), written out (the formulas in the docstring)."""
-    dx, dweight, dbias = group_layer_norm_stacked_backward(grad_out[None], x, group, weight[None], eps)
+    """(dx, dweight, dbias), written out (the formulas in the docstring); grad_residual, if given, is
+    added to dx before it is rounded to x's dtype (the gradient of x's other use, a residual add)."""
+    dx, dweight, dbias = group_layer_norm_stacked_backward(grad_out[None], x, group, weight[None], eps,
+                                                           grad_residual)
     return dx, dweight[0], dbias[0]
 
 
@@ -53,13 +55,15 @@ def group_layer_norm_stacked(x: Tensor, group: Tensor, weight: Tensor, bias: Ten
 
 
 def group_layer_norm_stacked_backward(
-    grad_out: Tensor, x: Tensor, group: Tensor, weight: Tensor, eps: float
+    grad_out: Tensor, x: Tensor, group: Tensor, weight: Tensor, eps: float, grad_residual: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx (N, D), dweight (S, G, D), dbias (S, G, D)) for grad_out (S, N, D)."""
     xhat, rstd = _normalize(x, eps)
     dy = grad_out.to(xhat.dtype)
     g = (dy * weight[:, group].to(xhat.dtype)).sum(0)
     dx = rstd * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    if grad_residual is not None:
+        dx = dx + grad_residual.to(dx.dtype)
     dweight = torch.zeros(weight.shape, dtype=xhat.dtype, device=x.device).index_add_(1, group, dy * xhat)
     dbias = torch.zeros(weight.shape, dtype=xhat.dtype, device=x.device).index_add_(1, group, dy)
     return dx.to(x.dtype), dweight.to(weight.dtype), dbias.to(weight.dtype)

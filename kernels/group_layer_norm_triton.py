@@ -114,9 +114,11 @@ def _add_to_partial(Partial, pid, group, n_groups, n_cols, cols, col_ok, rows_su
 
 
 @triton.jit(do_not_specialize=["n_rows", "n_groups"])
-def _gln_bwd_kernel(X, Group, W, DY, DX, PartialW, PartialB, n_rows, n_cols, n_groups,
-                    stride_x, stride_dy, stride_dx, eps,
-                    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gln_bwd_kernel(X, Group, W, DY, DX, DRes, PartialW, PartialB, n_rows, n_cols, n_groups,
+                    stride_x, stride_dy, stride_dx, stride_dres, eps,
+                    RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dx (plus DRes, the gradient that x's other use, a residual add, gives it, if RESIDUAL) and the
+    per-program sums of dy * xhat and dy per group."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < n_cols
@@ -135,6 +137,8 @@ def _gln_bwd_kernel(X, Group, W, DY, DX, PartialW, PartialB, n_rows, n_cols, n_g
         mean_g = tl.sum(g, axis=1) / n_cols
         mean_gx = tl.sum(g * xhat, axis=1) / n_cols
         dx = (g - mean_g[:, None] - xhat * mean_gx[:, None]) * rstd[:, None]
+        if RESIDUAL:
+            dx += tl.load(DRes + rows[:, None] * stride_dres + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         dy_xhat = dy * xhat  # masked rows and columns are 0 (dy and xhat are)
         others = tl.sum((row_ok & (group != run_group)).to(tl.int32))
@@ -258,17 +262,22 @@ def group_layer_norm(x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, eps
     return _forward(x, group, weight[None], bias[None], eps, y, stride_y_set=0)
 
 
-def group_layer_norm_backward(grad_out, x, group, weight, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def group_layer_norm_backward(grad_out, x, group, weight, eps: float,
+                              grad_residual: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     x, grad_out = x.contiguous(), grad_out.contiguous()
     n_groups, n_cols = weight.shape
     dx = torch.empty_like(x)
     if x.shape[0] == 0:
         return dx, torch.zeros_like(weight), torch.zeros_like(weight)
+    residual = grad_residual is not None
+    if residual and grad_residual.stride(-1) != 1:
+        grad_residual = grad_residual.contiguous()
     block_r, block_d, warps, programs = _backward_grid(x, n_cols, _BWD_CONFIGS)
     partial = torch.zeros(2, programs, n_groups, n_cols, dtype=torch.float32, device=x.device)
     _gln_bwd_kernel[(programs,)](
-        x, group, weight.contiguous(), grad_out, dx, partial[0], partial[1], x.shape[0], n_cols, n_groups,
-        x.stride(0), grad_out.stride(0), dx.stride(0), eps, BLOCK_R=block_r, BLOCK_D=block_d,
+        x, group, weight.contiguous(), grad_out, dx, grad_residual if residual else dx, partial[0], partial[1],
+        x.shape[0], n_cols, n_groups, x.stride(0), grad_out.stride(0), dx.stride(0),
+        grad_residual.stride(0) if residual else 0, eps, RESIDUAL=residual, BLOCK_R=block_r, BLOCK_D=block_d,
         num_warps=warps,
     )
     return dx, partial[0].sum(0).to(weight.dtype), partial[1].sum(0).to(weight.dtype)

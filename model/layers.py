@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtfm.kernels.group_layer_norm import group_layer_norm
+from mtfm.kernels.group_layer_norm import group_layer_norm, group_layer_norm_residual
 from mtfm.kernels.hstu_attention import hstu_attention, hstu_split_target_attention
 from mtfm.kernels.linear_silu import linear, linear_silu
 
@@ -102,6 +102,18 @@ class GroupLayerNorm(nn.Module):
         """The same with the groups' (G, D) weight and bias given (stacked by the caller)."""
         return group_layer_norm(x, group, *affine, eps=self.eps, impl=self.impl)
 
+    def residual(self, x: Tensor, group: Tensor, group_names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+        """(x, self(x, group, group_names)) at the head of a residual branch x + f(GLN(x)), the first
+        to be the residual add's operand: x's two gradients are then summed in the GLN's backward
+        (`group_layer_norm_residual`)."""
+        if not group_names:
+            return x, x
+        return self.with_affine_residual(x, group, self.affine(group_names))
+
+    def with_affine_residual(self, x: Tensor, group: Tensor, affine: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """`residual` with the groups' (G, D) weight and bias given."""
+        return group_layer_norm_residual(x, group, *affine, eps=self.eps, impl=self.impl)
+
     def affine(self, group_names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
         """The (G, D) weight and bias of `group_names`, in the parameters' dtype (the op takes them in
         any float dtype beside a low-precision x, so autocast costs no casts here): one stack."""
@@ -144,13 +156,13 @@ class HSTULayer(nn.Module):
     def forward_with_kv(self, x: Tensor, ctx: JaggedContext) -> tuple[Tensor, Tensor, Tensor]:
         """(Y, K, V): the layer's output and the keys/values it computed for every token, for a
         full layer or a batch without T-tokens (a target layer then passes x through)."""
-        h = self.input_norm(x, ctx.group, ctx.group_names)
         if self.kind == "full":
+            x, h = self.input_norm.residual(x, ctx.group, ctx.group_names)
             q, u, k, v = self.projections(h)
             return x + self.gated_output(self.attention(q, k, v, u, ctx), ctx.group, ctx.group_names), k, v
         if ctx.target_group_names:
             raise ValueError("forward_with_kv: a target layer on a batch with T-tokens; call forward")
-        return x, *self.keys_values(h)
+        return x, *self.keys_values(self.input_norm(x, ctx.group, ctx.group_names))
 
     def forward_target_rows(self, x_t: Tensor, affine: tuple[Tensor, Tensor], k_context: Tensor, v_context: Tensor,
                             split: TokenSplit, ctx: JaggedContext) -> Tensor:
@@ -162,7 +174,7 @@ class HSTULayer(nn.Module):
         run of target layers the same H and R rows and carries only x_t: no full-size residual
         update per layer, and autograd keeps one copy of the H and R rows for the whole run. The
         keys and values stay in the two halves too (split target attention): nothing is merged."""
-        h_t = self.input_norm.with_affine(x_t, split.target_group, affine)
+        x_t, h_t = self.input_norm.with_affine_residual(x_t, split.target_group, affine)
         return self.target_rows_update(x_t, h_t, k_context, v_context, split.keys, ctx.target_group,
                                        ctx.target_group_names)
 

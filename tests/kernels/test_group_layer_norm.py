@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtfm.kernels import group_layer_norm_reference as reference
-from mtfm.kernels.group_layer_norm import group_layer_norm
+from mtfm.kernels.group_layer_norm import group_layer_norm, group_layer_norm_residual
 
 
 def make_inputs(n, d, groups, seed, dtype=torch.float32):
@@ -130,6 +130,32 @@ def test_triton_stacked_matches_reference(n, d, groups, sets, sums, monkeypatch)
     expected_grads = reference.group_layer_norm_stacked_backward(inputs["grad"], *args, inputs["weight"], 1e-5)
     for name, got, want in zip(("dx", "dweight", "dbias"), grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_variant_sums_both_gradients_of_x(impl, dtype):
+    """x + f(GLN(x)) through `group_layer_norm_residual` (x's second gradient added inside the GLN's
+    backward) against the plain op, whose x autograd sums: outputs and every gradient; rows over
+    several backward programs and group runs."""
+    inputs = make_inputs(70, 24, 3, seed=5)
+    mix = torch.randn(24, 24, generator=torch.Generator().manual_seed(6))
+
+    def run(residual):
+        x, weight, bias = (inputs[n].to(dtype if n == "x" else torch.float32).clone().requires_grad_()
+                           for n in ("x", "weight", "bias"))
+        if residual:
+            x_res, y = group_layer_norm_residual(x, inputs["group"], weight, bias, impl=impl)
+        else:
+            x_res, y = x, group_layer_norm(x, inputs["group"], weight, bias, impl=impl)
+        out = x_res + (y.float() @ mix).to(dtype)  # the residual add, its gradient through a matmul
+        out.backward(inputs["grad"].to(dtype))
+        return out.detach(), x.grad, weight.grad, bias.grad
+
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for name, got, want in zip(("out", "dx", "dweight", "dbias"), run(True), run(False)):
+        assert got.dtype == want.dtype, name
+        torch.testing.assert_close(got.float(), want.float(), msg=lambda m: f"{name}: {m}", **tol)
 
 
 def test_reference_with_one_group_is_layer_norm():
