@@ -31,9 +31,9 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def implementation(impl: str):
     """The module of implementation `impl` ("triton" or "reference"), whose functions
     `group_layer_norm(x, group, weight, bias, eps, out_dtype=None)` and `group_layer_norm_backward(
-    grad_out, x, group, weight, eps)` -> (dx, dweight, dbias) are the op's forward and backward
-    without autograd: for an autograd Function that runs the op inside its own forward and
-    backward. `group_layer_norm_stacked` and `group_layer_norm_stacked_backward` are the same for
+    grad_out, x, group, weight, eps, grad_residual=None)` -> (dx, dweight, dbias) are the op's forward
+    and backward without autograd: for an autograd Function that runs the op inside its own forward
+    and backward; grad_residual, if given, is added to dx before it is rounded to x's dtype. `group_layer_norm_stacked` and `group_layer_norm_stacked_backward` are the same for
     S sets of affine parameters (S, G, D) on the same rows, out (S, N, D) and dout likewise: each
     row normalised once, the sets' gradients summed into one dx (the H and R rows of a run of
     target layers, `mtfm.model.context_kv`)."""
@@ -137,7 +137,8 @@ def group_layer_norm_residual(
     x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, *, eps: float = 1e-5, impl: str = "auto"
 ) -> tuple[Tensor, Tensor]:
     """(x, group_layer_norm(x, ...)) for a residual branch: x's gradient through the first output is
-    added to the GLN's inside its backward."""
+    added to the GLN's inside its backward. The first output is a view of x under autograd (x itself
+    under torch.compile): not for in-place changes."""
     chosen = checked_implementation(x, group, weight, bias, impl)
     if torch.compiler.is_compiling():
         return x, _gln_op(x, group, weight, bias, float(eps), chosen)

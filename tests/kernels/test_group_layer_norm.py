@@ -158,6 +158,31 @@ def test_residual_variant_sums_both_gradients_of_x(impl, dtype):
         torch.testing.assert_close(got.float(), want.float(), msg=lambda m: f"{name}: {m}", **tol)
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_backward_adds_a_strided_residual_gradient_before_rounding(impl):
+    """group_layer_norm_backward's grad_residual: a view with a row stride of its own (every other
+    half-row of a wider buffer), added to dx in float32 and rounded to bfloat16 once: within half a
+    bfloat16 ulp of the float64 sum everywhere (adding after rounding dx is off by up to a whole ulp).
+    Triton's interpreter rounds float32 to bfloat16 toward zero (the GPU to nearest): a whole ulp."""
+    from mtfm.kernels.group_layer_norm import implementation
+
+    inputs = make_inputs(70, 24, 3, seed=8)
+    x = inputs["x"].to(torch.bfloat16)
+    residual = torch.randn(70, 48, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)[:, :24]
+    assert residual.stride(0) == 48
+    dx, dweight, dbias = implementation(impl).group_layer_norm_backward(
+        inputs["grad"].to(torch.bfloat16), x, inputs["group"], inputs["weight"], 1e-5, residual)
+    dx64, dweight64, dbias64 = reference.group_layer_norm_backward(
+        inputs["grad"].to(torch.bfloat16).double(), x.double(), inputs["group"], inputs["weight"].double(), 1e-5)
+    truth = dx64 + residual.double()
+    ulp = torch.where(truth == 0, 0.0, 2.0 ** (torch.floor(torch.log2(truth.abs())) - 7))
+    assert dx.dtype == torch.bfloat16
+    rounding = 0.505 if impl == "reference" else 1.01
+    assert ((dx.double() - truth).abs() <= rounding * ulp + 1e-6 * dx64.abs()).all()  # float32 arithmetic: 1e-6
+    torch.testing.assert_close(dweight.double(), dweight64, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dbias.double(), dbias64, rtol=1e-4, atol=1e-4)
+
+
 def test_reference_with_one_group_is_layer_norm():
     inputs = make_inputs(33, 24, 1, seed=1, dtype=torch.float64)
     out = group_layer_norm(inputs["x"], inputs["group"], inputs["weight"], inputs["bias"], impl="reference")
