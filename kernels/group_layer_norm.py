@@ -33,10 +33,11 @@ def implementation(impl: str):
     `group_layer_norm(x, group, weight, bias, eps, out_dtype=None)` and `group_layer_norm_backward(
     grad_out, x, group, weight, eps, grad_residual=None)` -> (dx, dweight, dbias) are the op's forward
     and backward without autograd: for an autograd Function that runs the op inside its own forward
-    and backward; grad_residual, if given, is added to dx before it is rounded to x's dtype. `group_layer_norm_stacked` and `group_layer_norm_stacked_backward` are the same for
-    S sets of affine parameters (S, G, D) on the same rows, out (S, N, D) and dout likewise: each
-    row normalised once, the sets' gradients summed into one dx (the H and R rows of a run of
-    target layers, `mtfm.model.context_kv`)."""
+    and backward; grad_residual, if given, is added to dx before it is rounded to x's dtype.
+    `group_layer_norm_stacked` and `group_layer_norm_stacked_backward` are the same for S sets of
+    affine parameters (S, G, D) on the same rows, out (S, N, D) and dout likewise: each row
+    normalised once, the sets' gradients summed into one dx (the H and R rows of a run of target
+    layers, `mtfm.model.context_kv`)."""
     if impl == "triton":
         from . import group_layer_norm_triton
 

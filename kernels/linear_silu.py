@@ -61,8 +61,11 @@ def bias_grad(grad_y: Tensor, *, impl: str = "auto") -> Tensor:
 
 
 def _chosen(impl: str, t: Tensor) -> str:
+    """The implementation for `impl` and t: the reference for dtypes the kernel does not take (float64)."""
     chosen = resolve_impl(impl, t.device)
-    return "reference" if chosen == "triton" and t.dtype not in (torch.float16, torch.bfloat16, torch.float32) else chosen
+    if chosen == "triton" and t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return "reference"
+    return chosen
 
 
 def linear_silu(h: Tensor, weight: Tensor, bias: Tensor, *, impl: str = "auto") -> Tensor:
