@@ -9,7 +9,9 @@ its causal pairs. Usage: python bench/kernels.py [--out PATH] [--quick]
 --serving: only the forward at serving sizes (one request: few queries, 1000 history keys), with
 each program's keys split across programs (`key_splits`) or not. --gln-stacked: only the stacked
 GLN of a run of target layers (and its backward's block sweep). --silu: only the projections'
-silu backward with the bias gradient against torch's silu_backward and column sum.
+silu backward with the bias gradient against torch's silu_backward and column sum. --registers:
+only each attention kernel's GPU ms on the training mix and the registers and spills of every
+kernel variant the study compiles.
 """
 
 import argparse
@@ -234,7 +236,8 @@ SWEEP = {
                  (128, 64, 8, 1), (64, 64, 8, 3)]},
     "dkdv": {128: [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (32, 128, 4, 3)],
              256: [(64, 64, 8, 2), (32, 64, 4, 2), (32, 64, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3), (64, 32, 8, 2),
-                   (32, 128, 8, 2), (64, 64, 8, 1), (64, 128, 8, 1), (16, 64, 4, 3), (32, 32, 4, 3)]},
+                   (32, 128, 8, 2), (64, 64, 8, 1), (64, 128, 8, 1), (16, 64, 4, 3), (32, 32, 4, 3),
+                   (64, 32, 4, 2)]},
 }
 # Split target attention (--sweep-targets): a key block meets a few query blocks (the user's T
 # rows), so smaller and differently shaped tiles are tried too.
@@ -551,6 +554,69 @@ def bench_key_splits(device) -> list[dict]:
     return rows
 
 
+def bench_registers(device) -> dict:
+    """Each attention kernel's GPU ms on the training mix (full and split target attention, d=256,
+    Hq/Hkv 2/1 and 3/3, the mean of 20 calls of each op under torch.profiler), and for each Triton
+    kernel variant this study compiles (those, and the GLN, the silu backward and merge_rows at
+    training shapes) its registers per thread, `spilled` (Triton's n_spills: the local memory a
+    thread uses, in 32-bit words) and shared memory."""
+    from mtfm.kernels import group_layer_norm_triton, linear_silu_triton, merge_rows_triton
+    from mtfm.kernels import hstu_attention_triton as attn
+    from mtfm.kernels.linear_silu import linear_silu
+    from mtfm.kernels.merge_rows import merge_rows
+
+    jitted = [fn for module in (attn, group_layer_norm_triton, linear_silu_triton, merge_rows_triton)
+              for fn in vars(module).values() if isinstance(fn, triton.runtime.jit.JITFunction)]
+    seen, compiled, timings = set(), [], []
+
+    def record_new_variants(label):
+        for fn in jitted:
+            for cache, *_ in fn.device_caches.values():
+                for kernel in cache.values():
+                    if id(kernel) not in seen:
+                        seen.add(id(kernel))
+                        compiled.append(dict(op=label, kernel=fn.fn.__name__, registers=kernel.n_regs,
+                                             spilled=kernel.n_spills, shared_kib=kernel.metadata.shared / 1024,
+                                             warps=kernel.metadata.num_warps, stages=kernel.metadata.num_stages))
+
+    def kernel_ms(fn, reps=20):
+        fn()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+        return {e.key: e.device_time_total / reps / 1000
+                for e in prof.key_averages() if e.key.endswith("_kernel")}
+
+    for hq, hkv in ((2, 1), (3, 3)):
+        batch = training_mix_batch(131072, hq, hkv, 256, torch.bfloat16, device, seed=3)
+        full = (batch["q"], batch["k"], batch["v"], batch["offsets"], batch["offsets"], batch["kind"], batch["ts"],
+                ALPHA, float(batch["length"]))
+        half = split_halves(batch)
+        split = (*half.values(), ALPHA, float(batch["length"]))
+        grad_full, grad_split = torch.randn_like(batch["q"]), torch.randn_like(half["q_t"])
+        ops = {"full": (lambda: attn.jagged_hstu_attention(*full, key_splits=1),
+                        lambda: attn.jagged_hstu_attention_backward(grad_full, *full)),
+               "split": (lambda: attn.jagged_split_target_attention(*split, key_splits=1),
+                         lambda: attn.jagged_split_target_attention_backward(grad_split, *split))}
+        for attention, (forward, backward) in ops.items():
+            for kernel, ms in {**kernel_ms(forward), **kernel_ms(backward)}.items():
+                timings.append(dict(hq=hq, hkv=hkv, attention=attention, kernel=kernel, ms=ms))
+            record_new_variants(f"{attention} attention, Hq={hq}, Hkv={hkv}")
+    x = torch.randn(131072, 512, device=device, dtype=torch.bfloat16, requires_grad=True)
+    group = torch.randint(0, 5, (x.shape[0],), device=device)
+    weight, bias = (torch.randn(5, 512, device=device, requires_grad=True) for _ in range(2))
+    group_layer_norm(x, group, weight, bias, impl="triton").sum().backward()
+    w = torch.randn(1536, 512, device=device, dtype=torch.bfloat16, requires_grad=True)
+    linear_silu(x, w, torch.zeros(1536, device=device, dtype=torch.bfloat16, requires_grad=True),
+                impl="triton").float().sum().backward()
+    merge_rows(x.detach()[:1000], x.detach()[1000:], torch.randperm(x.shape[0], device=device), impl="triton")
+    torch.cuda.synchronize()
+    record_new_variants("GLN and merge_rows 131,072 x 512, silu backward 131,072 x 1536, bf16")
+    return dict(timings=timings, compiled=compiled)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_out = os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT") else None
@@ -574,14 +640,24 @@ def main():
                         help="only the projections' silu backward with the bias gradient against torch's two kernels")
     parser.add_argument("--gln-stacked", action="store_true",
                         help="only the stacked GLN of a run of target layers against one call per layer")
+    parser.add_argument("--registers", action="store_true",
+                        help="only each attention kernel's GPU ms on the training mix and the registers, spills "
+                             "and shared memory of every kernel variant the study compiles")
     args = parser.parse_args()
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     result = dict(gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                   triton=triton.__version__, date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv))
     print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    if args.serving or args.gln_stacked or args.silu:  # one study alone, its table
-        if args.silu:
+    if args.serving or args.gln_stacked or args.silu or args.registers:  # one study alone, its table
+        if args.registers:
+            result["registers"] = bench_registers(device)
+            for r in result["registers"]["timings"]:
+                print(f"Hq={r['hq']} Hkv={r['hkv']} {r['attention']:5s} {r['kernel']:18s} {r['ms']:.3f} ms")
+            header = "op | kernel | registers | spilled | shared KiB | warps | stages"
+            rows = [f"{r['op']} | {r['kernel']} | {r['registers']} | {r['spilled']} | {r['shared_kib']:.0f} | "
+                    f"{r['warps']} | {r['stages']}" for r in result["registers"]["compiled"]]
+        elif args.silu:
             result["silu_backward"] = bench_silu_backward(device)
             header = "rows | columns | fused ms | torch silu_backward + sum ms | speed-up | fused GB/s | max rel err"
             rows = [f"{r['n']} | {r['c']} | {r['fused_ms']:.3f} | {r['torch_ms']:.3f} | "

@@ -11,7 +11,10 @@ Tiling relies on the per-user token order H | R (sorted by ts) | T:
   kend = n_hist + #(R keys with ts < the block's largest query ts), found by a search;
   tiles of H keys need no mask, only the few tiles at the H/R boundary and in R are masked.
 - The diagonal term of R and T queries is added elementwise (one row dot product), so T x T
-  tiles are never formed; H queries meet themselves among the H keys.
+  tiles are never formed; H queries meet themselves among the H keys. The kernels reload the
+  rows for it after their tile loop: the loop's Q and dO tiles, or float32 copies of K and V,
+  kept in registers until then made them spill more (H200, head dim 256: the reload took 3-6%
+  off the forward, 8-15% off dQ and 2-5% off dK/dV).
 So the work follows the visible pairs, not L^2.
 
 Kernels: forward, one program per (query block, query head); backward as two kernels that need
@@ -51,17 +54,16 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_M query rows, BLOCK_N keys, num_warps, num_stages) per kernel and head dim, for H100/H200
 # (with packed heads a query row is a (query, head) pair: BLOCK_M // heads queries).
 # Picked by `bench/kernels.py --sweep attention`: d=128 at 4K tokens per user (H100), d=256 at 1K
-# (H200; training batches average about 850 per user), d=64 not swept, by analogy.
-# Split target attention (a user's 50-300 T rows as queries) takes the same configs but where a
-# "_split" entry says otherwise (float32 at d=256 and the interpreter have one config each):
-# swept on its own at d=256 (`--sweep attention --sweep-targets`, Hq=2, Hkv=1, query heads
-# packed into tile rows), its backward took 0.77 ms with dK/dV tiles (64, 32, 4, 2) against
-# 0.82 with the full attention's (32, 32, 4, 3) (0.99x at Hq=Hkv=3, an earlier sweep).
+# (H200; training batches average about 850 per user), d=64 not swept, by analogy. At d=256 full
+# attention's dK/dV kernel took 2.22 ms with (64, 32, 4, 2) against 2.41 with (32, 32, 4, 3)
+# (H200, Hq=2, Hkv=1, 131,072 tokens), split target attention's 0.44 against 0.52 (tied at
+# Hq=Hkv=3). Split target attention (a user's 50-300 T rows as queries) takes the same configs;
+# a "_split" entry, where one exists (`--sweep-targets` adds them), overrides; none does now.
+# float32 at d=256 and the interpreter have one config each.
 _CONFIGS = {
     "fwd": {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (128, 64, 8, 2)},
     "dq": {64: (128, 32, 8, 3), 128: (128, 32, 8, 3), 256: (128, 32, 8, 3)},
-    "dkdv": {64: (32, 128, 8, 3), 128: (32, 128, 8, 3), 256: (32, 32, 4, 3)},
-    "dkdv_split": {256: (64, 32, 4, 2)},
+    "dkdv": {64: (32, 128, 8, 3), 128: (32, 128, 8, 3), 256: (64, 32, 4, 2)},
 }
 # float32 tiles take twice the shared memory: at head dim 256 the tables above ask for more than an
 # H100/H200 lets one block use (227 KiB), so float32 there gets smaller tiles and one stage.
@@ -72,8 +74,9 @@ _INTERPRET_CONFIG = (16, 16, 4, 1)
 # Hkv=1 packing took the forward to 0.81x, dQ to 0.94x and dK/dV to 0.97x; at d=128 (Hq=4,
 # `bench/kernels.py`) it made the forward 1.04-1.13x and the backward 1.08-1.16x slower.
 PACK_HEADS_MIN_DIM = 256
-# Rows per program of the T rows' own dK/dV with split keys (an elementwise pass over the rows).
-_SELF_BLOCK = 32
+# Rows per program of the T rows' own dK/dV with split keys (an elementwise pass over the rows):
+# at 32 its float32 tiles spilled at head dim 256 (H200, Hq=2, Hkv=1: 0.062 ms, 16 rows 0.034).
+_SELF_BLOCK = 16
 # Arguments that change from batch to batch and that Triton would otherwise specialise on (an
 # integer on == 1 and on divisibility by 16, a pointer on 16-byte alignment), compiling a new
 # variant of every kernel for each combination met. The metadata tensors are views into the one
@@ -256,11 +259,13 @@ def _fwd_kernel(
                      stride_vn, half_alpha, BLOCK_N, D, DV, True, FAST, PRECISION)
     if split == 0:
         on_diagonal = rows & (pos_q >= n_hist)
+        q_self = tl.load(Q + (q_start + offs_m)[:, None] * stride_qn + heads[:, None] * stride_qh + offs_d[None, :],
+                         mask=on_diagonal[:, None], other=0.0)
         k_self = tl.load(KSelf + self_rows[:, None] * stride_ksn + kv * stride_ksh + offs_d[None, :],
                          mask=on_diagonal[:, None], other=0.0)
         v_self = tl.load(VSelf + self_rows[:, None] * stride_vsn + kv * stride_vsh + offs_dv[None, :],
                          mask=on_diagonal[:, None], other=0.0)
-        h_self = tl.sum(q.to(tl.float32) * k_self.to(tl.float32), axis=1) * half_alpha
+        h_self = tl.sum(q_self.to(tl.float32) * k_self.to(tl.float32), axis=1) * half_alpha
         acc += (h_self + h_self * _tanh(h_self, FAST))[:, None] * v_self.to(tl.float32)
     # With key splits, Out is the float32 partial sums (KEY_SPLITS, Nq, Hq, DV), summed by the caller.
     tl.store(Out + split * stride_os + (q_start + offs_m)[:, None] * stride_on + heads[:, None] * stride_oh
@@ -333,12 +338,16 @@ def _dq_kernel(
     dq = _dq_tiles(dq, q, do, ts_q, k_base, v_base, Ts + start, hist_end, kend, n_hist, stride_kn, stride_vn,
                    half_alpha, BLOCK_N, D, DV, True, FAST, PRECISION)
     on_diagonal = rows & (pos_q >= n_hist)
+    q_self = tl.load(Q + (q_start + offs_m)[:, None] * stride_qn + heads[:, None] * stride_qh + offs_d[None, :],
+                     mask=on_diagonal[:, None], other=0.0).to(tl.float32)
+    do_self = tl.load(DO + (q_start + offs_m)[:, None] * stride_don + heads[:, None] * stride_doh + offs_dv[None, :],
+                      mask=on_diagonal[:, None], other=0.0).to(tl.float32)
     k_self = tl.load(KSelf + self_rows[:, None] * stride_ksn + kv * stride_ksh + offs_d[None, :],
                      mask=on_diagonal[:, None], other=0.0).to(tl.float32)
     v_self = tl.load(VSelf + self_rows[:, None] * stride_vsn + kv * stride_vsh + offs_dv[None, :],
                      mask=on_diagonal[:, None], other=0.0)
-    h_self = tl.sum(q.to(tl.float32) * k_self, axis=1) * half_alpha
-    dp_self = tl.sum(do.to(tl.float32) * v_self.to(tl.float32), axis=1)
+    h_self = tl.sum(q_self * k_self, axis=1) * half_alpha
+    dp_self = tl.sum(do_self * v_self.to(tl.float32), axis=1)
     t = _tanh(h_self, FAST)
     dq += (dp_self * (1.0 + t) * (1.0 + h_self - h_self * t))[:, None] * k_self
     tl.store(DQ + (q_start + offs_m)[:, None] * stride_dqn + heads[:, None] * stride_dqh + offs_d[None, :],
@@ -411,8 +420,6 @@ def _dkdv_kernel(
     n_q_seen = tl.where(n0 < n_hr, n_q, 0)
     on_diagonal = key_ok & (keys >= n_hist) & (keys >= shift)  # never with SPLIT (shift = length)
     self_rows = q_start + keys - shift
-    k_self = k.to(tl.float32)
-    v_self = v.to(tl.float32)
     for h0 in range(kv * GROUP, (kv + 1) * GROUP, HEADS):
         q_base = Q + q_start * stride_qn + h0 * stride_qh
         do_base = DO + q_start * stride_don + h0 * stride_doh
@@ -425,6 +432,10 @@ def _dkdv_kernel(
                                  n_hr, stride_qn, stride_qh, stride_don, stride_doh, half_alpha, HEADS, BLOCK_M, D, DV,
                                  True, FAST, PRECISION)
     if not SPLIT:
+        k_self = tl.load(K + (start + keys)[:, None] * stride_kn + kv * stride_kh + offs_d[None, :],
+                         mask=on_diagonal[:, None], other=0.0).to(tl.float32)
+        v_self = tl.load(V + (start + keys)[:, None] * stride_vn + kv * stride_vh + offs_dv[None, :],
+                         mask=on_diagonal[:, None], other=0.0).to(tl.float32)
         for hh in range(GROUP):
             dk, dv = _self_dkdv(dk, dv, k_self, v_self, Q, DO, self_rows, on_diagonal, kv * GROUP + hh, stride_qn,
                                 stride_qh, stride_don, stride_doh, half_alpha, D, DV, FAST)
@@ -680,11 +691,10 @@ def _backward(grad_out, q, k, v, k_self, v_self, offsets, q_offsets, kind, ts, t
     if split:
         dk_self, dv_self = grads[3:]
         _, flags = _launch_params("dkdv", q)
-        block = 16 if _INTERPRET else _SELF_BLOCK
-        _self_dkdv_kernel[(triton.cdiv(q.shape[0], block), k.shape[1])](
+        _self_dkdv_kernel[(triton.cdiv(q.shape[0], _SELF_BLOCK), k.shape[1])](
             q, k_self, v_self, grad_out, dk_self, dv_self, q.shape[0],
             *_head_strides(q, k_self, v_self, grad_out, dk_self, dv_self), 0.5 * alpha, 1.0 / norm,
-            GROUP=group, BLOCK=block, D=q.shape[2], DV=v.shape[2], FAST=flags["FAST"], num_warps=4,
+            GROUP=group, BLOCK=_SELF_BLOCK, D=q.shape[2], DV=v.shape[2], FAST=flags["FAST"], num_warps=4,
         )
     (block_m, block_n, warps, stages), flags = _launch_params("dq", q, split)
     query_blocks, head_programs, heads, block_m = _query_grid(q, k, users, block_m)
