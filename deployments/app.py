@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from mtfm.platform.checkpoint import CheckpointError, find_checkpoint, read_meta
-from mtfm.platform.registry import Registry, ServingConfig, load_registry
+from mtfm.platform.registry import Registry, ServingConfig, load_registry, serving_conflict
 
 from .backends import backend_unavailable_reason
 from .router import RankRouter
@@ -132,10 +132,9 @@ def scenario_serving(registry: Registry, overrides: dict[str, ServingOverrides])
         reason = backend_unavailable_reason(cfg.backend)
         if reason is not None:
             raise ServeConfigError(f"{where}: backend: {reason}")
-        if cfg.max_ongoing_requests < cfg.max_batch_requests:
-            # A replica never holds more than max_ongoing_requests, so batches could never fill.
-            raise ServeConfigError(f"{where}: max_ongoing_requests {cfg.max_ongoing_requests} is below "
-                                   f"max_batch_requests {cfg.max_batch_requests}; expected at least that (twice "
-                                   "keeps the next batch filling while one is scored)")
+        # The YAML's knobs passed this check in the registry; serve.yaml's overrides have not.
+        conflict = serving_conflict(cfg)
+        if conflict is not None:
+            raise ServeConfigError(f"{where}: {conflict[1]}")
         out[name] = cfg
     return out

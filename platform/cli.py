@@ -1,6 +1,7 @@
 """The `mtfm` command line: one subcommand per user task, each with its own --help.
 
-Every subcommand takes --config-dir (default: $MTFM_CONFIG_DIR, else ./configs). The heavy
+Every subcommand that reads the scenario registry takes --config-dir (default: $MTFM_CONFIG_DIR,
+else ./configs); `eval` and `report` use the registry saved with the checkpoint. The heavy
 modules (Ray, torch) are imported inside the handlers so that `mtfm --help` stays instant.
 """
 from __future__ import annotations
@@ -21,6 +22,13 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def training_days(text: str) -> int:
+    """Days of synthetic logs for a training run: its last day is held out, so at least 2."""
+    if not text.isdigit() or int(text) < 2:
+        raise argparse.ArgumentTypeError(f"expected at least 2 days (the last one is the test set), found {text!r}")
+    return int(text)
+
+
 def parse_duration_ms(text: str) -> int:
     """'1d' -> 86400000; units ms, s, m, h, d."""
     for unit in sorted(WINDOW_UNITS_MS, key=len, reverse=True):
@@ -34,10 +42,14 @@ def parse_duration_ms(text: str) -> int:
 def cmd_scenarios_list(args: argparse.Namespace) -> int:
     reg = load_registry(args.config_dir)
     print(f"config dir: {reg.config_dir}")
-    print(f"{'scenario':<12} {'user':>5} {'item':>5} {'cross':>5}  tasks")
+    tasks = {s.name: ", ".join(s.task_names) for s in reg.scenarios.values()}
+    width = max(len("tasks"), *(len(t) for t in tasks.values()))
+    print(f"{'scenario':<12} {'user':>5} {'item':>5} {'cross':>5}  {'tasks':<{width}}  description")
     for s in reg.scenarios.values():
         print(f"{s.name:<12} {len(s.user_features):>5} {len(s.item_features):>5} {len(s.cross_features):>5}  "
-              f"{', '.join(s.task_names)}   {s.description}")
+              f"{tasks[s.name]:<{width}}  {s.description}")
+        groups = (("user", s.user_features), ("item", s.item_features), ("cross", s.cross_features))
+        print(" " * 13 + " | ".join(f"{group}: {', '.join(f.name for f in feats)}" for group, feats in groups if feats))
     print(f"\n{'sequence':<12} {'kind':<9} {'max_len':>7}  features")
     for q in reg.sequences.values():
         print(f"{q.name:<12} {q.kind:<9} {q.max_len:>7}  {', '.join(f.name for f in q.features)}")
@@ -84,8 +96,13 @@ def cmd_data_aggregate(args: argparse.Namespace) -> int:
     from mtfm.platform.aggregate import aggregate
 
     reg = load_registry(args.config_dir)
-    aggregate(reg, args.raw, args.out, window_ms=args.window, max_ts=args.max_ts,
-              num_partitions=args.partitions, overwrite=args.overwrite)
+    summary = aggregate(reg, args.raw, args.out, window_ms=args.window, max_ts=args.max_ts,
+                        num_partitions=args.partitions, overwrite=args.overwrite)
+    if summary["samples_out"] == 0:
+        print(f"error: no user samples from {args.raw}: no exposure row was valid for the registry of "
+              f"{args.config_dir or 'the default configs'} (reasons above). Logs of another registry need its "
+              "--config-dir (MovieLens logs: --config-dir configs/movielens)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -106,22 +123,29 @@ def cmd_data_movielens(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """The main job end to end on the embedded default: synthetic logs -> Ray Data -> Ray Train -> AUC/GAUC."""
     from mtfm.platform.aggregate import aggregate
+    from mtfm.platform.cluster import init_ray
     from mtfm.platform.synth import synthesize
     from mtfm.platform.train import TrainConfig, train
 
     reg = load_registry(args.config_dir)
+    config = TrainConfig.load(args.train_config)
     root = Path(args.out)
+    init_ray(log_to_driver=True)  # one Ray for all three steps, showing the training's progress lines
     print(f"[1/3] synthetic raw logs: {args.users} users x {args.days} days -> {root / 'raw'}")
     synthesize(reg, root / "raw", users=args.users, days=args.days, seed=args.seed, overwrite=True)
     print(f"[2/3] Ray Data aggregation -> {root / 'agg'}")
     aggregate(reg, root / "raw", root / "agg", overwrite=True)
-    config = TrainConfig.load(args.train_config)
     if args.max_steps is not None:
         config = TrainConfig.from_dict(config.to_dict() | {"max_steps": args.max_steps}, config.source)
     print(f"[3/3] Ray Train: {args.train_config}")
     run_dir = train(config, data=str(root / "agg"), out=args.run_dir, config_dir=args.config_dir)
+    # deployments/serve.yaml names ./configs; another registry needs a serve config of its own
+    serve = (f"mtfm serve config --config-dir {args.config_dir} --checkpoint {run_dir} > {root / 'serve.yaml'} && "
+             f"serve run {root / 'serve.yaml'}") if args.config_dir else \
+        f"MTFM_CHECKPOINT={run_dir} serve run deployments/serve.yaml"
     print(f"\nnext: mtfm eval --checkpoint {run_dir} --data {root / 'agg'}\n"
-          f"      MTFM_CHECKPOINT={run_dir} serve run deployments/serve.yaml")
+          f"      mtfm report {run_dir}\n"
+          f"      {serve}")
     return 0
 
 
@@ -167,7 +191,7 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
         return 0
     mix = TokenMix.typical(model.registry, args.targets)
     print(f"\nforward FLOPs per sample ({mix.num_tokens:.0f} tokens: "
-          + ", ".join(f"{g} {n:g}" for g, n in mix.tokens.items())
+          + ", ".join(f"{g} {round(n, 1):g}" for g, n in mix.tokens.items())
           + f"; {mix.full_pairs:,.0f} visible pairs with every token a query, {mix.target_pairs:,.0f} with T only)")
     for part, flops in forward_flops(config, model.registry, mix).items():
         print(f"  {part:<18} {flops / 1e9:>14.4f} GFLOP")
@@ -180,6 +204,10 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
     from mtfm.deployments.serve_config import render_serve_config
 
     reg = load_registry(args.config_dir)  # refuse to write a serve config for an invalid registry
+    if args.checkpoint is not None:
+        from mtfm.platform.checkpoint import find_checkpoint
+
+        find_checkpoint(args.checkpoint)  # nor for a path that holds no checkpoint
     print(render_serve_config(config_dir=args.config_dir or "configs", checkpoint=args.checkpoint, port=args.port,
                               scenario_ingress=list(reg.scenarios) if args.scenario_ingress else None), end="")
     return 0
@@ -214,9 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     scenarios = sub.add_parser("scenarios", help="list, validate and infer (draft) scenarios",
                                description="Inspect the scenario registry (configs/scenarios/*.yaml and configs/sequences.yaml).")
     ssub = scenarios.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = ssub.add_parser("list", parents=[common], help="print every scenario and sequence")
+    p = ssub.add_parser("list", parents=[common], help="print every scenario and sequence",
+                        description="Print every registered scenario (its features and tasks) and sequence.")
     p.set_defaults(handler=cmd_scenarios_list)
-    p = ssub.add_parser("validate", parents=[common], help="load and validate every config; exit 1 with the error if any is bad")
+    p = ssub.add_parser("validate", parents=[common], help="load and validate every config; exit 1 with the error if any is bad",
+                        description="Load and validate sequences.yaml and every scenarios/*.yaml of the config "
+                                    "directory; exit 1 with 'file: field: what was expected' on the first error.")
     p.set_defaults(handler=cmd_scenarios_validate)
     p = ssub.add_parser("infer", parents=[common], help="draft a scenario YAML from an exposure log",
                         description="Infer a draft configs/scenarios/NAME.yaml from an exposure log (Parquet file "
@@ -237,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="make raw logs and aggregate them into user-level samples",
                           description="Raw logs (exposures/<scenario>/, behaviors/<sequence>/ Parquet) and their "
-                                      "aggregation into one sample per user and window (DESIGN.md, Data contracts).")
+                                      "aggregation into one sample per user and window (README.md, section 'Data').")
     dsub = data.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = dsub.add_parser("synth", parents=[common], help="write synthetic raw logs for every registered scenario",
                         description="Write synthetic raw logs (the raw-log contract) for every scenario and sequence "
@@ -281,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="inspect model configs",
                            description="Inspect a model config (configs/model/*.yaml) on the registered scenarios.")
     msub = model.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = msub.add_parser("summary", parents=[common], help="print parameter counts and forward FLOPs per sample")
+    p = msub.add_parser("summary", parents=[common], help="print parameter counts and forward FLOPs per sample",
+                        description="Print a model config's layers, parameter counts by part and forward FLOPs per "
+                                    "sample on a typical token mix of the registered scenarios.")
     p.add_argument("--config", required=True, metavar="FILE", help="model config, e.g. configs/model/small.yaml")
     p.add_argument("--targets", type=int, default=100, metavar="N",
                    help="T-tokens per sample for the FLOP count, spread over the scenarios (default 100); "
@@ -294,10 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tiny config with Ray Train and print AUC/GAUC per scenario and task.")
     p.add_argument("--out", default="data/quickstart", metavar="DIR", help="data folder (default data/quickstart; replaced)")
     p.add_argument("--users", type=int, default=400, help="synthetic users (default 400)")
-    p.add_argument("--days", type=int, default=4, help="days of logs; the last one is the test set (default 4)")
+    p.add_argument("--days", type=training_days, default=4,
+                   help="days of logs, at least 2: the last one is the test set (default 4)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    p.add_argument("--train-config", default="configs/train/tiny.yaml", metavar="CFG", help="default configs/train/tiny.yaml")
-    p.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps")
+    p.add_argument("--train-config", default="configs/train/tiny.yaml", metavar="CFG",
+                   help="train config (default configs/train/tiny.yaml; configs/train/gpu.yaml on one GPU)")
+    p.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop training after this many steps (default: the train config's max_steps, else its epochs)")
     p.add_argument("--run-dir", default=None, metavar="RUN_DIR", help="run folder (default: runs/<name>-<time>)")
     p.set_defaults(handler=cmd_quickstart)
 
@@ -310,9 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(p)
     p.set_defaults(handler=cmd_train)
 
-    p = sub.add_parser("eval", parents=[common], help="AUC and GAUC per (scenario, task) of a checkpoint",
+    p = sub.add_parser("eval", help="AUC and GAUC per (scenario, task) of a checkpoint",
                        description="Evaluate a checkpoint on the held-out last windows (days) of aggregated samples: "
-                                   "AUC and GAUC (per-user AUC, impression-weighted, over users with both classes).")
+                                   "AUC and GAUC (per-user AUC, impression-weighted, over users with both classes). "
+                                   "The scenarios are those saved with the checkpoint.")
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR_OR_CHECKPOINT",
                    help="a run folder (its newest checkpoint is used) or one checkpoint_* folder")
     p.add_argument("--data", required=True, metavar="AGG_DIR", help="aggregated samples (--out of `mtfm data aggregate`)")
@@ -321,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.set_defaults(handler=cmd_eval)
 
-    p = sub.add_parser("report", parents=[common], help="plot a run: loss, AUC/GAUC curves, attention heatmap",
+    p = sub.add_parser("report", help="plot a run: loss, AUC/GAUC curves, attention heatmap",
                        description="Write PNGs into RUN_DIR/report/: the loss curve, AUC and GAUC per scenario and "
                                    "task over the run's checkpoints, and the top layer's attention of T-tokens "
                                    "(columns, by scenario) to H-tokens (rows) for a few users.")
@@ -367,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     except RegistryError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, FileExistsError, CheckpointError) as exc:
+    except (FileNotFoundError, FileExistsError, CheckpointError, ValueError) as exc:
+        # a bad input named by the code that refused it (`python -m mtfm.platform.train` does the same)
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -7,6 +7,7 @@ together. The same `evaluate_batches` runs inside training (at checkpoints) and 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, test_window
 
 def run_from_args(args) -> int:
     report = evaluate_checkpoint(args.checkpoint, args.data, test_windows=args.test_windows)
-    print(f"checkpoint {report['checkpoint']} (step {report['step']}), test windows {report['test_windows']}")
+    starts = ", ".join(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(w / 1000)) for w in report["test_windows"])
+    print(f"checkpoint {report['checkpoint']} (step {report['step']}), test windows starting {starts}")
     print(format_table(report["eval"]))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

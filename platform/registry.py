@@ -28,6 +28,13 @@ import pyarrow as pa
 import yaml
 
 FEATURE_TYPES = ("categorical", "numeric", "categorical_list")
+# The type-specific keys of a feature and the types they apply to.
+TYPE_KEYS = {
+    "buckets": ("categorical", "categorical_list"),
+    "dim": ("categorical", "categorical_list"),
+    "max_len": ("categorical_list",),
+    "transform": ("numeric",),
+}
 NUMERIC_TRANSFORMS = ("none", "log1p", "symlog")
 SEQUENCE_KINDS = ("history", "realtime")
 TASK_KINDS = ("ctr", "ctcvr", "binary")
@@ -92,6 +99,18 @@ class ServingConfig:
     num_gpus: float = 0.0
     backend: str = "torch"
     cuda_graphs: bool = True
+
+
+def serving_conflict(cfg: ServingConfig) -> tuple[str, str] | None:
+    """The knob that contradicts another one and what was expected of it, or None. The one place
+    for these rules: the registry applies them to each scenario's `serving:` block, the Serve app
+    builder again after serve.yaml's overrides."""
+    if cfg.max_ongoing_requests < cfg.max_batch_requests:
+        # A replica never holds more than max_ongoing_requests, so batches could never fill.
+        return "max_ongoing_requests", (
+            f"max_ongoing_requests {cfg.max_ongoing_requests} is below max_batch_requests {cfg.max_batch_requests}; "
+            f"expected at least {cfg.max_batch_requests} (twice keeps the next batch filling while one is scored)")
+    return None
 
 
 @dataclass(frozen=True)
@@ -232,7 +251,7 @@ class Registry:
         seqs = _parse_sequences({"sequences": list(snapshot["sequences"].values())}, "<snapshot>/sequences")
         scns = {}
         for name, raw in snapshot["scenarios"].items():
-            scns[name] = _parse_scenario(raw, f"<snapshot>/scenarios/{name}", expected_name=name)
+            scns[name] = _parse_scenario(raw, f"<snapshot>/scenarios/{name}", expected_name=name, snapshot=True)
         return _assemble(Path(snapshot.get("config_dir", "<snapshot>")), seqs, scns)
 
 
@@ -285,26 +304,34 @@ def _assemble(root: Path, sequences: dict[str, Sequence], scenarios: dict[str, S
         name = sorted(clash)[0]
         raise RegistryError(scenarios[name].source, "name",
                             f"{name!r} is already the name of a sequence in {sequences[name].source}; names must be unique")
-    _check_feature_consistency(sequences, scenarios)
+    _check_feature_consistency(root, sequences, scenarios)
     return Registry(root, scenarios, sequences)
 
 
-def _check_feature_consistency(sequences: dict[str, Sequence], scenarios: dict[str, Scenario]) -> None:
+def _check_feature_consistency(root: Path, sequences: dict[str, Sequence], scenarios: dict[str, Scenario]) -> None:
+    """Every declaration of a feature name has the same spec. A clash is between two files, so
+    the error is the config directory's and names both places, in load order."""
     seen: dict[str, tuple[Feature, str]] = {}
-    places = [(s.source, "features", s.features) for s in sequences.values()]
+    places = [(s.source, f"sequences[{j}].features", s.features) for j, s in enumerate(sequences.values())]
     for s in scenarios.values():
         places += [(s.source, "user_features", s.user_features), (s.source, "item_features", s.item_features),
                    (s.source, "cross_features", s.cross_features)]
     for source, section, feats in places:
         for i, f in enumerate(feats):
+            where = f"{source} ({section}[{i}])"
             if f.name in seen and seen[f.name][0].spec() != f.spec():
-                first, where = seen[f.name]
-                diff = {k: (first.spec()[k], v) for k, v in f.spec().items() if first.spec()[k] != v}
-                detail = ", ".join(f"{k}: {a!r} there vs {b!r} here" for k, (a, b) in diff.items())
-                raise RegistryError(source, f"{section}[{i}] ({f.name})",
-                                    f"feature name reused with a different type or shape than in {where} ({detail}); "
-                                    "a feature name means one thing everywhere: rename one of them or make them identical")
-            seen.setdefault(f.name, (f, source))
+                first, first_where = seen[f.name]
+                raise RegistryError(root, "", f"feature {f.name} is declared differently in {first_where} and {where}: "
+                                    f"{_spec_difference(first, f)}; expected identical declarations (a feature name "
+                                    "means one thing everywhere): rename one of them or make them identical")
+            seen.setdefault(f.name, (f, where))
+
+
+def _spec_difference(a: Feature, b: Feature) -> str:
+    """What differs, e.g. "type categorical vs numeric" or "buckets 64 vs 32": the type, and the
+    keys meaningful for both types (a numeric's transform is no concern of a categorical)."""
+    keys = ["type"] + [k for k, types in TYPE_KEYS.items() if a.type in types and b.type in types]
+    return ", ".join(f"{k} {getattr(a, k)} vs {getattr(b, k)}" for k in keys if getattr(a, k) != getattr(b, k))
 
 
 # ---------------------------------------------------------------- parsing
@@ -382,21 +409,25 @@ def _parse_feature(raw: Any, file: str, where: str) -> Feature:
     ftype = f.choice("type", FEATURE_TYPES)
     required = f.get("required", bool, False, what="true or false")
     desc = f.get("description", str, "")
+    for key, types in TYPE_KEYS.items():
+        if key in f.raw and ftype not in types:
+            raise RegistryError(file, f.path(key), f"not allowed for a {ftype} feature (only for {' and '.join(types)})")
     if ftype == "numeric":
-        for key in ("buckets", "dim", "max_len"):
-            if key in f.raw:
-                raise RegistryError(file, f.path(key), "not allowed for a numeric feature (only for categorical types)")
         return Feature(name, ftype, required, transform=f.choice("transform", NUMERIC_TRANSFORMS, "none"), description=desc)
-    if "transform" in f.raw:
-        raise RegistryError(file, f.path("transform"), f"not allowed for a {ftype} feature (only for numeric)")
     buckets = f.positive("buckets", int, minimum=2)
     dim = f.positive("dim", int, minimum=1)
-    max_len = None
-    if ftype == "categorical_list":
-        max_len = f.positive("max_len", int, 8)
-    elif "max_len" in f.raw:
-        raise RegistryError(file, f.path("max_len"), "only a categorical_list feature has max_len")
+    max_len = _list_max_len(f) if ftype == "categorical_list" else None
     return Feature(name, ftype, required, buckets=buckets, dim=dim, max_len=max_len, description=desc)
+
+
+def _list_max_len(f: _Fields) -> int:
+    # Required rather than defaulted: the model keeps only the first max_len ids of each list, and
+    # a silent default would drop the rest of longer lists unnoticed.
+    if f.raw.get("max_len") is None:
+        raise RegistryError(f.file, f.path("max_len"), "required field missing for a categorical_list feature "
+                            "(expected an integer >= 1: how many ids of each list the model keeps; longer lists "
+                            "are cut to their first max_len)")
+    return f.positive("max_len", int)
 
 
 def _parse_features(items: list, file: str, where: str, taken: dict[str, str]) -> tuple[Feature, ...]:
@@ -410,7 +441,7 @@ def _parse_features(items: list, file: str, where: str, taken: dict[str, str]) -
     return tuple(out)
 
 
-def _parse_scenario(raw: Any, file: str, expected_name: str) -> Scenario:
+def _parse_scenario(raw: Any, file: str, expected_name: str, snapshot: bool = False) -> Scenario:
     f = _Fields(raw, file, "", ("name", "description", "user_features", "item_features", "cross_features",
                                 "tasks", "serving", "synthetic"))
     name = f.name()
@@ -440,16 +471,19 @@ def _parse_scenario(raw: Any, file: str, expected_name: str) -> Scenario:
         name=name,
         description=f.get("description", str, ""),
         user_features=user, item_features=item, cross_features=cross, tasks=tuple(tasks),
-        serving=_parse_serving(f.get("serving", dict, {}), file),
+        serving=_parse_serving(f.get("serving", dict, {}), file, snapshot),
         synthetic=_parse_synthetic(f.get("synthetic", dict, {}), file, [t.name for t in tasks]),
         source=file,
     )
 
 
-def _parse_serving(raw: dict, file: str) -> ServingConfig:
+def _parse_serving(raw: dict, file: str, snapshot: bool = False) -> ServingConfig:
+    """The `serving:` knobs, each checked and then against each other (`serving_conflict`). A
+    checkpoint's snapshot skips the latter: nothing serves from it (the app reads the config dir),
+    and a checkpoint from before that check must still load."""
     f = _Fields(raw, file, "serving", tuple(x.name for x in dataclasses.fields(ServingConfig)))
     d = ServingConfig()
-    return ServingConfig(
+    cfg = ServingConfig(
         replicas=f.positive("replicas", int, d.replicas),
         max_ongoing_requests=f.positive("max_ongoing_requests", int, d.max_ongoing_requests),
         max_batch_requests=f.positive("max_batch_requests", int, d.max_batch_requests),
@@ -461,6 +495,10 @@ def _parse_serving(raw: dict, file: str) -> ServingConfig:
         backend=f.choice("backend", SERVING_BACKENDS, d.backend),
         cuda_graphs=f.get("cuda_graphs", bool, d.cuda_graphs, what="true or false"),
     )
+    conflict = None if snapshot else serving_conflict(cfg)
+    if conflict is not None:
+        raise RegistryError(file, f.path(conflict[0]), conflict[1])
+    return cfg
 
 
 def _parse_synthetic(raw: dict, file: str, task_names: list[str]) -> SyntheticConfig:

@@ -128,7 +128,9 @@ def plot_attention(run_dir: Path, data: Path, out: Path, plt, users: int = 3, ma
     return out / "attention.png"
 
 
-def write_report(run_dir: str | Path, data: str | Path | None = None) -> list[Path]:
+def write_report(run_dir: str | Path, data: str | Path | None = None, log=print) -> list[Path]:
+    """The PNGs into run_dir/report/; the heatmap from `data`, else from the run's training data
+    if that is still there (a note says why not otherwise)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,16 +138,21 @@ def write_report(run_dir: str | Path, data: str | Path | None = None) -> list[Pa
     import yaml
 
     run_dir = Path(run_dir)
+    _records(run_dir)  # not a run folder: refused before anything is written into it
+    if data is not None and not Path(data).exists():
+        raise FileNotFoundError(f"{data}: no such folder of aggregated samples (--data)")
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     written = plot_curves(run_dir, out, plt)
     if data is None:
         config = run_dir / "train_config.yaml"
         data = yaml.safe_load(config.read_text())["data"] if config.is_file() else None
-    if data is not None and Path(data).exists():
-        path = plot_attention(run_dir, Path(data), out, plt)
-        if path:
-            written.append(path)
+        if data is None or not Path(data).exists():
+            log(f"note: no attention heatmap: the run's training data ({data}) is not there; pass --data AGG_DIR")
+            return written
+    path = plot_attention(run_dir, Path(data), out, plt)
+    if path:
+        written.append(path)
     return written
 
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from mtfm.platform.checkpoint import CheckpointError
 from mtfm.platform.registry import Registry, RegistryError, load_registry, read_yaml_mapping
 
 RUNS_DIR = "runs"
@@ -242,7 +243,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizers = make_optimizers(model, config)
     # A warm start comes first: when this attempt resumes its own run, the checkpoint below overwrites it.
     frozen: set[str] = set()
+    # A restarted worker gets this run's newest checkpoint from Ray; `--resume` names one of its own.
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop_config.get("resume_from"):
+        checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
     if loop_config.get("init_from"):
         report = warm_start(model, loop_config["init_from"])
         if config.freeze_loaded_steps:
@@ -409,7 +413,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     init_from: start a new run from a checkpoint's weights (warm start): what the registry adds
     is initialised fresh, what it retired is skipped (see `checkpoint.warm_start`).
     """
-    from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from mtfm.model import load_model_config
@@ -422,9 +426,8 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     model_config = load_model_config(config.model)
     resume_from = None
     if resume is not None:
-        resume_from = find_checkpoint(resume)
-        meta = read_meta(resume_from)
-        check_compatible(meta, registry, str(resume_from))
+        resume_from = find_checkpoint(resume).resolve()
+        check_compatible(read_meta(resume_from), registry, str(resume_from))
         out = Path(resume)
     if init_from is not None:
         init_from = find_checkpoint(init_from).resolve()
@@ -433,8 +436,10 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
             log(f"[mtfm] warning: {init_from} has scenarios the registry no longer declares: {retired}; their "
                 "modules are not loaded (they stay in that checkpoint)")
     run_dir = Path(out or default_run_dir(config.name)).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "train_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if resume is None and any(run_dir.glob("checkpoint_*")):
+        # Ray Train would pick the run up where it stopped: a new run there would silently be the old one.
+        raise FileExistsError(f"{run_dir} holds a run already ({sorted(run_dir.glob('checkpoint_*'))[-1].name}): "
+                              f"--resume {run_dir} continues it; pass another --out for a new run")
 
     init_ray(log_to_driver=True)
     quiet_ray_data()
@@ -450,6 +455,8 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     if in_data - set(model_scenarios):
         train_ds, test_ds = keep_users_of(train_ds, model_scenarios), keep_users_of(test_ds, model_scenarios)
         log(f"[mtfm] model {model_config.name} covers {model_scenarios}: training and evaluating on their users only")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     log(f"[mtfm] run {run_dir}\n[mtfm] scenarios {list(registry.scenarios)}; windows {len(windows)} "
         f"({len(windows) - config.test_windows} train, {config.test_windows} test); model {model_config.name} "
         f"({model_config.architecture}, layout {model_config.hta_layout}); {config.num_workers} worker(s)"
@@ -458,7 +465,8 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         train_loop_per_worker,
         train_loop_config={"train_config": config.to_dict(), "registry": registry.to_dict(),
                            "model_config": _model_config_dict(model_config), "run_dir": str(run_dir),
-                           "init_from": str(init_from) if init_from else None},
+                           "init_from": str(init_from) if init_from else None,
+                           "resume_from": str(resume_from) if resume_from else None},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker} | (
                                          {"GPU": config.gpus_per_worker} if config.use_gpu else {})),
@@ -467,7 +475,6 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
                              checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),
         datasets={"train": train_ds, "test": test_ds},
         dataset_config=_data_config(DataConfig),
-        resume_from_checkpoint=Checkpoint(str(resume_from)) if resume_from else None,
     )
     result = trainer.fit()
     if result.error:
@@ -532,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run_from_args(args)
-    except (RegistryError, FileNotFoundError, ValueError) as exc:
+    except (RegistryError, FileNotFoundError, FileExistsError, CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -33,3 +33,8 @@ def test_synth_then_aggregate(ray_cluster, config_dir, tmp_path, capsys):
     assert main(["data", "aggregate", "--config-dir", str(config_dir), "--raw", str(raw), "--out", str(agg)]) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert main(["data", "synth", "--config-dir", str(config_dir), "--out", str(raw)]) == 1
+    # Every row quarantined (all later than --max-ts): the samples are written, empty, and the command fails.
+    assert main(["data", "aggregate", "--config-dir", str(config_dir), "--raw", str(raw), "--out", str(agg),
+                 "--max-ts", "0", "--overwrite"]) == 1
+    assert "no user samples from" in capsys.readouterr().err
+    assert json.loads((agg / "_summary.json").read_text())["samples_out"] == 0

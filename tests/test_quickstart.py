@@ -14,13 +14,31 @@ from repo_paths import REPO_ROOT
 @pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "mtfm.platform.cli", "quickstart", "--users", "120", "--days", "3",
-           "--max-steps", "6", "--out", str(tmp_path / "data"), "--run-dir", str(tmp_path / "run")]
+    cmd = [sys.executable, "-m", "mtfm.platform.cli", "quickstart", "--users", "240", "--days", "3",
+           "--max-steps", "10", "--out", str(tmp_path / "data"), "--run-dir", str(tmp_path / "run")]
     done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "data" / "agg" / "_summary.json").read_text())
     assert summary["exposures_in"] == summary["exposures_out"] > 0 and summary["quarantined_rows"] == 0
     evaluation = json.loads((tmp_path / "run" / "eval.json").read_text())
-    assert evaluation["checkpoint"] == "checkpoint_00000006"
+    assert evaluation["checkpoint"] == "checkpoint_00000010"
     assert "hp/click" in evaluation["eval"] and "hp/click" in done.stdout
-    assert "mtfm eval --checkpoint" in done.stdout  # it tells the user what to do next
+    assert "[mtfm] step     10" in done.stdout  # rank 0's progress (log_every 10) reaches the terminal
+    assert "mtfm eval --checkpoint" in done.stdout and "mtfm report" in done.stdout  # what to do next
+    # the next steps it prints work as printed
+    evaluated = subprocess.run([sys.executable, "-m", "mtfm.platform.cli", "eval", "--checkpoint", str(tmp_path / "run"),
+                                "--data", str(tmp_path / "data" / "agg")], cwd=REPO_ROOT, env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "test windows starting 2026-01-03 00:00 UTC" in evaluated.stdout and "hp/click" in evaluated.stdout
+    reported = subprocess.run([sys.executable, "-m", "mtfm.platform.cli", "report", str(tmp_path / "run")],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert reported.returncode == 0, reported.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "run" / "report").iterdir()) == ["attention.png", "eval.png", "loss.png"]
+
+
+def test_quickstart_refuses_one_day(tmp_path):
+    cmd = [sys.executable, "-m", "mtfm.platform.cli", "quickstart", "--days", "1", "--out", str(tmp_path / "data")]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "at least 2 days (the last one is the test set)" in done.stderr
+    assert not (tmp_path / "data").exists()

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from repo_paths import REPO_ROOT
-from mtfm.platform.registry import Registry, RegistryError, load_registry
+from mtfm.platform.registry import Registry, RegistryError, ServingConfig, load_registry, serving_conflict
 
 
 def _edit(path: Path, mutate) -> None:
@@ -83,7 +83,20 @@ BAD_SCENARIOS = [
     (lambda d: d["serving"].update(backend="tflite"), "serving.backend", "one of torch, onnx, tensorrt"),
     (lambda d: d["serving"].update(cuda_graphs="yes"), "serving.cuda_graphs", "true or false"),
     (lambda d: d["user_features"].append({"name": "ts", "type": "numeric"}), "user_features[2].name", "reserved column"),
-    (lambda d: d["item_features"][2].update(buckets=10), "item_features[2].buckets", "not allowed for a numeric"),
+    (lambda d: d["item_features"][2].update(buckets=10), "item_features[2].buckets",
+     "not allowed for a numeric feature (only for categorical and categorical_list)"),
+    (lambda d: d["item_features"][2].update(max_len=4), "item_features[2].max_len",
+     "not allowed for a numeric feature (only for categorical_list)"),
+    (lambda d: d["item_features"][1].update(max_len=4), "item_features[1].max_len",
+     "not allowed for a categorical feature (only for categorical_list)"),
+    (lambda d: d["item_features"][1].update(transform="log1p"), "item_features[1].transform",
+     "not allowed for a categorical feature (only for numeric)"),
+    (lambda d: d["user_features"].append({"name": "user_tags", "type": "categorical_list", "buckets": 64, "dim": 4}),
+     "user_features[2].max_len", "required field missing for a categorical_list feature (expected an integer >= 1"),
+    (lambda d: d["serving"].update(max_ongoing_requests=4, max_batch_requests=8), "serving.max_ongoing_requests",
+     "max_ongoing_requests 4 is below max_batch_requests 8; expected at least 8"),
+    (lambda d: d["serving"].update(max_ongoing_requests=8), "serving.max_ongoing_requests",
+     "max_ongoing_requests 8 is below max_batch_requests 16; expected at least 16"),
     (lambda d: d["synthetic"]["label_rates"].update(click=1.5), "synthetic.label_rates.click", "probability"),
 ]
 
@@ -99,19 +112,62 @@ def test_bad_scenario_is_a_clear_error(config_dir, mutate, field, words):
     assert words in str(err.value)
 
 
-def test_feature_reused_with_a_different_type(config_dir):
-    path = config_dir / "scenarios" / "phf.yaml"
-    _edit(path, lambda d: d["item_features"].__setitem__(1, {"name": "poi_id", "type": "numeric"}))
+def test_feature_declared_differently_names_both_places(config_dir):
+    """A new file that sorts first (flash < hp) must not make the untouched hp.yaml the culprit,
+    and a categorical declaration is not compared on a numeric's transform."""
+    flash = config_dir / "scenarios" / "flash.yaml"
+    flash.write_text("name: flash\nitem_features:\n  - {name: sku_id, type: categorical, buckets: 1000, dim: 8}\n"
+                     "cross_features:\n  - {name: distance_km, type: categorical, buckets: 64, dim: 4}\n"
+                     "tasks:\n  - {name: click, kind: ctr}\n")
     with pytest.raises(RegistryError) as err:
         load_registry(config_dir)
     msg = str(err.value)
-    assert "poi_id" in msg and "reused with a different type" in msg and "type: 'categorical' there vs 'numeric' here" in msg
+    assert err.value.file == str(config_dir) and err.value.field == ""
+    assert msg == (f"{config_dir}: feature distance_km is declared differently in {flash} (cross_features[0]) and "
+                   f"{config_dir / 'scenarios' / 'hp.yaml'} (cross_features[0]): type categorical vs numeric; expected "
+                   "identical declarations (a feature name means one thing everywhere): rename one of them or make "
+                   "them identical")
+    assert "transform" not in msg and "buckets" not in msg
 
 
-def test_feature_reused_with_different_buckets(config_dir):
+def test_feature_declared_with_different_buckets(config_dir):
     _edit(config_dir / "scenarios" / "sqs.yaml", lambda d: d["item_features"][2].update(buckets=32))
-    with pytest.raises(RegistryError, match=r"sqs.yaml: item_features\[2\] \(category\): .*buckets: 64 there vs 32 here"):
+    with pytest.raises(RegistryError) as err:
         load_registry(config_dir)
+    assert (f"feature category is declared differently in {config_dir / 'sequences.yaml'} (sequences[0].features[1]) "
+            f"and {config_dir / 'scenarios' / 'sqs.yaml'} (item_features[2]): buckets 64 vs 32; expected identical "
+            "declarations") in str(err.value)
+
+
+def test_feature_declared_with_a_different_transform(config_dir):
+    _edit(config_dir / "scenarios" / "phf.yaml", lambda d: d["cross_features"][0].update(transform="symlog"))
+    with pytest.raises(RegistryError) as err:
+        load_registry(config_dir)
+    assert (f"declared differently in {config_dir / 'scenarios' / 'hp.yaml'} (cross_features[0]) and "
+            f"{config_dir / 'scenarios' / 'phf.yaml'} (cross_features[0]): transform log1p vs symlog;") in str(err.value)
+
+
+def test_feature_declared_as_list_and_categorical(config_dir):
+    """Types that share keys: the type differs, and so may the keys both have (buckets, dim)."""
+    _edit(config_dir / "scenarios" / "sqs.yaml",
+          lambda d: d["item_features"].__setitem__(2, {"name": "category", "type": "categorical_list", "buckets": 32,
+                                                       "dim": 16, "max_len": 4}))
+    with pytest.raises(RegistryError, match=r"\(item_features\[2\]\): type categorical vs categorical_list, "
+                                            r"buckets 64 vs 32; expected identical"):
+        load_registry(config_dir)
+
+
+def test_snapshot_keeps_loading_with_contradicting_serving_knobs(config_dir):
+    """A checkpoint's registry from before the serving check still loads (nothing serves from it)."""
+    snapshot = load_registry(config_dir).to_dict()
+    snapshot["scenarios"]["hp"]["serving"].update(max_ongoing_requests=4, max_batch_requests=8)
+    assert Registry.from_dict(snapshot).scenario("hp").serving.max_ongoing_requests == 4
+
+
+def test_serving_conflict_rule():
+    assert serving_conflict(ServingConfig(max_ongoing_requests=16, max_batch_requests=16)) is None
+    field, message = serving_conflict(ServingConfig(max_ongoing_requests=4, max_batch_requests=8))
+    assert field == "max_ongoing_requests" and message.startswith("max_ongoing_requests 4 is below max_batch_requests 8")
 
 
 @pytest.mark.parametrize("mutate, field, words", [
@@ -143,8 +199,18 @@ def _cli(*args, cwd=REPO_ROOT):
 def test_cli_list_and_validate(config_dir):
     out = _cli("scenarios", "list", "--config-dir", str(config_dir))
     assert out.returncode == 0 and "sqs" in out.stdout and "redeem_7d" in out.stdout
+    assert "cross: distance_km, user_package_views_7d" in out.stdout  # each scenario's features by group
     out = _cli("scenarios", "validate", "--config-dir", str(config_dir))
     assert out.returncode == 0 and "3 scenarios" in out.stdout
     _edit(config_dir / "scenarios" / "sqs.yaml", lambda d: d.update(tasks=[]))
     out = _cli("scenarios", "validate", "--config-dir", str(config_dir))
     assert out.returncode == 1 and "sqs.yaml: tasks: expected at least one task" in out.stderr
+
+
+def test_cli_validate_refuses_contradicting_serving_knobs(config_dir):
+    """What building the Serve app would refuse, `validate` reports first (README: exit 1, file: field: expected)."""
+    _edit(config_dir / "scenarios" / "hp.yaml", lambda d: d["serving"].update(max_ongoing_requests=4, max_batch_requests=8))
+    out = _cli("scenarios", "validate", "--config-dir", str(config_dir))
+    assert out.returncode == 1, out.stdout
+    assert (f"{config_dir / 'scenarios' / 'hp.yaml'}: serving.max_ongoing_requests: max_ongoing_requests 4 is below "
+            "max_batch_requests 8; expected at least 8") in out.stderr

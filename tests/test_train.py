@@ -65,10 +65,15 @@ def test_two_workers_lower_the_loss(tiny_samples, tmp_path):
     assert sorted(p.name for p in written) == ["attention.png", "eval.png", "loss.png"]
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    with pytest.raises(FileNotFoundError, match=r"typo: no such folder of aggregated samples \(--data\)"):
+        write_report(run, tmp_path / "typo")  # not a heatmap silently left out
+    with pytest.raises(FileNotFoundError, match="no training log"):
+        write_report(tmp_path / "not-a-run")
+    assert not (tmp_path / "not-a-run").exists()  # refused before a report/ folder was made
 
 
 @pytest.mark.slow
-def test_killed_worker_resumes_the_same_loss_curve(tiny_samples, tmp_path):
+def test_killed_worker_and_resumed_run_continue_the_same_loss_curve(tiny_samples, tmp_path):
     common = dict(num_workers=1, epochs=2, max_steps=10, log_every=1, checkpoint_every=4,
                   evaluate_at_checkpoints=False, keep_checkpoints=5)
     clean = train(_config(**common), data=str(tiny_samples), out=tmp_path / "clean", config_dir=str(CONFIGS),
@@ -84,6 +89,23 @@ def test_killed_worker_resumes_the_same_loss_curve(tiny_samples, tmp_path):
     wa, wb = torch.load(find_checkpoint(clean) / "model.pt"), torch.load(find_checkpoint(killed) / "model.pt")
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)
+
+    # A run stopped after step 6 (its driver gone), continued by `--resume` from a relative path: the same curve.
+    stopped = train(_config(**common | {"max_steps": 6}), data=str(tiny_samples), out=tmp_path / "stopped",
+                    config_dir=str(CONFIGS), log=lambda *a: None)
+    with pytest.raises(FileExistsError, match="--resume"):  # a new run into its folder would silently continue it
+        train(_config(**common), data=str(tiny_samples), out=stopped, config_dir=str(CONFIGS), log=lambda *a: None)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        resumed = train(_config(**common), data=str(tiny_samples), resume="stopped", config_dir=str(CONFIGS),
+                        log=lambda *a: None)
+    finally:
+        os.chdir(cwd)
+    assert resumed == stopped and read_meta(resumed).step == 10
+    c = [r for r in _log(resumed) if "loss" in r]
+    assert [r["step"] for r in c] == list(range(1, 11))
+    assert [r["loss"] for r in c] == pytest.approx([r["loss"] for r in a], rel=1e-4)
 
 
 def test_resume_refuses_a_checkpoint_with_other_scenarios(config_dir, tmp_path):
@@ -118,6 +140,13 @@ def test_single_scenario_model_trains_on_its_users_only(tiny_samples):
     assert sorted(zip(kept["user_id"], kept["window"])) == expected
     with pytest.raises(ValueError, match="no exposures of"):
         keep_users_of(train_ds, ["grocery"])
+
+
+def test_a_run_that_cannot_start_leaves_no_folder(ray_cluster, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no aggregated samples here"):
+        train(_config(), data=str(tmp_path / "missing"), out=tmp_path / "run", config_dir=str(CONFIGS),
+              log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_config_errors(tmp_path):
