@@ -87,7 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=1, help="training jobs at once (default 1)")
     p.add_argument("--cpus-per-run", type=float, default=1.0)
     p.add_argument("--budget-s", type=float, default=None, help="start no new run after this many seconds")
-    p.add_argument("--work-dir", default=None, help="data and run folders (default: a new temp folder)")
+    p.add_argument("--work-dir", default=None,
+                   help="data and run folders (default: a new temp folder; a folder of an earlier study fails its "
+                        "runs: a run is never started where one exists)")
     p.add_argument("--out", default=None, help="JSON (default bench/results/quality_<dataset>.json)")
     p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                    help="train nothing: merge the runs of earlier JSON outputs (e.g. seeds run on separate "

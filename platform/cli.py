@@ -10,7 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from mtfm.platform.checkpoint import CheckpointError
 from mtfm.platform.registry import RegistryError, load_registry
 
 WINDOW_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -19,13 +18,6 @@ WINDOW_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_
 def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}")
-    return int(text)
-
-
-def training_days(text: str) -> int:
-    """Days of synthetic logs for a training run: its last day is held out, so at least 2."""
-    if not text.isdigit() or int(text) < 2:
-        raise argparse.ArgumentTypeError(f"expected at least 2 days (the last one is the test set), found {text!r}")
     return int(text)
 
 
@@ -43,7 +35,7 @@ def cmd_scenarios_list(args: argparse.Namespace) -> int:
     reg = load_registry(args.config_dir)
     print(f"config dir: {reg.config_dir}")
     tasks = {s.name: ", ".join(s.task_names) for s in reg.scenarios.values()}
-    width = max(len("tasks"), *(len(t) for t in tasks.values()))
+    width = max([len("tasks"), *map(len, tasks.values())])
     print(f"{'scenario':<12} {'user':>5} {'item':>5} {'cross':>5}  {'tasks':<{width}}  description")
     for s in reg.scenarios.values():
         print(f"{s.name:<12} {len(s.user_features):>5} {len(s.item_features):>5} {len(s.cross_features):>5}  "
@@ -99,9 +91,9 @@ def cmd_data_aggregate(args: argparse.Namespace) -> int:
     summary = aggregate(reg, args.raw, args.out, window_ms=args.window, max_ts=args.max_ts,
                         num_partitions=args.partitions, overwrite=args.overwrite)
     if summary["samples_out"] == 0:
-        print(f"error: no user samples from {args.raw}: no exposure row was valid for the registry of "
-              f"{args.config_dir or 'the default configs'} (reasons above). Logs of another registry need its "
-              "--config-dir (MovieLens logs: --config-dir configs/movielens)", file=sys.stderr)
+        print(f"error: no user samples from {args.raw}: no exposure row was valid for the registry in "
+              f"{reg.config_dir} (reasons above: rows later than --max-ts, or logs of another registry, which "
+              "needs its --config-dir; MovieLens logs: --config-dir configs/movielens)", file=sys.stderr)
         return 1
     return 0
 
@@ -125,24 +117,33 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from mtfm.platform.aggregate import aggregate
     from mtfm.platform.cluster import init_ray
     from mtfm.platform.synth import synthesize
-    from mtfm.platform.train import TrainConfig, train
+    from mtfm.platform.train import TrainConfig, refuse_existing_run, train
 
     reg = load_registry(args.config_dir)
     config = TrainConfig.load(args.train_config)
+    if args.days <= config.test_windows:
+        print(f"error: --days {args.days}: {args.train_config} holds out the last {config.test_windows} day(s) for "
+              f"evaluation; expected more days than that", file=sys.stderr)
+        return 1
+    if args.run_dir is not None:
+        refuse_existing_run(Path(args.run_dir).resolve())  # before the data steps, not after them
     root = Path(args.out)
-    init_ray(log_to_driver=True)  # one Ray for all three steps, showing the training's progress lines
     print(f"[1/3] synthetic raw logs: {args.users} users x {args.days} days -> {root / 'raw'}")
     synthesize(reg, root / "raw", users=args.users, days=args.days, seed=args.seed, overwrite=True)
     print(f"[2/3] Ray Data aggregation -> {root / 'agg'}")
+    # Started here, Ray forwards the workers' output: aggregate's own start would not, and the
+    # training's progress lines (rank 0's) would never reach the terminal.
+    init_ray(log_to_driver=True)
     aggregate(reg, root / "raw", root / "agg", overwrite=True)
     if args.max_steps is not None:
         config = TrainConfig.from_dict(config.to_dict() | {"max_steps": args.max_steps}, config.source)
     print(f"[3/3] Ray Train: {args.train_config}")
     run_dir = train(config, data=str(root / "agg"), out=args.run_dir, config_dir=args.config_dir)
     # deployments/serve.yaml names ./configs; another registry needs a serve config of its own
-    serve = (f"mtfm serve config --config-dir {args.config_dir} --checkpoint {run_dir} > {root / 'serve.yaml'} && "
-             f"serve run {root / 'serve.yaml'}") if args.config_dir else \
-        f"MTFM_CHECKPOINT={run_dir} serve run deployments/serve.yaml"
+    serve = f"MTFM_CHECKPOINT={run_dir} serve run deployments/serve.yaml"
+    if reg.config_dir.resolve() != Path("configs").resolve():
+        serve = (f"mtfm serve config --config-dir {reg.config_dir} --checkpoint {run_dir} > {root / 'serve.yaml'} && "
+                 f"serve run {root / 'serve.yaml'}")
     print(f"\nnext: mtfm eval --checkpoint {run_dir} --data {root / 'agg'}\n"
           f"      mtfm report {run_dir}\n"
           f"      {serve}")
@@ -205,9 +206,12 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
 
     reg = load_registry(args.config_dir)  # refuse to write a serve config for an invalid registry
     if args.checkpoint is not None:
-        from mtfm.platform.checkpoint import find_checkpoint
+        from mtfm.platform.checkpoint import CheckpointError, find_checkpoint
 
-        find_checkpoint(args.checkpoint)  # nor for a path that holds no checkpoint
+        try:
+            find_checkpoint(args.checkpoint)
+        except CheckpointError as exc:  # a warning: the path may be one of the cluster's, not this machine's
+            print(f"warning: {exc}", file=sys.stderr)
     print(render_serve_config(config_dir=args.config_dir or "configs", checkpoint=args.checkpoint, port=args.port,
                               scenario_ingress=list(reg.scenarios) if args.scenario_ingress else None), end="")
     return 0
@@ -326,9 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "synthetic data): write synthetic logs, aggregate them with Ray Data, train the "
                                    "tiny config with Ray Train and print AUC/GAUC per scenario and task.")
     p.add_argument("--out", default="data/quickstart", metavar="DIR", help="data folder (default data/quickstart; replaced)")
-    p.add_argument("--users", type=int, default=400, help="synthetic users (default 400)")
-    p.add_argument("--days", type=training_days, default=4,
-                   help="days of logs, at least 2: the last one is the test set (default 4)")
+    p.add_argument("--users", type=positive_int, default=400, help="synthetic users (default 400)")
+    p.add_argument("--days", type=positive_int, default=4,
+                   help="days of logs; the last (the train config's test_windows) are the test set (default 4)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.add_argument("--train-config", default="configs/train/tiny.yaml", metavar="CFG",
                    help="train config (default configs/train/tiny.yaml; configs/train/gpu.yaml on one GPU)")
@@ -404,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     except RegistryError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, FileExistsError, CheckpointError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:  # CheckpointError is a ValueError
         # a bad input named by the code that refused it (`python -m mtfm.platform.train` does the same)
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -13,7 +13,8 @@ A feature name means one thing everywhere: if two places declare `poi_id`, both 
 must be identical (type, buckets, dim, ...), and the model shares one embedding table for it.
 That is how a target item meets the same item in the behaviour sequences.
 
-Every validation error names the file, the field (a dotted path) and what was expected.
+Every validation error names the file, the field (a dotted path) and what was expected; a
+feature declared differently in two places names both.
 """
 from __future__ import annotations
 
@@ -309,8 +310,9 @@ def _assemble(root: Path, sequences: dict[str, Sequence], scenarios: dict[str, S
 
 
 def _check_feature_consistency(root: Path, sequences: dict[str, Sequence], scenarios: dict[str, Scenario]) -> None:
-    """Every declaration of a feature name has the same spec. A clash is between two files, so
-    the error is the config directory's and names both places, in load order."""
+    """Every declaration of a feature name has the same spec. A clash is between two places (two
+    files, or two in sequences.yaml), so the error is the config directory's and names both, in
+    load order."""
     seen: dict[str, tuple[Feature, str]] = {}
     places = [(s.source, f"sequences[{j}].features", s.features) for j, s in enumerate(sequences.values())]
     for s in scenarios.values():

@@ -148,7 +148,8 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, log=print)
         config = run_dir / "train_config.yaml"
         data = yaml.safe_load(config.read_text())["data"] if config.is_file() else None
         if data is None or not Path(data).exists():
-            log(f"note: no attention heatmap: the run's training data ({data}) is not there; pass --data AGG_DIR")
+            what = f"the run's training data ({data}) is not there" if data else "the run names no training data"
+            log(f"note: no attention heatmap: {what}; pass --data AGG_DIR")
             return written
     path = plot_attention(run_dir, Path(data), out, plt)
     if path:

@@ -34,10 +34,11 @@ from typing import Any
 
 import yaml
 
-from mtfm.platform.checkpoint import CheckpointError
 from mtfm.platform.registry import Registry, RegistryError, load_registry, read_yaml_mapping
 
 RUNS_DIR = "runs"
+# What Ray Train v2 keeps in a run's storage folder to restore the run when it starts there again.
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 
@@ -243,7 +244,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizers = make_optimizers(model, config)
     # A warm start comes first: when this attempt resumes its own run, the checkpoint below overwrites it.
     frozen: set[str] = set()
-    # A restarted worker gets this run's newest checkpoint from Ray; `--resume` names one of its own.
+    # Ray returns the run's newest reported checkpoint (after a worker restart, or on `--resume` of a
+    # folder holding Ray's snapshot); `resume_from` covers a resume without one.
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and loop_config.get("resume_from"):
         checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
@@ -268,6 +270,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             _truncate_metrics(run_dir / METRICS_FILE, step)
             _progress(f"[mtfm] resumed from {checkpoint.path} at step {step} (epoch {epoch}, batch {skip})")
+    elif rank == 0:
+        _truncate_metrics(run_dir / METRICS_FILE, 0)  # a restart before the first checkpoint starts the log anew
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
     collator = Collator(model.registry)
     train_step = TrainStep(model, optimizers.values(), module=ddp_model, grad_clip=config.grad_clip,
@@ -404,6 +408,17 @@ def default_run_dir(name: str) -> Path:
     return Path(RUNS_DIR) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def refuse_existing_run(run_dir: Path) -> None:
+    """A new run is not started in a folder that holds one: Ray Train would restore that run from
+    its snapshot there and the "new" run would silently be the old one, continued."""
+    from mtfm.platform.checkpoint import CHECKPOINT_PREFIX, META_FILE
+
+    held = sorted(p.name for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / META_FILE).is_file())
+    if held or (run_dir / RAY_TRAIN_SNAPSHOT).exists():
+        raise FileExistsError(f"{run_dir} holds a run already ({held[-1] if held else 'a Ray Train snapshot'}): "
+                              f"--resume {run_dir} continues it; choose another run folder for a new run")
+
+
 def train(config: TrainConfig, *, data: str | None = None, out: str | Path | None = None,
           resume: str | Path | None = None, init_from: str | Path | None = None, config_dir: str | None = None,
           log=print) -> Path:
@@ -417,7 +432,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     from ray.train.torch import TorchTrainer
 
     from mtfm.model import load_model_config
-    from mtfm.platform.checkpoint import check_compatible, find_checkpoint, read_meta
+    from mtfm.platform.checkpoint import META_FILE, check_compatible, find_checkpoint, read_meta
     from mtfm.platform.cluster import init_ray
 
     if data is not None:
@@ -426,6 +441,11 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     model_config = load_model_config(config.model)
     resume_from = None
     if resume is not None:
+        if out is not None and Path(out).resolve() != Path(resume).resolve():
+            raise ValueError(f"--resume {resume} continues that run in its own folder: --out {out} does not apply")
+        if (Path(resume) / META_FILE).is_file():
+            raise ValueError(f"--resume takes a run folder, not one of its checkpoints ({resume}); --init-from "
+                             "starts a new run from one checkpoint")
         resume_from = find_checkpoint(resume).resolve()
         check_compatible(read_meta(resume_from), registry, str(resume_from))
         out = Path(resume)
@@ -436,10 +456,8 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
             log(f"[mtfm] warning: {init_from} has scenarios the registry no longer declares: {retired}; their "
                 "modules are not loaded (they stay in that checkpoint)")
     run_dir = Path(out or default_run_dir(config.name)).resolve()
-    if resume is None and any(run_dir.glob("checkpoint_*")):
-        # Ray Train would pick the run up where it stopped: a new run there would silently be the old one.
-        raise FileExistsError(f"{run_dir} holds a run already ({sorted(run_dir.glob('checkpoint_*'))[-1].name}): "
-                              f"--resume {run_dir} continues it; pass another --out for a new run")
+    if resume is None:
+        refuse_existing_run(run_dir)
 
     init_ray(log_to_driver=True)
     quiet_ray_data()
@@ -484,7 +502,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         from mtfm.platform.eval import format_table
 
         log(format_table(json.loads(eval_path.read_text())["eval"]))
-    log(f"[mtfm] done: {result.metrics.get('step')} steps; checkpoint {result.checkpoint.path if result.checkpoint else None}")
+    log(f"[mtfm] done: {(result.metrics or {}).get('step')} steps; checkpoint {result.checkpoint.path if result.checkpoint else None}")
     return run_dir
 
 
@@ -539,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run_from_args(args)
-    except (RegistryError, FileNotFoundError, FileExistsError, CheckpointError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:  # RegistryError, CheckpointError included
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

@@ -37,8 +37,8 @@ def test_quickstart_end_to_end(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run" / "report").iterdir()) == ["attention.png", "eval.png", "loss.png"]
 
 
-def test_quickstart_refuses_one_day(tmp_path):
+def test_quickstart_refuses_as_many_days_as_it_holds_out(tmp_path):
     cmd = [sys.executable, "-m", "mtfm.platform.cli", "quickstart", "--days", "1", "--out", str(tmp_path / "data")]
     done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "at least 2 days (the last one is the test set)" in done.stderr
+    assert done.returncode == 1 and "holds out the last 1 day(s) for evaluation" in done.stderr
     assert not (tmp_path / "data").exists()

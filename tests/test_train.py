@@ -19,7 +19,8 @@ from mtfm.model import Collator, build_model, load_model_config, multitask_bce_l
 from mtfm.platform.checkpoint import CheckpointError, check_compatible, find_checkpoint, load_model, read_meta
 from mtfm.platform.registry import RegistryError, load_registry
 from mtfm.platform.report import write_report
-from mtfm.platform.train import METRICS_FILE, TrainConfig, keep_users_of, split_by_window, train
+from mtfm.platform.train import (METRICS_FILE, RAY_TRAIN_SNAPSHOT, TrainConfig, keep_users_of, main,
+                                 split_by_window, train)
 
 TINY = REPO_ROOT / "configs" / "train" / "tiny.yaml"
 
@@ -70,10 +71,17 @@ def test_two_workers_lower_the_loss(tiny_samples, tmp_path):
     with pytest.raises(FileNotFoundError, match="no training log"):
         write_report(tmp_path / "not-a-run")
     assert not (tmp_path / "not-a-run").exists()  # refused before a report/ folder was made
+    moved = Path(shutil.copytree(run, tmp_path / "moved"))  # a run whose training data is gone
+    config = (moved / "train_config.yaml").read_text()
+    (moved / "train_config.yaml").write_text(config.replace(str(tiny_samples.resolve()), str(tmp_path / "gone")))
+    notes = []
+    assert sorted(p.name for p in write_report(moved, log=notes.append)) == ["eval.png", "loss.png"]
+    assert notes == [f"note: no attention heatmap: the run's training data ({tmp_path / 'gone'}) is not there; "
+                     "pass --data AGG_DIR"]
 
 
 @pytest.mark.slow
-def test_killed_worker_and_resumed_run_continue_the_same_loss_curve(tiny_samples, tmp_path):
+def test_killed_worker_and_resumed_run_continue_the_same_loss_curve(tiny_samples, tmp_path, monkeypatch):
     common = dict(num_workers=1, epochs=2, max_steps=10, log_every=1, checkpoint_every=4,
                   evaluate_at_checkpoints=False, keep_checkpoints=5)
     clean = train(_config(**common), data=str(tiny_samples), out=tmp_path / "clean", config_dir=str(CONFIGS),
@@ -93,15 +101,13 @@ def test_killed_worker_and_resumed_run_continue_the_same_loss_curve(tiny_samples
     # A run stopped after step 6 (its driver gone), continued by `--resume` from a relative path: the same curve.
     stopped = train(_config(**common | {"max_steps": 6}), data=str(tiny_samples), out=tmp_path / "stopped",
                     config_dir=str(CONFIGS), log=lambda *a: None)
-    with pytest.raises(FileExistsError, match="--resume"):  # a new run into its folder would silently continue it
+    with pytest.raises(FileExistsError, match=r"holds a run already \(checkpoint_00000006\)"):
         train(_config(**common), data=str(tiny_samples), out=stopped, config_dir=str(CONFIGS), log=lambda *a: None)
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        resumed = train(_config(**common), data=str(tiny_samples), resume="stopped", config_dir=str(CONFIGS),
-                        log=lambda *a: None)
-    finally:
-        os.chdir(cwd)
+    # Without Ray's snapshot of the run (a copied folder, another Ray), the checkpoint comes from --resume itself.
+    (stopped / RAY_TRAIN_SNAPSHOT).unlink()
+    monkeypatch.chdir(tmp_path)
+    resumed = train(_config(**common), data=str(tiny_samples), resume="stopped", config_dir=str(CONFIGS),
+                    log=lambda *a: None)
     assert resumed == stopped and read_meta(resumed).step == 10
     c = [r for r in _log(resumed) if "loss" in r]
     assert [r["step"] for r in c] == list(range(1, 11))
@@ -147,6 +153,17 @@ def test_a_run_that_cannot_start_leaves_no_folder(ray_cluster, tmp_path):
         train(_config(), data=str(tmp_path / "missing"), out=tmp_path / "run", config_dir=str(CONFIGS),
               log=lambda *a: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_command_line_refuses_a_run_folder_that_holds_a_run(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoint_00000003").mkdir(parents=True)
+    (run / "checkpoint_00000003" / "meta.json").write_text("{}")
+    monkeypatch.chdir(REPO_ROOT)
+    assert main(["--config", str(TINY), "--out", str(run)]) == 1
+    assert f"error: {run} holds a run already (checkpoint_00000003): --resume {run} continues it" in capsys.readouterr().err
+    assert main(["--config", str(TINY), "--resume", str(run / "checkpoint_00000003")]) == 1
+    assert "--resume takes a run folder, not one of its checkpoints" in capsys.readouterr().err
 
 
 def test_train_config_errors(tmp_path):

@@ -258,9 +258,11 @@ def test_the_committed_serve_yaml_is_the_generators_output():
     assert (REPO / "deployments/serve.yaml").read_text() == render_serve_config()
 
 
-def test_serve_config_refuses_a_checkpoint_path_without_a_checkpoint(tmp_path, capsys):
-    assert main(["serve", "config", "--checkpoint", str(tmp_path / "nope")]) == 1
-    assert f"{tmp_path / 'nope'}: not found" in capsys.readouterr().err
+def test_serve_config_warns_of_a_checkpoint_path_without_a_checkpoint(tmp_path, capsys):
+    """A warning, not a refusal: the path may be one of the cluster's, not this machine's."""
+    assert main(["serve", "config", "--config-dir", str(REPO / "configs"), "--checkpoint", str(tmp_path / "nope")]) == 0
+    out = capsys.readouterr()
+    assert f"warning: {tmp_path / 'nope'}: not found" in out.err and f"checkpoint: {tmp_path / 'nope'}" in out.out
 
 
 def test_a_scenario_ingress_config_has_one_app_per_scenario_at_its_own_prefix(checkpoint):
