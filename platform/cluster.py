@@ -22,5 +22,13 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=log_to_driver)
+                 logging_level=logging.WARNING, log_to_driver=log_to_driver,
+                 runtime_env={"worker_process_setup_hook": _quiet_placement_group_cleaner})
     return ray
+
+
+def _quiet_placement_group_cleaner() -> None:
+    """Ray Train's placement-group cleaner asks the State API, which needs the dashboard that the
+    embedded Ray leaves out, whether the run's controller lives, and warns each second it cannot
+    (35 lines a short run); its errors still show."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
