@@ -235,6 +235,8 @@ def print_report(table: list[dict], comparisons: list[dict]) -> None:
         d = c["delta"]
         if c["a"].startswith(("MTFM HTA", "T4")):
             verdict = "within 0.1 pp" if abs(d["mean"]) <= 0.001 else f"{abs(d['mean']) * 100:.2f} pp apart"
+        elif len(c["seeds"]) < 2:
+            verdict = "n/a (one seed: no spread to compare with)"
         else:
             verdict = ("a wins beyond spread" if d["mean"] > c["spread"] else
                        "b wins beyond spread" if -d["mean"] > c["spread"] else "within spread")

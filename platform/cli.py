@@ -7,6 +7,7 @@ modules (Ray, torch) are imported inside the handlers so that `mtfm --help` stay
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -412,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
         # a bad input named by the code that refused it (`python -m mtfm.platform.train` does the same)
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into a reader that stopped (`| head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit's flush fails again
+        return 0
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def plot_curves(run_dir: Path, out: Path, plt) -> list[Path]:
                               if f"{scenario}/{task}" in r["eval"]]
                     ax.plot(*zip(*points), marker="o", label=task)
                 ax.set(title=f"{scenario} {metric.upper()}", xlabel="step")
+                ax.xaxis.get_major_locator().set_params(integer=True)  # one checkpoint: no 30.5-33.5 axis
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=7)
         fig.tight_layout()

@@ -371,19 +371,30 @@ def split_by_window(samples: str | Path, test_windows: int):
     import ray.data
     from ray.data.expressions import col
 
-    path = Path(samples)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no aggregated samples here (run `mtfm data synth` and `mtfm data aggregate` "
-                                "first, or `mtfm quickstart`; pass the aggregate's samples/ folder or its --out folder)")
-    if (path / "samples").is_dir():
-        path = path / "samples"
-    ds = ray.data.read_parquet(str(path))
+    path = _samples_folder(str(samples))
+    ds = ray.data.read_parquet(path)
     windows = sorted(ds.unique("window"))
     if len(windows) <= test_windows:
         raise ValueError(f"{path}: {len(windows)} window(s) of data, but test_windows={test_windows} are held out "
                          "for evaluation: generate more days or lower test_windows")
     cut = windows[-test_windows]
     return ds.filter(expr=col("window") < cut), ds.filter(expr=col("window") >= cut), windows
+
+
+def _samples_folder(samples: str) -> str:
+    """The aggregate's samples/ folder if `samples` is its --out folder, else `samples` itself: a
+    local path, or a URI that Ray Data reads (s3://, gs://, file://, ...)."""
+    import pyarrow.fs
+
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(samples) if "://" in samples else (
+        pyarrow.fs.LocalFileSystem(), str(Path(samples).resolve()))
+    if filesystem.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        raise FileNotFoundError(f"{samples}: no aggregated samples here (run `mtfm data synth` and `mtfm data "
+                                "aggregate` first, or `mtfm quickstart`; pass the aggregate's samples/ folder or its "
+                                "--out folder)")
+    if filesystem.get_file_info(f"{path}/samples").type == pyarrow.fs.FileType.Directory:
+        return f"{samples.rstrip('/')}/samples"
+    return samples
 
 
 def keep_users_of(ds, scenarios: list[str]):
@@ -436,7 +447,8 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     from mtfm.platform.cluster import init_ray
 
     if data is not None:
-        config = TrainConfig.from_dict(config.to_dict() | {"data": str(Path(data).resolve())}, config.source)
+        data = data if "://" in data else str(Path(data).resolve())  # a URI (s3://...) stays one
+        config = TrainConfig.from_dict(config.to_dict() | {"data": data}, config.source)
     registry = load_registry(config_dir)
     model_config = load_model_config(config.model)
     resume_from = None
@@ -535,11 +547,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "scenarios load, scenarios new to the registry start fresh, retired ones are skipped")
     parser.add_argument("--num-workers", type=int, default=None, help="override the config's num_workers")
     parser.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
+    parser.add_argument("--test-windows", type=int, default=None, metavar="N",
+                        help="override the config's test_windows (the last N windows held out for evaluation)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     config = TrainConfig.load(args.config)
-    overrides = {k: v for k, v in (("num_workers", args.num_workers), ("max_steps", args.max_steps)) if v is not None}
+    overrides = {k: v for k, v in (("num_workers", args.num_workers), ("max_steps", args.max_steps),
+                                   ("test_windows", args.test_windows)) if v is not None}
     if overrides:
         config = TrainConfig.from_dict(config.to_dict() | overrides, config.source)
     if args.resume and args.init_from:

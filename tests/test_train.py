@@ -148,6 +148,15 @@ def test_single_scenario_model_trains_on_its_users_only(tiny_samples):
         keep_users_of(train_ds, ["grocery"])
 
 
+def test_samples_read_from_a_uri_as_from_a_path(tiny_samples):
+    """Data on an object store (s3://...) reaches Ray Data as a URI; file:// stands in for it here."""
+    local = split_by_window(tiny_samples, 1)
+    uri = split_by_window(tiny_samples.resolve().as_uri(), 1)
+    assert (uri[0].count(), uri[1].count(), uri[2]) == (local[0].count(), local[1].count(), local[2])
+    with pytest.raises(FileNotFoundError, match="no aggregated samples here"):
+        split_by_window((tiny_samples.parent / "nope").resolve().as_uri(), 1)
+
+
 def test_a_run_that_cannot_start_leaves_no_folder(ray_cluster, tmp_path):
     with pytest.raises(FileNotFoundError, match="no aggregated samples here"):
         train(_config(), data=str(tmp_path / "missing"), out=tmp_path / "run", config_dir=str(CONFIGS),
@@ -164,6 +173,8 @@ def test_command_line_refuses_a_run_folder_that_holds_a_run(tmp_path, monkeypatc
     assert f"error: {run} holds a run already (checkpoint_00000003): --resume {run} continues it" in capsys.readouterr().err
     assert main(["--config", str(TINY), "--resume", str(run / "checkpoint_00000003")]) == 1
     assert "--resume takes a run folder, not one of its checkpoints" in capsys.readouterr().err
+    assert main(["--config", str(TINY), "--test-windows", "0", "--out", str(tmp_path / "new")]) == 1
+    assert "test_windows: expected an integer >= 1, found 0" in capsys.readouterr().err  # the override is checked
 
 
 def test_train_config_errors(tmp_path):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -256,6 +258,13 @@ def test_tensorrt_without_the_package_is_a_clear_error(model):
 
 def test_the_committed_serve_yaml_is_the_generators_output():
     assert (REPO / "deployments/serve.yaml").read_text() == render_serve_config()
+
+
+def test_output_piped_into_head_ends_quietly():
+    command = (f"{sys.executable} -m mtfm.platform.cli serve example-request --config-dir {REPO / 'configs'} "
+               "--scenario hp --candidates 2000 | head -1")
+    done = subprocess.run(command, shell=True, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.stdout == "{\n" and "BrokenPipeError" not in done.stderr and done.stderr == ""
 
 
 def test_serve_config_warns_of_a_checkpoint_path_without_a_checkpoint(tmp_path, capsys):
