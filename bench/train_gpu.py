@@ -637,6 +637,10 @@ def worker(loop_config: dict) -> None:
             results.append({"case": name, "part": part, "skipped": "time budget"})
             say(f"{name}: skipped (time budget)")
             continue
+        if device.type != "cuda" and "triton" in overrides.values():
+            results.append({"case": name, "part": part, "skipped": "the Triton kernels need a GPU"})
+            say(f"{name}: skipped (the Triton kernels need a GPU)")
+            continue
         batches, mixes = pools[pool]
         for graphed in {"off": [False], "on": [True], "both": [False, True]}[args.cuda_graphs]:
             case = name + (" graphed" if graphed and args.cuda_graphs == "both" else "")
