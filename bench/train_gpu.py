@@ -672,14 +672,14 @@ def worker(loop_config: dict) -> None:
 
 
 def run_with_ray(loop_config: dict, use_gpu: bool) -> None:
-    import logging
     import tempfile
 
-    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    from mtfm.platform.cluster import init_ray
+
+    ray = init_ray(num_cpus=os.cpu_count(), log_to_driver=True)  # the platform's embedded Ray, as quiet
     cpus = max(1, min(8, (os.cpu_count() or 2) - 1))
     trainer = TorchTrainer(worker, train_loop_config=loop_config,
                            scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu,

@@ -265,7 +265,15 @@ def _write_samples(samples: pa.Table, out: Path, partition: int) -> dict:
 
 # ---------------------------------------------------------------- orchestration
 
-def _prepare(registry: Registry, raw: Path, out: Path, overwrite: bool):
+def _previous_samples(out: Path) -> int | None:
+    """User samples a finished earlier run wrote into `out` (its summary's count), None if none finished."""
+    try:
+        return int(json.loads((out / SUMMARY).read_text())["samples_out"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _prepare(registry: Registry, raw: Path, out: Path, overwrite: bool, log=print):
     if not raw.is_dir():
         raise FileNotFoundError(f"{raw}: raw log folder not found (expected exposures/<scenario>/ and behaviors/<sequence>/)")
     tables = list_tables(raw)
@@ -273,8 +281,13 @@ def _prepare(registry: Registry, raw: Path, out: Path, overwrite: bool):
         raise FileNotFoundError(f"{raw}/exposures: no exposure tables found (expected exposures/<scenario>/*.parquet)")
     owned = [out / SAMPLES, out / QUARANTINE, out / SHUFFLE, out / SUMMARY]
     if any(p.exists() for p in owned):
-        if not overwrite:
-            raise FileExistsError(f"{out} already holds aggregated samples; choose another --out or pass --overwrite")
+        previous = _previous_samples(out)
+        if previous == 0:  # a run that produced nothing: replacing it loses no sample
+            log(f"replacing {out}: its earlier aggregation wrote no user samples")
+        elif not overwrite:
+            held = (f"already holds {previous:,} aggregated user samples" if previous is not None else
+                    f"holds the output of an aggregation that did not finish (no {SUMMARY})")
+            raise FileExistsError(f"{out} {held}; choose another --out or pass --overwrite")
         for p in owned:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -338,7 +351,7 @@ def aggregate(registry: Registry, raw: str | Path, out: str | Path, window_ms: i
 
     start = time.perf_counter()
     raw, out = Path(raw), Path(out)
-    files, rows, warnings = _prepare(registry, raw, out, overwrite)
+    files, rows, warnings = _prepare(registry, raw, out, overwrite, log)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     parts = num_partitions or _num_partitions(rows, cpus)
     max_ts = _default_max_ts() if max_ts is None else max_ts
@@ -362,7 +375,7 @@ def aggregate_local(registry: Registry, raw: str | Path, out: str | Path, window
     """The same result in one process (no shuffle folder: one partition holding every user)."""
     start = time.perf_counter()
     raw, out = Path(raw), Path(out)
-    files, _, warnings = _prepare(registry, raw, out, overwrite)
+    files, _, warnings = _prepare(registry, raw, out, overwrite, log)
     max_ts = _default_max_ts() if max_ts is None else max_ts
     split, valid = [], {}
     for i, (kind, name, path) in enumerate(files):

@@ -179,11 +179,16 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
     reg = load_registry(args.config_dir)
     config = load_model_config(args.config)
     model = build_model(config, reg)
-    print(f"model {config.name} ({config.source}): {config.architecture}, d_model {config.d_model}, "
-          f"{config.num_heads} query heads / {config.kv_heads} kv heads of dim {config.dim_per_head}, "
-          f"layout {config.hta_layout} = {config.num_layers} layers ({', '.join(config.layer_kinds)}; the top one "
-          f"always runs as target attention), "
-          f"attention {config.attention_impl}, GLN {config.norm_impl}, compute {config.compute_dtype}")
+    if config.architecture == "mtfm":
+        body = (f"{config.num_heads} query heads / {config.kv_heads} kv heads of dim {config.dim_per_head}, "
+                f"layout {config.hta_layout} = {config.num_layers} layers ({', '.join(config.layer_kinds)}; the top "
+                f"one always runs as target attention), attention {config.attention_impl}, GLN {config.norm_impl}")
+    else:  # a baseline: target-attention pooling of the sequences, then its interaction network
+        interaction = f"{config.cross_layers} cross layers + deep MLP" if config.architecture == "dcnv2" else "top MLP"
+        body = (f"target-attention pooling with {config.num_heads} heads of dim {config.d_model // config.num_heads}, "
+                f"then {interaction}, attention {config.attention_impl}")
+    print(f"model {config.name} ({config.source}): {config.architecture}, d_model {config.d_model}, {body}, "
+          f"compute {config.compute_dtype}")
     print(f"scenarios: {', '.join(model.registry.scenarios)}; sequences: {', '.join(reg.sequences)}")
     print("\nparameters")
     for part, count in parameter_counts(model).items():

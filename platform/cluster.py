@@ -30,5 +30,10 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
 def _quiet_placement_group_cleaner() -> None:
     """Ray Train's placement-group cleaner asks the State API, which needs the dashboard that the
     embedded Ray leaves out, whether the run's controller lives, and warns each second it cannot
-    (35 lines a short run); its errors still show."""
+    (35 lines a short run); its errors still show. It finds the cluster by RAY_ADDRESS, else by
+    looking for one on this machine, which fails with a traceback when another Ray runs here too
+    (a test session, another embedded run): so its worker is told this cluster's address."""
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)

@@ -47,12 +47,22 @@ def evaluate_batches(model, batches: Iterable, device) -> dict[str, dict]:
     return dict(sorted(results.items()))
 
 
+# Below this many users with both classes (or positives), a GAUC (or AUC) moves by several
+# hundredths from one seed or test day to the next (bench/RESULTS.md, MovieLens' 31-126 users).
+FEW = 30
+
+
 def format_table(results: dict[str, dict]) -> str:
+    """The metrics table, then a note for each row scored on too few users or positives to compare."""
     lines = [f"{'scenario/task':<20} {'AUC':>7} {'GAUC':>7} {'exposures':>10} {'positives':>10} {'users':>7}"]
+    notes = []
     for key, r in results.items():
         lines.append(f"{key:<20} {r['auc']:>7.4f} {r['gauc']:>7.4f} {r['exposures']:>10} {r['positives']:>10} "
                      f"{r['users_scored']:>7}")
-    return "\n".join(lines)
+        if r["users_scored"] < FEW or r["positives"] < FEW:
+            notes.append(f"note: {key}: {r['users_scored']} user(s) with both classes, {r['positives']} positive(s): "
+                         "too few for a stable AUC/GAUC; hold out more windows (--test-windows) or more data")
+    return "\n".join(lines + notes)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, test_windows: int | None = None,

@@ -38,3 +38,12 @@ def test_synth_then_aggregate(ray_cluster, config_dir, tmp_path, capsys):
                  "--max-ts", "0", "--overwrite"]) == 1
     assert "no user samples from" in capsys.readouterr().err
     assert json.loads((agg / "_summary.json").read_text())["samples_out"] == 0
+    # That empty output holds nothing to lose: the corrected command reruns without --overwrite.
+    assert main(["data", "aggregate", "--config-dir", str(config_dir), "--raw", str(raw), "--out", str(agg),
+                 "--window", "12h"]) == 0
+    assert "wrote no user samples" in capsys.readouterr().out
+    assert json.loads((agg / "_summary.json").read_text())["samples_out"] == summary["samples_out"] > 0
+    # An aggregation that died before its summary is not replaced silently.
+    (agg / "_summary.json").unlink()
+    assert main(["data", "aggregate", "--config-dir", str(config_dir), "--raw", str(raw), "--out", str(agg)]) == 1
+    assert "did not finish" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""AUC and GAUC against scikit-learn and a hand-worked case."""
+"""AUC and GAUC against scikit-learn and a hand-worked case; the eval table's notes on small samples."""
 from __future__ import annotations
 
 import numpy as np
@@ -40,3 +40,15 @@ def test_gauc_matches_per_user_sklearn(seed):
     result = gauc(users, labels, scores)
     assert result.gauc == pytest.approx(total / weights, abs=1e-12)
     assert result.users_skipped == skipped and result.users_scored == len(np.unique(users)) - skipped
+
+
+def test_eval_table_notes_rows_scored_on_too_few_users_or_positives():
+    from mtfm.platform.eval import FEW, format_table
+
+    row = dict(auc=0.7, gauc=0.6, exposures=5000, positives=400, users_scored=200, users_skipped=3)
+    table = format_table({"hp/click": row, "hp/order": row | dict(positives=FEW - 1),
+                          "sqs/click": row | dict(users_scored=2)})
+    notes = [line for line in table.splitlines() if line.startswith("note: ")]
+    assert len(table.splitlines()) == 4 + len(notes)
+    assert [n.split(":")[1].strip() for n in notes] == ["hp/order", "sqs/click"]
+    assert f"{FEW - 1} positive(s)" in notes[0] and "2 user(s)" in notes[1] and "--test-windows" in notes[1]

@@ -58,6 +58,14 @@ def test_model_summary_cli(capsys):
     assert "parameters" in out and "total" in out and "GFLOP" in out
 
 
+@pytest.mark.parametrize("name, interaction", [("dlrm_mmoe_tiny", "top MLP"), ("dcnv2_tiny", "3 cross layers")])
+def test_model_summary_of_a_baseline_describes_its_own_parts(name, interaction, capsys):
+    assert main(["model", "summary", "--config", str(CONFIGS / f"{name}.yaml"), "--config-dir", "configs"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "target-attention pooling with 2 heads of dim 16" in header and interaction in header
+    assert "layout" not in header and "kv heads" not in header and "GLN" not in header
+
+
 def test_model_summary_cli_reports_a_bad_config(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("hta_layout: '(3:1)'\n")
