@@ -5,7 +5,7 @@ builder enumerates the registry itself, so a scenario added by dropping in its Y
 after a redeploy with no code change and no edit of serve.yaml, which holds only overrides:
 
     checkpoint   a run folder or checkpoint_* folder; $MTFM_CHECKPOINT overrides it; default:
-                 the newest run under ./runs
+                 the newest checkpoint saved under ./runs
     config_dir   the registry (default $MTFM_CONFIG_DIR, else ./configs): which scenarios, and
                  each one's `serving:` knobs (replicas, batching, resources, backend)
     scenarios    per-scenario overrides of those knobs, e.g. {hp: {replicas: 2}}
@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
-from mtfm.platform.checkpoint import CheckpointError, find_checkpoint, read_meta
+from mtfm.platform.checkpoint import META_FILE, CheckpointError, find_checkpoint, read_meta
 from mtfm.platform.registry import Registry, ServingConfig, load_registry, serving_conflict
 
 from .backends import backend_unavailable_reason
@@ -75,6 +76,9 @@ class ServeConfigError(ValueError):
 def build_app(args: AppArgs) -> Application:
     args = AppArgs.model_validate(args) if not isinstance(args, AppArgs) else args
     checkpoint = resolve_checkpoint(args.checkpoint)
+    source = (f"${CHECKPOINT_ENV}" if os.environ.get(CHECKPOINT_ENV) else "serve.yaml's args.checkpoint"
+              if args.checkpoint else f"the newest checkpoint under {DEFAULT_RUNS_DIR}/")
+    print(f"[mtfm] serving {checkpoint} ({source})", file=sys.stderr, flush=True)
     registry = load_registry(args.config_dir)
     serving = scenario_serving(registry, args.scenarios)
     trained = read_meta(checkpoint).scenarios
@@ -104,18 +108,19 @@ def build_app(args: AppArgs) -> Application:
 
 
 def resolve_checkpoint(argument: str | None, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:
-    """$MTFM_CHECKPOINT, else `argument`, else the newest run under `runs_dir`: its newest
-    checkpoint, as an absolute path (replicas may start in another working directory)."""
+    """$MTFM_CHECKPOINT, else `argument`, else the newest checkpoint saved under `runs_dir`, as an
+    absolute path (replicas may start in another working directory). Newest by the time its
+    meta.json was written, which nothing rewrites later (a run folder's own time moves whenever a
+    report or an eval file is written into it)."""
     chosen = os.environ.get(CHECKPOINT_ENV) or argument
     if chosen:
         return find_checkpoint(Path(chosen).expanduser()).resolve()
     runs = Path(runs_dir)
-    candidates = [p for p in runs.glob("*/checkpoint_*") if p.is_dir()] if runs.is_dir() else []
-    if not candidates:
+    saved = [p for p in runs.glob(f"*/checkpoint_*/{META_FILE}") if p.is_file()] if runs.is_dir() else []
+    if not saved:
         raise CheckpointError(f"no checkpoint to serve: set `checkpoint` in serve.yaml's args or ${CHECKPOINT_ENV}, "
                               f"or train a run under {runs.resolve()} (`mtfm train ...`)")
-    newest_run = max({p.parent for p in candidates}, key=lambda run: run.stat().st_mtime)
-    return find_checkpoint(newest_run).resolve()
+    return max(saved, key=lambda meta: meta.stat().st_mtime).parent.resolve()
 
 
 def scenario_serving(registry: Registry, overrides: dict[str, ServingOverrides]) -> dict[str, ServingConfig]:

@@ -70,7 +70,9 @@ class RankEndpoint:
         served = ", ".join(self.parsers)
         try:
             parts = [p for p in _path_in_app(http).split("/") if p]
-            if parts == ["healthz"] and http.method == "GET":
+            if parts == ["healthz"]:
+                if http.method != "GET":
+                    raise RequestError(405, "method_not_allowed", "method", f"expected GET, found {http.method}")
                 return FastJSONResponse(await health())
             if parts == ["rank"] and self.bare_rank:
                 parts = [*self.parsers, "rank"]
@@ -86,7 +88,7 @@ class RankEndpoint:
                 raise RequestError(405, "method_not_allowed", "method", f"expected POST, found {http.method}")
             body = await self._json_body(http)
             request = self.parsers[scenario].parse(body, now_ms=int(time.time() * 1000))
-            self.metrics.candidates.observe(request.num_candidates, tags={"scenario": scenario})
+            self.metrics.accepted(scenario, request.num_candidates)
             response = FastJSONResponse(await rank(scenario, request))
         except RequestError as exc:
             self.metrics.error(scenario, exc.kind)

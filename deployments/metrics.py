@@ -11,6 +11,14 @@ replica and application besides `scenario`:
     ray_mtfm_batch_requests                histogram, requests merged into one scored batch
     ray_mtfm_batch_tokens                  histogram, tokens of one scored batch
     ray_mtfm_batch_latency_ms              histogram, scoring time of one batch
+    ray_mtfm_candidates_total              counter, candidates of accepted requests
+    ray_mtfm_scored_requests_total         counter, requests scored (over all batches)
+    ray_mtfm_scored_tokens_total           counter, tokens scored
+
+Ray 2.60 exports a histogram's bucket counts exactly but its `_sum` from the buckets' midpoints (a
+batch of one request adds 0.5 to `ray_mtfm_batch_requests_sum`), so means come from the counters:
+mean batch size = `ray_mtfm_scored_requests_total / ray_mtfm_batch_requests_count`, mean candidates
+per request = `ray_mtfm_candidates_total / ray_mtfm_candidates_per_request_count`.
 """
 from __future__ import annotations
 
@@ -35,6 +43,12 @@ class RequestMetrics:
         self.candidates = metrics.Histogram(
             "mtfm_candidates_per_request", description="Candidates per accepted rank request.",
             boundaries=CANDIDATE_BUCKETS, tag_keys=("scenario",))
+        self.candidates_total = metrics.Counter(
+            "mtfm_candidates_total", description="Candidates of accepted rank requests.", tag_keys=("scenario",))
+
+    def accepted(self, scenario: str, num_candidates: int) -> None:
+        self.candidates.observe(num_candidates, tags={"scenario": scenario})
+        self.candidates_total.inc(num_candidates, tags={"scenario": scenario})
 
     def request(self, scenario: str, status: int, latency_ms: float) -> None:
         self.latency_ms.observe(latency_ms, tags={"scenario": scenario, "status": f"{status // 100}xx"})
@@ -57,8 +71,14 @@ class BatchMetrics:
         self.latency_ms = metrics.Histogram(
             "mtfm_batch_latency_ms", description="Scoring time of one batch, ms.",
             boundaries=LATENCY_BUCKETS_MS, tag_keys=("scenario",))
+        self.requests_total = metrics.Counter(
+            "mtfm_scored_requests_total", description="Requests scored, over all batches.", tag_keys=("scenario",))
+        self.tokens_total = metrics.Counter(
+            "mtfm_scored_tokens_total", description="Tokens scored, over all batches.", tag_keys=("scenario",))
 
     def batch(self, num_requests: int, num_tokens: int, latency_ms: float) -> None:
         self.requests.observe(num_requests, tags=self.tags)
         self.tokens.observe(num_tokens, tags=self.tags)
         self.latency_ms.observe(latency_ms, tags=self.tags)
+        self.requests_total.inc(num_requests, tags=self.tags)
+        self.tokens_total.inc(num_tokens, tags=self.tags)

@@ -50,6 +50,8 @@ REQUEST_KEYS = ("user_id", "ts", "user", "sequences", "candidates")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Numeric features are float32: larger ints are converted by float() rather than refused by Arrow.
 FLOAT32_EXACT_INT = 2**24
+# Numeric features are float32 in the model: a larger magnitude would become inf there (and then 0).
+FLOAT32_MAX = 3.4028234663852886e38
 # 2026-01-01 00:00 UTC: the example request's time (in the past, so always accepted).
 EXAMPLE_TS_MS = 1_767_225_600_000
 
@@ -171,7 +173,8 @@ class RankRequestParser:
         out = {}
         for seq in self.sequences:
             where = f"sequences.{seq.name}"
-            items = given.get(seq.name) or []
+            items = given.get(seq.name)
+            items = [] if items is None else items
             schema = self.event_schemas[seq.name]
             if isinstance(items, dict):
                 columns, _ = schema.given_columns(items, where)
@@ -349,7 +352,7 @@ class _ObjectSchema:
             elif f.type == "numeric":
                 ints = [v for v in present if type(v) is int] if int in types else []
                 ok = (types <= {float, int} and all(-FLOAT32_EXACT_INT <= v <= FLOAT32_EXACT_INT for v in ints)
-                      and all(map(math.isfinite, present)))
+                      and all(map(math.isfinite, present)) and max(map(abs, present), default=0.0) <= FLOAT32_MAX)
             else:
                 ok = types <= {list} and _all_int64(list(chain.from_iterable(present)))
             if not ok:
@@ -404,7 +407,7 @@ def _feature_value(f: Feature, value: Any, field: str) -> Any:
             number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
         except OverflowError:
             number = math.nan
-        if not math.isfinite(number):
+        if not (math.isfinite(number) and abs(number) <= FLOAT32_MAX):
             raise RequestError(422, "wrong_type", field, f"expected {_expected(f)}, found {_json_kind(value)} {value!r}")
         return number
     if not isinstance(value, list):
@@ -421,7 +424,8 @@ def _typed(value: Any, field: str, f: Feature, check) -> Any:
 
 def _expected(f: Feature) -> str:
     arrow = feature_field(f).type
-    return {"categorical": f"an integer id ({arrow})", "numeric": f"a finite number ({arrow})",
+    return {"categorical": f"an integer id ({arrow})",
+            "numeric": f"a finite number of magnitude at most {FLOAT32_MAX:.4g} ({arrow})",
             "categorical_list": f"a list of integer ids ({arrow})"}[f.type]
 
 

@@ -218,8 +218,9 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
             find_checkpoint(args.checkpoint)
         except CheckpointError as exc:  # a warning: the path may be one of the cluster's, not this machine's
             print(f"warning: {exc}", file=sys.stderr)
-    print(render_serve_config(config_dir=args.config_dir or "configs", checkpoint=args.checkpoint, port=args.port,
-                              scenario_ingress=list(reg.scenarios) if args.scenario_ingress else None), end="")
+    print(render_serve_config(config_dir=args.config_dir or "configs", checkpoint=args.checkpoint, host=args.host,
+                              port=args.port, scenario_ingress=list(reg.scenarios) if args.scenario_ingress else None),
+          end="")
     return 0
 
 
@@ -363,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR_OR_CHECKPOINT",
                    help="a run folder (its newest checkpoint is used) or one checkpoint_* folder")
     p.add_argument("--data", required=True, metavar="AGG_DIR", help="aggregated samples (--out of `mtfm data aggregate`)")
-    p.add_argument("--test-windows", type=int, default=None, metavar="N",
+    p.add_argument("--test-windows", type=positive_int, default=None, metavar="N",
                    help="hold out the last N windows (default: the checkpoint's train config, usually 1)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     p.set_defaults(handler=cmd_eval)
@@ -386,7 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "overrides only: the app builder enumerates the registry, so new scenarios need "
                                     "no edit.")
     p.add_argument("--checkpoint", default=None, metavar="RUN_DIR_OR_CHECKPOINT",
-                   help="checkpoint to serve (default: null = $MTFM_CHECKPOINT, else the newest run under runs/)")
+                   help="checkpoint to serve (default: null = $MTFM_CHECKPOINT, else the newest checkpoint saved "
+                        "under runs/)")
+    p.add_argument("--host", default="0.0.0.0",
+                   help="HTTP interface (default 0.0.0.0: every interface; 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--scenario-ingress", action="store_true",
                    help="one app per registered scenario, its replicas taking HTTP themselves at /<scenario>/rank "

@@ -77,7 +77,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, test_window
 
     folder = find_checkpoint(checkpoint)
     model, meta = load_model(folder)
-    windows_held_out = test_windows or meta.train_config.get("test_windows", 1)
+    windows_held_out = meta.train_config.get("test_windows", 1) if test_windows is None else test_windows
+    if windows_held_out < 1:
+        raise ValueError(f"test_windows {windows_held_out}: expected at least 1 (the last N windows are the test set)")
     init_ray()
     _, test_ds, windows = split_by_window(data, windows_held_out)
     budget = tokens_per_batch or meta.train_config.get("tokens_per_batch", 8192)

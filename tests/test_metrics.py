@@ -1,4 +1,4 @@
-"""AUC and GAUC against scikit-learn and a hand-worked case; the eval table's notes on small samples."""
+"""AUC and GAUC against scikit-learn and a hand-worked case; the eval table's notes on small samples and its --test-windows."""
 from __future__ import annotations
 
 import numpy as np
@@ -52,3 +52,12 @@ def test_eval_table_notes_rows_scored_on_too_few_users_or_positives():
     assert len(table.splitlines()) == 4 + len(notes)
     assert [n.split(":")[1].strip() for n in notes] == ["hp/order", "sqs/click"]
     assert f"{FEW - 1} positive(s)" in notes[0] and "2 user(s)" in notes[1] and "--test-windows" in notes[1]
+
+
+@pytest.mark.parametrize("windows", ["0", "-1", "two"])
+def test_eval_refuses_a_test_window_count_below_one(windows, capsys):
+    from mtfm.platform.cli import main
+
+    with pytest.raises(SystemExit) as exc:  # before any checkpoint or data is read
+        main(["eval", "--checkpoint", "runs/none", "--data", "data/none", "--test-windows", windows])
+    assert exc.value.code == 2 and f"expected a positive integer, found '{windows}'" in capsys.readouterr().err

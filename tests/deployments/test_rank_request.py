@@ -97,6 +97,8 @@ def _broken(path: str, value) -> dict:
     ("realtime.3.action", 2**63, "wrong_type"),
     ("candidates.25.poi_id", None, "missing_field"),
     ("candidates.31.distance_km", [1.0], "wrong_type"),
+    ("candidates.7.distance_km", 3.5e38, "wrong_type"),  # finite, but inf in the model's float32
+    ("history.2.price", -1e39, "wrong_type"),
 ])
 def test_a_bad_value_deep_in_a_list_is_refused_by_its_exact_field(path, value, kind):
     listing, index, name = path.split(".")
@@ -145,6 +147,7 @@ def test_events_and_candidates_as_columns_give_the_same_request(scenario):
     ("sequences.history.category", ("column", [1, 2]), "wrong_type", "sequences.history.category"),
     ("candidates.poi_id", ("set", 25, None), "missing_field", "candidates.poi_id[25]"),
     ("candidates.distance_km", ("set", 31, [1.0]), "wrong_type", "candidates.distance_km[31]"),
+    ("candidates.distance_km", ("set", 7, 3.5e38), "wrong_type", "candidates.distance_km[7]"),
     ("candidates.poi_id", ("drop",), "missing_field", "candidates.poi_id[0]"),
 ])
 def test_a_bad_value_in_a_column_is_refused_by_its_exact_field(path, value, kind, field):
@@ -252,3 +255,12 @@ def test_numeric_values_beyond_float32_and_null_columns():
     optional = next(f.name for f in REGISTRY.scenario("hp").exposure_features if not f.required)
     columns["candidates"][optional] = None  # a null column is an omitted one
     assert parser.parse(columns, now_ms=NOW_MS).num_candidates == 40
+
+
+@pytest.mark.parametrize("value", [False, 0, "", 1.5])
+def test_a_sequence_that_is_neither_events_nor_columns_is_refused(value):
+    body = _varied_body("hp")
+    body["sequences"]["history"] = value  # not taken as "no events"
+    with pytest.raises(RequestError) as error:
+        RankRequestParser(REGISTRY, "hp", max_candidates=1000).parse(body, now_ms=NOW_MS)
+    assert (error.value.kind, error.value.field) == ("wrong_type", "sequences.history")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -312,6 +313,10 @@ def test_checkpoint_resolution_env_then_argument_then_newest_run(tmp_path, monke
     old = write_tiny_checkpoint(registry, tmp_path / "runs" / "a-1" / "checkpoint_00000001")
     new = write_tiny_checkpoint(registry, tmp_path / "runs" / "b-2" / "checkpoint_00000002")
     monkeypatch.delenv("MTFM_CHECKPOINT", raising=False)
+    os.utime(old / "meta.json", (1_000_000, 1_000_000))  # saved long before the other
+    assert resolve_checkpoint(None, tmp_path / "runs") == new.resolve()
+    (old.parent / "report").mkdir()  # a report written into the old run later: it must not take over
+    os.utime(new.parent, (2_000_000, 2_000_000))
     assert resolve_checkpoint(None, tmp_path / "runs") == new.resolve()
     assert resolve_checkpoint(str(old.parent), tmp_path / "runs") == old.resolve()
     monkeypatch.setenv("MTFM_CHECKPOINT", str(checkpoint))

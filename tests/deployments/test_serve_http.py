@@ -151,6 +151,8 @@ def _check_bad_requests(registry, url: str) -> None:
         assert (error["kind"], error["field"]) == (kind, field), (case, error)
         assert error["message"], case
     assert requests.get(f"{url}/hp/rank", timeout=60).status_code == 405
+    wrong = requests.post(f"{url}/healthz", json={}, timeout=60)
+    assert (wrong.status_code, wrong.json()["error"]["kind"]) == (405, "method_not_allowed")
     response = requests.post(f"{url}/hp/rank", json=example_request(registry, "hp"), timeout=60)
     assert response.status_code == 200, response.text
 
@@ -195,7 +197,8 @@ def test_metrics_reach_the_prometheus_endpoint(service):
 
     port = ray.nodes()[0]["MetricsExportPort"]
     wanted = ["ray_mtfm_request_latency_ms", "ray_mtfm_request_errors_total", "ray_mtfm_candidates_per_request",
-              "ray_mtfm_batch_requests", "ray_mtfm_batch_tokens"]
+              "ray_mtfm_batch_requests", "ray_mtfm_batch_tokens", "ray_mtfm_candidates_total",
+              "ray_mtfm_scored_requests_total", "ray_mtfm_scored_tokens_total"]
     deadline, text = time.monotonic() + 120, ""
     while time.monotonic() < deadline:  # metrics are exported every few seconds, later on a loaded machine
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
@@ -205,6 +208,19 @@ def test_metrics_reach_the_prometheus_endpoint(service):
     missing = [name for name in wanted if name not in text]
     assert not missing, f"not exported on port {port}: {missing}"
     assert 'kind="too_many_candidates"' in text
+    # The counters are exact: every batch holds at least one request and each request at least one
+    # candidate (Ray's histogram sums, from bucket midpoints, give 0.5 for a batch of one).
+    batches, scored = _metric_total(text, "ray_mtfm_batch_requests_count"), _metric_total(text, "ray_mtfm_scored_requests_total")
+    accepted, candidates = (_metric_total(text, "ray_mtfm_candidates_per_request_count"),
+                            _metric_total(text, "ray_mtfm_candidates_total"))
+    assert scored >= batches > 0 and scored == int(scored), (scored, batches)
+    assert candidates >= accepted > 0 and candidates == int(candidates), (candidates, accepted)
+
+
+def _metric_total(text: str, name: str) -> float:
+    """The sum over every series of one metric in a Prometheus text page."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
 
 
 def test_a_killed_replica_loses_no_retried_request(service):
