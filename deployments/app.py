@@ -76,8 +76,12 @@ class ServeConfigError(ValueError):
 def build_app(args: AppArgs) -> Application:
     args = AppArgs.model_validate(args) if not isinstance(args, AppArgs) else args
     checkpoint = resolve_checkpoint(args.checkpoint)
-    source = (f"${CHECKPOINT_ENV}" if os.environ.get(CHECKPOINT_ENV) else "serve.yaml's args.checkpoint"
-              if args.checkpoint else f"the newest checkpoint under {DEFAULT_RUNS_DIR}/")
+    if os.environ.get(CHECKPOINT_ENV):
+        source = f"${CHECKPOINT_ENV}"
+    elif args.checkpoint:
+        source = "args.checkpoint"
+    else:
+        source = f"the newest checkpoint under {DEFAULT_RUNS_DIR}/"
     print(f"[mtfm] serving {checkpoint} ({source})", file=sys.stderr, flush=True)
     registry = load_registry(args.config_dir)
     serving = scenario_serving(registry, args.scenarios)
@@ -116,11 +120,16 @@ def resolve_checkpoint(argument: str | None, runs_dir: str | Path = DEFAULT_RUNS
     if chosen:
         return find_checkpoint(Path(chosen).expanduser()).resolve()
     runs = Path(runs_dir)
-    saved = [p for p in runs.glob(f"*/checkpoint_*/{META_FILE}") if p.is_file()] if runs.is_dir() else []
+    saved = []
+    for meta in runs.glob(f"*/checkpoint_*/{META_FILE}") if runs.is_dir() else ():
+        try:  # ties (a file system keeping whole seconds) go to the later step; a running job may delete one
+            saved.append((meta.stat().st_mtime_ns, meta.parent.name, meta.parent))
+        except FileNotFoundError:
+            continue
     if not saved:
         raise CheckpointError(f"no checkpoint to serve: set `checkpoint` in serve.yaml's args or ${CHECKPOINT_ENV}, "
                               f"or train a run under {runs.resolve()} (`mtfm train ...`)")
-    return max(saved, key=lambda meta: meta.stat().st_mtime).parent.resolve()
+    return max(saved)[2].resolve()
 
 
 def scenario_serving(registry: Registry, overrides: dict[str, ServingOverrides]) -> dict[str, ServingConfig]:

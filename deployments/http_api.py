@@ -33,7 +33,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError,
                                   RequestCancelledError)
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from .metrics import RequestMetrics
 from .rank_request import RankRequest, RankRequestParser, RequestError
@@ -42,6 +42,14 @@ from .rank_request import RankRequest, RankRequestParser, RequestError
 NO_SCENARIO = "-"
 
 Rank = Callable[[str, RankRequest], Awaitable[dict]]
+
+
+class MethodNotAllowed(RequestError):
+    """A 405; `allowed` is its Allow header."""
+
+    def __init__(self, allowed: str, found: str):
+        super().__init__(405, "method_not_allowed", "method", f"expected {allowed}, found {found}")
+        self.allowed = allowed
 
 
 class FastJSONResponse(JSONResponse):
@@ -71,8 +79,10 @@ class RankEndpoint:
         try:
             parts = [p for p in _path_in_app(http).split("/") if p]
             if parts == ["healthz"]:
+                if http.method == "HEAD":  # a load balancer's probe: the status alone
+                    return Response(headers={"content-type": "application/json"})
                 if http.method != "GET":
-                    raise RequestError(405, "method_not_allowed", "method", f"expected GET, found {http.method}")
+                    raise MethodNotAllowed("GET, HEAD", http.method)
                 return FastJSONResponse(await health())
             if parts == ["rank"] and self.bare_rank:
                 parts = [*self.parsers, "rank"]
@@ -85,7 +95,7 @@ class RankEndpoint:
                 raise RequestError(404, "unknown_scenario", "path", f"unknown scenario {parts[0]!r}; served: {served}")
             scenario = parts[0]
             if http.method != "POST":
-                raise RequestError(405, "method_not_allowed", "method", f"expected POST, found {http.method}")
+                raise MethodNotAllowed("POST", http.method)
             body = await self._json_body(http)
             request = self.parsers[scenario].parse(body, now_ms=int(time.time() * 1000))
             self.metrics.accepted(scenario, request.num_candidates)
@@ -93,6 +103,8 @@ class RankEndpoint:
         except RequestError as exc:
             self.metrics.error(scenario, exc.kind)
             response = FastJSONResponse(exc.to_json(), status_code=exc.status)
+            if isinstance(exc, MethodNotAllowed):
+                response.headers["allow"] = exc.allowed
         except (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError,
                 RequestCancelledError) as exc:
             self.metrics.error(scenario, "replica_unavailable")

@@ -50,8 +50,9 @@ REQUEST_KEYS = ("user_id", "ts", "user", "sequences", "candidates")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Numeric features are float32: larger ints are converted by float() rather than refused by Arrow.
 FLOAT32_EXACT_INT = 2**24
-# Numeric features are float32 in the model: a larger magnitude would become inf there (and then 0).
-FLOAT32_MAX = 3.4028234663852886e38
+# Numeric features are float32 in the model: from this magnitude on a value rounds to inf there (and
+# then to 0); below it, to at most float32's largest finite value, 3.4028235e38.
+FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 # 2026-01-01 00:00 UTC: the example request's time (in the past, so always accepted).
 EXAMPLE_TS_MS = 1_767_225_600_000
 
@@ -336,8 +337,7 @@ class _ObjectSchema:
 
     def _plainly_valid(self, columns: dict[str, list]) -> bool:
         """Every value of every column of the right type: a few passes per column, each in C (the
-        types of a column as a set, its min and max), where a Python loop per value took most of a
-        request's parse."""
+        set of the values' types, their min and max) rather than a Python step per value."""
         for name in self.extra:
             if not _all_int64(columns[name]):
                 return False
@@ -350,9 +350,12 @@ class _ObjectSchema:
             if f.type == "categorical":
                 ok = _all_int64(present, types)
             elif f.type == "numeric":
-                ints = [v for v in present if type(v) is int] if int in types else []
-                ok = (types <= {float, int} and all(-FLOAT32_EXACT_INT <= v <= FLOAT32_EXACT_INT for v in ints)
-                      and all(map(math.isfinite, present)) and max(map(abs, present), default=0.0) <= FLOAT32_MAX)
+                ints = [v for v in present if type(v) is int] if int in types else ()
+                # ints first: math.isfinite overflows on an int beyond float's range
+                ok = (types <= {float, int}
+                      and (not ints or (-FLOAT32_EXACT_INT <= min(ints) and max(ints) <= FLOAT32_EXACT_INT))
+                      and all(map(math.isfinite, present))
+                      and (not present or (-FLOAT32_OVERFLOW < min(present) and max(present) < FLOAT32_OVERFLOW)))
             else:
                 ok = types <= {list} and _all_int64(list(chain.from_iterable(present)))
             if not ok:
@@ -407,7 +410,7 @@ def _feature_value(f: Feature, value: Any, field: str) -> Any:
             number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
         except OverflowError:
             number = math.nan
-        if not (math.isfinite(number) and abs(number) <= FLOAT32_MAX):
+        if not (math.isfinite(number) and abs(number) < FLOAT32_OVERFLOW):
             raise RequestError(422, "wrong_type", field, f"expected {_expected(f)}, found {_json_kind(value)} {value!r}")
         return number
     if not isinstance(value, list):
@@ -425,7 +428,7 @@ def _typed(value: Any, field: str, f: Feature, check) -> Any:
 def _expected(f: Feature) -> str:
     arrow = feature_field(f).type
     return {"categorical": f"an integer id ({arrow})",
-            "numeric": f"a finite number of magnitude at most {FLOAT32_MAX:.4g} ({arrow})",
+            "numeric": f"a finite number within float32's range, up to 3.4028235e38 in magnitude ({arrow})",
             "categorical_list": f"a list of integer ids ({arrow})"}[f.type]
 
 

@@ -265,10 +265,12 @@ def _write_samples(samples: pa.Table, out: Path, partition: int) -> dict:
 
 # ---------------------------------------------------------------- orchestration
 
-def _previous_samples(out: Path) -> int | None:
-    """User samples a finished earlier run wrote into `out` (its summary's count), None if none finished."""
+def _previous_run(out: Path) -> dict | None:
+    """The summary a finished earlier run wrote into `out`; None if there is none or it is unreadable."""
     try:
-        return int(json.loads((out / SUMMARY).read_text())["samples_out"])
+        summary = json.loads((out / SUMMARY).read_text())
+        int(summary["samples_out"])
+        return summary
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -281,12 +283,18 @@ def _prepare(registry: Registry, raw: Path, out: Path, overwrite: bool, log=prin
         raise FileNotFoundError(f"{raw}/exposures: no exposure tables found (expected exposures/<scenario>/*.parquet)")
     owned = [out / SAMPLES, out / QUARANTINE, out / SHUFFLE, out / SUMMARY]
     if any(p.exists() for p in owned):
-        previous = _previous_samples(out)
-        if previous == 0:  # a run that produced nothing: replacing it loses no sample
-            log(f"replacing {out}: its earlier aggregation wrote no user samples")
+        previous = _previous_run(out)
+        if previous is not None and previous["samples_out"] == 0 and previous["raw"] == str(raw):
+            # The same logs, again, after a run that produced nothing: replacing it loses no sample
+            # (its quarantine, of these logs, is written anew).
+            log(f"replacing {out}: its earlier aggregation of {raw} wrote no user samples")
         elif not overwrite:
-            held = (f"already holds {previous:,} aggregated user samples" if previous is not None else
-                    f"holds the output of an aggregation that did not finish (no {SUMMARY})")
+            if previous is not None:
+                held = (f"already holds {previous['samples_out']:,} aggregated user samples of {previous['raw']}")
+            elif (out / SUMMARY).exists():
+                held = f"holds aggregation output whose {SUMMARY} cannot be read"
+            else:
+                held = f"holds the output of an aggregation that did not finish (no {SUMMARY})"
             raise FileExistsError(f"{out} {held}; choose another --out or pass --overwrite")
         for p in owned:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)

@@ -32,8 +32,10 @@ def _quiet_placement_group_cleaner() -> None:
     embedded Ray leaves out, whether the run's controller lives, and warns each second it cannot
     (35 lines a short run); its errors still show. It finds the cluster by RAY_ADDRESS, else by
     looking for one on this machine, which fails with a traceback when another Ray runs here too
-    (a test session, another embedded run): so its worker is told this cluster's address."""
+    (a test session, another embedded run): so each worker is told this cluster's address (and a
+    process a task starts, such as another `mtfm` command, joins this cluster too)."""
     import ray
 
-    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)

@@ -47,8 +47,9 @@ def evaluate_batches(model, batches: Iterable, device) -> dict[str, dict]:
     return dict(sorted(results.items()))
 
 
-# Below this many users with both classes (or positives), a GAUC (or AUC) moves by several
-# hundredths from one seed or test day to the next (bench/RESULTS.md, MovieLens' 31-126 users).
+# With fewer users with both classes than this, one user's AUC going from 0 to 1 moves the GAUC
+# (users weighted by their exposures) by 1/30 = 0.033 on average; with fewer positives, one
+# positive's rank can move the AUC by as much: more than the differences between models compared.
 FEW = 30
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -31,19 +32,29 @@ def test_synth_then_aggregate(ray_cluster, config_dir, tmp_path, capsys):
     assert summary["window_ms"] == 43_200_000 and summary["exposures_in"] == summary["exposures_out"] > 0
     # A second run into the same folder is refused with a clear message, not a traceback.
     assert main(["data", "aggregate", "--config-dir", str(config_dir), "--raw", str(raw), "--out", str(agg)]) == 1
-    assert "--overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"already holds {summary['samples_out']:,} aggregated user samples of {raw}" in err and "--overwrite" in err
     assert main(["data", "synth", "--config-dir", str(config_dir), "--out", str(raw)]) == 1
     # Every row quarantined (all later than --max-ts): the samples are written, empty, and the command fails.
     assert main(["data", "aggregate", "--config-dir", str(config_dir), "--raw", str(raw), "--out", str(agg),
                  "--max-ts", "0", "--overwrite"]) == 1
     assert "no user samples from" in capsys.readouterr().err
     assert json.loads((agg / "_summary.json").read_text())["samples_out"] == 0
-    # That empty output holds nothing to lose: the corrected command reruns without --overwrite.
+    # That empty output is replaced without --overwrite only by a run of the same logs (another
+    # folder's logs would take away the quarantine of these).
+    other = tmp_path / "raw2"
+    shutil.copytree(raw, other)
+    assert main(["data", "aggregate", "--config-dir", str(config_dir), "--raw", str(other), "--out", str(agg)]) == 1
+    assert f"already holds 0 aggregated user samples of {raw}" in capsys.readouterr().err
+    # Nothing to lose for the same logs: the corrected command reruns without --overwrite.
     assert main(["data", "aggregate", "--config-dir", str(config_dir), "--raw", str(raw), "--out", str(agg),
                  "--window", "12h"]) == 0
     assert "wrote no user samples" in capsys.readouterr().out
     assert json.loads((agg / "_summary.json").read_text())["samples_out"] == summary["samples_out"] > 0
-    # An aggregation that died before its summary is not replaced silently.
+    # An aggregation that died before its summary, or one whose summary is unreadable, is not replaced silently.
+    (agg / "_summary.json").write_text("{")
+    assert main(["data", "aggregate", "--config-dir", str(config_dir), "--raw", str(raw), "--out", str(agg)]) == 1
+    assert "_summary.json cannot be read" in capsys.readouterr().err
     (agg / "_summary.json").unlink()
     assert main(["data", "aggregate", "--config-dir", str(config_dir), "--raw", str(raw), "--out", str(agg)]) == 1
     assert "did not finish" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""AUC and GAUC against scikit-learn and a hand-worked case; the eval table's notes on small samples and its --test-windows."""
+"""AUC and GAUC against scikit-learn and a hand-worked case; `mtfm eval`'s table notes and flags."""
 from __future__ import annotations
 
 import numpy as np

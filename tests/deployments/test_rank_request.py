@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import pickle
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -97,8 +98,9 @@ def _broken(path: str, value) -> dict:
     ("realtime.3.action", 2**63, "wrong_type"),
     ("candidates.25.poi_id", None, "missing_field"),
     ("candidates.31.distance_km", [1.0], "wrong_type"),
-    ("candidates.7.distance_km", 3.5e38, "wrong_type"),  # finite, but inf in the model's float32
+    ("candidates.7.distance_km", 3.4028236e38, "wrong_type"),  # finite, but inf in the model's float32
     ("history.2.price", -1e39, "wrong_type"),
+    ("candidates.9.distance_km", 10**39, "wrong_type"),
 ])
 def test_a_bad_value_deep_in_a_list_is_refused_by_its_exact_field(path, value, kind):
     listing, index, name = path.split(".")
@@ -147,7 +149,8 @@ def test_events_and_candidates_as_columns_give_the_same_request(scenario):
     ("sequences.history.category", ("column", [1, 2]), "wrong_type", "sequences.history.category"),
     ("candidates.poi_id", ("set", 25, None), "missing_field", "candidates.poi_id[25]"),
     ("candidates.distance_km", ("set", 31, [1.0]), "wrong_type", "candidates.distance_km[31]"),
-    ("candidates.distance_km", ("set", 7, 3.5e38), "wrong_type", "candidates.distance_km[7]"),
+    ("candidates.distance_km", ("set", 7, 3.4028236e38), "wrong_type", "candidates.distance_km[7]"),
+    ("candidates.distance_km", ("set", 9, -(10**39)), "wrong_type", "candidates.distance_km[9]"),
     ("candidates.poi_id", ("drop",), "missing_field", "candidates.poi_id[0]"),
 ])
 def test_a_bad_value_in_a_column_is_refused_by_its_exact_field(path, value, kind, field):
@@ -255,6 +258,12 @@ def test_numeric_values_beyond_float32_and_null_columns():
     optional = next(f.name for f in REGISTRY.scenario("hp").exposure_features if not f.required)
     columns["candidates"][optional] = None  # a null column is an omitted one
     assert parser.parse(columns, now_ms=NOW_MS).num_candidates == 40
+    largest = 3.4028235e38  # float32's largest value as printed: it fits, in rows and in columns
+    rows["candidates"][2]["distance_km"] = -largest
+    columns["candidates"]["distance_km"][2] = largest
+    for body, sign in ((rows, -1), (columns, 1)):
+        values = parser.parse(body, now_ms=NOW_MS).table.column("hp__exposures")[0].values.field("distance_km")
+        assert values[2].as_py() == sign * float(np.float32(largest))  # finite: float32's largest value
 
 
 @pytest.mark.parametrize("value", [False, 0, "", 1.5])

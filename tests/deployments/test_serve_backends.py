@@ -273,6 +273,9 @@ def test_serve_config_warns_of_a_checkpoint_path_without_a_checkpoint(tmp_path, 
     assert main(["serve", "config", "--config-dir", str(REPO / "configs"), "--checkpoint", str(tmp_path / "nope")]) == 0
     out = capsys.readouterr()
     assert f"warning: {tmp_path / 'nope'}: not found" in out.err and f"checkpoint: {tmp_path / 'nope'}" in out.out
+    assert "  host: 0.0.0.0\n" in out.out
+    assert main(["serve", "config", "--config-dir", str(REPO / "configs"), "--host", "127.0.0.1"]) == 0
+    assert "  host: 127.0.0.1\n  port: 8000\n" in capsys.readouterr().out
 
 
 def test_a_scenario_ingress_config_has_one_app_per_scenario_at_its_own_prefix(checkpoint):
@@ -318,6 +321,10 @@ def test_checkpoint_resolution_env_then_argument_then_newest_run(tmp_path, monke
     (old.parent / "report").mkdir()  # a report written into the old run later: it must not take over
     os.utime(new.parent, (2_000_000, 2_000_000))
     assert resolve_checkpoint(None, tmp_path / "runs") == new.resolve()
+    later = write_tiny_checkpoint(registry, tmp_path / "runs" / "c-3" / "checkpoint_00000003")
+    for meta in (new / "meta.json", later / "meta.json"):  # saved in the same second: the later step
+        os.utime(meta, (3_000_000, 3_000_000))
+    assert resolve_checkpoint(None, tmp_path / "runs") == later.resolve()
     assert resolve_checkpoint(str(old.parent), tmp_path / "runs") == old.resolve()
     monkeypatch.setenv("MTFM_CHECKPOINT", str(checkpoint))
     assert resolve_checkpoint(str(old.parent), tmp_path / "runs") == checkpoint.resolve()

@@ -14,6 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -150,9 +151,12 @@ def _check_bad_requests(registry, url: str) -> None:
         error = response.json()["error"]
         assert (error["kind"], error["field"]) == (kind, field), (case, error)
         assert error["message"], case
-    assert requests.get(f"{url}/hp/rank", timeout=60).status_code == 405
+    wrong = requests.get(f"{url}/hp/rank", timeout=60)
+    assert (wrong.status_code, wrong.headers["allow"]) == (405, "POST")
     wrong = requests.post(f"{url}/healthz", json={}, timeout=60)
-    assert (wrong.status_code, wrong.json()["error"]["kind"]) == (405, "method_not_allowed")
+    assert (wrong.status_code, wrong.json()["error"]["kind"], wrong.headers["allow"]) == (
+        405, "method_not_allowed", "GET, HEAD")
+    assert requests.head(f"{url}/healthz", timeout=60).status_code == 200
     response = requests.post(f"{url}/hp/rank", json=example_request(registry, "hp"), timeout=60)
     assert response.status_code == 200, response.text
 
@@ -210,11 +214,39 @@ def test_metrics_reach_the_prometheus_endpoint(service):
     assert 'kind="too_many_candidates"' in text
     # The counters are exact: every batch holds at least one request and each request at least one
     # candidate (Ray's histogram sums, from bucket midpoints, give 0.5 for a batch of one).
-    batches, scored = _metric_total(text, "ray_mtfm_batch_requests_count"), _metric_total(text, "ray_mtfm_scored_requests_total")
+    batches = _metric_total(text, "ray_mtfm_batch_requests_count")
+    scored = _metric_total(text, "ray_mtfm_scored_requests_total")
     accepted, candidates = (_metric_total(text, "ray_mtfm_candidates_per_request_count"),
                             _metric_total(text, "ray_mtfm_candidates_total"))
     assert scored >= batches > 0 and scored == int(scored), (scored, batches)
     assert candidates >= accepted > 0 and candidates == int(candidates), (candidates, accepted)
+
+
+def test_serving_metrics_record_exact_totals_beside_the_histograms(monkeypatch):
+    """Ray-free: each Counter and Histogram the serving metrics make, with what they were given."""
+    from mtfm.deployments import metrics as serving_metrics
+
+    recorded: dict[str, list] = {}
+
+    class Fake:
+        def __init__(self, name, description="", boundaries=None, tag_keys=()):
+            self.name = name
+
+        def observe(self, value, tags):
+            recorded.setdefault(self.name, []).append((value, tags["scenario"]))
+
+        def inc(self, value=1.0, tags=None):
+            recorded.setdefault(self.name, []).append((value, tags["scenario"]))
+
+    monkeypatch.setattr(serving_metrics, "metrics", SimpleNamespace(Counter=Fake, Histogram=Fake))
+    batches, requests_ = serving_metrics.BatchMetrics("hp"), serving_metrics.RequestMetrics()
+    for size, tokens in ((1, 300), (3, 1200)):
+        batches.batch(size, tokens, 4.0)
+    requests_.accepted("hp", 200)
+    requests_.accepted("hp", 50)
+    assert recorded["mtfm_scored_requests_total"] == recorded["mtfm_batch_requests"] == [(1, "hp"), (3, "hp")]
+    assert recorded["mtfm_scored_tokens_total"] == [(300, "hp"), (1200, "hp")]
+    assert recorded["mtfm_candidates_total"] == recorded["mtfm_candidates_per_request"] == [(200, "hp"), (50, "hp")]
 
 
 def _metric_total(text: str, name: str) -> float:
