@@ -198,8 +198,9 @@ def split_by_token_budget(counts: np.ndarray, max_tokens: int) -> list[int]:
 
 def _column(table: pa.Table | pa.RecordBatch, name: str) -> pa.Array:
     if name not in table.schema.names:
-        raise KeyError(f"aggregated table has no column {name!r} (expected registry.aggregated_schema(); "
-                       f"found columns {table.schema.names})")
+        raise ValueError(f"the aggregated samples have no column {name!r}: aggregated with another registry "
+                         f"than the model's? (expected registry.aggregated_schema(); found columns "
+                         f"{table.schema.names})")
     col = table.column(name)
     return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
 

@@ -237,10 +237,15 @@ class _Reader:
         return value
 
 
-def restrict_registry(registry: Registry, scenarios: tuple[str, ...] | list[str] | None) -> Registry:
-    """The registry with only `scenarios` (all when None); sequences are always shared."""
+def restrict_registry(registry: Registry, scenarios: tuple[str, ...] | list[str] | None,
+                      source: str | None = None) -> Registry:
+    """The registry with only `scenarios` (all when None); sequences are always shared. `source`:
+    the model config that named them, whose file and field an unknown one's error then gives."""
     if scenarios is None:
         return registry
-    for name in scenarios:
+    for i, name in enumerate(scenarios):
+        if source is not None and name not in registry.scenarios:
+            raise ModelConfigError(source, f"scenarios[{i}]", f"unknown scenario {name!r}; registered in "
+                                   f"{registry.config_dir}: {', '.join(registry.scenarios)}")
         registry.scenario(name)
     return dataclasses.replace(registry, scenarios={n: s for n, s in registry.scenarios.items() if n in scenarios})

@@ -11,7 +11,7 @@ def build_model(config: ModelConfig, registry: Registry) -> RecommenderBase:
     """The model named by `config.architecture` (mtfm | dlrm_mmoe | dcnv2) on `registry`,
     restricted to `config.scenarios` when set (the single-scenario MTFM is `architecture: mtfm`
     with `scenarios: [hp]`). Collate its batches with `Collator(model.registry)`."""
-    registry = restrict_registry(registry, config.scenarios)
+    registry = restrict_registry(registry, config.scenarios, config.source)
     if config.architecture == "mtfm":
         from .mtfm import MTFM
 

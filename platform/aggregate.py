@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mtfm.platform.rawlog import Contract, list_tables, validate
+from mtfm.platform.rawlog import Contract, files_not_read, list_tables, validate
 from mtfm.platform.registry import Registry, events_column, exposures_column, user_column
 
 SAMPLES = "samples"
@@ -299,9 +299,18 @@ def _prepare(registry: Registry, raw: Path, out: Path, overwrite: bool, log=prin
         for p in owned:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    files = [(kind, name, str(path)) for (kind, name), paths in tables.items() for path in paths]
-    rows = sum(pq.ParquetFile(p).metadata.num_rows for _, _, p in files)
-    warnings = [f"{kind}/{name}: unknown {'scenario' if kind == 'exposures' else 'sequence'}, "
+    files, rows, warnings = [], 0, []
+    for (kind, name), paths in tables.items():
+        for path in paths:
+            try:
+                rows += pq.ParquetFile(path).metadata.num_rows
+            except (OSError, pa.ArrowException) as exc:  # empty, cut short, not Parquet at all
+                warnings.append(f"{path}: not read, not a readable Parquet file ({exc})")
+                continue
+            files.append((kind, name, str(path)))
+    warnings += [f"{path}: not read (expected exposures/<scenario>/*.parquet or behaviors/<sequence>/*.parquet)"
+                 for path in files_not_read(raw)]
+    warnings += [f"{kind}/{name}: unknown {'scenario' if kind == 'exposures' else 'sequence'}, "
                 f"its rows are quarantined under {out / QUARANTINE / kind / name}"
                 for kind, name in tables if Contract.for_table(registry, kind, name).schema is None]
     warnings += [f"exposures/{s}: no raw data for this registered scenario (its lists will be empty)"

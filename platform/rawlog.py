@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from mtfm.platform.registry import Registry
 
 INTEGER = r"^\s*[+-]?\d+\s*$"
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 FLOAT = r"^\s*[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|inf|infinity|nan)\s*$"
 
 
@@ -83,6 +84,9 @@ def validate(table: pa.Table, contract: Contract, max_ts: int) -> tuple[pa.Table
     flag((ts < 0) | (ts > max_ts), f"ts out of range (expected 0 <= ts <= {max_ts} ms)")
     for name in contract.required:
         flag(_null(good[name]), f"null required feature {name}")
+        if pa.types.is_floating(good[name].type):  # NaN or inf would enter the model as 0: missing too
+            values = good[name].to_numpy(zero_copy_only=False)
+            flag(~np.isfinite(values), f"required feature {name} not a finite number")
     for name in contract.labels:
         label = good[name]
         value = label.to_numpy()  # float with NaN for nulls, which then count as bad
@@ -118,8 +122,13 @@ def cast_column(column: pa.ChunkedArray | pa.Array, target: pa.DataType) -> tupl
         return pa.nulls(n, target), ~_null(column)
     integer = pa.types.is_integer(target)
     ok = pc.fill_null(pc.match_substring_regex(text, INTEGER if integer else FLOAT, ignore_case=True), False)
-    parsed = pc.cast(pc.utf8_trim_whitespace(pc.if_else(ok, text, pa.scalar(None, pa.string()))),
-                     pa.int64() if integer else pa.float64())
+    trimmed = pc.utf8_trim_whitespace(pc.if_else(ok, text, pa.scalar(None, pa.string())))
+    try:
+        parsed = pc.cast(trimmed, pa.int64() if integer else pa.float64())
+    except pa.ArrowInvalid:  # an integer beyond int64 (a uint64 id) fails the whole cast: value by value
+        parsed = pa.array([None if v is None or not INT64_MIN <= int(v) <= INT64_MAX else int(v)
+                           for v in trimmed.to_pylist()], pa.int64())
+        ok = pc.and_(ok, pc.is_valid(parsed))
     if integer:
         info = np.iinfo(target.to_pandas_dtype())
         ok = pc.and_(ok, pc.fill_null(pc.and_(pc.greater_equal(parsed, info.min), pc.less_equal(parsed, info.max)), True))
@@ -161,3 +170,11 @@ def list_tables(raw: Path) -> dict[tuple[str, str], list[Path]]:
             for folder in sorted(p for p in root.iterdir() if p.is_dir()):
                 out[(kind, folder.name)] = sorted(folder.rglob("*.parquet"))
     return out
+
+
+def files_not_read(raw: Path) -> list[Path]:
+    """The files under raw/exposures and raw/behaviors that `list_tables` leaves out: not named
+    *.parquet, or not inside a table's folder. Hidden and _-prefixed files (_SUCCESS, .crc) excepted."""
+    listed = {p for paths in list_tables(raw).values() for p in paths}
+    return sorted(p for kind in ("exposures", "behaviors") if (raw / kind).is_dir() for p in (raw / kind).rglob("*")
+                  if p.is_file() and p not in listed and not p.name.startswith((".", "_")))

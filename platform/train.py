@@ -100,6 +100,8 @@ class TrainConfig:
                     "checkpoint_every", "keep_checkpoints", "num_workers"):
             if getattr(config, key) < 1:
                 raise RegistryError(source, key, f"expected an integer >= 1, found {getattr(config, key)}")
+        if config.max_steps is not None and config.max_steps < 1:
+            raise RegistryError(source, "max_steps", f"expected an integer >= 1 or null, found {config.max_steps}")
         for key in ("cpus_per_worker", "gpus_per_worker"):
             if getattr(config, key) <= 0:
                 raise RegistryError(source, key, f"expected a number > 0, found {getattr(config, key)}")
@@ -443,6 +445,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     from ray.train.torch import TorchTrainer
 
     from mtfm.model import load_model_config
+    from mtfm.model.config import restrict_registry
     from mtfm.platform.checkpoint import META_FILE, check_compatible, find_checkpoint, read_meta
     from mtfm.platform.cluster import init_ray
 
@@ -451,6 +454,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         config = TrainConfig.from_dict(config.to_dict() | {"data": data}, config.source)
     registry = load_registry(config_dir)
     model_config = load_model_config(config.model)
+    restrict_registry(registry, model_config.scenarios, model_config.source)  # its scenarios are registered
     resume_from = None
     if resume is not None:
         if out is not None and Path(out).resolve() != Path(resume).resolve():
@@ -460,6 +464,13 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
                              "starts a new run from one checkpoint")
         resume_from = find_checkpoint(resume).resolve()
         check_compatible(read_meta(resume_from), registry, str(resume_from))
+        trained = read_meta(resume_from).model_config
+        if trained != _model_config_dict(model_config):
+            differ = sorted(k for k in set(trained) | set(_model_config_dict(model_config))
+                            if trained.get(k) != _model_config_dict(model_config).get(k))
+            raise ValueError(f"--resume {resume}: its checkpoint's model {trained.get('name')!r} differs from the "
+                             f"model of {config.source} ({config.model}) in {', '.join(differ)}; resume with the "
+                             "run's own train config (its train_config.yaml)")
         out = Path(resume)
     if init_from is not None:
         init_from = find_checkpoint(init_from).resolve()
@@ -545,9 +556,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                         help="warm start a new run from a checkpoint or run folder: shared modules and known "
                              "scenarios load, scenarios new to the registry start fresh, retired ones are skipped")
-    parser.add_argument("--num-workers", type=int, default=None, help="override the config's num_workers")
-    parser.add_argument("--max-steps", type=int, default=None, help="override the config's max_steps")
-    parser.add_argument("--test-windows", type=int, default=None, metavar="N",
+    from mtfm.platform.cli import positive_int
+
+    parser.add_argument("--num-workers", type=positive_int, default=None, help="override the config's num_workers")
+    parser.add_argument("--max-steps", type=positive_int, default=None, help="override the config's max_steps")
+    parser.add_argument("--test-windows", type=positive_int, default=None, metavar="N",
                         help="override the config's test_windows (the last N windows held out for evaluation)")
 
 

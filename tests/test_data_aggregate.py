@@ -135,6 +135,9 @@ def test_bad_rows_are_quarantined_with_their_reason(ray_cluster, registry, raw, 
         "null required feature poi_id": _bad_copy(hp, poi_id=pa.array([None], pa.int64())),
         "label click not 0/1": pa.concat_tables([_bad_copy(hp, click=pa.array([2], pa.int8())),
                                                  _bad_copy(hp, click=pa.array([None], pa.int8()))]),
+        "wrong type in user_id": _bad_copy(hp, user_id=pa.array([2**63 + 5], pa.uint64())),  # a uint64 id
+        "required feature distance_km not a finite number": pa.concat_tables(
+            [_bad_copy(hp, distance_km=pa.array([v], pa.float64())) for v in (float("nan"), float("inf"), 1e39)]),
     }
     for i, (reason, table) in enumerate(cases.items()):
         nullable = pa.schema([f.with_nullable(True) for f in table.schema])
@@ -156,12 +159,13 @@ def test_bad_rows_are_quarantined_with_their_reason(ray_cluster, registry, raw, 
     assert count("null user_id") == 1 and count("null ts") == 1 and count("ts out of range") == 2
     assert count("null required feature poi_id") == 1 and count("label click not 0/1") == 2
     assert count("wrong type in distance_km") == 1 and count("missing column order") == 3
+    assert count("wrong type in user_id") == 1 and count("required feature distance_km not a finite number") == 3
     unknown = summary["quarantined"]["exposures/unknown_feed"]
     assert list(unknown.values()) == [4] and "unknown scenario 'unknown_feed'" in next(iter(unknown))
     assert any("unknown_feed" in w for w in summary["warnings"])
     quarantined = pa.concat_tables([pq.read_table(f).select(["reason"])
                                     for f in (tmp_path / "agg" / "quarantine").rglob("*.parquet")])
-    assert quarantined.num_rows == summary["quarantined_rows"] == 15
+    assert quarantined.num_rows == summary["quarantined_rows"] == 19
     # Nothing lost: every exposure row is either aggregated or quarantined.
     assert summary["exposures_in"] == summary["exposures_out"] + summary["quarantined_rows"]
     # The convertible text value made it through, as a number.
@@ -170,6 +174,26 @@ def test_bad_rows_are_quarantined_with_their_reason(ray_cluster, registry, raw, 
     match = [e for s in samples if s["user_id"] == text_row["user_id"] for e in s["hp__exposures"]
              if e["ts"] == text_row["ts"] and e["distance_km"] == 2.5]
     assert len(match) == 1
+
+
+def test_files_that_cannot_be_read_are_named_and_the_rest_aggregated(ray_cluster, registry, raw, tmp_path):
+    dirty = tmp_path / "raw"
+    shutil.copytree(raw, dirty)
+    hp = dirty / "exposures" / "hp"
+    (hp / "empty.parquet").write_bytes(b"")
+    (hp / "garbage.parquet").write_bytes(b"not parquet at all")
+    (hp / "day.csv").write_text("user_id,ts\n1,2\n")
+    (dirty / "exposures" / "loose.parquet").write_bytes((next(hp.glob("*.parquet"))).read_bytes())
+    (hp / "_SUCCESS").write_text("")
+
+    summary = aggregate(registry, dirty, tmp_path / "agg", **QUIET)
+
+    named = {Path(w.split(": ")[0]).name: w for w in summary["warnings"] if w.split(": ")[0].endswith(
+        (".parquet", ".csv"))}
+    assert set(named) == {"empty.parquet", "garbage.parquet", "day.csv", "loose.parquet"}, summary["warnings"]
+    assert "not a readable Parquet file" in named["garbage.parquet"] and "expected exposures/" in named["day.csv"]
+    clean = aggregate(registry, raw, tmp_path / "clean", **QUIET)
+    assert summary["samples_out"] == clean["samples_out"] and summary["exposures_in"] == clean["exposures_in"]
 
 
 def test_new_scenario_yaml_is_picked_up_without_code_change(ray_cluster, config_dir, tmp_path):

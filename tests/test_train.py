@@ -173,8 +173,38 @@ def test_command_line_refuses_a_run_folder_that_holds_a_run(tmp_path, monkeypatc
     assert f"error: {run} holds a run already (checkpoint_00000003): --resume {run} continues it" in capsys.readouterr().err
     assert main(["--config", str(TINY), "--resume", str(run / "checkpoint_00000003")]) == 1
     assert "--resume takes a run folder, not one of its checkpoints" in capsys.readouterr().err
-    assert main(["--config", str(TINY), "--test-windows", "0", "--out", str(tmp_path / "new")]) == 1
-    assert "test_windows: expected an integer >= 1, found 0" in capsys.readouterr().err  # the override is checked
+    for flag in ("--test-windows", "--max-steps", "--num-workers"):  # the overrides are checked, by their flags
+        with pytest.raises(SystemExit) as exc:
+            main(["--config", str(TINY), flag, "0", "--out", str(tmp_path / "new")])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and f"argument {flag}: expected a positive integer, found '0'" in err
+
+
+def test_command_line_refuses_a_model_the_registry_or_the_resumed_run_does_not_match(tmp_path, monkeypatch, capsys):
+    """Both before Ray starts: an unknown scenario in the model config's `scenarios`, and --resume
+    with a train config whose model differs from the checkpoint's."""
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "tests" / "deployments"))
+    from serve_test_utils import write_tiny_checkpoint
+
+    monkeypatch.chdir(REPO_ROOT)
+    model = tmp_path / "model.yaml"
+    model.write_text((CONFIGS / "model" / "tiny.yaml").read_text() + "scenarios: [hp, nope]\n")
+    config = tmp_path / "train.yaml"
+    config.write_text(TINY.read_text().replace("configs/model/tiny.yaml", str(model)))
+    assert main(["--config", str(config), "--out", str(tmp_path / "a")]) == 1
+    assert f"{model}: scenarios[1]: unknown scenario 'nope'; registered in" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    run = tmp_path / "run"
+    meta_file = write_tiny_checkpoint(load_registry(CONFIGS), run / "checkpoint_00000007") / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["model_config"]["d_model"] *= 2  # trained with another model than --config's
+    meta_file.write_text(json.dumps(meta))
+    assert main(["--config", str(TINY), "--resume", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert f"--resume {run}: its checkpoint's model 'tiny' differs from the model of" in err and " in d_model;" in err
+    assert not (run / "train_config.yaml").exists()  # the run's record is left as it was
 
 
 def test_train_config_errors(tmp_path):
@@ -193,6 +223,9 @@ def test_train_config_errors(tmp_path):
         TrainConfig.load(bad)
     bad.write_text("model: configs/model/tiny.yaml\nuse_gpu: true\nnum_workers: 2\ncuda_graphs: true\n")
     with pytest.raises(RegistryError, match=r"bad.yaml: cuda_graphs: needs use_gpu: true and num_workers: 1"):
+        TrainConfig.load(bad)
+    bad.write_text("model: configs/model/tiny.yaml\nmax_steps: 0\n")
+    with pytest.raises(RegistryError, match=r"bad.yaml: max_steps: expected an integer >= 1 or null, found 0"):
         TrainConfig.load(bad)
 
 

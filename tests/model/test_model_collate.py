@@ -128,6 +128,12 @@ def test_a_group_without_tokens_has_the_features_of_one_with_tokens_empty():
         assert empty.index.dtype == full.index.dtype and (empty.labels, empty.request_id) == (None, None)
 
 
+def test_samples_of_another_registry_are_refused_by_their_missing_column():
+    table = random_table(REGISTRY, 3, 0).drop_columns(["phf__exposures"])
+    with pytest.raises(ValueError, match="no column 'phf__exposures': aggregated with another registry"):
+        Collator(REGISTRY)(table)
+
+
 def test_unknown_max_len_group_is_an_error():
     with pytest.raises(KeyError, match="nope"):
         Collator(REGISTRY, max_len={"nope": 3})
