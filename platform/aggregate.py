@@ -320,8 +320,8 @@ def _prepare(registry: Registry, raw: Path, out: Path, overwrite: bool, log=prin
     return files, rows, warnings
 
 
-def _summary(registry: Registry, raw: Path, out: Path, window_ms: int, split: list[dict], parts: list[dict],
-             warnings: list[str], seconds: float, engine: str) -> dict:
+def _summary(registry: Registry, raw: Path, out: Path, window_ms: int, max_ts: int, split: list[dict],
+             parts: list[dict], warnings: list[str], seconds: float, engine: str) -> dict:
     per_table: dict[str, dict] = {}
     for s in split:
         t = per_table.setdefault(s["table"], {"rows": 0, "valid": 0, "quarantined": Counter(), "ignored": set()})
@@ -336,7 +336,8 @@ def _summary(registry: Registry, raw: Path, out: Path, window_ms: int, split: li
     exposures_out = sum(p["exposures"] for p in parts)
     summary = {
         "raw": str(raw), "out": str(out), "samples_dir": str(out / SAMPLES), "engine": engine,
-        "window_ms": window_ms, "scenarios": list(registry.scenarios), "sequences": list(registry.sequences),
+        "window_ms": window_ms, "max_ts": max_ts, "scenarios": list(registry.scenarios),
+        "sequences": list(registry.sequences),
         "exposures_in": exposures_in, "exposures_out": exposures_out, "samples_out": samples,
         "compression": exposures_in / samples if samples else None,
         "quarantined": {k: dict(t["quarantined"]) for k, t in per_table.items() if t["quarantined"]},
@@ -382,7 +383,7 @@ def aggregate(registry: Registry, raw: str | Path, out: str | Path, window_ms: i
     shutil.rmtree(out / SHUFFLE, ignore_errors=True)
     log(f"split {split_s:.1f} s, aggregate {time.perf_counter() - start - split_s:.1f} s "
         f"({len(files)} files, {parts} user partitions)")
-    summary = _summary(registry, raw, out, window_ms, split, results, warnings, time.perf_counter() - start, "ray")
+    summary = _summary(registry, raw, out, window_ms, max_ts, split, results, warnings, time.perf_counter() - start, "ray")
     _print_summary(summary, log)
     return summary
 
@@ -403,7 +404,7 @@ def aggregate_local(registry: Registry, raw: str | Path, out: str | Path, window
     samples = aggregate_partition(registry, {n: t for (k, n), t in tables.items() if k == "exposures"},
                                   {n: t for (k, n), t in tables.items() if k == "behaviors"}, window_ms)
     results = [_write_samples(samples, out, 0)]
-    summary = _summary(registry, raw, out, window_ms, split, results, warnings, time.perf_counter() - start, "local")
+    summary = _summary(registry, raw, out, window_ms, max_ts, split, results, warnings, time.perf_counter() - start, "local")
     _print_summary(summary, log)
     return summary
 
@@ -444,6 +445,10 @@ def _run(ray, items: list[dict], fn, kwargs: dict) -> list[dict]:
         context.op_resource_reservation_enabled = reservation
 
 
+def _utc(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ms / 1000))
+
+
 def _print_summary(s: dict, log) -> None:
     for w in s["warnings"]:
         log(f"warning: {w}")
@@ -454,5 +459,6 @@ def _print_summary(s: dict, log) -> None:
         log(f"quarantined rows: {s['quarantined_rows']:,} (under {Path(s['out']) / QUARANTINE})")
         for table, reasons in s["quarantined"].items():
             for reason, n in reasons.items():
-                log(f"  {table}: {n:,}  {reason}")
+                bound = f"; max_ts = {s['max_ts']} ms, {_utc(s['max_ts'])}" if reason.endswith("max_ts)") else ""
+                log(f"  {table}: {n:,}  {reason}{bound}")
     log(f"samples: {s['samples_dir']}  summary: {Path(s['out']) / SUMMARY}  ({s['seconds']:.1f} s)")

@@ -453,6 +453,9 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         data = data if "://" in data else str(Path(data).resolve())  # a URI (s3://...) stays one
         config = TrainConfig.from_dict(config.to_dict() | {"data": data}, config.source)
     registry = load_registry(config_dir)
+    if not Path(config.model).is_file():
+        raise RegistryError(config.source, "model", f"model config file {config.model} not found (a path from the "
+                            f"current folder, {Path.cwd()}; e.g. configs/model/tiny.yaml)")
     model_config = load_model_config(config.model)
     restrict_registry(registry, model_config.scenarios, model_config.source)  # its scenarios are registered
     resume_from = None
@@ -498,9 +501,10 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         log(f"[mtfm] model {model_config.name} covers {model_scenarios}: training and evaluating on their users only")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    layout = f", layout {model_config.hta_layout}" if model_config.architecture == "mtfm" else ""  # baselines: none
     log(f"[mtfm] run {run_dir}\n[mtfm] scenarios {list(registry.scenarios)}; windows {len(windows)} "
         f"({len(windows) - config.test_windows} train, {config.test_windows} test); model {model_config.name} "
-        f"({model_config.architecture}, layout {model_config.hta_layout}); {config.num_workers} worker(s)"
+        f"({model_config.architecture}{layout}); {config.num_workers} worker(s)"
         f"{' with GPU' if config.use_gpu else ''}")
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -133,8 +133,8 @@ def test_bad_rows_are_quarantined_with_their_reason(ray_cluster, registry, raw, 
         "ts out of range": pa.concat_tables([_bad_copy(hp, ts=pa.array([-5], pa.int64())),
                                              _bad_copy(hp, ts=pa.array([far_future], pa.int64()))]),
         "null required feature poi_id": _bad_copy(hp, poi_id=pa.array([None], pa.int64())),
-        "label click not 0/1": pa.concat_tables([_bad_copy(hp, click=pa.array([2], pa.int8())),
-                                                 _bad_copy(hp, click=pa.array([None], pa.int8()))]),
+        "label click not 0/1, or null": pa.concat_tables([_bad_copy(hp, click=pa.array([2], pa.int8())),
+                                                          _bad_copy(hp, click=pa.array([None], pa.int8()))]),
         "wrong type in user_id": _bad_copy(hp, user_id=pa.array([2**63 + 5], pa.uint64())),  # a uint64 id
         "required feature distance_km not a finite number": pa.concat_tables(
             [_bad_copy(hp, distance_km=pa.array([v], pa.float64())) for v in (float("nan"), float("inf"), 1e39)]),
@@ -157,7 +157,8 @@ def test_bad_rows_are_quarantined_with_their_reason(ray_cluster, registry, raw, 
     def count(prefix: str) -> int:
         return sum(n for r, n in reasons.items() if r.startswith(prefix))
     assert count("null user_id") == 1 and count("null ts") == 1 and count("ts out of range") == 2
-    assert count("null required feature poi_id") == 1 and count("label click not 0/1") == 2
+    assert count("null required feature poi_id") == 1 and count("label click not 0/1") == 1
+    assert count("null label click") == 1 and summary["max_ts"] > far_future - 3650 * DAY_MS
     assert count("wrong type in distance_km") == 1 and count("missing column order") == 3
     assert count("wrong type in user_id") == 1 and count("required feature distance_km not a finite number") == 3
     unknown = summary["quarantined"]["exposures/unknown_feed"]

@@ -224,6 +224,9 @@ def test_train_config_errors(tmp_path):
     bad.write_text("model: configs/model/tiny.yaml\nuse_gpu: true\nnum_workers: 2\ncuda_graphs: true\n")
     with pytest.raises(RegistryError, match=r"bad.yaml: cuda_graphs: needs use_gpu: true and num_workers: 1"):
         TrainConfig.load(bad)
+    bad.write_text("model: configs/model/tinyy.yaml\n")
+    with pytest.raises(RegistryError, match=r"bad.yaml: model: model config file configs/model/tinyy.yaml not found"):
+        train(TrainConfig.load(bad), config_dir=str(CONFIGS), log=lambda *a: None)
     bad.write_text("model: configs/model/tiny.yaml\nmax_steps: 0\n")
     with pytest.raises(RegistryError, match=r"bad.yaml: max_steps: expected an integer >= 1 or null, found 0"):
         TrainConfig.load(bad)
