@@ -145,6 +145,10 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, log=print)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     written = plot_curves(run_dir, out, plt)
+    for name, what in (("loss.png", "no loss line in metrics.jsonl (a run shorter than log_every steps)"),
+                       ("eval.png", "no evaluation in metrics.jsonl (no checkpoint saved yet)")):
+        if out / name not in written:
+            log(f"note: no {name}: {what}")
     if data is None:
         config = run_dir / "train_config.yaml"
         data = yaml.safe_load(config.read_text())["data"] if config.is_file() else None

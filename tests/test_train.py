@@ -81,6 +81,16 @@ def test_two_workers_lower_the_loss(tiny_samples, tmp_path):
 
 
 @pytest.mark.slow
+def test_report_says_which_figure_a_short_run_lacks(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 3, "eval": {"hp/click": {"auc": 0.6, "gauc": 0.55}}}) + "\n")
+    notes = []
+    assert [p.name for p in write_report(run, log=notes.append)] == ["eval.png"]
+    assert notes[0] == "note: no loss.png: no loss line in metrics.jsonl (a run shorter than log_every steps)"
+    assert notes[1].startswith("note: no attention heatmap")
+
+
 def test_killed_worker_and_resumed_run_continue_the_same_loss_curve(tiny_samples, tmp_path, monkeypatch):
     common = dict(num_workers=1, epochs=2, max_steps=10, log_every=1, checkpoint_every=4,
                   evaluate_at_checkpoints=False, keep_checkpoints=5)
