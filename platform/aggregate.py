@@ -38,6 +38,8 @@ SHUFFLE = "_shuffle"
 SUMMARY = "_summary.json"
 ROWS_PER_PARTITION = 4_000_000
 CLOCK_SKEW_MS = 86_400_000
+# A ts in seconds (of any date up to the year 2286) is below this as ms: 1970-04-26.
+EARLY_TS_MS = 10**10
 
 
 # ---------------------------------------------------------------- the per-partition kernel
@@ -212,7 +214,8 @@ def read_valid(registry: Registry, kind: str, name: str, path: str, index: int, 
         folder.mkdir(parents=True, exist_ok=True)
         pq.write_table(bad, folder / f"{index:06d}-{Path(path).stem}.parquet")
     ignored = [c for c in table.column_names if contract.schema is not None and c not in contract.schema.names]
-    return good, {"table": f"{kind}/{name}", "rows": table.num_rows, "good": good.num_rows,
+    early = int((good["ts"].to_numpy() < EARLY_TS_MS).sum())
+    return good, {"table": f"{kind}/{name}", "rows": table.num_rows, "good": good.num_rows, "early": early,
                   "reasons": dict(Counter(bad["reason"].to_pylist())) if bad.num_rows else {}, "ignored": ignored}
 
 
@@ -324,13 +327,17 @@ def _summary(registry: Registry, raw: Path, out: Path, window_ms: int, max_ts: i
              parts: list[dict], warnings: list[str], seconds: float, engine: str) -> dict:
     per_table: dict[str, dict] = {}
     for s in split:
-        t = per_table.setdefault(s["table"], {"rows": 0, "valid": 0, "quarantined": Counter(), "ignored": set()})
+        t = per_table.setdefault(s["table"], {"rows": 0, "valid": 0, "early": 0, "quarantined": Counter(),
+                                              "ignored": set()})
         t["rows"] += s["rows"]
         t["valid"] += s["good"]
+        t["early"] += s["early"]
         t["quarantined"].update(s["reasons"])
         t["ignored"].update(s["ignored"])
     warnings = warnings + [f"{name}: column(s) {', '.join(sorted(t['ignored']))} not in the contract, ignored"
                            for name, t in per_table.items() if t["ignored"]]
+    warnings += [f"{name}: {t['early']:,} of {t['valid']:,} rows have a ts before 1970-04-26 (10^10 ms): ts in "
+                 "seconds rather than ms?" for name, t in per_table.items() if t["early"]]
     exposures_in = sum(t["rows"] for name, t in per_table.items() if name.startswith("exposures/"))
     samples = sum(p["samples"] for p in parts)
     exposures_out = sum(p["exposures"] for p in parts)
@@ -383,7 +390,8 @@ def aggregate(registry: Registry, raw: str | Path, out: str | Path, window_ms: i
     shutil.rmtree(out / SHUFFLE, ignore_errors=True)
     log(f"split {split_s:.1f} s, aggregate {time.perf_counter() - start - split_s:.1f} s "
         f"({len(files)} files, {parts} user partitions)")
-    summary = _summary(registry, raw, out, window_ms, max_ts, split, results, warnings, time.perf_counter() - start, "ray")
+    summary = _summary(registry, raw, out, window_ms, max_ts, split, results, warnings,
+                       time.perf_counter() - start, "ray")
     _print_summary(summary, log)
     return summary
 
@@ -404,7 +412,8 @@ def aggregate_local(registry: Registry, raw: str | Path, out: str | Path, window
     samples = aggregate_partition(registry, {n: t for (k, n), t in tables.items() if k == "exposures"},
                                   {n: t for (k, n), t in tables.items() if k == "behaviors"}, window_ms)
     results = [_write_samples(samples, out, 0)]
-    summary = _summary(registry, raw, out, window_ms, max_ts, split, results, warnings, time.perf_counter() - start, "local")
+    summary = _summary(registry, raw, out, window_ms, max_ts, split, results, warnings,
+                       time.perf_counter() - start, "local")
     _print_summary(summary, log)
     return summary
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
@@ -177,7 +178,7 @@ def test_bad_rows_are_quarantined_with_their_reason(ray_cluster, registry, raw, 
     assert len(match) == 1
 
 
-def test_files_that_cannot_be_read_are_named_and_the_rest_aggregated(ray_cluster, registry, raw, tmp_path):
+def test_unreadable_files_and_ts_in_seconds_are_named_and_the_rest_aggregated(ray_cluster, registry, raw, tmp_path):
     dirty = tmp_path / "raw"
     shutil.copytree(raw, dirty)
     hp = dirty / "exposures" / "hp"
@@ -186,6 +187,9 @@ def test_files_that_cannot_be_read_are_named_and_the_rest_aggregated(ray_cluster
     (hp / "day.csv").write_text("user_id,ts\n1,2\n")
     (dirty / "exposures" / "loose.parquet").write_bytes((next(hp.glob("*.parquet"))).read_bytes())
     (hp / "_SUCCESS").write_text("")
+    seconds = pq.read_table(next((raw / "exposures" / "phf").glob("*.parquet"))).slice(0, 5)
+    seconds = seconds.set_column(seconds.schema.get_field_index("ts"), "ts", pc.divide(seconds["ts"], 1000))
+    pq.write_table(seconds, dirty / "exposures" / "phf" / "in-seconds.parquet")  # read, but warned of
 
     summary = aggregate(registry, dirty, tmp_path / "agg", **QUIET)
 
@@ -193,8 +197,10 @@ def test_files_that_cannot_be_read_are_named_and_the_rest_aggregated(ray_cluster
         (".parquet", ".csv"))}
     assert set(named) == {"empty.parquet", "garbage.parquet", "day.csv", "loose.parquet"}, summary["warnings"]
     assert "not a readable Parquet file" in named["garbage.parquet"] and "expected exposures/" in named["day.csv"]
+    early = summary["warnings"][-1]
+    assert early.startswith("exposures/phf: 5 of ") and early.endswith("ts in seconds rather than ms?")
     clean = aggregate(registry, raw, tmp_path / "clean", **QUIET)
-    assert summary["samples_out"] == clean["samples_out"] and summary["exposures_in"] == clean["exposures_in"]
+    assert summary["exposures_in"] == clean["exposures_in"] + 5
 
 
 def test_new_scenario_yaml_is_picked_up_without_code_change(ray_cluster, config_dir, tmp_path):
