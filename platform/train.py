@@ -466,8 +466,15 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
             raise ValueError(f"--resume takes a run folder, not one of its checkpoints ({resume}); --init-from "
                              "starts a new run from one checkpoint")
         resume_from = find_checkpoint(resume).resolve()
-        check_compatible(read_meta(resume_from), registry, str(resume_from))
-        trained = read_meta(resume_from).model_config
+        meta = read_meta(resume_from)
+        check_compatible(meta, registry, str(resume_from))
+        if config.max_steps is not None and meta.step >= config.max_steps:
+            raise ValueError(f"--resume {resume}: it is at step {meta.step} and max_steps is {config.max_steps} "
+                             f"({config.source} or --max-steps): nothing to train; raise --max-steps to go on")
+        if meta.epoch >= config.epochs:
+            raise ValueError(f"--resume {resume}: it has completed {meta.epoch} epoch(s) and {config.source} trains "
+                             f"{config.epochs}: nothing to train; raise its epochs (or set max_steps) to go on")
+        trained = meta.model_config
         if trained != _model_config_dict(model_config):
             differ = sorted(k for k in set(trained) | set(_model_config_dict(model_config))
                             if trained.get(k) != _model_config_dict(model_config).get(k))

@@ -215,6 +215,11 @@ def test_command_line_refuses_a_model_the_registry_or_the_resumed_run_does_not_m
     err = capsys.readouterr().err
     assert f"--resume {run}: its checkpoint's model 'tiny' differs from the model of" in err and " in d_model;" in err
     assert not (run / "train_config.yaml").exists()  # the run's record is left as it was
+    meta["model_config"]["d_model"] //= 2
+    for changes, says in (({"epoch": 3}, "it has completed 3 epoch(s) and"), ({"step": 40}, "it is at step 40")):
+        meta_file.write_text(json.dumps(meta | changes))
+        assert main(["--config", str(TINY), "--resume", str(run), "--max-steps", "40"]) == 1
+        assert says in capsys.readouterr().err  # a resume with nothing to train says so
 
 
 def test_train_config_errors(tmp_path):
