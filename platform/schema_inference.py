@@ -147,6 +147,7 @@ def read_exposures(path: str | Path, max_rows: int = MAX_ROWS) -> pa.Table:
             if not files:
                 raise SchemaInferenceError(f"{path}: no *.parquet files in this folder (expected the exposure log "
                                            "as Parquet files, or pass a CSV file)")
+            _check_one_schema(path, files)
             dataset = ds.dataset([str(f) for f in files], format="parquet")
         else:
             dataset = ds.dataset(str(path), format="parquet")
@@ -155,6 +156,27 @@ def read_exposures(path: str | Path, max_rows: int = MAX_ROWS) -> pa.Table:
         raise
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
         raise SchemaInferenceError(f"{path}: cannot read as Parquet or CSV (.csv): {exc}") from exc
+
+
+def _check_one_schema(folder: Path, files: list[Path]) -> None:
+    """Refuses a folder whose files give one column different types, naming the column and two files
+    (read together, the first file's types would be forced on the rest, or fail with no name)."""
+    import pyarrow.parquet as pq
+
+    def kind(t: pa.DataType) -> str:  # integers of any width read as one, as do floats
+        return "int" if pa.types.is_integer(t) else "float" if pa.types.is_floating(t) else str(t)
+
+    seen: dict[str, tuple[pa.DataType, Path]] = {}
+    for file in files:
+        for field in pq.read_schema(file):
+            if pa.types.is_null(field.type):  # a column of nulls only: any type holds it
+                continue
+            first = seen.setdefault(field.name, (field.type, file))
+            if kind(first[0]) != kind(field.type):
+                raise SchemaInferenceError(
+                    f"{folder}: column {field.name!r} is {first[0]} in {first[1].relative_to(folder)} but "
+                    f"{field.type} in {file.relative_to(folder)}: the files of one log need one type per column "
+                    "(rewrite them, or infer from one file)")
 
 
 # ---------------------------------------------------------------- rules

@@ -135,6 +135,17 @@ def test_error_paths_name_the_file_and_column(tmp_path, config_dir, case, match)
     assert not (config_dir / "scenarios" / "shop_feed.yaml").exists()
 
 
+def test_a_folder_whose_files_disagree_on_a_column_type_is_refused_by_name(tmp_path, config_dir):
+    log = tmp_path / "log"
+    (log / "day=2").mkdir(parents=True)
+    pq.write_table(_table(shop_id=[1, 2], price=[3, 4], click=[0, 1]), log / "a.parquet")
+    pq.write_table(pa.table({"shop_id": pa.array([5], pa.int32()), "price": [4.5], "click": [1]}),
+                   log / "day=2" / "b.parquet")  # int32 ids read with int64 ones; a float price does not
+    with pytest.raises(SchemaInferenceError, match=r"column 'price' is int64 in a\.parquet but double in "
+                                                   r"day=2/b\.parquet: the files of one log need one type"):
+        infer_scenario("shop_feed", log, config_dir=config_dir)
+
+
 def test_force_overwrites_and_skip_leaves_columns_out(tmp_path, config_dir):
     path = tmp_path / "log.parquet"
     pq.write_table(_table(shop_id=[1, 2, 3], shop_name=["a", "b", "c"], order=[0, 1, 0]), path)
