@@ -27,8 +27,8 @@ before anything is written. The rules, column by column:
   ids not seen yet); dim = min(64, max(4, round(6 * distinct ** 0.25))) rounded to a multiple
   of 4.
 - Numeric transform: log1p when the values are non-negative and heavy-tailed (max > 100 x
-  median, or median 0 with a positive max); symlog when they take both signs and max |x| > 100 x
-  median |x|; else none.
+  median, the median of the positive values when most are 0); symlog when they take both signs
+  and max |x| > 100 x median |x|; else none.
 - Sections: user_* -> user_features, unless the name also names an item entity (e.g.
   user_poi_clicks_30d, where poi_id is an id) -> cross_features; *_id columns -> item_features;
   windowed counters (*_7d, *_30d, ...) -> cross_features; a column whose first word is an item
@@ -199,7 +199,9 @@ def numeric_transform(values: np.ndarray) -> tuple[str, str]:
     lo, hi = float(values.min()), float(values.max())
     if lo >= 0:
         med = float(np.median(values))
-        if (med > 0 and hi > 100 * med) or (med == 0 and hi > 0):
+        if med == 0 and hi > 0:  # mostly zeros (a sparse amount, a 0/1 flag): the positive values' median
+            med = float(np.median(values[values > 0]))
+        if med > 0 and hi > 100 * med:
             return "log1p", f"non-negative, heavy-tailed (max {hi:.4g} vs median {med:.4g})"
         return "none", f"range [{lo:.4g}, {hi:.4g}], not heavy-tailed"
     mag = np.abs(values)

@@ -110,6 +110,8 @@ def test_sizing_rules():
 
     assert numeric_transform(np.array([0.0, 1.0, 1.0, 2.0, 500.0]))[0] == "log1p"
     assert numeric_transform(np.array([0.1, 0.5, 0.9]))[0] == "none"
+    assert numeric_transform(np.array([0.0] * 9 + [1.0] * 2))[0] == "none"  # a sparse 0/1 flag
+    assert numeric_transform(np.array([0.0] * 9 + [5.0, 8.0, 2000.0]))[0] == "log1p"  # a sparse amount
     assert numeric_transform(np.array([-1.0, 0.5, 1.0, 900.0]))[0] == "symlog"
 
 
