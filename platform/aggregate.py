@@ -214,7 +214,7 @@ def read_valid(registry: Registry, kind: str, name: str, path: str, index: int, 
         folder.mkdir(parents=True, exist_ok=True)
         pq.write_table(bad, folder / f"{index:06d}-{Path(path).stem}.parquet")
     ignored = [c for c in table.column_names if contract.schema is not None and c not in contract.schema.names]
-    early = int((good["ts"].to_numpy() < EARLY_TS_MS).sum())
+    early = int((good["ts"].to_numpy() < EARLY_TS_MS).sum()) if contract.schema is not None else 0
     return good, {"table": f"{kind}/{name}", "rows": table.num_rows, "good": good.num_rows, "early": early,
                   "reasons": dict(Counter(bad["reason"].to_pylist())) if bad.num_rows else {}, "ignored": ignored}
 
@@ -284,6 +284,19 @@ def _prepare(registry: Registry, raw: Path, out: Path, overwrite: bool, log=prin
     tables = list_tables(raw)
     if not any(kind == "exposures" for kind, _ in tables):
         raise FileNotFoundError(f"{raw}/exposures: no exposure tables found (expected exposures/<scenario>/*.parquet)")
+    files, rows, warnings = [], 0, []
+    for (kind, name), paths in tables.items():
+        for path in paths:
+            try:
+                rows += pq.ParquetFile(path).metadata.num_rows
+            except (OSError, pa.ArrowException) as exc:  # empty, cut short, not Parquet at all
+                warnings.append(f"{path}: not read, not a readable Parquet file ({exc})")
+                continue
+            files.append((kind, name, str(path)))
+    warnings += [f"{path}: not read (expected exposures/<scenario>/*.parquet or behaviors/<sequence>/*.parquet)"
+                 for path in files_not_read(raw)]
+    if not any(kind == "exposures" for kind, _, _ in files):
+        raise FileNotFoundError(f"{raw}/exposures: no readable exposure file; " + "; ".join(warnings))
     owned = [out / SAMPLES, out / QUARANTINE, out / SHUFFLE, out / SUMMARY]
     if any(p.exists() for p in owned):
         previous = _previous_run(out)
@@ -302,17 +315,6 @@ def _prepare(registry: Registry, raw: Path, out: Path, overwrite: bool, log=prin
         for p in owned:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    files, rows, warnings = [], 0, []
-    for (kind, name), paths in tables.items():
-        for path in paths:
-            try:
-                rows += pq.ParquetFile(path).metadata.num_rows
-            except (OSError, pa.ArrowException) as exc:  # empty, cut short, not Parquet at all
-                warnings.append(f"{path}: not read, not a readable Parquet file ({exc})")
-                continue
-            files.append((kind, name, str(path)))
-    warnings += [f"{path}: not read (expected exposures/<scenario>/*.parquet or behaviors/<sequence>/*.parquet)"
-                 for path in files_not_read(raw)]
     warnings += [f"{kind}/{name}: unknown {'scenario' if kind == 'exposures' else 'sequence'}, "
                 f"its rows are quarantined under {out / QUARANTINE / kind / name}"
                 for kind, name in tables if Contract.for_table(registry, kind, name).schema is None]

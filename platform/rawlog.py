@@ -6,7 +6,7 @@ A column whose type differs from the contract is cast as a whole when it can be;
 value by value (vectorised, through text), and only the values that cannot be cast are bad.
 A row has the first reason that applies, in this order: an unknown table, a missing column,
 a value of the wrong type, a null user_id, a null ts, a ts out of range, a null required
-feature, a label that is not 0/1.
+feature (or a required number that is NaN or infinite), a null label, a label that is not 0/1.
 """
 from __future__ import annotations
 
@@ -128,6 +128,8 @@ def cast_column(column: pa.ChunkedArray | pa.Array, target: pa.DataType) -> tupl
     try:
         parsed = pc.cast(trimmed, pa.int64() if integer else pa.float64())
     except pa.ArrowInvalid:  # an integer beyond int64 (a uint64 id) fails the whole cast: value by value
+        if not integer:
+            raise
         parsed = pa.array([None if v is None or not INT64_MIN <= int(v) <= INT64_MAX else int(v)
                            for v in trimmed.to_pylist()], pa.int64())
         ok = pc.and_(ok, pc.is_valid(parsed))
@@ -170,13 +172,19 @@ def list_tables(raw: Path) -> dict[tuple[str, str], list[Path]]:
         root = raw / kind
         if root.is_dir():
             for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-                out[(kind, folder.name)] = sorted(folder.rglob("*.parquet"))
+                out[(kind, folder.name)] = sorted(p for p in folder.rglob("*.parquet")
+                                                  if p.is_file() and not _hidden(p.relative_to(folder)))
     return out
+
+
+def _hidden(relative: Path) -> bool:
+    """A path under a table's folder that writers keep for themselves (_SUCCESS, _temporary/, .crc)."""
+    return any(part.startswith((".", "_")) for part in relative.parts)
 
 
 def files_not_read(raw: Path) -> list[Path]:
     """The files under raw/exposures and raw/behaviors that `list_tables` leaves out: not named
-    *.parquet, or not inside a table's folder. Hidden and _-prefixed files (_SUCCESS, .crc) excepted."""
+    *.parquet, or not inside a table's folder. Hidden and _-prefixed ones (`_hidden`) excepted."""
     listed = {p for paths in list_tables(raw).values() for p in paths}
     return sorted(p for kind in ("exposures", "behaviors") if (raw / kind).is_dir() for p in (raw / kind).rglob("*")
-                  if p.is_file() and p not in listed and not p.name.startswith((".", "_")))
+                  if p.is_file() and p not in listed and not _hidden(p.relative_to(raw / kind)))

@@ -146,7 +146,7 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, log=print)
     out.mkdir(parents=True, exist_ok=True)
     written = plot_curves(run_dir, out, plt)
     for name, what in (("loss.png", "no loss line in metrics.jsonl (a run shorter than log_every steps)"),
-                       ("eval.png", "no evaluation in metrics.jsonl (no checkpoint saved yet)")):
+                       ("eval.png", "no evaluation in metrics.jsonl (none at a checkpoint yet)")):
         if out / name not in written:
             log(f"note: no {name}: {what}")
     if data is None:

@@ -147,8 +147,7 @@ def read_exposures(path: str | Path, max_rows: int = MAX_ROWS) -> pa.Table:
             if not files:
                 raise SchemaInferenceError(f"{path}: no *.parquet files in this folder (expected the exposure log "
                                            "as Parquet files, or pass a CSV file)")
-            _check_one_schema(path, files)
-            dataset = ds.dataset([str(f) for f in files], format="parquet")
+            dataset = ds.dataset([str(f) for f in files], format="parquet", schema=_one_schema(path, files))
         else:
             dataset = ds.dataset(str(path), format="parquet")
         return dataset.head(max_rows)
@@ -158,25 +157,29 @@ def read_exposures(path: str | Path, max_rows: int = MAX_ROWS) -> pa.Table:
         raise SchemaInferenceError(f"{path}: cannot read as Parquet or CSV (.csv): {exc}") from exc
 
 
-def _check_one_schema(folder: Path, files: list[Path]) -> None:
-    """Refuses a folder whose files give one column different types, naming the column and two files
-    (read together, the first file's types would be forced on the rest, or fail with no name)."""
+def _one_schema(folder: Path, files: list[Path]) -> pa.Schema:
+    """The schema a folder's files are read with together: theirs, unified (int32 with int64, int
+    with double, string with large_string); where two files' types of a column cannot be, an error
+    naming the column and the files (read with the first file's schema, the rest failed without a name)."""
     import pyarrow.parquet as pq
 
-    def kind(t: pa.DataType) -> str:  # integers of any width read as one, as do floats
-        return "int" if pa.types.is_integer(t) else "float" if pa.types.is_floating(t) else str(t)
-
-    seen: dict[str, tuple[pa.DataType, Path]] = {}
-    for file in files:
-        for field in pq.read_schema(file):
-            if pa.types.is_null(field.type):  # a column of nulls only: any type holds it
-                continue
-            first = seen.setdefault(field.name, (field.type, file))
-            if kind(first[0]) != kind(field.type):
+    schemas = [(file, pq.read_schema(file)) for file in files]
+    try:
+        return pa.unify_schemas([schema for _, schema in schemas], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        pass
+    seen: dict[str, tuple[pa.Field, Path]] = {}
+    for file, schema in schemas:
+        for field in schema:
+            first, first_file = seen.setdefault(field.name, (field, file))
+            try:
+                pa.unify_schemas([pa.schema([first]), pa.schema([field])], promote_options="permissive")
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
                 raise SchemaInferenceError(
-                    f"{folder}: column {field.name!r} is {first[0]} in {first[1].relative_to(folder)} but "
-                    f"{field.type} in {file.relative_to(folder)}: the files of one log need one type per column "
-                    "(rewrite them, or infer from one file)")
+                    f"{folder}: column {field.name!r} is {first.type} in {first_file.relative_to(folder)} but "
+                    f"{field.type} in {file.relative_to(folder)}: the files of one log need types that read as one "
+                    "(rewrite them, or infer from one file)") from None
+    raise SchemaInferenceError(f"{folder}: the files' schemas do not read as one")
 
 
 # ---------------------------------------------------------------- rules

@@ -468,19 +468,19 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         resume_from = find_checkpoint(resume).resolve()
         meta = read_meta(resume_from)
         check_compatible(meta, registry, str(resume_from))
+        trained, given = meta.model_config, _model_config_dict(model_config)
+        # What the weights and the function depend on; kernels, dtypes, dropout and the name may change.
+        differ = sorted(k for k in given if k not in RESUMABLE_CHANGES and k in trained and trained[k] != given[k])
+        if differ:
+            raise ValueError(f"--resume {resume}: its checkpoint's model {trained.get('name')!r} differs from the "
+                             f"model of {config.source} ({config.model}) in {', '.join(differ)}; resume with the "
+                             "run's own train config (its train_config.yaml)")
         if config.max_steps is not None and meta.step >= config.max_steps:
             raise ValueError(f"--resume {resume}: it is at step {meta.step} and max_steps is {config.max_steps} "
                              f"({config.source} or --max-steps): nothing to train; raise --max-steps to go on")
         if meta.epoch >= config.epochs:
             raise ValueError(f"--resume {resume}: it has completed {meta.epoch} epoch(s) and {config.source} trains "
-                             f"{config.epochs}: nothing to train; raise its epochs (or set max_steps) to go on")
-        trained = meta.model_config
-        if trained != _model_config_dict(model_config):
-            differ = sorted(k for k in set(trained) | set(_model_config_dict(model_config))
-                            if trained.get(k) != _model_config_dict(model_config).get(k))
-            raise ValueError(f"--resume {resume}: its checkpoint's model {trained.get('name')!r} differs from the "
-                             f"model of {config.source} ({config.model}) in {', '.join(differ)}; resume with the "
-                             "run's own train config (its train_config.yaml)")
+                             f"{config.epochs}: nothing to train; raise its epochs to go on")
         out = Path(resume)
     if init_from is not None:
         init_from = find_checkpoint(init_from).resolve()
@@ -547,6 +547,11 @@ def _data_config(DataConfig):
     options.preserve_order = True
     options.verbose_progress = False
     return DataConfig(datasets_to_split=["train"], execution_options={"train": options, "test": options})
+
+
+# Model-config fields a resumed run may change: none shapes a parameter or the model's function.
+RESUMABLE_CHANGES = frozenset({"name", "attention_impl", "norm_impl", "compute_dtype", "dropout",
+                               "recompute_target_context"})
 
 
 def _model_config_dict(model_config) -> dict:

@@ -151,6 +151,7 @@ def test_bad_rows_are_quarantined_with_their_reason(ray_cluster, registry, raw, 
     pq.write_table(hp.drop_columns(["order"]).slice(0, 3), dirty / "exposures" / "hp" / "no-order.parquet")
     (dirty / "exposures" / "unknown_feed").mkdir()
     pq.write_table(hp.slice(0, 4), dirty / "exposures" / "unknown_feed" / "x.parquet")
+    pq.write_table(pa.table({"a": [1, 2]}), dirty / "exposures" / "unknown_feed" / "no-ts.parquet")
 
     summary = aggregate(registry, dirty, tmp_path / "agg", **QUIET)
 
@@ -163,11 +164,11 @@ def test_bad_rows_are_quarantined_with_their_reason(ray_cluster, registry, raw, 
     assert count("wrong type in distance_km") == 1 and count("missing column order") == 3
     assert count("wrong type in user_id") == 1 and count("required feature distance_km not a finite number") == 3
     unknown = summary["quarantined"]["exposures/unknown_feed"]
-    assert list(unknown.values()) == [4] and "unknown scenario 'unknown_feed'" in next(iter(unknown))
+    assert list(unknown.values()) == [6] and "unknown scenario 'unknown_feed'" in next(iter(unknown))
     assert any("unknown_feed" in w for w in summary["warnings"])
     quarantined = pa.concat_tables([pq.read_table(f).select(["reason"])
                                     for f in (tmp_path / "agg" / "quarantine").rglob("*.parquet")])
-    assert quarantined.num_rows == summary["quarantined_rows"] == 19
+    assert quarantined.num_rows == summary["quarantined_rows"] == 21
     # Nothing lost: every exposure row is either aggregated or quarantined.
     assert summary["exposures_in"] == summary["exposures_out"] + summary["quarantined_rows"]
     # The convertible text value made it through, as a number.
@@ -197,10 +198,16 @@ def test_unreadable_files_and_ts_in_seconds_are_named_and_the_rest_aggregated(ra
         (".parquet", ".csv"))}
     assert set(named) == {"empty.parquet", "garbage.parquet", "day.csv", "loose.parquet"}, summary["warnings"]
     assert "not a readable Parquet file" in named["garbage.parquet"] and "expected exposures/" in named["day.csv"]
-    early = summary["warnings"][-1]
-    assert early.startswith("exposures/phf: 5 of ") and early.endswith("ts in seconds rather than ms?")
+    early = [w for w in summary["warnings"] if w.startswith("exposures/phf: ")]
+    assert len(early) == 1 and early[0].startswith("exposures/phf: 5 of ") and early[0].endswith("rather than ms?")
     clean = aggregate(registry, raw, tmp_path / "clean", **QUIET)
     assert summary["exposures_in"] == clean["exposures_in"] + 5
+    only_bad = tmp_path / "only-bad"
+    (only_bad / "exposures" / "hp").mkdir(parents=True)
+    (only_bad / "exposures" / "hp" / "empty.parquet").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no readable exposure file; .*empty\.parquet: not read"):
+        aggregate(registry, only_bad, tmp_path / "none", **QUIET)
+    assert not (tmp_path / "none").exists()
 
 
 def test_new_scenario_yaml_is_picked_up_without_code_change(ray_cluster, config_dir, tmp_path):

@@ -140,12 +140,16 @@ def test_error_paths_name_the_file_and_column(tmp_path, config_dir, case, match)
 def test_a_folder_whose_files_disagree_on_a_column_type_is_refused_by_name(tmp_path, config_dir):
     log = tmp_path / "log"
     (log / "day=2").mkdir(parents=True)
-    pq.write_table(_table(shop_id=[1, 2], price=[3, 4], click=[0, 1]), log / "a.parquet")
-    pq.write_table(pa.table({"shop_id": pa.array([5], pa.int32()), "price": [4.5], "click": [1]}),
-                   log / "day=2" / "b.parquet")  # int32 ids read with int64 ones; a float price does not
-    with pytest.raises(SchemaInferenceError, match=r"column 'price' is int64 in a\.parquet but double in "
-                                                   r"day=2/b\.parquet: the files of one log need one type"):
+    pq.write_table(_table(shop_id=[1, 2], price=[3, 4], tags=[7, 8], click=[0, 1]), log / "a.parquet")
+    other = _table(shop_id=pa.array([5, 2**40], pa.int64()), price=[4.5, 3.0], tags=[[1], [2]], click=[1, 0])
+    pq.write_table(other, log / "day=2" / "b.parquet")  # int and double read as one; int and list do not
+    with pytest.raises(SchemaInferenceError, match=r"column 'tags' is int64 in a\.parquet but list<element: "
+                                                   r"int64> in day=2/b\.parquet: the files of one log need"):
         infer_scenario("shop_feed", log, config_dir=config_dir)
+    pq.write_table(other.drop_columns(["tags"]), log / "day=2" / "b.parquet")
+    pq.write_table(_table(shop_id=pa.array([1, 2], pa.int32()), price=[3, 4], click=[0, 1]), log / "a.parquet")
+    draft = infer_scenario("shop_feed", log, config_dir=config_dir)  # int32 ids with int64 ones beyond 2**31
+    assert "price" in (config_dir / "scenarios" / "shop_feed.yaml").read_text() and draft is not None
 
 
 def test_force_overwrites_and_skip_leaves_columns_out(tmp_path, config_dir):
