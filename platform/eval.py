@@ -74,7 +74,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, test_window
     from mtfm.model import Collator, token_budget_batches
     from mtfm.platform.checkpoint import find_checkpoint, load_model
     from mtfm.platform.cluster import init_ray
-    from mtfm.platform.train import split_by_window
+    from mtfm.platform.train import quiet_ray_data, split_by_window
 
     folder = find_checkpoint(checkpoint)
     model, meta = load_model(folder)
@@ -82,6 +82,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, test_window
     if windows_held_out < 1:
         raise ValueError(f"test_windows {windows_held_out}: expected at least 1 (the last N windows are the test set)")
     init_ray()
+    quiet_ray_data()  # a table at the end is the output; Ray Data's per-dataset INFO lines are noise here
     _, test_ds, windows = split_by_window(data, windows_held_out)
     budget = tokens_per_batch or meta.train_config.get("tokens_per_batch", 8192)
     reads = test_ds.iter_batches(batch_size=256, batch_format="pyarrow")
