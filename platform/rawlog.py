@@ -21,7 +21,6 @@ import pyarrow.compute as pc
 from mtfm.platform.registry import Registry
 
 INTEGER = r"^\s*[+-]?\d+\s*$"
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 FLOAT = r"^\s*[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|inf|infinity|nan)\s*$"
 
 
@@ -130,7 +129,8 @@ def cast_column(column: pa.ChunkedArray | pa.Array, target: pa.DataType) -> tupl
     except pa.ArrowInvalid:  # an integer beyond int64 (a uint64 id) fails the whole cast: value by value
         if not integer:
             raise
-        parsed = pa.array([None if v is None or not INT64_MIN <= int(v) <= INT64_MAX else int(v)
+        int64 = np.iinfo(np.int64)
+        parsed = pa.array([None if v is None or not int64.min <= int(v) <= int64.max else int(v)
                            for v in trimmed.to_pylist()], pa.int64())
         ok = pc.and_(ok, pc.is_valid(parsed))
     if integer:
