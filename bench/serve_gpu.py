@@ -6,6 +6,7 @@
     python bench/serve_gpu.py --no-cuda-graphs ...                                  # serve without CUDA graphs
     python bench/serve_gpu.py --direct-ingress ...                                  # HTTP without Serve's proxy
     python bench/serve_gpu.py --parse-only --device cpu --out bench/results/request_parse.json  # body forms
+    python bench/serve_gpu.py --ks 200 --requests 2000 ...                          # one K, longer cells
 
 What runs: the `large` model (configs/model/large.yaml: 15 layers, d_model 768, bf16 autocast),
 randomly initialised, saved as a checkpoint and served by the production app
@@ -36,7 +37,10 @@ Measured, after a warm-up (Triton compiles, first CUDA allocations) that is time
                   the float32 CPU subgraph (the PyTorch references).
     HTTP, single  200 sequential requests per cell, one at a time: p50/p99 latency, sent with the
                   standard library's http.client over a keep-alive connection. It includes the
-                  replica's batch wait for more requests (--batch-wait-ms, default 0).
+                  replica's batch wait for more requests (--batch-wait-ms, default 0). Each
+                  response's Server-Timing header splits it (p50/p99 of each part): the ingress's
+                  parse, the replica's queue and score, the server's total, and the transport
+                  (the client's latency minus that total: HTTP server, Serve, sockets, client).
     handle        the same sequential requests, parsed in this process and sent straight to the
                   replica through a DeploymentHandle (no HTTP proxy, no router, no JSON): HTTP single
                   minus this is what the proxy, the router and the JSON cost. Beside it, ray.put +
@@ -74,11 +78,15 @@ import http.client
 import json
 import os
 import platform
+import shutil
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,13 +382,20 @@ class Client:
     def __init__(self, port: int):
         self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
 
-    def post(self, path: str, body: bytes) -> tuple[int, bytes, float]:
-        """(status, response body, seconds from send to the last byte read)."""
+    def post(self, path: str, body: bytes) -> tuple[int, bytes, float, dict[str, float]]:
+        """(status, response body, seconds from send to the last byte read, the response's
+        Server-Timing parts in ms: parse, queue, score, total)."""
         start = time.perf_counter()
         self.connection.request("POST", path, body, {"content-type": "application/json"})
         response = self.connection.getresponse()
         data = response.read()
-        return response.status, data, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        timing = {}
+        for part in (response.getheader("server-timing") or "").split(","):
+            name, _, duration = part.strip().partition(";dur=")
+            if duration:
+                timing[name] = float(duration)
+        return response.status, data, seconds, timing
 
     def close(self) -> None:
         self.connection.close()
@@ -390,18 +405,26 @@ def sequential(port: int, bodies: RequestBodies, reuse: bool, users: UserIds, co
     client = Client(port)
     for i in range(CACHED_USERS):  # untimed: opens the connection and caches every reused user
         client.post(PATH, bodies.for_user(users.pick(reuse, i)))
-    latencies, batches, errors = [], [], 0
+    latencies, batches, timings, errors = [], [], [], 0
     for i in range(count):
         if time.perf_counter() > deadline:
             break
-        status, data, seconds = client.post(PATH, bodies.for_user(users.pick(reuse, i)))
+        status, data, seconds, timing = client.post(PATH, bodies.for_user(users.pick(reuse, i)))
         if status == 200:
             latencies.append(seconds)
             batches.append(_batch_of(data))
+            timings.append(timing | {"transport": seconds * 1000 - timing["total"]})
         else:
             errors += 1
     client.close()
-    return _latency_summary(latencies, errors, batches)
+    return _latency_summary(latencies, errors, batches) | {"server_timing": _server_timing_summary(timings)}
+
+
+def _server_timing_summary(timings: list[dict[str, float]]) -> dict:
+    """p50 and p99 of each Server-Timing part, and of the transport (the client's latency minus the
+    server's total): which part a slow request's time went to."""
+    return {name: _percentiles(np.array([t[name] for t in timings]))
+            for name in ("parse", "queue", "score", "total", "transport")} if timings else {}
 
 
 def handle_sequential(handle, request_for: Callable[[int], object], reuse: bool, users: UserIds, count: int,
@@ -456,7 +479,7 @@ def closed_loop(ports: list[int], bodies: RequestBodies, reuse: bool, users: Use
         client, i = Client(ports[worker % len(ports)]), worker
         while time.perf_counter() < stop:
             try:
-                status, data, seconds = client.post(PATH, bodies.for_user(users.pick(reuse, i)))
+                status, data, seconds, _ = client.post(PATH, bodies.for_user(users.pick(reuse, i)))
                 if status == 200:
                     batches.append(_batch_of(data))
                     latencies.append(seconds)
@@ -546,8 +569,10 @@ def listening_ingress_ports(first: int, count: int, proxy_port: int, timeout_s: 
 
 def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, device_name: str, chunk_size: int,
              batch_wait_s: float, cuda_graphs: bool, direct_ingress_port: int | None, scenario_ingress: bool,
-             columns: bool, budget: Budget) -> tuple[list[dict], dict]:
-    """Rows per (K, reuse) and the setup facts (deploy and warm-up seconds, the replica's /healthz)."""
+             columns: bool, budget: Budget, stacks_out: Path | None = None) -> tuple[list[dict], dict]:
+    """Rows per (K, reuse) and the setup facts (deploy and warm-up seconds, the replica's /healthz).
+    `stacks_out`: py-spy samples the replica during the HTTP single cell of K=200 (else the first
+    K), reuse on, into this raw file; the summary goes in the setup facts."""
     import ray
     from ray import serve
 
@@ -623,7 +648,12 @@ def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, devic
                 budget.log(f"K={k} reuse {row['reuse']}: skipped (budget)")
                 continue
             single_deadline = time.perf_counter() + (share - shapes.duration_s) / 2
+            sampler = None
+            if stacks_out is not None and reuse and k == (GOAL_K if GOAL_K in shapes.ks else shapes.ks[0]):
+                sampler = StackSampler(replica_pid("bench", f"ranker_{SCENARIO}"), stacks_out)
             row["single"] = sequential(port, bodies[k], reuse, users, shapes.requests, single_deadline)
+            if sampler is not None:
+                setup["replica_stacks"] = sampler.stop() | {"k": k, "file": str(stacks_out)}
             row["handle"] = handle_sequential(replica, request_for(k), reuse, users, shapes.requests,
                                               single_deadline + (share - shapes.duration_s) / 2)
             row["loaded"] = closed_loop(ports, bodies[k], reuse, users, shapes.concurrency, shapes.duration_s / 2)
@@ -636,6 +666,93 @@ def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, devic
         serve.shutdown()
         ray.shutdown()
     return rows, setup
+
+
+
+# ---------------------------------------------------------------- the replica's stacks (py-spy)
+
+def replica_pid(app: str, deployment: str) -> int:
+    """The pid of the replica process of `deployment` (Ray titles it ray::ServeReplica:<app>:<deployment>)."""
+    title = f"ServeReplica:{app}:{deployment}".encode()
+    found = [int(proc.name) for proc in Path("/proc").iterdir()
+             if proc.name.isdigit() and title in _read_or_empty(proc / "cmdline")]
+    if len(found) != 1:
+        raise RuntimeError(f"expected one process titled {title.decode()}, found pids {found}")
+    return found[0]
+
+
+def _read_or_empty(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # the process ended, or is not ours to read
+        return b""
+
+
+def py_spy() -> str | None:
+    """py-spy on PATH, or beside this Python (a virtual environment's bin/, not on PATH)."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return shutil.which("py-spy") or (str(beside) if beside.exists() else None)
+
+
+class StackSampler:
+    """py-spy sampling every thread of one process (idle ones too) without pausing it, into a
+    raw file of `thread (tid): name;frame;...;frame count` lines, until `stop`."""
+
+    def __init__(self, pid: int, out: Path, rate_hz: int = 500):
+        exe = py_spy()
+        if exe is None:
+            raise RuntimeError("--spy-replica needs py-spy (pip install py-spy)")
+        self.out = out
+        self.process = subprocess.Popen([exe, "record", "--pid", str(pid), "--nonblocking", "--idle", "--threads",
+                                         "--rate", str(rate_hz), "--format", "raw", "-o", str(out)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop(self) -> dict:
+        """Stops sampling (py-spy writes its file on SIGINT) and summarizes the stacks."""
+        self.process.send_signal(signal.SIGINT)
+        _, stderr = self.process.communicate(timeout=60)
+        if not self.out.exists():
+            raise RuntimeError(f"py-spy wrote no {self.out}: {stderr.decode()[-500:]}")
+        return summarize_stacks(self.out.read_text())
+
+
+def summarize_stacks(raw: str, top: int = 12, min_share: float = 0.02) -> dict:
+    """Per thread with at least `min_share` of the samples: its samples, the frames at the top of
+    its stack most often (self), and the functions most often anywhere on it (inclusive), each
+    as a share of that thread's samples. A thread's samples span the recording, busy or idle."""
+    self_counts: dict[str, Counter] = {}
+    inclusive: dict[str, Counter] = {}
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        thread, _, frames = stack.partition(": ")
+        name, _, frames = frames.partition(";")
+        key = f"{name} {thread.removeprefix('thread ')}"
+        frames = frames.split(";") if frames else ["(no Python frame)"]
+        self_counts.setdefault(key, Counter())[frames[-1]] += int(count)
+        inclusive.setdefault(key, Counter()).update({frame: int(count) for frame in set(frames)})
+    total = sum(sum(c.values()) for c in self_counts.values())
+    threads = {}
+    for key, counts in sorted(self_counts.items(), key=lambda item: -sum(item[1].values())):
+        samples = sum(counts.values())
+        if samples < min_share * total:
+            continue
+        threads[key] = {"samples": samples,
+                        "self": [(frame, n / samples) for frame, n in counts.most_common(top)],
+                        "inclusive": [(frame, n / samples) for frame, n in inclusive[key].most_common(top)]}
+    return {"samples": total, "threads": threads}
+
+
+def print_stacks(summary: dict) -> None:
+    print(f"\nthe replica's threads during the profiled cell ({summary['samples']} samples; shares of each "
+          "thread's samples, busy or idle)")
+    for key, t in summary["threads"].items():
+        print(f"  {key}: {t['samples']} samples")
+        for label in ("self", "inclusive"):
+            print(f"    {label}:")
+            for frame, share in t[label]:
+                print(f"      {share:6.1%}  {frame}")
 
 
 # ---------------------------------------------------------------- report
@@ -655,7 +772,7 @@ def goals(in_process: list[dict], http_rows: list[dict], ks: tuple[int, ...]) ->
             p99 = by_k[GOAL_K]["p99_ms"]
             out.append({"goal": f"p99 < {GOAL_P99_MS:g} ms at K={GOAL_K}", "where": where, "measured": p99,
                         "ratio_to_goal": p99 / GOAL_P99_MS, "met": bool(p99 < GOAL_P99_MS)})
-        if lo in by_k and hi in by_k:
+        if lo != hi and lo in by_k and hi in by_k:
             ratio = by_k[hi]["p50_ms"] / by_k[lo]["p50_ms"]
             out.append({"goal": f"p50 K={hi} < {GOAL_K_RATIO:g}x p50 K={lo}", "where": where, "measured": ratio,
                         "ratio_to_goal": ratio / GOAL_K_RATIO, "met": bool(ratio < GOAL_K_RATIO)})
@@ -682,9 +799,14 @@ def _http_text(r: dict) -> str:
                 f"+ {c['replica_score_p50_ms']:5.2f} scoring, batch {c['mean_batch_requests']:3.1f}]")
 
     errors = r["single"]["errors"] + r["loaded"]["errors"]
-    return (f"  K={r['k']:<5} reuse {r['reuse']:<3} " + "  ".join(
+    text = (f"  K={r['k']:<5} reuse {r['reuse']:<3} " + "  ".join(
         cell(name, r[key]) for name, key in (("HTTP", "single"), ("handle", "handle"), ("HTTP", "loaded"),
                                               ("handle", "handle_loaded"))) + f"  ({errors} errors)")
+    timing = r["single"].get("server_timing")
+    if timing:
+        text += ("\n        HTTP single, Server-Timing p50/p99 ms: " +
+                 "  ".join(f"{name} {t['p50_ms']:5.2f}/{t['p99_ms']:5.2f}" for name, t in timing.items()))
+    return text
 
 
 def print_report(result: dict) -> None:
@@ -701,6 +823,8 @@ def print_report(result: dict) -> None:
           ", ".join(f"K={k} {ms['request']:.2f} / {ms['table_by_ray']:.2f}" for k, ms in setup["ray_put_get_ms"].items()))
     for r in result["http"]:
         print(_http_text(r))
+    if "replica_stacks" in setup:
+        print_stacks(setup["replica_stacks"])
     print("\ngoals")
     for g in result["goals"]:
         print(f"  {g['goal']:<26} {g['where']:<22} {g['measured']:8.2f}  ({g['ratio_to_goal']:.2f} of the goal)  "
@@ -731,8 +855,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=int, default=None, metavar="K",
                         help="measure nothing else: profile one in-process request of K candidates and write the "
                              "profiler tables to --out with .txt")
+    parser.add_argument("--spy-replica", action="store_true",
+                        help="sample the replica's Python stacks with py-spy (on PATH) during the HTTP single cell "
+                             "of K=200 (else the first K), reuse on: a summary per thread, and the raw stacks "
+                             "beside --out (_replica_stacks.raw)")
+    parser.add_argument("--ks", type=int, nargs="+", default=None, metavar="K",
+                        help="candidate counts to measure (default 50 200 1000)")
+    parser.add_argument("--requests", type=int, default=None, metavar="N",
+                        help="sequential requests per HTTP and handle cell (default 200; 10 with --tiny)")
     args = parser.parse_args(argv)
+    if args.spy_replica and py_spy() is None:
+        parser.error("--spy-replica needs py-spy, found neither on PATH nor beside this Python (pip install py-spy)")
     shapes = TINY if args.tiny else FULL
+    if args.ks is not None:
+        if min(args.ks) < 1:
+            parser.error(f"--ks: candidate counts must be >= 1, found {args.ks}")
+        shapes = dataclasses.replace(shapes, ks=tuple(args.ks))
+    if args.requests is not None:
+        if args.requests < 1:
+            parser.error(f"--requests: expected at least 1, found {args.requests}")
+        shapes = dataclasses.replace(shapes, requests=args.requests)
     budget = Budget(args.budget_s)
     direct_ingress_port = direct_ingress_environment() if args.direct_ingress else None
 
@@ -771,12 +913,14 @@ def main(argv: list[str] | None = None) -> int:
             profile_in_process(checkpoint, registry, shapes, args.device, args.profile,
                                Path(args.out).with_suffix(".txt"))
             return 0
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         budget.log(f"{shapes.model_config} on {args.device}, {shapes.history_events} history events, K in {shapes.ks}")
         in_process, inprocess_warmup_s = run_in_process(checkpoint, registry, shapes, args.device, args.chunk_size,
                                                         budget)
+        stacks_out = Path(args.out).with_name(Path(args.out).stem + "_replica_stacks.raw") if args.spy_replica else None
         http_rows, http_setup = run_http(checkpoint, config_dir, registry, shapes, args.device, args.chunk_size,
                                          args.batch_wait_ms / 1000, not args.no_cuda_graphs, direct_ingress_port,
-                                         args.scenario_ingress, args.columns, budget)
+                                         args.scenario_ingress, args.columns, budget, stacks_out)
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

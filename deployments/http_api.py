@@ -6,7 +6,8 @@
                             whose app's route prefix is then /<scenario>: the same URL)
     GET  /healthz           every served scenario's model version, backend, device and knobs
 
-Paths are below the application's route prefix.
+Paths are below the application's route prefix. A scored response carries a `Server-Timing`
+header (`server_timing`): where its time went on the server, in ms.
 
 Requests are validated against the checkpoint's registry snapshot (the features the model was
 trained with) before any scoring. Every refusal is a 4xx JSON body {"error": {"kind", "field",
@@ -98,8 +99,12 @@ class RankEndpoint:
                 raise MethodNotAllowed("POST", http.method)
             body = await self._json_body(http)
             request = self.parsers[scenario].parse(body, now_ms=int(time.time() * 1000))
+            parsed = time.perf_counter()
             self.metrics.accepted(scenario, request.num_candidates)
-            response = FastJSONResponse(await rank(scenario, request))
+            result = await rank(scenario, request)
+            response = FastJSONResponse(result)
+            response.headers["server-timing"] = server_timing(parsed - start, result.get("batch"),
+                                                              time.perf_counter() - start)
         except RequestError as exc:
             self.metrics.error(scenario, exc.kind)
             response = FastJSONResponse(exc.to_json(), status_code=exc.status)
@@ -138,6 +143,18 @@ class RankEndpoint:
             raise RequestError(400, "invalid_json", "body", f"not valid JSON: {exc}") from exc
         except RecursionError as exc:
             raise RequestError(400, "invalid_json", "body", "not valid JSON: nested too deeply") from exc
+
+
+def server_timing(parse_s: float, batch: dict | None, total_s: float) -> str:
+    """The Server-Timing header of a scored request, in ms: `parse` (reading, decoding and checking
+    the body), `queue` and `score` (in the replica, from the response's `batch`: before its batch
+    started, and the batch's scoring) and `total` (from the request's arrival to its response, in
+    this process). What a client measures beyond `total` is the transport: the HTTP server, Serve
+    and the network."""
+    parts = [("parse", parse_s * 1000)]
+    if batch is not None:
+        parts += [("queue", batch["queued_ms"]), ("score", batch["score_ms"])]
+    return ", ".join(f"{name};dur={ms:.3f}" for name, ms in [*parts, ("total", total_s * 1000)])
 
 
 def _path_in_app(http: Request) -> str:

@@ -102,6 +102,25 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(service):
     assert all(b["queued_ms"] >= 0 and b["score_ms"] > 0 for b in batches)
 
 
+def test_server_timing_splits_a_response_time_into_its_parts(service):
+    body = example_request(service["registry"], "hp", candidates=4, events=3, seed=5)
+    start = time.perf_counter()
+    response = requests.post(f"{service['url']}/hp/rank", json=body, timeout=60)
+    client_ms = (time.perf_counter() - start) * 1000
+    assert response.status_code == 200, response.text
+    timing = {}
+    for part in response.headers["server-timing"].split(","):
+        name, duration = part.strip().split(";dur=")
+        timing[name] = float(duration)
+    assert list(timing) == ["parse", "queue", "score", "total"]
+    batch = response.json()["batch"]
+    assert timing["queue"] == pytest.approx(batch["queued_ms"], abs=1e-3)
+    assert timing["score"] == pytest.approx(batch["score_ms"], abs=1e-3)
+    assert timing["parse"] > 0 and timing["score"] > 0
+    # Measured in one process from the request's arrival: its parts fit in it, and it fits in the client's time.
+    assert timing["parse"] + timing["queue"] + timing["score"] <= timing["total"] <= client_ms
+
+
 def _bad_requests(registry) -> list[tuple[str, str, dict | bytes, int, str, str]]:
     """(case, scenario, body, status, error kind, field)."""
     good = example_request(registry, "hp", candidates=3)
