@@ -38,9 +38,11 @@ import hashlib
 import math
 from dataclasses import dataclass
 from itertools import chain
+from types import NoneType
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mtfm.platform.registry import Feature, Registry, Scenario, events_column, exposures_column, feature_field, user_column
 
@@ -48,8 +50,6 @@ from mtfm.platform.registry import Feature, Registry, Scenario, events_column, e
 FUTURE_TOLERANCE_MS = 60_000
 REQUEST_KEYS = ("user_id", "ts", "user", "sequences", "candidates")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-# Numeric features are float32: larger ints are converted by float() rather than refused by Arrow.
-FLOAT32_EXACT_INT = 2**24
 # Numeric features are float32 in the model: from this magnitude on a value rounds to inf there (and
 # then to 0); below it, to at most float32's largest finite value, 3.4028235e38.
 FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
@@ -141,7 +141,7 @@ class RankRequestParser:
         user = self.user_schema.parse(_mapping(body.get("user", {}), "user"), "user")
         events = self._sequences(_mapping(body.get("sequences", {}), "sequences"), ts)
         candidates, num_candidates = self._candidates(body)
-        candidates.update(request_id=[None] * num_candidates, ts=[ts] * num_candidates)
+        candidates["ts"] = pa.repeat(pa.scalar(ts, pa.int64()), num_candidates)  # request_id: null
         scenario = self.scenario.name
         columns = {"user_id": pa.array([user_id], pa.int64()), "window": pa.array([0], pa.int64()),
                    user_column(scenario): pa.array([user], self.schema.field(user_column(scenario)).type),
@@ -156,15 +156,16 @@ class RankRequestParser:
         state.update(_table_to_ipc(table.select([events_column(s.name) for s in self.sequences])))
         return RankRequest(scenario, user_id, ts, table, num_candidates, kept + num_candidates, state.hexdigest())
 
-    def _one_list(self, column: str, values: dict[str, list], n: int) -> pa.Array:
-        """A one-row list<struct> column from per-field value lists (fields not given are null)."""
+    def _one_list(self, column: str, values: dict[str, pa.Array], n: int) -> pa.Array:
+        """A one-row list<struct> column from per-field arrays (fields not given are null)."""
         list_type = self.schema.field(column).type
         struct_type = list_type.value_type
-        children = [pa.array(values[f.name], f.type) if f.name in values else pa.nulls(n, f.type) for f in struct_type]
+        children = [(values[f.name] if values[f.name].type == f.type else values[f.name].cast(f.type))
+                    if f.name in values else pa.nulls(n, f.type) for f in struct_type]
         items = pa.StructArray.from_arrays(children, fields=list(struct_type))
         return pa.ListArray.from_arrays(pa.array([0, n], pa.int32()), items, type=list_type)
 
-    def _sequences(self, given: dict, ts: int) -> dict[str, dict[str, list]]:
+    def _sequences(self, given: dict, ts: int) -> dict[str, dict[str, pa.Array]]:
         """Per sequence, its events as columns (ts and every feature), sorted by ts."""
         known = {s.name: s for s in self.sequences}
         for name in given:
@@ -179,8 +180,8 @@ class RankRequestParser:
             schema = self.event_schemas[seq.name]
             if isinstance(items, dict):
                 columns, _ = schema.given_columns(items, where)
-                if max(columns["ts"], default=ts) > ts:
-                    late = next(i for i, event_ts in enumerate(columns["ts"]) if event_ts > ts)
+                late = _first_after(columns["ts"], ts)
+                if late is not None:
                     raise RequestError(422, "event_after_request", f"{where}.ts[{late}]",
                                        f"{columns['ts'][late]} is after the request ts {ts}; expected events at or "
                                        "before it")
@@ -190,8 +191,8 @@ class RankRequestParser:
                                    f"expected a list of events or an object of columns, found {_json_kind(items)}")
             else:
                 columns = schema.columns(items)
-            if columns is None or (items and max(columns["ts"]) > ts):
-                columns = {name: [] for name in schema.names}
+            if columns is None or _first_after(columns["ts"], ts) is not None:
+                checked = {name: [] for name in schema.names}
                 for i, raw in enumerate(items):  # finds the first bad field, in request order
                     event = schema.parse(_mapping(raw, f"{where}[{i}]"), f"{where}[{i}]")
                     event_ts = _integer(_required(raw, "ts", "the event time in ms", f"{where}[{i}]"), f"{where}[{i}].ts")
@@ -199,15 +200,12 @@ class RankRequestParser:
                         raise RequestError(422, "event_after_request", f"{where}[{i}].ts",
                                            f"{event_ts} is after the request ts {ts}; expected events at or before it")
                     for name in schema.names:
-                        columns[name].append(event_ts if name == "ts" else event[name])
-            event_ts = columns["ts"]
-            if event_ts != sorted(event_ts):  # a C-level pass when already sorted, as clients mostly send them
-                order = sorted(range(len(event_ts)), key=event_ts.__getitem__)  # stable: ties keep request order
-                columns = {name: [values[i] for i in order] for name, values in columns.items()}
-            out[seq.name] = columns
+                        checked[name].append(event_ts if name == "ts" else event[name])
+                columns = schema.checked_arrays(checked)
+            out[seq.name] = _sorted_by_ts(columns)
         return out
 
-    def _candidates(self, body: dict) -> tuple[dict[str, list], int]:
+    def _candidates(self, body: dict) -> tuple[dict[str, pa.Array], int]:
         """The candidates' features as columns, and how many candidates."""
         items = _required(body, "candidates", "a non-empty list of candidate objects, or an object of columns")
         if not isinstance(items, (list, dict)):
@@ -228,7 +226,7 @@ class RankRequestParser:
             columns = schema.columns(items)
         if columns is None:
             parsed = [schema.parse(_mapping(raw, f"candidates[{i}]"), f"candidates[{i}]") for i, raw in enumerate(items)]
-            columns = {name: [p[name] for p in parsed] for name in schema.names}
+            columns = schema.checked_arrays({name: [p[name] for p in parsed] for name in schema.names})
         return columns, count
 
 
@@ -299,68 +297,81 @@ class _ObjectSchema:
         self.names = (*extra, *(f.name for f in features))
         self.declared = frozenset(self.names)
         self.expected = ", ".join(self.names)
+        self.types = {**{name: pa.int64() for name in extra}, **{f.name: feature_field(f).type for f in features}}
+        self.feature_by_name = {f.name: f for f in features}
 
-    def columns(self, items: list) -> dict[str, list] | None:
-        """Every object's fields as columns (absent optional features None, numerics as given),
-        or None when any object or value is not plainly valid: then `parse` object by object
-        names the first bad field (or accepts what this quick check was too strict for)."""
+    def columns(self, items: list) -> dict[str, pa.Array] | None:
+        """Every object's fields as Arrow columns (absent optional features null), or None when
+        any object or value is not plainly valid: then `parse` object by object names the first
+        bad field (or accepts what this quick check was too strict for)."""
         if not all(type(item) is dict and item.keys() <= self.declared for item in items):
             return None
-        out = {name: [item.get(name) for item in items] for name in self.names}
-        return out if self._plainly_valid(out) else None
+        return self.plain_arrays({name: [item.get(name) for item in items] for name in self.names})
 
-    def given_columns(self, given: dict, where: str) -> tuple[dict[str, list], int]:
-        """Columns given as {field: [values]}, checked, and their common length: an omitted
-        optional feature is all null; a bad value is named `<where>.<field>[i]`."""
+    def given_columns(self, given: dict, where: str) -> tuple[dict[str, pa.Array], int]:
+        """Columns given as {field: [values]}, checked, as Arrow arrays, and their common length:
+        an omitted optional feature is all null; a bad value is named `<where>.<field>[i]`."""
         for name in given:
             if name not in self.declared:
                 raise RequestError(422, "unknown_field", f"{where}.{name}", f"unknown column; expected {self.expected}")
         given = {name: values for name, values in given.items() if values is not None}  # null: omitted
         count = _column_length(given, where)
         out = {name: given[name] if name in given else [None] * count for name in self.names}
-        if self._plainly_valid(out):
-            return out, count
+        arrays = self.plain_arrays(out)
+        return (self.value_by_value(out, where) if arrays is None else arrays), count
+
+    def value_by_value(self, columns: dict[str, list], where: str) -> dict[str, pa.Array]:
+        """Every value of `columns` checked on its own (the first bad one is named
+        `<where>.<field>[i]`), then the columns as Arrow arrays."""
         checked = {name: [] for name in self.names}
         for name in self.extra:
-            for i, value in enumerate(out[name]):
+            for i, value in enumerate(columns[name]):
                 field = f"{where}.{name}[{i}]"
                 if value is None:
                     raise RequestError(422, "missing_field", field, "required value missing (expected an integer)")
                 checked[name].append(_integer(value, field))
         for f in self.features:
-            for i, value in enumerate(out[f.name]):
+            for i, value in enumerate(columns[f.name]):
                 field = f"{where}.{f.name}[{i}]"
                 if value is None and f.required:
                     raise RequestError(422, "missing_field", field, f"required value missing (expected {_expected(f)})")
                 checked[f.name].append(None if value is None else _feature_value(f, value, field))
-        return checked, count
+        return self.checked_arrays(checked)
 
-    def _plainly_valid(self, columns: dict[str, list]) -> bool:
-        """Every value of every column of the right type: a few passes per column, each in C (the
-        set of the values' types, their min and max) rather than a Python step per value."""
-        for name in self.extra:
-            if not _all_int64(columns[name]):
-                return False
-        for f in self.features:
-            values = columns[f.name]
-            present = values if None not in values else [v for v in values if v is not None]
-            if f.required and len(present) < len(values):
-                return False
-            types = set(map(type, present))
-            if f.type == "categorical":
-                ok = _all_int64(present, types)
-            elif f.type == "numeric":
-                ints = [v for v in present if type(v) is int] if int in types else ()
-                # ints first: math.isfinite overflows on an int beyond float's range
-                ok = (types <= {float, int}
-                      and (not ints or (-FLOAT32_EXACT_INT <= min(ints) and max(ints) <= FLOAT32_EXACT_INT))
-                      and all(map(math.isfinite, present))
-                      and (not present or (-FLOAT32_OVERFLOW < min(present) and max(present) < FLOAT32_OVERFLOW)))
-            else:
-                ok = types <= {list} and _all_int64(list(chain.from_iterable(present)))
-            if not ok:
-                return False
-        return True
+    def checked_arrays(self, checked: dict[str, list]) -> dict[str, pa.Array]:
+        """Columns of values already checked one by one, as Arrow arrays."""
+        return {name: pa.array(values, self.types[name]) for name, values in checked.items()}
+
+    def plain_arrays(self, columns: dict[str, list]) -> dict[str, pa.Array] | None:
+        """Every column as an Arrow array of its field's type when every value is plainly valid,
+        else None (then `value_by_value` names the first bad value, or accepts what this was too
+        strict for). Per column, one pass in C for the set of the values' types, then Arrow's
+        conversion, which refuses ints beyond int64 (and, into float32, beyond 2^24, which the
+        value-by-value check accepts through float()) and turns a number beyond float32's range
+        into inf, which one more pass finds: no Python step per value."""
+        arrays = {}
+        for name, values in columns.items():
+            types = set(map(type, values))
+            feature = self.feature_by_name.get(name)
+            if NoneType in types:
+                if feature is None or feature.required:
+                    return None
+                types.discard(NoneType)
+            kind = "categorical" if feature is None else feature.type
+            if not types <= _PLAIN_TYPES[kind]:
+                return None
+            if kind == "categorical_list":
+                ids = chain.from_iterable(v for v in values if v is not None)
+                if not set(map(type, ids)) <= {int}:
+                    return None
+            try:
+                array = pa.array(values, self.types[name])
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+                return None
+            if kind == "numeric" and pc.any(pc.invert(pc.is_finite(array))).as_py():
+                return None
+            arrays[name] = array
+        return arrays
 
     def parse(self, given: dict, where: str) -> dict[str, Any]:
         """The declared features of `given`, checked by type; absent optional ones are None."""
@@ -396,10 +407,24 @@ def _column_length(columns: dict, where: str) -> int:
     return next(iter(lengths.values()), 0)
 
 
-def _all_int64(values: list, types: set | None = None) -> bool:
-    """Plain ints (not bools) within int64: what `_integer` accepts. `types`: the values' types, if known."""
-    return ((set(map(type, values)) if types is None else types) <= {int}
-            and (not values or (INT64_MIN <= min(values) and max(values) <= INT64_MAX)))
+# The Python types a column of each kind may hold, nulls aside (bool is not int here: JSON's true is refused).
+_PLAIN_TYPES = {"categorical": {int}, "numeric": {int, float}, "categorical_list": {list}}
+
+
+def _first_after(ts: pa.Array, limit: int) -> int | None:
+    """The index of the first event time after `limit`, or None."""
+    if len(ts) == 0 or pc.max(ts).as_py() <= limit:
+        return None
+    return pc.index(pc.greater(ts, limit), True).as_py()
+
+
+def _sorted_by_ts(columns: dict[str, pa.Array]) -> dict[str, pa.Array]:
+    """Events sorted by ts; ties keep the request's order (Arrow's sort is stable)."""
+    ts = columns["ts"]
+    if len(ts) < 2 or pc.all(pc.less_equal(ts[:-1], ts[1:])).as_py():  # clients mostly send them sorted
+        return columns
+    order = pc.sort_indices(ts)
+    return {name: values.take(order) for name, values in columns.items()}
 
 
 def _feature_value(f: Feature, value: Any, field: str) -> Any:

@@ -273,3 +273,48 @@ def test_a_sequence_that_is_neither_events_nor_columns_is_refused(value):
     with pytest.raises(RequestError) as error:
         RankRequestParser(REGISTRY, "hp", max_candidates=1000).parse(body, now_ms=NOW_MS)
     assert (error.value.kind, error.value.field) == ("wrong_type", "sequences.history")
+
+
+EDGE_VALUES = [None, True, False, 0, -1, 7, 1.5, -0.0, 2**24, 2**24 + 1, -(2**24) - 1, 2**53 + 1, 2**63 - 1, 2**63,
+               -(2**63), -(2**63) - 1, 10**39, 10**400, 3.4028235e38, 3.4028236e38, -1e308, 5e-324, float("nan"),
+               float("inf"), "1", [], [1, 2], [True], [1.0], [2**63], {}]
+
+
+def _plainly_fits(feature, value) -> bool:
+    """Whether a value is of the kind the column check must accept without the value-by-value one."""
+    def int64(v):
+        return type(v) is int and -(2**63) <= v < 2**63
+    if value is None:
+        return not feature.required
+    if feature.type == "categorical":
+        return int64(value)
+    if feature.type == "numeric":
+        return (type(value) is int and abs(value) <= 2**24) or (type(value) is float and abs(value) <= 3.4028235e38)
+    return type(value) is list and all(int64(v) for v in value)
+
+
+@pytest.mark.parametrize("value", EDGE_VALUES, ids=repr)
+def test_the_column_check_gives_what_the_value_by_value_check_gives(value):
+    from mtfm.deployments.rank_request import _ObjectSchema
+    from mtfm.platform.registry import Feature
+
+    features = (Feature("id", "categorical", required=True, buckets=64), Feature("tag", "categorical", buckets=8),
+                Feature("price", "numeric", required=True), Feature("rating", "numeric"),
+                Feature("genres", "categorical_list", buckets=16, max_len=4))
+    schema = _ObjectSchema(features, extra=("ts",))
+    valid = {"ts": [5, 6, 7, 8], "id": [1, 2, 3, 4], "tag": [None, 1, 2, 3], "price": [0.5, 2, -3.25, 1e30],
+             "rating": [4, None, 4.5, 0.0], "genres": [[1], None, [], [2, 3]]}
+    for feature in (Feature("ts", "categorical", required=True), *features):
+        columns = {name: list(values) for name, values in valid.items()}
+        columns[feature.name][2] = value
+        quick = schema.plain_arrays(columns)
+        try:
+            reference = schema.value_by_value(columns, "x")
+        except RequestError:
+            reference = None
+        # The quick check may be stricter (it then defers to the value-by-value one), never looser or different.
+        if quick is not None:
+            assert reference is not None, (feature.name, value)
+            assert all(quick[name].equals(reference[name]) for name in schema.names), (feature.name, value)
+        if _plainly_fits(feature, value):
+            assert quick is not None, (feature.name, value)
