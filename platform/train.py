@@ -307,6 +307,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     done = config.max_steps is not None and step >= config.max_steps
     window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": 0.0, "steps": 0}
     position = skip
+    # A checkpoint falls due after a step but is saved once the next batch is known to exist:
+    # after an epoch's or the run's last step it is the end-of-epoch or final checkpoint instead
+    # (so a finished run's newest checkpoint says so, and is evaluated).
+    due: dict | None = None
     model.train()
     while epoch < config.epochs and not done:
         reads = train_shard.iter_batches(batch_size=config.rows_per_read, batch_format="pyarrow", prefetch_batches=2)
@@ -318,6 +322,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         position = skip
         with BatchPrefetcher(batches, device) as prefetched:
             for batch in _agreed_batches(prefetched, agreement):
+                if due is not None:
+                    save(position, due)
+                    due = None
                 position += 1
                 # Frozen: the optimizers skip them, so warm-started modules stay as loaded.
                 loss = train_step(batch, frozen_params if step < config.freeze_loaded_steps else ())
@@ -343,15 +350,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                   f"{record['samples_per_s']:.0f} samples/s  {record['tokens_per_s']:.0f} tokens/s")
                     window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": 0.0, "steps": 0}
                 if step % config.checkpoint_every == 0:
-                    save(position, {"step": step, "loss": float(loss.detach())})
+                    due = {"step": step, "loss": float(loss.detach())}
                 if config.max_steps is not None and step >= config.max_steps:
                     done = True
                     break
         if not done:
             epoch, skip = epoch + 1, 0
+            if due is not None and epoch < config.epochs:
+                save(0, due)
+                due = None
     if last_saved != step or step == 0:
-        save(position if done else 0, {"step": step}, final=True)
-    if rank == 0:
+        save(position if done else 0, due or {"step": step}, final=True)
+    if rank == 0 and (run_dir / METRICS_FILE).exists():
         last = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if "eval" in line]
         if last:
             (run_dir / EVAL_FILE).write_text(json.dumps(last[-1] | {"checkpoint": f"checkpoint_{step:08d}"}, indent=1))

@@ -124,6 +124,23 @@ def test_killed_worker_and_resumed_run_continue_the_same_loss_curve(tiny_samples
     assert [r["loss"] for r in c] == pytest.approx([r["loss"] for r in a], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_a_run_ending_on_a_checkpoint_step_ends_with_its_final_checkpoint(tiny_samples, tmp_path):
+    """Every step falls due for a checkpoint: the last one is still the final checkpoint, which is
+    evaluated (evaluate_at_checkpoints off) and records the finished epoch, so a resume has nothing to train."""
+    config = _config(num_workers=1, epochs=1, checkpoint_every=1, evaluate_at_checkpoints=False, keep_checkpoints=2,
+                     log_every=1000)
+    run = train(config, data=str(tiny_samples), out=tmp_path / "run", config_dir=str(CONFIGS), log=lambda *a: None)
+    meta = read_meta(run)
+    assert meta.step > 1 and (meta.epoch, meta.batches_in_epoch) == (1, 0)
+    assert [r["step"] for r in _log(run) if "eval" in r] == [meta.step]
+    assert json.loads((run / "eval.json").read_text())["checkpoint"] == f"checkpoint_{meta.step:08d}"
+    kept = sorted(p.name for p in run.glob("checkpoint_0*"))
+    assert kept == [f"checkpoint_{s:08d}" for s in (meta.step - 1, meta.step)]  # keep_checkpoints: 2
+    with pytest.raises(ValueError, match=r"it has completed 1 epoch\(s\) and test trains 1: nothing to train"):
+        train(config, data=str(tiny_samples), resume=str(run), config_dir=str(CONFIGS), log=lambda *a: None)
+
+
 def test_resume_refuses_a_checkpoint_with_other_scenarios(config_dir, tmp_path):
     registry = load_registry(CONFIGS)
     meta_registry = registry.to_dict()
