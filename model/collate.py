@@ -137,8 +137,9 @@ class Collator:
 
     def _group_features(self, g: _Group, tokens: _Tokens, index: np.ndarray, rows: np.ndarray,
                         table: pa.Table | pa.RecordBatch) -> GroupFeatures:
-        take = pa.array(rows)
-        values = tokens.values.take(take)
+        # A request's candidates, and any group already in order, need no take.
+        in_order = bool((rows == np.arange(len(rows))).all())
+        values = tokens.values if in_order else tokens.values.take(pa.array(rows))
         out = GroupFeatures(index=_tensor(index))
         _add_features(out, g.features, values)
         if g.kind == TokenKind.T:
@@ -197,12 +198,14 @@ def split_by_token_budget(counts: np.ndarray, max_tokens: int) -> list[int]:
 # ---------------------------------------------------------------- Arrow -> NumPy helpers
 
 def _column(table: pa.Table | pa.RecordBatch, name: str) -> pa.Array:
-    if name not in table.schema.names:
+    if table.schema.get_field_index(name) < 0:
         raise ValueError(f"the aggregated samples have no column {name!r}: aggregated with another registry "
                          f"than the model's? (expected registry.aggregated_schema(); found columns "
                          f"{table.schema.names})")
     col = table.column(name)
-    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if isinstance(col, pa.ChunkedArray):
+        return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    return col
 
 
 def _list_lengths(lists: pa.Array) -> np.ndarray:
@@ -227,7 +230,10 @@ def _add_features(out: GroupFeatures, features: tuple[Feature, ...], structs: pa
     for f in features:
         column = pc.struct_field(structs, f.name)
         if f.type == "numeric":
-            out.numeric[f.name] = _tensor(np.nan_to_num(_float32(column), nan=0.0, posinf=0.0, neginf=0.0))
+            values = _float32(column)
+            if not np.isfinite(values).all():  # np.nan_to_num alone costs more than the check
+                values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+            out.numeric[f.name] = _tensor(values)
         elif f.type == "categorical":
             out.categorical[f.name] = _tensor(hash_to_buckets(_int64(column), f.buckets, _valid(column)))
         else:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from model_test_utils import REPO, random_table, rows_of
+from model_test_utils import REPO, random_table, rows_of, table_of
 from mtfm.kernels.mask import TokenKind
 from mtfm.model import Collator, split_by_token_budget, token_budget_batches
 from mtfm.model.hashing import hash_to_buckets
@@ -94,6 +94,15 @@ def test_collate_keeps_the_registry_max_len_and_merges_chunks():
     check_batch(batch, REGISTRY, rows_of(table), {})
     counts = torch.bincount(batch.group, minlength=len(batch.group_names))
     assert counts[batch.group_names.index("history")] == 6 * REGISTRY.sequence("history").max_len
+
+
+def test_numbers_that_are_not_finite_become_zero():
+    table = random_table(REGISTRY, 3, 5, lengths={"history": (4, 6)})
+    rows, expected = rows_of(table), rows_of(table)
+    for i, bad in enumerate((float("nan"), float("inf"), float("-inf"))):
+        rows[i][events_column("history")][1]["price"] = bad
+        expected[i][events_column("history")][1]["price"] = None  # collated as a missing number: 0
+    check_batch(Collator(REGISTRY)(table_of(rows, REGISTRY)), REGISTRY, expected, {})
 
 
 def test_collate_of_one_scenario_ignores_the_others():
