@@ -413,7 +413,8 @@ def sequential(port: int, bodies: RequestBodies, reuse: bool, users: UserIds, co
         if status == 200:
             latencies.append(seconds)
             batches.append(_batch_of(data))
-            timings.append(timing | {"transport": seconds * 1000 - timing["total"]})
+            if "total" in timing:
+                timings.append(timing | {"transport": seconds * 1000 - timing["total"]})
         else:
             errors += 1
     client.close()
@@ -423,8 +424,8 @@ def sequential(port: int, bodies: RequestBodies, reuse: bool, users: UserIds, co
 def _server_timing_summary(timings: list[dict[str, float]]) -> dict:
     """p50 and p99 of each Server-Timing part, and of the transport (the client's latency minus the
     server's total): which part a slow request's time went to."""
-    return {name: _percentiles(np.array([t[name] for t in timings]))
-            for name in ("parse", "queue", "score", "total", "transport")} if timings else {}
+    parts = {name: [t[name] for t in timings if name in t] for name in ("parse", "queue", "score", "total", "transport")}
+    return {name: _percentiles(np.array(values)) for name, values in parts.items() if values}
 
 
 def handle_sequential(handle, request_for: Callable[[int], object], reuse: bool, users: UserIds, count: int,
@@ -726,9 +727,9 @@ def summarize_stacks(raw: str, top: int = 12, min_share: float = 0.02) -> dict:
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        thread, _, frames = stack.partition(": ")
-        name, _, frames = frames.partition(";")
-        key = f"{name} {thread.removeprefix('thread ')}"
+        label, _, frames = stack.partition(";")  # "thread (tid): name", or "thread (tid)" for a nameless one
+        thread, _, name = label.partition(": ")
+        key = f"{name or 'thread'} {thread.removeprefix('thread ')}"
         frames = frames.split(";") if frames else ["(no Python frame)"]
         self_counts.setdefault(key, Counter())[frames[-1]] += int(count)
         inclusive.setdefault(key, Counter()).update({frame: int(count) for frame in set(frames)})
@@ -862,7 +863,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ks", type=int, nargs="+", default=None, metavar="K",
                         help="candidate counts to measure (default 50 200 1000)")
     parser.add_argument("--requests", type=int, default=None, metavar="N",
-                        help="sequential requests per HTTP and handle cell (default 200; 10 with --tiny)")
+                        help="sequential requests per HTTP and handle cell, at most (default 200; 10 with --tiny): "
+                             "the budget may end a cell sooner, and each row's `requests` says how many ran")
     args = parser.parse_args(argv)
     if args.spy_replica and py_spy() is None:
         parser.error("--spy-replica needs py-spy, found neither on PATH nor beside this Python (pip install py-spy)")

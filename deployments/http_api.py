@@ -24,6 +24,7 @@ which the parser refuses where an integer is expected).
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -139,7 +140,7 @@ class RankEndpoint:
             pass
         try:
             return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
             raise RequestError(400, "invalid_json", "body", f"not valid JSON: {exc}") from exc
         except RecursionError as exc:
             raise RequestError(400, "invalid_json", "body", "not valid JSON: nested too deeply") from exc
@@ -152,9 +153,12 @@ def server_timing(parse_s: float, batch: dict | None, total_s: float) -> str:
     this process). What a client measures beyond `total` is the transport: the HTTP server, Serve
     and the network."""
     parts = [("parse", parse_s * 1000)]
-    if batch is not None:
-        parts += [("queue", batch["queued_ms"]), ("score", batch["score_ms"])]
-    return ", ".join(f"{name};dur={ms:.3f}" for name, ms in [*parts, ("total", total_s * 1000)])
+    if isinstance(batch, dict):
+        parts += [("queue", batch.get("queued_ms")), ("score", batch.get("score_ms"))]
+    parts.append(("total", total_s * 1000))
+    # Never an error: a part that is not a number is left out (the request was scored).
+    return ", ".join(f"{name};dur={ms:.3f}" for name, ms in parts
+                     if isinstance(ms, (int, float)) and not isinstance(ms, bool) and math.isfinite(ms))
 
 
 def _path_in_app(http: Request) -> str:

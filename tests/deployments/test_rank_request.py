@@ -245,6 +245,17 @@ def test_bare_rank_is_served_only_by_the_app_of_one_scenario():
         RankEndpoint({"hp": parser, "sqs": RankRequestParser(REGISTRY, "sqs", 10)}, 1 << 20, bare_rank=True)
 
 
+def test_server_timing_header_leaves_out_what_is_not_a_number():
+    from mtfm.deployments.http_api import server_timing
+
+    assert (server_timing(0.001, {"queued_ms": 0.5, "score_ms": 1.25}, 0.003) ==
+            "parse;dur=1.000, queue;dur=0.500, score;dur=1.250, total;dur=3.000")
+    # A scored request is answered whatever its batch says: a part that is not a number is left out.
+    bad_parts = {"queued_ms": None, "score_ms": float("nan")}
+    assert server_timing(0.001, bad_parts, 0.002) == "parse;dur=1.000, total;dur=2.000"
+    assert server_timing(0.001, None, 0.002) == "parse;dur=1.000, total;dur=2.000"
+
+
 def test_numeric_values_beyond_float32_and_null_columns():
     parser = RankRequestParser(REGISTRY, "hp", max_candidates=1000)
     rows = _varied_body("hp")
