@@ -746,8 +746,8 @@ def summarize_stacks(raw: str, top: int = 12, min_share: float = 0.02) -> dict:
 
 
 def print_stacks(summary: dict) -> None:
-    print(f"\nthe replica's threads during the profiled cell ({summary['samples']} samples; shares of each "
-          "thread's samples, busy or idle)")
+    print(f"\nthe replica's threads during the HTTP single cell of K={summary['k']}, reuse on ({summary['samples']} "
+          "samples; shares of each thread's samples, busy or idle)")
     for key, t in summary["threads"].items():
         print(f"  {key}: {t['samples']} samples")
         for label in ("self", "inclusive"):
@@ -828,13 +828,15 @@ def print_report(result: dict) -> None:
         print_stacks(setup["replica_stacks"])
     print("\ngoals")
     for g in result["goals"]:
-        print(f"  {g['goal']:<26} {g['where']:<22} {g['measured']:8.2f}  ({g['ratio_to_goal']:.2f} of the goal)  "
+        unit = " ms" if g["goal"].startswith("p99") else "x"
+        print(f"  {g['goal']:<26} {g['where']:<22} {g['measured']:8.2f}{unit:<3}  ({g['ratio_to_goal']:.2f} of the goal)  "
               f"{'met' if g['met'] else 'NOT met'}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench/results/serve_gpu_large.json", help="JSON results file")
+    parser.add_argument("--out", default=None,
+                        help="JSON results file (default bench/results/serve_gpu_<device>[_tiny].json, not a recorded run's)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--tiny", action="store_true", help="tiny model, 50 history events, short cells (CPU check)")
     parser.add_argument("--budget-s", type=float, default=200.0, help="stop starting new cells after this")
@@ -845,8 +847,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cuda-graphs", action="store_true",
                         help="serve without CUDA graphs (serving.cuda_graphs false); in process, graphs are timed anyway")
     parser.add_argument("--direct-ingress", action="store_true",
-                        help="Ray Serve's direct ingress: HTTP goes straight to the router replicas, no proxy "
-                             "(RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in the environment Ray starts with)")
+                        help="Ray Serve's direct ingress: HTTP goes straight to the ingress replicas (the routers, "
+                             "or the hp replica with --scenario-ingress), no proxy (RAY_SERVE_ENABLE_DIRECT_INGRESS=1 "
+                             "in the environment Ray starts with)")
     parser.add_argument("--scenario-ingress", action="store_true",
                         help="serve the hp replica as its app's HTTP ingress, no router (app arg scenario_ingress)")
     parser.add_argument("--columns", action="store_true",
@@ -857,7 +860,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure nothing else: profile one in-process request of K candidates and write the "
                              "profiler tables to --out with .txt")
     parser.add_argument("--spy-replica", action="store_true",
-                        help="sample the replica's Python stacks with py-spy (on PATH) during the HTTP single cell "
+                        help="sample the replica's Python stacks with py-spy (on PATH or beside this Python) during "
+                             "the HTTP single cell "
                              "of K=200 (else the first K), reuse on: a summary per thread, and the raw stacks "
                              "beside --out (_replica_stacks.raw)")
     parser.add_argument("--ks", type=int, nargs="+", default=None, metavar="K",
@@ -866,6 +870,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="sequential requests per HTTP and handle cell, at most (default 200; 10 with --tiny): "
                              "the budget may end a cell sooner, and each row's `requests` says how many ran")
     args = parser.parse_args(argv)
+    for flag, value, least in (("--chunk-size", args.chunk_size, 1), ("--batch-wait-ms", args.batch_wait_ms, 0),
+                               ("--profile", args.profile, 1), ("--budget-s", args.budget_s, 0)):
+        if value is not None and value < least:
+            parser.error(f"{flag}: expected a value >= {least}, found {value}")
+    if args.out is None:
+        args.out = f"bench/results/serve_gpu_{args.device}{'_tiny' if args.tiny else ''}.json"
     if args.spy_replica and py_spy() is None:
         parser.error("--spy-replica needs py-spy, found neither on PATH nor beside this Python (pip install py-spy)")
     shapes = TINY if args.tiny else FULL

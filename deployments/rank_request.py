@@ -180,25 +180,22 @@ class RankRequestParser:
             schema = self.event_schemas[seq.name]
             if isinstance(items, dict):
                 columns, _ = schema.given_columns(items, where)
-                late = _first_after(columns["ts"], ts)
-                if late is not None:
-                    raise RequestError(422, "event_after_request", f"{where}.ts[{late}]",
-                                       f"{columns['ts'][late]} is after the request ts {ts}; expected events at or "
-                                       "before it")
+                bad = _first_outside(columns["ts"], ts)
+                if bad is not None:
+                    raise _event_time_error(f"{where}.ts[{bad}]", columns["ts"][bad].as_py(), ts)
                 items = []
             elif not isinstance(items, list):
                 raise RequestError(422, "wrong_type", where,
                                    f"expected a list of events or an object of columns, found {_json_kind(items)}")
             else:
                 columns = schema.columns(items)
-            if columns is None or _first_after(columns["ts"], ts) is not None:
+            if columns is None or _first_outside(columns["ts"], ts) is not None:
                 checked = {name: [] for name in schema.names}
                 for i, raw in enumerate(items):  # finds the first bad field, in request order
                     event = schema.parse(_mapping(raw, f"{where}[{i}]"), f"{where}[{i}]")
                     event_ts = _integer(_required(raw, "ts", "the event time in ms", f"{where}[{i}]"), f"{where}[{i}].ts")
-                    if event_ts > ts:
-                        raise RequestError(422, "event_after_request", f"{where}[{i}].ts",
-                                           f"{event_ts} is after the request ts {ts}; expected events at or before it")
+                    if not 0 <= event_ts <= ts:
+                        raise _event_time_error(f"{where}[{i}].ts", event_ts, ts)
                     for name in schema.names:
                         checked[name].append(event_ts if name == "ts" else event[name])
                 columns = schema.checked_arrays(checked)
@@ -282,9 +279,9 @@ def _mapping(value: Any, field: str) -> dict:
 
 def _integer(value: Any, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(422, "wrong_type", field, f"expected an integer, found {_json_kind(value)} {value!r}")
+        raise RequestError(422, "wrong_type", field, f"expected an integer, found {_found(value)}")
     if not INT64_MIN <= value <= INT64_MAX:
-        raise RequestError(422, "wrong_type", field, f"expected a 64-bit integer, found {value}")
+        raise RequestError(422, "wrong_type", field, f"expected a 64-bit integer, found {_found(value)}")
     return value
 
 
@@ -316,6 +313,12 @@ class _ObjectSchema:
                 raise RequestError(422, "unknown_field", f"{where}.{name}", f"unknown column; expected {self.expected}")
         given = {name: values for name, values in given.items() if values is not None}  # null: omitted
         count = _column_length(given, where)
+        for name in self.names:
+            feature = self.feature_by_name.get(name)
+            if count and name not in given and (feature is None or feature.required):
+                expected = "the event time in ms" if feature is None else _expected(feature)
+                raise RequestError(422, "missing_field", f"{where}.{name}",
+                                   f"required column missing or null (expected {count} values, each {expected})")
         out = {name: given[name] if name in given else [None] * count for name in self.names}
         arrays = self.plain_arrays(out)
         return (self.value_by_value(out, where) if arrays is None else arrays), count
@@ -420,10 +423,18 @@ def _all_finite(numbers: pa.Array) -> bool:
     return bool(np.isfinite(np.asarray(numbers)).all())
 
 
-def _first_after(ts: pa.Array, limit: int) -> int | None:
-    """The index of the first event time after `limit`, or None."""
-    late = np.flatnonzero(np.asarray(ts) > limit)
-    return int(late[0]) if len(late) else None
+def _first_outside(ts: pa.Array, limit: int) -> int | None:
+    """The index of the first event time before the epoch or after `limit`, or None."""
+    values = np.asarray(ts)
+    bad = np.flatnonzero((values < 0) | (values > limit))
+    return int(bad[0]) if len(bad) else None
+
+
+def _event_time_error(field: str, event_ts: int, request_ts: int) -> RequestError:
+    if event_ts < 0:
+        return RequestError(422, "wrong_type", field, f"expected a time in ms since the epoch (>= 0), found {event_ts}")
+    return RequestError(422, "event_after_request", field,
+                        f"{event_ts} is after the request ts {request_ts}; expected events at or before it")
 
 
 def _sorted_by_ts(columns: dict[str, pa.Array]) -> dict[str, pa.Array]:
@@ -444,10 +455,10 @@ def _feature_value(f: Feature, value: Any, field: str) -> Any:
         except OverflowError:
             number = math.nan
         if not (math.isfinite(number) and abs(number) < FLOAT32_OVERFLOW):
-            raise RequestError(422, "wrong_type", field, f"expected {_expected(f)}, found {_json_kind(value)} {value!r}")
+            raise RequestError(422, "wrong_type", field, f"expected {_expected(f)}, found {_found(value)}")
         return number
     if not isinstance(value, list):
-        raise RequestError(422, "wrong_type", field, f"expected {_expected(f)}, found {_json_kind(value)} {value!r}")
+        raise RequestError(422, "wrong_type", field, f"expected {_expected(f)}, found {_found(value)}")
     return [_typed(v, f"{field}[{i}]", f, _integer) for i, v in enumerate(value)]
 
 
@@ -455,7 +466,7 @@ def _typed(value: Any, field: str, f: Feature, check) -> Any:
     try:
         return check(value, field)
     except RequestError as exc:
-        raise RequestError(422, "wrong_type", field, f"expected {_expected(f)}, found {_json_kind(value)} {value!r}") from exc
+        raise RequestError(422, "wrong_type", field, f"expected {_expected(f)}, found {_found(value)}") from exc
 
 
 def _expected(f: Feature) -> str:
@@ -463,6 +474,14 @@ def _expected(f: Feature) -> str:
     return {"categorical": f"an integer id ({arrow})",
             "numeric": f"a finite number within float32's range, up to 3.4028235e38 in magnitude ({arrow})",
             "categorical_list": f"a list of integer ids ({arrow})"}[f.type]
+
+
+def _found(value: Any, limit: int = 60) -> str:
+    """A refused value as an error names it: its JSON kind, then the value (shortened), but null alone."""
+    if value is None:
+        return "null"
+    shown = repr(value)
+    return f"{_json_kind(value)} {shown if len(shown) <= limit else shown[:limit] + f'... ({len(shown)} characters)'}"
 
 
 def _json_kind(value: Any) -> str:

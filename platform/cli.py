@@ -22,6 +22,12 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text!r}")
+    return int(text)
+
+
 def parse_duration_ms(text: str) -> int:
     """'1d' -> 86400000; units ms, s, m, h, d."""
     for unit in sorted(WINDOW_UNITS_MS, key=len, reverse=True):
@@ -233,8 +239,13 @@ def cmd_serve_example_request(args: argparse.Namespace) -> int:
     if args.scenario not in reg.scenarios:
         print(f"error: unknown scenario {args.scenario!r}; registered: {', '.join(reg.scenarios)}", file=sys.stderr)
         return 1
+    most = reg.scenario(args.scenario).serving.max_candidates
+    if args.candidates > most:
+        print(f"error: --candidates {args.candidates}: scenario {args.scenario} accepts at most {most} per request "
+              "(its serving.max_candidates)", file=sys.stderr)
+        return 1
     print(json.dumps(example_request(reg, args.scenario, candidates=args.candidates, events=args.events,
-                                     seed=args.seed, columns=args.columns), indent=args.indent))
+                                     seed=args.seed, columns=args.columns), indent=args.indent or None))
     return 0
 
 
@@ -400,10 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Print a valid JSON body for POST /<scenario>/rank, built from the scenario's "
                                     "YAML: every user, item and cross feature and every sequence.")
     p.add_argument("--scenario", required=True, metavar="S", help="a registered scenario")
-    p.add_argument("--candidates", type=int, default=3, metavar="K", help="candidates (default 3)")
-    p.add_argument("--events", type=int, default=4, metavar="N", help="events per sequence (default 4)")
+    p.add_argument("--candidates", type=positive_int, default=3, metavar="K",
+                   help="candidates (default 3; at most the scenario's serving.max_candidates)")
+    p.add_argument("--events", type=non_negative_int, default=4, metavar="N", help="events per sequence (default 4)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="varies the feature values (default 0)")
-    p.add_argument("--indent", type=int, default=2, metavar="N", help="JSON indent (default 2)")
+    p.add_argument("--indent", type=non_negative_int, default=2, metavar="N",
+                   help="JSON indent (default 2; 0: compact, on one line)")
     p.add_argument("--columns", action="store_true",
                    help="events and candidates as objects of columns (smaller, faster to check)")
     p.set_defaults(handler=cmd_serve_example_request)

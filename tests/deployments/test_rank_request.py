@@ -94,6 +94,7 @@ def _broken(path: str, value) -> dict:
     ("history.44.price", float("nan"), "wrong_type"),
     ("history.50.ts", NOW_MS + 10**6, "event_after_request"),
     ("history.8.ts", None, "missing_field"),
+    ("history.9.ts", -5, "wrong_type"),
     ("history.20.colour", 1, "unknown_field"),
     ("realtime.3.action", 2**63, "wrong_type"),
     ("candidates.25.poi_id", None, "missing_field"),
@@ -151,7 +152,9 @@ def test_events_and_candidates_as_columns_give_the_same_request(scenario):
     ("candidates.distance_km", ("set", 31, [1.0]), "wrong_type", "candidates.distance_km[31]"),
     ("candidates.distance_km", ("set", 7, 3.4028236e38), "wrong_type", "candidates.distance_km[7]"),
     ("candidates.distance_km", ("set", 9, -(10**39)), "wrong_type", "candidates.distance_km[9]"),
-    ("candidates.poi_id", ("drop",), "missing_field", "candidates.poi_id[0]"),
+    ("candidates.poi_id", ("drop",), "missing_field", "candidates.poi_id"),
+    ("sequences.history.ts", ("column", None), "missing_field", "sequences.history.ts"),
+    ("sequences.history.ts", ("set", 4, -1), "wrong_type", "sequences.history.ts[4]"),
 ])
 def test_a_bad_value_in_a_column_is_refused_by_its_exact_field(path, value, kind, field):
     body = _columnar(_varied_body("hp"))
@@ -329,3 +332,19 @@ def test_the_column_check_gives_what_the_value_by_value_check_gives(value):
             assert all(quick[name].equals(reference[name]) for name in schema.names), (feature.name, value)
         if _plainly_fits(feature, value):
             assert quick is not None, (feature.name, value)
+
+
+def test_a_refused_value_is_shown_shortened_and_null_as_null():
+    parser = RankRequestParser(REGISTRY, "hp", max_candidates=1000)
+    body = example_request(REGISTRY, "hp", candidates=2)
+    body["user"]["user_city"] = 10**100
+    with pytest.raises(RequestError) as error:
+        parser.parse(body, now_ms=NOW_MS)
+    assert error.value.field == "user.user_city"
+    assert error.value.message.endswith("found an integer " + "1" + "0" * 59 + "... (101 characters)")
+    movielens = load_registry(REPO / "configs" / "movielens")
+    body = example_request(movielens, "young", candidates=2)
+    body["candidates"][1]["genres"] = [3, None]
+    with pytest.raises(RequestError) as error:
+        RankRequestParser(movielens, "young", max_candidates=10).parse(body, now_ms=body["ts"] + 1000)
+    assert error.value.field == "candidates[1].genres[1]" and error.value.message.endswith("found null")

@@ -263,7 +263,7 @@ def test_the_committed_serve_yaml_is_the_generators_output():
 
 def test_output_piped_into_head_ends_quietly():
     command = (f"{sys.executable} -m mtfm.platform.cli serve example-request --config-dir {REPO / 'configs'} "
-               "--scenario hp --candidates 2000 | head -1")
+               "--scenario hp --candidates 1000 | head -1")  # more than a pipe holds
     done = subprocess.run(command, shell=True, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.stdout == "{\n" and "BrokenPipeError" not in done.stderr and done.stderr == ""
 
@@ -338,3 +338,15 @@ def test_example_request_cli_prints_a_valid_request(scenario, capsys):
     registry = load_registry(REPO / "configs")
     request = RankRequestParser(registry, scenario, max_candidates=10).parse(body, now_ms=int(time.time() * 1000))
     assert request.num_candidates == 5
+
+
+def test_example_request_cli_refuses_a_request_the_scenario_would_refuse(capsys):
+    common = ["serve", "example-request", "--config-dir", str(REPO / "configs"), "--scenario", "hp"]
+    most = load_registry(REPO / "configs").scenario("hp").serving.max_candidates
+    assert main(common + ["--candidates", str(most + 1)]) == 1
+    assert f"accepts at most {most} per request" in capsys.readouterr().err
+    for flag, value in (("--candidates", "0"), ("--events", "-1")):
+        with pytest.raises(SystemExit):
+            main(common + [flag, value])
+    assert main(common + ["--candidates", "1", "--indent", "0"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1  # compact
