@@ -28,9 +28,9 @@ from types import ModuleType
 
 import numpy as np
 from checkout import ensure_mtfm_importable
+from collate import TRAIN_MIX, timed_ms
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_MIX = {"history": (200, 1000), "realtime": (20, 100), "hp": (25, 150), "phf": (15, 100), "sqs": (10, 50)}
 
 
 def module_at(revision: str, path: str, name: str, folder: Path) -> ModuleType:
@@ -52,14 +52,7 @@ def best_median_ms(fns: dict[str, callable], repeats: int, rounds: int) -> dict[
     best = {name: float("inf") for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            for _ in range(5):
-                fn()
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - start)
-            best[name] = min(best[name], float(np.median(times)) * 1e3)
+            best[name] = min(best[name], timed_ms(fn, repeats)["p50"])
     return best
 
 
