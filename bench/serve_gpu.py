@@ -1,6 +1,6 @@
 """GPU serving benchmark (issue 7 part 3): one scenario's subgraph under Ray Serve on the GPU.
 
-    python bench/serve_gpu.py --out bench/results/serve_gpu_large.json --budget-s 200  # GPU machine
+    python bench/serve_gpu.py --out $OUT/serve_gpu_large.json --budget-s 200        # GPU machine
     python bench/serve_gpu.py --device cpu --tiny                                   # CPU check
     python bench/serve_gpu.py --profile 200 --out bench/results/serve_profile.json   # where one request's time goes
     python bench/serve_gpu.py --no-cuda-graphs ...                                  # serve without CUDA graphs
@@ -836,7 +836,8 @@ def print_report(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None,
-                        help="JSON results file (default bench/results/serve_gpu_<device>[_tiny].json, not a recorded run's)")
+                        help="JSON results file (default bench/results/serve_gpu[_parse|_profile]_<device>[_tiny].json, "
+                             "not a recorded run's)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--tiny", action="store_true", help="tiny model, 50 history events, short cells (CPU check)")
     parser.add_argument("--budget-s", type=float, default=200.0, help="stop starting new cells after this")
@@ -872,10 +873,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for flag, value, least in (("--chunk-size", args.chunk_size, 1), ("--batch-wait-ms", args.batch_wait_ms, 0),
                                ("--profile", args.profile, 1), ("--budget-s", args.budget_s, 0)):
-        if value is not None and value < least:
+        if value is not None and not value >= least:  # NaN too
             parser.error(f"{flag}: expected a value >= {least}, found {value}")
-    if args.out is None:
-        args.out = f"bench/results/serve_gpu_{args.device}{'_tiny' if args.tiny else ''}.json"
+    if args.out is None:  # not the name of a recorded run
+        mode = "_parse" if args.parse_only else "_profile" if args.profile is not None else ""
+        args.out = f"bench/results/serve_gpu{mode}_{args.device}{'_tiny' if args.tiny else ''}.json"
     if args.spy_replica and py_spy() is None:
         parser.error("--spy-replica needs py-spy, found neither on PATH nor beside this Python (pip install py-spy)")
     shapes = TINY if args.tiny else FULL

@@ -198,7 +198,9 @@ def split_by_token_budget(counts: np.ndarray, max_tokens: int) -> list[int]:
 # ---------------------------------------------------------------- Arrow -> NumPy helpers
 
 def _column(table: pa.Table | pa.RecordBatch, name: str) -> pa.Array:
-    if table.schema.get_field_index(name) < 0:
+    if table.schema.get_field_index(name) < 0:  # -1 also for a name that appears twice
+        if table.schema.names.count(name) > 1:
+            raise ValueError(f"the aggregated samples have {table.schema.names.count(name)} columns named {name!r}")
         raise ValueError(f"the aggregated samples have no column {name!r}: aggregated with another registry "
                          f"than the model's? (expected registry.aggregated_schema(); found columns "
                          f"{table.schema.names})")

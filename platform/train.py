@@ -41,6 +41,7 @@ RUNS_DIR = "runs"
 RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
+WARM_START_FILE = "warm_start.json"
 
 
 # ---------------------------------------------------------------- the train config
@@ -258,8 +259,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             frozen = {name for name, _ in model.named_parameters() if name in loaded}
         if rank == 0 and checkpoint is None:
             names = set(registry.scenarios) | set(registry.sequences) | set(registry.features)
-            (run_dir / "warm_start.json").write_text(json.dumps(dataclasses.asdict(report), indent=1))
+            (run_dir / WARM_START_FILE).write_text(json.dumps(dataclasses.asdict(report), indent=1))
             _progress(f"[mtfm] warm start from {loop_config['init_from']}:\n{report.describe(names)}")
+    elif config.freeze_loaded_steps and loop_config.get("loaded_by_warm_start"):
+        # A resumed warm-started run: what its warm start loaded stays frozen for the steps left.
+        loaded = set(loop_config["loaded_by_warm_start"])
+        frozen = {name for name, _ in model.named_parameters() if name in loaded}
     step = epoch = skip = 0
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -309,7 +314,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     position = skip
     # A checkpoint falls due after a step but is saved once the next batch is known to exist:
     # after an epoch's or the run's last step it is the end-of-epoch or final checkpoint instead
-    # (so a finished run's newest checkpoint says so, and is evaluated).
+    # (so a finished run's newest checkpoint says so, and is evaluated). max_steps is checked the
+    # same way, so a run that stops with its data's last batch records the epoch as done.
     due: dict | None = None
     model.train()
     while epoch < config.epochs and not done:
@@ -322,6 +328,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         position = skip
         with BatchPrefetcher(batches, device) as prefetched:
             for batch in _agreed_batches(prefetched, agreement):
+                if config.max_steps is not None and step >= config.max_steps:
+                    done = True  # checked with a next batch in hand: a run whose data ends with it ends the epoch
+                    break
                 if due is not None:
                     save(position, due)
                     due = None
@@ -351,16 +360,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": 0.0, "steps": 0}
                 if step % config.checkpoint_every == 0:
                     due = {"step": step, "loss": float(loss.detach())}
-                if config.max_steps is not None and step >= config.max_steps:
-                    done = True
-                    break
         if not done:
-            epoch, skip = epoch + 1, 0
-            if due is not None and epoch < config.epochs:
+            epoch, skip, position = epoch + 1, 0, 0
+            done = config.max_steps is not None and step >= config.max_steps
+            if due is not None and epoch < config.epochs and not done:
                 save(0, due)
                 due = None
     if last_saved != step or step == 0:
-        save(position if done else 0, due or {"step": step}, final=True)
+        save(position, due or {"step": step}, final=True)
     if rank == 0 and (run_dir / METRICS_FILE).exists():
         last = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if "eval" in line]
         if last:
@@ -528,7 +535,8 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         train_loop_config={"train_config": config.to_dict(), "registry": registry.to_dict(),
                            "model_config": _model_config_dict(model_config), "run_dir": str(run_dir),
                            "init_from": str(init_from) if init_from else None,
-                           "resume_from": str(resume_from) if resume_from else None},
+                           "resume_from": str(resume_from) if resume_from else None,
+                           "loaded_by_warm_start": _loaded_by_warm_start(run_dir) if resume else None},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker} | (
                                          {"GPU": config.gpus_per_worker} if config.use_gpu else {})),
@@ -562,6 +570,12 @@ def _data_config(DataConfig):
 # Model-config fields a resumed run may change: none shapes a parameter or the model's function.
 RESUMABLE_CHANGES = frozenset({"name", "attention_impl", "norm_impl", "compute_dtype", "dropout",
                                "recompute_target_context"})
+
+
+def _loaded_by_warm_start(run_dir: Path) -> list[str] | None:
+    """The parameters a warm-started run loaded (its warm_start.json), for a resume to keep them frozen."""
+    path = run_dir / WARM_START_FILE
+    return json.loads(path.read_text())["loaded"] if path.is_file() else None
 
 
 def _model_config_dict(model_config) -> dict:

@@ -10,7 +10,7 @@ import torch
 from repo_paths import CONFIGS, REPO_ROOT
 from mtfm.model import Collator, build_model, load_model_config
 from mtfm.model.sample_tables import random_aggregated_table
-from mtfm.platform.checkpoint import CheckpointError, find_checkpoint, load_model, warm_start
+from mtfm.platform.checkpoint import CheckpointError, find_checkpoint, load_model, read_meta, warm_start
 from mtfm.platform.registry import load_registry
 from mtfm.platform.train import TrainConfig, train
 
@@ -109,3 +109,12 @@ def test_train_with_init_from_a_run_of_fewer_scenarios(ray_cluster, config_dir, 
     assert any(not torch.equal(new[k], fresh[k]) for k in initial_grocery)  # the new scenario trained
     model, meta = load_model(second)
     assert "grocery" in meta.scenarios and "grocery" in model.registry.scenarios
+
+    # Resumed (its driver gone after step 3), the run keeps what its warm start loaded frozen.
+    resumed = train(TrainConfig.from_dict(base | {"freeze_loaded_steps": 100, "max_steps": 5}, "test"),
+                    data=str(tmp_path / "agg4"), resume=str(second), config_dir=str(config_dir), **quiet)
+    assert read_meta(resumed).step == 5
+    later = torch.load(find_checkpoint(resumed) / "model.pt")
+    for name, tensor in old.items():
+        torch.testing.assert_close(later[name], tensor, rtol=0, atol=0)
+    assert any(not torch.equal(later[k], new[k]) for k in initial_grocery)  # the fresh modules went on training

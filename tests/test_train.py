@@ -139,6 +139,10 @@ def test_a_run_ending_on_a_checkpoint_step_ends_with_its_final_checkpoint(tiny_s
     assert kept == [f"checkpoint_{s:08d}" for s in (meta.step - 1, meta.step)]  # keep_checkpoints: 2
     with pytest.raises(ValueError, match=r"it has completed 1 epoch\(s\) and test trains 1: nothing to train"):
         train(config, data=str(tiny_samples), resume=str(run), config_dir=str(CONFIGS), log=lambda *a: None)
+    # Stopped by max_steps with the epoch's last batch: the epoch is recorded as done.
+    capped = train(_config(num_workers=1, epochs=2, max_steps=meta.step, checkpoint_every=1000, log_every=1000),
+                   data=str(tiny_samples), out=tmp_path / "capped", config_dir=str(CONFIGS), log=lambda *a: None)
+    assert (read_meta(capped).step, read_meta(capped).epoch, read_meta(capped).batches_in_epoch) == (meta.step, 1, 0)
 
 
 def test_resume_refuses_a_checkpoint_with_other_scenarios(config_dir, tmp_path):
