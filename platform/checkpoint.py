@@ -149,6 +149,45 @@ def warm_start(model: "RecommenderBase", checkpoint: str | Path) -> WarmStart:
     return WarmStart(loaded, [k for k in own if k not in state], [k for k in state if k not in own])
 
 
+# What a feature's or sequence's max_len changes is the data (tokens kept), not the model's parameters.
+_DATA_ONLY = frozenset({"max_len"})
+
+
+def registry_changes(trained: Registry, current: Registry) -> tuple[list[str], list[str]]:
+    """How `current` differs from the registry a checkpoint was trained with (same scenarios):
+    (changes to the model: a feature's type, buckets, dim or transform, a feature or sequence
+    added or removed, a sequence's kind, the tasks; changes to the data alone: a max_len), each
+    as "<where>.<field>: <trained> -> <current>"."""
+    model, data = [], []
+
+    def compare(where: str, old: dict, new: dict) -> None:
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                (data if key in _DATA_ONLY else model).append(f"{where}.{key}: {old.get(key)} -> {new.get(key)}")
+
+    def features(where: str, old: tuple, new: tuple) -> None:
+        olds, news = {f.name: f for f in old}, {f.name: f for f in new}
+        for name in sorted(set(olds) | set(news)):
+            if name not in olds or name not in news:
+                model.append(f"{where}.{name}: {'added' if name in news else 'removed'}")
+            else:
+                compare(f"{where}.{name}", olds[name].spec(), news[name].spec())
+
+    for name in sorted(set(trained.sequences) | set(current.sequences)):
+        old, new = trained.sequences.get(name), current.sequences.get(name)
+        if old is None or new is None:
+            model.append(f"sequences.{name}: {'added' if new is not None else 'removed'}")
+            continue
+        compare(f"sequences.{name}", {"kind": old.kind, "max_len": old.max_len}, {"kind": new.kind, "max_len": new.max_len})
+        features(f"sequences.{name}", old.features, new.features)
+    for name in sorted(set(trained.scenarios) & set(current.scenarios)):
+        old, new = trained.scenarios[name], current.scenarios[name]
+        features(f"scenarios.{name}", old.features, new.features)
+        if [(t.name, t.kind, t.depends_on) for t in old.tasks] != [(t.name, t.kind, t.depends_on) for t in new.tasks]:
+            model.append(f"scenarios.{name}.tasks: {list(old.task_names)} -> {list(new.task_names)}")
+    return model, data
+
+
 def check_compatible(meta: CheckpointMeta, registry: Registry, where: str) -> None:
     """Refuse a checkpoint whose scenarios differ from the registry's (DESIGN: never a silent
     partial load). Adding a scenario to a trained model is an explicit warm start."""

@@ -374,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "The scenarios are those saved with the checkpoint.")
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR_OR_CHECKPOINT",
                    help="a run folder (its newest checkpoint is used) or one checkpoint_* folder")
-    p.add_argument("--data", required=True, metavar="AGG_DIR", help="aggregated samples (--out of `mtfm data aggregate`)")
+    p.add_argument("--data", default=None, metavar="AGG_DIR",
+                   help="aggregated samples (--out of `mtfm data aggregate`; default: the data the run trained on)")
     p.add_argument("--test-windows", type=positive_int, default=None, metavar="N",
                    help="hold out the last N windows (default: the checkpoint's train config, usually 1)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")

@@ -66,9 +66,10 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines + notes)
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, test_windows: int | None = None,
+def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, *, test_windows: int | None = None,
                         tokens_per_batch: int | None = None) -> dict:
-    """Load a checkpoint (or a run folder's newest) and evaluate it on the last windows of `data`."""
+    """Load a checkpoint (or a run folder's newest) and evaluate it on the last windows of `data`
+    (default: the samples it was trained on, as its train config names them)."""
     import torch
 
     from mtfm.model import Collator, token_budget_batches
@@ -78,6 +79,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, test_window
 
     folder = find_checkpoint(checkpoint)
     model, meta = load_model(folder)
+    if data is None:
+        data = meta.train_config.get("data")
+        if data is None:
+            raise ValueError(f"{folder}: its train config names no data; pass --data AGG_DIR")
     windows_held_out = meta.train_config.get("test_windows", 1) if test_windows is None else test_windows
     if windows_held_out < 1:
         raise ValueError(f"test_windows {windows_held_out}: expected at least 1 (the last N windows are the test set)")
@@ -91,6 +96,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, test_window
 
 
 def run_from_args(args) -> int:
+    if args.json and not Path(args.json).resolve().parent.is_dir():  # before the evaluation, not after
+        raise FileNotFoundError(f"--json {args.json}: no folder {Path(args.json).resolve().parent} to write it in")
     report = evaluate_checkpoint(args.checkpoint, args.data, test_windows=args.test_windows)
     starts = ", ".join(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(w / 1000)) for w in report["test_windows"])
     print(f"checkpoint {report['checkpoint']} (step {report['step']}), test windows starting {starts}")

@@ -392,6 +392,11 @@ def split_by_window(samples: str | Path, test_windows: int):
 
     path = _samples_folder(str(samples))
     ds = ray.data.read_parquet(path)
+    names = ds.schema().names
+    if "window" not in names or not any(name.endswith("__exposures") for name in names):
+        raise ValueError(f"{path}: not aggregated samples (its columns: {', '.join(names[:6])}"
+                         f"{', ...' if len(names) > 6 else ''}); aggregate the raw logs first: mtfm data aggregate "
+                         "--raw RAW_DIR --out AGG_DIR, then pass AGG_DIR")
     windows = sorted(ds.unique("window"))
     if len(windows) <= test_windows:
         raise ValueError(f"{path}: {len(windows)} window(s) of data, but test_windows={test_windows} are held out "
@@ -463,7 +468,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
 
     from mtfm.model import load_model_config
     from mtfm.model.config import restrict_registry
-    from mtfm.platform.checkpoint import META_FILE, check_compatible, find_checkpoint, read_meta
+    from mtfm.platform.checkpoint import META_FILE, check_compatible, find_checkpoint, read_meta, registry_changes
     from mtfm.platform.cluster import init_ray
 
     if data is not None:
@@ -492,12 +497,26 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
             raise ValueError(f"--resume {resume}: its checkpoint's model {trained.get('name')!r} differs from the "
                              f"model of {config.source} ({config.model}) in {', '.join(differ)}; resume with the "
                              "run's own train config (its train_config.yaml)")
+        model_changes, data_changes = registry_changes(Registry.from_dict(meta.registry), registry)
+        if model_changes:
+            raise ValueError(f"--resume {resume}: the registry ({registry.config_dir}) differs from the one its "
+                             f"checkpoint was trained with, in {'; '.join(model_changes)}; resume with the run's "
+                             "registry (its checkpoint's meta.json holds a copy), or start a new run from it with "
+                             "--init-from")
+        batching = [f"{key}: {meta.train_config[key]} -> {getattr(config, key)}" for key in BATCHING
+                    if key in meta.train_config and meta.train_config[key] != getattr(config, key)] + data_changes
+        if meta.batches_in_epoch and batching:
+            raise ValueError(f"--resume {resume}: it stopped after batch {meta.batches_in_epoch} of epoch {meta.epoch}, "
+                             f"and {'; '.join(batching)} since: the epoch's batches would be cut differently and its "
+                             "place in the epoch lost; resume with the run's own settings (its train_config.yaml)")
+        if data_changes:
+            log(f"[mtfm] note: --resume {resume} at an epoch's start with {'; '.join(data_changes)}")
         if config.max_steps is not None and meta.step >= config.max_steps:
             raise ValueError(f"--resume {resume}: it is at step {meta.step} and max_steps is {config.max_steps} "
                              f"({config.source} or --max-steps): nothing to train; raise --max-steps to go on")
         if meta.epoch >= config.epochs:
             raise ValueError(f"--resume {resume}: it has completed {meta.epoch} epoch(s) and {config.source} trains "
-                             f"{config.epochs}: nothing to train; raise its epochs to go on")
+                             f"{config.epochs}: nothing to train; raise its epochs (--epochs) to go on")
         out = Path(resume)
     if init_from is not None:
         init_from = find_checkpoint(init_from).resolve()
@@ -567,6 +586,9 @@ def _data_config(DataConfig):
     return DataConfig(datasets_to_split=["train"], execution_options={"train": options, "test": options})
 
 
+# Train-config fields that decide how an epoch is cut into batches: a resume mid-epoch keeps them.
+BATCHING = ("num_workers", "tokens_per_batch", "rows_per_read", "test_windows")
+
 # Model-config fields a resumed run may change: none shapes a parameter or the model's function.
 RESUMABLE_CHANGES = frozenset({"name", "attention_impl", "norm_impl", "compute_dtype", "dropout",
                                "recompute_target_context"})
@@ -587,7 +609,9 @@ def _model_config_dict(model_config) -> dict:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, metavar="CFG", help="train config, e.g. configs/train/tiny.yaml")
+    parser.add_argument("--config", default=None, metavar="CFG",
+                        help="train config, e.g. configs/train/tiny.yaml (with --resume, default: the run's own "
+                             "train_config.yaml)")
     parser.add_argument("--data", default=None, metavar="AGG_DIR",
                         help="aggregated samples (the --out of `mtfm data aggregate`); default: the config's `data`")
     parser.add_argument("--out", default=None, metavar="RUN_DIR", help="run folder (default: runs/<name>-<time>)")
@@ -600,14 +624,23 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--num-workers", type=positive_int, default=None, help="override the config's num_workers")
     parser.add_argument("--max-steps", type=positive_int, default=None, help="override the config's max_steps")
+    parser.add_argument("--epochs", type=positive_int, default=None, help="override the config's epochs")
     parser.add_argument("--test-windows", type=positive_int, default=None, metavar="N",
                         help="override the config's test_windows (the last N windows held out for evaluation)")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if args.config is None:
+        if args.resume is None:
+            raise ValueError("--config CFG is needed to start a run (e.g. configs/train/tiny.yaml); only --resume "
+                             "can take the run's own")
+        args.config = Path(args.resume) / "train_config.yaml"
+        if not args.config.is_file():
+            raise FileNotFoundError(f"--resume {args.resume}: no train_config.yaml there (not a run folder?); "
+                                    "pass --config")
     config = TrainConfig.load(args.config)
     overrides = {k: v for k, v in (("num_workers", args.num_workers), ("max_steps", args.max_steps),
-                                   ("test_windows", args.test_windows)) if v is not None}
+                                   ("epochs", args.epochs), ("test_windows", args.test_windows)) if v is not None}
     if overrides:
         config = TrainConfig.from_dict(config.to_dict() | overrides, config.source)
     if args.resume and args.init_from:

@@ -28,10 +28,17 @@ def test_quickstart_end_to_end(tmp_path):
     assert "mtfm eval --checkpoint" in done.stdout and "mtfm report" in done.stdout  # what to do next
     # the next steps it prints work as printed
     evaluated = subprocess.run([sys.executable, "-m", "mtfm.platform.cli", "eval", "--checkpoint", str(tmp_path / "run"),
-                                "--data", str(tmp_path / "data" / "agg")], cwd=REPO_ROOT, env=env,
-                               capture_output=True, text=True, timeout=300)
+                                "--data", str(tmp_path / "data" / "agg"), "--json", str(tmp_path / "eval.json")],
+                               cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "test windows starting 2026-01-03 00:00 UTC" in evaluated.stdout and "hp/click" in evaluated.stdout
+    # Without --data: the data the run trained on, with the same figures.
+    again = subprocess.run([sys.executable, "-m", "mtfm.platform.cli", "eval", "--checkpoint", str(tmp_path / "run"),
+                            "--json", str(tmp_path / "eval_again.json")], cwd=REPO_ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (json.loads((tmp_path / "eval_again.json").read_text())["eval"] ==
+            json.loads((tmp_path / "eval.json").read_text())["eval"])
     reported = subprocess.run([sys.executable, "-m", "mtfm.platform.cli", "report", str(tmp_path / "run")],
                               cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert reported.returncode == 0, reported.stderr[-3000:]

@@ -145,6 +145,17 @@ def test_a_run_ending_on_a_checkpoint_step_ends_with_its_final_checkpoint(tiny_s
     assert (read_meta(capped).step, read_meta(capped).epoch, read_meta(capped).batches_in_epoch) == (meta.step, 1, 0)
 
 
+def test_raw_logs_given_as_samples_are_refused_by_name(ray_cluster, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "raw").mkdir()
+    pq.write_table(pa.table({"user_id": [1], "ts": [5], "poi_id": [3]}), tmp_path / "raw" / "part.parquet")
+    with pytest.raises(ValueError, match=r"not aggregated samples \(its columns: user_id, ts, poi_id\); aggregate the "
+                                         r"raw logs first: mtfm data aggregate"):
+        split_by_window(tmp_path / "raw", 1)
+
+
 def test_resume_refuses_a_checkpoint_with_other_scenarios(config_dir, tmp_path):
     registry = load_registry(CONFIGS)
     meta_registry = registry.to_dict()
@@ -243,6 +254,35 @@ def test_command_line_refuses_a_model_the_registry_or_the_resumed_run_does_not_m
         meta_file.write_text(json.dumps(meta | changes))
         assert main(["--config", str(TINY), "--resume", str(run), "--max-steps", "40"]) == 1
         assert says in capsys.readouterr().err  # a resume with nothing to train says so
+    # A registry whose features shape the model otherwise is refused, naming the feature and field.
+    trained = json.loads(json.dumps(meta))
+    owners = [*trained["registry"]["sequences"].values(), *trained["registry"]["scenarios"].values()]
+    for feature in (f for owner in owners for key in ("features", "user_features", "item_features", "cross_features")
+                    for f in owner.get(key, ()) if f["name"] == "poi_id"):  # one feature, declared alike everywhere
+        feature["buckets"] *= 2
+    meta_file.write_text(json.dumps(trained))
+    assert main(["--config", str(TINY), "--resume", str(run)]) == 1
+    err = capsys.readouterr().err
+    buckets = load_registry(CONFIGS).features["poi_id"].buckets
+    assert "differs from the one its checkpoint was trained with, in sequences.history.poi_id.buckets: " in err
+    assert f"; scenarios.hp.poi_id.buckets: {buckets * 2} -> {buckets};" in err
+    # In the middle of an epoch, how the epoch is cut into batches must not change.
+    tiny = TrainConfig.load(TINY)
+    for changes, says in (({"tokens_per_batch": 2 * tiny.tokens_per_batch}, "tokens_per_batch"),
+                          ({"num_workers": tiny.num_workers + 1}, "num_workers")):
+        meta_file.write_text(json.dumps(meta | {"batches_in_epoch": 5, "train_config": tiny.to_dict() | changes}))
+        assert main(["--config", str(TINY), "--resume", str(run)]) == 1
+        err = capsys.readouterr().err
+        assert f"it stopped after batch 5 of epoch 0, and {says}: " in err and "would be cut differently" in err
+    # --resume alone takes the run's own train config.
+    assert main(["--resume", str(run)]) == 1
+    assert "no train_config.yaml there (not a run folder?); pass --config" in capsys.readouterr().err
+    (run / "train_config.yaml").write_text(TINY.read_text())
+    meta_file.write_text(json.dumps(meta | {"epoch": 2}))
+    assert main(["--resume", str(run)]) == 1
+    assert "train_config.yaml trains 2: nothing to train; raise its epochs (--epochs)" in capsys.readouterr().err
+    assert main([]) == 1
+    assert "--config CFG is needed to start a run" in capsys.readouterr().err
 
 
 def test_train_config_errors(tmp_path):
@@ -318,3 +358,25 @@ def test_ray_job_submit(tiny_samples, tmp_path):
     finally:
         _stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_registry_changes_tell_the_model_from_the_data():
+    from mtfm.platform.checkpoint import registry_changes
+    from mtfm.platform.registry import Registry
+
+    current = load_registry(CONFIGS)
+    snapshot = current.to_dict()
+    snapshot["sequences"]["history"]["max_len"] //= 2
+    snapshot["scenarios"]["hp"]["cross_features"] = snapshot["scenarios"]["hp"]["cross_features"][:-1]
+    snapshot["scenarios"]["sqs"]["tasks"] = snapshot["scenarios"]["sqs"]["tasks"][:1]
+    first = snapshot["scenarios"]["sqs"]["tasks"][0]["name"]
+    rates = snapshot["scenarios"]["sqs"]["synthetic"]["label_rates"]
+    snapshot["scenarios"]["sqs"]["synthetic"]["label_rates"] = {first: rates[first]}
+    model, data = registry_changes(Registry.from_dict(snapshot), current)
+    history = current.sequences["history"].max_len
+    dropped = current.scenarios["hp"].cross_features[-1].name
+    assert data == [f"sequences.history.max_len: {history // 2} -> {history}"]
+    assert model == [f"scenarios.hp.{dropped}: added",
+                     f"scenarios.sqs.tasks: {list(current.scenarios['sqs'].task_names[:1])} -> "
+                     f"{list(current.scenarios['sqs'].task_names)}"]
+    assert registry_changes(current, current) == ([], [])
