@@ -178,7 +178,8 @@ def registry_changes(trained: Registry, current: Registry) -> tuple[list[str], l
         if old is None or new is None:
             model.append(f"sequences.{name}: {'added' if new is not None else 'removed'}")
             continue
-        compare(f"sequences.{name}", {"kind": old.kind, "max_len": old.max_len}, {"kind": new.kind, "max_len": new.max_len})
+        compare(f"sequences.{name}", {"kind": old.kind, "max_len": old.max_len},
+                {"kind": new.kind, "max_len": new.max_len})
         features(f"sequences.{name}", old.features, new.features)
     for name in sorted(set(trained.scenarios) & set(current.scenarios)):
         old, new = trained.scenarios[name], current.scenarios[name]
