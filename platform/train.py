@@ -507,8 +507,9 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
                     if key in meta.train_config and meta.train_config[key] != getattr(config, key)] + data_changes
         if meta.batches_in_epoch and batching:
             raise ValueError(f"--resume {resume}: it stopped after batch {meta.batches_in_epoch} of epoch "
-                             f"{meta.epoch}, and {'; '.join(batching)} since: the epoch's batches would be cut differently and its "
-                             "place in the epoch lost; resume with the run's own settings (its train_config.yaml)")
+                             f"{meta.epoch}, and {'; '.join(batching)} since: the epoch's batches would be cut "
+                             "differently and its place in the epoch lost; resume with the run's own settings (its "
+                             "train_config.yaml)")
         if data_changes:
             log(f"[mtfm] note: --resume {resume} at an epoch's start with {'; '.join(data_changes)}")
         if config.max_steps is not None and meta.step >= config.max_steps:
