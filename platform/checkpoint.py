@@ -149,44 +149,47 @@ def warm_start(model: "RecommenderBase", checkpoint: str | Path) -> WarmStart:
     return WarmStart(loaded, [k for k in own if k not in state], [k for k in state if k not in own])
 
 
-# What a feature's or sequence's max_len changes is the data (tokens kept), not the model's parameters.
-_DATA_ONLY = frozenset({"max_len"})
+# What of a feature's spec the model's parameters and inputs depend on (its max_len trims a list's
+# ids, which nothing learned depends on).
+_MODEL_SPEC = ("type", "buckets", "dim", "transform")
 
 
-def registry_changes(trained: Registry, current: Registry) -> tuple[list[str], list[str]]:
-    """How `current` differs from the registry a checkpoint was trained with (same scenarios):
-    (changes to the model: a feature's type, buckets, dim or transform, a feature or sequence
-    added or removed, a sequence's kind, the tasks; changes to the data alone: a max_len), each
-    as "<where>.<field>: <trained> -> <current>"."""
-    model, data = [], []
+def registry_changes(trained: Registry, current: Registry,
+                     scenarios: tuple[str, ...] | list[str] | None = None) -> tuple[list[str], list[str]]:
+    """How `current` differs from the registry a checkpoint was trained with, in the sequences
+    and in `scenarios` (default: all; the model's own): (changes to the model: a feature added,
+    removed, moved or reordered within its group, its type, buckets, dim or transform, a
+    sequence's kind, the tasks; changes to how an epoch is cut into batches: a sequence's
+    max_len), each as "<where>: <trained> -> <current>"."""
+    model, cuts = [], []
 
-    def compare(where: str, old: dict, new: dict) -> None:
-        for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
-                (data if key in _DATA_ONLY else model).append(f"{where}.{key}: {old.get(key)} -> {new.get(key)}")
-
-    def features(where: str, old: tuple, new: tuple) -> None:
-        olds, news = {f.name: f for f in old}, {f.name: f for f in new}
-        for name in sorted(set(olds) | set(news)):
-            if name not in olds or name not in news:
-                model.append(f"{where}.{name}: {'added' if name in news else 'removed'}")
-            else:
-                compare(f"{where}.{name}", olds[name].spec(), news[name].spec())
+    def group(where: str, old: tuple, new: tuple) -> None:
+        if [f.name for f in old] != [f.name for f in new]:  # a group's features feed one layer, in order
+            model.append(f"{where}: {[f.name for f in old]} -> {[f.name for f in new]}")
+            return
+        for a, b in zip(old, new):
+            model.extend(f"{where}.{a.name}.{key}: {getattr(a, key)} -> {getattr(b, key)}"
+                         for key in _MODEL_SPEC if getattr(a, key) != getattr(b, key))
 
     for name in sorted(set(trained.sequences) | set(current.sequences)):
         old, new = trained.sequences.get(name), current.sequences.get(name)
         if old is None or new is None:
             model.append(f"sequences.{name}: {'added' if new is not None else 'removed'}")
             continue
-        compare(f"sequences.{name}", {"kind": old.kind, "max_len": old.max_len},
-                {"kind": new.kind, "max_len": new.max_len})
-        features(f"sequences.{name}", old.features, new.features)
+        if old.kind != new.kind:
+            model.append(f"sequences.{name}.kind: {old.kind} -> {new.kind}")
+        if old.max_len != new.max_len:
+            cuts.append(f"sequences.{name}.max_len: {old.max_len} -> {new.max_len}")
+        group(f"sequences.{name}.features", old.features, new.features)
     for name in sorted(set(trained.scenarios) & set(current.scenarios)):
+        if scenarios is not None and name not in scenarios:
+            continue
         old, new = trained.scenarios[name], current.scenarios[name]
-        features(f"scenarios.{name}", old.features, new.features)
-        if [(t.name, t.kind, t.depends_on) for t in old.tasks] != [(t.name, t.kind, t.depends_on) for t in new.tasks]:
+        for part in ("user_features", "item_features", "cross_features"):
+            group(f"scenarios.{name}.{part}", getattr(old, part), getattr(new, part))
+        if old.task_names != new.task_names:
             model.append(f"scenarios.{name}.tasks: {list(old.task_names)} -> {list(new.task_names)}")
-    return model, data
+    return model, cuts
 
 
 def check_compatible(meta: CheckpointMeta, registry: Registry, where: str) -> None:

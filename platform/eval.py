@@ -83,6 +83,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
         data = meta.train_config.get("data")
         if data is None:
             raise ValueError(f"{folder}: its train config names no data; pass --data AGG_DIR")
+        if "://" not in data and not Path(data).exists():
+            raise FileNotFoundError(f"{data}: the samples {folder} was trained on (its train config's data) are not "
+                                    "there; pass --data AGG_DIR")
     windows_held_out = meta.train_config.get("test_windows", 1) if test_windows is None else test_windows
     if windows_held_out < 1:
         raise ValueError(f"test_windows {windows_held_out}: expected at least 1 (the last N windows are the test set)")
@@ -96,8 +99,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
 
 
 def run_from_args(args) -> int:
-    if args.json and not Path(args.json).resolve().parent.is_dir():  # before the evaluation, not after
-        raise FileNotFoundError(f"--json {args.json}: no folder {Path(args.json).resolve().parent} to write it in")
+    if args.json:  # checked before the evaluation, not after it
+        if Path(args.json).is_dir():
+            raise ValueError(f"--json {args.json}: a folder; expected a file name, e.g. {Path(args.json) / 'eval.json'}")
+        if not Path(args.json).resolve().parent.is_dir():
+            raise FileNotFoundError(f"--json {args.json}: no folder {Path(args.json).resolve().parent} to write it in")
     report = evaluate_checkpoint(args.checkpoint, args.data, test_windows=args.test_windows)
     starts = ", ".join(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(w / 1000)) for w in report["test_windows"])
     print(f"checkpoint {report['checkpoint']} (step {report['step']}), test windows starting {starts}")

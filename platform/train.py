@@ -468,25 +468,25 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
 
     from mtfm.model import load_model_config
     from mtfm.model.config import restrict_registry
-    from mtfm.platform.checkpoint import META_FILE, check_compatible, find_checkpoint, read_meta, registry_changes
+    from mtfm.platform.checkpoint import (META_FILE, CheckpointError, check_compatible, find_checkpoint, read_meta,
+                                          registry_changes)
     from mtfm.platform.cluster import init_ray
 
-    if data is not None:
-        data = data if "://" in data else str(Path(data).resolve())  # a URI (s3://...) stays one
-        config = TrainConfig.from_dict(config.to_dict() | {"data": data}, config.source)
+    data = config.data if data is None else data
+    # Absolute in the run's train_config.yaml, so that `--resume` and `mtfm eval` find them from any folder.
+    config = TrainConfig.from_dict(config.to_dict() | {"data": _absolute(data)}, config.source)
     registry = load_registry(config_dir)
     if not Path(config.model).is_file():
         raise RegistryError(config.source, "model", f"model config file {config.model} not found (a path from the "
                             f"current folder, {Path.cwd()}; e.g. configs/model/tiny.yaml)")
+    config = TrainConfig.from_dict(config.to_dict() | {"model": _absolute(config.model)}, config.source)
     model_config = load_model_config(config.model)
     restrict_registry(registry, model_config.scenarios, model_config.source)  # its scenarios are registered
     resume_from = None
     if resume is not None:
         if out is not None and Path(out).resolve() != Path(resume).resolve():
             raise ValueError(f"--resume {resume} continues that run in its own folder: --out {out} does not apply")
-        if (Path(resume) / META_FILE).is_file():
-            raise ValueError(f"--resume takes a run folder, not one of its checkpoints ({resume}); --init-from "
-                             "starts a new run from one checkpoint")
+        refuse_a_checkpoint_to_resume(resume)
         resume_from = find_checkpoint(resume).resolve()
         meta = read_meta(resume_from)
         check_compatible(meta, registry, str(resume_from))
@@ -496,22 +496,31 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         if differ:
             raise ValueError(f"--resume {resume}: its checkpoint's model {trained.get('name')!r} differs from the "
                              f"model of {config.source} ({config.model}) in {', '.join(differ)}; resume with the "
-                             "run's own train config (its train_config.yaml)")
-        model_changes, data_changes = registry_changes(Registry.from_dict(meta.registry), registry)
+                             "model config it was trained with (its checkpoint's meta.json holds a copy), or start "
+                             "a new run from it with --init-from")
+        try:
+            trained_registry = Registry.from_dict(meta.registry)
+        except (KeyError, TypeError, RegistryError) as exc:
+            raise CheckpointError(f"--resume {resume}: the registry snapshot in {resume_from / META_FILE} cannot be "
+                                  f"read ({type(exc).__name__}: {exc})") from exc
+        model_changes, cuts = registry_changes(trained_registry, registry, model_config.scenarios)
         if model_changes:
             raise ValueError(f"--resume {resume}: the registry ({registry.config_dir}) differs from the one its "
                              f"checkpoint was trained with, in {'; '.join(model_changes)}; resume with the run's "
                              "registry (its checkpoint's meta.json holds a copy), or start a new run from it with "
                              "--init-from")
-        batching = [f"{key}: {meta.train_config[key]} -> {getattr(config, key)}" for key in BATCHING
-                    if key in meta.train_config and meta.train_config[key] != getattr(config, key)] + data_changes
-        if meta.batches_in_epoch and batching:
+        cuts += [f"{key}: {meta.train_config[key]} -> {getattr(config, key)}" for key in BATCHING
+                 if key in meta.train_config and meta.train_config[key] != getattr(config, key)]
+        if "data" in meta.train_config and _absolute(meta.train_config["data"]) != config.data:
+            cuts.append(f"data: {meta.train_config['data']} -> {config.data}")
+        if meta.batches_in_epoch and cuts:
             raise ValueError(f"--resume {resume}: it stopped after batch {meta.batches_in_epoch} of epoch "
-                             f"{meta.epoch}, and {'; '.join(batching)} since: the epoch's batches would be cut "
-                             "differently and its place in the epoch lost; resume with the run's own settings (its "
-                             "train_config.yaml)")
-        if data_changes:
-            log(f"[mtfm] note: --resume {resume} at an epoch's start with {'; '.join(data_changes)}")
+                             f"{meta.epoch}, and {'; '.join(cuts)} since: the epoch's batches would be cut "
+                             "differently (or come from other data) and its place in the epoch lost; resume with "
+                             "what it stopped with until the epoch ends (the train config: its train_config.yaml; "
+                             "the registry: its checkpoint's meta.json)")
+        if cuts:
+            log(f"[mtfm] note: --resume {resume} at an epoch's start with {'; '.join(cuts)}")
         if config.max_steps is not None and meta.step >= config.max_steps:
             raise ValueError(f"--resume {resume}: it is at step {meta.step} and max_steps is {config.max_steps} "
                              f"({config.source} or --max-steps): nothing to train; raise --max-steps to go on")
@@ -587,12 +596,26 @@ def _data_config(DataConfig):
     return DataConfig(datasets_to_split=["train"], execution_options={"train": options, "test": options})
 
 
-# Train-config fields that decide how an epoch is cut into batches: a resume mid-epoch keeps them.
-BATCHING = ("num_workers", "tokens_per_batch", "rows_per_read", "test_windows")
+# Train-config fields that decide how an epoch is cut into batches (rows_per_read does not: rows
+# left over from one read wait for the next): a resume mid-epoch keeps them.
+BATCHING = ("num_workers", "tokens_per_batch", "test_windows")
 
 # Model-config fields a resumed run may change: none shapes a parameter or the model's function.
 RESUMABLE_CHANGES = frozenset({"name", "attention_impl", "norm_impl", "compute_dtype", "dropout",
                                "recompute_target_context"})
+
+
+def refuse_a_checkpoint_to_resume(resume: str | Path) -> None:
+    from mtfm.platform.checkpoint import META_FILE
+
+    if (Path(resume) / META_FILE).is_file():
+        raise ValueError(f"--resume takes a run folder, not one of its checkpoints ({resume}); --init-from "
+                         "starts a new run from one checkpoint")
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute; a URI (s3://...) as it is."""
+    return path if "://" in path else str(Path(path).resolve())
 
 
 def _loaded_by_warm_start(run_dir: Path) -> list[str] | None:
@@ -635,6 +658,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         if args.resume is None:
             raise ValueError("--config CFG is needed to start a run (e.g. configs/train/tiny.yaml); only --resume "
                              "can take the run's own")
+        refuse_a_checkpoint_to_resume(args.resume)
         args.config = Path(args.resume) / "train_config.yaml"
         if not args.config.is_file():
             raise FileNotFoundError(f"--resume {args.resume}: no train_config.yaml there (not a run folder?); "

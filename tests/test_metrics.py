@@ -6,6 +6,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from mtfm.platform.metrics import auc, gauc
+from repo_paths import REPO_ROOT
 
 
 def test_auc_hand_worked():
@@ -61,3 +62,25 @@ def test_eval_refuses_a_test_window_count_below_one(windows, capsys):
     with pytest.raises(SystemExit) as exc:  # before any checkpoint or data is read
         main(["eval", "--checkpoint", "runs/none", "--data", "data/none", "--test-windows", windows])
     assert exc.value.code == 2 and f"expected a positive integer, found '{windows}'" in capsys.readouterr().err
+
+
+def test_eval_names_the_runs_missing_data_and_a_bad_json_path_before_evaluating(tmp_path, capsys):
+    import json
+    import sys
+
+    from mtfm.platform.cli import main
+    from mtfm.platform.registry import load_registry
+
+    sys.path.insert(0, str(REPO_ROOT / "tests" / "deployments"))
+    from serve_test_utils import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(load_registry(REPO_ROOT / "configs"), tmp_path / "run" / "checkpoint_00000007")
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    (checkpoint / "meta.json").write_text(json.dumps(meta | {"train_config": {"data": str(tmp_path / "gone")}}))
+    assert main(["eval", "--checkpoint", str(tmp_path / "run")]) == 1  # --data: the run's own
+    assert (f"{tmp_path / 'gone'}: the samples {checkpoint} was trained on (its train config's data) are not there"
+            in capsys.readouterr().err)
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--json", str(tmp_path)]) == 1
+    assert f"--json {tmp_path}: a folder; expected a file name" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--json", str(tmp_path / "no" / "e.json")]) == 1
+    assert f"no folder {tmp_path / 'no'} to write it in" in capsys.readouterr().err

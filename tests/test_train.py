@@ -264,8 +264,8 @@ def test_command_line_refuses_a_model_the_registry_or_the_resumed_run_does_not_m
     assert main(["--config", str(TINY), "--resume", str(run)]) == 1
     err = capsys.readouterr().err
     buckets = load_registry(CONFIGS).features["poi_id"].buckets
-    assert "differs from the one its checkpoint was trained with, in sequences.history.poi_id.buckets: " in err
-    assert f"; scenarios.hp.poi_id.buckets: {buckets * 2} -> {buckets};" in err
+    assert "differs from the one its checkpoint was trained with, in sequences.history.features.poi_id.buckets: " in err
+    assert f"; scenarios.hp.item_features.poi_id.buckets: {buckets * 2} -> {buckets};" in err
     # In the middle of an epoch, how the epoch is cut into batches must not change.
     tiny = TrainConfig.load(TINY)
     for changes, says in (({"tokens_per_batch": 2 * tiny.tokens_per_batch}, "tokens_per_batch"),
@@ -372,11 +372,16 @@ def test_registry_changes_tell_the_model_from_the_data():
     first = snapshot["scenarios"]["sqs"]["tasks"][0]["name"]
     rates = snapshot["scenarios"]["sqs"]["synthetic"]["label_rates"]
     snapshot["scenarios"]["sqs"]["synthetic"]["label_rates"] = {first: rates[first]}
-    model, data = registry_changes(Registry.from_dict(snapshot), current)
+    snapshot["scenarios"]["phf"]["item_features"].reverse()  # a group's features feed one layer in order
+    for task in snapshot["scenarios"]["hp"]["tasks"]:
+        task["description"] = "what the model never reads"
+    model, cuts = registry_changes(Registry.from_dict(snapshot), current)
     history = current.sequences["history"].max_len
-    dropped = current.scenarios["hp"].cross_features[-1].name
-    assert data == [f"sequences.history.max_len: {history // 2} -> {history}"]
-    assert model == [f"scenarios.hp.{dropped}: added",
-                     f"scenarios.sqs.tasks: {list(current.scenarios['sqs'].task_names[:1])} -> "
-                     f"{list(current.scenarios['sqs'].task_names)}"]
+    hp, phf, sqs = (current.scenarios[n] for n in ("hp", "phf", "sqs"))
+    assert cuts == [f"sequences.history.max_len: {history // 2} -> {history}"]
+    assert model == [
+        f"scenarios.hp.cross_features: {[f.name for f in hp.cross_features[:-1]]} -> {[f.name for f in hp.cross_features]}",
+        f"scenarios.phf.item_features: {[f.name for f in phf.item_features][::-1]} -> {[f.name for f in phf.item_features]}",
+        f"scenarios.sqs.tasks: {list(sqs.task_names[:1])} -> {list(sqs.task_names)}"]
+    assert registry_changes(Registry.from_dict(snapshot), current, ["hp"])[0] == model[:1]  # the model's scenarios
     assert registry_changes(current, current) == ([], [])
