@@ -149,7 +149,7 @@ class RankEndpoint:
 def server_timing(parse_s: float, batch: dict | None, total_s: float) -> str:
     """The Server-Timing header of a scored request, in ms: `parse` (reading, decoding and checking
     the body), `queue` and `score` (in the replica, from the response's `batch`: before its batch
-    started, and the batch's scoring) and `total` (from the request's arrival to its response, in
+    started, and the batch's scoring) and `total` (from this handler's start to the response, in
     this process). What a client measures beyond `total` is the transport: the HTTP server, Serve
     and the network."""
     parts = [("parse", parse_s * 1000)]
