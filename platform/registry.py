@@ -110,7 +110,8 @@ def serving_conflict(cfg: ServingConfig) -> tuple[str, str] | None:
         # A replica never holds more than max_ongoing_requests, so batches could never fill.
         return "max_ongoing_requests", (
             f"max_ongoing_requests {cfg.max_ongoing_requests} is below max_batch_requests {cfg.max_batch_requests}; "
-            f"expected at least {cfg.max_batch_requests} (twice keeps the next batch filling while one is scored)")
+            f"expected at least {cfg.max_batch_requests} (twice that, {2 * cfg.max_batch_requests}, lets the next batch "
+            "fill while one is scored)")
     return None
 
 

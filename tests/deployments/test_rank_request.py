@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import pickle
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -246,6 +247,58 @@ def test_bare_rank_is_served_only_by_the_app_of_one_scenario():
     assert _post(alone, "/hp/sqs/rank", body, root_path="/hp")[1]["error"]["kind"] == "unknown_scenario"
     with pytest.raises(ValueError, match="exactly one scenario"):
         RankEndpoint({"hp": parser, "sqs": RankRequestParser(REGISTRY, "sqs", 10)}, 1 << 20, bare_rank=True)
+
+
+def test_a_request_whose_client_goes_away_is_counted_as_cancelled():
+    """Serve cancels the handler of a request whose client disconnected: the request must still
+    show in the metrics (it was accepted), as a 4xx of error kind `cancelled`, and the cancellation
+    must reach the caller."""
+    import asyncio
+    import json
+
+    from starlette.requests import Request
+
+    from mtfm.deployments.http_api import RankEndpoint
+
+    recorded = []
+    endpoint = RankEndpoint({"hp": RankRequestParser(REGISTRY, "hp", max_candidates=10)}, 1 << 20)
+    endpoint.metrics = SimpleNamespace(accepted=lambda *a: recorded.append(("accepted", *a)),
+                                       error=lambda *a: recorded.append(("error", *a)),
+                                       request=lambda s, status, ms: recorded.append(("request", s, status)))
+    raw = json.dumps(example_request(REGISTRY, "hp", candidates=2)).encode()
+
+    async def receive():
+        return {"type": "http.request", "body": raw, "more_body": False}
+
+    async def main():
+        scoring = asyncio.Event()
+
+        async def rank(scenario, request):
+            scoring.set()
+            await asyncio.Event().wait()  # a batch the client does not wait for
+
+        scope = {"type": "http", "method": "POST", "path": "/hp/rank", "root_path": "", "query_string": b"",
+                 "headers": []}
+        handler = asyncio.ensure_future(endpoint.answer(Request(scope, receive), rank, lambda: None))
+        await scoring.wait()
+        handler.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+
+    asyncio.run(main())
+    assert recorded == [("accepted", "hp", 2), ("error", "hp", "cancelled"), ("request", "hp", 499)]
+
+
+def test_an_unknown_path_names_the_routes_below_the_apps_prefix():
+    from mtfm.deployments.http_api import RankEndpoint
+
+    parser = RankRequestParser(REGISTRY, "hp", max_candidates=10)
+    status, body = _post(RankEndpoint({"hp": parser}, 1 << 20), "/hp/score", {})
+    assert status == 404 and body["error"]["message"] == (
+        "no route '/hp/score'; expected POST /<scenario>/rank with scenario one of hp, or GET /healthz")
+    status, body = _post(RankEndpoint({"hp": parser}, 1 << 20, bare_rank=True), "/hp/", {}, root_path="/hp")
+    assert status == 404 and body["error"]["message"] == (
+        "no route '/hp/'; expected POST /hp/rank, or GET /hp/healthz")
 
 
 def test_server_timing_header_leaves_out_what_is_not_a_number():
