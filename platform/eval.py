@@ -39,6 +39,10 @@ def evaluate_batches(model, batches: Iterable, device) -> dict[str, dict]:
             keep = m[:, t]
             if not keep.any():
                 continue
+            not_finite = int((~np.isfinite(p[keep, t])).sum())
+            if not_finite:  # NaN sorts anywhere: an AUC of such scores is noise, not a measurement
+                raise ValueError(f"{scenario}/{task}: {not_finite} of {int(keep.sum())} scores are not finite: the "
+                                 "model's weights hold NaN or inf (a run that diverged); no metrics")
             g = gauc(u[keep], y[keep, t], p[keep, t])
             results[f"{scenario}/{task}"] = {
                 "auc": auc(y[keep, t], p[keep, t]), "gauc": g.gauc, "exposures": int(keep.sum()),

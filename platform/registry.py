@@ -19,6 +19,7 @@ feature declared differently in two places names both.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -110,8 +111,8 @@ def serving_conflict(cfg: ServingConfig) -> tuple[str, str] | None:
         # A replica never holds more than max_ongoing_requests, so batches could never fill.
         return "max_ongoing_requests", (
             f"max_ongoing_requests {cfg.max_ongoing_requests} is below max_batch_requests {cfg.max_batch_requests}; "
-            f"expected at least {cfg.max_batch_requests} (twice that, {2 * cfg.max_batch_requests}, lets the next batch "
-            "fill while one is scored)")
+            f"expected at least {cfg.max_batch_requests} (twice that, {2 * cfg.max_batch_requests}, lets the next "
+            "batch fill while one is scored)")
     return None
 
 
@@ -295,8 +296,10 @@ def load_registry(config_dir: str | Path | None = None) -> Registry:
         raise RegistryError(scn_dir, "", "no scenario files found (expected at least one scenarios/<name>.yaml)")
     scenarios: dict[str, Scenario] = {}
     for path in files:
-        scn = _parse_scenario(read_yaml_mapping(path), str(path), expected_name=path.stem)
-        scenarios[scn.name] = scn
+        if path.stem in scenarios:  # grocery.yaml and grocery.yml: one would silently replace the other
+            raise RegistryError(path, "name", f"scenario {path.stem!r} is also declared in "
+                                f"{scenarios[path.stem].source}; keep one of the two files")
+        scenarios[path.stem] = _parse_scenario(read_yaml_mapping(path), str(path), expected_name=path.stem)
     return _assemble(root, sequences, dict(sorted(scenarios.items())))
 
 
@@ -339,6 +342,16 @@ def _spec_difference(a: Feature, b: Feature) -> str:
 
 # ---------------------------------------------------------------- parsing
 
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `3e-3` and `1e5` as numbers as YAML 1.2 does (YAML 1.1 wants a
+    dot in the mantissa, `3.0e-3`, and reads the rest as strings)."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
 def read_yaml_mapping(path: str | Path, what: str = "config", error: type[RegistryError] = RegistryError) -> dict:
     """One YAML config file as a mapping; a missing file, bad YAML or a non-mapping is `error`
     naming the file. `what` says what the file should be, e.g. "train config (configs/train/*.yaml)"."""
@@ -346,7 +359,7 @@ def read_yaml_mapping(path: str | Path, what: str = "config", error: type[Regist
     if not path.is_file():
         raise error(path, "", f"{what} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_ConfigLoader)
     except yaml.YAMLError as exc:
         raise error(path, "", f"not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -389,8 +402,10 @@ class _Fields:
 
     def positive(self, key: str, types: type | tuple[type, ...], default: Any = ..., minimum: float = 1) -> Any:
         value = self.get(key, types, default, what=f"{_tname(types)} >= {minimum}")
-        if value is not None and value < minimum:
-            raise RegistryError(self.file, self.path(key), f"expected {_tname(types)} >= {minimum}, found {value!r}")
+        if value is not None and not minimum <= value < math.inf:  # NaN and inf are no counts or rates
+            finite = "" if math.isfinite(value) else ", finite"
+            raise RegistryError(self.file, self.path(key),
+                                f"expected {_tname(types)} >= {minimum}{finite}, found {value!r}")
         return value
 
     def name(self, key: str = "name") -> str:
@@ -514,7 +529,7 @@ def _parse_synthetic(raw: dict, file: str, task_names: list[str]) -> SyntheticCo
         if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate < 1:
             raise RegistryError(file, f"synthetic.label_rates.{task}", f"expected a probability in (0, 1), found {rate!r}")
     fraction = float(f.positive("active_user_fraction", (int, float), d.active_user_fraction, minimum=0))
-    if fraction > 1:
+    if not 0 < fraction <= 1:
         raise RegistryError(file, "synthetic.active_user_fraction", f"expected a fraction in (0, 1], found {fraction}")
     return SyntheticConfig(float(f.positive("exposures_per_user_day", (int, float), d.exposures_per_user_day, minimum=0)),
                            fraction, {k: float(v) for k, v in rates.items()})

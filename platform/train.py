@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import math
 import sys
 import tempfile
 import time
@@ -42,6 +43,7 @@ RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 WARM_START_FILE = "warm_start.json"
+DIVERGED_FILE = "diverged.json"  # written by rank 0 when the loss stops being finite; the run then stops
 
 
 # ---------------------------------------------------------------- the train config
@@ -104,8 +106,23 @@ class TrainConfig:
         if config.max_steps is not None and config.max_steps < 1:
             raise RegistryError(source, "max_steps", f"expected an integer >= 1 or null, found {config.max_steps}")
         for key in ("cpus_per_worker", "gpus_per_worker"):
-            if getattr(config, key) <= 0:
+            if not 0 < getattr(config, key) < math.inf:
                 raise RegistryError(source, key, f"expected a number > 0, found {getattr(config, key)}")
+        for key in ("lr", "embedding_lr", "weight_decay"):
+            if not 0 <= getattr(config, key) < math.inf:
+                raise RegistryError(source, key, f"expected a finite number >= 0, found {getattr(config, key)}")
+        if config.grad_clip is not None and not 0 < config.grad_clip < math.inf:
+            raise RegistryError(source, "grad_clip", "expected a finite number > 0 (the largest gradient norm) or "
+                                f"null (no clipping), found {config.grad_clip}")
+        for key in ("seed", "freeze_loaded_steps"):
+            if getattr(config, key) < 0:
+                raise RegistryError(source, key, f"expected an integer >= 0, found {getattr(config, key)}")
+        if config.max_failures < -1:
+            raise RegistryError(source, "max_failures", f"expected an integer >= 0, or -1 to retry without limit, "
+                                f"found {config.max_failures}")
+        if config.inject_failure_at_step is not None and config.inject_failure_at_step < 1:
+            raise RegistryError(source, "inject_failure_at_step",
+                                f"expected an integer >= 1 or null, found {config.inject_failure_at_step}")
         if config.cuda_graphs and (not config.use_gpu or config.num_workers != 1):
             raise RegistryError(source, "cuda_graphs", "needs use_gpu: true and num_workers: 1 (DDP all-reduces "
                                 f"gradients inside backward), found use_gpu {config.use_gpu}, num_workers "
@@ -124,6 +141,10 @@ def _check_type(source: str, key: str, value: Any, annotation: str) -> None:
     allowed = tuple(t for n in names for t in expected.get(n, ()))
     if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
         raise RegistryError(source, key, f"expected {' or '.join(n for n in names)}, found {value!r}")
+
+
+class TrainingDiverged(ValueError):
+    """The loss stopped being finite; the run stopped at that step without saving the weights."""
 
 
 # ---------------------------------------------------------------- the worker loop
@@ -171,14 +192,18 @@ class StepAgreement:
         self.group = dist.new_group(backend="gloo") if distributed else None
 
     def all_have_batch(self, have: bool) -> bool:
+        return self.all_true(have)
+
+    def all_true(self, flag: bool) -> bool:
+        """Whether `flag` holds on every worker (called at the same step on all of them)."""
         import torch
         import torch.distributed as dist
 
         if self.group is None:
-            return have
-        flag = torch.tensor([1 if have else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(flag.item())
+            return flag
+        value = torch.tensor([1 if flag else 0])
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(value.item())
 
 
 def _agreed_batches(batches, agreement: StepAgreement):
@@ -317,6 +342,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # (so a finished run's newest checkpoint says so, and is evaluated). max_steps is checked the
     # same way, so a run that stops with its data's last batch records the epoch as done.
     due: dict | None = None
+    diverged: dict | None = None
+
+    def stop_if_diverged(loss_value: float) -> bool:
+        """Every worker stops when any worker's loss is not finite: the weights that follow are NaN."""
+        nonlocal diverged
+        if agreement.all_true(math.isfinite(loss_value)):
+            return False
+        diverged = {"step": step, "loss": loss_value}
+        if rank == 0:
+            (run_dir / DIVERGED_FILE).write_text(json.dumps(diverged))
+            _progress(f"[mtfm] step {step:>6}  loss {loss_value}: training diverged, stopping")
+        return True
+
     model.train()
     while epoch < config.epochs and not done:
         reads = train_shard.iter_batches(batch_size=config.rows_per_read, batch_format="pyarrow", prefetch_batches=2)
@@ -348,6 +386,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     raise RuntimeError(f"injected failure at step {step} (train config inject_failure_at_step)")
                 if step % config.log_every == 0:
                     elapsed = time.perf_counter() - window["t"]
+                    if stop_if_diverged(float(window["loss"]) / window["steps"]):
+                        done = True
+                        break
                     record = {"step": step, "epoch": epoch, "loss": float(window["loss"]) / window["steps"],
                               "samples_per_s": window["samples"] * ctx.get_world_size() / elapsed,
                               "tokens_per_s": window["tokens"] * ctx.get_world_size() / elapsed}
@@ -360,13 +401,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": 0.0, "steps": 0}
                 if step % config.checkpoint_every == 0:
                     due = {"step": step, "loss": float(loss.detach())}
+                    if stop_if_diverged(due["loss"]):
+                        done, due = True, None
+                        break
         if not done:
             epoch, skip, position = epoch + 1, 0, 0
             done = config.max_steps is not None and step >= config.max_steps
             if due is not None and epoch < config.epochs and not done:
                 save(0, due)
                 due = None
-    if last_saved != step or step == 0:
+    if diverged is None and (last_saved != step or step == 0):
         save(position, due or {"step": step}, final=True)
     if rank == 0 and (run_dir / METRICS_FILE).exists():
         last = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if "eval" in line]
@@ -575,9 +619,17 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         datasets={"train": train_ds, "test": test_ds},
         dataset_config=_data_config(DataConfig),
     )
+    (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a resume tries again
     result = trainer.fit()
     if result.error:
         raise result.error
+    if (run_dir / DIVERGED_FILE).is_file():
+        diverged = json.loads((run_dir / DIVERGED_FILE).read_text())
+        raise TrainingDiverged(
+            f"training diverged: the loss was {diverged['loss']} at step {diverged['step']}, so the run stopped "
+            f"there; its newest checkpoint, {result.checkpoint.path if result.checkpoint else 'none'}, is from "
+            f"before. Lower lr ({config.lr}) or embedding_lr ({config.embedding_lr}), or clip the gradients "
+            f"(grad_clip, now {config.grad_clip}), then train again (or --resume {run_dir} with the new config)")
     eval_path = run_dir / EVAL_FILE
     if eval_path.exists():
         from mtfm.platform.eval import format_table

@@ -98,6 +98,12 @@ BAD_SCENARIOS = [
     (lambda d: d["serving"].update(max_ongoing_requests=8), "serving.max_ongoing_requests",
      "max_ongoing_requests 8 is below max_batch_requests 16; expected at least 16"),
     (lambda d: d["synthetic"]["label_rates"].update(click=1.5), "synthetic.label_rates.click", "probability"),
+    (lambda d: d["synthetic"].update(exposures_per_user_day=float("inf")), "synthetic.exposures_per_user_day",
+     "expected an integer or a number >= 0, finite, found inf"),
+    (lambda d: d["synthetic"].update(active_user_fraction=0), "synthetic.active_user_fraction",
+     "expected a fraction in (0, 1], found 0.0"),
+    (lambda d: d["synthetic"].update(active_user_fraction=float("nan")), "synthetic.active_user_fraction",
+     "expected an integer or a number >= 0, finite, found nan"),
 ]
 
 
@@ -182,6 +188,17 @@ def test_bad_sequences_file(config_dir, mutate, field, words):
     with pytest.raises(RegistryError) as err:
         load_registry(config_dir)
     assert err.value.field == field and words in str(err.value)
+
+
+def test_a_scenario_in_two_files_is_refused_naming_both(config_dir):
+    """grocery.yaml and grocery.yml: which one the registry took would depend on the glob order."""
+    body = ("name: grocery\nitem_features:\n  - {name: sku_id, type: categorical, buckets: 1000, dim: 8}\n"
+            "tasks:\n  - {name: click, kind: ctr}\n")
+    (config_dir / "scenarios" / "grocery.yaml").write_text(body)
+    (config_dir / "scenarios" / "grocery.yml").write_text(body.replace("1000", "64"))
+    with pytest.raises(RegistryError, match=r"grocery.yml: name: scenario 'grocery' is also declared in "
+                                            r".*grocery.yaml; keep one of the two files"):
+        load_registry(config_dir)
 
 
 def test_missing_and_malformed_files(config_dir, tmp_path):

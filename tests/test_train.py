@@ -308,6 +308,47 @@ def test_train_config_errors(tmp_path):
     bad.write_text("model: configs/model/tiny.yaml\nmax_steps: 0\n")
     with pytest.raises(RegistryError, match=r"bad.yaml: max_steps: expected an integer >= 1 or null, found 0"):
         TrainConfig.load(bad)
+    # Numbers that would train backwards, fail inside the optimizer after Ray started, or retry forever.
+    for line, message in (("grad_clip: -1", r"grad_clip: expected a finite number > 0 \(the largest gradient norm\) "
+                                            r"or null \(no clipping\), found -1"),
+                          ("lr: -0.1", r"lr: expected a finite number >= 0, found -0.1"),
+                          ("embedding_lr: .inf", r"embedding_lr: expected a finite number >= 0, found inf"),
+                          ("weight_decay: .nan", r"weight_decay: expected a finite number >= 0, found nan"),
+                          ("cpus_per_worker: .nan", r"cpus_per_worker: expected a number > 0, found nan"),
+                          ("max_failures: -2", r"max_failures: expected an integer >= 0, or -1 to retry without limit"),
+                          ("seed: -1", r"seed: expected an integer >= 0, found -1")):
+        bad.write_text(f"model: configs/model/tiny.yaml\n{line}\n")
+        with pytest.raises(RegistryError, match="bad.yaml: " + message):
+            TrainConfig.load(bad)
+    # YAML 1.1 reads 3e-3 as a string; a config means the number.
+    bad.write_text("model: configs/model/tiny.yaml\nlr: 3e-3\nembedding_lr: 1E-1\nmax_failures: -1\n")
+    loaded = TrainConfig.load(bad)
+    assert (loaded.lr, loaded.embedding_lr, loaded.max_failures) == (0.003, 0.1, -1)
+
+
+def test_a_run_whose_loss_stops_being_finite_stops_and_says_so(tiny_samples, tmp_path):
+    """Learning rates of 1e30 turn the weights to inf/NaN within a few steps: the run
+    stops at the first log step whose loss is not finite, saves no final checkpoint of those
+    weights, and the driver raises with the step and what to change; eval refuses NaN scores."""
+    from mtfm.platform.eval import evaluate_batches
+    from mtfm.platform.train import DIVERGED_FILE, TrainingDiverged
+
+    config = _config(num_workers=1, epochs=1, lr=1e30, embedding_lr=1e30, log_every=1, checkpoint_every=1000)
+    with pytest.raises(TrainingDiverged, match=r"training diverged: the loss was nan at step (\d+), so the run "
+                                               r"stopped there; its newest checkpoint, none, is from before"):
+        train(config, data=str(tiny_samples), out=tmp_path / "run", config_dir=str(CONFIGS), log=lambda *a: None)
+    diverged = json.loads((tmp_path / "run" / DIVERGED_FILE).read_text())
+    logged = [r["step"] for r in _log(tmp_path / "run")]
+    assert logged == list(range(1, diverged["step"]))  # every step before it was logged, with a finite loss
+    assert not list((tmp_path / "run").glob("checkpoint_0*"))
+    model = build_model(load_model_config(REPO_ROOT / "configs/model/tiny.yaml"), load_registry(CONFIGS))
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    _, test_ds, _ = split_by_window(tiny_samples, 1)
+    batches = token_budget_batches(test_ds.iter_batches(batch_size=64, batch_format="pyarrow"),
+                                   Collator(model.registry), 4096)
+    with pytest.raises(ValueError, match=r"scores are not finite: the model's weights hold NaN or inf"):
+        evaluate_batches(model, batches, torch.device("cpu"))
 
 
 def _free_port() -> int:
