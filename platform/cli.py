@@ -28,6 +28,12 @@ def non_negative_int(text: str) -> int:
     return int(text)
 
 
+def port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port, 1-65535, found {text!r}")
+    return int(text)
+
+
 def parse_duration_ms(text: str) -> int:
     """'1d' -> 86400000; units ms, s, m, h, d."""
     for unit in sorted(WINDOW_UNITS_MS, key=len, reverse=True):
@@ -299,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write exposures/ and behaviors/ into")
     p.add_argument("--users", type=positive_int, default=2000, metavar="N", help="number of users (default 2000)")
     p.add_argument("--days", type=positive_int, default=7, metavar="D", help="number of days (default 7)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, metavar="S", help="random seed (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace exposures/ and behaviors/ already in --out")
     p.set_defaults(handler=cmd_data_synth)
 
@@ -338,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Print a model config's layers, parameter counts by part and forward FLOPs per "
                                     "sample on a typical token mix of the registered scenarios.")
     p.add_argument("--config", required=True, metavar="FILE", help="model config, e.g. configs/model/small.yaml")
-    p.add_argument("--targets", type=int, default=100, metavar="N",
+    p.add_argument("--targets", type=non_negative_int, default=100, metavar="N",
                    help="T-tokens per sample for the FLOP count, spread over the scenarios (default 100); "
                         "sequences count at their max_len")
     p.set_defaults(handler=cmd_model_summary)
@@ -351,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=positive_int, default=400, help="synthetic users (default 400)")
     p.add_argument("--days", type=positive_int, default=4,
                    help="days of logs; the last (the train config's test_windows) are the test set (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="generator seed (default 0)")
     p.add_argument("--train-config", default="configs/train/tiny.yaml", metavar="CFG",
                    help="train config (default configs/train/tiny.yaml; configs/train/gpu.yaml on one GPU)")
     p.add_argument("--max-steps", type=positive_int, default=None,
@@ -403,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "under runs/)")
     p.add_argument("--host", default="0.0.0.0",
                    help="HTTP interface (default 0.0.0.0: every interface; 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--port", type=port, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--scenario-ingress", action="store_true",
                    help="one app per registered scenario, its replicas taking HTTP themselves at /<scenario>/rank "
                         "(no router hop; regenerate when scenarios change)")
@@ -415,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", type=positive_int, default=3, metavar="K",
                    help="candidates (default 3; at most the scenario's serving.max_candidates)")
     p.add_argument("--events", type=non_negative_int, default=4, metavar="N", help="events per sequence (default 4)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="varies the feature values (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, metavar="S", help="varies the feature values (default 0)")
     p.add_argument("--indent", type=non_negative_int, default=2, metavar="N",
                    help="JSON indent (default 2; 0: compact, on one line)")
     p.add_argument("--columns", action="store_true",

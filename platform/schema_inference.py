@@ -487,6 +487,10 @@ def infer_scenario(name: str, exposures: str | Path, config_dir: str | Path | No
         raise SchemaInferenceError(f"{root}: not a config directory (expected sequences.yaml and scenarios/ in it; "
                                    "set --config-dir or MTFM_CONFIG_DIR)")
     target = Path(out) if out else root / "scenarios" / f"{name}.yaml"
+    if target.resolve().parent == (root / "scenarios").resolve() and target.name != f"{name}.yaml":
+        # The registry reads every file there as the scenario its file name says.
+        raise SchemaInferenceError(f"{target}: a file in {root / 'scenarios'} is the scenario named after it; write "
+                                   f"the draft for {name!r} as {name}.yaml there, or --out a file outside it")
     if write and target.exists() and not force:
         raise SchemaInferenceError(f"{target}: already exists; pass --force to overwrite it, or --out FILE")
     source = Path(exposures)

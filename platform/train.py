@@ -435,18 +435,37 @@ def split_by_window(samples: str | Path, test_windows: int):
     from ray.data.expressions import col
 
     path = _samples_folder(str(samples))
-    ds = ray.data.read_parquet(path)
-    names = ds.schema().names
+    try:
+        ds = ray.data.read_parquet(path)
+        names = ds.schema().names
+    except Exception as exc:  # Arrow names the problem but not the file
+        raise ValueError(f"{_unreadable_parquet(path) or path}: not readable as Parquet ({exc})") from exc
     if "window" not in names or not any(name.endswith("__exposures") for name in names):
         raise ValueError(f"{path}: not aggregated samples (its columns: {', '.join(names[:6])}"
                          f"{', ...' if len(names) > 6 else ''}); aggregate the raw logs first: mtfm data aggregate "
                          "--raw RAW_DIR --out AGG_DIR, then pass AGG_DIR")
-    windows = sorted(ds.unique("window"))
+    try:
+        windows = sorted(ds.unique("window"))
+    except Exception as exc:  # a file whose footer the schema's read did not reach
+        raise ValueError(f"{_unreadable_parquet(path) or path}: not readable as Parquet ({exc})") from exc
     if len(windows) <= test_windows:
         raise ValueError(f"{path}: {len(windows)} window(s) of data, but test_windows={test_windows} are held out "
                          "for evaluation: generate more days or lower test_windows")
     cut = windows[-test_windows]
     return ds.filter(expr=col("window") < cut), ds.filter(expr=col("window") >= cut), windows
+
+
+def _unreadable_parquet(path: str) -> str | None:
+    """The first file under a local `path` whose Parquet footer cannot be read, or None."""
+    import pyarrow.parquet as pq
+
+    files = [Path(path)] if Path(path).is_file() else sorted(p for p in Path(path).rglob("*") if p.is_file())
+    for file in files:
+        try:
+            pq.read_metadata(file)
+        except Exception:  # noqa: BLE001 - any failure names this file
+            return str(file)
+    return None
 
 
 def _samples_folder(samples: str) -> str:

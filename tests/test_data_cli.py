@@ -20,6 +20,18 @@ def test_help(argv, capsys):
     assert {"data": "synth", "synth": "--users", "aggregate": "--window", "movielens": "recbole"}[argv[-2]] in text
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["data", "synth", "--out", "x", "--seed", "-1"], "argument --seed: expected an integer >= 0, found '-1'"),
+    (["model", "summary", "--config", "configs/model/tiny.yaml", "--targets", "-4"],
+     "argument --targets: expected an integer >= 0, found '-4'"),
+    (["serve", "config", "--port", "70000"], "argument --port: expected a TCP port, 1-65535, found '70000'"),
+])
+def test_numbers_out_of_range_are_refused_by_argument(argv, words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and words in capsys.readouterr().err
+
+
 def test_synth_then_aggregate(ray_cluster, config_dir, tmp_path, capsys):
     raw, agg = tmp_path / "raw", tmp_path / "agg"
     assert main(["data", "synth", "--config-dir", str(config_dir), "--out", str(raw), "--users", "20", "--days", "2"]) == 0

@@ -122,6 +122,8 @@ def test_sizing_rules():
     ("missing", r"nope\.parquet: exposure log not found"),
     ("exists", r"phf\.yaml: already exists; pass --force"),
     ("sequence_name", r"--name 'history': already the name of a sequence"),
+    ("other_file_name", r"other\.yaml: a file in .*scenarios is the scenario named after it; write the draft for "
+                        r"'shop_feed' as shop_feed\.yaml there, or --out a file outside it"),
 ])
 def test_error_paths_name_the_file_and_column(tmp_path, config_dir, case, match):
     good = _table(shop_id=[1, 2, 3], click=[0, 1, 0])
@@ -132,9 +134,11 @@ def test_error_paths_name_the_file_and_column(tmp_path, config_dir, case, match)
     name = {"bad_name": "Shop-Feed", "exists": "phf", "sequence_name": "history"}.get(case, "shop_feed")
     if case == "missing":
         path = tmp_path / "nope.parquet"
+    out = config_dir / "scenarios" / "other.yaml" if case == "other_file_name" else None
     with pytest.raises(SchemaInferenceError, match=match):
-        infer_scenario(name, path, config_dir=config_dir)
+        infer_scenario(name, path, config_dir=config_dir, out=out)
     assert not (config_dir / "scenarios" / "shop_feed.yaml").exists()
+    assert not (config_dir / "scenarios" / "other.yaml").exists()
 
 
 def test_a_folder_whose_files_disagree_on_a_column_type_is_refused_by_name(tmp_path, config_dir):

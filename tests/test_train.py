@@ -156,6 +156,16 @@ def test_raw_logs_given_as_samples_are_refused_by_name(ray_cluster, tmp_path):
         split_by_window(tmp_path / "raw", 1)
 
 
+def test_a_samples_file_that_is_not_parquet_is_named(ray_cluster, tiny_samples, tmp_path):
+    folder = tiny_samples / "samples" if (tiny_samples / "samples").is_dir() else tiny_samples
+    good = sorted(folder.rglob("*.parquet"))[0]
+    (tmp_path / "samples").mkdir()
+    shutil.copy(good, tmp_path / "samples" / good.name)
+    (tmp_path / "samples" / "part-cut.parquet").write_bytes(good.read_bytes()[:3000])
+    with pytest.raises(ValueError, match=r"part-cut.parquet: not readable as Parquet"):
+        split_by_window(tmp_path, 1)
+
+
 def test_resume_refuses_a_checkpoint_with_other_scenarios(config_dir, tmp_path):
     registry = load_registry(CONFIGS)
     meta_registry = registry.to_dict()

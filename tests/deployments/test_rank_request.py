@@ -3,8 +3,10 @@ a bad value deep inside a long list is refused naming its exact field, a parsed 
 Ray as one Arrow stream, and the HTTP endpoint's routes below an app's prefix."""
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
+import json
 import pickle
 from types import SimpleNamespace
 
@@ -209,9 +211,6 @@ def test_a_request_crosses_ray_as_one_arrow_stream(ray_cluster):
 
 def _post(endpoint, path: str, body: dict, root_path: str = "") -> tuple[int, dict]:
     """`endpoint.answer` on a real Starlette request; scoring answers with the scenario it was asked for."""
-    import asyncio
-    import json
-
     from starlette.requests import Request
 
     raw = json.dumps(body).encode()
@@ -250,12 +249,10 @@ def test_bare_rank_is_served_only_by_the_app_of_one_scenario():
 
 
 def test_a_request_whose_client_goes_away_is_counted_as_cancelled():
-    """Serve cancels the handler of a request whose client disconnected: the request must still
-    show in the metrics (it was accepted), as a 4xx of error kind `cancelled`, and the cancellation
-    must reach the caller."""
-    import asyncio
-    import json
-
+    """Serve cancels the handler of a request whose client disconnected (or Starlette's body stream
+    raises ClientDisconnect, if the client left while sending): the request must still show in the
+    metrics, as a 4xx of error kind `cancelled`, and a cancellation must reach the caller. A health
+    probe that gives up is no rank request and is not counted."""
     from starlette.requests import Request
 
     from mtfm.deployments.http_api import RankEndpoint
@@ -270,23 +267,35 @@ def test_a_request_whose_client_goes_away_is_counted_as_cancelled():
     async def receive():
         return {"type": "http.request", "body": raw, "more_body": False}
 
-    async def main():
-        scoring = asyncio.Event()
+    async def disconnect():
+        return {"type": "http.disconnect"}
 
-        async def rank(scenario, request):
-            scoring.set()
-            await asyncio.Event().wait()  # a batch the client does not wait for
+    def request(method, path, receive):
+        return Request({"type": "http", "method": method, "path": path, "root_path": "", "query_string": b"",
+                        "headers": []}, receive)
 
-        scope = {"type": "http", "method": "POST", "path": "/hp/rank", "root_path": "", "query_string": b"",
-                 "headers": []}
-        handler = asyncio.ensure_future(endpoint.answer(Request(scope, receive), rank, lambda: None))
-        await scoring.wait()
+    async def cancelled_while(method, path):
+        """`answer` cancelled once its scoring or health call started; the cancellation reaches the caller."""
+        started = asyncio.Event()
+
+        async def forever(*_):
+            started.set()
+            await asyncio.Event().wait()  # a batch, or a restarting replica, the client does not wait for
+
+        handler = asyncio.ensure_future(endpoint.answer(request(method, path, receive), forever, forever))
+        await started.wait()
         handler.cancel()
         with pytest.raises(asyncio.CancelledError):
             await handler
 
-    asyncio.run(main())
+    asyncio.run(cancelled_while("POST", "/hp/rank"))
     assert recorded == [("accepted", "hp", 2), ("error", "hp", "cancelled"), ("request", "hp", 499)]
+    recorded.clear()
+    asyncio.run(cancelled_while("GET", "/healthz"))
+    assert recorded == []
+    response = asyncio.run(endpoint.answer(request("POST", "/hp/rank", disconnect), None, None))
+    assert response.status_code == 499
+    assert recorded == [("error", "hp", "cancelled"), ("request", "hp", 499)]
 
 
 def test_an_unknown_path_names_the_routes_below_the_apps_prefix():
