@@ -23,13 +23,13 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
+from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import ALPHA, SPLIT_SWEEP, SWEEP, split_halves, training_mix_batch  # noqa: E402
@@ -66,18 +66,25 @@ def tile_loops(cubin: bytes) -> list[dict]:
     code = [(int(address, 16), text) for address, text in
             re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", _cuobjdump("-sass", cubin))]
     index = {address: i for i, (address, _) in enumerate(code)}
-    loops = []
+    ends: dict[int, int] = {}  # a loop's head -> its last back edge (a loop may close with several)
     for i, (address, text) in enumerate(code):
         jump = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if jump and int(jump.group(1), 16) < address and int(jump.group(1), 16) in index:
-            body = [t for _, t in code[index[int(jump.group(1), 16)]:i + 1]]
-            counts = {op: sum(bool(re.match(rf"(@!?U?P\d+\s+)?{op}\b", t)) for t in body)
-                      for op in ("HGMMA", "HMMA", "STL", "LDL")}
-            if counts["HGMMA"] or counts["HMMA"]:
-                loops.append(dict(start=index[int(jump.group(1), 16)], end=i, instructions=len(body), **counts))
+            start = index[int(jump.group(1), 16)]
+            ends[start] = max(ends.get(start, i), i)
+    loops = []
+    for start, end in ends.items():
+        body = [t for _, t in code[start:end + 1]]
+        if any(re.match(r"(@!?U?P\w+\s+)?EXIT\b", t) for t in body):
+            continue  # a block placed after the kernel's exit that jumps back (e.g. a barrier's retry): no loop
+        counts = {op: sum(bool(re.match(rf"(@!?U?P\w+\s+)?{op}\b", t)) for t in body)
+                  for op in ("HGMMA", "HMMA", "STL", "LDL")}
+        if counts["HGMMA"] or counts["HMMA"]:
+            loops.append(dict(start=start, end=end, instructions=len(body), **counts))
     innermost = [a for a in loops if not any(b is not a and a["start"] <= b["start"] and b["end"] <= a["end"]
                                              for b in loops)]
-    return [{key: value for key, value in loop.items() if key not in ("start", "end")} for loop in innermost]
+    return [{key: value for key, value in loop.items() if key not in ("start", "end")}
+            for loop in sorted(innermost, key=lambda loop: loop["start"])]
 
 
 class _StandInUtils:
@@ -128,9 +135,9 @@ def attention_ops(hq: int, hkv: int, tokens: int) -> dict:
 
 def blocks_per_sm(registers: int, warps: int, shared: int) -> int:
     """Programs one Hopper SM holds at once: 64K registers (allocated per warp in units of 256), 228 KiB
-    of shared memory (1 KiB of it reserved per block), 64 warps."""
+    of shared memory (1 KiB of it reserved per block), 64 warps, 32 blocks."""
     per_warp = -(-registers * 32 // 256) * 256
-    return min(65536 // (per_warp * warps), 233472 // (shared + 1024), 64 // warps)
+    return min(65536 // (per_warp * warps), 233472 // (shared + 1024), 64 // warps, 32)
 
 
 def variant_resources(kernel) -> dict:
@@ -139,54 +146,59 @@ def variant_resources(kernel) -> dict:
     usage = cubin_resources(kernel.kernel)
     loops = tile_loops(kernel.kernel)
     ptx, shared, warps = kernel.asm["ptx"], kernel.metadata.shared, kernel.metadata.num_warps
+    fits = shared <= _DEVICE_PROPERTIES["max_shared_mem"]
     return dict(registers=usage["reg"], spilled=(usage["stack"] + usage["local"]) // 4,
                 shared_kib=round(shared / 1024, 1), warps=warps,
-                blocks_per_sm=blocks_per_sm(usage["reg"], warps, shared) if shared <= 232448 else 0,
+                blocks_per_sm=blocks_per_sm(usage["reg"], warps, shared) if fits else 0,
                 wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"), loops=loops,
                 loop_spills=sum(loop["STL"] + loop["LDL"] for loop in loops))
 
 
-def _launched_config(fn, name: str, config: tuple, configs: dict) -> list | None:
-    """The block config a kernel was compiled with: `config` for the table being varied, the
-    table's own entry for the other kernels of the same op, None for a kernel without a table."""
-    table = _KERNEL_TABLES.get(fn.fn.__name__)
-    return list(config if table == name else configs[table][0]) if table else None
+def _table_config(table: str, split: bool) -> tuple:
+    """The config the wrappers launch `table`'s kernel with at d=256 (split target attention: its
+    "_split" entry where one exists), as `_launch_params` picks it."""
+    return (split and attn._CONFIGS.get(f"{table}_split", {}).get(256)) or attn._CONFIGS[table][256]
+
+
+def _new_variants(jitted: list, seen: set) -> list:
+    """(kernel name, compiled variant) of every variant compiled since `seen` was last updated."""
+    new = []
+    for fn in jitted:
+        for cache, *_ in fn.device_caches.values():
+            for kernel in cache.values():
+                if id(kernel) not in seen:
+                    seen.add(id(kernel))
+                    new.append((fn.fn.__name__, kernel))
+    return new
 
 
 def compile_variants(heads: list[tuple[int, int]], sweep: bool, tokens: int) -> list[dict]:
+    """Every kernel variant the attention ops compile, per head layout, op and (with `sweep`) candidate
+    config of the kernel varied: one row per new variant, one per config that does not fit."""
     jitted = [fn for fn in vars(attn).values() if isinstance(fn, triton.runtime.jit.JITFunction)]
     seen, rows = set(), []
-    configs = {name: [attn._CONFIGS[name][256]] for name in ("fwd", "dq", "dkdv")}
     for hq, hkv in heads:
         for op, call in attention_ops(hq, hkv, tokens).items():
-            kernels = ("fwd",) if op.endswith("fwd") else ("dq", "dkdv")
-            candidates = {name: (SPLIT_SWEEP if op.startswith("split") else SWEEP)[name][256] if sweep
-                          else configs[name] for name in kernels}
-            for name in kernels:
-                for config in candidates[name]:
+            split = op.startswith("split")
+            for name in ("fwd",) if op.endswith("fwd") else ("dq", "dkdv"):
+                configs = (SPLIT_SWEEP if split else SWEEP)[name][256] if sweep else [_table_config(name, split)]
+                for config in configs:
                     saved = {table: dict(entries) for table, entries in attn._CONFIGS.items()}
-                    attn._CONFIGS[name][256] = config
-                    attn._CONFIGS.pop(f"{name}_split", None)  # a split-only entry would override `config`
-                    started = time.perf_counter()
+                    attn._CONFIGS.setdefault(f"{name}_split" if split else name, {})[256] = config
+                    launched = {table: _table_config(table, split) for table in _KERNEL_TABLES.values()}
                     try:
                         call()
                         error = None
-                    except Exception as failure:  # a config that does not fit (shared memory)
+                    except OutOfResources as failure:  # a config that does not fit (shared memory)
                         error = f"{type(failure).__name__}: {str(failure)[:120]}"
                     finally:
                         attn._CONFIGS.clear()
                         attn._CONFIGS.update(saved)
-                    seconds = time.perf_counter() - started
-                    for fn in jitted:
-                        for cache, *_ in fn.device_caches.values():
-                            for kernel in cache.values():
-                                if id(kernel) in seen:
-                                    continue
-                                seen.add(id(kernel))
-                                rows.append(dict(hq=hq, hkv=hkv, op=op, kernel=fn.fn.__name__,
-                                                 config=_launched_config(fn, name, config, configs),
-                                                 **variant_resources(kernel), compile_s=round(seconds, 1)))
-                                print(json.dumps(rows[-1]), flush=True)
+                    for kernel_name, kernel in _new_variants(jitted, seen):
+                        table = _KERNEL_TABLES.get(kernel_name)
+                        rows.append(dict(hq=hq, hkv=hkv, op=op, kernel=kernel_name,
+                                         config=list(launched[table]) if table else None, **variant_resources(kernel)))
+                        print(json.dumps(rows[-1]), flush=True)
                     if error:
                         rows.append(dict(hq=hq, hkv=hkv, op=op, kernel=name, config=list(config), error=error))
                         print(json.dumps(rows[-1]), flush=True)
@@ -195,7 +207,8 @@ def compile_variants(heads: list[tuple[int, int]], sweep: bool, tokens: int) -> 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90: H100/H200)")
+    parser.add_argument("--arch", type=int, default=90, choices=[90],
+                        help="compute capability to compile for (90: H100/H200, whose limits the figures assume)")
     parser.add_argument("--heads", type=int, nargs="+", default=[2, 1, 3, 3], metavar="H",
                         help="pairs of query and kv heads (default: 2 1 3 3)")
     parser.add_argument("--sweep", action="store_true",
