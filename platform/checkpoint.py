@@ -143,7 +143,8 @@ def warm_start(model: "RecommenderBase", checkpoint: str | Path) -> WarmStart:
         k = mismatched[0]
         raise CheckpointError(f"{folder}: {len(mismatched)} tensors have other shapes than this model's, e.g. {k}: "
                               f"{tuple(state[k].shape)} in the checkpoint vs {tuple(own[k].shape)} here; warm start "
-                              "needs the model config the checkpoint was trained with (its meta.json has it)")
+                              "needs the model config the checkpoint was trained with (its meta.json has it, with "
+                              "its registry)")
     loaded = [k for k in own if k in state]
     model.load_state_dict({k: state[k] for k in loaded}, strict=False)
     return WarmStart(loaded, [k for k in own if k not in state], [k for k in state if k not in own])

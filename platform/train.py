@@ -593,6 +593,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         out = Path(resume)
     if init_from is not None:
         init_from = find_checkpoint(init_from).resolve()
+        refuse_a_warm_start_across_registries(init_from, registry, model_config.scenarios)
         retired = sorted(set(read_meta(init_from).scenarios) - set(registry.scenarios))
         if retired:
             log(f"[mtfm] warning: {init_from} has scenarios the registry no longer declares: {retired}; their "
@@ -674,6 +675,28 @@ BATCHING = ("num_workers", "tokens_per_batch", "test_windows")
 # Model-config fields a resumed run may change: none shapes a parameter or the model's function.
 RESUMABLE_CHANGES = frozenset({"name", "attention_impl", "norm_impl", "compute_dtype", "dropout",
                                "recompute_target_context"})
+
+
+def refuse_a_warm_start_across_registries(checkpoint: Path, registry: Registry, scenarios) -> None:
+    """Before Ray: warm start loads the modules of the sequences and scenarios both the checkpoint's
+    registry and this one declare, so their features must be the same (a sequence or scenario only
+    one of them has is fine: it is skipped or starts fresh)."""
+    import re
+
+    from mtfm.platform.checkpoint import META_FILE, CheckpointError, read_meta, registry_changes
+
+    try:
+        trained = Registry.from_dict(read_meta(checkpoint).registry)
+    except (KeyError, TypeError, RegistryError) as exc:
+        raise CheckpointError(f"--init-from {checkpoint}: its registry snapshot ({META_FILE}) cannot be read "
+                              f"({type(exc).__name__}: {exc})") from exc
+    changes = [c for c in registry_changes(trained, registry, scenarios)[0]
+               if not re.fullmatch(r"sequences\.\w+: (added|removed)", c)]
+    if changes:
+        raise CheckpointError(f"--init-from {checkpoint}: the registry ({registry.config_dir}) declares what both "
+                              "registries know differently from the one the checkpoint was trained with, in "
+                              f"{'; '.join(changes)}; warm start loads those modules as trained (the checkpoint's "
+                              f"{META_FILE} holds its registry)")
 
 
 def refuse_a_checkpoint_to_resume(resume: str | Path) -> None:

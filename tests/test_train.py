@@ -284,6 +284,23 @@ def test_command_line_refuses_a_model_the_registry_or_the_resumed_run_does_not_m
         assert main(["--config", str(TINY), "--resume", str(run)]) == 1
         err = capsys.readouterr().err
         assert f"it stopped after batch 5 of epoch 0, and {says}: " in err and "would be cut differently" in err
+    # --init-from: the features of what both registries declare must match (before Ray); a sequence or
+    # scenario only one of them has is no change.
+    meta_file.write_text(json.dumps(trained))
+    assert main(["--config", str(TINY), "--init-from", str(run), "--out", str(tmp_path / "warm")]) == 1
+    err = capsys.readouterr().err
+    assert "differently from the one the checkpoint was trained with, in sequences.history.features.poi_id.buckets" in err
+    assert not (tmp_path / "warm").exists()
+    retired = json.loads(json.dumps(meta))
+    retired["registry"]["scenarios"]["gone"] = retired["registry"]["scenarios"]["hp"] | {"name": "gone"}
+    retired["registry"]["sequences"]["old"] = retired["registry"]["sequences"]["realtime"] | {"name": "old"}
+    from mtfm.platform.checkpoint import read_meta as read_checkpoint_meta
+    from mtfm.platform.registry import Registry
+    from mtfm.platform.train import refuse_a_warm_start_across_registries
+
+    meta_file.write_text(json.dumps(retired))
+    assert Registry.from_dict(read_checkpoint_meta(run / "checkpoint_00000007").registry).sequences.keys() >= {"old"}
+    refuse_a_warm_start_across_registries(run / "checkpoint_00000007", load_registry(CONFIGS), None)
     # --resume alone takes the run's own train config.
     assert main(["--resume", str(run)]) == 1
     assert "no train_config.yaml there (not a run folder?); pass --config" in capsys.readouterr().err
