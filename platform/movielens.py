@@ -154,6 +154,9 @@ def convert_movielens(registry: Registry, out: str | Path, path: str | Path | No
         raise MovieLensFormatError(f"{registry.config_dir}: scenario(s) {', '.join(missing)} not registered; the MovieLens "
                          f"adapter writes {', '.join(AGE_GROUPS)}: use --config-dir configs/movielens")
     folder = Path(path) if path else recbole_ml100k()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder (--path: a folder of RecBole atomic files, ml-100k.inter, "
+                                ".user and .item)")
     out = prepare_raw_out(out, overwrite)
     df = load_ratings(folder)
     log(f"read {len(df):,} ratings of {df['user_id'].nunique():,} users on {df['movie_id'].nunique():,} movies from {folder}")

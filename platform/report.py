@@ -156,7 +156,11 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, log=print)
             what = f"the run's training data ({data}) is not there" if data else "the run names no training data"
             log(f"note: no attention heatmap: {what}; pass --data AGG_DIR")
             return written
-    path = plot_attention(run_dir, Path(data), out, plt)
+    try:
+        path = plot_attention(run_dir, Path(data), out, plt)
+    except (ValueError, FileNotFoundError) as exc:  # samples of another registry, or none: the curves still stand
+        log(f"note: no attention heatmap: {exc}")
+        return written
     if path:
         written.append(path)
     return written

@@ -140,21 +140,23 @@ def read_exposures(path: str | Path, max_rows: int = MAX_ROWS) -> pa.Table:
             from pyarrow import csv
 
             parse = csv.ParseOptions(delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-            table = csv.read_csv(path, parse_options=parse)
-            return table.slice(0, max_rows)
-        if path.is_dir():
+            table = csv.read_csv(path, parse_options=parse).slice(0, max_rows)
+        elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix == ".parquet")
             if not files:
                 raise SchemaInferenceError(f"{path}: no *.parquet files in this folder (expected the exposure log "
                                            "as Parquet files, or pass a CSV file)")
-            dataset = ds.dataset([str(f) for f in files], format="parquet", schema=_one_schema(path, files))
+            table = ds.dataset([str(f) for f in files], format="parquet", schema=_one_schema(path, files)).head(max_rows)
         else:
-            dataset = ds.dataset(str(path), format="parquet")
-        return dataset.head(max_rows)
+            table = ds.dataset(str(path), format="parquet").head(max_rows)
     except SchemaInferenceError:
         raise
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
         raise SchemaInferenceError(f"{path}: cannot read as Parquet or CSV (.csv): {exc}") from exc
+    if table.num_rows == 0:
+        raise SchemaInferenceError(f"{path}: the exposure log has no rows (columns {', '.join(table.column_names)}); "
+                                   "a draft needs rows to infer from")
+    return table
 
 
 def _one_schema(folder: Path, files: list[Path]) -> pa.Schema:
@@ -163,7 +165,12 @@ def _one_schema(folder: Path, files: list[Path]) -> pa.Schema:
     naming the column and the files (read with the first file's schema, the rest failed without a name)."""
     import pyarrow.parquet as pq
 
-    schemas = [(file, pq.read_schema(file)) for file in files]
+    schemas = []
+    for file in files:
+        try:
+            schemas.append((file, pq.read_schema(file)))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise SchemaInferenceError(f"{file}: cannot read as Parquet: {exc}") from exc
     try:
         return pa.unify_schemas([schema for _, schema in schemas], promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
@@ -524,6 +531,11 @@ def infer_scenario(name: str, exposures: str | Path, config_dir: str | Path | No
     result = InferenceResult(name, source, table.num_rows, columns, text)
     if table.num_rows >= MAX_ROWS:
         result.notes.append(f"only the first {MAX_ROWS:,} rows were read; cardinalities may be larger")
+    for task in tasks:
+        values = pc.unique(table.column(task.column).drop_null()).to_pylist()
+        if len(values) == 1:  # a head trained on one class learns nothing but that rate
+            result.notes.append(f"label {task.column!r} is {int(values[0])} in every row read: check the log, or "
+                                "drop the task")
     if write:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)

@@ -124,16 +124,23 @@ def test_sizing_rules():
     ("sequence_name", r"--name 'history': already the name of a sequence"),
     ("other_file_name", r"other\.yaml: a file in .*scenarios is the scenario named after it; write the draft for "
                         r"'shop_feed' as shop_feed\.yaml there, or --out a file outside it"),
+    ("no_rows", r"log\.parquet: the exposure log has no rows \(columns user_id, request_id, ts, shop_id, click\)"),
+    ("corrupt_file_in_folder", r"log/b\.parquet: cannot read as Parquet"),
 ])
 def test_error_paths_name_the_file_and_column(tmp_path, config_dir, case, match):
     good = _table(shop_id=[1, 2, 3], click=[0, 1, 0])
     tables = {"string_id": _table(shop_id=["a", "b", "c"], click=[0, 1, 0]),
               "no_labels": _table(shop_id=[1, 2, 3], score=[0.1, 0.2, 0.3], flag=[0, 1, 0])}
     path = tmp_path / "log.parquet"
-    pq.write_table(tables.get(case, good), path)
+    pq.write_table(good.slice(0, 0) if case == "no_rows" else tables.get(case, good), path)
     name = {"bad_name": "Shop-Feed", "exists": "phf", "sequence_name": "history"}.get(case, "shop_feed")
     if case == "missing":
         path = tmp_path / "nope.parquet"
+    if case == "corrupt_file_in_folder":
+        (tmp_path / "log").mkdir()
+        pq.write_table(good, tmp_path / "log" / "a.parquet")
+        (tmp_path / "log" / "b.parquet").write_bytes(path.read_bytes()[:100])
+        path = tmp_path / "log"
     out = config_dir / "scenarios" / "other.yaml" if case == "other_file_name" else None
     with pytest.raises(SchemaInferenceError, match=match):
         infer_scenario(name, path, config_dir=config_dir, out=out)
@@ -154,6 +161,13 @@ def test_a_folder_whose_files_disagree_on_a_column_type_is_refused_by_name(tmp_p
     pq.write_table(_table(shop_id=pa.array([1, 2], pa.int32()), price=[3, 4], click=[0, 1]), log / "a.parquet")
     draft = infer_scenario("shop_feed", log, config_dir=config_dir)  # int32 ids with int64 ones beyond 2**31
     assert "price" in (config_dir / "scenarios" / "shop_feed.yaml").read_text() and draft is not None
+
+
+def test_a_label_of_one_value_gets_a_note(tmp_path, config_dir):
+    path = tmp_path / "log.parquet"
+    pq.write_table(_table(shop_id=[1, 2, 3], click=[0, 0, 0], order=[0, 1, 0]), path)
+    result = infer_scenario("shop_feed", path, config_dir=config_dir, write=False)
+    assert result.notes == ["label 'click' is 0 in every row read: check the log, or drop the task"]
 
 
 def test_force_overwrites_and_skip_leaves_columns_out(tmp_path, config_dir):

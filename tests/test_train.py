@@ -90,6 +90,26 @@ def test_report_says_which_figure_a_short_run_lacks(tmp_path):
     assert notes[1].startswith("note: no attention heatmap")
 
 
+def test_report_draws_the_curves_when_the_samples_do_not_fit_the_model(tiny_samples, config_dir, tmp_path):
+    """Samples of another registry (no grocery exposures for a model that has grocery): a note on
+    the heatmap, and the curves, which need no samples, are written."""
+    sys.path.insert(0, str(REPO_ROOT / "tests" / "deployments"))
+    from serve_test_utils import write_tiny_checkpoint
+
+    (config_dir / "scenarios" / "grocery.yaml").write_text(
+        "name: grocery\nitem_features:\n  - {name: sku_id, type: categorical, buckets: 100, dim: 4}\n"
+        "tasks:\n  - {name: click, kind: ctr}\n")
+    run = tmp_path / "run"
+    write_tiny_checkpoint(load_registry(config_dir), run / "checkpoint_00000003", step=3)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 0.6}) + "\n" +
+                                       json.dumps({"step": 3, "eval": {"hp/click": {"auc": 0.6, "gauc": 0.55}}}) + "\n")
+    notes = []
+    assert sorted(p.name for p in write_report(run, data=tiny_samples, log=notes.append)) == ["eval.png", "loss.png"]
+    assert len(notes) == 1 and notes[0].startswith(
+        "note: no attention heatmap: the aggregated samples have no column 'grocery__exposures': aggregated with "
+        "another registry than the model's?")
+
+
 @pytest.mark.slow
 def test_killed_worker_and_resumed_run_continue_the_same_loss_curve(tiny_samples, tmp_path, monkeypatch):
     common = dict(num_workers=1, epochs=2, max_steps=10, log_every=1, checkpoint_every=4,
