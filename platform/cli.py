@@ -421,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", type=positive_int, default=3, metavar="K",
                    help="candidates (default 3; at most the scenario's serving.max_candidates)")
     p.add_argument("--events", type=non_negative_int, default=4, metavar="N", help="events per sequence (default 4)")
-    p.add_argument("--seed", type=non_negative_int, default=0, metavar="S", help="varies the feature values (default 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, metavar="S",
+                   help="varies the feature values (default 0)")
     p.add_argument("--indent", type=non_negative_int, default=2, metavar="N",
                    help="JSON indent (default 2; 0: compact, on one line)")
     p.add_argument("--columns", action="store_true",

@@ -16,6 +16,10 @@ import numpy as np
 from mtfm.platform.metrics import auc, gauc
 
 
+class NonFiniteScores(ValueError):
+    """Scores that are NaN or inf: no AUC of them is a measurement."""
+
+
 def evaluate_batches(model, batches: Iterable, device) -> dict[str, dict]:
     """Score every T-token of `batches` (TokenBatches) with `model`; metrics per "scenario/task"."""
     import torch
@@ -41,8 +45,9 @@ def evaluate_batches(model, batches: Iterable, device) -> dict[str, dict]:
                 continue
             not_finite = int((~np.isfinite(p[keep, t])).sum())
             if not_finite:  # NaN sorts anywhere: an AUC of such scores is noise, not a measurement
-                raise ValueError(f"{scenario}/{task}: {not_finite} of {int(keep.sum())} scores are not finite: the "
-                                 "model's weights hold NaN or inf (a run that diverged); no metrics")
+                raise NonFiniteScores(f"{scenario}/{task}: {not_finite} of {int(keep.sum())} scores are not finite "
+                                      "(weights that hold NaN or inf, as a diverged run leaves them, or an overflow "
+                                      "in the forward pass); no metrics")
             g = gauc(u[keep], y[keep, t], p[keep, t])
             results[f"{scenario}/{task}"] = {
                 "auc": auc(y[keep, t], p[keep, t]), "gauc": g.gauc, "exposures": int(keep.sum()),

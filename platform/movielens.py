@@ -155,8 +155,8 @@ def convert_movielens(registry: Registry, out: str | Path, path: str | Path | No
                          f"adapter writes {', '.join(AGE_GROUPS)}: use --config-dir configs/movielens")
     folder = Path(path) if path else recbole_ml100k()
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder (--path: a folder of RecBole atomic files, ml-100k.inter, "
-                                ".user and .item)")
+        raise FileNotFoundError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'} (--path: a "
+                                "folder of RecBole atomic files, ml-100k.inter, .user and .item)")
     out = prepare_raw_out(out, overwrite)
     df = load_ratings(folder)
     log(f"read {len(df):,} ratings of {df['user_id'].nunique():,} users on {df['movie_id'].nunique():,} movies from {folder}")

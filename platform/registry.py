@@ -347,9 +347,19 @@ class _ConfigLoader(yaml.SafeLoader):
     dot in the mantissa, `3.0e-3`, and reads the rest as strings)."""
 
 
-_ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
+class _ConfigDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting a string such as "1e3" that `_ConfigLoader` reads as a number."""
+
+
+for _yaml_class in (_ConfigLoader, _ConfigDumper):
+    _yaml_class.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"))
+
+
+def dump_yaml(data: Any, **options) -> str:
+    """`data` as YAML that `read_yaml_mapping` reads back as it was."""
+    return yaml.dump(data, Dumper=_ConfigDumper, **options)
 
 
 def read_yaml_mapping(path: str | Path, what: str = "config", error: type[RegistryError] = RegistryError) -> dict:
@@ -402,10 +412,10 @@ class _Fields:
 
     def positive(self, key: str, types: type | tuple[type, ...], default: Any = ..., minimum: float = 1) -> Any:
         value = self.get(key, types, default, what=f"{_tname(types)} >= {minimum}")
-        if value is not None and not minimum <= value < math.inf:  # NaN and inf are no counts or rates
-            finite = "" if math.isfinite(value) else ", finite"
-            raise RegistryError(self.file, self.path(key),
-                                f"expected {_tname(types)} >= {minimum}{finite}, found {value!r}")
+        not_finite = isinstance(value, float) and not math.isfinite(value)  # NaN and inf are no counts or rates
+        if value is not None and (not_finite or value < minimum):
+            raise RegistryError(self.file, self.path(key), f"expected {_tname(types)} >= {minimum}"
+                                f"{', finite' if not_finite else ''}, found {value!r}")
         return value
 
     def name(self, key: str = "name") -> str:
@@ -528,8 +538,8 @@ def _parse_synthetic(raw: dict, file: str, task_names: list[str]) -> SyntheticCo
             raise RegistryError(file, f"synthetic.label_rates.{task}", f"unknown task; expected one of {', '.join(task_names)}")
         if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate < 1:
             raise RegistryError(file, f"synthetic.label_rates.{task}", f"expected a probability in (0, 1), found {rate!r}")
-    fraction = float(f.positive("active_user_fraction", (int, float), d.active_user_fraction, minimum=0))
-    if not 0 < fraction <= 1:
+    fraction = float(f.get("active_user_fraction", (int, float), d.active_user_fraction))
+    if not 0 < fraction <= 1:  # NaN included
         raise RegistryError(file, "synthetic.active_user_fraction", f"expected a fraction in (0, 1], found {fraction}")
     return SyntheticConfig(float(f.positive("exposures_per_user_day", (int, float), d.exposures_per_user_day, minimum=0)),
                            fraction, {k: float(v) for k, v in rates.items()})

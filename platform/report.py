@@ -90,6 +90,10 @@ def attention_maps(model, batch, max_history: int) -> list[tuple[np.ndarray, lis
     return maps
 
 
+class NoHeatmap(Exception):
+    """The samples given cannot draw the model's attention: none there, or of another registry."""
+
+
 def plot_attention(run_dir: Path, data: Path, out: Path, plt, users: int = 3, max_history: int = 48) -> Path | None:
     from mtfm.model import Collator
     from mtfm.platform.checkpoint import load_model
@@ -102,14 +106,18 @@ def plot_attention(run_dir: Path, data: Path, out: Path, plt, users: int = 3, ma
     samples = data / "samples" if (data / "samples").is_dir() else data
     files = sorted(samples.glob("*.parquet"))
     if not files:
-        raise FileNotFoundError(f"{samples}: no aggregated samples to draw the attention of")
+        raise NoHeatmap(f"{samples}: no aggregated samples to draw the attention of")
     table = pq.read_table(files[-1])
     collator = Collator(model.registry)
     # Users with the most scenarios present make the most telling figure.
     present = sum((np.asarray(table[c].combine_chunks().value_lengths().fill_null(0)) > 0).astype(int)
                   for c in table.column_names if c.endswith("__exposures"))
     rows = np.argsort(-present, kind="stable")[:users]
-    maps = attention_maps(model, collator(table.take(rows)), max_history)
+    try:
+        batch = collator(table.take(rows))
+    except ValueError as exc:  # samples aggregated with another registry than the model's
+        raise NoHeatmap(str(exc)) from exc
+    maps = attention_maps(model, batch, max_history)
     if not maps:
         return None
     fig, axes = plt.subplots(1, len(maps), figsize=(5 * len(maps), 5), squeeze=False)
@@ -158,7 +166,7 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, log=print)
             return written
     try:
         path = plot_attention(run_dir, Path(data), out, plt)
-    except (ValueError, FileNotFoundError) as exc:  # samples of another registry, or none: the curves still stand
+    except NoHeatmap as exc:  # the curves still stand
         log(f"note: no attention heatmap: {exc}")
         return written
     if path:

@@ -146,7 +146,8 @@ def read_exposures(path: str | Path, max_rows: int = MAX_ROWS) -> pa.Table:
             if not files:
                 raise SchemaInferenceError(f"{path}: no *.parquet files in this folder (expected the exposure log "
                                            "as Parquet files, or pass a CSV file)")
-            table = ds.dataset([str(f) for f in files], format="parquet", schema=_one_schema(path, files)).head(max_rows)
+            dataset = ds.dataset([str(f) for f in files], format="parquet", schema=_one_schema(path, files))
+            table = dataset.head(max_rows)
         else:
             table = ds.dataset(str(path), format="parquet").head(max_rows)
     except SchemaInferenceError:
@@ -493,11 +494,17 @@ def infer_scenario(name: str, exposures: str | Path, config_dir: str | Path | No
     if not (root / "sequences.yaml").is_file():
         raise SchemaInferenceError(f"{root}: not a config directory (expected sequences.yaml and scenarios/ in it; "
                                    "set --config-dir or MTFM_CONFIG_DIR)")
-    target = Path(out) if out else root / "scenarios" / f"{name}.yaml"
-    if target.resolve().parent == (root / "scenarios").resolve() and target.name != f"{name}.yaml":
-        # The registry reads every file there as the scenario its file name says.
-        raise SchemaInferenceError(f"{target}: a file in {root / 'scenarios'} is the scenario named after it; write "
-                                   f"the draft for {name!r} as {name}.yaml there, or --out a file outside it")
+    scenarios = (root / "scenarios").resolve()
+    declared = [path for path in (scenarios / f"{name}.yaml", scenarios / f"{name}.yml") if path.exists()]
+    target = Path(out) if out else (declared[0] if declared else root / "scenarios" / f"{name}.yaml")
+    if target.resolve().parent == scenarios and target.suffix in (".yaml", ".yml"):
+        # The registry reads each such file as the scenario its file name says, one file per name.
+        if target.stem != name:
+            raise SchemaInferenceError(f"{target}: a file in {root / 'scenarios'} is the scenario named after it; "
+                                       f"write the draft for {name!r} as {name}.yaml there, or --out a file outside it")
+        if any(path != target.resolve() for path in declared):
+            raise SchemaInferenceError(f"{target}: scenario {name!r} is already declared in {declared[0]}; write the "
+                                       "draft there (with --force) or remove that file first")
     if write and target.exists() and not force:
         raise SchemaInferenceError(f"{target}: already exists; pass --force to overwrite it, or --out FILE")
     source = Path(exposures)

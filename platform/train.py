@@ -26,6 +26,7 @@ import dataclasses
 import itertools
 import json
 import math
+import re
 import sys
 import tempfile
 import time
@@ -33,9 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mtfm.platform.registry import Registry, RegistryError, load_registry, read_yaml_mapping
+from mtfm.platform.registry import Registry, RegistryError, dump_yaml, load_registry, read_yaml_mapping
 
 RUNS_DIR = "runs"
 # What Ray Train v2 keeps in a run's storage folder to restore the run when it starts there again.
@@ -107,13 +106,13 @@ class TrainConfig:
             raise RegistryError(source, "max_steps", f"expected an integer >= 1 or null, found {config.max_steps}")
         for key in ("cpus_per_worker", "gpus_per_worker"):
             if not 0 < getattr(config, key) < math.inf:
-                raise RegistryError(source, key, f"expected a number > 0, found {getattr(config, key)}")
+                raise RegistryError(source, key, f"expected a finite number > 0, found {getattr(config, key)}")
         for key in ("lr", "embedding_lr", "weight_decay"):
             if not 0 <= getattr(config, key) < math.inf:
                 raise RegistryError(source, key, f"expected a finite number >= 0, found {getattr(config, key)}")
-        if config.grad_clip is not None and not 0 < config.grad_clip < math.inf:
-            raise RegistryError(source, "grad_clip", "expected a finite number > 0 (the largest gradient norm) or "
-                                f"null (no clipping), found {config.grad_clip}")
+        if config.grad_clip is not None and not 0 <= config.grad_clip < math.inf:
+            raise RegistryError(source, "grad_clip", "expected a finite number >= 0 (the largest gradient norm; 0 or "
+                                f"null: no clipping), found {config.grad_clip}")
         for key in ("seed", "freeze_loaded_steps"):
             if getattr(config, key) < 0:
                 raise RegistryError(source, key, f"expected an integer >= 0, found {getattr(config, key)}")
@@ -192,18 +191,25 @@ class StepAgreement:
         self.group = dist.new_group(backend="gloo") if distributed else None
 
     def all_have_batch(self, have: bool) -> bool:
-        return self.all_true(have)
-
-    def all_true(self, flag: bool) -> bool:
-        """Whether `flag` holds on every worker (called at the same step on all of them)."""
         import torch
         import torch.distributed as dist
 
         if self.group is None:
-            return flag
-        value = torch.tensor([1 if flag else 0])
-        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(value.item())
+            return have
+        flag = torch.tensor([1 if have else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
+
+    def sum(self, value: float) -> float:
+        """`value` summed over the workers, called at the same step on all of them (NaN and inf carry through)."""
+        import torch
+        import torch.distributed as dist
+
+        if self.group is None:
+            return value
+        total = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+        return float(total.item())
 
 
 def _agreed_batches(batches, agreement: StepAgreement):
@@ -254,7 +260,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from mtfm.model.padding import GrowingShape
     from mtfm.platform.checkpoint import (CheckpointMeta, META_FILE, MODEL_FILE, OPTIMIZER_FILE, warm_start,
                                           write_checkpoint)
-    from mtfm.platform.eval import evaluate_batches
+    from mtfm.platform.eval import NonFiniteScores, evaluate_batches
     from mtfm.platform.train_step import TrainStep
 
     quiet_ray_data()
@@ -314,24 +320,36 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     agreement = StepAgreement()
 
-    def save(batches_in_epoch: int, metrics: dict, final: bool = False) -> None:
+    def save(batches_in_epoch: int, metrics: dict, final: bool = False) -> bool:
+        """Saves a checkpoint, evaluated where due, unless training diverged: weights that are not
+        finite on some worker, or scores that are not (an overflow in the forward pass). Then it
+        saves nothing and returns False: every worker stops."""
         nonlocal last_saved
-        last_saved = step
+        weights_finite = bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
+        if stop_if_diverged(0.0 if weights_finite else math.nan, "weights"):
+            return False
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
+            ckpt, scores_finite = None, True
             if rank == 0:
                 meta = CheckpointMeta(step, epoch, batches_in_epoch, registry.to_dict(),
                                       loop_config["model_config"], config.to_dict())
                 write_checkpoint(Path(tmp), model, optimizers, meta)
                 if config.evaluate_at_checkpoints or final:  # the final checkpoint always gets eval.json
                     model.eval()
-                    with torch.no_grad():
-                        result = evaluate_batches(model, _eval_batches(collator, config), device)
+                    try:
+                        with torch.no_grad():
+                            result = evaluate_batches(model, _eval_batches(collator, config), device)
+                        _append_jsonl(run_dir / METRICS_FILE, {"step": step, "eval": result})
+                        metrics = metrics | {"eval": result}
+                    except NonFiniteScores:
+                        scores_finite = False
                     model.train()
-                    _append_jsonl(run_dir / METRICS_FILE, {"step": step, "eval": result})
-                    metrics = metrics | {"eval": result}
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
+            if stop_if_diverged(0.0 if scores_finite else math.nan, "scores"):
+                return False
+            last_saved = step
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_{step:08d}")
+        return True
 
     last_saved = step
     done = config.max_steps is not None and step >= config.max_steps
@@ -344,15 +362,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     due: dict | None = None
     diverged: dict | None = None
 
-    def stop_if_diverged(loss_value: float) -> bool:
-        """Every worker stops when any worker's loss is not finite: the weights that follow are NaN."""
+    def stop_if_diverged(value: float, what: str) -> bool:
+        """Whether `value` (this worker's loss, or NaN for weights that are not finite) averaged over
+        the workers is not finite: then every worker stops here, having called this at the same step."""
         nonlocal diverged
-        if agreement.all_true(math.isfinite(loss_value)):
+        mean = agreement.sum(value) / ctx.get_world_size()
+        if math.isfinite(mean):
             return False
-        diverged = {"step": step, "loss": loss_value}
+        diverged = {"step": step, "what": what, "value": mean}
         if rank == 0:
             (run_dir / DIVERGED_FILE).write_text(json.dumps(diverged))
-            _progress(f"[mtfm] step {step:>6}  loss {loss_value}: training diverged, stopping")
+            _progress(f"[mtfm] step {step:>6}  {what} {mean}: training diverged, stopping")
         return True
 
     model.train()
@@ -370,8 +390,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     done = True  # checked with a next batch in hand: a run whose data ends with it ends the epoch
                     break
                 if due is not None:
-                    save(position, due)
-                    due = None
+                    metrics, due = due, None
+                    if not save(position, metrics):
+                        done = True
+                        break
                 position += 1
                 # Frozen: the optimizers skip them, so warm-started modules stay as loaded.
                 loss = train_step(batch, frozen_params if step < config.freeze_loaded_steps else ())
@@ -386,10 +408,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     raise RuntimeError(f"injected failure at step {step} (train config inject_failure_at_step)")
                 if step % config.log_every == 0:
                     elapsed = time.perf_counter() - window["t"]
-                    if stop_if_diverged(float(window["loss"]) / window["steps"]):
+                    mean_loss = float(window["loss"]) / window["steps"]
+                    if stop_if_diverged(mean_loss, "loss"):
                         done = True
                         break
-                    record = {"step": step, "epoch": epoch, "loss": float(window["loss"]) / window["steps"],
+                    record = {"step": step, "epoch": epoch, "loss": mean_loss,
                               "samples_per_s": window["samples"] * ctx.get_world_size() / elapsed,
                               "tokens_per_s": window["tokens"] * ctx.get_world_size() / elapsed}
                     if shapes is not None:
@@ -401,18 +424,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": 0.0, "steps": 0}
                 if step % config.checkpoint_every == 0:
                     due = {"step": step, "loss": float(loss.detach())}
-                    if stop_if_diverged(due["loss"]):
-                        done, due = True, None
-                        break
         if not done:
             epoch, skip, position = epoch + 1, 0, 0
             done = config.max_steps is not None and step >= config.max_steps
             if due is not None and epoch < config.epochs and not done:
-                save(0, due)
-                due = None
+                metrics, due = due, None
+                done = not save(0, metrics)
     if diverged is None and (last_saved != step or step == 0):
         save(position, due or {"step": step}, final=True)
-    if rank == 0 and (run_dir / METRICS_FILE).exists():
+    if rank == 0 and diverged is None and (run_dir / METRICS_FILE).exists():
         last = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if "eval" in line]
         if last:
             (run_dir / EVAL_FILE).write_text(json.dumps(last[-1] | {"checkpoint": f"checkpoint_{step:08d}"}, indent=1))
@@ -439,7 +459,8 @@ def split_by_window(samples: str | Path, test_windows: int):
         ds = ray.data.read_parquet(path)
         names = ds.schema().names
     except Exception as exc:  # Arrow names the problem but not the file
-        raise ValueError(f"{_unreadable_parquet(path) or path}: not readable as Parquet ({exc})") from exc
+        _name_the_unreadable_parquet(path, exc)
+        raise
     if "window" not in names or not any(name.endswith("__exposures") for name in names):
         raise ValueError(f"{path}: not aggregated samples (its columns: {', '.join(names[:6])}"
                          f"{', ...' if len(names) > 6 else ''}); aggregate the raw logs first: mtfm data aggregate "
@@ -447,7 +468,8 @@ def split_by_window(samples: str | Path, test_windows: int):
     try:
         windows = sorted(ds.unique("window"))
     except Exception as exc:  # a file whose footer the schema's read did not reach
-        raise ValueError(f"{_unreadable_parquet(path) or path}: not readable as Parquet ({exc})") from exc
+        _name_the_unreadable_parquet(path, exc)
+        raise
     if len(windows) <= test_windows:
         raise ValueError(f"{path}: {len(windows)} window(s) of data, but test_windows={test_windows} are held out "
                          "for evaluation: generate more days or lower test_windows")
@@ -455,17 +477,17 @@ def split_by_window(samples: str | Path, test_windows: int):
     return ds.filter(expr=col("window") < cut), ds.filter(expr=col("window") >= cut), windows
 
 
-def _unreadable_parquet(path: str) -> str | None:
-    """The first file under a local `path` whose Parquet footer cannot be read, or None."""
+def _name_the_unreadable_parquet(path: str, error: Exception) -> None:
+    """Raises a ValueError naming the first *.parquet file under a local `path` whose footer cannot
+    be read (Ray Data reads those files only), if there is one; `error` was what reading them gave."""
     import pyarrow.parquet as pq
 
-    files = [Path(path)] if Path(path).is_file() else sorted(p for p in Path(path).rglob("*") if p.is_file())
+    files = [Path(path)] if Path(path).is_file() else sorted(Path(path).rglob("*.parquet"))
     for file in files:
         try:
             pq.read_metadata(file)
-        except Exception:  # noqa: BLE001 - any failure names this file
-            return str(file)
-    return None
+        except Exception:  # noqa: BLE001 - any failure to read its footer names this file
+            raise ValueError(f"{file}: not readable as Parquet ({error})") from error
 
 
 def _samples_folder(samples: str) -> str:
@@ -617,7 +639,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         train_ds, test_ds = keep_users_of(train_ds, model_scenarios), keep_users_of(test_ds, model_scenarios)
         log(f"[mtfm] model {model_config.name} covers {model_scenarios}: training and evaluating on their users only")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "train_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    (run_dir / "train_config.yaml").write_text(dump_yaml(config.to_dict(), sort_keys=False))
     layout = f", layout {model_config.hta_layout}" if model_config.architecture == "mtfm" else ""  # baselines: none
     log(f"[mtfm] run {run_dir}\n[mtfm] scenarios {list(registry.scenarios)}; windows {len(windows)} "
         f"({len(windows) - config.test_windows} train, {config.test_windows} test); model {model_config.name} "
@@ -645,11 +667,15 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         raise result.error
     if (run_dir / DIVERGED_FILE).is_file():
         diverged = json.loads((run_dir / DIVERGED_FILE).read_text())
+        what = {"loss": f"the loss was {diverged['value']}", "weights": "the weights were not finite",
+                "scores": "the model's scores were not finite (an overflow)"}[diverged["what"]]
+        then = (f"its newest checkpoint, {result.checkpoint.path}, is from before: --resume {run_dir} with the new "
+                "config goes on from there, or train anew" if result.checkpoint
+                else "no checkpoint was saved before it: train anew")
         raise TrainingDiverged(
-            f"training diverged: the loss was {diverged['loss']} at step {diverged['step']}, so the run stopped "
-            f"there; its newest checkpoint, {result.checkpoint.path if result.checkpoint else 'none'}, is from "
-            f"before. Lower lr ({config.lr}) or embedding_lr ({config.embedding_lr}), or clip the gradients "
-            f"(grad_clip, now {config.grad_clip}), then train again (or --resume {run_dir} with the new config)")
+            f"training diverged: {what} at step {diverged['step']}, so the run stopped there, saving nothing more. "
+            f"Lower lr ({config.lr}) or embedding_lr ({config.embedding_lr}), or clip the gradients (grad_clip, now "
+            f"{config.grad_clip}); {then}")
     eval_path = run_dir / EVAL_FILE
     if eval_path.exists():
         from mtfm.platform.eval import format_table
@@ -681,16 +707,18 @@ def refuse_a_warm_start_across_registries(checkpoint: Path, registry: Registry, 
     """Before Ray: warm start loads the modules of the sequences and scenarios both the checkpoint's
     registry and this one declare, so their features must be the same (a sequence or scenario only
     one of them has is fine: it is skipped or starts fresh)."""
-    import re
-
     from mtfm.platform.checkpoint import META_FILE, CheckpointError, read_meta, registry_changes
 
+    meta = read_meta(checkpoint)
     try:
-        trained = Registry.from_dict(read_meta(checkpoint).registry)
+        trained = Registry.from_dict(meta.registry)
     except (KeyError, TypeError, RegistryError) as exc:
         raise CheckpointError(f"--init-from {checkpoint}: its registry snapshot ({META_FILE}) cannot be read "
                               f"({type(exc).__name__}: {exc})") from exc
-    changes = [c for c in registry_changes(trained, registry, scenarios)[0]
+    # Only the scenarios both models have modules of: the snapshot holds every registered one.
+    trained_scenarios = meta.model_config.get("scenarios") or list(trained.scenarios)
+    shared = [s for s in (scenarios or registry.scenarios) if s in trained_scenarios]
+    changes = [c for c in registry_changes(trained, registry, shared)[0]
                if not re.fullmatch(r"sequences\.\w+: (added|removed)", c)]
     if changes:
         raise CheckpointError(f"--init-from {checkpoint}: the registry ({registry.config_dir}) declares what both "

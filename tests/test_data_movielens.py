@@ -73,7 +73,7 @@ def test_clear_errors(registry, tmp_path, monkeypatch):
         convert_movielens(registry, tmp_path / "raw", path=tmp_path / "atomic", **QUIET)
     with pytest.raises(MovieLensFormatError, match="use --config-dir configs/movielens"):
         convert_movielens(Registry.load(ML_CONFIGS.parent), tmp_path / "raw", **QUIET)
-    with pytest.raises(FileNotFoundError, match=r"nowhere: no such folder \(--path: a folder of RecBole atomic files"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere: no such folder \(--path: a folder of RecBole atomic"):
         convert_movielens(registry, tmp_path / "raw", path=tmp_path / "nowhere", **QUIET)
     assert not (tmp_path / "raw").exists()
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)

@@ -103,7 +103,7 @@ BAD_SCENARIOS = [
     (lambda d: d["synthetic"].update(active_user_fraction=0), "synthetic.active_user_fraction",
      "expected a fraction in (0, 1], found 0.0"),
     (lambda d: d["synthetic"].update(active_user_fraction=float("nan")), "synthetic.active_user_fraction",
-     "expected an integer or a number >= 0, finite, found nan"),
+     "expected a fraction in (0, 1], found nan"),
 ]
 
 

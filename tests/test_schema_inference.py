@@ -163,6 +163,24 @@ def test_a_folder_whose_files_disagree_on_a_column_type_is_refused_by_name(tmp_p
     assert "price" in (config_dir / "scenarios" / "shop_feed.yaml").read_text() and draft is not None
 
 
+def test_a_scenario_declared_as_yml_is_the_target(tmp_path, config_dir):
+    """The registry takes NAME.yml as NAME.yaml, one file per name: infer writes to the file that
+    declares the scenario, and never a second one beside it."""
+    path = tmp_path / "log.parquet"
+    pq.write_table(_table(shop_id=[1, 2, 3], click=[0, 1, 0]), path)
+    declared = config_dir / "scenarios" / "shop_feed.yml"
+    declared.write_text("placeholder")
+    with pytest.raises(SchemaInferenceError, match=r"shop_feed\.yml: already exists; pass --force"):
+        infer_scenario("shop_feed", path, config_dir=config_dir)
+    with pytest.raises(SchemaInferenceError, match=r"shop_feed\.yaml: scenario 'shop_feed' is already declared in "
+                                                   r".*shop_feed\.yml; write the draft there"):
+        infer_scenario("shop_feed", path, config_dir=config_dir, out=config_dir / "scenarios" / "shop_feed.yaml")
+    assert infer_scenario("shop_feed", path, config_dir=config_dir, force=True).out == declared
+    assert "shop_feed" in load_registry(config_dir).scenarios
+    notes = config_dir / "scenarios" / "notes.txt"  # a file the registry does not read may go anywhere
+    assert infer_scenario("shop_feed", path, config_dir=config_dir, out=notes).out == notes
+
+
 def test_a_label_of_one_value_gets_a_note(tmp_path, config_dir):
     path = tmp_path / "log.parquet"
     pq.write_table(_table(shop_id=[1, 2, 3], click=[0, 0, 0], order=[0, 1, 0]), path)

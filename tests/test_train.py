@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -17,7 +18,7 @@ import torch
 from repo_paths import CONFIGS, REPO_ROOT
 from mtfm.model import Collator, build_model, load_model_config, multitask_bce_loss, token_budget_batches
 from mtfm.platform.checkpoint import CheckpointError, check_compatible, find_checkpoint, load_model, read_meta
-from mtfm.platform.registry import RegistryError, load_registry
+from mtfm.platform.registry import RegistryError, dump_yaml, load_registry
 from mtfm.platform.report import write_report
 from mtfm.platform.train import (METRICS_FILE, RAY_TRAIN_SNAPSHOT, TrainConfig, keep_users_of, main,
                                  split_by_window, train)
@@ -309,17 +310,24 @@ def test_command_line_refuses_a_model_the_registry_or_the_resumed_run_does_not_m
     meta_file.write_text(json.dumps(trained))
     assert main(["--config", str(TINY), "--init-from", str(run), "--out", str(tmp_path / "warm")]) == 1
     err = capsys.readouterr().err
-    assert "differently from the one the checkpoint was trained with, in sequences.history.features.poi_id.buckets" in err
+    assert ("differently from the one the checkpoint was trained with, in sequences.history.features.poi_id.buckets"
+            in err)
     assert not (tmp_path / "warm").exists()
     retired = json.loads(json.dumps(meta))
     retired["registry"]["scenarios"]["gone"] = retired["registry"]["scenarios"]["hp"] | {"name": "gone"}
     retired["registry"]["sequences"]["old"] = retired["registry"]["sequences"]["realtime"] | {"name": "old"}
-    from mtfm.platform.checkpoint import read_meta as read_checkpoint_meta
-    from mtfm.platform.registry import Registry
     from mtfm.platform.train import refuse_a_warm_start_across_registries
 
     meta_file.write_text(json.dumps(retired))
-    assert Registry.from_dict(read_checkpoint_meta(run / "checkpoint_00000007").registry).sequences.keys() >= {"old"}
+    refuse_a_warm_start_across_registries(run / "checkpoint_00000007", load_registry(CONFIGS), None)
+    # Nor is a scenario the checkpoint's model had no modules of (its registry snapshot holds them all).
+    other = json.loads(json.dumps(meta))
+    other["registry"]["scenarios"]["phf"]["user_features"][1]["buckets"] *= 2  # user_diet_pref: phf's own
+    meta_file.write_text(json.dumps(other))
+    with pytest.raises(CheckpointError, match=r"in scenarios\.phf\.user_features\.\w+\.buckets"):
+        refuse_a_warm_start_across_registries(run / "checkpoint_00000007", load_registry(CONFIGS), None)
+    other["model_config"]["scenarios"] = ["hp", "sqs"]
+    meta_file.write_text(json.dumps(other))
     refuse_a_warm_start_across_registries(run / "checkpoint_00000007", load_registry(CONFIGS), None)
     # --resume alone takes the run's own train config.
     assert main(["--resume", str(run)]) == 1
@@ -344,7 +352,7 @@ def test_train_config_errors(tmp_path):
     with pytest.raises(RegistryError, match=r"bad.yaml: model: required field missing"):
         TrainConfig.load(bad)
     bad.write_text("model: configs/model/tiny.yaml\nuse_gpu: true\ngpus_per_worker: 0\n")
-    with pytest.raises(RegistryError, match=r"bad.yaml: gpus_per_worker: expected a number > 0, found 0"):
+    with pytest.raises(RegistryError, match=r"bad.yaml: gpus_per_worker: expected a finite number > 0, found 0"):
         TrainConfig.load(bad)
     bad.write_text("model: configs/model/tiny.yaml\nuse_gpu: true\nnum_workers: 2\ncuda_graphs: true\n")
     with pytest.raises(RegistryError, match=r"bad.yaml: cuda_graphs: needs use_gpu: true and num_workers: 1"):
@@ -356,45 +364,61 @@ def test_train_config_errors(tmp_path):
     with pytest.raises(RegistryError, match=r"bad.yaml: max_steps: expected an integer >= 1 or null, found 0"):
         TrainConfig.load(bad)
     # Numbers that would train backwards, fail inside the optimizer after Ray started, or retry forever.
-    for line, message in (("grad_clip: -1", r"grad_clip: expected a finite number > 0 \(the largest gradient norm\) "
-                                            r"or null \(no clipping\), found -1"),
+    for line, message in (("grad_clip: -1", r"grad_clip: expected a finite number >= 0 \(the largest gradient norm; "
+                                            r"0 or null: no clipping\), found -1"),
                           ("lr: -0.1", r"lr: expected a finite number >= 0, found -0.1"),
                           ("embedding_lr: .inf", r"embedding_lr: expected a finite number >= 0, found inf"),
                           ("weight_decay: .nan", r"weight_decay: expected a finite number >= 0, found nan"),
-                          ("cpus_per_worker: .nan", r"cpus_per_worker: expected a number > 0, found nan"),
+                          ("cpus_per_worker: .nan", r"cpus_per_worker: expected a finite number > 0, found nan"),
                           ("max_failures: -2", r"max_failures: expected an integer >= 0, or -1 to retry without limit"),
                           ("seed: -1", r"seed: expected an integer >= 0, found -1")):
         bad.write_text(f"model: configs/model/tiny.yaml\n{line}\n")
         with pytest.raises(RegistryError, match="bad.yaml: " + message):
             TrainConfig.load(bad)
-    # YAML 1.1 reads 3e-3 as a string; a config means the number.
-    bad.write_text("model: configs/model/tiny.yaml\nlr: 3e-3\nembedding_lr: 1E-1\nmax_failures: -1\n")
+    # YAML 1.1 reads 3e-3 as a string; a config means the number. A string that looks like one is
+    # written back quoted (a run's train_config.yaml is read again by --resume).
+    bad.write_text("model: configs/model/tiny.yaml\nlr: 3e-3\nembedding_lr: 1E-1\nmax_failures: -1\nname: 1e3x\n")
     loaded = TrainConfig.load(bad)
     assert (loaded.lr, loaded.embedding_lr, loaded.max_failures) == (0.003, 0.1, -1)
+    bad.write_text(dump_yaml(loaded.to_dict() | {"name": "1e3"}))
+    assert TrainConfig.load(bad).name == "1e3"
 
 
-def test_a_run_whose_loss_stops_being_finite_stops_and_says_so(tiny_samples, tmp_path):
-    """Learning rates of 1e30 turn the weights to inf/NaN within a few steps: the run
-    stops at the first log step whose loss is not finite, saves no final checkpoint of those
-    weights, and the driver raises with the step and what to change; eval refuses NaN scores."""
+@pytest.mark.slow
+def test_a_run_that_diverges_stops_on_every_worker_and_saves_nothing_past_it(tiny_samples, tmp_path):
+    """Learning rates of 1e4 make the weights overflow within a few steps. Two workers, losses
+    checked every 3 steps, weights and scores at each checkpoint (every step): both workers stop at
+    the same step (or the run would hang in DDP), every checkpoint kept holds finite weights and
+    comes before that step, eval.json names none past it, and the driver names the step and what to do."""
     from mtfm.platform.eval import evaluate_batches
-    from mtfm.platform.train import DIVERGED_FILE, TrainingDiverged
+    from mtfm.platform.checkpoint import MODEL_FILE
+    from mtfm.platform.train import DIVERGED_FILE, EVAL_FILE, TrainingDiverged
 
-    config = _config(num_workers=1, epochs=1, lr=1e30, embedding_lr=1e30, log_every=1, checkpoint_every=1000)
-    with pytest.raises(TrainingDiverged, match=r"training diverged: the loss was nan at step (\d+), so the run "
-                                               r"stopped there; its newest checkpoint, none, is from before"):
-        train(config, data=str(tiny_samples), out=tmp_path / "run", config_dir=str(CONFIGS), log=lambda *a: None)
-    diverged = json.loads((tmp_path / "run" / DIVERGED_FILE).read_text())
-    logged = [r["step"] for r in _log(tmp_path / "run")]
-    assert logged == list(range(1, diverged["step"]))  # every step before it was logged, with a finite loss
-    assert not list((tmp_path / "run").glob("checkpoint_0*"))
+    run = tmp_path / "run"
+    config = _config(num_workers=2, epochs=1, lr=1e4, embedding_lr=1e4, log_every=3, checkpoint_every=1)
+    with pytest.raises(TrainingDiverged) as raised:
+        train(config, data=str(tiny_samples), out=run, config_dir=str(CONFIGS), log=lambda *a: None)
+    diverged = json.loads((run / DIVERGED_FILE).read_text())
+    what = {"loss": f"the loss was {diverged['value']}", "weights": "the weights were not finite",
+            "scores": "the model's scores were not finite (an overflow)"}[diverged["what"]]
+    assert str(raised.value).startswith(f"training diverged: {what} at step {diverged['step']}, so the run stopped")
+    kept = sorted(run.glob("checkpoint_0*"))
+    assert ("--resume" in str(raised.value)) == bool(kept)
+    for folder in kept:
+        assert read_meta(folder).step < diverged["step"]
+        state = torch.load(folder / MODEL_FILE, weights_only=True)
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+    if (run / EVAL_FILE).exists():
+        assert (run / json.loads((run / EVAL_FILE).read_text())["checkpoint"]) in kept
+    logged = _log(run) if (run / METRICS_FILE).exists() else []
+    assert all(math.isfinite(r["loss"]) and r["step"] < diverged["step"] for r in logged if "loss" in r)
     model = build_model(load_model_config(REPO_ROOT / "configs/model/tiny.yaml"), load_registry(CONFIGS))
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
     _, test_ds, _ = split_by_window(tiny_samples, 1)
     batches = token_budget_batches(test_ds.iter_batches(batch_size=64, batch_format="pyarrow"),
                                    Collator(model.registry), 4096)
-    with pytest.raises(ValueError, match=r"scores are not finite: the model's weights hold NaN or inf"):
+    with pytest.raises(ValueError, match=r"scores are not finite \(weights that hold NaN or inf"):
         evaluate_batches(model, batches, torch.device("cpu"))
 
 
