@@ -292,6 +292,10 @@ def load_registry(config_dir: str | Path | None = None) -> Registry:
     sequences = _parse_sequences(read_yaml_mapping(seq_file), str(seq_file))
     scn_dir = root / "scenarios"
     files = sorted(scn_dir.glob("*.yaml")) + sorted(scn_dir.glob("*.yml")) if scn_dir.is_dir() else []
+    for path in sorted(scn_dir.iterdir()) if scn_dir.is_dir() else ():
+        if path.suffix.lower() in (".yaml", ".yml") and path not in files:  # hp.YAML would be skipped unseen
+            raise RegistryError(path, "", f"a scenario file's name ends in .yaml or .yml, lower case; rename it "
+                                f"{path.stem}.yaml")
     if not files:
         raise RegistryError(scn_dir, "", "no scenario files found (expected at least one scenarios/<name>.yaml)")
     scenarios: dict[str, Scenario] = {}

@@ -14,12 +14,22 @@ from pathlib import Path
 
 import numpy as np
 
+from mtfm.platform.train import DIVERGED_FILE
+
 
 def _records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
+        if (run_dir / DIVERGED_FILE).is_file():
+            raise FileNotFoundError(f"{path}: no training log: the run diverged before logging anything "
+                                    f"({_diverged(run_dir)})")
         raise FileNotFoundError(f"{path}: no training log (is {run_dir} a run folder of `mtfm train`?)")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _diverged(run_dir: Path) -> str:
+    record = json.loads((run_dir / DIVERGED_FILE).read_text())
+    return f"{DIVERGED_FILE}: the {record['what']} not finite at step {record['step']}"
 
 
 def plot_curves(run_dir: Path, out: Path, plt) -> list[Path]:
@@ -153,6 +163,8 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, log=print)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     written = plot_curves(run_dir, out, plt)
+    if (run_dir / DIVERGED_FILE).is_file():
+        log(f"note: the run diverged ({_diverged(run_dir)}); the figures end before that step")
     for name, what in (("loss.png", "no loss line in metrics.jsonl (a run shorter than log_every steps)"),
                        ("eval.png", "no evaluation in metrics.jsonl (none at a checkpoint yet)")):
         if out / name not in written:

@@ -497,7 +497,13 @@ def infer_scenario(name: str, exposures: str | Path, config_dir: str | Path | No
     scenarios = (root / "scenarios").resolve()
     declared = [path for path in (scenarios / f"{name}.yaml", scenarios / f"{name}.yml") if path.exists()]
     target = Path(out) if out else (declared[0] if declared else root / "scenarios" / f"{name}.yaml")
-    if target.resolve().parent == scenarios and target.suffix in (".yaml", ".yml"):
+    if scenarios in target.resolve().parents and (target.resolve().parent != scenarios
+                                                  or target.suffix.lower() in (".yaml", ".yml")):
+        # Only scenarios/NAME.yaml and NAME.yml are read; a subfolder or NAME.YAML never would be.
+        if target.resolve().parent != scenarios or target.suffix not in (".yaml", ".yml"):
+            raise SchemaInferenceError(f"{target}: the registry reads scenarios/<name>.yaml (or .yml) only; write "
+                                       f"the draft for {name!r} as {root / 'scenarios' / name}.yaml, or --out a file "
+                                       "outside scenarios/")
         # The registry reads each such file as the scenario its file name says, one file per name.
         if target.stem != name:
             raise SchemaInferenceError(f"{target}: a file in {root / 'scenarios'} is the scenario named after it; "

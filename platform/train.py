@@ -122,6 +122,9 @@ class TrainConfig:
         if config.inject_failure_at_step is not None and config.inject_failure_at_step < 1:
             raise RegistryError(source, "inject_failure_at_step",
                                 f"expected an integer >= 1 or null, found {config.inject_failure_at_step}")
+        if not config.name or config.name in (".", "..") or any(c in config.name for c in "/\\"):
+            raise RegistryError(source, "name", f"expected a folder name for the run (runs/<name>-<time>), found "
+                                f"{config.name!r}")
         if config.cuda_graphs and (not config.use_gpu or config.num_workers != 1):
             raise RegistryError(source, "cuda_graphs", "needs use_gpu: true and num_workers: 1 (DDP all-reduces "
                                 f"gradients inside backward), found use_gpu {config.use_gpu}, num_workers "
@@ -172,6 +175,15 @@ def make_optimizers(model, config: TrainConfig) -> dict[str, Any]:
     if embedding:
         optimizers["embedding"] = torch.optim.Adagrad(embedding, lr=config.embedding_lr)
     return optimizers
+
+
+def set_rates(optimizers: dict[str, Any], config: TrainConfig) -> None:
+    """The train config's rates in every parameter group: restoring a checkpoint's optimizer state
+    restores the rates it was saved with too, and a resume with a new config must use the new ones."""
+    for group in optimizers["dense"].param_groups:
+        group["lr"], group["weight_decay"] = config.lr, config.weight_decay
+    for group in optimizers["embedding"].param_groups if "embedding" in optimizers else ():
+        group["lr"] = config.embedding_lr
 
 
 class StepAgreement:
@@ -304,6 +316,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             states = torch.load(Path(folder) / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
             for name, opt in optimizers.items():
                 opt.load_state_dict(states[name])
+            set_rates(optimizers, config)
         step, epoch, skip = meta.step, meta.epoch, meta.batches_in_epoch
         if rank == 0:
             _truncate_metrics(run_dir / METRICS_FILE, step)
@@ -369,7 +382,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         mean = agreement.sum(value) / ctx.get_world_size()
         if math.isfinite(mean):
             return False
-        diverged = {"step": step, "what": what, "value": mean}
+        diverged = {"step": step, "what": what, "value": str(mean)}  # "nan", "inf": strict JSON has no NaN
         if rank == 0:
             (run_dir / DIVERGED_FILE).write_text(json.dumps(diverged))
             _progress(f"[mtfm] step {step:>6}  {what} {mean}: training diverged, stopping")
@@ -615,7 +628,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         out = Path(resume)
     if init_from is not None:
         init_from = find_checkpoint(init_from).resolve()
-        refuse_a_warm_start_across_registries(init_from, registry, model_config.scenarios)
+        refuse_a_warm_start_that_cannot_load(init_from, registry, model_config)
         retired = sorted(set(read_meta(init_from).scenarios) - set(registry.scenarios))
         if retired:
             log(f"[mtfm] warning: {init_from} has scenarios the registry no longer declares: {retired}; their "
@@ -641,7 +654,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train_config.yaml").write_text(dump_yaml(config.to_dict(), sort_keys=False))
     layout = f", layout {model_config.hta_layout}" if model_config.architecture == "mtfm" else ""  # baselines: none
-    log(f"[mtfm] run {run_dir}\n[mtfm] scenarios {list(registry.scenarios)}; windows {len(windows)} "
+    log(f"[mtfm] run {run_dir}\n[mtfm] scenarios {model_scenarios}; windows {len(windows)} "
         f"({len(windows) - config.test_windows} train, {config.test_windows} test); model {model_config.name} "
         f"({model_config.architecture}{layout}); {config.num_workers} worker(s)"
         f"{' with GPU' if config.use_gpu else ''}")
@@ -703,13 +716,24 @@ RESUMABLE_CHANGES = frozenset({"name", "attention_impl", "norm_impl", "compute_d
                                "recompute_target_context"})
 
 
-def refuse_a_warm_start_across_registries(checkpoint: Path, registry: Registry, scenarios) -> None:
+def refuse_a_warm_start_that_cannot_load(checkpoint: Path, registry: Registry, model_config) -> None:
     """Before Ray: warm start loads the modules of the sequences and scenarios both the checkpoint's
-    registry and this one declare, so their features must be the same (a sequence or scenario only
-    one of them has is fine: it is skipped or starts fresh)."""
+    registry and this one declare, so the model config must be the one the checkpoint was trained
+    with (but for its scenarios and what RESUMABLE_CHANGES allows) and those features the same (a
+    sequence or scenario only one of them has is fine: it is skipped or starts fresh)."""
     from mtfm.platform.checkpoint import META_FILE, CheckpointError, read_meta, registry_changes
 
     meta = read_meta(checkpoint)
+    given = _model_config_dict(model_config)
+    differ = sorted(k for k in given if k not in RESUMABLE_CHANGES | {"scenarios"} and k in meta.model_config
+                    and meta.model_config[k] != given[k])
+    if differ:
+        raise CheckpointError(f"--init-from {checkpoint}: its model {meta.model_config.get('name')!r} differs from "
+                              f"{model_config.source} in " + ", ".join(f"{k} ({meta.model_config[k]} -> {given[k]})"
+                                                                      for k in differ)
+                              + f"; warm start needs the model config it was trained with (its {META_FILE} holds "
+                              "it), with scenarios added")
+    scenarios = model_config.scenarios
     try:
         trained = Registry.from_dict(meta.registry)
     except (KeyError, TypeError, RegistryError) as exc:

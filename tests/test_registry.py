@@ -199,6 +199,11 @@ def test_a_scenario_in_two_files_is_refused_naming_both(config_dir):
     with pytest.raises(RegistryError, match=r"grocery.yml: name: scenario 'grocery' is also declared in "
                                             r".*grocery.yaml; keep one of the two files"):
         load_registry(config_dir)
+    (config_dir / "scenarios" / "grocery.yml").unlink()
+    (config_dir / "scenarios" / "grocery.yaml").rename(config_dir / "scenarios" / "grocery.YAML")  # never read
+    with pytest.raises(RegistryError, match=r"grocery.YAML: a scenario file's name ends in .yaml or .yml, lower "
+                                            r"case; rename it grocery.yaml"):
+        load_registry(config_dir)
 
 
 def test_missing_and_malformed_files(config_dir, tmp_path):

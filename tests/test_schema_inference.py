@@ -179,6 +179,9 @@ def test_a_scenario_declared_as_yml_is_the_target(tmp_path, config_dir):
     assert "shop_feed" in load_registry(config_dir).scenarios
     notes = config_dir / "scenarios" / "notes.txt"  # a file the registry does not read may go anywhere
     assert infer_scenario("shop_feed", path, config_dir=config_dir, out=notes).out == notes
+    for unread in (config_dir / "scenarios" / "shop_feed.YAML", config_dir / "scenarios" / "sub" / "shop_feed.yaml"):
+        with pytest.raises(SchemaInferenceError, match=r"the registry reads scenarios/<name>.yaml \(or .yml\) only"):
+            infer_scenario("shop_feed", path, config_dir=config_dir, out=unread)
 
 
 def test_a_label_of_one_value_gets_a_note(tmp_path, config_dir):

@@ -316,19 +316,26 @@ def test_command_line_refuses_a_model_the_registry_or_the_resumed_run_does_not_m
     retired = json.loads(json.dumps(meta))
     retired["registry"]["scenarios"]["gone"] = retired["registry"]["scenarios"]["hp"] | {"name": "gone"}
     retired["registry"]["sequences"]["old"] = retired["registry"]["sequences"]["realtime"] | {"name": "old"}
-    from mtfm.platform.train import refuse_a_warm_start_across_registries
+    from mtfm.platform.train import refuse_a_warm_start_that_cannot_load
+
+    tiny = load_model_config(REPO_ROOT / "configs/model/tiny.yaml")
 
     meta_file.write_text(json.dumps(retired))
-    refuse_a_warm_start_across_registries(run / "checkpoint_00000007", load_registry(CONFIGS), None)
+    refuse_a_warm_start_that_cannot_load(run / "checkpoint_00000007", load_registry(CONFIGS), tiny)
     # Nor is a scenario the checkpoint's model had no modules of (its registry snapshot holds them all).
     other = json.loads(json.dumps(meta))
     other["registry"]["scenarios"]["phf"]["user_features"][1]["buckets"] *= 2  # user_diet_pref: phf's own
     meta_file.write_text(json.dumps(other))
     with pytest.raises(CheckpointError, match=r"in scenarios\.phf\.user_features\.\w+\.buckets"):
-        refuse_a_warm_start_across_registries(run / "checkpoint_00000007", load_registry(CONFIGS), None)
+        refuse_a_warm_start_that_cannot_load(run / "checkpoint_00000007", load_registry(CONFIGS), tiny)
     other["model_config"]["scenarios"] = ["hp", "sqs"]
     meta_file.write_text(json.dumps(other))
-    refuse_a_warm_start_across_registries(run / "checkpoint_00000007", load_registry(CONFIGS), None)
+    refuse_a_warm_start_that_cannot_load(run / "checkpoint_00000007", load_registry(CONFIGS), tiny)
+    # A model of another shape fails in every worker: refused before Ray, naming the field.
+    meta_file.write_text(json.dumps(other | {"model_config": other["model_config"] | {"d_model": 2 * tiny.d_model}}))
+    with pytest.raises(CheckpointError, match=rf"differs from .*tiny.yaml in d_model \({2 * tiny.d_model} -> "
+                                              rf"{tiny.d_model}\); warm start needs the model config"):
+        refuse_a_warm_start_that_cannot_load(run / "checkpoint_00000007", load_registry(CONFIGS), tiny)
     # --resume alone takes the run's own train config.
     assert main(["--resume", str(run)]) == 1
     assert "no train_config.yaml there (not a run folder?); pass --config" in capsys.readouterr().err
@@ -338,6 +345,24 @@ def test_command_line_refuses_a_model_the_registry_or_the_resumed_run_does_not_m
     assert "train_config.yaml trains 2: nothing to train; raise its epochs (--epochs)" in capsys.readouterr().err
     assert main([]) == 1
     assert "--config CFG is needed to start a run" in capsys.readouterr().err
+
+
+def test_a_resume_takes_the_rates_of_its_train_config():
+    """Restoring a checkpoint's optimizer state restores its rates too: a resume with a new config
+    (after a divergence, say) must train at the new ones."""
+    from mtfm.platform.train import make_optimizers, set_rates
+
+    model = build_model(load_model_config(REPO_ROOT / "configs/model/tiny.yaml"), load_registry(CONFIGS))
+    saved = {name: opt.state_dict() for name, opt in make_optimizers(model, _config(lr=5.0, embedding_lr=7.0,
+                                                                                    weight_decay=0.1)).items()}
+    config = _config(lr=1e-4, embedding_lr=2e-4, weight_decay=0.0)
+    optimizers = make_optimizers(model, config)
+    for name, opt in optimizers.items():
+        opt.load_state_dict(saved[name])
+    assert optimizers["dense"].param_groups[0]["lr"] == 5.0  # what load_state_dict alone leaves
+    set_rates(optimizers, config)
+    assert [(g["lr"], g["weight_decay"]) for g in optimizers["dense"].param_groups] == [(1e-4, 0.0)]
+    assert [g["lr"] for g in optimizers["embedding"].param_groups] == [2e-4]
 
 
 def test_train_config_errors(tmp_path):
@@ -371,7 +396,9 @@ def test_train_config_errors(tmp_path):
                           ("weight_decay: .nan", r"weight_decay: expected a finite number >= 0, found nan"),
                           ("cpus_per_worker: .nan", r"cpus_per_worker: expected a finite number > 0, found nan"),
                           ("max_failures: -2", r"max_failures: expected an integer >= 0, or -1 to retry without limit"),
-                          ("seed: -1", r"seed: expected an integer >= 0, found -1")):
+                          ("seed: -1", r"seed: expected an integer >= 0, found -1"),
+                          ("name: ../../elsewhere", r"name: expected a folder name for the run \(runs/<name>-<time>\), "
+                                                    r"found '../../elsewhere'")):
         bad.write_text(f"model: configs/model/tiny.yaml\n{line}\n")
         with pytest.raises(RegistryError, match="bad.yaml: " + message):
             TrainConfig.load(bad)
