@@ -29,7 +29,7 @@ def _records(run_dir: Path) -> list[dict]:
 
 def _diverged(run_dir: Path) -> str:
     record = json.loads((run_dir / DIVERGED_FILE).read_text())
-    return f"{DIVERGED_FILE}: the {record['what']} not finite at step {record['step']}"
+    return f"{DIVERGED_FILE}: the {record['what']} stopped being finite at step {record['step']}"
 
 
 def plot_curves(run_dir: Path, out: Path, plt) -> list[Path]:

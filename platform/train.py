@@ -42,7 +42,7 @@ RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
 WARM_START_FILE = "warm_start.json"
-DIVERGED_FILE = "diverged.json"  # written by rank 0 when the loss stops being finite; the run then stops
+DIVERGED_FILE = "diverged.json"  # where the loss, weights or scores stopped being finite (rank 0 writes it)
 
 
 # ---------------------------------------------------------------- the train config
@@ -146,7 +146,7 @@ def _check_type(source: str, key: str, value: Any, annotation: str) -> None:
 
 
 class TrainingDiverged(ValueError):
-    """The loss stopped being finite; the run stopped at that step without saving the weights."""
+    """The loss, weights or scores stopped being finite; the run stopped there without saving the weights."""
 
 
 # ---------------------------------------------------------------- the worker loop
