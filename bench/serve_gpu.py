@@ -7,6 +7,7 @@
     python bench/serve_gpu.py --direct-ingress ...                                  # HTTP without Serve's proxy
     python bench/serve_gpu.py --parse-only --device cpu --out bench/results/request_parse.json  # body forms
     python bench/serve_gpu.py --ks 200 --requests 2000 ...                          # one K, longer cells
+    python bench/serve_gpu.py --pacing 200 --out $OUT/serve_pacing.json             # thread, gaps, BatchQueue
 
 What runs: the `large` model (configs/model/large.yaml: 15 layers, d_model 768, bf16 autocast),
 randomly initialised, saved as a checkpoint and served by the production app
@@ -342,6 +343,73 @@ def profile_in_process(checkpoint: Path, registry, shapes: Shapes, device_name: 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n\n".join(texts))
     print(f"wrote {out}")
+
+
+PACING_GAP_S = 0.004  # about the time a replica spends outside scoring between sequential HTTP requests
+
+
+def pacing_probe(checkpoint: Path, registry, shapes: Shapes, device_name: str, k: int, repeats: int) -> list[dict]:
+    """Is the replica's scoring slower than in-process because it runs in a worker thread, because
+    requests come with idle gaps between them, or because of the BatchQueue's hand-offs? The same
+    `TorchBackend.score` of one cached user's K candidates (graphed on CUDA), timed five ways:
+    on the main thread or in a worker thread, back to back or `PACING_GAP_S` apart, and through a
+    `BatchQueue` on an event loop (as the replica) with the same gaps; p50/p99 ms of the call."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from mtfm.deployments.backends import TorchBackend
+    from mtfm.deployments.batch_queue import BatchQueue
+    from mtfm.deployments.rank_request import RankRequestParser
+    from mtfm.deployments.scenario import load_scenario_ranker
+    from mtfm.deployments.user_cache import UserSideCache
+
+    torch.set_num_threads(1)
+    body = RequestBodies(registry, k, shapes.history_events).example
+    request = RankRequestParser(registry, SCENARIO, max_candidates=k).parse(body, now_ms=body["ts"])
+    backend = TorchBackend(load_scenario_ranker(checkpoint, SCENARIO)[0], device=torch.device(device_name),
+                           cuda_graphs=device_name == "cuda",
+                           user_cache=UserSideCache(USER_CACHE_TTL_S, USER_CACHE_MB * 2**20))
+    worker = ThreadPoolExecutor(1)
+
+    def timed_score(_=None) -> float:
+        start = time.perf_counter()
+        backend.score([request])
+        return (time.perf_counter() - start) * 1000
+
+    def serial(call, gap_s: float) -> np.ndarray:
+        for _ in range(5):
+            call()
+        times = []
+        for _ in range(repeats):
+            times.append(call())
+            if gap_s:
+                time.sleep(gap_s)
+        return np.array(times)
+
+    async def through_queue() -> np.ndarray:
+        queue = BatchQueue(lambda items: [timed_score() for _ in items], max_cost=1)
+        times = []
+        for i in range(repeats + 5):
+            ms = await queue.submit(i, 1)
+            if i >= 5:
+                times.append(ms)
+            await asyncio.sleep(PACING_GAP_S)
+        return np.array(times)
+
+    gap_ms = PACING_GAP_S * 1000
+    ways = {
+        "main thread, back to back": lambda: serial(timed_score, 0),
+        "worker thread, back to back": lambda: serial(lambda: worker.submit(timed_score).result(), 0),
+        f"main thread, {gap_ms:g} ms apart": lambda: serial(timed_score, PACING_GAP_S),
+        f"worker thread, {gap_ms:g} ms apart": lambda: serial(lambda: worker.submit(timed_score).result(),
+                                                             PACING_GAP_S),
+        f"BatchQueue, {gap_ms:g} ms apart": lambda: asyncio.run(through_queue()),
+    }
+    rows = [{"way": way, "k": k} | _percentiles(measure()) for way, measure in ways.items()]
+    worker.shutdown()
+    return rows
 
 
 def decode_parse_times(registry, parser, k: int, history_events: int, repeats: int) -> dict:
@@ -860,6 +928,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=int, default=None, metavar="K",
                         help="measure nothing else: profile one in-process request of K candidates and write the "
                              "profiler tables to --out with .txt")
+    parser.add_argument("--pacing", type=int, default=None, metavar="K",
+                        help="measure nothing else: one cached user's K candidates scored in process on the main "
+                             "thread, in a worker thread, back to back, with gaps, and through a BatchQueue "
+                             "(why a replica scores slower than a loop does)")
     parser.add_argument("--spy-replica", action="store_true",
                         help="sample the replica's Python stacks with py-spy (on PATH or beside this Python) during "
                              "the HTTP single cell "
@@ -872,11 +944,12 @@ def main(argv: list[str] | None = None) -> int:
                              "the budget may end a cell sooner, and each row's `requests` says how many ran")
     args = parser.parse_args(argv)
     for flag, value, least in (("--chunk-size", args.chunk_size, 1), ("--batch-wait-ms", args.batch_wait_ms, 0),
-                               ("--profile", args.profile, 1), ("--budget-s", args.budget_s, 0)):
+                               ("--profile", args.profile, 1), ("--pacing", args.pacing, 1), ("--budget-s", args.budget_s, 0)):
         if value is not None and not value >= least:  # NaN too
             parser.error(f"{flag}: expected a value >= {least}, found {value}")
     if args.out is None:  # not the name of a recorded run
-        mode = "_parse" if args.parse_only else "_profile" if args.profile is not None else ""
+        mode = ("_parse" if args.parse_only else "_profile" if args.profile is not None
+                else "_pacing" if args.pacing is not None else "")
         args.out = f"bench/results/serve_gpu{mode}_{args.device}{'_tiny' if args.tiny else ''}.json"
     if args.spy_replica and py_spy() is None:
         parser.error("--spy-replica needs py-spy, found neither on PATH nor beside this Python (pip install py-spy)")
@@ -926,6 +999,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile is not None:
             profile_in_process(checkpoint, registry, shapes, args.device, args.profile,
                                Path(args.out).with_suffix(".txt"))
+            return 0
+        if args.pacing is not None:
+            repeats = shapes.requests
+            rows = pacing_probe(checkpoint, registry, shapes, args.device, args.pacing, repeats)
+            print(f"one cached user's {args.pacing} candidates, {shapes.model_config} on {args.device}, "
+                  f"{repeats} calls each: TorchBackend.score p50 / p99 ms")
+            for r in rows:
+                print(f"  {r['way']:<30} {r['p50_ms']:6.2f} / {r['p99_ms']:6.2f}")
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                                  "device": args.device, "model": shapes.model_config,
+                                                  "history_events": shapes.history_events, "pacing": rows},
+                                                 indent=1))
             return 0
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         budget.log(f"{shapes.model_config} on {args.device}, {shapes.history_events} history events, K in {shapes.ks}")

@@ -256,6 +256,7 @@ def _check_inputs(q, k, v, offsets, q_offsets, kind, ts, names: tuple[str, ...])
     n = k.shape[0]
     _check(f"{v_name}.shape", v.shape[:2] == k.shape[:2], tuple(v.shape),
            lambda: f"({n}, {k.shape[1]}, Dv) like {k_name}")
+    _check(f"{k_name}.shape[1] (kv heads)", k.shape[1] >= 1, k.shape[1], "at least 1")
     _check(f"{q_name}.shape[1] (query heads)", q.shape[1] % k.shape[1] == 0, q.shape[1],
            lambda: f"a multiple of {k_name}'s {k.shape[1]} kv heads")
     _check(f"{q_name}.shape[2] (head dim)", q.shape[2] == k.shape[2], q.shape[2],
@@ -273,6 +274,14 @@ def _check_inputs(q, k, v, offsets, q_offsets, kind, ts, names: tuple[str, ...])
     for name, t in ((k_name, k), (v_name, v), (offsets_name, offsets), (q_offsets_name, q_offsets),
                     (kind_name, kind), (ts_name, ts)):
         _check(f"{name}.device", t.device == q.device, t.device, lambda: f"{q.device} like {q_name}")
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        # The rows the offsets index must exist (the kernels would read past them). Checked on the
+        # CPU only: on a GPU it would cost a host sync per call.
+        for name, t, rows, rows_name in ((offsets_name, offsets, n, k_name),
+                                         (q_offsets_name, q_offsets, q.shape[0], q_name)):
+            _check(name, t.numel() >= 1 and int(t[0]) == 0 and bool((t.diff() >= 0).all()) and int(t[-1]) <= rows,
+                   lambda t=t: t.tolist(), lambda rows=rows, rows_name=rows_name:
+                   f"non-decreasing from 0 to at most {rows}, the rows of {rows_name}")
 
 
 def _dispatch(q, k, v, offsets, q_offsets, kind, ts, alpha, norm, impl, names, gate):
@@ -324,6 +333,10 @@ def hstu_target_attention(
 ) -> Tensor:
     """Target attention: only the T-tokens (each user's last ones) are queries. Returns (NT, Hq, Dv)
     (times gate if given)."""
+    if q_t.device.type == "cpu" and not torch.compiler.is_compiling():
+        _check("target_offsets", target_offsets.shape != offsets.shape  # that error comes next, named
+               or bool((target_offsets.diff() <= offsets.diff()).all()), lambda: target_offsets.tolist(),
+               lambda: f"at most each user's token count ({offsets.diff().tolist()}): a user's queries are its last keys")
     return _dispatch(q_t, k, v, offsets, target_offsets, kind, ts, alpha, norm, impl,
                      ("q_t",) + _MERGED_NAMES[1:4] + ("target_offsets",) + _MERGED_NAMES[5:], gate)
 

@@ -22,7 +22,7 @@ Backward, with dO the output gradient (GQA: dK, dV summed over the group's query
 import torch
 from torch import Tensor
 
-from .mask import dynamic_mask_block
+from .mask import TokenKind, dynamic_mask_block
 
 
 def _silu_grad(x: Tensor) -> Tensor:
@@ -115,7 +115,7 @@ def _merge(context: Tensor, target: Tensor, context_rows: Tensor, target_rows: T
 def _merged_inputs(k_context, v_context, k_t, v_t, context_offsets, target_offsets, context_kind, context_ts,
                    target_ts):
     context_rows, target_rows = _merged_order(context_offsets, target_offsets)
-    target_kind = torch.full_like(target_ts, 2, dtype=context_kind.dtype)
+    target_kind = torch.full_like(target_ts, int(TokenKind.T), dtype=context_kind.dtype)
     merged = [_merge(c, t, context_rows, target_rows) for c, t in
               ((k_context, k_t), (v_context, v_t), (context_kind, target_kind), (context_ts, target_ts))]
     return (*merged, context_offsets + target_offsets, context_rows, target_rows)

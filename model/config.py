@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
+from mtfm.kernels.backends import IMPLS
 from mtfm.platform.registry import Registry, RegistryError, read_yaml_mapping
 
 ARCHITECTURES = ("mtfm", "dlrm_mmoe", "dcnv2")
-KERNEL_IMPLS = ("auto", "triton", "reference")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# No float16: its gradients underflow without loss scaling, which training does not do.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 _BLOCK = re.compile(r"^\((\d+):(\d+)\)\*(\d+)$")
 
 
@@ -85,8 +85,15 @@ class ModelConfig:
 
     @property
     def layer_kinds(self) -> tuple[str, ...]:
-        """'target' or 'full' per layer, bottom to top."""
+        """'target' or 'full' per layer, bottom to top, as `hta_layout` writes them."""
         return parse_hta_layout(self.hta_layout, self.source)
+
+    @property
+    def run_layer_kinds(self) -> tuple[str, ...]:
+        """What each layer runs: `layer_kinds` with the top layer as target attention. Its non-T
+        rows are never read, and by invariant 3 its T rows are those of a full layer, so this is
+        the same model for less work."""
+        return self.layer_kinds[:-1] + ("target",)
 
     @property
     def num_layers(self) -> int:
@@ -152,8 +159,8 @@ def parse_model_config(raw: dict[str, Any], file: str = "<dict>") -> ModelConfig
         hta_layout=r.get("hta_layout", str, "a layout string such as '(3:1)*4'", "(0:2)*1"),
         max_seq_len=r.positive_int("max_seq_len", 1024),
         alpha=r.number("alpha", None),
-        attention_impl=r.choice("attention_impl", KERNEL_IMPLS, "auto"),
-        norm_impl=r.choice("norm_impl", KERNEL_IMPLS, "auto"),
+        attention_impl=r.choice("attention_impl", IMPLS, "auto"),
+        norm_impl=r.choice("norm_impl", IMPLS, "auto"),
         dropout=r.number("dropout", 0.0),
         tokenizer_hidden_dim=r.positive_int("tokenizer_hidden_dim", None),
         mmoe=_parse_mmoe(r.get("mmoe", dict, "a mapping", {}), file),

@@ -266,23 +266,21 @@ def run_context_keys_values(layers, x_context: Tensor, split: TokenSplit,
 
 
 class HTAStack(nn.Module):
-    """Hybrid target attention: the layers bottom to top as given by the config's `hta_layout`.
-
-    The top layer always runs as target attention: its non-T rows are never read, and by
-    invariant 3 its T rows are those of a full layer, so this is the same model for less work.
-    """
+    """Hybrid target attention: the layers bottom to top, each 'target' or 'full' as given
+    (`ModelConfig.run_layer_kinds`: the top one is always target)."""
 
     def __init__(self, layer_kinds: tuple[str, ...], group_names: tuple[str, ...],
                  target_group_names: tuple[str, ...], d_model: int, attn: AttentionParams,
                  dropout: float = 0.0, norm_impl: str = "auto", recompute_context: bool = True):
         super().__init__()
-        kinds = layer_kinds[:-1] + ("target",)
+        if layer_kinds[-1] != "target":
+            raise ValueError(f"HTAStack: the top layer runs as target attention, found {layer_kinds}")
         self.layers = nn.ModuleList(
             HSTULayer(kind, group_names, target_group_names, d_model, attn, dropout, norm_impl, recompute_context)
-            for kind in kinds)
+            for kind in layer_kinds)
         # run_end[i]: one past the last layer of the run of target layers that layer i is in.
-        self.run_end = [next((j for j in range(i, len(kinds)) if kinds[j] == "full"), len(kinds))
-                        for i in range(len(kinds))]
+        n = len(layer_kinds)
+        self.run_end = [next((j for j in range(i, n) if layer_kinds[j] == "full"), n) for i in range(n)]
 
     def forward(self, x: Tensor, ctx: JaggedContext, context_kv: Tensor | None = None) -> Tensor:
         """x (N, d_model) -> the T rows after the top layer, (NT, d_model) in target_index order.

@@ -28,7 +28,8 @@ def multitask_bce_loss(output: ModelOutput, batch: TokenBatch) -> tuple[Tensor, 
         mask = feats.label_mask.float()
         bce = F.binary_cross_entropy_with_logits(logits.float(), feats.labels.float(), reduction="none")
         count = mask.sum(0)
-        mean = (bce * mask).sum(0) / count.clamp_min(1)
+        # where, not a product: a row without a label may hold any logit (0 * inf is NaN)
+        mean = torch.where(feats.label_mask, bce, 0).sum(0) / count.clamp_min(1)
         means.append(mean)
         presents.append(count > 0)
         for t, task in enumerate(batch.scenario_tasks[scenario]):

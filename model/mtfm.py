@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from mtfm.platform.registry import Registry
 
 from .batch import TokenBatch
-from .config import ModelConfig
+from .config import COMPUTE_DTYPES, ModelConfig
 from .heads import MMoEHeads
 from .layers import AttentionParams, GroupLayerNorm, HTAStack, JaggedContext
 from .tokenizer import HeterogeneousTokenizer, group_features
@@ -30,7 +30,7 @@ from .tokenizer import HeterogeneousTokenizer, group_features
 if TYPE_CHECKING:
     from .ranker import ScenarioRanker
 
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
 
 
 @dataclass
@@ -58,7 +58,7 @@ class RecommenderBase(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return COMPUTE_DTYPES[self.config.compute_dtype]
+        return TORCH_DTYPES[self.config.compute_dtype]
 
     def autocast(self, device_type: str, cache: bool = True) -> contextlib.AbstractContextManager:
         """torch.autocast to the config's compute dtype on CUDA; a no-op on CPU or for float32.
@@ -77,7 +77,7 @@ class MTFM(RecommenderBase):
         attn = AttentionParams(config.num_heads, config.kv_heads, config.dim_per_head, config.attention_alpha,
                                float(config.max_seq_len), config.attention_impl)
         self.tokenizer = HeterogeneousTokenizer(registry, config.d_model, config.mlp_hidden_dim)
-        self.stack = HTAStack(config.layer_kinds, group_names, tuple(registry.scenarios), config.d_model, attn,
+        self.stack = HTAStack(config.run_layer_kinds, group_names, tuple(registry.scenarios), config.d_model, attn,
                               config.dropout, config.norm_impl, config.recompute_target_context)
         self.final_norm = GroupLayerNorm(tuple(registry.scenarios), config.d_model, impl=config.norm_impl)
         mmoe = config.mmoe

@@ -75,8 +75,7 @@ def forward_flops(config: ModelConfig, registry: Registry, mix: TokenMix) -> dic
         in_dim = sum(f.dim if f.is_categorical else 1 for f in feats)
         flops["tokenizer"] += mix.tokens.get(name, 0.0) * 2 * (in_dim * hidden + hidden * d)
     n, nt = mix.num_tokens, mix.num_targets
-    kinds = config.layer_kinds[:-1] + ("target",)
-    for kind in kinds:
+    for kind in config.run_layer_kinds:
         queries, pairs = (n, mix.full_pairs) if kind == "full" else (nt, mix.target_pairs)
         flops["layer_linear"] += 2 * n * d * 2 * hkv * dh + 2 * queries * d * 2 * hq * dh + 2 * queries * hq * dh * d
         flops["attention"] += 4 * hq * dh * pairs

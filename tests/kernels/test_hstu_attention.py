@@ -346,6 +346,18 @@ def test_dispatcher_errors_name_the_argument(monkeypatch):
         hstu_attention(b["q"][:, :3], b["k"], b["v"], *meta, alpha=ALPHA, norm=NORM)
     with pytest.raises(ValueError, match="kind.dtype"):
         hstu_attention(b["q"], b["k"], b["v"], b["offsets"], b["kind"].long(), b["ts"], alpha=ALPHA, norm=NORM)
+    with pytest.raises(ValueError, match=r"k.shape\[1\] \(kv heads\) is 0"):
+        hstu_attention(b["q"], b["k"][:, :0], b["v"][:, :0], *meta, alpha=ALPHA, norm=NORM)
+    # offsets that index rows q, k or v do not have (the kernels would read past them)
+    with pytest.raises(ValueError, match=r"offsets is \[0, 8\], expected non-decreasing from 0 to at most 7"):
+        hstu_attention(b["q"], b["k"], b["v"], torch.tensor([0, 8]), b["kind"], b["ts"], alpha=ALPHA, norm=NORM)
+    q_t = b["q"][b["target_rows"]]
+    with pytest.raises(ValueError, match=r"target_offsets is \[0, 3\], expected non-decreasing from 0 to at most 2"):
+        hstu_target_attention(q_t, b["k"], b["v"], *meta, torch.tensor([0, 3]), alpha=ALPHA, norm=NORM)
+    with pytest.raises(ValueError, match=r"target_offsets is \[0, 2\], expected at most each user's token count "
+                                         r"\(\[1\]\)"):
+        hstu_target_attention(q_t, b["k"][:1], b["v"][:1], torch.tensor([0, 1]), b["kind"][:1], b["ts"][:1],
+                              b["target_offsets"], alpha=ALPHA, norm=NORM)
     with pytest.raises(ValueError, match="impl must be one of"):
         hstu_attention(b["q"], b["k"], b["v"], *meta, alpha=ALPHA, norm=NORM, impl="cuda")
     with pytest.raises(ValueError, match="head dim D = 12"):

@@ -25,6 +25,8 @@ def test_seed_configs_follow_mtgr_table_2(name, layers, d_model, heads):
 ])
 def test_hta_layouts(layout, kinds):
     assert parse_hta_layout(layout) == tuple(kinds)
+    config = parse_model_config({"name": "m", "hta_layout": layout}, "m.yaml")
+    assert config.layer_kinds == tuple(kinds) and config.run_layer_kinds == tuple(kinds[:-1]) + ("target",)
 
 
 @pytest.mark.parametrize("layout", ["3:1*4", "(3:1)", "(3;1)*4", "(0:0)*3", "(1:1)*0", "", "(a:1)*2"])
@@ -45,6 +47,7 @@ def test_malformed_layout_names_the_string_and_the_grammar(layout):
     ({"recompute_target_context": "yes"}, "recompute_target_context", "true or false"),
     ({"layers": 3}, "layers", "unknown key"),
     ({"scenarios": "hp"}, "scenarios", "list of scenario names"),
+    ({"compute_dtype": "float16"}, "compute_dtype", "one of float32, bfloat16"),
 ])
 def test_invalid_config_names_file_field_and_expectation(raw, field, expected):
     with pytest.raises(ModelConfigError) as err:

@@ -151,6 +151,25 @@ def test_gradients_reach_every_parameter_and_skip_absent_scenarios():
             assert torch.equal(p, before[name]), f"{name} moved though phf was absent"
 
 
+def test_loss_ignores_any_logit_of_a_row_without_a_label():
+    """An unlabelled row's logit, even inf or NaN, adds nothing to the loss (0 * inf would be NaN)."""
+    import numpy as np
+
+    from mtfm.model import ModelOutput, multitask_bce_loss
+
+    batch = Collator(REGISTRY)(random_table(REGISTRY, 6, 21, lengths={"hp": (2, 5), "phf": (0, 0), "sqs": (0, 0)}))
+    feats = batch.features["hp"]
+    feats.label_mask[0, :] = False
+    logits = torch.randn(feats.labels.shape, generator=torch.Generator().manual_seed(0))
+    poisoned = logits.clone()
+    poisoned[0, 0], poisoned[0, -1] = float("inf"), float("nan")
+    loss, _ = multitask_bce_loss(ModelOutput({"hp": poisoned}), batch)
+    x, y, m = logits.double().numpy(), feats.labels.double().numpy(), feats.label_mask.numpy()
+    bce = np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))  # independent BCE with logits
+    per_task = [(bce[m[:, t], t]).mean() for t in range(m.shape[1]) if m[:, t].any()]
+    assert loss.item() == pytest.approx(np.mean(per_task), rel=1e-5)
+
+
 def test_yaml_added_scenario_builds_scores_and_warm_starts(config_dir):
     (config_dir / "scenarios" / "grocery.yaml").write_text(
         "name: grocery\n"
@@ -181,6 +200,10 @@ def test_every_layout_keeps_candidate_independence_and_subgraphs(layout):
         row[exposures_column("sqs")] = []
     assert_same_scores(full, scores_by_request(model, table_of(rows, REGISTRY)),
                        [k for k in full if k[0] != "sqs"])
+    probabilities = model(Collator(REGISTRY)(table)).probabilities()
+    for scenario in REGISTRY.scenarios:
+        ranker = model.subgraph(scenario)
+        assert torch.allclose(ranker(ranker.collator()(table)), probabilities[scenario], atol=1e-6), scenario
 
 
 @EXAMPLES

@@ -128,7 +128,7 @@ def make_stack(kinds, seed, recompute_context):
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1),
        kinds=st.sampled_from([("target", "target", "full", "target"), ("full", "target", "target"),
-                              ("target", "full", "full", "target"), ("full", "full")]))
+                              ("target", "full", "full", "target"), ("full", "target")]))
 def test_stack_equals_dense_layers_in_turn_with_gradients(recompute_context, seed, kinds):
     """The stack carries only the T rows through a run of target layers and writes them back
     before a full layer; its output and every gradient must equal the plain composition, also
@@ -284,3 +284,9 @@ def test_token_split_hand_worked():
     weights = torch.randn(7, 2)
     (merged * weights).sum().backward()
     assert torch.equal(x.grad, weights)
+
+
+def test_stack_refuses_a_top_layer_that_is_not_target():
+    """The config's `run_layer_kinds` makes the top layer target; a stack given another is a bug."""
+    with pytest.raises(ValueError, match="top layer runs as target attention"):
+        make_stack(("target", "full"), seed=0, recompute_context=False)
