@@ -214,9 +214,13 @@ def read_valid(registry: Registry, kind: str, name: str, path: str, index: int, 
         folder.mkdir(parents=True, exist_ok=True)
         pq.write_table(bad, folder / f"{index:06d}-{Path(path).stem}.parquet")
     ignored = [c for c in table.column_names if contract.schema is not None and c not in contract.schema.names]
+    # A missing required column quarantines the rows (a reason); a missing optional one nulls them quietly.
+    missing = [f.name for f in (contract.schema if contract.schema is not None else [])
+               if f.name not in table.column_names and f.nullable and f.name not in contract.required + contract.labels]
     early = int((good["ts"].to_numpy() < EARLY_TS_MS).sum()) if contract.schema is not None else 0
     return good, {"table": f"{kind}/{name}", "rows": table.num_rows, "good": good.num_rows, "early": early,
-                  "reasons": dict(Counter(bad["reason"].to_pylist())) if bad.num_rows else {}, "ignored": ignored}
+                  "reasons": dict(Counter(bad["reason"].to_pylist())) if bad.num_rows else {}, "ignored": ignored,
+                  "missing": {"file": f"{kind}/{name}/{Path(path).name}", "columns": missing} if missing else None}
 
 
 def split_file(registry: Registry, kind: str, name: str, path: str, index: int, out: str,
@@ -338,6 +342,8 @@ def _summary(registry: Registry, raw: Path, out: Path, window_ms: int, max_ts: i
         t["ignored"].update(s["ignored"])
     warnings = warnings + [f"{name}: column(s) {', '.join(sorted(t['ignored']))} not in the contract, ignored"
                            for name, t in per_table.items() if t["ignored"]]
+    warnings += [f"{s['missing']['file']}: no column(s) {', '.join(s['missing']['columns'])} (optional): its "
+                 f"{s['good']:,} valid rows get null there" for s in split if s.get("missing")]
     warnings += [f"{name}: {t['early']:,} of {t['valid']:,} rows have a ts before 1970-04-26 (10^10 ms): ts in "
                  "seconds rather than ms?" for name, t in per_table.items() if t["early"]]
     exposures_in = sum(t["rows"] for name, t in per_table.items() if name.startswith("exposures/"))

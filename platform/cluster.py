@@ -39,3 +39,26 @@ def _quiet_placement_group_cleaner() -> None:
     if not os.environ.get("RAY_ADDRESS"):
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+def bundles_that_fit(bundle: dict[str, float]) -> tuple[int, str]:
+    """How many copies of `bundle` (e.g. {"CPU": 1, "GPU": 1}) the cluster's live nodes could hold
+    at once, each copy on one node, counting every node's total resources (busy or not); and the
+    cluster's resources in words, for an error."""
+    import ray
+
+    fit, totals = 0, {}
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        resources = node.get("Resources", {})
+        for key in bundle:
+            totals[key] = totals.get(key, 0.0) + resources.get(key, 0.0)
+        fit += min((int(resources.get(key, 0.0) / need + 1e-9) if need > 0 else 10**9) for key, need in bundle.items())
+    words = ", ".join(f"{totals[key]:g} {key}" for key in bundle)
+    return fit, f"{words} on {sum(1 for n in ray.nodes() if n.get('Alive'))} node(s)"
+
+
+def is_embedded() -> bool:
+    """Whether this process runs the embedded local Ray (no `RAY_ADDRESS`): no node will join it."""
+    return not os.environ.get("RAY_ADDRESS")

@@ -146,6 +146,7 @@ def read_exposures(path: str | Path, max_rows: int = MAX_ROWS) -> pa.Table:
             if not files:
                 raise SchemaInferenceError(f"{path}: no *.parquet files in this folder (expected the exposure log "
                                            "as Parquet files, or pass a CSV file)")
+            _refuse_several_logs(path, files)
             dataset = ds.dataset([str(f) for f in files], format="parquet", schema=_one_schema(path, files))
             table = dataset.head(max_rows)
         else:
@@ -158,6 +159,34 @@ def read_exposures(path: str | Path, max_rows: int = MAX_ROWS) -> pa.Table:
         raise SchemaInferenceError(f"{path}: the exposure log has no rows (columns {', '.join(table.column_names)}); "
                                    "a draft needs rows to infer from")
     return table
+
+
+def _refuse_several_logs(folder: Path, files: list[Path]) -> None:
+    """One log per draft. Two subfolders where each has columns the other lacks are different logs
+    (exposures/hp and exposures/phf, or raw/exposures and raw/behaviors): read together, their
+    columns would make one scenario of all of them. Subfolders of one log (days, Hive partitions)
+    share their columns, or later ones add some."""
+    import pyarrow.parquet as pq
+
+    columns: dict[str, set[str]] = {}
+    for file in files:
+        parts = file.relative_to(folder).parts
+        where = parts[0] + "/" if len(parts) > 1 else "the folder itself"
+        try:
+            columns.setdefault(where, set()).update(pq.read_schema(file).names)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise SchemaInferenceError(f"{file}: cannot read as Parquet: {exc}") from exc
+    groups = list(columns.items())
+    apart = next(((a, b) for i, a in enumerate(groups) for b in groups[i + 1:]
+                  if not (a[1] <= b[1] or b[1] <= a[1])), None)
+    if apart is not None:  # neither has all the other's columns: not one log that gained a column
+        (first, first_names), (second, second_names) = apart
+        only_first, only_second = (", ".join(sorted(names)) for names in (first_names - second_names,
+                                                                          second_names - first_names))
+        example = first if first.endswith("/") else second
+        raise SchemaInferenceError(
+            f"{folder}: {first} and {second} hold different logs ({first} has {only_first} and not {only_second}): "
+            f"one exposure log per draft; pass one scenario's folder, e.g. {folder / example}")
 
 
 def _one_schema(folder: Path, files: list[Path]) -> pa.Schema:
@@ -336,6 +365,9 @@ def infer_columns(table: pa.Table, source: Path, known: dict[str, tuple[Feature,
                 raise SchemaInferenceError(f"{source}: column {name!r}: {warn}, but {where} declares {name!r} as "
                                            f"{f.type} (a name means one thing everywhere): fix the column's type "
                                            "or rename it")
+            if f.required and col.null_count:
+                why += (f"; required there, but {col.null_count / len(col):.0%} of this log's values are null: "
+                        "aggregation would quarantine those rows")
             out.append(Inferred(name, section, _feature_yaml(f), why))
             continue
         out.append(_infer_feature(name, col, source, entities))

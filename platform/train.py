@@ -570,6 +570,10 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
                                           registry_changes)
     from mtfm.platform.cluster import init_ray
 
+    if data is None and resume is not None and (Path(resume) / "train_config.yaml").is_file():
+        # A resume keeps its run's samples unless --data says otherwise: `--config NEW` changes rates
+        # and limits, and its `data:` is whatever the file it was copied from said.
+        data = read_yaml_mapping(Path(resume) / "train_config.yaml").get("data")
     data = config.data if data is None else data
     # Absolute in the run's train_config.yaml, so that `--resume` and `mtfm eval` find them from any folder.
     config = TrainConfig.from_dict(config.to_dict() | {"data": _absolute(data)}, config.source)
@@ -638,6 +642,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         refuse_existing_run(run_dir)
 
     init_ray(log_to_driver=True)
+    refuse_workers_the_cluster_cannot_hold(config, log)
     quiet_ray_data()
     train_ds, test_ds, windows = split_by_window(config.data, config.test_windows)
     in_data = {c[: -len("__exposures")] for c in train_ds.schema().names if c.endswith("__exposures")}
@@ -710,6 +715,25 @@ def _data_config(DataConfig):
 # Train-config fields that decide how an epoch is cut into batches (rows_per_read does not: rows
 # left over from one read wait for the next): a resume mid-epoch keeps them.
 BATCHING = ("num_workers", "tokens_per_batch", "test_windows")
+
+def refuse_workers_the_cluster_cannot_hold(config: TrainConfig, log) -> None:
+    """Ray Train would wait for resources that never come, retrying every minute: refuse up front
+    on the embedded Ray, warn on a cluster (an autoscaler may add nodes)."""
+    from mtfm.platform.cluster import bundles_that_fit, is_embedded
+
+    bundle = {"CPU": config.cpus_per_worker} | ({"GPU": config.gpus_per_worker} if config.use_gpu else {})
+    fit, cluster = bundles_that_fit(bundle)
+    if fit >= config.num_workers:
+        return
+    fields = "num_workers, cpus_per_worker" + (", use_gpu, gpus_per_worker" if config.use_gpu else "")
+    what = (f"{config.num_workers} worker(s) of {' + '.join(f'{v:g} {k}' for k, v in bundle.items())} each "
+            f"({fields}), but the Ray cluster has {cluster}: room for {fit}")
+    if is_embedded():
+        raise RegistryError(config.source, "num_workers", f"{what}; lower them (--num-workers; on a machine without "
+                            "a GPU, a train config without use_gpu), or run on a cluster that has them (RAY_ADDRESS)")
+    log(f"[mtfm] warning: {config.source}: {what}; Ray Train waits for nodes to join (an autoscaler) and retries "
+        "every minute")
+
 
 # Model-config fields a resumed run may change: none shapes a parameter or the model's function.
 RESUMABLE_CHANGES = frozenset({"name", "attention_impl", "norm_impl", "compute_dtype", "dropout",

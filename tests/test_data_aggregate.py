@@ -149,6 +149,8 @@ def test_bad_rows_are_quarantined_with_their_reason(ray_cluster, registry, raw, 
                                        distance_km=pa.array([v], pa.string())) for v in ("2.5", "far")])
     pq.write_table(text, dirty / "exposures" / "hp" / "text.parquet")
     pq.write_table(hp.drop_columns(["order"]).slice(0, 3), dirty / "exposures" / "hp" / "no-order.parquet")
+    # Optional columns missing from a whole file: its rows are kept with nulls there, and a warning says so.
+    pq.write_table(hp.drop_columns(["category", "avg_price"]).slice(0, 5), dirty / "exposures" / "hp" / "older.parquet")
     (dirty / "exposures" / "unknown_feed").mkdir()
     pq.write_table(hp.slice(0, 4), dirty / "exposures" / "unknown_feed" / "x.parquet")
     pq.write_table(pa.table({"a": [1, 2]}), dirty / "exposures" / "unknown_feed" / "no-ts.parquet")
@@ -169,6 +171,9 @@ def test_bad_rows_are_quarantined_with_their_reason(ray_cluster, registry, raw, 
     quarantined = pa.concat_tables([pq.read_table(f).select(["reason"])
                                     for f in (tmp_path / "agg" / "quarantine").rglob("*.parquet")])
     assert quarantined.num_rows == summary["quarantined_rows"] == 21
+    assert ("exposures/hp/older.parquet: no column(s) category, avg_price (optional): its 5 valid rows get null there"
+            in summary["warnings"]), summary["warnings"]
+    assert not any("no-order.parquet: no column" in w for w in summary["warnings"])  # a label: quarantined instead
     # Nothing lost: every exposure row is either aggregated or quarantined.
     assert summary["exposures_in"] == summary["exposures_out"] + summary["quarantined_rows"]
     # The convertible text value made it through, as a number.

@@ -163,6 +163,31 @@ def test_a_folder_whose_files_disagree_on_a_column_type_is_refused_by_name(tmp_p
     assert "price" in (config_dir / "scenarios" / "shop_feed.yaml").read_text() and draft is not None
 
 
+def test_a_folder_of_several_logs_is_refused_and_one_that_gained_a_column_is_read(raw, tmp_path, config_dir):
+    """exposures/ (every scenario's log) or the raw root (exposures/ and behaviors/) read as one
+    would make one scenario of all their columns; days of one log may add a column."""
+    for folder, first, second in ((raw / "exposures", "hp/", "phf/"), (raw, "behaviors/", "exposures/")):
+        with pytest.raises(SchemaInferenceError, match=rf"{folder}: {first} and {second} hold different logs "
+                                                       rf"\({first} has .* and not .*\): one exposure log per draft"):
+            infer_scenario("shop_feed", folder, config_dir=config_dir, write=False)
+    log = tmp_path / "log"
+    for day, columns in (("2026-01-01", {}), ("2026-01-02", {"price": [3.0, 4.5]})):
+        (log / day).mkdir(parents=True)
+        pq.write_table(_table(shop_id=[1, 2], click=[0, 1], **columns), log / day / "part.parquet")
+    result = infer_scenario("shop_feed", log, config_dir=config_dir, write=False)
+    assert {c.column for c in result.columns} >= {"shop_id", "price", "click"} and result.rows == 4
+
+
+def test_a_reused_required_feature_with_nulls_in_the_log_says_so(tmp_path, config_dir):
+    path = tmp_path / "log.parquet"
+    pq.write_table(_table(poi_id=[1, None, 3, None], shop_id=[1, 2, 3, 4], click=[0, 1, 0, 1]), path)
+    result = infer_scenario("shop_feed", path, config_dir=config_dir)
+    why = next(c.why for c in result.columns if c.column == "poi_id")
+    assert why.endswith("required there, but 50% of this log's values are null: aggregation would quarantine "
+                        "those rows")
+    assert why in result.summary() and why in result.out.read_text()
+
+
 def test_a_scenario_declared_as_yml_is_the_target(tmp_path, config_dir):
     """The registry takes NAME.yml as NAME.yaml, one file per name: infer writes to the file that
     declares the scenario, and never a second one beside it."""

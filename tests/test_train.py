@@ -160,6 +160,12 @@ def test_a_run_ending_on_a_checkpoint_step_ends_with_its_final_checkpoint(tiny_s
     assert kept == [f"checkpoint_{s:08d}" for s in (meta.step - 1, meta.step)]  # keep_checkpoints: 2
     with pytest.raises(ValueError, match=r"it has completed 1 epoch\(s\) and test trains 1: nothing to train"):
         train(config, data=str(tiny_samples), resume=str(run), config_dir=str(CONFIGS), log=lambda *a: None)
+    # `--resume RUN --config OTHER` without --data keeps the run's samples, whatever OTHER's `data:` says.
+    notes = []
+    with pytest.raises(ValueError, match="nothing to train"):
+        train(TrainConfig.from_dict(config.to_dict() | {"data": str(tmp_path / "elsewhere")}, "test"),
+              resume=str(run), config_dir=str(CONFIGS), log=notes.append)
+    assert not any("data:" in note for note in notes), notes
     # Stopped by max_steps with the epoch's last batch: the epoch is recorded as done.
     capped = train(_config(num_workers=1, epochs=2, max_steps=meta.step, checkpoint_every=1000, log_every=1000),
                    data=str(tiny_samples), out=tmp_path / "capped", config_dir=str(CONFIGS), log=lambda *a: None)
@@ -235,6 +241,20 @@ def test_a_run_that_cannot_start_leaves_no_folder(ray_cluster, tmp_path):
         train(_config(), data=str(tmp_path / "missing"), out=tmp_path / "run", config_dir=str(CONFIGS),
               log=lambda *a: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_workers_the_embedded_ray_cannot_hold_are_refused_before_training(ray_cluster, tiny_samples, tmp_path):
+    """Ray Train would wait for them forever (retrying every minute); the session's Ray has 2 CPUs, no GPU."""
+    for changes, expected in (
+            ({"num_workers": 5, "cpus_per_worker": 0.5}, r"5 worker\(s\) of 0.5 CPU each \(num_workers, "
+                                                          r"cpus_per_worker\), but the Ray cluster has 2 CPU on 1 "
+                                                          r"node\(s\): room for 4"),
+            ({"use_gpu": True}, r"2 worker\(s\) of 0.5 CPU \+ 1 GPU each \(num_workers, cpus_per_worker, use_gpu, "
+                                r"gpus_per_worker\), but the Ray cluster has 2 CPU, 0 GPU on 1 node\(s\): room for 0")):
+        with pytest.raises(RegistryError, match="test: num_workers: " + expected):
+            train(_config(**changes), data=str(tiny_samples), out=tmp_path / "run", config_dir=str(CONFIGS),
+                  log=lambda *a: None)
+        assert not (tmp_path / "run").exists()
 
 
 def test_command_line_refuses_a_run_folder_that_holds_a_run(tmp_path, monkeypatch, capsys):
