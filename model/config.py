@@ -146,6 +146,9 @@ def parse_model_config(raw: dict[str, Any], file: str = "<dict>") -> ModelConfig
     """Validate a plain mapping (a loaded YAML file or a checkpoint's snapshot)."""
     fields = {f.name: f for f in dataclasses.fields(ModelConfig) if f.name != "source"}
     unknown = [k for k in raw if k not in fields]
+    if "model" in unknown:  # every train config names its model config so
+        raise ModelConfigError(file, "model", "unknown key: this looks like a train config (configs/train/); pass the "
+                               f"model config it names ({raw['model']}) instead")
     if unknown:
         raise ModelConfigError(file, str(unknown[0]), f"unknown key; expected one of: {', '.join(fields)}")
     r = _Reader(raw, file)

@@ -90,8 +90,6 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     from mtfm.platform.synth import synthesize
 
     reg = load_registry(args.config_dir)
-    print(f"synthesizing {args.users:,} users x {args.days} days (seed {args.seed}) for scenarios "
-          f"{', '.join(reg.scenarios)} and sequences {', '.join(reg.sequences)} into {args.out}")
     counts = synthesize(reg, args.out, users=args.users, days=args.days, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote {sum(counts.values()):,} rows in {len(counts)} tables under {args.out}")
     return 0

@@ -104,7 +104,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     budget = tokens_per_batch or meta.train_config.get("tokens_per_batch", 8192)
     reads = test_ds.iter_batches(batch_size=256, batch_format="pyarrow")
     results = evaluate_batches(model, token_budget_batches(reads, Collator(model.registry), budget), torch.device("cpu"))
-    return {"checkpoint": str(folder), "step": meta.step, "test_windows": windows[-windows_held_out:], "eval": results}
+    return {"checkpoint": str(folder), "step": meta.step, "data": str(data), "test_windows": windows[-windows_held_out:],
+            "eval": results}
 
 
 def run_from_args(args) -> int:
@@ -114,8 +115,10 @@ def run_from_args(args) -> int:
         if not Path(args.json).resolve().parent.is_dir():
             raise FileNotFoundError(f"--json {args.json}: no folder {Path(args.json).resolve().parent} to write it in")
     report = evaluate_checkpoint(args.checkpoint, args.data, test_windows=args.test_windows)
-    starts = ", ".join(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(w / 1000)) for w in report["test_windows"])
-    print(f"checkpoint {report['checkpoint']} (step {report['step']}), test windows starting {starts}")
+    starts = [time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(w / 1000)) for w in report["test_windows"]]
+    starts = ", ".join(starts) if len(starts) <= 3 else f"{starts[0]} ... {starts[-1]} ({len(starts)} windows)"
+    print(f"checkpoint {report['checkpoint']} (step {report['step']}) on {report['data']}, test windows starting "
+          f"{starts}")
     print(format_table(report["eval"]))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -284,8 +284,9 @@ def resolve_config_dir(config_dir: str | Path | None = None) -> Path:
 def load_registry(config_dir: str | Path | None = None) -> Registry:
     root = resolve_config_dir(config_dir)
     if not root.is_dir():
-        raise RegistryError(root, "", "config directory not found (expected a folder holding "
-                            "sequences.yaml and scenarios/*.yaml; set --config-dir or MTFM_CONFIG_DIR)")
+        what = "a file, not a config directory" if root.exists() else "config directory not found"
+        raise RegistryError(root, "", f"{what} (expected a folder holding sequences.yaml and scenarios/*.yaml; "
+                            "set --config-dir or MTFM_CONFIG_DIR)")
     seq_file = root / "sequences.yaml"
     if not seq_file.is_file():
         raise RegistryError(seq_file, "", "file not found: every config directory declares its shared sequences here")

@@ -19,6 +19,9 @@ from mtfm.platform.train import DIVERGED_FILE
 
 def _records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: {'not a folder' if run_dir.exists() else 'not found'} (expected a run "
+                                "folder of `mtfm train`, e.g. runs/tiny-<time>)")
     if not path.is_file():
         if (run_dir / DIVERGED_FILE).is_file():
             raise FileNotFoundError(f"{path}: no training log: the run diverged before logging anything "

@@ -305,6 +305,8 @@ def synthesize(registry: Registry, out: str | Path, users: int = 2000, days: int
                overwrite: bool = False, log=print) -> dict[str, int]:
     """Write synthetic raw logs for every scenario and sequence of `registry`; returns rows per table."""
     out = prepare_raw_out(out, overwrite)
+    log(f"synthesizing {users:,} users x {days} days (seed {seed}) for scenarios {', '.join(registry.scenarios)} "
+        f"and sequences {', '.join(registry.sequences)} into {out}")
     world = World.draw(users, days, seed)
     realtime = registry.realtime_sequences
     spontaneous = {q.name: _spontaneous_events(world, q, np.random.default_rng([seed, _name_seed("sequence", q.name)]))

@@ -91,6 +91,9 @@ class TrainConfig:
         for key, value in raw.items():
             if key == "source":
                 continue
+            if key not in fields and ("hta_layout" in raw or "architecture" in raw):
+                raise RegistryError(source, key, "unknown key: this looks like a model config (configs/model/); a "
+                                    "train config names one as `model:` (e.g. configs/train/tiny.yaml)")
             if key not in fields:
                 raise RegistryError(source, key, f"unknown key; expected one of: {', '.join(fields)}")
             _check_type(source, key, value, fields[key].type)

@@ -209,6 +209,8 @@ def test_a_scenario_in_two_files_is_refused_naming_both(config_dir):
 def test_missing_and_malformed_files(config_dir, tmp_path):
     with pytest.raises(RegistryError, match="config directory not found"):
         load_registry(tmp_path / "nowhere")
+    with pytest.raises(RegistryError, match="sequences.yaml: a file, not a config directory"):
+        load_registry(config_dir / "sequences.yaml")
     (config_dir / "scenarios" / "broken.yaml").write_text("name: broken\ntasks: [unclosed\n")
     with pytest.raises(RegistryError, match=r"broken.yaml: not valid YAML"):
         load_registry(config_dir)

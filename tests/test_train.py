@@ -69,9 +69,12 @@ def test_two_workers_lower_the_loss(tiny_samples, tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
     with pytest.raises(FileNotFoundError, match=r"typo: no such folder of aggregated samples \(--data\)"):
         write_report(run, tmp_path / "typo")  # not a heatmap silently left out
-    with pytest.raises(FileNotFoundError, match="no training log"):
+    with pytest.raises(FileNotFoundError, match=r"not-a-run: not found \(expected a run folder of `mtfm train`"):
         write_report(tmp_path / "not-a-run")
     assert not (tmp_path / "not-a-run").exists()  # refused before a report/ folder was made
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no training log"):
+        write_report(tmp_path / "empty")
     moved = Path(shutil.copytree(run, tmp_path / "moved"))  # a run whose training data is gone
     config = (moved / "train_config.yaml").read_text()
     (moved / "train_config.yaml").write_text(config.replace(str(tiny_samples.resolve()), str(tmp_path / "gone")))
@@ -396,6 +399,8 @@ def test_train_config_errors(tmp_path):
     bad.write_text("epochs: 3\n")
     with pytest.raises(RegistryError, match=r"bad.yaml: model: required field missing"):
         TrainConfig.load(bad)
+    with pytest.raises(RegistryError, match=r"tiny.yaml: architecture: unknown key: this looks like a model config"):
+        TrainConfig.load(REPO_ROOT / "configs" / "model" / "tiny.yaml")
     bad.write_text("model: configs/model/tiny.yaml\nuse_gpu: true\ngpus_per_worker: 0\n")
     with pytest.raises(RegistryError, match=r"bad.yaml: gpus_per_worker: expected a finite number > 0, found 0"):
         TrainConfig.load(bad)

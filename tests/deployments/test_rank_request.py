@@ -116,6 +116,15 @@ def test_a_bad_value_deep_in_a_list_is_refused_by_its_exact_field(path, value, k
     assert (error.value.kind, error.value.field) == (kind, f"{where}.{name}")
 
 
+def test_a_request_ts_in_seconds_is_named_as_such():
+    body = _varied_body("hp")
+    body["ts"] = NOW_MS // 1000
+    with pytest.raises(RequestError, match=r"is after the request ts \d+ \(the request ts looks like seconds: "
+                                           r"times are ms since 1970\)") as error:
+        RankRequestParser(REGISTRY, "hp", max_candidates=1000).parse(body, now_ms=NOW_MS)
+    assert error.value.kind == "event_after_request"
+
+
 def _as_columns(objects: list[dict], names) -> dict[str, list]:
     """The same objects as an object of columns; a field absent from every object is omitted."""
     return {name: [o.get(name) for o in objects] for name in names if any(name in o for o in objects)}

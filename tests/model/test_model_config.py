@@ -55,6 +55,12 @@ def test_invalid_config_names_file_field_and_expectation(raw, field, expected):
     assert str(err.value).startswith(f"configs/model/m.yaml: {field}: ") and expected in str(err.value)
 
 
+def test_a_train_config_given_as_the_model_config_is_named_as_such():
+    with pytest.raises(ModelConfigError, match=r"tiny.yaml: model: unknown key: this looks like a train config "
+                                               r"\(configs/train/\); pass the model config it names"):
+        load_model_config(CONFIGS.parent / "train" / "tiny.yaml")
+
+
 def test_model_summary_cli(capsys):
     assert main(["model", "summary", "--config", str(CONFIGS / "tiny.yaml"), "--config-dir", "configs"]) == 0
     out = capsys.readouterr().out
