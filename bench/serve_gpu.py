@@ -371,8 +371,6 @@ def pacing_probe(checkpoint: Path, registry, shapes: Shapes, device_name: str, k
     backend = TorchBackend(load_scenario_ranker(checkpoint, SCENARIO)[0], device=torch.device(device_name),
                            cuda_graphs=device_name == "cuda",
                            user_cache=UserSideCache(USER_CACHE_TTL_S, USER_CACHE_MB * 2**20))
-    worker = ThreadPoolExecutor(1)
-
     def timed_score(_=None) -> float:
         start = time.perf_counter()
         backend.score([request])
@@ -399,17 +397,16 @@ def pacing_probe(checkpoint: Path, registry, shapes: Shapes, device_name: str, k
         return np.array(times)
 
     gap_ms = PACING_GAP_S * 1000
-    ways = {
-        "main thread, back to back": lambda: serial(timed_score, 0),
-        "worker thread, back to back": lambda: serial(lambda: worker.submit(timed_score).result(), 0),
-        f"main thread, {gap_ms:g} ms apart": lambda: serial(timed_score, PACING_GAP_S),
-        f"worker thread, {gap_ms:g} ms apart": lambda: serial(lambda: worker.submit(timed_score).result(),
-                                                             PACING_GAP_S),
-        f"BatchQueue, {gap_ms:g} ms apart": lambda: asyncio.run(through_queue()),
-    }
-    rows = [{"way": way, "k": k} | _percentiles(measure()) for way, measure in ways.items()]
-    worker.shutdown()
-    return rows
+    with ThreadPoolExecutor(1) as worker:
+        in_worker = lambda: worker.submit(timed_score).result()  # noqa: E731
+        ways = {
+            "main thread, back to back": lambda: serial(timed_score, 0),
+            "worker thread, back to back": lambda: serial(in_worker, 0),
+            f"main thread, {gap_ms:g} ms apart": lambda: serial(timed_score, PACING_GAP_S),
+            f"worker thread, {gap_ms:g} ms apart": lambda: serial(in_worker, PACING_GAP_S),
+            f"BatchQueue, {gap_ms:g} ms apart": lambda: asyncio.run(through_queue()),
+        }
+        return [{"way": way, "k": k} | _percentiles(measure()) for way, measure in ways.items()]
 
 
 def decode_parse_times(registry, parser, k: int, history_events: int, repeats: int) -> dict:
@@ -944,7 +941,8 @@ def main(argv: list[str] | None = None) -> int:
                              "the budget may end a cell sooner, and each row's `requests` says how many ran")
     args = parser.parse_args(argv)
     for flag, value, least in (("--chunk-size", args.chunk_size, 1), ("--batch-wait-ms", args.batch_wait_ms, 0),
-                               ("--profile", args.profile, 1), ("--pacing", args.pacing, 1), ("--budget-s", args.budget_s, 0)):
+                               ("--profile", args.profile, 1), ("--pacing", args.pacing, 1),
+                               ("--budget-s", args.budget_s, 0)):
         if value is not None and not value >= least:  # NaN too
             parser.error(f"{flag}: expected a value >= {least}, found {value}")
     if args.out is None:  # not the name of a recorded run
@@ -1008,10 +1006,12 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows:
                 print(f"  {r['way']:<30} {r['p50_ms']:6.2f} / {r['p99_ms']:6.2f}")
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                                  "device": args.device, "model": shapes.model_config,
-                                                  "history_events": shapes.history_events, "pacing": rows},
-                                                 indent=1))
+            device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.machine()})"
+            Path(args.out).write_text(json.dumps({
+                "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device,
+                "torch": torch.__version__, "cpus": os.cpu_count(), "model": shapes.model_config,
+                "history_events": shapes.history_events, "gap_ms": PACING_GAP_S * 1000, "pacing": rows}, indent=1))
             return 0
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         budget.log(f"{shapes.model_config} on {args.device}, {shapes.history_events} history events, K in {shapes.ks}")

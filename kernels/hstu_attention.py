@@ -280,8 +280,10 @@ def _check_inputs(q, k, v, offsets, q_offsets, kind, ts, names: tuple[str, ...])
         for name, t, rows, rows_name in ((offsets_name, offsets, n, k_name),
                                          (q_offsets_name, q_offsets, q.shape[0], q_name)):
             _check(name, t.numel() >= 1 and int(t[0]) == 0 and bool((t.diff() >= 0).all()) and int(t[-1]) <= rows,
-                   lambda t=t: t.tolist(), lambda rows=rows, rows_name=rows_name:
-                   f"non-decreasing from 0 to at most {rows}, the rows of {rows_name}")
+                   lambda t=t: f"from {int(t[0])} to {int(t[-1])}" + ("" if bool((t.diff() >= 0).all())
+                                                                      else ", decreasing somewhere"),
+                   lambda rows=rows, rows_name=rows_name: f"non-decreasing from 0 to at most {rows}, the rows of "
+                                                          f"{rows_name}")
 
 
 def _dispatch(q, k, v, offsets, q_offsets, kind, ts, alpha, norm, impl, names, gate):
@@ -333,10 +335,12 @@ def hstu_target_attention(
 ) -> Tensor:
     """Target attention: only the T-tokens (each user's last ones) are queries. Returns (NT, Hq, Dv)
     (times gate if given)."""
-    if q_t.device.type == "cpu" and not torch.compiler.is_compiling():
-        _check("target_offsets", target_offsets.shape != offsets.shape  # that error comes next, named
-               or bool((target_offsets.diff() <= offsets.diff()).all()), lambda: target_offsets.tolist(),
-               lambda: f"at most each user's token count ({offsets.diff().tolist()}): a user's queries are its last keys")
+    if (q_t.device.type == "cpu" and not torch.compiler.is_compiling() and target_offsets.shape == offsets.shape
+            and target_offsets.device == offsets.device):  # otherwise _dispatch names what differs
+        over = (target_offsets.diff() > offsets.diff()).nonzero()
+        _check("target_offsets", len(over) == 0,
+               lambda: f"{int(target_offsets.diff()[over[0]])} for user {int(over[0])}",
+               lambda: f"at most that user's {int(offsets.diff()[over[0]])} tokens: a user's queries are its last keys")
     return _dispatch(q_t, k, v, offsets, target_offsets, kind, ts, alpha, norm, impl,
                      ("q_t",) + _MERGED_NAMES[1:4] + ("target_offsets",) + _MERGED_NAMES[5:], gate)
 

@@ -26,9 +26,11 @@ def multitask_bce_loss(output: ModelOutput, batch: TokenBatch) -> tuple[Tensor, 
     for scenario, logits in output.logits.items():
         feats = batch.features[scenario]
         mask = feats.label_mask.float()
-        bce = F.binary_cross_entropy_with_logits(logits.float(), feats.labels.float(), reduction="none")
+        # A row without a label may hold any logit, inf or NaN: it is replaced before the BCE, not
+        # multiplied by 0 after it (0 * inf is NaN, in the loss and in the gradient).
+        labelled = torch.where(feats.label_mask, logits.float(), 0)
+        bce = F.binary_cross_entropy_with_logits(labelled, feats.labels.float(), reduction="none")
         count = mask.sum(0)
-        # where, not a product: a row without a label may hold any logit (0 * inf is NaN)
         mean = torch.where(feats.label_mask, bce, 0).sum(0) / count.clamp_min(1)
         means.append(mean)
         presents.append(count > 0)

@@ -214,13 +214,14 @@ def read_valid(registry: Registry, kind: str, name: str, path: str, index: int, 
         folder.mkdir(parents=True, exist_ok=True)
         pq.write_table(bad, folder / f"{index:06d}-{Path(path).stem}.parquet")
     ignored = [c for c in table.column_names if contract.schema is not None and c not in contract.schema.names]
-    # A missing required column quarantines the rows (a reason); a missing optional one nulls them quietly.
+    # A missing required or label column quarantines the rows (a reason); a missing optional one nulls
+    # them, which the summary warns of.
     missing = [f.name for f in (contract.schema if contract.schema is not None else [])
                if f.name not in table.column_names and f.nullable and f.name not in contract.required + contract.labels]
     early = int((good["ts"].to_numpy() < EARLY_TS_MS).sum()) if contract.schema is not None else 0
     return good, {"table": f"{kind}/{name}", "rows": table.num_rows, "good": good.num_rows, "early": early,
                   "reasons": dict(Counter(bad["reason"].to_pylist())) if bad.num_rows else {}, "ignored": ignored,
-                  "missing": {"file": f"{kind}/{name}/{Path(path).name}", "columns": missing} if missing else None}
+                  "missing": missing, "file": Path(path).name}
 
 
 def split_file(registry: Registry, kind: str, name: str, path: str, index: int, out: str,
@@ -334,16 +335,21 @@ def _summary(registry: Registry, raw: Path, out: Path, window_ms: int, max_ts: i
     per_table: dict[str, dict] = {}
     for s in split:
         t = per_table.setdefault(s["table"], {"rows": 0, "valid": 0, "early": 0, "quarantined": Counter(),
-                                              "ignored": set()})
+                                              "ignored": set(), "missing": {}})
         t["rows"] += s["rows"]
         t["valid"] += s["good"]
         t["early"] += s["early"]
         t["quarantined"].update(s["reasons"])
         t["ignored"].update(s["ignored"])
+        if s["missing"] and s["good"]:
+            missing = t["missing"].setdefault(tuple(s["missing"]), {"files": [], "rows": 0})
+            missing["files"].append(s["file"])
+            missing["rows"] += s["good"]
     warnings = warnings + [f"{name}: column(s) {', '.join(sorted(t['ignored']))} not in the contract, ignored"
                            for name, t in per_table.items() if t["ignored"]]
-    warnings += [f"{s['missing']['file']}: no column(s) {', '.join(s['missing']['columns'])} (optional): its "
-                 f"{s['good']:,} valid rows get null there" for s in split if s.get("missing")]
+    warnings += [f"{name}: {len(m['files'])} file(s) without column(s) {', '.join(columns)} (optional; "
+                 f"{', '.join(sorted(m['files'])[:3])}{', ...' if len(m['files']) > 3 else ''}): their {m['rows']:,} "
+                 "valid rows get null there" for name, t in per_table.items() for columns, m in t["missing"].items()]
     warnings += [f"{name}: {t['early']:,} of {t['valid']:,} rows have a ts before 1970-04-26 (10^10 ms): ts in "
                  "seconds rather than ms?" for name, t in per_table.items() if t["early"]]
     exposures_in = sum(t["rows"] for name, t in per_table.items() if name.startswith("exposures/"))

@@ -44,19 +44,15 @@ def _quiet_placement_group_cleaner() -> None:
 def bundles_that_fit(bundle: dict[str, float]) -> tuple[int, str]:
     """How many copies of `bundle` (e.g. {"CPU": 1, "GPU": 1}) the cluster's live nodes could hold
     at once, each copy on one node, counting every node's total resources (busy or not); and the
-    cluster's resources in words, for an error."""
+    cluster's resources in words, for an error. A necessary condition only: other work (Ray Data's
+    reads) needs CPUs too."""
     import ray
 
-    fit, totals = 0, {}
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        resources = node.get("Resources", {})
-        for key in bundle:
-            totals[key] = totals.get(key, 0.0) + resources.get(key, 0.0)
-        fit += min((int(resources.get(key, 0.0) / need + 1e-9) if need > 0 else 10**9) for key, need in bundle.items())
-    words = ", ".join(f"{totals[key]:g} {key}" for key in bundle)
-    return fit, f"{words} on {sum(1 for n in ray.nodes() if n.get('Alive'))} node(s)"
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    fit = sum(min(int(resources.get(key, 0.0) / need + 1e-9) if need > 0 else 10**9 for key, need in bundle.items())
+              for resources in nodes)
+    words = ", ".join(f"{sum(r.get(key, 0.0) for r in nodes):g} {key}" for key in bundle)
+    return fit, f"{words} on {len(nodes)} node(s)"
 
 
 def is_embedded() -> bool:

@@ -104,8 +104,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     budget = tokens_per_batch or meta.train_config.get("tokens_per_batch", 8192)
     reads = test_ds.iter_batches(batch_size=256, batch_format="pyarrow")
     results = evaluate_batches(model, token_budget_batches(reads, Collator(model.registry), budget), torch.device("cpu"))
-    return {"checkpoint": str(folder), "step": meta.step, "data": str(data), "test_windows": windows[-windows_held_out:],
-            "eval": results}
+    return {"checkpoint": str(folder), "step": meta.step, "data": str(data),
+            "test_windows": windows[-windows_held_out:], "eval": results}
 
 
 def run_from_args(args) -> int:

@@ -127,8 +127,10 @@ class InferenceResult:
 
 # ---------------------------------------------------------------- reading
 
-def read_exposures(path: str | Path, max_rows: int = MAX_ROWS) -> pa.Table:
-    """A Parquet file or folder, or a CSV file, as one Arrow table (at most `max_rows` rows)."""
+def read_exposures(path: str | Path, max_rows: int = MAX_ROWS,
+                   log_names: frozenset[str] = frozenset()) -> pa.Table:
+    """A Parquet file or folder, or a CSV file, as one Arrow table (at most `max_rows` rows).
+    `log_names`: the registry's scenarios and sequences (a folder of their logs is refused)."""
     import pyarrow.dataset as ds
 
     path = Path(path)
@@ -146,7 +148,7 @@ def read_exposures(path: str | Path, max_rows: int = MAX_ROWS) -> pa.Table:
             if not files:
                 raise SchemaInferenceError(f"{path}: no *.parquet files in this folder (expected the exposure log "
                                            "as Parquet files, or pass a CSV file)")
-            _refuse_several_logs(path, files)
+            _refuse_several_logs(path, files, set(log_names))
             dataset = ds.dataset([str(f) for f in files], format="parquet", schema=_one_schema(path, files))
             table = dataset.head(max_rows)
         else:
@@ -161,32 +163,39 @@ def read_exposures(path: str | Path, max_rows: int = MAX_ROWS) -> pa.Table:
     return table
 
 
-def _refuse_several_logs(folder: Path, files: list[Path]) -> None:
-    """One log per draft. Two subfolders where each has columns the other lacks are different logs
-    (exposures/hp and exposures/phf, or raw/exposures and raw/behaviors): read together, their
-    columns would make one scenario of all of them. Subfolders of one log (days, Hive partitions)
-    share their columns, or later ones add some."""
+def _refuse_several_logs(folder: Path, files: list[Path], log_names: set[str]) -> None:
+    """One log per draft. Read together, several logs' columns would make one scenario of all of
+    them, so a folder is refused when its subfolders are named like logs (exposures/, behaviors/,
+    or a scenario or sequence of `log_names`) or when two of them each have columns the other
+    lacks. Subfolders of one log (days, Hive partitions) share their columns, or later ones add some."""
     import pyarrow.parquet as pq
 
     columns: dict[str, set[str]] = {}
     for file in files:
         parts = file.relative_to(folder).parts
-        where = parts[0] + "/" if len(parts) > 1 else "the folder itself"
+        where = parts[0] if len(parts) > 1 else "."
         try:
             columns.setdefault(where, set()).update(pq.read_schema(file).names)
         except (pa.ArrowInvalid, OSError) as exc:
             raise SchemaInferenceError(f"{file}: cannot read as Parquet: {exc}") from exc
+    if len(columns) < 2:
+        return
+    named = sorted(set(columns) & (log_names | {"exposures", "behaviors"}))
     groups = list(columns.items())
     apart = next(((a, b) for i, a in enumerate(groups) for b in groups[i + 1:]
                   if not (a[1] <= b[1] or b[1] <= a[1])), None)
-    if apart is not None:  # neither has all the other's columns: not one log that gained a column
+    if named:
+        why = f"{', '.join(f'{n}/' for n in named)}: named like logs of the registry's layout"
+    elif apart is not None:  # neither has all the other's columns: not one log that gained a column
         (first, first_names), (second, second_names) = apart
-        only_first, only_second = (", ".join(sorted(names)) for names in (first_names - second_names,
-                                                                          second_names - first_names))
-        example = first if first.endswith("/") else second
-        raise SchemaInferenceError(
-            f"{folder}: {first} and {second} hold different logs ({first} has {only_first} and not {only_second}): "
-            f"one exposure log per draft; pass one scenario's folder, e.g. {folder / example}")
+        why = (f"{first}/ has {', '.join(sorted(first_names - second_names))} and {second}/ has "
+               f"{', '.join(sorted(second_names - first_names))}, which the other lacks")
+    else:
+        return
+    exposures = [f.parent for f in files if "exposures" in f.relative_to(folder).parts[:-1]]
+    example = (exposures or [files[0].parent])[0]
+    raise SchemaInferenceError(f"{folder}: its subfolders look like several logs ({why}); a draft is inferred from "
+                               f"one exposure log: pass one scenario's folder, e.g. {example}")
 
 
 def _one_schema(folder: Path, files: list[Path]) -> pa.Schema:
@@ -366,8 +375,8 @@ def infer_columns(table: pa.Table, source: Path, known: dict[str, tuple[Feature,
                                            f"{f.type} (a name means one thing everywhere): fix the column's type "
                                            "or rename it")
             if f.required and col.null_count:
-                why += (f"; required there, but {col.null_count / len(col):.0%} of this log's values are null: "
-                        "aggregation would quarantine those rows")
+                why += (f"; required there, but {col.null_count:,} of the {len(col):,} rows read are null: "
+                        "aggregation would quarantine them")
             out.append(Inferred(name, section, _feature_yaml(f), why))
             continue
         out.append(_infer_feature(name, col, source, entities))
@@ -546,8 +555,9 @@ def infer_scenario(name: str, exposures: str | Path, config_dir: str | Path | No
     if write and target.exists() and not force:
         raise SchemaInferenceError(f"{target}: already exists; pass --force to overwrite it, or --out FILE")
     source = Path(exposures)
-    table = read_exposures(source)
     known, sequence_names = _known_features(root, exclude=name)
+    scenario_names = {p.stem for p in (root / "scenarios").glob("*.y*ml")} if (root / "scenarios").is_dir() else set()
+    table = read_exposures(source, log_names=frozenset(sequence_names | scenario_names))
     if name in sequence_names:
         raise SchemaInferenceError(f"--name {name!r}: already the name of a sequence in {root / 'sequences.yaml'}; "
                                    "pick another scenario name")

@@ -577,6 +577,9 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         # A resume keeps its run's samples unless --data says otherwise: `--config NEW` changes rates
         # and limits, and its `data:` is whatever the file it was copied from said.
         data = read_yaml_mapping(Path(resume) / "train_config.yaml").get("data")
+        if data is not None and _absolute(config.data) != _absolute(data):
+            log(f"[mtfm] note: --resume {resume} keeps its samples, {data} ({config.source}'s data: {config.data} "
+                "is not used; --data names others)")
     data = config.data if data is None else data
     # Absolute in the run's train_config.yaml, so that `--resume` and `mtfm eval` find them from any folder.
     config = TrainConfig.from_dict(config.to_dict() | {"data": _absolute(data)}, config.source)
@@ -706,19 +709,6 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     return run_dir
 
 
-def _data_config(DataConfig):
-    """Split the train set across workers (the test set is read whole by rank 0), in a fixed order:
-    a restarted worker skips exactly the batches its checkpoint had consumed."""
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    options.verbose_progress = False
-    return DataConfig(datasets_to_split=["train"], execution_options={"train": options, "test": options})
-
-
-# Train-config fields that decide how an epoch is cut into batches (rows_per_read does not: rows
-# left over from one read wait for the next): a resume mid-epoch keeps them.
-BATCHING = ("num_workers", "tokens_per_batch", "test_windows")
-
 def refuse_workers_the_cluster_cannot_hold(config: TrainConfig, log) -> None:
     """Ray Train would wait for resources that never come, retrying every minute: refuse up front
     on the embedded Ray, warn on a cluster (an autoscaler may add nodes)."""
@@ -736,6 +726,20 @@ def refuse_workers_the_cluster_cannot_hold(config: TrainConfig, log) -> None:
                             "a GPU, a train config without use_gpu), or run on a cluster that has them (RAY_ADDRESS)")
     log(f"[mtfm] warning: {config.source}: {what}; Ray Train waits for nodes to join (an autoscaler) and retries "
         "every minute")
+
+
+def _data_config(DataConfig):
+    """Split the train set across workers (the test set is read whole by rank 0), in a fixed order:
+    a restarted worker skips exactly the batches its checkpoint had consumed."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    options.verbose_progress = False
+    return DataConfig(datasets_to_split=["train"], execution_options={"train": options, "test": options})
+
+
+# Train-config fields that decide how an epoch is cut into batches (rows_per_read does not: rows
+# left over from one read wait for the next): a resume mid-epoch keeps them.
+BATCHING = ("num_workers", "tokens_per_batch", "test_windows")
 
 
 # Model-config fields a resumed run may change: none shapes a parameter or the model's function.

@@ -12,11 +12,12 @@ from repo_paths import CONFIGS
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray (2 CPUs, small object store), started once and shared by every test."""
+    """A real local Ray (2 CPUs, no GPU even on a GPU host, small object store), started once and
+    shared by every test."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=600 * 1024**2, include_dashboard=False,
+        ray.init(num_cpus=2, num_gpus=0, object_store_memory=600 * 1024**2, include_dashboard=False,
                  log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
     yield ray

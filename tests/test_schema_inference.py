@@ -166,10 +166,20 @@ def test_a_folder_whose_files_disagree_on_a_column_type_is_refused_by_name(tmp_p
 def test_a_folder_of_several_logs_is_refused_and_one_that_gained_a_column_is_read(raw, tmp_path, config_dir):
     """exposures/ (every scenario's log) or the raw root (exposures/ and behaviors/) read as one
     would make one scenario of all their columns; days of one log may add a column."""
-    for folder, first, second in ((raw / "exposures", "hp/", "phf/"), (raw, "behaviors/", "exposures/")):
-        with pytest.raises(SchemaInferenceError, match=rf"{folder}: {first} and {second} hold different logs "
-                                                       rf"\({first} has .* and not .*\): one exposure log per draft"):
+    for folder, why in ((raw / "exposures", "hp/, phf/, sqs/: named like logs of the registry's layout"),
+                        (raw, "behaviors/, exposures/: named like logs of the registry's layout")):
+        with pytest.raises(SchemaInferenceError) as error:
             infer_scenario("shop_feed", folder, config_dir=config_dir, write=False)
+        example = raw / "exposures" / "hp"
+        assert str(error.value) == (f"{folder}: its subfolders look like several logs ({why}); a draft is inferred "
+                                    f"from one exposure log: pass one scenario's folder, e.g. {example}")
+    logs = tmp_path / "logs"  # two unregistered logs, each with a column the other lacks
+    for name, columns in (("coupons", {"coupon_id": [1, 2]}), ("shops", {"shop_id": [1, 2]})):
+        (logs / name).mkdir(parents=True)
+        pq.write_table(_table(click=[0, 1], **columns), logs / name / "part.parquet")
+    with pytest.raises(SchemaInferenceError, match=r"\(coupons/ has coupon_id and shops/ has shop_id, which the other "
+                                                   r"lacks\); .* e\.g\. .*logs/coupons$"):
+        infer_scenario("shop_feed", logs, config_dir=config_dir, write=False)
     log = tmp_path / "log"
     for day, columns in (("2026-01-01", {}), ("2026-01-02", {"price": [3.0, 4.5]})):
         (log / day).mkdir(parents=True)
@@ -183,8 +193,7 @@ def test_a_reused_required_feature_with_nulls_in_the_log_says_so(tmp_path, confi
     pq.write_table(_table(poi_id=[1, None, 3, None], shop_id=[1, 2, 3, 4], click=[0, 1, 0, 1]), path)
     result = infer_scenario("shop_feed", path, config_dir=config_dir)
     why = next(c.why for c in result.columns if c.column == "poi_id")
-    assert why.endswith("required there, but 50% of this log's values are null: aggregation would quarantine "
-                        "those rows")
+    assert why.endswith("required there, but 2 of the 4 rows read are null: aggregation would quarantine them")
     assert why in result.summary() and why in result.out.read_text()
 
 

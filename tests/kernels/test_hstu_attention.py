@@ -349,13 +349,12 @@ def test_dispatcher_errors_name_the_argument(monkeypatch):
     with pytest.raises(ValueError, match=r"k.shape\[1\] \(kv heads\) is 0"):
         hstu_attention(b["q"], b["k"][:, :0], b["v"][:, :0], *meta, alpha=ALPHA, norm=NORM)
     # offsets that index rows q, k or v do not have (the kernels would read past them)
-    with pytest.raises(ValueError, match=r"offsets is \[0, 8\], expected non-decreasing from 0 to at most 7"):
+    with pytest.raises(ValueError, match=r"offsets is from 0 to 8, expected non-decreasing from 0 to at most 7"):
         hstu_attention(b["q"], b["k"], b["v"], torch.tensor([0, 8]), b["kind"], b["ts"], alpha=ALPHA, norm=NORM)
     q_t = b["q"][b["target_rows"]]
-    with pytest.raises(ValueError, match=r"target_offsets is \[0, 3\], expected non-decreasing from 0 to at most 2"):
+    with pytest.raises(ValueError, match=r"target_offsets is from 0 to 3, expected non-decreasing from 0 to at most 2"):
         hstu_target_attention(q_t, b["k"], b["v"], *meta, torch.tensor([0, 3]), alpha=ALPHA, norm=NORM)
-    with pytest.raises(ValueError, match=r"target_offsets is \[0, 2\], expected at most each user's token count "
-                                         r"\(\[1\]\)"):
+    with pytest.raises(ValueError, match=r"target_offsets is 2 for user 0, expected at most that user's 1 tokens"):
         hstu_target_attention(q_t, b["k"][:1], b["v"][:1], torch.tensor([0, 1]), b["kind"][:1], b["ts"][:1],
                               b["target_offsets"], alpha=ALPHA, norm=NORM)
     with pytest.raises(ValueError, match="impl must be one of"):

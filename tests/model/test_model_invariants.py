@@ -152,7 +152,7 @@ def test_gradients_reach_every_parameter_and_skip_absent_scenarios():
 
 
 def test_loss_ignores_any_logit_of_a_row_without_a_label():
-    """An unlabelled row's logit, even inf or NaN, adds nothing to the loss (0 * inf would be NaN)."""
+    """An unlabelled row's logit, even inf or NaN, adds nothing to the loss or its gradient."""
     import numpy as np
 
     from mtfm.model import ModelOutput, multitask_bce_loss
@@ -163,7 +163,10 @@ def test_loss_ignores_any_logit_of_a_row_without_a_label():
     logits = torch.randn(feats.labels.shape, generator=torch.Generator().manual_seed(0))
     poisoned = logits.clone()
     poisoned[0, 0], poisoned[0, -1] = float("inf"), float("nan")
+    poisoned.requires_grad_()
     loss, _ = multitask_bce_loss(ModelOutput({"hp": poisoned}), batch)
+    loss.backward()
+    assert torch.isfinite(poisoned.grad).all() and (poisoned.grad[0] == 0).all()
     x, y, m = logits.double().numpy(), feats.labels.double().numpy(), feats.label_mask.numpy()
     bce = np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))  # independent BCE with logits
     per_task = [(bce[m[:, t], t]).mean() for t in range(m.shape[1]) if m[:, t].any()]
