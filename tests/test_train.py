@@ -168,7 +168,9 @@ def test_a_run_ending_on_a_checkpoint_step_ends_with_its_final_checkpoint(tiny_s
     with pytest.raises(ValueError, match="nothing to train"):
         train(TrainConfig.from_dict(config.to_dict() | {"data": str(tmp_path / "elsewhere")}, "test"),
               resume=str(run), config_dir=str(CONFIGS), log=notes.append)
-    assert not any("data:" in note for note in notes), notes
+    assert not any(" -> " in note for note in notes), notes  # no "data: RUN'S -> OTHER" change
+    assert any(f"keeps its samples, {tiny_samples.resolve()}" in note and "elsewhere is not used" in note
+               for note in notes), notes
     # Stopped by max_steps with the epoch's last batch: the epoch is recorded as done.
     capped = train(_config(num_workers=1, epochs=2, max_steps=meta.step, checkpoint_every=1000, log_every=1000),
                    data=str(tiny_samples), out=tmp_path / "capped", config_dir=str(CONFIGS), log=lambda *a: None)
