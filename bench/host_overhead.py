@@ -44,10 +44,16 @@ def per_call_us(fn, iters: int, device: torch.device) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/results"), "host_overhead.json"))
+    parser.add_argument("--out", default=None, help="JSON results (default $OUT or bench/results: host_overhead.json, "
+                                                    "host_overhead_cpu.json with --device cpu)")
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here (--device cpu times the wrappers on the CPU)")
+    if args.out is None:  # a CPU run does not overwrite the recorded GPU one
+        args.out = os.path.join(os.environ.get("OUT", "bench/results"),
+                                "host_overhead_cpu.json" if args.device == "cpu" else "host_overhead.json")
     ensure_mtfm_importable()
     from mtfm.kernels.group_layer_norm import group_layer_norm
     from mtfm.kernels.hstu_attention import hstu_attention

@@ -649,6 +649,9 @@ def main():
                         help="only each attention kernel's GPU ms on the training mix and the registers, spills "
                              "and shared memory of every kernel variant the study compiles")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU: it times the Triton kernels there (their correctness on the CPU: "
+                     "TRITON_INTERPRET=1 python -m pytest tests/kernels)")
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     result = dict(gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__,

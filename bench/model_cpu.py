@@ -107,6 +107,10 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a single case, in a child process
     args = parser.parse_args()
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here (the default --device cpu runs on the CPU)")
     if args.one:
         case = json.loads(args.one)
         print(json.dumps(run_case(args.config, case["layout"], case["kv_heads"], case["budget"], args.repeats, args.seed,

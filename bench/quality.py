@@ -266,6 +266,12 @@ def combine(files: list[str], out: Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.device == "cuda" and not args.combine:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("quality.py: --device cuda: no CUDA device here (the default --device cpu runs on "
+                             "the CPU)")
     out = Path(args.out or f"bench/results/quality_{args.dataset}.json")
     if args.combine:
         combine(args.combine, out)

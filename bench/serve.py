@@ -135,7 +135,7 @@ def run_http(checkpoint: Path, scenarios: list[str], ks: list[int], duration: fl
     from mtfm.platform.registry import load_registry
 
     registry = load_registry(REPO / "configs")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     rows = []
@@ -246,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="in-process CPU threads (default 1, as a replica "
                         "with num_cpus <= 1)")
     args = parser.parse_args(argv)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here (the default --device cpu runs on the CPU)")
     ks = [int(k) for k in args.ks.split(",")]
     scenarios = args.scenarios.split(",")
     began = time.perf_counter()

@@ -1012,6 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device,
                 "torch": torch.__version__, "cpus": os.cpu_count(), "model": shapes.model_config,
                 "history_events": shapes.history_events, "gap_ms": PACING_GAP_S * 1000, "pacing": rows}, indent=1))
+            print(f"wrote {args.out}")
             return 0
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         budget.log(f"{shapes.model_config} on {args.device}, {shapes.history_events} history events, K in {shapes.ks}")

@@ -48,7 +48,9 @@ def main() -> None:
             run = train(config, data=str(root / "agg"), out=root / f"run-{Path(model).stem}-{workers}",
                         log=lambda *a: None)
             wall = time.perf_counter() - start
-            log = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()][1:]
+            # the first step's rate holds the compile and warm-up; eval lines have no rates
+            lines = (run / METRICS_FILE).read_text().splitlines()
+            log = [r for r in map(json.loads, lines) if "samples_per_s" in r][1:]
             rows.append({"model": Path(model).stem, "workers": workers, "steps": args.steps,
                          "samples_per_s": sum(r["samples_per_s"] for r in log) / len(log),
                          "tokens_per_s": sum(r["tokens_per_s"] for r in log) / len(log),

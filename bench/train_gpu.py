@@ -797,6 +797,10 @@ def main() -> int:
     parser.add_argument("--compile-shapes", type=int, default=0, metavar="N",
                         help="section (b): first steps on N new batch shapes, kernels with vs without do_not_specialize")
     args = parser.parse_args()
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here (a CPU check: --no-ray --device cpu --tiny)")
     if args.profile_ops and args.cuda_graphs != "off":
         parser.error("--profile-ops needs --cuda-graphs off: a graph's replay hides which op launched a kernel")
     if args.out is None:

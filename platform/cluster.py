@@ -21,7 +21,9 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
+        # address="local": a Ray of its own, even when a `ray start` cluster runs on this machine (a
+        # plain ray.init() would join that one, and refuse num_cpus there).
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
                  logging_level=logging.WARNING, log_to_driver=log_to_driver,
                  runtime_env={"worker_process_setup_hook": _quiet_placement_group_cleaner})
     return ray

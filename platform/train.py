@@ -644,6 +644,10 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
             log(f"[mtfm] warning: {init_from} has scenarios the registry no longer declares: {retired}; their "
                 "modules are not loaded (they stay in that checkpoint)")
     run_dir = Path(out or default_run_dir(config.name)).resolve()
+    if "_ray_pkg_" in str(run_dir):  # `ray job submit --working-dir .` runs in Ray's copy of it
+        raise ValueError(f"--out {run_dir}: inside the copy of the job's working directory that Ray made and deletes "
+                         "with the job, so the run would be lost; pass --out on storage every node sees (an absolute "
+                         "path, e.g. /shared/runs/NAME)")
     if resume is None:
         refuse_existing_run(run_dir)
 

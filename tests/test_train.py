@@ -248,6 +248,15 @@ def test_a_run_that_cannot_start_leaves_no_folder(ray_cluster, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_folder_inside_a_jobs_working_dir_copy_is_refused(tiny_samples, tmp_path):
+    """Under `ray job submit --working-dir .` a relative --out lands in Ray's copy, deleted with the job."""
+    copy = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    with pytest.raises(ValueError, match=r"inside the copy of the job's working directory that Ray made and deletes"):
+        train(_config(), data=str(tiny_samples), out=copy / "runs" / "tiny", config_dir=str(CONFIGS),
+              log=lambda *a: None)
+    assert not copy.exists()
+
+
 def test_workers_the_embedded_ray_cannot_hold_are_refused_before_training(ray_cluster, tiny_samples, tmp_path):
     """Ray Train would wait for them forever (retrying every minute); the session's Ray has 2 CPUs, no GPU."""
     for changes, expected in (
@@ -496,7 +505,8 @@ def _stop_cluster(temp_dir: str) -> None:
 def test_ray_job_submit(tiny_samples, tmp_path):
     """`ray job submit --working-dir .` against a separately started `ray start --head` cluster."""
     ray_bin = str(Path(sys.executable).parent / "ray")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # As a user's shell: no RAY_ADDRESS, and no RAY_AUTH_MODE (this session's ray.init set it to "token").
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     # As in an activated environment: the job's `python` is this interpreter, also when pytest was
     # started as .venv/bin/python without activating it.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -513,7 +523,8 @@ def test_ray_job_submit(tiny_samples, tmp_path):
                   "--", "python", "-m", "mtfm.platform.train", "--config", "configs/train/tiny.yaml",
                   "--data", str(tiny_samples), "--out", str(out), "--num-workers", "1", "--max-steps", "3"]
         for _ in range(30):  # the job agent comes up some seconds after `ray start` returns
-            done = subprocess.run(submit, cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=400)
+            done = subprocess.run(submit, cwd=REPO_ROOT, capture_output=True, text=True,
+                                  env=env | {"RAY_AUTH_MODE": "token"}, timeout=400)  # as the README says
             if "No available agent" not in done.stderr + done.stdout:
                 break
             time.sleep(3)
