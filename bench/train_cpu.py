@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -48,9 +49,10 @@ def main() -> None:
             run = train(config, data=str(root / "agg"), out=root / f"run-{Path(model).stem}-{workers}",
                         log=lambda *a: None)
             wall = time.perf_counter() - start
-            # the first step's rate holds the compile and warm-up; eval lines have no rates
+            # eval lines have no rates
             lines = (run / METRICS_FILE).read_text().splitlines()
-            log = [r for r in map(json.loads, lines) if "samples_per_s" in r][1:]
+            rates = [r for r in map(json.loads, lines) if "samples_per_s" in r]
+            log = rates[1:] or rates  # the first holds the compile and warm-up, unless it is the only one
             rows.append({"model": Path(model).stem, "workers": workers, "steps": args.steps,
                          "samples_per_s": sum(r["samples_per_s"] for r in log) / len(log),
                          "tokens_per_s": sum(r["tokens_per_s"] for r in log) / len(log),
@@ -64,6 +66,7 @@ def main() -> None:
               "users": args.users, "days": args.days, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
+    shutil.rmtree(root, ignore_errors=True)
     print(f"wrote {args.out}")
 
 
