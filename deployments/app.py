@@ -5,7 +5,9 @@ builder enumerates the registry itself, so a scenario added by dropping in its Y
 after a redeploy with no code change and no edit of serve.yaml, which holds only overrides:
 
     checkpoint   a run folder or checkpoint_* folder; $MTFM_CHECKPOINT overrides it; default:
-                 the newest checkpoint saved under ./runs
+                 the newest checkpoint saved under ./runs; an mtfm model trained on every served
+                 scenario (a baseline architecture, or a model whose config's `scenarios:` lacks
+                 one, is refused here, before any replica starts)
     config_dir   the registry (default $MTFM_CONFIG_DIR, else ./configs): which scenarios, and
                  each one's `serving:` knobs (replicas, batching, resources, backend)
     scenarios    per-scenario overrides of those knobs, e.g. {hp: {replicas: 2}}
@@ -25,10 +27,11 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
+from mtfm.model import parse_model_config
 from mtfm.platform.checkpoint import META_FILE, CheckpointError, find_checkpoint, read_meta
 from mtfm.platform.registry import Registry, ServingConfig, load_registry, serving_conflict
 
-from .backends import backend_unavailable_reason
+from .backends import unknown_backend_reason
 from .router import RankRouter
 from .scenario import ScenarioDeployment
 
@@ -85,17 +88,20 @@ def build_app(args: AppArgs) -> Application:
     print(f"[mtfm] serving {checkpoint} ({source})", file=sys.stderr, flush=True)
     registry = load_registry(args.config_dir)
     serving = scenario_serving(registry, args.scenarios)
-    trained = read_meta(checkpoint).scenarios
-    untrained = [s for s in registry.scenarios if s not in trained]
-    if untrained:
-        raise ServeConfigError(f"checkpoint {checkpoint} was trained without scenarios {untrained} that "
-                               f"{registry.config_dir} registers (it has {trained}); train or warm-start a model "
-                               "with them, or serve with the config dir it was trained with")
     if args.scenario_ingress is not None:
         if args.scenario_ingress not in serving:
             raise ServeConfigError(f"serve.yaml args.scenario_ingress: unknown scenario {args.scenario_ingress!r}; "
                                    f"registered in {registry.config_dir}: {', '.join(registry.scenarios)}")
         serving = {args.scenario_ingress: serving[args.scenario_ingress]}
+    trained = servable_scenarios(checkpoint)
+    untrained = [s for s in serving if s not in trained]
+    if untrained:
+        served = ("args.scenario_ingress serves" if args.scenario_ingress is not None
+                  else f"{registry.config_dir} registers")
+        raise ServeConfigError(f"checkpoint {checkpoint} was trained without scenarios {untrained} that {served} "
+                               f"(it was trained on {trained}); train or warm-start a model with them, or serve only "
+                               f"scenarios it has: a config dir that registers just {trained}, or serve.yaml "
+                               f"args.scenario_ingress: {trained[0]}")
     rankers = {
         name: ScenarioDeployment.options(
             name=f"ranker_{name}", num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_ongoing_requests,
@@ -109,6 +115,19 @@ def build_app(args: AppArgs) -> Application:
     router = RankRouter.options(num_replicas=args.router_replicas, ray_actor_options={"num_cpus": args.router_num_cpus},
                                 max_ongoing_requests=sum(c.max_ongoing_requests for c in serving.values()))
     return router.bind(rankers, str(checkpoint), {n: c.max_candidates for n, c in serving.items()}, args.max_body_bytes)
+
+
+def servable_scenarios(checkpoint: Path) -> list[str]:
+    """The scenarios `checkpoint` has a subgraph for: those its model was trained on (its model
+    config's `scenarios` where set, else every scenario of the registry saved with it). A baseline
+    architecture has none: it is refused here, before any replica starts."""
+    meta = read_meta(checkpoint)
+    config = parse_model_config(dict(meta.model_config), str(find_checkpoint(checkpoint) / META_FILE))
+    if config.architecture != "mtfm":
+        raise ServeConfigError(f"checkpoint {checkpoint} is a {config.architecture} model (its model config's "
+                               "architecture), a baseline with no per-scenario subgraph to serve; serve a checkpoint "
+                               "of an mtfm model (architecture: mtfm, e.g. trained with configs/model/small.yaml)")
+    return list(config.scenarios) if config.scenarios is not None else meta.scenarios
 
 
 def resolve_checkpoint(argument: str | None, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:
@@ -143,7 +162,9 @@ def scenario_serving(registry: Registry, overrides: dict[str, ServingOverrides])
         given = overrides.get(name, ServingOverrides()).model_dump(exclude_none=True)
         cfg = dataclasses.replace(scenario.serving, **given)
         where = f"scenario {name} (serving in {scenario.source} or serve.yaml args.scenarios.{name})"
-        reason = backend_unavailable_reason(cfg.backend)
+        # Only the name: whether the backend can run is the replica's check, on its own node (this
+        # builder runs on the Serve controller's, a CPU head on a cluster).
+        reason = unknown_backend_reason(cfg.backend)
         if reason is not None:
             raise ServeConfigError(f"{where}: backend: {reason}")
         # The YAML's knobs passed this check in the registry; serve.yaml's overrides have not.

@@ -11,12 +11,16 @@
                builds a TensorRT engine from it (needs the `tensorrt` package and a GPU)
 
 `backend_unavailable_reason(name)` says why a backend cannot run here (None when it can), so a
-deployment refuses a scenario's configured backend with a clear error at start-up instead of
-failing on the first request.
+replica refuses a scenario's configured backend with a clear error at start-up instead of
+failing on the first request. It is checked where the replica runs (`create_backend`): the app
+builder runs on the Serve controller's node (a CPU head on a cluster), which says nothing about
+the GPU node a replica lands on, so the builder checks only that the name is known
+(`unknown_backend_reason`).
 """
 from __future__ import annotations
 
 import importlib.util
+import socket
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -44,9 +48,18 @@ class ScoringBackend(Protocol):
         """Per request, (K, num_tasks) float32 probabilities in candidate order."""
 
 
-def backend_unavailable_reason(name: str) -> str | None:
+def unknown_backend_reason(name: str) -> str | None:
+    """Why `name` is no backend at all (None when it is one): the one check that holds on any node."""
     if name not in SERVING_BACKENDS:
         return f"unknown backend {name!r}; expected one of {', '.join(SERVING_BACKENDS)}"
+    return None
+
+
+def backend_unavailable_reason(name: str) -> str | None:
+    """Why backend `name` cannot run on this machine (None when it can)."""
+    unknown = unknown_backend_reason(name)
+    if unknown is not None:
+        return unknown
     if name == "onnx" and importlib.util.find_spec("onnxruntime") is None:
         return "backend onnx needs the onnx and onnxruntime packages (pip install 'mtfm[onnx]')"
     if name == "tensorrt":
@@ -69,8 +82,10 @@ def create_backend(name: str, ranker: ScenarioRanker, *, device: torch.device, c
     user_cache: encoded user sides kept across requests; cuda_graphs: replay the single pass
     from CUDA graphs on a GPU (both PyTorch only)."""
     reason = backend_unavailable_reason(name)
-    if reason is not None:
-        raise BackendUnavailable(f"scenario {ranker.scenario}: {reason}")
+    if reason is not None:  # on a replica: name the node, and where the backend is chosen
+        raise BackendUnavailable(f"scenario {ranker.scenario}: {reason} (on node {socket.gethostname()}, where this "
+                                 "replica runs; the backend is set by the scenario YAML's serving.backend or "
+                                 f"serve.yaml args.scenarios.{ranker.scenario}.backend)")
     if name == "torch":
         if threads is not None:
             torch.set_num_threads(threads)

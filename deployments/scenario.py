@@ -75,6 +75,9 @@ def load_scenario_ranker(checkpoint: str | Path, scenario: str) -> tuple[Scenari
     if config.architecture != "mtfm":
         raise CheckpointError(f"{folder}: a {config.architecture} model has no scenario subgraph to serve; "
                               "expected an mtfm checkpoint")
+    if config.scenarios is not None and scenario not in config.scenarios:  # build_app refuses this before
+        raise CheckpointError(f"{folder}: the model was trained on scenarios {list(config.scenarios)} only (its model "
+                              f"config's `scenarios`), not {scenario}")
     ranker = ScenarioRanker(config, Registry.from_dict(meta.registry), scenario)
     state = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True, mmap=True)
     ranker.load_state_dict({name: state[name] for name in ranker.state_dict()})

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mtfm.platform.rawlog import Contract, files_not_read, list_tables, validate
-from mtfm.platform.registry import Registry, events_column, exposures_column, user_column
+from mtfm.platform.registry import Registry, events_column, exposures_column, scenario_of_column, user_column
 
 SAMPLES = "samples"
 QUARANTINE = "quarantine"
@@ -206,8 +206,14 @@ def partition_of(user_id: np.ndarray, num_partitions: int) -> np.ndarray:
 def read_valid(registry: Registry, kind: str, name: str, path: str, index: int, out: str,
                max_ts: int) -> tuple[pa.Table, dict]:
     """Read and validate one raw file; its bad rows go to quarantine. Returns (good rows, counts)."""
-    table = pq.read_table(path)
     contract = Contract.for_table(registry, kind, name)
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:  # a footer that reads, damaged pages behind it
+        empty = contract.schema.empty_table() if contract.schema is not None else pa.table({})
+        return empty, {"table": f"{kind}/{name}", "rows": 0, "good": 0, "early": 0, "reasons": {}, "ignored": [],
+                       "missing": [], "file": Path(path).name,
+                       "unreadable": f"{path}: not read, its data does not decode ({exc})"}
     good, bad = validate(table, contract, max_ts)
     if bad.num_rows:
         folder = Path(out) / QUARANTINE / kind / name
@@ -267,7 +273,7 @@ def _write_samples(samples: pa.Table, out: Path, partition: int) -> dict:
     # Without dictionary pages: about 2x faster to write here, and no larger (ids are mostly unique per page).
     pq.write_table(samples, out / SAMPLES / f"part-{partition:05d}.parquet", use_dictionary=False)
     exposures = sum(int(np.sum(samples[c].combine_chunks().value_lengths().to_numpy(zero_copy_only=False)))
-                    for c in samples.column_names if c.endswith("__exposures"))
+                    for c in samples.column_names if scenario_of_column(c))
     return {"partition": partition, "samples": samples.num_rows, "exposures": exposures}
 
 
@@ -345,7 +351,8 @@ def _summary(registry: Registry, raw: Path, out: Path, window_ms: int, max_ts: i
             missing = t["missing"].setdefault(tuple(s["missing"]), {"files": [], "rows": 0})
             missing["files"].append(s["file"])
             missing["rows"] += s["good"]
-    warnings = warnings + [f"{name}: column(s) {', '.join(sorted(t['ignored']))} not in the contract, ignored"
+    warnings = warnings + [s["unreadable"] for s in split if s.get("unreadable")]
+    warnings += [f"{name}: column(s) {', '.join(sorted(t['ignored']))} not in the contract, ignored"
                            for name, t in per_table.items() if t["ignored"]]
     warnings += [f"{name}: {len(m['files'])} file(s) without column(s) {', '.join(columns)} (optional; "
                  f"{', '.join(sorted(m['files'])[:3])}{', ...' if len(m['files']) > 3 else ''}): their {m['rows']:,} "

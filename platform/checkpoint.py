@@ -3,7 +3,7 @@
 A checkpoint is a folder:
 
     model.pt       the model's state_dict (unwrapped from DDP)
-    optimizer.pt   {"dense": ..., "sparse": ...} optimizer states (training resume only)
+    optimizer.pt   {"dense": ..., "embedding": ...} optimizer states (training resume only)
     meta.json      step, epoch, batches consumed in that epoch, the registry snapshot, the model
                    config and the train config
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mtfm.platform.registry import Registry
+from mtfm.platform.registry import Registry, RegistryError
 
 if TYPE_CHECKING:  # torch and the model stay unimported until a checkpoint is really read or written
     import torch
@@ -148,6 +148,29 @@ def warm_start(model: "RecommenderBase", checkpoint: str | Path) -> WarmStart:
     loaded = [k for k in own if k in state]
     model.load_state_dict({k: state[k] for k in loaded}, strict=False)
     return WarmStart(loaded, [k for k in own if k not in state], [k for k in state if k not in own])
+
+
+def trained_registry(meta: CheckpointMeta, where: str) -> Registry:
+    """The registry snapshot a checkpoint was trained with; an unreadable one is a `CheckpointError`
+    that starts with `where` (the flag and path the user gave)."""
+    try:
+        return Registry.from_dict(meta.registry)
+    except (KeyError, TypeError, RegistryError) as exc:
+        raise CheckpointError(f"{where}: the registry snapshot in its {META_FILE} cannot be read "
+                              f"({type(exc).__name__}: {exc})") from exc
+
+
+def embedding_table_changes(trained: Registry, trained_scenarios, current: Registry, scenarios) -> list[str]:
+    """Embedding tables are one per categorical feature name, shared by every group that names it: a
+    table both models have (over the sequences and each model's own scenarios) with other rows or
+    width cannot be loaded, even where it belongs to scenarios the other model lacks."""
+    def tables(registry: Registry, names) -> dict:
+        groups = list(registry.sequences.values()) + [registry.scenarios[n] for n in names if n in registry.scenarios]
+        return {f.name: f for g in groups for f in g.features if f.is_categorical}
+
+    old, new = tables(trained, trained_scenarios), tables(current, scenarios)
+    return [f"features.{n}: buckets {old[n].buckets}, dim {old[n].dim} -> buckets {new[n].buckets}, dim {new[n].dim}"
+            for n in sorted(old.keys() & new.keys()) if (old[n].buckets, old[n].dim) != (new[n].buckets, new[n].dim)]
 
 
 # What of a feature's spec the model's parameters and inputs depend on (its max_len trims a list's

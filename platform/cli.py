@@ -228,7 +228,8 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
             find_checkpoint(args.checkpoint)
         except CheckpointError as exc:  # a warning: the path may be one of the cluster's, not this machine's
             print(f"warning: {exc}", file=sys.stderr)
-    print(render_serve_config(config_dir=args.config_dir or "configs", checkpoint=args.checkpoint, host=args.host,
+    # The registry validated above: --config-dir, else $MTFM_CONFIG_DIR, else ./configs
+    print(render_serve_config(config_dir=str(reg.config_dir), checkpoint=args.checkpoint, host=args.host,
                               port=args.port, scenario_ingress=list(reg.scenarios) if args.scenario_ingress else None),
           end="")
     return 0
@@ -319,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ts", type=int, default=None, metavar="MS",
                    help="latest valid ts in ms; later rows are quarantined (default: now plus one day)")
     p.add_argument("--partitions", type=positive_int, default=None, metavar="P",
-                   help="user partitions (default: enough for ~1M rows each, at least one per CPU)")
+                   help="user partitions (default: enough for at most ~4M raw rows each, a multiple of the CPUs)")
     p.add_argument("--overwrite", action="store_true", help="replace samples/, quarantine/ and _summary.json in --out")
     p.set_defaults(handler=cmd_data_aggregate)
 

@@ -1,7 +1,8 @@
 """Connects to the Ray cluster: `RAY_ADDRESS` if set, else an embedded local Ray (quietly).
 
-Every entry point (data aggregation, training, serving) calls `init_ray()` so that the same
-command runs on a laptop and, under `ray job submit`, on a cluster.
+The driver-side entry points (data aggregation, training, evaluation, the quickstart) call `init_ray()` so
+that the same command runs on a laptop and, under `ray job submit`, on a cluster; serving starts
+Ray through `serve run`.
 """
 from __future__ import annotations
 

@@ -75,8 +75,8 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines + notes)
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, *, test_windows: int | None = None,
-                        tokens_per_batch: int | None = None) -> dict:
+def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, *,
+                        test_windows: int | None = None) -> dict:
     """Load a checkpoint (or a run folder's newest) and evaluate it on the last windows of `data`
     (default: the samples it was trained on, as its train config names them)."""
     import torch
@@ -101,7 +101,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     init_ray()
     quiet_ray_data()  # a table at the end is the output; Ray Data's per-dataset INFO lines are noise here
     _, test_ds, windows = split_by_window(data, windows_held_out)
-    budget = tokens_per_batch or meta.train_config.get("tokens_per_batch", 8192)
+    budget = meta.train_config.get("tokens_per_batch", 8192)
     reads = test_ds.iter_batches(batch_size=256, batch_format="pyarrow")
     results = evaluate_batches(model, token_budget_batches(reads, Collator(model.registry), budget), torch.device("cpu"))
     return {"checkpoint": str(folder), "step": meta.step, "data": str(data),

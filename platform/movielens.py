@@ -61,6 +61,7 @@ def read_atomic(folder: Path, suffix: str) -> pd.DataFrame:
     if missing:
         raise MovieLensFormatError(f"{files[0]}: missing field(s) {', '.join(missing)} "
                          f"(expected {', '.join(REQUIRED_FIELDS[suffix])}; found {', '.join(df.columns)})")
+    df.attrs["file"] = str(files[0])
     return df
 
 
@@ -80,11 +81,14 @@ def _vocabulary_ids(values: pd.Series) -> np.ndarray:
 
 
 def _number(values: pd.Series, file: str, field: str, strict: bool = True) -> np.ndarray:
-    """Numbers; a value that is not one is an error if `strict`, else NaN (ml-100k has 'unkonwn' years)."""
+    """Numbers; a value that is not one (an empty one included) is an error if `strict`, else NaN
+    (ml-100k has 'unkonwn' years)."""
     parsed = pd.to_numeric(values.replace("", np.nan), errors="coerce")
-    bad = parsed.isna() & values.ne("")
+    bad = parsed.isna()
     if strict and bad.any():
-        raise MovieLensFormatError(f"{file}: field {field}: expected a number, found {values[bad].iloc[0]!r}")
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        found = repr(values.iloc[row]) if values.iloc[row] != "" else "an empty value"
+        raise MovieLensFormatError(f"{file}: field {field}: expected a number, found {found} (data row {row + 1})")
     return parsed.to_numpy(np.float64)
 
 
@@ -93,18 +97,18 @@ def load_ratings(folder: Path) -> pd.DataFrame:
     inter, users, items = (read_atomic(folder, s) for s in ("inter", "user", "item"))
     ratings = pd.DataFrame({
         "user_id": _ids(inter["user_id"]), "movie_id": _ids(inter["item_id"]),
-        "rating": _number(inter["rating"], f"{folder}/*.inter", "rating"),
-        "ts": (_number(inter["timestamp"], f"{folder}/*.inter", "timestamp") * 1000).astype(np.int64),
+        "rating": _number(inter["rating"], inter.attrs["file"], "rating"),
+        "ts": (_number(inter["timestamp"], inter.attrs["file"], "timestamp") * 1000).astype(np.int64),
     })
     user = pd.DataFrame({
-        "user_id": _ids(users["user_id"]), "age_years": _number(users["age"], f"{folder}/*.user", "age"),
+        "user_id": _ids(users["user_id"]), "age_years": _number(users["age"], users.attrs["file"], "age"),
         "gender": users["gender"].map({"M": 1, "F": 2}).fillna(0).astype(np.int64),
         "occupation": _vocabulary_ids(users["occupation"]),
         "zip_region": users["zip_code"].str[:1].map(lambda c: int(c) + 1 if c.isdigit() else 0).astype(np.int64),
     })
     genre_lists = items["class"].str.split()
     genre_vocab = {g: i + 1 for i, g in enumerate(sorted({g for gs in genre_lists for g in gs}))}
-    year = np.nan_to_num(_number(items["release_year"], f"{folder}/*.item", "release_year", strict=False))
+    year = np.nan_to_num(_number(items["release_year"], items.attrs["file"], "release_year", strict=False))
     item = pd.DataFrame({
         "movie_id": _ids(items["item_id"]),
         "genres": [[genre_vocab[g] for g in gs] for gs in genre_lists],

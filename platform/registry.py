@@ -263,7 +263,15 @@ def user_column(scenario: str) -> str:
 
 
 def exposures_column(scenario: str) -> str:
-    return f"{scenario}__exposures"
+    return f"{scenario}{_EXPOSURES}"
+
+
+def scenario_of_column(column: str) -> str | None:
+    """The scenario whose exposures an aggregated-samples column holds; None for any other column."""
+    return column[: -len(_EXPOSURES)] if column.endswith(_EXPOSURES) else None
+
+
+_EXPOSURES = "__exposures"
 
 
 def events_column(sequence: str) -> str:
@@ -374,9 +382,11 @@ def read_yaml_mapping(path: str | Path, what: str = "config", error: type[Regist
     if not path.is_file():
         raise error(path, "", f"{what} not found")
     try:
-        data = yaml.load(path.read_text(), Loader=_ConfigLoader)
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_ConfigLoader)
     except yaml.YAMLError as exc:
         raise error(path, "", f"not valid YAML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise error(path, "", f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     if not isinstance(data, dict):
         raise error(path, "", f"expected a mapping at the top level, found {_kind(data)}")
     return data

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mtfm.platform.registry import read_yaml_mapping, scenario_of_column
 from mtfm.platform.train import DIVERGED_FILE
 
 
@@ -109,9 +110,12 @@ class NoHeatmap(Exception):
 
 def plot_attention(run_dir: Path, data: Path, out: Path, plt, users: int = 3, max_history: int = 48) -> Path | None:
     from mtfm.model import Collator
-    from mtfm.platform.checkpoint import load_model
+    from mtfm.platform.checkpoint import CheckpointError, load_model
 
-    model, _ = load_model(run_dir)
+    try:
+        model, _ = load_model(run_dir)
+    except CheckpointError as exc:  # a run stopped (or diverged) before its first checkpoint
+        raise NoHeatmap(str(exc)) from exc
     if not hasattr(model, "stack"):
         return None  # a baseline without attention layers
     import pyarrow.parquet as pq
@@ -124,7 +128,7 @@ def plot_attention(run_dir: Path, data: Path, out: Path, plt, users: int = 3, ma
     collator = Collator(model.registry)
     # Users with the most scenarios present make the most telling figure.
     present = sum((np.asarray(table[c].combine_chunks().value_lengths().fill_null(0)) > 0).astype(int)
-                  for c in table.column_names if c.endswith("__exposures"))
+                  for c in table.column_names if scenario_of_column(c))
     rows = np.argsort(-present, kind="stable")[:users]
     try:
         batch = collator(table.take(rows))
@@ -157,7 +161,6 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, log=print)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import yaml
 
     run_dir = Path(run_dir)
     _records(run_dir)  # not a run folder: refused before anything is written into it
@@ -174,7 +177,7 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, log=print)
             log(f"note: no {name}: {what}")
     if data is None:
         config = run_dir / "train_config.yaml"
-        data = yaml.safe_load(config.read_text())["data"] if config.is_file() else None
+        data = read_yaml_mapping(config, "train config").get("data") if config.is_file() else None
         if data is None or not Path(data).exists():
             what = f"the run's training data ({data}) is not there" if data else "the run names no training data"
             log(f"note: no attention heatmap: {what}; pass --data AGG_DIR")

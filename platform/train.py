@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtfm.platform.registry import Registry, RegistryError, dump_yaml, load_registry, read_yaml_mapping
+from mtfm.platform.registry import (Registry, RegistryError, dump_yaml, exposures_column, load_registry,
+                                    read_yaml_mapping, scenario_of_column)
 
 RUNS_DIR = "runs"
 # What Ray Train v2 keeps in a run's storage folder to restore the run when it starts there again.
@@ -273,7 +274,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from mtfm.model import BatchPrefetcher, Collator, build_model, parse_model_config, token_budget_batches
     from mtfm.model.padding import GrowingShape
-    from mtfm.platform.checkpoint import (CheckpointMeta, META_FILE, MODEL_FILE, OPTIMIZER_FILE, warm_start,
+    from mtfm.platform.checkpoint import (CheckpointMeta, MODEL_FILE, OPTIMIZER_FILE, read_meta, warm_start,
                                           write_checkpoint)
     from mtfm.platform.eval import NonFiniteScores, evaluate_batches
     from mtfm.platform.train_step import TrainStep
@@ -314,7 +315,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     step = epoch = skip = 0
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            meta = CheckpointMeta(**json.loads((Path(folder) / META_FILE).read_text()))
+            meta = read_meta(folder)
             model.load_state_dict(torch.load(Path(folder) / MODEL_FILE, map_location="cpu", weights_only=True))
             states = torch.load(Path(folder) / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
             for name, opt in optimizers.items():
@@ -477,7 +478,7 @@ def split_by_window(samples: str | Path, test_windows: int):
     except Exception as exc:  # Arrow names the problem but not the file
         _name_the_unreadable_parquet(path, exc)
         raise
-    if "window" not in names or not any(name.endswith("__exposures") for name in names):
+    if "window" not in names or not any(scenario_of_column(name) for name in names):
         raise ValueError(f"{path}: not aggregated samples (its columns: {', '.join(names[:6])}"
                          f"{', ...' if len(names) > 6 else ''}); aggregate the raw logs first: mtfm data aggregate "
                          "--raw RAW_DIR --out AGG_DIR, then pass AGG_DIR")
@@ -525,7 +526,7 @@ def _samples_folder(samples: str) -> str:
 def keep_users_of(ds, scenarios: list[str]):
     """The rows with at least one exposure in `scenarios`: a model restricted to some scenarios
     learns nothing from the others' users, and a batch of only those would give it no loss."""
-    columns = [f"{s}__exposures" for s in scenarios if f"{s}__exposures" in ds.schema().names]
+    columns = [exposures_column(s) for s in scenarios if exposures_column(s) in ds.schema().names]
     if not columns:
         raise ValueError(f"the samples hold no exposures of {scenarios}")
 
@@ -569,8 +570,8 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
 
     from mtfm.model import load_model_config
     from mtfm.model.config import restrict_registry
-    from mtfm.platform.checkpoint import (META_FILE, CheckpointError, check_compatible, find_checkpoint, read_meta,
-                                          registry_changes)
+    from mtfm.platform.checkpoint import (check_compatible, find_checkpoint, read_meta, registry_changes,
+                                          trained_registry)
     from mtfm.platform.cluster import init_ray
 
     if data is None and resume is not None and (Path(resume) / "train_config.yaml").is_file():
@@ -606,12 +607,8 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
                              f"model of {config.source} ({config.model}) in {', '.join(differ)}; resume with the "
                              "model config it was trained with (its checkpoint's meta.json holds a copy), or start "
                              "a new run from it with --init-from")
-        try:
-            trained_registry = Registry.from_dict(meta.registry)
-        except (KeyError, TypeError, RegistryError) as exc:
-            raise CheckpointError(f"--resume {resume}: the registry snapshot in {resume_from / META_FILE} cannot be "
-                                  f"read ({type(exc).__name__}: {exc})") from exc
-        model_changes, cuts = registry_changes(trained_registry, registry, model_config.scenarios)
+        model_changes, cuts = registry_changes(trained_registry(meta, f"--resume {resume} ({resume_from})"), registry,
+                                               model_config.scenarios)
         if model_changes:
             raise ValueError(f"--resume {resume}: the registry ({registry.config_dir}) differs from the one its "
                              f"checkpoint was trained with, in {'; '.join(model_changes)}; resume with the run's "
@@ -655,7 +652,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     refuse_workers_the_cluster_cannot_hold(config, log)
     quiet_ray_data()
     train_ds, test_ds, windows = split_by_window(config.data, config.test_windows)
-    in_data = {c[: -len("__exposures")] for c in train_ds.schema().names if c.endswith("__exposures")}
+    in_data = {scenario_of_column(c) for c in train_ds.schema().names} - {None}
     if in_data - set(registry.scenarios):
         log(f"[mtfm] warning: the samples hold exposures of scenarios not in the registry, ignored: "
             f"{sorted(in_data - set(registry.scenarios))} (retired, or a --config-dir mismatch?)")
@@ -756,7 +753,8 @@ def refuse_a_warm_start_that_cannot_load(checkpoint: Path, registry: Registry, m
     registry and this one declare, so the model config must be the one the checkpoint was trained
     with (but for its scenarios and what RESUMABLE_CHANGES allows) and those features the same (a
     sequence or scenario only one of them has is fine: it is skipped or starts fresh)."""
-    from mtfm.platform.checkpoint import META_FILE, CheckpointError, read_meta, registry_changes
+    from mtfm.platform.checkpoint import (META_FILE, CheckpointError, embedding_table_changes, read_meta,
+                                          registry_changes, trained_registry)
 
     meta = read_meta(checkpoint)
     given = _model_config_dict(model_config)
@@ -768,17 +766,14 @@ def refuse_a_warm_start_that_cannot_load(checkpoint: Path, registry: Registry, m
                                                                       for k in differ)
                               + f"; warm start needs the model config it was trained with (its {META_FILE} holds "
                               "it), with scenarios added")
-    scenarios = model_config.scenarios
-    try:
-        trained = Registry.from_dict(meta.registry)
-    except (KeyError, TypeError, RegistryError) as exc:
-        raise CheckpointError(f"--init-from {checkpoint}: its registry snapshot ({META_FILE}) cannot be read "
-                              f"({type(exc).__name__}: {exc})") from exc
+    scenarios = model_config.scenarios or list(registry.scenarios)
+    trained = trained_registry(meta, f"--init-from {checkpoint}")
     # Only the scenarios both models have modules of: the snapshot holds every registered one.
     trained_scenarios = meta.model_config.get("scenarios") or list(trained.scenarios)
-    shared = [s for s in (scenarios or registry.scenarios) if s in trained_scenarios]
+    shared = [s for s in scenarios if s in trained_scenarios]
     changes = [c for c in registry_changes(trained, registry, shared)[0]
                if not re.fullmatch(r"sequences\.\w+: (added|removed)", c)]
+    changes += embedding_table_changes(trained, trained_scenarios, registry, scenarios)
     if changes:
         raise CheckpointError(f"--init-from {checkpoint}: the registry ({registry.config_dir}) declares what both "
                               "registries know differently from the one the checkpoint was trained with, in "

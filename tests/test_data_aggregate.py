@@ -101,6 +101,7 @@ def test_aggregation_equals_pandas_reference(ray_cluster, registry, raw, tmp_pat
     exposures_in = sum(pq.ParquetFile(f).metadata.num_rows for f in (raw / "exposures").rglob("*.parquet"))
     assert summary["exposures_in"] == summary["exposures_out"] == exposures_in
     assert summary["samples_out"] == len(want) and summary["quarantined_rows"] == 0
+    assert summary["compression"] == pytest.approx(exposures_in / len(want))
     for row in got.values():  # no future events in history; realtime inside the window
         assert all(e["ts"] < row["window"] for e in row["history__events"])
         assert all(row["window"] <= e["ts"] < row["window"] + window_ms for e in row["realtime__events"])
@@ -184,6 +185,41 @@ def test_bad_rows_are_quarantined_with_their_reason(ray_cluster, registry, raw, 
     assert len(match) == 1
 
 
+def test_bad_behaviour_rows_are_quarantined_as_they_were_and_left_out_of_the_sequences(ray_cluster, registry, raw,
+                                                                                      tmp_path):
+    dirty = tmp_path / "raw"
+    shutil.copytree(raw, dirty)
+    history = pq.read_table(next((raw / "behaviors" / "history").glob("*.parquet")))
+    marker = 10**12 + 7  # a poi_id no synthetic event has, to find the rows again
+    nullable = pa.schema([f.with_nullable(True) for f in history.schema])
+    bad = pa.concat_tables([t.cast(nullable) for t in (
+        _bad_copy(history, ts=pa.array([None], pa.int64()), poi_id=pa.array([marker], pa.int64())),
+        _bad_copy(history, poi_id=pa.array([None], pa.int64())),
+        _bad_copy(history, user_id=pa.array([None], pa.int64()), poi_id=pa.array([marker], pa.int64())))])
+    last = pq.read_table(raw / "exposures" / "hp").sort_by([("ts", "descending")]).slice(0, 1).to_pylist()[0]
+    good = _bad_copy(history, user_id=pa.array([last["user_id"]], pa.int64()),  # the newest event before a window
+                     poi_id=pa.array([marker + 1], pa.int64()),
+                     ts=pa.array([last["ts"] // DAY_MS * DAY_MS - 1], pa.int64())).cast(nullable)
+    pq.write_table(pa.concat_tables([bad, good]), dirty / "behaviors" / "history" / "dirty-day.parquet")
+    (dirty / "behaviors" / "clickstream").mkdir()
+    pq.write_table(history.slice(0, 2), dirty / "behaviors" / "clickstream" / "x.parquet")
+
+    summary = aggregate(registry, dirty, tmp_path / "agg", num_partitions=2, **QUIET)
+
+    assert summary["quarantined"]["behaviors/history"] == {
+        "null ts": 1, "null required feature poi_id": 1, "null user_id": 1}, summary["quarantined"]
+    assert list(summary["quarantined"]["behaviors/clickstream"].values()) == [2]
+    assert summary["exposures_in"] == summary["exposures_out"]  # behaviour rows are not exposures
+    files = sorted((tmp_path / "agg" / "quarantine" / "behaviors" / "history").glob("*.parquet"))
+    assert [f.name.endswith("-dirty-day.parquet") for f in files] == [True]
+    kept = pq.read_table(files[0])
+    assert kept.drop_columns(["reason"]).to_pylist() == bad.to_pylist()  # the rows as they were in the file
+    assert kept["reason"].to_pylist() == ["null ts", "null required feature poi_id", "null user_id"]
+    events = [e["poi_id"] for s in pq.read_table(tmp_path / "agg" / "samples").to_pylist()
+              for e in s["history__events"]]
+    assert marker not in events and marker + 1 in events  # the valid row of the same file is aggregated
+
+
 def test_unreadable_files_and_ts_in_seconds_are_named_and_the_rest_aggregated(ray_cluster, registry, raw, tmp_path):
     dirty = tmp_path / "raw"
     shutil.copytree(raw, dirty)
@@ -193,6 +229,11 @@ def test_unreadable_files_and_ts_in_seconds_are_named_and_the_rest_aggregated(ra
     (hp / "day.csv").write_text("user_id,ts\n1,2\n")
     (dirty / "exposures" / "loose.parquet").write_bytes((next(hp.glob("*.parquet"))).read_bytes())
     (hp / "_SUCCESS").write_text("")
+    # A file whose footer reads but whose pages behind it do not decode.
+    damaged = bytearray(next((raw / "exposures" / "hp").glob("*.parquet")).read_bytes())
+    damaged[20:600] = bytes(580)
+    (hp / "damaged.parquet").write_bytes(bytes(damaged))
+    assert pq.ParquetFile(hp / "damaged.parquet").metadata.num_rows > 0
     seconds = pq.read_table(next((raw / "exposures" / "phf").glob("*.parquet"))).slice(0, 5)
     seconds = seconds.set_column(seconds.schema.get_field_index("ts"), "ts", pc.divide(seconds["ts"], 1000))
     pq.write_table(seconds, dirty / "exposures" / "phf" / "in-seconds.parquet")  # read, but warned of
@@ -201,8 +242,10 @@ def test_unreadable_files_and_ts_in_seconds_are_named_and_the_rest_aggregated(ra
 
     named = {Path(w.split(": ")[0]).name: w for w in summary["warnings"] if w.split(": ")[0].endswith(
         (".parquet", ".csv"))}
-    assert set(named) == {"empty.parquet", "garbage.parquet", "day.csv", "loose.parquet"}, summary["warnings"]
+    assert set(named) == {"empty.parquet", "garbage.parquet", "day.csv", "loose.parquet", "damaged.parquet"}, \
+        summary["warnings"]
     assert "not a readable Parquet file" in named["garbage.parquet"] and "expected exposures/" in named["day.csv"]
+    assert "does not decode" in named["damaged.parquet"]
     early = [w for w in summary["warnings"] if w.startswith("exposures/phf: ")]
     assert len(early) == 1 and early[0].startswith("exposures/phf: 5 of ") and early[0].endswith("rather than ms?")
     clean = aggregate(registry, raw, tmp_path / "clean", **QUIET)

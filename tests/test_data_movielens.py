@@ -71,6 +71,15 @@ def test_clear_errors(registry, tmp_path, monkeypatch):
     (tmp_path / "atomic" / "tiny.user").write_text("user_id:token\tage:token\n1\t20\n")
     with pytest.raises(MovieLensFormatError, match=r"tiny.user: missing field\(s\) gender, occupation, zip_code"):
         convert_movielens(registry, tmp_path / "raw", path=tmp_path / "atomic", **QUIET)
+    _write_atomic(tmp_path / "blank")
+    inter = tmp_path / "blank" / "tiny.inter"
+    inter.write_text(inter.read_text().replace("1\t11\t3\t86500", "1\t11\t\t86500"))  # a rating left empty
+    with pytest.raises(MovieLensFormatError, match=r"tiny.inter: field rating: expected a number, found an empty "
+                                                   r"value \(data row 2\)"):
+        convert_movielens(registry, tmp_path / "raw", path=tmp_path / "blank", **QUIET)
+    inter.write_text(inter.read_text().replace("1\t11\t\t86500", "1\t11\t3\tsoon"))
+    with pytest.raises(MovieLensFormatError, match=r"field timestamp: expected a number, found 'soon' \(data row 2\)"):
+        convert_movielens(registry, tmp_path / "raw", path=tmp_path / "blank", **QUIET)
     with pytest.raises(MovieLensFormatError, match="use --config-dir configs/movielens"):
         convert_movielens(Registry.load(ML_CONFIGS.parent), tmp_path / "raw", **QUIET)
     with pytest.raises(FileNotFoundError, match=r"nowhere: no such folder \(--path: a folder of RecBole atomic"):

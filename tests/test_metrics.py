@@ -84,3 +84,58 @@ def test_eval_names_the_runs_missing_data_and_a_bad_json_path_before_evaluating(
     assert f"--json {tmp_path}: a folder; expected a file name" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--json", str(tmp_path / "no" / "e.json")]) == 1
     assert f"no folder {tmp_path / 'no'} to write it in" in capsys.readouterr().err
+
+
+def test_evaluate_batches_equals_sklearn_on_the_exposures_it_scored():
+    """Metrics over several token-budget batches, against sklearn on (user, label, score) triples read off
+    the sample table itself; the scores come from one pass over the whole table, keyed by request id."""
+    import torch
+
+    from mtfm.model import Collator, build_model, load_model_config
+    from mtfm.model.collate import token_budget_batches
+    from mtfm.model.sample_tables import random_aggregated_table
+    from mtfm.platform.eval import evaluate_batches
+    from mtfm.platform.registry import exposures_column, load_registry
+
+    registry = load_registry(REPO_ROOT / "configs")
+    config = load_model_config(REPO_ROOT / "configs/model/tiny.yaml").replace(attention_impl="reference",
+                                                                               norm_impl="reference")
+    torch.manual_seed(0)
+    model = build_model(config, registry).eval()
+    table = random_aggregated_table(registry, 40, np.random.default_rng(3), label_null_fraction=0.2,
+                                    lengths={"hp": (0, 12), "phf": (0, 8), "sqs": (0, 4)})
+    collator = Collator(registry)
+    batch = collator(table)
+    with torch.no_grad():
+        probs = model(batch).probabilities()
+    users = batch.user_id[batch.token_user()]
+    score = {}  # (scenario, user_id, request_id) -> per-task probabilities
+    for name, p in probs.items():
+        feats = batch.features[name]
+        for u, r, row in zip(users[feats.index].tolist(), feats.request_id.tolist(), p.numpy()):
+            score[(name, u, r)] = row
+    batches = list(token_budget_batches([table], collator, max_tokens=300))
+    assert len(batches) >= 3
+
+    got = evaluate_batches(model, batches, torch.device("cpu"))
+
+    want = {}
+    for name, scenario in registry.scenarios.items():
+        rows = [(sample["user_id"], e) for sample in table.to_pylist() for e in sample[exposures_column(name)]]
+        for t, task in enumerate(scenario.task_names):
+            labelled = [(u, e[task], score[(name, u, e["request_id"])][t]) for u, e in rows if e[task] is not None]
+            if not labelled:
+                continue
+            u, y, p = (np.array(c) for c in zip(*labelled))
+            per_user = [(roc_auc_score(y[u == v], p[u == v]), (u == v).sum()) for v in np.unique(u)
+                        if 0 < y[u == v].sum() < (u == v).sum()]
+            want[f"{name}/{task}"] = {
+                "auc": roc_auc_score(y, p), "gauc": sum(a * n for a, n in per_user) / sum(n for _, n in per_user),
+                "exposures": len(y), "positives": int(y.sum()), "users_scored": len(per_user),
+                "users_skipped": len(np.unique(u)) - len(per_user)}
+    assert set(got) == set(want)
+    for key, w in want.items():
+        g = got[key]
+        assert g["auc"] == pytest.approx(w["auc"], abs=1e-6) and g["gauc"] == pytest.approx(w["gauc"], abs=1e-6), key
+        assert {k: g[k] for k in ("exposures", "positives", "users_scored", "users_skipped")} == {
+            k: w[k] for k in ("exposures", "positives", "users_scored", "users_skipped")}, key

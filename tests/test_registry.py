@@ -214,6 +214,9 @@ def test_missing_and_malformed_files(config_dir, tmp_path):
     (config_dir / "scenarios" / "broken.yaml").write_text("name: broken\ntasks: [unclosed\n")
     with pytest.raises(RegistryError, match=r"broken.yaml: not valid YAML"):
         load_registry(config_dir)
+    (config_dir / "scenarios" / "broken.yaml").write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(RegistryError, match=r"broken.yaml: not UTF-8 text \(invalid continuation byte at byte 9\)"):
+        load_registry(config_dir)
 
 
 def _cli(*args, cwd=REPO_ROOT):

@@ -94,6 +94,15 @@ def test_report_says_which_figure_a_short_run_lacks(tmp_path):
     assert notes[1].startswith("note: no attention heatmap")
 
 
+def test_report_of_a_run_without_a_checkpoint_draws_the_curves_and_says_why_no_heatmap(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 0.6}) + "\n")
+    notes = []
+    assert [p.name for p in write_report(run, data=tmp_path, log=notes.append)] == ["loss.png"]
+    assert notes[-1].startswith("note: no attention heatmap: ") and "checkpoint" in notes[-1], notes
+
+
 def test_report_draws_the_curves_when_the_samples_do_not_fit_the_model(tiny_samples, config_dir, tmp_path):
     """Samples of another registry (no grocery exposures for a model that has grocery): a note on
     the heatmap, and the curves, which need no samples, are written."""
@@ -356,6 +365,17 @@ def test_command_line_refuses_a_model_the_registry_or_the_resumed_run_does_not_m
 
     meta_file.write_text(json.dumps(retired))
     refuse_a_warm_start_that_cannot_load(run / "checkpoint_00000007", load_registry(CONFIGS), tiny)
+    # An embedding table is shared by feature name: a retired scenario's package_id of other buckets than the
+    # new sqs's cannot load, though no scenario is in both.
+    moved = json.loads(json.dumps(meta))
+    gone = moved["registry"]["scenarios"].pop("sqs") | {"name": "gone"}
+    [package] = [f for f in gone["item_features"] if f["name"] == "package_id"]
+    package["buckets"] = 999
+    moved["registry"]["scenarios"]["gone"] = gone
+    meta_file.write_text(json.dumps(moved))
+    with pytest.raises(CheckpointError, match=r"in features\.package_id: buckets 999, dim 16 -> buckets 4000, dim 16; "
+                                              "warm start loads those modules as trained"):
+        refuse_a_warm_start_that_cannot_load(run / "checkpoint_00000007", load_registry(CONFIGS), tiny)
     # Nor is a scenario the checkpoint's model had no modules of (its registry snapshot holds them all).
     other = json.loads(json.dumps(meta))
     other["registry"]["scenarios"]["phf"]["user_features"][1]["buckets"] *= 2  # user_diet_pref: phf's own

@@ -15,9 +15,13 @@ from mtfm.platform.registry import Registry
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_tiny_checkpoint(registry: Registry, folder: Path, step: int = 7, seed: int = 0) -> Path:
-    """configs/model/tiny.yaml on `registry`, randomly initialised, saved as a checkpoint."""
-    config = load_model_config(REPO / "configs/model/tiny.yaml")
+def write_tiny_checkpoint(registry: Registry, folder: Path, step: int = 7, seed: int = 0,
+                          model_config: str = "configs/model/tiny.yaml", scenarios: list[str] | None = None) -> Path:
+    """`model_config` (default configs/model/tiny.yaml) on `registry`, restricted to `scenarios`
+    when given (as a model config's `scenarios:`), randomly initialised, saved as a checkpoint."""
+    config = load_model_config(REPO / model_config)
+    if scenarios is not None:
+        config = dataclasses.replace(config, scenarios=tuple(scenarios))
     torch.manual_seed(seed)
     model = build_model(config, registry)
     raw = dataclasses.asdict(config)

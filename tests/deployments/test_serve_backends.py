@@ -250,11 +250,19 @@ def test_onnx_backend_matches_pytorch(model, scenario):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
-def test_tensorrt_without_the_package_is_a_clear_error(model):
-    with pytest.raises(BackendUnavailable, match="tensorrt.*package"):
+def test_tensorrt_without_the_package_is_a_clear_error_on_the_replica_not_in_the_builder(model, checkpoint):
+    """The replica (`create_backend`, on its own node) refuses a backend it cannot run; the builder,
+    on the Serve controller's node (a CPU head on a cluster), checks only that the name is known."""
+    with pytest.raises(BackendUnavailable, match=r"scenario sqs: backend tensorrt needs the `tensorrt` package.*"
+                                                  r"args\.scenarios\.sqs\.backend"):
         create_backend("tensorrt", model.subgraph("sqs"), device=torch.device("cpu"), chunk_size=256)
-    with pytest.raises(ServeConfigError, match=r"scenario sqs .*backend: backend tensorrt needs"):
-        scenario_serving(load_registry(REPO / "configs"), AppArgs(scenarios={"sqs": {"backend": "tensorrt"}}).scenarios)
+    overrides = AppArgs(scenarios={"sqs": {"backend": "tensorrt"}}).scenarios
+    assert scenario_serving(load_registry(REPO / "configs"), overrides)["sqs"].backend == "tensorrt"
+    build_app({"checkpoint": str(checkpoint), "config_dir": str(REPO / "configs"), "scenarios": overrides})
+    with pytest.raises(ServeConfigError, match=r"scenario sqs .*backend: unknown backend 'tensorrtx'; expected one of "
+                                               r"torch, onnx, tensorrt"):
+        scenario_serving(load_registry(REPO / "configs"),
+                         AppArgs(scenarios={"sqs": {"backend": "tensorrtx"}}).scenarios)
 
 
 def test_the_committed_serve_yaml_is_the_generators_output():
@@ -309,6 +317,60 @@ def test_builder_refuses_a_checkpoint_without_a_registered_scenario(checkpoint, 
     (config_dir / "scenarios" / "coupon.yaml").write_text(text)
     with pytest.raises(ServeConfigError, match=r"trained without scenarios \['coupon'\]"):
         build_app({"checkpoint": str(checkpoint), "config_dir": str(config_dir)})
+
+
+def test_builder_refuses_a_single_scenario_checkpoint_for_the_scenarios_it_lacks(tmp_path, config_dir):
+    """A model config's `scenarios: [hp]` (configs/model/single_scenario_hp.yaml) trains on hp alone,
+    though the checkpoint saves the whole registry: only hp can be served from it."""
+    checkpoint = write_tiny_checkpoint(load_registry(REPO / "configs"), tmp_path / "run-hp" / "checkpoint_00000004",
+                                       scenarios=["hp"])
+    with pytest.raises(ServeConfigError) as refused:
+        build_app({"checkpoint": str(checkpoint), "config_dir": str(REPO / "configs")})
+    message = str(refused.value)
+    assert f"checkpoint {checkpoint.resolve()} " in message
+    assert "trained without scenarios ['phf', 'sqs']" in message and "trained on ['hp']" in message
+    assert "a config dir that registers just ['hp'], or serve.yaml args.scenario_ingress: hp" in message
+    with pytest.raises(ServeConfigError, match=r"trained without scenarios \['sqs'\] that args\.scenario_ingress "):
+        build_app({"checkpoint": str(checkpoint), "config_dir": str(REPO / "configs"), "scenario_ingress": "sqs"})
+    # What it can serve: hp alone, by its own app or from a registry of hp alone.
+    build_app({"checkpoint": str(checkpoint), "config_dir": str(REPO / "configs"), "scenario_ingress": "hp"})
+    for name in ("phf", "sqs"):
+        (config_dir / "scenarios" / f"{name}.yaml").unlink()
+    build_app({"checkpoint": str(checkpoint), "config_dir": str(config_dir)})
+
+
+@pytest.mark.parametrize("model_config, architecture", [("configs/model/dcnv2_tiny.yaml", "dcnv2"),
+                                                         ("configs/model/dlrm_mmoe_tiny.yaml", "dlrm_mmoe")])
+def test_builder_refuses_a_baseline_checkpoint(tmp_path, model_config, architecture):
+    checkpoint = write_tiny_checkpoint(load_registry(REPO / "configs"), tmp_path / "run" / "checkpoint_00000002",
+                                       model_config=model_config)
+    for extra in ({}, {"scenario_ingress": "hp"}):
+        with pytest.raises(ServeConfigError) as refused:
+            build_app({"checkpoint": str(checkpoint), "config_dir": str(REPO / "configs"), **extra})
+        message = str(refused.value)
+        assert f"checkpoint {checkpoint.resolve()} is a {architecture} model" in message
+        assert "serve a checkpoint of an mtfm model (architecture: mtfm" in message
+
+
+def test_serve_config_names_the_registry_it_validated(config_dir, monkeypatch, capsys, tmp_path):
+    """$MTFM_CONFIG_DIR picks the registry: the config written names that one, not ./configs."""
+    import yaml
+
+    monkeypatch.setenv("MTFM_CONFIG_DIR", str(config_dir))
+    assert main(["serve", "config"]) == 0
+    apps = yaml.safe_load(capsys.readouterr().out)["applications"]
+    assert [a["args"]["config_dir"] for a in apps] == [str(config_dir)]
+    assert main(["serve", "config", "--scenario-ingress"]) == 0
+    apps = yaml.safe_load(capsys.readouterr().out)["applications"]
+    assert [a["args"]["config_dir"] for a in apps] == [str(config_dir)] * 3
+    other = tmp_path / "other"
+    config_dir.rename(other)  # --config-dir still wins over $MTFM_CONFIG_DIR
+    assert main(["serve", "config", "--config-dir", str(other)]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]["config_dir"] == str(other)
+    monkeypatch.delenv("MTFM_CONFIG_DIR")
+    monkeypatch.chdir(REPO)
+    assert main(["serve", "config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]["config_dir"] == "configs"
 
 
 def test_checkpoint_resolution_env_then_argument_then_newest_run(tmp_path, monkeypatch, checkpoint):

@@ -2,19 +2,22 @@
 
 Scores equal the offline subgraph's, concurrent requests are batched and each gets its own
 answer, every bad request gets its 4xx naming the field, metrics reach Ray's Prometheus
-endpoint, a killed replica loses no retried request, and a scenario added by YAML is served
-after a redeploy.
+endpoint with exact counts, a killed replica loses no retried request, a scenario added by YAML is
+served after a redeploy, a single-scenario checkpoint serves its scenario, and a backend a
+replica cannot run fails that replica with a clear error. Each test sends its own requests and
+makes its own files.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import shutil
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -35,13 +38,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _deploy(config_dir: Path, checkpoint: Path) -> None:
+def _deploy(config_dir: Path, checkpoint: Path, name: str = APP, route_prefix: str = "/") -> None:
     from ray import serve
 
-    scenarios = {name: SMALL_REPLICA for name in load_registry(config_dir).scenarios}
+    scenarios = {scenario: SMALL_REPLICA for scenario in load_registry(config_dir).scenarios}
     app = build_app({"checkpoint": str(checkpoint), "config_dir": str(config_dir), "scenarios": scenarios,
                      "router_num_cpus": 0.1, "max_body_bytes": 256 * 1024})
-    serve.run(app, name=APP, route_prefix="/")
+    serve.run(app, name=name, route_prefix=route_prefix)
+
+
+def _config_dir_with(source: Path, target: Path, *, only: list[str] | None = None, add: dict[str, str] | None = None,
+                     ) -> Path:
+    """A copy of config dir `source` at `target` with just the scenarios `only` (default: all) and
+    `add` ({new scenario: scenario whose YAML it copies under the new name})."""
+    shutil.copytree(source, target)
+    for path in (target / "scenarios").glob("*.yaml"):
+        if only is not None and path.stem not in only:
+            path.unlink()
+    for new, old in (add or {}).items():
+        text = (source / "scenarios" / f"{old}.yaml").read_text().replace(f"name: {old}", f"name: {new}")
+        (target / "scenarios" / f"{new}.yaml").write_text(text)
+    return target
 
 
 @pytest.fixture(scope="module")
@@ -216,63 +233,73 @@ def test_health(service):
     assert requests.get(f"{service['url']}/-/healthz", timeout=60).status_code == 200
 
 
-def test_metrics_reach_the_prometheus_endpoint(service):
+def test_metrics_reach_the_prometheus_endpoint_with_exact_counts(service):
+    """An app of its own (one scenario behind its router; its series carry its name): read the
+    counters, send known requests, and every counter and histogram count grows by exactly them."""
     import ray
+    from ray import serve
 
-    port = ray.nodes()[0]["MetricsExportPort"]
-    wanted = ["ray_mtfm_request_latency_ms", "ray_mtfm_request_errors_total", "ray_mtfm_candidates_per_request",
-              "ray_mtfm_batch_requests", "ray_mtfm_batch_tokens", "ray_mtfm_candidates_total",
-              "ray_mtfm_scored_requests_total", "ray_mtfm_scored_tokens_total"]
-    deadline, text = time.monotonic() + 120, ""
-    while time.monotonic() < deadline:  # metrics are exported every few seconds, later on a loaded machine
-        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        if all(name in text for name in wanted) and 'scenario="hp"' in text and 'kind="too_many_candidates"' in text:
-            break
-        time.sleep(2)
-    missing = [name for name in wanted if name not in text]
-    assert not missing, f"not exported on port {port}: {missing}"
-    assert 'kind="too_many_candidates"' in text
-    # The counters are exact: every batch holds at least one request and each request at least one
-    # candidate (Ray's histogram sums, from bucket midpoints, give 0.5 for a batch of one).
-    batches = _metric_total(text, "ray_mtfm_batch_requests_count")
-    scored = _metric_total(text, "ray_mtfm_scored_requests_total")
-    accepted, candidates = (_metric_total(text, "ray_mtfm_candidates_per_request_count"),
-                            _metric_total(text, "ray_mtfm_candidates_total"))
-    assert scored >= batches > 0 and scored == int(scored), (scored, batches)
-    assert candidates >= accepted > 0 and candidates == int(candidates), (candidates, accepted)
+    app = "metrics_phf"
+    config_dir = _config_dir_with(service["config_dir"], service["root"] / "metrics-configs", only=["phf"])
+    _deploy(config_dir, service["checkpoint"], name=app, route_prefix="/metrics-phf")
+    try:
+        registry, url = service["registry"], f"{service['url']}/metrics-phf"
+        port = ray.nodes()[0]["MetricsExportPort"]
+        ours = {"application": app, "scenario": "phf"}
 
+        def counts() -> dict[str, float]:
+            text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            return {
+                "candidates": _metric_total(text, "ray_mtfm_candidates_total", **ours),
+                "accepted": _metric_total(text, "ray_mtfm_candidates_per_request_count", **ours),
+                "scored": _metric_total(text, "ray_mtfm_scored_requests_total", **ours),
+                "tokens": _metric_total(text, "ray_mtfm_scored_tokens_total", **ours),
+                "batches": _metric_total(text, "ray_mtfm_batch_requests_count", **ours),
+                "latency 2xx": _metric_total(text, "ray_mtfm_request_latency_ms_count", status="2xx", **ours),
+                "latency 4xx": _metric_total(text, "ray_mtfm_request_latency_ms_count", status="4xx", **ours),
+                "too_many_candidates": _metric_total(text, "ray_mtfm_request_errors_total",
+                                                     kind="too_many_candidates", **ours),
+            }
 
-def test_serving_metrics_record_exact_totals_beside_the_histograms(monkeypatch):
-    """Ray-free: each Counter and Histogram the serving metrics make, with what they were given."""
-    from mtfm.deployments import metrics as serving_metrics
-
-    recorded: dict[str, list] = {}
-
-    class Fake:
-        def __init__(self, name, description="", boundaries=None, tag_keys=()):
-            self.name = name
-
-        def observe(self, value, tags):
-            recorded.setdefault(self.name, []).append((value, tags["scenario"]))
-
-        def inc(self, value=1.0, tags=None):
-            recorded.setdefault(self.name, []).append((value, tags["scenario"]))
-
-    monkeypatch.setattr(serving_metrics, "metrics", SimpleNamespace(Counter=Fake, Histogram=Fake))
-    batches, requests_ = serving_metrics.BatchMetrics("hp"), serving_metrics.RequestMetrics()
-    for size, tokens in ((1, 300), (3, 1200)):
-        batches.batch(size, tokens, 4.0)
-    requests_.accepted("hp", 200)
-    requests_.accepted("hp", 50)
-    assert recorded["mtfm_scored_requests_total"] == recorded["mtfm_batch_requests"] == [(1, "hp"), (3, "hp")]
-    assert recorded["mtfm_scored_tokens_total"] == [(300, "hp"), (1200, "hp")]
-    assert recorded["mtfm_candidates_total"] == recorded["mtfm_candidates_per_request"] == [(200, "hp"), (50, "hp")]
+        before = counts()
+        shapes = [(1, 0), (4, 3), (9, 40), (30, 5), (120, 300)]  # (candidates, events per sequence)
+        for k, (candidates, events) in enumerate(shapes):  # one at a time: one request per batch
+            body = example_request(registry, "phf", candidates=candidates, events=events, seed=k, user_id=500 + k)
+            response = requests.post(f"{url}/phf/rank", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+        most = registry.scenario("phf").serving.max_candidates
+        too_many = example_request(registry, "phf", candidates=most + 1)
+        refused = requests.post(f"{url}/phf/rank", json=too_many, timeout=60)
+        assert (refused.status_code, refused.json()["error"]["kind"]) == (422, "too_many_candidates")
+        # Tokens: the candidates and each sequence's newest max_len events.
+        tokens = sum(c + sum(min(e, seq.max_len) for seq in registry.sequences.values()) for c, e in shapes)
+        expected = {"candidates": 1 + 4 + 9 + 30 + 120, "accepted": 5, "scored": 5, "tokens": tokens, "batches": 5,
+                    "latency 2xx": 5, "latency 4xx": 1, "too_many_candidates": 1}
+        deadline = time.monotonic() + 120
+        while True:  # Ray exports metrics every few seconds, later on a loaded machine
+            grown = {name: value - before[name] for name, value in counts().items()}
+            if all(grown[name] >= expected[name] for name in expected) or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert grown == expected, f"on port {port}, {app}'s series grew by {grown}"
+    finally:
+        serve.delete(app)
 
 
-def _metric_total(text: str, name: str) -> float:
-    """The sum over every series of one metric in a Prometheus text page."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
+_SERIES = re.compile(r"^(?P<name>[A-Za-z_:][\w:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def _metric_total(text: str, name: str, **labels: str) -> float:
+    """The sum of one metric over its series, in a Prometheus text page, that carry `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        match = _SERIES.match(line)
+        if match and match["name"] == name:
+            found = dict(_LABEL.findall(match["labels"] or ""))
+            if all(found.get(key) == value for key, value in labels.items()):
+                total += float(match["value"])
+    return total
 
 
 def test_a_killed_replica_loses_no_retried_request(service):
@@ -321,29 +348,82 @@ def test_a_killed_replica_loses_no_retried_request(service):
     assert after and after[0]["name"] != replicas[0]["name"]
 
 
-def test_a_scenario_added_by_yaml_is_served_after_redeploy(service):
-    config_dir, root = service["config_dir"], service["root"]
-    text = (config_dir / "scenarios" / "sqs.yaml").read_text().replace("name: sqs", "name: coupon")
-    (config_dir / "scenarios" / "coupon.yaml").write_text(text)
-    registry = load_registry(config_dir)
-    checkpoint = write_tiny_checkpoint(registry, root / "run-b" / "checkpoint_00000009", step=9)
-    _deploy(config_dir, checkpoint)
+@pytest.fixture(scope="module")
+def coupon(service):
+    """A config dir that adds scenario `coupon` (sqs's features under a new name) and a checkpoint
+    trained on it (run-b)."""
+    root = service["root"] / "coupon"
+    config_dir = _config_dir_with(service["config_dir"], root / "configs", add={"coupon": "sqs"})
+    checkpoint = write_tiny_checkpoint(load_registry(config_dir), root / "run-b" / "checkpoint_00000009", step=9)
+    return {"config_dir": config_dir, "checkpoint": checkpoint}
+
+
+def test_a_scenario_added_by_yaml_is_served_after_redeploy(service, coupon):
+    _deploy(coupon["config_dir"], coupon["checkpoint"])
+    registry = load_registry(coupon["config_dir"])
     body = example_request(registry, "coupon", candidates=4)
     response = requests.post(f"{service['url']}/coupon/rank", json=body, timeout=60)
     assert response.status_code == 200, response.text
     assert response.json()["model_version"] == "run-b/checkpoint_00000009@step9"
     parser = RankRequestParser(registry, "coupon", max_candidates=10)
     table = parser.parse(body, now_ms=int(time.time() * 1000)).table
-    np.testing.assert_allclose(_served(response), OfflineScorer(checkpoint).scores("coupon", table), atol=1e-5)
+    offline = OfflineScorer(coupon["checkpoint"]).scores("coupon", table)
+    np.testing.assert_allclose(_served(response), offline, atol=1e-5)
 
 
-def test_a_scenario_whose_yaml_is_removed_is_not_served_after_redeploy(service):
-    """Retiring: the checkpoint still holds `coupon` (trained above), the registry no longer does."""
-    config_dir, root = service["config_dir"], service["root"]
+def test_a_scenario_whose_yaml_is_removed_is_not_served_after_redeploy(service, coupon, tmp_path):
+    """Retiring: the checkpoint still holds `coupon`, the registry no longer does."""
+    config_dir = _config_dir_with(coupon["config_dir"], tmp_path / "configs")
     (config_dir / "scenarios" / "coupon.yaml").unlink()
-    _deploy(config_dir, root / "run-b" / "checkpoint_00000009")
+    _deploy(config_dir, coupon["checkpoint"])
     registry = load_registry(config_dir)
-    gone = requests.post(f"{service['url']}/coupon/rank", json=example_request(registry, "hp", candidates=2), timeout=60)
+    assert "coupon" not in registry.scenarios
+    body = example_request(registry, "hp", candidates=2)
+    gone = requests.post(f"{service['url']}/coupon/rank", json=body, timeout=60)
     assert gone.status_code == 404 and gone.json()["error"]["kind"] == "unknown_scenario"
-    kept = requests.post(f"{service['url']}/hp/rank", json=example_request(registry, "hp", candidates=2), timeout=60)
+    kept = requests.post(f"{service['url']}/hp/rank", json=body, timeout=60)
     assert kept.status_code == 200, kept.text
+    assert kept.json()["model_version"] == "run-b/checkpoint_00000009@step9"
+
+
+def test_a_single_scenario_checkpoint_serves_its_scenario(service, tmp_path):
+    """A model trained on hp alone (a model config's `scenarios: [hp]`) is served for hp, by an
+    app of its own here; build_app refuses it for scenarios it lacks (test_serve_backends.py)."""
+    from ray import serve
+
+    registry = service["registry"]
+    checkpoint = write_tiny_checkpoint(registry, tmp_path / "run-hp" / "checkpoint_00000005", step=5, seed=1,
+                                       scenarios=["hp"])
+    app = build_app({"checkpoint": str(checkpoint), "config_dir": str(service["config_dir"]),
+                     "scenarios": {"hp": SMALL_REPLICA}, "scenario_ingress": "hp"})
+    serve.run(app, name="hp_trained_alone", route_prefix="/hp-trained-alone")
+    try:
+        body = example_request(registry, "hp", candidates=5, events=4, seed=2)
+        response = requests.post(f"{service['url']}/hp-trained-alone/hp/rank", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.json()["model_version"] == "run-hp/checkpoint_00000005@step5"
+        table = RankRequestParser(registry, "hp", max_candidates=10).parse(body, now_ms=int(time.time() * 1000)).table
+        np.testing.assert_allclose(_served(response), OfflineScorer(checkpoint).scores("hp", table), atol=1e-5)
+    finally:
+        serve.delete("hp_trained_alone")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_a_backend_the_replica_cannot_run_fails_the_replica_with_a_clear_error(service):
+    """The builder (on the controller's node) accepts backend tensorrt by name; the replica, on
+    the node it runs on (here without the `tensorrt` package), refuses it and says why."""
+    from ray import serve
+
+    app = build_app({"checkpoint": str(service["checkpoint"]), "config_dir": str(service["config_dir"]),
+                     "scenarios": {"sqs": {**SMALL_REPLICA, "backend": "tensorrt"}}, "scenario_ingress": "sqs"})
+    try:
+        with pytest.raises(RuntimeError, match="Deploying application sqs_tensorrt failed"):
+            serve.run(app, name="sqs_tensorrt", route_prefix="/sqs-tensorrt")
+        status = serve.status().applications["sqs_tensorrt"].deployments["ranker_sqs"]
+        message = status.message
+        assert status.status == "DEPLOY_FAILED", (status.status, message)
+        assert "BackendUnavailable" in message, message
+        assert "scenario sqs: backend tensorrt needs the `tensorrt` package" in message, message
+        assert "args.scenarios.sqs.backend" in message, message
+    finally:
+        serve.delete("sqs_tensorrt")

@@ -39,3 +39,19 @@ def test_empty_user_gets_an_empty_mask():
     masks = build_dynamic_mask(torch.tensor([0, 0, 1]), torch.tensor([T], dtype=torch.int8), torch.tensor([3]))
     assert masks[0].shape == (0, 0)
     assert torch.equal(masks[1], torch.ones(1, 1, dtype=torch.bool))
+
+
+def test_the_kernel_benchmarks_pair_count_is_the_masks():
+    """bench/kernels.py's TFLOP/s figures rest on its own count of visible pairs: it must be the mask's."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parents[2] / "bench" / "kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for length, seed in ((80, 1), (200, 2)):
+        batch = bench.make_batch(length, 3, 2, 1, 8, torch.float32, "cpu", seed=seed)
+        masks = build_dynamic_mask(batch["offsets"], batch["kind"], batch["ts"])
+        full = sum(int(m.sum()) for m in masks)
+        target = sum(int(m[-batch["n_t"]:].sum()) for m in masks)
+        assert bench.visible_pairs(batch) == (full, target)

@@ -46,9 +46,9 @@ def scores_by_request(model, table: pa.Table) -> dict[tuple[str, int, int], torc
     return out
 
 
-def assert_same_scores(expected: dict, actual: dict, keys=None, atol=1e-5):
+def assert_same_scores(expected: dict, actual: dict, keys=None, atol=1e-5, rtol=1e-4):
     for key in (keys if keys is not None else expected):
-        torch.testing.assert_close(actual[key], expected[key], atol=atol, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(actual[key], expected[key], atol=atol, rtol=rtol, msg=lambda m: f"{key}: {m}")
 
 
 def exposures(row: dict, scenario: str) -> list[dict]:

@@ -183,3 +183,18 @@ def test_token_budget_batches_cover_every_user_once_in_order():
     first = next(b for b in batches if 200 in b.user_id.tolist())
     row = first.user_id.tolist().index(200)
     assert (first.offsets[row + 1] - first.offsets[row]) == reference.offsets[1]
+
+
+def test_hash_is_splitmix64_with_its_published_outputs():
+    """Embedding rows must not move between releases (checkpoints and serving depend on them): the
+    first three outputs of the splitmix64 generator seeded with 0 are the hashes of the states it
+    passes through (0, the golden ratio constant, twice it)."""
+    from mtfm.model.hashing import splitmix64
+
+    golden = 0x9E3779B97F4A7C15
+    states = np.array([0, golden - 2**64, 2 * golden - 2**64], dtype=np.int64)  # as int64, two's complement
+    published = [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    assert splitmix64(states).tolist() == published
+    # bucket = 1 + hash mod (buckets - 1); a null id gets row 0
+    rows = hash_to_buckets(states, 1000, valid=np.array([True, True, False]))
+    assert rows.tolist() == [1 + published[0] % 999, 1 + published[1] % 999, 0]

@@ -1,14 +1,20 @@
 """Model configs: the seed files load, the HTA grammar, clear errors, and `mtfm model summary`."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from mtfm.model import ModelConfigError, load_model_config, parse_hta_layout, parse_model_config
+from model_test_utils import random_table
+from mtfm.kernels.mask import build_dynamic_mask
+from mtfm.model import Collator, ModelConfigError, build_model, load_model_config, parse_hta_layout, parse_model_config
+from mtfm.model.summary import TokenMix, forward_flops
 from mtfm.platform.cli import main
+from mtfm.platform.registry import load_registry
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
+REGISTRY = load_registry(CONFIGS.parent)
 
 
 @pytest.mark.parametrize("name,layers,d_model,heads", [("tiny", 2, 32, 2), ("small", 3, 512, 2),
@@ -61,10 +67,70 @@ def test_a_train_config_given_as_the_model_config_is_named_as_such():
         load_model_config(CONFIGS.parent / "train" / "tiny.yaml")
 
 
-def test_model_summary_cli(capsys):
-    assert main(["model", "summary", "--config", str(CONFIGS / "tiny.yaml"), "--config-dir", "configs"]) == 0
+def _summary_section(out: str, title: str) -> dict[str, str]:
+    """The `  name  value` lines under the line starting with `title` in `mtfm model summary` output."""
+    lines = out.split("\n\n" + title, 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    return dict(line.split()[:2] for line in lines)
+
+
+@pytest.mark.parametrize("name", ["tiny", "dlrm_mmoe_tiny", "dcnv2_tiny"])
+def test_model_summary_cli_counts_the_parameters_of_the_built_model(name, capsys):
+    assert main(["model", "summary", "--config", str(CONFIGS / f"{name}.yaml"), "--config-dir", "configs"]) == 0
+    printed = _summary_section(capsys.readouterr().out, "parameters")
+    parts = {part: int(n.replace(",", "")) for part, n in printed.items()}
+    model = build_model(load_model_config(CONFIGS / f"{name}.yaml"), REGISTRY)
+    assert parts["total"] == sum(p.numel() for p in model.parameters())
+    assert parts["total"] == sum(n for part, n in parts.items() if part != "total")
+    # one hashed table per categorical feature name, buckets x dim, counted from the registry
+    tables = {f.name: f.buckets * f.dim for g in [*REGISTRY.sequences.values(), *REGISTRY.scenarios.values()]
+              for f in g.features if f.type in ("categorical", "categorical_list")}
+    assert parts["embedding_tables"] == sum(tables.values())
+
+
+def test_model_summary_cli_attention_flops_on_the_typical_mix(tmp_path, capsys):
+    """Hand-worked: sequences at max_len (n_h H, n_r R), the T-tokens interleaved uniformly with the R
+    events. H queries see the n_h H keys (R events come later); the k-th R query sees n_h H, k-1 earlier R
+    and itself; a T query sees n_h H, half the R on average, and itself. Attention FLOPs: 4 Hq dh per
+    visible pair per layer; layout (1:3)*8 runs 9 target layers (8, and the top one) and 23 full ones."""
+    config = tmp_path / "deep.yaml"
+    config.write_text("architecture: mtfm\nd_model: 32\nnum_heads: 2\nnum_kv_heads: 1\nhta_layout: '(1:3)*8'\n"
+                      "tokenizer_hidden_dim: 32\nmmoe: {num_experts: 2, expert_dim: 16, tower_dim: 8}\n")
+    assert main(["model", "summary", "--config", str(config), "--config-dir", "configs", "--targets", "50"]) == 0
     out = capsys.readouterr().out
-    assert "parameters" in out and "total" in out and "GFLOP" in out
+    n_h, n_r, targets = 256, 32, 50  # configs/sequences.yaml: history and realtime max_len
+    assert [s.max_len for s in REGISTRY.history_sequences] == [n_h]
+    assert [s.max_len for s in REGISTRY.realtime_sequences] == [n_r]
+    target_pairs = targets * (n_h + n_r // 2 + 1)
+    full_pairs = n_h * n_h + n_r * n_h + n_r * (n_r + 1) // 2 + target_pairs
+    assert (target_pairs, full_pairs) == (13_650, 87_906)
+    pairs = re.search(r"; ([\d,]+) visible pairs with every token a query, ([\d,]+) with T only\)", out)
+    assert pairs and pairs.groups() == (f"{full_pairs:,}", f"{target_pairs:,}")
+    attention = 4 * 2 * 16 * (9 * target_pairs + 23 * full_pairs)
+    assert attention == 274_520_064
+    assert _summary_section(out, "forward FLOPs")["attention"] == f"{attention / 1e9:.4f}"
+
+
+@pytest.mark.parametrize("layout,targets_runs,full_runs", [("(1:1)*1", 2, 0), ("(1:1)*2", 3, 1), ("(0:3)*1", 1, 2)])
+def test_attention_flops_on_a_batch_count_its_visible_pairs(layout, targets_runs, full_runs):
+    """forward_flops' attention on a collated batch's mix = 4 Hq dh x visible (query, key) pairs per
+    layer, averaged over users; the pairs counted here token by token with the DESIGN.md rule (key j
+    visible to query i iff j is H, or R with ts_j < ts_i, or j == i)."""
+    config = load_model_config(CONFIGS / "tiny.yaml").replace(hta_layout=layout, num_heads=4, head_dim=12)
+    batch = Collator(REGISTRY)(random_table(REGISTRY, 3, 5, lengths={"history": (2, 6), "realtime": (2, 6),
+                                                                     "hp": (1, 3), "phf": (0, 3), "sqs": (1, 3)}))
+    kind, ts, bounds = batch.kind.tolist(), batch.ts.tolist(), batch.offsets.tolist()
+    full = target = 0
+    realtime_rule = set()  # (T query, R key) visibilities met: both must occur for the batch to test the rule
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        for i in range(start, end):
+            seen = sum(kind[j] == 0 or (kind[j] == 1 and ts[j] < ts[i]) or j == i for j in range(start, end))
+            full += seen
+            target += seen if kind[i] == 2 else 0
+            realtime_rule |= {ts[j] < ts[i] for j in range(start, end) if kind[i] == 2 and kind[j] == 1}
+    assert batch.num_users == 3 and realtime_rule == {True, False}
+    assert full == sum(int(m.sum()) for m in build_dynamic_mask(batch.offsets, batch.kind, batch.ts))
+    flops = forward_flops(config, REGISTRY, TokenMix.from_batch(batch))
+    assert flops["attention"] == pytest.approx(4 * 4 * 12 * (targets_runs * target + full_runs * full) / 3, rel=1e-12)
 
 
 @pytest.mark.parametrize("name, interaction", [("dlrm_mmoe_tiny", "top MLP"), ("dcnv2_tiny", "3 cross layers")])

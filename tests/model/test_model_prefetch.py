@@ -72,14 +72,28 @@ def test_a_source_error_reaches_the_consumer_after_the_batches_before_it():
         next(prefetched)
 
 
-def test_lookahead_is_bounded_by_depth():
+def _wait_until(condition, deadline_s: float = 10.0) -> bool:
+    """Poll `condition` until it holds or `deadline_s` passes (a slow, loaded machine only waits longer)."""
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_lookahead_is_bounded_by_depth(depth):
+    """After `consumed` batches the producer takes exactly depth more (queued) plus one it holds while it
+    waits for room, and no further."""
     source = _CountingSource(COLLATOR(random_table(REGISTRY, 2, 0)))
-    with BatchPrefetcher(source, "cpu", depth=2) as prefetched:
+    with BatchPrefetcher(source, "cpu", depth=depth) as prefetched:
         for consumed in range(1, 4):
             next(prefetched)
-            time.sleep(0.3)  # time for the producer to fill the queue
-            # depth batches queued, plus one the producer holds while it waits for room
-            assert consumed + 2 <= source.taken <= consumed + 3
+            bound = consumed + depth + 1
+            assert _wait_until(lambda: source.taken >= bound), f"producer took {source.taken}, expected {bound}"
+            time.sleep(0.05)  # room for a producer that overruns the bound to do so (never fails a correct one)
+            assert source.taken == bound
 
 
 def test_closing_early_stops_the_thread_and_closes_the_source():
