@@ -80,7 +80,8 @@ def cmd_scenarios_infer(args: argparse.Namespace) -> int:
         return 1
     print(result.summary())
     print(f"\nwrote draft {result.out} (validated by the registry); confirm the labels and the user/item/cross "
-          f"split, then run `mtfm scenarios validate`")
+          f"split, then run `mtfm scenarios validate"
+          + (f" --config-dir {args.config_dir}`" if args.config_dir else "`"))
     return 0
 
 
@@ -221,16 +222,27 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
     from mtfm.deployments.serve_config import render_serve_config
 
     reg = load_registry(args.config_dir)  # refuse to write a serve config for an invalid registry
+    scenarios = list(reg.scenarios)
     if args.checkpoint is not None:
+        from mtfm.deployments.app import ServeConfigError, servable_scenarios
         from mtfm.platform.checkpoint import CheckpointError, find_checkpoint
 
         try:
-            find_checkpoint(args.checkpoint)
-        except CheckpointError as exc:  # a warning: the path may be one of the cluster's, not this machine's
+            trained = servable_scenarios(find_checkpoint(args.checkpoint))
+        except (CheckpointError, ServeConfigError) as exc:  # a warning: the path may be one of the cluster's
             print(f"warning: {exc}", file=sys.stderr)
+        else:
+            untrained = [s for s in scenarios if s not in trained]
+            if untrained and args.scenario_ingress:
+                scenarios = [s for s in scenarios if s in trained]
+                print(f"note: {args.checkpoint} was trained on {trained} only: no app for {untrained}", file=sys.stderr)
+            elif untrained:
+                print(f"warning: {args.checkpoint} was trained without {untrained}, which {reg.config_dir} registers: "
+                      "serving this config is refused; pass --scenario-ingress (one app per trained scenario) or a "
+                      f"--config-dir that registers just {trained}", file=sys.stderr)
     # The registry validated above: --config-dir, else $MTFM_CONFIG_DIR, else ./configs
     print(render_serve_config(config_dir=str(reg.config_dir), checkpoint=args.checkpoint, host=args.host,
-                              port=args.port, scenario_ingress=list(reg.scenarios) if args.scenario_ingress else None),
+                              port=args.port, scenario_ingress=scenarios if args.scenario_ingress else None),
           end="")
     return 0
 

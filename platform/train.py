@@ -483,7 +483,7 @@ def split_by_window(samples: str | Path, test_windows: int):
                          f"{', ...' if len(names) > 6 else ''}); aggregate the raw logs first: mtfm data aggregate "
                          "--raw RAW_DIR --out AGG_DIR, then pass AGG_DIR")
     try:
-        windows = sorted(ds.unique("window"))
+        windows = _windows_of(path)
     except Exception as exc:  # a file whose footer the schema's read did not reach
         _name_the_unreadable_parquet(path, exc)
         raise
@@ -492,6 +492,15 @@ def split_by_window(samples: str | Path, test_windows: int):
                          "for evaluation: generate more days or lower test_windows")
     cut = windows[-test_windows]
     return ds.filter(expr=col("window") < cut), ds.filter(expr=col("window") >= cut), windows
+
+
+def _windows_of(path: str) -> list[int]:
+    """The distinct windows of the samples, from their `window` column alone, read here: Ray Data's
+    `unique` starts hash-aggregate workers for what is a few thousand integers."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    return sorted(pc.unique(pads.dataset(path, format="parquet").to_table(columns=["window"])["window"]).to_pylist())
 
 
 def _name_the_unreadable_parquet(path: str, error: Exception) -> None:

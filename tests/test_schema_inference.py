@@ -242,7 +242,7 @@ def test_cli_prints_the_summary_and_writes_the_file(raw, config_dir, tmp_path, c
     printed = capsys.readouterr().out
     assert "column" in printed and "why" in printed
     assert "redeem_7d" in printed and "depends_on order" in printed and "reused from scenario sqs" in printed
-    assert f"wrote draft {out}" in printed
+    assert f"wrote draft {out}" in printed and f"`mtfm scenarios validate --config-dir {config_dir}`" in printed
     assert _tasks(out)[:2] == [("click", "ctr", None), ("order", "ctcvr", "click")]
     assert main(argv) == 1  # exists, no --force
     assert "already exists; pass --force" in capsys.readouterr().err

@@ -319,7 +319,7 @@ def test_builder_refuses_a_checkpoint_without_a_registered_scenario(checkpoint, 
         build_app({"checkpoint": str(checkpoint), "config_dir": str(config_dir)})
 
 
-def test_builder_refuses_a_single_scenario_checkpoint_for_the_scenarios_it_lacks(tmp_path, config_dir):
+def test_builder_refuses_a_single_scenario_checkpoint_for_the_scenarios_it_lacks(tmp_path, config_dir, capsys):
     """A model config's `scenarios: [hp]` (configs/model/single_scenario_hp.yaml) trains on hp alone,
     though the checkpoint saves the whole registry: only hp can be served from it."""
     checkpoint = write_tiny_checkpoint(load_registry(REPO / "configs"), tmp_path / "run-hp" / "checkpoint_00000004",
@@ -329,11 +329,26 @@ def test_builder_refuses_a_single_scenario_checkpoint_for_the_scenarios_it_lacks
     message = str(refused.value)
     assert f"checkpoint {checkpoint.resolve()} " in message
     assert "trained without scenarios ['phf', 'sqs']" in message and "trained on ['hp']" in message
-    assert "a config dir that registers just ['hp'], or serve.yaml args.scenario_ingress: hp" in message
+    assert (f"a config dir that registers just ['hp'], or one app per trained scenario from `mtfm serve config "
+            f"--scenario-ingress --checkpoint {checkpoint.resolve()}`") in message
     with pytest.raises(ServeConfigError, match=r"trained without scenarios \['sqs'\] that args\.scenario_ingress "):
         build_app({"checkpoint": str(checkpoint), "config_dir": str(REPO / "configs"), "scenario_ingress": "sqs"})
     # What it can serve: hp alone, by its own app or from a registry of hp alone.
     build_app({"checkpoint": str(checkpoint), "config_dir": str(REPO / "configs"), "scenario_ingress": "hp"})
+    # The command the message names writes that app only, and says why; without --scenario-ingress it warns.
+    import yaml
+
+    from mtfm.platform.cli import main
+
+    assert main(["serve", "config", "--scenario-ingress", "--checkpoint", str(checkpoint), "--config-dir",
+                 str(REPO / "configs")]) == 0
+    out, err = capsys.readouterr()
+    assert [a["name"] for a in yaml.safe_load(out)["applications"]] == ["hp"]
+    assert f"note: {checkpoint} was trained on ['hp'] only: no app for ['phf', 'sqs']" in err
+    assert main(["serve", "config", "--checkpoint", str(checkpoint), "--config-dir", str(REPO / "configs")]) == 0
+    out, err = capsys.readouterr()
+    assert len(yaml.safe_load(out)["applications"]) == 1
+    assert "serving this config is refused; pass --scenario-ingress" in err
     for name in ("phf", "sqs"):
         (config_dir / "scenarios" / f"{name}.yaml").unlink()
     build_app({"checkpoint": str(checkpoint), "config_dir": str(config_dir)})
