@@ -228,11 +228,15 @@ class StepAgreement:
         return float(total.item())
 
 
-def _agreed_batches(batches, agreement: StepAgreement):
-    """`batches` for as long as every worker still has one."""
+def _agreed_batches(batches, agreement: StepAgreement, untrained: list[int]):
+    """`batches` for as long as every worker still has one. When another worker has run out, the
+    users of the batches this one has left are appended to `untrained`: DDP steps together, so
+    they are not trained on this epoch."""
     while True:
         batch = next(batches, None)
         if not agreement.all_have_batch(batch is not None):
+            if batch is not None:
+                untrained.append(sum((b.unpadded or b).num_users for b in itertools.chain([batch], batches)))
             return
         yield batch
 
@@ -392,6 +396,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
             _progress(f"[mtfm] step {step:>6}  {what} {mean}: training diverged, stopping")
         return True
 
+    def record_epoch_coverage(epoch: int, step: int, skip: int, trained: float, untrained: float) -> None:
+        """Every worker's users of the epoch, trained and not (the batches left when a worker ran out)."""
+        if rank != 0:
+            return
+        record = {"step": step, "epoch": epoch, "users_trained": int(trained), "users_not_trained": int(untrained)}
+        if skip:
+            record["resumed_at_batch"] = skip  # the users before it were trained by the attempt that saved it
+        _append_jsonl(run_dir / METRICS_FILE, record)
+        if untrained:
+            _progress(f"[mtfm] epoch {epoch}: {int(untrained)} of {int(trained + untrained)} users not trained on: the "
+                      "workers' shards cut into unequal numbers of batches, and DDP steps every worker together")
+
     model.train()
     while epoch < config.epochs and not done:
         reads = train_shard.iter_batches(batch_size=config.rows_per_read, batch_format="pyarrow", prefetch_batches=2)
@@ -400,9 +416,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         batches = itertools.islice(token_budget_batches(reads, collator, config.tokens_per_batch), skip, None)
         if shapes is not None:
             batches = map(shapes.pad, batches)
-        position = skip
+        position, epoch_users, untrained = skip, 0, []
         with BatchPrefetcher(batches, device) as prefetched:
-            for batch in _agreed_batches(prefetched, agreement):
+            for batch in _agreed_batches(prefetched, agreement, untrained):
                 if config.max_steps is not None and step >= config.max_steps:
                     done = True  # checked with a next batch in hand: a run whose data ends with it ends the epoch
                     break
@@ -416,6 +432,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 loss = train_step(batch, frozen_params if step < config.freeze_loaded_steps else ())
                 step += 1
                 real = batch.unpadded or batch  # padded batches count their real users and tokens
+                epoch_users += real.num_users
                 window["samples"] += real.num_users
                 window["tokens"] += real.num_tokens
                 window["loss"] += loss.detach()  # a tensor: no host sync until the log line
@@ -442,6 +459,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if step % config.checkpoint_every == 0:
                     due = {"step": step, "loss": float(loss.detach())}
         if not done:
+            record_epoch_coverage(epoch, step, skip, agreement.sum(epoch_users), agreement.sum(sum(untrained)))
             epoch, skip, position = epoch + 1, 0, 0
             done = config.max_steps is not None and step >= config.max_steps
             if due is not None and epoch < config.epochs and not done:

@@ -12,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -58,6 +60,14 @@ def test_two_workers_lower_the_loss(tiny_samples, tmp_path):
     log = _log(run)
     steps = [r["step"] for r in log if "loss" in r]
     assert steps == sorted(set(steps)) and meta.step >= steps[-1]
+    # Each epoch, the two shards together hold every training sample once: trained, or left over when the
+    # other worker ran out of batches (and counted so).
+    windows = pq.read_table(tiny_samples / "samples", columns=["window"])["window"].to_numpy()
+    train_rows = int((windows < np.unique(windows)[-config.test_windows]).sum())
+    coverage = [r for r in log if "users_trained" in r]
+    assert [r["epoch"] for r in coverage] == [0, 1, 2]
+    assert all(r["users_trained"] + r["users_not_trained"] == train_rows and r["users_trained"] > 0
+               for r in coverage), (coverage, train_rows)
     evaluation = json.loads((run / "eval.json").read_text())["eval"]
     expected = {f"{s.name}/{t}" for s in load_registry(CONFIGS).scenarios.values() for t in s.task_names}
     assert set(evaluation) <= expected and {"hp/click", "phf/click", "sqs/click"} <= set(evaluation)
@@ -582,3 +592,28 @@ def test_registry_changes_tell_the_model_from_the_data():
         f"scenarios.sqs.tasks: {list(sqs.task_names[:1])} -> {list(sqs.task_names)}"]
     assert registry_changes(Registry.from_dict(snapshot), current, ["hp"])[0] == model[:1]  # the model's scenarios
     assert registry_changes(current, current) == ([], [])
+
+
+def test_a_worker_counts_the_users_it_had_left_when_another_ran_out():
+    """DDP steps every worker together: the batches a worker still holds when another has none are
+    not trained on, and their users are counted (metrics.jsonl's users_not_trained)."""
+    from mtfm.model.sample_tables import random_aggregated_table
+    from mtfm.platform.train import _agreed_batches
+
+    class OtherWorkerHoldsTwoBatches:  # the all-reduced flag, as the other worker's shard makes it
+        calls = 0
+
+        def all_have_batch(self, have: bool) -> bool:
+            self.calls += 1
+            return have and self.calls <= 2
+
+    registry = load_registry(CONFIGS)
+    table = random_aggregated_table(registry, 10, np.random.default_rng(0))
+    collator = Collator(registry)
+    batches = [collator(table.slice(lo, n)) for lo, n in ((0, 3), (3, 2), (5, 4), (9, 1))]
+    untrained: list[int] = []
+    trained = list(_agreed_batches(iter(batches), OtherWorkerHoldsTwoBatches(), untrained))
+    assert [b.num_users for b in trained] == [3, 2] and untrained == [4 + 1]
+    untrained.clear()  # the worker that runs out first has nothing left over
+    assert len(list(_agreed_batches(iter(batches[:1]), OtherWorkerHoldsTwoBatches(), untrained))) == 1
+    assert untrained == []
