@@ -101,7 +101,8 @@ def build_app(args: AppArgs) -> Application:
         raise ServeConfigError(f"checkpoint {checkpoint} was trained without scenarios {untrained} that {served} "
                                f"(it was trained on {trained}); train or warm-start a model with them, or serve only "
                                f"scenarios it has: a config dir that registers just {trained}, or one app per trained "
-                               f"scenario from `mtfm serve config --scenario-ingress --checkpoint {checkpoint}`")
+                               f"scenario from `mtfm serve config --scenario-ingress --checkpoint {checkpoint} "
+                               f"--config-dir {registry.config_dir}`")
     rankers = {
         name: ScenarioDeployment.options(
             name=f"ranker_{name}", num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_ongoing_requests,

@@ -353,7 +353,7 @@ def _summary(registry: Registry, raw: Path, out: Path, window_ms: int, max_ts: i
             missing["rows"] += s["good"]
     warnings = warnings + [s["unreadable"] for s in split if s.get("unreadable")]
     warnings += [f"{name}: column(s) {', '.join(sorted(t['ignored']))} not in the contract, ignored"
-                           for name, t in per_table.items() if t["ignored"]]
+                 for name, t in per_table.items() if t["ignored"]]
     warnings += [f"{name}: {len(m['files'])} file(s) without column(s) {', '.join(columns)} (optional; "
                  f"{', '.join(sorted(m['files'])[:3])}{', ...' if len(m['files']) > 3 else ''}): their {m['rows']:,} "
                  "valid rows get null there" for name, t in per_table.items() for columns, m in t["missing"].items()]

@@ -233,6 +233,10 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
             print(f"warning: {exc}", file=sys.stderr)
         else:
             untrained = [s for s in scenarios if s not in trained]
+            if len(untrained) == len(scenarios):
+                print(f"error: {args.checkpoint} was trained on {trained}, none of which {reg.config_dir} registers",
+                      file=sys.stderr)
+                return 1
             if untrained and args.scenario_ingress:
                 scenarios = [s for s in scenarios if s in trained]
                 print(f"note: {args.checkpoint} was trained on {trained} only: no app for {untrained}", file=sys.stderr)

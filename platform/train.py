@@ -513,12 +513,27 @@ def split_by_window(samples: str | Path, test_windows: int):
 
 
 def _windows_of(path: str) -> list[int]:
-    """The distinct windows of the samples, from their `window` column alone, read here: Ray Data's
-    `unique` starts hash-aggregate workers for what is a few thousand integers."""
+    """The distinct windows of the samples, from their `window` column alone, read here batch by batch
+    (Ray Data's `unique` starts hash-aggregate workers for it). The files are those Ray Data reads:
+    `*.parquet`, none under a name starting with `.` or `_`."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
 
-    return sorted(pc.unique(pads.dataset(path, format="parquet").to_table(columns=["window"])["window"]).to_pylist())
+    if "://" in path:
+        fs, root = pafs.FileSystem.from_uri(path)
+    else:
+        fs, root = pafs.LocalFileSystem(), str(Path(path).resolve())
+    if fs.get_file_info(root).type == pafs.FileType.File:
+        files = [root]
+    else:
+        found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        files = sorted(f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(".parquet")
+                       and not any(p.startswith((".", "_")) for p in f.path[len(root):].split("/")))
+    windows: set[int] = set()
+    for batch in pads.dataset(files, filesystem=fs, format="parquet").to_batches(columns=["window"]):
+        windows.update(pc.unique(batch.column(0)).drop_null().to_pylist())
+    return sorted(windows)
 
 
 def _name_the_unreadable_parquet(path: str, error: Exception) -> None:

@@ -330,7 +330,8 @@ def test_builder_refuses_a_single_scenario_checkpoint_for_the_scenarios_it_lacks
     assert f"checkpoint {checkpoint.resolve()} " in message
     assert "trained without scenarios ['phf', 'sqs']" in message and "trained on ['hp']" in message
     assert (f"a config dir that registers just ['hp'], or one app per trained scenario from `mtfm serve config "
-            f"--scenario-ingress --checkpoint {checkpoint.resolve()}`") in message
+            f"--scenario-ingress --checkpoint {checkpoint.resolve()} --config-dir "
+            f"{load_registry(REPO / 'configs').config_dir}`") in message
     with pytest.raises(ServeConfigError, match=r"trained without scenarios \['sqs'\] that args\.scenario_ingress "):
         build_app({"checkpoint": str(checkpoint), "config_dir": str(REPO / "configs"), "scenario_ingress": "sqs"})
     # What it can serve: hp alone, by its own app or from a registry of hp alone.
@@ -352,6 +353,12 @@ def test_builder_refuses_a_single_scenario_checkpoint_for_the_scenarios_it_lacks
     for name in ("phf", "sqs"):
         (config_dir / "scenarios" / f"{name}.yaml").unlink()
     build_app({"checkpoint": str(checkpoint), "config_dir": str(config_dir)})
+    hp = config_dir / "scenarios" / "hp.yaml"  # a registry without the one scenario it has
+    (config_dir / "scenarios" / "coupon.yaml").write_text(hp.read_text().replace("name: hp", "name: coupon"))
+    hp.unlink()
+    assert main(["serve", "config", "--scenario-ingress", "--checkpoint", str(checkpoint), "--config-dir",
+                 str(config_dir)]) == 1
+    assert "was trained on ['hp'], none of which" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model_config, architecture", [("configs/model/dcnv2_tiny.yaml", "dcnv2"),
