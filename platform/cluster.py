@@ -42,6 +42,11 @@ def _quiet_placement_group_cleaner() -> None:
     if not os.environ.get("RAY_ADDRESS"):
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    # Each ray.train.report is logged at INFO with the whole metrics dict (every task's AUC, GAUC and
+    # counts on one line): the [mtfm] lines and the table say it shorter. Its logger is named by its
+    # file's path.
+    execution = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution")
+    logging.getLogger(os.path.join(execution, "context.py")).setLevel(logging.WARNING)
 
 
 def bundles_that_fit(bundle: dict[str, float]) -> tuple[int, str]:
