@@ -353,7 +353,14 @@ def pacing_probe(checkpoint: Path, registry, shapes: Shapes, device_name: str, k
     requests come with idle gaps between them, or because of the BatchQueue's hand-offs? The same
     `TorchBackend.score` of one cached user's K candidates (graphed on CUDA), timed five ways:
     on the main thread or in a worker thread, back to back or `PACING_GAP_S` apart, and through a
-    `BatchQueue` on an event loop (as the replica) with the same gaps; p50/p99 ms of the call."""
+    `BatchQueue` on an event loop (as the replica) with the same gaps; p50/p99 ms of the call.
+
+    What wakes slowly after a gap is separated two ways. The same gaps spent otherwise: the CPU
+    spinning (the core never idles), spinning while a tiny kernel is launched every 0.25 ms (the
+    GPU never idles either), or sleeping while a side thread launches a tiny kernel every 0.5 ms
+    (a keep-warm thread a replica could run). And fixed work timed after a gap and back to back:
+    a bf16 matmul on the GPU (CUDA events: the GPU's own time, its clocks) and a Python loop on
+    the CPU (the core's clock and idle state)."""
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
@@ -396,6 +403,42 @@ def pacing_probe(checkpoint: Path, registry, shapes: Shapes, device_name: str, k
             await asyncio.sleep(PACING_GAP_S)
         return np.array(times)
 
+    tick = torch.zeros(1, device=device_name)
+
+    def spin(gap_s: float, tick_every_s: float | None = None) -> None:
+        end = time.perf_counter() + gap_s
+        next_tick = 0.0
+        while (now := time.perf_counter()) < end:
+            if tick_every_s is not None and now >= next_tick:
+                tick.add_(1)
+                next_tick = now + tick_every_s
+
+    def spun(call, gap_s: float, tick_every_s: float | None = None) -> np.ndarray:
+        times = []
+        for i in range(repeats + 5):
+            ms = call()
+            if i >= 5:
+                times.append(ms)
+            spin(gap_s, tick_every_s)
+        return np.array(times)
+
+    def with_keep_warm_thread(measure) -> np.ndarray:
+        import threading
+
+        stop = threading.Event()
+
+        def keep_warm():
+            while not stop.wait(0.0005):
+                tick.add_(1)
+
+        thread = threading.Thread(target=keep_warm, daemon=True)
+        thread.start()
+        try:
+            return measure()
+        finally:
+            stop.set()
+            thread.join()
+
     gap_ms = PACING_GAP_S * 1000
     with ThreadPoolExecutor(1) as worker:
         in_worker = lambda: worker.submit(timed_score).result()  # noqa: E731
@@ -405,8 +448,57 @@ def pacing_probe(checkpoint: Path, registry, shapes: Shapes, device_name: str, k
             f"main thread, {gap_ms:g} ms apart": lambda: serial(timed_score, PACING_GAP_S),
             f"worker thread, {gap_ms:g} ms apart": lambda: serial(in_worker, PACING_GAP_S),
             f"BatchQueue, {gap_ms:g} ms apart": lambda: asyncio.run(through_queue()),
+            f"main thread, {gap_ms:g} ms spun": lambda: spun(timed_score, PACING_GAP_S),
+            f"main thread, {gap_ms:g} ms spun, GPU ticks": lambda: spun(timed_score, PACING_GAP_S, 0.00025),
+            f"main thread, {gap_ms:g} ms apart, keep-warm thread":
+                lambda: with_keep_warm_thread(lambda: serial(timed_score, PACING_GAP_S)),
+            f"BatchQueue, {gap_ms:g} ms apart, keep-warm thread":
+                lambda: with_keep_warm_thread(lambda: asyncio.run(through_queue())),
         }
-        return [{"way": way, "k": k} | _percentiles(measure()) for way, measure in ways.items()]
+        rows = [{"way": way, "k": k} | _percentiles(measure()) for way, measure in ways.items()]
+    return rows + wake_probes(device_name, repeats, spin)
+
+
+def wake_probes(device_name: str, repeats: int, spin) -> list[dict]:
+    """Fixed work timed back to back and after a `PACING_GAP_S` sleep or spin: a bf16 matmul's GPU
+    time by CUDA events (the GPU's clocks after idling) and a Python loop's wall time (the CPU's)."""
+    import torch
+
+    def python_loop() -> float:
+        start = time.perf_counter()
+        total = 0
+        for i in range(20_000):
+            total += i
+        return (time.perf_counter() - start) * 1000
+
+    probes = {"Python loop (CPU)": python_loop}
+    if device_name == "cuda":
+        a = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
+        start_event, end_event = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def gpu_matmul() -> float:
+            start_event.record()
+            for _ in range(4):
+                a @ a
+            end_event.record()
+            end_event.synchronize()
+            return start_event.elapsed_time(end_event)
+
+        probes["bf16 matmul 4x2048^3 (GPU events)"] = gpu_matmul
+    gap_ms = PACING_GAP_S * 1000
+    rows = []
+    for name, probe in probes.items():
+        for how, gap in (("back to back", lambda: None),
+                         (f"after {gap_ms:g} ms asleep", lambda: time.sleep(PACING_GAP_S)),
+                         (f"after {gap_ms:g} ms spun", lambda: spin(PACING_GAP_S))):
+            times = []
+            for i in range(repeats + 5):
+                gap()
+                ms = probe()
+                if i >= 5:
+                    times.append(ms)
+            rows.append({"way": f"{name}, {how}", "k": 0} | _percentiles(np.array(times)))
+    return rows
 
 
 def decode_parse_times(registry, parser, k: int, history_events: int, repeats: int) -> dict:
@@ -1004,7 +1096,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"one cached user's {args.pacing} candidates, {shapes.model_config} on {args.device}, "
                   f"{repeats} calls each: TorchBackend.score p50 / p99 ms")
             for r in rows:
-                print(f"  {r['way']:<30} {r['p50_ms']:6.2f} / {r['p99_ms']:6.2f}")
+                print(f"  {r['way']:<52} {r['p50_ms']:6.3f} / {r['p99_ms']:6.3f}")
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.machine()})"
             Path(args.out).write_text(json.dumps({

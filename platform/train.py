@@ -191,12 +191,12 @@ def set_rates(optimizers: dict[str, Any], config: TrainConfig) -> None:
 
 
 class StepAgreement:
-    """Whether every worker still has a batch: DDP needs the same number of steps everywhere,
-    and token-budget batching gives workers with equal users unequal step counts.
+    """What the workers hold at a step, and sums over them: DDP needs the same number of steps
+    everywhere, and token-budget batching gives workers with equal users unequal step counts.
 
-    The flag is all-reduced through a gloo group of its own, on CPU tensors: on the GPU's NCCL
-    group the `.item()` would wait for every kernel queued before it (the whole previous step),
-    a host sync per step; a gloo all-reduce only meets the other workers' host loops.
+    The counts are all-reduced through a gloo group of their own, on CPU tensors: on the GPU's
+    NCCL group the `.item()` would wait for every kernel queued before it (the whole previous
+    step), a host sync per step; a gloo all-reduce only meets the other workers' host loops.
     """
 
     def __init__(self):
@@ -205,40 +205,59 @@ class StepAgreement:
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         # new_group is collective: every worker constructs its StepAgreement at the same point.
         self.group = dist.new_group(backend="gloo") if distributed else None
+        self.world_size = dist.get_world_size() if distributed else 1
 
-    def all_have_batch(self, have: bool) -> bool:
+    def batches_held(self, have: bool, can_stand_in: bool) -> tuple[int, bool]:
+        """How many workers hold a batch for this step, and whether every other one can stand in."""
+        held, ready = self.sums(float(have), float(have or can_stand_in))
+        return int(held), ready == self.world_size
+
+    def sums(self, *values: float) -> list[float]:
+        """Each value summed over the workers, called at the same step on all of them (NaN and inf carry through)."""
         import torch
         import torch.distributed as dist
 
         if self.group is None:
-            return have
-        flag = torch.tensor([1 if have else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
-        return bool(flag.item())
+            return list(values)
+        total = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+        return total.tolist()
 
     def sum(self, value: float) -> float:
-        """`value` summed over the workers, called at the same step on all of them (NaN and inf carry through)."""
-        import torch
-        import torch.distributed as dist
-
-        if self.group is None:
-            return value
-        total = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
-        return float(total.item())
+        return self.sums(value)[0]
 
 
-def _agreed_batches(batches, agreement: StepAgreement, untrained: list[int]):
-    """`batches` for as long as every worker still has one. When another worker has run out, the
-    users of the batches this one has left are appended to `untrained`: DDP steps together, so
-    they are not trained on this epoch."""
+@dataclass(frozen=True)
+class AgreedStep:
+    """One step of a worker: its batch, or `stand_in` when it has none left (its last batch again,
+    whose gradients count 0), and the loss scale that makes DDP's average the mean gradient of the
+    workers that hold a batch (world size / their number; 0 for a stand-in)."""
+
+    batch: Any
+    loss_scale: float
+    stand_in: bool
+
+
+def _agreed_batches(batches, agreement: StepAgreement, untrained: list[int], last=None):
+    """Steps for as long as any worker holds a batch: a worker that has run out stands in with its
+    last batch (`last`: the one it held before these, after a resume) at loss scale 0, so the
+    others' batches are all trained on. Only when such a worker has no batch at all to stand in
+    with does the epoch end early for every worker; then the users of the batches this one still
+    holds are appended to `untrained`."""
     while True:
         batch = next(batches, None)
-        if not agreement.all_have_batch(batch is not None):
+        held, all_can_step = agreement.batches_held(batch is not None, last is not None)
+        if held == 0:
+            return
+        if not all_can_step:
             if batch is not None:
                 untrained.append(sum((b.unpadded or b).num_users for b in itertools.chain([batch], batches)))
             return
-        yield batch
+        if batch is None:
+            yield AgreedStep(last, 0.0, stand_in=True)
+        else:
+            last = batch
+            yield AgreedStep(batch, agreement.world_size / held, stand_in=False)
 
 
 def _progress(message: str) -> None:
@@ -383,11 +402,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     due: dict | None = None
     diverged: dict | None = None
 
-    def stop_if_diverged(value: float, what: str) -> bool:
-        """Whether `value` (this worker's loss, or NaN for weights that are not finite) averaged over
-        the workers is not finite: then every worker stops here, having called this at the same step."""
+    def stop_if_diverged(value: float, what: str, summed: bool = False) -> bool:
+        """Whether `value` (NaN for weights or scores that are not finite on this worker; with
+        `summed`, the workers' mean loss, already agreed) averaged over the workers is not finite:
+        then every worker stops here, having called this at the same step."""
         nonlocal diverged
-        mean = agreement.sum(value) / ctx.get_world_size()
+        mean = value if summed else agreement.sum(value) / ctx.get_world_size()
         if math.isfinite(mean):
             return False
         diverged = {"step": step, "what": what, "value": str(mean)}  # "nan", "inf": strict JSON has no NaN
@@ -396,29 +416,36 @@ def train_loop_per_worker(loop_config: dict) -> None:
             _progress(f"[mtfm] step {step:>6}  {what} {mean}: training diverged, stopping")
         return True
 
-    def record_epoch_coverage(epoch: int, step: int, skip: int, trained: float, untrained: float) -> None:
-        """Every worker's users of the epoch, trained and not (the batches left when a worker ran out)."""
+    def record_epoch_coverage(epoch: int, step: int, skip: int, trained: float, untrained: float,
+                              stand_in_steps: float) -> None:
+        """Every worker's users of the epoch, trained and not (the batches the others held when a
+        worker had none to stand in with), and the steps a worker stood in for."""
         if rank != 0:
             return
-        record = {"step": step, "epoch": epoch, "users_trained": int(trained), "users_not_trained": int(untrained)}
+        record = {"step": step, "epoch": epoch, "users_trained": int(trained), "users_not_trained": int(untrained),
+                  "stand_in_steps": int(stand_in_steps)}
         if skip:
             record["resumed_at_batch"] = skip  # the users before it were trained by the attempt that saved it
         _append_jsonl(run_dir / METRICS_FILE, record)
         if untrained:
-            _progress(f"[mtfm] epoch {epoch}: {int(untrained)} of {int(trained + untrained)} users not trained on: the "
-                      "workers' shards cut into unequal numbers of batches, and DDP steps every worker together")
+            _progress(f"[mtfm] epoch {epoch}: {int(untrained)} of {int(trained + untrained)} users not trained on: "
+                      "a worker's shard held no batch to stand in with, so every worker ended the epoch")
 
     model.train()
     while epoch < config.epochs and not done:
         reads = train_shard.iter_batches(batch_size=config.rows_per_read, batch_format="pyarrow", prefetch_batches=2)
         # Batches consumed before the checkpoint this attempt resumed from are collated (their
-        # token counts place the later cuts) but never copied or trained on.
-        batches = itertools.islice(token_budget_batches(reads, collator, config.tokens_per_batch), skip, None)
+        # token counts place the later cuts) but never trained on; the last of them is this
+        # worker's stand-in should its shard end before the others'.
+        batches = token_budget_batches(reads, collator, config.tokens_per_batch)
+        last_skipped = None
+        for _ in range(skip):
+            last_skipped = next(batches, last_skipped)
         if shapes is not None:
             batches = map(shapes.pad, batches)
-        position, epoch_users, untrained = skip, 0, []
+        position, epoch_users, untrained, stand_ins = skip, 0, [], 0
         with BatchPrefetcher(batches, device) as prefetched:
-            for batch in _agreed_batches(prefetched, agreement, untrained):
+            for agreed in _agreed_batches(prefetched, agreement, untrained, last_skipped):
                 if config.max_steps is not None and step >= config.max_steps:
                     done = True  # checked with a next batch in hand: a run whose data ends with it ends the epoch
                     break
@@ -427,28 +454,35 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     if not save(position, metrics):
                         done = True
                         break
-                position += 1
+                position += 1  # the epoch's steps: every worker's batches consumed, or all it had
+                batch = agreed.batch.to(device)  # a stand-in skipped at a resume is still on the host
                 # Frozen: the optimizers skip them, so warm-started modules stay as loaded.
-                loss = train_step(batch, frozen_params if step < config.freeze_loaded_steps else ())
+                loss = train_step(batch, frozen_params if step < config.freeze_loaded_steps else (),
+                                  loss_scale=agreed.loss_scale)
                 step += 1
-                real = batch.unpadded or batch  # padded batches count their real users and tokens
-                epoch_users += real.num_users
-                window["samples"] += real.num_users
-                window["tokens"] += real.num_tokens
-                window["loss"] += loss.detach()  # a tensor: no host sync until the log line
-                window["steps"] += 1
+                if agreed.stand_in:
+                    stand_ins += 1
+                else:
+                    real = batch.unpadded or batch  # padded batches count their real users and tokens
+                    epoch_users += real.num_users
+                    window["samples"] += real.num_users
+                    window["tokens"] += real.num_tokens
+                    window["loss"] += loss.detach()  # a tensor: no host sync until the log line
+                    window["steps"] += 1
                 if config.inject_failure_at_step == step and rank == 0 and not (run_dir / ".failure_injected").exists():
                     (run_dir / ".failure_injected").touch()
                     raise RuntimeError(f"injected failure at step {step} (train config inject_failure_at_step)")
                 if step % config.log_every == 0:
                     elapsed = time.perf_counter() - window["t"]
-                    mean_loss = float(window["loss"]) / window["steps"]
-                    if stop_if_diverged(mean_loss, "loss"):
+                    # Over every worker's batches of the window (a worker that stood in has fewer).
+                    loss_sum, batches_sum, samples, tokens = agreement.sums(
+                        float(window["loss"]), window["steps"], window["samples"], window["tokens"])
+                    mean_loss = loss_sum / batches_sum
+                    if stop_if_diverged(mean_loss, "loss", summed=True):
                         done = True
                         break
                     record = {"step": step, "epoch": epoch, "loss": mean_loss,
-                              "samples_per_s": window["samples"] * ctx.get_world_size() / elapsed,
-                              "tokens_per_s": window["tokens"] * ctx.get_world_size() / elapsed}
+                              "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed}
                     if shapes is not None:
                         record["graph_captures"] = train_step.captures
                     if rank == 0:
@@ -459,7 +493,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if step % config.checkpoint_every == 0:
                     due = {"step": step, "loss": float(loss.detach())}
         if not done:
-            record_epoch_coverage(epoch, step, skip, agreement.sum(epoch_users), agreement.sum(sum(untrained)))
+            record_epoch_coverage(epoch, step, skip, *agreement.sums(epoch_users, sum(untrained), stand_ins))
             epoch, skip, position = epoch + 1, 0, 0
             done = config.max_steps is not None and step >= config.max_steps
             if due is not None and epoch < config.epochs and not done:

@@ -3,6 +3,7 @@ and the optimizers' steps; eager, or replayed from a CUDA graph.
 
     step = TrainStep(model, optimizers, grad_clip=1.0, cuda_graphs=True)
     loss = step(batch)          # batch on the model's device; the step's loss, detached
+    step(batch, loss_scale=0)   # a worker out of batches standing in for a DDP step (train.py)
 
 Eager, a step issues about 2,000 kernel launches and its optimizers loop over hundreds of
 parameters in Python; where the GPU finishes before the host, the host sets the pace
@@ -62,22 +63,27 @@ class TrainStep:
         self.captures = 0
         self._graph: _Graph | None = None
 
-    def __call__(self, batch: TokenBatch, frozen: Collection[nn.Parameter] = ()) -> Tensor:
-        loss = self.gradients(batch, frozen)
+    def __call__(self, batch: TokenBatch, frozen: Collection[nn.Parameter] = (), loss_scale: float = 1.0) -> Tensor:
+        loss = self.gradients(batch, frozen, loss_scale=loss_scale)
         self.update()
         return loss
 
     def gradients(self, batch: TokenBatch, frozen: Collection[nn.Parameter] = (),
-                  mark: Callable[[], None] | None = None) -> Tensor:
+                  mark: Callable[[], None] | None = None, loss_scale: float = 1.0) -> Tensor:
         """Sets every parameter's gradient for `batch` (None for `frozen` ones) and returns the loss,
         detached (a tensor of its own). A graph replay also clips and steps the captured optimizers.
-        `mark` is called between forward and backward (eager only)."""
+        `mark` is called between forward and backward (eager only). The gradients are those of
+        `loss_scale` x the loss: DDP averages them over the workers, so the workers that hold a
+        batch scale by world size / their number and the others stand in with 0 (train.py)."""
         if self.cuda_graphs and not frozen:
+            if loss_scale != 1.0:
+                raise ValueError(f"cuda_graphs: a graphed step takes no loss_scale (found {loss_scale}): it runs "
+                                 "on one worker")
             return self._replay(batch).clone()
         self._graph = None  # its gradient buffers stop being the parameters' below
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        loss = self._forward_backward(batch, mark=mark)
+        loss = self._forward_backward(batch, mark=mark, loss_scale=loss_scale)
         for p in frozen:
             p.grad = None  # the optimizers skip it
         return loss
@@ -92,14 +98,14 @@ class TrainStep:
                 opt.step()
 
     def _forward_backward(self, batch: TokenBatch, cache: bool = True,
-                          mark: Callable[[], None] | None = None) -> Tensor:
+                          mark: Callable[[], None] | None = None, loss_scale: float = 1.0) -> Tensor:
         with self.model.autocast(batch.device.type, cache=cache):
             output = self.module(batch)
         loss, _ = multitask_bce_loss(output, batch)
         if mark is not None:
             mark()
         if loss.requires_grad:  # a batch with no labelled target has nothing to learn from
-            loss.backward()
+            (loss if loss_scale == 1.0 else loss * loss_scale).backward()
         return loss.detach()
 
     def _replay(self, batch: TokenBatch) -> Tensor:

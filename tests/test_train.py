@@ -51,7 +51,10 @@ def _test_loss(model, samples: Path) -> float:
 
 @pytest.mark.slow
 def test_two_workers_lower_the_loss(tiny_samples, tmp_path):
-    config = _config(num_workers=2, cpus_per_worker=0.5, epochs=3, log_every=2, checkpoint_every=1000)
+    # 8100 tokens a batch: Ray's split of these 320 training users cuts into 2 batches on one worker and 3 on the
+    # other, so every epoch ends with a step one worker stands in for (asserted below).
+    config = _config(num_workers=2, cpus_per_worker=0.5, epochs=4, log_every=2, checkpoint_every=1000,
+                     tokens_per_batch=8100)
     run = train(config, data=str(tiny_samples), out=tmp_path / "run", config_dir=str(CONFIGS), log=lambda *a: None)
     trained, meta = load_model(run)
     torch.manual_seed(config.seed)
@@ -60,14 +63,15 @@ def test_two_workers_lower_the_loss(tiny_samples, tmp_path):
     log = _log(run)
     steps = [r["step"] for r in log if "loss" in r]
     assert steps == sorted(set(steps)) and meta.step >= steps[-1]
-    # Each epoch, the two shards together hold every training sample once (but the N mod 2 that Ray's equal
-    # split leaves out): trained, or left over when the other worker ran out of batches (and counted so).
+    # Each epoch, every training sample is trained on once (but the N mod 2 that Ray's equal split leaves
+    # out), also when the workers' shards cut into unequal numbers of batches: one then stands in.
     windows = pq.read_table(tiny_samples / "samples", columns=["window"])["window"].to_numpy()
     train_rows = int((windows < np.unique(windows)[-config.test_windows]).sum())
     coverage = [r for r in log if "users_trained" in r]
-    assert [r["epoch"] for r in coverage] == [0, 1, 2]
-    assert all(r["users_trained"] + r["users_not_trained"] == train_rows - train_rows % 2 and r["users_trained"] > 0
+    assert [r["epoch"] for r in coverage] == [0, 1, 2, 3]
+    assert all(r["users_trained"] == train_rows - train_rows % 2 and r["users_not_trained"] == 0
                for r in coverage), (coverage, train_rows)
+    assert any(r["stand_in_steps"] > 0 for r in coverage), coverage  # the case above happened
     evaluation = json.loads((run / "eval.json").read_text())["eval"]
     expected = {f"{s.name}/{t}" for s in load_registry(CONFIGS).scenarios.values() for t in s.task_names}
     assert set(evaluation) <= expected and {"hp/click", "phf/click", "sqs/click"} <= set(evaluation)
@@ -612,26 +616,43 @@ def test_registry_changes_tell_the_model_from_the_data():
     assert registry_changes(current, current) == ([], [])
 
 
-def test_a_worker_counts_the_users_it_had_left_when_another_ran_out():
-    """DDP steps every worker together: the batches a worker still holds when another has none are
-    not trained on, and their users are counted (metrics.jsonl's users_not_trained)."""
+class _OtherWorker:
+    """`StepAgreement` of two workers as this one sees it: the other holds `batches` batches this
+    epoch (and then stands in if `can_stand_in`)."""
+
+    world_size = 2
+
+    def __init__(self, batches: int, can_stand_in: bool = True):
+        self.left, self.can_stand_in = batches, can_stand_in
+
+    def batches_held(self, have: bool, can_stand_in: bool) -> tuple[int, bool]:
+        other = self.left > 0
+        self.left -= 1
+        return int(have) + int(other), (have or can_stand_in) and (other or self.can_stand_in)
+
+
+def test_workers_step_until_every_batch_is_trained_the_one_out_of_batches_standing_in():
+    """DDP steps every worker together: when one runs out, it stands in with its last batch at loss
+    scale 0 while the others train theirs at world size / workers holding a batch."""
     from mtfm.model.sample_tables import random_aggregated_table
     from mtfm.platform.train import _agreed_batches
-
-    class OtherWorkerHoldsTwoBatches:  # the all-reduced flag, as the other worker's shard makes it
-        calls = 0
-
-        def all_have_batch(self, have: bool) -> bool:
-            self.calls += 1
-            return have and self.calls <= 2
 
     registry = load_registry(CONFIGS)
     table = random_aggregated_table(registry, 10, np.random.default_rng(0))
     collator = Collator(registry)
     batches = [collator(table.slice(lo, n)) for lo, n in ((0, 3), (3, 2), (5, 4), (9, 1))]
     untrained: list[int] = []
-    trained = list(_agreed_batches(iter(batches), OtherWorkerHoldsTwoBatches(), untrained))
-    assert [b.num_users for b in trained] == [3, 2] and untrained == [4 + 1]
-    untrained.clear()  # the worker that runs out first has nothing left over
-    assert len(list(_agreed_batches(iter(batches[:1]), OtherWorkerHoldsTwoBatches(), untrained))) == 1
+    steps = list(_agreed_batches(iter(batches), _OtherWorker(2), untrained))
+    assert [(s.batch, s.loss_scale, s.stand_in) for s in steps] == [
+        (batches[0], 1.0, False), (batches[1], 1.0, False), (batches[2], 2.0, False), (batches[3], 2.0, False)]
+    steps = list(_agreed_batches(iter(batches[:1]), _OtherWorker(3), untrained))  # this one runs out first
+    assert [(s.batch, s.loss_scale, s.stand_in) for s in steps] == [
+        (batches[0], 1.0, False), (batches[0], 0.0, True), (batches[0], 0.0, True)]
     assert untrained == []
+    # After a resume past its shard's end, the last batch it skipped is its stand-in.
+    steps = list(_agreed_batches(iter([]), _OtherWorker(2), untrained, last=batches[3]))
+    assert [(s.batch, s.loss_scale, s.stand_in) for s in steps] == [(batches[3], 0.0, True)] * 2
+    # A worker with no batch at all cannot stand in: every worker ends the epoch, and counts what it held.
+    assert list(_agreed_batches(iter([]), _OtherWorker(2), untrained)) == []
+    assert list(_agreed_batches(iter(batches[1:]), _OtherWorker(0, can_stand_in=False), untrained)) == []
+    assert untrained == [2 + 4 + 1]

@@ -90,3 +90,57 @@ def test_graphs_need_one_worker():
     ddp = torch.nn.parallel.DistributedDataParallel.__new__(torch.nn.parallel.DistributedDataParallel)
     with pytest.raises(ValueError, match="one worker"):
         TrainStep(model, [], module=ddp, cuda_graphs=True)
+
+
+def _stand_in_worker(rank: int, port: int, out: str) -> None:
+    """One of two DDP workers (gloo): rank 0 holds batch 0, at loss scale 2 (world size / workers
+    holding a batch); rank 1 has run out and stands in with batch 1 at loss scale 0. Each saves
+    its gradients after backward, i.e. after DDP's all-reduce (the average over the two)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = build_model(tiny_config(), REGISTRY).train()
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        step = TrainStep(model, make_optimizers(model, TrainConfig(name="t", model="m")).values(), module=ddp)
+        batch = Collator(REGISTRY)(random_table(REGISTRY, 6, seed=10 + rank, lengths=LENGTHS))
+        step.gradients(batch, loss_scale=2.0 if rank == 0 else 0.0)
+        torch.save({name: p.grad for name, p in model.named_parameters()}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_worker_standing_in_leaves_the_gradient_of_the_worker_that_holds_a_batch(tmp_path):
+    """Two real DDP workers: one holds a batch (scale 2), the other has run out and stands in with
+    another batch (scale 0). Both get the gradient of the first batch alone, computed without DDP:
+    the stand-in's batch adds nothing, and the average over two workers is not halved."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_stand_in_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    torch.manual_seed(0)
+    model = build_model(tiny_config(), REGISTRY).train()
+    TrainStep(model, make_optimizers(model, TrainConfig(name="t", model="m")).values()).gradients(
+        Collator(REGISTRY)(random_table(REGISTRY, 6, seed=10, lengths=LENGTHS)))
+    alone = {name: p.grad for name, p in model.named_parameters()}
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in alone.values()) > len(alone) // 2
+    for rank in (0, 1):
+        ddp = torch.load(tmp_path / f"rank{rank}.pt")
+        assert ddp.keys() == alone.keys()
+        for name, grad in alone.items():
+            # DDP all-reduces a gradient this worker's graph did not reach as zeros.
+            expected = torch.zeros_like(ddp[name]) if grad is None else grad
+            torch.testing.assert_close(ddp[name], expected, rtol=1e-5, atol=1e-7,
+                                       msg=lambda m: f"rank {rank} {name}: {m}")
+
+
+def test_a_graphed_step_refuses_a_loss_scale():
+    model = build_model(tiny_config(), REGISTRY)
+    step = TrainStep(model, make_optimizers(model, TrainConfig(name="t", model="m")).values(), cuda_graphs=True)
+    with pytest.raises(ValueError, match="one worker"):
+        step(Collator(REGISTRY)(random_table(REGISTRY, 2, seed=0, lengths=LENGTHS)), loss_scale=0.0)
