@@ -155,8 +155,13 @@ class RankEndpoint:
         except orjson.JSONDecodeError:
             pass
         try:
-            return json.loads(body)
-        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+            text = body.decode("utf-8-sig")  # json.loads(bytes) would guess UTF-16 or UTF-32 from the first bytes
+        except UnicodeDecodeError as exc:
+            raise RequestError(400, "invalid_json", "body", f"not UTF-8 JSON (byte 0x{body[exc.start]:02x} at offset "
+                               f"{exc.start}); expected a JSON object encoded in UTF-8") from exc
+        try:
+            return json.loads(text)
+        except ValueError as exc:  # JSONDecodeError, an integer of over 4300 digits
             raise RequestError(400, "invalid_json", "body", f"not valid JSON: {exc}") from exc
         except RecursionError as exc:
             raise RequestError(400, "invalid_json", "body", "not valid JSON: nested too deeply") from exc

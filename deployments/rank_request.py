@@ -59,7 +59,8 @@ EXAMPLE_TS_MS = 1_767_225_600_000
 
 class RequestError(ValueError):
     """A refused request. `status` is the HTTP status, `kind` a stable error name for clients
-    and metrics, `field` the request part at fault (empty for the body as a whole)."""
+    and metrics, `field` the request part at fault ("body" for the body as a whole, empty where
+    the request is not at fault: a replica unavailable, a scoring failure)."""
 
     def __init__(self, status: int, kind: str, field: str, message: str):
         super().__init__(f"{field}: {message}" if field else message)
@@ -126,7 +127,7 @@ class RankRequestParser:
 
     def parse(self, body: Any, now_ms: int) -> RankRequest:
         if not isinstance(body, dict):
-            raise RequestError(400, "wrong_type", "", f"expected a JSON object, found {_json_kind(body)}")
+            raise RequestError(400, "wrong_type", "body", f"expected a JSON object, found {_json_kind(body)}")
         for key in body:
             if key not in REQUEST_KEYS:
                 raise RequestError(422, "unknown_field", str(key), f"unknown field; expected {', '.join(REQUEST_KEYS)}")
@@ -449,7 +450,7 @@ def _sorted_by_ts(columns: dict[str, pa.Array]) -> dict[str, pa.Array]:
 
 def _feature_value(f: Feature, value: Any, field: str) -> Any:
     if f.type == "categorical":
-        return _typed(value, field, f, _integer)
+        return _typed(value, field, _expected(f), _integer)
     if f.type == "numeric":
         try:
             number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
@@ -460,14 +461,15 @@ def _feature_value(f: Feature, value: Any, field: str) -> Any:
         return number
     if not isinstance(value, list):
         raise RequestError(422, "wrong_type", field, f"expected {_expected(f)}, found {_found(value)}")
-    return [_typed(v, f"{field}[{i}]", f, _integer) for i, v in enumerate(value)]
+    element = f"an integer id ({feature_field(f).type.value_type})"
+    return [_typed(v, f"{field}[{i}]", element, _integer) for i, v in enumerate(value)]
 
 
-def _typed(value: Any, field: str, f: Feature, check) -> Any:
+def _typed(value: Any, field: str, expected: str, check) -> Any:
     try:
         return check(value, field)
     except RequestError as exc:
-        raise RequestError(422, "wrong_type", field, f"expected {_expected(f)}, found {_found(value)}") from exc
+        raise RequestError(422, "wrong_type", field, f"expected {expected}, found {_found(value)}") from exc
 
 
 def _expected(f: Feature) -> str:

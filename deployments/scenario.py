@@ -26,7 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from mtfm.model import ScenarioRanker, parse_model_config
-from mtfm.platform.checkpoint import META_FILE, MODEL_FILE, CheckpointError, CheckpointMeta, find_checkpoint, read_meta
+from mtfm.platform.checkpoint import (META_FILE, CheckpointError, CheckpointMeta, find_checkpoint, load_state_dict,
+                                      read_meta)
 from mtfm.platform.registry import Registry, ServingConfig
 
 from .backends import create_backend
@@ -79,7 +80,7 @@ def load_scenario_ranker(checkpoint: str | Path, scenario: str) -> tuple[Scenari
         raise CheckpointError(f"{folder}: the model was trained on scenarios {list(config.scenarios)} only (its model "
                               f"config's `scenarios`), not {scenario}")
     ranker = ScenarioRanker(config, Registry.from_dict(meta.registry), scenario)
-    state = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True, mmap=True)
+    state = load_state_dict(folder, mmap=True)
     ranker.load_state_dict({name: state[name] for name in ranker.state_dict()})
     return ranker.eval(), meta
 

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mtfm.platform.rawlog import Contract, files_not_read, list_tables, validate
+from mtfm.platform.rawlog import Contract, files_not_read, list_tables, refuse_a_file_for_a_folder, validate
 from mtfm.platform.registry import Registry, events_column, exposures_column, scenario_of_column, user_column
 
 SAMPLES = "samples"
@@ -308,6 +308,7 @@ def _prepare(registry: Registry, raw: Path, out: Path, overwrite: bool, log=prin
                  for path in files_not_read(raw)]
     if not any(kind == "exposures" for kind, _, _ in files):
         raise FileNotFoundError(f"{raw}/exposures: no readable exposure file; " + "; ".join(warnings))
+    refuse_a_file_for_a_folder(out, f"--out {out}")
     owned = [out / SAMPLES, out / QUARANTINE, out / SHUFFLE, out / SUMMARY]
     if any(p.exists() for p in owned):
         previous = _previous_run(out)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,16 +62,45 @@ def write_checkpoint(folder: Path, model: "RecommenderBase", optimizers: dict[st
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """`path` itself if it is a checkpoint, else the newest checkpoint inside a run folder."""
+    """`path` itself if it is a checkpoint, else the newest checkpoint inside a run folder; its
+    model file is checked to be a whole archive (see `check_model_file`)."""
     path = Path(path)
     if (path / META_FILE).is_file():
-        return path
+        return check_model_file(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not found (expected a run folder or one of its checkpoint_* folders)")
     found = sorted(p for p in path.glob(f"{CHECKPOINT_PREFIX}*") if (p / META_FILE).is_file())
     if not found:
         raise CheckpointError(f"{path}: no checkpoint_* folder with a {META_FILE} inside (has the run saved one yet?)")
-    return found[-1]
+    return check_model_file(found[-1])
+
+
+def check_model_file(folder: Path) -> Path:
+    """`folder`, once its model file opens as the zip archive torch.save writes: one cut short is
+    refused here, before a Ray worker or replica loads it (and fails, and is retried). Cheap: only
+    the archive's directory, at the file's end, is read."""
+    path = folder / MODEL_FILE
+    try:
+        with zipfile.ZipFile(path):
+            return folder
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path}: not found (a checkpoint's weights, saved next to its {META_FILE})") from exc
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({exc}; cut short or damaged, e.g. by a copy "
+                              "that did not finish)") from exc
+
+
+def load_state_dict(folder: Path, map_location: "str | torch.device" = "cpu", mmap: bool = False) -> dict:
+    """The tensors of `folder`'s model file; damage inside the archive, which `check_model_file`
+    does not read, is a `CheckpointError` too (torch's own message blames its weights_only default)."""
+    import torch
+
+    path = folder / MODEL_FILE
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint (torch.load: {type(exc).__name__}; damaged, or "
+                              "not written by torch.save)") from exc
 
 
 def read_meta(checkpoint: str | Path) -> CheckpointMeta:
@@ -87,8 +118,6 @@ def load_model(checkpoint: str | Path, map_location: "str | torch.device" = "cpu
     config_changes: model-config fields to override that do not change parameters, such as
     `attention_impl` or `compute_dtype` for serving.
     """
-    import torch
-
     from mtfm.model import build_model, parse_model_config
 
     folder = find_checkpoint(checkpoint)
@@ -98,7 +127,7 @@ def load_model(checkpoint: str | Path, map_location: "str | torch.device" = "cpu
     if config_changes:
         config = config.replace(**config_changes)
     model = build_model(config, registry)
-    model.load_state_dict(torch.load(folder / MODEL_FILE, map_location=map_location, weights_only=True))
+    model.load_state_dict(load_state_dict(folder, map_location))
     return model.eval(), meta
 
 
@@ -133,10 +162,8 @@ def warm_start(model: "RecommenderBase", checkpoint: str | Path) -> WarmStart:
     checkpoint lacks) keep their fresh initialisation; the checkpoint's tensors this model lacks
     (a retired scenario) are reported and left in the checkpoint. A tensor present in both with
     another shape is an error: the two were built from different model configs."""
-    import torch
-
     folder = find_checkpoint(checkpoint)
-    state = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
+    state = load_state_dict(folder)
     own = model.state_dict()
     mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
     if mismatched:

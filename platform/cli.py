@@ -128,6 +128,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     """The main job end to end on the embedded default: synthetic logs -> Ray Data -> Ray Train -> AUC/GAUC."""
     from mtfm.platform.aggregate import aggregate
     from mtfm.platform.cluster import init_ray
+    from mtfm.platform.rawlog import refuse_a_file_for_a_folder
     from mtfm.platform.synth import synthesize
     from mtfm.platform.train import TrainConfig, refuse_existing_run, train
 
@@ -137,7 +138,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         print(f"error: --days {args.days}: {args.train_config} holds out the last {config.test_windows} day(s) for "
               f"evaluation; expected more days than that", file=sys.stderr)
         return 1
+    refuse_a_file_for_a_folder(Path(args.out), f"--out {args.out}")
     if args.run_dir is not None:
+        refuse_a_file_for_a_folder(Path(args.run_dir), f"--run-dir {args.run_dir}")
         refuse_existing_run(Path(args.run_dir).resolve())  # before the data steps, not after them
     root = Path(args.out)
     print(f"[1/3] synthetic raw logs: {args.users} users x {args.days} days -> {root / 'raw'}")

@@ -109,9 +109,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
 
 
 def run_from_args(args) -> int:
+    from mtfm.platform.rawlog import refuse_a_file_for_a_folder
+
     if args.json:  # checked before the evaluation, not after it
         if Path(args.json).is_dir():
             raise ValueError(f"--json {args.json}: a folder; expected a file name, e.g. {Path(args.json) / 'eval.json'}")
+        refuse_a_file_for_a_folder(Path(args.json).resolve().parent, f"--json {args.json}")
         if not Path(args.json).resolve().parent.is_dir():
             raise FileNotFoundError(f"--json {args.json}: no folder {Path(args.json).resolve().parent} to write it in")
     report = evaluate_checkpoint(args.checkpoint, args.data, test_windows=args.test_windows)

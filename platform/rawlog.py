@@ -157,12 +157,23 @@ def prepare_raw_out(out: str | Path, overwrite: bool) -> Path:
     """The folder a raw-log writer (synthetic or adapter) writes exposures/ and behaviors/ into,
     emptied of earlier ones only when `overwrite` says so."""
     out = Path(out)
+    refuse_a_file_for_a_folder(out, f"--out {out}")
     for sub in ("exposures", "behaviors"):
         if (out / sub).exists():
             if not overwrite:
                 raise FileExistsError(f"{out / sub} already exists; choose an empty --out folder or pass --overwrite")
             shutil.rmtree(out / sub)
     return out
+
+
+def refuse_a_file_for_a_folder(folder: Path, given: str) -> None:
+    """Refuse a folder to write in that is a file, or lies under one, by name; `given` is what the
+    user passed (e.g. "--out PATH"). Else the first write deep inside fails with only the errno."""
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise FileExistsError(f"{given}: {path} is a file, not a folder")
+            return
 
 
 def list_tables(raw: Path) -> dict[tuple[str, str], list[Path]]:

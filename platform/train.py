@@ -906,6 +906,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    from mtfm.platform.rawlog import refuse_a_file_for_a_folder
+
+    if args.out is not None:  # before Ray starts (Ray Train's storage would fail on it after)
+        refuse_a_file_for_a_folder(Path(args.out), f"--out {args.out}")
     if args.config is None:
         if args.resume is None:
             raise ValueError("--config CFG is needed to start a run (e.g. configs/train/tiny.yaml); only --resume "

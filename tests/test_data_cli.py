@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from repo_paths import REPO_ROOT
 from mtfm.platform.cli import main
 
 
@@ -70,3 +71,26 @@ def test_synth_then_aggregate(ray_cluster, config_dir, tmp_path, capsys):
     (agg / "_summary.json").unlink()
     assert main(["data", "aggregate", "--config-dir", str(config_dir), "--raw", str(raw), "--out", str(agg)]) == 1
     assert "did not finish" in capsys.readouterr().err
+
+
+def test_an_output_folder_that_is_a_file_is_refused_by_name(ray_cluster, config_dir, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    raw = tmp_path / "raw"
+    config = ["--config-dir", str(config_dir)]
+    assert main(["data", "synth", *config, "--out", str(raw), "--users", "5", "--days", "1"]) == 0
+    capsys.readouterr()
+    tiny = str(REPO_ROOT / "configs/train/tiny.yaml")
+    for argv, given in [
+        (["data", "synth", *config, "--out", str(afile)], f"--out {afile}"),
+        (["data", "synth", *config, "--out", str(afile / "sub")], f"--out {afile / 'sub'}"),
+        (["data", "aggregate", *config, "--raw", str(raw), "--out", str(afile)], f"--out {afile}"),
+        (["train", *config, "--config", tiny, "--out", str(afile)], f"--out {afile}"),
+        (["quickstart", *config, "--train-config", tiny, "--out", str(afile)], f"--out {afile}"),
+        (["quickstart", *config, "--train-config", tiny, "--out", str(tmp_path / "q"), "--run-dir", str(afile / "run")],
+         f"--run-dir {afile / 'run'}"),
+        (["eval", "--checkpoint", str(tmp_path), "--json", str(afile / "eval.json")], f"--json {afile / 'eval.json'}"),
+    ]:
+        assert main(argv) == 1, argv
+        assert capsys.readouterr().err == f"error: {given}: {afile} is a file, not a folder\n"
+    assert afile.read_text() == "not a folder" and not (tmp_path / "q").exists()

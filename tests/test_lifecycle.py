@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -30,6 +31,10 @@ def _trained_like(registry, folder, seed=0):
     raw.pop("source")
     write_checkpoint(folder, model, {}, CheckpointMeta(9, 0, 0, registry.to_dict(), raw, {}))
     return model
+
+
+def _warm_start_tiny(checkpoint):
+    return warm_start(build_model(TINY, load_registry(CONFIGS)), checkpoint)
 
 
 def test_new_scenario_leaves_existing_scores_unchanged(config_dir, tmp_path):
@@ -118,3 +123,59 @@ def test_train_with_init_from_a_run_of_fewer_scenarios(ray_cluster, config_dir, 
     for name, tensor in old.items():
         torch.testing.assert_close(later[name], tensor, rtol=0, atol=0)
     assert any(not torch.equal(later[k], new[k]) for k in initial_grocery)  # the fresh modules went on training
+
+
+def test_a_checkpoint_cut_short_is_refused_by_name_before_ray_starts(config_dir, tmp_path, monkeypatch, capsys):
+    """A model.pt cut short (a copy that did not finish) is one line naming it, from every reader:
+    training's --init-from and --resume check it before Ray starts (not in workers, once per retry)."""
+    from mtfm.platform.cli import main
+
+    run = tmp_path / "run"
+    _trained_like(load_registry(config_dir), run / "checkpoint_00000009")
+    model_file = run / "checkpoint_00000009" / "model.pt"
+    model_file.write_bytes(model_file.read_bytes()[:4096])
+    refusal = f"{model_file}: not a readable checkpoint (File is not a zip file; cut short or damaged"
+    for read in (find_checkpoint, read_meta, load_model, _warm_start_tiny):
+        with pytest.raises(CheckpointError) as refused:
+            read(run)
+        assert str(refused.value).startswith(refusal)
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr("mtfm.platform.cluster.init_ray", no_ray)
+    monkeypatch.chdir(REPO_ROOT)
+    train = ["train", "--config-dir", str(config_dir), "--config", "configs/train/tiny.yaml", "--data", str(tmp_path)]
+    for argv in (["eval", "--checkpoint", str(run), "--data", str(tmp_path)],
+                 train + ["--init-from", str(run), "--out", str(tmp_path / "new")],
+                 train + ["--resume", str(run)]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {refusal}") and err.count("\n") == 1, argv
+
+    model_file.unlink()
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(model_file))}: not found"):
+        read_meta(run)
+
+
+def test_a_checkpoint_damaged_inside_its_archive_is_refused_by_name(tmp_path):
+    """Damage the cheap check cannot see (it reads the archive's directory only) is named by the load."""
+    import struct
+    import zipfile
+
+    folder = tmp_path / "checkpoint_00000009"
+    _trained_like(load_registry(CONFIGS), folder)
+    model_file = folder / "model.pt"
+    data = bytearray(model_file.read_bytes())
+    with zipfile.ZipFile(model_file) as archive:
+        index = next(i for i in archive.infolist() if i.filename.endswith("data.pkl"))
+    name_length, extra_length = struct.unpack("<HH", data[index.header_offset + 26:index.header_offset + 30])
+    start = index.header_offset + 30 + name_length + extra_length  # past its local header
+    data[start:start + 64] = b"\x99" * 64
+    model_file.write_bytes(bytes(data))
+    find_checkpoint(folder)  # the archive's directory is whole
+    for load in (load_model, _warm_start_tiny):
+        with pytest.raises(CheckpointError) as refused:
+            load(folder)
+        assert str(refused.value) == (f"{model_file}: not a readable checkpoint (torch.load: UnpicklingError; "
+                                      "damaged, or not written by torch.save)")

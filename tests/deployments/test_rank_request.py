@@ -218,11 +218,12 @@ def test_a_request_crosses_ray_as_one_arrow_stream(ray_cluster):
     assert back.table.num_rows == 2 and back.table.equals(table)
 
 
-def _post(endpoint, path: str, body: dict, root_path: str = "") -> tuple[int, dict]:
-    """`endpoint.answer` on a real Starlette request; scoring answers with the scenario it was asked for."""
+def _post(endpoint, path: str, body: dict | bytes, root_path: str = "") -> tuple[int, dict]:
+    """`endpoint.answer` on a real Starlette request (`body` as JSON, or bytes as they are); scoring
+    answers with the scenario it was asked for."""
     from starlette.requests import Request
 
-    raw = json.dumps(body).encode()
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
 
     async def receive():
         return {"type": "http.request", "body": raw, "more_body": False}
@@ -305,6 +306,37 @@ def test_a_request_whose_client_goes_away_is_counted_as_cancelled():
     response = asyncio.run(endpoint.answer(request("POST", "/hp/rank", disconnect), None, None))
     assert response.status_code == 499
     assert recorded == [("error", "hp", "cancelled"), ("request", "hp", 499)]
+
+
+@pytest.mark.parametrize("raw, kind, message", [
+    (b"[1, 2]", "wrong_type", "expected a JSON object, found a list"),
+    (b'"hello"', "wrong_type", "expected a JSON object, found a string"),
+    (b"null", "wrong_type", "expected a JSON object, found null"),
+    (b"\xff\xfe{", "invalid_json", "not UTF-8 JSON (byte 0xff at offset 0); expected a JSON object encoded in UTF-8"),
+    ('{"user_id": 1}'.encode("utf-16"), "invalid_json",
+     "not UTF-8 JSON (byte 0xff at offset 0); expected a JSON object encoded in UTF-8"),
+    ('{"user_id": "café"}'.encode("latin-1"), "invalid_json",
+     "not UTF-8 JSON (byte 0xe9 at offset 16); expected a JSON object encoded in UTF-8"),
+])
+def test_a_body_that_is_not_a_utf8_json_object_is_refused_as_the_body(raw, kind, message):
+    from mtfm.deployments.http_api import RankEndpoint
+
+    status, answer = _post(RankEndpoint({"hp": RankRequestParser(REGISTRY, "hp", 10)}, 1 << 20), "/hp/rank", raw)
+    assert (status, answer) == (400, {"error": {"kind": kind, "field": "body", "message": message}})
+
+
+def test_a_bad_id_in_a_list_feature_is_refused_as_an_id():
+    parser = RankRequestParser(REGISTRY, "phf", max_candidates=10)
+    body = example_request(REGISTRY, "phf", candidates=2)
+    body["candidates"][1]["dish_tags"] = [1, "a"]
+    columns = _columnar(body, "phf")
+    for given, field in ((body, "candidates[1].dish_tags[1]"), (columns, "candidates.dish_tags[1][1]")):
+        with pytest.raises(RequestError) as error:
+            parser.parse(given, now_ms=NOW_MS)
+        assert (error.value.field, error.value.message) == (field, "expected an integer id (int64), found a string 'a'")
+    body["candidates"][1]["dish_tags"] = "a"  # the list itself
+    with pytest.raises(RequestError, match=r"^candidates\[1\]\.dish_tags: expected a list of integer ids \(list<"):
+        parser.parse(body, now_ms=NOW_MS)
 
 
 def test_an_unknown_path_names_the_routes_below_the_apps_prefix():

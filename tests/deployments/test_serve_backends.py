@@ -361,6 +361,27 @@ def test_builder_refuses_a_single_scenario_checkpoint_for_the_scenarios_it_lacks
     assert "was trained on ['hp'], none of which" in capsys.readouterr().err
 
 
+def test_builder_and_replica_refuse_a_checkpoint_cut_short_by_name(tmp_path, monkeypatch, capsys):
+    from mtfm.deployments.scenario import load_scenario_ranker
+    from mtfm.platform.checkpoint import CheckpointError
+
+    checkpoint = write_tiny_checkpoint(load_registry(REPO / "configs"), tmp_path / "runs" / "a" / "checkpoint_00000002")
+    model_file = checkpoint / "model.pt"
+    model_file.write_bytes(model_file.read_bytes()[:4096])
+    refusal = f"{model_file}: not a readable checkpoint (File is not a zip file; cut short or damaged"
+    monkeypatch.delenv("MTFM_CHECKPOINT", raising=False)
+    monkeypatch.chdir(tmp_path)  # its runs/ holds the newest checkpoint, the default
+    for args in ({"checkpoint": str(checkpoint)}, {}):
+        with pytest.raises(CheckpointError) as refused:
+            build_app({**args, "config_dir": str(REPO / "configs")})
+        assert str(refused.value).startswith(refusal)
+    with pytest.raises(CheckpointError) as refused:
+        load_scenario_ranker(checkpoint, "hp")
+    assert str(refused.value).startswith(refusal)
+    assert main(["serve", "config", "--config-dir", str(REPO / "configs"), "--checkpoint", str(checkpoint)]) == 0
+    assert f"warning: {refusal}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("model_config, architecture", [("configs/model/dcnv2_tiny.yaml", "dcnv2"),
                                                          ("configs/model/dlrm_mmoe_tiny.yaml", "dlrm_mmoe")])
 def test_builder_refuses_a_baseline_checkpoint(tmp_path, model_config, architecture):

@@ -168,7 +168,7 @@ def _bad_requests(registry) -> list[tuple[str, str, dict | bytes, int, str, str]
         ("NaN for a number", "hp", not_a_number, 422, "wrong_type", "candidates[0].poi_rating"),
         ("nested too deeply", "hp", b"[" * 5000 + b"]" * 5000, 400, "invalid_json", "body"),
         ("an integer of 5000 digits", "hp", b'{"user_id": ' + b"9" * 5000 + b"}", 400, "invalid_json", "body"),
-        ("not an object", "hp", b"[1, 2]", 400, "wrong_type", ""),
+        ("not an object", "hp", b"[1, 2]", 400, "wrong_type", "body"),
         ("oversized body", "hp", b"[" + b"0," * 200_000 + b"0]", 413, "body_too_large", "body"),
     ]
 
