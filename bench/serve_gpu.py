@@ -439,6 +439,54 @@ def pacing_probe(checkpoint: Path, registry, shapes: Shapes, device_name: str, k
             stop.set()
             thread.join()
 
+    def handed_off(spin_worker: bool, spin_caller: bool) -> np.ndarray:
+        """The caller sleeps a gap, hands the call to a worker thread and waits for its result (as
+        a replica's event loop hands a batch to its scoring thread); timed by the caller, hand-offs
+        included. A spinning side polls with time.sleep(0), which releases the GIL, instead of
+        blocking, so its CPU never idles."""
+        import threading
+        from collections import deque
+
+        tasks, results, stop = deque(), deque(), threading.Event()
+        task_ready, result_ready = threading.Event(), threading.Event()
+
+        def serve_tasks():
+            while not stop.is_set():
+                if spin_worker:
+                    while not tasks and not stop.is_set():
+                        time.sleep(0)
+                else:
+                    task_ready.wait()
+                    task_ready.clear()
+                while tasks:
+                    tasks.popleft()
+                    results.append(timed_score())
+                    result_ready.set()
+
+        thread = threading.Thread(target=serve_tasks, daemon=True)
+        thread.start()
+        times = []
+        try:
+            for i in range(repeats + 5):
+                time.sleep(PACING_GAP_S)
+                start = time.perf_counter()
+                tasks.append(i)
+                task_ready.set()
+                if spin_caller:
+                    while not results:
+                        time.sleep(0)
+                else:
+                    result_ready.wait()
+                result_ready.clear()
+                results.popleft()
+                if i >= 5:
+                    times.append((time.perf_counter() - start) * 1000)
+        finally:
+            stop.set()
+            task_ready.set()
+            thread.join()
+        return np.array(times)
+
     gap_ms = PACING_GAP_S * 1000
     with ThreadPoolExecutor(1) as worker:
         in_worker = lambda: worker.submit(timed_score).result()  # noqa: E731
@@ -454,6 +502,9 @@ def pacing_probe(checkpoint: Path, registry, shapes: Shapes, device_name: str, k
                 lambda: with_keep_warm_thread(lambda: serial(timed_score, PACING_GAP_S)),
             f"BatchQueue, {gap_ms:g} ms apart, keep-warm thread":
                 lambda: with_keep_warm_thread(lambda: asyncio.run(through_queue())),
+            f"hand-off, {gap_ms:g} ms apart, both block": lambda: handed_off(False, False),
+            f"hand-off, {gap_ms:g} ms apart, worker spins": lambda: handed_off(True, False),
+            f"hand-off, {gap_ms:g} ms apart, both spin": lambda: handed_off(True, True),
         }
         rows = [{"way": way, "k": k} | _percentiles(measure()) for way, measure in ways.items()]
     return rows + wake_probes(device_name, repeats, spin)

@@ -723,6 +723,8 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
                          "path, e.g. /shared/runs/NAME)")
     if resume is None:
         refuse_existing_run(run_dir)
+    if "://" not in config.data:
+        _samples_folder(config.data)  # named before Ray starts (a URI may need the cluster's credentials)
 
     init_ray(log_to_driver=True)
     refuse_workers_the_cluster_cannot_hold(config, log)

@@ -94,3 +94,18 @@ def test_an_output_folder_that_is_a_file_is_refused_by_name(ray_cluster, config_
         assert main(argv) == 1, argv
         assert capsys.readouterr().err == f"error: {given}: {afile} is a file, not a folder\n"
     assert afile.read_text() == "not a folder" and not (tmp_path / "q").exists()
+
+
+def test_missing_input_folders_are_named_before_ray_starts(config_dir, tmp_path, monkeypatch, capsys):
+    """A typo'd --raw or --data is refused at once, not after Ray's start-up (seconds on a small box)."""
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a missing input folder")
+
+    monkeypatch.setattr("mtfm.platform.cluster.init_ray", no_ray)
+    missing = tmp_path / "typo"
+    assert main(["data", "aggregate", "--config-dir", str(config_dir), "--raw", str(missing),
+                 "--out", str(tmp_path / "agg")]) == 1
+    assert f"{missing}: raw log folder not found" in capsys.readouterr().err
+    assert main(["train", "--config-dir", str(config_dir), "--config", str(REPO_ROOT / "configs/train/tiny.yaml"),
+                 "--data", str(missing), "--out", str(tmp_path / "run")]) == 1
+    assert f"{missing}: no aggregated samples here" in capsys.readouterr().err

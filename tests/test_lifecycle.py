@@ -179,3 +179,17 @@ def test_a_checkpoint_damaged_inside_its_archive_is_refused_by_name(tmp_path):
             load(folder)
         assert str(refused.value) == (f"{model_file}: not a readable checkpoint (torch.load: UnpicklingError; "
                                       "damaged, or not written by torch.save)")
+
+
+def test_eval_names_a_missing_samples_folder_before_ray_starts(config_dir, tmp_path, monkeypatch, capsys):
+    from mtfm.platform.cli import main
+
+    run = tmp_path / "run"
+    _trained_like(load_registry(config_dir), run / "checkpoint_00000009")
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr("mtfm.platform.cluster.init_ray", no_ray)
+    assert main(["eval", "--checkpoint", str(run), "--data", str(tmp_path / "typo")]) == 1
+    assert f"{tmp_path / 'typo'}: no aggregated samples here" in capsys.readouterr().err

@@ -282,7 +282,11 @@ def test_samples_read_from_a_uri_as_from_a_path(tiny_samples):
         split_by_window((tiny_samples.parent / "nope").resolve().as_uri(), 1)
 
 
-def test_a_run_that_cannot_start_leaves_no_folder(ray_cluster, tmp_path):
+def test_a_run_that_cannot_start_leaves_no_folder(tmp_path, monkeypatch):
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a run whose samples folder does not exist")
+
+    monkeypatch.setattr("mtfm.platform.cluster.init_ray", no_ray)
     with pytest.raises(FileNotFoundError, match="no aggregated samples here"):
         train(_config(), data=str(tmp_path / "missing"), out=tmp_path / "run", config_dir=str(CONFIGS),
               log=lambda *a: None)
