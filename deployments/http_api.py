@@ -26,6 +26,7 @@ which the parser refuses where an integer is expected).
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import math
 import time
@@ -154,11 +155,13 @@ class RankEndpoint:
             return orjson.loads(body)
         except orjson.JSONDecodeError:
             pass
+        bom = len(codecs.BOM_UTF8) if body.startswith(codecs.BOM_UTF8) else 0
         try:
-            text = body.decode("utf-8-sig")  # json.loads(bytes) would guess UTF-16 or UTF-32 from the first bytes
+            text = body[bom:].decode("utf-8")  # json.loads(bytes) would guess UTF-16 or UTF-32 from the first bytes
         except UnicodeDecodeError as exc:
-            raise RequestError(400, "invalid_json", "body", f"not UTF-8 JSON (byte 0x{body[exc.start]:02x} at offset "
-                               f"{exc.start}); expected a JSON object encoded in UTF-8") from exc
+            at = bom + exc.start
+            raise RequestError(400, "invalid_json", "body", f"not UTF-8 JSON (byte 0x{body[at]:02x} at offset {at}); "
+                               "expected a JSON object encoded in UTF-8") from exc
         try:
             return json.loads(text)
         except ValueError as exc:  # JSONDecodeError, an integer of over 4300 digits

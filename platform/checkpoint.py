@@ -99,8 +99,10 @@ def load_state_dict(folder: Path, map_location: "str | torch.device" = "cpu", mm
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:
-        raise CheckpointError(f"{path}: not a readable checkpoint (torch.load: {type(exc).__name__}; damaged, or "
-                              "not written by torch.save)") from exc
+        # An unpickling error's own message blames torch's weights_only default; a RuntimeError's says what failed.
+        said = f": {str(exc).splitlines()[0]}" if isinstance(exc, RuntimeError) and str(exc) else ""
+        raise CheckpointError(f"{path}: not a readable checkpoint (torch.load: {type(exc).__name__}{said}; damaged, "
+                              "or not written by torch.save)") from exc
 
 
 def read_meta(checkpoint: str | Path) -> CheckpointMeta:

@@ -490,8 +490,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         _progress(f"[mtfm] step {step:>6}  epoch {epoch}  loss {record['loss']:.4f}  "
                                   f"{record['samples_per_s']:.0f} samples/s  {record['tokens_per_s']:.0f} tokens/s")
                     window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": 0.0, "steps": 0}
-                if step % config.checkpoint_every == 0:
-                    due = {"step": step, "loss": float(loss.detach())}
+                if step % config.checkpoint_every == 0:  # a stand-in's loss is not this step's
+                    due = {"step": step} | ({} if agreed.stand_in else {"loss": float(loss.detach())})
         if not done:
             record_epoch_coverage(epoch, step, skip, *agreement.sums(epoch_users, sum(untrained), stand_ins))
             epoch, skip, position = epoch + 1, 0, 0

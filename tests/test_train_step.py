@@ -92,13 +92,13 @@ def test_graphs_need_one_worker():
         TrainStep(model, [], module=ddp, cuda_graphs=True)
 
 
-def _stand_in_worker(rank: int, port: int, out: str) -> None:
+def _stand_in_worker(rank: int, out: str) -> None:
     """One of two DDP workers (gloo): rank 0 holds batch 0, at loss scale 2 (world size / workers
     holding a batch); rank 1 has run out and stands in with batch 1 at loss scale 0. Each saves
     its gradients after backward, i.e. after DDP's all-reduce (the average over the two)."""
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
         model = build_model(tiny_config(), REGISTRY).train()
@@ -115,14 +115,9 @@ def test_a_worker_standing_in_leaves_the_gradient_of_the_worker_that_holds_a_bat
     """Two real DDP workers: one holds a batch (scale 2), the other has run out and stands in with
     another batch (scale 0). Both get the gradient of the first batch alone, computed without DDP:
     the stand-in's batch adds nothing, and the average over two workers is not halved."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_stand_in_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_stand_in_worker, args=(str(tmp_path),), nprocs=2, start_method="spawn")
     torch.manual_seed(0)
     model = build_model(tiny_config(), REGISTRY).train()
     TrainStep(model, make_optimizers(model, TrainConfig(name="t", model="m")).values()).gradients(

@@ -317,6 +317,8 @@ def test_a_request_whose_client_goes_away_is_counted_as_cancelled():
      "not UTF-8 JSON (byte 0xff at offset 0); expected a JSON object encoded in UTF-8"),
     ('{"user_id": "café"}'.encode("latin-1"), "invalid_json",
      "not UTF-8 JSON (byte 0xe9 at offset 16); expected a JSON object encoded in UTF-8"),
+    (b"\xef\xbb\xbf" + '{"user_id": "café"}'.encode("latin-1"), "invalid_json",  # after a BOM: offsets count it
+     "not UTF-8 JSON (byte 0xe9 at offset 19); expected a JSON object encoded in UTF-8"),
 ])
 def test_a_body_that_is_not_a_utf8_json_object_is_refused_as_the_body(raw, kind, message):
     from mtfm.deployments.http_api import RankEndpoint
