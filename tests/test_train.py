@@ -172,6 +172,29 @@ def test_killed_worker_and_resumed_run_continue_the_same_loss_curve(tiny_samples
 
 
 @pytest.mark.slow
+def test_two_workers_resumed_where_one_stands_in_continue_the_same_loss_curve(tiny_samples, tmp_path):
+    """Two workers, 8100 tokens a batch: each epoch is 3 steps, the third with one worker standing in
+    (test_two_workers_lower_the_loss). A worker killed after step 3 resumes from step 2's checkpoint:
+    the worker whose shard has 2 batches skips both and stands in with the last it skipped, the
+    other trains its third; the curve and the weights are the uninterrupted run's."""
+    common = dict(num_workers=2, cpus_per_worker=0.5, epochs=2, tokens_per_batch=8100, log_every=1,
+                  checkpoint_every=2, evaluate_at_checkpoints=False, keep_checkpoints=5)
+    clean = train(_config(**common), data=str(tiny_samples), out=tmp_path / "clean", config_dir=str(CONFIGS),
+                  log=lambda *a: None)
+    killed = train(_config(**common, inject_failure_at_step=3, max_failures=1), data=str(tiny_samples),
+                   out=tmp_path / "killed", config_dir=str(CONFIGS), log=lambda *a: None)
+    assert (killed / ".failure_injected").exists()
+    a, b = ([r for r in _log(run) if "loss" in r] for run in (clean, killed))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
+    coverage = [r for r in _log(killed) if "users_trained" in r]
+    assert [(r["epoch"], r.get("resumed_at_batch"), r["stand_in_steps"], r["users_not_trained"]) for r in coverage] \
+        == [(0, 2, 1, 0), (1, None, 1, 0)], coverage
+    wa, wb = torch.load(find_checkpoint(clean) / "model.pt"), torch.load(find_checkpoint(killed) / "model.pt")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)
+
+@pytest.mark.slow
 def test_a_run_ending_on_a_checkpoint_step_ends_with_its_final_checkpoint(tiny_samples, tmp_path):
     """Every step falls due for a checkpoint: the last one is still the final checkpoint, which is
     evaluated (evaluate_at_checkpoints off) and records the finished epoch, so a resume has nothing to train."""
