@@ -136,9 +136,14 @@ def resolve_checkpoint(argument: str | None, runs_dir: str | Path = DEFAULT_RUNS
     absolute path (replicas may start in another working directory). Newest by the time its
     meta.json was written, which nothing rewrites later (a run folder's own time moves whenever a
     report or an eval file is written into it)."""
-    chosen = os.environ.get(CHECKPOINT_ENV) or argument
+    from_env = os.environ.get(CHECKPOINT_ENV)
+    chosen = from_env or argument
     if chosen:
-        return find_checkpoint(Path(chosen).expanduser()).resolve()
+        try:
+            return find_checkpoint(Path(chosen).expanduser()).resolve()
+        except CheckpointError as exc:  # say where the path came from: the variable is easily left set
+            source = f"${CHECKPOINT_ENV}" if from_env else "serve.yaml's args.checkpoint"
+            raise CheckpointError(f"{exc} (the checkpoint to serve, from {source})") from exc
     runs = Path(runs_dir)
     saved = []
     for meta in runs.glob(f"*/checkpoint_*/{META_FILE}") if runs.is_dir() else ():

@@ -417,6 +417,8 @@ def test_serve_config_names_the_registry_it_validated(config_dir, monkeypatch, c
 
 
 def test_checkpoint_resolution_env_then_argument_then_newest_run(tmp_path, monkeypatch, checkpoint):
+    from mtfm.platform.checkpoint import CheckpointError
+
     registry = load_registry(REPO / "configs")
     old = write_tiny_checkpoint(registry, tmp_path / "runs" / "a-1" / "checkpoint_00000001")
     new = write_tiny_checkpoint(registry, tmp_path / "runs" / "b-2" / "checkpoint_00000002")
@@ -433,6 +435,14 @@ def test_checkpoint_resolution_env_then_argument_then_newest_run(tmp_path, monke
     assert resolve_checkpoint(str(old.parent), tmp_path / "runs") == old.resolve()
     monkeypatch.setenv("MTFM_CHECKPOINT", str(checkpoint))
     assert resolve_checkpoint(str(old.parent), tmp_path / "runs") == checkpoint.resolve()
+    # A path that is not there names where it came from: a variable left set, or serve.yaml.
+    monkeypatch.setenv("MTFM_CHECKPOINT", str(tmp_path / "gone"))
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'gone'}: not found .*\(the checkpoint to serve, from "
+                                              r"\$MTFM_CHECKPOINT\)$"):
+        resolve_checkpoint(str(old.parent), tmp_path / "runs")
+    monkeypatch.delenv("MTFM_CHECKPOINT")
+    with pytest.raises(CheckpointError, match=r"\(the checkpoint to serve, from serve.yaml's args.checkpoint\)$"):
+        resolve_checkpoint(str(tmp_path / "gone"), tmp_path / "runs")
 
 
 @pytest.mark.parametrize("scenario", ["hp", "phf", "sqs"])
