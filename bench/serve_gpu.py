@@ -8,6 +8,7 @@
     python bench/serve_gpu.py --parse-only --device cpu --out bench/results/request_parse.json  # body forms
     python bench/serve_gpu.py --ks 200 --requests 2000 ...                          # one K, longer cells
     python bench/serve_gpu.py --pacing 200 --out $OUT/serve_pacing.json             # thread, gaps, BatchQueue
+    python bench/serve_gpu.py --single-only --ks 200 --requests 1000 ...            # the p99 goal's cells alone
 
 What runs: the `large` model (configs/model/large.yaml: 15 layers, d_model 768, bf16 autocast),
 randomly initialised, saved as a checkpoint and served by the production app
@@ -61,6 +62,8 @@ The HTTP front (default: Serve's proxy, then the router, then the replica):
                         the replica parses the JSON itself.
     --columns           bodies with events and candidates as objects of columns (in process, both
                         forms' json.loads + parse are timed anyway).
+    --user-code-on-main-loop  Serve runs the deployment's code on the replica's main event loop,
+                        not on a loop of its own in another thread (one thread hop less each way).
 Goals, as ratios in the same run: p99 < 10 ms at K=200, and p50 at K=1000 < 3x p50 at K=50.
 A --budget-s guard skips the remaining cells (marked skipped) rather than overrunning. Prints a
 table; writes JSON (--out). --tiny: the tiny model, 50 history events, 10 requests per cell,
@@ -79,7 +82,6 @@ import http.client
 import json
 import os
 import platform
-import select
 import shutil
 import signal
 import socket
@@ -347,7 +349,6 @@ def profile_in_process(checkpoint: Path, registry, shapes: Shapes, device_name: 
 
 
 PACING_GAP_S = 0.004  # about the time a replica spends outside scoring between sequential HTTP requests
-IDLE_POLL_S = 0.005  # the BatchQueue's polling window (serving.idle_poll_s) that --pacing compares
 
 
 def pacing_probe(checkpoint: Path, registry, shapes: Shapes, device_name: str, k: int, repeats: int) -> list[dict]:
@@ -395,21 +396,18 @@ def pacing_probe(checkpoint: Path, registry, shapes: Shapes, device_name: str, k
                 time.sleep(gap_s)
         return np.array(times)
 
-    async def through_queue(poll_s: float = 0.0, caller_timed: bool = False, nap_s: float = 50e-6) -> np.ndarray:
+    async def through_queue(caller_timed: bool = False) -> np.ndarray:
         """The score's own time, or (caller_timed) the submit's: the queue's hand-offs included."""
-        queue = BatchQueue(lambda items: [timed_score() for _ in items], max_cost=1, poll_s=poll_s, nap_s=nap_s)
+        queue = BatchQueue(lambda items: [timed_score() for _ in items], max_cost=1)
         times = []
-        try:
-            for i in range(repeats + 5):
-                start = time.perf_counter()
-                ms = await queue.submit(i, 1)
-                if caller_timed:
-                    ms = (time.perf_counter() - start) * 1000
-                if i >= 5:
-                    times.append(ms)
-                await asyncio.sleep(PACING_GAP_S)
-        finally:
-            queue.close()
+        for i in range(repeats + 5):
+            start = time.perf_counter()
+            ms = await queue.submit(i, 1)
+            if caller_timed:
+                ms = (time.perf_counter() - start) * 1000
+            if i >= 5:
+                times.append(ms)
+            await asyncio.sleep(PACING_GAP_S)
         return np.array(times)
 
     tick = torch.zeros(1, device=device_name)
@@ -514,11 +512,7 @@ def pacing_probe(checkpoint: Path, registry, shapes: Shapes, device_name: str, k
             f"hand-off, {gap_ms:g} ms apart, both block": lambda: handed_off(False, False),
             f"hand-off, {gap_ms:g} ms apart, worker spins": lambda: handed_off(True, False),
             f"hand-off, {gap_ms:g} ms apart, both spin": lambda: handed_off(True, True),
-            f"BatchQueue, {gap_ms:g} ms apart, caller-timed": lambda: asyncio.run(through_queue(0.0, True)),
-            f"BatchQueue, {gap_ms:g} ms apart, polling {IDLE_POLL_S * 1000:g} ms, caller-timed":
-                lambda: asyncio.run(through_queue(IDLE_POLL_S, True)),
-            f"BatchQueue, {gap_ms:g} ms apart, polling {IDLE_POLL_S * 1000:g} ms without naps, caller-timed":
-                lambda: asyncio.run(through_queue(IDLE_POLL_S, True, nap_s=0.0)),
+            f"BatchQueue, {gap_ms:g} ms apart, caller-timed": lambda: asyncio.run(through_queue(True)),
         }
         rows = [{"way": way, "k": k} | _percentiles(measure()) for way, measure in ways.items()]
     return rows + wake_probes(device_name, repeats, spin)
@@ -599,23 +593,16 @@ def _percentiles(ms: np.ndarray) -> dict:
 # ---------------------------------------------------------------- HTTP
 
 class Client:
-    """One keep-alive HTTP/1.1 connection to the local Serve proxy (standard library only).
-    `polls`: wait for the response by polling the socket instead of blocking in recv, so that
-    the client's own thread never sleeps (on a VM, a blocked thread's vCPU halts and wakes late:
-    that would count in the latency measured, though a real client runs on another machine)."""
+    """One keep-alive HTTP/1.1 connection to the local Serve proxy (standard library only)."""
 
-    def __init__(self, port: int, polls: bool = False):
+    def __init__(self, port: int):
         self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        self.polls = polls
 
     def post(self, path: str, body: bytes) -> tuple[int, bytes, float, dict[str, float]]:
         """(status, response body, seconds from send to the last byte read, the response's
         Server-Timing parts in ms: parse, queue, score, total)."""
         start = time.perf_counter()
         self.connection.request("POST", path, body, {"content-type": "application/json"})
-        if self.polls:
-            while not select.select([self.connection.sock], [], [], 0)[0]:
-                pass
         response = self.connection.getresponse()
         data = response.read()
         seconds = time.perf_counter() - start
@@ -630,9 +617,8 @@ class Client:
         self.connection.close()
 
 
-def sequential(port: int, bodies: RequestBodies, reuse: bool, users: UserIds, count: int, deadline: float,
-               client_polls: bool = False) -> dict:
-    client = Client(port, client_polls)
+def sequential(port: int, bodies: RequestBodies, reuse: bool, users: UserIds, count: int, deadline: float) -> dict:
+    client = Client(port)
     for i in range(CACHED_USERS):  # untimed: opens the connection and caches every reused user
         client.post(PATH, bodies.for_user(users.pick(reuse, i)))
     latencies, batches, timings, errors = [], [], [], 0
@@ -800,12 +786,12 @@ def listening_ingress_ports(first: int, count: int, proxy_port: int, timeout_s: 
 
 def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, device_name: str, chunk_size: int,
              batch_wait_s: float, cuda_graphs: bool, direct_ingress_port: int | None, scenario_ingress: bool,
-             columns: bool, budget: Budget, stacks_out: Path | None = None, idle_poll_s: float = 0.0,
+             columns: bool, budget: Budget, stacks_out: Path | None = None,
              single_only: bool = False) -> tuple[list[dict], dict]:
     """Rows per (K, reuse) and the setup facts (deploy and warm-up seconds, the replica's /healthz).
     `stacks_out`: py-spy samples the replica during the HTTP single cell of K=200 (else the first
     K), reuse on, into this raw file; the summary goes in the setup facts. `single_only`: only the
-    sequential HTTP cells, each twice: the client blocking for the response and polling for it."""
+    sequential HTTP cells (no handle or loaded cells)."""
     import ray
     from ray import serve
 
@@ -820,7 +806,7 @@ def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, devic
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     knobs = {"backend": "torch", "num_gpus": 1.0 if device_name == "cuda" else 0.0, "num_cpus": 1.0,
              "max_batch_requests": 16, "max_ongoing_requests": 64, "max_candidates": max(shapes.ks),
-             "batch_wait_timeout_s": batch_wait_s, "cuda_graphs": cuda_graphs, "idle_poll_s": idle_poll_s}
+             "batch_wait_timeout_s": batch_wait_s, "cuda_graphs": cuda_graphs}
     rows: list[dict] = []
     try:
         started = time.perf_counter()
@@ -837,8 +823,8 @@ def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, devic
         setup = {"deploy_s": time.perf_counter() - started, "ports": ports, "serving": knobs,
                  "chunk_size": chunk_size, "router_replicas": 0 if scenario_ingress else shapes.router_replicas,
                  "direct_ingress": direct_ingress_port is not None, "scenario_ingress": scenario_ingress,
-                 "columns": columns, "user_code_in_separate_thread":
-                     os.environ.get("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "1") != "0"}
+                 "columns": columns, "user_code_on_main_loop":
+                     os.environ.get("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD") == "0"}
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         connection.request("GET", "/healthz")
         setup["healthz"] = json.loads(connection.getresponse().read())["scenarios"][SCENARIO]
@@ -874,32 +860,26 @@ def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, devic
         budget.log(f"HTTP warm-up {setup['warmup_s']:.1f} s")
 
         cells = [(k, reuse) for k in shapes.ks for reuse in (True, False)]
-        if single_only:
-            for index, (k, reuse) in enumerate(cells):
-                deadline = time.perf_counter() + budget.left() / (len(cells) - index)
-                row = {"k": k, "reuse": "on" if reuse else "off"}
-                row["single"] = sequential(port, bodies[k], reuse, users, shapes.requests,
-                                           time.perf_counter() + (deadline - time.perf_counter()) / 2)
-                row["single_client_polls"] = sequential(port, bodies[k], reuse, users, shapes.requests, deadline,
-                                                        client_polls=True)
-                rows.append(row)
-                budget.log(_http_text(row).strip())
-            cells = []
+        loaded_s = 0.0 if single_only else shapes.duration_s
         for index, (k, reuse) in enumerate(cells):
             # Each remaining cell gets an equal share of what is left of the budget.
             share = budget.left() / (len(cells) - index)
             row = {"k": k, "reuse": "on" if reuse else "off"}
-            if share < shapes.duration_s + 1.0:
+            if share < loaded_s + 1.0:
                 rows.append(row | {"skipped": "budget"})
                 budget.log(f"K={k} reuse {row['reuse']}: skipped (budget)")
                 continue
-            single_deadline = time.perf_counter() + (share - shapes.duration_s) / 2
+            single_deadline = time.perf_counter() + (share - loaded_s) / (1 if single_only else 2)
             sampler = None
             if stacks_out is not None and reuse and k == (GOAL_K if GOAL_K in shapes.ks else shapes.ks[0]):
                 sampler = StackSampler(replica_pid("bench", f"ranker_{SCENARIO}"), stacks_out)
             row["single"] = sequential(port, bodies[k], reuse, users, shapes.requests, single_deadline)
             if sampler is not None:
                 setup["replica_stacks"] = sampler.stop() | {"k": k, "file": str(stacks_out)}
+            if single_only:
+                rows.append(row)
+                budget.log(_http_text(row).strip())
+                continue
             row["handle"] = handle_sequential(replica, request_for(k), reuse, users, shapes.requests,
                                               single_deadline + (share - shapes.duration_s) / 2)
             row["loaded"] = closed_loop(ports, bodies[k], reuse, users, shapes.concurrency, shapes.duration_s / 2)
@@ -1009,9 +989,8 @@ def goals(in_process: list[dict], http_rows: list[dict], ks: tuple[int, ...]) ->
     out = []
     series: dict[str, dict] = {}
     for r in http_rows:
-        for key, how in (("single", ""), ("single_client_polls", ", client polls")):
-            if key in r:
-                series.setdefault(f"HTTP reuse {r['reuse']}{how}", {})[r["k"]] = r[key]
+        if "single" in r:
+            series.setdefault(f"HTTP reuse {r['reuse']}", {})[r["k"]] = r["single"]
     for mode in IN_PROCESS_MODES:
         series[f"in-process {mode}"] = {r["k"]: r[mode] for r in in_process if mode in r}
     for where, by_k in series.items():
@@ -1045,17 +1024,15 @@ def _http_text(r: dict) -> str:
         return (f"{name} {load}{c['p50_ms']:6.2f}/{c['p99_ms']:6.2f} ms [replica {c['replica_queued_p50_ms']:5.2f} queued "
                 f"+ {c['replica_score_p50_ms']:5.2f} scoring, batch {c['mean_batch_requests']:3.1f}]")
 
-    cells = [(name, key) for name, key in (("HTTP", "single"), ("HTTP, client polls", "single_client_polls"),
-                                           ("handle", "handle"), ("HTTP", "loaded"), ("handle", "handle_loaded"))
-             if key in r]
+    cells = [(name, key) for name, key in (("HTTP", "single"), ("handle", "handle"), ("HTTP", "loaded"),
+                                           ("handle", "handle_loaded")) if key in r]
     errors = sum(r[key]["errors"] for _, key in cells)
-    text = f"  K={r['k']:<5} reuse {r['reuse']:<3} " + "  ".join(cell(name, r[key]) for name, key in cells)
-    text += f"  ({errors} errors)"
-    for name, key in cells:
-        timing = r[key].get("server_timing")
-        if timing:
-            text += (f"\n        {name} single, Server-Timing p50/p99 ms: " +
-                     "  ".join(f"{part} {t['p50_ms']:5.2f}/{t['p99_ms']:5.2f}" for part, t in timing.items()))
+    text = (f"  K={r['k']:<5} reuse {r['reuse']:<3} " + "  ".join(cell(name, r[key]) for name, key in cells)
+            + f"  ({errors} errors)")
+    timing = r["single"].get("server_timing")
+    if timing:
+        text += ("\n        HTTP single, Server-Timing p50/p99 ms: " +
+                 "  ".join(f"{name} {t['p50_ms']:5.2f}/{t['p99_ms']:5.2f}" for name, t in timing.items()))
     return text
 
 
@@ -1067,8 +1044,10 @@ def print_report(result: dict) -> None:
         print(_in_process_text(r) if "skipped" not in r else f"  K={r['k']:<5} skipped ({r['skipped']})")
     setup = result["http_setup"]
     front = f"{SCENARIO} replica as the ingress" if setup["scenario_ingress"] else f"router + {SCENARIO} replica"
+    handle = any("handle" in r for r in result["http"])
     print(f"\nHTTP through Ray Serve ({front}"
-          f"{', direct ingress' if setup['direct_ingress'] else ', proxy'}) and a handle straight to the replica, "
+          f"{', direct ingress' if setup['direct_ingress'] else ', proxy'})"
+          f"{' and a handle straight to the replica' if handle else ''}, "
           f"p50/p99 and the replica's own median times; warm-up {setup['warmup_s']:.1f} s")
     print("  ray.put + ray.get, p50 ms, of a parsed request (one Arrow stream) / of its table by Ray's Arrow reducer: " +
           ", ".join(f"K={k} {ms['request']:.2f} / {ms['table_by_ray']:.2f}" for k, ms in setup["ray_put_get_ms"].items()))
@@ -1119,15 +1098,12 @@ def main(argv: list[str] | None = None) -> int:
                              "the HTTP single cell "
                              "of K=200 (else the first K), reuse on: a summary per thread, and the raw stacks "
                              "beside --out (_replica_stacks.raw)")
-    parser.add_argument("--idle-poll-ms", type=float, default=0.0,
-                        help="the replica's polling after each batch (serving.idle_poll_s): its event loop and "
-                             "scoring thread stay on the CPU this long waiting for the next request")
     parser.add_argument("--user-code-on-main-loop", action="store_true",
                         help="run Serve's user code on the replica's main event loop "
                              "(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 in the environment Ray starts with)")
     parser.add_argument("--single-only", action="store_true",
-                        help="measure only the sequential HTTP cells (no in-process, handle or loaded cells), each "
-                             "with the client blocking for the response and with it polling the socket")
+                        help="measure only the sequential HTTP cells, the p99 goal's (no in-process, handle or "
+                             "loaded cells): a quick A/B of the replica's request path")
     parser.add_argument("--ks", type=int, nargs="+", default=None, metavar="K",
                         help="candidate counts to measure (default 50 200 1000)")
     parser.add_argument("--requests", type=int, default=None, metavar="N",
@@ -1136,7 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for flag, value, least in (("--chunk-size", args.chunk_size, 1), ("--batch-wait-ms", args.batch_wait_ms, 0),
                                ("--profile", args.profile, 1), ("--pacing", args.pacing, 1),
-                               ("--budget-s", args.budget_s, 0), ("--idle-poll-ms", args.idle_poll_ms, 0)):
+                               ("--budget-s", args.budget_s, 0)):
         if value is not None and not value >= least:  # NaN too
             parser.error(f"{flag}: expected a value >= {least}, found {value}")
     if args.out is None:  # not the name of a recorded run
@@ -1218,7 +1194,7 @@ def main(argv: list[str] | None = None) -> int:
         http_rows, http_setup = run_http(checkpoint, config_dir, registry, shapes, args.device, args.chunk_size,
                                          args.batch_wait_ms / 1000, not args.no_cuda_graphs, direct_ingress_port,
                                          args.scenario_ingress, args.columns, budget, stacks_out,
-                                         args.idle_poll_ms / 1000, args.single_only)
+                                         args.single_only)
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -1226,7 +1202,7 @@ def main(argv: list[str] | None = None) -> int:
                    else f"cpu ({platform.processor() or platform.machine()})"),
         "torch": torch.__version__, "cpus": os.cpu_count(), "model": shapes.model_config, "scenario": SCENARIO,
         "history_events": shapes.history_events, "ks": shapes.ks, "kernels": kernels,
-        "batch_wait_ms": args.batch_wait_ms, "idle_poll_ms": args.idle_poll_ms, "cached_users": CACHED_USERS, "cuda_graphs": not args.no_cuda_graphs,
+        "batch_wait_ms": args.batch_wait_ms, "cached_users": CACHED_USERS, "cuda_graphs": not args.no_cuda_graphs,
         "inprocess_warmup_s": inprocess_warmup_s, "in_process": in_process,
         "http_setup": http_setup, "http": http_rows, "goals": goals(in_process, http_rows, shapes.ks),
         "runtime_s": time.perf_counter() - budget.start,

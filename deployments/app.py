@@ -48,7 +48,6 @@ class ServingOverrides(BaseModel):
     max_batch_requests: int | None = Field(None, ge=1)
     max_batch_tokens: int | None = Field(None, ge=1)
     batch_wait_timeout_s: float | None = Field(None, ge=0)
-    idle_poll_s: float | None = Field(None, ge=0)
     max_candidates: int | None = Field(None, ge=1)
     num_cpus: float | None = Field(None, ge=0)
     num_gpus: float | None = Field(None, ge=0)

@@ -105,7 +105,7 @@ class ScenarioDeployment:
         self.slot_tokens = math.ceil(self.serving.max_batch_tokens / self.serving.max_batch_requests)
         self.failed_batches = 0
         self.queue = BatchQueue(self.score_batch, max_cost=self.serving.max_batch_tokens,
-                                wait_s=self.serving.batch_wait_timeout_s, poll_s=self.serving.idle_poll_s)
+                                wait_s=self.serving.batch_wait_timeout_s)
         self.endpoint = None
         if http_max_body_bytes is not None:
             parser = RankRequestParser(Registry.from_dict(meta.registry), scenario, self.serving.max_candidates)

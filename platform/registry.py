@@ -96,7 +96,6 @@ class ServingConfig:
     max_batch_requests: int = 16
     max_batch_tokens: int = 65536
     batch_wait_timeout_s: float = 0.0
-    idle_poll_s: float = 0.0
     max_candidates: int = 1000
     num_cpus: float = 0.25
     num_gpus: float = 0.0
@@ -533,7 +532,6 @@ def _parse_serving(raw: dict, file: str, snapshot: bool = False) -> ServingConfi
         max_batch_requests=f.positive("max_batch_requests", int, d.max_batch_requests),
         max_batch_tokens=f.positive("max_batch_tokens", int, d.max_batch_tokens),
         batch_wait_timeout_s=float(f.positive("batch_wait_timeout_s", (int, float), d.batch_wait_timeout_s, minimum=0)),
-        idle_poll_s=float(f.positive("idle_poll_s", (int, float), d.idle_poll_s, minimum=0)),
         max_candidates=f.positive("max_candidates", int, d.max_candidates),
         num_cpus=float(f.positive("num_cpus", (int, float), d.num_cpus, minimum=0)),
         num_gpus=float(f.positive("num_gpus", (int, float), d.num_gpus, minimum=0)),

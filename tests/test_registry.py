@@ -82,7 +82,6 @@ BAD_SCENARIOS = [
     (lambda d: d["serving"].update(replicas=0), "serving.replicas", ">= 1"),
     (lambda d: d["serving"].update(backend="tflite"), "serving.backend", "one of torch, onnx, tensorrt"),
     (lambda d: d["serving"].update(cuda_graphs="yes"), "serving.cuda_graphs", "true or false"),
-    (lambda d: d["serving"].update(idle_poll_s=-0.001), "serving.idle_poll_s", ">= 0"),
     (lambda d: d["user_features"].append({"name": "ts", "type": "numeric"}), "user_features[2].name", "reserved column"),
     (lambda d: d["item_features"][2].update(buckets=10), "item_features[2].buckets",
      "not allowed for a numeric feature (only for categorical and categorical_list)"),
