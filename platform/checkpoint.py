@@ -79,12 +79,23 @@ def check_model_file(folder: Path) -> Path:
     """`folder`, once its model file opens as the zip archive torch.save writes: one cut short is
     refused here, before a Ray worker or replica loads it (and fails, and is retried). Cheap: only
     the archive's directory, at the file's end, is read."""
-    path = folder / MODEL_FILE
+    _check_archive(folder / MODEL_FILE, "a checkpoint's weights")
+    return folder
+
+
+def check_optimizer_file(folder: Path) -> Path:
+    """`folder`, once its optimizer file opens as an archive (as `check_model_file`): a resume
+    needs it, and the training workers would otherwise fail on it, each retried."""
+    _check_archive(folder / OPTIMIZER_FILE, "a checkpoint's optimizer states, which a resume needs")
+    return folder
+
+
+def _check_archive(path: Path, what: str) -> None:
     try:
         with zipfile.ZipFile(path):
-            return folder
+            return
     except FileNotFoundError as exc:
-        raise CheckpointError(f"{path}: not found (a checkpoint's weights, saved next to its {META_FILE})") from exc
+        raise CheckpointError(f"{path}: not found ({what}, saved next to its {META_FILE})") from exc
     except (OSError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({exc}; cut short or damaged, e.g. by a copy "
                               "that did not finish)") from exc

@@ -646,8 +646,8 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
 
     from mtfm.model import load_model_config
     from mtfm.model.config import restrict_registry
-    from mtfm.platform.checkpoint import (check_compatible, find_checkpoint, read_meta, registry_changes,
-                                          trained_registry)
+    from mtfm.platform.checkpoint import (check_compatible, check_optimizer_file, find_checkpoint, read_meta,
+                                          registry_changes, trained_registry)
     from mtfm.platform.cluster import init_ray
 
     if data is None and resume is not None and (Path(resume) / "train_config.yaml").is_file():
@@ -672,7 +672,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         if out is not None and Path(out).resolve() != Path(resume).resolve():
             raise ValueError(f"--resume {resume} continues that run in its own folder: --out {out} does not apply")
         refuse_a_checkpoint_to_resume(resume)
-        resume_from = find_checkpoint(resume).resolve()
+        resume_from = check_optimizer_file(find_checkpoint(resume).resolve())
         meta = read_meta(resume_from)
         check_compatible(meta, registry, str(resume_from))
         trained, given = meta.model_config, _model_config_dict(model_config)

@@ -158,6 +158,34 @@ def test_a_checkpoint_cut_short_is_refused_by_name_before_ray_starts(config_dir,
         read_meta(run)
 
 
+def test_a_resume_whose_optimizer_file_is_cut_short_is_refused_by_name_before_ray_starts(
+        config_dir, tmp_path, monkeypatch, capsys):
+    """--resume needs the optimizer states too: an optimizer.pt cut short, or missing, is one line
+    naming it before Ray starts (the weights alone, for eval or --init-from, do not need it)."""
+    from mtfm.platform.cli import main
+
+    run = tmp_path / "run"
+    _trained_like(load_registry(config_dir), run / "checkpoint_00000009")
+    optimizer_file = run / "checkpoint_00000009" / "optimizer.pt"
+    optimizer_file.write_bytes(optimizer_file.read_bytes()[:-30])
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr("mtfm.platform.cluster.init_ray", no_ray)
+    monkeypatch.chdir(REPO_ROOT)
+    resume = ["train", "--config-dir", str(config_dir), "--config", "configs/train/tiny.yaml", "--data",
+              str(tmp_path), "--resume", str(run)]
+    assert main(resume) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {optimizer_file}: not a readable checkpoint (File is not a zip file; cut short "
+                          "or damaged") and err.count("\n") == 1, err
+    read_meta(run)  # the weights' readers are not concerned
+    optimizer_file.unlink()
+    assert main(resume) == 1
+    assert capsys.readouterr().err.startswith(f"error: {optimizer_file}: not found (a checkpoint's optimizer states")
+
+
 def test_a_checkpoint_damaged_inside_its_archive_is_refused_by_name(tmp_path):
     """Damage the cheap check cannot see (it reads the archive's directory only) is named by the load."""
     import struct
