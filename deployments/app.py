@@ -98,7 +98,7 @@ def build_app(args: AppArgs) -> Application:
     if untrained:
         served = ("args.scenario_ingress serves" if args.scenario_ingress is not None
                   else f"{registry.config_dir} registers")
-        raise ServeConfigError(f"checkpoint {checkpoint} was trained without scenarios {untrained} that {served} "
+        raise ServeConfigError(f"checkpoint {checkpoint} ({source}) was trained without scenarios {untrained} that {served} "
                                f"(it was trained on {trained}); train or warm-start a model with them, or serve only "
                                f"scenarios it has: a config dir that registers just {trained}, or one app per trained "
                                f"scenario from `mtfm serve config --scenario-ingress --checkpoint {checkpoint} "

@@ -4,7 +4,8 @@
                             "tasks", "scores": [{task: probability} per candidate], "batch"}
     POST /rank              the same, where the app serves one scenario (`scenario_ingress`,
                             whose app's route prefix is then /<scenario>: the same URL)
-    GET  /healthz           every served scenario's model version, backend, device and knobs
+    GET  /healthz           every served scenario's model version, backend, device and knobs; 503
+                            when no scenario answers (HEAD: the status alone)
 
 Paths are below the application's route prefix. A scored response carries a `Server-Timing`
 header (`server_timing`): where its time went on the server, in ms.
@@ -73,7 +74,7 @@ class FastJSONResponse(JSONResponse):
 
 class RankEndpoint:
     """Answers one HTTP request of the API: `rank(scenario, request)` scores a validated request,
-    `health()` gives /healthz's {"status", "scenarios"}. `bare_rank`: also POST /rank, for the app
+    `health()` gives /healthz's {"status": "ok" | "degraded" | "unavailable", "scenarios"}. `bare_rank`: also POST /rank, for the app
     of one scenario."""
 
     def __init__(self, parsers: dict[str, RankRequestParser], max_body_bytes: int, *, bare_rank: bool = False):
@@ -89,11 +90,13 @@ class RankEndpoint:
         try:
             parts = [p for p in _path_in_app(http).split("/") if p]
             if parts == ["healthz"]:
-                if http.method == "HEAD":  # a load balancer's probe: the status alone
-                    return Response(headers={"content-type": "application/json"})
-                if http.method != "GET":
+                if http.method not in ("GET", "HEAD"):
                     raise MethodNotAllowed("GET, HEAD", http.method)
-                return FastJSONResponse(await health())
+                report = await health()
+                status = 503 if report["status"] == "unavailable" else 200
+                if http.method == "HEAD":  # a load balancer's probe: the status alone
+                    return Response(status_code=status, headers={"content-type": "application/json"})
+                return FastJSONResponse(report, status_code=status)
             if parts == ["rank"] and self.bare_rank:
                 parts = [*self.parsers, "rank"]
             if len(parts) != 2 or parts[1] != "rank":

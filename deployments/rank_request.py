@@ -434,7 +434,7 @@ def _first_outside(ts: pa.Array, limit: int) -> int | None:
 def _event_time_error(field: str, event_ts: int, request_ts: int) -> RequestError:
     if event_ts < 0:
         return RequestError(422, "wrong_type", field, f"expected a time in ms since the epoch (>= 0), found {event_ts}")
-    seconds = " (the request ts looks like seconds: times are ms since 1970)" if 0 <= request_ts < 10**10 else ""
+    seconds = " (the request ts looks like seconds: times are ms since 1970)" if 10**9 <= request_ts < 10**10 else ""
     return RequestError(422, "event_after_request", field,
                         f"{event_ts} is after the request ts {request_ts}{seconds}; expected events at or before it")
 

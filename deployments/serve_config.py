@@ -7,6 +7,10 @@ is served without touching this file, and the file does not change when scenario
 """
 from __future__ import annotations
 
+import json
+
+import yaml
+
 
 def render_serve_config(*, config_dir: str = "configs", checkpoint: str | None = None,
                         host: str = "0.0.0.0", port: int = 8000, scenario_ingress: list[str] | None = None) -> str:
@@ -21,17 +25,30 @@ def render_serve_config(*, config_dir: str = "configs", checkpoint: str | None =
     ]
     if scenario_ingress:
         header[1] = "# One app per scenario, no router; a scenario added later needs `mtfm serve config --scenario-ingress`."
-    lines = [*header, "proxy_location: EveryNode", "http_options:", f"  host: {host}", f"  port: {port}", "applications:"]
+    lines = [*header, "proxy_location: EveryNode", "http_options:", f"  host: {_scalar(host)}", f"  port: {port}",
+             "applications:"]
     for name in scenario_ingress or [None]:
         lines += [
             f"  - name: {name or 'mtfm'}",
             f"    route_prefix: /{name or ''}",
             "    import_path: mtfm.deployments.app:build_app",
             "    args:",
-            f"      checkpoint: {checkpoint if checkpoint else 'null'}",
-            f"      config_dir: {config_dir}",
+            f"      checkpoint: {_scalar(checkpoint) if checkpoint else 'null'}",
+            f"      config_dir: {_scalar(config_dir)}",
             "      scenarios: {}",
         ]
         if name:
             lines.append(f"      scenario_ingress: {name}")
     return "\n".join([*lines, ""])
+
+
+def _scalar(value: str) -> str:
+    """`value` as a YAML scalar that reads back as this very string: plain where it does, else
+    double-quoted (a path with " #" would otherwise end in a comment, "null" or "yes" would not
+    be strings)."""
+    try:
+        if yaml.safe_load(f"k: {value}") == {"k": value}:
+            return value
+    except yaml.YAMLError:
+        pass
+    return json.dumps(value)

@@ -123,6 +123,9 @@ def test_a_request_ts_in_seconds_is_named_as_such():
                                            r"times are ms since 1970\)") as error:
         RankRequestParser(REGISTRY, "hp", max_candidates=1000).parse(body, now_ms=NOW_MS)
     assert error.value.kind == "event_after_request"
+    body["ts"] = 0  # not seconds either: no such hint
+    with pytest.raises(RequestError, match=r"is after the request ts 0; expected events at or before it$"):
+        RankRequestParser(REGISTRY, "hp", max_candidates=1000).parse(body, now_ms=NOW_MS)
 
 
 def _as_columns(objects: list[dict], names) -> dict[str, list]:
@@ -238,6 +241,32 @@ def _post(endpoint, path: str, body: dict | bytes, root_path: str = "") -> tuple
              "headers": [(b"content-type", b"application/json")]}
     response = asyncio.run(endpoint.answer(Request(scope, receive), rank, health))
     return response.status_code, json.loads(response.body)
+
+
+def test_healthz_answers_503_only_when_no_scenario_answers():
+    """GET and HEAD alike: "ok" and "degraded" (some scenarios down: the others still serve) are
+    200, "unavailable" 503; GET's body names each scenario's state either way."""
+    from starlette.requests import Request
+
+    from mtfm.deployments.http_api import RankEndpoint
+
+    endpoint = RankEndpoint({"hp": RankRequestParser(REGISTRY, "hp", 10)}, 1 << 20)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    for status, code in (("ok", 200), ("degraded", 200), ("unavailable", 503)):
+        report = {"status": status, "scenarios": {"hp": {"status": "unavailable", "error": "x"}}}
+
+        async def health(report=report):
+            return report
+
+        for method in ("GET", "HEAD"):
+            scope = {"type": "http", "method": method, "path": "/healthz", "root_path": "", "query_string": b"",
+                     "headers": []}
+            response = asyncio.run(endpoint.answer(Request(scope, receive), None, health))
+            assert response.status_code == code, (status, method)
+            assert json.loads(response.body) == report if method == "GET" else response.body == b""
 
 
 def test_bare_rank_is_served_only_by_the_app_of_one_scenario():

@@ -269,6 +269,17 @@ def test_the_committed_serve_yaml_is_the_generators_output():
     assert (REPO / "deployments/serve.yaml").read_text() == render_serve_config()
 
 
+def test_serve_config_writes_every_path_so_that_it_reads_back_as_given():
+    """A path YAML would read otherwise (a " #" starts a comment, "null" is no string) is quoted."""
+    import yaml
+
+    for path in ("/runs/v1 #retrained", "null", "yes", "a: b", "runs/x", "{x}", " lead", "'q'"):
+        config = yaml.safe_load(render_serve_config(checkpoint=path, config_dir=path, host=path))
+        args = config["applications"][0]["args"]
+        assert (args["checkpoint"], args["config_dir"], config["http_options"]["host"]) == (path, path, path), path
+    assert "      checkpoint: runs/x\n" in render_serve_config(checkpoint="runs/x")  # plain where plain reads back
+
+
 def test_output_piped_into_head_ends_quietly():
     command = (f"{sys.executable} -m mtfm.platform.cli serve example-request --config-dir {REPO / 'configs'} "
                "--scenario hp --candidates 1000 | head -1")  # more than a pipe holds
@@ -312,11 +323,15 @@ def test_serving_knobs_come_from_yaml_with_overrides_and_are_checked():
         scenario_serving(registry, AppArgs(scenarios={"hp": {"max_ongoing_requests": 4}}).scenarios)
 
 
-def test_builder_refuses_a_checkpoint_without_a_registered_scenario(checkpoint, config_dir):
+def test_builder_refuses_a_checkpoint_without_a_registered_scenario(checkpoint, config_dir, monkeypatch):
+    """The refusal says where the checkpoint came from: $MTFM_CHECKPOINT overrides args.checkpoint."""
     text = (config_dir / "scenarios" / "sqs.yaml").read_text().replace("name: sqs", "name: coupon")
     (config_dir / "scenarios" / "coupon.yaml").write_text(text)
-    with pytest.raises(ServeConfigError, match=r"trained without scenarios \['coupon'\]"):
+    with pytest.raises(ServeConfigError, match=r"\(args\.checkpoint\) was trained without scenarios \['coupon'\]"):
         build_app({"checkpoint": str(checkpoint), "config_dir": str(config_dir)})
+    monkeypatch.setenv("MTFM_CHECKPOINT", str(checkpoint))
+    with pytest.raises(ServeConfigError, match=r"\(\$MTFM_CHECKPOINT\) was trained without scenarios \['coupon'\]"):
+        build_app({"checkpoint": "elsewhere", "config_dir": str(config_dir)})
 
 
 def test_builder_refuses_a_single_scenario_checkpoint_for_the_scenarios_it_lacks(tmp_path, config_dir, capsys):

@@ -411,11 +411,17 @@ def test_a_single_scenario_checkpoint_serves_its_scenario(service, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
 def test_a_backend_the_replica_cannot_run_fails_the_replica_with_a_clear_error(service):
     """The builder (on the controller's node) accepts backend tensorrt by name; the replica, on
-    the node it runs on (here without the `tensorrt` package), refuses it and says why."""
+    the node it runs on (here without the `tensorrt` package), refuses it and says why. The
+    router keeps serving the other scenarios, and /healthz says which one is down, promptly."""
     from ray import serve
 
+    from mtfm.deployments.router import HEALTH_TIMEOUT_S
+
+    registry = service["registry"]
+    scenarios = {name: SMALL_REPLICA for name in registry.scenarios} | {"sqs": {**SMALL_REPLICA, "backend": "tensorrt"}}
     app = build_app({"checkpoint": str(service["checkpoint"]), "config_dir": str(service["config_dir"]),
-                     "scenarios": {"sqs": {**SMALL_REPLICA, "backend": "tensorrt"}}, "scenario_ingress": "sqs"})
+                     "scenarios": scenarios, "router_num_cpus": 0.1})
+    url = f"{service['url']}/sqs-tensorrt"
     try:
         with pytest.raises(RuntimeError, match="Deploying application sqs_tensorrt failed"):
             serve.run(app, name="sqs_tensorrt", route_prefix="/sqs-tensorrt")
@@ -425,5 +431,18 @@ def test_a_backend_the_replica_cannot_run_fails_the_replica_with_a_clear_error(s
         assert "BackendUnavailable" in message, message
         assert "scenario sqs: backend tensorrt needs the `tensorrt` package" in message, message
         assert "args.scenarios.sqs.backend" in message, message
+
+        started = time.perf_counter()
+        health = requests.get(f"{url}/healthz", timeout=60)
+        assert time.perf_counter() - started < HEALTH_TIMEOUT_S + 5
+        assert health.status_code == 200, health.text
+        report = health.json()
+        assert report["status"] == "degraded" and report["scenarios"]["sqs"]["status"] == "unavailable", report
+        assert {name for name, info in report["scenarios"].items() if "model_version" in info} == {"hp", "phf"}
+        assert requests.head(f"{url}/healthz", timeout=60).status_code == 200
+        body = example_request(registry, "hp", candidates=3, events=4, seed=5)
+        response = requests.post(f"{url}/hp/rank", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        np.testing.assert_allclose(_served(response), _offline(service, "hp", body), atol=1e-5)
     finally:
         serve.delete("sqs_tensorrt")
