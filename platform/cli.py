@@ -124,6 +124,9 @@ def cmd_data_movielens(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- training and evaluation
 
+QUICKSTART_MARK = ".mtfm-quickstart"  # a folder quickstart may replace: one it wrote
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """The main job end to end on the embedded default: synthetic logs -> Ray Data -> Ray Train -> AUC/GAUC."""
     from mtfm.platform.aggregate import aggregate
@@ -139,10 +142,16 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
               f"evaluation; expected more days than that", file=sys.stderr)
         return 1
     refuse_a_file_for_a_folder(Path(args.out), f"--out {args.out}")
-    if args.run_dir is not None:
+    root = Path(args.out)
+    if root.is_dir() and any(root.iterdir()) and not (root / QUICKSTART_MARK).is_file():
+        print(f"error: --out {args.out}: holds files that `mtfm quickstart` did not write "
+              f"({', '.join(sorted(p.name for p in root.iterdir())[:5])}), and it replaces raw/ and agg/ in its "
+              "folder; pass a new or empty folder", file=sys.stderr)
+        return 1
         refuse_a_file_for_a_folder(Path(args.run_dir), f"--run-dir {args.run_dir}")
         refuse_existing_run(Path(args.run_dir).resolve())  # before the data steps, not after them
-    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / QUICKSTART_MARK).write_text("written by `mtfm quickstart`, which replaces raw/ and agg/ here on each run\n")
     print(f"[1/3] synthetic raw logs: {args.users} users x {args.days} days -> {root / 'raw'}")
     synthesize(reg, root / "raw", users=args.users, days=args.days, seed=args.seed, overwrite=True)
     print(f"[2/3] Ray Data aggregation -> {root / 'agg'}")
@@ -371,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the main job end to end on the embedded default (local Ray, local Parquet, "
                                    "synthetic data): write synthetic logs, aggregate them with Ray Data, train the "
                                    "tiny config with Ray Train and print AUC/GAUC per scenario and task.")
-    p.add_argument("--out", default="data/quickstart", metavar="DIR", help="data folder (default data/quickstart; replaced)")
+    p.add_argument("--out", default="data/quickstart", metavar="DIR", help="data folder (default data/quickstart): its raw/ and agg/ are replaced on each run; a "
+                        "folder holding anything quickstart did not write is refused")
     p.add_argument("--users", type=positive_int, default=400, help="synthetic users (default 400)")
     p.add_argument("--days", type=positive_int, default=4,
                    help="days of logs; the last (the train config's test_windows) are the test set (default 4)")
@@ -461,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
         # a bad input named by the code that refused it (`python -m mtfm.platform.train` does the same)
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: what was left, and how to go on, is said where it is known
+        print("interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # output piped into a reader that stopped (`| head`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit's flush fails again
         return 0

@@ -535,7 +535,9 @@ def split_by_window(samples: str | Path, test_windows: int):
                          f"{', ...' if len(names) > 6 else ''}); aggregate the raw logs first: mtfm data aggregate "
                          "--raw RAW_DIR --out AGG_DIR, then pass AGG_DIR")
     try:
-        windows = _windows_of(path)
+        files = _sample_files(path)
+        refuse_parts_with_other_columns(files)
+        windows = _windows_of(files)
     except Exception as exc:  # a file whose footer the schema's read did not reach
         _name_the_unreadable_parquet(path, exc)
         raise
@@ -546,12 +548,9 @@ def split_by_window(samples: str | Path, test_windows: int):
     return ds.filter(expr=col("window") < cut), ds.filter(expr=col("window") >= cut), windows
 
 
-def _windows_of(path: str) -> list[int]:
-    """The distinct windows of the samples, from their `window` column alone, read here batch by batch
-    (Ray Data's `unique` starts hash-aggregate workers for it). The files are those Ray Data reads:
-    `*.parquet`, none under a name starting with `.` or `_`."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
+def _sample_files(path: str) -> tuple:
+    """(file system, the Parquet files of the samples at `path`): those Ray Data reads, `*.parquet`,
+    none under a name starting with `.` or `_`."""
     import pyarrow.fs as pafs
 
     if "://" in path:
@@ -559,11 +558,39 @@ def _windows_of(path: str) -> list[int]:
     else:
         fs, root = pafs.LocalFileSystem(), str(Path(path).resolve())
     if fs.get_file_info(root).type == pafs.FileType.File:
-        files = [root]
-    else:
-        found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        files = sorted(f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(".parquet")
-                       and not any(p.startswith((".", "_")) for p in f.path[len(root):].split("/")))
+        return fs, [root]
+    found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return fs, sorted(f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(".parquet")
+                      and not any(p.startswith((".", "_")) for p in f.path[len(root):].split("/")))
+
+
+def refuse_parts_with_other_columns(sample_files: tuple) -> None:
+    """Every part of one aggregation has the same columns: a part that lacks some (or has others)
+    would be read with them null, training its users silently without those features. Reads
+    each file's footer only."""
+    import pyarrow.parquet as pq
+
+    fs, files = sample_files
+    first = None
+    for file in files:
+        names = set(pq.read_schema(file, filesystem=fs).names)
+        if first is None:
+            first = (file, names)
+        elif names != first[1]:
+            lacks, extra = sorted(first[1] - names), sorted(names - first[1])
+            differs = "; ".join(f"{what} {columns[:5]}{' ...' if len(columns) > 5 else ''}"
+                                for what, columns in (("lacks", lacks), ("has besides", extra)) if columns)
+            raise ValueError(f"{file}: its columns differ from those of {first[0]} ({differs}): the parts of one "
+                             "samples folder come from one aggregation; aggregate the raw logs again (--overwrite)")
+
+
+def _windows_of(sample_files: tuple) -> list[int]:
+    """The distinct windows of the samples, from their `window` column alone, read here batch by batch
+    (Ray Data's `unique` starts hash-aggregate workers for it)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    fs, files = sample_files
     windows: set[int] = set()
     for batch in pads.dataset(files, filesystem=fs, format="parquet").to_batches(columns=["window"]):
         windows.update(pc.unique(batch.column(0)).drop_null().to_pylist())
@@ -738,6 +765,13 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     if not in_data & set(model_scenarios):
         raise ValueError(f"{config.data}: no exposures of the scenarios of model {model_config.name} "
                          f"({model_scenarios}); the samples hold {sorted(in_data)}")
+    lacking = [s for s in model_scenarios if s not in in_data]
+    if lacking:  # the workers' collator would fail on the missing columns, each failure retried
+        raise ValueError(f"{config.data}: no columns of scenario(s) {lacking}, which model {model_config.name} covers "
+                         f"(registered in {registry.config_dir}): the samples were aggregated before they were "
+                         "registered; aggregate the raw logs again with this registry (`mtfm data aggregate "
+                         f"--config-dir {registry.config_dir} --raw RAW --out AGG`), or train a model of the scenarios "
+                         f"the samples hold, {sorted(in_data & set(model_scenarios))} (a model config's `scenarios:`)")
     if in_data - set(model_scenarios):
         train_ds, test_ds = keep_users_of(train_ds, model_scenarios), keep_users_of(test_ds, model_scenarios)
         log(f"[mtfm] model {model_config.name} covers {model_scenarios}: training and evaluating on their users only")
@@ -765,7 +799,11 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         dataset_config=_data_config(DataConfig),
     )
     (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a resume tries again
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Ray Train aborts the run, then exits through SystemExit
+        log(_interrupted(run_dir))
+        raise KeyboardInterrupt from None
     if result.error:
         raise result.error
     if (run_dir / DIVERGED_FILE).is_file():
@@ -859,6 +897,19 @@ def refuse_a_warm_start_that_cannot_load(checkpoint: Path, registry: Registry, m
                               f"{META_FILE} holds its registry)")
 
 
+def _interrupted(run_dir: Path) -> str:
+    """What an interrupted run left, and how to go on from it."""
+    from mtfm.platform.checkpoint import CheckpointError, find_checkpoint, read_meta
+
+    try:
+        newest = find_checkpoint(run_dir)
+    except CheckpointError as exc:
+        return (f"[mtfm] interrupted, with no checkpoint to resume from ({exc}); start again with another --out, "
+                f"or after removing {run_dir}")
+    return (f"[mtfm] interrupted: the newest checkpoint is {newest} (step {read_meta(newest).step}); "
+            f"`mtfm train --resume {run_dir}` continues from it")
+
+
 def refuse_a_checkpoint_to_resume(resume: str | Path) -> None:
     from mtfm.platform.checkpoint import META_FILE
 
@@ -944,6 +995,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as exc:  # RegistryError, CheckpointError included
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # `train` said what the run left (a `ray job stop` ends the job otherwise)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -186,6 +186,29 @@ def test_a_resume_whose_optimizer_file_is_cut_short_is_refused_by_name_before_ra
     assert capsys.readouterr().err.startswith(f"error: {optimizer_file}: not found (a checkpoint's optimizer states")
 
 
+def test_an_interrupted_run_says_what_it_left_and_how_to_go_on(config_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during training (Ray Train aborts the run): the newest checkpoint and the --resume
+    command, or that there is none; the command exits 130 with no traceback."""
+    from mtfm.platform import train as train_module
+    from mtfm.platform.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    said = train_module._interrupted(run)
+    assert said.startswith(f"[mtfm] interrupted, with no checkpoint to resume from ({run}: no checkpoint_* folder")
+    _trained_like(load_registry(config_dir), run / "checkpoint_00000009")
+    assert train_module._interrupted(run) == (f"[mtfm] interrupted: the newest checkpoint is {run / 'checkpoint_00000009'}"
+                                              f" (step 9); `mtfm train --resume {run}` continues from it")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "run_from_args", interrupted)
+    for run_main, argv in ((train_module.main, []), (main, ["train"])):
+        assert run_main([*argv, "--config", "configs/train/tiny.yaml"]) == 130
+        assert capsys.readouterr().err == "interrupted\n"
+
+
 def test_a_checkpoint_damaged_inside_its_archive_is_refused_by_name(tmp_path):
     """Damage the cheap check cannot see (it reads the archive's directory only) is named by the load."""
     import struct

@@ -50,3 +50,16 @@ def test_quickstart_refuses_as_many_days_as_it_holds_out(tmp_path):
     done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "holds out the last 1 day(s) for evaluation" in done.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_quickstart_refuses_a_folder_it_did_not_write(tmp_path):
+    """It replaces raw/ and agg/ in --out: another dataset's folder (here MovieLens-like) is refused, untouched."""
+    data = tmp_path / "ml"
+    (data / "raw").mkdir(parents=True)
+    (data / "raw" / "ratings.parquet").write_bytes(b"theirs")
+    cmd = [sys.executable, "-m", "mtfm.platform.cli", "quickstart", "--out", str(data)]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr == (f"error: --out {data}: holds files that `mtfm quickstart` did not write (raw), and it "
+                           "replaces raw/ and agg/ in its folder; pass a new or empty folder\n")
+    assert (data / "raw" / "ratings.parquet").read_bytes() == b"theirs"

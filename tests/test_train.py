@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -303,6 +304,35 @@ def test_samples_read_from_a_uri_as_from_a_path(tiny_samples):
     assert (uri[0].count(), uri[1].count(), uri[2]) == (local[0].count(), local[1].count(), local[2])
     with pytest.raises(FileNotFoundError, match="no aggregated samples here"):
         split_by_window((tiny_samples.parent / "nope").resolve().as_uri(), 1)
+
+
+def test_samples_aggregated_before_a_scenario_was_registered_are_refused_before_training(
+        ray_cluster, tiny_samples, config_dir, tmp_path):
+    """A scenario YAML added after aggregating: the workers' collator would fail on its missing
+    columns (each failure retried); the driver names it first, and no run folder is made."""
+    (config_dir / "scenarios" / "grocery.yaml").write_text(
+        "name: grocery\nitem_features:\n  - {name: sku_id, type: categorical, buckets: 100, dim: 4}\n"
+        "tasks:\n  - {name: click, kind: ctr}\n")
+    with pytest.raises(ValueError, match=r"no columns of scenario\(s\) \['grocery'\], which model tiny covers "
+                                         r"\(registered in .*\): the samples were aggregated before they were "
+                                         r"registered; aggregate the raw logs again"):
+        train(_config(), data=str(tiny_samples), out=tmp_path / "run", config_dir=str(config_dir),
+              log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_samples_part_with_other_columns_is_named(ray_cluster, tiny_samples, tmp_path):
+    """One part without a column would be read with it null: its users silently trained without it."""
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "samples"
+    shutil.copytree(tiny_samples / "samples", folder)
+    parts = sorted(folder.glob("*.parquet"))
+    assert len(parts) >= 2
+    pq.write_table(pq.read_table(parts[-1]).drop_columns(["history__events"]), parts[-1])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(parts[-1]))}: its columns differ from those of "
+                                         rf"{re.escape(str(parts[0]))} \(lacks \['history__events'\]\)"):
+        split_by_window(folder, 1)
 
 
 def test_a_run_that_cannot_start_leaves_no_folder(tmp_path, monkeypatch):
