@@ -307,7 +307,9 @@ def _prepare(registry: Registry, raw: Path, out: Path, overwrite: bool, log=prin
     warnings += [f"{path}: not read (expected exposures/<scenario>/*.parquet or behaviors/<sequence>/*.parquet)"
                  for path in files_not_read(raw)]
     if not any(kind == "exposures" for kind, _, _ in files):
-        raise FileNotFoundError(f"{raw}/exposures: no readable exposure file; " + "; ".join(warnings))
+        empty = [f"{raw}/{kind}/{name}: no *.parquet file" for (kind, name), paths in tables.items()
+                 if kind == "exposures" and not paths]
+        raise FileNotFoundError(f"{raw}/exposures: no readable exposure file; " + "; ".join(warnings + empty))
     refuse_a_file_for_a_folder(out, f"--out {out}")
     owned = [out / SAMPLES, out / QUARANTINE, out / SHUFFLE, out / SUMMARY]
     if any(p.exists() for p in owned):

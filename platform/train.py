@@ -968,6 +968,8 @@ def run_from_args(args: argparse.Namespace) -> int:
             raise ValueError("--config CFG is needed to start a run (e.g. configs/train/tiny.yaml); only --resume "
                              "can take the run's own")
         refuse_a_checkpoint_to_resume(args.resume)
+        if not Path(args.resume).is_dir():
+            raise FileNotFoundError(f"--resume {args.resume}: not found (a run folder, e.g. runs/tiny-<time>)")
         args.config = Path(args.resume) / "train_config.yaml"
         if not args.config.is_file():
             raise FileNotFoundError(f"--resume {args.resume}: no train_config.yaml there (not a run folder?); "

@@ -3,6 +3,7 @@ new scenarios picked up with no code change, the same result from the single-pro
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -256,6 +257,10 @@ def test_unreadable_files_and_ts_in_seconds_are_named_and_the_rest_aggregated(ra
     with pytest.raises(FileNotFoundError, match=r"no readable exposure file; .*empty\.parquet: not read"):
         aggregate(registry, only_bad, tmp_path / "none", **QUIET)
     assert not (tmp_path / "none").exists()
+    (only_bad / "exposures" / "hp" / "empty.parquet").unlink()  # a table folder with no file at all: named
+    with pytest.raises(FileNotFoundError, match=rf"no readable exposure file; {re.escape(str(only_bad))}/exposures/hp: "
+                                                r"no \*\.parquet file$"):
+        aggregate(registry, only_bad, tmp_path / "none", **QUIET)
 
 
 def test_new_scenario_yaml_is_picked_up_without_code_change(ray_cluster, config_dir, tmp_path):
