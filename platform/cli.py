@@ -125,6 +125,7 @@ def cmd_data_movielens(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- training and evaluation
 
 QUICKSTART_MARK = ".mtfm-quickstart"  # a folder quickstart may replace: one it wrote
+QUICKSTART_OUT = "data/quickstart"
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -143,10 +144,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         return 1
     refuse_a_file_for_a_folder(Path(args.out), f"--out {args.out}")
     root = Path(args.out)
-    if root.is_dir() and any(root.iterdir()) and not (root / QUICKSTART_MARK).is_file():
+    names = {p.name for p in root.iterdir()} if root.is_dir() else set()
+    # The default folder holding raw/ and agg/ alone was written by an earlier version, without the mark.
+    earlier_own = args.out == QUICKSTART_OUT and names <= {"raw", "agg"}
+    if names and QUICKSTART_MARK not in names and not earlier_own:
         print(f"error: --out {args.out}: holds files that `mtfm quickstart` did not write "
-              f"({', '.join(sorted(p.name for p in root.iterdir())[:5])}), and it replaces raw/ and agg/ in its "
-              "folder; pass a new or empty folder", file=sys.stderr)
+              f"({', '.join(sorted(names)[:5])}), and it replaces raw/ and agg/ in its folder; pass a new or empty "
+              "folder", file=sys.stderr)
         return 1
         refuse_a_file_for_a_folder(Path(args.run_dir), f"--run-dir {args.run_dir}")
         refuse_existing_run(Path(args.run_dir).resolve())  # before the data steps, not after them
@@ -380,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the main job end to end on the embedded default (local Ray, local Parquet, "
                                    "synthetic data): write synthetic logs, aggregate them with Ray Data, train the "
                                    "tiny config with Ray Train and print AUC/GAUC per scenario and task.")
-    p.add_argument("--out", default="data/quickstart", metavar="DIR", help="data folder (default data/quickstart): its raw/ and agg/ are replaced on each run; a "
+    p.add_argument("--out", default=QUICKSTART_OUT, metavar="DIR", help="data folder (default data/quickstart): its raw/ and agg/ are replaced on each run; a "
                         "folder holding anything quickstart did not write is refused")
     p.add_argument("--users", type=positive_int, default=400, help="synthetic users (default 400)")
     p.add_argument("--days", type=positive_int, default=4,
