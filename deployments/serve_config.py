@@ -51,4 +51,4 @@ def _scalar(value: str) -> str:
             return value
     except yaml.YAMLError:
         pass
-    return json.dumps(value)
+    return json.dumps(value, ensure_ascii=False)

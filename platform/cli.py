@@ -143,17 +143,18 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
               f"evaluation; expected more days than that", file=sys.stderr)
         return 1
     refuse_a_file_for_a_folder(Path(args.out), f"--out {args.out}")
-    root = Path(args.out)
-    names = {p.name for p in root.iterdir()} if root.is_dir() else set()
-    # The default folder holding raw/ and agg/ alone was written by an earlier version, without the mark.
-    earlier_own = args.out == QUICKSTART_OUT and names <= {"raw", "agg"}
-    if names and QUICKSTART_MARK not in names and not earlier_own:
-        print(f"error: --out {args.out}: holds files that `mtfm quickstart` did not write "
-              f"({', '.join(sorted(names)[:5])}), and it replaces raw/ and agg/ in its folder; pass a new or empty "
-              "folder", file=sys.stderr)
-        return 1
+    if args.run_dir is not None:
         refuse_a_file_for_a_folder(Path(args.run_dir), f"--run-dir {args.run_dir}")
         refuse_existing_run(Path(args.run_dir).resolve())  # before the data steps, not after them
+    root = Path(args.out)
+    names = {p.name for p in root.iterdir() if p.name != QUICKSTART_MARK} if root.is_dir() else set()
+    # What quickstart writes there; its default folder without the mark is one an earlier version wrote.
+    own = (root / QUICKSTART_MARK).is_file() or args.out == QUICKSTART_OUT
+    if any(not name.startswith(".") for name in names - ({"raw", "agg", "serve.yaml"} if own else set())):
+        print(f"error: --out {args.out}: holds files that `mtfm quickstart` did not write "
+              f"({', '.join(sorted(names)[:5])}), and it replaces raw/ and agg/ in its folder; pass a new or empty "
+              "folder (or remove that one)", file=sys.stderr)
+        return 1
     root.mkdir(parents=True, exist_ok=True)
     (root / QUICKSTART_MARK).write_text("written by `mtfm quickstart`, which replaces raw/ and agg/ here on each run\n")
     print(f"[1/3] synthetic raw logs: {args.users} users x {args.days} days -> {root / 'raw'}")

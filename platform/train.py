@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtfm.platform.registry import (Registry, RegistryError, dump_yaml, exposures_column, load_registry,
-                                    read_yaml_mapping, scenario_of_column)
+from mtfm.platform.registry import (Registry, RegistryError, dump_yaml, events_column, exposures_column,
+                                    load_registry, read_yaml_mapping, scenario_of_column)
 
 RUNS_DIR = "runs"
 # What Ray Train v2 keeps in a run's storage folder to restore the run when it starts there again.
@@ -565,21 +565,25 @@ def _sample_files(path: str) -> tuple:
 
 
 def refuse_parts_with_other_columns(sample_files: tuple) -> None:
-    """Every part of one aggregation has the same columns: a part that lacks some (or has others)
-    would be read with them null, training its users silently without those features. Reads
-    each file's footer only."""
+    """Every part of one aggregation has the same columns, of the same types (the aggregation casts
+    each to the registry's schema): a part that lacks some, or whose event structs lack a field,
+    would be read with them null, training its users silently without those features. Reads each
+    file's footer only."""
     import pyarrow.parquet as pq
 
     fs, files = sample_files
     first = None
     for file in files:
-        names = set(pq.read_schema(file, filesystem=fs).names)
+        schema = pq.read_schema(file, filesystem=fs)
+        types = {field.name: field.type for field in schema}
         if first is None:
-            first = (file, names)
-        elif names != first[1]:
-            lacks, extra = sorted(first[1] - names), sorted(names - first[1])
-            differs = "; ".join(f"{what} {columns[:5]}{' ...' if len(columns) > 5 else ''}"
-                                for what, columns in (("lacks", lacks), ("has besides", extra)) if columns)
+            first = (file, types)
+            continue
+        lacks, extra = sorted(first[1].keys() - types.keys()), sorted(types.keys() - first[1].keys())
+        typed = sorted(name for name in types.keys() & first[1].keys() if types[name] != first[1][name])
+        if lacks or extra or typed:
+            differs = "; ".join(f"{what} {columns[:5]}{' ...' if len(columns) > 5 else ''}" for what, columns in
+                                (("lacks", lacks), ("has besides", extra), ("has another type in", typed)) if columns)
             raise ValueError(f"{file}: its columns differ from those of {first[0]} ({differs}): the parts of one "
                              "samples folder come from one aggregation; aggregate the raw logs again (--overwrite)")
 
@@ -765,13 +769,19 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     if not in_data & set(model_scenarios):
         raise ValueError(f"{config.data}: no exposures of the scenarios of model {model_config.name} "
                          f"({model_scenarios}); the samples hold {sorted(in_data)}")
+    # The workers' collator would fail on missing columns, each failure retried: named here first.
+    again = (f"aggregate the raw logs again with this registry (`mtfm data aggregate --config-dir {registry.config_dir} "
+             "--raw RAW --out AGG`)")
     lacking = [s for s in model_scenarios if s not in in_data]
-    if lacking:  # the workers' collator would fail on the missing columns, each failure retried
+    if lacking:
         raise ValueError(f"{config.data}: no columns of scenario(s) {lacking}, which model {model_config.name} covers "
                          f"(registered in {registry.config_dir}): the samples were aggregated before they were "
-                         "registered; aggregate the raw logs again with this registry (`mtfm data aggregate "
-                         f"--config-dir {registry.config_dir} --raw RAW --out AGG`), or train a model of the scenarios "
-                         f"the samples hold, {sorted(in_data & set(model_scenarios))} (a model config's `scenarios:`)")
+                         f"registered; {again}, or train a model of the scenarios the samples hold, "
+                         f"{sorted(in_data & set(model_scenarios))} (a model config's `scenarios:`)")
+    lacking = [q for q in registry.sequences if events_column(q) not in train_ds.schema().names]
+    if lacking:
+        raise ValueError(f"{config.data}: no column of sequence(s) {lacking} (registered in {registry.config_dir}): "
+                         f"the samples were aggregated before they were registered; {again}")
     if in_data - set(model_scenarios):
         train_ds, test_ds = keep_users_of(train_ds, model_scenarios), keep_users_of(test_ds, model_scenarios)
         log(f"[mtfm] model {model_config.name} covers {model_scenarios}: training and evaluating on their users only")
@@ -801,7 +811,11 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a resume tries again
     try:
         result = trainer.fit()
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C: Ray Train aborts the run, then exits through SystemExit
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Ctrl-C: Ray Train's SIGINT handler aborts the run, then exits through SystemExit(0); Ray's
+        # SIGTERM handler (`ray job stop`, kill) exits with the signal's number, left as it is.
+        if isinstance(exc, SystemExit) and exc.code not in (0, None):
+            raise
         log(_interrupted(run_dir))
         raise KeyboardInterrupt from None
     if result.error:
@@ -899,15 +913,21 @@ def refuse_a_warm_start_that_cannot_load(checkpoint: Path, registry: Registry, m
 
 def _interrupted(run_dir: Path) -> str:
     """What an interrupted run left, and how to go on from it."""
-    from mtfm.platform.checkpoint import CheckpointError, find_checkpoint, read_meta
+    from mtfm.platform.checkpoint import (CHECKPOINT_PREFIX, META_FILE, CheckpointError, check_model_file,
+                                          check_optimizer_file, read_meta)
 
-    try:
-        newest = find_checkpoint(run_dir)
-    except CheckpointError as exc:
-        return (f"[mtfm] interrupted, with no checkpoint to resume from ({exc}); start again with another --out, "
-                f"or after removing {run_dir}")
-    return (f"[mtfm] interrupted: the newest checkpoint is {newest} (step {read_meta(newest).step}); "
-            f"`mtfm train --resume {run_dir}` continues from it")
+    cut_short = []  # an interrupt can land while Ray copies a checkpoint in
+    for folder in sorted(run_dir.glob(f"{CHECKPOINT_PREFIX}*"), reverse=True):
+        try:
+            step = read_meta(check_optimizer_file(check_model_file(folder))).step
+        except (CheckpointError, FileNotFoundError):
+            cut_short.append(folder.name)
+            continue
+        remove = f"remove {', '.join(cut_short)} (cut short by the interrupt), then " if cut_short else ""
+        return (f"[mtfm] interrupted: the newest whole checkpoint is {folder} (step {step}); {remove}"
+                f"`mtfm train --resume {run_dir}` continues from it")
+    return (f"[mtfm] interrupted before a whole checkpoint was saved in {run_dir}: nothing to resume; start again "
+            "with another --out, or after removing that folder")
 
 
 def refuse_a_checkpoint_to_resume(resume: str | Path) -> None:
@@ -969,7 +989,8 @@ def run_from_args(args: argparse.Namespace) -> int:
                              "can take the run's own")
         refuse_a_checkpoint_to_resume(args.resume)
         if not Path(args.resume).is_dir():
-            raise FileNotFoundError(f"--resume {args.resume}: not found (a run folder, e.g. runs/tiny-<time>)")
+            found = "a file" if Path(args.resume).exists() else "not found"
+            raise FileNotFoundError(f"--resume {args.resume}: {found} (expected a run folder, e.g. runs/tiny-<time>)")
         args.config = Path(args.resume) / "train_config.yaml"
         if not args.config.is_file():
             raise FileNotFoundError(f"--resume {args.resume}: no train_config.yaml there (not a run folder?); "

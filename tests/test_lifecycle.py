@@ -194,11 +194,21 @@ def test_an_interrupted_run_says_what_it_left_and_how_to_go_on(config_dir, tmp_p
 
     run = tmp_path / "run"
     run.mkdir()
-    said = train_module._interrupted(run)
-    assert said.startswith(f"[mtfm] interrupted, with no checkpoint to resume from ({run}: no checkpoint_* folder")
+    assert train_module._interrupted(run) == (f"[mtfm] interrupted before a whole checkpoint was saved in {run}: "
+                                              "nothing to resume; start again with another --out, or after removing "
+                                              "that folder")
     _trained_like(load_registry(config_dir), run / "checkpoint_00000009")
-    assert train_module._interrupted(run) == (f"[mtfm] interrupted: the newest checkpoint is {run / 'checkpoint_00000009'}"
-                                              f" (step 9); `mtfm train --resume {run}` continues from it")
+    assert train_module._interrupted(run) == (f"[mtfm] interrupted: the newest whole checkpoint is "
+                                              f"{run / 'checkpoint_00000009'} (step 9); `mtfm train --resume {run}` "
+                                              "continues from it")
+    # Interrupted while Ray copied the next one in: its optimizer states cut short.
+    _trained_like(load_registry(config_dir), run / "checkpoint_00000012")
+    optimizer_file = run / "checkpoint_00000012" / "optimizer.pt"
+    optimizer_file.write_bytes(optimizer_file.read_bytes()[:-30])
+    assert train_module._interrupted(run) == (f"[mtfm] interrupted: the newest whole checkpoint is "
+                                              f"{run / 'checkpoint_00000009'} (step 9); remove checkpoint_00000012 "
+                                              f"(cut short by the interrupt), then `mtfm train --resume {run}` "
+                                              "continues from it")
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

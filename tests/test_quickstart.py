@@ -61,5 +61,27 @@ def test_quickstart_refuses_a_folder_it_did_not_write(tmp_path):
     done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr
     assert done.stderr == (f"error: --out {data}: holds files that `mtfm quickstart` did not write (raw), and it "
-                           "replaces raw/ and agg/ in its folder; pass a new or empty folder\n")
+                           "replaces raw/ and agg/ in its folder; pass a new or empty folder (or remove that one)\n")
     assert (data / "raw" / "ratings.parquet").read_bytes() == b"theirs"
+
+
+def test_quickstart_takes_its_default_folder_as_an_earlier_version_left_it(tmp_path, monkeypatch):
+    """data/quickstart holding raw/ and agg/ without the mark (written before it) is still its own;
+    the mark makes any other --out folder its own too. Stopped at the first data step here."""
+    from mtfm.platform.cli import main
+
+    def reached(*args, **kwargs):
+        raise RuntimeError("synthesize reached")
+
+    monkeypatch.setattr("mtfm.platform.synth.synthesize", reached)
+    monkeypatch.chdir(tmp_path)
+    config = ["--config-dir", str(REPO_ROOT / "configs"), "--train-config", str(REPO_ROOT / "configs/train/tiny.yaml")]
+    for folder in ("data/quickstart/raw", "data/quickstart/agg", "mine/raw"):
+        (tmp_path / folder).mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="synthesize reached"):
+        main(["quickstart", *config])
+    assert (tmp_path / "data/quickstart/.mtfm-quickstart").is_file()
+    assert main(["quickstart", *config, "--out", "mine"]) == 1  # not its own: no mark
+    (tmp_path / "mine/.mtfm-quickstart").write_text("")
+    with pytest.raises(RuntimeError, match="synthesize reached"):
+        main(["quickstart", *config, "--out", "mine"])

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -318,6 +319,14 @@ def test_samples_aggregated_before_a_scenario_was_registered_are_refused_before_
                                          r"registered; aggregate the raw logs again"):
         train(_config(), data=str(tiny_samples), out=tmp_path / "run", config_dir=str(config_dir),
               log=lambda *a: None)
+    (config_dir / "scenarios" / "grocery.yaml").unlink()
+    with open(config_dir / "sequences.yaml", "a") as sequences:  # a sequence registered later, likewise
+        sequences.write("  - name: searches\n    kind: realtime\n    max_len: 8\n    features:\n"
+                        "      - {name: poi_id, type: categorical, buckets: 20000, dim: 32, required: true}\n")
+    with pytest.raises(ValueError, match=r"no column of sequence\(s\) \['searches'\] \(registered in .*\): the "
+                                         r"samples were aggregated before they were registered"):
+        train(_config(), data=str(tiny_samples), out=tmp_path / "run", config_dir=str(config_dir),
+              log=lambda *a: None)
     assert not (tmp_path / "run").exists()
 
 
@@ -329,9 +338,17 @@ def test_a_samples_part_with_other_columns_is_named(ray_cluster, tiny_samples, t
     shutil.copytree(tiny_samples / "samples", folder)
     parts = sorted(folder.glob("*.parquet"))
     assert len(parts) >= 2
-    pq.write_table(pq.read_table(parts[-1]).drop_columns(["history__events"]), parts[-1])
+    original = pq.read_table(parts[-1])
+    pq.write_table(original.drop_columns(["history__events"]), parts[-1])
     with pytest.raises(ValueError, match=rf"{re.escape(str(parts[-1]))}: its columns differ from those of "
                                          rf"{re.escape(str(parts[0]))} \(lacks \['history__events'\]\)"):
+        split_by_window(folder, 1)
+    # The same names, but the events' structs without a field (a feature added to a sequence later).
+    events = original.schema.field("history__events").type
+    fewer = pa.list_(pa.struct([field for field in events.value_type][:-1]))
+    pq.write_table(original.set_column(original.schema.get_field_index("history__events"), "history__events",
+                                       pa.array(original["history__events"].to_pylist(), fewer)), parts[-1])
+    with pytest.raises(ValueError, match=r"\(has another type in \['history__events'\]\)"):
         split_by_window(folder, 1)
 
 
