@@ -811,11 +811,9 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a resume tries again
     try:
         result = trainer.fit()
-    except (KeyboardInterrupt, SystemExit) as exc:
-        # Ctrl-C: Ray Train's SIGINT handler aborts the run, then exits through SystemExit(0); Ray's
-        # SIGTERM handler (`ray job stop`, kill) exits with the signal's number, left as it is.
-        if isinstance(exc, SystemExit) and exc.code not in (0, None):
-            raise
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C, or a SIGTERM (`ray job stop`, kill): Ray's handlers abort the run and exit through
+        # SystemExit (code 1 either way in Ray 2.60); the run can go on from its newest whole checkpoint.
         log(_interrupted(run_dir))
         raise KeyboardInterrupt from None
     if result.error:
@@ -917,7 +915,7 @@ def _interrupted(run_dir: Path) -> str:
                                           check_optimizer_file, read_meta)
 
     cut_short = []  # an interrupt can land while Ray copies a checkpoint in
-    for folder in sorted(run_dir.glob(f"{CHECKPOINT_PREFIX}*"), reverse=True):
+    for folder in sorted((p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()), reverse=True):
         try:
             step = read_meta(check_optimizer_file(check_model_file(folder))).step
         except (CheckpointError, FileNotFoundError):
@@ -1018,7 +1016,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as exc:  # RegistryError, CheckpointError included
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # `train` said what the run left (a `ray job stop` ends the job otherwise)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: `train` said what the run left
         print("interrupted", file=sys.stderr)
         return 130
 

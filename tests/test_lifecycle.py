@@ -194,6 +194,7 @@ def test_an_interrupted_run_says_what_it_left_and_how_to_go_on(config_dir, tmp_p
 
     run = tmp_path / "run"
     run.mkdir()
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray Train's, not a checkpoint
     assert train_module._interrupted(run) == (f"[mtfm] interrupted before a whole checkpoint was saved in {run}: "
                                               "nothing to resume; start again with another --out, or after removing "
                                               "that folder")
