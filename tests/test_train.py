@@ -500,7 +500,10 @@ def test_command_line_refuses_a_model_the_registry_or_the_resumed_run_does_not_m
     assert main(["--resume", str(run)]) == 1
     assert "no train_config.yaml there (not a run folder?); pass --config" in capsys.readouterr().err
     assert main(["--resume", str(run) + "-typo"]) == 1
-    assert capsys.readouterr().err == f"error: --resume {run}-typo: not found (a run folder, e.g. runs/tiny-<time>)\n"
+    assert capsys.readouterr().err == (f"error: --resume {run}-typo: not found (expected a run folder, e.g. "
+                                       "runs/tiny-<time>)\n")
+    assert main(["--resume", str(meta_file)]) == 1  # a file
+    assert capsys.readouterr().err.startswith(f"error: --resume {meta_file}: a file (expected a run folder")
     (run / "train_config.yaml").write_text(TINY.read_text())
     meta_file.write_text(json.dumps(meta | {"epoch": 2}))
     assert main(["--resume", str(run)]) == 1
