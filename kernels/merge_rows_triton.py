@@ -9,7 +9,6 @@ written as contiguous vectors, as a gather is.
 import math
 import os
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor

@@ -84,7 +84,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     from mtfm.model import Collator, token_budget_batches
     from mtfm.platform.checkpoint import find_checkpoint, load_model
     from mtfm.platform.cluster import init_ray
-    from mtfm.platform.train import _samples_folder, quiet_ray_data, split_by_window
+    from mtfm.platform.samples import quiet_ray_data, samples_folder, split_by_window
 
     folder = find_checkpoint(checkpoint)
     model, meta = load_model(folder)
@@ -96,7 +96,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
             raise FileNotFoundError(f"{data}: the samples {folder} was trained on (its train config's data) are not "
                                     "there; pass --data AGG_DIR")
     if "://" not in str(data):
-        _samples_folder(str(data))  # named before Ray starts
+        samples_folder(str(data))  # named before Ray starts
     windows_held_out = meta.train_config.get("test_windows", 1) if test_windows is None else test_windows
     if windows_held_out < 1:
         raise ValueError(f"test_windows {windows_held_out}: expected at least 1 (the last N windows are the test set)")

@@ -216,14 +216,14 @@ def _one_schema(folder: Path, files: list[Path]) -> pa.Schema:
         pass
     seen: dict[str, tuple[pa.Field, Path]] = {}
     for file, schema in schemas:
-        for field in schema:
-            first, first_file = seen.setdefault(field.name, (field, file))
+        for column in schema:
+            first, first_file = seen.setdefault(column.name, (column, file))
             try:
-                pa.unify_schemas([pa.schema([first]), pa.schema([field])], promote_options="permissive")
+                pa.unify_schemas([pa.schema([first]), pa.schema([column])], promote_options="permissive")
             except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
                 raise SchemaInferenceError(
-                    f"{folder}: column {field.name!r} is {first.type} in {first_file.relative_to(folder)} but "
-                    f"{field.type} in {file.relative_to(folder)}: the files of one log need types that read as one "
+                    f"{folder}: column {column.name!r} is {first.type} in {first_file.relative_to(folder)} but "
+                    f"{column.type} in {file.relative_to(folder)}: the files of one log need types that read as one "
                     "(rewrite them, or infer from one file)") from None
     raise SchemaInferenceError(f"{folder}: the files' schemas do not read as one")
 

@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtfm.platform.registry import (Registry, RegistryError, dump_yaml, events_column, exposures_column,
-                                    load_registry, read_yaml_mapping, scenario_of_column)
+from mtfm.platform.registry import (Registry, RegistryError, dump_yaml, events_column, load_registry,
+                                    read_yaml_mapping, scenario_of_column)
+from mtfm.platform.samples import keep_users_of, quiet_ray_data, samples_folder, split_by_window
 
 RUNS_DIR = "runs"
 # What Ray Train v2 keeps in a run's storage folder to restore the run when it starts there again.
@@ -264,16 +265,6 @@ def _progress(message: str) -> None:
     # Not print(): Ray Train patches print on workers and the line would reach the driver twice.
     sys.stdout.write(message + "\n")
     sys.stdout.flush()
-
-
-def quiet_ray_data() -> None:
-    """Training reports its own progress; Ray Data's per-dataset bars and INFO lines are noise there."""
-    import logging
-
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -518,136 +509,6 @@ def _eval_batches(collator, config: TrainConfig):
 
 # ---------------------------------------------------------------- the driver
 
-def split_by_window(samples: str | Path, test_windows: int):
-    """(train, test) Ray Datasets: the last `test_windows` windows are the test set."""
-    import ray.data
-    from ray.data.expressions import col
-
-    path = _samples_folder(str(samples))
-    try:
-        ds = ray.data.read_parquet(path)
-        names = ds.schema().names
-    except Exception as exc:  # Arrow names the problem but not the file
-        _name_the_unreadable_parquet(path, exc)
-        raise
-    if "window" not in names or not any(scenario_of_column(name) for name in names):
-        raise ValueError(f"{path}: not aggregated samples (its columns: {', '.join(names[:6])}"
-                         f"{', ...' if len(names) > 6 else ''}); aggregate the raw logs first: mtfm data aggregate "
-                         "--raw RAW_DIR --out AGG_DIR, then pass AGG_DIR")
-    try:
-        files = _sample_files(path)
-        refuse_parts_with_other_columns(files)
-        windows = _windows_of(files)
-    except Exception as exc:  # a file whose footer the schema's read did not reach
-        _name_the_unreadable_parquet(path, exc)
-        raise
-    if len(windows) <= test_windows:
-        raise ValueError(f"{path}: {len(windows)} window(s) of data, but test_windows={test_windows} are held out "
-                         "for evaluation: generate more days or lower test_windows")
-    cut = windows[-test_windows]
-    return ds.filter(expr=col("window") < cut), ds.filter(expr=col("window") >= cut), windows
-
-
-def _sample_files(path: str) -> tuple:
-    """(file system, the Parquet files of the samples at `path`): those Ray Data reads, `*.parquet`,
-    none under a name starting with `.` or `_`."""
-    import pyarrow.fs as pafs
-
-    if "://" in path:
-        fs, root = pafs.FileSystem.from_uri(path)
-    else:
-        fs, root = pafs.LocalFileSystem(), str(Path(path).resolve())
-    if fs.get_file_info(root).type == pafs.FileType.File:
-        return fs, [root]
-    found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    return fs, sorted(f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(".parquet")
-                      and not any(p.startswith((".", "_")) for p in f.path[len(root):].split("/")))
-
-
-def refuse_parts_with_other_columns(sample_files: tuple) -> None:
-    """Every part of one aggregation has the same columns, of the same types (the aggregation casts
-    each to the registry's schema): a part that lacks some, or whose event structs lack a field,
-    would be read with them null, training its users silently without those features. Reads each
-    file's footer only."""
-    import pyarrow.parquet as pq
-
-    fs, files = sample_files
-    first = None
-    for file in files:
-        schema = pq.read_schema(file, filesystem=fs)
-        types = {field.name: field.type for field in schema}
-        if first is None:
-            first = (file, types)
-            continue
-        lacks, extra = sorted(first[1].keys() - types.keys()), sorted(types.keys() - first[1].keys())
-        typed = sorted(name for name in types.keys() & first[1].keys() if types[name] != first[1][name])
-        if lacks or extra or typed:
-            differs = "; ".join(f"{what} {columns[:5]}{' ...' if len(columns) > 5 else ''}" for what, columns in
-                                (("lacks", lacks), ("has besides", extra), ("has another type in", typed)) if columns)
-            raise ValueError(f"{file}: its columns differ from those of {first[0]} ({differs}): the parts of one "
-                             "samples folder come from one aggregation; aggregate the raw logs again (--overwrite)")
-
-
-def _windows_of(sample_files: tuple) -> list[int]:
-    """The distinct windows of the samples, from their `window` column alone, read here batch by batch
-    (Ray Data's `unique` starts hash-aggregate workers for it)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    fs, files = sample_files
-    windows: set[int] = set()
-    for batch in pads.dataset(files, filesystem=fs, format="parquet").to_batches(columns=["window"]):
-        windows.update(pc.unique(batch.column(0)).drop_null().to_pylist())
-    return sorted(windows)
-
-
-def _name_the_unreadable_parquet(path: str, error: Exception) -> None:
-    """Raises a ValueError naming the first *.parquet file under a local `path` whose footer cannot
-    be read (Ray Data reads those files only), if there is one; `error` was what reading them gave."""
-    import pyarrow.parquet as pq
-
-    files = [Path(path)] if Path(path).is_file() else sorted(Path(path).rglob("*.parquet"))
-    for file in files:
-        try:
-            pq.read_metadata(file)
-        except Exception:  # noqa: BLE001 - any failure to read its footer names this file
-            raise ValueError(f"{file}: not readable as Parquet ({error})") from error
-
-
-def _samples_folder(samples: str) -> str:
-    """The aggregate's samples/ folder if `samples` is its --out folder, else `samples` itself: a
-    local path, or a URI that Ray Data reads (s3://, gs://, file://, ...)."""
-    import pyarrow.fs
-
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(samples) if "://" in samples else (
-        pyarrow.fs.LocalFileSystem(), str(Path(samples).resolve()))
-    if filesystem.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
-        raise FileNotFoundError(f"{samples}: no aggregated samples here (run `mtfm data synth` and `mtfm data "
-                                "aggregate` first, or `mtfm quickstart`; pass the aggregate's samples/ folder or its "
-                                "--out folder)")
-    if filesystem.get_file_info(f"{path}/samples").type == pyarrow.fs.FileType.Directory:
-        return f"{samples.rstrip('/')}/samples"
-    return samples
-
-
-def keep_users_of(ds, scenarios: list[str]):
-    """The rows with at least one exposure in `scenarios`: a model restricted to some scenarios
-    learns nothing from the others' users, and a batch of only those would give it no loss."""
-    columns = [exposures_column(s) for s in scenarios if exposures_column(s) in ds.schema().names]
-    if not columns:
-        raise ValueError(f"the samples hold no exposures of {scenarios}")
-
-    def keep(table):
-        import pyarrow.compute as pc
-
-        mask = pc.fill_null(pc.greater(pc.list_value_length(table[columns[0]]), 0), False)
-        for column in columns[1:]:
-            mask = pc.or_(mask, pc.fill_null(pc.greater(pc.list_value_length(table[column]), 0), False))
-        return table.filter(mask)
-
-    return ds.map_batches(keep, batch_format="pyarrow")
-
-
 def default_run_dir(name: str) -> Path:
     return Path(RUNS_DIR) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -755,7 +616,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     if resume is None:
         refuse_existing_run(run_dir)
     if "://" not in config.data:
-        _samples_folder(config.data)  # named before Ray starts (a URI may need the cluster's credentials)
+        samples_folder(config.data)  # named before Ray starts (a URI may need the cluster's credentials)
 
     init_ray(log_to_driver=True)
     refuse_workers_the_cluster_cannot_hold(config, log)
@@ -911,8 +772,8 @@ def refuse_a_warm_start_that_cannot_load(checkpoint: Path, registry: Registry, m
 
 def _interrupted(run_dir: Path) -> str:
     """What an interrupted run left, and how to go on from it."""
-    from mtfm.platform.checkpoint import (CHECKPOINT_PREFIX, META_FILE, CheckpointError, check_model_file,
-                                          check_optimizer_file, read_meta)
+    from mtfm.platform.checkpoint import (CHECKPOINT_PREFIX, CheckpointError, check_model_file, check_optimizer_file,
+                                          read_meta)
 
     cut_short = []  # an interrupt can land while Ray copies a checkpoint in
     for folder in sorted((p for p in run_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()), reverse=True):

@@ -24,8 +24,8 @@ from mtfm.model import Collator, build_model, load_model_config, multitask_bce_l
 from mtfm.platform.checkpoint import CheckpointError, check_compatible, find_checkpoint, load_model, read_meta
 from mtfm.platform.registry import RegistryError, dump_yaml, load_registry
 from mtfm.platform.report import write_report
-from mtfm.platform.train import (METRICS_FILE, RAY_TRAIN_SNAPSHOT, TrainConfig, keep_users_of, main,
-                                 split_by_window, train)
+from mtfm.platform.samples import keep_users_of, split_by_window
+from mtfm.platform.train import METRICS_FILE, RAY_TRAIN_SNAPSHOT, TrainConfig, main, train
 
 TINY = REPO_ROOT / "configs" / "train" / "tiny.yaml"
 

@@ -1,0 +1,153 @@
+"""The aggregated user samples as training and evaluation read them (Ray Data).
+
+`mtfm data aggregate` writes one Parquet dataset of user samples (one row per user and window);
+training holds out its last `test_windows` windows for evaluation (`split_by_window`), and a model
+restricted to some scenarios keeps the users with exposures in them (`keep_users_of`). A folder
+that is not such a dataset, a part that cannot be read and parts of different aggregations are
+refused here, each by name, before any worker starts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mtfm.platform.registry import exposures_column, scenario_of_column
+
+
+def quiet_ray_data() -> None:
+    """Training reports its own progress; Ray Data's per-dataset bars and INFO lines are noise there."""
+    import logging
+
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def split_by_window(samples: str | Path, test_windows: int):
+    """(train, test) Ray Datasets: the last `test_windows` windows are the test set."""
+    import ray.data
+    from ray.data.expressions import col
+
+    path = samples_folder(str(samples))
+    try:
+        ds = ray.data.read_parquet(path)
+        names = ds.schema().names
+    except Exception as exc:  # Arrow names the problem but not the file
+        name_the_unreadable_parquet(path, exc)
+        raise
+    if "window" not in names or not any(scenario_of_column(name) for name in names):
+        raise ValueError(f"{path}: not aggregated samples (its columns: {', '.join(names[:6])}"
+                         f"{', ...' if len(names) > 6 else ''}); aggregate the raw logs first: mtfm data aggregate "
+                         "--raw RAW_DIR --out AGG_DIR, then pass AGG_DIR")
+    try:
+        parts = sample_files(path)
+        refuse_parts_with_other_columns(parts)
+        windows = windows_of(parts)
+    except Exception as exc:  # a file whose footer the schema's read did not reach
+        name_the_unreadable_parquet(path, exc)
+        raise
+    if len(windows) <= test_windows:
+        raise ValueError(f"{path}: {len(windows)} window(s) of data, but test_windows={test_windows} are held out "
+                         "for evaluation: generate more days or lower test_windows")
+    cut = windows[-test_windows]
+    return ds.filter(expr=col("window") < cut), ds.filter(expr=col("window") >= cut), windows
+
+
+def sample_files(path: str) -> tuple:
+    """The parts of the samples at `path`: (file system, its Parquet files), those Ray Data reads:
+    `*.parquet`, none under a name starting with `.` or `_`."""
+    import pyarrow.fs as pafs
+
+    if "://" in path:
+        fs, root = pafs.FileSystem.from_uri(path)
+    else:
+        fs, root = pafs.LocalFileSystem(), str(Path(path).resolve())
+    if fs.get_file_info(root).type == pafs.FileType.File:
+        return fs, [root]
+    found = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return fs, sorted(f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(".parquet")
+                      and not any(p.startswith((".", "_")) for p in f.path[len(root):].split("/")))
+
+
+def refuse_parts_with_other_columns(parts: tuple) -> None:
+    """Every part of one aggregation has the same columns, of the same types (the aggregation casts
+    each to the registry's schema): a part that lacks some, or whose event structs lack a field,
+    would be read with them null, training its users silently without those features. Reads each
+    file's footer only."""
+    import pyarrow.parquet as pq
+
+    fs, files = parts
+    first = None
+    for file in files:
+        schema = pq.read_schema(file, filesystem=fs)
+        types = {field.name: field.type for field in schema}
+        if first is None:
+            first = (file, types)
+            continue
+        lacks, extra = sorted(first[1].keys() - types.keys()), sorted(types.keys() - first[1].keys())
+        typed = sorted(name for name in types.keys() & first[1].keys() if types[name] != first[1][name])
+        if lacks or extra or typed:
+            differs = "; ".join(f"{what} {columns[:5]}{' ...' if len(columns) > 5 else ''}" for what, columns in
+                                (("lacks", lacks), ("has besides", extra), ("has another type in", typed)) if columns)
+            raise ValueError(f"{file}: its columns differ from those of {first[0]} ({differs}): the parts of one "
+                             "samples folder come from one aggregation; aggregate the raw logs again (--overwrite)")
+
+
+def windows_of(parts: tuple) -> list[int]:
+    """The distinct windows of the samples, from their `window` column alone, read here batch by batch
+    (Ray Data's `unique` starts hash-aggregate workers for it)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    fs, files = parts
+    windows: set[int] = set()
+    for batch in pads.dataset(files, filesystem=fs, format="parquet").to_batches(columns=["window"]):
+        windows.update(pc.unique(batch.column(0)).drop_null().to_pylist())
+    return sorted(windows)
+
+
+def name_the_unreadable_parquet(path: str, error: Exception) -> None:
+    """Raises a ValueError naming the first *.parquet file under a local `path` whose footer cannot
+    be read (Ray Data reads those files only), if there is one; `error` was what reading them gave."""
+    import pyarrow.parquet as pq
+
+    files = [Path(path)] if Path(path).is_file() else sorted(Path(path).rglob("*.parquet"))
+    for file in files:
+        try:
+            pq.read_metadata(file)
+        except Exception:  # noqa: BLE001 - any failure to read its footer names this file
+            raise ValueError(f"{file}: not readable as Parquet ({error})") from error
+
+
+def samples_folder(samples: str) -> str:
+    """The aggregate's samples/ folder if `samples` is its --out folder, else `samples` itself: a
+    local path, or a URI that Ray Data reads (s3://, gs://, file://, ...)."""
+    import pyarrow.fs
+
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(samples) if "://" in samples else (
+        pyarrow.fs.LocalFileSystem(), str(Path(samples).resolve()))
+    if filesystem.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        raise FileNotFoundError(f"{samples}: no aggregated samples here (run `mtfm data synth` and `mtfm data "
+                                "aggregate` first, or `mtfm quickstart`; pass the aggregate's samples/ folder or its "
+                                "--out folder)")
+    if filesystem.get_file_info(f"{path}/samples").type == pyarrow.fs.FileType.Directory:
+        return f"{samples.rstrip('/')}/samples"
+    return samples
+
+
+def keep_users_of(ds, scenarios: list[str]):
+    """The rows with at least one exposure in `scenarios`: a model restricted to some scenarios
+    learns nothing from the others' users, and a batch of only those would give it no loss."""
+    columns = [exposures_column(s) for s in scenarios if exposures_column(s) in ds.schema().names]
+    if not columns:
+        raise ValueError(f"the samples hold no exposures of {scenarios}")
+
+    def keep(table):
+        import pyarrow.compute as pc
+
+        mask = pc.fill_null(pc.greater(pc.list_value_length(table[columns[0]]), 0), False)
+        for column in columns[1:]:
+            mask = pc.or_(mask, pc.fill_null(pc.greater(pc.list_value_length(table[column]), 0), False))
+        return table.filter(mask)
+
+    return ds.map_batches(keep, batch_format="pyarrow")
