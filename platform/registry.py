@@ -357,7 +357,25 @@ def _spec_difference(a: Feature, b: Feature) -> str:
 
 class _ConfigLoader(yaml.SafeLoader):
     """PyYAML's safe loader, reading `3e-3` and `1e5` as numbers as YAML 1.2 does (YAML 1.1 wants a
-    dot in the mantissa, `3.0e-3`, and reads the rest as strings)."""
+    dot in the mantissa, `3.0e-3`, and reads the rest as strings), and refusing a key given twice in
+    one mapping (PyYAML keeps the last silently: a second `tasks:` would drop the first's tasks)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in first_line:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key!r} is given twice (first on line {first_line[key] + 1})",
+                            key_node.start_mark)
+                    first_line[key] = key_node.start_mark.line
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+        return super().construct_mapping(node, deep)
 
 
 class _ConfigDumper(yaml.SafeDumper):
@@ -383,6 +401,13 @@ def read_yaml_mapping(path: str | Path, what: str = "config", error: type[Regist
         raise error(path, "", f"{what} not found")
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_ConfigLoader)
+    except yaml.MarkedYAMLError as exc:  # "line N, column M: what", not PyYAML's "<unicode string>" block
+        mark, context = exc.problem_mark, exc.context or ""
+        if context and exc.context_mark is not None:
+            context += f" (line {exc.context_mark.line + 1})"
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = "; ".join(part for part in (context, exc.problem) if part)
+        raise error(path, "", f"not valid YAML: {where}{what}") from exc
     except yaml.YAMLError as exc:
         raise error(path, "", f"not valid YAML: {exc}") from exc
     except UnicodeDecodeError as exc:

@@ -214,6 +214,23 @@ def test_missing_and_malformed_files(config_dir, tmp_path):
     (config_dir / "scenarios" / "broken.yaml").write_text("name: broken\ntasks: [unclosed\n")
     with pytest.raises(RegistryError, match=r"broken.yaml: not valid YAML"):
         load_registry(config_dir)
+    (config_dir / "scenarios" / "broken.yaml").write_text("name: broken\ntasks: [unclosed\nx: 1\n")
+    with pytest.raises(RegistryError, match=r"broken.yaml: not valid YAML: line 3, column 2: while parsing a flow "
+                                            r"sequence \(line 2\); expected ',' or ']', but got ':'"):
+        load_registry(config_dir)
+    (config_dir / "scenarios" / "broken.yaml").unlink()
+    hp = config_dir / "scenarios" / "hp.yaml"
+    text = hp.read_text()
+    tasks_line = text.splitlines().index("tasks:") + 1
+    hp.write_text(text + "tasks:\n  - {name: click, kind: ctr}\n")  # PyYAML alone keeps this last list
+    with pytest.raises(RegistryError, match=rf"hp.yaml: not valid YAML: line {len(text.splitlines()) + 1}, column 1: "
+                                            rf"key 'tasks' is given twice \(first on line {tasks_line}\)"):
+        load_registry(config_dir)
+    hp.write_text(text.replace("buckets: ", "buckets: 7, buckets: ", 1))
+    with pytest.raises(RegistryError, match=r"hp.yaml: not valid YAML: line \d+, column \d+: key 'buckets' is given "
+                                            r"twice"):
+        load_registry(config_dir)
+    hp.write_text(text)
     (config_dir / "scenarios" / "broken.yaml").write_bytes("name: caf\u00e9\n".encode("latin-1"))
     with pytest.raises(RegistryError, match=r"broken.yaml: not UTF-8 text \(invalid continuation byte at byte 9\)"):
         load_registry(config_dir)
