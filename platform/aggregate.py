@@ -312,6 +312,14 @@ def _prepare(registry: Registry, raw: Path, out: Path, overwrite: bool, log=prin
         raise FileNotFoundError(f"{raw}/exposures: no readable exposure file; " + "; ".join(warnings + empty))
     refuse_a_file_for_a_folder(out, f"--out {out}")
     owned = [out / SAMPLES, out / QUARANTINE, out / SHUFFLE, out / SUMMARY]
+    for p in owned:  # e.g. re-reading a fixed quarantine: --overwrite would delete the input first
+        if raw.resolve().is_relative_to(p.resolve()):
+            raise ValueError(f"--raw {raw} is inside {p}, which this aggregation writes anew (and --overwrite "
+                             "deletes first); copy those logs elsewhere, or choose another --out")
+    for kind in ("exposures", "behaviors"):
+        if out.resolve().is_relative_to((raw / kind).resolve()):
+            raise ValueError(f"--out {out} is inside {raw / kind}, the logs this aggregation reads (its output "
+                             "would be read as a table next time); choose an --out outside it")
     if any(p.exists() for p in owned):
         previous = _previous_run(out)
         if previous is not None and previous["samples_out"] == 0 and previous["raw"] == str(raw):

@@ -307,6 +307,19 @@ def test_refuses_to_overwrite_without_flag(ray_cluster, registry, raw, tmp_path)
         aggregate_local(registry, raw, tmp_path / "agg", **QUIET)
     with pytest.raises(FileNotFoundError, match="raw log folder not found"):
         aggregate_local(registry, tmp_path / "nowhere", tmp_path / "agg2", **QUIET)
+    # Logs inside the folders an aggregation replaces (a fixed quarantine read again) are refused before anything
+    # is deleted, as is an --out among the logs it reads.
+    inside = tmp_path / "agg" / "quarantine" / "fixed"
+    shutil.copytree(raw, inside)
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "agg").rglob("*"))
+    with pytest.raises(ValueError, match=r"--raw .*fixed is inside .*agg/quarantine, which this aggregation writes "
+                                         r"anew \(and --overwrite deletes first\)"):
+        aggregate_local(registry, inside, tmp_path / "agg", overwrite=True, **QUIET)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "agg").rglob("*")) == before
+    with pytest.raises(ValueError, match=r"--out .*raw_copy/exposures/agg is inside .*raw_copy/exposures, the logs "
+                                         r"this aggregation reads"):
+        shutil.copytree(raw, tmp_path / "raw_copy")
+        aggregate_local(registry, tmp_path / "raw_copy", tmp_path / "raw_copy" / "exposures" / "agg", **QUIET)
 
 
 @settings(max_examples=60, deadline=None)
