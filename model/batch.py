@@ -62,11 +62,12 @@ class GroupFeatures:
 
 @dataclass(frozen=True)
 class UnpaddedSizes:
-    """A padded batch's real users, tokens and T-tokens (`model/padding.py`)."""
+    """A padded batch's real users, tokens and T-tokens, and each scenario's T-tokens (`model/padding.py`)."""
 
     num_users: int
     num_tokens: int
     num_targets: int
+    targets_per_scenario: dict[str, int]
 
 
 @dataclass
@@ -110,6 +111,12 @@ class TokenBatch:
     @property
     def device(self) -> torch.device:
         return self.kind.device
+
+    def targets_per_scenario(self) -> dict[str, int]:
+        """Each scenario's T-tokens (exposures), a padded batch's real ones; no device sync."""
+        if self.unpadded is not None:
+            return dict(self.unpadded.targets_per_scenario)
+        return {s: self.features[s].index.shape[0] for s in self.scenario_tasks}
 
     @property
     def scenarios(self) -> tuple[str, ...]:

@@ -162,7 +162,8 @@ def pad_batch(batch: TokenBatch, shape: BatchShape, *, kinds: list[int | None] |
         group_names=groups, scenario_tasks=batch.scenario_tasks, offsets=offsets, target_offsets=target_offsets,
         user_id=pad_rows(batch.user_id, shape.num_users - batch.num_users, -1), kind=kind, group=group,
         ts=pad_rows(batch.ts, total_pad), target_index=target_index, features=features,
-        unpadded=batch.unpadded or UnpaddedSizes(batch.num_users, batch.num_tokens, batch.num_targets))
+        unpadded=batch.unpadded or UnpaddedSizes(batch.num_users, batch.num_tokens, batch.num_targets,
+                                                  batch.targets_per_scenario()))
 
 
 class GrowingShape:

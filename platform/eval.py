@@ -62,8 +62,16 @@ def evaluate_batches(model, batches: Iterable, device) -> dict[str, dict]:
 FEW = 30
 
 
-def format_table(results: dict[str, dict]) -> str:
-    """The metrics table, then a note for each row scored on too few users or positives to compare."""
+def not_evaluated(results: dict[str, dict], registry) -> list[str]:
+    """The model's "scenario/task" keys (`registry`: the model's) that `results` has no metrics for:
+    no labelled exposure of them in the test windows."""
+    return [f"{s}/{task.name}" for s, scenario in registry.scenarios.items() for task in scenario.tasks
+            if f"{s}/{task.name}" not in results]
+
+
+def format_table(results: dict[str, dict], missing: Iterable[str] = ()) -> str:
+    """The metrics table, with a row for each key of `missing` (see `not_evaluated`), then a note for
+    each row scored on too few users or positives to compare, or on none."""
     lines = [f"{'scenario/task':<20} {'AUC':>7} {'GAUC':>7} {'exposures':>10} {'positives':>10} {'users':>7}"]
     notes = []
     for key, r in results.items():
@@ -72,6 +80,12 @@ def format_table(results: dict[str, dict]) -> str:
         if r["users_scored"] < FEW or r["positives"] < FEW:
             notes.append(f"note: {key}: {r['users_scored']} user(s) with both classes, {r['positives']} positive(s): "
                          "too few for a stable AUC/GAUC; hold out more windows (--test-windows) or more data")
+    missing = list(missing)
+    for key in missing:
+        lines.append(f"{key:<20} {'-':>7} {'-':>7} {0:>10} {'-':>10} {'-':>7}")
+    if missing:
+        notes.append(f"note: {', '.join(missing)}: no labelled exposure in the test windows, not evaluated (the "
+                     "scenario's logs may end before them, or its table was missing when aggregating)")
     return "\n".join(lines + notes)
 
 
@@ -107,7 +121,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     reads = test_ds.iter_batches(batch_size=256, batch_format="pyarrow")
     results = evaluate_batches(model, token_budget_batches(reads, Collator(model.registry), budget), torch.device("cpu"))
     return {"checkpoint": str(folder), "step": meta.step, "data": str(data),
-            "test_windows": windows[-windows_held_out:], "eval": results}
+            "test_windows": windows[-windows_held_out:], "eval": results,
+            "not_evaluated": not_evaluated(results, model.registry)}
 
 
 def run_from_args(args) -> int:
@@ -124,7 +139,7 @@ def run_from_args(args) -> int:
     starts = ", ".join(starts) if len(starts) <= 3 else f"{starts[0]} ... {starts[-1]} ({len(starts)} windows)"
     print(f"checkpoint {report['checkpoint']} (step {report['step']}) on {report['data']}, test windows starting "
           f"{starts}")
-    print(format_table(report["eval"]))
+    print(format_table(report["eval"], report["not_evaluated"]))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")

@@ -290,7 +290,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from mtfm.model.padding import GrowingShape
     from mtfm.platform.checkpoint import (CheckpointMeta, MODEL_FILE, OPTIMIZER_FILE, read_meta, warm_start,
                                           write_checkpoint)
-    from mtfm.platform.eval import NonFiniteScores, evaluate_batches
+    from mtfm.platform.eval import NonFiniteScores, evaluate_batches, not_evaluated
     from mtfm.platform.train_step import TrainStep
 
     quiet_ray_data()
@@ -408,13 +408,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return True
 
     def record_epoch_coverage(epoch: int, step: int, skip: int, trained: float, untrained: float,
-                              stand_in_steps: float) -> None:
+                              stand_in_steps: float, *exposures: float) -> None:
         """Every worker's users of the epoch, trained and not (the batches the others held when a
-        worker had none to stand in with), and the steps a worker stood in for."""
+        worker had none to stand in with), the steps a worker stood in for, and the exposures of
+        each scenario trained on."""
         if rank != 0:
             return
+        exposures_trained = dict(zip(model.registry.scenarios, map(int, exposures)))
         record = {"step": step, "epoch": epoch, "users_trained": int(trained), "users_not_trained": int(untrained),
-                  "stand_in_steps": int(stand_in_steps)}
+                  "stand_in_steps": int(stand_in_steps), "exposures_trained": exposures_trained}
         if skip:
             record["resumed_at_batch"] = skip  # the users before it were trained by the attempt that saved it
         _append_jsonl(run_dir / METRICS_FILE, record)
@@ -423,6 +425,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                       "a worker's shard held no batch to stand in with, so every worker ended the epoch")
 
     model.train()
+    started_at, run_exposures = step, None
     while epoch < config.epochs and not done:
         reads = train_shard.iter_batches(batch_size=config.rows_per_read, batch_format="pyarrow", prefetch_batches=2)
         # Batches consumed before the checkpoint this attempt resumed from are collated (their
@@ -435,6 +438,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if shapes is not None:
             batches = map(shapes.pad, batches)
         position, epoch_users, untrained, stand_ins = skip, 0, [], 0
+        epoch_exposures = dict.fromkeys(model.registry.scenarios, 0)
+        run_exposures = run_exposures or dict.fromkeys(model.registry.scenarios, 0)
         with BatchPrefetcher(batches, device) as prefetched:
             for agreed in _agreed_batches(prefetched, agreement, untrained, last_skipped):
                 if config.max_steps is not None and step >= config.max_steps:
@@ -456,6 +461,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 else:
                     real = batch.unpadded or batch  # padded batches count their real users and tokens
                     epoch_users += real.num_users
+                    for scenario, n in batch.targets_per_scenario().items():
+                        epoch_exposures[scenario] += n
+                        run_exposures[scenario] += n
                     window["samples"] += real.num_users
                     window["tokens"] += real.num_tokens
                     window["loss"] += loss.detach()  # a tensor: no host sync until the log line
@@ -484,18 +492,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if step % config.checkpoint_every == 0:  # a stand-in's loss is not this step's
                     due = {"step": step} | ({} if agreed.stand_in else {"loss": float(loss.detach())})
         if not done:
-            record_epoch_coverage(epoch, step, skip, *agreement.sums(epoch_users, sum(untrained), stand_ins))
+            record_epoch_coverage(epoch, step, skip, *agreement.sums(epoch_users, sum(untrained), stand_ins,
+                                                                     *epoch_exposures.values()))
             epoch, skip, position = epoch + 1, 0, 0
             done = config.max_steps is not None and step >= config.max_steps
             if due is not None and epoch < config.epochs and not done:
                 metrics, due = due, None
                 done = not save(0, metrics)
+    if run_exposures is not None and started_at == 0:  # every worker ends its loop at the same step
+        trained = dict(zip(run_exposures, map(int, agreement.sums(*run_exposures.values()))))
+        if rank == 0:  # the driver warns of a scenario trained on none (`_warn_of_untrained_scenarios`)
+            _append_jsonl(run_dir / METRICS_FILE, {"step": step, "run_exposures_trained": trained})
     if diverged is None and (last_saved != step or step == 0):
         save(position, due or {"step": step}, final=True)
     if rank == 0 and diverged is None and (run_dir / METRICS_FILE).exists():
-        last = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if "eval" in line]
+        last = [r for r in map(json.loads, (run_dir / METRICS_FILE).read_text().splitlines()) if "eval" in r]
         if last:
-            (run_dir / EVAL_FILE).write_text(json.dumps(last[-1] | {"checkpoint": f"checkpoint_{step:08d}"}, indent=1))
+            (run_dir / EVAL_FILE).write_text(json.dumps(last[-1] | {
+                "checkpoint": f"checkpoint_{step:08d}", "not_evaluated": not_evaluated(last[-1]["eval"], model.registry)},
+                indent=1))
 
 
 def _eval_batches(collator, config: TrainConfig):
@@ -690,13 +705,30 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
             f"training diverged: {what} at step {diverged['step']}, so the run stopped there, saving nothing more. "
             f"Lower lr ({config.lr}) or embedding_lr ({config.embedding_lr}), or clip the gradients (grad_clip, now "
             f"{config.grad_clip}); {then}")
+    _warn_of_untrained_scenarios(run_dir, (result.metrics or {}).get("step"), init_from is not None, log)
     eval_path = run_dir / EVAL_FILE
     if eval_path.exists():
         from mtfm.platform.eval import format_table
 
-        log(format_table(json.loads(eval_path.read_text())["eval"]))
+        final = json.loads(eval_path.read_text())
+        log(format_table(final["eval"], final.get("not_evaluated", ())))
     log(f"[mtfm] done: {(result.metrics or {}).get('step')} steps; checkpoint {result.checkpoint.path if result.checkpoint else None}")
     return run_dir
+
+
+def _warn_of_untrained_scenarios(run_dir: Path, last_step: int | None, warm_start: bool, log) -> None:
+    """A scenario of the model that no batch of the run held exposures of: its own modules are as
+    initialised (fresh, after a warm start that added it), and the evaluation has no row for it.
+    From the count the run's workers recorded at `last_step` (a run resumed mid-way records none)."""
+    path = run_dir / METRICS_FILE
+    records = [r for r in map(json.loads, path.read_text().splitlines()) if "run_exposures_trained" in r
+               and r["step"] == last_step] if path.exists() else []
+    unseen = [s for s, n in records[-1]["run_exposures_trained"].items() if n == 0] if records else []
+    if unseen:
+        fresh = ", initialised fresh by --init-from" if warm_start else ""
+        log(f"[mtfm] warning: no exposure of scenario(s) {unseen} in the {last_step} steps trained: their own "
+            f"modules (tokenizer, GLN group, gates, towers{fresh}) are untrained; their logs may not reach the "
+            "training windows, or their table was missing when aggregating")
 
 
 def refuse_workers_the_cluster_cannot_hold(config: TrainConfig, log) -> None:

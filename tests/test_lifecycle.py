@@ -255,3 +255,42 @@ def test_eval_names_a_missing_samples_folder_before_ray_starts(config_dir, tmp_p
     monkeypatch.setattr("mtfm.platform.cluster.init_ray", no_ray)
     assert main(["eval", "--checkpoint", str(run), "--data", str(tmp_path / "typo")]) == 1
     assert f"{tmp_path / 'typo'}: no aggregated samples here" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_scenario_without_exposures_is_warned_of_and_listed_as_not_evaluated(ray_cluster, config_dir, tmp_path,
+                                                                              capsys):
+    """A registered scenario whose logs were missing when aggregating: training warns that its modules
+    are untrained, and the evaluation lists its tasks as not evaluated rather than leaving them out."""
+    from mtfm.platform.aggregate import aggregate
+    from mtfm.platform.cli import main
+    from mtfm.platform.synth import synthesize
+
+    quiet = dict(log=lambda *a, **k: None)
+    synthesize(load_registry(config_dir), tmp_path / "raw", users=60, days=3, seed=1, **quiet)
+    (config_dir / "scenarios" / "grocery.yaml").write_text(GROCERY)
+    four = load_registry(config_dir)
+    aggregate(four, tmp_path / "raw", tmp_path / "agg", **quiet)  # grocery: no raw data, empty lists
+    base = TrainConfig.load(REPO_ROOT / "configs/train/tiny.yaml").to_dict() | {
+        "model": str(REPO_ROOT / "configs/model/tiny.yaml"), "num_workers": 1, "max_steps": 2,
+        "evaluate_at_checkpoints": False}
+    lines = []
+    run = train(TrainConfig.from_dict(base, "test"), data=str(tmp_path / "agg"), out=tmp_path / "run",
+                config_dir=str(config_dir), log=lines.append)
+    grocery_tasks = [f"grocery/{t}" for t in four.scenarios["grocery"].task_names]
+    trained = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    trained = [r["run_exposures_trained"] for r in trained if "run_exposures_trained" in r]
+    assert len(trained) == 1 and trained[0]["grocery"] == 0 and min(trained[0][s] for s in ("hp", "phf", "sqs")) > 0
+    assert ("[mtfm] warning: no exposure of scenario(s) ['grocery'] in the 2 steps trained: their own modules "
+            "(tokenizer, GLN group, gates, towers) are untrained") in "\n".join(lines)
+    final = json.loads((run / "eval.json").read_text())
+    assert final["not_evaluated"] == grocery_tasks and not any(k.startswith("grocery/") for k in final["eval"])
+    table = next(line for line in lines if line.startswith("scenario/task")).splitlines()
+    assert [row.split()[0] for row in table if row.startswith("grocery/")] == grocery_tasks
+
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert [row.split()[:3] for row in out.splitlines() if row.startswith("grocery/")] == [
+        [task, "-", "-"] for task in grocery_tasks]
+    assert f"note: {', '.join(grocery_tasks)}: no labelled exposure in the test windows" in out

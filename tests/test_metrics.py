@@ -6,7 +6,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from mtfm.platform.metrics import auc, gauc
-from repo_paths import REPO_ROOT
+from repo_paths import CONFIGS, REPO_ROOT
 
 
 def test_auc_hand_worked():
@@ -53,6 +53,22 @@ def test_eval_table_notes_rows_scored_on_too_few_users_or_positives():
     assert len(table.splitlines()) == 4 + len(notes)
     assert [n.split(":")[1].strip() for n in notes] == ["hp/order", "sqs/click"]
     assert f"{FEW - 1} positive(s)" in notes[0] and "2 user(s)" in notes[1] and "--test-windows" in notes[1]
+
+
+def test_eval_table_has_a_row_for_each_task_of_the_model_with_no_labelled_exposure():
+    from mtfm.platform.eval import format_table, not_evaluated
+    from mtfm.platform.registry import load_registry
+
+    registry = load_registry(CONFIGS)
+    row = dict(auc=0.7, gauc=0.6, exposures=5000, positives=400, users_scored=200, users_skipped=3)
+    results = {"hp/click": row, "sqs/click": row}
+    missing = not_evaluated(results, registry)
+    assert missing == [f"{s}/{t}" for s, scenario in registry.scenarios.items() for t in scenario.task_names
+                       if f"{s}/{t}" not in results] and "phf/click" in missing and "hp/order" in missing
+    lines = format_table(results, missing).splitlines()
+    assert len(lines) == 1 + len(results) + len(missing) + 1
+    assert [line.split()[0] for line in lines[3:-1]] == missing and lines[3].split()[1:] == ["-", "-", "0", "-", "-"]
+    assert lines[-1].startswith(f"note: {', '.join(missing)}: no labelled exposure in the test windows")
 
 
 @pytest.mark.parametrize("windows", ["0", "-1", "two"])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -22,7 +23,7 @@ import torch
 from repo_paths import CONFIGS, REPO_ROOT
 from mtfm.model import Collator, build_model, load_model_config, multitask_bce_loss, token_budget_batches
 from mtfm.platform.checkpoint import CheckpointError, check_compatible, find_checkpoint, load_model, read_meta
-from mtfm.platform.registry import RegistryError, dump_yaml, load_registry
+from mtfm.platform.registry import RegistryError, dump_yaml, exposures_column, load_registry
 from mtfm.platform.report import write_report
 from mtfm.platform.samples import keep_users_of, split_by_window
 from mtfm.platform.train import METRICS_FILE, RAY_TRAIN_SNAPSHOT, TrainConfig, main, train
@@ -74,6 +75,16 @@ def test_two_workers_lower_the_loss(tiny_samples, tmp_path):
     assert all(r["users_trained"] == train_rows - train_rows % 2 and r["users_not_trained"] == 0
                for r in coverage), (coverage, train_rows)
     assert any(r["stand_in_steps"] > 0 for r in coverage), coverage  # the case above happened
+    # ... and so is each scenario's every exposure (the left-out user's at most).
+    scenarios = list(load_registry(CONFIGS).scenarios)
+    table = pq.read_table(tiny_samples / "samples", columns=[exposures_column(s) for s in scenarios])
+    in_train = windows < np.unique(windows)[-config.test_windows]
+    for s in scenarios:
+        lengths = np.nan_to_num(pc.list_value_length(table[exposures_column(s)]).to_numpy(zero_copy_only=False))
+        total, most = int(lengths[in_train].sum()), int(lengths[in_train].max()) * (train_rows % 2)
+        assert all(total - most <= r["exposures_trained"][s] <= total for r in coverage), (s, total, coverage)
+    run_trained = [r["run_exposures_trained"] for r in log if "run_exposures_trained" in r]
+    assert run_trained == [{s: sum(r["exposures_trained"][s] for r in coverage) for s in scenarios}]
     evaluation = json.loads((run / "eval.json").read_text())["eval"]
     expected = {f"{s.name}/{t}" for s in load_registry(CONFIGS).scenarios.values() for t in s.task_names}
     assert set(evaluation) <= expected and {"hp/click", "phf/click", "sqs/click"} <= set(evaluation)
