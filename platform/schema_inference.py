@@ -335,12 +335,19 @@ def _copy_config_dir(src: Path, dst: Path, exclude: str) -> Path:
 
 
 def _label_values_ok(col: pa.ChunkedArray) -> bool:
+    """Booleans, or numbers all 0 or 1 (floats too: a label with nulls written by pandas is float64;
+    aggregation reads 0.0/1.0 as the label's 0/1)."""
     if pa.types.is_boolean(col.type):
         return True
-    if not pa.types.is_integer(col.type):
+    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
         return False
     values = pc.unique(col.drop_null()).to_pylist()
     return bool(values) and set(values) <= {0, 1}
+
+
+def _some_values(col: pa.ChunkedArray, most: int = 5) -> str:
+    values = pc.unique(col.drop_null()).to_pylist()
+    return ", ".join(map(str, sorted(values)[:most])) + (f", ... ({len(values)} distinct)" if len(values) > most else "")
 
 
 def infer_columns(table: pa.Table, source: Path, known: dict[str, tuple[Feature, str, str]],
@@ -365,6 +372,20 @@ def infer_columns(table: pa.Table, source: Path, known: dict[str, tuple[Feature,
         if kind and name not in known and _label_values_ok(col):
             out.append(Inferred(name, "task", {"name": name, "kind": kind},
                                 f"0/1 values, name looks like a {kind} label"))
+            continue
+        if kind and name not in known and not _is_counter(name) and col.null_count < len(col) and (
+                pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+            # As a feature, a label the model is trained to predict would be one of its inputs.
+            raise SchemaInferenceError(
+                f"{source}: column {name!r} is named like a {kind} label but holds values other than 0/1 ({col.type}: "
+                f"{_some_values(col)}): a label holds 0/1 or booleans (nulls allowed); clean it in the log, or "
+                f"pass --skip {name} (rename it if it is a feature, not a label)")
+        if name not in known and col.null_count == len(col):
+            out.append(Inferred(name, "skipped", {}, "null in every row read: nothing to learn from"))
+            continue
+        if (name not in known and len(col) > 1 and not col.null_count and not pa.types.is_nested(col.type)
+                and len(pc.unique(col)) == 1):
+            out.append(Inferred(name, "skipped", {}, f"{col[0].as_py()!r} in every row read: nothing to learn from"))
             continue
         if name in known:
             f, section, where = known[name]

@@ -225,6 +225,23 @@ def test_a_label_of_one_value_gets_a_note(tmp_path, config_dir):
     assert result.notes == ["label 'click' is 0 in every row read: check the log, or drop the task"]
 
 
+def test_label_like_columns_that_are_not_0_1_are_refused_and_empty_or_constant_columns_skipped(tmp_path, config_dir):
+    path = tmp_path / "log.parquet"
+    # pandas writes a label with nulls as float64: still a label; a windowed click counter stays a feature
+    pq.write_table(_table(shop_id=[1, 2, 3, 4], click=[0.0, 1.0, None, 0.0], click_7d=[0, 5, 2, 9],
+                          notes=pa.array([None] * 4, pa.int64()), source=[7, 7, 7, 7]), path)
+    result = infer_scenario("shop_feed", path, config_dir=config_dir, write=False)
+    by_name = {c.column: c for c in result.columns}
+    assert by_name["click"].role == "task" and by_name["click_7d"].role == "cross_features"
+    assert (by_name["notes"].role, by_name["notes"].why) == ("skipped", "null in every row read: nothing to learn from")
+    assert (by_name["source"].role, by_name["source"].why) == ("skipped", "7 in every row read: nothing to learn from")
+    for column, values in (("click", [0, 1, 2, 1]), ("order", [0.0, 0.5, 1.0, None])):
+        pq.write_table(_table(shop_id=[1, 2, 3, 4], **{column: values}), path)
+        with pytest.raises(SchemaInferenceError, match=rf"log\.parquet: column '{column}' is named like a \w+ label but "
+                                                       rf"holds values other than 0/1 \(\w+: 0.*: .*--skip {column}"):
+            infer_scenario("shop_feed", path, config_dir=config_dir, write=False)
+
+
 def test_force_overwrites_and_skip_leaves_columns_out(tmp_path, config_dir):
     path = tmp_path / "log.parquet"
     pq.write_table(_table(shop_id=[1, 2, 3], shop_name=["a", "b", "c"], order=[0, 1, 0]), path)
