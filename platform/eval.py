@@ -93,12 +93,14 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
                         test_windows: int | None = None) -> dict:
     """Load a checkpoint (or a run folder's newest) and evaluate it on the last windows of `data`
     (default: the samples it was trained on, as its train config names them)."""
+    import pyarrow.parquet as pq
     import torch
 
     from mtfm.model import Collator, token_budget_batches
     from mtfm.platform.checkpoint import find_checkpoint, load_model
     from mtfm.platform.cluster import init_ray
-    from mtfm.platform.samples import quiet_ray_data, samples_folder, split_by_window
+    from mtfm.platform.samples import (quiet_ray_data, refuse_samples_that_do_not_fit, sample_files, samples_folder,
+                                       split_by_window)
 
     folder = find_checkpoint(checkpoint)
     model, meta = load_model(folder)
@@ -109,20 +111,35 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
         if "://" not in data and not Path(data).exists():
             raise FileNotFoundError(f"{data}: the samples {folder} was trained on (its train config's data) are not "
                                     "there; pass --data AGG_DIR")
-    if "://" not in str(data):
-        samples_folder(str(data))  # named before Ray starts
+    registry = model.registry
+
+    def refuse_other_samples(names: list[str]) -> None:
+        refuse_samples_that_do_not_fit(
+            names, str(data), list(registry.scenarios), list(registry.sequences), whose=f"checkpoint {folder}",
+            remedy=(f"pass --data samples aggregated with the registry it was trained with (a config dir declaring "
+                    f"scenarios {list(registry.scenarios)} and sequences {list(registry.sequences)})"))
+
+    if "://" not in str(data):  # named before Ray starts
+        fs, files = sample_files(samples_folder(str(data)))
+        try:
+            names = pq.read_schema(files[0], filesystem=fs).names if files else None
+        except Exception:  # noqa: BLE001 - an unreadable part is named by split_by_window below
+            names = None
+        if names is not None and "window" in names:  # else split_by_window says what the folder is not
+            refuse_other_samples(names)
     windows_held_out = meta.train_config.get("test_windows", 1) if test_windows is None else test_windows
     if windows_held_out < 1:
         raise ValueError(f"test_windows {windows_held_out}: expected at least 1 (the last N windows are the test set)")
     init_ray()
     quiet_ray_data()  # a table at the end is the output; Ray Data's per-dataset INFO lines are noise here
     _, test_ds, windows = split_by_window(data, windows_held_out)
+    refuse_other_samples(test_ds.schema().names)
     budget = meta.train_config.get("tokens_per_batch", 8192)
     reads = test_ds.iter_batches(batch_size=256, batch_format="pyarrow")
-    results = evaluate_batches(model, token_budget_batches(reads, Collator(model.registry), budget), torch.device("cpu"))
+    results = evaluate_batches(model, token_budget_batches(reads, Collator(registry), budget), torch.device("cpu"))
     return {"checkpoint": str(folder), "step": meta.step, "data": str(data),
             "test_windows": windows[-windows_held_out:], "eval": results,
-            "not_evaluated": not_evaluated(results, model.registry)}
+            "not_evaluated": not_evaluated(results, registry)}
 
 
 def run_from_args(args) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mtfm.platform.registry import exposures_column, scenario_of_column
+from mtfm.platform.registry import events_column, exposures_column, scenario_of_column
 
 
 def quiet_ray_data() -> None:
@@ -151,3 +151,27 @@ def keep_users_of(ds, scenarios: list[str]):
         return table.filter(mask)
 
     return ds.map_batches(keep, batch_format="pyarrow")
+
+
+def scenarios_in(names: list[str]) -> set[str]:
+    """The scenarios whose exposure columns are among the samples' column `names`."""
+    return {scenario_of_column(name) for name in names} - {None}
+
+
+def refuse_samples_that_do_not_fit(names: list[str], data: str, scenarios: list[str], sequences: list[str], *,
+                                   whose: str, remedy: str, remedy_for_scenarios: str = "") -> None:
+    """Samples (column `names`) without the columns of each of `scenarios` and `sequences`, aggregated
+    before those were registered or with another registry: reading them would fail in the workers
+    (each failure retried) or mid-evaluation. `whose` names what needs them, `remedy` what to do."""
+    held = scenarios_in(names)
+    if not held & set(scenarios):
+        raise ValueError(f"{data}: no exposures of the scenarios of {whose} ({list(scenarios)}); the samples hold "
+                         f"{sorted(held)}: aggregated with another registry? {remedy}")
+    why = "the samples were aggregated before they were registered, or with another registry"
+    lacking = [s for s in scenarios if s not in held]
+    if lacking:
+        raise ValueError(f"{data}: no columns of scenario(s) {lacking}, which {whose} covers: {why}; {remedy}"
+                         f"{remedy_for_scenarios}")
+    lacking = [q for q in sequences if events_column(q) not in names]
+    if lacking:
+        raise ValueError(f"{data}: no column of sequence(s) {lacking}, which {whose} reads: {why}; {remedy}")

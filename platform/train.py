@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtfm.platform.registry import (Registry, RegistryError, dump_yaml, events_column, load_registry,
-                                    read_yaml_mapping, scenario_of_column)
-from mtfm.platform.samples import keep_users_of, quiet_ray_data, samples_folder, split_by_window
+from mtfm.platform.registry import Registry, RegistryError, dump_yaml, load_registry, read_yaml_mapping
+from mtfm.platform.samples import (keep_users_of, quiet_ray_data, refuse_samples_that_do_not_fit, samples_folder,
+                                   scenarios_in, split_by_window)
 
 RUNS_DIR = "runs"
 # What Ray Train v2 keeps in a run's storage folder to restore the run when it starts there again.
@@ -637,27 +637,20 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     refuse_workers_the_cluster_cannot_hold(config, log)
     quiet_ray_data()
     train_ds, test_ds, windows = split_by_window(config.data, config.test_windows)
-    in_data = {scenario_of_column(c) for c in train_ds.schema().names} - {None}
+    names = train_ds.schema().names
+    in_data = scenarios_in(names)
     if in_data - set(registry.scenarios):
         log(f"[mtfm] warning: the samples hold exposures of scenarios not in the registry, ignored: "
             f"{sorted(in_data - set(registry.scenarios))} (retired, or a --config-dir mismatch?)")
     model_scenarios = list(model_config.scenarios or registry.scenarios)
-    if not in_data & set(model_scenarios):
-        raise ValueError(f"{config.data}: no exposures of the scenarios of model {model_config.name} "
-                         f"({model_scenarios}); the samples hold {sorted(in_data)}")
     # The workers' collator would fail on missing columns, each failure retried: named here first.
-    again = (f"aggregate the raw logs again with this registry (`mtfm data aggregate --config-dir {registry.config_dir} "
-             "--raw RAW --out AGG`)")
-    lacking = [s for s in model_scenarios if s not in in_data]
-    if lacking:
-        raise ValueError(f"{config.data}: no columns of scenario(s) {lacking}, which model {model_config.name} covers "
-                         f"(registered in {registry.config_dir}): the samples were aggregated before they were "
-                         f"registered; {again}, or train a model of the scenarios the samples hold, "
-                         f"{sorted(in_data & set(model_scenarios))} (a model config's `scenarios:`)")
-    lacking = [q for q in registry.sequences if events_column(q) not in train_ds.schema().names]
-    if lacking:
-        raise ValueError(f"{config.data}: no column of sequence(s) {lacking} (registered in {registry.config_dir}): "
-                         f"the samples were aggregated before they were registered; {again}")
+    refuse_samples_that_do_not_fit(
+        names, config.data, model_scenarios, list(registry.sequences),
+        whose=f"model {model_config.name} (registered in {registry.config_dir})",
+        remedy=("aggregate the raw logs again with this registry (`mtfm data aggregate --config-dir "
+                f"{registry.config_dir} --raw RAW --out AGG`)"),
+        remedy_for_scenarios=(f", or train a model of the scenarios the samples hold, "
+                              f"{sorted(in_data & set(model_scenarios))} (a model config's `scenarios:`)"))
     if in_data - set(model_scenarios):
         train_ds, test_ds = keep_users_of(train_ds, model_scenarios), keep_users_of(test_ds, model_scenarios)
         log(f"[mtfm] model {model_config.name} covers {model_scenarios}: training and evaluating on their users only")

@@ -257,6 +257,25 @@ def test_eval_names_a_missing_samples_folder_before_ray_starts(config_dir, tmp_p
     assert f"{tmp_path / 'typo'}: no aggregated samples here" in capsys.readouterr().err
 
 
+def test_eval_refuses_samples_without_a_scenario_of_the_checkpoint_before_ray_starts(
+        tiny_samples, config_dir, tmp_path, monkeypatch, capsys):
+    from mtfm.platform.cli import main
+
+    (config_dir / "scenarios" / "grocery.yaml").write_text(GROCERY)
+    run = tmp_path / "run"
+    _trained_like(load_registry(config_dir), run / "checkpoint_00000009")
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr("mtfm.platform.cluster.init_ray", no_ray)
+    assert main(["eval", "--checkpoint", str(run), "--data", str(tiny_samples)]) == 1
+    err = capsys.readouterr().err
+    assert (f"{tiny_samples}: no columns of scenario(s) ['grocery'], which checkpoint {run / 'checkpoint_00000009'} "
+            "covers: the samples were aggregated before they were registered, or with another registry; pass --data "
+            "samples aggregated with the registry it was trained with") in err, err
+
+
 @pytest.mark.slow
 def test_a_scenario_without_exposures_is_warned_of_and_listed_as_not_evaluated(ray_cluster, config_dir, tmp_path,
                                                                               capsys):

@@ -325,17 +325,17 @@ def test_samples_aggregated_before_a_scenario_was_registered_are_refused_before_
     (config_dir / "scenarios" / "grocery.yaml").write_text(
         "name: grocery\nitem_features:\n  - {name: sku_id, type: categorical, buckets: 100, dim: 4}\n"
         "tasks:\n  - {name: click, kind: ctr}\n")
-    with pytest.raises(ValueError, match=r"no columns of scenario\(s\) \['grocery'\], which model tiny covers "
-                                         r"\(registered in .*\): the samples were aggregated before they were "
-                                         r"registered; aggregate the raw logs again"):
+    with pytest.raises(ValueError, match=r"no columns of scenario\(s\) \['grocery'\], which model tiny \(registered "
+                                         r"in .*\) covers: the samples were aggregated before they were registered, "
+                                         r"or with another registry; aggregate the raw logs again"):
         train(_config(), data=str(tiny_samples), out=tmp_path / "run", config_dir=str(config_dir),
               log=lambda *a: None)
     (config_dir / "scenarios" / "grocery.yaml").unlink()
     with open(config_dir / "sequences.yaml", "a") as sequences:  # a sequence registered later, likewise
         sequences.write("  - name: searches\n    kind: realtime\n    max_len: 8\n    features:\n"
                         "      - {name: poi_id, type: categorical, buckets: 20000, dim: 32, required: true}\n")
-    with pytest.raises(ValueError, match=r"no column of sequence\(s\) \['searches'\] \(registered in .*\): the "
-                                         r"samples were aggregated before they were registered"):
+    with pytest.raises(ValueError, match=r"no column of sequence\(s\) \['searches'\], which model tiny \(registered "
+                                         r"in .*\) reads: the samples were aggregated before they were registered"):
         train(_config(), data=str(tiny_samples), out=tmp_path / "run", config_dir=str(config_dir),
               log=lambda *a: None)
     assert not (tmp_path / "run").exists()
