@@ -98,6 +98,11 @@ def build_app(args: AppArgs) -> Application:
     if untrained:
         served = ("args.scenario_ingress serves" if args.scenario_ingress is not None
                   else f"{registry.config_dir} registers")
+        if not set(trained) & set(registry.scenarios):  # another registry's model: no subset of it is served
+            raise ServeConfigError(f"checkpoint {checkpoint} ({source}) was trained on {trained}, none of which "
+                                   f"{registry.config_dir} registers: the wrong checkpoint, or the wrong config dir? "
+                                   f"Name the checkpoint (${CHECKPOINT_ENV} or args.checkpoint) or the config dir "
+                                   "(args.config_dir) it was trained with")
         raise ServeConfigError(f"checkpoint {checkpoint} ({source}) was trained without scenarios {untrained} that {served} "
                                f"(it was trained on {trained}); train or warm-start a model with them, or serve only "
                                f"scenarios it has: a config dir that registers just {trained}, or one app per trained "

@@ -332,6 +332,11 @@ def test_builder_refuses_a_checkpoint_without_a_registered_scenario(checkpoint, 
     monkeypatch.setenv("MTFM_CHECKPOINT", str(checkpoint))
     with pytest.raises(ServeConfigError, match=r"\(\$MTFM_CHECKPOINT\) was trained without scenarios \['coupon'\]"):
         build_app({"checkpoint": "elsewhere", "config_dir": str(config_dir)})
+    for name in ("hp", "phf", "sqs"):  # a registry of none of its scenarios: no app of a subset serves
+        (config_dir / "scenarios" / f"{name}.yaml").unlink()
+    with pytest.raises(ServeConfigError, match=r"\(\$MTFM_CHECKPOINT\) was trained on \['hp', 'phf', 'sqs'\], none of "
+                                               r"which .* registers: the wrong checkpoint, or the wrong config dir\?"):
+        build_app({"checkpoint": "elsewhere", "config_dir": str(config_dir)})
 
 
 def test_builder_refuses_a_single_scenario_checkpoint_for_the_scenarios_it_lacks(tmp_path, config_dir, capsys):
