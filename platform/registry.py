@@ -515,6 +515,9 @@ def _parse_scenario(raw: Any, file: str, expected_name: str, snapshot: bool = Fa
     name = f.name()
     if name != expected_name:
         raise RegistryError(file, "name", f"expected {expected_name!r} (the file name without .yaml), found {name!r}")
+    if name in RESERVED_COLUMNS:  # as `mtfm scenarios infer --name` refuses it
+        raise RegistryError(file, "name", f"{name!r} is a reserved column ({', '.join(RESERVED_COLUMNS)}); name the "
+                            "scenario otherwise (and its file)")
     taken: dict[str, str] = {}
     user = _parse_features(f.items("user_features", []), file, "user_features", taken)
     item = _parse_features(f.items("item_features"), file, "item_features", taken)

@@ -48,7 +48,8 @@ def split_by_window(samples: str | Path, test_windows: int):
         raise
     if len(windows) <= test_windows:
         raise ValueError(f"{path}: {len(windows)} window(s) of data, but test_windows={test_windows} are held out "
-                         "for evaluation: generate more days or lower test_windows")
+                         "for evaluation: generate more days, or hold out fewer (`--test-windows N`, or test_windows in the train "
+                         "config)")
     cut = windows[-test_windows]
     return ds.filter(expr=col("window") < cut), ds.filter(expr=col("window") >= cut), windows
 

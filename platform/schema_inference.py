@@ -605,6 +605,9 @@ def infer_scenario(name: str, exposures: str | Path, config_dir: str | Path | No
             raise SchemaInferenceError(f"the draft for {name!r} does not validate: "
                                        f"{str(exc).replace(str(copy), str(root))}") from exc
     result = InferenceResult(name, source, table.num_rows, columns, text)
+    if declared and target.resolve() not in declared:
+        result.notes.append(f"scenario {name!r} is already declared in {declared[0]}: this draft was checked as its "
+                            "replacement (features reused from the other scenarios); copying it there replaces it")
     if table.num_rows >= MAX_ROWS:
         result.notes.append(f"only the first {MAX_ROWS:,} rows were read; cardinalities may be larger")
     for task in tasks:

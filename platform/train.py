@@ -321,7 +321,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0 and checkpoint is None:
             names = set(registry.scenarios) | set(registry.sequences) | set(registry.features)
             (run_dir / WARM_START_FILE).write_text(json.dumps(dataclasses.asdict(report), indent=1))
-            _progress(f"[mtfm] warm start from {loop_config['init_from']}:\n{report.describe(names)}")
+            frozen_for = (f"\n[mtfm] the loaded tensors stay frozen for the first {config.freeze_loaded_steps} steps "
+                          "(freeze_loaded_steps)" if config.freeze_loaded_steps else "")
+            _progress(f"[mtfm] warm start from {loop_config['init_from']}:\n{report.describe(names)}{frozen_for}")
     elif config.freeze_loaded_steps and loop_config.get("loaded_by_warm_start"):
         # A resumed warm-started run: what its warm start loaded stays frozen for the steps left.
         loaded = set(loop_config["loaded_by_warm_start"])
@@ -624,6 +626,9 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
             log(f"[mtfm] warning: {init_from} has scenarios the registry no longer declares: {retired}; their "
                 "modules are not loaded (they stay in that checkpoint)")
     run_dir = Path(out or default_run_dir(config.name)).resolve()
+    if config.freeze_loaded_steps and init_from is None and (resume is None or _loaded_by_warm_start(run_dir) is None):
+        log(f"[mtfm] warning: freeze_loaded_steps {config.freeze_loaded_steps} ({config.source}) has no effect: "
+            "nothing is warm-started (--init-from CHECKPOINT)")
     if "_ray_pkg_" in str(run_dir):  # `ray job submit --working-dir .` runs in Ray's copy of it
         raise ValueError(f"--out {run_dir}: inside the copy of the job's working directory that Ray made and deletes "
                          "with the job, so the run would be lost; pass --out on storage every node sees (an absolute "

@@ -206,6 +206,14 @@ def test_a_scenario_in_two_files_is_refused_naming_both(config_dir):
         load_registry(config_dir)
 
 
+def test_a_scenario_named_like_a_reserved_column_is_refused(config_dir):
+    text = (config_dir / "scenarios" / "sqs.yaml").read_text()
+    (config_dir / "scenarios" / "window.yaml").write_text(text.replace("name: sqs", "name: window"))
+    with pytest.raises(RegistryError, match=r"window.yaml: name: 'window' is a reserved column \(user_id, request_id, "
+                                            r"ts, window\); name the scenario otherwise"):
+        load_registry(config_dir)
+
+
 def test_missing_and_malformed_files(config_dir, tmp_path):
     with pytest.raises(RegistryError, match="config directory not found"):
         load_registry(tmp_path / "nowhere")

@@ -218,6 +218,16 @@ def test_a_scenario_declared_as_yml_is_the_target(tmp_path, config_dir):
             infer_scenario("shop_feed", path, config_dir=config_dir, out=unread)
 
 
+def test_a_draft_of_a_declared_scenario_written_elsewhere_says_it_would_replace_it(tmp_path, config_dir):
+    path = tmp_path / "log.parquet"
+    pq.write_table(_table(shop_id=[1, 2, 3], click=[0, 1, 0]), path)
+    result = infer_scenario("hp", path, config_dir=config_dir, out=tmp_path / "hp.yaml")
+    assert result.notes == [f"scenario 'hp' is already declared in {(config_dir / 'scenarios' / 'hp.yaml').resolve()}: "
+                            "this draft was checked as its replacement (features reused from the other scenarios); "
+                            "copying it there replaces it"]
+    assert infer_scenario("shop_feed", path, config_dir=config_dir, out=tmp_path / "shop.yaml").notes == []
+
+
 def test_a_label_of_one_value_gets_a_note(tmp_path, config_dir):
     path = tmp_path / "log.parquet"
     pq.write_table(_table(shop_id=[1, 2, 3], click=[0, 0, 0], order=[0, 1, 0]), path)

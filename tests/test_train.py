@@ -746,3 +746,12 @@ def test_workers_step_until_every_batch_is_trained_the_one_out_of_batches_standi
     assert list(_agreed_batches(iter([]), _OtherWorker(2), untrained)) == []
     assert list(_agreed_batches(iter(batches[1:]), _OtherWorker(0, can_stand_in=False), untrained)) == []
     assert untrained == [2 + 4 + 1]
+
+
+def test_freeze_loaded_steps_without_a_warm_start_is_warned_of(tmp_path):
+    lines = []
+    with pytest.raises(FileNotFoundError, match="no aggregated samples here"):  # stops before Ray starts
+        train(_config(freeze_loaded_steps=5), data=str(tmp_path / "none"), out=tmp_path / "run",
+              config_dir=str(CONFIGS), log=lines.append)
+    assert lines == ["[mtfm] warning: freeze_loaded_steps 5 (test) has no effect: nothing is warm-started "
+                     "(--init-from CHECKPOINT)"]
