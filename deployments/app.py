@@ -29,7 +29,7 @@ from ray.serve import Application
 
 from mtfm.model import parse_model_config
 from mtfm.platform.checkpoint import META_FILE, CheckpointError, find_checkpoint, read_meta
-from mtfm.platform.registry import Registry, ServingConfig, load_registry, serving_conflict
+from mtfm.platform.registry import Registry, ServingConfig, load_registry, resolve_config_dir, serving_conflict
 
 from .backends import unknown_backend_reason
 from .router import RankRouter
@@ -86,7 +86,15 @@ def build_app(args: AppArgs) -> Application:
     else:
         source = f"the newest checkpoint under {DEFAULT_RUNS_DIR}/"
     print(f"[mtfm] serving {checkpoint} ({source})", file=sys.stderr, flush=True)
-    registry = load_registry(args.config_dir)
+    config_dir = resolve_config_dir(args.config_dir)
+    if not config_dir.is_absolute() and not config_dir.is_dir():
+        named = ("serve.yaml args.config_dir" if args.config_dir else
+                 "$MTFM_CONFIG_DIR" if os.environ.get("MTFM_CONFIG_DIR") else "the default config dir")
+        raise ServeConfigError(f"{named} {str(config_dir)!r}: no config directory at "
+                               f"{config_dir.resolve()}: a relative path is read from the folder the app is built in "
+                               f"({Path.cwd()}, where this cluster's `ray start` ran); write an absolute path "
+                               "(`mtfm serve config --config-dir /ABSOLUTE/configs`)")
+    registry = load_registry(config_dir)
     serving = scenario_serving(registry, args.scenarios)
     if args.scenario_ingress is not None:
         if args.scenario_ingress not in serving:

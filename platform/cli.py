@@ -261,8 +261,15 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
                 print(f"warning: {args.checkpoint} was trained without {untrained}, which {reg.config_dir} registers: "
                       "serving this config is refused; pass --scenario-ingress (one app per trained scenario) or a "
                       f"--config-dir that registers just {trained}", file=sys.stderr)
-    # The registry validated above: --config-dir, else $MTFM_CONFIG_DIR, else ./configs
-    print(render_serve_config(config_dir=str(reg.config_dir), checkpoint=args.checkpoint, host=args.host,
+    # The registry validated above: --config-dir, else $MTFM_CONFIG_DIR, else ./configs. The app is built in the
+    # folder where the cluster's `ray start` ran: paths given are written absolute (the default stays relative,
+    # for `serve run` from the repository root).
+    explicit = args.config_dir or os.environ.get("MTFM_CONFIG_DIR")
+    config_dir = str(Path(reg.config_dir).resolve()) if explicit else str(reg.config_dir)
+    checkpoint = args.checkpoint
+    if checkpoint is not None and Path(checkpoint).expanduser().exists():
+        checkpoint = str(Path(checkpoint).expanduser().resolve())
+    print(render_serve_config(config_dir=config_dir, checkpoint=checkpoint, host=args.host,
                               port=args.port, scenario_ingress=scenarios if args.scenario_ingress else None),
           end="")
     return 0

@@ -415,7 +415,7 @@ def test_builder_refuses_a_baseline_checkpoint(tmp_path, model_config, architect
         assert "serve a checkpoint of an mtfm model (architecture: mtfm" in message
 
 
-def test_serve_config_names_the_registry_it_validated(config_dir, monkeypatch, capsys, tmp_path):
+def test_serve_config_names_the_registry_it_validated(config_dir, monkeypatch, capsys, tmp_path, checkpoint):
     """$MTFM_CONFIG_DIR picks the registry: the config written names that one, not ./configs."""
     import yaml
 
@@ -434,6 +434,16 @@ def test_serve_config_names_the_registry_it_validated(config_dir, monkeypatch, c
     monkeypatch.chdir(REPO)
     assert main(["serve", "config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]["config_dir"] == "configs"
+    # Paths given relative are written absolute: the app is built where the cluster's `ray start` ran.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "r" / "checkpoint_00000001").mkdir(parents=True)
+    assert main(["serve", "config", "--config-dir", "other", "--checkpoint", "runs/r"]) == 0
+    args = yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]
+    assert (args["config_dir"], args["checkpoint"]) == (str(other), str(tmp_path / "runs" / "r"))
+    with pytest.raises(ServeConfigError, match=r"serve.yaml args.config_dir 'configs': no config directory at "
+                                               rf"{tmp_path / 'configs'}: a relative path is read from the folder "
+                                               rf"the app is built in \({tmp_path}, where"):
+        build_app({"checkpoint": str(checkpoint), "config_dir": "configs"})
 
 
 def test_checkpoint_resolution_env_then_argument_then_newest_run(tmp_path, monkeypatch, checkpoint):
