@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from mtfm.model import parse_model_config
-from mtfm.platform.checkpoint import META_FILE, CheckpointError, find_checkpoint, read_meta
+from mtfm.platform.checkpoint import META_FILE, CheckpointError, find_checkpoint, pin_for_serving, read_meta
 from mtfm.platform.registry import Registry, ServingConfig, load_registry, resolve_config_dir, serving_conflict
 
 from .backends import unknown_backend_reason
@@ -116,11 +116,15 @@ def build_app(args: AppArgs) -> Application:
                                f"scenarios it has: a config dir that registers just {trained}, or one app per trained "
                                f"scenario from `mtfm serve config --scenario-ingress --checkpoint {checkpoint} "
                                f"--config-dir {registry.config_dir}`")
+    pinned = pin_for_serving(checkpoint)  # what replicas load, also on a restart after the run pruned `checkpoint`
+    if pinned != checkpoint:
+        print(f"[mtfm] replicas load {pinned} (pinned: the run's later checkpoints do not remove it)", file=sys.stderr,
+              flush=True)
     rankers = {
         name: ScenarioDeployment.options(
             name=f"ranker_{name}", num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_ongoing_requests,
             ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-        ).bind(name, str(checkpoint), dataclasses.asdict(cfg), args.chunk_size, args.user_cache_ttl_s,
+        ).bind(name, str(pinned), dataclasses.asdict(cfg), args.chunk_size, args.user_cache_ttl_s,
                args.user_cache_mb, args.max_body_bytes if args.scenario_ingress is not None else None)
         for name, cfg in serving.items()
     }
@@ -128,7 +132,7 @@ def build_app(args: AppArgs) -> Application:
         return rankers[args.scenario_ingress]
     router = RankRouter.options(num_replicas=args.router_replicas, ray_actor_options={"num_cpus": args.router_num_cpus},
                                 max_ongoing_requests=sum(c.max_ongoing_requests for c in serving.values()))
-    return router.bind(rankers, str(checkpoint), {n: c.max_candidates for n, c in serving.items()}, args.max_body_bytes)
+    return router.bind(rankers, str(pinned), {n: c.max_candidates for n, c in serving.items()}, args.max_body_bytes)
 
 
 def servable_scenarios(checkpoint: Path) -> list[str]:

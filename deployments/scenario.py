@@ -26,8 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from mtfm.model import ScenarioRanker, parse_model_config
-from mtfm.platform.checkpoint import (META_FILE, CheckpointError, CheckpointMeta, find_checkpoint, load_state_dict,
-                                      read_meta)
+from mtfm.platform.checkpoint import (META_FILE, SERVING_PINS, CheckpointError, CheckpointMeta, find_checkpoint,
+                                      load_state_dict, read_meta)
 from mtfm.platform.registry import Registry, ServingConfig
 
 from .backends import create_backend
@@ -61,9 +61,11 @@ class ScoredRequest:
 
 
 def model_version(checkpoint: str | Path, step: int) -> str:
-    """`<run>/<checkpoint>@step<N>`: names the weights a response was scored with."""
+    """`<run>/<checkpoint>@step<N>`: names the weights a response was scored with (a checkpoint
+    pinned for serving, RUN/.serving/<checkpoint>, by its run's name)."""
     path = Path(checkpoint)
-    return f"{path.parent.name}/{path.name}@step{step}"
+    run = path.parent.parent if path.parent.name == SERVING_PINS else path.parent
+    return f"{run.name}/{path.name}@step{step}"
 
 
 def load_scenario_ranker(checkpoint: str | Path, scenario: str) -> tuple[ScenarioRanker, CheckpointMeta]:

@@ -75,6 +75,41 @@ def find_checkpoint(path: str | Path) -> Path:
     return check_model_file(found[-1])
 
 
+SERVING_PINS = ".serving"  # RUN_DIR/.serving/checkpoint_*: what Serve apps load (`pin_for_serving`)
+
+
+def pin_for_serving(checkpoint: Path) -> Path:
+    """A copy of `checkpoint` that its run does not prune, for Serve's replicas to load, also when
+    one restarts later: a run that goes on training (`--resume`) deletes its older checkpoints
+    (`keep_checkpoints`). Hard links under RUN_DIR/.serving/<name> (no space while the original
+    exists), reused while they are the same files; copies where a link cannot be made; `checkpoint`
+    itself where its folder cannot be written. Remove .serving once no app serves from it."""
+    import os
+    import shutil
+
+    if checkpoint.parent.name == SERVING_PINS:
+        return checkpoint
+    pinned = checkpoint.parent / SERVING_PINS / checkpoint.name
+    files = sorted(p.relative_to(checkpoint) for p in checkpoint.rglob("*") if p.is_file())
+    try:
+        if pinned.is_dir() and all((pinned / f).is_file() and os.path.samefile(pinned / f, checkpoint / f)
+                                   for f in files):
+            return pinned
+        staging = pinned.with_name(f"{pinned.name}.{os.getpid()}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        for f in files:
+            (staging / f).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(checkpoint / f, staging / f)
+            except OSError:  # another file system, or links not supported
+                shutil.copy2(checkpoint / f, staging / f)
+        shutil.rmtree(pinned, ignore_errors=True)
+        staging.rename(pinned)
+    except OSError:
+        return checkpoint
+    return pinned
+
+
 def check_model_file(folder: Path) -> Path:
     """`folder`, once its model file opens as the zip archive torch.save writes: one cut short is
     refused here, before a Ray worker or replica loads it (and fails, and is retried). Cheap: only
