@@ -127,6 +127,10 @@ def samples_folder(samples: str) -> str:
 
     filesystem, path = pyarrow.fs.FileSystem.from_uri(samples) if "://" in samples else (
         pyarrow.fs.LocalFileSystem(), str(Path(samples).resolve()))
+    if filesystem.get_file_info(path).type == pyarrow.fs.FileType.NotFound and "_ray_pkg_" in path:
+        raise FileNotFoundError(f"{samples}: not in the copy of the job's working directory that Ray made ({path}): "
+                                "`ray job submit --working-dir` leaves out what .gitignore names, such as data/; pass "
+                                "--data as an absolute path on storage every node sees, or a URI (s3://...)")
     if filesystem.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
         raise FileNotFoundError(f"{samples}: no aggregated samples here (run `mtfm data synth` and `mtfm data "
                                 "aggregate` first, or `mtfm quickstart`; pass the aggregate's samples/ folder or its "

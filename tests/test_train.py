@@ -381,6 +381,11 @@ def test_a_run_folder_inside_a_jobs_working_dir_copy_is_refused(tiny_samples, tm
         train(_config(), data=str(tiny_samples), out=copy / "runs" / "tiny", config_dir=str(CONFIGS),
               log=lambda *a: None)
     assert not copy.exists()
+    copy.mkdir(parents=True)  # a relative --data there: data/ is git-ignored, so Ray never shipped it
+    with pytest.raises(FileNotFoundError, match=r"agg: not in the copy of the job's working directory that Ray made "
+                                                r".*leaves out what .gitignore names"):
+        train(_config(), data=str(copy / "data" / "agg"), out=tmp_path / "run", config_dir=str(CONFIGS),
+              log=lambda *a: None)
 
 
 def test_workers_the_embedded_ray_cannot_hold_are_refused_before_training(ray_cluster, tiny_samples, tmp_path):
@@ -674,6 +679,15 @@ def test_ray_job_submit(tiny_samples, tmp_path):
         assert "succeeded" in done.stdout
         assert read_meta(out).step == 3
         assert "hp/click" in done.stdout  # the evaluation table reached the job's log
+        # A command pointed at the cluster by RAY_ADDRESS without RAY_AUTH_MODE=token: one line saying so.
+        gcs = start[3].split("=")[1]
+        refused = subprocess.run([sys.executable, "-m", "mtfm.platform.cli", "data", "aggregate", "--raw",
+                                  str(tiny_samples.parent / "raw"), "--out", str(tmp_path / "agg")], cwd=REPO_ROOT,
+                                 capture_output=True, text=True, env=env | {"RAY_ADDRESS": f"127.0.0.1:{gcs}"},
+                                 timeout=300)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+        assert f"error: RAY_ADDRESS=127.0.0.1:{gcs}: cannot connect to the Ray cluster" in refused.stderr
+        assert "set RAY_AUTH_MODE=token" in refused.stderr
     finally:
         _stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
