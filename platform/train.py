@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from mtfm.platform.registry import Registry, RegistryError, dump_yaml, load_registry, read_yaml_mapping
+from mtfm.platform.run_lock import DriverLock, refuse_a_run_being_trained
 from mtfm.platform.samples import (keep_users_of, quiet_ray_data, refuse_samples_that_do_not_fit, samples_folder,
                                    scenarios_in, split_by_window)
 
@@ -633,6 +634,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         raise ValueError(f"--out {run_dir}: inside the copy of the job's working directory that Ray made and deletes "
                          "with the job, so the run would be lost; pass --out on storage every node sees (an absolute "
                          "path, e.g. /shared/runs/NAME)")
+    refuse_a_run_being_trained(run_dir)
     if resume is None:
         refuse_existing_run(run_dir)
     if "://" not in config.data:
@@ -684,7 +686,8 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     )
     (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a resume tries again
     try:
-        result = trainer.fit()
+        with DriverLock(run_dir):
+            result = trainer.fit()
     except (KeyboardInterrupt, SystemExit):
         # Ctrl-C, or a SIGTERM (`ray job stop`, kill): Ray's handlers abort the run and exit through
         # SystemExit (code 1 either way in Ray 2.60); the run can go on from its newest whole checkpoint.

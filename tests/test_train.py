@@ -769,3 +769,34 @@ def test_freeze_loaded_steps_without_a_warm_start_is_warned_of(tmp_path):
               config_dir=str(CONFIGS), log=lines.append)
     assert lines == ["[mtfm] warning: freeze_loaded_steps 5 (test) has no effect: nothing is warm-started "
                      "(--init-from CHECKPOINT)"]
+
+
+def test_a_run_folder_a_live_driver_trains_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    """A second driver on one run folder (a --resume of a run still training under `ray job submit`)
+    would prune the other's checkpoints; a driver file left by one that died is ignored."""
+    from mtfm.platform.run_lock import DRIVER_FILE, STALE_S, DriverLock
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr("mtfm.platform.cluster.init_ray", no_ray)
+    run = tmp_path / "run"
+    run.mkdir()
+    with DriverLock(run):
+        holder = json.loads((run / DRIVER_FILE).read_text())
+        assert (holder["host"], holder["pid"]) == (socket.gethostname(), os.getpid())
+        with pytest.raises(ValueError, match=rf"run: a training driver still runs it \(host {socket.gethostname()}, "
+                                             rf"pid {os.getpid()}, started .*\): stop it first"):
+            train(_config(), data=str(tmp_path / "none"), out=run, config_dir=str(CONFIGS), log=lambda *a: None)
+    assert not (run / DRIVER_FILE).exists()
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    other_host = {"host": "elsewhere", "pid": os.getpid(), "started": "then"}
+    for holder, age, refused in (({"host": socket.gethostname(), "pid": gone.pid, "started": "then"}, 0, False),
+                                 (other_host, 0, True), (other_host, STALE_S + 5, False)):
+        (run / DRIVER_FILE).write_text(json.dumps(holder))
+        os.utime(run / DRIVER_FILE, (time.time() - age, time.time() - age))
+        with pytest.raises(ValueError if refused else FileNotFoundError,
+                           match="a training driver still runs it" if refused else "no aggregated samples here"):
+            train(_config(), data=str(tmp_path / "none"), out=run, config_dir=str(CONFIGS), log=lambda *a: None)
