@@ -358,6 +358,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         """Saves a checkpoint, evaluated where due, unless training diverged: weights that are not
         finite on some worker, or scores that are not (an overflow in the forward pass). Then it
         saves nothing and returns False: every worker stops."""
+        began = time.perf_counter()
+        try:
+            return _save(batches_in_epoch, metrics, final)
+        finally:  # the progress line's rates are of training steps, not of checkpoints and evaluations
+            window["paused"] += time.perf_counter() - began
+
+    def _save(batches_in_epoch: int, metrics: dict, final: bool) -> bool:
         nonlocal last_saved
         weights_finite = bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())
         if stop_if_diverged(0.0 if weights_finite else math.nan, "weights"):
@@ -387,7 +394,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     last_saved = step
     done = config.max_steps is not None and step >= config.max_steps
-    window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": 0.0, "steps": 0}
+    window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": 0.0, "steps": 0, "paused": 0.0}
     position = skip
     # A checkpoint falls due after a step but is saved once the next batch is known to exist:
     # after an epoch's or the run's last step it is the end-of-epoch or final checkpoint instead
@@ -428,7 +435,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                       "a worker's shard held no batch to stand in with, so every worker ended the epoch")
 
     model.train()
-    started_at, run_exposures = step, None
+    started_at, run_exposures, between_epochs = step, None, None
     while epoch < config.epochs and not done:
         reads = train_shard.iter_batches(batch_size=config.rows_per_read, batch_format="pyarrow", prefetch_batches=2)
         # Batches consumed before the checkpoint this attempt resumed from are collated (their
@@ -453,6 +460,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     if not save(position, metrics):
                         done = True
                         break
+                if between_epochs is not None:  # the rates leave out the new epoch's start (Ray Data's reads)
+                    window["paused"] += time.perf_counter() - between_epochs
+                    between_epochs = None
                 position += 1  # the epoch's steps: every worker's batches consumed, or all it had
                 batch = agreed.batch.to(device)  # a stand-in skipped at a resume is still on the host
                 # Frozen: the optimizers skip them, so warm-started modules stay as loaded.
@@ -475,7 +485,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     (run_dir / ".failure_injected").touch()
                     raise RuntimeError(f"injected failure at step {step} (train config inject_failure_at_step)")
                 if step % config.log_every == 0:
-                    elapsed = time.perf_counter() - window["t"]
+                    elapsed = max(time.perf_counter() - window["t"] - window["paused"], 1e-9)
                     # Over every worker's batches of the window (a worker that stood in has fewer).
                     loss_sum, batches_sum, samples, tokens = agreement.sums(
                         float(window["loss"]), window["steps"], window["samples"], window["tokens"])
@@ -489,9 +499,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         record["graph_captures"] = train_step.captures
                     if rank == 0:
                         _append_jsonl(run_dir / METRICS_FILE, record)
-                        _progress(f"[mtfm] step {step:>6}  epoch {epoch}  loss {record['loss']:.4f}  "
-                                  f"{record['samples_per_s']:.0f} samples/s  {record['tokens_per_s']:.0f} tokens/s")
-                    window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": 0.0, "steps": 0}
+                        of_steps = f"/{config.max_steps}" if config.max_steps is not None else ""
+                        _progress(f"[mtfm] step {step:>6}{of_steps}  epoch {epoch + 1}/{config.epochs}  loss "
+                                  f"{record['loss']:.4f}  {record['samples_per_s']:.0f} samples/s  "
+                                  f"{record['tokens_per_s']:.0f} tokens/s")
+                    window = {"t": time.perf_counter(), "samples": 0, "tokens": 0, "loss": 0.0, "steps": 0,
+                              "paused": 0.0}
                 if step % config.checkpoint_every == 0:  # a stand-in's loss is not this step's
                     due = {"step": step} | ({} if agreed.stand_in else {"loss": float(loss.detach())})
         if not done:
@@ -502,6 +515,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if due is not None and epoch < config.epochs and not done:
                 metrics, due = due, None
                 done = not save(0, metrics)
+            between_epochs = time.perf_counter()
     if run_exposures is not None and started_at == 0:  # every worker ends its loop at the same step
         trained = dict(zip(run_exposures, map(int, agreement.sums(*run_exposures.values()))))
         if rank == 0:  # the driver warns of a scenario trained on none (`_warn_of_untrained_scenarios`)
