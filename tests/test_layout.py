@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import sysconfig
@@ -88,3 +89,8 @@ def test_ray_cluster_yaml_is_a_valid_launcher_config():
     assert any(t["resources"].get("GPU", 0) > 0 for t in types.values())
     setup = " ".join(config["setup_commands"])
     assert "pip install" in setup and "/home/ubuntu/mtfm" in setup and config["file_mounts"]["/home/ubuntu/mtfm"] == "."
+    # Nodes the autoscaler adds later must run the head's Ray (and torch): pinned.
+    assert re.search(r'"ray\[train,data,serve\]==2\.\d+\.\d+"', setup) and re.search(r"torch==\d", setup)
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all("--metrics-export-port=8080" in c for c in starts if " start " in c)  # the README's scrape port
+    assert not any("--dashboard-host=0.0.0.0" in c for c in starts)  # the job API stays on localhost
