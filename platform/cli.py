@@ -34,6 +34,12 @@ def port(text: str) -> int:
     return int(text)
 
 
+def host(text: str) -> str:
+    if not text.strip() or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"expected an interface address or host name, e.g. 127.0.0.1, found {text!r}")
+    return text
+
+
 def parse_duration_ms(text: str) -> int:
     """'1d' -> 86400000; units ms, s, m, h, d."""
     for unit in sorted(WINDOW_UNITS_MS, key=len, reverse=True):
@@ -447,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, metavar="RUN_DIR_OR_CHECKPOINT",
                    help="checkpoint to serve (default: null = $MTFM_CHECKPOINT, else the newest checkpoint saved "
                         "under runs/)")
-    p.add_argument("--host", default="0.0.0.0",
+    p.add_argument("--host", type=host, default="0.0.0.0",
                    help="HTTP interface (default 0.0.0.0: every interface; 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--scenario-ingress", action="store_true",

@@ -26,6 +26,8 @@ def test_help(argv, capsys):
     (["model", "summary", "--config", "configs/model/tiny.yaml", "--targets", "-4"],
      "argument --targets: expected an integer >= 0, found '-4'"),
     (["serve", "config", "--port", "70000"], "argument --port: expected a TCP port, 1-65535, found '70000'"),
+    (["serve", "config", "--host", ""], "argument --host: expected an interface address or host name, e.g. "
+                                        "127.0.0.1, found ''"),
 ])
 def test_numbers_out_of_range_are_refused_by_argument(argv, words, capsys):
     with pytest.raises(SystemExit) as exc:
