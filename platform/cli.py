@@ -414,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[common], help="train on Ray Train (embedded local Ray unless RAY_ADDRESS is set)",
                        description="Train a model on aggregated samples with Ray Train (TorchTrainer): token-budget "
                                    "batches, DDP over num_workers, checkpoints with resume, AUC/GAUC on the last "
-                                   "windows. Same as `python -m mtfm.platform.train`.")
+                                   "windows. Same as `python -m mtfm.platform.train`. With no RAY_ADDRESS it "
+                                   "starts a local Ray of its own; RAY_ADDRESS=HOST:6379 joins a cluster (with "
+                                   "RAY_AUTH_MODE=token where ~/.ray/auth_token exists).")
     from mtfm.platform.train import add_train_arguments
 
     add_train_arguments(p)
