@@ -80,6 +80,10 @@ def test_padding_rows_split_between_padding_users_of_bounded_length(max_user_tok
     padded = pad_batch(batch, shape, max_user_tokens=max_user_tokens)
     assert (padded.num_users, padded.num_tokens) == (shape.num_users, shape.num_tokens)
     assert padded.unpadded.num_users == batch.num_users and padded.unpadded.num_tokens == batch.num_tokens
+    # each scenario's real exposures (training counts them per epoch), not its padded rows
+    real = {s: int(padded.features[s].label_mask.any(1).sum()) for s in batch.scenarios}
+    assert padded.targets_per_scenario() == batch.targets_per_scenario() == real
+    assert all(padded.features[s].index.shape[0] > n for s, n in real.items())
     assert_padding_users_well_formed(padded, batch.num_users, max_user_tokens)
     pad_rows = shape.num_tokens - batch.num_tokens
     assert int((padded.offsets[1:] > padded.offsets[:-1]).sum()) - int((batch.offsets[1:] > batch.offsets[:-1]).sum()) \
