@@ -1,10 +1,12 @@
-"""One training driver per run folder: a second `mtfm train --resume` of a run still training is refused.
+"""One training driver per run folder: a second `mtfm train` of a run still training is refused.
 
 Two drivers on one folder would each run a Ray Train of their own there: each prunes checkpoints the
-other is about to restore, and both append to its metrics. The driver writes `RUN_DIR/.driver.json`
-(host, pid, start time) and touches it every HEARTBEAT_S while it trains; another driver finding it
-fresh refuses before Ray starts. A file left by a driver that died is stale: its pid is gone (same
-host), or it has not been touched for STALE_S (another host, or `ray job submit` on the head node).
+other is about to restore, and both append to its metrics. A driver takes `RUN_DIR/.driver.json`
+(host, pid, start time, a token of its own) by creating it exclusively, before Ray starts, keeps it
+fresh every HEARTBEAT_S while it runs, and removes it at the end if it is still its own. Another
+driver finding it refuses, unless it is stale: not touched for STALE_S, or, after 2 x HEARTBEAT_S,
+written by a pid that is gone on this host (a pid alone is not trusted: a container may share the
+host name but not its pids).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 
 DRIVER_FILE = ".driver.json"
@@ -20,49 +23,97 @@ HEARTBEAT_S = 10.0
 STALE_S = 60.0
 
 
-def refuse_a_run_being_trained(run_dir: Path) -> None:
-    """Raises ValueError naming the live driver of `run_dir`, if one holds it."""
-    path = run_dir / DRIVER_FILE
-    try:
-        holder = json.loads(path.read_text())
-        age = time.time() - path.stat().st_mtime
-    except (FileNotFoundError, ValueError, OSError):
-        return
-    if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
-        return
-    if age > STALE_S:
-        return
-    raise ValueError(f"{run_dir}: a training driver still runs it (host {holder.get('host')}, pid {holder.get('pid')}, "
-                     f"started {holder.get('started')}, alive {age:.0f} s ago): stop it first (Ctrl-C, or `ray job "
-                     f"stop` of its job), or wait for it; two drivers would prune each other's checkpoints. A "
-                     f"driver that died leaves {DRIVER_FILE} behind, ignored after {STALE_S:.0f} s")
-
-
 class DriverLock:
-    """Held while this driver trains `run_dir`: writes the driver file and keeps it fresh."""
+    """`with DriverLock(run_dir):` holds `run_dir` for this driver, or raises ValueError naming the
+    live driver that holds it. A folder it had to create is removed again if left empty."""
 
     def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
         self.path = run_dir / DRIVER_FILE
+        self.token = uuid.uuid4().hex
+        self._created_dir = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="mtfm-driver-heartbeat", daemon=True)
 
     def __enter__(self) -> DriverLock:
-        self.path.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
+        self._created_dir = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self._create():
+            holder, age, exists = _read(self.path)
+            if exists and not _stale(holder, age):
+                self._undo_dir()
+                raise ValueError(
+                    f"{self.run_dir}: a training driver still runs it (host {holder.get('host')}, pid "
+                    f"{holder.get('pid')}, started {holder.get('started')}, alive {age:.0f} s ago): stop it first "
+                    f"(Ctrl-C, or `ray job stop` of its job), or wait for it; two drivers would prune each other's "
+                    f"checkpoints. A driver that died leaves {DRIVER_FILE} behind, ignored after {STALE_S:.0f} s")
+            self.path.unlink(missing_ok=True)  # a dead driver's
+            if not self._create():  # another driver took it in between
+                self._undo_dir()
+                raise ValueError(f"{self.run_dir}: another training driver started on it just now")
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join()
-        self.path.unlink(missing_ok=True)
+        if self._thread.is_alive():
+            self._thread.join()
+        holder, _, _ = _read(self.path)
+        if holder.get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+        self._undo_dir()
+
+    def _create(self) -> bool:
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                  "token": self.token}
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(record))
+        self._record = record
+        return True
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 os.utime(self.path)
-            except OSError:  # the folder was removed under us: nothing left to guard
-                return
+            except FileNotFoundError:  # removed under us: written again, as ours
+                try:
+                    self.path.write_text(json.dumps(self._record))
+                except OSError:
+                    pass
+            except OSError:  # a passing network file system error: try again next beat
+                pass
+
+    def _undo_dir(self) -> None:
+        if self._created_dir:
+            try:
+                self.run_dir.rmdir()  # only if nothing was written into it
+            except OSError:
+                pass
+
+
+def _read(path: Path) -> tuple[dict, float, bool]:
+    """The driver file's record ({} while it is being written, or unreadable), its age in seconds,
+    and whether it exists."""
+    try:
+        age = time.time() - path.stat().st_mtime
+    except OSError:
+        return {}, 0.0, False
+    try:
+        holder = json.loads(path.read_text())
+    except (ValueError, OSError):
+        holder = {}
+    return holder if isinstance(holder, dict) else {}, age, True
+
+
+def _stale(holder: dict, age: float) -> bool:
+    if age > STALE_S:
+        return True
+    gone = holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1)))
+    return gone and age > 2 * HEARTBEAT_S
 
 
 def _alive(pid: int) -> bool:

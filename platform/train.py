@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from mtfm.platform.registry import Registry, RegistryError, dump_yaml, load_registry, read_yaml_mapping
-from mtfm.platform.run_lock import DriverLock, refuse_a_run_being_trained
+from mtfm.platform.run_lock import DriverLock
 from mtfm.platform.samples import (keep_users_of, quiet_ray_data, refuse_samples_that_do_not_fit, samples_folder,
                                    scenarios_in, split_by_window)
 
@@ -526,7 +526,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         last = [r for r in map(json.loads, (run_dir / METRICS_FILE).read_text().splitlines()) if "eval" in r]
         if last:
             (run_dir / EVAL_FILE).write_text(json.dumps(last[-1] | {
-                "checkpoint": f"checkpoint_{step:08d}", "not_evaluated": not_evaluated(last[-1]["eval"], model.registry)},
+                "checkpoint": f"checkpoint_{step:08d}",
+                "not_evaluated": not_evaluated(last[-1]["eval"], model.registry)},
                 indent=1))
 
 
@@ -648,87 +649,88 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         raise ValueError(f"--out {run_dir}: inside the copy of the job's working directory that Ray made and deletes "
                          "with the job, so the run would be lost; pass --out on storage every node sees (an absolute "
                          "path, e.g. /shared/runs/NAME)")
-    refuse_a_run_being_trained(run_dir)
-    if resume is None:
-        refuse_existing_run(run_dir)
-    if "://" not in config.data:
-        samples_folder(config.data)  # named before Ray starts (a URI may need the cluster's credentials)
+    with DriverLock(run_dir):  # refuses a folder a live driver trains; held until this driver ends
+        if resume is None:
+            refuse_existing_run(run_dir)
+        if "://" not in config.data:
+            samples_folder(config.data)  # named before Ray starts (a URI may need the cluster's credentials)
 
-    init_ray(log_to_driver=True)
-    refuse_workers_the_cluster_cannot_hold(config, log)
-    quiet_ray_data()
-    train_ds, test_ds, windows = split_by_window(config.data, config.test_windows)
-    names = train_ds.schema().names
-    in_data = scenarios_in(names)
-    if in_data - set(registry.scenarios):
-        log(f"[mtfm] warning: the samples hold exposures of scenarios not in the registry, ignored: "
-            f"{sorted(in_data - set(registry.scenarios))} (retired, or a --config-dir mismatch?)")
-    model_scenarios = list(model_config.scenarios or registry.scenarios)
-    # The workers' collator would fail on missing columns, each failure retried: named here first.
-    refuse_samples_that_do_not_fit(
-        names, config.data, model_scenarios, list(registry.sequences),
-        whose=f"model {model_config.name} (registered in {registry.config_dir})",
-        remedy=("aggregate the raw logs again with this registry (`mtfm data aggregate --config-dir "
-                f"{registry.config_dir} --raw RAW --out AGG`)"),
-        remedy_for_scenarios=(f", or train a model of the scenarios the samples hold, "
-                              f"{sorted(in_data & set(model_scenarios))} (a model config's `scenarios:`)"))
-    if in_data - set(model_scenarios):
-        train_ds, test_ds = keep_users_of(train_ds, model_scenarios), keep_users_of(test_ds, model_scenarios)
-        log(f"[mtfm] model {model_config.name} covers {model_scenarios}: training and evaluating on their users only")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "train_config.yaml").write_text(dump_yaml(config.to_dict(), sort_keys=False))
-    layout = f", layout {model_config.hta_layout}" if model_config.architecture == "mtfm" else ""  # baselines: none
-    log(f"[mtfm] run {run_dir}\n[mtfm] scenarios {model_scenarios}; windows {len(windows)} "
-        f"({len(windows) - config.test_windows} train, {config.test_windows} test); model {model_config.name} "
-        f"({model_config.architecture}{layout}); {config.num_workers} worker(s)"
-        f"{' with GPU' if config.use_gpu else ''}")
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"train_config": config.to_dict(), "registry": registry.to_dict(),
-                           "model_config": _model_config_dict(model_config), "run_dir": str(run_dir),
-                           "init_from": str(init_from) if init_from else None,
-                           "resume_from": str(resume_from) if resume_from else None,
-                           "loaded_by_warm_start": _loaded_by_warm_start(run_dir) if resume else None},
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker} | (
-                                         {"GPU": config.gpus_per_worker} if config.use_gpu else {})),
-        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
-                             failure_config=FailureConfig(max_failures=config.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),
-        datasets={"train": train_ds, "test": test_ds},
-        dataset_config=_data_config(DataConfig),
-    )
-    (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a resume tries again
-    try:
-        with DriverLock(run_dir):
+        init_ray(log_to_driver=True)
+        refuse_workers_the_cluster_cannot_hold(config, log)
+        quiet_ray_data()
+        train_ds, test_ds, windows = split_by_window(config.data, config.test_windows)
+        names = train_ds.schema().names
+        in_data = scenarios_in(names)
+        if in_data - set(registry.scenarios):
+            log(f"[mtfm] warning: the samples hold exposures of scenarios not in the registry, ignored: "
+                f"{sorted(in_data - set(registry.scenarios))} (retired, or a --config-dir mismatch?)")
+        model_scenarios = list(model_config.scenarios or registry.scenarios)
+        # The workers' collator would fail on missing columns, each failure retried: named here first.
+        refuse_samples_that_do_not_fit(
+            names, config.data, model_scenarios, list(registry.sequences),
+            whose=f"model {model_config.name} (registered in {registry.config_dir})",
+            remedy=("aggregate the raw logs again with this registry (`mtfm data aggregate --config-dir "
+                    f"{registry.config_dir} --raw RAW --out AGG`)"),
+            remedy_for_scenarios=(f", or train a model of the scenarios the samples hold, "
+                                  f"{sorted(in_data & set(model_scenarios))} (a model config's `scenarios:`)"))
+        if in_data - set(model_scenarios):
+            train_ds, test_ds = keep_users_of(train_ds, model_scenarios), keep_users_of(test_ds, model_scenarios)
+            log(f"[mtfm] model {model_config.name} covers {model_scenarios}: training and evaluating on their users "
+                "only")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "train_config.yaml").write_text(dump_yaml(config.to_dict(), sort_keys=False))
+        layout = f", layout {model_config.hta_layout}" if model_config.architecture == "mtfm" else ""  # baselines: none
+        log(f"[mtfm] run {run_dir}\n[mtfm] scenarios {model_scenarios}; windows {len(windows)} "
+            f"({len(windows) - config.test_windows} train, {config.test_windows} test); model {model_config.name} "
+            f"({model_config.architecture}{layout}); {config.num_workers} worker(s)"
+            f"{' with GPU' if config.use_gpu else ''}")
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"train_config": config.to_dict(), "registry": registry.to_dict(),
+                               "model_config": _model_config_dict(model_config), "run_dir": str(run_dir),
+                               "init_from": str(init_from) if init_from else None,
+                               "resume_from": str(resume_from) if resume_from else None,
+                               "loaded_by_warm_start": _loaded_by_warm_start(run_dir) if resume else None},
+            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                         resources_per_worker={"CPU": config.cpus_per_worker} | (
+                                             {"GPU": config.gpus_per_worker} if config.use_gpu else {})),
+            run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
+                                 failure_config=FailureConfig(max_failures=config.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),
+            datasets={"train": train_ds, "test": test_ds},
+            dataset_config=_data_config(DataConfig),
+        )
+        (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a resume tries again
+        try:
             result = trainer.fit()
-    except (KeyboardInterrupt, SystemExit):
-        # Ctrl-C, or a SIGTERM (`ray job stop`, kill): Ray's handlers abort the run and exit through
-        # SystemExit (code 1 either way in Ray 2.60); the run can go on from its newest whole checkpoint.
-        log(_interrupted(run_dir))
-        raise KeyboardInterrupt from None
-    if result.error:
-        raise result.error
-    if (run_dir / DIVERGED_FILE).is_file():
-        diverged = json.loads((run_dir / DIVERGED_FILE).read_text())
-        what = {"loss": f"the loss was {diverged['value']}", "weights": "the weights were not finite",
-                "scores": "the model's scores were not finite (an overflow)"}[diverged["what"]]
-        then = (f"its newest checkpoint, {result.checkpoint.path}, is from before: --resume {run_dir} with the new "
-                "config goes on from there, or train anew" if result.checkpoint
-                else "no checkpoint was saved before it: train anew")
-        raise TrainingDiverged(
-            f"training diverged: {what} at step {diverged['step']}, so the run stopped there, saving nothing more. "
-            f"Lower lr ({config.lr}) or embedding_lr ({config.embedding_lr}), or clip the gradients (grad_clip, now "
-            f"{config.grad_clip}); {then}")
-    _warn_of_untrained_scenarios(run_dir, (result.metrics or {}).get("step"), init_from is not None, log)
-    eval_path = run_dir / EVAL_FILE
-    if eval_path.exists():
-        from mtfm.platform.eval import format_table
+        except (KeyboardInterrupt, SystemExit):
+            # Ctrl-C, or a SIGTERM (`ray job stop`, kill): Ray's handlers abort the run and exit through
+            # SystemExit (code 1 either way in Ray 2.60); the run can go on from its newest whole checkpoint.
+            log(_interrupted(run_dir))
+            raise KeyboardInterrupt from None
+        if result.error:
+            raise result.error
+        if (run_dir / DIVERGED_FILE).is_file():
+            diverged = json.loads((run_dir / DIVERGED_FILE).read_text())
+            what = {"loss": f"the loss was {diverged['value']}", "weights": "the weights were not finite",
+                    "scores": "the model's scores were not finite (an overflow)"}[diverged["what"]]
+            then = (f"its newest checkpoint, {result.checkpoint.path}, is from before: --resume {run_dir} with the new "
+                    "config goes on from there, or train anew" if result.checkpoint
+                    else "no checkpoint was saved before it: train anew")
+            raise TrainingDiverged(
+                f"training diverged: {what} at step {diverged['step']}, so the run stopped there, saving nothing more. "
+                f"Lower lr ({config.lr}) or embedding_lr ({config.embedding_lr}), or clip the gradients (grad_clip, "
+                f"now {config.grad_clip}); {then}")
+        _warn_of_untrained_scenarios(run_dir, (result.metrics or {}).get("step"), init_from is not None, log)
+        eval_path = run_dir / EVAL_FILE
+        if eval_path.exists():
+            from mtfm.platform.eval import format_table
 
-        final = json.loads(eval_path.read_text())
-        log(format_table(final["eval"], final.get("not_evaluated", ())))
-    log(f"[mtfm] done: {(result.metrics or {}).get('step')} steps; checkpoint {result.checkpoint.path if result.checkpoint else None}")
-    return run_dir
+            final = json.loads(eval_path.read_text())
+            log(format_table(final["eval"], final.get("not_evaluated", ())))
+        saved = result.checkpoint.path if result.checkpoint else None
+        log(f"[mtfm] done: {(result.metrics or {}).get('step')} steps; checkpoint {saved}")
+        return run_dir
 
 
 def _warn_of_untrained_scenarios(run_dir: Path, last_step: int | None, warm_start: bool, log) -> None:

@@ -774,7 +774,7 @@ def test_freeze_loaded_steps_without_a_warm_start_is_warned_of(tmp_path):
 def test_a_run_folder_a_live_driver_trains_is_refused_before_ray_starts(tmp_path, monkeypatch):
     """A second driver on one run folder (a --resume of a run still training under `ray job submit`)
     would prune the other's checkpoints; a driver file left by one that died is ignored."""
-    from mtfm.platform.run_lock import DRIVER_FILE, STALE_S, DriverLock
+    from mtfm.platform.run_lock import DRIVER_FILE, HEARTBEAT_S, STALE_S, DriverLock
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray started")
@@ -792,11 +792,25 @@ def test_a_run_folder_a_live_driver_trains_is_refused_before_ray_starts(tmp_path
 
     gone = subprocess.Popen(["true"])
     gone.wait()
-    other_host = {"host": "elsewhere", "pid": os.getpid(), "started": "then"}
-    for holder, age, refused in (({"host": socket.gethostname(), "pid": gone.pid, "started": "then"}, 0, False),
-                                 (other_host, 0, True), (other_host, STALE_S + 5, False)):
+    dead = {"host": socket.gethostname(), "pid": gone.pid, "started": "then", "token": "theirs"}
+    other_host = {"host": "elsewhere", "pid": os.getpid(), "started": "then", "token": "theirs"}
+    # A pid gone from this host is trusted only once the file has missed two heartbeats (containers
+    # may share the host name, not the pids); another host's file only once it is stale.
+    for holder, age, refused in ((dead, 0, True), (dead, 2 * HEARTBEAT_S + 5, False), (other_host, 0, True),
+                                 (other_host, STALE_S + 5, False)):
         (run / DRIVER_FILE).write_text(json.dumps(holder))
         os.utime(run / DRIVER_FILE, (time.time() - age, time.time() - age))
         with pytest.raises(ValueError if refused else FileNotFoundError,
                            match="a training driver still runs it" if refused else "no aggregated samples here"):
             train(_config(), data=str(tmp_path / "none"), out=run, config_dir=str(CONFIGS), log=lambda *a: None)
+        # a refused driver leaves the holder's file; one that went on removed the stale file and then its own
+        assert (run / DRIVER_FILE).exists() == refused
+    # A folder the driver made is removed again when it ends before writing into it; a driver's exit
+    # removes only its own file.
+    with pytest.raises(FileNotFoundError, match="no aggregated samples here"):
+        train(_config(), data=str(tmp_path / "none"), out=tmp_path / "new", config_dir=str(CONFIGS),
+              log=lambda *a: None)
+    assert not (tmp_path / "new").exists()
+    with DriverLock(run):
+        (run / DRIVER_FILE).write_text(json.dumps(other_host))  # replaced under it
+    assert json.loads((run / DRIVER_FILE).read_text()) == other_host
