@@ -360,22 +360,21 @@ class _ConfigLoader(yaml.SafeLoader):
     dot in the mantissa, `3.0e-3`, and reads the rest as strings), and refusing a key given twice in
     one mapping (PyYAML keeps the last silently: a second `tasks:` would drop the first's tasks)."""
 
-    def construct_mapping(self, node, deep=False):
+    def compose_node(self, parent, index):
+        # Checked as composed, before `<<` merges are flattened into the mappings that use them.
+        node = super().compose_node(parent, index)
         if isinstance(node, yaml.MappingNode):
-            first_line: dict[Any, int] = {}
+            first_line: dict[tuple[str, str], int] = {}
             for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
                     continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    if key in first_line:
-                        raise yaml.constructor.ConstructorError(
-                            None, None, f"key {key!r} is given twice (first on line {first_line[key] + 1})",
-                            key_node.start_mark)
-                    first_line[key] = key_node.start_mark.line
-                except TypeError:  # an unhashable key: the base class says so
-                    continue
-        return super().construct_mapping(node, deep)
+                key = (key_node.tag, key_node.value)
+                if key in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key_node.value!r} is given twice (first on line {first_line[key] + 1})",
+                        key_node.start_mark)
+                first_line[key] = key_node.start_mark.line
+        return node
 
 
 class _ConfigDumper(yaml.SafeDumper):

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from repo_paths import REPO_ROOT
-from mtfm.platform.registry import Registry, RegistryError, ServingConfig, load_registry, serving_conflict
+from mtfm.platform.registry import (Registry, RegistryError, ServingConfig, load_registry, read_yaml_mapping,
+                                    serving_conflict)
 
 
 def _edit(path: Path, mutate) -> None:
@@ -234,6 +235,9 @@ def test_missing_and_malformed_files(config_dir, tmp_path):
     with pytest.raises(RegistryError, match=rf"hp.yaml: not valid YAML: line {len(text.splitlines()) + 1}, column 1: "
                                             rf"key 'tasks' is given twice \(first on line {tasks_line}\)"):
         load_registry(config_dir)
+    # YAML merge keys are not duplicates, also where a merged mapping is merged again
+    (config_dir / "merge.yaml").write_text("b: &B {x: 1, y: 2}\ndefs:\n  - &A\n    <<: *B\n    x: 3\nc:\n  <<: *A\n")
+    assert read_yaml_mapping(config_dir / "merge.yaml") == yaml.safe_load((config_dir / "merge.yaml").read_text())
     hp.write_text(text.replace("buckets: ", "buckets: 7, buckets: ", 1))
     with pytest.raises(RegistryError, match=r"hp.yaml: not valid YAML: line \d+, column \d+: key 'buckets' is given "
                                             r"twice"):
