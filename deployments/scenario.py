@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from mtfm.model import ScenarioRanker, parse_model_config
-from mtfm.platform.checkpoint import (META_FILE, SERVING_PINS, CheckpointError, CheckpointMeta, find_checkpoint,
+from mtfm.platform.checkpoint import (META_FILE, CheckpointError, CheckpointMeta, find_checkpoint, is_pinned,
                                       load_state_dict, read_meta)
 from mtfm.platform.registry import Registry, ServingConfig
 
@@ -62,9 +62,9 @@ class ScoredRequest:
 
 def model_version(checkpoint: str | Path, step: int) -> str:
     """`<run>/<checkpoint>@step<N>`: names the weights a response was scored with (a checkpoint
-    pinned for serving, RUN/.serving/<checkpoint>, by its run's name)."""
+    pinned for serving, RUN/.serving/<key>/<checkpoint>, by its run's name)."""
     path = Path(checkpoint)
-    run = path.parent.parent if path.parent.name == SERVING_PINS else path.parent
+    run = path.parents[2] if is_pinned(path) else path.parent
     return f"{run.name}/{path.name}@step{step}"
 
 

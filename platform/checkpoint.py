@@ -75,39 +75,53 @@ def find_checkpoint(path: str | Path) -> Path:
     return check_model_file(found[-1])
 
 
-SERVING_PINS = ".serving"  # RUN_DIR/.serving/checkpoint_*: what Serve apps load (`pin_for_serving`)
+SERVING_PINS = ".serving"  # RUN_DIR/.serving/<key>/checkpoint_*: what Serve apps load (`pin_for_serving`)
+SERVED_FILES = (MODEL_FILE, META_FILE)
 
 
 def pin_for_serving(checkpoint: Path) -> Path:
-    """A copy of `checkpoint` that its run does not prune, for Serve's replicas to load, also when
-    one restarts later: a run that goes on training (`--resume`) deletes its older checkpoints
-    (`keep_checkpoints`). Hard links under RUN_DIR/.serving/<name> (no space while the original
-    exists), reused while they are the same files; copies where a link cannot be made; `checkpoint`
-    itself where its folder cannot be written. Remove .serving once no app serves from it."""
+    """A copy of `checkpoint`'s model and meta files that its run does not prune, for Serve's
+    replicas to load, also when one restarts later: a run that goes on training (`--resume`)
+    deletes its older checkpoints (`keep_checkpoints`). Hard links (no space while the original
+    exists; copies where links are refused) under RUN_DIR/.serving/<key>/<name>, the key naming
+    the model file's version: a pin is reused, never replaced, so apps already serving it keep
+    their weights even if a checkpoint of that name is written again. `checkpoint` itself where
+    its folder cannot be written. Remove .serving once no app serves from it."""
     import os
     import shutil
 
-    if checkpoint.parent.name == SERVING_PINS:
+    if is_pinned(checkpoint):
         return checkpoint
-    pinned = checkpoint.parent / SERVING_PINS / checkpoint.name
-    files = sorted(p.relative_to(checkpoint) for p in checkpoint.rglob("*") if p.is_file())
+    model = (checkpoint / MODEL_FILE).stat()
+    pinned = checkpoint.parent / SERVING_PINS / f"{model.st_ino:x}-{model.st_mtime_ns:x}" / checkpoint.name
+    if (pinned / META_FILE).is_file():
+        return pinned
+    staging = pinned.with_name(f".{pinned.name}.{os.getpid()}.tmp")
     try:
-        if pinned.is_dir() and all((pinned / f).is_file() and os.path.samefile(pinned / f, checkpoint / f)
-                                   for f in files):
-            return pinned
-        staging = pinned.with_name(f"{pinned.name}.{os.getpid()}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        for f in files:
-            (staging / f).parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir(parents=True, exist_ok=True)
+        for name in SERVED_FILES:
             try:
-                os.link(checkpoint / f, staging / f)
-            except OSError:  # another file system, or links not supported
-                shutil.copy2(checkpoint / f, staging / f)
-        shutil.rmtree(pinned, ignore_errors=True)
+                os.link(checkpoint / name, staging / name)
+            except OSError:  # links refused (another owner's files, fs.protected_hardlinks) or unsupported
+                shutil.copy2(checkpoint / name, staging / name)
         staging.rename(pinned)
     except OSError:
-        return checkpoint
+        if not (pinned / META_FILE).is_file():  # another build pinned it meanwhile, else the folder is read-only
+            return checkpoint
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return pinned
+
+
+def is_pinned(checkpoint: Path) -> bool:
+    return checkpoint.parent.parent.name == SERVING_PINS
+
+
+def pinned_versions(checkpoint: Path) -> list[Path]:
+    """The pins of a checkpoint folder (which may be gone), newest first."""
+    pins = checkpoint.parent / SERVING_PINS
+    found = [p for p in pins.glob(f"*/{checkpoint.name}") if (p / META_FILE).is_file()] if pins.is_dir() else []
+    return sorted(found, key=lambda p: (p / META_FILE).stat().st_mtime_ns, reverse=True)
 
 
 def check_model_file(folder: Path) -> Path:

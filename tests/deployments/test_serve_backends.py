@@ -499,7 +499,8 @@ def test_example_request_cli_refuses_a_request_the_scenario_would_refuse(capsys)
 
 def test_a_served_checkpoint_is_pinned_against_its_runs_pruning(tmp_path, capsys):
     """A run that goes on training deletes its older checkpoints (keep_checkpoints): a replica that
-    restarts later loads the pinned hard links, which outlive the deleted folder."""
+    restarts later, or an app rebuilt from the same serve.yaml, loads the pinned hard links, which
+    outlive the deleted folder; a checkpoint written again under that name gets a pin of its own."""
     import shutil
 
     from mtfm.deployments.scenario import load_scenario_ranker, model_version
@@ -508,10 +509,10 @@ def test_a_served_checkpoint_is_pinned_against_its_runs_pruning(tmp_path, capsys
     registry = load_registry(REPO / "configs")
     checkpoint = write_tiny_checkpoint(registry, tmp_path / "run" / "checkpoint_00000004", step=4)
     build_app({"checkpoint": str(checkpoint), "config_dir": str(REPO / "configs")})
-    pinned = tmp_path / "run" / ".serving" / "checkpoint_00000004"
+    [pinned] = (tmp_path / "run" / ".serving").glob("*/checkpoint_00000004")
     assert f"[mtfm] replicas load {pinned} (pinned" in capsys.readouterr().err
-    assert sorted(p.name for p in pinned.iterdir()) == sorted(p.name for p in checkpoint.iterdir())
-    assert all(os.path.samefile(p, pinned / p.name) for p in checkpoint.iterdir())  # links: no second copy
+    assert sorted(p.name for p in pinned.iterdir()) == ["meta.json", "model.pt"]  # not the optimizer state
+    assert all(os.path.samefile(pinned / name, checkpoint / name) for name in ("meta.json", "model.pt"))  # links
     assert pin_for_serving(checkpoint) == pinned and pin_for_serving(pinned) == pinned
     assert find_checkpoint(tmp_path / "run") == checkpoint  # a pin is not one of the run's checkpoints
     expected = load_scenario_ranker(checkpoint, "hp")[0].state_dict()
@@ -519,5 +520,9 @@ def test_a_served_checkpoint_is_pinned_against_its_runs_pruning(tmp_path, capsys
     ranker, meta = load_scenario_ranker(pinned, "hp")
     assert meta.step == 4 and all(torch.equal(t, expected[k]) for k, t in ranker.state_dict().items())
     assert model_version(pinned, meta.step) == "run/checkpoint_00000004@step4"  # named by its run, as before
+    assert resolve_checkpoint(str(checkpoint)) == pinned.resolve()  # serve.yaml still naming the pruned folder
+    assert "removed by its run since it was pinned for serving" in capsys.readouterr().err
     rewritten = write_tiny_checkpoint(registry, checkpoint, step=9, seed=1)  # a resume may write that name again
-    assert pin_for_serving(rewritten) == pinned and all(os.path.samefile(p, pinned / p.name) for p in rewritten.iterdir())
+    again = pin_for_serving(rewritten)
+    assert again != pinned and os.path.samefile(again / "model.pt", rewritten / "model.pt")
+    assert load_scenario_ranker(pinned, "hp")[1].step == 4  # apps serving the first pin keep its weights
