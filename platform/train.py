@@ -431,11 +431,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             record["resumed_at_batch"] = skip  # the users before it were trained by the attempt that saved it
         _append_jsonl(run_dir / METRICS_FILE, record)
         if untrained:
-            _progress(f"[mtfm] epoch {epoch}: {int(untrained)} of {int(trained + untrained)} users not trained on: "
-                      "a worker's shard held no batch to stand in with, so every worker ended the epoch")
+            _progress(f"[mtfm] epoch {epoch + 1}/{config.epochs}: {int(untrained)} of {int(trained + untrained)} users "
+                      "not trained on: a worker's shard held no batch to stand in with, so every worker ended the epoch")
 
     model.train()
-    started_at, run_exposures, between_epochs = step, None, None
+    started_at, run_exposures, between_epochs = step, None, time.perf_counter()  # the first batch's wait left out
     while epoch < config.epochs and not done:
         reads = train_shard.iter_batches(batch_size=config.rows_per_read, batch_format="pyarrow", prefetch_batches=2)
         # Batches consumed before the checkpoint this attempt resumed from are collated (their
@@ -721,7 +721,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
                 f"training diverged: {what} at step {diverged['step']}, so the run stopped there, saving nothing more. "
                 f"Lower lr ({config.lr}) or embedding_lr ({config.embedding_lr}), or clip the gradients (grad_clip, "
                 f"now {config.grad_clip}); {then}")
-        _warn_of_untrained_scenarios(run_dir, (result.metrics or {}).get("step"), init_from is not None, log)
+        _warn_of_untrained_scenarios(run_dir, (result.metrics or {}).get("step"), log)
         eval_path = run_dir / EVAL_FILE
         if eval_path.exists():
             from mtfm.platform.eval import format_table
@@ -733,19 +733,19 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         return run_dir
 
 
-def _warn_of_untrained_scenarios(run_dir: Path, last_step: int | None, warm_start: bool, log) -> None:
-    """A scenario of the model that no batch of the run held exposures of: its own modules are as
-    initialised (fresh, after a warm start that added it), and the evaluation has no row for it.
-    From the count the run's workers recorded at `last_step` (a run resumed mid-way records none)."""
+def _warn_of_untrained_scenarios(run_dir: Path, last_step: int | None, log) -> None:
+    """A scenario of the model that no batch of the run held exposures of: its own modules got no
+    gradient (as initialised, or as a warm start loaded them), and the evaluation has no row for it.
+    From the count the run's workers recorded at `last_step`: only a run trained from its first step
+    records one (a resumed attempt counts only its own batches)."""
     path = run_dir / METRICS_FILE
     records = [r for r in map(json.loads, path.read_text().splitlines()) if "run_exposures_trained" in r
                and r["step"] == last_step] if path.exists() else []
     unseen = [s for s, n in records[-1]["run_exposures_trained"].items() if n == 0] if records else []
     if unseen:
-        fresh = ", initialised fresh by --init-from" if warm_start else ""
         log(f"[mtfm] warning: no exposure of scenario(s) {unseen} in the {last_step} steps trained: their own "
-            f"modules (tokenizer, GLN group, gates, towers{fresh}) are untrained; their logs may not reach the "
-            "training windows, or their table was missing when aggregating")
+            "modules (tokenizer, GLN group, gates, towers) got no gradient; their logs may not reach the training "
+            "windows, or their table was missing when aggregating")
 
 
 def refuse_workers_the_cluster_cannot_hold(config: TrainConfig, log) -> None:
