@@ -432,7 +432,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         _append_jsonl(run_dir / METRICS_FILE, record)
         if untrained:
             _progress(f"[mtfm] epoch {epoch + 1}/{config.epochs}: {int(untrained)} of {int(trained + untrained)} users "
-                      "not trained on: a worker's shard held no batch to stand in with, so every worker ended the epoch")
+                      "not trained on: a worker's shard held no batch to stand in with, so every worker ended the "
+                      "epoch")
 
     model.train()
     started_at, run_exposures, between_epochs = step, None, time.perf_counter()  # the first batch's wait left out
