@@ -345,6 +345,15 @@ def _label_values_ok(col: pa.ChunkedArray) -> bool:
     return bool(values) and set(values) <= {0, 1}
 
 
+def _looks_like_a_dirty_label(name: str, col: pa.ChunkedArray) -> bool:
+    """An integer column named like a label whose values are a few small counts (click in 0, 1, 2):
+    the label with repeats counted, not a feature. Ids, counters, amounts and rates are features."""
+    if name.endswith("_id") or _is_counter(name) or not pa.types.is_integer(col.type) or col.null_count == len(col):
+        return False
+    values = pc.unique(col.drop_null()).to_pylist()
+    return len(values) <= 10 and min(values) >= 0 and max(values) <= 10
+
+
 def _some_values(col: pa.ChunkedArray, most: int = 5) -> str:
     values = pc.unique(col.drop_null()).to_pylist()
     return ", ".join(map(str, sorted(values)[:most])) + (f", ... ({len(values)} distinct)" if len(values) > most else "")
@@ -373,13 +382,12 @@ def infer_columns(table: pa.Table, source: Path, known: dict[str, tuple[Feature,
             out.append(Inferred(name, "task", {"name": name, "kind": kind},
                                 f"0/1 values, name looks like a {kind} label"))
             continue
-        if kind and name not in known and not _is_counter(name) and col.null_count < len(col) and (
-                pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+        if kind and name not in known and _looks_like_a_dirty_label(name, col):
             # As a feature, a label the model is trained to predict would be one of its inputs.
             raise SchemaInferenceError(
-                f"{source}: column {name!r} is named like a {kind} label but holds values other than 0/1 ({col.type}: "
-                f"{_some_values(col)}): a label holds 0/1 or booleans (nulls allowed); clean it in the log, or "
-                f"pass --skip {name} (rename it if it is a feature, not a label)")
+                f"{source}: column {name!r} is named like a {kind} label but holds small counts, not 0/1 "
+                f"({col.type}: {_some_values(col)}): a label holds 0/1 or booleans (a row whose label is null is "
+                f"quarantined); clean it in the log, or pass --skip {name} (rename it if it is a feature)")
         if name not in known and col.null_count == len(col):
             out.append(Inferred(name, "skipped", {}, "null in every row read: nothing to learn from"))
             continue

@@ -245,11 +245,17 @@ def test_label_like_columns_that_are_not_0_1_are_refused_and_empty_or_constant_c
     assert by_name["click"].role == "task" and by_name["click_7d"].role == "cross_features"
     assert (by_name["notes"].role, by_name["notes"].why) == ("skipped", "null in every row read: nothing to learn from")
     assert (by_name["source"].role, by_name["source"].why) == ("skipped", "7 in every row read: nothing to learn from")
-    for column, values in (("click", [0, 1, 2, 1]), ("order", [0.0, 0.5, 1.0, None])):
+    for column, values in (("click", [0, 1, 2, 1]), ("order", [0, 3, 1, None])):
         pq.write_table(_table(shop_id=[1, 2, 3, 4], **{column: values}), path)
         with pytest.raises(SchemaInferenceError, match=rf"log\.parquet: column '{column}' is named like a \w+ label but "
-                                                       rf"holds values other than 0/1 \(\w+: 0.*: .*--skip {column}"):
+                                                       rf"holds small counts, not 0/1 \(int64: 0, 1, \d.*--skip {column}"):
             infer_scenario("shop_feed", path, config_dir=config_dir, write=False)
+    # named like labels, but ids, amounts and rates: features, as before
+    pq.write_table(_table(shop_id=[1, 2, 3, 4], click=[0, 1, 0, 1], order_id=[5, 6, 7, 8], pay_amount=[120, 3, 45, 9],
+                          ctr_item=[0.1, 0.5, 0.25, 0.75]), path)
+    roles = {c.column: c.role for c in infer_scenario("shop_feed", path, config_dir=config_dir, write=False).columns}
+    assert [roles[c] for c in ("click", "order_id", "pay_amount", "ctr_item")] == [
+        "task", "item_features", "cross_features", "cross_features"]
 
 
 def test_force_overwrites_and_skip_leaves_columns_out(tmp_path, config_dir):
