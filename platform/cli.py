@@ -270,11 +270,10 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
     # The registry validated above: --config-dir, else $MTFM_CONFIG_DIR, else ./configs. The app is built in the
     # folder where the cluster's `ray start` ran: paths given are written absolute (the default stays relative,
     # for `serve run` from the repository root).
+    # (absolute, not resolved: a symlink such as runs/latest stays one)
     explicit = args.config_dir or os.environ.get("MTFM_CONFIG_DIR")
-    config_dir = str(Path(reg.config_dir).resolve()) if explicit else str(reg.config_dir)
-    checkpoint = args.checkpoint
-    if checkpoint is not None and Path(checkpoint).expanduser().exists():
-        checkpoint = str(Path(checkpoint).expanduser().resolve())
+    config_dir = os.path.abspath(reg.config_dir) if explicit else str(reg.config_dir)
+    checkpoint = None if args.checkpoint is None else os.path.abspath(os.path.expanduser(args.checkpoint))
     print(render_serve_config(config_dir=config_dir, checkpoint=checkpoint, host=args.host,
                               port=args.port, scenario_ingress=scenarios if args.scenario_ingress else None),
           end="")

@@ -20,11 +20,14 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
         return ray
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        from ray.exceptions import AuthenticationError
+
         try:
             ray.init(address=address, logging_level=logging.WARNING)
-        except ConnectionError as exc:  # Ray's own is a long traceback with the cause inside it
-            raise ValueError(f"RAY_ADDRESS={address}: cannot connect to the Ray cluster ({str(exc).splitlines()[0]})"
-                             f"{_auth_hint()}") from exc
+        except (ConnectionError, AuthenticationError) as exc:  # Ray's own is a long traceback, the cause inside
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"RAY_ADDRESS={address}: cannot connect to the Ray cluster ({first}){_auth_hint()}") \
+                from exc
     else:
         # address="local": a Ray of its own, even when a `ray start` cluster runs on this machine (a
         # plain ray.init() would join that one, and refuse num_cpus there).
@@ -39,8 +42,8 @@ def _auth_hint() -> str:
     client sends the token only with RAY_AUTH_MODE=token."""
     if os.environ.get("RAY_AUTH_MODE") == "token" or not os.path.exists(os.path.expanduser("~/.ray/auth_token")):
         return ""
-    return ("; this machine has a Ray auth token (~/.ray/auth_token) and a cluster started where one exists "
-            "requires it: set RAY_AUTH_MODE=token")
+    return ("; if the cluster uses token authentication (Ray 2.60 turns it on where ~/.ray/auth_token exists, as "
+            "here), set RAY_AUTH_MODE=token")
 
 
 def _quiet_placement_group_cleaner() -> None:

@@ -82,7 +82,7 @@ def format_table(results: dict[str, dict], missing: Iterable[str] = ()) -> str:
                          "too few for a stable AUC/GAUC; hold out more windows (--test-windows) or more data")
     missing = list(missing)
     for key in missing:
-        lines.append(f"{key:<20} {'-':>7} {'-':>7} {0:>10} {'-':>10} {'-':>7}")
+        lines.append(f"{key:<20} {'-':>7} {'-':>7} {'-':>10} {'-':>10} {'-':>7}")
     if missing:
         notes.append(f"note: {', '.join(missing)}: no labelled exposure in the test windows, not evaluated (the "
                      "scenario's logs may end before them, or its table was missing when aggregating)")

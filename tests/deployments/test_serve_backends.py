@@ -440,6 +440,10 @@ def test_serve_config_names_the_registry_it_validated(config_dir, monkeypatch, c
     assert main(["serve", "config", "--config-dir", "other", "--checkpoint", "runs/r"]) == 0
     args = yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]
     assert (args["config_dir"], args["checkpoint"]) == (str(other), str(tmp_path / "runs" / "r"))
+    (tmp_path / "runs" / "latest").symlink_to("r")  # a moving link stays a link
+    assert main(["serve", "config", "--config-dir", "other", "--checkpoint", "runs/latest"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]["checkpoint"] == str(
+        tmp_path / "runs" / "latest")
     with pytest.raises(ServeConfigError, match=r"serve.yaml args.config_dir 'configs': no config directory at "
                                                rf"{tmp_path / 'configs'}: a relative path is read from the folder "
                                                rf"the app is built in \({tmp_path}, where"):
