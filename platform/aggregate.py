@@ -310,6 +310,12 @@ def _prepare(registry: Registry, raw: Path, out: Path, overwrite: bool, log=prin
         empty = [f"{raw}/{kind}/{name}: no *.parquet file" for (kind, name), paths in tables.items()
                  if kind == "exposures" and not paths]
         raise FileNotFoundError(f"{raw}/exposures: no readable exposure file; " + "; ".join(warnings + empty))
+    known = [name for kind, name, _ in files if kind == "exposures" and name in registry.scenarios]
+    if not known:  # else every row would be copied to the quarantine before the run says so
+        found = sorted({name for kind, name, _ in files if kind == "exposures"})
+        raise ValueError(f"{raw}/exposures: no table of a scenario {registry.config_dir} registers (found {found}; "
+                         f"registered {list(registry.scenarios)}): logs of another registry? pass its --config-dir "
+                         "(MovieLens logs: --config-dir configs/movielens)")
     refuse_a_file_for_a_folder(out, f"--out {out}")
     owned = [out / SAMPLES, out / QUARANTINE, out / SHUFFLE, out / SUMMARY]
     for p in owned:  # e.g. re-reading a fixed quarantine: --overwrite would delete the input first

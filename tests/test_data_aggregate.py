@@ -307,6 +307,14 @@ def test_refuses_to_overwrite_without_flag(ray_cluster, registry, raw, tmp_path)
         aggregate_local(registry, raw, tmp_path / "agg", **QUIET)
     with pytest.raises(FileNotFoundError, match="raw log folder not found"):
         aggregate_local(registry, tmp_path / "nowhere", tmp_path / "agg2", **QUIET)
+    # Logs of another registry (no exposure table of a registered scenario) are refused before any row is read.
+    other = tmp_path / "other_raw" / "exposures" / "adult"
+    other.mkdir(parents=True)
+    shutil.copy(next((raw / "exposures" / "hp").glob("*.parquet")), other / "part.parquet")
+    with pytest.raises(ValueError, match=r"other_raw/exposures: no table of a scenario .* registers \(found \['adult'\]; "
+                                         r"registered \['hp', 'phf', 'sqs'\]\): logs of another registry\?"):
+        aggregate_local(registry, tmp_path / "other_raw", tmp_path / "agg_other", **QUIET)
+    assert not (tmp_path / "agg_other").exists()
     # Logs inside the folders an aggregation replaces (a fixed quarantine read again) are refused before anything
     # is deleted, as is an --out among the logs it reads.
     inside = tmp_path / "agg" / "quarantine" / "fixed"
