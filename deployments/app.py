@@ -28,8 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from mtfm.model import parse_model_config
-from mtfm.platform.checkpoint import (META_FILE, CheckpointError, find_checkpoint, pin_for_serving, pinned_versions,
-                                      read_meta)
+from mtfm.platform.checkpoint import (META_FILE, CheckpointError, find_checkpoint, find_served_checkpoint,
+                                      pin_for_serving, read_meta)
 from mtfm.platform.registry import Registry, ServingConfig, load_registry, resolve_config_dir, serving_conflict
 
 from .backends import unknown_backend_reason
@@ -157,17 +157,14 @@ def resolve_checkpoint(argument: str | None, runs_dir: str | Path = DEFAULT_RUNS
     from_env = os.environ.get(CHECKPOINT_ENV)
     chosen = from_env or argument
     if chosen:
-        path = Path(chosen).expanduser()
-        pins = [] if path.exists() else pinned_versions(path)
-        if pins:  # the run pruned it since it was first served: its newest pin, the weights served then
-            print(f"[mtfm] {path}: removed by its run since it was pinned for serving; serving the pin {pins[0]}",
-                  file=sys.stderr, flush=True)
-            return pins[0].resolve()
         try:
-            return find_checkpoint(path).resolve()
+            found, note = find_served_checkpoint(Path(chosen).expanduser())
         except CheckpointError as exc:  # say where the path came from: the variable is easily left set
             source = f"${CHECKPOINT_ENV}" if from_env else "serve.yaml's args.checkpoint"
             raise CheckpointError(f"{exc} (the checkpoint to serve, from {source})") from exc
+        if note:  # the run pruned it since it was first served: its newest pin, the weights served then
+            print(f"[mtfm] {note}", file=sys.stderr, flush=True)
+        return found.resolve()
     runs = Path(runs_dir)
     saved = []
     for meta in runs.glob(f"*/checkpoint_*/{META_FILE}") if runs.is_dir() else ():

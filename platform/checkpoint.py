@@ -124,6 +124,16 @@ def pinned_versions(checkpoint: Path) -> list[Path]:
     return sorted(found, key=lambda p: (p / META_FILE).stat().st_mtime_ns, reverse=True)
 
 
+def find_served_checkpoint(path: str | Path) -> tuple[Path, str | None]:
+    """`find_checkpoint(path)`; or, for a checkpoint folder its run has removed since an app
+    pinned it, that folder's newest pin, with a note saying so."""
+    path = Path(path)
+    pins = [] if path.exists() else pinned_versions(path)
+    if pins:
+        return pins[0], f"{path}: removed by its run since it was pinned for serving; serving the pin {pins[0]}"
+    return find_checkpoint(path), None
+
+
 def check_model_file(folder: Path) -> Path:
     """`folder`, once its model file opens as the zip archive torch.save writes: one cut short is
     refused here, before a Ray worker or replica loads it (and fails, and is retried). Cheap: only

@@ -248,13 +248,16 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
     scenarios = list(reg.scenarios)
     if args.checkpoint is not None:
         from mtfm.deployments.app import ServeConfigError, servable_scenarios
-        from mtfm.platform.checkpoint import CheckpointError, find_checkpoint
+        from mtfm.platform.checkpoint import CheckpointError, find_served_checkpoint
 
         try:
-            trained = servable_scenarios(find_checkpoint(args.checkpoint))
+            found, note = find_served_checkpoint(args.checkpoint)
+            trained = servable_scenarios(found)
         except (CheckpointError, ServeConfigError) as exc:  # a warning: the path may be one of the cluster's
             print(f"warning: {exc}", file=sys.stderr)
         else:
+            if note:  # as the app builder will
+                print(f"note: {note}", file=sys.stderr)
             untrained = [s for s in scenarios if s not in trained]
             if len(untrained) == len(scenarios):
                 print(f"error: {args.checkpoint} was trained on {trained}, none of which {reg.config_dir} registers",

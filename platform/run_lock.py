@@ -6,7 +6,8 @@ other is about to restore, and both append to its metrics. A driver takes `RUN_D
 fresh every HEARTBEAT_S while it runs, and removes it at the end if it is still its own. Another
 driver finding it refuses, unless it is stale: not touched for STALE_S, or, after 2 x HEARTBEAT_S,
 written by a pid that is gone on this host (a pid alone is not trusted: a container may share the
-host name but not its pids).
+host name but not its pids). A stale file is replaced under an exclusive lock of `.driver.lock`, so
+that of two drivers finding it at once only one takes the run.
 """
 from __future__ import annotations
 
@@ -39,20 +40,28 @@ class DriverLock:
         self._created_dir = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not self._create():
-            holder, age, exists = _read(self.path)
-            if exists and not _stale(holder, age):
+            try:
+                self._take_over()
+            except ValueError:
                 self._undo_dir()
-                raise ValueError(
-                    f"{self.run_dir}: a training driver still runs it (host {holder.get('host')}, pid "
-                    f"{holder.get('pid')}, started {holder.get('started')}, alive {age:.0f} s ago): stop it first "
-                    f"(Ctrl-C, or `ray job stop` of its job), or wait for it; two drivers would prune each other's "
-                    f"checkpoints. A driver that died leaves {DRIVER_FILE} behind, ignored after {STALE_S:.0f} s")
-            self.path.unlink(missing_ok=True)  # a dead driver's
-            if not self._create():  # another driver took it in between
-                self._undo_dir()
-                raise ValueError(f"{self.run_dir}: another training driver started on it just now")
+                raise
         self._thread.start()
         return self
+
+    def _take_over(self) -> None:
+        """Takes a dead driver's file, or raises naming the live one. Under an exclusive lock of a
+        side file, so that of two drivers finding the same stale file only one replaces it."""
+        import fcntl
+
+        with open(self.run_dir / ".driver.lock", "a") as side:
+            fcntl.flock(side, fcntl.LOCK_EX)
+            holder, age, exists = _read(self.path)
+            if exists and not _stale(holder, age):
+                raise ValueError(f"{self.run_dir}: {_who(holder, age)}; two drivers would prune each other's "
+                                 "checkpoints")
+            self.path.unlink(missing_ok=True)
+            if not self._create():  # another driver created it between our read and now
+                raise ValueError(f"{self.run_dir}: another training driver started on it just now")
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
@@ -107,6 +116,19 @@ def _read(path: Path) -> tuple[dict, float, bool]:
     except (ValueError, OSError):
         holder = {}
     return holder if isinstance(holder, dict) else {}, age, True
+
+
+def _who(holder: dict, age: float) -> str:
+    """Who holds the run, and what to do, for a refusal."""
+    driver = f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}"
+    if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
+        wait = max(2 * HEARTBEAT_S - age, 0.0)
+        return (f"the training driver that held it ({driver}) exited without releasing {DRIVER_FILE} (killed?); "
+                f"it is released {2 * HEARTBEAT_S:.0f} s after that driver's last heartbeat: retry in {wait:.0f} s")
+    wait = max(STALE_S - age, 0.0)
+    return (f"a training driver still runs it ({driver}; last heartbeat {age:.0f} s ago): stop it first (Ctrl-C, or "
+            f"`ray job stop` of its job), or wait for it; if that driver died, {DRIVER_FILE} is released once "
+            f"{STALE_S:.0f} s old (in {wait:.0f} s)")
 
 
 def _stale(holder: dict, age: float) -> bool:

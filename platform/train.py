@@ -722,13 +722,13 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
                 f"training diverged: {what} at step {diverged['step']}, so the run stopped there, saving nothing more. "
                 f"Lower lr ({config.lr}) or embedding_lr ({config.embedding_lr}), or clip the gradients (grad_clip, "
                 f"now {config.grad_clip}); {then}")
-        _warn_of_untrained_scenarios(run_dir, (result.metrics or {}).get("step"), log)
         eval_path = run_dir / EVAL_FILE
         if eval_path.exists():
             from mtfm.platform.eval import format_table
 
             final = json.loads(eval_path.read_text())
             log(format_table(final["eval"], final.get("not_evaluated", ())))
+        _warn_of_untrained_scenarios(run_dir, (result.metrics or {}).get("step"), log)  # after the table: seen
         saved = result.checkpoint.path if result.checkpoint else None
         log(f"[mtfm] done: {(result.metrics or {}).get('step')} steps; checkpoint {saved}")
         return run_dir

@@ -786,7 +786,8 @@ def test_a_run_folder_a_live_driver_trains_is_refused_before_ray_starts(tmp_path
         holder = json.loads((run / DRIVER_FILE).read_text())
         assert (holder["host"], holder["pid"]) == (socket.gethostname(), os.getpid())
         with pytest.raises(ValueError, match=rf"run: a training driver still runs it \(host {socket.gethostname()}, "
-                                             rf"pid {os.getpid()}, started .*\): stop it first"):
+                                             rf"pid {os.getpid()}, started .*; last heartbeat \d+ s ago\): stop it "
+                                             rf"first"):
             train(_config(), data=str(tmp_path / "none"), out=run, config_dir=str(CONFIGS), log=lambda *a: None)
     assert not (run / DRIVER_FILE).exists()
 
@@ -796,12 +797,16 @@ def test_a_run_folder_a_live_driver_trains_is_refused_before_ray_starts(tmp_path
     other_host = {"host": "elsewhere", "pid": os.getpid(), "started": "then", "token": "theirs"}
     # A pid gone from this host is trusted only once the file has missed two heartbeats (containers
     # may share the host name, not the pids); another host's file only once it is stale.
-    for holder, age, refused in ((dead, 0, True), (dead, 2 * HEARTBEAT_S + 5, False), (other_host, 0, True),
-                                 (other_host, STALE_S + 5, False)):
+    refusals = {"dead": rf"exited without releasing {DRIVER_FILE} \(killed\?\); it is released 20 s after that "
+                        r"driver's last heartbeat: retry in 1\d s",
+                "other_host": r"a training driver still runs it \(host elsewhere, .*\(in [56]\d s\)"}
+    for name, holder, age, refused in (("dead", dead, 5, True), ("dead", dead, 2 * HEARTBEAT_S + 5, False),
+                                       ("other_host", other_host, 0, True),
+                                       ("other_host", other_host, STALE_S + 5, False)):
         (run / DRIVER_FILE).write_text(json.dumps(holder))
         os.utime(run / DRIVER_FILE, (time.time() - age, time.time() - age))
         with pytest.raises(ValueError if refused else FileNotFoundError,
-                           match="a training driver still runs it" if refused else "no aggregated samples here"):
+                           match=refusals[name] if refused else "no aggregated samples here"):
             train(_config(), data=str(tmp_path / "none"), out=run, config_dir=str(CONFIGS), log=lambda *a: None)
         # a refused driver leaves the holder's file; one that went on removed the stale file and then its own
         assert (run / DRIVER_FILE).exists() == refused
@@ -814,3 +819,27 @@ def test_a_run_folder_a_live_driver_trains_is_refused_before_ray_starts(tmp_path
     with DriverLock(run):
         (run / DRIVER_FILE).write_text(json.dumps(other_host))  # replaced under it
     assert json.loads((run / DRIVER_FILE).read_text()) == other_host
+
+    # Of two drivers finding the same stale file at once, exactly one takes the run.
+    import threading
+
+    for _ in range(20):
+        (run / DRIVER_FILE).write_text(json.dumps(other_host))
+        os.utime(run / DRIVER_FILE, (time.time() - STALE_S - 5, time.time() - STALE_S - 5))
+        start, held, locks = threading.Barrier(2), [], [DriverLock(run), DriverLock(run)]
+
+        def enter(lock):
+            start.wait()
+            try:
+                lock.__enter__()
+                held.append(lock)
+            except ValueError:
+                pass
+
+        racers = [threading.Thread(target=enter, args=(lock,)) for lock in locks]
+        for racer in racers:
+            racer.start()
+        for racer in racers:
+            racer.join()
+        assert len(held) == 1 and json.loads((run / DRIVER_FILE).read_text())["token"] == held[0].token
+        held[0].__exit__(None, None, None)

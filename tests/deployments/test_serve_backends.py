@@ -526,6 +526,9 @@ def test_a_served_checkpoint_is_pinned_against_its_runs_pruning(tmp_path, capsys
     assert model_version(pinned, meta.step) == "run/checkpoint_00000004@step4"  # named by its run, as before
     assert resolve_checkpoint(str(checkpoint)) == pinned.resolve()  # serve.yaml still naming the pruned folder
     assert "removed by its run since it was pinned for serving" in capsys.readouterr().err
+    assert main(["serve", "config", "--checkpoint", str(checkpoint), "--config-dir", str(REPO / "configs")]) == 0
+    assert f"note: {checkpoint}: removed by its run since it was pinned for serving; serving the pin {pinned}" in (
+        capsys.readouterr().err)  # the config command says what the app will serve, not "not found"
     rewritten = write_tiny_checkpoint(registry, checkpoint, step=9, seed=1)  # a resume may write that name again
     again = pin_for_serving(rewritten)
     assert again != pinned and os.path.samefile(again / "model.pt", rewritten / "model.pt")
