@@ -46,7 +46,7 @@ def run_case(config_path: str, layout: str, kv_heads: int | None, budget: int, r
 
     from mtfm.model import Collator, build_model, load_model_config, multitask_bce_loss, split_by_token_budget
     from mtfm.model.sample_tables import random_aggregated_table
-    from mtfm.model.summary import TokenMix, forward_flops
+    from mtfm.model.summary import TokenMix, forward_flops, training_flops
     from mtfm.platform.registry import load_registry
 
     device = torch.device(device_name)
@@ -91,8 +91,7 @@ def run_case(config_path: str, layout: str, kv_heads: int | None, budget: int, r
         "peak_rss_mib": peak, "step_mem_mib": peak - base_mib,
         "fwd_gflop": flops["total"] * batch.num_users / 1e9,
         "fwd_attention_gflop": flops["attention"] * batch.num_users / 1e9,
-        # DESIGN.md's convention: backward = 2x forward for matmuls, 2.5x for attention.
-        "fwd_bwd_gflop": (3 * (flops["total"] - flops["attention"]) + 3.5 * flops["attention"]) * batch.num_users / 1e9,
+        "fwd_bwd_gflop": training_flops(flops) * batch.num_users / 1e9,
     }
 
 

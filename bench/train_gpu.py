@@ -23,9 +23,11 @@ padding is a cost), `both` runs each case eagerly and then graphed (" graphed" r
   Adam are one replay: the "fwd" column holds it, "bwd" is empty and "opt" is Adagrad's eager step.
 - Peak memory: torch.cuda.max_memory_allocated from right after the model was moved to the GPU
   (parameters, gradients, optimizer state, activations).
-- FLOPs: `mtfm.model.summary.forward_flops` (DESIGN.md's convention) on each batch's exact token
-  mix and visible (query, key) pairs; training FLOPs = 3x forward. MFU = achieved training
-  FLOP/s over the dense bf16 8192^3 matmul rate measured at the start of the same run.
+- FLOPs: `mtfm.model.summary.forward_flops` on each batch's exact token mix and visible (query, key)
+  pairs; training FLOPs by DESIGN.md's convention (`training_flops`: backward 2x forward for the
+  linear layers, 2.5x for attention). MFU = achieved training FLOP/s over the dense bf16 8192^3 matmul
+  rate measured at the start of the same run. `mfu_backward_2x` counts attention's backward as 2x
+  too, as runs before 2026-12-06 did.
 - Profile (`--profile` cases): one step under torch.profiler, its top kernels into profiles.txt; with
   `--profile-ops` (and `--cuda-graphs off`) also each kernel's time by the autograd node or the code
   that launched it (`kernel_time_by_op`).
@@ -318,13 +320,15 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
     import torch
 
     from mtfm.model.padding import GrowingShape
-    from mtfm.model.summary import forward_flops
+    from mtfm.model.summary import forward_flops, training_flops
 
     trainer = Trainer(config_path, overrides, device, args, ray_mode, cuda_graphs=cuda_graphs)
     config, model, cuda, sync, step = trainer.config, trainer.model, trainer.cuda, trainer.sync, trainer.step
     params = sum(p.numel() for p in model.parameters())
 
-    batch_flops = [forward_flops(config, model.registry, m)["total"] * b.num_users for b, m in zip(batches, mixes)]
+    batch_fwd = [forward_flops(config, model.registry, m) for m in mixes]
+    batch_flops = [training_flops(f) * b.num_users for b, f in zip(batches, batch_fwd)]
+    batch_flops_2x = [3 * f["total"] * b.num_users for b, f in zip(batches, batch_fwd)]
     real = batches  # what samples, tokens and FLOPs count
     if cuda_graphs:  # one shape that holds all four batches (each size their largest + 1), so one graph serves them
         shapes = GrowingShape(headroom=0.0, granule=1)
@@ -341,7 +345,7 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
     sync()
     start = time.perf_counter()
     users = tokens = 0
-    flops = 0.0
+    flops = flops_2x = 0.0
     host = []
     for i in range(args.steps):
         b = batches[i % len(batches)]
@@ -350,6 +354,7 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
         host.append(time.perf_counter() - h0)
         users, tokens = users + real[i % len(real)].num_users, tokens + real[i % len(real)].num_tokens
         flops += batch_flops[i % len(batches)]
+        flops_2x += batch_flops_2x[i % len(batches)]
     sync()
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
@@ -407,7 +412,7 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
             profile = {"error": f"{type(exc).__name__}: {exc}"}
     fwd = forward_flops(config, model.registry, mixes[0])
     final_loss = float(torch.stack(losses).float().mean())
-    train_flops = 3 * flops
+    train_flops = flops
     result = {
         "case": name, "part": part, "config": config_path, "overrides": overrides,
         "layout": config.hta_layout, "d_model": config.d_model, "num_heads": config.num_heads,
@@ -421,6 +426,7 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
         "train_tflop_per_step": train_flops / args.steps / 1e12,
         "achieved_tflops": train_flops / elapsed / 1e12,
         "mfu": (train_flops / elapsed / 1e12) / peak_tflops if peak_tflops else None,
+        "mfu_backward_2x": (flops_2x / elapsed / 1e12) / peak_tflops if peak_tflops else None,
         "peak_mem_gib": peak, "peak_reserved_gib": reserved,
         "host_ms_per_step": 1e3 * statistics.mean(host), "host_probe": host_probe(device), "profile": profile,
         "split_ms": {k: 1e3 * statistics.median(v) for k, v in parts.items() if v},

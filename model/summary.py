@@ -5,8 +5,8 @@ FLOP convention (DESIGN.md, as the HSTU anchors): a multiply-add is 2 FLOPs; att
 embedding lookups are not counted. Per layer, on N tokens of which NT are targets:
     full:   2 N d (2 Hq dh + 2 Hkv dh) + 2 N Hq dh d + 4 Hq dh * pairs(all queries)
     target: 2 N d (2 Hkv dh) + 2 NT d (2 Hq dh) + 2 NT Hq dh d + 4 Hq dh * pairs(T queries)
-(the top layer always runs as target attention, see HTAStack). Backward is about 2x forward
-for the linear layers and 2.5x for attention.
+(the top layer always runs as target attention, see HTAStack). Backward is 2x forward for the
+linear layers and 2.5x for attention (`training_flops`).
 """
 from __future__ import annotations
 
@@ -87,6 +87,12 @@ def forward_flops(config: ModelConfig, registry: Registry, mix: TokenMix) -> dic
         flops["heads"] += mix.tokens.get(s, 0.0) * per_token
     flops["total"] = sum(flops.values())
     return dict(flops)
+
+
+def training_flops(forward: dict[str, float]) -> float:
+    """Forward + backward FLOPs of one training pass from `forward_flops`' parts: 3x forward for
+    the linear layers and 3.5x for attention (backward 2x and 2.5x, DESIGN.md's convention)."""
+    return 3 * forward["total"] + 0.5 * forward.get("attention", 0.0)
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

@@ -208,7 +208,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_model_summary(args: argparse.Namespace) -> int:
     from mtfm.model import build_model, load_model_config
-    from mtfm.model.summary import TokenMix, forward_flops, parameter_counts
+    from mtfm.model.summary import TokenMix, forward_flops, parameter_counts, training_flops
 
     reg = load_registry(args.config_dir)
     config = load_model_config(args.config)
@@ -234,8 +234,11 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
     print(f"\nforward FLOPs per sample ({mix.num_tokens:.0f} tokens: "
           + ", ".join(f"{g} {round(n, 1):g}" for g, n in mix.tokens.items())
           + f"; {mix.full_pairs:,.0f} visible pairs with every token a query, {mix.target_pairs:,.0f} with T only)")
-    for part, flops in forward_flops(config, model.registry, mix).items():
+    forward = forward_flops(config, model.registry, mix)
+    for part, flops in forward.items():
         print(f"  {part:<18} {flops / 1e9:>14.4f} GFLOP")
+    print(f"\ntraining FLOPs per sample (backward 2x forward, 2.5x for attention)\n"
+          f"  {'total':<18} {training_flops(forward) / 1e9:>14.4f} GFLOP")
     return 0
 
 

@@ -108,6 +108,9 @@ def test_model_summary_cli_attention_flops_on_the_typical_mix(tmp_path, capsys):
     attention = 4 * 2 * 16 * (9 * target_pairs + 23 * full_pairs)
     assert attention == 274_520_064
     assert _summary_section(out, "forward FLOPs")["attention"] == f"{attention / 1e9:.4f}"
+    forward_total = float(_summary_section(out, "forward FLOPs")["total"]) * 1e9
+    training = 3 * forward_total + 0.5 * attention  # DESIGN.md: backward 2x forward, 2.5x for attention
+    assert float(_summary_section(out, "training FLOPs")["total"]) == pytest.approx(training / 1e9, abs=1e-4)
 
 
 @pytest.mark.parametrize("layout,targets_runs,full_runs", [("(1:1)*1", 2, 0), ("(1:1)*2", 3, 1), ("(0:3)*1", 1, 2)])
