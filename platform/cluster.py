@@ -29,12 +29,29 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
             raise ValueError(f"RAY_ADDRESS={address}: cannot connect to the Ray cluster ({first}){_auth_hint()}") \
                 from exc
     else:
+        # The embedded Ray's processes inherit this environment. DDP warns once per worker, in C++, that
+        # find_unused_parameters found none unused in a batch holding every scenario; other batches need it.
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
         # address="local": a Ray of its own, even when a `ray start` cluster runs on this machine (a
-        # plain ray.init() would join that one, and refuse num_cpus there).
+        # plain ray.init() would join that one, and refuse num_cpus there). Without a dashboard Ray still
+        # advertises one at dashboard_port, 8265 by default, where another Ray on this machine may serve
+        # its own: Ray Train's placement-group cleaner asked that one whether this run's controller lived,
+        # was told no, and removed the run's workers (a restart, counted against max_failures). A port
+        # nothing listens on makes its question fail instead, which it takes as "ask again".
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=log_to_driver,
-                 runtime_env={"worker_process_setup_hook": _quiet_placement_group_cleaner})
+                 dashboard_port=unused_port(), logging_level=logging.WARNING, log_to_driver=log_to_driver,
+                 runtime_env={"worker_process_setup_hook": _quiet_worker_logs,
+                              "env_vars": {"RAY_DATA_LOGGING_CONFIG": _quiet_ray_data_logging_config()}})
     return ray
+
+
+def unused_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _auth_hint() -> str:
@@ -46,23 +63,64 @@ def _auth_hint() -> str:
             "here), set RAY_AUTH_MODE=token")
 
 
-def _quiet_placement_group_cleaner() -> None:
-    """Ray Train's placement-group cleaner asks the State API, which needs the dashboard that the
-    embedded Ray leaves out, whether the run's controller lives, and warns each second it cannot
-    (35 lines a short run); its errors still show. It finds the cluster by RAY_ADDRESS, else by
-    looking for one on this machine, which fails with a traceback when another Ray runs here too
-    (a test session, another embedded run): so each worker is told this cluster's address (and a
-    process a task starts, such as another `mtfm` command, joins this cluster too)."""
+def _quiet_ray_data_logging_config() -> str:
+    """A Ray Data logging config for the workers (a YAML file, as RAY_DATA_LOGGING_CONFIG takes): Ray
+    Data's own, with the console at WARNING. The actors that feed training would print each epoch's
+    execution plan and "finished" lines; the session's ray-data.log keeps them. The driver keeps its
+    console lines: they are aggregation's progress."""
+    import copy
+    import tempfile
+
+    import yaml
+    from ray.data._internal.logging import DEFAULT_CONFIG
+
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    config["handlers"]["console"]["level"] = "WARNING"
+    with tempfile.NamedTemporaryFile("w", prefix="mtfm-ray-data-logging-", suffix=".yaml", delete=False) as fh:
+        yaml.safe_dump(config, fh)
+    return fh.name
+
+
+def forget_the_progress_bar_hint() -> None:
+    """Ray Data warns once per process, where its progress bars are off, how to turn them on: counted
+    as said (training turns them off: it prints its own progress)."""
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")
+
+
+def _quiet_worker_logs() -> None:
+    """Run in each worker process of the embedded Ray: what training prints is its own progress,
+    not Ray's INFO lines (they stay in the session's log files).
+
+    - Ray Train's placement-group cleaner asks the State API, which needs the dashboard that the
+      embedded Ray leaves out, whether the run's controller lives, and warns each second it cannot
+      (35 lines a short run); its errors still show. It finds the cluster by RAY_ADDRESS, else by
+      looking for one on this machine, which fails with a traceback when another Ray runs here too
+      (a test session, another embedded run): so each worker is told this cluster's address (and a
+      process a task starts, such as another `mtfm` command, joins this cluster too).
+    - Each `ray.train.report`'s INFO line with the whole metrics dict.
+    - Ray Data's hint that progress bars are off.
+    - Ray Data's thread that signals a finished read raises InterruptedError when training stops
+      mid-epoch (`max_steps`) and the iterator is dropped; nothing is lost, the traceback is noise."""
+    import threading
+
     import ray
 
     if not os.environ.get("RAY_ADDRESS"):
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-    # Each ray.train.report is logged at INFO with the whole metrics dict (every task's AUC, GAUC and
-    # counts on one line): the [mtfm] lines and the table say it shorter. Its logger is named by its
-    # file's path.
+    # Its logger is named by its file's path.
     execution = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution")
     logging.getLogger(os.path.join(execution, "context.py")).setLevel(logging.WARNING)
+    forget_the_progress_bar_hint()
+    default_hook = threading.excepthook
+
+    def hook(args):
+        if not (args.exc_type is InterruptedError and "completion-signaler" in getattr(args.thread, "name", "")):
+            default_hook(args)
+
+    threading.excepthook = hook
 
 
 def bundles_that_fit(bundle: dict[str, float]) -> tuple[int, str]:

@@ -567,7 +567,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     init_from: start a new run from a checkpoint's weights (warm start): what the registry adds
     is initialised fresh, what it retired is skipped (see `checkpoint.warm_start`).
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from mtfm.model import load_model_config
@@ -696,6 +696,9 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
                                          resources_per_worker={"CPU": config.cpus_per_worker} | (
                                              {"GPU": config.gpus_per_worker} if config.use_gpu else {})),
             run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
+                                 # Ray Train's INFO lines (worker group, DDP wrap, each checkpoint) stay in the
+                                 # session's logs/train files; the driver and rank 0 print progress themselves.
+                                 logging_config=LoggingConfig(log_level="WARNING"),
                                  failure_config=FailureConfig(max_failures=config.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),
             datasets={"train": train_ds, "test": test_ds},

@@ -17,8 +17,12 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
+        from mtfm.platform.cluster import unused_port
+
+        # dashboard_port: not the default 8265, where another Ray's dashboard on this machine would answer
+        # Ray Train's questions about this cluster's actors (see init_ray).
         ray.init(num_cpus=2, num_gpus=0, object_store_memory=600 * 1024**2, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False,
+                 dashboard_port=unused_port(), log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
     yield ray
     # Serve tests may have started Serve on this cluster; shut everything down once at the end.

@@ -23,6 +23,7 @@ import torch
 from repo_paths import CONFIGS, REPO_ROOT
 from mtfm.model import Collator, build_model, load_model_config, multitask_bce_loss, token_budget_batches
 from mtfm.platform.checkpoint import CheckpointError, check_compatible, find_checkpoint, load_model, read_meta
+from mtfm.platform.cluster import unused_port
 from mtfm.platform.registry import RegistryError, dump_yaml, exposures_column, load_registry
 from mtfm.platform.report import write_report
 from mtfm.platform.samples import keep_users_of, split_by_window
@@ -632,12 +633,6 @@ def test_a_run_that_diverges_stops_on_every_worker_and_saves_nothing_past_it(tin
         evaluate_batches(model, batches, torch.device("cpu"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stop_cluster(temp_dir: str) -> None:
     """Stop only the cluster started here (`ray stop` would also stop every other Ray on the machine)."""
     import psutil
@@ -658,9 +653,9 @@ def test_ray_job_submit(tiny_samples, tmp_path):
     # started as .venv/bin/python without activating it.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     temp_dir = tempfile.mkdtemp(prefix="mtfm-job-", dir="/tmp")  # short: Ray's socket paths live under it
-    dash = _free_port()
-    start = [ray_bin, "start", "--head", f"--port={_free_port()}", "--num-cpus=3", "--include-dashboard=true",
-             f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={_free_port()}",
+    dash = unused_port()
+    start = [ray_bin, "start", "--head", f"--port={unused_port()}", "--num-cpus=3", "--include-dashboard=true",
+             f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={unused_port()}",
              f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     started = subprocess.run(start, capture_output=True, text=True, env=env, timeout=120)
     try:

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import re
 import shutil
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,17 +24,12 @@ import requests
 
 from mtfm.deployments.app import build_app
 from mtfm.deployments.rank_request import RankRequestParser, example_request
+from mtfm.platform.cluster import unused_port
 from mtfm.platform.registry import load_registry
 from serve_test_utils import OfflineScorer, write_tiny_checkpoint
 
 APP = "mtfm"
 SMALL_REPLICA = {"num_cpus": 0.1, "batch_wait_timeout_s": 0.05}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _deploy(config_dir: Path, checkpoint: Path, name: str = APP, route_prefix: str = "/") -> None:
@@ -71,7 +65,7 @@ def service(ray_cluster, tmp_path_factory):
                     ignore=shutil.ignore_patterns("movielens"))
     registry = load_registry(config_dir)
     checkpoint = write_tiny_checkpoint(registry, root / "run-a" / "checkpoint_00000007")
-    port = _free_port()
+    port = unused_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     _deploy(config_dir, checkpoint)
     yield {"url": f"http://127.0.0.1:{port}", "registry": registry, "checkpoint": checkpoint,
