@@ -41,7 +41,7 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
                  dashboard_port=unused_port(), logging_level=logging.WARNING, log_to_driver=log_to_driver,
                  runtime_env={"worker_process_setup_hook": _quiet_worker_logs,
-                              "env_vars": {"RAY_DATA_LOGGING_CONFIG": _quiet_ray_data_logging_config()}})
+                              "env_vars": _quiet_ray_data_logging_config()})
     return ray
 
 
@@ -63,22 +63,32 @@ def _auth_hint() -> str:
             "here), set RAY_AUTH_MODE=token")
 
 
-def _quiet_ray_data_logging_config() -> str:
-    """A Ray Data logging config for the workers (a YAML file, as RAY_DATA_LOGGING_CONFIG takes): Ray
-    Data's own, with the console at WARNING. The actors that feed training would print each epoch's
-    execution plan and "finished" lines; the session's ray-data.log keeps them. The driver keeps its
-    console lines: they are aggregation's progress."""
+def _quiet_ray_data_logging_config() -> dict[str, str]:
+    """The workers' env var naming a Ray Data logging config (a YAML file, as RAY_DATA_LOGGING_CONFIG
+    takes): Ray Data's own, with the console at WARNING. The actors that feed training would print each
+    epoch's execution plan and "finished" lines; the session's ray-data.log keeps them. The driver keeps
+    its console lines: they are aggregation's progress. Empty if this Ray Data keeps its config elsewhere."""
     import copy
+    import hashlib
     import tempfile
 
     import yaml
-    from ray.data._internal.logging import DEFAULT_CONFIG
 
-    config = copy.deepcopy(DEFAULT_CONFIG)
-    config["handlers"]["console"]["level"] = "WARNING"
-    with tempfile.NamedTemporaryFile("w", prefix="mtfm-ray-data-logging-", suffix=".yaml", delete=False) as fh:
-        yaml.safe_dump(config, fh)
-    return fh.name
+    try:
+        from ray.data._internal.logging import DEFAULT_CONFIG
+
+        config = copy.deepcopy(DEFAULT_CONFIG)
+        config["handlers"]["console"]["level"] = "WARNING"
+    except (ImportError, KeyError):
+        return {}
+    text = yaml.safe_dump(config)
+    digest = hashlib.sha1(text.encode()).hexdigest()[:12]
+    path = os.path.join(tempfile.gettempdir(), f"mtfm-ray-data-logging-{digest}.yaml")
+    if not os.path.isfile(path):  # one file per config, written whole (another run may read it meanwhile)
+        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp", delete=False) as fh:
+            fh.write(text)
+        os.replace(fh.name, path)
+    return {"RAY_DATA_LOGGING_CONFIG": path}
 
 
 def forget_the_progress_bar_hint() -> None:
