@@ -23,7 +23,9 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
         from ray.exceptions import AuthenticationError
 
         try:
-            ray.init(address=address, logging_level=logging.WARNING)
+            # The hook by name: the cluster's workers import it from the mtfm that `ray up` installed.
+            ray.init(address=address, logging_level=logging.WARNING,
+                     runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_worker_logs"})
         except (ConnectionError, AuthenticationError) as exc:  # Ray's own is a long traceback, the cause inside
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ValueError(f"RAY_ADDRESS={address}: cannot connect to the Ray cluster ({first}){_auth_hint()}") \
@@ -40,8 +42,7 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
         # nothing listens on makes its question fail instead, which it takes as "ask again".
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
                  dashboard_port=unused_port(), logging_level=logging.WARNING, log_to_driver=log_to_driver,
-                 runtime_env={"worker_process_setup_hook": _quiet_worker_logs,
-                              "env_vars": _quiet_ray_data_logging_config()})
+                 runtime_env={"worker_process_setup_hook": quiet_worker_logs})
     return ray
 
 
@@ -63,34 +64,6 @@ def _auth_hint() -> str:
             "here), set RAY_AUTH_MODE=token")
 
 
-def _quiet_ray_data_logging_config() -> dict[str, str]:
-    """The workers' env var naming a Ray Data logging config (a YAML file, as RAY_DATA_LOGGING_CONFIG
-    takes): Ray Data's own, with the console at WARNING. The actors that feed training would print each
-    epoch's execution plan and "finished" lines; the session's ray-data.log keeps them. The driver keeps
-    its console lines: they are aggregation's progress. Empty if this Ray Data keeps its config elsewhere."""
-    import copy
-    import hashlib
-    import tempfile
-
-    import yaml
-
-    try:
-        from ray.data._internal.logging import DEFAULT_CONFIG
-
-        config = copy.deepcopy(DEFAULT_CONFIG)
-        config["handlers"]["console"]["level"] = "WARNING"
-    except (ImportError, KeyError):
-        return {}
-    text = yaml.safe_dump(config)
-    digest = hashlib.sha1(text.encode()).hexdigest()[:12]
-    path = os.path.join(tempfile.gettempdir(), f"mtfm-ray-data-logging-{digest}.yaml")
-    if not os.path.isfile(path):  # one file per config, written whole (another run may read it meanwhile)
-        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp", delete=False) as fh:
-            fh.write(text)
-        os.replace(fh.name, path)
-    return {"RAY_DATA_LOGGING_CONFIG": path}
-
-
 def forget_the_progress_bar_hint() -> None:
     """Ray Data warns once per process, where its progress bars are off, how to turn them on: counted
     as said (training turns them off: it prints its own progress)."""
@@ -99,23 +72,26 @@ def forget_the_progress_bar_hint() -> None:
     log_once("ray_data_progress_manager_disabled")
 
 
-def _quiet_worker_logs() -> None:
-    """Run in each worker process of the embedded Ray: what training prints is its own progress,
-    not Ray's INFO lines (they stay in the session's log files).
+def quiet_worker_logs() -> None:
+    """Run in each worker process (`worker_process_setup_hook`): what training prints is its own
+    progress, not Ray's INFO lines (they stay in the session's log files).
 
-    - Ray Train's placement-group cleaner asks the State API, which needs the dashboard that the
-      embedded Ray leaves out, whether the run's controller lives, and warns each second it cannot
-      (35 lines a short run); its errors still show. It finds the cluster by RAY_ADDRESS, else by
-      looking for one on this machine, which fails with a traceback when another Ray runs here too
-      (a test session, another embedded run): so each worker is told this cluster's address (and a
-      process a task starts, such as another `mtfm` command, joins this cluster too).
+    - Ray Data's console lines from the actors that feed training (each epoch's execution plan and
+      "finished" lines, and the hint that progress bars are off); the session's ray-data.log keeps
+      them. The driver's own, aggregation's progress, are kept.
     - Each `ray.train.report`'s INFO line with the whole metrics dict.
-    - Ray Data's hint that progress bars are off.
     - Ray Data's thread that signals a finished read raises InterruptedError when training stops
-      mid-epoch (`max_steps`) and the iterator is dropped; nothing is lost, the traceback is noise."""
+      mid-epoch (`max_steps`) and the iterator is dropped; nothing is lost, the traceback is noise.
+    - Ray Train's placement-group cleaner asks the State API whether the run's controller lives; on
+      the embedded Ray, which has no dashboard, it warns each second that it cannot (35 lines a short
+      run); its errors still show. It finds the cluster by RAY_ADDRESS, else by looking for one on this
+      machine, which fails with a traceback when another Ray runs here too (a test session, another
+      embedded run): so each worker is told this cluster's address (and a process a task starts, such
+      as another `mtfm` command, joins this cluster too)."""
     import threading
 
     import ray
+    import ray.data  # configures the "ray.data" logger, whose console handler is quieted here
 
     if not os.environ.get("RAY_ADDRESS"):
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
@@ -123,6 +99,9 @@ def _quiet_worker_logs() -> None:
     # Its logger is named by its file's path.
     execution = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution")
     logging.getLogger(os.path.join(execution, "context.py")).setLevel(logging.WARNING)
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler) is not logging.FileHandler and isinstance(handler, logging.StreamHandler):
+            handler.setLevel(logging.WARNING)
     forget_the_progress_bar_hint()
     default_hook = threading.excepthook
 

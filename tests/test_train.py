@@ -674,6 +674,11 @@ def test_ray_job_submit(tiny_samples, tmp_path):
         assert "succeeded" in done.stdout
         assert read_meta(out).step == 3
         assert "hp/click" in done.stdout  # the evaluation table reached the job's log
+        # The job's log is the run's own: Ray Train's INFO lines, Ray Data's from the actors that feed
+        # training and each report's metrics dict stay in the cluster's log files.
+        for noise in ("Wrapping provided model", "Execution plan of Dataset", "Progress bars disabled",
+                      "Reporting training result", "Checkpoint successfully"):
+            assert noise not in done.stdout + done.stderr, noise
         # A command pointed at the cluster by RAY_ADDRESS without RAY_AUTH_MODE=token: one line saying so.
         gcs = start[3].split("=")[1]
         refused = subprocess.run([sys.executable, "-m", "mtfm.platform.cli", "data", "aggregate", "--raw",
