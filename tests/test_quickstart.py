@@ -14,6 +14,19 @@ import pytest
 from repo_paths import REPO_ROOT
 
 
+def _process_at(port: int) -> str:
+    """The process whose TCP connection has this local port: the one that asked."""
+    import psutil
+
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.pid:
+            try:
+                return f"pid {conn.pid}: {' '.join(psutil.Process(conn.pid).cmdline())[:300]}"
+            except psutil.Error:
+                return f"pid {conn.pid}"
+    return "an unknown process"
+
+
 @pytest.fixture()
 def another_rays_dashboard():
     """A stand-in for another Ray's dashboard on this machine, at Ray's default port 8265: its State
@@ -23,7 +36,7 @@ def another_rays_dashboard():
 
     class NoSuchActor(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
-            asked.append(self.path)
+            asked.append(f"{self.path} from {_process_at(self.client_address[1])}")
             body = json.dumps({"result": True, "msg": "", "data": {"result": {"result": [], "total": 0}}}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
