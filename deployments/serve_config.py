@@ -1,4 +1,4 @@
-"""`deployments/serve.yaml`, generated from the registry (`mtfm serve config > deployments/serve.yaml`).
+"""`deployments/serve.yaml`, generated from the registry (`mtfm serve config --out deployments/serve.yaml`).
 
 The file holds only the application's import path and its overrides: the builder
 (`mtfm.deployments.app:build_app`) enumerates the scenarios itself, so a scenario added by YAML

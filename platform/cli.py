@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from mtfm.platform.registry import RegistryError, load_registry
@@ -177,8 +178,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     # deployments/serve.yaml names ./configs; another registry needs a serve config of its own
     serve = f"MTFM_CHECKPOINT={run_dir} serve run deployments/serve.yaml"
     if reg.config_dir.resolve() != Path("configs").resolve():
-        serve = (f"mtfm serve config --config-dir {reg.config_dir} --checkpoint {run_dir} > {root / 'serve.yaml'} && "
-                 f"serve run {root / 'serve.yaml'}")
+        serve = (f"mtfm serve config --config-dir {reg.config_dir} --checkpoint {run_dir} --out "
+                 f"{root / 'serve.yaml'} && serve run {root / 'serve.yaml'}")
     print(f"\nnext: mtfm eval --checkpoint {run_dir} --data {root / 'agg'}\n"
           f"      mtfm report {run_dir}\n"
           f"      {serve}")
@@ -269,10 +270,11 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
             if untrained and args.scenario_ingress:
                 scenarios = [s for s in scenarios if s in trained]
                 print(f"note: {args.checkpoint} was trained on {trained} only: no app for {untrained}", file=sys.stderr)
-            elif untrained:
-                print(f"warning: {args.checkpoint} was trained without {untrained}, which {reg.config_dir} registers: "
-                      "serving this config is refused; pass --scenario-ingress (one app per trained scenario) or a "
-                      f"--config-dir that registers just {trained}", file=sys.stderr)
+            elif untrained:  # the app builder would refuse it: nothing is written
+                print(f"error: {args.checkpoint} was trained without {untrained}, which {reg.config_dir} registers, "
+                      "so serving a config of every scenario is refused; pass --scenario-ingress (one app per trained "
+                      f"scenario) or a --config-dir that registers just {trained}", file=sys.stderr)
+                return 1
     # The registry validated above: --config-dir, else $MTFM_CONFIG_DIR, else ./configs. The app is built in the
     # folder where the cluster's `ray start` ran: paths given are written absolute (the default stays relative,
     # for `serve run` from the repository root).
@@ -280,9 +282,20 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
     explicit = args.config_dir or os.environ.get("MTFM_CONFIG_DIR")
     config_dir = os.path.abspath(reg.config_dir) if explicit else str(reg.config_dir)
     checkpoint = None if args.checkpoint is None else os.path.abspath(os.path.expanduser(args.checkpoint))
-    print(render_serve_config(config_dir=config_dir, checkpoint=checkpoint, host=args.host,
-                              port=args.port, scenario_ingress=scenarios if args.scenario_ingress else None),
-          end="")
+    text = render_serve_config(config_dir=config_dir, checkpoint=checkpoint, host=args.host, port=args.port,
+                               scenario_ingress=scenarios if args.scenario_ingress else None)
+    if args.out is None:
+        print(text, end="")
+        return 0
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        print(f"error: --out {out}: no folder {out.parent}", file=sys.stderr)
+        return 1
+    # Whole or not at all: a `serve run` reading it meanwhile, or an error above, never meets half a file.
+    with tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=f".{out.name}.", delete=False) as fh:
+        fh.write(text)
+    os.replace(fh.name, out)
+    print(f"wrote {out}", file=sys.stderr)
     return 0
 
 
@@ -453,10 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Ray Serve: one deployment per registered scenario behind POST /<scenario>/rank. "
                                        "Start it with `serve run deployments/serve.yaml`.")
     vsub = serve.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = vsub.add_parser("config", parents=[common], help="print serve.yaml generated from the registry",
-                        description="Print the Serve config (`mtfm serve config > deployments/serve.yaml`). It holds "
-                                    "overrides only: the app builder enumerates the registry, so new scenarios need "
-                                    "no edit.")
+    p = vsub.add_parser("config", parents=[common], help="write serve.yaml generated from the registry",
+                        description="Write the Serve config (`mtfm serve config --out deployments/serve.yaml`), or "
+                                    "print it without --out. It holds overrides only: the app builder enumerates the "
+                                    "registry, so new scenarios need no edit. Nothing is written when the registry or "
+                                    "the checkpoint is refused.")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="write the config to FILE, replacing it whole, and only if every check passed (a shell's "
+                        "`> FILE` empties it before the command runs)")
     p.add_argument("--checkpoint", default=None, metavar="RUN_DIR_OR_CHECKPOINT",
                    help="checkpoint to serve (default: null = $MTFM_CHECKPOINT, else the newest checkpoint saved "
                         "under runs/)")

@@ -287,6 +287,22 @@ def test_output_piped_into_head_ends_quietly():
     assert done.stdout == "{\n" and "BrokenPipeError" not in done.stderr and done.stderr == ""
 
 
+def test_serve_config_out_writes_only_a_config_of_a_valid_registry(config_dir, tmp_path, capsys):
+    """--out FILE holds what the command prints, and a registry error leaves FILE as it was (a shell's
+    `> FILE` had emptied it before the command ran)."""
+    assert main(["serve", "config", "--config-dir", str(config_dir)]) == 0
+    printed = capsys.readouterr().out
+    written = tmp_path / "serve.yaml"
+    assert main(["serve", "config", "--config-dir", str(config_dir), "--out", str(written)]) == 0
+    assert written.read_text() == printed and f"wrote {written}" in capsys.readouterr().err
+    (config_dir / "scenarios" / "hp.yaml").write_text("name: hp\nnot_a_field: 1\n")
+    assert main(["serve", "config", "--config-dir", str(config_dir), "--out", str(written)]) == 1
+    assert "hp.yaml" in capsys.readouterr().err
+    assert written.read_text() == printed and sorted(p.name for p in tmp_path.iterdir()) == ["configs", "serve.yaml"]
+    assert main(["serve", "config", "--out", str(tmp_path / "nowhere" / "serve.yaml")]) == 1
+    assert f"error: --out {tmp_path / 'nowhere' / 'serve.yaml'}: no folder" in capsys.readouterr().err
+
+
 def test_serve_config_warns_of_a_checkpoint_path_without_a_checkpoint(tmp_path, capsys):
     """A warning, not a refusal: the path may be one of the cluster's, not this machine's."""
     assert main(["serve", "config", "--config-dir", str(REPO / "configs"), "--checkpoint", str(tmp_path / "nope")]) == 0
@@ -366,10 +382,20 @@ def test_builder_refuses_a_single_scenario_checkpoint_for_the_scenarios_it_lacks
     out, err = capsys.readouterr()
     assert [a["name"] for a in yaml.safe_load(out)["applications"]] == ["hp"]
     assert f"note: {checkpoint} was trained on ['hp'] only: no app for ['phf', 'sqs']" in err
-    assert main(["serve", "config", "--checkpoint", str(checkpoint), "--config-dir", str(REPO / "configs")]) == 0
+    # Without --scenario-ingress the app builder would refuse the config: none is written, and an --out file
+    # already there is left as it was.
+    written = tmp_path / "serve.yaml"
+    written.write_text("# the config served now\n")
+    assert main(["serve", "config", "--checkpoint", str(checkpoint), "--config-dir", str(REPO / "configs"),
+                 "--out", str(written)]) == 1
     out, err = capsys.readouterr()
-    assert len(yaml.safe_load(out)["applications"]) == 1
-    assert "serving this config is refused; pass --scenario-ingress" in err
+    assert out == "" and written.read_text() == "# the config served now\n"
+    assert (f"error: {checkpoint} was trained without ['phf', 'sqs'], which {REPO / 'configs'} registers, so serving "
+            "a config of every scenario is refused; pass --scenario-ingress") in err
+    assert main(["serve", "config", "--scenario-ingress", "--checkpoint", str(checkpoint), "--config-dir",
+                 str(REPO / "configs"), "--out", str(written)]) == 0
+    assert [a["name"] for a in yaml.safe_load(written.read_text())["applications"]] == ["hp"]
+    assert capsys.readouterr().out == ""
     for name in ("phf", "sqs"):
         (config_dir / "scenarios" / f"{name}.yaml").unlink()
     build_app({"checkpoint": str(checkpoint), "config_dir": str(config_dir)})
