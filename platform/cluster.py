@@ -22,6 +22,7 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
     if address:
         from ray.exceptions import AuthenticationError
 
+        _refuse_an_address_nothing_answers(address)
         try:
             # The hook by name: the cluster's workers import it from the mtfm that `ray up` installed.
             ray.init(address=address, logging_level=logging.WARNING,
@@ -44,6 +45,23 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
                  dashboard_port=unused_port(), logging_level=logging.WARNING, log_to_driver=log_to_driver,
                  runtime_env={"worker_process_setup_hook": quiet_worker_logs})
     return ray
+
+
+def _refuse_an_address_nothing_answers(address: str, timeout_s: float = 10.0) -> None:
+    """Ray retries a GCS address where nothing listens for minutes, printing a timeout a second; a
+    HOST:PORT that takes no TCP connection is refused at once. Other forms (auto, ray://) go to Ray."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__).lower()
+        raise ValueError(f"RAY_ADDRESS={address}: cannot connect to the Ray cluster (nothing answers there: "
+                         f"{reason}); start it (`ray start --head`, `ray up ray_cluster.yaml`), or unset RAY_ADDRESS "
+                         "to run on an embedded local Ray") from None
 
 
 def unused_port() -> int:

@@ -111,3 +111,28 @@ def test_missing_input_folders_are_named_before_ray_starts(config_dir, tmp_path,
     assert main(["train", "--config-dir", str(config_dir), "--config", str(REPO_ROOT / "configs/train/tiny.yaml"),
                  "--data", str(missing), "--out", str(tmp_path / "run")]) == 1
     assert f"{missing}: no aggregated samples here" in capsys.readouterr().err
+
+
+def test_a_ray_address_where_nothing_listens_is_refused_at_once(config_dir, tmp_path):
+    """Ray retries such an address for minutes (a timeout line a second); the command says so in one line."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from mtfm.platform.cluster import unused_port
+
+    raw = tmp_path / "raw"
+    assert main(["data", "synth", "--config-dir", str(config_dir), "--out", str(raw), "--users", "10", "--days",
+                 "2"]) == 0
+    address = f"127.0.0.1:{unused_port()}"
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "mtfm.platform.cli", "data", "aggregate", "--config-dir",
+                           str(config_dir), "--raw", str(raw), "--out", str(tmp_path / "agg")],
+                          env=os.environ | {"RAY_ADDRESS": address}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and time.monotonic() - start < 60, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1] == (
+        f"error: RAY_ADDRESS={address}: cannot connect to the Ray cluster (nothing answers there: connection "
+        "refused); start it (`ray start --head`, `ray up ray_cluster.yaml`), or unset RAY_ADDRESS to run on an "
+        "embedded local Ray")
+    assert "Traceback" not in done.stderr and not any((tmp_path / "agg").rglob("*"))  # nothing written
