@@ -86,9 +86,14 @@ def cmd_scenarios_infer(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(result.summary())
+    validate = "`mtfm scenarios validate" + (f" --config-dir {args.config_dir}`" if args.config_dir else "`")
+    scenarios = load_registry(args.config_dir).config_dir / "scenarios"
+    if Path(result.out).resolve().parent != scenarios.resolve():  # --out elsewhere: the registry does not read it
+        validate = f"copy it into {scenarios}/ as {args.name}.yaml, and run {validate}"
+    else:
+        validate = f"run {validate}"
     print(f"\nwrote draft {result.out} (validated by the registry); confirm the labels and the user/item/cross "
-          f"split, then run `mtfm scenarios validate"
-          + (f" --config-dir {args.config_dir}`" if args.config_dir else "`"))
+          f"split, then {validate}")
     return 0
 
 
@@ -141,7 +146,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from mtfm.platform.cluster import init_ray
     from mtfm.platform.rawlog import refuse_a_file_for_a_folder
     from mtfm.platform.synth import synthesize
-    from mtfm.platform.train import TrainConfig, refuse_existing_run, train
+    from mtfm.platform.train import TrainConfig, refuse_existing_run, refuse_workers_the_cluster_cannot_hold, train
 
     reg = load_registry(args.config_dir)
     config = TrainConfig.load(args.train_config)
@@ -162,14 +167,16 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
               f"({', '.join(sorted(names)[:5])}), and it replaces raw/ and agg/ in its folder; pass a new or empty "
               "folder (or remove that one)", file=sys.stderr)
         return 1
+    # Started before the data steps: a train config whose workers this machine cannot hold is refused
+    # now, not after them. Started here, Ray forwards the workers' output: aggregate's own start would
+    # not, and the training's progress lines (rank 0's) would never reach the terminal.
+    init_ray(log_to_driver=True)
+    refuse_workers_the_cluster_cannot_hold(config, print)
     root.mkdir(parents=True, exist_ok=True)
     (root / QUICKSTART_MARK).write_text("written by `mtfm quickstart`, which replaces raw/ and agg/ here on each run\n")
     print(f"[1/3] synthetic raw logs: {args.users} users x {args.days} days -> {root / 'raw'}")
     synthesize(reg, root / "raw", users=args.users, days=args.days, seed=args.seed, overwrite=True)
     print(f"[2/3] Ray Data aggregation -> {root / 'agg'}")
-    # Started here, Ray forwards the workers' output: aggregate's own start would not, and the
-    # training's progress lines (rank 0's) would never reach the terminal.
-    init_ray(log_to_driver=True)
     aggregate(reg, root / "raw", root / "agg", overwrite=True)
     if args.max_steps is not None:
         config = TrainConfig.from_dict(config.to_dict() | {"max_steps": args.max_steps}, config.source)
@@ -403,9 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="inspect model configs",
                            description="Inspect a model config (configs/model/*.yaml) on the registered scenarios.")
     msub = model.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = msub.add_parser("summary", parents=[common], help="print parameter counts and forward FLOPs per sample",
-                        description="Print a model config's layers, parameter counts by part and forward FLOPs per "
-                                    "sample on a typical token mix of the registered scenarios.")
+    p = msub.add_parser("summary", parents=[common], help="print parameter counts and FLOPs per sample",
+                        description="Print a model config's layers, parameter counts by part, and forward and "
+                                    "training FLOPs per sample on a typical token mix of the registered scenarios "
+                                    "(training: backward 2x forward, 2.5x for attention).")
     p.add_argument("--config", required=True, metavar="FILE", help="model config, e.g. configs/model/small.yaml")
     p.add_argument("--targets", type=non_negative_int, default=100, metavar="N",
                    help="T-tokens per sample for the FLOP count, spread over the scenarios (default 100); "

@@ -341,7 +341,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         step, epoch, skip = meta.step, meta.epoch, meta.batches_in_epoch
         if rank == 0:
             _truncate_metrics(run_dir / METRICS_FILE, step)
-            _progress(f"[mtfm] resumed from {checkpoint.path} at step {step} (epoch {epoch}, batch {skip})")
+            _progress(f"[mtfm] resumed from {checkpoint.path} at step {step} (epoch {epoch + 1}/{config.epochs}, "
+                      f"after batch {skip})")
     elif rank == 0:
         _truncate_metrics(run_dir / METRICS_FILE, 0)  # a restart before the first checkpoint starts the log anew
     ddp_model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
@@ -622,7 +623,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
             cuts.append(f"data: {meta.train_config['data']} -> {config.data}")
         if meta.batches_in_epoch and cuts:
             raise ValueError(f"--resume {resume}: it stopped after batch {meta.batches_in_epoch} of epoch "
-                             f"{meta.epoch}, and {'; '.join(cuts)} since: the epoch's batches would be cut "
+                             f"{meta.epoch + 1}, and {'; '.join(cuts)} since: the epoch's batches would be cut "
                              "differently (or come from other data) and its place in the epoch lost; resume with "
                              "what it stopped with until the epoch ends (the train config: its train_config.yaml; "
                              "the registry: its checkpoint's meta.json)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -91,6 +92,22 @@ def test_ray_cluster_yaml_is_a_valid_launcher_config():
     assert "pip install" in setup and "/home/ubuntu/mtfm" in setup and config["file_mounts"]["/home/ubuntu/mtfm"] == "."
     # Nodes the autoscaler adds later must run the head's Ray (and torch): pinned.
     assert re.search(r'"ray\[train,data,serve\]==2\.\d+\.\d+"', setup) and re.search(r"torch==\d", setup)
+    # ... the Ray that pyproject.toml pins, the one the tests ran
+    pinned = re.search(r'"ray\[train,data,serve\]==(2\.\d+)\.\*"', (REPO_ROOT / "pyproject.toml").read_text())
+    assert pinned and f'"ray[train,data,serve]=={pinned.group(1)}.' in setup and ray.__version__.startswith(
+        pinned.group(1) + ".")
     starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
     assert all("--metrics-export-port=8080" in c for c in starts if " start " in c)  # the README's scrape port
     assert not any("--dashboard-host=0.0.0.0" in c for c in starts)  # the job API stays on localhost
+
+
+def test_ray_cluster_yaml_setup_adds_the_venv_to_bashrc_once(tmp_path):
+    """`ray up` runs the setup commands again on every call (the README says to re-run it after a change)."""
+    import yaml
+
+    config = yaml.safe_load((REPO_ROOT / "ray_cluster.yaml").read_text())
+    [line] = [c for c in config["setup_commands"] if ".bashrc" in c]
+    (tmp_path / ".bashrc").write_text("# theirs\n")
+    for _ in range(3):
+        subprocess.run(["bash", "-c", line], env={"HOME": str(tmp_path), "PATH": os.environ["PATH"]}, check=True)
+    assert (tmp_path / ".bashrc").read_text() == "# theirs\nsource ~/mtfm-venv/bin/activate\n"

@@ -114,6 +114,20 @@ def test_quickstart_refuses_as_many_days_as_it_holds_out(tmp_path):
     assert not (tmp_path / "data").exists()
 
 
+def test_quickstart_refuses_workers_this_machine_cannot_hold_before_the_data_steps(tmp_path):
+    """As train would, but before a minute of synthesis and aggregation (e.g. configs/train/gpu.yaml
+    on a machine without a GPU): here 64 workers of half a CPU each."""
+    config = tmp_path / "wide.yaml"
+    config.write_text((REPO_ROOT / "configs/train/tiny.yaml").read_text().replace("num_workers: 2", "num_workers: 64"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "mtfm.platform.cli", "quickstart", "--train-config", str(config), "--out",
+           str(tmp_path / "data")]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "num_workers: 64 worker(s) of 0.5 CPU each" in done.stderr and "room for" in done.stderr, done.stderr
+    assert "[1/3]" not in done.stdout and not (tmp_path / "data" / "raw").exists()
+
+
 def test_quickstart_refuses_a_folder_it_did_not_write(tmp_path):
     """It replaces raw/ and agg/ in --out: another dataset's folder (here MovieLens-like) is refused, untouched."""
     data = tmp_path / "ml"

@@ -470,7 +470,7 @@ def test_command_line_refuses_a_model_the_registry_or_the_resumed_run_does_not_m
         meta_file.write_text(json.dumps(meta | {"batches_in_epoch": 5, "train_config": tiny.to_dict() | changes}))
         assert main(["--config", str(TINY), "--resume", str(run)]) == 1
         err = capsys.readouterr().err
-        assert f"it stopped after batch 5 of epoch 0, and {says}: " in err and "would be cut differently" in err
+        assert f"it stopped after batch 5 of epoch 1, and {says}: " in err and "would be cut differently" in err
     # --init-from: the features of what both registries declare must match (before Ray); a sequence or
     # scenario only one of them has is no change.
     meta_file.write_text(json.dumps(trained))
