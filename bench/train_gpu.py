@@ -680,7 +680,7 @@ def worker(loop_config: dict) -> None:
 def run_with_ray(loop_config: dict, use_gpu: bool) -> None:
     import tempfile
 
-    from ray.train import LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from mtfm.platform.cluster import init_ray
@@ -690,8 +690,7 @@ def run_with_ray(loop_config: dict, use_gpu: bool) -> None:
     trainer = TorchTrainer(worker, train_loop_config=loop_config,
                            scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu,
                                                         resources_per_worker={"CPU": cpus}),
-                           run_config=RunConfig(name="train_gpu_bench", storage_path=tempfile.mkdtemp(),
-                                                logging_config=LoggingConfig(log_level="WARNING")))
+                           run_config=RunConfig(name="train_gpu_bench", storage_path=tempfile.mkdtemp()))
     result = trainer.fit()
     if result.error:
         raise result.error

@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-from mtfm.platform.registry import RegistryError, load_registry
+from mtfm.platform.registry import RegistryError, load_registry, resolve_config_dir
 
 WINDOW_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
@@ -87,9 +86,11 @@ def cmd_scenarios_infer(args: argparse.Namespace) -> int:
         return 1
     print(result.summary())
     validate = "`mtfm scenarios validate" + (f" --config-dir {args.config_dir}`" if args.config_dir else "`")
-    scenarios = load_registry(args.config_dir).config_dir / "scenarios"
+    scenarios = resolve_config_dir(args.config_dir) / "scenarios"
     if Path(result.out).resolve().parent != scenarios.resolve():  # --out elsewhere: the registry does not read it
-        validate = f"copy it into {scenarios}/ as {args.name}.yaml, and run {validate}"
+        declared = [path for path in (scenarios / f"{args.name}.yaml", scenarios / f"{args.name}.yml") if path.is_file()]
+        target = declared[0] if declared else scenarios / f"{args.name}.yaml"
+        validate = f"copy it to {target}{' (replacing it)' if declared else ''}, and run {validate}"
     else:
         validate = f"run {validate}"
     print(f"\nwrote draft {result.out} (validated by the registry); confirm the labels and the user/item/cross "
@@ -143,7 +144,7 @@ QUICKSTART_OUT = "data/quickstart"
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """The main job end to end on the embedded default: synthetic logs -> Ray Data -> Ray Train -> AUC/GAUC."""
     from mtfm.platform.aggregate import aggregate
-    from mtfm.platform.cluster import init_ray
+    from mtfm.platform.cluster import init_ray, is_embedded
     from mtfm.platform.rawlog import refuse_a_file_for_a_folder
     from mtfm.platform.synth import synthesize
     from mtfm.platform.train import TrainConfig, refuse_existing_run, refuse_workers_the_cluster_cannot_hold, train
@@ -171,7 +172,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     # now, not after them. Started here, Ray forwards the workers' output: aggregate's own start would
     # not, and the training's progress lines (rank 0's) would never reach the terminal.
     init_ray(log_to_driver=True)
-    refuse_workers_the_cluster_cannot_hold(config, print)
+    if is_embedded():  # on a cluster train() warns, once: an autoscaler may add nodes
+        refuse_workers_the_cluster_cannot_hold(config, print, remedy="a --train-config of fewer workers; on a "
+                                               "machine without a GPU, one without use_gpu, such as the default "
+                                               "configs/train/tiny.yaml")
     root.mkdir(parents=True, exist_ok=True)
     (root / QUICKSTART_MARK).write_text("written by `mtfm quickstart`, which replaces raw/ and agg/ here on each run\n")
     print(f"[1/3] synthetic raw logs: {args.users} users x {args.days} days -> {root / 'raw'}")
@@ -295,13 +299,13 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
         print(text, end="")
         return 0
     out = Path(args.out)
-    if not out.parent.is_dir():
-        print(f"error: --out {out}: no folder {out.parent}", file=sys.stderr)
+    if out.is_dir() or not out.parent.is_dir():
+        print(f"error: --out {out}: " + ("a folder; expected a file" if out.is_dir() else f"no folder {out.parent}"),
+              file=sys.stderr)
         return 1
-    # Whole or not at all: a `serve run` reading it meanwhile, or an error above, never meets half a file.
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, prefix=f".{out.name}.", delete=False) as fh:
-        fh.write(text)
-    os.replace(fh.name, out)
+    from mtfm.platform.files import write_whole
+
+    write_whole(out.resolve(), text)  # resolved: a link stays a link, to the file it names
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

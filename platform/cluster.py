@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 
 def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None, log_to_driver: bool = False):
@@ -23,18 +24,16 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
         from ray.exceptions import AuthenticationError
 
         _refuse_an_address_nothing_answers(address)
+        # The hook by name: the cluster's workers import it from the mtfm that `ray up` installed. Ray
+        # merges this into a `ray job submit`'s runtime env, and refuses a second hook: a job's own wins.
+        runtime_env = {} if _job_has_a_setup_hook() else {"worker_process_setup_hook": f"{__name__}.quiet_worker_logs"}
         try:
-            # The hook by name: the cluster's workers import it from the mtfm that `ray up` installed.
-            ray.init(address=address, logging_level=logging.WARNING,
-                     runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_worker_logs"})
+            ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
         except (ConnectionError, AuthenticationError) as exc:  # Ray's own is a long traceback, the cause inside
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ValueError(f"RAY_ADDRESS={address}: cannot connect to the Ray cluster ({first}){_auth_hint()}") \
                 from exc
     else:
-        # The embedded Ray's processes inherit this environment. DDP warns once per worker, in C++, that
-        # find_unused_parameters found none unused in a batch holding every scenario; other batches need it.
-        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
         # address="local": a Ray of its own, even when a `ray start` cluster runs on this machine (a
         # plain ray.init() would join that one, and refuse num_cpus there). Without a dashboard Ray still
         # advertises one at dashboard_port, 8265 by default, where another Ray on this machine may serve
@@ -47,21 +46,45 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
     return ray
 
 
-def _refuse_an_address_nothing_answers(address: str, timeout_s: float = 10.0) -> None:
+def _job_has_a_setup_hook() -> bool:
+    """Whether this driver runs under `ray job submit` with a worker_process_setup_hook of its own."""
+    import json
+
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    try:
+        job = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+    except ValueError:
+        return False
+    return bool((job.get("runtime_env") or {}).get("worker_process_setup_hook"))
+
+
+def _refuse_an_address_nothing_answers(address: str, wait_s: float = 10.0) -> None:
     """Ray retries a GCS address where nothing listens for minutes, printing a timeout a second; a
-    HOST:PORT that takes no TCP connection is refused at once. Other forms (auto, ray://) go to Ray."""
+    HOST:PORT that takes no TCP connection within wait_s (a head still starting gets that long) is
+    refused in one line. Other forms (auto, ray://) go to Ray."""
     import socket
+    import time
 
     host, _, port = address.rpartition(":")
     if "://" in address or not host or not port.isdigit():
         return
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__).lower()
-        raise ValueError(f"RAY_ADDRESS={address}: cannot connect to the Ray cluster (nothing answers there: "
-                         f"{reason}); start it (`ray start --head`, `ray up ray_cluster.yaml`), or unset RAY_ADDRESS "
-                         "to run on an embedded local Ray") from None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=wait_s).close()
+            return
+        except socket.gaierror as exc:
+            reason = f"cannot resolve {host}: {exc.strerror or exc}"
+            break
+        except OSError as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__).lower()
+            if isinstance(exc, TimeoutError) or time.monotonic() + 1 > deadline:
+                reason = f"nothing answers there: {reason}"
+                break
+            time.sleep(1)
+    raise ValueError(f"RAY_ADDRESS={address}: cannot connect to the Ray cluster ({reason}); start it (`ray start "
+                     "--head`, `ray up ray_cluster.yaml`), or unset RAY_ADDRESS to run on an embedded local Ray")
 
 
 def unused_port() -> int:
@@ -90,14 +113,37 @@ def forget_the_progress_bar_hint() -> None:
     log_once("ray_data_progress_manager_disabled")
 
 
+# Ray Train's INFO lines that only narrate (the worker group's start, the process group, the DDP wrap,
+# each checkpoint's upload, each report with its whole metrics dict): the [mtfm] lines say what matters.
+# The others, its failure policy's retries among them, still show.
+_NARRATING_RAY_TRAIN_LOGGERS = (
+    "ray.train.v2._internal.execution.scaling_policy.scaling_policy",
+    "ray.train.v2._internal.execution.worker_group.worker_group",
+    "ray.train.v2._internal.execution.storage",
+    "ray.train.v2.torch.train_loop_utils",
+    "ray.train.torch.train_loop_utils",
+    "ray.train.torch.config",
+)
+
+
 def quiet_worker_logs() -> None:
     """Run in each worker process (`worker_process_setup_hook`): what training prints is its own
-    progress, not Ray's INFO lines (they stay in the session's log files).
+    progress and Ray's warnings, not Ray's narration. A hook that raises takes its worker down, so
+    nothing here may: what fails is left as Ray has it."""
+    try:
+        _quiet_worker_logs()
+    except Exception as exc:  # noqa: BLE001
+        print(f"[mtfm] note: Ray's worker logs left as they are ({type(exc).__name__}: {exc})", file=sys.stderr)
 
-    - Ray Data's console lines from the actors that feed training (each epoch's execution plan and
-      "finished" lines, and the hint that progress bars are off); the session's ray-data.log keeps
-      them. The driver's own, aggregation's progress, are kept.
-    - Each `ray.train.report`'s INFO line with the whole metrics dict.
+
+def _quiet_worker_logs() -> None:
+    """- Ray Train's narrating INFO lines (`_NARRATING_RAY_TRAIN_LOGGERS`); the session's
+      logs/train files keep the system ones.
+    - Ray Data's console below WARNING (each epoch's execution plan and "finished" lines from the
+      actors that feed training, and the hint that progress bars are off); the session's ray-data.log
+      keeps them. Ray Data rebuilds its handlers from RAY_DATA_LOGGING_CONFIG whenever a dataset's
+      logger changes, so that variable names a config with the console at WARNING (one file per node).
+      The driver's own lines, aggregation's progress, are kept.
     - Ray Data's thread that signals a finished read raises InterruptedError when training stops
       mid-epoch (`max_steps`) and the iterator is dropped; nothing is lost, the traceback is noise.
     - Ray Train's placement-group cleaner asks the State API whether the run's controller lives; on
@@ -109,17 +155,19 @@ def quiet_worker_logs() -> None:
     import threading
 
     import ray
-    import ray.data  # configures the "ray.data" logger, whose console handler is quieted here
+    from ray.data._internal import logging as ray_data_logging
 
     if not os.environ.get("RAY_ADDRESS"):
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    for name in _NARRATING_RAY_TRAIN_LOGGERS:  # a filter: Ray Train's dictConfig resets its loggers' levels
+        logging.getLogger(name).addFilter(lambda record: record.levelno >= logging.WARNING)
     # Its logger is named by its file's path.
     execution = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution")
     logging.getLogger(os.path.join(execution, "context.py")).setLevel(logging.WARNING)
-    for handler in logging.getLogger("ray.data").handlers:
-        if type(handler) is not logging.FileHandler and isinstance(handler, logging.StreamHandler):
-            handler.setLevel(logging.WARNING)
+    if not os.environ.get("RAY_DATA_LOGGING_CONFIG"):  # a user's own config wins
+        os.environ["RAY_DATA_LOGGING_CONFIG"] = _ray_data_logging_config(ray_data_logging.DEFAULT_CONFIG)
+        ray_data_logging.configure_logging()
     forget_the_progress_bar_hint()
     default_hook = threading.excepthook
 
@@ -128,6 +176,28 @@ def quiet_worker_logs() -> None:
             default_hook(args)
 
     threading.excepthook = hook
+
+
+def _ray_data_logging_config(default: dict) -> str:
+    """A file holding Ray Data's default logging config with the console at WARNING: one per content
+    on this node, written whole (other workers may read it meanwhile)."""
+    import copy
+    import hashlib
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from mtfm.platform.files import write_whole
+
+    config = copy.deepcopy(default)
+    config["handlers"]["console"]["level"] = "WARNING"
+    text = yaml.safe_dump(config)
+    digest = hashlib.sha1(text.encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"mtfm-ray-data-logging-{digest}.yaml"
+    if not path.is_file():
+        write_whole(path, text)
+    return str(path)
 
 
 def bundles_that_fit(bundle: dict[str, float]) -> tuple[int, str]:

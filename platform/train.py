@@ -568,7 +568,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     init_from: start a new run from a checkpoint's weights (warm start): what the registry adds
     is initialised fresh, what it retired is skipped (see `checkpoint.warm_start`).
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from mtfm.model import load_model_config
@@ -697,9 +697,6 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
                                          resources_per_worker={"CPU": config.cpus_per_worker} | (
                                              {"GPU": config.gpus_per_worker} if config.use_gpu else {})),
             run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
-                                 # Ray Train's INFO lines (worker group, DDP wrap, each checkpoint) stay in the
-                                 # session's logs/train files; the driver and rank 0 print progress themselves.
-                                 logging_config=LoggingConfig(log_level="WARNING"),
                                  failure_config=FailureConfig(max_failures=config.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),
             datasets={"train": train_ds, "test": test_ds},
@@ -753,7 +750,9 @@ def _warn_of_untrained_scenarios(run_dir: Path, last_step: int | None, log) -> N
             "windows, or their table was missing when aggregating")
 
 
-def refuse_workers_the_cluster_cannot_hold(config: TrainConfig, log) -> None:
+def refuse_workers_the_cluster_cannot_hold(config: TrainConfig, log,
+                                           remedy: str = "--num-workers; on a machine without a GPU, a train config "
+                                                         "without use_gpu") -> None:
     """Ray Train would wait for resources that never come, retrying every minute: refuse up front
     on the embedded Ray, warn on a cluster (an autoscaler may add nodes)."""
     from mtfm.platform.cluster import bundles_that_fit, is_embedded
@@ -766,8 +765,8 @@ def refuse_workers_the_cluster_cannot_hold(config: TrainConfig, log) -> None:
     what = (f"{config.num_workers} worker(s) of {' + '.join(f'{v:g} {k}' for k, v in bundle.items())} each "
             f"({fields}), but the Ray cluster has {cluster}: room for {fit}")
     if is_embedded():
-        raise RegistryError(config.source, "num_workers", f"{what}; lower them (--num-workers; on a machine without "
-                            "a GPU, a train config without use_gpu), or run on a cluster that has them (RAY_ADDRESS)")
+        raise RegistryError(config.source, "num_workers", f"{what}; lower them ({remedy}), or run on a cluster that "
+                            "has them (RAY_ADDRESS)")
     log(f"[mtfm] warning: {config.source}: {what}; Ray Train waits for nodes to join (an autoscaler) and retries "
         "every minute")
 

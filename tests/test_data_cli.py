@@ -136,3 +136,31 @@ def test_a_ray_address_where_nothing_listens_is_refused_at_once(config_dir, tmp_
         "refused); start it (`ray start --head`, `ray up ray_cluster.yaml`), or unset RAY_ADDRESS to run on an "
         "embedded local Ray")
     assert "Traceback" not in done.stderr and not any((tmp_path / "agg").rglob("*"))  # nothing written
+
+
+def test_a_jobs_own_setup_hook_is_left_to_it(monkeypatch):
+    """Ray merges a `ray job submit`'s runtime env into the driver's ray.init one and refuses two
+    worker_process_setup_hooks: init_ray adds its own only where the job has none."""
+    import json
+
+    from mtfm.platform.cluster import _job_has_a_setup_hook
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert not _job_has_a_setup_hook()  # not under a job
+    for runtime_env, has in (({"working_dir": "gcs://_ray_pkg_x.zip"}, False),
+                             ({"working_dir": "gcs://_ray_pkg_x.zip", "worker_process_setup_hook": "theirs.hook"}, True)):
+        monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": runtime_env}))
+        assert _job_has_a_setup_hook() is has
+
+
+def test_the_worker_hook_never_takes_its_worker_down(monkeypatch, capsys):
+    """A worker_process_setup_hook that raises ends its worker: quieting logs is not worth that."""
+    import ray.data._internal.logging as ray_data_logging
+
+    from mtfm.platform.cluster import quiet_worker_logs
+
+    monkeypatch.setattr(ray_data_logging, "DEFAULT_CONFIG", {"handlers": {}})  # a Ray Data laid out otherwise
+    monkeypatch.delenv("RAY_DATA_LOGGING_CONFIG", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # not asked of Ray, which is not initialised here
+    quiet_worker_logs()
+    assert "[mtfm] note: Ray's worker logs left as they are (KeyError: 'console')" in capsys.readouterr().err

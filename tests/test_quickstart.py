@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import threading
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -30,8 +31,9 @@ def _process_at(port: int) -> str:
 @pytest.fixture()
 def another_rays_dashboard():
     """A stand-in for another Ray's dashboard on this machine, at Ray's default port 8265: its State
-    API knows none of the embedded Ray's actors. Yields the requests it was sent. (If the port is
-    taken, something else is there already and the run below meets that instead.)"""
+    API knows none of the embedded Ray's actors. Yields the requests it was sent, each with the process
+    that sent it. (If the port is taken, something else is there already: the run meets that instead,
+    with a warning that nothing is recorded.)"""
     asked: list[str] = []
 
     class NoSuchActor(BaseHTTPRequestHandler):
@@ -49,7 +51,8 @@ def another_rays_dashboard():
 
     try:
         server = ThreadingHTTPServer(("127.0.0.1", 8265), NoSuchActor)
-    except OSError:
+    except OSError as exc:
+        warnings.warn(f"port 8265 is taken ({exc}): the run meets what is there, and no request is recorded")
         yield asked
         return
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -73,11 +76,11 @@ def test_quickstart_end_to_end(tmp_path, another_rays_dashboard):
     # once took its "no such actor" for a dead controller and removed the run's workers).
     assert another_rays_dashboard == [], another_rays_dashboard[:3]
     assert "placement group" not in done.stdout
-    # Training's output is its own: Ray Train's and Ray Data's INFO lines, DDP's C++ warning, Ray Data's
-    # deprecation warning and its interrupted reader thread (max_steps stops mid-epoch) stay out.
+    # Training's output is its own: Ray Train's narrating and Ray Data's INFO lines, Ray Data's deprecation
+    # warning and its interrupted reader thread (max_steps stops mid-epoch) stay out.
     training = done.stdout.split("[3/3] Ray Train", 1)[1]
     for noise in ("Wrapping provided model", "Execution plan of Dataset", "Progress bars disabled",
-                  "find_unused_parameters", "exclude_resources", "InterruptedError", "Checkpoint successfully"):
+                  "exclude_resources", "InterruptedError", "Checkpoint successfully", "Started training worker group"):
         assert noise not in training, noise
     summary = json.loads((tmp_path / "data" / "agg" / "_summary.json").read_text())
     assert summary["exposures_in"] == summary["exposures_out"] > 0 and summary["quarantined_rows"] == 0
@@ -125,6 +128,7 @@ def test_quickstart_refuses_workers_this_machine_cannot_hold_before_the_data_ste
     done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     assert "num_workers: 64 worker(s) of 0.5 CPU each" in done.stderr and "room for" in done.stderr, done.stderr
+    assert "lower them (a --train-config of fewer workers;" in done.stderr and "--num-workers" not in done.stderr
     assert "[1/3]" not in done.stdout and not (tmp_path / "data" / "raw").exists()
 
 

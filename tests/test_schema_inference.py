@@ -276,7 +276,7 @@ def test_cli_prints_the_summary_and_writes_the_file(raw, config_dir, tmp_path, c
     assert "column" in printed and "why" in printed
     assert "redeem_7d" in printed and "depends_on order" in printed and "reused from scenario sqs" in printed
     assert f"wrote draft {out}" in printed  # outside the registry, which validate reads: copy it there first
-    assert (f"then copy it into {config_dir / 'scenarios'}/ as sqs_copy.yaml, and run `mtfm scenarios validate "
+    assert (f"then copy it to {config_dir / 'scenarios' / 'sqs_copy.yaml'}, and run `mtfm scenarios validate "
             f"--config-dir {config_dir}`") in printed
     assert main(["scenarios", "infer", "--name", "sqs_in", "--exposures", str(raw / "exposures" / "sqs"),
                  "--config-dir", str(config_dir)]) == 0

@@ -299,8 +299,19 @@ def test_serve_config_out_writes_only_a_config_of_a_valid_registry(config_dir, t
     assert main(["serve", "config", "--config-dir", str(config_dir), "--out", str(written)]) == 1
     assert "hp.yaml" in capsys.readouterr().err
     assert written.read_text() == printed and sorted(p.name for p in tmp_path.iterdir()) == ["configs", "serve.yaml"]
-    assert main(["serve", "config", "--out", str(tmp_path / "nowhere" / "serve.yaml")]) == 1
-    assert f"error: --out {tmp_path / 'nowhere' / 'serve.yaml'}: no folder" in capsys.readouterr().err
+    (config_dir / "scenarios" / "hp.yaml").write_text((REPO / "configs" / "scenarios" / "hp.yaml").read_text())
+    nowhere = tmp_path / "nowhere" / "serve.yaml"
+    assert main(["serve", "config", "--config-dir", str(config_dir), "--out", str(nowhere)]) == 1
+    assert f"error: --out {nowhere}: no folder" in capsys.readouterr().err
+    assert main(["serve", "config", "--config-dir", str(config_dir), "--out", str(tmp_path)]) == 1
+    assert f"error: --out {tmp_path}: a folder; expected a file" in capsys.readouterr().err
+    # Replaced, it keeps its mode (others may need to read it) and a link to it stays a link.
+    written.chmod(0o640)
+    link = tmp_path / "served.yaml"
+    link.symlink_to(written)
+    assert main(["serve", "config", "--config-dir", str(config_dir), "--out", str(link)]) == 0
+    assert link.is_symlink() and written.stat().st_mode & 0o777 == 0o640 and written.read_text() == printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["configs", "serve.yaml", "served.yaml"]
 
 
 def test_serve_config_warns_of_a_checkpoint_path_without_a_checkpoint(tmp_path, capsys):

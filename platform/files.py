@@ -1,0 +1,33 @@
+"""Writing a file whole: a reader (a `serve run`, another worker) never meets half of it."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Replaces `path` with `text` at once (a reader never meets half a file), keeping its mode, or for
+    a new file the mode the umask gives."""
+    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask()
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as fh:
+        try:
+            fh.write(text)
+        except BaseException:
+            os.unlink(fh.name)
+            raise
+    try:
+        os.chmod(fh.name, mode)
+        os.replace(fh.name, path)
+    except BaseException:
+        os.unlink(fh.name)
+        raise
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask sets it, for every thread)."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        return 0o022
