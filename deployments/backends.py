@@ -43,6 +43,7 @@ class BackendUnavailable(RuntimeError):
 
 class ScoringBackend(Protocol):
     name: str
+    cuda_graphs: bool  # whether batches are replayed from CUDA graphs (in effect, not as configured)
 
     def score(self, requests: list[RankRequest]) -> list[np.ndarray]:
         """Per request, (K, num_tasks) float32 probabilities in candidate order."""
@@ -122,6 +123,7 @@ class TorchBackend:
         self.user_cache = user_cache if reuse_user_side else None
         self.scenario = ranker.scenario
         self.graphs = CudaGraphRunner(self.ranker, device) if cuda_graphs and device.type == "cuda" else None
+        self.cuda_graphs = self.graphs is not None
 
     @torch.no_grad()
     def score(self, requests: list[RankRequest]) -> list[np.ndarray]:

@@ -144,6 +144,10 @@ class RankEndpoint:
         return response
 
     async def _json_body(self, http: Request):
+        encoding = http.headers.get("content-encoding", "").strip()
+        if encoding and encoding.lower() != "identity":
+            raise RequestError(415, "unsupported_encoding", "body",
+                               f"Content-Encoding {encoding[:40]} is not accepted; send the JSON body uncompressed")
         declared = http.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise _too_large(int(declared), self.max_body_bytes)

@@ -181,6 +181,7 @@ class OnnxBackend:
         import onnxruntime
 
         self.name = name
+        self.cuda_graphs = False
         self.collator = ranker.collator()
         self.dense = DenseRequestRanker(ranker.cpu().eval())
         body = example_request(ranker.registry, ranker.scenario, candidates=2, events=2)

@@ -57,12 +57,17 @@ FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 EXAMPLE_TS_MS = 1_767_225_600_000
 
 
+_LONGEST_FIELD = 200
+
+
 class RequestError(ValueError):
     """A refused request. `status` is the HTTP status, `kind` a stable error name for clients
     and metrics, `field` the request part at fault ("body" for the body as a whole, empty where
     the request is not at fault: a replica unavailable, a scoring failure)."""
 
     def __init__(self, status: int, kind: str, field: str, message: str):
+        if len(field) > _LONGEST_FIELD:  # a field is named from the client's keys: not echoed whole
+            field = f"{field[:_LONGEST_FIELD // 2]}...({len(field):,} characters)"
         super().__init__(f"{field}: {message}" if field else message)
         self.status, self.kind, self.field, self.message = status, kind, field, message
 
@@ -312,14 +317,17 @@ class _ObjectSchema:
         for name in given:
             if name not in self.declared:
                 raise RequestError(422, "unknown_field", f"{where}.{name}", f"unknown column; expected {self.expected}")
+        nulled = [name for name, values in given.items() if values is None]
         given = {name: values for name, values in given.items() if values is not None}  # null: omitted
         count = _column_length(given, where)
         for name in self.names:
             feature = self.feature_by_name.get(name)
-            if count and name not in given and (feature is None or feature.required):
+            # (with no column given, a required one given as null is named, not "no rows")
+            if (count or name in nulled) and name not in given and (feature is None or feature.required):
                 expected = "the event time in ms" if feature is None else _expected(feature)
+                values = f"{count} values" if count else "a list of values"
                 raise RequestError(422, "missing_field", f"{where}.{name}",
-                                   f"required column missing or null (expected {count} values, each {expected})")
+                                   f"required column missing or null (expected {values}, each {expected})")
         out = {name: given[name] if name in given else [None] * count for name in self.names}
         arrays = self.plain_arrays(out)
         return (self.value_by_value(out, where) if arrays is None else arrays), count

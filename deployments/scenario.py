@@ -157,9 +157,10 @@ class ScenarioDeployment:
                 for s, q in zip(scores, queued)]
 
     def info(self) -> dict:
-        """What /healthz reports for this scenario (device: where it scores, "cuda" or "cpu")."""
+        """What /healthz reports for this scenario: device (where it scores, "cuda" or "cpu") and
+        cuda_graphs as in effect; serving as configured (its cuda_graphs applies on a GPU only)."""
         return {"model_version": self.version, "backend": self.backend.name, "device": self.device.type,
-                "serving": dataclasses.asdict(self.serving)}
+                "cuda_graphs": self.backend.cuda_graphs, "serving": dataclasses.asdict(self.serving)}
 
     def check_health(self) -> None:
         if self.failed_batches >= UNHEALTHY_AFTER_FAILED_BATCHES:

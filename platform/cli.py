@@ -268,8 +268,11 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
         try:
             found, note = find_served_checkpoint(args.checkpoint)
             trained = servable_scenarios(found)
-        except (CheckpointError, ServeConfigError) as exc:  # a warning: the path may be one of the cluster's
-            print(f"warning: {exc}", file=sys.stderr)
+        except (CheckpointError, ServeConfigError) as exc:
+            if os.path.exists(os.path.expanduser(args.checkpoint)):  # found here, and refused: so would the app be
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            print(f"warning: {exc}; written as given, for a cluster whose machines have that path", file=sys.stderr)
         else:
             if note:  # as the app builder will
                 print(f"note: {note}", file=sys.stderr)
@@ -482,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Write the Serve config (`mtfm serve config --out deployments/serve.yaml`), or "
                                     "print it without --out. It holds overrides only: the app builder enumerates the "
                                     "registry, so new scenarios need no edit. Nothing is written when the registry or "
-                                    "the checkpoint is refused.")
+                                    "the checkpoint is refused (a --checkpoint this machine does not have is written "
+                                    "with a warning: it may be a path on the cluster).")
     p.add_argument("--out", default=None, metavar="FILE",
                    help="write the config to FILE, replacing it whole, and only if every check passed (a shell's "
                         "`> FILE` empties it before the command runs)")

@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import json
 import pickle
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -116,6 +117,16 @@ def test_a_bad_value_deep_in_a_list_is_refused_by_its_exact_field(path, value, k
     assert (error.value.kind, error.value.field) == (kind, f"{where}.{name}")
 
 
+def test_an_unknown_key_is_named_but_not_echoed_whole():
+    for body in ({**_varied_body("hp"), "k" * 100_000: 1}, _broken("candidates.3." + "k" * 100_000, 1)):
+        with pytest.raises(RequestError) as error:
+            RankRequestParser(REGISTRY, "hp", max_candidates=1000).parse(body, now_ms=NOW_MS)
+        assert error.value.kind == "unknown_field", error.value.kind
+        assert re.fullmatch(r"(candidates\[3\]\.)?k+\.\.\.\(100,0\d\d characters\)", error.value.field), \
+            error.value.field[-40:]
+        assert len(error.value.to_json()["error"]["field"]) < 200 and len(str(error.value)) < 1000
+
+
 def test_a_request_ts_in_seconds_is_named_as_such():
     body = _varied_body("hp")
     body["ts"] = NOW_MS // 1000
@@ -196,6 +207,12 @@ def test_candidate_columns_are_counted_against_the_limits():
             parser.parse({**body, "candidates": empty}, now_ms=NOW_MS)
     with pytest.raises(RequestError, match="found 40 candidates"):
         parser.parse(body, now_ms=NOW_MS)
+    # Every column null: the first required one is named, as when other columns are given.
+    required = next(f.name for f in REGISTRY.scenario("hp").exposure_features if f.required)
+    with pytest.raises(RequestError) as error:
+        parser.parse({**body, "candidates": {name: None for name in body["candidates"]}}, now_ms=NOW_MS)
+    assert (error.value.kind, error.value.field) == ("missing_field", f"candidates.{required}")
+    assert "required column missing or null (expected a list of values, each" in error.value.message
 
 
 def test_a_request_crosses_ray_as_one_arrow_stream(ray_cluster):
@@ -221,7 +238,7 @@ def test_a_request_crosses_ray_as_one_arrow_stream(ray_cluster):
     assert back.table.num_rows == 2 and back.table.equals(table)
 
 
-def _post(endpoint, path: str, body: dict | bytes, root_path: str = "") -> tuple[int, dict]:
+def _post(endpoint, path: str, body: dict | bytes, root_path: str = "", headers=()) -> tuple[int, dict]:
     """`endpoint.answer` on a real Starlette request (`body` as JSON, or bytes as they are); scoring
     answers with the scenario it was asked for."""
     from starlette.requests import Request
@@ -238,7 +255,7 @@ def _post(endpoint, path: str, body: dict | bytes, root_path: str = "") -> tuple
         return {"status": "ok"}
 
     scope = {"type": "http", "method": "POST", "path": path, "root_path": root_path, "query_string": b"",
-             "headers": [(b"content-type", b"application/json")]}
+             "headers": [(b"content-type", b"application/json"), *headers]}
     response = asyncio.run(endpoint.answer(Request(scope, receive), rank, health))
     return response.status_code, json.loads(response.body)
 
@@ -354,6 +371,22 @@ def test_a_body_that_is_not_a_utf8_json_object_is_refused_as_the_body(raw, kind,
 
     status, answer = _post(RankEndpoint({"hp": RankRequestParser(REGISTRY, "hp", 10)}, 1 << 20), "/hp/rank", raw)
     assert (status, answer) == (400, {"error": {"kind": kind, "field": "body", "message": message}})
+
+
+def test_a_compressed_body_is_refused_by_its_encoding():
+    import gzip
+
+    from mtfm.deployments.http_api import RankEndpoint
+
+    endpoint = RankEndpoint({"hp": RankRequestParser(REGISTRY, "hp", 10)}, 1 << 20)
+    body = example_request(REGISTRY, "hp", candidates=2)
+    status, answer = _post(endpoint, "/hp/rank", gzip.compress(json.dumps(body).encode()),
+                           headers=[(b"content-encoding", b"gzip")])
+    assert (status, answer["error"]["kind"], answer["error"]["field"]) == (415, "unsupported_encoding", "body")
+    assert answer["error"]["message"] == "Content-Encoding gzip is not accepted; send the JSON body uncompressed"
+    for identity in (b"identity", b"Identity", b""):
+        status, answer = _post(endpoint, "/hp/rank", body, headers=[(b"content-encoding", identity)])
+        assert (status, answer) == (200, {"scenario": "hp", "candidates": 2})
 
 
 def test_a_bad_id_in_a_list_feature_is_refused_as_an_id():

@@ -435,13 +435,15 @@ def test_builder_and_replica_refuse_a_checkpoint_cut_short_by_name(tmp_path, mon
     with pytest.raises(CheckpointError) as refused:
         load_scenario_ranker(checkpoint, "hp")
     assert str(refused.value).startswith(refusal)
-    assert main(["serve", "config", "--config-dir", str(REPO / "configs"), "--checkpoint", str(checkpoint)]) == 0
-    assert f"warning: {refusal}" in capsys.readouterr().err
+    # Found on this machine and refused: an error, as the app builder's would be, and nothing is written.
+    assert main(["serve", "config", "--config-dir", str(REPO / "configs"), "--checkpoint", str(checkpoint)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and f"error: {refusal}" in err
 
 
 @pytest.mark.parametrize("model_config, architecture", [("configs/model/dcnv2_tiny.yaml", "dcnv2"),
                                                          ("configs/model/dlrm_mmoe_tiny.yaml", "dlrm_mmoe")])
-def test_builder_refuses_a_baseline_checkpoint(tmp_path, model_config, architecture):
+def test_builder_refuses_a_baseline_checkpoint(tmp_path, model_config, architecture, capsys):
     checkpoint = write_tiny_checkpoint(load_registry(REPO / "configs"), tmp_path / "run" / "checkpoint_00000002",
                                        model_config=model_config)
     for extra in ({}, {"scenario_ingress": "hp"}):
@@ -450,6 +452,14 @@ def test_builder_refuses_a_baseline_checkpoint(tmp_path, model_config, architect
         message = str(refused.value)
         assert f"checkpoint {checkpoint.resolve()} is a {architecture} model" in message
         assert "serve a checkpoint of an mtfm model (architecture: mtfm" in message
+    # So does `mtfm serve config`, writing nothing, for the run folder as for the checkpoint.
+    written = tmp_path / "serve.yaml"
+    for path in (checkpoint, checkpoint.parent):
+        for ingress in ([], ["--scenario-ingress"]):
+            assert main(["serve", "config", "--config-dir", str(REPO / "configs"), "--checkpoint", str(path),
+                         "--out", str(written), *ingress]) == 1
+            err = capsys.readouterr().err
+            assert f"error: checkpoint {checkpoint} is a {architecture} model" in err and not written.exists()
 
 
 def test_serve_config_names_the_registry_it_validated(config_dir, monkeypatch, capsys, tmp_path, checkpoint):
@@ -473,7 +483,7 @@ def test_serve_config_names_the_registry_it_validated(config_dir, monkeypatch, c
     assert yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]["config_dir"] == "configs"
     # Paths given relative are written absolute: the app is built where the cluster's `ray start` ran.
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "runs" / "r" / "checkpoint_00000001").mkdir(parents=True)
+    write_tiny_checkpoint(load_registry(other), tmp_path / "runs" / "r" / "checkpoint_00000001")
     assert main(["serve", "config", "--config-dir", "other", "--checkpoint", "runs/r"]) == 0
     args = yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]
     assert (args["config_dir"], args["checkpoint"]) == (str(other), str(tmp_path / "runs" / "r"))

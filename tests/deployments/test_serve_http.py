@@ -224,6 +224,8 @@ def test_health(service):
     scenarios = response.json()["scenarios"]
     assert set(scenarios) == set(service["registry"].scenarios)
     assert {info["device"] for info in scenarios.values()} == {"cpu"}  # num_gpus 0: scored on the CPU
+    # CUDA graphs as in effect (none on a CPU), next to the serving block as configured.
+    assert {(info["cuda_graphs"], info["serving"]["cuda_graphs"]) for info in scenarios.values()} == {(False, True)}
     assert requests.get(f"{service['url']}/-/healthz", timeout=60).status_code == 200
 
 
@@ -432,8 +434,20 @@ def test_a_backend_the_replica_cannot_run_fails_the_replica_with_a_clear_error(s
         assert health.status_code == 200, health.text
         report = health.json()
         assert report["status"] == "degraded" and report["scenarios"]["sqs"]["status"] == "unavailable", report
+        # Serve's reason, not a timeout: only a redeploy brings the scenario back.
+        error = report["scenarios"]["sqs"]["error"]
+        assert error.startswith("failed to deploy (redeploy once fixed): The deployment failed to start "), error
+        assert "BackendUnavailable: scenario sqs: backend tensorrt needs the `tensorrt` package" in error, error
+        assert "\n" not in error and "Traceback" not in error and "\x1b" not in error, error  # one line: the cause
         assert {name for name, info in report["scenarios"].items() if "model_version" in info} == {"hp", "phf"}
         assert requests.head(f"{url}/healthz", timeout=60).status_code == 200
+        refused = requests.post(f"{url}/sqs/rank", json=example_request(registry, "sqs", candidates=2, events=2),
+                                timeout=60)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["kind"] == "deployment_failed", refused.text
+        message = refused.json()["error"]["message"]
+        assert message.startswith("scenario sqs: its deployment failed to deploy and serves again only once "
+                                  "redeployed; retrying will not help: ") and "tensorrt` package" in message, message
         body = example_request(registry, "hp", candidates=3, events=4, seed=5)
         response = requests.post(f"{url}/hp/rank", json=body, timeout=60)
         assert response.status_code == 200, response.text
