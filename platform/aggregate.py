@@ -27,19 +27,25 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mtfm.platform.rawlog import Contract, files_not_read, list_tables, refuse_a_file_for_a_folder, validate
+from mtfm.platform.rawlog import (REASON, Contract, cast_column, files_not_read, list_tables, refuse_a_file_for_a_folder,
+                                  ts_in_ms, validate)
+from mtfm.platform.run_lock import DriverLock
 from mtfm.platform.registry import Registry, events_column, exposures_column, scenario_of_column, user_column
 
 SAMPLES = "samples"
 QUARANTINE = "quarantine"
 SHUFFLE = "_shuffle"
 SUMMARY = "_summary.json"
+UNFINISHED = "_UNFINISHED"  # in samples/ while an aggregation writes it: training and eval refuse such samples
 ROWS_PER_PARTITION = 4_000_000
 CLOCK_SKEW_MS = 86_400_000
 # A ts in seconds (of any date up to the year 2286) is below this as ms: 1970-04-26.
 EARLY_TS_MS = 10**10
+LATE_TS_MS = 10**14
+PROGRESS_S = 10.0
 
 
 # ---------------------------------------------------------------- the per-partition kernel
@@ -213,7 +219,8 @@ def read_valid(registry: Registry, kind: str, name: str, path: str, index: int, 
         empty = contract.schema.empty_table() if contract.schema is not None else pa.table({})
         return empty, {"table": f"{kind}/{name}", "rows": 0, "good": 0, "early": 0, "reasons": {}, "ignored": [],
                        "missing": [], "file": Path(path).name,
-                       "unreadable": f"{path}: not read, its data does not decode ({exc})"}
+                       "unreadable": f"{path}: not read, its data does not decode ({_first_line(exc)}; "
+                                     f"{_footer_rows(path)})"}
     good, bad = validate(table, contract, max_ts)
     if bad.num_rows:
         folder = Path(out) / QUARANTINE / kind / name
@@ -225,9 +232,31 @@ def read_valid(registry: Registry, kind: str, name: str, path: str, index: int, 
     missing = [f.name for f in (contract.schema if contract.schema is not None else [])
                if f.name not in table.column_names and f.nullable and f.name not in contract.required + contract.labels]
     early = int((good["ts"].to_numpy() < EARLY_TS_MS).sum()) if contract.schema is not None else 0
+    late = _count_late(table) if contract.schema is not None else 0
     return good, {"table": f"{kind}/{name}", "rows": table.num_rows, "good": good.num_rows, "early": early,
-                  "reasons": dict(Counter(bad["reason"].to_pylist())) if bad.num_rows else {}, "ignored": ignored,
+                  "late": late, "reasons": dict(Counter(bad[REASON].to_pylist())) if bad.num_rows else {},
+                  "ignored": ignored,
                   "missing": missing, "file": Path(path).name}
+
+
+def _count_late(table: pa.Table) -> int:
+    """Rows whose ts reads as after LATE_TS_MS: microseconds or nanoseconds, taken for ms."""
+    if "ts" not in table.column_names:
+        return 0
+    ts, _ = cast_column(ts_in_ms(table["ts"]), pa.int64())
+    return int(pc.sum(pc.greater(ts, LATE_TS_MS)).as_py() or 0)
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _footer_rows(path: str) -> str:
+    """How many rows a file that does not decode held, as its footer says, for the summary."""
+    try:
+        return f"its footer counts {pq.ParquetFile(path).metadata.num_rows:,} rows, not aggregated"
+    except (OSError, pa.ArrowException):
+        return "its footer does not read either"
 
 
 def split_file(registry: Registry, kind: str, name: str, path: str, index: int, out: str,
@@ -328,7 +357,7 @@ def _prepare(registry: Registry, raw: Path, out: Path, overwrite: bool, log=prin
                              "would be read as a table next time); choose an --out outside it")
     if any(p.exists() for p in owned):
         previous = _previous_run(out)
-        if previous is not None and previous["samples_out"] == 0 and previous["raw"] == str(raw):
+        if previous is not None and previous["samples_out"] == 0 and Path(previous["raw"]).resolve() == raw.resolve():
             # The same logs, again, after a run that produced nothing: replacing it loses no sample
             # (its quarantine, of these logs, is written anew).
             log(f"replacing {out}: its earlier aggregation of {raw} wrote no user samples")
@@ -342,14 +371,16 @@ def _prepare(registry: Registry, raw: Path, out: Path, overwrite: bool, log=prin
             raise FileExistsError(f"{out} {held}; choose another --out or pass --overwrite")
         for p in owned:
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / SAMPLES).mkdir(parents=True, exist_ok=True)
+    (out / SAMPLES / UNFINISHED).write_text(f"an aggregation of {raw} writes these samples; {SUMMARY} is written and "
+                                            "this file removed when it finishes\n")
     warnings += [f"{kind}/{name}: unknown {'scenario' if kind == 'exposures' else 'sequence'}, "
                 f"its rows are quarantined under {out / QUARANTINE / kind / name}"
                 for kind, name in tables if Contract.for_table(registry, kind, name).schema is None]
-    warnings += [f"exposures/{s}: no raw data for this registered scenario (its lists will be empty)"
-                 for s in registry.scenarios if ("exposures", s) not in tables]
-    warnings += [f"behaviors/{q}: no raw data for this registered sequence (its lists will be empty)"
-                 for q in registry.sequences if ("behaviors", q) not in tables]
+    for kind, names, what in (("exposures", registry.scenarios, "scenario"), ("behaviors", registry.sequences,
+                                                                             "sequence")):
+        warnings += [f"{kind}/{name}: {'no *.parquet file' if (kind, name) in tables else 'no raw data'} for this "
+                     f"registered {what} (its lists will be empty)" for name in names if not tables.get((kind, name))]
     return files, rows, warnings
 
 
@@ -357,11 +388,12 @@ def _summary(registry: Registry, raw: Path, out: Path, window_ms: int, max_ts: i
              parts: list[dict], warnings: list[str], seconds: float, engine: str) -> dict:
     per_table: dict[str, dict] = {}
     for s in split:
-        t = per_table.setdefault(s["table"], {"rows": 0, "valid": 0, "early": 0, "quarantined": Counter(),
+        t = per_table.setdefault(s["table"], {"rows": 0, "valid": 0, "early": 0, "late": 0, "quarantined": Counter(),
                                               "ignored": set(), "missing": {}})
         t["rows"] += s["rows"]
         t["valid"] += s["good"]
         t["early"] += s["early"]
+        t["late"] += s.get("late", 0)
         t["quarantined"].update(s["reasons"])
         t["ignored"].update(s["ignored"])
         if s["missing"] and s["good"]:
@@ -376,6 +408,9 @@ def _summary(registry: Registry, raw: Path, out: Path, window_ms: int, max_ts: i
                  "valid rows get null there" for name, t in per_table.items() for columns, m in t["missing"].items()]
     warnings += [f"{name}: {t['early']:,} of {t['valid']:,} rows have a ts before 1970-04-26 (10^10 ms): ts in "
                  "seconds rather than ms?" for name, t in per_table.items() if t["early"]]
+    warnings += [f"{name}: {t['late']:,} of {t['rows']:,} rows have a ts after the year 5138 (10^14 ms): ts in "
+                 "microseconds or nanoseconds rather than ms? (write ms since the epoch, or Arrow timestamps, whose "
+                 "unit is read)" for name, t in per_table.items() if t["late"]]
     exposures_in = sum(t["rows"] for name, t in per_table.items() if name.startswith("exposures/"))
     samples = sum(p["samples"] for p in parts)
     exposures_out = sum(p["exposures"] for p in parts)
@@ -391,7 +426,13 @@ def _summary(registry: Registry, raw: Path, out: Path, window_ms: int, max_ts: i
         "warnings": warnings, "seconds": round(seconds, 3),
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    (out / SAMPLES / UNFINISHED).unlink(missing_ok=True)
     return summary
+
+
+def _sole_aggregation(out: Path) -> DriverLock:
+    """Holds `out` for this aggregation while it runs: another one into it is refused."""
+    return DriverLock(out, "aggregation", "two aggregations into one --out would mix their users' samples")
 
 
 def _default_max_ts() -> int:
@@ -410,52 +451,58 @@ def aggregate(registry: Registry, raw: str | Path, out: str | Path, window_ms: i
     from mtfm.platform.cluster import init_ray
 
     raw, out = Path(raw), Path(out)
-    prepare_start = time.perf_counter()
-    files, rows, warnings = _prepare(registry, raw, out, overwrite, log)  # bad input is named before Ray starts
-    prepare_s = time.perf_counter() - prepare_start
-    ray = init_ray()
-    import ray.data
+    refuse_a_file_for_a_folder(out, f"--out {out}")
+    with _sole_aggregation(out):
+        prepare_start = time.perf_counter()
+        files, rows, warnings = _prepare(registry, raw, out, overwrite, log)  # bad input is named before Ray starts
+        prepare_s = time.perf_counter() - prepare_start
+        ray = init_ray()
+        import ray.data
 
-    start = time.perf_counter() - prepare_s  # Ray's start-up is not the aggregation's time
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    parts = num_partitions or _num_partitions(rows, cpus)
-    max_ts = _default_max_ts() if max_ts is None else max_ts
-    # The index keeps the raw-log order (ties in ts keep it).
-    items = [{"kind": k, "name": n, "path": p, "index": i} for i, (k, n, p) in enumerate(files)]
-    split = [r for rs in _run(ray, _file_bins(items, 2 * cpus), _split_batch,
-                              dict(registry=registry, out=str(out), num_partitions=parts, max_ts=max_ts)) for r in rs]
-    split_s = time.perf_counter() - start
-    results = _run(ray, [{"partition": p} for p in range(parts)], _aggregate_batch,
-                   dict(registry=registry, out=str(out), window_ms=window_ms))
-    shutil.rmtree(out / SHUFFLE, ignore_errors=True)
-    log(f"split {split_s:.1f} s, aggregate {time.perf_counter() - start - split_s:.1f} s "
-        f"({len(files)} files, {parts} user partitions)")
-    summary = _summary(registry, raw, out, window_ms, max_ts, split, results, warnings,
-                       time.perf_counter() - start, "ray")
-    _print_summary(summary, log)
-    return summary
+        start = time.perf_counter() - prepare_s  # Ray's start-up is not the aggregation's time
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        parts = num_partitions or _num_partitions(rows, cpus)
+        max_ts = _default_max_ts() if max_ts is None else max_ts
+        # The index keeps the raw-log order (ties in ts keep it).
+        items = [{"kind": k, "name": n, "path": p, "index": i} for i, (k, n, p) in enumerate(files)]
+        log(f"aggregating {len(files)} files ({rows:,} rows) into {parts} user partitions on {cpus} CPUs")
+        split = [r for rs in _run(ray, _file_bins(items, 2 * cpus), _split_batch,
+                                  dict(registry=registry, out=str(out), num_partitions=parts, max_ts=max_ts),
+                                  "split the files by user", log) for r in rs]
+        split_s = time.perf_counter() - start
+        results = _run(ray, [{"partition": p} for p in range(parts)], _aggregate_batch,
+                       dict(registry=registry, out=str(out), window_ms=window_ms), "aggregate the partitions", log)
+        shutil.rmtree(out / SHUFFLE, ignore_errors=True)
+        log(f"split {split_s:.1f} s, aggregate {time.perf_counter() - start - split_s:.1f} s "
+            f"({len(files)} files, {parts} user partitions)")
+        summary = _summary(registry, raw, out, window_ms, max_ts, split, results, warnings,
+                           time.perf_counter() - start, "ray")
+        _print_summary(summary, log)
+        return summary
 
 
 def aggregate_local(registry: Registry, raw: str | Path, out: str | Path, window_ms: int = 86_400_000,
                     max_ts: int | None = None, overwrite: bool = False, log=print) -> dict:
     """The same result in one process (no shuffle folder: one partition holding every user)."""
-    start = time.perf_counter()
     raw, out = Path(raw), Path(out)
-    files, _, warnings = _prepare(registry, raw, out, overwrite, log)
-    max_ts = _default_max_ts() if max_ts is None else max_ts
-    split, valid = [], {}
-    for i, (kind, name, path) in enumerate(files):
-        good, counts = read_valid(registry, kind, name, path, i, str(out), max_ts)
-        valid.setdefault((kind, name), []).append(good)
-        split.append(counts)
-    tables = {k: pa.concat_tables(v) for k, v in valid.items() if Contract.for_table(registry, *k).schema is not None}
-    samples = aggregate_partition(registry, {n: t for (k, n), t in tables.items() if k == "exposures"},
-                                  {n: t for (k, n), t in tables.items() if k == "behaviors"}, window_ms)
-    results = [_write_samples(samples, out, 0)]
-    summary = _summary(registry, raw, out, window_ms, max_ts, split, results, warnings,
-                       time.perf_counter() - start, "local")
-    _print_summary(summary, log)
-    return summary
+    refuse_a_file_for_a_folder(out, f"--out {out}")
+    with _sole_aggregation(out):
+        start = time.perf_counter()
+        files, _, warnings = _prepare(registry, raw, out, overwrite, log)
+        max_ts = _default_max_ts() if max_ts is None else max_ts
+        split, valid = [], {}
+        for i, (kind, name, path) in enumerate(files):
+            good, counts = read_valid(registry, kind, name, path, i, str(out), max_ts)
+            valid.setdefault((kind, name), []).append(good)
+            split.append(counts)
+        tables = {k: pa.concat_tables(v) for k, v in valid.items() if Contract.for_table(registry, *k).schema is not None}
+        samples = aggregate_partition(registry, {n: t for (k, n), t in tables.items() if k == "exposures"},
+                                      {n: t for (k, n), t in tables.items() if k == "behaviors"}, window_ms)
+        results = [_write_samples(samples, out, 0)]
+        summary = _summary(registry, raw, out, window_ms, max_ts, split, results, warnings,
+                           time.perf_counter() - start, "local")
+        _print_summary(summary, log)
+        return summary
 
 
 def _file_bins(items: list[dict], bins: int) -> list[dict]:
@@ -479,8 +526,12 @@ def _aggregate_batch(batch: dict, **kwargs) -> dict:
     return {"result": np.array([json.dumps(r) for r in results], dtype=object)}
 
 
-def _run(ray, items: list[dict], fn, kwargs: dict) -> list[dict]:
-    """One Ray Data pass over a work list: one task per item, each on one CPU."""
+def _run(ray, items: list[dict], fn, kwargs: dict, stage: str, log) -> list[dict]:
+    """One Ray Data pass over a work list: one task per item, each on one CPU. Progress is logged
+    as `stage: done/all tasks` every PROGRESS_S and at the end (Ray Data's own lines are quieted)."""
+    from mtfm.platform.samples import quiet_ray_data
+
+    quiet_ray_data()
     context = ray.data.DataContext.get_current()
     reservation = context.op_resource_reservation_enabled
     # Per-operator reservations hold part of the CPUs back while the first tasks run; these
@@ -489,7 +540,13 @@ def _run(ray, items: list[dict], fn, kwargs: dict) -> list[dict]:
     try:
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         out = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=1, num_cpus=1)
-        return [json.loads(r["result"]) for r in out.take_all()]
+        results, shown = [], time.monotonic()
+        for row in out.iter_rows():
+            results.append(json.loads(row["result"]))
+            if len(results) == len(items) or time.monotonic() - shown >= PROGRESS_S:
+                log(f"{stage}: {len(results)}/{len(items)} tasks done")
+                shown = time.monotonic()
+        return results
     finally:
         context.op_resource_reservation_enabled = reservation
 

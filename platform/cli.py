@@ -104,7 +104,13 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     from mtfm.platform.synth import synthesize
 
     reg = load_registry(args.config_dir)
-    counts = synthesize(reg, args.out, users=args.users, days=args.days, seed=args.seed, overwrite=args.overwrite)
+    try:
+        counts = synthesize(reg, args.out, users=args.users, days=args.days, seed=args.seed,
+                            overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.out} holds only part of the logs; run the command again with --overwrite",
+              file=sys.stderr)
+        return 130
     print(f"wrote {sum(counts.values()):,} rows in {len(counts)} tables under {args.out}")
     return 0
 

@@ -2,6 +2,7 @@
 
 `validate(table, contract)` casts each column to the registry's type and splits the rows into
 good ones (exactly the contract schema) and bad ones (the file's own columns plus `reason`).
+A `ts` of Arrow timestamps or dates is read in ms since the epoch, whatever its unit.
 A column whose type differs from the contract is cast as a whole when it can be; otherwise
 value by value (vectorised, through text), and only the values that cannot be cast are bad.
 A row has the first reason that applies, in this order: an unknown table, a missing column,
@@ -20,6 +21,7 @@ import pyarrow.compute as pc
 
 from mtfm.platform.registry import Registry
 
+REASON = "reason"  # the quarantine's column saying why a row is there
 INTEGER = r"^\s*[+-]?\d+\s*$"
 FLOAT = r"^\s*[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|inf|infinity|nan)\s*$"
 
@@ -73,6 +75,8 @@ def validate(table: pa.Table, contract: Contract, max_ts: int) -> tuple[pa.Table
             columns.append(pa.nulls(n, field.type))
             continue
         source = table[field.name]
+        if field.name == "ts":
+            source = ts_in_ms(source)
         cast, bad = cast_column(source, field.type)
         flag(bad, f"wrong type in {field.name}: expected {field.type}, found a {source.type} value that does not convert")
         columns.append(cast)
@@ -93,8 +97,16 @@ def validate(table: pa.Table, contract: Contract, max_ts: int) -> tuple[pa.Table
         value = label.to_numpy()  # float with NaN for nulls (already flagged)
         flag((value != 0) & (value != 1), f"label {name} not 0/1")
     if not reasons:
-        return good, table.schema.append(pa.field("reason", pa.string())).empty_table()
+        return good, _with_reason(table.slice(0, 0), code[:0], reasons)
     return good.filter(pa.array(code == 0)), _with_reason(table, code, reasons)
+
+
+def ts_in_ms(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A `ts` column of Arrow timestamps (as pandas writes datetimes) or dates as ms since the epoch;
+    a column of numbers as it is (read as ms). Arrow would cast a timestamp to its own unit's count."""
+    if pa.types.is_timestamp(column.type) or pa.types.is_date(column.type):
+        return pc.cast(pc.cast(column, pa.timestamp("ms"), safe=False), pa.int64())
+    return column
 
 
 def cast_column(column: pa.ChunkedArray | pa.Array, target: pa.DataType) -> tuple[pa.Array, np.ndarray]:
@@ -148,9 +160,13 @@ def _null(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def _with_reason(table: pa.Table, code: np.ndarray, reasons: list[str]) -> pa.Table:
+    """The bad rows with their `reason` last; a `reason` column of the file's own (a quarantine read
+    again after a fix: the registry reserves the name) gives way to this run's."""
     bad = code > 0
     labels = pa.array(np.array([""] + reasons, dtype=object)[code[bad]], pa.string())
-    return table.filter(pa.array(bad)).append_column("reason", labels)
+    if REASON in table.column_names:
+        table = table.drop_columns([REASON])
+    return table.filter(pa.array(bad)).append_column(REASON, labels)
 
 
 def prepare_raw_out(out: str | Path, overwrite: bool) -> Path:

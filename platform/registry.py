@@ -42,8 +42,12 @@ SEQUENCE_KINDS = ("history", "realtime")
 TASK_KINDS = ("ctr", "ctcvr", "binary")
 SERVING_BACKENDS = ("torch", "onnx", "tensorrt")
 # Columns every raw log or aggregated sample has; no feature or task may take these names.
-RESERVED_COLUMNS = ("user_id", "request_id", "ts", "window")
+RESERVED_COLUMNS = ("user_id", "request_id", "ts", "window", "reason")  # reason: the quarantine's
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
+# The most rows a categorical feature's embedding table may have (int32's range; at dim 4 that table
+# alone is 32 GiB): a larger `buckets` is a typo that would otherwise fail later, in the allocator.
+MAX_BUCKETS = 2**31 - 1
+SCENARIO_SUFFIXES = (".yaml", ".yml")
 
 
 class RegistryError(ValueError):
@@ -52,6 +56,7 @@ class RegistryError(ValueError):
     def __init__(self, file: str | Path, field_path: str, message: str):
         self.file = str(file)
         self.field = field_path
+        self.message = message
         super().__init__(f"{file}: {field_path}: {message}" if field_path else f"{file}: {message}")
 
 
@@ -295,16 +300,10 @@ def load_registry(config_dir: str | Path | None = None) -> Registry:
         what = "a file, not a config directory" if root.exists() else "config directory not found"
         raise RegistryError(root, "", f"{what} (expected a folder holding sequences.yaml and scenarios/*.yaml; "
                             "set --config-dir or MTFM_CONFIG_DIR)")
-    seq_file = root / "sequences.yaml"
-    if not seq_file.is_file():
-        raise RegistryError(seq_file, "", "file not found: every config directory declares its shared sequences here")
+    seq_file = sequences_file(root)
     sequences = _parse_sequences(read_yaml_mapping(seq_file), str(seq_file))
     scn_dir = root / "scenarios"
-    files = sorted(scn_dir.glob("*.yaml")) + sorted(scn_dir.glob("*.yml")) if scn_dir.is_dir() else []
-    for path in sorted(scn_dir.iterdir()) if scn_dir.is_dir() else ():
-        if path.suffix.lower() in (".yaml", ".yml") and path not in files:  # hp.YAML would be skipped unseen
-            raise RegistryError(path, "", f"a scenario file's name ends in .yaml or .yml, lower case; rename it "
-                                f"{path.stem}.yaml")
+    files = scenario_files(scn_dir)
     if not files:
         raise RegistryError(scn_dir, "", "no scenario files found (expected at least one scenarios/<name>.yaml)")
     scenarios: dict[str, Scenario] = {}
@@ -314,6 +313,40 @@ def load_registry(config_dir: str | Path | None = None) -> Registry:
                                 f"{scenarios[path.stem].source}; keep one of the two files")
         scenarios[path.stem] = _parse_scenario(read_yaml_mapping(path), str(path), expected_name=path.stem)
     return _assemble(root, sequences, dict(sorted(scenarios.items())))
+
+
+def sequences_file(root: Path) -> Path:
+    """`root/sequences.yaml`, checked to be a file."""
+    path = root / "sequences.yaml"
+    if path.is_dir():
+        raise RegistryError(path, "", "a directory, not a file: expected the YAML file declaring the config "
+                            "directory's shared sequences")
+    if not path.is_file():
+        raise RegistryError(path, "", "file not found: every config directory declares its shared sequences here")
+    return path
+
+
+def scenario_files(scn_dir: Path) -> list[Path]:
+    """The files the registry reads as scenarios: `scn_dir`'s *.yaml, then its *.yml, each sorted by
+    name. Hidden files are skipped, as editors keep lock and swap files there (`.#hp.yaml`, often a
+    link to nowhere); anything else named like a scenario file that cannot be read as one is an error."""
+    if scn_dir.exists() and not scn_dir.is_dir():
+        raise RegistryError(scn_dir, "", "a file, not a folder: expected the folder of scenarios/<name>.yaml files")
+    files = []
+    for path in sorted(scn_dir.iterdir()) if scn_dir.is_dir() else ():
+        if path.name.startswith(".") or path.suffix.lower() not in SCENARIO_SUFFIXES:
+            continue
+        if path.suffix not in SCENARIO_SUFFIXES:  # hp.YAML would be skipped unseen
+            raise RegistryError(path, "", f"a scenario file's name ends in .yaml or .yml, lower case; rename it "
+                                f"{path.stem}.yaml")
+        if path.is_dir():
+            raise RegistryError(path, "", "a directory, not a file: every scenarios/*.yaml (or .yml) is read as a "
+                                "scenario; rename the folder or move it out of scenarios/")
+        if not path.is_file():
+            what = "a link to a file that does not exist" if path.is_symlink() else "not a regular file"
+            raise RegistryError(path, "", f"{what} (expected a scenario file); remove it or make it one")
+        files.append(path)
+    return sorted(files, key=lambda p: (p.suffix == ".yml", p.name))
 
 
 def _assemble(root: Path, sequences: dict[str, Sequence], scenarios: dict[str, Scenario]) -> Registry:
@@ -482,6 +515,9 @@ def _parse_feature(raw: Any, file: str, where: str) -> Feature:
     if ftype == "numeric":
         return Feature(name, ftype, required, transform=f.choice("transform", NUMERIC_TRANSFORMS, "none"), description=desc)
     buckets = f.positive("buckets", int, minimum=2)
+    if buckets > MAX_BUCKETS:
+        raise RegistryError(file, f.path("buckets"), f"expected an integer <= {MAX_BUCKETS} (2**31 - 1), found "
+                            f"{buckets}: more rows than an embedding table can be indexed by (a typo?)")
     dim = f.positive("dim", int, minimum=1)
     max_len = _list_max_len(f) if ftype == "categorical_list" else None
     return Feature(name, ftype, required, buckets=buckets, dim=dim, max_len=max_len, description=desc)

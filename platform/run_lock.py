@@ -1,7 +1,9 @@
-"""One training driver per run folder: a second `mtfm train` of a run still training is refused.
+"""One driver per output folder: a second `mtfm train` of a run still training is refused, and so is a
+second `mtfm data aggregate` into an --out another one writes.
 
-Two drivers on one folder would each run a Ray Train of their own there: each prunes checkpoints the
-other is about to restore, and both append to its metrics. A driver takes `RUN_DIR/.driver.json`
+Two training drivers on one folder would each run a Ray Train of their own there: each prunes
+checkpoints the other is about to restore, and both append to its metrics. Two aggregations would
+write their users' samples into one shuffle and one samples folder. A driver takes `FOLDER/.driver.json`
 (host, pid, start time, a token of its own) by creating it exclusively, before Ray starts, keeps it
 fresh every HEARTBEAT_S while it runs, and removes it at the end if it is still its own. Another
 driver finding it refuses, unless it is stale: not touched for STALE_S, or, after 2 x HEARTBEAT_S,
@@ -26,10 +28,13 @@ STALE_S = 60.0
 
 class DriverLock:
     """`with DriverLock(run_dir):` holds `run_dir` for this driver, or raises ValueError naming the
-    live driver that holds it. A folder it had to create is removed again if left empty."""
+    live driver that holds it. A folder it had to create is removed again if left empty. `driver`
+    says what holds the folder in the refusal, `clash` what two of them would do."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, driver: str = "training driver",
+                 clash: str = "two drivers would prune each other's checkpoints"):
         self.run_dir = run_dir
+        self.driver, self.clash = driver, clash
         self.path = run_dir / DRIVER_FILE
         self.token = uuid.uuid4().hex
         self._created_dir = False
@@ -57,11 +62,10 @@ class DriverLock:
             fcntl.flock(side, fcntl.LOCK_EX)
             holder, age, exists = _read(self.path)
             if exists and not _stale(holder, age):
-                raise ValueError(f"{self.run_dir}: {_who(holder, age)}; two drivers would prune each other's "
-                                 "checkpoints")
+                raise ValueError(f"{self.run_dir}: {_who(holder, age, self.driver)}; {self.clash}")
             self.path.unlink(missing_ok=True)
             if not self._create():  # another driver created it between our read and now
-                raise ValueError(f"{self.run_dir}: another training driver started on it just now")
+                raise ValueError(f"{self.run_dir}: another {self.driver} started on it just now")
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
@@ -118,15 +122,16 @@ def _read(path: Path) -> tuple[dict, float, bool]:
     return holder if isinstance(holder, dict) else {}, age, True
 
 
-def _who(holder: dict, age: float) -> str:
-    """Who holds the run, and what to do, for a refusal."""
+def _who(holder: dict, age: float, what: str) -> str:
+    """Who holds the folder (a `what`), and what to do, for a refusal."""
     driver = f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}"
     if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
         wait = max(2 * HEARTBEAT_S - age, 0.0)
-        return (f"the training driver that held it ({driver}) exited without releasing {DRIVER_FILE} (killed?); "
+        return (f"the {what} that held it ({driver}) exited without releasing {DRIVER_FILE} (killed?); "
                 f"it is released {2 * HEARTBEAT_S:.0f} s after that driver's last heartbeat: retry in {wait:.0f} s")
     wait = max(STALE_S - age, 0.0)
-    return (f"a training driver still runs it ({driver}; last heartbeat {age:.0f} s ago): stop it first (Ctrl-C, or "
+    article = "an" if what[0] in "aeiou" else "a"
+    return (f"{article} {what} still runs it ({driver}; last heartbeat {age:.0f} s ago): stop it first (Ctrl-C, or "
             f"`ray job stop` of its job), or wait for it; if that driver died, {DRIVER_FILE} is released once "
             f"{STALE_S:.0f} s old (in {wait:.0f} s)")
 

@@ -3,14 +3,17 @@
 `mtfm data aggregate` writes one Parquet dataset of user samples (one row per user and window);
 training holds out its last `test_windows` windows for evaluation (`split_by_window`), and a model
 restricted to some scenarios keeps the users with exposures in them (`keep_users_of`). A folder
-that is not such a dataset, a part that cannot be read and parts of different aggregations are
-refused here, each by name, before any worker starts.
+that is not such a dataset, a part that cannot be read, parts of different aggregations and the
+output of an aggregation that has not finished are refused here, each by name, before any worker
+starts.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from mtfm.platform.aggregate import SAMPLES, SUMMARY, UNFINISHED
 from mtfm.platform.registry import events_column, exposures_column, scenario_of_column
+from mtfm.platform.run_lock import DRIVER_FILE
 
 
 def quiet_ray_data() -> None:
@@ -141,9 +144,29 @@ def samples_folder(samples: str) -> str:
         raise FileNotFoundError(f"{samples}: no aggregated samples here (run `mtfm data synth` and `mtfm data "
                                 "aggregate` first, or `mtfm quickstart`; pass the aggregate's samples/ folder or its "
                                 "--out folder)")
-    if filesystem.get_file_info(f"{path}/samples").type == pyarrow.fs.FileType.Directory:
-        return f"{samples.rstrip('/')}/samples"
+    if filesystem.get_file_info(f"{path}/{SAMPLES}").type == pyarrow.fs.FileType.Directory:
+        refuse_an_unfinished_aggregation(filesystem, f"{path}/{SAMPLES}", samples, summary=f"{path}/{SUMMARY}")
+        return f"{samples.rstrip('/')}/{SAMPLES}"
+    refuse_an_unfinished_aggregation(filesystem, path, samples)
     return samples
+
+
+def refuse_an_unfinished_aggregation(filesystem, folder: str, samples: str, summary: str | None = None) -> None:
+    """Samples of an aggregation that has not finished (its samples/ folder holds UNFINISHED, or its
+    --out folder no summary, which it writes last) are those of only some users: one still running,
+    or one interrupted. Training on them would go on without a word."""
+    from pyarrow.fs import FileType
+
+    marked = filesystem.get_file_info(f"{folder}/{UNFINISHED}").type != FileType.NotFound
+    if not marked and (summary is None or filesystem.get_file_info(summary).type == FileType.File):
+        return
+    out = folder.rstrip("/").rsplit("/", 1)[0]
+    if filesystem.get_file_info(f"{out}/{DRIVER_FILE}").type == FileType.File:
+        raise ValueError(f"{samples}: an aggregation is still writing these samples ({out}/{DRIVER_FILE}); wait "
+                         "for it to finish")
+    raise ValueError(f"{samples}: the output of an aggregation that did not finish (no {out}/{SUMMARY}, which it "
+                     "writes last: interrupted?), so it holds only some users' samples; aggregate the raw logs again "
+                     "(mtfm data aggregate ... --overwrite)")
 
 
 def keep_users_of(ds, scenarios: list[str]):

@@ -5,7 +5,7 @@ raw-log contract of DESIGN.md). At most `MAX_ROWS` rows are read; cardinalities 
 The draft is validated by the registry (a temporary copy of the config dir with the draft in it)
 before anything is written. The rules, column by column:
 
-- Skipped: the reserved columns (user_id, request_id, ts, window) and any `--skip` column.
+- Skipped: the reserved columns (user_id, request_id, ts, window, reason) and any `--skip` column.
 - Reuse first: a name the registry already declares (in a sequence or another scenario) gets
   that declaration copied exactly (type, buckets, dim, transform, max_len; a name means one
   thing everywhere) and the same section (a sequence feature is an item feature).
@@ -57,8 +57,8 @@ import pyarrow.compute as pc
 import yaml
 
 from mtfm.platform.registry import (
-    NAME_PATTERN, RESERVED_COLUMNS, Feature, RegistryError, _parse_sequences, load_registry, read_yaml_mapping,
-    resolve_config_dir,
+    NAME_PATTERN, RESERVED_COLUMNS, Feature, Registry, RegistryError, _parse_sequences, load_registry,
+    read_yaml_mapping, resolve_config_dir, scenario_files, sequences_file,
 )
 
 MAX_ROWS = 2_000_000
@@ -300,13 +300,12 @@ def _feature_yaml(f: Feature) -> dict[str, Any]:
 def _known_features(config_dir: Path, exclude: str) -> tuple[dict[str, tuple[Feature, str, str]], set[str]]:
     """Features the registry declares (minus scenario `exclude`): name -> (feature, section, where);
     and the sequence names. Validates the rest of the config dir."""
-    scn_dir = config_dir / "scenarios"
-    others = [p for p in sorted(scn_dir.glob("*.y*ml")) if p.stem != exclude] if scn_dir.is_dir() else []
+    seq_file = sequences_file(config_dir)
+    others = [p for p in scenario_files(config_dir / "scenarios") if p.stem != exclude]
     known: dict[str, tuple[Feature, str, str]] = {}
     if others:
         with tempfile.TemporaryDirectory() as tmp:
-            copy = _copy_config_dir(config_dir, Path(tmp), exclude)
-            reg = load_registry(copy)
+            reg = _load_copy(_copy_config_dir(config_dir, Path(tmp), exclude), config_dir)
         for seq in reg.sequences.values():
             for f in seq.features:
                 known.setdefault(f.name, (f, "item_features", f"sequence {seq.name}"))
@@ -315,7 +314,6 @@ def _known_features(config_dir: Path, exclude: str) -> tuple[dict[str, tuple[Fea
                 for f in getattr(scn, section):
                     known.setdefault(f.name, (f, section, f"scenario {scn.name}"))
         return known, set(reg.sequences)
-    seq_file = config_dir / "sequences.yaml"
     sequences = _parse_sequences(read_yaml_mapping(seq_file), str(seq_file))
     for seq in sequences.values():
         for f in seq.features:
@@ -327,11 +325,23 @@ def _copy_config_dir(src: Path, dst: Path, exclude: str) -> Path:
     """sequences.yaml and scenarios/*.yaml of `src` (without scenario `exclude`) under `dst/configs`."""
     root = dst / "configs"
     (root / "scenarios").mkdir(parents=True)
-    shutil.copy(src / "sequences.yaml", root / "sequences.yaml")
-    for p in (src / "scenarios").glob("*.y*ml") if (src / "scenarios").is_dir() else []:
+    shutil.copy(sequences_file(src), root / "sequences.yaml")
+    for p in scenario_files(src / "scenarios"):
         if p.stem != exclude:
             shutil.copy(p, root / "scenarios" / p.name)
     return root
+
+
+def _load_copy(copy: Path, root: Path) -> Registry:
+    """The registry of `copy`, a copy of config dir `root`. Its errors name `root`'s files: the copy
+    is deleted by the time anyone reads them."""
+    try:
+        return load_registry(copy)
+    except RegistryError as exc:
+        def back(text: str) -> str:
+            return text.replace(str(copy), str(root))
+
+        raise RegistryError(back(exc.file), exc.field, back(exc.message)) from None
 
 
 def _label_values_ok(col: pa.ChunkedArray) -> bool:
@@ -362,6 +372,10 @@ def _some_values(col: pa.ChunkedArray, most: int = 5) -> str:
 def infer_columns(table: pa.Table, source: Path, known: dict[str, tuple[Feature, str, str]],
                   skip: tuple[str, ...] = ()) -> list[Inferred]:
     names = table.column_names
+    unknown = [s for s in dict.fromkeys(skip) if s not in names]
+    if unknown:  # a typo would leave the column meant to be skipped (say, a leaking label) in the draft
+        raise SchemaInferenceError(f"{source}: --skip {', '.join(unknown)}: not a column of the log; expected some "
+                                   f"of its columns: {', '.join(names)}")
     entities = {n[:-3] for n in names if n.endswith("_id") and n not in RESERVED_COLUMNS}
     entities |= {n[:-3] for n, (_, section, _) in known.items() if n.endswith("_id") and section == "item_features"}
     out: list[Inferred] = []
@@ -553,6 +567,18 @@ def render_yaml(name: str, source: Path, rows: int, columns: list[Inferred], lab
     return "\n".join(lines) + "\n"
 
 
+def _refuse_unwritable(target: Path, name: str) -> None:
+    """Refuse, before the log is read, a target the draft could not be written to: a folder, or a
+    path under a file. Missing folders on the way are made when the draft is written."""
+    if target.is_dir():
+        raise SchemaInferenceError(f"{target}: a folder, not a file: --out names the file to write the draft to, "
+                                   f"e.g. {target / f'{name}.yaml'}")
+    nearest = next(parent for parent in target.parents if parent.exists())
+    if not nearest.is_dir():
+        raise SchemaInferenceError(f"{target}: cannot be written: {nearest} is a file, not a folder (expected --out "
+                                   "to name a file in a folder)")
+
+
 def infer_scenario(name: str, exposures: str | Path, config_dir: str | Path | None = None,
                    out: str | Path | None = None, force: bool = False, skip: tuple[str, ...] = (),
                    write: bool = True) -> InferenceResult:
@@ -561,7 +587,7 @@ def infer_scenario(name: str, exposures: str | Path, config_dir: str | Path | No
         raise SchemaInferenceError(f"--name {name!r}: expected a lower-case identifier (letters, digits, single "
                                    "underscores, starting with a letter; not a reserved column), e.g. coupon_feed")
     root = resolve_config_dir(config_dir)
-    if not (root / "sequences.yaml").is_file():
+    if not (root / "sequences.yaml").exists():
         raise SchemaInferenceError(f"{root}: not a config directory (expected sequences.yaml and scenarios/ in it; "
                                    "set --config-dir or MTFM_CONFIG_DIR)")
     scenarios = (root / "scenarios").resolve()
@@ -581,11 +607,13 @@ def infer_scenario(name: str, exposures: str | Path, config_dir: str | Path | No
         if any(path != target.resolve() for path in declared):
             raise SchemaInferenceError(f"{target}: scenario {name!r} is already declared in {declared[0]}; write the "
                                        "draft there (with --force) or remove that file first")
+    if write:
+        _refuse_unwritable(target, name)
     if write and target.exists() and not force:
         raise SchemaInferenceError(f"{target}: already exists; pass --force to overwrite it, or --out FILE")
     source = Path(exposures)
     known, sequence_names = _known_features(root, exclude=name)
-    scenario_names = {p.stem for p in (root / "scenarios").glob("*.y*ml")} if (root / "scenarios").is_dir() else set()
+    scenario_names = {p.stem for p in scenario_files(root / "scenarios")}
     table = read_exposures(source, log_names=frozenset(sequence_names | scenario_names))
     if name in sequence_names:
         raise SchemaInferenceError(f"--name {name!r}: already the name of a sequence in {root / 'sequences.yaml'}; "
@@ -608,10 +636,9 @@ def infer_scenario(name: str, exposures: str | Path, config_dir: str | Path | No
         copy = _copy_config_dir(root, Path(tmp), exclude=name)
         (copy / "scenarios" / f"{name}.yaml").write_text(text)
         try:
-            load_registry(copy)
+            _load_copy(copy, root)
         except RegistryError as exc:
-            raise SchemaInferenceError(f"the draft for {name!r} does not validate: "
-                                       f"{str(exc).replace(str(copy), str(root))}") from exc
+            raise SchemaInferenceError(f"the draft for {name!r} does not validate: {exc}") from exc
     result = InferenceResult(name, source, table.num_rows, columns, text)
     if declared and target.resolve() not in declared:
         result.notes.append(f"scenario {name!r} is already declared in {declared[0]}: this draft was checked as its "

@@ -246,7 +246,9 @@ def test_unreadable_files_and_ts_in_seconds_are_named_and_the_rest_aggregated(ra
     assert set(named) == {"empty.parquet", "garbage.parquet", "day.csv", "loose.parquet", "damaged.parquet"}, \
         summary["warnings"]
     assert "not a readable Parquet file" in named["garbage.parquet"] and "expected exposures/" in named["day.csv"]
-    assert "does not decode" in named["damaged.parquet"]
+    rows = pq.ParquetFile(hp / "damaged.parquet").metadata.num_rows
+    assert "does not decode" in named["damaged.parquet"] and "\n" not in named["damaged.parquet"]
+    assert named["damaged.parquet"].endswith(f"; its footer counts {rows:,} rows, not aggregated)")
     early = [w for w in summary["warnings"] if w.startswith("exposures/phf: ")]
     assert len(early) == 1 and early[0].startswith("exposures/phf: 5 of ") and early[0].endswith("rather than ms?")
     clean = aggregate(registry, raw, tmp_path / "clean", **QUIET)
@@ -351,3 +353,100 @@ def test_order_is_stable_by_user_ts_tiebreak(rows, scale):
     want = sorted(range(len(rows)), key=lambda i: (rows[i][0], rows[i][1], rows[i][2], i))
     assert _order(u, ts * scale, tb).tolist() == want
     assert _order(u, ts * scale).tolist() == sorted(range(len(rows)), key=lambda i: (rows[i][0], rows[i][1], i))
+
+
+def test_a_second_aggregation_into_one_out_is_refused_while_the_first_runs(registry, raw, tmp_path):
+    from mtfm.platform.run_lock import DRIVER_FILE, DriverLock
+
+    out = tmp_path / "agg"
+    with DriverLock(out, "aggregation"):  # as an aggregation running in another process holds it
+        with pytest.raises(ValueError, match=rf"{re.escape(str(out))}: an aggregation still runs it \(host .*; two "
+                                             r"aggregations into one --out would mix their users' samples"):
+            aggregate_local(registry, raw, out, **QUIET)
+        assert {p.name for p in out.iterdir()} <= {DRIVER_FILE, ".driver.lock"}  # nothing of the refused run
+    summary = aggregate_local(registry, raw, out, **QUIET)  # released: the next one runs, and releases it too
+    assert summary["samples_out"] > 0 and not (out / DRIVER_FILE).exists()
+
+
+def test_training_and_eval_refuse_an_aggregation_that_did_not_finish(ray_cluster, registry, raw, tmp_path):
+    from mtfm.platform.run_lock import DRIVER_FILE
+    from mtfm.platform.samples import samples_folder, split_by_window
+
+    out = tmp_path / "agg"
+    aggregate_local(registry, raw, out, **QUIET)
+    assert samples_folder(str(out)) == f"{out}/samples"
+    assert not (out / "samples" / "_UNFINISHED").exists()
+    # As a killed run leaves it: its marker in samples/, no summary (written last).
+    (out / "_summary.json").unlink()
+    (out / "samples" / "_UNFINISHED").write_text("")
+    for given in (out, out / "samples"):
+        with pytest.raises(ValueError, match=rf"{re.escape(str(given))}: the output of an aggregation that did not "
+                                             r"finish \(no .*_summary\.json, which it writes last: interrupted\?\)"):
+            split_by_window(given, test_windows=1)
+    (out / DRIVER_FILE).write_text("{}")  # one still running
+    with pytest.raises(ValueError, match=r"an aggregation is still writing these samples"):
+        samples_folder(str(out / "samples"))
+    plain = tmp_path / "mine" / "samples"  # a samples folder of the user's own, outside any aggregation: read
+    shutil.copytree(out / "samples", plain, ignore=shutil.ignore_patterns("_UNFINISHED"))
+    assert samples_folder(str(plain)) == str(plain)
+    (out / "samples" / "_UNFINISHED").unlink()  # an --out folder without its summary is refused all the same
+    with pytest.raises(ValueError, match=r"an aggregation is still writing"):
+        samples_folder(str(out))
+
+
+def test_a_reason_column_in_the_logs_gives_way_to_the_quarantines(registry, raw, tmp_path):
+    """A quarantine, fixed and read again, carries the earlier run's `reason`: it is ignored, and a
+    row quarantined again gets this run's reason in the one `reason` column."""
+    logs = tmp_path / "raw"
+    shutil.copytree(raw, logs)
+    hp = pq.read_table(next((raw / "exposures" / "hp").glob("*.parquet"))).slice(0, 2)
+    click = hp.schema.get_field_index("click")
+    hp = hp.set_column(click, "click", pa.array([1, 2], hp["click"].type))
+    pq.write_table(hp.append_column("reason", pa.array(["label click not 0/1", "label click not 0/1"])),
+                   logs / "exposures" / "hp" / "fixed.parquet")
+    summary = aggregate_local(registry, logs, tmp_path / "agg", **QUIET)
+    assert summary["quarantined"] == {"exposures/hp": {"label click not 0/1": 1}}
+    assert "exposures/hp: column(s) reason not in the contract, ignored" in summary["warnings"]
+    quarantined = pq.read_table(tmp_path / "agg" / "quarantine" / "exposures" / "hp")
+    assert quarantined.column_names.count("reason") == 1 and quarantined["click"].to_pylist() == [2]
+    again = aggregate_local(registry, tmp_path / "agg" / "quarantine", tmp_path / "again", **QUIET)
+    assert again["quarantined"] == {"exposures/hp": {"label click not 0/1": 1}}
+
+
+def test_timestamps_are_read_in_ms_and_a_ts_in_microseconds_is_named(registry, raw, tmp_path):
+    as_timestamps, in_us = tmp_path / "raw_ts", tmp_path / "raw_us"
+    for copy in (as_timestamps, in_us):
+        shutil.copytree(raw, copy)
+    for kind in ("exposures", "behaviors"):
+        for path in sorted((raw / kind).rglob("*.parquet")):
+            table = pq.read_table(path)
+            at = table.schema.get_field_index("ts")
+            ms = table["ts"].combine_chunks()
+            pq.write_table(table.set_column(at, "ts", ms.cast(pa.timestamp("ms")).cast(pa.timestamp("us"))),
+                           as_timestamps / path.relative_to(raw))  # as pandas writes datetimes
+            if kind == "exposures" and path.parent.name == "sqs":
+                pq.write_table(table.set_column(at, "ts", pc.multiply(ms, 1000)), in_us / path.relative_to(raw))
+    expected = pq.read_table(aggregate_local(registry, raw, tmp_path / "agg", **QUIET)["samples_dir"])
+    from_timestamps = aggregate_local(registry, as_timestamps, tmp_path / "agg_ts", **QUIET)
+    assert pq.read_table(from_timestamps["samples_dir"]).equals(expected)
+    assert not [w for w in from_timestamps["warnings"] if "ts" in w]
+    summary = aggregate_local(registry, in_us, tmp_path / "agg_us", max_ts=2**62, **QUIET)
+    rows = summary["tables"]["exposures/sqs"]["rows"]
+    assert (f"exposures/sqs: {rows:,} of {rows:,} rows have a ts after the year 5138 (10^14 ms): ts in microseconds "
+            "or nanoseconds rather than ms?") in " ".join(summary["warnings"])
+
+
+def test_an_empty_table_folder_is_named_and_the_same_logs_by_another_path_replace_an_empty_output(registry, raw,
+                                                                                                  tmp_path, monkeypatch):
+    logs = tmp_path / "raw"
+    shutil.copytree(raw, logs)
+    for path in (logs / "exposures" / "sqs").glob("*.parquet"):
+        path.unlink()
+    summary = aggregate_local(registry, logs, tmp_path / "agg", max_ts=1, **QUIET)  # every row after max_ts
+    assert ("exposures/sqs: no *.parquet file for this registered scenario (its lists will be empty)"
+            in summary["warnings"]) and summary["samples_out"] == 0
+    monkeypatch.chdir(tmp_path / "agg")
+    said = []
+    again = aggregate_local(registry, Path("..") / "raw", tmp_path / "agg", log=said.append)
+    assert again["samples_out"] > 0 and said[0] == f"replacing {tmp_path / 'agg'}: its earlier aggregation of ../raw " \
+                                                   "wrote no user samples"

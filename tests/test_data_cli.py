@@ -164,3 +164,19 @@ def test_the_worker_hook_never_takes_its_worker_down(monkeypatch, capsys):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # not asked of Ray, which is not initialised here
     quiet_worker_logs()
     assert "[mtfm] note: Ray's worker logs left as they are (KeyError: 'console')" in capsys.readouterr().err
+
+
+def test_an_interrupted_synth_says_its_output_is_partial(tmp_path, monkeypatch, capsys):
+    import mtfm.platform.synth as synth
+
+    real = synth.synthesize
+
+    def interrupted_at_the_end(registry, out, **kwargs):  # as Ctrl-C would, once tables are written
+        real(registry, out, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synth, "synthesize", interrupted_at_the_end)
+    out = tmp_path / "raw"
+    assert main(["data", "synth", "--out", str(out), "--users", "5", "--days", "1"]) == 130
+    assert capsys.readouterr().err.strip() == (f"interrupted: {out} holds only part of the logs; run the command "
+                                               "again with --overwrite")

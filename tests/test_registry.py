@@ -74,6 +74,9 @@ BAD_SCENARIOS = [
     (lambda d: d["item_features"][1].update(buckets="many"), "item_features[1].buckets", "expected an integer"),
     (lambda d: d["item_features"][1].update(type="categorial"), "item_features[1].type", "expected one of categorical"),
     (lambda d: d["item_features"][0].update(dim=0), "item_features[0].dim", "expected an integer >= 1"),
+    (lambda d: d["item_features"][0].update(buckets=2**31), "item_features[0].buckets",
+     "expected an integer <= 2147483647 (2**31 - 1), found 2147483648: an embedding table of that many rows cannot be "
+     "allocated"),
     (lambda d: d.update(tasks=[]), "tasks", "at least one task"),
     (lambda d: d.pop("tasks"), "tasks", "required field missing"),
     (lambda d: d["cross_features"].append(dict(d["item_features"][0])), "cross_features[2].name", "duplicate name 'poi_id'"),
@@ -84,6 +87,8 @@ BAD_SCENARIOS = [
     (lambda d: d["serving"].update(backend="tflite"), "serving.backend", "one of torch, onnx, tensorrt"),
     (lambda d: d["serving"].update(cuda_graphs="yes"), "serving.cuda_graphs", "true or false"),
     (lambda d: d["user_features"].append({"name": "ts", "type": "numeric"}), "user_features[2].name", "reserved column"),
+    (lambda d: d["item_features"].append({"name": "reason", "type": "numeric"}), "item_features[4].name",
+     "reserved column"),  # the quarantine's own column
     (lambda d: d["item_features"][2].update(buckets=10), "item_features[2].buckets",
      "not allowed for a numeric feature (only for categorical and categorical_list)"),
     (lambda d: d["item_features"][2].update(max_len=4), "item_features[2].max_len",
@@ -207,11 +212,37 @@ def test_a_scenario_in_two_files_is_refused_naming_both(config_dir):
         load_registry(config_dir)
 
 
+def test_hidden_files_are_skipped_and_a_folder_named_like_a_config_is_refused(config_dir):
+    """Editors keep lock and swap files beside the one edited (`.#hp.yaml`, often a link to nowhere)."""
+    scenarios = config_dir / "scenarios"
+    (scenarios / ".#hp.yaml").symlink_to("user@host.1234")
+    (scenarios / ".hp.yaml").write_text((scenarios / "hp.yaml").read_text())
+    assert list(load_registry(config_dir).scenarios) == ["hp", "phf", "sqs"]
+    (scenarios / "old.yaml").mkdir()
+    with pytest.raises(RegistryError) as err:
+        load_registry(config_dir)
+    assert str(err.value) == (f"{scenarios / 'old.yaml'}: a directory, not a file: every scenarios/*.yaml (or .yml) is "
+                              "read as a scenario; rename the folder or move it out of scenarios/")
+    (scenarios / "old.yaml").rmdir()
+    (scenarios / "gone.yml").symlink_to(config_dir / "nowhere.yaml")
+    with pytest.raises(RegistryError, match=r"gone\.yml: a link to a file that does not exist \(expected a scenario "
+                                            r"file\)"):
+        load_registry(config_dir)
+    (scenarios / "gone.yml").unlink()
+    sequences = config_dir / "sequences.yaml"
+    sequences.rename(config_dir / "moved.yaml")
+    sequences.mkdir()
+    with pytest.raises(RegistryError) as err:
+        load_registry(config_dir)
+    assert str(err.value) == (f"{sequences}: a directory, not a file: expected the YAML file declaring the config "
+                              "directory's shared sequences")
+
+
 def test_a_scenario_named_like_a_reserved_column_is_refused(config_dir):
     text = (config_dir / "scenarios" / "sqs.yaml").read_text()
     (config_dir / "scenarios" / "window.yaml").write_text(text.replace("name: sqs", "name: window"))
     with pytest.raises(RegistryError, match=r"window.yaml: name: 'window' is a reserved column \(user_id, request_id, "
-                                            r"ts, window\); name the scenario otherwise"):
+                                            r"ts, window, reason\); name the scenario otherwise"):
         load_registry(config_dir)
 
 

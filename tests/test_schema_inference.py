@@ -1,6 +1,7 @@
 """`mtfm scenarios infer`: a draft scenario YAML inferred from an exposure log (platform/schema_inference.py)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -9,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mtfm.platform.cli import main
-from mtfm.platform.registry import load_registry, read_yaml_mapping
+from mtfm.platform.registry import RegistryError, load_registry, read_yaml_mapping
 from mtfm.platform.schema_inference import (
     SchemaInferenceError, buckets_for, dim_for, infer_scenario, numeric_transform,
 )
@@ -294,3 +295,59 @@ def test_cli_prints_the_summary_and_writes_the_file(raw, config_dir, tmp_path, c
                  "--config-dir", str(config_dir)]) == 1
     err = capsys.readouterr().err
     assert "bad.csv: column 'shop_id' holds strings" in err
+
+
+def test_an_invalid_scenario_of_the_registry_is_named_by_its_own_path(tmp_path, config_dir, capsys):
+    """The other scenarios are checked in a temporary copy of the config dir, deleted before anyone
+    reads the error: it names the user's file."""
+    path = tmp_path / "log.parquet"
+    pq.write_table(_table(shop_id=[1, 2, 3], click=[0, 1, 0]), path)
+    sqs = config_dir / "scenarios" / "sqs.yaml"
+    sqs.write_text(sqs.read_text() + "descripton: x\n")
+    with pytest.raises(RegistryError) as err:
+        infer_scenario("shop_feed", path, config_dir=config_dir, write=False)
+    assert err.value.file == str(sqs) and str(err.value).startswith(f"{sqs}: descripton: unknown key")
+    assert main(["scenarios", "infer", "--name", "shop_feed", "--exposures", str(path), "--config-dir",
+                 str(config_dir), "--out", str(tmp_path / "shop.yaml")]) == 1
+    assert capsys.readouterr().err.startswith(f"config error: {sqs}: descripton: unknown key")
+    assert not (tmp_path / "shop.yaml").exists()
+
+
+def test_hidden_files_in_scenarios_are_neither_read_nor_copied(tmp_path, config_dir):
+    path = tmp_path / "log.parquet"
+    pq.write_table(_table(shop_id=[1, 2, 3], click=[0, 1, 0]), path)
+    (config_dir / "scenarios" / ".#hp.yaml").symlink_to("user@host.1234")  # an editor's lock file
+    (config_dir / "scenarios" / ".sqs.yaml").write_text("name: not_sqs\n")
+    result = infer_scenario("shop_feed", path, config_dir=config_dir)
+    assert "shop_feed" in load_registry(config_dir).scenarios and result.out.is_file()
+
+
+def test_skip_names_that_are_not_columns_are_refused(tmp_path, config_dir):
+    """A typo in --skip would leave the column (perhaps a label under another name) in the draft unseen."""
+    path = tmp_path / "log.parquet"
+    pq.write_table(_table(sku_id=[1, 2, 3], click=[0, 1, 0]), path)
+    with pytest.raises(SchemaInferenceError) as err:
+        infer_scenario("shop_feed", path, config_dir=config_dir, skip=("nosuchcol", "sku_idd", "click", "nosuchcol"))
+    assert str(err.value) == (f"{path}: --skip nosuchcol, sku_idd: not a column of the log; expected some of its "
+                              "columns: user_id, request_id, ts, sku_id, click")
+    assert not (config_dir / "scenarios" / "shop_feed.yaml").exists()
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_log_is_read(tmp_path, config_dir):
+    """The log named does not exist: each refusal comes first. Missing folders on the way are made."""
+    missing = tmp_path / "nope.parquet"
+    folder = tmp_path / "drafts"
+    folder.mkdir()
+    with pytest.raises(SchemaInferenceError) as err:
+        infer_scenario("shop_feed", missing, config_dir=config_dir, out=folder, force=True)
+    assert str(err.value) == (f"{folder}: a folder, not a file: --out names the file to write the draft to, e.g. "
+                              f"{folder / 'shop_feed.yaml'}")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("")
+    with pytest.raises(SchemaInferenceError, match=rf"shop\.yaml: cannot be written: {re.escape(str(notes))} is a "
+                                                   r"file, not a folder"):
+        infer_scenario("shop_feed", missing, config_dir=config_dir, out=notes / "shop.yaml")
+    path = tmp_path / "log.parquet"
+    pq.write_table(_table(shop_id=[1, 2, 3], click=[0, 1, 0]), path)
+    out = tmp_path / "new" / "deeper" / "shop.yaml"
+    assert infer_scenario("shop_feed", path, config_dir=config_dir, out=out).out == out and out.is_file()
