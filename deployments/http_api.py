@@ -12,10 +12,11 @@ header (`server_timing`): where its time went on the server, in ms.
 
 Requests are validated against the checkpoint's registry snapshot (the features the model was
 trained with) before any scoring. Every refusal is a 4xx JSON body {"error": {"kind", "field",
-"message"}}; a scenario replica that dies mid-request gives a 503 the client may retry (Serve
-starts a new replica); a scoring failure gives a 500. A rank request whose client disconnects before
-its answer, or that Serve's request timeout cancels, is counted in the metrics as error kind
-`cancelled` (latency status 4xx).
+"message"}}; a scenario replica that dies mid-request gives a 503 `replica_unavailable` the client
+may retry (Serve starts a new replica), and one whose deployment failed to deploy a 503
+`deployment_failed` (router.py) that only a redeploy clears; a scoring failure gives a 500. A rank
+request whose client disconnects before its answer, or that Serve's request timeout cancels, is
+counted in the metrics as error kind `cancelled` (latency status 4xx).
 
 Bodies are decoded and responses encoded with orjson: decoding and checking a request of 1000
 events takes 0.76-0.84x the time it took with the standard library's json (bench/RESULTS.md,

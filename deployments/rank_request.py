@@ -216,7 +216,7 @@ class RankRequestParser:
                                f"expected a list of candidates or an object of columns, found {_json_kind(items)}")
         schema = self.candidate_schema
         if isinstance(items, dict):
-            columns, count = schema.given_columns(items, "candidates")
+            columns, count = schema.given_columns(items, "candidates", rows_required=True)
         else:
             columns, count = None, len(items)
         if not count:
@@ -311,9 +311,11 @@ class _ObjectSchema:
             return None
         return self.plain_arrays({name: [item.get(name) for item in items] for name in self.names})
 
-    def given_columns(self, given: dict, where: str) -> tuple[dict[str, pa.Array], int]:
+    def given_columns(self, given: dict, where: str, rows_required: bool = False) -> tuple[dict[str, pa.Array], int]:
         """Columns given as {field: [values]}, checked, as Arrow arrays, and their common length:
-        an omitted optional feature is all null; a bad value is named `<where>.<field>[i]`."""
+        an omitted optional feature is all null; a bad value is named `<where>.<field>[i]`. With
+        `rows_required` (candidates), a required column given as null is named even with no
+        other column given (else that is no rows: a sequence without events)."""
         for name in given:
             if name not in self.declared:
                 raise RequestError(422, "unknown_field", f"{where}.{name}", f"unknown column; expected {self.expected}")
@@ -322,8 +324,8 @@ class _ObjectSchema:
         count = _column_length(given, where)
         for name in self.names:
             feature = self.feature_by_name.get(name)
-            # (with no column given, a required one given as null is named, not "no rows")
-            if (count or name in nulled) and name not in given and (feature is None or feature.required):
+            named = count or (rows_required and name in nulled)
+            if named and name not in given and (feature is None or feature.required):
                 expected = "the event time in ms" if feature is None else _expected(feature)
                 values = f"{count} values" if count else "a list of values"
                 raise RequestError(422, "missing_field", f"{where}.{name}",

@@ -1,11 +1,12 @@
 """The HTTP ingress of the app: answers the ranking API (http_api.py) for every scenario and
 hands each validated request to that scenario's deployment, so a bad request costs a replica
-nothing. A scenario whose deployment failed to deploy is answered with Serve's reason (503
-`deployment_failed`, and in /healthz), which only a redeploy clears."""
+nothing. A scenario whose deployment failed to deploy, with no replica left running, is answered
+with Serve's reason (503 `deployment_failed`, and in /healthz), which only a redeploy clears."""
 from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 from ray import serve
 from ray.serve.exceptions import DeploymentUnavailableError
@@ -22,10 +23,11 @@ from .rank_request import RankRequest, RankRequestParser, RequestError
 # How long /healthz waits for a scenario's replica: one that is (re)starting, or whose deployment
 # failed, is reported unavailable rather than holding the probe until Serve gives up on it.
 HEALTH_TIMEOUT_S = 5.0
-# How long an answer waits for the controller's status of the app's deployments, and how long a
-# rank request waits before asking it whether its scenario's deployment failed.
+# The controller's status of the app's deployments: how long a fetch may take, how long one is
+# reused, and how often a rank request still unanswered asks whether its deployment failed.
 STATUS_TIMEOUT_S = 2.0
-FAILURE_CHECK_AFTER_S = 3.0
+STATUS_TTL_S = 2.0
+FAILURE_CHECK_EVERY_S = 3.0
 
 
 @serve.deployment
@@ -36,37 +38,88 @@ class RankRouter:
         self.rankers = rankers
         self.endpoint = RankEndpoint({s: RankRequestParser(registry, s, max_candidates[s]) for s in rankers},
                                      max_body_bytes)
+        self.failures = FailedDeployments()
 
     async def __call__(self, http: Request) -> JSONResponse:
         return await self.endpoint.answer(http, self._rank, self._health)
 
     async def _rank(self, scenario: str, request: RankRequest) -> dict:
         handle = self.rankers[scenario]
-        answer = asyncio.ensure_future(_awaited(handle.rank.remote(request)))
+        response = handle.rank.remote(request)
+        answer = asyncio.ensure_future(_awaited(response))
         try:
-            # A handle new to a deployment that failed to deploy holds its first request until the
-            # client gives up (later ones raise DeploymentUnavailableError): one slow to answer asks
-            # the controller whether that is why.
-            done, _ = await asyncio.wait({answer}, timeout=FAILURE_CHECK_AFTER_S)
-            if not done and handle.deployment_name in (failed := await _failed_deployments()):
-                raise _deployment_failed(scenario, failed[handle.deployment_name])
-            return await answer
-        except DeploymentUnavailableError:  # Serve's word for a deployment that failed to deploy
-            reason = (await _failed_deployments()).get(handle.deployment_name, "see `serve status`")
+            # A request that reached the handle before its deployment failed waits for a replica
+            # that never comes (Serve fails only requests made later, DeploymentUnavailableError):
+            # one still unanswered asks every few seconds whether that is why.
+            while True:
+                done, _ = await asyncio.wait({answer}, timeout=FAILURE_CHECK_EVERY_S)
+                if done:
+                    return answer.result()
+                reason = (await self.failures.get()).get(handle.deployment_name)
+                if reason is not None:
+                    raise _deployment_failed(scenario, reason)
+        except DeploymentUnavailableError:  # failed to deploy, or deleted by a redeploy: the controller says which
+            reason = (await self.failures.get()).get(handle.deployment_name)
+            if reason is None:
+                raise  # answered as a replica unavailable: retry
             raise _deployment_failed(scenario, reason) from None
         finally:
-            answer.cancel()  # a no-op once answered; else the request is not left running
+            if not answer.done():  # refused, or the client went away: the replica need not score it
+                response.cancel()
+                answer.cancel()
 
     async def _health(self) -> dict:
         """Every scenario's info, or {"status": "unavailable", "error"} for one whose replica did
-        not answer or whose deployment failed (Serve's reason, without waiting for a replica); the
+        not answer, or whose deployment failed with no replica left (Serve's reason, at once); the
         app is "ok" when all answered, "degraded" when some, else "unavailable"."""
-        failed = await _failed_deployments()
+        failed = await self.failures.get()
         infos = dict(zip(self.rankers, await asyncio.gather(
             *(_info(h, failed.get(h.deployment_name)) for h in self.rankers.values()))))
         down = sum(info.get("status") == "unavailable" for info in infos.values())
         status = "ok" if not down else "unavailable" if down == len(infos) else "degraded"
         return {"status": status, "scenarios": infos}
+
+
+class FailedDeployments:
+    """{deployment name: Serve's reason} for this app's deployments that failed to deploy and have
+    no replica left running (after a failed rolling update Serve keeps routing to the old replicas
+    that still run: those serve). One controller call per STATUS_TTL_S at most, shared by
+    concurrent callers; {} where the controller does not answer within STATUS_TIMEOUT_S."""
+
+    def __init__(self):
+        self._value: dict[str, str] = {}
+        self._fetched = -float("inf")
+        self._pending: asyncio.Future | None = None
+
+    async def get(self) -> dict[str, str]:
+        if time.monotonic() - self._fetched < STATUS_TTL_S:
+            return self._value
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._fetch())
+        return await asyncio.shield(self._pending)
+
+    async def _fetch(self) -> dict[str, str]:
+        try:
+            self._value = failed_without_replicas(await _app_status())
+        except Exception:  # noqa: BLE001 - a status is a nicety: callers answer without it
+            self._value = {}
+        finally:
+            self._fetched, self._pending = time.monotonic(), None
+        return self._value
+
+
+async def _app_status():
+    """Serve's status of this app's deployments ({name: DeploymentStatusOverview})."""
+    app = serve.get_replica_context().app_name
+    status = await asyncio.wait_for(asyncio.to_thread(serve.status), STATUS_TIMEOUT_S)
+    return status.applications[app].deployments
+
+
+def failed_without_replicas(deployments: dict) -> dict[str, str]:
+    """{name: reason} of the deployments (Serve's `DeploymentStatusOverview`s) that failed to deploy
+    and have no replica running."""
+    return {name: _condensed(d.message) or d.status.value for name, d in deployments.items()
+            if d.status == "DEPLOY_FAILED" and not d.replica_states.get("RUNNING", 0)}
 
 
 async def _awaited(response):
@@ -76,18 +129,6 @@ async def _awaited(response):
 def _deployment_failed(scenario: str, reason: str) -> RequestError:
     return RequestError(503, "deployment_failed", "", f"scenario {scenario}: its deployment failed to deploy and "
                         f"serves again only once redeployed; retrying will not help: {reason}")
-
-
-async def _failed_deployments() -> dict[str, str]:
-    """{deployment name: Serve's message} for this app's deployments that failed to deploy; {}
-    where the controller does not answer within STATUS_TIMEOUT_S."""
-    try:
-        app = serve.get_replica_context().app_name
-        status = await asyncio.wait_for(asyncio.to_thread(serve.status), STATUS_TIMEOUT_S)
-        deployments = status.applications[app].deployments
-    except Exception:  # noqa: BLE001 - a status is a nicety: the caller answers without it
-        return {}
-    return {name: _condensed(d.message) or d.status for name, d in deployments.items() if d.status == "DEPLOY_FAILED"}
 
 
 def _condensed(message: str) -> str:

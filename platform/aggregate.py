@@ -30,8 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mtfm.platform.rawlog import (REASON, Contract, cast_column, files_not_read, list_tables, refuse_a_file_for_a_folder,
-                                  ts_in_ms, validate)
+from mtfm.platform.rawlog import (REASON, Contract, cast_column, files_not_read, list_tables,
+                                  refuse_a_file_for_a_folder, ts_in_ms, validate)
 from mtfm.platform.run_lock import DriverLock
 from mtfm.platform.registry import Registry, events_column, exposures_column, scenario_of_column, user_column
 
@@ -318,7 +318,9 @@ def _previous_run(out: Path) -> dict | None:
         return None
 
 
-def _prepare(registry: Registry, raw: Path, out: Path, overwrite: bool, log=print):
+def _check_inputs(registry: Registry, raw: Path, out: Path) -> tuple[list[tuple[str, str, str]], int, list[str]]:
+    """The raw files to read as (kind, name, path), their rows and the warnings, after every check
+    that only reads: bad input is named before anything is written or Ray starts."""
     if not raw.is_dir():
         raise FileNotFoundError(f"{raw}: raw log folder not found (expected exposures/<scenario>/ and behaviors/<sequence>/)")
     tables = list_tables(raw)
@@ -346,8 +348,7 @@ def _prepare(registry: Registry, raw: Path, out: Path, overwrite: bool, log=prin
                          f"registered {list(registry.scenarios)}): logs of another registry? pass its --config-dir "
                          "(MovieLens logs: --config-dir configs/movielens)")
     refuse_a_file_for_a_folder(out, f"--out {out}")
-    owned = [out / SAMPLES, out / QUARANTINE, out / SHUFFLE, out / SUMMARY]
-    for p in owned:  # e.g. re-reading a fixed quarantine: --overwrite would delete the input first
+    for p in _owned(out):  # e.g. re-reading a fixed quarantine: --overwrite would delete the input first
         if raw.resolve().is_relative_to(p.resolve()):
             raise ValueError(f"--raw {raw} is inside {p}, which this aggregation writes anew (and --overwrite "
                              "deletes first); copy those logs elsewhere, or choose another --out")
@@ -355,6 +356,25 @@ def _prepare(registry: Registry, raw: Path, out: Path, overwrite: bool, log=prin
         if out.resolve().is_relative_to((raw / kind).resolve()):
             raise ValueError(f"--out {out} is inside {raw / kind}, the logs this aggregation reads (its output "
                              "would be read as a table next time); choose an --out outside it")
+    warnings += [f"{kind}/{name}: unknown {'scenario' if kind == 'exposures' else 'sequence'}, "
+                 f"its rows are quarantined under {out / QUARANTINE / kind / name}"
+                 for kind, name in tables if Contract.for_table(registry, kind, name).schema is None]
+    for kind, names, what in (("exposures", registry.scenarios, "scenario"), ("behaviors", registry.sequences,
+                                                                             "sequence")):
+        warnings += [f"{kind}/{name}: {'no *.parquet file' if (kind, name) in tables else 'no raw data'} for this "
+                     f"registered {what} (its lists will be empty)" for name in names if not tables.get((kind, name))]
+    return files, rows, warnings
+
+
+def _owned(out: Path) -> list[Path]:
+    """What an aggregation writes in `out`, and so replaces."""
+    return [out / SAMPLES, out / QUARANTINE, out / SHUFFLE, out / SUMMARY]
+
+
+def _clear_output(raw: Path, out: Path, overwrite: bool, log) -> None:
+    """Under this aggregation's lock of `out`: an earlier output removed where that is allowed, the
+    samples/ folder marked unfinished."""
+    owned = _owned(out)
     if any(p.exists() for p in owned):
         previous = _previous_run(out)
         if previous is not None and previous["samples_out"] == 0 and Path(previous["raw"]).resolve() == raw.resolve():
@@ -374,14 +394,6 @@ def _prepare(registry: Registry, raw: Path, out: Path, overwrite: bool, log=prin
     (out / SAMPLES).mkdir(parents=True, exist_ok=True)
     (out / SAMPLES / UNFINISHED).write_text(f"an aggregation of {raw} writes these samples; {SUMMARY} is written and "
                                             "this file removed when it finishes\n")
-    warnings += [f"{kind}/{name}: unknown {'scenario' if kind == 'exposures' else 'sequence'}, "
-                f"its rows are quarantined under {out / QUARANTINE / kind / name}"
-                for kind, name in tables if Contract.for_table(registry, kind, name).schema is None]
-    for kind, names, what in (("exposures", registry.scenarios, "scenario"), ("behaviors", registry.sequences,
-                                                                             "sequence")):
-        warnings += [f"{kind}/{name}: {'no *.parquet file' if (kind, name) in tables else 'no raw data'} for this "
-                     f"registered {what} (its lists will be empty)" for name in names if not tables.get((kind, name))]
-    return files, rows, warnings
 
 
 def _summary(registry: Registry, raw: Path, out: Path, window_ms: int, max_ts: int, split: list[dict],
@@ -415,7 +427,7 @@ def _summary(registry: Registry, raw: Path, out: Path, window_ms: int, max_ts: i
     samples = sum(p["samples"] for p in parts)
     exposures_out = sum(p["exposures"] for p in parts)
     summary = {
-        "raw": str(raw), "out": str(out), "samples_dir": str(out / SAMPLES), "engine": engine,
+        "raw": str(raw.resolve()), "out": str(out), "samples_dir": str(out / SAMPLES), "engine": engine,
         "window_ms": window_ms, "max_ts": max_ts, "scenarios": list(registry.scenarios),
         "sequences": list(registry.sequences),
         "exposures_in": exposures_in, "exposures_out": exposures_out, "samples_out": samples,
@@ -451,15 +463,15 @@ def aggregate(registry: Registry, raw: str | Path, out: str | Path, window_ms: i
     from mtfm.platform.cluster import init_ray
 
     raw, out = Path(raw), Path(out)
-    refuse_a_file_for_a_folder(out, f"--out {out}")
-    with _sole_aggregation(out):
-        prepare_start = time.perf_counter()
-        files, rows, warnings = _prepare(registry, raw, out, overwrite, log)  # bad input is named before Ray starts
-        prepare_s = time.perf_counter() - prepare_start
-        ray = init_ray()
-        import ray.data
+    prepare_start = time.perf_counter()
+    files, rows, warnings = _check_inputs(registry, raw, out)
+    prepare_s = time.perf_counter() - prepare_start
+    ray = init_ray()  # before anything is written: a cluster that cannot be reached leaves no output
+    import ray.data
 
+    with _sole_aggregation(out):
         start = time.perf_counter() - prepare_s  # Ray's start-up is not the aggregation's time
+        _clear_output(raw, out, overwrite, log)
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         parts = num_partitions or _num_partitions(rows, cpus)
         max_ts = _default_max_ts() if max_ts is None else max_ts
@@ -485,10 +497,10 @@ def aggregate_local(registry: Registry, raw: str | Path, out: str | Path, window
                     max_ts: int | None = None, overwrite: bool = False, log=print) -> dict:
     """The same result in one process (no shuffle folder: one partition holding every user)."""
     raw, out = Path(raw), Path(out)
-    refuse_a_file_for_a_folder(out, f"--out {out}")
+    start = time.perf_counter()
+    files, _, warnings = _check_inputs(registry, raw, out)
     with _sole_aggregation(out):
-        start = time.perf_counter()
-        files, _, warnings = _prepare(registry, raw, out, overwrite, log)
+        _clear_output(raw, out, overwrite, log)
         max_ts = _default_max_ts() if max_ts is None else max_ts
         split, valid = [], {}
         for i, (kind, name, path) in enumerate(files):

@@ -262,6 +262,14 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- serving
 
+def _holds_a_checkpoint(path: Path) -> bool:
+    """Whether `path` is a checkpoint, or a run folder holding one, on this machine (a meta file:
+    the checkpoint may still be refused, as a baseline's or a damaged one)."""
+    from mtfm.platform.checkpoint import CHECKPOINT_PREFIX, META_FILE
+
+    return (path / META_FILE).is_file() or any((p / META_FILE).is_file() for p in path.glob(f"{CHECKPOINT_PREFIX}*"))
+
+
 def cmd_serve_config(args: argparse.Namespace) -> int:
     from mtfm.deployments.serve_config import render_serve_config
 
@@ -275,7 +283,7 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
             found, note = find_served_checkpoint(args.checkpoint)
             trained = servable_scenarios(found)
         except (CheckpointError, ServeConfigError) as exc:
-            if os.path.exists(os.path.expanduser(args.checkpoint)):  # found here, and refused: so would the app be
+            if _holds_a_checkpoint(Path(args.checkpoint).expanduser()):  # found here and refused: so would the app be
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
             print(f"warning: {exc}; written as given, for a cluster whose machines have that path", file=sys.stderr)
@@ -491,8 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Write the Serve config (`mtfm serve config --out deployments/serve.yaml`), or "
                                     "print it without --out. It holds overrides only: the app builder enumerates the "
                                     "registry, so new scenarios need no edit. Nothing is written when the registry or "
-                                    "the checkpoint is refused (a --checkpoint this machine does not have is written "
-                                    "with a warning: it may be a path on the cluster).")
+                                    "the checkpoint is refused (a --checkpoint without a checkpoint on this machine is "
+                                    "written with a warning: it may be a path on the cluster).")
     p.add_argument("--out", default=None, metavar="FILE",
                    help="write the config to FILE, replacing it whole, and only if every check passed (a shell's "
                         "`> FILE` empties it before the command runs)")

@@ -101,12 +101,35 @@ def validate(table: pa.Table, contract: Contract, max_ts: int) -> tuple[pa.Table
     return good.filter(pa.array(code == 0)), _with_reason(table, code, reasons)
 
 
-def ts_in_ms(column: pa.ChunkedArray) -> pa.ChunkedArray:
-    """A `ts` column of Arrow timestamps (as pandas writes datetimes) or dates as ms since the epoch;
-    a column of numbers as it is (read as ms). Arrow would cast a timestamp to its own unit's count."""
-    if pa.types.is_timestamp(column.type) or pa.types.is_date(column.type):
-        return pc.cast(pc.cast(column, pa.timestamp("ms"), safe=False), pa.int64())
-    return column
+_MS_PER_UNIT = {"s": 1000, "ms": 1, "us": -1000, "ns": -1_000_000, "day": 86_400_000}  # negative: divide
+
+
+def ts_in_ms(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """A `ts` column of Arrow timestamps (as pandas writes datetimes) or dates as int64 ms since the
+    epoch; a column of numbers as it is (read as ms). Arrow would cast a timestamp to its own unit's
+    count. Finer units are floored to the ms; a coarser value beyond int64 in ms saturates there
+    (and is quarantined as out of range) rather than wrapping."""
+    kind = column.type
+    if pa.types.is_timestamp(kind):
+        unit = kind.unit
+    elif pa.types.is_date32(kind):
+        unit = "day"
+    elif pa.types.is_date64(kind):
+        unit = "ms"
+    else:
+        return column
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    storage = pa.int32() if unit == "day" else pa.int64()  # Arrow casts a date32 to its own width only
+    counts = pc.fill_null(column.view(storage), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    factor = _MS_PER_UNIT[unit]
+    if factor < 0:
+        ms = np.floor_divide(counts, -factor)
+    else:
+        limit = np.iinfo(np.int64).max // factor
+        ms = np.where(np.abs(counts) > limit, np.sign(counts) * np.iinfo(np.int64).max,
+                      np.clip(counts, -limit, limit) * factor)
+    return pa.array(ms, pa.int64(), mask=~valid)
 
 
 def cast_column(column: pa.ChunkedArray | pa.Array, target: pa.DataType) -> tuple[pa.Array, np.ndarray]:

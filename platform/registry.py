@@ -43,6 +43,8 @@ TASK_KINDS = ("ctr", "ctcvr", "binary")
 SERVING_BACKENDS = ("torch", "onnx", "tensorrt")
 # Columns every raw log or aggregated sample has; no feature or task may take these names.
 RESERVED_COLUMNS = ("user_id", "request_id", "ts", "window", "reason")  # reason: the quarantine's
+# A checkpoint's registry may predate a reserved name (`reason`, reserved since 2026-12-06): it still loads.
+SNAPSHOT_RESERVED_COLUMNS = ("user_id", "request_id", "ts", "window")
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 # The most rows a categorical feature's embedding table may have (int32's range; at dim 4 that table
 # alone is 32 GiB): a larger `buckets` is a typo that would otherwise fail later, in the allocator.
@@ -256,7 +258,8 @@ class Registry:
 
     @classmethod
     def from_dict(cls, snapshot: dict[str, Any]) -> "Registry":
-        seqs = _parse_sequences({"sequences": list(snapshot["sequences"].values())}, "<snapshot>/sequences")
+        seqs = _parse_sequences({"sequences": list(snapshot["sequences"].values())}, "<snapshot>/sequences",
+                                snapshot=True)
         scns = {}
         for name, raw in snapshot["scenarios"].items():
             scns[name] = _parse_scenario(raw, f"<snapshot>/scenarios/{name}", expected_name=name, snapshot=True)
@@ -501,11 +504,11 @@ class _Fields:
         return self.get(key, list, default, what="a list")
 
 
-def _parse_feature(raw: Any, file: str, where: str) -> Feature:
+def _parse_feature(raw: Any, file: str, where: str, reserved: tuple[str, ...] = RESERVED_COLUMNS) -> Feature:
     f = _Fields(raw, file, where, ("name", "type", "required", "buckets", "dim", "transform", "max_len", "description"))
     name = f.name()
-    if name in RESERVED_COLUMNS:
-        raise RegistryError(file, f.path("name"), f"{name!r} is a reserved column ({', '.join(RESERVED_COLUMNS)})")
+    if name in reserved:
+        raise RegistryError(file, f.path("name"), f"{name!r} is a reserved column ({', '.join(reserved)})")
     ftype = f.choice("type", FEATURE_TYPES)
     required = f.get("required", bool, False, what="true or false")
     desc = f.get("description", str, "")
@@ -533,10 +536,11 @@ def _list_max_len(f: _Fields) -> int:
     return f.positive("max_len", int)
 
 
-def _parse_features(items: list, file: str, where: str, taken: dict[str, str]) -> tuple[Feature, ...]:
+def _parse_features(items: list, file: str, where: str, taken: dict[str, str],
+                    reserved: tuple[str, ...] = RESERVED_COLUMNS) -> tuple[Feature, ...]:
     out = []
     for i, raw in enumerate(items):
-        feat = _parse_feature(raw, file, f"{where}[{i}]")
+        feat = _parse_feature(raw, file, f"{where}[{i}]", reserved)
         if feat.name in taken:
             raise RegistryError(file, f"{where}[{i}].name", f"duplicate name {feat.name!r} (already used in {taken[feat.name]})")
         taken[feat.name] = f"{where}[{i}]"
@@ -550,15 +554,16 @@ def _parse_scenario(raw: Any, file: str, expected_name: str, snapshot: bool = Fa
     name = f.name()
     if name != expected_name:
         raise RegistryError(file, "name", f"expected {expected_name!r} (the file name without .yaml), found {name!r}")
-    if name in RESERVED_COLUMNS:  # as `mtfm scenarios infer --name` refuses it
-        raise RegistryError(file, "name", f"{name!r} is a reserved column ({', '.join(RESERVED_COLUMNS)}); name the "
+    reserved = SNAPSHOT_RESERVED_COLUMNS if snapshot else RESERVED_COLUMNS
+    if name in reserved:  # as `mtfm scenarios infer --name` refuses it
+        raise RegistryError(file, "name", f"{name!r} is a reserved column ({', '.join(reserved)}); name the "
                             "scenario otherwise (and its file)")
     taken: dict[str, str] = {}
-    user = _parse_features(f.items("user_features", []), file, "user_features", taken)
-    item = _parse_features(f.items("item_features"), file, "item_features", taken)
+    user = _parse_features(f.items("user_features", []), file, "user_features", taken, reserved)
+    item = _parse_features(f.items("item_features"), file, "item_features", taken, reserved)
     if not item:
         raise RegistryError(file, "item_features", "expected at least one item feature (a T-token is built from them)")
-    cross = _parse_features(f.items("cross_features", []), file, "cross_features", taken)
+    cross = _parse_features(f.items("cross_features", []), file, "cross_features", taken, reserved)
     tasks_raw = f.items("tasks")
     if not tasks_raw:
         raise RegistryError(file, "tasks", "expected at least one task (a label column such as click or order)")
@@ -566,7 +571,7 @@ def _parse_scenario(raw: Any, file: str, expected_name: str, snapshot: bool = Fa
     for i, traw in enumerate(tasks_raw):
         t = _Fields(traw, file, f"tasks[{i}]", ("name", "kind", "depends_on", "description"))
         tname = t.name()
-        if tname in taken or tname in RESERVED_COLUMNS:
+        if tname in taken or tname in reserved:
             raise RegistryError(file, f"tasks[{i}].name", f"duplicate name {tname!r} (already a feature, task or reserved column)")
         taken[tname] = f"tasks[{i}]"
         dep = t.get("depends_on", str, None)
@@ -623,7 +628,7 @@ def _parse_synthetic(raw: dict, file: str, task_names: list[str]) -> SyntheticCo
                            fraction, {k: float(v) for k, v in rates.items()})
 
 
-def _parse_sequences(raw: Any, file: str) -> dict[str, Sequence]:
+def _parse_sequences(raw: Any, file: str, snapshot: bool = False) -> dict[str, Sequence]:
     top = _Fields(raw, file, "", ("sequences",))
     items = top.items("sequences")
     if not items:
@@ -635,7 +640,8 @@ def _parse_sequences(raw: Any, file: str) -> dict[str, Sequence]:
         name = f.name()
         if name in out:
             raise RegistryError(file, f"{where}.name", f"duplicate sequence name {name!r}")
-        feats = _parse_features(f.items("features"), file, f"{where}.features", {})
+        feats = _parse_features(f.items("features"), file, f"{where}.features", {},
+                                SNAPSHOT_RESERVED_COLUMNS if snapshot else RESERVED_COLUMNS)
         if not feats:
             raise RegistryError(file, f"{where}.features", "expected at least one item feature")
         out[name] = Sequence(

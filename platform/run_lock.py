@@ -28,7 +28,7 @@ STALE_S = 60.0
 
 class DriverLock:
     """`with DriverLock(run_dir):` holds `run_dir` for this driver, or raises ValueError naming the
-    live driver that holds it. A folder it had to create is removed again if left empty. `driver`
+    live driver that holds it. Folders it had to create are removed again if left empty. `driver`
     says what holds the folder in the refusal, `clash` what two of them would do."""
 
     def __init__(self, run_dir: Path, driver: str = "training driver",
@@ -37,19 +37,28 @@ class DriverLock:
         self.driver, self.clash = driver, clash
         self.path = run_dir / DRIVER_FILE
         self.token = uuid.uuid4().hex
-        self._created_dir = False
+        self._created: list[Path] = []  # the folders __enter__ made, deepest first
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="mtfm-driver-heartbeat", daemon=True)
 
     def __enter__(self) -> DriverLock:
-        self._created_dir = not self.run_dir.exists()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not self._create():
+        self._created = [p for p in (self.run_dir, *self.run_dir.parents) if not p.exists()]
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            created = self._create()
+        except OSError as exc:  # a read-only or foreign folder: said in one line, not a traceback
+            self._undo_dir()
+            raise ValueError(f"{self.run_dir}: cannot write {DRIVER_FILE} there ({exc.strerror or exc})") from exc
+        if not created:
             try:
                 self._take_over()
             except ValueError:
                 self._undo_dir()
                 raise
+            except OSError as exc:  # a file system without flock, say
+                self._undo_dir()
+                raise ValueError(f"{self.run_dir}: cannot take over {DRIVER_FILE} there ({exc.strerror or exc})") \
+                    from exc
         self._thread.start()
         return self
 
@@ -62,7 +71,7 @@ class DriverLock:
             fcntl.flock(side, fcntl.LOCK_EX)
             holder, age, exists = _read(self.path)
             if exists and not _stale(holder, age):
-                raise ValueError(f"{self.run_dir}: {_who(holder, age, self.driver)}; {self.clash}")
+                raise ValueError(f"{self.run_dir}: {_who(holder, age, self.driver)}; {_clash(holder, self)}")
             self.path.unlink(missing_ok=True)
             if not self._create():  # another driver created it between our read and now
                 raise ValueError(f"{self.run_dir}: another {self.driver} started on it just now")
@@ -78,7 +87,7 @@ class DriverLock:
 
     def _create(self) -> bool:
         record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                  "token": self.token}
+                  "token": self.token, "driver": self.driver, "clash": self.clash}
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -101,11 +110,11 @@ class DriverLock:
                 pass
 
     def _undo_dir(self) -> None:
-        if self._created_dir:
+        for folder in self._created:  # each only if nothing was written into it
             try:
-                self.run_dir.rmdir()  # only if nothing was written into it
+                folder.rmdir()
             except OSError:
-                pass
+                return
 
 
 def _read(path: Path) -> tuple[dict, float, bool]:
@@ -122,8 +131,20 @@ def _read(path: Path) -> tuple[dict, float, bool]:
     return holder if isinstance(holder, dict) else {}, age, True
 
 
+def live_holder(folder: Path) -> dict | None:
+    """The record of the live driver holding `folder`, or None (no driver file, or a stale one)."""
+    holder, age, exists = _read(folder / DRIVER_FILE)
+    return holder if exists and not _stale(holder, age) else None
+
+
+def _clash(holder: dict, me: DriverLock) -> str:
+    """What two drivers on one folder would do: the holder's words where it wrote them."""
+    return str(holder.get("clash") or me.clash)
+
+
 def _who(holder: dict, age: float, what: str) -> str:
-    """Who holds the folder (a `what`), and what to do, for a refusal."""
+    """Who holds the folder (the kind of driver the holder wrote, else `what`), and what to do, for a refusal."""
+    what = str(holder.get("driver") or what)
     driver = f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}"
     if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
         wait = max(2 * HEARTBEAT_S - age, 0.0)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mtfm.platform.aggregate import SAMPLES, SUMMARY, UNFINISHED
+from mtfm.platform.aggregate import SAMPLES, UNFINISHED
 from mtfm.platform.registry import events_column, exposures_column, scenario_of_column
-from mtfm.platform.run_lock import DRIVER_FILE
+from mtfm.platform.run_lock import DRIVER_FILE, live_holder
 
 
 def quiet_ray_data() -> None:
@@ -145,28 +145,28 @@ def samples_folder(samples: str) -> str:
                                 "aggregate` first, or `mtfm quickstart`; pass the aggregate's samples/ folder or its "
                                 "--out folder)")
     if filesystem.get_file_info(f"{path}/{SAMPLES}").type == pyarrow.fs.FileType.Directory:
-        refuse_an_unfinished_aggregation(filesystem, f"{path}/{SAMPLES}", samples, summary=f"{path}/{SUMMARY}")
+        refuse_an_unfinished_aggregation(filesystem, f"{path}/{SAMPLES}", samples)
         return f"{samples.rstrip('/')}/{SAMPLES}"
-    refuse_an_unfinished_aggregation(filesystem, path, samples)
+    folder = path if filesystem.get_file_info(path).type == pyarrow.fs.FileType.Directory else path.rsplit("/", 1)[0]
+    refuse_an_unfinished_aggregation(filesystem, folder, samples)
     return samples
 
 
-def refuse_an_unfinished_aggregation(filesystem, folder: str, samples: str, summary: str | None = None) -> None:
-    """Samples of an aggregation that has not finished (its samples/ folder holds UNFINISHED, or its
-    --out folder no summary, which it writes last) are those of only some users: one still running,
-    or one interrupted. Training on them would go on without a word."""
-    from pyarrow.fs import FileType
+def refuse_an_unfinished_aggregation(filesystem, folder: str, samples: str) -> None:
+    """Samples of an aggregation that has not finished (its samples/ `folder` holds UNFINISHED until
+    it writes its summary) are those of only some users: one still running, or one interrupted.
+    Training on them would go on without a word."""
+    from pyarrow.fs import FileType, LocalFileSystem
 
-    marked = filesystem.get_file_info(f"{folder}/{UNFINISHED}").type != FileType.NotFound
-    if not marked and (summary is None or filesystem.get_file_info(summary).type == FileType.File):
+    if filesystem.get_file_info(f"{folder}/{UNFINISHED}").type == FileType.NotFound:
         return
     out = folder.rstrip("/").rsplit("/", 1)[0]
-    if filesystem.get_file_info(f"{out}/{DRIVER_FILE}").type == FileType.File:
+    if isinstance(filesystem, LocalFileSystem) and live_holder(Path(out)) is not None:
         raise ValueError(f"{samples}: an aggregation is still writing these samples ({out}/{DRIVER_FILE}); wait "
                          "for it to finish")
-    raise ValueError(f"{samples}: the output of an aggregation that did not finish (no {out}/{SUMMARY}, which it "
-                     "writes last: interrupted?), so it holds only some users' samples; aggregate the raw logs again "
-                     "(mtfm data aggregate ... --overwrite)")
+    raise ValueError(f"{samples}: the output of an aggregation that did not finish ({folder}/{UNFINISHED}: "
+                     "interrupted, or still running elsewhere), so it holds only some users' samples; aggregate the "
+                     "raw logs again (mtfm data aggregate ... --overwrite)")
 
 
 def keep_users_of(ds, scenarios: list[str]):

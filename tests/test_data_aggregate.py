@@ -356,42 +356,57 @@ def test_order_is_stable_by_user_ts_tiebreak(rows, scale):
 
 
 def test_a_second_aggregation_into_one_out_is_refused_while_the_first_runs(registry, raw, tmp_path):
+    from mtfm.platform.aggregate import _sole_aggregation
     from mtfm.platform.run_lock import DRIVER_FILE, DriverLock
 
     out = tmp_path / "agg"
-    with DriverLock(out, "aggregation"):  # as an aggregation running in another process holds it
+    with _sole_aggregation(out):  # as an aggregation running in another process holds it
         with pytest.raises(ValueError, match=rf"{re.escape(str(out))}: an aggregation still runs it \(host .*; two "
                                              r"aggregations into one --out would mix their users' samples"):
             aggregate_local(registry, raw, out, **QUIET)
         assert {p.name for p in out.iterdir()} <= {DRIVER_FILE, ".driver.lock"}  # nothing of the refused run
+    nested = tmp_path / "x" / "a" / "b"  # bad input is refused before --out is made
+    with pytest.raises(FileNotFoundError, match="raw log folder not found"):
+        aggregate_local(registry, tmp_path / "nowhere", nested, **QUIET)
+    assert not (tmp_path / "x").exists()
     summary = aggregate_local(registry, raw, out, **QUIET)  # released: the next one runs, and releases it too
     assert summary["samples_out"] > 0 and not (out / DRIVER_FILE).exists()
+    with DriverLock(out):  # a training driver holding the folder is named as what it is
+        with pytest.raises(ValueError, match=r"a training driver still runs it .*; two drivers would prune each "
+                                             r"other's checkpoints"):
+            aggregate_local(registry, raw, out, overwrite=True, **QUIET)
 
 
 def test_training_and_eval_refuse_an_aggregation_that_did_not_finish(ray_cluster, registry, raw, tmp_path):
-    from mtfm.platform.run_lock import DRIVER_FILE
+    import json
+    import os
+    import time
+
+    from mtfm.platform.run_lock import DRIVER_FILE, DriverLock
     from mtfm.platform.samples import samples_folder, split_by_window
 
     out = tmp_path / "agg"
     aggregate_local(registry, raw, out, **QUIET)
-    assert samples_folder(str(out)) == f"{out}/samples"
-    assert not (out / "samples" / "_UNFINISHED").exists()
+    assert samples_folder(str(out)) == f"{out}/samples" and not (out / "samples" / "_UNFINISHED").exists()
     # As a killed run leaves it: its marker in samples/, no summary (written last).
     (out / "_summary.json").unlink()
     (out / "samples" / "_UNFINISHED").write_text("")
-    for given in (out, out / "samples"):
+    part = next((out / "samples").glob("*.parquet"))
+    for given in (out, out / "samples", part):
         with pytest.raises(ValueError, match=rf"{re.escape(str(given))}: the output of an aggregation that did not "
-                                             r"finish \(no .*_summary\.json, which it writes last: interrupted\?\)"):
+                                             r"finish \(.*_UNFINISHED: interrupted, or still running elsewhere\)"):
             split_by_window(given, test_windows=1)
-    (out / DRIVER_FILE).write_text("{}")  # one still running
-    with pytest.raises(ValueError, match=r"an aggregation is still writing these samples"):
-        samples_folder(str(out / "samples"))
-    plain = tmp_path / "mine" / "samples"  # a samples folder of the user's own, outside any aggregation: read
-    shutil.copytree(out / "samples", plain, ignore=shutil.ignore_patterns("_UNFINISHED"))
-    assert samples_folder(str(plain)) == str(plain)
-    (out / "samples" / "_UNFINISHED").unlink()  # an --out folder without its summary is refused all the same
-    with pytest.raises(ValueError, match=r"an aggregation is still writing"):
+    with DriverLock(out, "aggregation"):  # one still running
+        with pytest.raises(ValueError, match=r"an aggregation is still writing these samples"):
+            samples_folder(str(out / "samples"))
+    dead = {"host": os.uname().nodename, "pid": 2**22 + 7, "started": "long ago", "driver": "aggregation"}
+    (out / DRIVER_FILE).write_text(json.dumps(dead))  # left by a killed one: not waited for
+    os.utime(out / DRIVER_FILE, (time.time() - 3600, time.time() - 3600))
+    with pytest.raises(ValueError, match=r"did not finish"):
         samples_folder(str(out))
+    # Without the marker (a folder of the user's own, or one an older version aggregated): read.
+    (out / "samples" / "_UNFINISHED").unlink()
+    assert samples_folder(str(out)) == f"{out}/samples" and samples_folder(str(part)) == str(part)
 
 
 def test_a_reason_column_in_the_logs_gives_way_to_the_quarantines(registry, raw, tmp_path):

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pytest
 
-from mtfm.platform.rawlog import cast_column
+from mtfm.platform.rawlog import cast_column, ts_in_ms
 
 
 def test_cast_column_value_by_value():
@@ -19,3 +20,17 @@ def test_cast_column_value_by_value():
     for column, target, values, bad in cases:
         cast, flagged = cast_column(column, target)
         assert cast.type == target and cast.to_pylist() == values and flagged.tolist() == bad, (column, target)
+
+
+@pytest.mark.parametrize("array, expected", [
+    (pa.array([2**62, -1, None, 1_700_000_000], pa.timestamp("s")),  # beyond int64 in ms: saturated, not wrapped
+     [2**63 - 1, -1000, None, 1_700_000_000_000]),
+    (pa.array([1_700_000_000_123_999, -1, None], pa.timestamp("us")), [1_700_000_000_123, -1, None]),  # floored
+    (pa.array([1_700_000_000_123_999_999, -1], pa.timestamp("ns", tz="Asia/Tokyo")), [1_700_000_000_123, -1]),
+    (pa.array([20_454, None], pa.date32()), [20_454 * 86_400_000, None]),
+    (pa.array([86_400_000, None], pa.date64()), [86_400_000, None]),
+    (pa.array([5, None], pa.int64()), [5, None]),  # numbers: read as ms, as they are
+])
+def test_ts_of_arrow_timestamps_and_dates_is_read_in_ms(array, expected):
+    assert ts_in_ms(array).to_pylist() == expected
+    assert ts_in_ms(pa.chunked_array([array])).to_pylist() == expected

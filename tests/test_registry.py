@@ -75,8 +75,8 @@ BAD_SCENARIOS = [
     (lambda d: d["item_features"][1].update(type="categorial"), "item_features[1].type", "expected one of categorical"),
     (lambda d: d["item_features"][0].update(dim=0), "item_features[0].dim", "expected an integer >= 1"),
     (lambda d: d["item_features"][0].update(buckets=2**31), "item_features[0].buckets",
-     "expected an integer <= 2147483647 (2**31 - 1), found 2147483648: an embedding table of that many rows cannot be "
-     "allocated"),
+     "expected an integer <= 2147483647 (2**31 - 1), found 2147483648: more rows than an embedding table can be "
+     "indexed by (a typo?)"),
     (lambda d: d.update(tasks=[]), "tasks", "at least one task"),
     (lambda d: d.pop("tasks"), "tasks", "required field missing"),
     (lambda d: d["cross_features"].append(dict(d["item_features"][0])), "cross_features[2].name", "duplicate name 'poi_id'"),
@@ -301,3 +301,19 @@ def test_cli_validate_refuses_contradicting_serving_knobs(config_dir):
     assert out.returncode == 1, out.stdout
     assert (f"{config_dir / 'scenarios' / 'hp.yaml'}: serving.max_ongoing_requests: max_ongoing_requests 4 is below "
             "max_batch_requests 8; expected at least 8") in out.stderr
+
+
+def test_a_checkpoints_registry_with_a_feature_named_like_a_newly_reserved_column_still_loads():
+    """`reason` (the quarantine's column) was reserved after checkpoints could hold it as a feature:
+    a config declaring it is refused, a checkpoint's snapshot of one still loads."""
+    snapshot = load_registry(REPO_ROOT / "configs").to_dict()
+    snapshot["scenarios"]["hp"]["item_features"][0]["name"] = "reason"
+    restored = Registry.from_dict(snapshot)
+    assert "reason" in [f.name for f in restored.scenarios["hp"].item_features]
+    sequence = snapshot["sequences"]["history"]["features"][-1]
+    sequence["name"] = "reason"
+    with pytest.raises(RegistryError, match="feature reason is declared differently"):  # read: compared, not refused
+        Registry.from_dict(snapshot)
+    snapshot["scenarios"]["hp"]["item_features"][0]["name"] = "ts"  # reserved from the start: refused as before
+    with pytest.raises(RegistryError, match="'ts' is a reserved column"):
+        Registry.from_dict(snapshot)

@@ -843,3 +843,16 @@ def test_a_run_folder_a_live_driver_trains_is_refused_before_ray_starts(tmp_path
             racer.join()
         assert len(held) == 1 and json.loads((run / DRIVER_FILE).read_text())["token"] == held[0].token
         held[0].__exit__(None, None, None)
+
+
+def test_a_driver_lock_it_cannot_write_is_one_line_and_leaves_no_folders(tmp_path, monkeypatch):
+    from mtfm.platform.run_lock import DriverLock
+
+    def refused(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(DriverLock, "_create", refused)  # as on a read-only file system
+    with pytest.raises(ValueError, match=r"x/a/b: cannot write \.driver\.json there \(Permission denied\)"):
+        with DriverLock(tmp_path / "x" / "a" / "b"):
+            pass
+    assert not (tmp_path / "x").exists()  # every folder it made is removed again

@@ -213,6 +213,11 @@ def test_candidate_columns_are_counted_against_the_limits():
         parser.parse({**body, "candidates": {name: None for name in body["candidates"]}}, now_ms=NOW_MS)
     assert (error.value.kind, error.value.field) == ("missing_field", f"candidates.{required}")
     assert "required column missing or null (expected a list of values, each" in error.value.message
+    # A sequence of null columns is one without events, as an empty one is.
+    no_events = {**body, "sequences": {name: {column: None for column in columns}
+                                       for name, columns in body["sequences"].items()}}
+    few = {name: values[:3] for name, values in body["candidates"].items()}
+    assert parser.parse({**no_events, "candidates": few}, now_ms=NOW_MS).num_tokens == 3
 
 
 def test_a_request_crosses_ray_as_one_arrow_stream(ray_cluster):

@@ -320,6 +320,9 @@ def test_serve_config_warns_of_a_checkpoint_path_without_a_checkpoint(tmp_path, 
     out = capsys.readouterr()
     assert f"warning: {tmp_path / 'nope'}: not found" in out.err and f"checkpoint: {tmp_path / 'nope'}" in out.out
     assert "  host: 0.0.0.0\n" in out.out
+    (tmp_path / "run").mkdir()  # a run folder here whose checkpoints are on the cluster: the same
+    assert main(["serve", "config", "--config-dir", str(REPO / "configs"), "--checkpoint", str(tmp_path / "run")]) == 0
+    assert f"warning: {tmp_path / 'run'}: no checkpoint_* folder" in capsys.readouterr().err
     assert main(["serve", "config", "--config-dir", str(REPO / "configs"), "--host", "127.0.0.1"]) == 0
     assert "  host: 127.0.0.1\n  port: 8000\n" in capsys.readouterr().out
 
