@@ -120,6 +120,8 @@ _NARRATING_RAY_TRAIN_LOGGERS = (
     "ray.train.v2._internal.execution.scaling_policy.scaling_policy",
     "ray.train.v2._internal.execution.worker_group.worker_group",
     "ray.train.v2._internal.execution.storage",
+    # on a resume, "a run snapshot was found ... delete the existing folder" (advice that would lose the run)
+    "ray.train.v2._internal.execution.checkpoint.checkpoint_manager",
     "ray.train.v2.torch.train_loop_utils",
     "ray.train.torch.train_loop_utils",
     "ray.train.torch.config",

@@ -132,7 +132,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
         raise ValueError(f"test_windows {windows_held_out}: expected at least 1 (the last N windows are the test set)")
     init_ray()
     quiet_ray_data()  # a table at the end is the output; Ray Data's per-dataset INFO lines are noise here
-    _, test_ds, windows = split_by_window(data, windows_held_out)
+    _, test_ds, windows = split_by_window(data, windows_held_out, need_train=False)
     refuse_other_samples(test_ds.schema().names)
     budget = meta.train_config.get("tokens_per_batch", 8192)
     reads = test_ds.iter_batches(batch_size=256, batch_format="pyarrow")

@@ -32,8 +32,9 @@ def quiet_ray_data() -> None:
     warnings.filterwarnings("ignore", message=".*ExecutionOptions.exclude_resources.* is deprecated")
 
 
-def split_by_window(samples: str | Path, test_windows: int):
-    """(train, test) Ray Datasets: the last `test_windows` windows are the test set."""
+def split_by_window(samples: str | Path, test_windows: int, need_train: bool = True):
+    """(train, test) Ray Datasets: the last `test_windows` windows are the test set. Without
+    `need_train` (evaluation) the test set may be every window, and the train set empty."""
     import ray.data
     from ray.data.expressions import col
 
@@ -55,7 +56,7 @@ def split_by_window(samples: str | Path, test_windows: int):
     except Exception as exc:  # a file whose footer the schema's read did not reach
         name_the_unreadable_parquet(path, exc)
         raise
-    if len(windows) <= test_windows:
+    if len(windows) < test_windows + need_train:
         raise ValueError(f"{path}: {len(windows)} window(s) of data, but test_windows={test_windows} are held out "
                          "for evaluation: generate more days, or hold out fewer (`--test-windows N`, or test_windows in the train "
                          "config)")

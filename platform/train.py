@@ -750,20 +750,33 @@ def _warn_of_untrained_scenarios(run_dir: Path, last_step: int | None, log) -> N
             "windows, or their table was missing when aggregating")
 
 
+READ_CPUS = 1.0  # what one of Ray Data's read tasks asks for: training stalls without it
+
+
 def refuse_workers_the_cluster_cannot_hold(config: TrainConfig, log,
                                            remedy: str = "--num-workers; on a machine without a GPU, a train config "
                                                          "without use_gpu") -> None:
-    """Ray Train would wait for resources that never come, retrying every minute: refuse up front
-    on the embedded Ray, warn on a cluster (an autoscaler may add nodes)."""
+    """Ray Train would wait for resources that never come, retrying every minute, and Ray Data's
+    reads for a CPU the workers all took: refuse up front on the embedded Ray, warn on a cluster
+    (an autoscaler may add nodes)."""
     from mtfm.platform.cluster import bundles_that_fit, is_embedded
+
+    import ray
 
     bundle = {"CPU": config.cpus_per_worker} | ({"GPU": config.gpus_per_worker} if config.use_gpu else {})
     fit, cluster = bundles_that_fit(bundle)
-    if fit >= config.num_workers:
-        return
     fields = "num_workers, cpus_per_worker" + (", use_gpu, gpus_per_worker" if config.use_gpu else "")
-    what = (f"{config.num_workers} worker(s) of {' + '.join(f'{v:g} {k}' for k, v in bundle.items())} each "
-            f"({fields}), but the Ray cluster has {cluster}: room for {fit}")
+    taken = config.num_workers * config.cpus_per_worker
+    left = ray.cluster_resources().get("CPU", 0.0) - taken
+    if fit < config.num_workers:
+        what = (f"{config.num_workers} worker(s) of {' + '.join(f'{v:g} {k}' for k, v in bundle.items())} each "
+                f"({fields}), but the Ray cluster has {cluster}: room for {fit}")
+    elif left < READ_CPUS - 1e-9:
+        what = (f"{config.num_workers} worker(s) of {config.cpus_per_worker:g} CPU each ({fields}) take {taken:g} of "
+                f"the Ray cluster's {cluster}, leaving {max(left, 0.0):g} CPU: Ray Data's reads, which feed the "
+                f"workers, need {READ_CPUS:g} and would wait for ever")
+    else:
+        return
     if is_embedded():
         raise RegistryError(config.source, "num_workers", f"{what}; lower them ({remedy}), or run on a cluster that "
                             "has them (RAY_ADDRESS)")

@@ -396,7 +396,10 @@ def test_workers_the_embedded_ray_cannot_hold_are_refused_before_training(ray_cl
                                                           r"cpus_per_worker\), but the Ray cluster has 2 CPU on 1 "
                                                           r"node\(s\): room for 4"),
             ({"use_gpu": True}, r"2 worker\(s\) of 0.5 CPU \+ 1 GPU each \(num_workers, cpus_per_worker, use_gpu, "
-                                r"gpus_per_worker\), but the Ray cluster has 2 CPU, 0 GPU on 1 node\(s\): room for 0")):
+                                r"gpus_per_worker\), but the Ray cluster has 2 CPU, 0 GPU on 1 node\(s\): room for 0"),
+            ({"num_workers": 4, "cpus_per_worker": 0.5},  # they fit, but leave Ray Data's reads no CPU: a hang
+             r"4 worker\(s\) of 0.5 CPU each \(num_workers, cpus_per_worker\) take 2 of the Ray cluster's 2 CPU on 1 "
+             r"node\(s\), leaving 0 CPU: Ray Data's reads, which feed the workers, need 1 and would wait for ever")):
         with pytest.raises(RegistryError, match="test: num_workers: " + expected):
             train(_config(**changes), data=str(tiny_samples), out=tmp_path / "run", config_dir=str(CONFIGS),
                   log=lambda *a: None)
