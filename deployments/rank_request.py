@@ -263,7 +263,7 @@ def _example_value(f: Feature, n: int) -> Any:
         return 1 + n % max(f.buckets - 1, 1)
     if f.type == "categorical_list":
         return [1 + (n + k) % max(f.buckets - 1, 1) for k in range(min(2, f.max_len or 2))]
-    return round(0.1 + (n % 47) / 10, 2)  # 0.1 to 4.7: inside the ranges numeric features commonly have (a rating)
+    return round(0.5 + (n % 97) / 10, 2)
 
 
 # ---------------------------------------------------------------- field checks
