@@ -137,9 +137,20 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     budget = meta.train_config.get("tokens_per_batch", 8192)
     reads = test_ds.iter_batches(batch_size=256, batch_format="pyarrow")
     results = evaluate_batches(model, token_budget_batches(reads, Collator(registry), budget), torch.device("cpu"))
+    trained_held_out = meta.train_config.get("test_windows", 1)
+    same_data = _same_path(data, meta.train_config.get("data"))
     return {"checkpoint": str(folder), "step": meta.step, "data": str(data),
             "test_windows": windows[-windows_held_out:], "eval": results,
-            "not_evaluated": not_evaluated(results, registry)}
+            "not_evaluated": not_evaluated(results, registry),
+            "trained_windows_in_test": max(windows_held_out - trained_held_out, 0) if same_data else 0}
+
+
+def _same_path(a, b) -> bool:
+    if a is None or b is None:
+        return False
+    if "://" in str(a) or "://" in str(b):
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def run_from_args(args) -> int:
@@ -157,6 +168,10 @@ def run_from_args(args) -> int:
     print(f"checkpoint {report['checkpoint']} (step {report['step']}) on {report['data']}, test windows starting "
           f"{starts}")
     print(format_table(report["eval"], report["not_evaluated"]))
+    if report["trained_windows_in_test"]:
+        print(f"warning: {report['trained_windows_in_test']} of these {len(report['test_windows'])} test windows "
+              "are windows its run trained on (it held out fewer of these samples): their scores are not held-out "
+              "scores")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")

@@ -313,8 +313,12 @@ def test_a_scenario_without_exposures_is_warned_of_and_listed_as_not_evaluated(r
     assert [row.split()[:3] for row in out.splitlines() if row.startswith("grocery/")] == [
         [task, "-", "-"] for task in grocery_tasks]
     assert f"note: {', '.join(grocery_tasks)}: no labelled exposure in the test windows" in out
+    assert "windows its run trained on" not in out  # the run's own held-out window
     # Evaluation needs no training window: every window of the data may be its test set, not one more.
     assert main(["eval", "--checkpoint", str(run), "--test-windows", "3"]) == 0
-    assert "test windows starting 2026-01-01" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "test windows starting 2026-01-01" in out
+    assert ("warning: 2 of these 3 test windows are windows its run trained on (it held out fewer of these samples): "
+            "their scores are not held-out scores") in out
     assert main(["eval", "--checkpoint", str(run), "--test-windows", "4"]) == 1
     assert "3 window(s) of data, but test_windows=4" in capsys.readouterr().err
