@@ -1,4 +1,5 @@
-"""The Serve application builder: one deployment per registered scenario behind one router.
+"""The Serve application builder: one deployment per registered scenario, behind one router or
+(`scenario_ingress`) one scenario taking HTTP itself.
 
 `serve run deployments/serve.yaml` calls `build_app(args)` with the `args` of serve.yaml. The
 builder enumerates the registry itself, so a scenario added by dropping in its YAML is served
@@ -11,6 +12,7 @@ after a redeploy with no code change and no edit of serve.yaml, which holds only
     config_dir   the registry (default $MTFM_CONFIG_DIR, else ./configs): which scenarios, and
                  each one's `serving:` knobs (replicas, batching, resources, backend)
     scenarios    per-scenario overrides of those knobs, e.g. {hp: {replicas: 2}}
+    and the replicas' and router's settings, `AppArgs` below (the README has the table)
 
 Deployment `ranker_<scenario>` loads only that scenario's subgraph; the ingress `RankRouter`
 routes `POST /<scenario>/rank` to it. With `scenario_ingress: <scenario>` the app serves that

@@ -31,7 +31,8 @@ Under DistributedDataParallel pass find_unused_parameters=True: a scenario with 
 a batch runs none of its tokenizer, GLN parameters, gates or towers (they get no gradient and
 the optimizer leaves them untouched).
 
-Serving: `ranker = model.subgraph("phf")` holds only what scenario phf needs;
+A scenario's subgraph: `ranker = model.subgraph("phf")` holds only what scenario phf needs (Ray
+Serve builds the same `ScenarioRanker` from a checkpoint, `mtfm.deployments.scenario.load_scenario_ranker`);
 `ranker(ranker.collator()(table))` -> (candidates, tasks) probabilities, equal to the full
 model's; `ranker.encode_users(batch)` once, then `ranker.score_candidates(user, chunk)` per
 candidate chunk gives the same scores (H and R tokens never see T-tokens).

@@ -541,7 +541,7 @@ def _aggregate_batch(batch: dict, **kwargs) -> dict:
 def _run(ray, items: list[dict], fn, kwargs: dict, stage: str, log) -> list[dict]:
     """One Ray Data pass over a work list: one task per item, each on one CPU. Progress is logged
     as `stage: done/all tasks` every PROGRESS_S and at the end (Ray Data's own lines are quieted)."""
-    from mtfm.platform.samples import quiet_ray_data
+    from mtfm.platform.cluster import quiet_ray_data
 
     quiet_ray_data()
     context = ray.data.DataContext.get_current()

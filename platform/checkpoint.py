@@ -183,23 +183,16 @@ def read_meta(checkpoint: str | Path) -> CheckpointMeta:
         raise CheckpointError(f"{folder / META_FILE}: not a valid checkpoint description ({exc})") from exc
 
 
-def load_model(checkpoint: str | Path, map_location: "str | torch.device" = "cpu",
-               config_changes: dict[str, Any] | None = None) -> tuple["RecommenderBase", CheckpointMeta]:
-    """Rebuild the model exactly as it was trained (its own registry snapshot) and load its weights.
-
-    config_changes: model-config fields to override that do not change parameters, such as
-    `attention_impl` or `compute_dtype` for serving.
-    """
+def load_model(checkpoint: str | Path) -> tuple["RecommenderBase", CheckpointMeta]:
+    """Rebuild the model exactly as it was trained (its own registry snapshot) and load its weights, on the CPU."""
     from mtfm.model import build_model, parse_model_config
 
     folder = find_checkpoint(checkpoint)
     meta = read_meta(folder)
     registry = Registry.from_dict(meta.registry)
     config = parse_model_config(dict(meta.model_config), str(folder / META_FILE))
-    if config_changes:
-        config = config.replace(**config_changes)
     model = build_model(config, registry)
-    model.load_state_dict(load_state_dict(folder, map_location))
+    model.load_state_dict(load_state_dict(folder))
     return model.eval(), meta
 
 

@@ -75,15 +75,11 @@ def cmd_scenarios_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_scenarios_infer(args: argparse.Namespace) -> int:
-    from mtfm.platform.schema_inference import SchemaInferenceError, infer_scenario
+    from mtfm.platform.schema_inference import infer_scenario
 
     skip = tuple(c.strip() for group in args.skip for c in group.split(",") if c.strip())
-    try:
-        result = infer_scenario(args.name, args.exposures, config_dir=args.config_dir, out=args.out,
-                                force=args.force, skip=skip)
-    except SchemaInferenceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    result = infer_scenario(args.name, args.exposures, config_dir=args.config_dir, out=args.out, force=args.force,
+                            skip=skip)
     print(result.summary())
     validate = "`mtfm scenarios validate" + (f" --config-dir {args.config_dir}`" if args.config_dir else "`")
     scenarios = resolve_config_dir(args.config_dir) / "scenarios"
@@ -130,14 +126,10 @@ def cmd_data_aggregate(args: argparse.Namespace) -> int:
 
 
 def cmd_data_movielens(args: argparse.Namespace) -> int:
-    from mtfm.platform.movielens import MovieLensFormatError, convert_movielens
+    from mtfm.platform.movielens import convert_movielens
 
     reg = load_registry(args.config_dir)
-    try:
-        convert_movielens(reg, args.out, path=args.path, overwrite=args.overwrite)
-    except MovieLensFormatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    convert_movielens(reg, args.out, path=args.path, overwrite=args.overwrite)
     return 0
 
 
@@ -540,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 1
     except (FileNotFoundError, FileExistsError, ValueError) as exc:  # CheckpointError is a ValueError
-        # a bad input named by the code that refused it (`python -m mtfm.platform.train` does the same)
+        # a bad input named by the code that refused it
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: what was left, and how to go on, is said where it is known

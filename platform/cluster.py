@@ -11,7 +11,7 @@ import os
 import sys
 
 
-def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None, log_to_driver: bool = False):
+def init_ray(num_cpus: int | None = None, log_to_driver: bool = False):
     """Return the `ray` module, initialised once; a no-op if Ray is already up (tests, jobs).
 
     log_to_driver: forward the workers' output (training's progress lines come from rank 0)."""
@@ -40,7 +40,7 @@ def init_ray(num_cpus: int | None = None, object_store_memory: int | None = None
         # its own: Ray Train's placement-group cleaner asked that one whether this run's controller lived,
         # was told no, and removed the run's workers (a restart, counted against max_failures). A port
         # nothing listens on makes its question fail instead, which it takes as "ask again".
-        ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False,
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  dashboard_port=unused_port(), logging_level=logging.WARNING, log_to_driver=log_to_driver,
                  runtime_env={"worker_process_setup_hook": quiet_worker_logs})
     return ray
@@ -111,6 +111,47 @@ def forget_the_progress_bar_hint() -> None:
     from ray.util.debug import log_once
 
     log_once("ray_data_progress_manager_disabled")
+
+
+def quiet_ray_data() -> None:
+    """Training, evaluation and aggregation report their own progress; Ray Data's per-dataset bars and
+    INFO lines are noise there (this process's Ray Data settings change)."""
+    import logging
+    import warnings
+
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    forget_the_progress_bar_hint()
+    # Ray Train's own DataConfig sets the option that Ray Data deprecates.
+    warnings.filterwarnings("ignore", message=".*ExecutionOptions.exclude_resources.* is deprecated")
+
+
+_RAY_TRAIN_CTRL_C_LOGGER = "ray.train.v2.api.data_parallel_trainer"
+
+
+def say_when_ray_train_stops_for_ctrl_c() -> None:
+    """Ray Train's driver takes Ctrl-C itself: the first asks the run's controller to abort, which
+    returns once the workers have stopped (10-40 s on a 2-CPU machine), the third exits at once. It says
+    so at INFO, which `init_ray`'s WARNING level hides, so a Ctrl-C looked ignored: its lines are printed
+    instead, in this platform's words."""
+    logger = logging.getLogger(_RAY_TRAIN_CTRL_C_LOGGER)
+    logger.setLevel(logging.INFO)
+    if _ctrl_c_in_our_words not in logger.filters:
+        logger.addFilter(_ctrl_c_in_our_words)
+
+
+def _ctrl_c_in_our_words(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    if message.startswith("Received SIGINT at least 3 times"):
+        print("[mtfm] Ctrl-C a third time: stopping now, without waiting for the workers", file=sys.stderr, flush=True)
+    elif message.startswith("Received SIGINT"):
+        print("[mtfm] Ctrl-C: stopping the run once Ray Train has stopped its workers (up to a minute); Ctrl-C twice "
+              "more stops at once", file=sys.stderr, flush=True)
+    else:
+        return True
+    return False
 
 
 # Ray Train's INFO lines that only narrate (the worker group's start, the process group, the DDP wrap,

@@ -98,8 +98,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
 
     from mtfm.model import Collator, token_budget_batches
     from mtfm.platform.checkpoint import find_checkpoint, load_model
-    from mtfm.platform.cluster import init_ray
-    from mtfm.platform.samples import (quiet_ray_data, refuse_samples_that_do_not_fit, sample_files, samples_folder,
+    from mtfm.platform.cluster import init_ray, quiet_ray_data
+    from mtfm.platform.samples import (refuse_samples_that_do_not_fit, sample_files, samples_folder,
                                        split_by_window)
 
     folder = find_checkpoint(checkpoint)

@@ -16,22 +16,6 @@ from mtfm.platform.registry import events_column, exposures_column, scenario_of_
 from mtfm.platform.run_lock import DRIVER_FILE, live_holder
 
 
-def quiet_ray_data() -> None:
-    """Training reports its own progress; Ray Data's per-dataset bars and INFO lines are noise there."""
-    import logging
-    import warnings
-
-    import ray.data
-
-    from mtfm.platform.cluster import forget_the_progress_bar_hint
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    forget_the_progress_bar_hint()
-    # Ray Train's own DataConfig sets the option that Ray Data deprecates.
-    warnings.filterwarnings("ignore", message=".*ExecutionOptions.exclude_resources.* is deprecated")
-
-
 def split_by_window(samples: str | Path, test_windows: int, need_train: bool = True):
     """(train, test) Ray Datasets: the last `test_windows` windows are the test set. Without
     `need_train` (evaluation) the test set may be every window, and the train set empty."""

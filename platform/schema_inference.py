@@ -109,7 +109,6 @@ class InferenceResult:
     source: Path
     rows: int
     columns: list[Inferred]
-    yaml_text: str
     out: Path | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -639,7 +638,7 @@ def infer_scenario(name: str, exposures: str | Path, config_dir: str | Path | No
             _load_copy(copy, root)
         except RegistryError as exc:
             raise SchemaInferenceError(f"the draft for {name!r} does not validate: {exc}") from exc
-    result = InferenceResult(name, source, table.num_rows, columns, text)
+    result = InferenceResult(name, source, table.num_rows, columns)
     if declared and target.resolve() not in declared:
         result.notes.append(f"scenario {name!r} is already declared in {declared[0]}: this draft was checked as its "
                             "replacement (features reused from the other scenarios); copying it there replaces it")

@@ -34,9 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mtfm.platform.cluster import quiet_ray_data
 from mtfm.platform.registry import Registry, RegistryError, dump_yaml, load_registry, read_yaml_mapping
 from mtfm.platform.run_lock import DriverLock
-from mtfm.platform.samples import (keep_users_of, quiet_ray_data, refuse_samples_that_do_not_fit, samples_folder,
+from mtfm.platform.samples import (keep_users_of, refuse_samples_that_do_not_fit, samples_folder,
                                    scenarios_in, split_by_window)
 
 RUNS_DIR = "runs"
@@ -56,7 +57,7 @@ class TrainConfig:
 
     name: str
     model: str                         # path of the model config (configs/model/*.yaml)
-    data: str = "data/quickstart/samples"  # aggregated samples (Parquet) from `mtfm data aggregate`
+    data: str = "data/quickstart/agg"  # aggregated samples (Parquet) from `mtfm data aggregate`; the quickstart's
     test_windows: int = 1              # the last N windows (days) are held out for evaluation
     epochs: int = 1
     max_steps: int | None = None       # stop early after this many steps in total
@@ -575,7 +576,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     from mtfm.model.config import restrict_registry
     from mtfm.platform.checkpoint import (check_compatible, check_optimizer_file, find_checkpoint, read_meta,
                                           registry_changes, trained_registry)
-    from mtfm.platform.cluster import init_ray
+    from mtfm.platform.cluster import init_ray, say_when_ray_train_stops_for_ctrl_c
 
     if data is None and resume is not None and (Path(resume) / "train_config.yaml").is_file():
         # A resume keeps its run's samples unless --data says otherwise: `--config NEW` changes rates
@@ -588,11 +589,11 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     # Absolute in the run's train_config.yaml, so that `--resume` and `mtfm eval` find them from any folder.
     config = TrainConfig.from_dict(config.to_dict() | {"data": _absolute(data)}, config.source)
     registry = load_registry(config_dir)
-    if not Path(config.model).is_file():
-        raise RegistryError(config.source, "model", f"model config file {config.model} not found (a path from the "
-                            f"current folder, {Path.cwd()}; e.g. configs/model/tiny.yaml)")
-    config = TrainConfig.from_dict(config.to_dict() | {"model": _absolute(config.model)}, config.source)
-    model_config = load_model_config(config.model)
+    if Path(config.model).is_file():
+        config = TrainConfig.from_dict(config.to_dict() | {"model": _absolute(config.model)}, config.source)
+        model_config = load_model_config(config.model)
+    else:
+        model_config = _resumed_runs_model_config(config, resume, log)
     restrict_registry(registry, model_config.scenarios, model_config.source)  # its scenarios are registered
     resume_from = None
     if resume is not None:
@@ -603,7 +604,6 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         meta = read_meta(resume_from)
         check_compatible(meta, registry, str(resume_from))
         trained, given = meta.model_config, _model_config_dict(model_config)
-        # What the weights and the function depend on; kernels, dtypes, dropout and the name may change.
         differ = sorted(k for k in given if k not in RESUMABLE_CHANGES and k in trained and trained[k] != given[k])
         if differ:
             raise ValueError(f"--resume {resume}: its checkpoint's model {trained.get('name')!r} differs from the "
@@ -703,6 +703,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
             dataset_config=_data_config(DataConfig),
         )
         (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a resume tries again
+        say_when_ray_train_stops_for_ctrl_c()
         try:
             result = trainer.fit()
         except (KeyboardInterrupt, SystemExit):
@@ -798,7 +799,8 @@ def _data_config(DataConfig):
 BATCHING = ("num_workers", "tokens_per_batch", "test_windows")
 
 
-# Model-config fields a resumed run may change: none shapes a parameter or the model's function.
+# Model-config fields a resumed run may change: none shapes a parameter or what the model computes in
+# evaluation (dropout acts in training only).
 RESUMABLE_CHANGES = frozenset({"name", "attention_impl", "norm_impl", "compute_dtype", "dropout",
                                "recompute_target_context"})
 
@@ -853,6 +855,23 @@ def _interrupted(run_dir: Path) -> str:
                 f"`mtfm train --resume {run_dir}` continues from it")
     return (f"[mtfm] interrupted before a whole checkpoint was saved in {run_dir}: nothing to resume; start again "
             "with another --out, or after removing that folder")
+
+
+def _resumed_runs_model_config(config: TrainConfig, resume: str | Path | None, log):
+    """The model config of a run resumed with its own train_config.yaml whose `model:` file is gone:
+    a run submitted by `ray job submit --working-dir .` names the model config in Ray's copy of the
+    working directory, deleted with the job. Its checkpoint's meta.json holds the model it trained."""
+    from mtfm.model import parse_model_config
+    from mtfm.platform.checkpoint import META_FILE, find_checkpoint, read_meta
+
+    own = resume is not None and Path(config.source).resolve() == (Path(resume) / "train_config.yaml").resolve()
+    if not own:
+        raise RegistryError(config.source, "model", f"model config file {config.model} not found (a path from the "
+                            f"current folder, {Path.cwd()}; e.g. configs/model/tiny.yaml)")
+    checkpoint = find_checkpoint(resume)
+    log(f"[mtfm] note: --resume {resume}: its model config {config.model} is gone (Ray's copy of a job's working "
+        f"directory?); the run goes on with the model its checkpoint recorded ({checkpoint / META_FILE})")
+    return parse_model_config(dict(read_meta(checkpoint).model_config), str(checkpoint / META_FILE))
 
 
 def refuse_a_checkpoint_to_resume(resume: str | Path) -> None:
@@ -936,19 +955,10 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mtfm.platform.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--config-dir", default=None, metavar="DIR",
-                        help="scenario config directory (default: $MTFM_CONFIG_DIR, else ./configs)")
-    add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_from_args(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:  # RegistryError, CheckpointError included
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: `train` said what the run left
-        print("interrupted", file=sys.stderr)
-        return 130
+    """`python -m mtfm.platform.train ARGS` (as `ray job submit` runs it) is `mtfm train ARGS`."""
+    from mtfm.platform.cli import main as mtfm_main
+
+    return mtfm_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

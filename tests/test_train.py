@@ -6,10 +6,12 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -235,6 +237,67 @@ def test_a_run_ending_on_a_checkpoint_step_ends_with_its_final_checkpoint(tiny_s
     capped = train(_config(num_workers=1, epochs=2, max_steps=meta.step, checkpoint_every=1000, log_every=1000),
                    data=str(tiny_samples), out=tmp_path / "capped", config_dir=str(CONFIGS), log=lambda *a: None)
     assert (read_meta(capped).step, read_meta(capped).epoch, read_meta(capped).batches_in_epoch) == (meta.step, 1, 0)
+
+
+def test_a_resume_whose_model_config_file_is_gone_takes_the_checkpoints(tiny_samples, tmp_path, capsys):
+    """A run submitted by `ray job submit --working-dir .` names its model config in Ray's copy of the
+    working directory, which Ray deletes with the job: `--resume RUN` goes on with the model its
+    checkpoint recorded. A config of one's own that names a missing model file is still an error."""
+    copy = tmp_path / "_ray_pkg_0123abcd"
+    shutil.copytree(REPO_ROOT / "configs" / "model", copy / "configs" / "model")
+    config = _config(model=str(copy / "configs" / "model" / "tiny.yaml"), num_workers=1, max_steps=2,
+                     checkpoint_every=1000, log_every=1000)
+    run = train(config, data=str(tiny_samples), out=tmp_path / "run", config_dir=str(CONFIGS), log=lambda *a: None)
+    shutil.rmtree(copy)
+    assert main(["--resume", str(run), "--max-steps", "3", "--config-dir", str(CONFIGS)]) == 0
+    out = capsys.readouterr().out
+    assert (f"[mtfm] note: --resume {run}: its model config {copy}/configs/model/tiny.yaml is gone (Ray's copy of a "
+            f"job's working directory?); the run goes on with the model its checkpoint recorded "
+            f"({run}/checkpoint_00000002/meta.json)") in out
+    assert read_meta(run).step == 3 and read_meta(run).model_config == read_meta(run / "checkpoint_00000002").model_config
+    with pytest.raises(RegistryError, match=r"model: model config file .*tiny.yaml not found"):
+        train(config, data=str(tiny_samples), out=tmp_path / "other", config_dir=str(CONFIGS), log=lambda *a: None)
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_acknowledged_at_once_and_leaves_a_run_to_resume(ray_cluster, tiny_samples, tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the command's process group) while workers train: Ray Train
+    stops them before `train` returns, which takes a while, so the command says at once that it is
+    stopping; then it names the checkpoint to resume from, and exits 130."""
+    config = tmp_path / "train.yaml"
+    config.write_text(dump_yaml(TrainConfig.load(TINY).to_dict() | {
+        "model": str(REPO_ROOT / "configs/model/tiny.yaml"), "epochs": 500, "num_workers": 1, "log_every": 1,
+        "checkpoint_every": 2, "evaluate_at_checkpoints": False}))
+    run = tmp_path / "run"
+    env = os.environ | {"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "mtfm.platform.cli", "train", "--config", str(config), "--data", str(tiny_samples),
+         "--out", str(run)], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), line) for line in driver.stdout),
+                              daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        while not any("[mtfm] step      4" in line for _, line in lines) and time.monotonic() < deadline:
+            assert driver.poll() is None, "".join(line for _, line in lines)[-3000:]
+            time.sleep(0.2)
+        assert any("[mtfm] step" in line for _, line in lines), "".join(line for _, line in lines)[-3000:]
+        pressed = time.monotonic()
+        os.killpg(driver.pid, signal.SIGINT)
+        assert driver.wait(timeout=180) == 130
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    reader.join(timeout=10)
+    said = [(at - pressed, line.strip()) for at, line in lines if at >= pressed]
+    acknowledged = [at for at, line in said if line.startswith("[mtfm] Ctrl-C: stopping the run once Ray Train has "
+                                                                "stopped its workers")]
+    assert acknowledged and acknowledged[0] < 5, said
+    newest = find_checkpoint(run)
+    assert any(line == f"[mtfm] interrupted: the newest whole checkpoint is {newest} (step {read_meta(newest).step}); "
+               f"`mtfm train --resume {run}` continues from it" for _, line in said), said
 
 
 def test_raw_logs_given_as_samples_are_refused_by_name(ray_cluster, tmp_path):
@@ -558,6 +621,10 @@ def test_train_config_errors(tmp_path):
     bad.write_text("model: configs/model/tiny.yaml\nepocs: 3\n")
     with pytest.raises(RegistryError, match=r"bad.yaml: epocs: unknown key"):
         TrainConfig.load(bad)
+    from mtfm.platform.cli import QUICKSTART_OUT
+
+    # A config without `data:` trains on what `mtfm quickstart` aggregated.
+    assert TrainConfig.from_dict({"name": "t", "model": "configs/model/tiny.yaml"}).data == f"{QUICKSTART_OUT}/agg"
     bad.write_text("epochs: 3\n")
     with pytest.raises(RegistryError, match=r"bad.yaml: model: required field missing"):
         TrainConfig.load(bad)
