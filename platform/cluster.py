@@ -19,6 +19,7 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = False):
 
     if ray.is_initialized():
         return ray
+    _drop_harmless_worker_lines()
     address = os.environ.get("RAY_ADDRESS")
     if address:
         from ray.exceptions import AuthenticationError
@@ -40,10 +41,52 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = False):
         # its own: Ray Train's placement-group cleaner asked that one whether this run's controller lived,
         # was told no, and removed the run's workers (a restart, counted against max_failures). A port
         # nothing listens on makes its question fail instead, which it takes as "ask again".
+        # Ray warns that the cluster it starts takes tokens, which `ray start` clusters do on this machine
+        # once ~/.ray/auth_token exists: nothing for a user of the embedded Ray to do.
+        logging.getLogger(_RAY_TOKEN_LOGGER).addFilter(lambda record: "Token authentication is enabled" not in
+                                                       record.getMessage())
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  dashboard_port=unused_port(), logging_level=logging.WARNING, log_to_driver=log_to_driver,
                  runtime_env={"worker_process_setup_hook": quiet_worker_logs})
     return ray
+
+
+_RAY_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+# Lines the cluster's processes print on every run that ask nothing of the user, dropped from what the
+# driver forwards (the session's log files keep them):
+HARMLESS_WORKER_LINES = (
+    # Ray Train's own PreemptionWatcher actor, logged at ERROR by Ray's core (ray-project/ray#53727)
+    "has constructor arguments in the object store and max_restarts > 0",
+    # DDP runs with find_unused_parameters=True because a batch without a scenario's T-tokens leaves that
+    # scenario's modules unused; torch warns, once per worker, on a first batch that has them all
+    "find_unused_parameters=True was specified in DDP constructor, but did not find any unused parameters",
+    # the raylet on a machine of few CPUs, where Ray Train and Ray Data start their workers together
+    "PYTHON worker processes have been started on node",
+)
+
+
+def _drop_harmless_worker_lines() -> None:
+    """Wrap the driver's printer of forwarded output (Ray 2.60's `print_to_stdstream`: the workers'
+    lines and the raylet's messages) so that it leaves out HARMLESS_WORKER_LINES. Before ray.init,
+    which hands the printer to its log thread; a Ray whose internals differ is left as it is."""
+    try:
+        from ray._private import worker as ray_worker
+
+        ray_print = ray_worker.print_to_stdstream
+    except (ImportError, AttributeError):
+        return
+    if getattr(ray_print, "drops_harmless_lines", False):
+        return
+
+    def print_to_stdstream(data: dict, ignore_prefix: bool = False) -> None:
+        lines = [line for line in data.get("lines", ()) if not any(harmless in line for harmless in
+                                                                     HARMLESS_WORKER_LINES)]
+        if lines:
+            ray_print(data | {"lines": lines}, ignore_prefix=ignore_prefix)
+
+    print_to_stdstream.drops_harmless_lines = True
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 def _job_has_a_setup_hook() -> bool:

@@ -153,6 +153,32 @@ def test_a_jobs_own_setup_hook_is_left_to_it(monkeypatch):
         assert _job_has_a_setup_hook() is has
 
 
+def test_the_driver_leaves_out_forwarded_lines_that_ask_nothing_of_the_user(monkeypatch):
+    """Ray's printer of the workers' and raylet's output, wrapped: the lines of HARMLESS_WORKER_LINES
+    are left out, every other line reaches it as Ray gave it, and a second wrap is a no-op."""
+    from ray._private import worker as ray_worker
+
+    from mtfm.platform.cluster import HARMLESS_WORKER_LINES, _drop_harmless_worker_lines
+
+    printed = []
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", lambda data, ignore_prefix: printed.append((data, ignore_prefix)))
+    _drop_harmless_worker_lines()
+    _drop_harmless_worker_lines()
+    line = "[2026-12-06 14:31:20,301 E 27589 27623] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' " \
+           "and ID: '7c59' has constructor arguments in the object store and max_restarts > 0. If the arguments ..."
+    ddp = "[rank0]:[W1206 14:31:32.563669693 reducer.cpp:1529] Warning: find_unused_parameters=True was specified " \
+          "in DDP constructor, but did not find any unused parameters in the forward pass. This flag results ..."
+    ray_worker.print_to_stdstream({"pid": 7, "is_err": True, "lines": [line, "[mtfm] step 10", ddp]},
+                                  ignore_prefix=True)
+    ray_worker.print_to_stdstream({"pid": "raylet", "is_err": False, "lines": [
+        "WARNING: 8 PYTHON worker processes have been started on node: d7 with address: 192.0.2.2"]}, ignore_prefix=False)
+    ray_worker.print_to_stdstream({"pid": 7, "is_err": False, "lines": ["Traceback (most recent call last):"]},
+                                  ignore_prefix=False)
+    assert printed == [({"pid": 7, "is_err": True, "lines": ["[mtfm] step 10"]}, True),
+                       ({"pid": 7, "is_err": False, "lines": ["Traceback (most recent call last):"]}, False)]
+    assert len(HARMLESS_WORKER_LINES) == 3
+
+
 def test_the_worker_hook_never_takes_its_worker_down(monkeypatch, capsys):
     """A worker_process_setup_hook that raises ends its worker: quieting logs is not worth that."""
     import ray.data._internal.logging as ray_data_logging
