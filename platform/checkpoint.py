@@ -44,6 +44,7 @@ class CheckpointMeta:
     registry: dict[str, Any]
     model_config: dict[str, Any]
     train_config: dict[str, Any]
+    samples_fingerprint: str | None = None  # of the samples trained on (`samples.samples_fingerprint`); None before
 
     @property
     def scenarios(self) -> list[str]:

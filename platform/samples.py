@@ -114,6 +114,16 @@ def name_the_unreadable_parquet(path: str, error: Exception) -> None:
             raise ValueError(f"{file}: not readable as Parquet ({error})") from error
 
 
+def samples_fingerprint(samples: str) -> str:
+    """Names and sizes of the samples' parts, hashed: what a run's checkpoints record of the data they
+    were trained on, for a resume mid-epoch to tell samples written again at the same path."""
+    import hashlib
+
+    filesystem, files = sample_files(samples)
+    parts = "\n".join(f"{info.path}\t{info.size}" for info in filesystem.get_file_info(files))
+    return hashlib.sha1(parts.encode()).hexdigest()[:16]
+
+
 def samples_folder(samples: str) -> str:
     """The aggregate's samples/ folder if `samples` is its --out folder, else `samples` itself: a
     local path, or a URI that Ray Data reads (s3://, gs://, file://, ...)."""

@@ -375,7 +375,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ckpt, scores_finite = None, True
             if rank == 0:
                 meta = CheckpointMeta(step, epoch, batches_in_epoch, registry.to_dict(),
-                                      loop_config["model_config"], config.to_dict())
+                                      loop_config["model_config"], config.to_dict(), loop_config["samples_fingerprint"])
                 write_checkpoint(Path(tmp), model, optimizers, meta)
                 if config.evaluate_at_checkpoints or final:  # the final checkpoint always gets eval.json
                     model.eval()
@@ -621,6 +621,8 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
                  if key in meta.train_config and meta.train_config[key] != getattr(config, key)]
         if "data" in meta.train_config and _absolute(meta.train_config["data"]) != config.data:
             cuts.append(f"data: {meta.train_config['data']} -> {config.data}")
+        elif meta.batches_in_epoch and meta.samples_fingerprint not in (None, _samples_fingerprint(config.data)):
+            cuts.append(f"the samples at {config.data}: written again (their parts' names or sizes differ)")
         if meta.batches_in_epoch and cuts:
             raise ValueError(f"--resume {resume}: it stopped after batch {meta.batches_in_epoch} of epoch "
                              f"{meta.epoch + 1}, and {'; '.join(cuts)} since: the epoch's batches would be cut "
@@ -691,6 +693,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
             train_loop_config={"train_config": config.to_dict(), "registry": registry.to_dict(),
                                "model_config": _model_config_dict(model_config), "run_dir": str(run_dir),
                                "init_from": str(init_from) if init_from else None,
+                               "samples_fingerprint": _samples_fingerprint(config.data),
                                "resume_from": str(resume_from) if resume_from else None,
                                "loaded_by_warm_start": _loaded_by_warm_start(run_dir) if resume else None},
             scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
@@ -880,6 +883,16 @@ def refuse_a_checkpoint_to_resume(resume: str | Path) -> None:
     if (Path(resume) / META_FILE).is_file():
         raise ValueError(f"--resume takes a run folder, not one of its checkpoints ({resume}); --init-from "
                          "starts a new run from one checkpoint")
+
+
+def _samples_fingerprint(data: str) -> str | None:
+    """`samples_fingerprint` of the samples (their --out folder or samples/); None where they cannot be listed."""
+    from mtfm.platform.samples import samples_fingerprint
+
+    try:
+        return samples_fingerprint(samples_folder(data))
+    except (OSError, ValueError):  # FileNotFoundError included: refused, by name, where the samples are read
+        return None
 
 
 def _absolute(path: str) -> str:

@@ -300,6 +300,23 @@ def test_ctrl_c_is_acknowledged_at_once_and_leaves_a_run_to_resume(ray_cluster, 
                f"`mtfm train --resume {run}` continues from it" for _, line in said), said
 
 
+def test_a_resume_mid_epoch_refuses_samples_written_again_at_the_same_path(tiny_samples, tmp_path):
+    """The epoch's place is a count of batches: over other samples at the same path it would skip
+    the wrong users. The checkpoints record the samples' parts (names and sizes)."""
+    data = tmp_path / "agg"
+    shutil.copytree(tiny_samples, data)
+    config = _config(num_workers=1, epochs=1, max_steps=2, checkpoint_every=1000, log_every=1000,
+                     evaluate_at_checkpoints=False)
+    run = train(config, data=str(data), out=tmp_path / "run", config_dir=str(CONFIGS), log=lambda *a: None)
+    assert read_meta(run).batches_in_epoch == 2
+    part = sorted((data / "samples").glob("*.parquet"))[0]
+    pq.write_table(pq.read_table(part).slice(1), part)  # aggregated again: one user fewer
+    more = TrainConfig.from_dict(config.to_dict() | {"max_steps": 3}, "test")
+    with pytest.raises(ValueError, match=rf"it stopped after batch 2 of epoch 1, and the samples at {data.resolve()}: "
+                                         r"written again \(their parts' names or sizes differ\) since"):
+        train(more, resume=str(run), config_dir=str(CONFIGS), log=lambda *a: None)
+
+
 def test_raw_logs_given_as_samples_are_refused_by_name(ray_cluster, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
