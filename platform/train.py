@@ -142,14 +142,17 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+_TYPES = {"str": ((str,), "a string"), "int": ((int,), "an integer"), "float": ((int, float), "a number"),
+          "bool": ((bool,), "true or false"), "None": ((), "null")}
+
+
 def _check_type(source: str, key: str, value: Any, annotation: str) -> None:
-    expected = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
     names = [a.strip() for a in str(annotation).split("|")]
     if value is None and "None" in names:
         return
-    allowed = tuple(t for n in names for t in expected.get(n, ()))
+    allowed = tuple(t for n in names for t in _TYPES[n][0])
     if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-        raise RegistryError(source, key, f"expected {' or '.join(n for n in names)}, found {value!r}")
+        raise RegistryError(source, key, f"expected {' or '.join(_TYPES[n][1] for n in names)}, found {value!r}")
 
 
 class TrainingDiverged(ValueError):

@@ -633,7 +633,13 @@ def test_a_resume_takes_the_rates_of_its_train_config():
 def test_train_config_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: configs/model/tiny.yaml\ntokens_per_batch: lots\n")
-    with pytest.raises(RegistryError, match=r"bad.yaml: tokens_per_batch: expected int, found 'lots'"):
+    with pytest.raises(RegistryError, match=r"bad.yaml: tokens_per_batch: expected an integer, found 'lots'"):
+        TrainConfig.load(bad)
+    bad.write_text("model: configs/model/tiny.yaml\nmax_steps: many\n")
+    with pytest.raises(RegistryError, match=r"bad.yaml: max_steps: expected an integer or null, found 'many'"):
+        TrainConfig.load(bad)
+    bad.write_text("model: configs/model/tiny.yaml\nlr: fast\n")
+    with pytest.raises(RegistryError, match=r"bad.yaml: lr: expected a number, found 'fast'"):
         TrainConfig.load(bad)
     bad.write_text("model: configs/model/tiny.yaml\nepocs: 3\n")
     with pytest.raises(RegistryError, match=r"bad.yaml: epocs: unknown key"):
