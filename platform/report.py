@@ -169,9 +169,11 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, log=print)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     written = plot_curves(run_dir, out, plt)
-    if (run_dir / DIVERGED_FILE).is_file():
+    diverged = (run_dir / DIVERGED_FILE).is_file()
+    if diverged:
         log(f"note: the run diverged ({_diverged(run_dir)}); the figures end before that step")
-    for name, what in (("loss.png", "no loss line in metrics.jsonl (a run shorter than log_every steps)"),
+    short = "the run diverged before its first" if diverged else "a run shorter than"
+    for name, what in (("loss.png", f"no loss line in metrics.jsonl ({short} log_every steps)"),
                        ("eval.png", "no evaluation in metrics.jsonl (none at a checkpoint yet)")):
         if out / name not in written:
             log(f"note: no {name}: {what}")

@@ -29,7 +29,7 @@ from mtfm.platform.cluster import unused_port
 from mtfm.platform.registry import RegistryError, dump_yaml, exposures_column, load_registry
 from mtfm.platform.report import write_report
 from mtfm.platform.samples import keep_users_of, split_by_window
-from mtfm.platform.train import METRICS_FILE, RAY_TRAIN_SNAPSHOT, TrainConfig, main, train
+from mtfm.platform.train import DIVERGED_FILE, METRICS_FILE, RAY_TRAIN_SNAPSHOT, TrainConfig, main, train
 
 TINY = REPO_ROOT / "configs" / "train" / "tiny.yaml"
 
@@ -122,6 +122,13 @@ def test_report_says_which_figure_a_short_run_lacks(tmp_path):
     assert [p.name for p in write_report(run, log=notes.append)] == ["eval.png"]
     assert notes[0] == "note: no loss.png: no loss line in metrics.jsonl (a run shorter than log_every steps)"
     assert notes[1].startswith("note: no attention heatmap")
+    (run / DIVERGED_FILE).write_text(json.dumps({"what": "loss", "value": "nan", "step": 4}))
+    notes = []
+    write_report(run, log=notes.append)
+    assert notes[:2] == ["note: the run diverged (diverged.json: the loss stopped being finite at step 4); the figures "
+                         "end before that step",
+                         "note: no loss.png: no loss line in metrics.jsonl (the run diverged before its first log_every "
+                         "steps)"]
 
 
 def test_report_of_a_run_without_a_checkpoint_draws_the_curves_and_says_why_no_heatmap(tmp_path):
