@@ -636,7 +636,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
             log(f"[mtfm] note: --resume {resume} at an epoch's start with {'; '.join(cuts)}")
         if config.max_steps is not None and meta.step >= config.max_steps:
             raise ValueError(f"--resume {resume}: it is at step {meta.step} and max_steps is {config.max_steps} "
-                             f"({config.source} or --max-steps): nothing to train; raise --max-steps to go on")
+                             f"({config.source}): nothing to train; raise --max-steps to go on")
         if meta.epoch >= config.epochs:
             raise ValueError(f"--resume {resume}: it has completed {meta.epoch} epoch(s) and {config.source} trains "
                              f"{config.epochs}: nothing to train; raise its epochs (--epochs) to go on")
@@ -761,11 +761,12 @@ READ_CPUS = 1.0  # what one of Ray Data's read tasks asks for: training stalls w
 
 
 def refuse_workers_the_cluster_cannot_hold(config: TrainConfig, log,
-                                           remedy: str = "--num-workers; on a machine without a GPU, a train config "
-                                                         "without use_gpu") -> None:
+                                           remedy: str = "--num-workers, or the train config's cpus_per_worker; on a "
+                                                         "machine without a GPU, use_gpu: false") -> None:
     """Ray Train would wait for resources that never come, retrying every minute, and Ray Data's
     reads for a CPU the workers all took: refuse up front on the embedded Ray, warn on a cluster
-    (an autoscaler may add nodes)."""
+    (an autoscaler may add nodes). On a cluster that could hold them but whose resources other work
+    holds now (a Serve app), Ray Train waits as well, printing a traceback a minute: warned of."""
     from mtfm.platform.cluster import bundles_that_fit, is_embedded
 
     import ray
@@ -783,12 +784,27 @@ def refuse_workers_the_cluster_cannot_hold(config: TrainConfig, log,
                 f"the Ray cluster's {cluster}, leaving {max(left, 0.0):g} CPU: Ray Data's reads, which feed the "
                 f"workers, need {READ_CPUS:g} and would wait for ever")
     else:
+        if not is_embedded():
+            _warn_of_resources_held_by_other_work(config, taken, log)
         return
     if is_embedded():
         raise RegistryError(config.source, "num_workers", f"{what}; lower them ({remedy}), or run on a cluster that "
                             "has them (RAY_ADDRESS)")
     log(f"[mtfm] warning: {config.source}: {what}; Ray Train waits for nodes to join (an autoscaler) and retries "
         "every minute")
+
+
+def _warn_of_resources_held_by_other_work(config: TrainConfig, cpus: float, log) -> None:
+    import ray
+
+    needed = {"CPU": cpus + READ_CPUS} | ({"GPU": config.num_workers * config.gpus_per_worker} if config.use_gpu else {})
+    free = ray.available_resources()
+    short = [f"{free.get(key, 0.0):g} {key} of the {need:g} needed" for key, need in needed.items()
+             if free.get(key, 0.0) < need - 1e-9]
+    if short:
+        log(f"[mtfm] warning: the Ray cluster has {', '.join(short)} free now (other work holds the rest, such as a "
+            f"Serve app: `ray status`): the {config.num_workers} worker(s) start once enough is free, Ray Train "
+            "retrying every minute")
 
 
 def _data_config(DataConfig):
@@ -870,10 +886,12 @@ def _resumed_runs_model_config(config: TrainConfig, resume: str | Path | None, l
     from mtfm.model import parse_model_config
     from mtfm.platform.checkpoint import META_FILE, find_checkpoint, read_meta
 
-    own = resume is not None and Path(config.source).resolve() == (Path(resume) / "train_config.yaml").resolve()
+    own = resume is not None and (Path(resume) / "train_config.yaml").is_file() and \
+        read_yaml_mapping(Path(resume) / "train_config.yaml").get("model") == config.model
     if not own:
-        raise RegistryError(config.source, "model", f"model config file {config.model} not found (a path from the "
-                            f"current folder, {Path.cwd()}; e.g. configs/model/tiny.yaml)")
+        relative = "" if Path(config.model).is_absolute() else f" (a path from the current folder, {Path.cwd()})"
+        raise RegistryError(config.source, "model", f"model config file {config.model} not found{relative}; expected "
+                            "e.g. configs/model/tiny.yaml")
     checkpoint = find_checkpoint(resume)
     log(f"[mtfm] note: --resume {resume}: its model config {config.model} is gone (Ray's copy of a job's working "
         f"directory?); the run goes on with the model its checkpoint recorded ({checkpoint / META_FILE})")
@@ -962,7 +980,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("num_workers", args.num_workers), ("max_steps", args.max_steps),
                                    ("epochs", args.epochs), ("test_windows", args.test_windows)) if v is not None}
     if overrides:
-        config = TrainConfig.from_dict(config.to_dict() | overrides, config.source)
+        given = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in overrides.items())
+        config = TrainConfig.from_dict(config.to_dict() | overrides, f"{config.source} with {given}")
     if args.resume and args.init_from:
         raise ValueError("--resume continues a run, --init-from starts a new one from a checkpoint: pass one of them")
     train(config, data=args.data, out=args.out, resume=args.resume, init_from=args.init_from,

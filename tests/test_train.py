@@ -493,6 +493,35 @@ def test_workers_the_embedded_ray_cannot_hold_are_refused_before_training(ray_cl
         assert not (tmp_path / "run").exists()
 
 
+def test_workers_a_clusters_other_work_holds_the_resources_of_are_warned_of(ray_cluster, tiny_samples, tmp_path,
+                                                                            monkeypatch, capsys):
+    """On a cluster (RAY_ADDRESS) that could hold the workers but whose CPUs other work holds now (a
+    Serve app), Ray Train waits, printing a traceback a minute: said up front. A command-line override
+    is named as such in the refusals (here on the embedded Ray)."""
+    from mtfm.platform.train import refuse_workers_the_cluster_cannot_hold
+
+    config = _config(num_workers=1, cpus_per_worker=0.5)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # only asked of is_embedded(): Ray is up already
+    notes = []
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    held = placement_group([{"CPU": ray_cluster.available_resources()["CPU"]}])  # as a Serve app's replicas would
+    try:
+        ray_cluster.get(held.ready(), timeout=60)
+        refuse_workers_the_cluster_cannot_hold(config, notes.append)
+    finally:
+        remove_placement_group(held)
+    assert notes == ["[mtfm] warning: the Ray cluster has 0 CPU of the 1.5 needed free now (other work holds the "
+                     "rest, such as a Serve app: `ray status`): the 1 worker(s) start once enough is free, Ray Train "
+                     "retrying every minute"]
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert main(["--config", str(TINY), "--data", str(tiny_samples), "--out", str(tmp_path / "run"), "--num-workers",
+                 "64", "--max-steps", "5"]) == 1
+    assert capsys.readouterr().err.startswith(
+        f"config error: {TINY} with --num-workers 64, --max-steps 5: num_workers: 64 worker(s) of 0.5 CPU each")
+
+
+
 def test_command_line_refuses_a_run_folder_that_holds_a_run(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     (run / "checkpoint_00000003").mkdir(parents=True)
