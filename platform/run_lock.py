@@ -26,15 +26,17 @@ HEARTBEAT_S = 10.0
 STALE_S = 60.0
 
 
+_DEFAULT_CLASH = "two drivers would prune each other's checkpoints"
+
+
 class DriverLock:
     """`with DriverLock(run_dir):` holds `run_dir` for this driver, or raises ValueError naming the
     live driver that holds it. Folders it had to create are removed again if left empty. `driver`
     says what holds the folder in the refusal, `clash` what two of them would do."""
 
-    def __init__(self, run_dir: Path, driver: str = "training driver",
-                 clash: str = "two drivers would prune each other's checkpoints"):
+    def __init__(self, run_dir: Path, driver: str = "training driver", clash: str | None = None):
         self.run_dir = run_dir
-        self.driver, self.clash = driver, clash
+        self.driver, self.clash = driver, clash or _DEFAULT_CLASH
         self.path = run_dir / DRIVER_FILE
         self.token = uuid.uuid4().hex
         self._created: list[Path] = []  # the folders __enter__ made, deepest first
@@ -135,6 +137,15 @@ def live_holder(folder: Path) -> dict | None:
     """The record of the live driver holding `folder`, or None (no driver file, or a stale one)."""
     holder, age, exists = _read(folder / DRIVER_FILE)
     return holder if exists and not _stale(holder, age) else None
+
+
+def refuse_a_folder_a_live_driver_holds(folder: Path) -> None:
+    """The refusal `DriverLock(folder)` would give, up front: a resume of a run still training is
+    refused as such, not for what the run has not written yet (its first checkpoint)."""
+    holder, age, exists = _read(folder / DRIVER_FILE)
+    if exists and not _stale(holder, age):
+        raise ValueError(f"{folder}: {_who(holder, age, 'training driver')}; "
+                         f"{holder.get('clash') or _DEFAULT_CLASH}")
 
 
 def _clash(holder: dict, me: DriverLock) -> str:

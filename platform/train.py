@@ -36,7 +36,7 @@ from typing import Any
 
 from mtfm.platform.cluster import quiet_ray_data
 from mtfm.platform.registry import Registry, RegistryError, dump_yaml, load_registry, read_yaml_mapping
-from mtfm.platform.run_lock import DriverLock
+from mtfm.platform.run_lock import DriverLock, refuse_a_folder_a_live_driver_holds
 from mtfm.platform.samples import (keep_users_of, refuse_samples_that_do_not_fit, samples_folder,
                                    scenarios_in, split_by_window)
 
@@ -603,6 +603,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         if out is not None and Path(out).resolve() != Path(resume).resolve():
             raise ValueError(f"--resume {resume} continues that run in its own folder: --out {out} does not apply")
         refuse_a_checkpoint_to_resume(resume)
+        refuse_a_folder_a_live_driver_holds(Path(resume))
         resume_from = check_optimizer_file(find_checkpoint(resume).resolve())
         meta = read_meta(resume_from)
         check_compatible(meta, registry, str(resume_from))
@@ -634,6 +635,13 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
                              "the registry: its checkpoint's meta.json)")
         if cuts:
             log(f"[mtfm] note: --resume {resume} at an epoch's start with {'; '.join(cuts)}")
+        shorter = []
+        for key in ("epochs", "max_steps"):  # a limit lowered: said, where --epochs and --max-steps usually extend
+            before, now = meta.train_config.get(key), getattr(config, key)
+            if before is not None and now is not None and now < before:
+                shorter.append(f"{key} {before} -> {now}")
+        if shorter:
+            log(f"[mtfm] note: --resume {resume} ends the run sooner than it was started to: {'; '.join(shorter)}")
         if config.max_steps is not None and meta.step >= config.max_steps:
             raise ValueError(f"--resume {resume}: it is at step {meta.step} and max_steps is {config.max_steps} "
                              f"({config.source}): nothing to train; raise --max-steps to go on")

@@ -316,6 +316,11 @@ def test_a_resume_mid_epoch_refuses_samples_written_again_at_the_same_path(tiny_
                      evaluate_at_checkpoints=False)
     run = train(config, data=str(data), out=tmp_path / "run", config_dir=str(CONFIGS), log=lambda *a: None)
     assert read_meta(run).batches_in_epoch == 2
+    notes = []  # a lower limit than the run was started with is said (--max-steps usually extends a run)
+    with pytest.raises(ValueError, match=r"it is at step 2 and max_steps is 1 \(test\): nothing to train"):
+        train(TrainConfig.from_dict(config.to_dict() | {"max_steps": 1}, "test"), resume=str(run),
+              config_dir=str(CONFIGS), log=notes.append)
+    assert f"[mtfm] note: --resume {run} ends the run sooner than it was started to: max_steps 2 -> 1" in notes, notes
     part = sorted((data / "samples").glob("*.parquet"))[0]
     pq.write_table(pq.read_table(part).slice(1), part)  # aggregated again: one user fewer
     more = TrainConfig.from_dict(config.to_dict() | {"max_steps": 3}, "test")
@@ -918,6 +923,10 @@ def test_a_run_folder_a_live_driver_trains_is_refused_before_ray_starts(tmp_path
                                              rf"pid {os.getpid()}, started .*; last heartbeat \d+ s ago\): stop it "
                                              rf"first"):
             train(_config(), data=str(tmp_path / "none"), out=run, config_dir=str(CONFIGS), log=lambda *a: None)
+        # A resume before the running driver's first checkpoint: refused for the driver, not the checkpoint.
+        with pytest.raises(ValueError, match=r"run: a training driver still runs it .*two drivers would prune each "
+                                             r"other's checkpoints"):
+            train(_config(), resume=str(run), config_dir=str(CONFIGS), log=lambda *a: None)
     assert not (run / DRIVER_FILE).exists()
 
     gone = subprocess.Popen(["true"])
