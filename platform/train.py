@@ -430,8 +430,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank != 0:
             return
         exposures_trained = dict(zip(model.registry.scenarios, map(int, exposures)))
-        record = {"step": step, "epoch": epoch, "users_trained": int(trained), "users_not_trained": int(untrained),
-                  "stand_in_steps": int(stand_in_steps), "exposures_trained": exposures_trained}
+        record = {"step": step, "epoch": epoch + 1, "users_trained": int(trained),
+                  "users_not_trained": int(untrained), "stand_in_steps": int(stand_in_steps),
+                  "exposures_trained": exposures_trained}
         if skip:
             record["resumed_at_batch"] = skip  # the users before it were trained by the attempt that saved it
         _append_jsonl(run_dir / METRICS_FILE, record)
@@ -499,7 +500,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     if stop_if_diverged(mean_loss, "loss", summed=True):
                         done = True
                         break
-                    record = {"step": step, "epoch": epoch, "loss": mean_loss,
+                    record = {"step": step, "epoch": epoch + 1, "loss": mean_loss,  # from 1, as the log says it
                               "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed}
                     if shapes is not None:
                         record["graph_captures"] = train_step.captures

@@ -74,7 +74,7 @@ def test_two_workers_lower_the_loss(tiny_samples, tmp_path):
     windows = pq.read_table(tiny_samples / "samples", columns=["window"])["window"].to_numpy()
     train_rows = int((windows < np.unique(windows)[-config.test_windows]).sum())
     coverage = [r for r in log if "users_trained" in r]
-    assert [r["epoch"] for r in coverage] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in coverage] == [1, 2, 3, 4]  # from 1, as the log's "epoch 1/4"
     assert all(r["users_trained"] == train_rows - train_rows % 2 and r["users_not_trained"] == 0
                for r in coverage), (coverage, train_rows)
     assert any(r["stand_in_steps"] > 0 for r in coverage), coverage  # the case above happened
@@ -212,7 +212,7 @@ def test_two_workers_resumed_where_one_stands_in_continue_the_same_loss_curve(ti
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-4)
     coverage = [r for r in _log(killed) if "users_trained" in r]
     assert [(r["epoch"], r.get("resumed_at_batch"), r["stand_in_steps"], r["users_not_trained"]) for r in coverage] \
-        == [(0, 2, 1, 0), (1, None, 1, 0)], coverage
+        == [(1, 2, 1, 0), (2, None, 1, 0)], coverage
     wa, wb = torch.load(find_checkpoint(clean) / "model.pt"), torch.load(find_checkpoint(killed) / "model.pt")
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)
