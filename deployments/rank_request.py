@@ -263,7 +263,13 @@ def _example_value(f: Feature, n: int) -> Any:
         return 1 + n % max(f.buckets - 1, 1)
     if f.type == "categorical_list":
         return [1 + (n + k) % max(f.buckets - 1, 1) for k in range(min(2, f.max_len or 2))]
-    return round(0.5 + (n % 97) / 10, 2)
+    # In the range the synthetic logs give each transform (`platform/synth.py`), which a quickstart model
+    # was trained on: none in (0, 1), log1p a positive amount, symlog around 0.
+    if f.transform == "log1p":
+        return round(0.5 + (n % 97) / 4, 2)
+    if f.transform == "symlog":
+        return round((n % 41) / 10 - 2, 2)
+    return round(0.05 + (n % 91) / 100, 2)
 
 
 # ---------------------------------------------------------------- field checks
