@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 from dataclasses import dataclass
 from itertools import chain
 from types import NoneType
@@ -419,12 +420,17 @@ def _column_length(columns: dict, where: str) -> int:
             raise RequestError(422, "wrong_type", f"{where}.{name}",
                                f"expected a list of values (a column), found {_json_kind(values)}")
         lengths[name] = len(values)
-    if len(set(lengths.values())) > 1:
-        first = next(iter(lengths))
-        other = next(n for n, length in lengths.items() if length != lengths[first])
-        raise RequestError(422, "wrong_type", f"{where}.{other}",
-                           f"{lengths[other]} values; expected {lengths[first]}, as column {first!r} has")
+    if len(set(lengths.values())) > 1:  # the column at fault: the first whose length most others do not share
+        counts = Counter(lengths.values())
+        common = max(counts, key=lambda length: (counts[length], -list(lengths.values()).index(length)))
+        odd = next(name for name, length in lengths.items() if length != common)
+        raise RequestError(422, "wrong_length", f"{where}.{odd}",
+                           f"{lengths[odd]} values; expected {common}, as {_others(counts[common])}")
     return next(iter(lengths.values()), 0)
+
+
+def _others(n: int) -> str:
+    return "the other column has" if n == 1 else f"{n} other columns have"
 
 
 # The Python types a column of each kind may hold, nulls aside (bool is not int here: JSON's true is refused).

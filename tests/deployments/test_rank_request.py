@@ -173,7 +173,8 @@ def test_events_and_candidates_as_columns_give_the_same_request(scenario):
     ("sequences.realtime.action", ("set", 3, 2**63), "wrong_type", "sequences.realtime.action[3]"),
     ("sequences.history.colour", ("column", [1]), "unknown_field", "sequences.history.colour"),
     ("sequences.history.price", ("column", 4.5), "wrong_type", "sequences.history.price"),
-    ("sequences.history.category", ("column", [1, 2]), "wrong_type", "sequences.history.category"),
+    ("sequences.history.category", ("column", [1, 2]), "wrong_length", "sequences.history.category"),
+    ("candidates.poi_id", ("column", [1, 2]), "wrong_length", "candidates.poi_id"),  # the first column: still named
     ("candidates.poi_id", ("set", 25, None), "missing_field", "candidates.poi_id[25]"),
     ("candidates.distance_km", ("set", 31, [1.0]), "wrong_type", "candidates.distance_km[31]"),
     ("candidates.distance_km", ("set", 7, 3.4028236e38), "wrong_type", "candidates.distance_km[7]"),
