@@ -424,13 +424,12 @@ def _column_length(columns: dict, where: str) -> int:
         counts = Counter(lengths.values())
         common = max(counts, key=lambda length: (counts[length], -list(lengths.values()).index(length)))
         odd = next(name for name, length in lengths.items() if length != common)
-        raise RequestError(422, "wrong_length", f"{where}.{odd}",
-                           f"{lengths[odd]} values; expected {common}, as {_others(counts[common])}")
+        if counts[common] == 1:
+            like = f"column {next(name for name, length in lengths.items() if length == common)!r} has"
+        else:
+            like = f"{counts[common]} other columns have"
+        raise RequestError(422, "wrong_length", f"{where}.{odd}", f"{lengths[odd]} values; expected {common}, as {like}")
     return next(iter(lengths.values()), 0)
-
-
-def _others(n: int) -> str:
-    return "the other column has" if n == 1 else f"{n} other columns have"
 
 
 # The Python types a column of each kind may hold, nulls aside (bool is not int here: JSON's true is refused).

@@ -179,7 +179,9 @@ def load_state_dict(folder: Path, map_location: "str | torch.device" = "cpu", mm
 def read_meta(checkpoint: str | Path) -> CheckpointMeta:
     folder = find_checkpoint(checkpoint)
     try:
-        return CheckpointMeta(**json.loads((folder / META_FILE).read_text()))
+        raw = json.loads((folder / META_FILE).read_text())
+        # Keys a later version adds are left out: such a checkpoint still loads and serves here.
+        return CheckpointMeta(**{f.name: raw[f.name] for f in dataclasses.fields(CheckpointMeta) if f.name in raw})
     except (json.JSONDecodeError, TypeError) as exc:
         raise CheckpointError(f"{folder / META_FILE}: not a valid checkpoint description ({exc})") from exc
 

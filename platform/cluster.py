@@ -41,10 +41,7 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = False):
         # its own: Ray Train's placement-group cleaner asked that one whether this run's controller lived,
         # was told no, and removed the run's workers (a restart, counted against max_failures). A port
         # nothing listens on makes its question fail instead, which it takes as "ask again".
-        # Ray warns that the cluster it starts takes tokens, which `ray start` clusters do on this machine
-        # once ~/.ray/auth_token exists: nothing for a user of the embedded Ray to do.
-        logging.getLogger(_RAY_TOKEN_LOGGER).addFilter(lambda record: "Token authentication is enabled" not in
-                                                       record.getMessage())
+        _quiet_the_token_notice()
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  dashboard_port=unused_port(), logging_level=logging.WARNING, log_to_driver=log_to_driver,
                  runtime_env={"worker_process_setup_hook": quiet_worker_logs})
@@ -53,17 +50,31 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = False):
 
 _RAY_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
 
-# Lines the cluster's processes print on every run that ask nothing of the user, dropped from what the
-# driver forwards (the session's log files keep them):
+
+def _quiet_the_token_notice() -> None:
+    """Ray warns that the cluster it starts takes tokens, which `ray start` clusters do on this machine
+    once ~/.ray/auth_token exists: nothing for a user of the embedded Ray to do."""
+    logger = logging.getLogger(_RAY_TOKEN_LOGGER)
+    if _not_the_token_notice not in logger.filters:
+        logger.addFilter(_not_the_token_notice)
+
+
+def _not_the_token_notice(record: logging.LogRecord) -> bool:
+    return "Token authentication is enabled" not in record.getMessage()
+
+
+# Lines the cluster's processes print that ask nothing of the user, dropped from what the driver
+# forwards (the session's log files keep them); a line goes when it holds every part of one entry:
 HARMLESS_WORKER_LINES = (
     # Ray Train's own PreemptionWatcher actor, logged at ERROR by Ray's core (ray-project/ray#53727)
-    "has constructor arguments in the object store and max_restarts > 0",
+    ("'PreemptionWatcher'", "has constructor arguments in the object store and max_restarts > 0"),
     # DDP runs with find_unused_parameters=True because a batch without a scenario's T-tokens leaves that
     # scenario's modules unused; torch warns, once per worker, on a first batch that has them all
-    "find_unused_parameters=True was specified in DDP constructor, but did not find any unused parameters",
-    # the raylet on a machine of few CPUs, where Ray Train and Ray Data start their workers together
-    "PYTHON worker processes have been started on node",
+    ("find_unused_parameters=True was specified in DDP constructor, but did not find any unused parameters",),
 )
+# And on the embedded Ray, where nothing else runs: the raylet's count of workers started at once on a
+# machine of few CPUs (Ray Train's and Ray Data's together). On a cluster it may be a leak: it shows.
+HARMLESS_ON_THE_EMBEDDED_RAY = (("PYTHON worker processes have been started on node",),)
 
 
 def _drop_harmless_worker_lines() -> None:
@@ -80,8 +91,9 @@ def _drop_harmless_worker_lines() -> None:
         return
 
     def print_to_stdstream(data: dict, ignore_prefix: bool = False) -> None:
-        lines = [line for line in data.get("lines", ()) if not any(harmless in line for harmless in
-                                                                     HARMLESS_WORKER_LINES)]
+        harmless = HARMLESS_WORKER_LINES + (HARMLESS_ON_THE_EMBEDDED_RAY if is_embedded() else ())
+        lines = [line for line in data.get("lines", ())
+                 if not any(all(part in line for part in parts) for parts in harmless)]
         if lines:
             ray_print(data | {"lines": lines}, ignore_prefix=ignore_prefix)
 
@@ -181,20 +193,31 @@ def say_when_ray_train_stops_for_ctrl_c() -> None:
     instead, in this platform's words."""
     logger = logging.getLogger(_RAY_TRAIN_CTRL_C_LOGGER)
     logger.setLevel(logging.INFO)
+    _ctrl_c_in_our_words.presses = 0
     if _ctrl_c_in_our_words not in logger.filters:
         logger.addFilter(_ctrl_c_in_our_words)
 
 
 def _ctrl_c_in_our_words(record: logging.LogRecord) -> bool:
+    """Ray Train logs "Received SIGINT. Gracefully ..." at each press, and after it, at the third,
+    "Received SIGINT at least 3 times ..."."""
     message = record.getMessage()
     if message.startswith("Received SIGINT at least 3 times"):
-        print("[mtfm] Ctrl-C a third time: stopping now, without waiting for the workers", file=sys.stderr, flush=True)
+        said = "[mtfm] Ctrl-C a third time: stopping now, without waiting for the workers"
     elif message.startswith("Received SIGINT"):
-        print("[mtfm] Ctrl-C: stopping the run once Ray Train has stopped its workers (up to a minute); Ctrl-C twice "
-              "more stops at once", file=sys.stderr, flush=True)
+        _ctrl_c_in_our_words.presses += 1
+        said = {1: "[mtfm] Ctrl-C: stopping the run once Ray Train has stopped its workers (up to a minute); "
+                   "Ctrl-C twice more stops at once",
+                2: "[mtfm] Ctrl-C again: once more stops at once, without waiting for the workers"}.get(
+            _ctrl_c_in_our_words.presses)
     else:
         return True
+    if said:
+        print(said, file=sys.stderr, flush=True)
     return False
+
+
+_ctrl_c_in_our_words.presses = 0
 
 
 # Ray Train's INFO lines that only narrate (the worker group's start, the process group, the DDP wrap,

@@ -144,8 +144,7 @@ def refuse_a_folder_a_live_driver_holds(folder: Path) -> None:
     refused as such, not for what the run has not written yet (its first checkpoint)."""
     holder, age, exists = _read(folder / DRIVER_FILE)
     if exists and not _stale(holder, age):
-        raise ValueError(f"{folder}: {_who(holder, age, 'training driver')}; "
-                         f"{holder.get('clash') or _DEFAULT_CLASH}")
+        raise ValueError(f"{folder}: {_who(holder, age, 'training driver')}; {holder.get('clash') or _DEFAULT_CLASH}")
 
 
 def _clash(holder: dict, me: DriverLock) -> str:

@@ -32,13 +32,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mtfm.platform.cluster import quiet_ray_data
 from mtfm.platform.registry import Registry, RegistryError, dump_yaml, load_registry, read_yaml_mapping
 from mtfm.platform.run_lock import DriverLock, refuse_a_folder_a_live_driver_holds
 from mtfm.platform.samples import (keep_users_of, refuse_samples_that_do_not_fit, samples_folder,
                                    scenarios_in, split_by_window)
+
+if TYPE_CHECKING:
+    from mtfm.model import ModelConfig
 
 RUNS_DIR = "runs"
 # What Ray Train v2 keeps in a run's storage folder to restore the run when it starts there again.
@@ -593,18 +596,21 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     # Absolute in the run's train_config.yaml, so that `--resume` and `mtfm eval` find them from any folder.
     config = TrainConfig.from_dict(config.to_dict() | {"data": _absolute(data)}, config.source)
     registry = load_registry(config_dir)
+    if resume is not None:  # before the model config, which a resume may take from the run's checkpoint
+        refuse_a_checkpoint_to_resume(resume)
+        refuse_a_folder_a_live_driver_holds(Path(resume))
     if Path(config.model).is_file():
         config = TrainConfig.from_dict(config.to_dict() | {"model": _absolute(config.model)}, config.source)
         model_config = load_model_config(config.model)
     else:
         model_config = _resumed_runs_model_config(config, resume, log)
     restrict_registry(registry, model_config.scenarios, model_config.source)  # its scenarios are registered
+    # Local samples only: a URI is not read before Ray starts (it may need the cluster's credentials).
+    fingerprint = None if "://" in config.data else _fingerprint_or_none(config.data)
     resume_from = None
     if resume is not None:
         if out is not None and Path(out).resolve() != Path(resume).resolve():
             raise ValueError(f"--resume {resume} continues that run in its own folder: --out {out} does not apply")
-        refuse_a_checkpoint_to_resume(resume)
-        refuse_a_folder_a_live_driver_holds(Path(resume))
         resume_from = check_optimizer_file(find_checkpoint(resume).resolve())
         meta = read_meta(resume_from)
         check_compatible(meta, registry, str(resume_from))
@@ -626,7 +632,8 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
                  if key in meta.train_config and meta.train_config[key] != getattr(config, key)]
         if "data" in meta.train_config and _absolute(meta.train_config["data"]) != config.data:
             cuts.append(f"data: {meta.train_config['data']} -> {config.data}")
-        elif meta.batches_in_epoch and meta.samples_fingerprint not in (None, _samples_fingerprint(config.data)):
+        elif meta.batches_in_epoch and meta.samples_fingerprint and fingerprint \
+                and meta.samples_fingerprint != fingerprint:
             cuts.append(f"the samples at {config.data}: written again (their parts' names or sizes differ)")
         if meta.batches_in_epoch and cuts:
             raise ValueError(f"--resume {resume}: it stopped after batch {meta.batches_in_epoch} of epoch "
@@ -705,7 +712,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
             train_loop_config={"train_config": config.to_dict(), "registry": registry.to_dict(),
                                "model_config": _model_config_dict(model_config), "run_dir": str(run_dir),
                                "init_from": str(init_from) if init_from else None,
-                               "samples_fingerprint": _samples_fingerprint(config.data),
+                               "samples_fingerprint": fingerprint or _fingerprint_or_none(config.data),
                                "resume_from": str(resume_from) if resume_from else None,
                                "loaded_by_warm_start": _loaded_by_warm_start(run_dir) if resume else None},
             scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
@@ -810,10 +817,14 @@ def _warn_of_resources_held_by_other_work(config: TrainConfig, cpus: float, log)
     free = ray.available_resources()
     short = [f"{free.get(key, 0.0):g} {key} of the {need:g} needed" for key, need in needed.items()
              if free.get(key, 0.0) < need - 1e-9]
-    if short:
-        log(f"[mtfm] warning: the Ray cluster has {', '.join(short)} free now (other work holds the rest, such as a "
-            f"Serve app: `ray status`): the {config.num_workers} worker(s) start once enough is free, Ray Train "
-            "retrying every minute")
+    if not short:
+        return
+    workers_fit = free.get("CPU", 0.0) >= cpus - 1e-9 and (
+        not config.use_gpu or free.get("GPU", 0.0) >= needed["GPU"] - 1e-9)
+    waits = ("the workers start, but Ray Data's reads, which feed them, wait for a CPU" if workers_fit else
+             f"the {config.num_workers} worker(s) start once enough is free, Ray Train retrying every minute")
+    log(f"[mtfm] warning: the Ray cluster has {', '.join(short)} free now (other work holds the rest, such as a "
+        f"Serve app: `ray status`): {waits}")
 
 
 def _data_config(DataConfig):
@@ -888,16 +899,15 @@ def _interrupted(run_dir: Path) -> str:
             "with another --out, or after removing that folder")
 
 
-def _resumed_runs_model_config(config: TrainConfig, resume: str | Path | None, log):
+def _resumed_runs_model_config(config: TrainConfig, resume: str | Path | None, log) -> "ModelConfig":
     """The model config of a run resumed with its own train_config.yaml whose `model:` file is gone:
     a run submitted by `ray job submit --working-dir .` names the model config in Ray's copy of the
     working directory, deleted with the job. Its checkpoint's meta.json holds the model it trained."""
     from mtfm.model import parse_model_config
     from mtfm.platform.checkpoint import META_FILE, find_checkpoint, read_meta
 
-    own = resume is not None and (Path(resume) / "train_config.yaml").is_file() and \
-        read_yaml_mapping(Path(resume) / "train_config.yaml").get("model") == config.model
-    if not own:
+    runs_own = Path(resume or "") / "train_config.yaml"
+    if resume is None or not runs_own.is_file() or read_yaml_mapping(runs_own).get("model") != config.model:
         relative = "" if Path(config.model).is_absolute() else f" (a path from the current folder, {Path.cwd()})"
         raise RegistryError(config.source, "model", f"model config file {config.model} not found{relative}; expected "
                             "e.g. configs/model/tiny.yaml")
@@ -915,7 +925,7 @@ def refuse_a_checkpoint_to_resume(resume: str | Path) -> None:
                          "starts a new run from one checkpoint")
 
 
-def _samples_fingerprint(data: str) -> str | None:
+def _fingerprint_or_none(data: str) -> str | None:
     """`samples_fingerprint` of the samples (their --out folder or samples/); None where they cannot be listed."""
     from mtfm.platform.samples import samples_fingerprint
 

@@ -154,29 +154,45 @@ def test_a_jobs_own_setup_hook_is_left_to_it(monkeypatch):
 
 
 def test_the_driver_leaves_out_forwarded_lines_that_ask_nothing_of_the_user(monkeypatch):
-    """Ray's printer of the workers' and raylet's output, wrapped: the lines of HARMLESS_WORKER_LINES
-    are left out, every other line reaches it as Ray gave it, and a second wrap is a no-op."""
+    """Ray's printer of the workers' and raylet's output, wrapped once: the harmless lines are left
+    out (the raylet's worker count on the embedded Ray only), every other line reaches it as Ray
+    gave it. The embedded Ray's token notice is filtered from its logger."""
+    import logging
+
     from ray._private import worker as ray_worker
 
-    from mtfm.platform.cluster import HARMLESS_WORKER_LINES, _drop_harmless_worker_lines
+    from mtfm.platform.cluster import _RAY_TOKEN_LOGGER, _drop_harmless_worker_lines, _quiet_the_token_notice
 
     printed = []
     monkeypatch.setattr(ray_worker, "print_to_stdstream", lambda data, ignore_prefix: printed.append((data, ignore_prefix)))
     _drop_harmless_worker_lines()
+    wrapped = ray_worker.print_to_stdstream
     _drop_harmless_worker_lines()
-    line = "[2026-12-06 14:31:20,301 E 27589 27623] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' " \
-           "and ID: '7c59' has constructor arguments in the object store and max_restarts > 0. If the arguments ..."
+    assert ray_worker.print_to_stdstream is wrapped
+    watcher = "[2026-12-06 14:31:20,301 E 27589 27623] core_worker.cc:2465: Actor with class name: " \
+              "'PreemptionWatcher' and ID: '7c59' has constructor arguments in the object store and max_restarts > 0."
+    theirs = watcher.replace("'PreemptionWatcher'", "'MyActor'")  # a user's actor: shown
     ddp = "[rank0]:[W1206 14:31:32.563669693 reducer.cpp:1529] Warning: find_unused_parameters=True was specified " \
           "in DDP constructor, but did not find any unused parameters in the forward pass. This flag results ..."
-    ray_worker.print_to_stdstream({"pid": 7, "is_err": True, "lines": [line, "[mtfm] step 10", ddp]},
-                                  ignore_prefix=True)
-    ray_worker.print_to_stdstream({"pid": "raylet", "is_err": False, "lines": [
-        "WARNING: 8 PYTHON worker processes have been started on node: d7 with address: 192.0.2.2"]}, ignore_prefix=False)
-    ray_worker.print_to_stdstream({"pid": 7, "is_err": False, "lines": ["Traceback (most recent call last):"]},
-                                  ignore_prefix=False)
-    assert printed == [({"pid": 7, "is_err": True, "lines": ["[mtfm] step 10"]}, True),
-                       ({"pid": 7, "is_err": False, "lines": ["Traceback (most recent call last):"]}, False)]
-    assert len(HARMLESS_WORKER_LINES) == 3
+    raylet = "WARNING: 8 PYTHON worker processes have been started on node: d7 with address: 192.0.2.2"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    wrapped({"pid": 7, "is_err": True, "lines": [watcher, "[mtfm] step 10", ddp, theirs]}, ignore_prefix=True)
+    wrapped({"pid": "raylet", "is_err": False, "lines": [raylet]}, ignore_prefix=False)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # on a cluster the raylet's count may be a leak
+    wrapped({"pid": "raylet", "is_err": False, "lines": [raylet]}, ignore_prefix=False)
+    assert printed == [({"pid": 7, "is_err": True, "lines": ["[mtfm] step 10", theirs]}, True),
+                       ({"pid": "raylet", "is_err": False, "lines": [raylet]}, False)]
+
+    logger = logging.getLogger(_RAY_TOKEN_LOGGER)
+    monkeypatch.setattr(logger, "filters", [])
+    _quiet_the_token_notice()
+    _quiet_the_token_notice()
+    assert len(logger.filters) == 1
+    notice = logger.makeRecord(_RAY_TOKEN_LOGGER, logging.WARNING, __file__, 1, "Token authentication is enabled "
+                               "for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.", (), None)
+    other = logger.makeRecord(_RAY_TOKEN_LOGGER, logging.WARNING, __file__, 1, "Token authentication is disabled",
+                              (), None)
+    assert (logger.filter(notice), bool(logger.filter(other))) == (False, True)
 
 
 def test_the_worker_hook_never_takes_its_worker_down(monkeypatch, capsys):
