@@ -712,18 +712,13 @@ def test_a_resume_takes_the_rates_of_its_train_config():
 
 def test_train_config_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: configs/model/tiny.yaml\ntokens_per_batch: lots\n")
-    with pytest.raises(RegistryError, match=r"bad.yaml: tokens_per_batch: expected an integer, found 'lots'"):
-        TrainConfig.load(bad)
-    bad.write_text("model: configs/model/tiny.yaml\nmax_steps: many\n")
-    with pytest.raises(RegistryError, match=r"bad.yaml: max_steps: expected an integer or null, found 'many'"):
-        TrainConfig.load(bad)
-    bad.write_text("model: configs/model/tiny.yaml\nlr: fast\n")
-    with pytest.raises(RegistryError, match=r"bad.yaml: lr: expected a number, found 'fast'"):
-        TrainConfig.load(bad)
-    bad.write_text("model: configs/model/tiny.yaml\nepocs: 3\n")
-    with pytest.raises(RegistryError, match=r"bad.yaml: epocs: unknown key"):
-        TrainConfig.load(bad)
+    for line, expected in (("tokens_per_batch: lots", "tokens_per_batch: expected an integer, found 'lots'"),
+                           ("max_steps: many", "max_steps: expected an integer or null, found 'many'"),
+                           ("lr: fast", "lr: expected a number, found 'fast'"),
+                           ("epocs: 3", "epocs: unknown key")):
+        bad.write_text(f"model: configs/model/tiny.yaml\n{line}\n")
+        with pytest.raises(RegistryError, match=f"bad.yaml: {expected}"):
+            TrainConfig.load(bad)
     from mtfm.platform.cli import QUICKSTART_OUT
 
     # A config without `data:` trains on what `mtfm quickstart` aggregated.
