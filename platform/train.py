@@ -754,7 +754,10 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
             log(format_table(final["eval"], final.get("not_evaluated", ())))
         _warn_of_untrained_scenarios(run_dir, (result.metrics or {}).get("step"), log)  # after the table: seen
         saved = result.checkpoint.path if result.checkpoint else None
-        log(f"[mtfm] done: {(result.metrics or {}).get('step')} steps; checkpoint {saved}")
+        steps = (result.metrics or {}).get("step")
+        ended = (f" (its {config.epochs} epoch(s) ended before max_steps {config.max_steps})"
+                 if config.max_steps is not None and isinstance(steps, int) and steps < config.max_steps else "")
+        log(f"[mtfm] done: {steps} steps{ended}; checkpoint {saved}")
         return run_dir
 
 

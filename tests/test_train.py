@@ -222,10 +222,13 @@ def test_a_run_ending_on_a_checkpoint_step_ends_with_its_final_checkpoint(tiny_s
     """Every step falls due for a checkpoint: the last one is still the final checkpoint, which is
     evaluated (evaluate_at_checkpoints off) and records the finished epoch, so a resume has nothing to train."""
     config = _config(num_workers=1, epochs=1, checkpoint_every=1, evaluate_at_checkpoints=False, keep_checkpoints=2,
-                     log_every=1000)
-    run = train(config, data=str(tiny_samples), out=tmp_path / "run", config_dir=str(CONFIGS), log=lambda *a: None)
+                     log_every=1000, max_steps=1000)
+    said = []
+    run = train(config, data=str(tiny_samples), out=tmp_path / "run", config_dir=str(CONFIGS), log=said.append)
     meta = read_meta(run)
     assert meta.step > 1 and (meta.epoch, meta.batches_in_epoch) == (1, 0)
+    assert said[-1] == (f"[mtfm] done: {meta.step} steps (its 1 epoch(s) ended before max_steps 1000); checkpoint "
+                        f"{run}/checkpoint_{meta.step:08d}")
     assert [r["step"] for r in _log(run) if "eval" in r] == [meta.step]
     assert json.loads((run / "eval.json").read_text())["checkpoint"] == f"checkpoint_{meta.step:08d}"
     kept = sorted(p.name for p in run.glob("checkpoint_0*"))
