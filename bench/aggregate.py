@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from mtfm.platform.aggregate import aggregate, aggregate_local
 from mtfm.platform.cluster import init_ray
-from mtfm.platform.registry import Registry
+from mtfm.platform.registry import Registry, load_registry
 from mtfm.platform.synth import synthesize
 
 QUIET = dict(log=lambda *_: None)
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/aggregate.json", help="JSON results file")
     args = parser.parse_args()
 
-    registry = Registry.load(args.config_dir)
+    registry = load_registry(args.config_dir)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="mtfm-bench-aggregate-"))
     raw = work / "raw"
     users = users_for(registry, args.exposures, args.days)

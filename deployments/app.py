@@ -25,16 +25,16 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
-from mtfm.model import parse_model_config
-from mtfm.platform.checkpoint import (META_FILE, CheckpointError, find_checkpoint, find_served_checkpoint,
-                                      pin_for_serving, read_meta)
-from mtfm.platform.registry import Registry, ServingConfig, load_registry, resolve_config_dir, serving_conflict
+from mtfm.platform.checkpoint import (META_FILE, CheckpointError, find_served_checkpoint, pin_for_serving, read_meta,
+                                      registry_changes, trained_model_config, trained_registry)
+from mtfm.platform.registry import (Registry, RegistryError, ServingConfig, load_registry, read_serving_knobs,
+                                    resolve_config_dir, serving_conflict)
 
-from .backends import unknown_backend_reason
 from .router import RankRouter
 from .scenario import ScenarioDeployment
 
@@ -42,29 +42,15 @@ CHECKPOINT_ENV = "MTFM_CHECKPOINT"
 DEFAULT_RUNS_DIR = "runs"
 
 
-class ServingOverrides(BaseModel):
-    """Any `ServingConfig` field of one scenario; unset fields keep the scenario YAML's value."""
-
-    model_config = ConfigDict(extra="forbid")
-    replicas: int | None = Field(None, ge=1)
-    max_ongoing_requests: int | None = Field(None, ge=1)
-    max_batch_requests: int | None = Field(None, ge=1)
-    max_batch_tokens: int | None = Field(None, ge=1)
-    batch_wait_timeout_s: float | None = Field(None, ge=0)
-    max_candidates: int | None = Field(None, ge=1)
-    num_cpus: float | None = Field(None, ge=0)
-    num_gpus: float | None = Field(None, ge=0)
-    backend: str | None = None
-    cuda_graphs: bool | None = None
-
-
 class AppArgs(BaseModel):
-    """The `args` of the application in serve.yaml."""
+    """The `args` of the application in serve.yaml. Strict: a count is an integer (not true or "3"),
+    a flag true or false, a number finite."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     checkpoint: str | None = None
     config_dir: str | None = None
-    scenarios: dict[str, ServingOverrides] = Field(default_factory=dict)
+    scenarios: dict[str, Any] = Field(  # read by the registry's reader of `serving:` blocks, in scenario_serving
+        default_factory=dict, description="per-scenario overrides of the knobs of its YAML's `serving:`")
     chunk_size: int = Field(256, ge=1, description="candidates scored together against one user side")
     user_cache_ttl_s: float = Field(30.0, ge=0, description="keep encoded user sides this long (0: no cache)")
     user_cache_mb: int = Field(256, ge=1, description="per replica")
@@ -104,21 +90,11 @@ def build_app(args: AppArgs) -> Application:
             raise ServeConfigError(f"serve.yaml args.scenario_ingress: unknown scenario {args.scenario_ingress!r}; "
                                    f"registered in {registry.config_dir}: {', '.join(registry.scenarios)}")
         serving = {args.scenario_ingress: serving[args.scenario_ingress]}
-    trained = servable_scenarios(checkpoint)
-    untrained = [s for s in serving if s not in trained]
-    if untrained:
-        served = ("args.scenario_ingress serves" if args.scenario_ingress is not None
-                  else f"{registry.config_dir} registers")
-        if not set(trained) & set(registry.scenarios):  # another registry's model: no subset of it is served
-            raise ServeConfigError(f"checkpoint {checkpoint} ({source}) was trained on {trained}, none of which "
-                                   f"{registry.config_dir} registers: the wrong checkpoint, or the wrong config dir? "
-                                   f"Name the checkpoint (${CHECKPOINT_ENV} or args.checkpoint) or the config dir "
-                                   "(args.config_dir) it was trained with")
-        raise ServeConfigError(f"checkpoint {checkpoint} ({source}) was trained without scenarios {untrained} that {served} "
-                               f"(it was trained on {trained}); train or warm-start a model with them, or serve only "
-                               f"scenarios it has: a config dir that registers just {trained}, or one app per trained "
-                               f"scenario from `mtfm serve config --scenario-ingress --checkpoint {checkpoint} "
-                               f"--config-dir {registry.config_dir}`")
+    notes = refuse_what_it_cannot_serve(checkpoint, source, servable_scenarios(checkpoint), registry, list(serving),
+                                        "args.scenario_ingress serves" if args.scenario_ingress is not None
+                                        else f"{registry.config_dir} registers")
+    for note in notes:
+        print(f"[mtfm] note: {note}", file=sys.stderr, flush=True)
     pinned = pin_for_serving(checkpoint)  # what replicas load, also on a restart after the run pruned `checkpoint`
     if pinned != checkpoint:
         print(f"[mtfm] replicas load {pinned} (pinned: the run's later checkpoints do not remove it)", file=sys.stderr,
@@ -143,7 +119,7 @@ def servable_scenarios(checkpoint: Path) -> list[str]:
     config's `scenarios` where set, else every scenario of the registry saved with it). A baseline
     architecture has none: it is refused here, before any replica starts."""
     meta = read_meta(checkpoint)
-    config = parse_model_config(dict(meta.model_config), str(find_checkpoint(checkpoint) / META_FILE))
+    config = trained_model_config(checkpoint, meta)
     if config.architecture != "mtfm":
         raise ServeConfigError(f"checkpoint {checkpoint} is a {config.architecture} model (its model config's "
                                "architecture), a baseline with no per-scenario subgraph to serve; serve a checkpoint "
@@ -151,11 +127,42 @@ def servable_scenarios(checkpoint: Path) -> list[str]:
     return list(config.scenarios) if config.scenarios is not None else meta.scenarios
 
 
+def refuse_what_it_cannot_serve(checkpoint: str | Path, source: str | None, trained: list[str], registry: Registry,
+                                served: list[str], served_by: str) -> list[str]:
+    """Raises ServeConfigError if the model at `checkpoint` (named by `source`, if given), trained on
+    `trained`, cannot serve the scenarios `served` (what `served_by`, e.g. "<config dir> registers")
+    as `registry` declares them: one it was not trained on, or a feature or task of theirs (or of a
+    sequence) that differs from what it was trained with, since its replicas parse requests with the
+    registry it was trained with. Returns notes on what differs harmlessly (a sequence's max_len:
+    the replicas keep the trained one). The one rule of what a checkpoint serves, for the app
+    builder and `mtfm serve config`."""
+    named = f"checkpoint {checkpoint}" + (f" ({source})" if source else "")
+    untrained = [s for s in served if s not in trained]
+    if untrained and not set(trained) & set(registry.scenarios):  # another registry's model: no subset is served
+        raise ServeConfigError(f"{named} was trained on {trained}, none of which {registry.config_dir} registers: "
+                               "the wrong checkpoint, or the wrong config dir? Name the checkpoint or the config dir "
+                               "it was trained with")
+    if untrained:
+        raise ServeConfigError(f"{named} was trained without scenarios {untrained} that {served_by} (it was trained "
+                               f"on {trained}); train or warm-start a model with them, or serve only scenarios it "
+                               f"has: a config dir that registers just {trained}, or one app per trained scenario "
+                               f"from `mtfm serve config --scenario-ingress --checkpoint {checkpoint} --config-dir "
+                               f"{registry.config_dir}`")
+    model_changes, cuts = registry_changes(trained_registry(read_meta(checkpoint), str(checkpoint)), registry, served)
+    if model_changes:
+        raise ServeConfigError(f"{named} was trained with other features, tasks or sequences than "
+                               f"{registry.config_dir} declares now: {'; '.join(model_changes)}; its replicas take "
+                               f"requests as it was trained, so requests built from {registry.config_dir} would be "
+                               "refused. Train or warm-start a model on the registry as it is now (`mtfm train "
+                               f"--init-from {checkpoint} ...`), or serve with the config dir it was trained with (its "
+                               "checkpoint's meta.json holds a copy)")
+    return [f"{named}: {cut} in {registry.config_dir}; its replicas keep the max_len it was trained with"
+            for cut in cuts]
+
+
 def resolve_checkpoint(argument: str | None, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:
-    """$MTFM_CHECKPOINT, else `argument`, else the newest checkpoint saved under `runs_dir`, as an
-    absolute path (replicas may start in another working directory). Newest by the time its
-    meta.json was written, which nothing rewrites later (a run folder's own time moves whenever a
-    report or an eval file is written into it)."""
+    """$MTFM_CHECKPOINT, else `argument`, else the newest checkpoint saved under `runs_dir`
+    (`newest_checkpoint`), as an absolute path (replicas may start in another working directory)."""
     from_env = os.environ.get(CHECKPOINT_ENV)
     chosen = from_env or argument
     if chosen:
@@ -167,6 +174,17 @@ def resolve_checkpoint(argument: str | None, runs_dir: str | Path = DEFAULT_RUNS
         if note:  # the run pruned it since it was first served: its newest pin, the weights served then
             print(f"[mtfm] {note}", file=sys.stderr, flush=True)
         return found.resolve()
+    newest = newest_checkpoint(runs_dir)
+    if newest is None:
+        raise CheckpointError(f"no checkpoint to serve: set `checkpoint` in serve.yaml's args or ${CHECKPOINT_ENV}, "
+                              f"or train a run under {Path(runs_dir).resolve()} (`mtfm train ...`)")
+    return newest
+
+
+def newest_checkpoint(runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path | None:
+    """The checkpoint saved last under `runs_dir` (absolute), or None: by the time its meta.json was
+    written, which nothing rewrites later (a run folder's own time moves whenever a report or an
+    eval file is written into it)."""
     runs = Path(runs_dir)
     saved = []
     for meta in runs.glob(f"*/checkpoint_*/{META_FILE}") if runs.is_dir() else ():
@@ -174,31 +192,29 @@ def resolve_checkpoint(argument: str | None, runs_dir: str | Path = DEFAULT_RUNS
             saved.append((meta.stat().st_mtime_ns, meta.parent.name, meta.parent))
         except FileNotFoundError:
             continue
-    if not saved:
-        raise CheckpointError(f"no checkpoint to serve: set `checkpoint` in serve.yaml's args or ${CHECKPOINT_ENV}, "
-                              f"or train a run under {runs.resolve()} (`mtfm train ...`)")
-    return max(saved)[2].resolve()
+    return max(saved)[2].resolve() if saved else None
 
 
-def scenario_serving(registry: Registry, overrides: dict[str, ServingOverrides]) -> dict[str, ServingConfig]:
-    """Each registered scenario's serving knobs: its YAML's `serving:` with serve.yaml's overrides."""
+def scenario_serving(registry: Registry, overrides: dict[str, Any]) -> dict[str, ServingConfig]:
+    """Each registered scenario's serving knobs: its YAML's `serving:` with serve.yaml's overrides,
+    which are read as that block is."""
     unknown = sorted(set(overrides) - set(registry.scenarios))
     if unknown:
         raise ServeConfigError(f"serve.yaml args.scenarios.{unknown[0]}: unknown scenario; registered in "
                                f"{registry.config_dir}: {', '.join(registry.scenarios)}")
     out = {}
     for name, scenario in registry.scenarios.items():
-        given = overrides.get(name, ServingOverrides()).model_dump(exclude_none=True)
-        cfg = dataclasses.replace(scenario.serving, **given)
-        where = f"scenario {name} (serving in {scenario.source} or serve.yaml args.scenarios.{name})"
-        # Only the name: whether the backend can run is the replica's check, on its own node (this
-        # builder runs on the Serve controller's, a CPU head on a cluster).
-        reason = unknown_backend_reason(cfg.backend)
-        if reason is not None:
-            raise ServeConfigError(f"{where}: backend: {reason}")
-        # The YAML's knobs passed this check in the registry; serve.yaml's overrides have not.
+        try:
+            cfg = read_serving_knobs(overrides.get(name) or {}, "serve.yaml", f"args.scenarios.{name}",
+                                     scenario.serving)
+        except RegistryError as exc:
+            raise ServeConfigError(str(exc)) from None
+        # Whether the backend can run is the replica's check, on its own node (this builder runs on
+        # the Serve controller's, a CPU head on a cluster). The YAML's knobs passed the conflict check
+        # in the registry; with serve.yaml's overrides they have not.
         conflict = serving_conflict(cfg)
         if conflict is not None:
-            raise ServeConfigError(f"{where}: {conflict[1]}")
+            raise ServeConfigError(f"scenario {name} (serving in {scenario.source} or serve.yaml "
+                                   f"args.scenarios.{name}): {conflict[1]}")
         out[name] = cfg
     return out

@@ -14,8 +14,8 @@
 replica refuses a scenario's configured backend with a clear error at start-up instead of
 failing on the first request. It is checked where the replica runs (`create_backend`): the app
 builder runs on the Serve controller's node (a CPU head on a cluster), which says nothing about
-the GPU node a replica lands on, so the builder checks only that the name is known
-(`unknown_backend_reason`).
+the GPU node a replica lands on, so the builder checks only that the name is known (the
+registry's reader of `serving:` knobs, for the YAML and serve.yaml's overrides alike).
 """
 from __future__ import annotations
 
@@ -49,18 +49,10 @@ class ScoringBackend(Protocol):
         """Per request, (K, num_tasks) float32 probabilities in candidate order."""
 
 
-def unknown_backend_reason(name: str) -> str | None:
-    """Why `name` is no backend at all (None when it is one): the one check that holds on any node."""
-    if name not in SERVING_BACKENDS:
-        return f"unknown backend {name!r}; expected one of {', '.join(SERVING_BACKENDS)}"
-    return None
-
-
 def backend_unavailable_reason(name: str) -> str | None:
     """Why backend `name` cannot run on this machine (None when it can)."""
-    unknown = unknown_backend_reason(name)
-    if unknown is not None:
-        return unknown
+    if name not in SERVING_BACKENDS:
+        return f"unknown backend {name!r}; expected one of {', '.join(SERVING_BACKENDS)}"
     if name == "onnx" and importlib.util.find_spec("onnxruntime") is None:
         return "backend onnx needs the onnx and onnxruntime packages (pip install 'mtfm[onnx]')"
     if name == "tensorrt":

@@ -203,9 +203,7 @@ class CudaGraphRunner:
     def _autocast(self) -> contextlib.AbstractContextManager:
         # The autocast cache would keep casts made during capture; the served weights are
         # already in the compute dtype, so it has nothing to save anyway.
-        if self.device.type != "cuda" or self.ranker.compute_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.ranker.compute_dtype, cache_enabled=False)
+        return self.ranker.autocast(self.device.type, cache=False)
 
     def _single_pass(self, entry: _Graph) -> tuple[Tensor, ...]:
         with self._autocast():

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtfm.kernels.mask import TokenKind
+from mtfm.kernels import group_layer_norm_reference
+from mtfm.kernels.mask import TokenKind, dynamic_mask_block
 from mtfm.model import ScenarioRanker, TokenBatch
 from mtfm.model.tokenizer import transform_numeric
 from mtfm.platform.registry import Feature
@@ -91,9 +92,8 @@ class DenseRequestRanker(nn.Module):
         target_ts, _, x_t = self._group_tokens(self.target_group, flat)
         x_u, kind_u, ts_u, group_u = (torch.cat(p) for p in (user_tokens, kinds, ts_parts, group_ids))
         user_names = tuple(g.name for g in self.user_groups)
-        position = torch.arange(x_u.shape[0])
-        visible_uu = _visible(kind_u, ts_u, ts_u) | (position[:, None] == position[None, :])
-        visible_tu = _visible(kind_u, ts_u, target_ts)
+        visible_uu = dynamic_mask_block(kind_u, ts_u, ts_u, torch.arange(x_u.shape[0]))
+        visible_tu = dynamic_mask_block(kind_u, ts_u, target_ts, None)  # each T-token sees itself: `own` below
         for layer in r.stack.layers:
             a = layer.attn
             kv_heads, rep = a.num_kv_heads, a.num_heads // a.num_kv_heads
@@ -205,13 +205,6 @@ class OnnxBackend:
         return out
 
 
-def _visible(kind_k: Tensor, ts_k: Tensor, ts_q: Tensor) -> Tensor:
-    """(M, L) bool: key j visible to a query at ts_q[i] (H always, R if strictly earlier)."""
-    history = (kind_k == int(TokenKind.H))[None, :]
-    earlier = (kind_k == int(TokenKind.R))[None, :] & (ts_k[None, :] < ts_q[:, None])
-    return history | earlier
-
-
 def _heads(projection: Tensor, num_heads: int, head_dim: int) -> tuple[Tensor, Tensor]:
     # unflatten, not view(-1, ...): a -1 cannot be resolved for zero tokens (a user with no events).
     first, second = F.silu(projection).unflatten(1, (2 * num_heads, head_dim)).chunk(2, dim=1)
@@ -229,13 +222,11 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, alpha: float, k
 
 
 def _gln(norm: nn.Module, x: Tensor, group: Tensor | None, names: tuple[str, ...]) -> Tensor:
-    """The module's Group LayerNorm: per-group affine parameters gathered by `group` (None: one group)."""
-    normalized = F.layer_norm(x, tuple(norm.weight[names[0]].shape), eps=norm.eps)
-    weight = torch.stack([norm.weight[n] for n in names])
-    bias = torch.stack([norm.bias[n] for n in names])
-    if group is None:
-        return normalized * weight[0] + bias[0]
-    return normalized * weight[group] + bias[group]
+    """The module's Group LayerNorm, as its reference computes it (plain torch ops, which export);
+    group None: every row is of names[0]."""
+    group = torch.zeros_like(x[:, 0], dtype=torch.int64) if group is None else group
+    weight, bias = norm.affine(names)
+    return group_layer_norm_reference.group_layer_norm(x, group, weight, bias, norm.eps)
 
 
 def _padded(values: np.ndarray, pad: int) -> np.ndarray:

@@ -128,6 +128,7 @@ class RankRequestParser:
         self.event_schemas = {s.name: _ObjectSchema(s.features, extra=("ts",)) for s in self.sequences}
         schema = registry.aggregated_schema()
         names = ["user_id", "window", user_column(scenario), exposures_column(scenario)]
+        names = [name for name in names if name in schema.names]  # no user column without user features
         names += [events_column(s.name) for s in self.sequences]
         self.schema = pa.schema([schema.field(n) for n in names])
 
@@ -151,8 +152,9 @@ class RankRequestParser:
         candidates["ts"] = pa.repeat(pa.scalar(ts, pa.int64()), num_candidates)  # request_id: null
         scenario = self.scenario.name
         columns = {"user_id": pa.array([user_id], pa.int64()), "window": pa.array([0], pa.int64()),
-                   user_column(scenario): pa.array([user], self.schema.field(user_column(scenario)).type),
                    exposures_column(scenario): self._one_list(exposures_column(scenario), candidates, num_candidates)}
+        if user_column(scenario) in self.schema.names:
+            columns[user_column(scenario)] = pa.array([user], self.schema.field(user_column(scenario)).type)
         for seq in self.sequences:
             evs = events[seq.name]
             columns[events_column(seq.name)] = self._one_list(events_column(seq.name), evs, len(evs["ts"]))
@@ -334,7 +336,7 @@ class _ObjectSchema:
             named = count or (rows_required and name in nulled)
             if named and name not in given and (feature is None or feature.required):
                 expected = "the event time in ms" if feature is None else _expected(feature)
-                values = f"{count} values" if count else "a list of values"
+                values = f"{count} value{'s' * (count != 1)}" if count else "a list of values"
                 raise RequestError(422, "missing_field", f"{where}.{name}",
                                    f"required column missing or null (expected {values}, each {expected})")
         out = {name: given[name] if name in given else [None] * count for name in self.names}
@@ -428,7 +430,8 @@ def _column_length(columns: dict, where: str) -> int:
             like = f"column {next(name for name, length in lengths.items() if length == common)!r} has"
         else:
             like = f"{counts[common]} other columns have"
-        raise RequestError(422, "wrong_length", f"{where}.{odd}", f"{lengths[odd]} values; expected {common}, as {like}")
+        found = f"{lengths[odd]} value{'s' * (lengths[odd] != 1)}"
+        raise RequestError(422, "wrong_length", f"{where}.{odd}", f"{found}; expected {common}, as {like}")
     return next(iter(lengths.values()), 0)
 
 

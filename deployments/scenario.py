@@ -25,10 +25,10 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from mtfm.model import ScenarioRanker, parse_model_config
-from mtfm.platform.checkpoint import (META_FILE, CheckpointError, CheckpointMeta, find_checkpoint, is_pinned,
-                                      load_state_dict, read_meta)
-from mtfm.platform.registry import Registry, ServingConfig
+from mtfm.model import ScenarioRanker
+from mtfm.platform.checkpoint import (CheckpointError, CheckpointMeta, find_checkpoint, is_pinned, load_state_dict,
+                                      read_meta, trained_model_config, trained_registry)
+from mtfm.platform.registry import ServingConfig
 
 from .backends import create_backend
 from .batch_queue import BatchQueue
@@ -74,14 +74,14 @@ def load_scenario_ranker(checkpoint: str | Path, scenario: str) -> tuple[Scenari
     so the other scenarios' tensors are never paged in)."""
     folder = find_checkpoint(checkpoint)
     meta = read_meta(folder)
-    config = parse_model_config(dict(meta.model_config), str(folder / META_FILE))
+    config = trained_model_config(folder, meta)
     if config.architecture != "mtfm":
         raise CheckpointError(f"{folder}: a {config.architecture} model has no scenario subgraph to serve; "
                               "expected an mtfm checkpoint")
     if config.scenarios is not None and scenario not in config.scenarios:  # build_app refuses this before
         raise CheckpointError(f"{folder}: the model was trained on scenarios {list(config.scenarios)} only (its model "
                               f"config's `scenarios`), not {scenario}")
-    ranker = ScenarioRanker(config, Registry.from_dict(meta.registry), scenario)
+    ranker = ScenarioRanker(config, trained_registry(meta, str(folder)), scenario)
     state = load_state_dict(folder, mmap=True)
     ranker.load_state_dict({name: state[name] for name in ranker.state_dict()})
     return ranker.eval(), meta
@@ -110,7 +110,7 @@ class ScenarioDeployment:
                                 wait_s=self.serving.batch_wait_timeout_s)
         self.endpoint = None
         if http_max_body_bytes is not None:
-            parser = RankRequestParser(Registry.from_dict(meta.registry), scenario, self.serving.max_candidates)
+            parser = RankRequestParser(ranker.registry, scenario, self.serving.max_candidates)
             self.endpoint = RankEndpoint({scenario: parser}, http_max_body_bytes, bare_rank=True)
 
     async def __call__(self, http: Request) -> JSONResponse:

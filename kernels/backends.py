@@ -9,10 +9,21 @@ cover, such as float64; the dispatchers check that).
 import functools
 import importlib.util
 import os
+from typing import Callable
 
 import torch
 
 IMPLS = ("auto", "triton", "reference")
+
+
+def check_argument(op: str, name: str, ok: bool, found, expected: str | Callable[[], str]) -> None:
+    """A dispatcher's check of one argument: raises ValueError naming the op, the argument, what was
+    found and what was expected. `found` and `expected` may be functions building the text: they then
+    run only on failure (formatting a shape in every call costs host time and makes torch.compile
+    specialise on it)."""
+    if not ok:
+        found, expected = (part() if callable(part) else part for part in (found, expected))
+        raise ValueError(f"{op}: {name} is {found}, expected {expected}")
 
 
 def triton_unavailable_reason(device: torch.device) -> str | None:

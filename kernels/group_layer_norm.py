@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import group_layer_norm_reference as reference
-from .backends import resolve_impl
+from .backends import check_argument, resolve_impl
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -118,11 +118,7 @@ class _ResidualGroupLayerNormFunction(torch.autograd.Function):
 
 
 def _check(name: str, ok: bool, found, expected: str | Callable[[], str]) -> None:
-    """`found` and `expected` may be functions building the text: they then run only on failure
-    (formatting a shape in every call costs host time and makes torch.compile specialise on it)."""
-    if not ok:
-        found, expected = (part() if callable(part) else part for part in (found, expected))
-        raise ValueError(f"group_layer_norm: {name} is {found}, expected {expected}")
+    check_argument("group_layer_norm", name, ok, found, expected)
 
 
 def group_layer_norm(

@@ -42,8 +42,7 @@ def group_layer_norm_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias), written out (the formulas in the docstring); grad_residual, if given, is
     added to dx before it is rounded to x's dtype (the gradient of x's other use, a residual add)."""
-    dx, dweight, dbias = group_layer_norm_stacked_backward(grad_out[None], x, group, weight[None], eps,
-                                                           grad_residual)
+    dx, dweight, dbias = _stacked_backward(grad_out[None], x, group, weight[None], eps, grad_residual)
     return dx, dweight[0], dbias[0]
 
 
@@ -54,10 +53,14 @@ def group_layer_norm_stacked(x: Tensor, group: Tensor, weight: Tensor, bias: Ten
     return _affine(xhat, weight[:, group], bias[:, group], out_dtype or x.dtype)
 
 
-def group_layer_norm_stacked_backward(
-    grad_out: Tensor, x: Tensor, group: Tensor, weight: Tensor, eps: float, grad_residual: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
+def group_layer_norm_stacked_backward(grad_out: Tensor, x: Tensor, group: Tensor, weight: Tensor,
+                                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """(dx (N, D), dweight (S, G, D), dbias (S, G, D)) for grad_out (S, N, D)."""
+    return _stacked_backward(grad_out, x, group, weight, eps, None)
+
+
+def _stacked_backward(grad_out: Tensor, x: Tensor, group: Tensor, weight: Tensor, eps: float,
+                      grad_residual: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     xhat, rstd = _normalize(x, eps)
     dy = grad_out.to(xhat.dtype)
     g = (dy * weight[:, group].to(xhat.dtype)).sum(0)

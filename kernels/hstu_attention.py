@@ -11,8 +11,8 @@ ts (N,) int64. Target attention takes only the T-tokens as queries: q_t (NT, Hq,
 target_offsets (B+1,) int64; user b's queries are its last target_offsets[b+1] -
 target_offsets[b] tokens (its T-tokens), and the output equals those rows of hstu_attention.
 
-    hstu_split_target_attention(q_t, k_context, v_context, k_t, v_t, context_offsets, context_kind,
-                                context_ts, target_offsets, target_ts, *, alpha, norm, impl="auto")
+    hstu_split_target_attention(q_t, k_context, v_context, k_t, v_t, context_offsets, target_offsets,
+                                context_kind, context_ts, target_ts, *, alpha, norm, impl="auto")
 
 is target attention with each user's keys in two tensors: its H and R rows in k_context (rows
 context_offsets[b]:context_offsets[b+1], with their kind and ts) and its T rows in k_t, row for
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from . import hstu_attention_reference as reference
-from .backends import resolve_impl
+from .backends import check_argument, resolve_impl
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -237,11 +237,7 @@ class _SplitAttentionFunction(torch.autograd.Function):
 
 
 def _check(name: str, ok: bool, found, expected: str | Callable[[], str]) -> None:
-    """`found` and `expected` may be functions building the text: they then run only on failure
-    (formatting a shape in every call costs host time and makes torch.compile specialise on it)."""
-    if not ok:
-        found, expected = (part() if callable(part) else part for part in (found, expected))
-        raise ValueError(f"hstu attention: {name} is {found}, expected {expected}")
+    check_argument("hstu attention", name, ok, found, expected)
 
 
 _MERGED_NAMES = ("q", "k", "v", "offsets", "offsets", "kind", "ts")
@@ -347,7 +343,7 @@ def hstu_target_attention(
 
 def hstu_split_target_attention(
     q_t: Tensor, k_context: Tensor, v_context: Tensor, k_t: Tensor, v_t: Tensor, context_offsets: Tensor,
-    context_kind: Tensor, context_ts: Tensor, target_offsets: Tensor, target_ts: Tensor,
+    target_offsets: Tensor, context_kind: Tensor, context_ts: Tensor, target_ts: Tensor,
     *, alpha: float, norm: float, impl: str = "auto", gate: Tensor | None = None,
 ) -> Tensor:
     """Target attention over keys kept as two halves (the module docstring). Returns (NT, Hq, Dv)

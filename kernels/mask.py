@@ -19,16 +19,18 @@ class TokenKind(enum.IntEnum):
     T = 2  # target: a candidate exposure, visible only to itself
 
 
-def dynamic_mask_block(kind_k: Tensor, ts_k: Tensor, ts_q: Tensor, q_index: Tensor) -> Tensor:
-    """Visibility of keys (kind_k, ts_k: (L,)) to queries at key positions q_index (M,).
+def dynamic_mask_block(kind_k: Tensor, ts_k: Tensor, ts_q: Tensor, q_index: Tensor | None) -> Tensor:
+    """Visibility of keys (kind_k, ts_k: (L,)) to queries at key positions q_index (M,), or to
+    queries that are none of the keys (q_index None: no key is the query itself).
 
     Returns a (M, L) bool tensor; ts_q (M,) are the queries' timestamps.
     """
-    keys = torch.arange(kind_k.shape[0], device=kind_k.device)
     history = (kind_k == TokenKind.H)[None, :]
     earlier_realtime = (kind_k == TokenKind.R)[None, :] & (ts_k[None, :] < ts_q[:, None])
-    itself = keys[None, :] == q_index[:, None]
-    return history | earlier_realtime | itself
+    if q_index is None:
+        return history | earlier_realtime
+    keys = torch.arange(kind_k.shape[0], device=kind_k.device)
+    return history | earlier_realtime | (keys[None, :] == q_index[:, None])
 
 
 def build_dynamic_mask(offsets: Tensor, kind: Tensor, ts: Tensor) -> list[Tensor]:

@@ -51,8 +51,8 @@ class _Tokens:
 class Collator:
     """Builds `TokenBatch`es from aggregated-sample tables with `registry.aggregated_schema()`.
 
-    scenarios: the scenarios whose exposures become T-tokens (default: all, registry order);
-        other scenarios' columns are ignored (a scenario subgraph collates only its own).
+    Every scenario of `registry` (in its order) gives T-tokens; columns of scenarios it does not
+    register are ignored (a scenario subgraph's registry, `restrict_registry`, has only its own).
     max_len: per group name (sequence or scenario), keep at most this many newest entries per
         user. Sequences default to the registry's `max_len`; scenarios to no limit.
     Only the columns the groups need are read; extra columns are ignored. Categorical ids are
@@ -60,12 +60,9 @@ class Collator:
     `max_len` ids, null numerics become 0, null labels are masked out.
     """
 
-    def __init__(self, registry: Registry, *, scenarios: Iterable[str] | None = None,
-                 max_len: Mapping[str, int] | None = None):
+    def __init__(self, registry: Registry, *, max_len: Mapping[str, int] | None = None):
         self.registry = registry
-        names = tuple(registry.scenarios) if scenarios is None else tuple(scenarios)
-        for name in names:
-            registry.scenario(name)
+        names = tuple(registry.scenarios)
         limits = dict(max_len or {})
         unknown = set(limits) - set(registry.sequences) - set(names)
         if unknown:
@@ -143,8 +140,9 @@ class Collator:
         out = GroupFeatures(index=_tensor(index))
         _add_features(out, g.features, values)
         if g.kind == TokenKind.T:
-            users = _column(table, user_column(g.name)).take(pa.array(tokens.user[rows]))
-            _add_features(out, g.user_features, users)
+            if g.user_features:  # else the samples have no user column for the scenario
+                users = _column(table, user_column(g.name)).take(pa.array(tokens.user[rows]))
+                _add_features(out, g.user_features, users)
             labels = [pc.struct_field(values, task) for task in g.tasks]
             out.labels = _tensor(np.stack([_float32(a) for a in labels], axis=1).reshape(len(rows), len(g.tasks)))
             out.label_mask = _tensor(np.stack([_valid(a) for a in labels], axis=1).reshape(len(rows), len(g.tasks)))

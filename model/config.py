@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mtfm.kernels.backends import IMPLS
-from mtfm.platform.registry import Registry, RegistryError, read_yaml_mapping
+from mtfm.platform.registry import FieldReader, Registry, RegistryError, read_yaml_mapping
 
 ARCHITECTURES = ("mtfm", "dlrm_mmoe", "dcnv2")
 # No float16: its gradients underflow without loss scaling, which training does not do.
@@ -41,7 +41,8 @@ class ModelConfig:
 
     alpha: scale inside silu(alpha * q.k); None means 1 / sqrt(head_dim).
     attention_impl / norm_impl: kernel choice ("auto": Triton on CUDA, reference on CPU); norm_impl
-    also picks the projections' silu backward (`mtfm.kernels.linear_silu`).
+    also picks the projections' silu backward (`mtfm.kernels.linear_silu`) and the token split's
+    row merge (`mtfm.kernels.merge_rows`).
     compute_dtype: what training/serving autocast to on GPU (parameters stay float32).
     recompute_target_context: per H/R row a target layer keeps only K and V for backward; the
     K/V projection's normalised input and pre-activation are recomputed in backward from the
@@ -144,32 +145,30 @@ def load_model_config(path: str | Path) -> ModelConfig:
 
 def parse_model_config(raw: dict[str, Any], file: str = "<dict>") -> ModelConfig:
     """Validate a plain mapping (a loaded YAML file or a checkpoint's snapshot)."""
-    fields = {f.name: f for f in dataclasses.fields(ModelConfig) if f.name != "source"}
-    unknown = [k for k in raw if k not in fields]
-    if "model" in unknown:  # every train config names its model config so
+    fields = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "source")
+    d = {x.name: x.default for x in dataclasses.fields(ModelConfig)}  # the defaults, written once: the dataclass's
+    if "model" in raw:  # every train config names its model config so
         raise ModelConfigError(file, "model", "unknown key: this looks like a train config (configs/train/); pass the "
                                f"model config it names ({raw['model']}) instead")
-    if unknown:
-        raise ModelConfigError(file, str(unknown[0]), f"unknown key; expected one of: {', '.join(fields)}")
-    r = _Reader(raw, file)
+    f = FieldReader(raw, file, "", fields, ModelConfigError)
     cfg = ModelConfig(
-        name=r.get("name", str, "a model name"),
-        architecture=r.choice("architecture", ARCHITECTURES, "mtfm"),
-        d_model=r.positive_int("d_model", 64),
-        num_heads=r.positive_int("num_heads", 2),
-        num_kv_heads=r.positive_int("num_kv_heads", None),
-        head_dim=r.positive_int("head_dim", None),
-        hta_layout=r.get("hta_layout", str, "a layout string such as '(3:1)*4'", "(0:2)*1"),
-        max_seq_len=r.positive_int("max_seq_len", 1024),
-        alpha=r.number("alpha", None),
-        attention_impl=r.choice("attention_impl", IMPLS, "auto"),
-        norm_impl=r.choice("norm_impl", IMPLS, "auto"),
-        dropout=r.number("dropout", 0.0),
-        tokenizer_hidden_dim=r.positive_int("tokenizer_hidden_dim", None),
-        mmoe=_parse_mmoe(r.get("mmoe", dict, "a mapping", {}), file),
-        cross_layers=r.positive_int("cross_layers", 3),
-        compute_dtype=r.choice("compute_dtype", COMPUTE_DTYPES, "float32"),
-        recompute_target_context=r.boolean("recompute_target_context", True),
+        name=f.get("name", str, what="a model name"),
+        architecture=f.choice("architecture", ARCHITECTURES, d["architecture"]),
+        d_model=f.positive("d_model", int, d["d_model"]),
+        num_heads=f.positive("num_heads", int, d["num_heads"]),
+        num_kv_heads=f.positive("num_kv_heads", int, d["num_kv_heads"]),
+        head_dim=f.positive("head_dim", int, d["head_dim"]),
+        hta_layout=f.get("hta_layout", str, d["hta_layout"], what="a layout string such as '(3:1)*4'"),
+        max_seq_len=f.positive("max_seq_len", int, d["max_seq_len"]),
+        alpha=f.finite("alpha", d["alpha"]),
+        attention_impl=f.choice("attention_impl", IMPLS, d["attention_impl"]),
+        norm_impl=f.choice("norm_impl", IMPLS, d["norm_impl"]),
+        dropout=f.finite("dropout", d["dropout"]),
+        tokenizer_hidden_dim=f.positive("tokenizer_hidden_dim", int, d["tokenizer_hidden_dim"]),
+        mmoe=_parse_mmoe(f.get("mmoe", dict, {}), file),
+        cross_layers=f.positive("cross_layers", int, d["cross_layers"]),
+        compute_dtype=f.choice("compute_dtype", COMPUTE_DTYPES, d["compute_dtype"]),
+        recompute_target_context=f.get("recompute_target_context", bool, d["recompute_target_context"]),
         scenarios=_parse_scenarios(raw.get("scenarios"), file),
         source=file,
     )
@@ -181,20 +180,17 @@ def parse_model_config(raw: dict[str, Any], file: str = "<dict>") -> ModelConfig
                                                   f"set, found {cfg.num_heads}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ModelConfigError(file, "dropout", f"expected a probability in [0, 1), found {cfg.dropout}")
-    if cfg.alpha is not None and cfg.alpha <= 0:
+    if cfg.alpha is not None and cfg.alpha <= 0:  # finite: FieldReader.finite
         raise ModelConfigError(file, "alpha", f"expected a positive number, found {cfg.alpha}")
     parse_hta_layout(cfg.hta_layout, file)
     return cfg
 
 
 def _parse_mmoe(raw: dict[str, Any], file: str) -> MMoEConfig:
-    allowed = [f.name for f in dataclasses.fields(MMoEConfig)]
-    unknown = [k for k in raw if k not in allowed]
-    if unknown:
-        raise ModelConfigError(file, f"mmoe.{unknown[0]}", f"unknown key; expected one of: {', '.join(allowed)}")
-    r, d = _Reader(raw, file, "mmoe."), MMoEConfig()
-    return MMoEConfig(r.positive_int("num_experts", d.num_experts), r.positive_int("expert_dim", d.expert_dim),
-                      r.positive_int("tower_dim", d.tower_dim))
+    f, d = FieldReader(raw, file, "mmoe", tuple(x.name for x in dataclasses.fields(MMoEConfig)), ModelConfigError), \
+        MMoEConfig()
+    return MMoEConfig(f.positive("num_experts", int, d.num_experts), f.positive("expert_dim", int, d.expert_dim),
+                      f.positive("tower_dim", int, d.tower_dim))
 
 
 def _parse_scenarios(value: Any, file: str) -> tuple[str, ...] | None:
@@ -204,47 +200,6 @@ def _parse_scenarios(value: Any, file: str) -> tuple[str, ...] | None:
         raise ModelConfigError(file, "scenarios", f"expected a non-empty list of scenario names (or nothing for all), "
                                                   f"found {value!r}")
     return tuple(value)
-
-
-class _Reader:
-    """Typed access to one YAML mapping; missing or null keys take the default."""
-
-    def __init__(self, raw: dict[str, Any], file: str, prefix: str = ""):
-        self.raw, self.file, self.prefix = raw, file, prefix
-
-    def get(self, key: str, types: type | tuple[type, ...], what: str, default: Any = ...) -> Any:
-        value = self.raw.get(key)
-        if value is None:
-            if default is ...:
-                raise ModelConfigError(self.file, self.prefix + key, f"required field missing (expected {what})")
-            return default
-        if not isinstance(value, types) or isinstance(value, bool):
-            raise ModelConfigError(self.file, self.prefix + key, f"expected {what}, found {value!r}")
-        return value
-
-    def positive_int(self, key: str, default: Any) -> Any:
-        value = self.get(key, int, "a positive integer", default)
-        if value is not None and value < 1:
-            raise ModelConfigError(self.file, self.prefix + key, f"expected a positive integer, found {value!r}")
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.raw.get(key)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise ModelConfigError(self.file, self.prefix + key, f"expected true or false, found {value!r}")
-        return value
-
-    def number(self, key: str, default: Any) -> Any:
-        value = self.get(key, (int, float), "a number", default)
-        return None if value is None else float(value)
-
-    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.get(key, str, f"one of {', '.join(choices)}", default)
-        if value not in choices:
-            raise ModelConfigError(self.file, self.prefix + key, f"expected one of {', '.join(choices)}, found {value!r}")
-        return value
 
 
 def restrict_registry(registry: Registry, scenarios: tuple[str, ...] | list[str] | None,

@@ -146,7 +146,7 @@ class HSTULayer(nn.Module):
     def forward(self, x: Tensor, ctx: JaggedContext) -> Tensor:
         """x (N, d_model) -> (N, d_model)."""
         if self.kind == "target" and ctx.target_group_names:
-            split = TokenSplit.of(ctx)
+            split = TokenSplit.of(ctx, self.input_norm.impl)
             x_context, x_t = split.split(x)
             (affine, k_context, v_context), = run_context_keys_values([self], x_context, split, ctx.group_names)
             return x.index_copy(0, ctx.target_index, self.forward_target_rows(x_t, affine, k_context, v_context,
@@ -195,7 +195,7 @@ class HSTULayer(nn.Module):
         q, u, k_t, v_t = self.projections(h_t)
         a = self.attn
         gated = hstu_split_target_attention(q, k_context, v_context, k_t, v_t, keys.context_offsets,
-                                            keys.context_kind, keys.context_ts, keys.target_offsets, keys.target_ts,
+                                            keys.target_offsets, keys.context_kind, keys.context_ts, keys.target_ts,
                                             alpha=a.alpha, norm=a.norm, impl=a.impl, gate=u)
         # float32 x_t plus the bf16 update is float32 already: the cast is a no-op then (no cast kernel each way)
         return (x_t + self.gated_output(gated, target_group, target_group_names)).to(x_t.dtype)
@@ -292,7 +292,7 @@ class HTAStack(nn.Module):
         keys and values of the H and R rows (a serving pass that also fills the user-side cache)."""
         if not ctx.target_group_names:
             return x[:0]
-        split = TokenSplit.of(ctx)
+        split = TokenSplit.of(ctx, self.layers[0].input_norm.impl)
         x_context = x_t = None  # x's two halves while a run of target layers goes on (x is then stale)
         for i, layer in enumerate(self.layers):
             layer_kv = None if context_kv is None else context_kv[i]

@@ -55,8 +55,10 @@ def random_aggregated_table(registry: Registry, num_users: int, rng: np.random.G
             arrays.append(pa.array(labels, mask=rng.random(m) < label_null_fraction))
         exposure_type = schema.field(exposures_column(scn.name)).type.value_type
         columns[exposures_column(scn.name)] = _lists(counts, pa.StructArray.from_arrays(arrays, fields=list(exposure_type)))
-        user_arrays = [_random_feature(f, num_users, rng, null_fraction) for f in scn.user_features]
-        columns[user_column(scn.name)] = _structs(schema.field(user_column(scn.name)).type, user_arrays, counts == 0)
+        if scn.user_features:
+            user_arrays = [_random_feature(f, num_users, rng, null_fraction) for f in scn.user_features]
+            columns[user_column(scn.name)] = _structs(schema.field(user_column(scn.name)).type, user_arrays,
+                                                      counts == 0)
 
     for seq in registry.sequences.values():
         counts = draw_counts(seq.name, seq.kind)

@@ -38,7 +38,8 @@ class TokenSplit:
     """The packed token axis as two halves: its H and R rows (context_index, increasing) and its
     T rows (target_index), with each row's input-GLN group (indices into ctx.group_names), and
     the halves' layout for split target attention. merge_source (N,): where each row of the axis
-    is in the halves concatenated (H and R rows, then T rows), the inverse of the split."""
+    is in the halves concatenated (H and R rows, then T rows), the inverse of the split. impl: the
+    `merge_rows` implementation (the model's norm_impl, which picks its row-wise kernels)."""
 
     context_index: Tensor
     target_index: Tensor
@@ -46,9 +47,10 @@ class TokenSplit:
     context_group: Tensor
     target_group: Tensor
     keys: SplitKeys
+    impl: str = "auto"
 
     @classmethod
-    def of(cls, ctx: "JaggedContext") -> "TokenSplit":
+    def of(cls, ctx: "JaggedContext", impl: str = "auto") -> "TokenSplit":
         """Built on the device without a host sync (the row counts come from the shapes)."""
         num_rows = ctx.group.shape[0]
         context_index = context_rows(num_rows, ctx.target_index)
@@ -57,15 +59,16 @@ class TokenSplit:
         keys = SplitKeys(ctx.offsets - ctx.target_offsets, ctx.kind[context_index], ctx.ts[context_index],
                          ctx.target_offsets, ctx.ts[ctx.target_index])
         return cls(context_index, ctx.target_index, merge_source, ctx.group[context_index],
-                   ctx.group[ctx.target_index], keys)
+                   ctx.group[ctx.target_index], keys, impl)
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (N, ...) -> (its H and R rows, its T rows)."""
-        return _SplitRows.apply(x, self.context_index, self.target_index, self.merge_source)
+        return _SplitRows.apply(x, self.context_index, self.target_index, self.merge_source, self.impl)
 
     def merge(self, context_rows: Tensor, target_rows: Tensor) -> Tensor:
         """The two halves back on the packed token axis (N, ...)."""
-        return _MergeRows.apply(context_rows, target_rows, self.context_index, self.target_index, self.merge_source)
+        return _MergeRows.apply(context_rows, target_rows, self.context_index, self.target_index, self.merge_source,
+                                self.impl)
 
 
 # Splitting the token axis and merging it back are each other's gradient. Written out, neither
@@ -74,28 +77,29 @@ class TokenSplit:
 
 class _SplitRows(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, context_index: Tensor, target_index: Tensor,
-                merge_source: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx, x: Tensor, context_index: Tensor, target_index: Tensor, merge_source: Tensor,
+                impl: str) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(merge_source)
+        ctx.impl = impl
         return x.index_select(0, context_index), x.index_select(0, target_index)
 
     @staticmethod
     def backward(ctx, grad_context: Tensor, grad_target: Tensor):
         merge_source, = ctx.saved_tensors
-        return merge_rows(grad_context, grad_target, merge_source), None, None, None
+        return merge_rows(grad_context, grad_target, merge_source, impl=ctx.impl), None, None, None, None
 
 
 class _MergeRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, context_rows: Tensor, target_rows: Tensor, context_index: Tensor, target_index: Tensor,
-                merge_source: Tensor) -> Tensor:
+                merge_source: Tensor, impl: str) -> Tensor:
         ctx.save_for_backward(context_index, target_index)
-        return merge_rows(context_rows, target_rows, merge_source)
+        return merge_rows(context_rows, target_rows, merge_source, impl=impl)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         context_index, target_index = ctx.saved_tensors
-        return grad.index_select(0, context_index), grad.index_select(0, target_index), None, None, None
+        return grad.index_select(0, context_index), grad.index_select(0, target_index), None, None, None, None
 
 
 def context_rows(num_rows: int, target_index: Tensor) -> Tensor:

@@ -78,13 +78,14 @@ def aggregate_partition(registry: Registry, exposures: dict[str, pa.Table], beha
     for name, (gu, _, starts, ends, table) in grouped.items():
         rows = row_of_group[start:start + len(gu)]
         start += len(gu)
-        user_type = schema.field(user_column(name)).type
         list_type = schema.field(exposures_column(name)).type
-        newest = np.zeros(n_out, np.int64)
-        newest[rows] = ends - 1
-        missing = np.ones(n_out, bool)
-        missing[rows] = False
-        arrays.append(_struct(table, user_type, pa.array(newest) if len(table) else None, missing))
+        if user_column(name) in schema.names:  # a scenario without user features has no such column
+            newest = np.zeros(n_out, np.int64)
+            newest[rows] = ends - 1
+            missing = np.ones(n_out, bool)
+            missing[rows] = False
+            user_type = schema.field(user_column(name)).type
+            arrays.append(_struct(table, user_type, pa.array(newest) if len(table) else None, missing))
         counts = np.zeros(n_out, np.int64)
         counts[rows] = ends - starts
         arrays.append(_list(_struct(table, list_type.value_type), counts, list_type))

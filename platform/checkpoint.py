@@ -26,7 +26,7 @@ from mtfm.platform.registry import Registry, RegistryError
 if TYPE_CHECKING:  # torch and the model stay unimported until a checkpoint is really read or written
     import torch
 
-    from mtfm.model import RecommenderBase
+    from mtfm.model import ModelConfig, RecommenderBase
 
 MODEL_FILE, OPTIMIZER_FILE, META_FILE = "model.pt", "optimizer.pt", "meta.json"
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -186,15 +186,22 @@ def read_meta(checkpoint: str | Path) -> CheckpointMeta:
         raise CheckpointError(f"{folder / META_FILE}: not a valid checkpoint description ({exc})") from exc
 
 
+def trained_model_config(checkpoint: str | Path, meta: CheckpointMeta | None = None) -> "ModelConfig":
+    """The model config a checkpoint was trained with (its meta.json's copy; `meta`: that file, if
+    already read); an invalid one is refused naming the meta.json."""
+    from mtfm.model import parse_model_config
+
+    folder = find_checkpoint(checkpoint)
+    return parse_model_config(dict((meta or read_meta(folder)).model_config), str(folder / META_FILE))
+
+
 def load_model(checkpoint: str | Path) -> tuple["RecommenderBase", CheckpointMeta]:
     """Rebuild the model exactly as it was trained (its own registry snapshot) and load its weights, on the CPU."""
-    from mtfm.model import build_model, parse_model_config
+    from mtfm.model import build_model
 
     folder = find_checkpoint(checkpoint)
     meta = read_meta(folder)
-    registry = Registry.from_dict(meta.registry)
-    config = parse_model_config(dict(meta.model_config), str(folder / META_FILE))
-    model = build_model(config, registry)
+    model = build_model(trained_model_config(folder, meta), trained_registry(meta, str(folder)))
     model.load_state_dict(load_state_dict(folder))
     return model.eval(), meta
 

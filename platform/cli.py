@@ -71,6 +71,11 @@ def cmd_scenarios_validate(args: argparse.Namespace) -> int:
     reg = load_registry(args.config_dir)
     print(f"ok: {len(reg.scenarios)} scenarios ({', '.join(reg.scenarios)}) and "
           f"{len(reg.sequences)} sequences ({', '.join(reg.sequences)}) in {reg.config_dir}")
+    scenarios = Path(reg.config_dir) / "scenarios"
+    unread = sorted(p for p in scenarios.glob("*/**/*") if p.suffix.lower() in (".yaml", ".yml") and p.is_file())
+    if unread:  # a scenario file put one folder too deep is not registered: say so rather than leave it unseen
+        print(f"note: not read, in subfolders of {scenarios} (scenario files are {scenarios}/*.yaml): "
+              f"{', '.join(str(p.relative_to(scenarios)) for p in unread)}")
     return 0
 
 
@@ -263,14 +268,28 @@ def _holds_a_checkpoint(path: Path) -> bool:
 
 
 def cmd_serve_config(args: argparse.Namespace) -> int:
+    from mtfm.deployments.app import (DEFAULT_RUNS_DIR, ServeConfigError, newest_checkpoint,
+                                      refuse_what_it_cannot_serve, servable_scenarios)
     from mtfm.deployments.serve_config import render_serve_config
+    from mtfm.platform.checkpoint import CheckpointError, find_served_checkpoint
 
     reg = load_registry(args.config_dir)  # refuse to write a serve config for an invalid registry
     scenarios = list(reg.scenarios)
-    if args.checkpoint is not None:
-        from mtfm.deployments.app import ServeConfigError, servable_scenarios
-        from mtfm.platform.checkpoint import CheckpointError, find_served_checkpoint
-
+    if args.checkpoint is None:  # the app picks one when it is built: said, and checked as it is now
+        newest = newest_checkpoint(DEFAULT_RUNS_DIR)
+        picks = f"checkpoint: null serves the newest checkpoint under {DEFAULT_RUNS_DIR}/ when the app is built"
+        if newest is None:
+            print(f"note: {picks}; there is none under {Path(DEFAULT_RUNS_DIR).resolve()} now (train one first, or "
+                  "pass --checkpoint)", file=sys.stderr)
+        else:
+            try:
+                refuse_what_it_cannot_serve(newest, None, servable_scenarios(newest), reg, scenarios,
+                                            f"{reg.config_dir} registers")
+                print(f"note: {picks}: now {newest}", file=sys.stderr)
+            except (CheckpointError, ServeConfigError) as exc:
+                print(f"warning: {picks}: now {newest}, which the app would refuse: {exc}. Pass --checkpoint to "
+                      "serve another", file=sys.stderr)
+    else:
         try:
             found, note = find_served_checkpoint(args.checkpoint)
             trained = servable_scenarios(found)
@@ -283,18 +302,16 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
             if note:  # as the app builder will
                 print(f"note: {note}", file=sys.stderr)
             untrained = [s for s in scenarios if s not in trained]
-            if len(untrained) == len(scenarios):
-                print(f"error: {args.checkpoint} was trained on {trained}, none of which {reg.config_dir} registers",
-                      file=sys.stderr)
-                return 1
-            if untrained and args.scenario_ingress:
+            if untrained and args.scenario_ingress and len(untrained) < len(scenarios):
                 scenarios = [s for s in scenarios if s in trained]
                 print(f"note: {args.checkpoint} was trained on {trained} only: no app for {untrained}", file=sys.stderr)
-            elif untrained:  # the app builder would refuse it: nothing is written
-                print(f"error: {args.checkpoint} was trained without {untrained}, which {reg.config_dir} registers, "
-                      "so serving a config of every scenario is refused; pass --scenario-ingress (one app per trained "
-                      f"scenario) or a --config-dir that registers just {trained}", file=sys.stderr)
+            try:  # what the app builder would refuse is not written
+                notes = refuse_what_it_cannot_serve(found, None, trained, reg, scenarios, f"{reg.config_dir} registers")
+            except (CheckpointError, ServeConfigError) as exc:
+                print(f"error: {exc}", file=sys.stderr)
                 return 1
+            for line in notes:
+                print(f"note: {line}", file=sys.stderr)
     # The registry validated above: --config-dir, else $MTFM_CONFIG_DIR, else ./configs. The app is built in the
     # folder where the cluster's `ray start` ran: paths given are written absolute (the default stays relative,
     # for `serve run` from the repository root).

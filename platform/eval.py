@@ -6,6 +6,7 @@ together. The same `evaluate_batches` runs inside training (at checkpoints) and 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterable
@@ -101,9 +102,13 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     from mtfm.platform.cluster import init_ray, quiet_ray_data
     from mtfm.platform.samples import (refuse_samples_that_do_not_fit, sample_files, samples_folder,
                                        split_by_window)
+    from mtfm.platform.train import TrainConfig
 
     folder = find_checkpoint(checkpoint)
     model, meta = load_model(folder)
+    # The run's settings, with TrainConfig's defaults for any it predates (not `data`: a default folder
+    # would be the wrong samples).
+    trained = {f.name: f.default for f in dataclasses.fields(TrainConfig)} | meta.train_config
     if data is None:
         data = meta.train_config.get("data")
         if data is None:
@@ -127,17 +132,17 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
             names = None
         if names is not None and "window" in names:  # else split_by_window says what the folder is not
             refuse_other_samples(names)
-    windows_held_out = meta.train_config.get("test_windows", 1) if test_windows is None else test_windows
+    windows_held_out = trained["test_windows"] if test_windows is None else test_windows
     if windows_held_out < 1:
         raise ValueError(f"test_windows {windows_held_out}: expected at least 1 (the last N windows are the test set)")
     init_ray()
     quiet_ray_data()  # a table at the end is the output; Ray Data's per-dataset INFO lines are noise here
     _, test_ds, windows = split_by_window(data, windows_held_out, need_train=False)
     refuse_other_samples(test_ds.schema().names)
-    budget = meta.train_config.get("tokens_per_batch", 8192)
-    reads = test_ds.iter_batches(batch_size=256, batch_format="pyarrow")
+    budget = trained["tokens_per_batch"]
+    reads = test_ds.iter_batches(batch_size=trained["rows_per_read"], batch_format="pyarrow")
     results = evaluate_batches(model, token_budget_batches(reads, Collator(registry), budget), torch.device("cpu"))
-    trained_held_out = meta.train_config.get("test_windows", 1)
+    trained_held_out = trained["test_windows"]
     same_data = _same_path(data, meta.train_config.get("data"))
     return {"checkpoint": str(folder), "step": meta.step, "data": str(data),
             "test_windows": windows[-windows_held_out:], "eval": results,

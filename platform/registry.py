@@ -180,10 +180,6 @@ class Registry:
     scenarios: dict[str, Scenario]
     sequences: dict[str, Sequence]
 
-    @classmethod
-    def load(cls, config_dir: str | Path | None = None) -> "Registry":
-        return load_registry(config_dir)
-
     def scenario(self, name: str) -> Scenario:
         if name not in self.scenarios:
             raise KeyError(f"unknown scenario {name!r}; registered: {', '.join(self.scenarios) or 'none'}")
@@ -232,13 +228,15 @@ class Registry:
         """Aggregated samples: one row per (user, window).
 
         `<scenario>__user` is the user's features in that scenario (from its newest exposure in
-        the window; null if the user had none there); `<scenario>__exposures` the window's
+        the window; null if the user had none there; no column for a scenario without user
+        features: Parquet has no struct of no fields); `<scenario>__exposures` the window's
         exposures sorted by ts (empty if none); `<sequence>__events` the sequence's events
         sorted by ts, newest `max_len` kept (history: before the window; realtime: inside it).
         """
         fields = [pa.field("user_id", pa.int64(), False), pa.field("window", pa.int64(), False)]
         for scn in self.scenarios.values():
-            fields.append(pa.field(user_column(scn.name), pa.struct([feature_field(f) for f in scn.user_features])))
+            if scn.user_features:
+                fields.append(pa.field(user_column(scn.name), pa.struct([feature_field(f) for f in scn.user_features])))
             exposure = pa.struct([pa.field("request_id", pa.int64()), pa.field("ts", pa.int64())]
                                  + [feature_field(f) for f in scn.exposure_features]
                                  + [pa.field(t, pa.int8()) for t in scn.task_names])
@@ -452,17 +450,19 @@ def read_yaml_mapping(path: str | Path, what: str = "config", error: type[Regist
     return data
 
 
-class _Fields:
-    """Reads one YAML mapping with type checks; unknown keys are an error."""
+class FieldReader:
+    """Reads one YAML mapping with type checks; unknown keys are an error, and a missing or null key
+    takes the default. The one reader of config fields: scenario files, serve.yaml's overrides and
+    model configs (which raise their own subclass of RegistryError, `error`)."""
 
-    def __init__(self, raw: Any, file: str, where: str, allowed: tuple[str, ...]):
+    def __init__(self, raw: Any, file: str, where: str, allowed: tuple[str, ...],
+                 error: type[RegistryError] = RegistryError):
         if not isinstance(raw, dict):
-            raise RegistryError(file, where or "<top>", f"expected a mapping, found {_kind(raw)}")
+            raise error(file, where or "<top>", f"expected a mapping, found {_kind(raw)}")
         unknown = [k for k in raw if k not in allowed]
         if unknown:
-            raise RegistryError(file, _join(where, str(unknown[0])),
-                                f"unknown key; expected one of: {', '.join(allowed)}")
-        self.raw, self.file, self.where = raw, file, where
+            raise error(file, _join(where, str(unknown[0])), f"unknown key; expected one of: {', '.join(allowed)}")
+        self.raw, self.file, self.where, self.error = raw, file, where, error
 
     def path(self, key: str) -> str:
         return _join(self.where, key)
@@ -470,34 +470,42 @@ class _Fields:
     def get(self, key: str, types: type | tuple[type, ...], default: Any = ..., what: str = "") -> Any:
         if key not in self.raw or self.raw[key] is None:
             if default is ...:
-                raise RegistryError(self.file, self.path(key), f"required field missing (expected {what or _tname(types)})")
+                raise self.error(self.file, self.path(key),
+                                 f"required field missing (expected {what or _tname(types)})")
             return default
         value = self.raw[key]
         ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in _tuple(types))
         if not ok:
-            raise RegistryError(self.file, self.path(key),
-                                f"expected {what or _tname(types)}, found {_kind(value)} {value!r}")
+            raise self.error(self.file, self.path(key),
+                             f"expected {what or _tname(types)}, found {_kind(value)} {value!r}")
         return value
 
     def choice(self, key: str, choices: tuple[str, ...], default: Any = ...) -> str:
         value = self.get(key, str, default, what=f"one of {', '.join(choices)}")
         if value not in choices:
-            raise RegistryError(self.file, self.path(key), f"expected one of {', '.join(choices)}, found {value!r}")
+            raise self.error(self.file, self.path(key), f"expected one of {', '.join(choices)}, found {value!r}")
         return value
 
     def positive(self, key: str, types: type | tuple[type, ...], default: Any = ..., minimum: float = 1) -> Any:
         value = self.get(key, types, default, what=f"{_tname(types)} >= {minimum}")
         not_finite = isinstance(value, float) and not math.isfinite(value)  # NaN and inf are no counts or rates
         if value is not None and (not_finite or value < minimum):
-            raise RegistryError(self.file, self.path(key), f"expected {_tname(types)} >= {minimum}"
-                                f"{', finite' if not_finite else ''}, found {value!r}")
+            raise self.error(self.file, self.path(key), f"expected {_tname(types)} >= {minimum}"
+                             f"{', finite' if not_finite else ''}, found {value!r}")
         return value
+
+    def finite(self, key: str, default: Any = ...) -> float | None:
+        """A number (an integer read as one); NaN and infinities are refused."""
+        value = self.get(key, (int, float), default)
+        if value is not None and not math.isfinite(value):
+            raise self.error(self.file, self.path(key), f"expected a finite number, found {value!r}")
+        return None if value is None else float(value)
 
     def name(self, key: str = "name") -> str:
         value = self.get(key, str, what="a lower-case identifier")
         if not NAME_PATTERN.match(value):
-            raise RegistryError(self.file, self.path(key),
-                                f"expected a lower-case identifier (letters, digits, single underscores), found {value!r}")
+            raise self.error(self.file, self.path(key),
+                             f"expected a lower-case identifier (letters, digits, single underscores), found {value!r}")
         return value
 
     def items(self, key: str, default: Any = ...) -> list:
@@ -505,7 +513,7 @@ class _Fields:
 
 
 def _parse_feature(raw: Any, file: str, where: str, reserved: tuple[str, ...] = RESERVED_COLUMNS) -> Feature:
-    f = _Fields(raw, file, where, ("name", "type", "required", "buckets", "dim", "transform", "max_len", "description"))
+    f = FieldReader(raw, file, where, ("name", "type", "required", "buckets", "dim", "transform", "max_len", "description"))
     name = f.name()
     if name in reserved:
         raise RegistryError(file, f.path("name"), f"{name!r} is a reserved column ({', '.join(reserved)})")
@@ -526,7 +534,7 @@ def _parse_feature(raw: Any, file: str, where: str, reserved: tuple[str, ...] = 
     return Feature(name, ftype, required, buckets=buckets, dim=dim, max_len=max_len, description=desc)
 
 
-def _list_max_len(f: _Fields) -> int:
+def _list_max_len(f: FieldReader) -> int:
     # Required rather than defaulted: the model keeps only the first max_len ids of each list, and
     # a silent default would drop the rest of longer lists unnoticed.
     if f.raw.get("max_len") is None:
@@ -549,7 +557,7 @@ def _parse_features(items: list, file: str, where: str, taken: dict[str, str],
 
 
 def _parse_scenario(raw: Any, file: str, expected_name: str, snapshot: bool = False) -> Scenario:
-    f = _Fields(raw, file, "", ("name", "description", "user_features", "item_features", "cross_features",
+    f = FieldReader(raw, file, "", ("name", "description", "user_features", "item_features", "cross_features",
                                 "tasks", "serving", "synthetic"))
     name = f.name()
     if name != expected_name:
@@ -569,7 +577,7 @@ def _parse_scenario(raw: Any, file: str, expected_name: str, snapshot: bool = Fa
         raise RegistryError(file, "tasks", "expected at least one task (a label column such as click or order)")
     tasks: list[Task] = []
     for i, traw in enumerate(tasks_raw):
-        t = _Fields(traw, file, f"tasks[{i}]", ("name", "kind", "depends_on", "description"))
+        t = FieldReader(traw, file, f"tasks[{i}]", ("name", "kind", "depends_on", "description"))
         tname = t.name()
         if tname in taken or tname in reserved:
             raise RegistryError(file, f"tasks[{i}].name", f"duplicate name {tname!r} (already a feature, task or reserved column)")
@@ -592,28 +600,34 @@ def _parse_serving(raw: dict, file: str, snapshot: bool = False) -> ServingConfi
     """The `serving:` knobs, each checked and then against each other (`serving_conflict`). A
     checkpoint's snapshot skips the latter: nothing serves from it (the app reads the config dir),
     and a checkpoint from before that check must still load."""
-    f = _Fields(raw, file, "serving", tuple(x.name for x in dataclasses.fields(ServingConfig)))
-    d = ServingConfig()
-    cfg = ServingConfig(
-        replicas=f.positive("replicas", int, d.replicas),
-        max_ongoing_requests=f.positive("max_ongoing_requests", int, d.max_ongoing_requests),
-        max_batch_requests=f.positive("max_batch_requests", int, d.max_batch_requests),
-        max_batch_tokens=f.positive("max_batch_tokens", int, d.max_batch_tokens),
-        batch_wait_timeout_s=float(f.positive("batch_wait_timeout_s", (int, float), d.batch_wait_timeout_s, minimum=0)),
-        max_candidates=f.positive("max_candidates", int, d.max_candidates),
-        num_cpus=float(f.positive("num_cpus", (int, float), d.num_cpus, minimum=0)),
-        num_gpus=float(f.positive("num_gpus", (int, float), d.num_gpus, minimum=0)),
-        backend=f.choice("backend", SERVING_BACKENDS, d.backend),
-        cuda_graphs=f.get("cuda_graphs", bool, d.cuda_graphs, what="true or false"),
-    )
+    cfg = read_serving_knobs(raw, file, "serving", ServingConfig())
     conflict = None if snapshot else serving_conflict(cfg)
     if conflict is not None:
-        raise RegistryError(file, f.path(conflict[0]), conflict[1])
+        raise RegistryError(file, _join("serving", conflict[0]), conflict[1])
     return cfg
 
 
+def read_serving_knobs(raw: Any, file: str, where: str, base: ServingConfig) -> ServingConfig:
+    """`base` with the knobs `raw` sets, each checked on its own: a scenario's `serving:` block (base:
+    the defaults) and serve.yaml's per-scenario overrides (base: the scenario's knobs) read alike."""
+    f = FieldReader(raw, file, where, tuple(x.name for x in dataclasses.fields(ServingConfig)))
+    return ServingConfig(
+        replicas=f.positive("replicas", int, base.replicas),
+        max_ongoing_requests=f.positive("max_ongoing_requests", int, base.max_ongoing_requests),
+        max_batch_requests=f.positive("max_batch_requests", int, base.max_batch_requests),
+        max_batch_tokens=f.positive("max_batch_tokens", int, base.max_batch_tokens),
+        batch_wait_timeout_s=float(f.positive("batch_wait_timeout_s", (int, float), base.batch_wait_timeout_s,
+                                              minimum=0)),
+        max_candidates=f.positive("max_candidates", int, base.max_candidates),
+        num_cpus=float(f.positive("num_cpus", (int, float), base.num_cpus, minimum=0)),
+        num_gpus=float(f.positive("num_gpus", (int, float), base.num_gpus, minimum=0)),
+        backend=f.choice("backend", SERVING_BACKENDS, base.backend),
+        cuda_graphs=f.get("cuda_graphs", bool, base.cuda_graphs, what="true or false"),
+    )
+
+
 def _parse_synthetic(raw: dict, file: str, task_names: list[str]) -> SyntheticConfig:
-    f = _Fields(raw, file, "synthetic", ("exposures_per_user_day", "active_user_fraction", "label_rates"))
+    f = FieldReader(raw, file, "synthetic", ("exposures_per_user_day", "active_user_fraction", "label_rates"))
     d = SyntheticConfig()
     rates = f.get("label_rates", dict, {})
     for task, rate in rates.items():
@@ -629,14 +643,14 @@ def _parse_synthetic(raw: dict, file: str, task_names: list[str]) -> SyntheticCo
 
 
 def _parse_sequences(raw: Any, file: str, snapshot: bool = False) -> dict[str, Sequence]:
-    top = _Fields(raw, file, "", ("sequences",))
+    top = FieldReader(raw, file, "", ("sequences",))
     items = top.items("sequences")
     if not items:
         raise RegistryError(file, "sequences", "expected at least one sequence")
     out: dict[str, Sequence] = {}
     for i, sraw in enumerate(items):
         where = f"sequences[{i}]"
-        f = _Fields(sraw, file, where, ("name", "kind", "max_len", "features", "description", "events_per_user_day"))
+        f = FieldReader(sraw, file, where, ("name", "kind", "max_len", "features", "description", "events_per_user_day"))
         name = f.name()
         if name in out:
             raise RegistryError(file, f"{where}.name", f"duplicate sequence name {name!r}")
@@ -695,7 +709,8 @@ def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
 
 def _tname(types: type | tuple[type, ...]) -> str:
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list", dict: "a mapping"}
-    return " or ".join(names.get(t, t.__name__) for t in _tuple(types))
+    types = tuple(t for t in _tuple(types) if not (t is int and float in _tuple(types)))  # an integer is a number
+    return " or ".join(names.get(t, t.__name__) for t in types)
 
 
 def _kind(value: Any) -> str:

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from mtfm.platform.registry import read_yaml_mapping, scenario_of_column
-from mtfm.platform.train import DIVERGED_FILE
+from mtfm.platform.train import DIVERGED_FILE, METRICS_FILE, TRAIN_CONFIG_FILE
 
 
 def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: {'not a folder' if run_dir.exists() else 'not found'} (expected a run "
                                 "folder of `mtfm train`, e.g. runs/tiny-<time>)")
@@ -178,7 +178,7 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, log=print)
         if out / name not in written:
             log(f"note: no {name}: {what}")
     if data is None:
-        config = run_dir / "train_config.yaml"
+        config = run_dir / TRAIN_CONFIG_FILE
         data = read_yaml_mapping(config, "train config").get("data") if config.is_file() else None
         if data is None or not Path(data).exists():
             what = f"the run's training data ({data}) is not there" if data else "the run names no training data"

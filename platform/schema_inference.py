@@ -649,6 +649,11 @@ def infer_scenario(name: str, exposures: str | Path, config_dir: str | Path | No
         if len(values) == 1:  # a head trained on one class learns nothing but that rate
             result.notes.append(f"label {task.column!r} is {int(values[0])} in every row read: check the log, or "
                                 "drop the task")
+        nulls = table.column(task.column).null_count
+        if nulls:  # the aggregation quarantines such rows, every label of the exposure with them
+            result.notes.append(f"label {task.column!r} is null in {nulls:,} of the {table.num_rows:,} rows read: "
+                                f"`mtfm data aggregate` quarantines those exposures (reason: null label {task.column}); "
+                                "fill them in the log (0 where the event did not happen) to train on them")
     if write:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)

@@ -47,6 +47,7 @@ RUNS_DIR = "runs"
 # What Ray Train v2 keeps in a run's storage folder to restore the run when it starts there again.
 RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 METRICS_FILE = "metrics.jsonl"
+TRAIN_CONFIG_FILE = "train_config.yaml"  # the run's train config as it ran (overrides applied); --resume reads it
 EVAL_FILE = "eval.json"
 WARM_START_FILE = "warm_start.json"
 DIVERGED_FILE = "diverged.json"  # where the loss, weights or scores stopped being finite (rank 0 writes it)
@@ -296,7 +297,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from mtfm.model import BatchPrefetcher, Collator, build_model, parse_model_config, token_budget_batches
     from mtfm.model.padding import GrowingShape
-    from mtfm.platform.checkpoint import (CheckpointMeta, MODEL_FILE, OPTIMIZER_FILE, read_meta, warm_start,
+    from mtfm.platform.checkpoint import (CheckpointMeta, OPTIMIZER_FILE, load_state_dict, read_meta, warm_start,
                                           write_checkpoint)
     from mtfm.platform.eval import NonFiniteScores, evaluate_batches, not_evaluated
     from mtfm.platform.train_step import TrainStep
@@ -340,7 +341,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             meta = read_meta(folder)
-            model.load_state_dict(torch.load(Path(folder) / MODEL_FILE, map_location="cpu", weights_only=True))
+            model.load_state_dict(load_state_dict(Path(folder)))
             states = torch.load(Path(folder) / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
             for name, opt in optimizers.items():
                 opt.load_state_dict(states[name])
@@ -585,10 +586,10 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
                                           registry_changes, trained_registry)
     from mtfm.platform.cluster import init_ray, say_when_ray_train_stops_for_ctrl_c
 
-    if data is None and resume is not None and (Path(resume) / "train_config.yaml").is_file():
+    if data is None and resume is not None and (Path(resume) / TRAIN_CONFIG_FILE).is_file():
         # A resume keeps its run's samples unless --data says otherwise: `--config NEW` changes rates
         # and limits, and its `data:` is whatever the file it was copied from said.
-        data = read_yaml_mapping(Path(resume) / "train_config.yaml").get("data")
+        data = read_yaml_mapping(Path(resume) / TRAIN_CONFIG_FILE).get("data")
         if data is not None and _absolute(config.data) != _absolute(data):
             log(f"[mtfm] note: --resume {resume} keeps its samples, {data} ({config.source}'s data: {config.data} "
                 "is not used; --data names others)")
@@ -701,7 +702,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
             log(f"[mtfm] model {model_config.name} covers {model_scenarios}: training and evaluating on their users "
                 "only")
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "train_config.yaml").write_text(dump_yaml(config.to_dict(), sort_keys=False))
+        (run_dir / TRAIN_CONFIG_FILE).write_text(dump_yaml(config.to_dict(), sort_keys=False))
         layout = f", layout {model_config.hta_layout}" if model_config.architecture == "mtfm" else ""  # baselines: none
         log(f"[mtfm] run {run_dir}\n[mtfm] scenarios {model_scenarios}; windows {len(windows)} "
             f"({len(windows) - config.test_windows} train, {config.test_windows} test); model {model_config.name} "
@@ -906,10 +907,9 @@ def _resumed_runs_model_config(config: TrainConfig, resume: str | Path | None, l
     """The model config of a run resumed with its own train_config.yaml whose `model:` file is gone:
     a run submitted by `ray job submit --working-dir .` names the model config in Ray's copy of the
     working directory, deleted with the job. Its checkpoint's meta.json holds the model it trained."""
-    from mtfm.model import parse_model_config
-    from mtfm.platform.checkpoint import META_FILE, find_checkpoint, read_meta
+    from mtfm.platform.checkpoint import META_FILE, find_checkpoint, trained_model_config
 
-    runs_own = Path(resume or "") / "train_config.yaml"
+    runs_own = Path(resume or "") / TRAIN_CONFIG_FILE
     if resume is None or not runs_own.is_file() or read_yaml_mapping(runs_own).get("model") != config.model:
         relative = "" if Path(config.model).is_absolute() else f" (a path from the current folder, {Path.cwd()})"
         raise RegistryError(config.source, "model", f"model config file {config.model} not found{relative}; expected "
@@ -917,7 +917,7 @@ def _resumed_runs_model_config(config: TrainConfig, resume: str | Path | None, l
     checkpoint = find_checkpoint(resume)
     log(f"[mtfm] note: --resume {resume}: its model config {config.model} is gone (Ray's copy of a job's working "
         f"directory?); the run goes on with the model its checkpoint recorded ({checkpoint / META_FILE})")
-    return parse_model_config(dict(read_meta(checkpoint).model_config), str(checkpoint / META_FILE))
+    return trained_model_config(checkpoint)
 
 
 def refuse_a_checkpoint_to_resume(resume: str | Path) -> None:
@@ -994,7 +994,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         if not Path(args.resume).is_dir():
             found = "a file" if Path(args.resume).exists() else "not found"
             raise FileNotFoundError(f"--resume {args.resume}: {found} (expected a run folder, e.g. runs/tiny-<time>)")
-        args.config = Path(args.resume) / "train_config.yaml"
+        args.config = Path(args.resume) / TRAIN_CONFIG_FILE
         if not args.config.is_file():
             raise FileNotFoundError(f"--resume {args.resume}: no train_config.yaml there (not a run folder?); "
                                     "pass --config")

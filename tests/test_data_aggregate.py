@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtfm.platform.aggregate import _count_before, _order, aggregate, aggregate_local
-from mtfm.platform.registry import Registry, events_column, exposures_column, user_column
+from mtfm.platform.registry import Registry, events_column, exposures_column, load_registry, user_column
 from mtfm.platform.synth import DAY_MS, EPOCH_MS, synthesize
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -26,7 +26,7 @@ QUIET = dict(log=lambda *_: None)
 
 @pytest.fixture(scope="module")
 def registry() -> Registry:
-    return Registry.load(CONFIGS)
+    return load_registry(CONFIGS)
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +286,7 @@ synthetic:
   exposures_per_user_day: 3
   label_rates: {click: 0.2, add_to_cart: 0.4}
 """)
-    registry = Registry.load(config_dir)
+    registry = load_registry(config_dir)
     counts = synthesize(registry, tmp_path / "raw", users=30, days=2, seed=1, **QUIET)
     assert counts["exposures/grocery"] > 0
     raw_grocery = pq.read_table(tmp_path / "raw" / "exposures" / "grocery")
@@ -301,6 +301,47 @@ synthetic:
     assert samples.schema.equals(registry.aggregated_schema())
     assert "grocery__exposures" in samples.column_names and "grocery" in summary["scenarios"]
     assert sum(len(x) for x in samples["grocery__exposures"].to_pylist()) == counts["exposures/grocery"]
+
+
+def test_a_scenario_without_user_features_is_aggregated_collated_and_parsed(ray_cluster, config_dir, tmp_path):
+    """`mtfm scenarios infer` drafts `user_features: []` for a log without user_* columns: such a
+    scenario has no <scenario>__user column (Parquet writes no struct without fields), and its
+    samples collate and its requests parse with the exposures' features alone."""
+    from mtfm.deployments.rank_request import RankRequestParser, example_request
+    import torch
+
+    from mtfm.model import Collator, build_model, parse_model_config
+    from mtfm.model.config import restrict_registry
+
+    (config_dir / "scenarios" / "kiosk.yaml").write_text("""
+name: kiosk
+user_features: []
+item_features:
+  - {name: sku_id, type: categorical, buckets: 1000, dim: 8, required: true}
+cross_features:
+  - {name: distance_km, type: numeric, transform: log1p}
+tasks:
+  - {name: click, kind: ctr}
+""")
+    registry = load_registry(config_dir)
+    assert user_column("kiosk") not in registry.aggregated_schema().names
+    counts = synthesize(registry, tmp_path / "raw", users=20, days=2, seed=3, **QUIET)
+    aggregate(registry, tmp_path / "raw", tmp_path / "agg", **QUIET)
+    samples = pq.read_table(tmp_path / "agg" / "samples")
+    assert samples.schema.equals(registry.aggregated_schema())
+    assert sum(len(x) for x in samples["kiosk__exposures"].to_pylist()) == counts["exposures/kiosk"] > 0
+    batch = Collator(registry)(samples)
+    kiosk = batch.features["kiosk"]
+    assert kiosk.num_tokens == counts["exposures/kiosk"] and set(kiosk.categorical) == {"sku_id"}
+    model = build_model(parse_model_config({"name": "t", "d_model": 16, "num_heads": 2}), registry)
+    logits = model(batch).logits["kiosk"]
+    assert logits.shape == (kiosk.num_tokens, 1) and torch.isfinite(logits).all()
+    logits.sum().backward()  # the kiosk tokenizer's MLP takes the item and cross features only
+    assert model.tokenizer.groups["kiosk"].mlp[0].weight.grad.shape[1] == 8 + 1
+    body = example_request(registry, "kiosk", candidates=3, events=2)
+    request = RankRequestParser(registry, "kiosk", max_candidates=10).parse(body, now_ms=body["ts"])
+    assert user_column("kiosk") not in request.table.column_names
+    assert Collator(restrict_registry(registry, ["kiosk"]))(request.table).features["kiosk"].num_tokens == 3
 
 
 def test_refuses_to_overwrite_without_flag(ray_cluster, registry, raw, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from mtfm.platform.aggregate import aggregate
 from mtfm.platform.movielens import MovieLensFormatError, convert_movielens
-from mtfm.platform.registry import Registry
+from mtfm.platform.registry import Registry, load_registry
 
 ML_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "movielens"
 QUIET = dict(log=lambda *_: None)
@@ -17,7 +17,7 @@ QUIET = dict(log=lambda *_: None)
 
 @pytest.fixture(scope="module")
 def registry() -> Registry:
-    return Registry.load(ML_CONFIGS)
+    return load_registry(ML_CONFIGS)
 
 
 def test_real_ml100k(registry, tmp_path):
@@ -81,7 +81,7 @@ def test_clear_errors(registry, tmp_path, monkeypatch):
     with pytest.raises(MovieLensFormatError, match=r"field timestamp: expected a number, found 'soon' \(data row 2\)"):
         convert_movielens(registry, tmp_path / "raw", path=tmp_path / "blank", **QUIET)
     with pytest.raises(MovieLensFormatError, match="use --config-dir configs/movielens"):
-        convert_movielens(Registry.load(ML_CONFIGS.parent), tmp_path / "raw", **QUIET)
+        convert_movielens(load_registry(ML_CONFIGS.parent), tmp_path / "raw", **QUIET)
     with pytest.raises(FileNotFoundError, match=r"nowhere: no such folder \(--path: a folder of RecBole atomic"):
         convert_movielens(registry, tmp_path / "raw", path=tmp_path / "nowhere", **QUIET)
     assert not (tmp_path / "raw").exists()

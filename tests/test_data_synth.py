@@ -7,7 +7,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from mtfm.platform.registry import Registry
+from mtfm.platform.registry import Registry, load_registry
 from mtfm.platform.synth import DAY_MS, EPOCH_MS, synthesize
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -16,7 +16,7 @@ QUIET = dict(log=lambda *_: None)
 
 @pytest.fixture(scope="module")
 def registry() -> Registry:
-    return Registry.load(CONFIGS)
+    return load_registry(CONFIGS)
 
 
 @pytest.fixture(scope="module")

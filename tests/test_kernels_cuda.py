@@ -58,8 +58,8 @@ def outputs_and_grads(b: dict, dtype: torch.dtype, impl: str) -> dict:
     context = (~is_target).nonzero().squeeze(1)
     q_t, k_c, v_c, k_t, v_t = (t.detach().clone().requires_grad_() for t in (q[rows], k[context], v[context],
                                                                             k[rows], v[rows]))
-    out = hstu_split_target_attention(q_t, k_c, v_c, k_t, v_t, b["offsets"] - b["target_offsets"], b["kind"][context],
-                                      b["ts"][context], b["target_offsets"], b["ts"][rows], alpha=alpha, norm=norm,
+    out = hstu_split_target_attention(q_t, k_c, v_c, k_t, v_t, b["offsets"] - b["target_offsets"], b["target_offsets"],
+                                      b["kind"][context], b["ts"][context], b["ts"][rows], alpha=alpha, norm=norm,
                                       impl=impl)
     out.backward(b["grad"][rows].to(dtype))
     result |= dict(split=out, split_dq=q_t.grad, split_dk_context=k_c.grad, split_dv_context=v_c.grad,

@@ -1,6 +1,7 @@
 """The scenario registry: loading, the data contracts it states, and every validation error."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,7 @@ BAD_SCENARIOS = [
      "max_ongoing_requests 8 is below max_batch_requests 16; expected at least 16"),
     (lambda d: d["synthetic"]["label_rates"].update(click=1.5), "synthetic.label_rates.click", "probability"),
     (lambda d: d["synthetic"].update(exposures_per_user_day=float("inf")), "synthetic.exposures_per_user_day",
-     "expected an integer or a number >= 0, finite, found inf"),
+     "expected a number >= 0, finite, found inf"),
     (lambda d: d["synthetic"].update(active_user_fraction=0), "synthetic.active_user_fraction",
      "expected a fraction in (0, 1], found 0.0"),
     (lambda d: d["synthetic"].update(active_user_fraction=float("nan")), "synthetic.active_user_fraction",
@@ -288,7 +289,13 @@ def test_cli_list_and_validate(config_dir):
     assert out.returncode == 0 and "sqs" in out.stdout and "redeem_7d" in out.stdout
     assert "cross: distance_km, user_package_views_7d" in out.stdout  # each scenario's features by group
     out = _cli("scenarios", "validate", "--config-dir", str(config_dir))
+    assert out.returncode == 0 and "3 scenarios" in out.stdout and "note" not in out.stdout
+    (config_dir / "scenarios" / "new").mkdir()
+    shutil.copy(REPO_ROOT / "configs" / "examples" / "grocery.yaml", config_dir / "scenarios" / "new")
+    out = _cli("scenarios", "validate", "--config-dir", str(config_dir))
     assert out.returncode == 0 and "3 scenarios" in out.stdout
+    assert f"note: not read, in subfolders of {config_dir / 'scenarios'}" in out.stdout
+    assert out.stdout.rstrip().endswith(": new/grocery.yaml")
     _edit(config_dir / "scenarios" / "sqs.yaml", lambda d: d.update(tasks=[]))
     out = _cli("scenarios", "validate", "--config-dir", str(config_dir))
     assert out.returncode == 1 and "sqs.yaml: tasks: expected at least one task" in out.stderr

@@ -236,6 +236,16 @@ def test_a_label_of_one_value_gets_a_note(tmp_path, config_dir):
     assert result.notes == ["label 'click' is 0 in every row read: check the log, or drop the task"]
 
 
+def test_a_label_with_nulls_gets_a_note_saying_the_aggregation_quarantines_them(tmp_path, config_dir):
+    path = tmp_path / "log.parquet"
+    pq.write_table(_table(shop_id=[1, 2, 3, 4], click=pa.array([0, None, 1, None], pa.int8()), order=[0, 1, 0, 0]),
+                   path)
+    result = infer_scenario("shop_feed", path, config_dir=config_dir, write=False)
+    assert result.notes == ["label 'click' is null in 2 of the 4 rows read: `mtfm data aggregate` quarantines those "
+                            "exposures (reason: null label click); fill them in the log (0 where the event did not "
+                            "happen) to train on them"]
+
+
 def test_label_like_columns_that_are_not_0_1_are_refused_and_empty_or_constant_columns_skipped(tmp_path, config_dir):
     path = tmp_path / "log.parquet"
     # pandas writes a label with nulls as float64: still a label; a windowed click counter stays a feature

@@ -521,3 +521,12 @@ def test_a_refused_value_is_shown_shortened_and_null_as_null():
     with pytest.raises(RequestError) as error:
         RankRequestParser(movielens, "young", max_candidates=10).parse(body, now_ms=body["ts"] + 1000)
     assert error.value.field == "candidates[1].genres[1]" and error.value.message.endswith("found null")
+
+
+def test_a_column_of_one_value_among_longer_ones_is_said_in_the_singular():
+    body = _columnar(_varied_body("hp"))
+    body["sequences"]["history"]["category"] = [3]
+    with pytest.raises(RequestError) as error:
+        RankRequestParser(REGISTRY, "hp", max_candidates=1000).parse(body, now_ms=NOW_MS)
+    length = len(body["sequences"]["history"]["poi_id"])
+    assert error.value.message.startswith(f"1 value; expected {length}, as "), error.value.message

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from pydantic import ValidationError
 
 from mtfm.deployments.app import AppArgs, ServeConfigError, build_app, resolve_checkpoint, scenario_serving
 from mtfm.deployments.backends import BackendUnavailable, TorchBackend, create_backend, without_events
@@ -259,8 +263,8 @@ def test_tensorrt_without_the_package_is_a_clear_error_on_the_replica_not_in_the
     overrides = AppArgs(scenarios={"sqs": {"backend": "tensorrt"}}).scenarios
     assert scenario_serving(load_registry(REPO / "configs"), overrides)["sqs"].backend == "tensorrt"
     build_app({"checkpoint": str(checkpoint), "config_dir": str(REPO / "configs"), "scenarios": overrides})
-    with pytest.raises(ServeConfigError, match=r"scenario sqs .*backend: unknown backend 'tensorrtx'; expected one of "
-                                               r"torch, onnx, tensorrt"):
+    with pytest.raises(ServeConfigError, match=r"serve.yaml: args\.scenarios\.sqs\.backend: expected one of "
+                                               r"torch, onnx, tensorrt, found 'tensorrtx'"):
         scenario_serving(load_registry(REPO / "configs"),
                          AppArgs(scenarios={"sqs": {"backend": "tensorrtx"}}).scenarios)
 
@@ -351,6 +355,20 @@ def test_serving_knobs_come_from_yaml_with_overrides_and_are_checked():
         scenario_serving(registry, AppArgs(scenarios={"nope": {}}).scenarios)
     with pytest.raises(ServeConfigError, match="max_ongoing_requests 4 is below max_batch_requests 16"):
         scenario_serving(registry, AppArgs(scenarios={"hp": {"max_ongoing_requests": 4}}).scenarios)
+    # Read as the scenario YAML's `serving:` is: no true for a count, no "3", no "yes" for a flag, no inf.
+    for knob, value, expected in [("replicas", True, "expected an integer >= 1, found a boolean True"),
+                                  ("replicas", "3", "expected an integer >= 1, found a string '3'"),
+                                  ("cuda_graphs", "yes", "expected true or false, found a string 'yes'"),
+                                  ("num_cpus", math.inf, "expected a number >= 0, finite, found inf"),
+                                  ("replica", 2, "unknown key; expected one of: replicas, ")]:
+        with pytest.raises(ServeConfigError, match=re.escape(f"serve.yaml: args.scenarios.hp.{knob}: {expected}")):
+            scenario_serving(registry, AppArgs(scenarios={"hp": {knob: value}}).scenarios)
+    with pytest.raises(ServeConfigError, match=re.escape("serve.yaml: args.scenarios.hp: expected a mapping, found")):
+        scenario_serving(registry, AppArgs(scenarios={"hp": 3}).scenarios)
+    with pytest.raises(ValidationError, match="chunk_size"):
+        AppArgs(chunk_size=True)
+    with pytest.raises(ValidationError, match="user_cache_ttl_s"):
+        AppArgs(user_cache_ttl_s=math.nan)
 
 
 def test_builder_refuses_a_checkpoint_without_a_registered_scenario(checkpoint, config_dir, monkeypatch):
@@ -367,6 +385,41 @@ def test_builder_refuses_a_checkpoint_without_a_registered_scenario(checkpoint, 
     with pytest.raises(ServeConfigError, match=r"\(\$MTFM_CHECKPOINT\) was trained on \['hp', 'phf', 'sqs'\], none of "
                                                r"which .* registers: the wrong checkpoint, or the wrong config dir\?"):
         build_app({"checkpoint": "elsewhere", "config_dir": str(config_dir)})
+
+
+def test_a_schema_changed_since_training_is_refused_by_the_builder_and_serve_config(checkpoint, config_dir, tmp_path,
+                                                                                   capsys, monkeypatch):
+    """Replicas parse requests with the registry the checkpoint was trained with: a feature added to
+    a served scenario's YAML since would be refused in every request built from the config dir, so
+    the app and `mtfm serve config` refuse it by name (as `--resume` does); a sequence's max_len
+    changed is only noted (the replicas keep the trained one)."""
+    hp = config_dir / "scenarios" / "hp.yaml"
+    trained_text = hp.read_text()
+    hp.write_text(trained_text.replace("cross_features:\n", "cross_features:\n  - {name: promo, type: numeric}\n"))
+    changed = r"scenarios\.hp\.cross_features: \['distance_km', 'user_poi_clicks_30d'\] -> \['promo', 'distance_km', "
+    with pytest.raises(ServeConfigError, match=r"\(args\.checkpoint\) was trained with other features, tasks or "
+                                               r"sequences than .* declares now: " + changed):
+        build_app({"checkpoint": str(checkpoint), "config_dir": str(config_dir)})
+    assert main(["serve", "config", "--checkpoint", str(checkpoint), "--config-dir", str(config_dir)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and re.search(r"^error: checkpoint .* was trained with other features.*" + changed, err, re.M)
+    # checkpoint: null names the checkpoint the app would pick now, and warns that it would be refused.
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "config", "--config-dir", str(config_dir)]) == 0
+    assert "note: checkpoint: null serves the newest checkpoint under runs/ when the app is built; there is none" \
+        in capsys.readouterr().err
+    shutil.copytree(checkpoint, tmp_path / "runs" / "r" / checkpoint.name)
+    assert main(["serve", "config", "--config-dir", str(config_dir)]) == 0
+    assert re.search(r"warning: checkpoint: null serves .* now .*/runs/r/checkpoint_00000003, which the app would "
+                     r"refuse: checkpoint .* was trained with other features", capsys.readouterr().err)
+    hp.write_text(trained_text)
+    sequences = config_dir / "sequences.yaml"
+    sequences.write_text(sequences.read_text().replace("max_len: 32", "max_len: 16"))
+    build_app({"checkpoint": str(checkpoint), "config_dir": str(config_dir)})
+    assert "sequences.realtime.max_len: 32 -> 16 in" in capsys.readouterr().err
+    assert main(["serve", "config", "--config-dir", str(config_dir)]) == 0
+    assert f"note: checkpoint: null serves the newest checkpoint under runs/ when the app is built: now " \
+        f"{(tmp_path / 'runs' / 'r' / checkpoint.name).resolve()}" in capsys.readouterr().err
 
 
 def test_builder_refuses_a_single_scenario_checkpoint_for_the_scenarios_it_lacks(tmp_path, config_dir, capsys):
@@ -404,8 +457,10 @@ def test_builder_refuses_a_single_scenario_checkpoint_for_the_scenarios_it_lacks
                  "--out", str(written)]) == 1
     out, err = capsys.readouterr()
     assert out == "" and written.read_text() == "# the config served now\n"
-    assert (f"error: {checkpoint} was trained without ['phf', 'sqs'], which {REPO / 'configs'} registers, so serving "
-            "a config of every scenario is refused; pass --scenario-ingress") in err
+    assert (f"error: checkpoint {checkpoint} was trained without scenarios ['phf', 'sqs'] that {REPO / 'configs'} "
+            "registers (it was trained on ['hp']); train or warm-start a model with them, or serve only scenarios it "
+            "has: a config dir that registers just ['hp'], or one app per trained scenario from `mtfm serve config "
+            f"--scenario-ingress --checkpoint {checkpoint} --config-dir {REPO / 'configs'}`") in err
     assert main(["serve", "config", "--scenario-ingress", "--checkpoint", str(checkpoint), "--config-dir",
                  str(REPO / "configs"), "--out", str(written)]) == 0
     assert [a["name"] for a in yaml.safe_load(written.read_text())["applications"]] == ["hp"]

@@ -82,13 +82,13 @@ def target_attention_and_grads(b, impl):
 
 def split_inputs(b):
     """b's keys and metadata as the two halves split target attention takes: (k_context, v_context,
-    k_t, v_t, context_offsets, context_kind, context_ts, target_offsets, target_ts) and the context rows."""
+    k_t, v_t, context_offsets, target_offsets, context_kind, context_ts, target_ts) and the context rows."""
     is_target = torch.zeros(b["k"].shape[0], dtype=torch.bool)
     is_target[b["target_rows"]] = True
     context_rows, target_rows = (~is_target).nonzero().squeeze(1), b["target_rows"]
     halves = [b[name][rows].clone() for name in "kv" for rows in (context_rows, target_rows)]
-    return (halves[0], halves[2], halves[1], halves[3], b["offsets"] - b["target_offsets"], b["kind"][context_rows],
-            b["ts"][context_rows], b["target_offsets"], b["ts"][target_rows]), context_rows
+    return (halves[0], halves[2], halves[1], halves[3], b["offsets"] - b["target_offsets"], b["target_offsets"],
+            b["kind"][context_rows], b["ts"][context_rows], b["ts"][target_rows]), context_rows
 
 
 def split_attention_and_grads(b, impl):
@@ -242,7 +242,7 @@ def test_triton_forward_split_over_keys_matches_reference(key_splits, pack):
     b = make_batch([(70, 20, 6), (40, 9, 3), (3, 2, 2), (0, 0, 4), (20, 0, 0)], 2, seed=3, hq=6)
     offsets, kind, ts = b["offsets"], b["kind"], b["ts"]
     q_t, q_offsets = b["q"][b["target_rows"]], b["target_offsets"]
-    (k_c, v_c, k_t, v_t, context_offsets, context_kind, context_ts, _, target_ts), _ = split_inputs(b)
+    (k_c, v_c, k_t, v_t, context_offsets, _, context_kind, context_ts, target_ts), _ = split_inputs(b)
     expected = reference.jagged_hstu_attention(b["q"], b["k"], b["v"], offsets, offsets, kind, ts, ALPHA, NORM)
     expected_t = reference.jagged_hstu_attention(q_t, b["k"], b["v"], offsets, q_offsets, kind, ts, ALPHA, NORM)
     with heads_packed(pack):
@@ -366,7 +366,7 @@ def test_dispatcher_errors_name_the_argument(monkeypatch):
     with pytest.raises(ValueError, match="k_t.shape"):
         hstu_split_target_attention(q_t, k_c, v_c, k_t[:1], v_t, *split_meta, alpha=ALPHA, norm=NORM)
     with pytest.raises(ValueError, match="context_kind.shape"):
-        hstu_split_target_attention(q_t, k_c, v_c, k_t, v_t, split_meta[0], split_meta[1][:2], *split_meta[2:],
+        hstu_split_target_attention(q_t, k_c, v_c, k_t, v_t, *split_meta[:2], split_meta[2][:2], *split_meta[3:],
                                     alpha=ALPHA, norm=NORM)
     with pytest.raises(ValueError, match=r"gate.shape is \(7, 4, 16\), expected \(7, 4, 32\)"):
         hstu_attention(b["q"], b["k"], b["v"], *meta, alpha=ALPHA, norm=NORM, gate=b["q"])
@@ -388,7 +388,7 @@ def test_custom_op_registration_opcheck():
     ):
         args = tuple(a.clone().requires_grad_() if i < 3 else a for i, a in enumerate(args))
         torch.library.opcheck(torch.ops.mtfm.hstu_attention.default, args)
-    (k_c, v_c, k_t, v_t, c_offsets, c_kind, c_ts, t_offsets, t_ts), _ = split_inputs(b)
+    (k_c, v_c, k_t, v_t, c_offsets, t_offsets, c_kind, c_ts, t_ts), _ = split_inputs(b)
     tensors = [t.requires_grad_() for t in (b["q"][b["target_rows"]], k_c, v_c, k_t, v_t)]
     torch.library.opcheck(torch.ops.mtfm.hstu_split_target_attention.default,
                           (*tensors, c_offsets, t_offsets, c_kind, c_ts, t_ts, ALPHA, NORM, "reference"))

@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 from model_test_utils import REPO, random_table, rows_of, table_of
 from mtfm.kernels.mask import TokenKind
 from mtfm.model import Collator, split_by_token_budget, token_budget_batches
+from mtfm.model.config import restrict_registry
 from mtfm.model.hashing import hash_to_buckets
 from mtfm.platform.registry import events_column, exposures_column, load_registry, user_column
 
@@ -107,7 +108,7 @@ def test_numbers_that_are_not_finite_become_zero():
 
 def test_collate_of_one_scenario_ignores_the_others():
     table = random_table(REGISTRY, 4, 2)
-    batch = Collator(REGISTRY, scenarios=["sqs"])(table)
+    batch = Collator(restrict_registry(REGISTRY, ["sqs"]))(table)
     assert batch.group_names == ("history", "realtime", "sqs")
     assert batch.scenarios == ("sqs",)
     assert batch.num_targets == sum(len(r[exposures_column("sqs")]) for r in rows_of(table))

@@ -263,15 +263,22 @@ def test_context_keys_values_equals_autograd_of_the_plain_composition(dtype, imp
         torch.testing.assert_close(got.double(), want.double(), msg=name, rtol=bias_tol, atol=bias_tol)
 
 
-def test_token_split_hand_worked():
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_token_split_hand_worked(impl, monkeypatch):
     """Kinds H H T R T H T (one user, then the next): the context rows are the non-T positions in
-    order; split and merge are inverse, and their gradients are the same permutations."""
+    order; split and merge are inverse, and their gradients are the same permutations. The merges
+    (merge's forward, split's backward) run the implementation the split was given."""
+    from mtfm.kernels import merge_rows_triton
+
+    triton_merges = []
+    real = merge_rows_triton.merge_rows
+    monkeypatch.setattr(merge_rows_triton, "merge_rows", lambda *a: triton_merges.append(1) or real(*a))
     kind = torch.tensor([0, 0, 2, 1, 2, 0, 2], dtype=torch.int8)
     target_index = torch.tensor([2, 4, 6])
     group = torch.tensor([0, 0, 2, 1, 3, 0, 2])
     ctx = JaggedContext(torch.tensor([0, 5, 7]), torch.tensor([0, 2, 3]), kind, torch.arange(7), target_index,
                         group, GROUPS, torch.tensor([0, 1, 0]), SCENARIOS)
-    split = TokenSplit.of(ctx)
+    split = TokenSplit.of(ctx, impl)
     assert split.context_index.tolist() == [0, 1, 3, 5]
     assert split.merge_source.tolist() == [0, 1, 4, 2, 5, 3, 6]
     assert split.context_group.tolist() == [0, 0, 1, 0]
@@ -284,6 +291,7 @@ def test_token_split_hand_worked():
     weights = torch.randn(7, 2)
     (merged * weights).sum().backward()
     assert torch.equal(x.grad, weights)
+    assert len(triton_merges) == (2 if impl == "triton" else 0)
 
 
 def test_stack_refuses_a_top_layer_that_is_not_target():
