@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, nargs="+", default=[1, 2], help="Ray CPU counts to run (default 1 2)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one, removed after)")
-    parser.add_argument("--out", default="bench/results/aggregate.json", help="JSON results file")
+    parser.add_argument("--out", default="bench/out/aggregate.json", help="JSON results file")
     args = parser.parse_args()
 
     registry = load_registry(args.config_dir)

@@ -8,7 +8,7 @@ host before its single copy to the device), and its candidates alone, as a repli
 request whose user side is cached. Training: 40 synthetic users of the GPU benchmark's
 token mix (about 27K tokens), collated with the full registry. Medians and p90 over --repeats
 calls, in one process on one thread; prints a table and writes JSON (--out, default
-$OUT/collate.json or bench/results/collate.json).
+$OUT/collate.json or bench/out/collate.json).
 """
 from __future__ import annotations
 
@@ -40,9 +40,11 @@ def timed_ms(fn, repeats: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/results"), "collate.json"))
-    parser.add_argument("--repeats", type=int, default=300)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/out"), "collate.json"),
+                        help="JSON results file ($OUT, else bench/out)")
+    parser.add_argument("--repeats", type=int, default=300, help="collations timed per case")
     args = parser.parse_args()
     ensure_mtfm_importable()
     import torch

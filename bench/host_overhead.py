@@ -44,7 +44,7 @@ def per_call_us(fn, iters: int, device: torch.device) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="JSON results (default $OUT or bench/results: host_overhead.json, "
+    parser.add_argument("--out", default=None, help="JSON results (default $OUT or bench/out: host_overhead.json, "
                                                     "host_overhead_cpu.json with --device cpu)")
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -52,7 +52,7 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here (--device cpu times the wrappers on the CPU)")
     if args.out is None:  # a CPU run does not overwrite the recorded GPU one
-        args.out = os.path.join(os.environ.get("OUT", "bench/results"),
+        args.out = os.path.join(os.environ.get("OUT", "bench/out"),
                                 "host_overhead_cpu.json" if args.device == "cpu" else "host_overhead.json")
     ensure_mtfm_importable()
     from mtfm.kernels.group_layer_norm import group_layer_norm
@@ -124,6 +124,7 @@ def main() -> int:
     print(f"{info}\n{'call':<50} {'host us':>8}")
     for name, us in results.items():
         print(f"{name:<50} {us:>8.1f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"info": info, "host_us_per_call": results}, indent=2))
     print(f"wrote {args.out}")
     return 0

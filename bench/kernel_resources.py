@@ -215,14 +215,14 @@ def main():
                         help="every block config of bench/kernels.py's sweep lists, not only the tables' ones")
     parser.add_argument("--tokens", type=int, default=8192, help="tokens of the CPU batch (shapes only matter)")
     parser.add_argument("--out", help="JSON path (default: $OUT/kernel_resources.json if OUT is set, else "
-                                      "bench/results/kernel_resources_triton<version>[_sweep].json)")
+                                      "bench/out/kernel_resources_triton<version>[_sweep].json)")
     args = parser.parse_args()
     if args.tokens < 1:
         parser.error("--tokens must be at least 1")
     if args.out is None:
         name = f"kernel_resources_triton{triton.__version__}{'_sweep' if args.sweep else ''}.json"
         args.out = (os.path.join(os.environ["OUT"], "kernel_resources.json") if os.environ.get("OUT")
-                    else str(Path(__file__).resolve().parent / "results" / name))
+                    else str(Path(__file__).resolve().parent / "out" / name))
     if len(args.heads) % 2:
         parser.error("--heads takes pairs: query heads then kv heads")
     heads = list(zip(args.heads[::2], args.heads[1::2]))

@@ -96,14 +96,15 @@ def run_case(config_path: str, layout: str, kv_heads: int | None, budget: int, r
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/model/small.yaml")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default="configs/model/small.yaml", help="the model config timed")
     parser.add_argument("--budgets", type=int, nargs="+", default=list(TOKEN_BUDGETS), help="tokens per batch")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per case (after one warm-up)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and batches")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--out", help="write the results as JSON here (default: no file)", default=argparse.SUPPRESS)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a single case, in a child process
     args = parser.parse_args()
     import torch
@@ -134,7 +135,7 @@ def main() -> int:
                   f"{r['fwd_attention_gflop']:>10.1f} {r['fwd_bwd_gflop'] / r['fwd_bwd_s']:>9.1f} "
                   f"{r['peak_rss_mib']:>8.0f} {r['step_mem_mib']:>8.0f}",
                   flush=True)
-    if args.out:
+    if getattr(args, "out", None):
         Path(args.out).write_text(json.dumps({"config": args.config, "device": args.device, "threads": args.threads,
                                               "results": results}, indent=2))
     return 0

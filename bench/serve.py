@@ -234,7 +234,7 @@ def k_ratios(http: list[dict], in_process: list[dict], ks: list[int]) -> list[di
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench/results/serve.json", help="JSON results file")
+    parser.add_argument("--out", default="bench/out/serve.json", help="JSON results file")
     parser.add_argument("--model", default="configs/model/tiny.yaml", help="model config served over HTTP")
     parser.add_argument("--inprocess-models", default="configs/model/tiny.yaml,configs/model/small.yaml")
     parser.add_argument("--scenarios", default="hp,phf,sqs")

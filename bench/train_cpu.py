@@ -24,13 +24,14 @@ from mtfm.platform.train import METRICS_FILE, TrainConfig, train
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--users", type=int, default=600)
-    parser.add_argument("--days", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--models", nargs="+", default=["configs/model/tiny.yaml"])
-    parser.add_argument("--out", default="bench/results/train_cpu.json")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--users", type=int, default=600, help="synthetic users")
+    parser.add_argument("--days", type=int, default=4, help="synthetic days (one window each)")
+    parser.add_argument("--steps", type=int, default=40, help="training steps per run")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray Train worker counts to time")
+    parser.add_argument("--models", nargs="+", default=["configs/model/tiny.yaml"], help="model configs to time")
+    parser.add_argument("--out", default="bench/out/train_cpu.json", help="JSON results file")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="mtfm-bench-train-"))

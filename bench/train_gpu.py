@@ -773,19 +773,21 @@ def print_sections(sections: dict) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="JSON results (default under $OUT or bench/results: "
+    parser.add_argument("--out", default=None, help="JSON results (default under $OUT or bench/out: "
                         "train_gpu.json, or train_gpu_tiny.json with --tiny, so that a debugging run keeps "
                         "the recorded GPU results)")
     parser.add_argument("--no-ray", action="store_true", help="run the worker in-process (debugging)")
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default="cuda", help="cuda (default), or cpu (with --tiny, to check the script)")
     parser.add_argument("--tiny", action="store_true", help="tiny widths and sequences (CPU debugging)")
     parser.add_argument("--tokens", type=int, default=None, help="token budget per step (default 131072; tiny 2048)")
     parser.add_argument("--kernel-tokens", type=int, default=None,
                         help="token budget of the kernels-vs-reference cases (default 16384; tiny 1024)")
-    parser.add_argument("--warmup", type=int, default=5, help="warm-up steps (>= 4: every batch shape once)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--split-steps", type=int, default=4)
-    parser.add_argument("--budget-s", type=float, default=420.0, help="skip cases that would start after this")
+    parser.add_argument("--warmup", type=int, default=5, help="warm-up steps (default 5; >= 4: every batch shape once)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per case (default 10)")
+    parser.add_argument("--split-steps", type=int, default=4,
+                        help="steps timed again with a sync around data, forward, backward and optimizer (default 4)")
+    parser.add_argument("--budget-s", type=float, default=420.0,
+                        help="skip cases that would start after this many seconds (default 420)")
     parser.add_argument("--profile", nargs="*", default=["large", "t4 (3:1)*4", "t4 (0:16)*1", "medium"],
                         help="cases to profile for one step (GPU kernel time, top kernels)")
     parser.add_argument("--profile-ops", action="store_true",
@@ -810,11 +812,12 @@ def main() -> int:
     if args.profile_ops and args.cuda_graphs != "off":
         parser.error("--profile-ops needs --cuda-graphs off: a graph's replay hides which op launched a kernel")
     if args.out is None:
-        args.out = os.path.join(os.environ.get("OUT", "bench/results"),
+        args.out = os.path.join(os.environ.get("OUT", "bench/out"),
                                 "train_gpu_tiny.json" if args.tiny else "train_gpu.json")
     args.tokens = args.tokens or (2048 if args.tiny else 131072)
     args.kernel_tokens = args.kernel_tokens or (1024 if args.tiny else 16384)
     out_path = str(Path(args.out).resolve())
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     loop_config = {"args": vars(args), "ray": not args.no_ray, "out": out_path}
     start = time.perf_counter()
     ensure_mtfm_importable()  # before Ray starts: its workers inherit PYTHONPATH

@@ -29,12 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--users", type=int, default=600)
-    parser.add_argument("--days", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default="bench/results/warm_start.json")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--users", type=int, default=600, help="synthetic users")
+    parser.add_argument("--days", type=int, default=4, help="synthetic days (one window each)")
+    parser.add_argument("--steps", type=int, default=60, help="training steps of each run (warm start and scratch)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds, one pair of runs each")
+    parser.add_argument("--out", default="bench/out/warm_start.json", help="JSON results file")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="mtfm-warm-"))

@@ -31,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.serve import Application
 
 from mtfm.platform.checkpoint import (META_FILE, CheckpointError, find_served_checkpoint, pin_for_serving, read_meta,
-                                      registry_changes, trained_model_config, trained_registry)
+                                      registry_changes, trained_config_dir, trained_model_config,
+                                      trained_registry)
 from mtfm.platform.registry import (Registry, RegistryError, ServingConfig, load_registry, read_serving_knobs,
                                     resolve_config_dir, serving_conflict)
 
@@ -139,9 +140,10 @@ def refuse_what_it_cannot_serve(checkpoint: str | Path, source: str | None, trai
     named = f"checkpoint {checkpoint}" + (f" ({source})" if source else "")
     untrained = [s for s in served if s not in trained]
     if untrained and not set(trained) & set(registry.scenarios):  # another registry's model: no subset is served
+        recorded = trained_config_dir(read_meta(checkpoint))
         raise ServeConfigError(f"{named} was trained on {trained}, none of which {registry.config_dir} registers: "
                                "the wrong checkpoint, or the wrong config dir? Name the checkpoint or the config dir "
-                               "it was trained with")
+                               "it was trained with" + (f" (it was trained with {recorded})" if recorded else ""))
     if untrained:
         raise ServeConfigError(f"{named} was trained without scenarios {untrained} that {served_by} (it was trained "
                                f"on {trained}); train or warm-start a model with them, or serve only scenarios it "

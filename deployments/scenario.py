@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from mtfm.model import ScenarioRanker
-from mtfm.platform.checkpoint import (CheckpointError, CheckpointMeta, find_checkpoint, is_pinned, load_state_dict,
+from mtfm.platform.checkpoint import (CheckpointError, CheckpointMeta, find_checkpoint, is_pinned, load_weights,
                                       read_meta, trained_model_config, trained_registry)
 from mtfm.platform.registry import ServingConfig
 
@@ -82,8 +82,7 @@ def load_scenario_ranker(checkpoint: str | Path, scenario: str) -> tuple[Scenari
         raise CheckpointError(f"{folder}: the model was trained on scenarios {list(config.scenarios)} only (its model "
                               f"config's `scenarios`), not {scenario}")
     ranker = ScenarioRanker(config, trained_registry(meta, str(folder)), scenario)
-    state = load_state_dict(folder, mmap=True)
-    ranker.load_state_dict({name: state[name] for name in ranker.state_dict()})
+    load_weights(ranker, folder, mmap=True)
     return ranker.eval(), meta
 
 

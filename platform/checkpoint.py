@@ -69,7 +69,8 @@ def find_checkpoint(path: str | Path) -> Path:
     if (path / META_FILE).is_file():
         return check_model_file(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not found (expected a run folder or one of its checkpoint_* folders)")
+        raise CheckpointError(f"{path}: {'not a folder' if path.exists() else 'not found'} (expected a run folder or "
+                              "one of its checkpoint_* folders)")
     found = sorted(p for p in path.glob(f"{CHECKPOINT_PREFIX}*") if (p / META_FILE).is_file())
     if not found:
         raise CheckpointError(f"{path}: no checkpoint_* folder with a {META_FILE} inside (has the run saved one yet?)")
@@ -176,6 +177,23 @@ def load_state_dict(folder: Path, map_location: "str | torch.device" = "cpu", mm
                               "or not written by torch.save)") from exc
 
 
+def load_weights(model: "torch.nn.Module", folder: Path, mmap: bool = False) -> None:
+    """The weights of `folder`'s model file into `model` (all of its tensors, from a file that may
+    hold more: a scenario subgraph takes its own). A file whose tensors do not fit the model its
+    meta.json describes (another run's model.pt copied in) is a `CheckpointError` naming it."""
+    state = load_state_dict(folder, mmap=mmap)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or mismatched:
+        k = (missing or mismatched)[0]
+        found = "missing" if missing else f"{tuple(state[k].shape)}, not {tuple(own[k].shape)}"
+        raise CheckpointError(f"{folder / MODEL_FILE}: its tensors do not fit the model its {META_FILE} describes "
+                              f"({len(missing)} missing, {len(mismatched)} of another shape, e.g. {k}: {found}): "
+                              "the model file of another run?")
+    model.load_state_dict({k: state[k] for k in own})
+
+
 def read_meta(checkpoint: str | Path) -> CheckpointMeta:
     folder = find_checkpoint(checkpoint)
     try:
@@ -202,7 +220,7 @@ def load_model(checkpoint: str | Path) -> tuple["RecommenderBase", CheckpointMet
     folder = find_checkpoint(checkpoint)
     meta = read_meta(folder)
     model = build_model(trained_model_config(folder, meta), trained_registry(meta, str(folder)))
-    model.load_state_dict(load_state_dict(folder))
+    load_weights(model, folder)
     return model.eval(), meta
 
 
@@ -329,6 +347,14 @@ def check_compatible(meta: CheckpointMeta, registry: Registry, where: str) -> No
         parts.append(f"the registry has scenarios the checkpoint lacks: {sorted(want - have)}")
     if have - want:
         parts.append(f"the checkpoint has scenarios the registry lacks: {sorted(have - want)}")
+    trained_with = trained_config_dir(meta)
+    other_dir = f"pass the config dir it was trained with (--config-dir {trained_with}), " \
+        if trained_with and Path(trained_with) != Path(registry.config_dir) else ""
     raise CheckpointError(f"{where}: {'; '.join(parts)}. Resuming needs the scenarios the checkpoint was "
-                          f"trained with ({sorted(have)}, stored in its {META_FILE}): restore those scenario files, "
-                          "or start a new run from it with --init-from (warm start)")
+                          f"trained with ({sorted(have)}, stored in its {META_FILE}): {other_dir}restore those "
+                          "scenario files, or start a new run from it with --init-from (warm start)")
+
+
+def trained_config_dir(meta: CheckpointMeta) -> str | None:
+    """The config dir a checkpoint's registry was loaded from, as the run named it (None if unrecorded)."""
+    return meta.registry.get("config_dir")

@@ -20,6 +20,7 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = False):
     if ray.is_initialized():
         return ray
     _drop_harmless_worker_lines()
+    _quiet_interrupts_while_exiting()
     address = os.environ.get("RAY_ADDRESS")
     if address:
         from ray.exceptions import AuthenticationError
@@ -184,6 +185,24 @@ def quiet_ray_data() -> None:
 
 
 _RAY_TRAIN_CTRL_C_LOGGER = "ray.train.v2.api.data_parallel_trainer"
+
+
+def _quiet_interrupts_while_exiting() -> None:
+    """A Ctrl-C pressed while the process exits (Ray shutting down in an atexit callback) raises
+    there, in Ray Train's SIGINT handler (SystemExit) or Python's (KeyboardInterrupt), and Python
+    prints it as "Exception ignored in atexit callback" with a traceback after the command's own
+    last line. Such an exception is the interrupt the user asked for, not an error: it is dropped;
+    any other goes to the hook that was there before."""
+    if getattr(sys.unraisablehook, "drops_interrupts", False):
+        return
+    before = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, (SystemExit, KeyboardInterrupt)):
+            before(unraisable)
+
+    hook.drops_interrupts = True
+    sys.unraisablehook = hook
 
 
 def say_when_ray_train_stops_for_ctrl_c() -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mtfm.platform.registry import read_yaml_mapping, scenario_of_column
-from mtfm.platform.train import DIVERGED_FILE, METRICS_FILE, TRAIN_CONFIG_FILE
+from mtfm.platform.registry import events_column, read_yaml_mapping, scenario_of_column
+from mtfm.platform.train import DIVERGED_FILE, METRICS_FILE, TRAIN_CONFIG_FILE, read_metrics
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -28,7 +28,7 @@ def _records(run_dir: Path) -> list[dict]:
             raise FileNotFoundError(f"{path}: no training log: the run diverged before logging anything "
                                     f"({_diverged(run_dir)})")
         raise FileNotFoundError(f"{path}: no training log (is {run_dir} a run folder of `mtfm train`?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics(path)
 
 
 def _diverged(run_dir: Path) -> str:
@@ -108,7 +108,7 @@ class NoHeatmap(Exception):
     """The samples given cannot draw the model's attention: none there, or of another registry."""
 
 
-def plot_attention(run_dir: Path, data: Path, out: Path, plt, users: int = 3, max_history: int = 48) -> Path | None:
+def plot_attention(run_dir: Path, data: Path, out: Path, plt, users: int = 3, max_history: int = 48) -> Path:
     from mtfm.model import Collator
     from mtfm.platform.checkpoint import CheckpointError, load_model
 
@@ -117,7 +117,7 @@ def plot_attention(run_dir: Path, data: Path, out: Path, plt, users: int = 3, ma
     except CheckpointError as exc:  # a run stopped (or diverged) before its first checkpoint
         raise NoHeatmap(str(exc)) from exc
     if not hasattr(model, "stack"):
-        return None  # a baseline without attention layers
+        raise NoHeatmap(f"a {model.config.architecture} model (a baseline) has no attention layers to draw")
     import pyarrow.parquet as pq
 
     samples = data / "samples" if (data / "samples").is_dir() else data
@@ -126,17 +126,20 @@ def plot_attention(run_dir: Path, data: Path, out: Path, plt, users: int = 3, ma
         raise NoHeatmap(f"{samples}: no aggregated samples to draw the attention of")
     table = pq.read_table(files[-1])
     collator = Collator(model.registry)
-    # Users with the most scenarios present make the most telling figure.
-    present = sum((np.asarray(table[c].combine_chunks().value_lengths().fill_null(0)) > 0).astype(int)
-                  for c in table.column_names if scenario_of_column(c))
-    rows = np.argsort(-present, kind="stable")[:users]
+    # Users with history tokens (drawn against) and the most scenarios present make the most telling figure.
+    def lengths(column: str) -> np.ndarray:
+        return np.asarray(table[column].combine_chunks().value_lengths().fill_null(0))
+
+    present = sum((lengths(c) > 0).astype(int) for c in table.column_names if scenario_of_column(c))
+    history = sum(lengths(events_column(s.name)) for s in model.registry.sequences.values() if s.kind == "history")
+    rows = np.argsort(-(present * (history > 0)), kind="stable")[:users]
     try:
         batch = collator(table.take(rows))
     except ValueError as exc:  # samples aggregated with another registry than the model's
         raise NoHeatmap(str(exc)) from exc
     maps = attention_maps(model, batch, max_history)
     if not maps:
-        return None
+        raise NoHeatmap(f"no user of {files[-1]} has both history and target tokens")
     fig, axes = plt.subplots(1, len(maps), figsize=(5 * len(maps), 5), squeeze=False)
     for ax, (weights, labels) in zip(axes[0], maps):
         image = ax.imshow(weights, aspect="auto", cmap="viridis")
@@ -147,7 +150,7 @@ def plot_attention(run_dir: Path, data: Path, out: Path, plt, users: int = 3, ma
         ax.set_xticks(starts, [labels[s] for s in starts], rotation=45, ha="left", fontsize=8)
         ax.set(xlabel="T-tokens (by scenario)", ylabel="H-tokens (newest last)")
         fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.suptitle("Top-layer attention of target tokens to history tokens (mean over heads)")
+    fig.suptitle("Top-layer attention of target tokens\nto history tokens (mean over heads)")
     fig.tight_layout()
     fig.savefig(out / "attention.png", dpi=110)
     plt.close(fig)
@@ -168,6 +171,7 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, log=print)
         raise FileNotFoundError(f"{data}: no such folder of aggregated samples (--data)")
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
+    (out / "attention.png").unlink(missing_ok=True)  # an earlier report's: not left beside this one's figures
     written = plot_curves(run_dir, out, plt)
     diverged = (run_dir / DIVERGED_FILE).is_file()
     if diverged:
@@ -185,12 +189,9 @@ def write_report(run_dir: str | Path, data: str | Path | None = None, log=print)
             log(f"note: no attention heatmap: {what}; pass --data AGG_DIR")
             return written
     try:
-        path = plot_attention(run_dir, Path(data), out, plt)
+        written.append(plot_attention(run_dir, Path(data), out, plt))
     except NoHeatmap as exc:  # the curves still stand
         log(f"note: no attention heatmap: {exc}")
-        return written
-    if path:
-        written.append(path)
     return written
 
 

@@ -26,6 +26,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import re
 import sys
 import tempfile
@@ -35,7 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtfm.platform.cluster import quiet_ray_data
-from mtfm.platform.registry import Registry, RegistryError, dump_yaml, load_registry, read_yaml_mapping
+from mtfm.platform.registry import (Registry, RegistryError, dump_yaml, load_registry, read_yaml_mapping,
+                                    resolve_config_dir)
 from mtfm.platform.run_lock import DriverLock, refuse_a_folder_a_live_driver_holds
 from mtfm.platform.samples import (keep_users_of, refuse_samples_that_do_not_fit, samples_folder,
                                    scenarios_in, split_by_window)
@@ -281,12 +283,32 @@ def _append_jsonl(path: Path, record: dict) -> None:
         fh.write(json.dumps(record) + "\n")
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """After a restart, drop log lines the failed attempt wrote past the checkpoint it resumes."""
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (none if there is no file). A last line cut short (a
+    driver killed as it wrote, a full disk) is left out; a bad line before it is refused by file
+    and line."""
     if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+        return []
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):  # the write that was cut short: what it held was never saved
+                break
+            raise ValueError(f"{path}, line {number}: not a JSON record ({exc.msg}); remove that line") from exc
+    return records
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """After a restart, drop log lines the failed attempt wrote past the checkpoint it resumes (and
+    a last line cut short)."""
+    if path.exists():
+        kept = [record for record in read_metrics(path) if record["step"] <= last_step]
+        path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -297,7 +319,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from mtfm.model import BatchPrefetcher, Collator, build_model, parse_model_config, token_budget_batches
     from mtfm.model.padding import GrowingShape
-    from mtfm.platform.checkpoint import (CheckpointMeta, OPTIMIZER_FILE, load_state_dict, read_meta, warm_start,
+    from mtfm.platform.checkpoint import (CheckpointMeta, OPTIMIZER_FILE, load_weights, read_meta, warm_start,
                                           write_checkpoint)
     from mtfm.platform.eval import NonFiniteScores, evaluate_batches, not_evaluated
     from mtfm.platform.train_step import TrainStep
@@ -341,7 +363,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             meta = read_meta(folder)
-            model.load_state_dict(load_state_dict(Path(folder)))
+            load_weights(model, Path(folder))
             states = torch.load(Path(folder) / OPTIMIZER_FILE, map_location="cpu", weights_only=False)
             for name, opt in optimizers.items():
                 opt.load_state_dict(states[name])
@@ -534,7 +556,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if diverged is None and (last_saved != step or step == 0):
         save(position, due or {"step": step}, final=True)
     if rank == 0 and diverged is None and (run_dir / METRICS_FILE).exists():
-        last = [r for r in map(json.loads, (run_dir / METRICS_FILE).read_text().splitlines()) if "eval" in r]
+        last = [r for r in read_metrics(run_dir / METRICS_FILE) if "eval" in r]
         if last:
             (run_dir / EVAL_FILE).write_text(json.dumps(last[-1] | {
                 "checkpoint": f"checkpoint_{step:08d}",
@@ -596,6 +618,8 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     data = config.data if data is None else data
     # Absolute in the run's train_config.yaml, so that `--resume` and `mtfm eval` find them from any folder.
     config = TrainConfig.from_dict(config.to_dict() | {"data": _absolute(data)}, config.source)
+    if resume is not None and config_dir is None and not os.environ.get("MTFM_CONFIG_DIR"):
+        config_dir = _resumed_runs_config_dir(resume, log)
     registry = load_registry(config_dir)
     if resume is not None:  # before the model config, which a resume may take from the run's checkpoint
         refuse_a_checkpoint_to_resume(resume)
@@ -768,8 +792,7 @@ def _warn_of_untrained_scenarios(run_dir: Path, last_step: int | None, log) -> N
     From the count the run's workers recorded at `last_step`: only a run trained from its first step
     records one (a resumed attempt counts only its own batches)."""
     path = run_dir / METRICS_FILE
-    records = [r for r in map(json.loads, path.read_text().splitlines()) if "run_exposures_trained" in r
-               and r["step"] == last_step] if path.exists() else []
+    records = [r for r in read_metrics(path) if "run_exposures_trained" in r and r["step"] == last_step]
     unseen = [s for s, n in records[-1]["run_exposures_trained"].items() if n == 0] if records else []
     if unseen:
         log(f"[mtfm] warning: no exposure of scenario(s) {unseen} in the {last_step} steps trained: their own "
@@ -899,8 +922,28 @@ def _interrupted(run_dir: Path) -> str:
         remove = f"remove {', '.join(cut_short)} (cut short by the interrupt), then " if cut_short else ""
         return (f"[mtfm] interrupted: the newest whole checkpoint is {folder} (step {step}); {remove}"
                 f"`mtfm train --resume {run_dir}` continues from it")
-    return (f"[mtfm] interrupted before a whole checkpoint was saved in {run_dir}: nothing to resume; start again "
-            "with another --out, or after removing that folder")
+    if (run_dir / RAY_TRAIN_SNAPSHOT).exists():  # a new run there would be refused (`refuse_existing_run`)
+        return (f"[mtfm] interrupted before a whole checkpoint was saved in {run_dir}: nothing to resume; start "
+                "again in another run folder, or after removing that one")
+    return (f"[mtfm] interrupted before a whole checkpoint was saved in {run_dir}: nothing to resume; the same "
+            "command starts the run again there")
+
+
+def _resumed_runs_config_dir(resume: str | Path, log) -> str | None:
+    """The config dir a resumed run was started with (its newest checkpoint records it), where no
+    --config-dir or $MTFM_CONFIG_DIR names one and that folder is here; else None (the default)."""
+    from mtfm.platform.checkpoint import CheckpointError, find_checkpoint, read_meta, trained_config_dir
+
+    try:
+        recorded = trained_config_dir(read_meta(find_checkpoint(resume)))
+    except (CheckpointError, FileNotFoundError):  # no checkpoint yet: refused by name further on
+        return None
+    if recorded is None or not Path(recorded).is_dir() \
+            or Path(recorded).resolve() == resolve_config_dir(None).resolve():
+        return None  # a folder that is not here: the registry check names it
+    log(f"[mtfm] note: --resume {resume}: the registry of {recorded}, the config dir the run was started with "
+        "(--config-dir names another)")
+    return recorded
 
 
 def _resumed_runs_model_config(config: TrainConfig, resume: str | Path | None, log) -> "ModelConfig":

@@ -222,3 +222,21 @@ def test_an_interrupted_synth_says_its_output_is_partial(tmp_path, monkeypatch, 
     assert main(["data", "synth", "--out", str(out), "--users", "5", "--days", "1"]) == 130
     assert capsys.readouterr().err.strip() == (f"interrupted: {out} holds only part of the logs; run the command "
                                                "again with --overwrite")
+
+
+@pytest.mark.parametrize("raised, shown", [("SystemExit(0)", False), ("KeyboardInterrupt()", False),
+                                           ("ValueError('a real failure')", True)])
+def test_an_interrupt_while_the_process_exits_prints_no_traceback(raised, shown):
+    """A Ctrl-C pressed as the command exits lands in an atexit callback (Ray's shutdown), where Ray
+    Train's SIGINT handler raises SystemExit: Python printed "Exception ignored in atexit callback" and
+    a traceback after the command's last line. Interrupts are dropped there; a real failure still shows."""
+    import subprocess
+    import sys
+
+    program = ("import atexit\nfrom mtfm.platform.cluster import _quiet_interrupts_while_exiting\n"
+               "_quiet_interrupts_while_exiting()\n_quiet_interrupts_while_exiting()\n"
+               f"def callback():\n    raise {raised}\natexit.register(callback)\nprint('last line')\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.stdout == "last line\n"
+    assert ("Exception ignored in atexit callback" in done.stderr) == shown, done.stderr
+    assert ("a real failure" in done.stderr) == shown

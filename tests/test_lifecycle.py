@@ -194,10 +194,15 @@ def test_an_interrupted_run_says_what_it_left_and_how_to_go_on(config_dir, tmp_p
 
     run = tmp_path / "run"
     run.mkdir()
+    assert train_module._interrupted(run) == (f"[mtfm] interrupted before a whole checkpoint was saved in {run}: "
+                                              "nothing to resume; the same command starts the run again there")
+    train_module.refuse_existing_run(run)  # as said: a new run may start there
     (run / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray Train's, not a checkpoint
     assert train_module._interrupted(run) == (f"[mtfm] interrupted before a whole checkpoint was saved in {run}: "
-                                              "nothing to resume; start again with another --out, or after removing "
-                                              "that folder")
+                                              "nothing to resume; start again in another run folder, or after "
+                                              "removing that one")
+    with pytest.raises(FileExistsError, match="holds a run already"):
+        train_module.refuse_existing_run(run)
     _trained_like(load_registry(config_dir), run / "checkpoint_00000009")
     assert train_module._interrupted(run) == (f"[mtfm] interrupted: the newest whole checkpoint is "
                                               f"{run / 'checkpoint_00000009'} (step 9); `mtfm train --resume {run}` "
@@ -241,6 +246,36 @@ def test_a_checkpoint_damaged_inside_its_archive_is_refused_by_name(tmp_path):
             load(folder)
         assert str(refused.value) == (f"{model_file}: not a readable checkpoint (torch.load: UnpicklingError; "
                                       "damaged, or not written by torch.save)")
+
+
+def test_a_model_file_of_another_model_config_is_refused_by_name(tmp_path, config_dir, capsys):
+    """Another run's model.pt copied into a checkpoint whose meta.json describes the tiny model:
+    loading it (eval, report, serving, a resume) names the file, not a state_dict traceback."""
+    import dataclasses
+
+    from mtfm.deployments.scenario import load_scenario_ranker
+    from mtfm.platform.checkpoint import CheckpointMeta, write_checkpoint
+    from mtfm.platform.cli import main
+
+    registry = load_registry(CONFIGS)
+    folder = tmp_path / "run" / "checkpoint_00000009"
+    _trained_like(registry, folder)
+    other = dataclasses.replace(TINY, d_model=2 * TINY.d_model)
+    raw = dataclasses.asdict(other)
+    raw.pop("source")
+    write_checkpoint(tmp_path / "other", build_model(other, registry), {}, CheckpointMeta(9, 0, 0, registry.to_dict(),
+                                                                                         raw, {}))
+    (tmp_path / "other" / "model.pt").replace(folder / "model.pt")
+    expected = rf"{re.escape(str(folder / 'model.pt'))}: its tensors do not fit the model its meta.json " \
+               r"describes \(0 missing, \d+ of another shape, e.g. .*\): the model file of another run\?"
+    for load in (load_model, lambda f: load_scenario_ranker(f, "hp")):
+        with pytest.raises(CheckpointError, match=expected):
+            load(folder)
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "nowhere")]) == 1
+    assert re.search("^error: " + expected, capsys.readouterr().err, re.M)
+    for path, what in ((tmp_path / "missing", "not found"), (folder / "model.pt", "not a folder")):
+        with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: {what} \\(expected a run folder"):
+            find_checkpoint(path)
 
 
 def test_eval_names_a_missing_samples_folder_before_ray_starts(config_dir, tmp_path, monkeypatch, capsys):

@@ -29,7 +29,8 @@ from mtfm.platform.cluster import unused_port
 from mtfm.platform.registry import RegistryError, dump_yaml, exposures_column, load_registry
 from mtfm.platform.report import write_report
 from mtfm.platform.samples import keep_users_of, split_by_window
-from mtfm.platform.train import DIVERGED_FILE, METRICS_FILE, RAY_TRAIN_SNAPSHOT, TrainConfig, main, train
+from mtfm.platform.train import (DIVERGED_FILE, METRICS_FILE, RAY_TRAIN_SNAPSHOT, TrainConfig, _truncate_metrics, main,
+                                 read_metrics, train)
 
 TINY = REPO_ROOT / "configs" / "train" / "tiny.yaml"
 
@@ -112,6 +113,7 @@ def test_two_workers_lower_the_loss(tiny_samples, tmp_path):
     assert sorted(p.name for p in write_report(moved, log=notes.append)) == ["eval.png", "loss.png"]
     assert notes == [f"note: no attention heatmap: the run's training data ({tmp_path / 'gone'}) is not there; "
                      "pass --data AGG_DIR"]
+    assert not (moved / "report" / "attention.png").exists()  # the copied run's earlier figure is not left there
 
 
 def test_report_says_which_figure_a_short_run_lacks(tmp_path):
@@ -158,6 +160,14 @@ def test_report_draws_the_curves_when_the_samples_do_not_fit_the_model(tiny_samp
     assert len(notes) == 1 and notes[0].startswith(
         "note: no attention heatmap: the aggregated samples have no column 'grocery__exposures': aggregated with "
         "another registry than the model's?")
+    baseline = tmp_path / "baseline"  # a baseline architecture: said, not silently left out
+    write_tiny_checkpoint(load_registry(CONFIGS), baseline / "checkpoint_00000003", step=3,
+                          model_config="configs/model/dlrm_mmoe_tiny.yaml")
+    shutil.copy(run / "metrics.jsonl", baseline)
+    notes = []
+    assert sorted(p.name for p in write_report(baseline, data=tiny_samples, log=notes.append)) == ["eval.png",
+                                                                                                   "loss.png"]
+    assert notes == ["note: no attention heatmap: a dlrm_mmoe model (a baseline) has no attention layers to draw"]
 
 
 @pytest.mark.slow
@@ -249,10 +259,12 @@ def test_a_run_ending_on_a_checkpoint_step_ends_with_its_final_checkpoint(tiny_s
     assert (read_meta(capped).step, read_meta(capped).epoch, read_meta(capped).batches_in_epoch) == (meta.step, 1, 0)
 
 
-def test_a_resume_whose_model_config_file_is_gone_takes_the_checkpoints(tiny_samples, tmp_path, capsys):
+def test_a_resume_whose_model_config_file_is_gone_takes_the_checkpoints(tiny_samples, tmp_path, capsys, config_dir):
     """A run submitted by `ray job submit --working-dir .` names its model config in Ray's copy of the
     working directory, which Ray deletes with the job: `--resume RUN` goes on with the model its
-    checkpoint recorded. A config of one's own that names a missing model file is still an error."""
+    checkpoint recorded. A config of one's own that names a missing model file is still an error.
+    A run started with a --config-dir resumes with that registry unless told otherwise (the
+    `--resume RUN` the run prints when interrupted has no --config-dir)."""
     copy = tmp_path / "_ray_pkg_0123abcd"
     shutil.copytree(REPO_ROOT / "configs" / "model", copy / "configs" / "model")
     config = _config(model=str(copy / "configs" / "model" / "tiny.yaml"), num_workers=1, max_steps=2,
@@ -265,6 +277,13 @@ def test_a_resume_whose_model_config_file_is_gone_takes_the_checkpoints(tiny_sam
             f"job's working directory?); the run goes on with the model its checkpoint recorded "
             f"({run}/checkpoint_00000002/meta.json)") in out
     assert read_meta(run).step == 3 and read_meta(run).model_config == read_meta(run / "checkpoint_00000002").model_config
+    other_run = train(_config(num_workers=1, max_steps=2, checkpoint_every=1000, log_every=1000),
+                      data=str(tiny_samples), out=tmp_path / "other_registry", config_dir=str(config_dir),
+                      log=lambda *a: None)
+    assert main(["--resume", str(other_run), "--max-steps", "3"]) == 0
+    assert (f"[mtfm] note: --resume {other_run}: the registry of {config_dir}, the config dir the run was started "
+            "with (--config-dir names another)") in capsys.readouterr().out
+    assert read_meta(other_run).step == 3
     with pytest.raises(RegistryError, match=r"model: model config file .*tiny.yaml not found"):
         train(config, data=str(tiny_samples), out=tmp_path / "other", config_dir=str(CONFIGS), log=lambda *a: None)
 
@@ -1031,3 +1050,18 @@ def test_a_driver_lock_it_cannot_write_is_one_line_and_leaves_no_folders(tmp_pat
         with DriverLock(tmp_path / "x" / "a" / "b"):
             pass
     assert not (tmp_path / "x").exists()  # every folder it made is removed again
+
+
+def test_a_metrics_log_whose_last_line_was_cut_short_reads_without_it(tmp_path):
+    """A driver killed as it wrote (or a full disk) leaves half a line: a resume drops it with the lines
+    past its checkpoint, and `mtfm report` reads the rest; a bad line before the last is refused by
+    file and line."""
+    path = tmp_path / METRICS_FILE
+    path.write_text('{"step": 1, "loss": 0.7}\n{"step": 2, "loss": 0.6}\n{"step": 3, "loss": 0.5}\n{"step": 4, "ep')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    _truncate_metrics(path, 2)
+    assert path.read_text() == '{"step": 1, "loss": 0.7}\n{"step": 2, "loss": 0.6}\n'
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}, line 2: not a JSON record \(Unterminated string"):
+        read_metrics(path)
+    assert read_metrics(tmp_path / "none.jsonl") == []
