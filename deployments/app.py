@@ -156,8 +156,8 @@ def refuse_what_it_cannot_serve(checkpoint: str | Path, source: str | None, trai
                                f"{registry.config_dir} declares now: {'; '.join(model_changes)}; its replicas take "
                                f"requests as it was trained, so requests built from {registry.config_dir} would be "
                                "refused. Train or warm-start a model on the registry as it is now (`mtfm train "
-                               f"--init-from {checkpoint} ...`), or serve with the config dir it was trained with (its "
-                               "checkpoint's meta.json holds a copy)")
+                               f"--init-from {checkpoint} ...`), or serve with the config dir it was trained with "
+                               f"(`mtfm scenarios export --checkpoint {checkpoint} --out DIR` writes it)")
     return [f"{named}: {cut} in {registry.config_dir}; its replicas keep the max_len it was trained with"
             for cut in cuts]
 

@@ -79,6 +79,19 @@ def cmd_scenarios_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scenarios_export(args: argparse.Namespace) -> int:
+    from mtfm.platform.checkpoint import find_checkpoint, read_meta, trained_registry
+
+    checkpoint = find_checkpoint(args.checkpoint)
+    registry = trained_registry(read_meta(checkpoint), str(checkpoint))
+    written = registry.write_config_dir(args.out)
+    load_registry(args.out)  # what was written reads back (a snapshot of an older version included)
+    print(f"wrote {args.out}: {len(registry.scenarios)} scenarios ({', '.join(registry.scenarios)}) and "
+          f"{len(registry.sequences)} sequences, the registry {checkpoint} was trained with ({len(written)} files); "
+          f"pass --config-dir {args.out} to serve, resume or evaluate it with that registry")
+    return 0
+
+
 def cmd_scenarios_infer(args: argparse.Namespace) -> int:
     from mtfm.platform.schema_inference import infer_scenario
 
@@ -367,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mtfm", description="Train and serve one multi-scenario recommendation foundation model (MTFM) on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    scenarios = sub.add_parser("scenarios", help="list, validate and infer (draft) scenarios",
+    scenarios = sub.add_parser("scenarios", help="list, validate, export and infer (draft) scenarios",
                                description="Inspect the scenario registry (configs/scenarios/*.yaml and configs/sequences.yaml).")
     ssub = scenarios.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = ssub.add_parser("list", parents=[common], help="print every scenario and sequence",
@@ -377,6 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Load and validate sequences.yaml and every scenarios/*.yaml of the config "
                                     "directory; exit 1 with 'file: field: what was expected' on the first error.")
     p.set_defaults(handler=cmd_scenarios_validate)
+    p = ssub.add_parser("export", help="write the registry a checkpoint was trained with as a config dir",
+                        description="Write the registry a checkpoint was trained with (its meta.json's copy) as a "
+                                    "config dir: sequences.yaml and scenarios/<name>.yaml, to serve, resume or "
+                                    "evaluate the checkpoint with after the config dir it came from has changed.")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_OR_CHECKPOINT",
+                   help="a run folder (its newest checkpoint) or one checkpoint_* folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")
+    p.set_defaults(handler=cmd_scenarios_export)
     p = ssub.add_parser("infer", parents=[common], help="draft a scenario YAML from an exposure log",
                         description="Infer a draft configs/scenarios/NAME.yaml from an exposure log (Parquet file "
                                     "or folder, or CSV): feature types, buckets/dim from cardinality, numeric "

@@ -254,6 +254,25 @@ class Registry:
             "scenarios": {n: _raw_scenario(s) for n, s in self.scenarios.items()},
         }
 
+    def write_config_dir(self, out: str | Path) -> list[Path]:
+        """This registry as a config dir `out` (a new or empty folder): sequences.yaml and one
+        scenarios/<name>.yaml each, which `load_registry` reads back as this registry. What a
+        checkpoint was trained with, to serve or resume it with (`mtfm scenarios export`)."""
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise RegistryError(out, "", "expected a new or empty folder to write the config dir into")
+        (out / "scenarios").mkdir(parents=True, exist_ok=True)
+        sequences = [_raw_sequence(s) | {"features": [declared_feature(f) for f in s.features]}
+                     for s in self.sequences.values()]
+        files = {out / "sequences.yaml": {"sequences": sequences}}
+        for name, s in self.scenarios.items():
+            files[out / "scenarios" / f"{name}.yaml"] = _raw_scenario(s) | {
+                group: [declared_feature(f) for f in getattr(s, group)]
+                for group in ("user_features", "item_features", "cross_features")}
+        for path, raw in files.items():  # a feature, a task, a knob block on one line each, as configs/ writes them
+            path.write_text(dump_yaml(raw, sort_keys=False, default_flow_style=None, width=120))
+        return list(files)
+
     @classmethod
     def from_dict(cls, snapshot: dict[str, Any]) -> "Registry":
         seqs = _parse_sequences({"sequences": list(snapshot["sequences"].values())}, "<snapshot>/sequences",
@@ -677,6 +696,24 @@ def _raw_feature(f: Feature) -> dict[str, Any]:
         raw.update(buckets=f.buckets, dim=f.dim)
         if f.max_len is not None:
             raw["max_len"] = f.max_len
+    return raw
+
+
+def declared_feature(f: Feature) -> dict[str, Any]:
+    """A feature as the YAML mapping that declares it, defaults left out (what a config dir holds;
+    `_raw_feature` is the snapshot's, every key written)."""
+    raw: dict[str, Any] = {"name": f.name, "type": f.type}
+    if f.type == "numeric":
+        if f.transform != "none":
+            raw["transform"] = f.transform
+    else:
+        raw.update(buckets=f.buckets, dim=f.dim)
+        if f.max_len is not None:
+            raw["max_len"] = f.max_len
+    if f.required:
+        raw["required"] = True
+    if f.description:
+        raw["description"] = f.description
     return raw
 
 

@@ -57,7 +57,7 @@ import pyarrow.compute as pc
 import yaml
 
 from mtfm.platform.registry import (
-    NAME_PATTERN, RESERVED_COLUMNS, Feature, Registry, RegistryError, _parse_sequences, load_registry,
+    NAME_PATTERN, RESERVED_COLUMNS, Feature, Registry, RegistryError, _parse_sequences, declared_feature, load_registry,
     read_yaml_mapping, resolve_config_dir, scenario_files, sequences_file,
 )
 
@@ -279,23 +279,6 @@ def _is_counter(name: str) -> bool:
     return bool(WINDOW_SUFFIX.search(name)) or any(w in COUNTER_WORDS for w in _words(name))
 
 
-def _feature_yaml(f: Feature) -> dict[str, Any]:
-    """A registry feature as the YAML mapping that declares it (exactly)."""
-    raw: dict[str, Any] = {"name": f.name, "type": f.type}
-    if f.type == "numeric":
-        if f.transform != "none":
-            raw["transform"] = f.transform
-    else:
-        raw.update(buckets=f.buckets, dim=f.dim)
-        if f.max_len is not None:
-            raw["max_len"] = f.max_len
-    if f.required:
-        raw["required"] = True
-    if f.description:
-        raw["description"] = f.description
-    return raw
-
-
 def _known_features(config_dir: Path, exclude: str) -> tuple[dict[str, tuple[Feature, str, str]], set[str]]:
     """Features the registry declares (minus scenario `exclude`): name -> (feature, section, where);
     and the sequence names. Validates the rest of the config dir."""
@@ -419,7 +402,7 @@ def infer_columns(table: pa.Table, source: Path, known: dict[str, tuple[Feature,
             if f.required and col.null_count:
                 why += (f"; required there, but {col.null_count:,} of the {len(col):,} rows read are null: "
                         "aggregation would quarantine them")
-            out.append(Inferred(name, section, _feature_yaml(f), why))
+            out.append(Inferred(name, section, declared_feature(f), why))
             continue
         out.append(_infer_feature(name, col, source, entities))
     return out

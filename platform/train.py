@@ -651,8 +651,8 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         if model_changes:
             raise ValueError(f"--resume {resume}: the registry ({registry.config_dir}) differs from the one its "
                              f"checkpoint was trained with, in {'; '.join(model_changes)}; resume with the run's "
-                             "registry (its checkpoint's meta.json holds a copy), or start a new run from it with "
-                             "--init-from")
+                             f"registry (`mtfm scenarios export --checkpoint {resume} --out DIR` writes it; then "
+                             "--config-dir DIR), or start a new run from it with --init-from")
         cuts += [f"{key}: {meta.train_config[key]} -> {getattr(config, key)}" for key in BATCHING
                  if key in meta.train_config and meta.train_config[key] != getattr(config, key)]
         if "data" in meta.train_config and _absolute(meta.train_config["data"]) != config.data:

@@ -301,6 +301,23 @@ def test_cli_list_and_validate(config_dir):
     assert out.returncode == 1 and "sqs.yaml: tasks: expected at least one task" in out.stderr
 
 
+def test_a_registry_written_as_a_config_dir_reads_back_as_itself(config_dir, tmp_path):
+    """`mtfm scenarios export` writes a checkpoint's registry snapshot as a config dir: every field of
+    every sequence and scenario (serving and synthetic knobs, descriptions) reads back the same."""
+    (config_dir / "scenarios" / "grocery.yaml").write_text((REPO_ROOT / "configs" / "examples" / "grocery.yaml")
+                                                           .read_text())
+    registry = load_registry(config_dir)
+    snapshot = Registry.from_dict(registry.to_dict())
+    written = snapshot.write_config_dir(tmp_path / "out")
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in written) == [
+        "scenarios/grocery.yaml", "scenarios/hp.yaml", "scenarios/phf.yaml", "scenarios/sqs.yaml", "sequences.yaml"]
+    again = load_registry(tmp_path / "out").to_dict()
+    assert {k: v for k, v in again.items() if k != "config_dir"} == \
+        {k: v for k, v in registry.to_dict().items() if k != "config_dir"}
+    with pytest.raises(RegistryError, match="expected a new or empty folder"):
+        snapshot.write_config_dir(tmp_path / "out")
+
+
 def test_cli_validate_refuses_contradicting_serving_knobs(config_dir):
     """What building the Serve app would refuse, `validate` reports first (README: exit 1, file: field: expected)."""
     _edit(config_dir / "scenarios" / "hp.yaml", lambda d: d["serving"].update(max_ongoing_requests=4, max_batch_requests=8))

@@ -403,6 +403,11 @@ def test_a_schema_changed_since_training_is_refused_by_the_builder_and_serve_con
     assert main(["serve", "config", "--checkpoint", str(checkpoint), "--config-dir", str(config_dir)]) == 1
     out, err = capsys.readouterr()
     assert out == "" and re.search(r"^error: checkpoint .* was trained with other features.*" + changed, err, re.M)
+    assert f"(`mtfm scenarios export --checkpoint {checkpoint} --out DIR` writes it)" in err
+    # What the message offers: the registry it was trained with, written out, serves it.
+    assert main(["scenarios", "export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "trained")]) == 0
+    assert f"pass --config-dir {tmp_path / 'trained'} to serve" in capsys.readouterr().out
+    build_app({"checkpoint": str(checkpoint), "config_dir": str(tmp_path / "trained")})
     # checkpoint: null names the checkpoint the app would pick now, and warns that it would be refused.
     monkeypatch.chdir(tmp_path)
     assert main(["serve", "config", "--config-dir", str(config_dir)]) == 0
