@@ -150,16 +150,33 @@ def refuse_what_it_cannot_serve(checkpoint: str | Path, source: str | None, trai
                                f"has: a config dir that registers just {trained}, or one app per trained scenario "
                                f"from `mtfm serve config --scenario-ingress --checkpoint {checkpoint} --config-dir "
                                f"{registry.config_dir}`")
-    model_changes, cuts = registry_changes(trained_registry(read_meta(checkpoint), str(checkpoint)), registry, served)
+    trained_with = trained_registry(read_meta(checkpoint), str(checkpoint))
+    model_changes, cuts = registry_changes(trained_with, registry, served)
+    model_changes += _required_no_longer(trained_with, registry, served)
     if model_changes:
         raise ServeConfigError(f"{named} was trained with other features, tasks or sequences than "
-                               f"{registry.config_dir} declares now: {'; '.join(model_changes)}; its replicas take "
-                               f"requests as it was trained, so requests built from {registry.config_dir} would be "
-                               "refused. Train or warm-start a model on the registry as it is now (`mtfm train "
+                               f"{registry.config_dir} declares now: {'; '.join(model_changes)}; its replicas take and "
+                               "score requests as it was trained (its features, their transforms, which are "
+                               f"required, its tasks), not as {registry.config_dir} declares them. Train or "
+                               "warm-start a model on the registry as it is now (`mtfm train "
                                f"--init-from {checkpoint} ...`), or serve with the config dir it was trained with "
                                f"(`mtfm scenarios export --checkpoint {checkpoint} --out DIR` writes it)")
     return [f"{named}: {cut} in {registry.config_dir}; its replicas keep the max_len it was trained with"
             for cut in cuts]
+
+
+def _required_no_longer(trained: Registry, current: Registry, served: list[str]) -> list[str]:
+    """Features of the sequences and of `served` that were required when the model was trained and
+    are not now: its replicas still refuse a request without them (a change the model itself does not
+    see, so `registry_changes` leaves it out)."""
+    groups = [(f"sequences.{name}.features", s.features, current.sequences[name].features)
+              for name, s in trained.sequences.items() if name in current.sequences]
+    groups += [(f"scenarios.{name}.{part}", getattr(trained.scenarios[name], part),
+                getattr(current.scenarios[name], part))
+               for name in served if name in trained.scenarios and name in current.scenarios
+               for part in ("user_features", "item_features", "cross_features")]
+    return [f"{where}.{old.name}.required: true -> false" for where, before, now in groups
+            for old in before for new in now if old.name == new.name and old.required and not new.required]
 
 
 def resolve_checkpoint(argument: str | None, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:
@@ -207,7 +224,8 @@ def scenario_serving(registry: Registry, overrides: dict[str, Any]) -> dict[str,
     out = {}
     for name, scenario in registry.scenarios.items():
         try:
-            cfg = read_serving_knobs(overrides.get(name) or {}, "serve.yaml", f"args.scenarios.{name}",
+            given = overrides.get(name)
+            cfg = read_serving_knobs({} if given is None else given, "serve.yaml", f"args.scenarios.{name}",
                                      scenario.serving)
         except RegistryError as exc:
             raise ServeConfigError(str(exc)) from None

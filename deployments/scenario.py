@@ -82,7 +82,7 @@ def load_scenario_ranker(checkpoint: str | Path, scenario: str) -> tuple[Scenari
         raise CheckpointError(f"{folder}: the model was trained on scenarios {list(config.scenarios)} only (its model "
                               f"config's `scenarios`), not {scenario}")
     ranker = ScenarioRanker(config, trained_registry(meta, str(folder)), scenario)
-    load_weights(ranker, folder, mmap=True)
+    load_weights(ranker, folder, mmap=True, subgraph=True)
     return ranker.eval(), meta
 
 

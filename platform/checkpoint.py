@@ -177,20 +177,23 @@ def load_state_dict(folder: Path, map_location: "str | torch.device" = "cpu", mm
                               "or not written by torch.save)") from exc
 
 
-def load_weights(model: "torch.nn.Module", folder: Path, mmap: bool = False) -> None:
-    """The weights of `folder`'s model file into `model` (all of its tensors, from a file that may
-    hold more: a scenario subgraph takes its own). A file whose tensors do not fit the model its
-    meta.json describes (another run's model.pt copied in) is a `CheckpointError` naming it."""
+def load_weights(model: "torch.nn.Module", folder: Path, mmap: bool = False, subgraph: bool = False) -> None:
+    """The weights of `folder`'s model file into `model`: every tensor of the file, or with
+    `subgraph` (a scenario's part of the model) the model's own, the others left. A file whose
+    tensors do not fit the model its meta.json describes (another run's model.pt copied in) is a
+    `CheckpointError` naming it."""
     state = load_state_dict(folder, mmap=mmap)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or mismatched:
-        k = (missing or mismatched)[0]
-        found = "missing" if missing else f"{tuple(state[k].shape)}, not {tuple(own[k].shape)}"
+    unexpected = [] if subgraph else [k for k in state if k not in own]
+    if missing or mismatched or unexpected:
+        k = (missing or mismatched or unexpected)[0]
+        found = "missing" if k in missing else "not in the model" if k in unexpected else \
+            f"{tuple(state[k].shape)}, not {tuple(own[k].shape)}"
         raise CheckpointError(f"{folder / MODEL_FILE}: its tensors do not fit the model its {META_FILE} describes "
-                              f"({len(missing)} missing, {len(mismatched)} of another shape, e.g. {k}: {found}): "
-                              "the model file of another run?")
+                              f"({len(missing)} missing, {len(mismatched)} of another shape, {len(unexpected)} not in "
+                              f"the model; e.g. {k}: {found}): the model file of another run?")
     model.load_state_dict({k: state[k] for k in own})
 
 
@@ -349,7 +352,7 @@ def check_compatible(meta: CheckpointMeta, registry: Registry, where: str) -> No
         parts.append(f"the checkpoint has scenarios the registry lacks: {sorted(have - want)}")
     trained_with = trained_config_dir(meta)
     other_dir = f"pass the config dir it was trained with (--config-dir {trained_with}), " \
-        if trained_with and Path(trained_with) != Path(registry.config_dir) else ""
+        if trained_with and Path(trained_with).resolve() != Path(registry.config_dir).resolve() else ""
     raise CheckpointError(f"{where}: {'; '.join(parts)}. Resuming needs the scenarios the checkpoint was "
                           f"trained with ({sorted(have)}, stored in its {META_FILE}): {other_dir}restore those "
                           "scenario files, or start a new run from it with --init-from (warm start)")

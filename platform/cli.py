@@ -85,7 +85,12 @@ def cmd_scenarios_export(args: argparse.Namespace) -> int:
     checkpoint = find_checkpoint(args.checkpoint)
     registry = trained_registry(read_meta(checkpoint), str(checkpoint))
     written = registry.write_config_dir(args.out)
-    load_registry(args.out)  # what was written reads back (a snapshot of an older version included)
+    try:  # what was written reads back, but a snapshot is not held to every check a config dir is
+        load_registry(args.out)
+    except RegistryError as exc:
+        print(f"error: wrote {args.out}, but it does not pass as a config dir: {exc}; edit that field (the checkpoint "
+              "was trained before this check)", file=sys.stderr)
+        return 1
     print(f"wrote {args.out}: {len(registry.scenarios)} scenarios ({', '.join(registry.scenarios)}) and "
           f"{len(registry.sequences)} sequences, the registry {checkpoint} was trained with ({len(written)} files); "
           f"pass --config-dir {args.out} to serve, resume or evaluate it with that registry")
@@ -281,7 +286,7 @@ def _holds_a_checkpoint(path: Path) -> bool:
 
 
 def cmd_serve_config(args: argparse.Namespace) -> int:
-    from mtfm.deployments.app import (DEFAULT_RUNS_DIR, ServeConfigError, newest_checkpoint,
+    from mtfm.deployments.app import (CHECKPOINT_ENV, DEFAULT_RUNS_DIR, ServeConfigError, newest_checkpoint,
                                       refuse_what_it_cannot_serve, servable_scenarios)
     from mtfm.deployments.serve_config import render_serve_config
     from mtfm.platform.checkpoint import CheckpointError, find_served_checkpoint
@@ -289,18 +294,24 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
     reg = load_registry(args.config_dir)  # refuse to write a serve config for an invalid registry
     scenarios = list(reg.scenarios)
     if args.checkpoint is None:  # the app picks one when it is built: said, and checked as it is now
-        newest = newest_checkpoint(DEFAULT_RUNS_DIR)
-        picks = f"checkpoint: null serves the newest checkpoint under {DEFAULT_RUNS_DIR}/ when the app is built"
-        if newest is None:
+        from_env = os.environ.get(CHECKPOINT_ENV)
+        if from_env:
+            picks = f"checkpoint: null serves ${CHECKPOINT_ENV} where the app is built ({from_env} here)"
+            picked = Path(from_env).expanduser()
+        else:
+            picks = f"checkpoint: null serves the newest checkpoint under {DEFAULT_RUNS_DIR}/ when the app is built"
+            picked = newest_checkpoint(DEFAULT_RUNS_DIR)
+        if picked is None:
             print(f"note: {picks}; there is none under {Path(DEFAULT_RUNS_DIR).resolve()} now (train one first, or "
                   "pass --checkpoint)", file=sys.stderr)
         else:
             try:
-                refuse_what_it_cannot_serve(newest, None, servable_scenarios(newest), reg, scenarios,
+                found, _ = find_served_checkpoint(picked)
+                refuse_what_it_cannot_serve(found, None, servable_scenarios(found), reg, scenarios,
                                             f"{reg.config_dir} registers")
-                print(f"note: {picks}: now {newest}", file=sys.stderr)
-            except (CheckpointError, ServeConfigError) as exc:
-                print(f"warning: {picks}: now {newest}, which the app would refuse: {exc}. Pass --checkpoint to "
+                print(f"note: {picks}: now {found}", file=sys.stderr)
+            except (CheckpointError, ServeConfigError, RegistryError) as exc:  # still written: the app picks later
+                print(f"warning: {picks}: now {picked}, which the app would refuse: {exc}. Pass --checkpoint to "
                       "serve another", file=sys.stderr)
     else:
         try:

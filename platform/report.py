@@ -131,7 +131,8 @@ def plot_attention(run_dir: Path, data: Path, out: Path, plt, users: int = 3, ma
         return np.asarray(table[column].combine_chunks().value_lengths().fill_null(0))
 
     present = sum((lengths(c) > 0).astype(int) for c in table.column_names if scenario_of_column(c))
-    history = sum(lengths(events_column(s.name)) for s in model.registry.sequences.values() if s.kind == "history")
+    history = sum(lengths(events_column(s.name)) for s in model.registry.sequences.values()
+                  if s.kind == "history" and events_column(s.name) in table.column_names)  # else the collator refuses
     rows = np.argsort(-(present * (history > 0)), kind="stable")[:users]
     try:
         batch = collator(table.take(rows))

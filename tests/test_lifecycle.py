@@ -267,12 +267,22 @@ def test_a_model_file_of_another_model_config_is_refused_by_name(tmp_path, confi
                                                                                          raw, {}))
     (tmp_path / "other" / "model.pt").replace(folder / "model.pt")
     expected = rf"{re.escape(str(folder / 'model.pt'))}: its tensors do not fit the model its meta.json " \
-               r"describes \(0 missing, \d+ of another shape, e.g. .*\): the model file of another run\?"
+               r"describes \(0 missing, \d+ of another shape, 0 not in the model; e.g. .*\): the model file of " \
+               r"another run\?"
     for load in (load_model, lambda f: load_scenario_ranker(f, "hp")):
         with pytest.raises(CheckpointError, match=expected):
             load(folder)
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "nowhere")]) == 1
     assert re.search("^error: " + expected, capsys.readouterr().err, re.M)
+    # A model.pt of a model with more: one trained with a fourth scenario (its tensors a superset).
+    (config_dir / "scenarios" / "grocery.yaml").write_text((REPO_ROOT / "configs" / "examples" / "grocery.yaml")
+                                                           .read_text())
+    _trained_like(load_registry(config_dir), tmp_path / "more")
+    (tmp_path / "more" / "model.pt").replace(folder / "model.pt")
+    with pytest.raises(CheckpointError, match=r"its tensors do not fit the model its meta.json describes \(0 missing, "
+                                              r"0 of another shape, \d+ not in the model; e.g. .*: not in the model\)"):
+        load_model(folder)
+    load_scenario_ranker(folder, "hp")  # a scenario's subgraph takes its own tensors of the whole model's file
     for path, what in ((tmp_path / "missing", "not found"), (folder / "model.pt", "not a folder")):
         with pytest.raises(CheckpointError, match=f"^{re.escape(str(path))}: {what} \\(expected a run folder"):
             find_checkpoint(path)

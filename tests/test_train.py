@@ -160,6 +160,18 @@ def test_report_draws_the_curves_when_the_samples_do_not_fit_the_model(tiny_samp
     assert len(notes) == 1 and notes[0].startswith(
         "note: no attention heatmap: the aggregated samples have no column 'grocery__exposures': aggregated with "
         "another registry than the model's?")
+    # Samples without the model's history column: the heatmap's choice of users reads it, the note says so.
+    table = pq.read_table(sorted((tiny_samples / "samples").glob("*.parquet"))[-1])
+    (tmp_path / "no_history" / "samples").mkdir(parents=True)
+    pq.write_table(table.drop(["history__events"]), tmp_path / "no_history" / "samples" / "part.parquet")
+    hp_only = tmp_path / "hp_only"
+    write_tiny_checkpoint(load_registry(CONFIGS), hp_only / "checkpoint_00000003", step=3)
+    shutil.copy(run / "metrics.jsonl", hp_only)
+    notes = []
+    write_report(hp_only, data=tmp_path / "no_history", log=notes.append)
+    assert notes == ["note: no attention heatmap: the aggregated samples have no column 'history__events': aggregated "
+                     "with another registry than the model's? (expected registry.aggregated_schema(); found columns "
+                     f"{table.drop(['history__events']).column_names})"], notes
     baseline = tmp_path / "baseline"  # a baseline architecture: said, not silently left out
     write_tiny_checkpoint(load_registry(CONFIGS), baseline / "checkpoint_00000003", step=3,
                           model_config="configs/model/dlrm_mmoe_tiny.yaml")

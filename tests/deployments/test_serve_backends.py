@@ -363,8 +363,11 @@ def test_serving_knobs_come_from_yaml_with_overrides_and_are_checked():
                                   ("replica", 2, "unknown key; expected one of: replicas, ")]:
         with pytest.raises(ServeConfigError, match=re.escape(f"serve.yaml: args.scenarios.hp.{knob}: {expected}")):
             scenario_serving(registry, AppArgs(scenarios={"hp": {knob: value}}).scenarios)
-    with pytest.raises(ServeConfigError, match=re.escape("serve.yaml: args.scenarios.hp: expected a mapping, found")):
-        scenario_serving(registry, AppArgs(scenarios={"hp": 3}).scenarios)
+    for not_a_mapping in (3, [], "", False):
+        with pytest.raises(ServeConfigError, match=re.escape("serve.yaml: args.scenarios.hp: expected a mapping")):
+            scenario_serving(registry, AppArgs(scenarios={"hp": not_a_mapping}).scenarios)
+    unset = scenario_serving(registry, AppArgs(scenarios={"hp": None}).scenarios)
+    assert unset["hp"] == registry.scenario("hp").serving
     with pytest.raises(ValidationError, match="chunk_size"):
         AppArgs(chunk_size=True)
     with pytest.raises(ValidationError, match="user_cache_ttl_s"):
@@ -408,6 +411,24 @@ def test_a_schema_changed_since_training_is_refused_by_the_builder_and_serve_con
     assert main(["scenarios", "export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "trained")]) == 0
     assert f"pass --config-dir {tmp_path / 'trained'} to serve" in capsys.readouterr().out
     build_app({"checkpoint": str(checkpoint), "config_dir": str(tmp_path / "trained")})
+    # A feature no longer required: the replicas still refuse requests without it. A description: nothing.
+    hp.write_text(trained_text.replace("{name: distance_km, type: numeric, transform: log1p, required: true}",
+                                       "{name: distance_km, type: numeric, transform: log1p}"))
+    with pytest.raises(ServeConfigError, match=r"scenarios\.hp\.cross_features\.distance_km\.required: true -> "
+                                               r"false; its replicas take and score requests as it was trained"):
+        build_app({"checkpoint": str(checkpoint), "config_dir": str(config_dir)})
+    hp.write_text(trained_text.replace("description: restaurant id", "description: the restaurant's id"))
+    build_app({"checkpoint": str(checkpoint), "config_dir": str(config_dir)})
+    hp.write_text(trained_text.replace("cross_features:\n", "cross_features:\n  - {name: promo, type: numeric}\n"))
+    # A snapshot that this version's checks refuse is written, and said to need an edit.
+    old = tmp_path / "old" / checkpoint.name
+    shutil.copytree(checkpoint, old)
+    meta = json.loads((old / "meta.json").read_text())
+    meta["registry"]["scenarios"]["hp"]["serving"]["max_ongoing_requests"] = 4
+    (old / "meta.json").write_text(json.dumps(meta))
+    assert main(["scenarios", "export", "--checkpoint", str(old), "--out", str(tmp_path / "old_registry")]) == 1
+    assert re.search(r"error: wrote .*old_registry, but it does not pass as a config dir: .*hp\.yaml: "
+                     r"serving\.max_ongoing_requests: .*; edit that field", capsys.readouterr().err)
     # checkpoint: null names the checkpoint the app would pick now, and warns that it would be refused.
     monkeypatch.chdir(tmp_path)
     assert main(["serve", "config", "--config-dir", str(config_dir)]) == 0
@@ -425,6 +446,10 @@ def test_a_schema_changed_since_training_is_refused_by_the_builder_and_serve_con
     assert main(["serve", "config", "--config-dir", str(config_dir)]) == 0
     assert f"note: checkpoint: null serves the newest checkpoint under runs/ when the app is built: now " \
         f"{(tmp_path / 'runs' / 'r' / checkpoint.name).resolve()}" in capsys.readouterr().err
+    monkeypatch.setenv("MTFM_CHECKPOINT", str(tmp_path / "elsewhere"))  # what the app would serve, if set there too
+    assert main(["serve", "config", "--config-dir", str(config_dir)]) == 0
+    assert re.search(r"warning: checkpoint: null serves \$MTFM_CHECKPOINT where the app is built \(.*elsewhere here\): "
+                     r"now .*elsewhere, which the app would refuse: .*elsewhere: not found", capsys.readouterr().err)
 
 
 def test_builder_refuses_a_single_scenario_checkpoint_for_the_scenarios_it_lacks(tmp_path, config_dir, capsys):
