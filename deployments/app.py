@@ -155,8 +155,8 @@ def refuse_what_it_cannot_serve(checkpoint: str | Path, source: str | None, trai
     model_changes += _required_no_longer(trained_with, registry, served)
     if model_changes:
         raise ServeConfigError(f"{named} was trained with other features, tasks or sequences than "
-                               f"{registry.config_dir} declares now: {'; '.join(model_changes)}; its replicas take and "
-                               "score requests as it was trained (its features, their transforms, which are "
+                               f"{registry.config_dir} declares now: {'; '.join(model_changes + cuts)}; its replicas "
+                               "take and score requests as it was trained (its features, their transforms, which are "
                                f"required, its tasks), not as {registry.config_dir} declares them. Train or "
                                "warm-start a model on the registry as it is now (`mtfm train "
                                f"--init-from {checkpoint} ...`), or serve with the config dir it was trained with "

@@ -400,7 +400,8 @@ class _ObjectSchema:
         """The declared features of `given`, checked by type; absent optional ones are None."""
         for name in given:
             if name not in self.declared:
-                raise RequestError(422, "unknown_field", f"{where}.{name}", f"unknown feature; expected one of {self.expected}")
+                expected = f"expected one of {self.expected}" if self.names else "this scenario declares none here"
+                raise RequestError(422, "unknown_field", f"{where}.{name}", f"unknown feature; {expected}")
         out = {}
         for f in self.features:
             value = given.get(f.name)

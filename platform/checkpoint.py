@@ -313,10 +313,11 @@ def registry_changes(trained: Registry, current: Registry,
     def group(where: str, old: tuple, new: tuple) -> None:
         if [f.name for f in old] != [f.name for f in new]:  # a group's features feed one layer, in order
             model.append(f"{where}: {[f.name for f in old]} -> {[f.name for f in new]}")
-            return
-        for a, b in zip(old, new):
+        now = {f.name: f for f in new}
+        for a in old:  # and each feature both have, so that every difference is named at once
+            b = now.get(a.name)
             model.extend(f"{where}.{a.name}.{key}: {getattr(a, key)} -> {getattr(b, key)}"
-                         for key in _MODEL_SPEC if getattr(a, key) != getattr(b, key))
+                         for key in _MODEL_SPEC if b is not None and getattr(a, key) != getattr(b, key))
 
     for name in sorted(set(trained.sequences) | set(current.sequences)):
         old, new = trained.sequences.get(name), current.sequences.get(name)

@@ -93,7 +93,7 @@ def cmd_scenarios_export(args: argparse.Namespace) -> int:
         return 1
     print(f"wrote {args.out}: {len(registry.scenarios)} scenarios ({', '.join(registry.scenarios)}) and "
           f"{len(registry.sequences)} sequences, the registry {checkpoint} was trained with ({len(written)} files); "
-          f"pass --config-dir {args.out} to serve, resume or evaluate it with that registry")
+          f"pass --config-dir {args.out} to serve or resume it with that registry")
     return 0
 
 
@@ -307,9 +307,11 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
         else:
             try:
                 found, _ = find_served_checkpoint(picked)
-                refuse_what_it_cannot_serve(found, None, servable_scenarios(found), reg, scenarios,
-                                            f"{reg.config_dir} registers")
+                notes = refuse_what_it_cannot_serve(found, None, servable_scenarios(found), reg, scenarios,
+                                                    f"{reg.config_dir} registers")
                 print(f"note: {picks}: now {found}", file=sys.stderr)
+                for line in notes:
+                    print(f"note: {line}", file=sys.stderr)
             except (CheckpointError, ServeConfigError, RegistryError) as exc:  # still written: the app picks later
                 print(f"warning: {picks}: now {picked}, which the app would refuse: {exc}. Pass --checkpoint to "
                       "serve another", file=sys.stderr)
@@ -403,8 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_scenarios_validate)
     p = ssub.add_parser("export", help="write the registry a checkpoint was trained with as a config dir",
                         description="Write the registry a checkpoint was trained with (its meta.json's copy) as a "
-                                    "config dir: sequences.yaml and scenarios/<name>.yaml, to serve, resume or "
-                                    "evaluate the checkpoint with after the config dir it came from has changed.")
+                                    "config dir: sequences.yaml and scenarios/<name>.yaml, to serve or resume the "
+                                    "checkpoint with after the config dir it came from has changed (`mtfm eval` "
+                                    "reads the checkpoint's own registry already).")
     p.add_argument("--checkpoint", required=True, metavar="RUN_OR_CHECKPOINT",
                    help="a run folder (its newest checkpoint) or one checkpoint_* folder")
     p.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")

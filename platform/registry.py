@@ -249,7 +249,8 @@ class Registry:
     def to_dict(self) -> dict[str, Any]:
         """A plain snapshot (stored in checkpoints); `Registry.from_dict` rebuilds it."""
         return {
-            "config_dir": str(self.config_dir),
+            # absolute, for a resume from another folder to find it (a snapshot's own name stays as it is)
+            "config_dir": str(Path(self.config_dir).absolute() if Path(self.config_dir).is_dir() else self.config_dir),
             "sequences": {n: _raw_sequence(s) for n, s in self.sequences.items()},
             "scenarios": {n: _raw_scenario(s) for n, s in self.scenarios.items()},
         }
@@ -261,7 +262,10 @@ class Registry:
         out = Path(out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise RegistryError(out, "", "expected a new or empty folder to write the config dir into")
-        (out / "scenarios").mkdir(parents=True, exist_ok=True)
+        try:
+            (out / "scenarios").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file where a parent folder should be, no permission
+            raise RegistryError(out, "", f"cannot be made ({exc.strerror}: {exc.filename})") from exc
         sequences = [_raw_sequence(s) | {"features": [declared_feature(f) for f in s.features]}
                      for s in self.sequences.values()]
         files = {out / "sequences.yaml": {"sequences": sequences}}

@@ -938,9 +938,13 @@ def _resumed_runs_config_dir(resume: str | Path, log) -> str | None:
         recorded = trained_config_dir(read_meta(find_checkpoint(resume)))
     except (CheckpointError, FileNotFoundError):  # no checkpoint yet: refused by name further on
         return None
-    if recorded is None or not Path(recorded).is_dir() \
-            or Path(recorded).resolve() == resolve_config_dir(None).resolve():
-        return None  # a folder that is not here: the registry check names it
+    if recorded is None or Path(recorded).resolve() == resolve_config_dir(None).resolve():
+        return None
+    if not Path(recorded).is_dir():  # removed since, or relative to another folder (recorded so before 2026-12-06)
+        log(f"[mtfm] note: --resume {resume}: the config dir the run was started with, {recorded}, is not here "
+            f"({Path(recorded).resolve()}); the registry of {resolve_config_dir(None)} is used (--config-dir names "
+            "another)")
+        return None
     log(f"[mtfm] note: --resume {resume}: the registry of {recorded}, the config dir the run was started with "
         "(--config-dir names another)")
     return recorded

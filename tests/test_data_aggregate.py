@@ -307,7 +307,7 @@ def test_a_scenario_without_user_features_is_aggregated_collated_and_parsed(ray_
     """`mtfm scenarios infer` drafts `user_features: []` for a log without user_* columns: such a
     scenario has no <scenario>__user column (Parquet writes no struct without fields), and its
     samples collate and its requests parse with the exposures' features alone."""
-    from mtfm.deployments.rank_request import RankRequestParser, example_request
+    from mtfm.deployments.rank_request import RankRequestParser, RequestError, example_request
     import torch
 
     from mtfm.model import Collator, build_model, parse_model_config
@@ -341,6 +341,8 @@ tasks:
     body = example_request(registry, "kiosk", candidates=3, events=2)
     request = RankRequestParser(registry, "kiosk", max_candidates=10).parse(body, now_ms=body["ts"])
     assert user_column("kiosk") not in request.table.column_names
+    with pytest.raises(RequestError, match="user.city: unknown feature; this scenario declares none here"):
+        RankRequestParser(registry, "kiosk", max_candidates=10).parse(body | {"user": {"city": 3}}, now_ms=body["ts"])
     assert Collator(restrict_registry(registry, ["kiosk"]))(request.table).features["kiosk"].num_tokens == 3
 
 

@@ -316,6 +316,15 @@ def test_a_registry_written_as_a_config_dir_reads_back_as_itself(config_dir, tmp
         {k: v for k, v in registry.to_dict().items() if k != "config_dir"}
     with pytest.raises(RegistryError, match="expected a new or empty folder"):
         snapshot.write_config_dir(tmp_path / "out")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(RegistryError, match=r"a_file/sub: cannot be made \(Not a directory"):
+        snapshot.write_config_dir(tmp_path / "a_file" / "sub")
+
+
+def test_a_snapshot_records_its_config_dir_absolute(config_dir, monkeypatch):
+    """A resume started from another folder than the run finds the registry by the snapshot's path."""
+    monkeypatch.chdir(config_dir.parent)
+    assert load_registry(config_dir.name).to_dict()["config_dir"] == str(config_dir)
 
 
 def test_cli_validate_refuses_contradicting_serving_knobs(config_dir):

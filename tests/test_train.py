@@ -903,6 +903,8 @@ def test_registry_changes_tell_the_model_from_the_data():
     snapshot = current.to_dict()
     snapshot["sequences"]["history"]["max_len"] //= 2
     snapshot["scenarios"]["hp"]["cross_features"] = snapshot["scenarios"]["hp"]["cross_features"][:-1]
+    snapshot["scenarios"]["hp"]["item_features"] = snapshot["scenarios"]["hp"]["item_features"][:-1]  # avg_price
+    snapshot["scenarios"]["hp"]["item_features"][-1]["transform"] = "log1p"  # poi_rating: named beside the list's
     snapshot["scenarios"]["sqs"]["tasks"] = snapshot["scenarios"]["sqs"]["tasks"][:1]
     first = snapshot["scenarios"]["sqs"]["tasks"][0]["name"]
     rates = snapshot["scenarios"]["sqs"]["synthetic"]["label_rates"]
@@ -915,10 +917,12 @@ def test_registry_changes_tell_the_model_from_the_data():
     hp, phf, sqs = (current.scenarios[n] for n in ("hp", "phf", "sqs"))
     assert cuts == [f"sequences.history.max_len: {history // 2} -> {history}"]
     assert model == [
+        f"scenarios.hp.item_features: {[f.name for f in hp.item_features[:-1]]} -> {[f.name for f in hp.item_features]}",
+        "scenarios.hp.item_features.poi_rating.transform: log1p -> none",
         f"scenarios.hp.cross_features: {[f.name for f in hp.cross_features[:-1]]} -> {[f.name for f in hp.cross_features]}",
         f"scenarios.phf.item_features: {[f.name for f in phf.item_features][::-1]} -> {[f.name for f in phf.item_features]}",
         f"scenarios.sqs.tasks: {list(sqs.task_names[:1])} -> {list(sqs.task_names)}"]
-    assert registry_changes(Registry.from_dict(snapshot), current, ["hp"])[0] == model[:1]  # the model's scenarios
+    assert registry_changes(Registry.from_dict(snapshot), current, ["hp"])[0] == model[:3]  # the model's scenarios
     assert registry_changes(current, current) == ([], [])
 
 
