@@ -1010,9 +1010,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "train_config.yaml)")
     parser.add_argument("--data", default=None, metavar="AGG_DIR",
                         help="aggregated samples (the --out of `mtfm data aggregate`); default: the config's `data`")
-    parser.add_argument("--out", default=None, metavar="RUN_DIR",
-                        help="run folder (default: runs/<name>-<time>); under `ray job submit`, an absolute path on "
-                             "storage every node sees")
+    parser.add_argument("--out", "--run-dir", dest="out", default=None, metavar="RUN_DIR",
+                        help="run folder (default: runs/<name>-<time>; --run-dir, as `mtfm quickstart` calls it, is the "
+                             "same); under `ray job submit`, an absolute path on storage every node sees")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR",
                         help="continue a run from its newest checkpoint (same run folder); a finished run goes on "
                              "only with more --epochs or --max-steps")

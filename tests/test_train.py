@@ -605,8 +605,10 @@ def test_command_line_refuses_a_run_folder_that_holds_a_run(tmp_path, monkeypatc
     (run / "checkpoint_00000003").mkdir(parents=True)
     (run / "checkpoint_00000003" / "meta.json").write_text("{}")
     monkeypatch.chdir(REPO_ROOT)
-    assert main(["--config", str(TINY), "--out", str(run)]) == 1
-    assert f"error: {run} holds a run already (checkpoint_00000003): --resume {run} continues it" in capsys.readouterr().err
+    for flag in ("--out", "--run-dir"):  # --run-dir, as quickstart names the run folder
+        assert main(["--config", str(TINY), flag, str(run)]) == 1
+        assert f"error: {run} holds a run already (checkpoint_00000003): --resume {run} continues it" in \
+            capsys.readouterr().err
     assert main(["--config", str(TINY), "--resume", str(run / "checkpoint_00000003")]) == 1
     assert "--resume takes a run folder, not one of its checkpoints" in capsys.readouterr().err
     for flag in ("--test-windows", "--max-steps", "--num-workers"):  # the overrides are checked, by their flags
