@@ -8,7 +8,7 @@ same worker process (one trainer start instead of one per case); `--no-ray` runs
 function in-process (debugging; `--device cpu --tiny` for this CPU box at tiny shapes).
 
 Per case: the model is built from its config (plus overrides), Adam + Adagrad from
-`mtfm.platform.train.make_optimizers`, and trained on pre-collated token-budget batches of
+`mtfm.platform.train_worker.make_optimizers`, and trained on pre-collated token-budget batches of
 synthetic users (`mtfm.model.sample_tables`, the realistic mix: history 200-1000, realtime 20-100,
 targets 25-150 hp + 15-100 phf + 10-50 sqs, i.e. 50-300 over 3 scenarios), rotating over 4
 distinct batches. The step is train.py's (`mtfm.platform.train_step.TrainStep`): batch.to(device)
@@ -201,8 +201,9 @@ class Trainer:
 
         from mtfm.model import build_model, load_model_config
         from mtfm.platform.registry import load_registry
-        from mtfm.platform.train import TrainConfig, make_optimizers
+        from mtfm.platform.train import TrainConfig
         from mtfm.platform.train_step import TrainStep
+        from mtfm.platform.train_worker import make_optimizers
 
         self.device, self.cuda = device, device.type == "cuda"
         config = load_model_config(ROOT / config_path)

@@ -3,7 +3,7 @@ and the optimizers' steps; eager, or replayed from a CUDA graph.
 
     step = TrainStep(model, optimizers, grad_clip=1.0, cuda_graphs=True)
     loss = step(batch)          # batch on the model's device; the step's loss, detached
-    step(batch, loss_scale=0)   # a worker out of batches standing in for a DDP step (train.py)
+    step(batch, loss_scale=0)   # a worker out of batches standing in for a DDP step (train_worker.py)
 
 Eager, a step issues about 2,000 kernel launches and its optimizers loop over hundreds of
 parameters in Python; where the GPU finishes before the host, the host sets the pace
@@ -74,7 +74,7 @@ class TrainStep:
         detached (a tensor of its own). A graph replay also clips and steps the captured optimizers.
         `mark` is called between forward and backward (eager only). The gradients are those of
         `loss_scale` x the loss: DDP averages them over the workers, so the workers that hold a
-        batch scale by world size / their number and the others stand in with 0 (train.py)."""
+        batch scale by world size / their number and the others stand in with 0 (train_worker.py)."""
         if self.cuda_graphs and not frozen:
             if loss_scale != 1.0:
                 raise ValueError(f"cuda_graphs: a graphed step takes no loss_scale (found {loss_scale}): it runs "

@@ -29,8 +29,9 @@ from mtfm.platform.cluster import unused_port
 from mtfm.platform.registry import RegistryError, dump_yaml, exposures_column, load_registry
 from mtfm.platform.report import write_report
 from mtfm.platform.samples import keep_users_of, split_by_window
-from mtfm.platform.train import (DIVERGED_FILE, METRICS_FILE, RAY_TRAIN_SNAPSHOT, TrainConfig, _truncate_metrics, main,
-                                 read_metrics, train)
+from mtfm.platform.train import (DIVERGED_FILE, METRICS_FILE, RAY_TRAIN_SNAPSHOT, TrainConfig, main, read_metrics,
+                                 train)
+from mtfm.platform.train_worker import _truncate_metrics
 
 TINY = REPO_ROOT / "configs" / "train" / "tiny.yaml"
 
@@ -731,7 +732,7 @@ def test_command_line_refuses_a_model_the_registry_or_the_resumed_run_does_not_m
 def test_a_resume_takes_the_rates_of_its_train_config():
     """Restoring a checkpoint's optimizer state restores its rates too: a resume with a new config
     (after a divergence, say) must train at the new ones."""
-    from mtfm.platform.train import make_optimizers, set_rates
+    from mtfm.platform.train_worker import make_optimizers, set_rates
 
     model = build_model(load_model_config(REPO_ROOT / "configs/model/tiny.yaml"), load_registry(CONFIGS))
     saved = {name: opt.state_dict() for name, opt in make_optimizers(model, _config(lr=5.0, embedding_lr=7.0,
@@ -947,7 +948,7 @@ def test_workers_step_until_every_batch_is_trained_the_one_out_of_batches_standi
     """DDP steps every worker together: when one runs out, it stands in with its last batch at loss
     scale 0 while the others train theirs at world size / workers holding a batch."""
     from mtfm.model.sample_tables import random_aggregated_table
-    from mtfm.platform.train import _agreed_batches
+    from mtfm.platform.train_worker import _agreed_batches
 
     registry = load_registry(CONFIGS)
     table = random_aggregated_table(registry, 10, np.random.default_rng(0))

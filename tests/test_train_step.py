@@ -14,8 +14,9 @@ from model_test_utils import REPO, random_table, tiny_config  # noqa: E402
 from mtfm.model import Collator, build_model  # noqa: E402
 from mtfm.model.padding import GrowingShape  # noqa: E402
 from mtfm.platform.registry import load_registry  # noqa: E402
-from mtfm.platform.train import TrainConfig, make_optimizers  # noqa: E402
+from mtfm.platform.train import TrainConfig  # noqa: E402
 from mtfm.platform.train_step import TrainStep  # noqa: E402
+from mtfm.platform.train_worker import make_optimizers  # noqa: E402
 
 REGISTRY = load_registry(REPO / "configs")
 LENGTHS = {"history": (0, 60), "realtime": (0, 12), "hp": (1, 8), "phf": (0, 6), "sqs": (0, 4)}
