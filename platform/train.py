@@ -212,26 +212,56 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     init_from: start a new run from a checkpoint's weights (warm start): what the registry adds
     is initialised fresh, what it retired is skipped (see `checkpoint.warm_start`).
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from mtfm.platform.cluster import init_ray, say_when_ray_train_stops_for_ctrl_c
 
+    plan = _plan_run(config, data=data, out=out, resume=resume, init_from=init_from, config_dir=config_dir, log=log)
+    config, run_dir = plan.config, plan.run_dir
+    with DriverLock(run_dir):  # refuses a folder a live driver trains; held until this driver ends
+        if resume is None:
+            refuse_existing_run(run_dir)
+        if "://" not in config.data:
+            samples_folder(config.data)  # named before Ray starts (a URI may need the cluster's credentials)
+
+        init_ray(log_to_driver=True)
+        refuse_workers_the_cluster_cannot_hold(config, log)
+        quiet_ray_data()
+        train_ds, test_ds, windows = _samples_to_train_on(plan, log)
+        _start_run_folder(plan, windows, log)
+        trainer = _trainer(plan, train_ds, test_ds, resumed=bool(resume))
+        (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a resume tries again
+        say_when_ray_train_stops_for_ctrl_c()
+        result = _fit(trainer, run_dir, log)
+        _report_result(result, plan, log)
+        return run_dir
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A run as checked before Ray starts: its train config (with absolute paths), registry and model
+    config, its folder, and the checkpoints it starts from."""
+
+    config: TrainConfig
+    registry: Registry
+    model_config: "ModelConfig"
+    run_dir: Path
+    resume_from: Path | None  # the newest checkpoint of the run that --resume continues
+    init_from: Path | None  # the checkpoint that --init-from warm starts from
+    samples_fingerprint: str | None  # of local samples that can be listed
+
+    @property
+    def scenarios(self) -> list[str]:
+        """The scenarios the model covers."""
+        return list(self.model_config.scenarios or self.registry.scenarios)
+
+
+def _plan_run(config: TrainConfig, *, data: str | None, out: str | Path | None, resume: str | Path | None,
+              init_from: str | Path | None, config_dir: str | None, log) -> RunPlan:
+    """The run `train`'s arguments describe, refused where it cannot start or go on, said where it
+    differs from what they may lead one to expect."""
     from mtfm.model import load_model_config
     from mtfm.model.config import restrict_registry
-    from mtfm.platform.checkpoint import (check_compatible, check_optimizer_file, find_checkpoint, read_meta,
-                                          registry_changes, trained_registry)
-    from mtfm.platform.cluster import init_ray, say_when_ray_train_stops_for_ctrl_c
-    from mtfm.platform.train_worker import train_loop_per_worker
 
-    if data is None and resume is not None and (Path(resume) / TRAIN_CONFIG_FILE).is_file():
-        # A resume keeps its run's samples unless --data says otherwise: `--config NEW` changes rates
-        # and limits, and its `data:` is whatever the file it was copied from said.
-        data = read_yaml_mapping(Path(resume) / TRAIN_CONFIG_FILE).get("data")
-        if data is not None and _absolute(config.data) != _absolute(data):
-            log(f"[mtfm] note: --resume {resume} keeps its samples, {data} ({config.source}'s data: {config.data} "
-                "is not used; --data names others)")
-    data = config.data if data is None else data
-    # Absolute in the run's train_config.yaml, so that `--resume` and `mtfm eval` find them from any folder.
-    config = TrainConfig.from_dict(config.to_dict() | {"data": _absolute(data)}, config.source)
+    config = _with_samples(config, data, resume, log)
     if resume is not None and config_dir is None and not os.environ.get("MTFM_CONFIG_DIR"):
         config_dir = _resumed_runs_config_dir(resume, log)
     registry = load_registry(config_dir)
@@ -248,61 +278,10 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     fingerprint = None if "://" in config.data else _fingerprint_or_none(config.data)
     resume_from = None
     if resume is not None:
-        if out is not None and Path(out).resolve() != Path(resume).resolve():
-            raise ValueError(f"--resume {resume} continues that run in its own folder: --out {out} does not apply")
-        resume_from = check_optimizer_file(find_checkpoint(resume).resolve())
-        meta = read_meta(resume_from)
-        check_compatible(meta, registry, str(resume_from))
-        trained, given = meta.model_config, _model_config_dict(model_config)
-        differ = sorted(k for k in given if k not in RESUMABLE_CHANGES and k in trained and trained[k] != given[k])
-        if differ:
-            raise ValueError(f"--resume {resume}: its checkpoint's model {trained.get('name')!r} differs from the "
-                             f"model of {config.source} ({config.model}) in {', '.join(differ)}; resume with the "
-                             "model config it was trained with (its checkpoint's meta.json holds a copy), or start "
-                             "a new run from it with --init-from")
-        model_changes, cuts = registry_changes(trained_registry(meta, f"--resume {resume} ({resume_from})"), registry,
-                                               model_config.scenarios)
-        if model_changes:
-            raise ValueError(f"--resume {resume}: the registry ({registry.config_dir}) differs from the one its "
-                             f"checkpoint was trained with, in {'; '.join(model_changes)}; resume with the run's "
-                             f"registry (`mtfm scenarios export --checkpoint {resume} --out DIR` writes it; then "
-                             "--config-dir DIR), or start a new run from it with --init-from")
-        cuts += [f"{key}: {meta.train_config[key]} -> {getattr(config, key)}" for key in BATCHING
-                 if key in meta.train_config and meta.train_config[key] != getattr(config, key)]
-        if "data" in meta.train_config and _absolute(meta.train_config["data"]) != config.data:
-            cuts.append(f"data: {meta.train_config['data']} -> {config.data}")
-        elif meta.batches_in_epoch and meta.samples_fingerprint and fingerprint \
-                and meta.samples_fingerprint != fingerprint:
-            cuts.append(f"the samples at {config.data}: written again (their parts' names or sizes differ)")
-        if meta.batches_in_epoch and cuts:
-            raise ValueError(f"--resume {resume}: it stopped after batch {meta.batches_in_epoch} of epoch "
-                             f"{meta.epoch + 1}, and {'; '.join(cuts)} since: the epoch's batches would be cut "
-                             "differently (or come from other data) and its place in the epoch lost; resume with "
-                             "what it stopped with until the epoch ends (the train config: its train_config.yaml; "
-                             "the registry: its checkpoint's meta.json)")
-        if cuts:
-            log(f"[mtfm] note: --resume {resume} at an epoch's start with {'; '.join(cuts)}")
-        shorter = []
-        for key in ("epochs", "max_steps"):  # a limit lowered: said, where --epochs and --max-steps usually extend
-            before, now = meta.train_config.get(key), getattr(config, key)
-            if before is not None and now is not None and now < before:
-                shorter.append(f"{key} {before} -> {now}")
-        if shorter:
-            log(f"[mtfm] note: --resume {resume} ends the run sooner than it was started to: {'; '.join(shorter)}")
-        if config.max_steps is not None and meta.step >= config.max_steps:
-            raise ValueError(f"--resume {resume}: it is at step {meta.step} and max_steps is {config.max_steps} "
-                             f"({config.source}): nothing to train; raise --max-steps to go on")
-        if meta.epoch >= config.epochs:
-            raise ValueError(f"--resume {resume}: it has completed {meta.epoch} epoch(s) and {config.source} trains "
-                             f"{config.epochs}: nothing to train; raise its epochs (--epochs) to go on")
+        resume_from = _checkpoint_to_resume(resume, out, config, registry, model_config, fingerprint, log)
         out = Path(resume)
     if init_from is not None:
-        init_from = find_checkpoint(init_from).resolve()
-        refuse_a_warm_start_that_cannot_load(init_from, registry, model_config)
-        retired = sorted(set(read_meta(init_from).scenarios) - set(registry.scenarios))
-        if retired:
-            log(f"[mtfm] warning: {init_from} has scenarios the registry no longer declares: {retired}; their "
-                "modules are not loaded (they stay in that checkpoint)")
+        init_from = _checkpoint_to_warm_start_from(init_from, registry, model_config, log)
     run_dir = Path(out or default_run_dir(config.name)).resolve()
     if config.freeze_loaded_steps and init_from is None and (resume is None or _loaded_by_warm_start(run_dir) is None):
         log(f"[mtfm] warning: freeze_loaded_steps {config.freeze_loaded_steps} ({config.source}) has no effect: "
@@ -311,93 +290,212 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         raise ValueError(f"--out {run_dir}: inside the copy of the job's working directory that Ray made and deletes "
                          "with the job, so the run would be lost; pass --out on storage every node sees (an absolute "
                          "path, e.g. /shared/runs/NAME)")
-    with DriverLock(run_dir):  # refuses a folder a live driver trains; held until this driver ends
-        if resume is None:
-            refuse_existing_run(run_dir)
-        if "://" not in config.data:
-            samples_folder(config.data)  # named before Ray starts (a URI may need the cluster's credentials)
+    return RunPlan(config, registry, model_config, run_dir, resume_from, init_from, fingerprint)
 
-        init_ray(log_to_driver=True)
-        refuse_workers_the_cluster_cannot_hold(config, log)
-        quiet_ray_data()
-        train_ds, test_ds, windows = split_by_window(config.data, config.test_windows)
-        names = train_ds.schema().names
-        in_data = scenarios_in(names)
-        if in_data - set(registry.scenarios):
-            log(f"[mtfm] warning: the samples hold exposures of scenarios not in the registry, ignored: "
-                f"{sorted(in_data - set(registry.scenarios))} (retired, or a --config-dir mismatch?)")
-        model_scenarios = list(model_config.scenarios or registry.scenarios)
-        # The workers' collator would fail on missing columns, each failure retried: named here first.
-        refuse_samples_that_do_not_fit(
-            names, config.data, model_scenarios, list(registry.sequences),
-            whose=f"model {model_config.name} (registered in {registry.config_dir})",
-            remedy=("aggregate the raw logs again with this registry (`mtfm data aggregate --config-dir "
-                    f"{registry.config_dir} --raw RAW --out AGG`)"),
-            remedy_for_scenarios=(f", or train a model of the scenarios the samples hold, "
-                                  f"{sorted(in_data & set(model_scenarios))} (a model config's `scenarios:`)"))
-        if in_data - set(model_scenarios):
-            train_ds, test_ds = keep_users_of(train_ds, model_scenarios), keep_users_of(test_ds, model_scenarios)
-            log(f"[mtfm] model {model_config.name} covers {model_scenarios}: training and evaluating on their users "
-                "only")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / TRAIN_CONFIG_FILE).write_text(dump_yaml(config.to_dict(), sort_keys=False))
-        layout = f", layout {model_config.hta_layout}" if model_config.architecture == "mtfm" else ""  # baselines: none
-        log(f"[mtfm] run {run_dir}\n[mtfm] scenarios {model_scenarios}; windows {len(windows)} "
-            f"({len(windows) - config.test_windows} train, {config.test_windows} test); model {model_config.name} "
-            f"({model_config.architecture}{layout}); {config.num_workers} worker(s)"
-            f"{' with GPU' if config.use_gpu else ''}")
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config={"train_config": config.to_dict(), "registry": registry.to_dict(),
-                               "model_config": _model_config_dict(model_config), "run_dir": str(run_dir),
-                               "init_from": str(init_from) if init_from else None,
-                               "samples_fingerprint": fingerprint or _fingerprint_or_none(config.data),
-                               "resume_from": str(resume_from) if resume_from else None,
-                               "loaded_by_warm_start": _loaded_by_warm_start(run_dir) if resume else None},
-            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                         resources_per_worker={"CPU": config.cpus_per_worker} | (
-                                             {"GPU": config.gpus_per_worker} if config.use_gpu else {})),
-            run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
-                                 failure_config=FailureConfig(max_failures=config.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),
-            datasets={"train": train_ds, "test": test_ds},
-            dataset_config=_data_config(DataConfig),
-        )
-        (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a resume tries again
-        say_when_ray_train_stops_for_ctrl_c()
-        try:
-            result = trainer.fit()
-        except (KeyboardInterrupt, SystemExit):
-            # Ctrl-C, or a SIGTERM (`ray job stop`, kill): Ray's handlers abort the run and exit through
-            # SystemExit (code 1 either way in Ray 2.60); the run can go on from its newest whole checkpoint.
-            log(_interrupted(run_dir))
-            raise KeyboardInterrupt from None
-        if result.error:
-            raise result.error
-        if (run_dir / DIVERGED_FILE).is_file():
-            diverged = json.loads((run_dir / DIVERGED_FILE).read_text())
-            what = {"loss": f"the loss was {diverged['value']}", "weights": "the weights were not finite",
-                    "scores": "the model's scores were not finite (an overflow)"}[diverged["what"]]
-            then = (f"its newest checkpoint, {result.checkpoint.path}, is from before: --resume {run_dir} with the new "
-                    "config goes on from there, or train anew" if result.checkpoint
-                    else "no checkpoint was saved before it: train anew")
-            raise TrainingDiverged(
-                f"training diverged: {what} at step {diverged['step']}, so the run stopped there, saving nothing more. "
-                f"Lower lr ({config.lr}) or embedding_lr ({config.embedding_lr}), or clip the gradients (grad_clip, "
-                f"now {config.grad_clip}); {then}")
-        eval_path = run_dir / EVAL_FILE
-        if eval_path.exists():
-            from mtfm.platform.eval import format_table
 
-            final = json.loads(eval_path.read_text())
-            log(format_table(final["eval"], final.get("not_evaluated", ())))
-        _warn_of_untrained_scenarios(run_dir, (result.metrics or {}).get("step"), log)  # after the table: seen
-        saved = result.checkpoint.path if result.checkpoint else None
-        steps = (result.metrics or {}).get("step")
-        ended = (f" (its {config.epochs} epoch(s) ended before max_steps {config.max_steps})"
-                 if config.max_steps is not None and isinstance(steps, int) and steps < config.max_steps else "")
-        log(f"[mtfm] done: {steps} steps{ended}; checkpoint {saved}")
-        return run_dir
+def _with_samples(config: TrainConfig, data: str | None, resume: str | Path | None, log) -> TrainConfig:
+    """The config with the samples to train on (--data, else a resumed run's own, else the config's),
+    as an absolute path: the run's train_config.yaml is read by `--resume` and `mtfm eval` from any folder."""
+    if data is None and resume is not None and (Path(resume) / TRAIN_CONFIG_FILE).is_file():
+        # A resume keeps its run's samples unless --data says otherwise: `--config NEW` changes rates
+        # and limits, and its `data:` is whatever the file it was copied from said.
+        data = read_yaml_mapping(Path(resume) / TRAIN_CONFIG_FILE).get("data")
+        if data is not None and _absolute(config.data) != _absolute(data):
+            log(f"[mtfm] note: --resume {resume} keeps its samples, {data} ({config.source}'s data: {config.data} "
+                "is not used; --data names others)")
+    data = config.data if data is None else data
+    return TrainConfig.from_dict(config.to_dict() | {"data": _absolute(data)}, config.source)
+
+
+def _checkpoint_to_resume(resume: str | Path, out: str | Path | None, config: TrainConfig, registry: Registry,
+                          model_config: "ModelConfig", fingerprint: str | None, log) -> Path:
+    """The newest checkpoint of the run folder `resume`, refused where the run cannot go on from it
+    with this model config, registry, train config and samples."""
+    from mtfm.platform.checkpoint import (check_compatible, check_optimizer_file, find_checkpoint, read_meta,
+                                          registry_changes, trained_registry)
+
+    if out is not None and Path(out).resolve() != Path(resume).resolve():
+        raise ValueError(f"--resume {resume} continues that run in its own folder: --out {out} does not apply")
+    resume_from = check_optimizer_file(find_checkpoint(resume).resolve())
+    meta = read_meta(resume_from)
+    check_compatible(meta, registry, str(resume_from))
+    trained, given = meta.model_config, _model_config_dict(model_config)
+    differ = sorted(k for k in given if k not in RESUMABLE_CHANGES and k in trained and trained[k] != given[k])
+    if differ:
+        raise ValueError(f"--resume {resume}: its checkpoint's model {trained.get('name')!r} differs from the "
+                         f"model of {config.source} ({config.model}) in {', '.join(differ)}; resume with the "
+                         "model config it was trained with (its checkpoint's meta.json holds a copy), or start "
+                         "a new run from it with --init-from")
+    model_changes, cuts = registry_changes(trained_registry(meta, f"--resume {resume} ({resume_from})"), registry,
+                                           model_config.scenarios)
+    if model_changes:
+        raise ValueError(f"--resume {resume}: the registry ({registry.config_dir}) differs from the one its "
+                         f"checkpoint was trained with, in {'; '.join(model_changes)}; resume with the run's "
+                         f"registry (`mtfm scenarios export --checkpoint {resume} --out DIR` writes it; then "
+                         "--config-dir DIR), or start a new run from it with --init-from")
+    _refuse_an_epoch_cut_differently(resume, meta, config, cuts, fingerprint, log)
+    _check_what_is_left_to_train(resume, meta, config, log)
+    return resume_from
+
+
+def _refuse_an_epoch_cut_differently(resume: str | Path, meta, config: TrainConfig, cuts: list[str],
+                                     fingerprint: str | None, log) -> None:
+    """`cuts` (the registry's changes that cut the batches differently), with the train config's and
+    the samples' since the checkpoint: refused in the middle of an epoch, whose place would be lost;
+    said at an epoch's start."""
+    cuts = cuts + [f"{key}: {meta.train_config[key]} -> {getattr(config, key)}" for key in BATCHING
+                   if key in meta.train_config and meta.train_config[key] != getattr(config, key)]
+    if "data" in meta.train_config and _absolute(meta.train_config["data"]) != config.data:
+        cuts.append(f"data: {meta.train_config['data']} -> {config.data}")
+    elif meta.batches_in_epoch and meta.samples_fingerprint and fingerprint and meta.samples_fingerprint != fingerprint:
+        cuts.append(f"the samples at {config.data}: written again (their parts' names or sizes differ)")
+    if meta.batches_in_epoch and cuts:
+        raise ValueError(f"--resume {resume}: it stopped after batch {meta.batches_in_epoch} of epoch "
+                         f"{meta.epoch + 1}, and {'; '.join(cuts)} since: the epoch's batches would be cut "
+                         "differently (or come from other data) and its place in the epoch lost; resume with "
+                         "what it stopped with until the epoch ends (the train config: its train_config.yaml; "
+                         "the registry: its checkpoint's meta.json)")
+    if cuts:
+        log(f"[mtfm] note: --resume {resume} at an epoch's start with {'; '.join(cuts)}")
+
+
+def _check_what_is_left_to_train(resume: str | Path, meta, config: TrainConfig, log) -> None:
+    """A resume whose epochs or max_steps are lowered is said; one with nothing left to train is refused."""
+    shorter = []
+    for key in ("epochs", "max_steps"):  # a limit lowered: said, where --epochs and --max-steps usually extend
+        before, now = meta.train_config.get(key), getattr(config, key)
+        if before is not None and now is not None and now < before:
+            shorter.append(f"{key} {before} -> {now}")
+    if shorter:
+        log(f"[mtfm] note: --resume {resume} ends the run sooner than it was started to: {'; '.join(shorter)}")
+    if config.max_steps is not None and meta.step >= config.max_steps:
+        raise ValueError(f"--resume {resume}: it is at step {meta.step} and max_steps is {config.max_steps} "
+                         f"({config.source}): nothing to train; raise --max-steps to go on")
+    if meta.epoch >= config.epochs:
+        raise ValueError(f"--resume {resume}: it has completed {meta.epoch} epoch(s) and {config.source} trains "
+                         f"{config.epochs}: nothing to train; raise its epochs (--epochs) to go on")
+
+
+def _checkpoint_to_warm_start_from(init_from: str | Path, registry: Registry, model_config: "ModelConfig",
+                                   log) -> Path:
+    """The checkpoint --init-from names (or a run folder's newest), refused where warm start cannot load it."""
+    from mtfm.platform.checkpoint import find_checkpoint, read_meta
+
+    checkpoint = find_checkpoint(init_from).resolve()
+    refuse_a_warm_start_that_cannot_load(checkpoint, registry, model_config)
+    retired = sorted(set(read_meta(checkpoint).scenarios) - set(registry.scenarios))
+    if retired:
+        log(f"[mtfm] warning: {checkpoint} has scenarios the registry no longer declares: {retired}; their "
+            "modules are not loaded (they stay in that checkpoint)")
+    return checkpoint
+
+
+def _samples_to_train_on(plan: RunPlan, log):
+    """The train and test sets (Ray Data) of the model's scenarios' users, and the windows the samples hold;
+    samples that lack what the model reads are refused."""
+    config, registry, model_config = plan.config, plan.registry, plan.model_config
+    train_ds, test_ds, windows = split_by_window(config.data, config.test_windows)
+    names = train_ds.schema().names
+    in_data = scenarios_in(names)
+    if in_data - set(registry.scenarios):
+        log(f"[mtfm] warning: the samples hold exposures of scenarios not in the registry, ignored: "
+            f"{sorted(in_data - set(registry.scenarios))} (retired, or a --config-dir mismatch?)")
+    model_scenarios = plan.scenarios
+    # The workers' collator would fail on missing columns, each failure retried: named here first.
+    refuse_samples_that_do_not_fit(
+        names, config.data, model_scenarios, list(registry.sequences),
+        whose=f"model {model_config.name} (registered in {registry.config_dir})",
+        remedy=("aggregate the raw logs again with this registry (`mtfm data aggregate --config-dir "
+                f"{registry.config_dir} --raw RAW --out AGG`)"),
+        remedy_for_scenarios=(f", or train a model of the scenarios the samples hold, "
+                              f"{sorted(in_data & set(model_scenarios))} (a model config's `scenarios:`)"))
+    if in_data - set(model_scenarios):
+        train_ds, test_ds = keep_users_of(train_ds, model_scenarios), keep_users_of(test_ds, model_scenarios)
+        log(f"[mtfm] model {model_config.name} covers {model_scenarios}: training and evaluating on their users "
+            "only")
+    return train_ds, test_ds, windows
+
+
+def _start_run_folder(plan: RunPlan, windows: list, log) -> None:
+    """The run folder with the train config as it runs; the run's line."""
+    config, model_config, run_dir = plan.config, plan.model_config, plan.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / TRAIN_CONFIG_FILE).write_text(dump_yaml(config.to_dict(), sort_keys=False))
+    layout = f", layout {model_config.hta_layout}" if model_config.architecture == "mtfm" else ""  # baselines: none
+    log(f"[mtfm] run {run_dir}\n[mtfm] scenarios {plan.scenarios}; windows {len(windows)} "
+        f"({len(windows) - config.test_windows} train, {config.test_windows} test); model {model_config.name} "
+        f"({model_config.architecture}{layout}); {config.num_workers} worker(s)"
+        f"{' with GPU' if config.use_gpu else ''}")
+
+
+def _trainer(plan: RunPlan, train_ds, test_ds, resumed: bool):
+    """The TorchTrainer of the run: `train_loop_per_worker` on `num_workers` workers, restarted from the
+    newest checkpoint on a worker's failure."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from mtfm.platform.train_worker import train_loop_per_worker
+
+    config, run_dir = plan.config, plan.run_dir
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train_config": config.to_dict(), "registry": plan.registry.to_dict(),
+                           "model_config": _model_config_dict(plan.model_config), "run_dir": str(run_dir),
+                           "init_from": str(plan.init_from) if plan.init_from else None,
+                           "samples_fingerprint": plan.samples_fingerprint or _fingerprint_or_none(config.data),
+                           "resume_from": str(plan.resume_from) if plan.resume_from else None,
+                           "loaded_by_warm_start": _loaded_by_warm_start(run_dir) if resumed else None},
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker} | (
+                                         {"GPU": config.gpus_per_worker} if config.use_gpu else {})),
+        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.parent),
+                             failure_config=FailureConfig(max_failures=config.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),
+        datasets={"train": train_ds, "test": test_ds},
+        dataset_config=_data_config(DataConfig),
+    )
+
+
+def _fit(trainer, run_dir: Path, log):
+    """The trainer's result; an interrupt says what the run left and how to go on from it."""
+    try:
+        result = trainer.fit()
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C, or a SIGTERM (`ray job stop`, kill): Ray's handlers abort the run and exit through
+        # SystemExit (code 1 either way in Ray 2.60); the run can go on from its newest whole checkpoint.
+        log(_interrupted(run_dir))
+        raise KeyboardInterrupt from None
+    if result.error:
+        raise result.error
+    return result
+
+
+def _report_result(result, plan: RunPlan, log) -> None:
+    """The final evaluation's table and the steps trained; a run that diverged is TrainingDiverged."""
+    config, run_dir = plan.config, plan.run_dir
+    if (run_dir / DIVERGED_FILE).is_file():
+        diverged = json.loads((run_dir / DIVERGED_FILE).read_text())
+        what = {"loss": f"the loss was {diverged['value']}", "weights": "the weights were not finite",
+                "scores": "the model's scores were not finite (an overflow)"}[diverged["what"]]
+        then = (f"its newest checkpoint, {result.checkpoint.path}, is from before: --resume {run_dir} with the new "
+                "config goes on from there, or train anew" if result.checkpoint
+                else "no checkpoint was saved before it: train anew")
+        raise TrainingDiverged(
+            f"training diverged: {what} at step {diverged['step']}, so the run stopped there, saving nothing more. "
+            f"Lower lr ({config.lr}) or embedding_lr ({config.embedding_lr}), or clip the gradients (grad_clip, "
+            f"now {config.grad_clip}); {then}")
+    eval_path = run_dir / EVAL_FILE
+    if eval_path.exists():
+        from mtfm.platform.eval import format_table
+
+        final = json.loads(eval_path.read_text())
+        log(format_table(final["eval"], final.get("not_evaluated", ())))
+    _warn_of_untrained_scenarios(run_dir, (result.metrics or {}).get("step"), log)  # after the table: seen
+    saved = result.checkpoint.path if result.checkpoint else None
+    steps = (result.metrics or {}).get("step")
+    ended = (f" (its {config.epochs} epoch(s) ended before max_steps {config.max_steps})"
+             if config.max_steps is not None and isinstance(steps, int) and steps < config.max_steps else "")
+    log(f"[mtfm] done: {steps} steps{ended}; checkpoint {saved}")
 
 
 def _warn_of_untrained_scenarios(run_dir: Path, last_step: int | None, log) -> None:
