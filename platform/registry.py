@@ -475,8 +475,8 @@ def read_yaml_mapping(path: str | Path, what: str = "config", error: type[Regist
 
 class FieldReader:
     """Reads one YAML mapping with type checks; unknown keys are an error, and a missing or null key
-    takes the default. The one reader of config fields: scenario files, serve.yaml's overrides and
-    model configs (which raise their own subclass of RegistryError, `error`)."""
+    takes the default. The one reader of config fields: scenario files, serve.yaml's overrides, train
+    configs and model configs (which raise their own subclass of RegistryError, `error`)."""
 
     def __init__(self, raw: Any, file: str, where: str, allowed: tuple[str, ...],
                  error: type[RegistryError] = RegistryError):

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtfm.platform.cluster import quiet_ray_data
-from mtfm.platform.registry import (Registry, RegistryError, dump_yaml, load_registry, read_yaml_mapping,
-                                    resolve_config_dir)
+from mtfm.platform.registry import (FieldReader, Registry, RegistryError, dump_yaml, load_registry,
+                                    read_yaml_mapping, resolve_config_dir)
 from mtfm.platform.run_lock import DriverLock, refuse_a_folder_a_live_driver_holds
 from mtfm.platform.samples import (keep_users_of, refuse_samples_that_do_not_fit, samples_folder,
                                    scenarios_in, split_by_window)
@@ -95,41 +95,59 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> "TrainConfig":
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-        for key, value in raw.items():
-            if key == "source":
-                continue
-            if key not in fields and ("hta_layout" in raw or "architecture" in raw):
-                raise RegistryError(source, key, "unknown key: this looks like a model config (configs/model/); a "
-                                    "train config names one as `model:` (e.g. configs/train/tiny.yaml)")
-            if key not in fields:
-                raise RegistryError(source, key, f"unknown key; expected one of: {', '.join(fields)}")
-            _check_type(source, key, value, fields[key].type)
-        missing = [k for k, f in fields.items() if f.default is dataclasses.MISSING and k not in raw]
-        if missing:
-            raise RegistryError(source, missing[0], "required field missing")
-        config = cls(**{k: v for k, v in raw.items() if k != "source"}, source=source)
-        for key in ("test_windows", "epochs", "tokens_per_batch", "rows_per_read", "log_every",
-                    "checkpoint_every", "keep_checkpoints", "num_workers"):
-            if getattr(config, key) < 1:
-                raise RegistryError(source, key, f"expected an integer >= 1, found {getattr(config, key)}")
+        """Validate a plain mapping (a loaded YAML file, or `to_dict`'s with overrides); an error names
+        `source` and the field. As in every config, a null key takes the default, but for grad_clip's."""
+        fields = tuple(f.name for f in dataclasses.fields(cls) if f.name != "source")
+        raw = {k: v for k, v in raw.items() if k != "source"}  # `to_dict`'s: the config's source is `source`
+        unknown = [k for k in raw if k not in fields]
+        if unknown and ("hta_layout" in raw or "architecture" in raw):
+            raise RegistryError(source, unknown[0], "unknown key: this looks like a model config (configs/model/); a "
+                                "train config names one as `model:` (e.g. configs/train/tiny.yaml)")
+        f, d = FieldReader(raw, source, "", fields), {x.name: x.default for x in dataclasses.fields(cls)}
+        rate, share = "a finite number >= 0", "a finite number > 0"
+        retries = "an integer >= 0, or -1 to retry without limit"
+        clip = "a finite number >= 0 (the largest gradient norm; 0 or null: no clipping)"
+        config = cls(
+            name=f.get("name", str),
+            model=f.get("model", str, what="the path of a model config, e.g. configs/model/tiny.yaml"),
+            data=f.get("data", str, d["data"]),
+            test_windows=f.positive("test_windows", int, d["test_windows"]),
+            epochs=f.positive("epochs", int, d["epochs"]),
+            max_steps=f.get("max_steps", int, None, what="an integer >= 1 or null"),
+            tokens_per_batch=f.positive("tokens_per_batch", int, d["tokens_per_batch"]),
+            rows_per_read=f.positive("rows_per_read", int, d["rows_per_read"]),
+            lr=f.get("lr", (int, float), d["lr"], what=rate),
+            embedding_lr=f.get("embedding_lr", (int, float), d["embedding_lr"], what=rate),
+            weight_decay=f.get("weight_decay", (int, float), d["weight_decay"], what=rate),
+            # A null grad_clip is None (no clipping), not the default: that is for a grad_clip left out.
+            grad_clip=f.get("grad_clip", (int, float), None if "grad_clip" in raw else d["grad_clip"], what=clip),
+            cuda_graphs=f.get("cuda_graphs", bool, d["cuda_graphs"]),
+            seed=f.positive("seed", int, d["seed"], minimum=0),
+            log_every=f.positive("log_every", int, d["log_every"]),
+            checkpoint_every=f.positive("checkpoint_every", int, d["checkpoint_every"]),
+            keep_checkpoints=f.positive("keep_checkpoints", int, d["keep_checkpoints"]),
+            evaluate_at_checkpoints=f.get("evaluate_at_checkpoints", bool, d["evaluate_at_checkpoints"]),
+            num_workers=f.positive("num_workers", int, d["num_workers"]),
+            use_gpu=f.get("use_gpu", bool, d["use_gpu"]),
+            cpus_per_worker=f.get("cpus_per_worker", (int, float), d["cpus_per_worker"], what=share),
+            gpus_per_worker=f.get("gpus_per_worker", (int, float), d["gpus_per_worker"], what=share),
+            max_failures=f.get("max_failures", int, d["max_failures"], what=retries),
+            freeze_loaded_steps=f.positive("freeze_loaded_steps", int, d["freeze_loaded_steps"], minimum=0),
+            inject_failure_at_step=f.get("inject_failure_at_step", int, None, what="an integer >= 1 or null"),
+            source=source,
+        )
         if config.max_steps is not None and config.max_steps < 1:
             raise RegistryError(source, "max_steps", f"expected an integer >= 1 or null, found {config.max_steps}")
         for key in ("cpus_per_worker", "gpus_per_worker"):
             if not 0 < getattr(config, key) < math.inf:
-                raise RegistryError(source, key, f"expected a finite number > 0, found {getattr(config, key)}")
+                raise RegistryError(source, key, f"expected {share}, found {getattr(config, key)}")
         for key in ("lr", "embedding_lr", "weight_decay"):
             if not 0 <= getattr(config, key) < math.inf:
-                raise RegistryError(source, key, f"expected a finite number >= 0, found {getattr(config, key)}")
+                raise RegistryError(source, key, f"expected {rate}, found {getattr(config, key)}")
         if config.grad_clip is not None and not 0 <= config.grad_clip < math.inf:
-            raise RegistryError(source, "grad_clip", "expected a finite number >= 0 (the largest gradient norm; 0 or "
-                                f"null: no clipping), found {config.grad_clip}")
-        for key in ("seed", "freeze_loaded_steps"):
-            if getattr(config, key) < 0:
-                raise RegistryError(source, key, f"expected an integer >= 0, found {getattr(config, key)}")
+            raise RegistryError(source, "grad_clip", f"expected {clip}, found {config.grad_clip}")
         if config.max_failures < -1:
-            raise RegistryError(source, "max_failures", f"expected an integer >= 0, or -1 to retry without limit, "
-                                f"found {config.max_failures}")
+            raise RegistryError(source, "max_failures", f"expected {retries}, found {config.max_failures}")
         if config.inject_failure_at_step is not None and config.inject_failure_at_step < 1:
             raise RegistryError(source, "inject_failure_at_step",
                                 f"expected an integer >= 1 or null, found {config.inject_failure_at_step}")
@@ -144,19 +162,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-_TYPES = {"str": ((str,), "a string"), "int": ((int,), "an integer"), "float": ((int, float), "a number"),
-          "bool": ((bool,), "true or false"), "None": ((), "null")}
-
-
-def _check_type(source: str, key: str, value: Any, annotation: str) -> None:
-    names = [a.strip() for a in str(annotation).split("|")]
-    if value is None and "None" in names:
-        return
-    allowed = tuple(t for n in names for t in _TYPES[n][0])
-    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-        raise RegistryError(source, key, f"expected {' or '.join(_TYPES[n][1] for n in names)}, found {value!r}")
 
 
 class TrainingDiverged(ValueError):

@@ -749,9 +749,12 @@ def test_a_resume_takes_the_rates_of_its_train_config():
 
 def test_train_config_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
-    for line, expected in (("tokens_per_batch: lots", "tokens_per_batch: expected an integer, found 'lots'"),
-                           ("max_steps: many", "max_steps: expected an integer or null, found 'many'"),
-                           ("lr: fast", "lr: expected a number, found 'fast'"),
+    for line, expected in (("tokens_per_batch: lots",
+                            "tokens_per_batch: expected an integer >= 1, found a string 'lots'"),
+                           ("max_steps: many", "max_steps: expected an integer >= 1 or null, found a string 'many'"),
+                           ("lr: fast", "lr: expected a finite number >= 0, found a string 'fast'"),
+                           ("use_gpu: 1", "use_gpu: expected true or false, found an integer 1"),
+                           ("epochs: true", "epochs: expected an integer >= 1, found a boolean True"),
                            ("epocs: 3", "epocs: unknown key")):
         bad.write_text(f"model: configs/model/tiny.yaml\n{line}\n")
         with pytest.raises(RegistryError, match=f"bad.yaml: {expected}"):
@@ -774,6 +777,10 @@ def test_train_config_errors(tmp_path):
     bad.write_text("model: configs/model/tinyy.yaml\n")
     with pytest.raises(RegistryError, match=r"bad.yaml: model: model config file configs/model/tinyy.yaml not found"):
         train(TrainConfig.load(bad), config_dir=str(CONFIGS), log=lambda *a: None)
+    # A null key takes the default, as in every config; but a null grad_clip is no clipping.
+    bad.write_text("model: configs/model/tiny.yaml\nepochs: null\ngrad_clip: null\n")
+    loaded = TrainConfig.load(bad)
+    assert (loaded.epochs, loaded.grad_clip, TrainConfig.from_dict(loaded.to_dict()).grad_clip) == (1, None, None)
     bad.write_text("model: configs/model/tiny.yaml\nmax_steps: 0\n")
     with pytest.raises(RegistryError, match=r"bad.yaml: max_steps: expected an integer >= 1 or null, found 0"):
         TrainConfig.load(bad)
