@@ -50,20 +50,25 @@ def silu_backward_bias_grad(grad_y: Tensor, pre: Tensor, grad_pre: Tensor | None
     if grad_pre is not None and (grad_pre.shape != pre.shape or grad_pre.stride(-1) != 1):
         raise ValueError(f"silu_backward_bias_grad: grad_pre {tuple(grad_pre.shape)} with strides {grad_pre.stride()} "
                          f"must be pre's shape {tuple(pre.shape)} with unit column stride")
-    return implementation(_chosen(impl, pre)).silu_backward_bias_grad(grad_y, pre, grad_pre)
+    return implementation(_chosen("silu_backward_bias_grad", impl, pre)).silu_backward_bias_grad(grad_y, pre, grad_pre)
 
 
 def bias_grad(grad_y: Tensor, *, impl: str = "auto") -> Tensor:
     """For a plain projection: grad_y (N, C) summed over rows, in float32 (float64 for float64 input)."""
     if grad_y.dim() != 2:
         raise ValueError(f"bias_grad: grad_y {tuple(grad_y.shape)} must be (rows, columns)")
-    return implementation(_chosen(impl, grad_y)).bias_grad(grad_y)
+    return implementation(_chosen("bias_grad", impl, grad_y)).bias_grad(grad_y)
 
 
-def _chosen(impl: str, t: Tensor) -> str:
-    """The implementation for `impl` and t: the reference for dtypes the kernel does not take (float64)."""
+def _chosen(op: str, impl: str, t: Tensor, dtype: torch.dtype | None = None) -> str:
+    """The implementation for `impl` and tensor t computed in `dtype` (default t's): "auto" takes the
+    reference for dtypes the kernels do not take (float64), "triton" refuses them."""
     chosen = resolve_impl(impl, t.device)
-    if chosen == "triton" and t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    dtype = dtype or t.dtype
+    if chosen == "triton" and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if impl == "triton":
+            raise ValueError(f"{op}: impl='triton' does not support these inputs: dtype {dtype}; the kernels take "
+                             "float16, bfloat16 or float32")
         return "reference"
     return chosen
 
@@ -72,14 +77,16 @@ def linear_silu(h: Tensor, weight: Tensor, bias: Tensor, *, impl: str = "auto") 
     """silu(h @ weight.T + bias), in the autocast dtype when autocast is on for h's device."""
     if torch.compiler.is_compiling() or not _needs_backward("linear_silu", h, weight, bias):
         return F.silu(F.linear(h, weight, bias))
-    return _Projection.apply(h, weight, bias, _compute_dtype(h), resolve_impl(impl, h.device), True)
+    dtype = _compute_dtype(h)
+    return _Projection.apply(h, weight, bias, dtype, _chosen("linear_silu", impl, h, dtype), True)
 
 
 def linear(h: Tensor, weight: Tensor, bias: Tensor, *, impl: str = "auto") -> Tensor:
     """h @ weight.T + bias, in the autocast dtype when autocast is on for h's device."""
     if torch.compiler.is_compiling() or not _needs_backward("linear", h, weight, bias):
         return F.linear(h, weight, bias)
-    return _Projection.apply(h, weight, bias, _compute_dtype(h), resolve_impl(impl, h.device), False)
+    dtype = _compute_dtype(h)
+    return _Projection.apply(h, weight, bias, dtype, _chosen("linear", impl, h, dtype), False)
 
 
 def _needs_backward(op: str, h: Tensor, weight: Tensor, bias: Tensor) -> bool:

@@ -28,7 +28,12 @@ def merge_rows(first: Tensor, second: Tensor, source: Tensor, *, impl: str = "au
                          f"{source.dtype} on {source.device}")
     source = source.contiguous()
     chosen = resolve_impl(impl, first.device)
-    if torch.compiler.is_compiling() or first.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if chosen == "triton" and first.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if impl == "triton":
+            raise ValueError(f"merge_rows: impl='triton' does not support these inputs: dtype {first.dtype}; the "
+                             "kernel takes float16, bfloat16 or float32")
+        chosen = "reference"  # "auto" takes the reference for what the kernel does not cover
+    if torch.compiler.is_compiling():
         chosen = "reference"
     if chosen == "triton":
         from . import merge_rows_triton

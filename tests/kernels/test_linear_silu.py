@@ -147,3 +147,17 @@ def test_bias_grad_sums_bfloat16_rows_in_float32(impl, monkeypatch):
     total = bias_grad(grad_y, impl=impl)
     assert total.dtype == torch.float32 and len(calls) == (impl == "triton")
     torch.testing.assert_close(total.double(), grad_y.double().sum(0), rtol=1e-5, atol=1e-4)
+
+
+def test_impl_triton_refuses_dtypes_the_kernels_do_not_take():
+    """As the GLN and attention dispatchers do: "triton" names the op and the dtype where "auto" would
+    take the reference (float64)."""
+    h = torch.zeros(4, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.zeros(5, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    for op, call in (("linear_silu", lambda: linear_silu(h, weight, bias, impl="triton")),
+                     ("linear", lambda: linear(h, weight, bias, impl="triton")),
+                     ("silu_backward_bias_grad", lambda: silu_backward_bias_grad(h, h.detach(), impl="triton")),
+                     ("bias_grad", lambda: bias_grad(h.detach(), impl="triton"))):
+        with pytest.raises(ValueError, match=rf"^{op}: impl='triton' does not support these inputs: dtype torch.float64"):
+            call()

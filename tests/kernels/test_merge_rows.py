@@ -58,3 +58,5 @@ def test_merge_rows_refuses_mismatched_sets():
         merge_rows(torch.zeros(2, 3), torch.zeros(2, 4), torch.arange(4))
     with pytest.raises(ValueError, match="int64"):
         merge_rows(torch.zeros(2, 3), torch.zeros(2, 3), torch.arange(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="impl='triton' does not support these inputs: dtype torch.float64"):
+        merge_rows(*torch.zeros(2, 2, 3, dtype=torch.float64), torch.arange(4), impl="triton")
