@@ -152,7 +152,8 @@ def refuse_what_it_cannot_serve(checkpoint: str | Path, source: str | None, trai
                                f"{registry.config_dir}`")
     trained_with = trained_registry(read_meta(checkpoint), str(checkpoint))
     model_changes, cuts = registry_changes(trained_with, registry, served)
-    model_changes += _required_no_longer(trained_with, registry, served)
+    loosened, tightened = _required_changes(trained_with, registry, served)
+    model_changes += loosened
     if model_changes:
         raise ServeConfigError(f"{named} was trained with other features, tasks or sequences than "
                                f"{registry.config_dir} declares now: {'; '.join(model_changes + cuts)}; its replicas "
@@ -161,22 +162,26 @@ def refuse_what_it_cannot_serve(checkpoint: str | Path, source: str | None, trai
                                "warm-start a model on the registry as it is now (`mtfm train "
                                f"--init-from {checkpoint} ...`), or serve with the config dir it was trained with "
                                f"(`mtfm scenarios export --checkpoint {checkpoint} --out DIR` writes it)")
-    return [f"{named}: {cut} in {registry.config_dir}; its replicas keep the max_len it was trained with"
-            for cut in cuts]
+    return ([f"{named}: {cut} in {registry.config_dir}; its replicas keep the max_len it was trained with"
+             for cut in cuts]
+            + [f"{named}: {change} in {registry.config_dir}; its replicas still take requests without it, as "
+               "it was trained" for change in tightened])
 
 
-def _required_no_longer(trained: Registry, current: Registry, served: list[str]) -> list[str]:
-    """Features of the sequences and of `served` that were required when the model was trained and
-    are not now: its replicas still refuse a request without them (a change the model itself does not
-    see, so `registry_changes` leaves it out)."""
+def _required_changes(trained: Registry, current: Registry, served: list[str]) -> tuple[list[str], list[str]]:
+    """Features of the sequences and of `served` whose `required` changed since the model was trained,
+    a change the model itself does not see (`registry_changes` leaves it out): (no longer required:
+    its replicas still refuse a request without them; newly required: its replicas still take one)."""
     groups = [(f"sequences.{name}.features", s.features, current.sequences[name].features)
               for name, s in trained.sequences.items() if name in current.sequences]
     groups += [(f"scenarios.{name}.{part}", getattr(trained.scenarios[name], part),
                 getattr(current.scenarios[name], part))
                for name in served if name in trained.scenarios and name in current.scenarios
                for part in ("user_features", "item_features", "cross_features")]
-    return [f"{where}.{old.name}.required: true -> false" for where, before, now in groups
-            for old in before for new in now if old.name == new.name and old.required and not new.required]
+    pairs = [(where, old, new) for where, before, now in groups for old in before for new in now
+             if old.name == new.name and old.required != new.required]
+    return ([f"{where}.{old.name}.required: true -> false" for where, old, new in pairs if old.required],
+            [f"{where}.{old.name}.required: false -> true" for where, old, new in pairs if new.required])
 
 
 def resolve_checkpoint(argument: str | None, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:

@@ -395,7 +395,7 @@ def test_a_schema_changed_since_training_is_refused_by_the_builder_and_serve_con
     """Replicas parse requests with the registry the checkpoint was trained with: a feature added to
     a served scenario's YAML since would be refused in every request built from the config dir, so
     the app and `mtfm serve config` refuse it by name (as `--resume` does); a sequence's max_len
-    changed is only noted (the replicas keep the trained one)."""
+    changed, or a feature newly required, is only noted (the replicas keep the trained schema)."""
     hp = config_dir / "scenarios" / "hp.yaml"
     trained_text = hp.read_text()
     hp.write_text(trained_text.replace("cross_features:\n", "cross_features:\n  - {name: promo, type: numeric}\n"))
@@ -418,7 +418,15 @@ def test_a_schema_changed_since_training_is_refused_by_the_builder_and_serve_con
                                                r"false; its replicas take and score requests as it was trained"):
         build_app({"checkpoint": str(checkpoint), "config_dir": str(config_dir)})
     hp.write_text(trained_text.replace("description: restaurant id", "description: the restaurant's id"))
+    capsys.readouterr()
     build_app({"checkpoint": str(checkpoint), "config_dir": str(config_dir)})
+    assert "required" not in capsys.readouterr().err
+    # A feature newly required: served as trained (requests without it taken), and said so.
+    hp.write_text(trained_text.replace("{name: user_level, type: categorical, buckets: 8, dim: 4}",
+                                       "{name: user_level, type: categorical, buckets: 8, dim: 4, required: true}"))
+    build_app({"checkpoint": str(checkpoint), "config_dir": str(config_dir)})
+    assert re.search(r"scenarios\.hp\.user_features\.user_level\.required: false -> true in .*; its replicas still "
+                     r"take requests without it, as it was trained", capsys.readouterr().err)
     hp.write_text(trained_text.replace("cross_features:\n", "cross_features:\n  - {name: promo, type: numeric}\n"))
     # A snapshot that this version's checks refuse is written, and said to need an edit.
     old = tmp_path / "old" / checkpoint.name
