@@ -11,7 +11,7 @@ Per case: the model is built from its config (plus overrides), Adam + Adagrad fr
 `mtfm.platform.train_worker.make_optimizers`, and trained on pre-collated token-budget batches of
 synthetic users (`mtfm.model.sample_tables`, the realistic mix: history 200-1000, realtime 20-100,
 targets 25-150 hp + 15-100 phf + 10-50 sqs, i.e. 50-300 over 3 scenarios), rotating over 4
-distinct batches. The step is train.py's (`mtfm.platform.train_step.TrainStep`): batch.to(device)
+distinct batches. The step is training's (`mtfm.platform.train_step.TrainStep`): batch.to(device)
 (one H2D copy), autocast forward, multitask BCE, zero_grad, backward, grad clip 1.0, optimizer steps.
 `--cuda-graphs on` runs every case with forward, backward, clipping and Adam replayed from a CUDA graph (the 4
 batches padded to one `GrowingShape`; samples, tokens and FLOPs count the real rows only, so the
@@ -194,7 +194,7 @@ class SyncRecorder:
 
 
 class Trainer:
-    """One case's model, optimizers and training step (platform/train.py's step)."""
+    """One case's model, optimizers and training step (the step training runs, platform/train_step.py)."""
 
     def __init__(self, config_path, overrides, device, args, ray_mode, cuda_graphs=False):
         import torch

@@ -90,13 +90,15 @@ class TrainConfig:
     def load(cls, path: str | Path) -> "TrainConfig":
         path = Path(path)
         raw = read_yaml_mapping(path, "train config (expected e.g. configs/train/tiny.yaml)")
-        raw.setdefault("name", path.stem)
+        if raw.get("name") is None:  # left out or null: the file's name
+            raw["name"] = path.stem
         return cls.from_dict(raw, str(path))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> "TrainConfig":
         """Validate a plain mapping (a loaded YAML file, or `to_dict`'s with overrides); an error names
-        `source` and the field. As in every config, a null key takes the default, but for grad_clip's."""
+        `source` and the field. As in every config, a null key takes the default, but for grad_clip (null:
+        no clipping) and data (null is refused: a default folder would train on the wrong samples unsaid)."""
         fields = tuple(f.name for f in dataclasses.fields(cls) if f.name != "source")
         raw = {k: v for k, v in raw.items() if k != "source"}  # `to_dict`'s: the config's source is `source`
         unknown = [k for k in raw if k not in fields]
@@ -107,8 +109,11 @@ class TrainConfig:
         rate, share = "a finite number >= 0", "a finite number > 0"
         retries = "an integer >= 0, or -1 to retry without limit"
         clip = "a finite number >= 0 (the largest gradient norm; 0 or null: no clipping)"
+        if "data" in raw and raw["data"] is None:
+            raise RegistryError(source, "data", f"expected a samples folder, found null; leave it out for "
+                                f"{d['data']}, or pass --data")
         config = cls(
-            name=f.get("name", str),
+            name=f.get("name", str, what="a name for the run (its folder under runs/)"),
             model=f.get("model", str, what="the path of a model config, e.g. configs/model/tiny.yaml"),
             data=f.get("data", str, d["data"]),
             test_windows=f.positive("test_windows", int, d["test_windows"]),
@@ -188,7 +193,6 @@ def read_metrics(path: Path) -> list[dict]:
                 break
             raise ValueError(f"{path}, line {number}: not a JSON record ({exc.msg}); remove that line") from exc
     return records
-
 
 
 # ---------------------------------------------------------------- the driver

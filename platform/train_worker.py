@@ -4,8 +4,8 @@ A `TrainingWorker` is one worker's part of one attempt at a run. It builds the m
 optimizers (Adam on the dense parameters, Adagrad on the embedding tables), loads a warm start
 (--init-from) and then the run's own newest checkpoint, if there is one, and trains epoch by epoch
 on its Ray Data shard cut into token-budget batches. Every `log_every` steps it writes a progress
-line and a metrics record; every `checkpoint_every` steps, at each epoch's end and at the end,
-it saves a checkpoint (rank 0 writes it and, where due, evaluates it on the held-out windows).
+line and a metrics record; every `checkpoint_every` steps and at the end it saves a checkpoint
+(rank 0 writes it and, where due, evaluates it on the held-out windows).
 Where the loss, the weights or the scores stop being finite, every worker stops there.
 
 The workers keep in step through `StepAgreement`: each of its sums is a collective call, made by
@@ -196,8 +196,8 @@ class TrainingWorker:
     """One worker's part of one attempt at a run: its model and optimizers, where training is
     (step, epoch, batches of the epoch consumed), the checkpoint due, and the progress window.
 
-    Every method that sums over the workers (`_stop_if_diverged`, `_save`, the epoch and run records)
-    is called by every worker at the same step."""
+    Every method that sums over the workers (`_agreed_batches` each step, `_log_progress`,
+    `_stop_if_diverged`, `_save`, the epoch and run records) is called by every worker at the same step."""
 
     def __init__(self, loop_config: dict):
         self.config = config = TrainConfig.from_dict(loop_config["train_config"])
@@ -244,9 +244,10 @@ class TrainingWorker:
         self.window = ProgressWindow()
 
     def _warm_start(self, loop_config: dict, resuming: bool) -> set[str]:
-        """Loads --init-from's checkpoint where the run starts from one; the parameters that stay
-        frozen for the first `freeze_loaded_steps` steps: what a warm start loaded, this one or, in a
-        resumed warm-started run, the run's first attempt's."""
+        """Loads --init-from's checkpoint where the run starts from one. Returns the names of the
+        tensors that stay frozen for the first `freeze_loaded_steps` steps (the caller keeps its
+        parameters among them): what a warm start loaded, this one or, in a resumed warm-started run,
+        the run's first attempt's."""
         config = self.config
         if not loop_config.get("init_from"):
             return set(loop_config.get("loaded_by_warm_start") or ()) if config.freeze_loaded_steps else set()

@@ -781,6 +781,12 @@ def test_train_config_errors(tmp_path):
     bad.write_text("model: configs/model/tiny.yaml\nepochs: null\ngrad_clip: null\n")
     loaded = TrainConfig.load(bad)
     assert (loaded.epochs, loaded.grad_clip, TrainConfig.from_dict(loaded.to_dict()).grad_clip) == (1, None, None)
+    bad.write_text("name:\nmodel: configs/model/tiny.yaml\n")  # a null name: the file's, as when left out
+    assert TrainConfig.load(bad).name == "bad"
+    bad.write_text("model: configs/model/tiny.yaml\ndata:\n")  # a null data folder is not taken for the quickstart's
+    with pytest.raises(RegistryError, match=rf"bad.yaml: data: expected a samples folder, found null; leave it out "
+                                            rf"for {QUICKSTART_OUT}/agg, or pass --data"):
+        TrainConfig.load(bad)
     bad.write_text("model: configs/model/tiny.yaml\nmax_steps: 0\n")
     with pytest.raises(RegistryError, match=r"bad.yaml: max_steps: expected an integer >= 1 or null, found 0"):
         TrainConfig.load(bad)
