@@ -110,8 +110,8 @@ class TrainConfig:
         retries = "an integer >= 0, or -1 to retry without limit"
         clip = "a finite number >= 0 (the largest gradient norm; 0 or null: no clipping)"
         if "data" in raw and raw["data"] is None:
-            raise RegistryError(source, "data", f"expected a samples folder, found null; leave it out for "
-                                f"{d['data']}, or pass --data")
+            raise RegistryError(source, "data", f"expected a samples folder, found null; name one, or leave the "
+                                f"key out for the quickstart's ({d['data']}); --data overrides either")
         config = cls(
             name=f.get("name", str, what="a name for the run (its folder under runs/)"),
             model=f.get("model", str, what="the path of a model config, e.g. configs/model/tiny.yaml"),

@@ -784,8 +784,8 @@ def test_train_config_errors(tmp_path):
     bad.write_text("name:\nmodel: configs/model/tiny.yaml\n")  # a null name: the file's, as when left out
     assert TrainConfig.load(bad).name == "bad"
     bad.write_text("model: configs/model/tiny.yaml\ndata:\n")  # a null data folder is not taken for the quickstart's
-    with pytest.raises(RegistryError, match=rf"bad.yaml: data: expected a samples folder, found null; leave it out "
-                                            rf"for {QUICKSTART_OUT}/agg, or pass --data"):
+    with pytest.raises(RegistryError, match=rf"bad.yaml: data: expected a samples folder, found null; name one, or "
+                                            rf"leave the key out for the quickstart's \({QUICKSTART_OUT}/agg\)"):
         TrainConfig.load(bad)
     bad.write_text("model: configs/model/tiny.yaml\nmax_steps: 0\n")
     with pytest.raises(RegistryError, match=r"bad.yaml: max_steps: expected an integer >= 1 or null, found 0"):
