@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray.serve import Application
 
 from mtfm.platform.checkpoint import (META_FILE, CheckpointError, find_served_checkpoint, pin_for_serving, read_meta,
@@ -66,38 +66,81 @@ class ServeConfigError(ValueError):
     """The serving setup is inconsistent; the message names the setting and what was expected."""
 
 
-def build_app(args: AppArgs) -> Application:
-    args = AppArgs.model_validate(args) if not isinstance(args, AppArgs) else args
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    if os.environ.get(CHECKPOINT_ENV):
-        source = f"${CHECKPOINT_ENV}"
-    elif args.checkpoint:
-        source = "args.checkpoint"
-    else:
-        source = f"the newest checkpoint under {DEFAULT_RUNS_DIR}/"
-    print(f"[mtfm] serving {checkpoint} ({source})", file=sys.stderr, flush=True)
+@dataclasses.dataclass
+class AppPlan:
+    """What an app would serve, every check passed: the checkpoint (absolute) and where it was named
+    (`source`), the registry, each served scenario's serving knobs, and notes on harmless differences
+    between the registry and what the checkpoint was trained with."""
+    args: AppArgs
+    checkpoint: Path
+    source: str
+    registry: Registry
+    serving: dict[str, ServingConfig]
+    notes: list[str]
+
+
+def plan_app(args: AppArgs | dict, config_name: str = "serve.yaml") -> AppPlan:
+    """Every check `build_app` makes before it deploys anything, on the `args` of an application
+    in the serve config `config_name` (named in the errors). Raises ServeConfigError, CheckpointError
+    or RegistryError naming the setting and what was expected. Relative paths are read from the
+    current folder, as the app builder reads them from the folder the app is built in."""
+    args = parse_app_args(args, config_name)
     config_dir = resolve_config_dir(args.config_dir)
     if not config_dir.is_absolute() and not config_dir.is_dir():
-        named = ("serve.yaml args.config_dir" if args.config_dir else
+        named = (f"{config_name} args.config_dir" if args.config_dir else
                  "$MTFM_CONFIG_DIR" if os.environ.get("MTFM_CONFIG_DIR") else "the default config dir")
         raise ServeConfigError(f"{named} {str(config_dir)!r}: no config directory at "
                                f"{config_dir.resolve()}: a relative path is read from the folder the app is built in "
                                f"({Path.cwd()}, where this cluster's `ray start` ran); write an absolute path "
                                "(`mtfm serve config --config-dir /ABSOLUTE/configs`)")
     registry = load_registry(config_dir)
-    serving = scenario_serving(registry, args.scenarios)
+    serving = scenario_serving(registry, args.scenarios, config_name)
     if args.scenario_ingress is not None:
         if args.scenario_ingress not in serving:
-            raise ServeConfigError(f"serve.yaml args.scenario_ingress: unknown scenario {args.scenario_ingress!r}; "
+            raise ServeConfigError(f"{config_name} args.scenario_ingress: unknown scenario {args.scenario_ingress!r}; "
                                    f"registered in {registry.config_dir}: {', '.join(registry.scenarios)}")
         serving = {args.scenario_ingress: serving[args.scenario_ingress]}
+    checkpoint = resolve_checkpoint(args.checkpoint, config_name=config_name)
+    if os.environ.get(CHECKPOINT_ENV):
+        source = f"${CHECKPOINT_ENV}"
+    elif args.checkpoint:
+        source = "args.checkpoint"
+    else:
+        source = f"the newest checkpoint under {DEFAULT_RUNS_DIR}/"
     notes = refuse_what_it_cannot_serve(checkpoint, source, servable_scenarios(checkpoint), registry, list(serving),
                                         "args.scenario_ingress serves" if args.scenario_ingress is not None
                                         else f"{registry.config_dir} registers")
-    for note in notes:
+    return AppPlan(args, checkpoint, source, registry, serving, notes)
+
+
+def parse_app_args(args: AppArgs | dict, config_name: str = "serve.yaml") -> AppArgs:
+    """`args` as AppArgs; a ServeConfigError naming every setting refused and what it expects."""
+    if isinstance(args, AppArgs):
+        return args
+    if not isinstance(args, dict):
+        raise ServeConfigError(f"{config_name} args: expected a mapping of settings, found {type(args).__name__}")
+    try:
+        return AppArgs.model_validate(args)
+    except ValidationError as exc:
+        known = ", ".join(AppArgs.model_fields)
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            if error["type"] == "extra_forbidden":
+                problems.append(f"{config_name} args.{where}: unknown setting; expected one of: {known}")
+            else:
+                problems.append(f"{config_name} args.{where}: {error['msg']}, found {error['input']!r}")
+        raise ServeConfigError("; ".join(problems)) from None
+
+
+def build_app(args: AppArgs) -> Application:
+    plan = plan_app(args)
+    args = plan.args
+    print(f"[mtfm] serving {plan.checkpoint} ({plan.source})", file=sys.stderr, flush=True)
+    for note in plan.notes:
         print(f"[mtfm] note: {note}", file=sys.stderr, flush=True)
-    pinned = pin_for_serving(checkpoint)  # what replicas load, also on a restart after the run pruned `checkpoint`
-    if pinned != checkpoint:
+    pinned = pin_for_serving(plan.checkpoint)  # what replicas load, also on a restart after the run pruned it
+    if pinned != plan.checkpoint:
         print(f"[mtfm] replicas load {pinned} (pinned: the run's later checkpoints do not remove it)", file=sys.stderr,
               flush=True)
     rankers = {
@@ -106,13 +149,14 @@ def build_app(args: AppArgs) -> Application:
             ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         ).bind(name, str(pinned), dataclasses.asdict(cfg), args.chunk_size, args.user_cache_ttl_s,
                args.user_cache_mb, args.max_body_bytes if args.scenario_ingress is not None else None)
-        for name, cfg in serving.items()
+        for name, cfg in plan.serving.items()
     }
     if args.scenario_ingress is not None:
         return rankers[args.scenario_ingress]
     router = RankRouter.options(num_replicas=args.router_replicas, ray_actor_options={"num_cpus": args.router_num_cpus},
-                                max_ongoing_requests=sum(c.max_ongoing_requests for c in serving.values()))
-    return router.bind(rankers, str(pinned), {n: c.max_candidates for n, c in serving.items()}, args.max_body_bytes)
+                                max_ongoing_requests=sum(c.max_ongoing_requests for c in plan.serving.values()))
+    return router.bind(rankers, str(pinned), {n: c.max_candidates for n, c in plan.serving.items()},
+                       args.max_body_bytes)
 
 
 def servable_scenarios(checkpoint: Path) -> list[str]:
@@ -184,7 +228,8 @@ def _required_changes(trained: Registry, current: Registry, served: list[str]) -
             [f"{where}.{old.name}.required: false -> true" for where, old, new in pairs if new.required])
 
 
-def resolve_checkpoint(argument: str | None, runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path:
+def resolve_checkpoint(argument: str | None, runs_dir: str | Path = DEFAULT_RUNS_DIR,
+                       config_name: str = "serve.yaml") -> Path:
     """$MTFM_CHECKPOINT, else `argument`, else the newest checkpoint saved under `runs_dir`
     (`newest_checkpoint`), as an absolute path (replicas may start in another working directory)."""
     from_env = os.environ.get(CHECKPOINT_ENV)
@@ -193,14 +238,14 @@ def resolve_checkpoint(argument: str | None, runs_dir: str | Path = DEFAULT_RUNS
         try:
             found, note = find_served_checkpoint(Path(chosen).expanduser())
         except CheckpointError as exc:  # say where the path came from: the variable is easily left set
-            source = f"${CHECKPOINT_ENV}" if from_env else "serve.yaml's args.checkpoint"
+            source = f"${CHECKPOINT_ENV}" if from_env else f"{config_name}'s args.checkpoint"
             raise CheckpointError(f"{exc} (the checkpoint to serve, from {source})") from exc
         if note:  # the run pruned it since it was first served: its newest pin, the weights served then
             print(f"[mtfm] {note}", file=sys.stderr, flush=True)
         return found.resolve()
     newest = newest_checkpoint(runs_dir)
     if newest is None:
-        raise CheckpointError(f"no checkpoint to serve: set `checkpoint` in serve.yaml's args or ${CHECKPOINT_ENV}, "
+        raise CheckpointError(f"no checkpoint to serve: set `checkpoint` in {config_name}'s args or ${CHECKPOINT_ENV}, "
                               f"or train a run under {Path(runs_dir).resolve()} (`mtfm train ...`)")
     return newest
 
@@ -219,18 +264,19 @@ def newest_checkpoint(runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path | None:
     return max(saved)[2].resolve() if saved else None
 
 
-def scenario_serving(registry: Registry, overrides: dict[str, Any]) -> dict[str, ServingConfig]:
-    """Each registered scenario's serving knobs: its YAML's `serving:` with serve.yaml's overrides,
-    which are read as that block is."""
+def scenario_serving(registry: Registry, overrides: dict[str, Any],
+                     config_name: str = "serve.yaml") -> dict[str, ServingConfig]:
+    """Each registered scenario's serving knobs: its YAML's `serving:` with the serve config's
+    overrides, which are read as that block is."""
     unknown = sorted(set(overrides) - set(registry.scenarios))
     if unknown:
-        raise ServeConfigError(f"serve.yaml args.scenarios.{unknown[0]}: unknown scenario; registered in "
+        raise ServeConfigError(f"{config_name} args.scenarios.{unknown[0]}: unknown scenario; registered in "
                                f"{registry.config_dir}: {', '.join(registry.scenarios)}")
     out = {}
     for name, scenario in registry.scenarios.items():
         try:
             given = overrides.get(name)
-            cfg = read_serving_knobs({} if given is None else given, "serve.yaml", f"args.scenarios.{name}",
+            cfg = read_serving_knobs({} if given is None else given, config_name, f"args.scenarios.{name}",
                                      scenario.serving)
         except RegistryError as exc:
             raise ServeConfigError(str(exc)) from None
@@ -239,7 +285,7 @@ def scenario_serving(registry: Registry, overrides: dict[str, Any]) -> dict[str,
         # in the registry; with serve.yaml's overrides they have not.
         conflict = serving_conflict(cfg)
         if conflict is not None:
-            raise ServeConfigError(f"scenario {name} (serving in {scenario.source} or serve.yaml "
+            raise ServeConfigError(f"scenario {name} (serving in {scenario.source} or {config_name} "
                                    f"args.scenarios.{name}): {conflict[1]}")
         out[name] = cfg
     return out

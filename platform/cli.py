@@ -362,6 +362,59 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
     return 0
 
 
+APP_BUILDER = "mtfm.deployments.app:build_app"
+
+
+def cmd_serve_check(args: argparse.Namespace) -> int:
+    """Every check the app builder makes, on each of this project's applications in a serve config,
+    without Ray: `serve run` of a config the builder refuses keeps running and answers 404s, with
+    the reason among Ray's retries."""
+    import yaml
+
+    from mtfm.deployments.app import ServeConfigError, plan_app
+    from mtfm.platform.checkpoint import CheckpointError
+
+    path = Path(args.file)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"error: {path}: cannot read it: {exc}", file=sys.stderr)
+        return 1
+    except yaml.YAMLError as exc:
+        print(f"error: {path}: not YAML: {exc}", file=sys.stderr)
+        return 1
+    apps = config.get("applications") if isinstance(config, dict) else None
+    if not isinstance(apps, list) or not apps or not all(isinstance(app, dict) for app in apps):
+        print(f"error: {path}: expected a Serve config, a mapping whose `applications` is a list of applications "
+              "(`mtfm serve config` writes one)", file=sys.stderr)
+        return 1
+    failed = checked = 0
+    for i, app in enumerate(apps):
+        name = f"applications[{i}] ({app.get('name', 'no name')})"
+        if app.get("import_path") != APP_BUILDER:
+            print(f"note: {path} {name}: import_path {app.get('import_path')!r} is not {APP_BUILDER}; not checked",
+                  file=sys.stderr)
+            continue
+        checked += 1
+        try:
+            plan = plan_app(app.get("args") or {}, f"{path} {name}")
+        except (ServeConfigError, CheckpointError, RegistryError) as exc:
+            message = str(exc) if str(exc).startswith(f"{path} {name}") else f"{path} {name}: {exc}"
+            print(f"error: {message}", file=sys.stderr)
+            failed += 1
+            continue
+        for note in plan.notes:
+            print(f"note: {path} {name}: {note}", file=sys.stderr)
+        scenarios = ", ".join(f"{scenario} ({cfg.replicas} x {cfg.backend}, {cfg.num_gpus:g} GPU)"
+                              for scenario, cfg in plan.serving.items())
+        print(f"ok: {path} {name} at {app.get('route_prefix', '/')}: {plan.checkpoint} ({plan.source}), registry "
+              f"{plan.registry.config_dir}; serves {scenarios}")
+    if not checked:
+        print(f"error: {path}: no application builds with {APP_BUILDER}", file=sys.stderr)
+        return 1
+    return 1 if failed else 0
+
+
 def cmd_serve_example_request(args: argparse.Namespace) -> int:
     import json
 
@@ -558,6 +611,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one app per registered scenario, its replicas taking HTTP themselves at /<scenario>/rank "
                         "(no router hop; regenerate when scenarios change)")
     p.set_defaults(handler=cmd_serve_config)
+    p = vsub.add_parser("check", help="check a serve config as the app builder will, before `serve run`",
+                        description="Make every check the app builder makes on each application of FILE that "
+                                    f"builds with {APP_BUILDER} (its args, the checkpoint, the registry, each "
+                                    "scenario's serving knobs, whether the checkpoint can serve them), without Ray. "
+                                    "Relative paths and $MTFM_CHECKPOINT are read here, as `serve run FILE` run here "
+                                    "reads them. `serve run` of a config the builder refuses keeps running and "
+                                    "answers 404 on every path. Exit status 1 if any application is refused.")
+    p.add_argument("file", metavar="FILE", help="the serve config, e.g. deployments/serve.yaml")
+    p.set_defaults(handler=cmd_serve_check)
     p = vsub.add_parser("example-request", parents=[common], help="print a valid rank request for a scenario",
                         description="Print a valid JSON body for POST /<scenario>/rank, built from the scenario's "
                                     "YAML: every user, item and cross feature and every sequence.")

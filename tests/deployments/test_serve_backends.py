@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+import yaml
 from pydantic import ValidationError
 
 from mtfm.deployments.app import AppArgs, ServeConfigError, build_app, resolve_checkpoint, scenario_serving
@@ -275,7 +276,6 @@ def test_the_committed_serve_yaml_is_the_generators_output():
 
 def test_serve_config_writes_every_path_so_that_it_reads_back_as_given():
     """A path YAML would read otherwise (a " #" starts a comment, "null" is no string) is quoted."""
-    import yaml
 
     for path in ("/runs/v1 #retrained", "null", "yes", "a: b", "runs/x", "{x}", " lead", "'q'"):
         config = yaml.safe_load(render_serve_config(checkpoint=path, config_dir=path, host=path))
@@ -332,7 +332,6 @@ def test_serve_config_warns_of_a_checkpoint_path_without_a_checkpoint(tmp_path, 
 
 
 def test_a_scenario_ingress_config_has_one_app_per_scenario_at_its_own_prefix(checkpoint):
-    import yaml
 
     config = yaml.safe_load(render_serve_config(scenario_ingress=["hp", "sqs"]))
     apps = {a["name"]: a for a in config["applications"]}
@@ -372,6 +371,56 @@ def test_serving_knobs_come_from_yaml_with_overrides_and_are_checked():
         AppArgs(chunk_size=True)
     with pytest.raises(ValidationError, match="user_cache_ttl_s"):
         AppArgs(user_cache_ttl_s=math.nan)
+
+
+def test_serve_check_makes_the_builders_checks_on_each_application(checkpoint, config_dir, tmp_path, capsys,
+                                                                    monkeypatch):
+    """`mtfm serve check FILE` passes a config the builder accepts, naming what it serves, and refuses
+    with the file, the application and the setting what the builder would refuse."""
+    monkeypatch.delenv("MTFM_CHECKPOINT", raising=False)
+    good = tmp_path / "good.yaml"
+    assert main(["serve", "config", "--config-dir", str(config_dir), "--checkpoint", str(checkpoint), "--port", "8123",
+                 "--out", str(good)]) == 0
+    capsys.readouterr()
+    assert main(["serve", "check", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"ok: {good} applications[0] (mtfm) at /: {checkpoint.resolve()} (args.checkpoint)")
+    assert out.rstrip().endswith("serves hp (1 x torch, 0 GPU), phf (1 x torch, 0 GPU), sqs (1 x torch, 0 GPU)")
+
+    def check(edit) -> str:
+        config = yaml.safe_load(good.read_text())
+        edit(config["applications"][0]["args"])
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump(config))
+        assert main(["serve", "check", str(bad)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {bad} applications[0] (mtfm)"), err
+        return err
+
+    assert "args.scenarios.hp.replica: unknown key; expected one of: replicas, " in check(
+        lambda args: args.update(scenarios={"hp": {"replica": 2}}))
+    assert "args.checkpont: unknown setting; expected one of: checkpoint, config_dir, scenarios, " in check(
+        lambda args: args.update(checkpont="x"))
+    assert "args.chunk_size: Input should be a valid integer, found True" in check(lambda args: args.update(
+        chunk_size=True))
+    assert f"{tmp_path / 'nope'}: not found" in check(lambda args: args.update(checkpoint=str(tmp_path / "nope")))
+    text = (config_dir / "scenarios" / "sqs.yaml").read_text().replace("name: sqs", "name: coupon")
+    (config_dir / "scenarios" / "coupon.yaml").write_text(text)
+    assert "(args.checkpoint) was trained without scenarios ['coupon']" in check(lambda args: None)
+    (config_dir / "scenarios" / "coupon.yaml").unlink()
+
+    not_serve = tmp_path / "scenario.yaml"
+    not_serve.write_text((config_dir / "scenarios" / "hp.yaml").read_text())
+    assert main(["serve", "check", str(not_serve)]) == 1
+    assert f"error: {not_serve}: expected a Serve config" in capsys.readouterr().err
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"applications": [{"name": "x", "import_path": "elsewhere:app"}]}))
+    assert main(["serve", "check", str(other)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"note: {other} applications[0] (x): import_path 'elsewhere:app' is not mtfm.deployments.app:build_app; "
+        "not checked", f"error: {other}: no application builds with mtfm.deployments.app:build_app"]
+    assert main(["serve", "check", str(tmp_path / "missing.yaml")]) == 1
+    assert f"error: {tmp_path / 'missing.yaml'}: cannot read it" in capsys.readouterr().err
 
 
 def test_builder_refuses_a_checkpoint_without_a_registered_scenario(checkpoint, config_dir, monkeypatch):
@@ -478,7 +527,6 @@ def test_builder_refuses_a_single_scenario_checkpoint_for_the_scenarios_it_lacks
     # What it can serve: hp alone, by its own app or from a registry of hp alone.
     build_app({"checkpoint": str(checkpoint), "config_dir": str(REPO / "configs"), "scenario_ingress": "hp"})
     # The command the message names writes that app only, and says why; without --scenario-ingress it warns.
-    import yaml
 
     from mtfm.platform.cli import main
 
@@ -560,7 +608,6 @@ def test_builder_refuses_a_baseline_checkpoint(tmp_path, model_config, architect
 
 def test_serve_config_names_the_registry_it_validated(config_dir, monkeypatch, capsys, tmp_path, checkpoint):
     """$MTFM_CONFIG_DIR picks the registry: the config written names that one, not ./configs."""
-    import yaml
 
     monkeypatch.setenv("MTFM_CONFIG_DIR", str(config_dir))
     assert main(["serve", "config"]) == 0
