@@ -152,10 +152,24 @@ def unused_port() -> int:
         return sock.getsockname()[1]
 
 
+TOKEN_FILE = "~/.ray/auth_token"
+
+
+def send_the_token_where_one_exists() -> None:
+    """Ray 2.60's `ray start` turns token authentication on where ~/.ray/auth_token exists, and a client
+    sends the token only with RAY_AUTH_MODE=token, which Ray reads when it is imported. A command
+    pointed at a cluster by RAY_ADDRESS, with the variable unset where the file exists, sets it (Ray
+    not yet imported): a cluster without token authentication takes such a client as well (checked
+    with Ray 2.60), where one with it refused the client after 20 s of retries, a log line a second."""
+    if (os.environ.get("RAY_ADDRESS") and "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules
+            and os.path.exists(os.path.expanduser(TOKEN_FILE))):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def _auth_hint() -> str:
     """Ray 2.60's `ray start` turns token authentication on once ~/.ray/auth_token exists, and a
     client sends the token only with RAY_AUTH_MODE=token."""
-    if os.environ.get("RAY_AUTH_MODE") == "token" or not os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+    if os.environ.get("RAY_AUTH_MODE") == "token" or not os.path.exists(os.path.expanduser(TOKEN_FILE)):
         return ""
     return ("; if the cluster uses token authentication (Ray 2.60 turns it on where ~/.ray/auth_token exists, as "
             "here), set RAY_AUTH_MODE=token")
