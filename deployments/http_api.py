@@ -162,6 +162,8 @@ class RankEndpoint:
         if max(size, declared) > limit:
             raise _too_large(max(size, declared), limit)
         body = b"".join(chunks)
+        if not body.strip():
+            raise RequestError(400, "invalid_json", "body", "empty body; expected a JSON object (a rank request)")
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:

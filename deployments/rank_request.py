@@ -280,7 +280,8 @@ def _example_value(f: Feature, n: int) -> Any:
 def _required(body: dict, key: str, expected: str, where: str = "") -> Any:
     field = f"{where}.{key}" if where else key
     if body.get(key) is None:
-        raise RequestError(422, "missing_field", field, f"required field missing (expected {expected})")
+        found = "null" if key in body else "missing"
+        raise RequestError(422, "missing_field", field, f"required field {found} (expected {expected})")
     return body[key]
 
 
@@ -407,8 +408,9 @@ class _ObjectSchema:
             value = given.get(f.name)
             if value is None:
                 if f.required:
+                    found = "null" if f.name in given else "missing"
                     raise RequestError(422, "missing_field", f"{where}.{f.name}",
-                                       f"required feature missing (expected {_expected(f)})")
+                                       f"required feature {found} (expected {_expected(f)})")
                 out[f.name] = None
             else:
                 out[f.name] = _feature_value(f, value, f"{where}.{f.name}")

@@ -530,3 +530,18 @@ def test_a_column_of_one_value_among_longer_ones_is_said_in_the_singular():
         RankRequestParser(REGISTRY, "hp", max_candidates=1000).parse(body, now_ms=NOW_MS)
     length = len(body["sequences"]["history"]["poi_id"])
     assert error.value.message.startswith(f"1 value; expected {length}, as "), error.value.message
+
+
+def test_a_required_field_sent_as_null_is_told_from_one_left_out():
+    parser = RankRequestParser(REGISTRY, "hp", max_candidates=1000)
+    cases = [(lambda b: b.update(ts=None), "ts", "required field null (expected"),
+             (lambda b: b.pop("ts"), "ts", "required field missing (expected"),
+             (lambda b: b["user"].update(user_city=None), "user.user_city", "required feature null (expected"),
+             (lambda b: b["user"].pop("user_city"), "user.user_city", "required feature missing (expected")]
+    for edit, field, message in cases:
+        body = _varied_body("hp")
+        edit(body)
+        with pytest.raises(RequestError) as error:
+            parser.parse(body, now_ms=NOW_MS)
+        assert (error.value.kind, error.value.field) == ("missing_field", field)
+        assert error.value.message.startswith(message), error.value.message

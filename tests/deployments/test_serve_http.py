@@ -161,6 +161,7 @@ def _bad_requests(registry) -> list[tuple[str, str, dict | bytes, int, str, str]
         ("ts in the future", "hp", edit(ts=future), 422, "ts_in_future", "ts"),
         ("event after the request", "hp", late_event, 422, "event_after_request", "sequences.history[0].ts"),
         ("invalid json", "hp", b"{not json", 400, "invalid_json", "body"),
+        ("empty body", "hp", b"", 400, "invalid_json", "body"),
         ("NaN for a number", "hp", not_a_number, 422, "wrong_type", "candidates[0].poi_rating"),
         ("nested too deeply", "hp", b"[" * 5000 + b"]" * 5000, 400, "invalid_json", "body"),
         ("an integer of 5000 digits", "hp", b'{"user_id": ' + b"9" * 5000 + b"}", 400, "invalid_json", "body"),
@@ -185,6 +186,8 @@ def _check_bad_requests(registry, url: str) -> None:
         assert (error["kind"], error["field"]) == (kind, field), (case, error)
         assert error["message"], case
     _check_a_client_that_sends_its_whole_body_first_gets_the_413(url)
+    empty = requests.post(f"{url}/hp/rank", data=b"", timeout=60, headers={"content-type": "application/json"})
+    assert empty.json()["error"]["message"] == "empty body; expected a JSON object (a rank request)"
     wrong = requests.get(f"{url}/hp/rank", timeout=60)
     assert (wrong.status_code, wrong.headers["allow"]) == (405, "POST")
     wrong = requests.post(f"{url}/healthz", json={}, timeout=60)
