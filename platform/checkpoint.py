@@ -236,10 +236,17 @@ class WarmStart:
     skipped: list[str]
 
     def describe(self, names: set[str]) -> str:
-        """Lines grouping tensors by the module they belong to; `names` are scenario, sequence
-        and feature names, so that e.g. every tensor of scenario `grocery` groups together."""
-        lines = []
-        for verb, keys in (("loaded", self.loaded), ("initialised fresh", self.initialised),
+        """The loaded tensors counted by top-level module on one line (most of the model: each one is
+        named in the run's warm_start.json), then the fresh and skipped ones grouped by the module they
+        belong to; `names` are scenario, sequence and feature names, so that e.g. every tensor of
+        scenario `grocery` groups together."""
+        tops: dict[str, int] = {}
+        for key in self.loaded:
+            tops[key.split(".")[0]] = tops.get(key.split(".")[0], 0) + 1
+        counts = ", ".join(f"{top} {n}" for top, n in sorted(tops.items()))
+        lines = [f"loaded: {len(self.loaded)} tensors"
+                 + (f" ({counts}; each one named in the run's warm_start.json)" if self.loaded else " (none)")]
+        for verb, keys in (("initialised fresh", self.initialised),
                            ("skipped (in the checkpoint, not in this model)", self.skipped)):
             groups: dict[str, int] = {}
             for key in keys:

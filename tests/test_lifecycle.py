@@ -57,6 +57,12 @@ def test_new_scenario_leaves_existing_scores_unchanged(config_dir, tmp_path):
         torch.testing.assert_close(after[scenario], before[scenario], rtol=0, atol=1e-6)
     text = report.describe(set(new_registry.scenarios) | set(new_registry.features))
     assert "initialised fresh" in text and "grocery" in text and "skipped (in the checkpoint, not in this model): 0" in text
+    # The loaded tensors, most of the model, on one line: counted by top-level module.
+    first, *rest = text.splitlines()
+    tops = sorted({k.split(".")[0] for k in old.state_dict()})
+    counts = ", ".join(f"{top} {sum(k.startswith(top + '.') for k in old.state_dict())}" for top in tops)
+    assert first == f"loaded: {len(old.state_dict())} tensors ({counts}; each one named in the run's warm_start.json)"
+    assert not any("loaded" in line for line in rest) and len(rest) < 20
 
 
 def test_retired_scenario_is_reported_and_stays_in_the_checkpoint(config_dir, tmp_path):
