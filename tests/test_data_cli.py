@@ -240,3 +240,31 @@ def test_an_interrupt_while_the_process_exits_prints_no_traceback(raised, shown)
     assert done.stdout == "last line\n"
     assert ("Exception ignored in atexit callback" in done.stderr) == shown, done.stderr
     assert ("a real failure" in done.stderr) == shown
+
+
+def test_a_command_pointed_at_a_cluster_sends_the_token_where_one_exists(monkeypatch, tmp_path):
+    """RAY_AUTH_MODE=token is set only with RAY_ADDRESS set, the variable unset, ~/.ray/auth_token
+    present and Ray not yet imported (Ray reads the variable when imported). The end-to-end case, a
+    `ray start` cluster taking such a command, is test_train.py::test_ray_job_submit."""
+    import os
+    import sys
+
+    from mtfm.platform.cluster import send_the_token_where_one_exists
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+
+    def mode(address: str | None, auth: str | None, token: bool) -> str | None:
+        for name, value in (("RAY_ADDRESS", address), ("RAY_AUTH_MODE", auth)):
+            monkeypatch.setenv(name, value) if value is not None else monkeypatch.delenv(name, raising=False)
+        shutil.rmtree(tmp_path / ".ray", ignore_errors=True)
+        if token:
+            (tmp_path / ".ray").mkdir()
+            (tmp_path / ".ray" / "auth_token").write_text("secret")
+        send_the_token_where_one_exists()
+        return os.environ.get("RAY_AUTH_MODE")
+
+    assert mode("127.0.0.1:6379", None, token=True) == "token"
+    assert mode("127.0.0.1:6379", "disabled", token=True) == "disabled"
+    assert mode("127.0.0.1:6379", None, token=False) is None
+    assert mode(None, None, token=True) is None
