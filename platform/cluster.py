@@ -19,6 +19,7 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = False):
 
     if ray.is_initialized():
         return ray
+    plain_prefixes_off_a_terminal()
     _drop_harmless_worker_lines()
     _quiet_interrupts_while_exiting()
     address = os.environ.get("RAY_ADDRESS")
@@ -150,6 +151,14 @@ def unused_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def plain_prefixes_off_a_terminal() -> None:
+    """Ray colours the `(RayTrainWorker pid=...)` prefix of every forwarded line, also into a file or a
+    pipe, where the colour codes show as `[36m`. Off a terminal (stdout or stderr redirected, a job's
+    log) they are turned off, unless RAY_COLOR_PREFIX is set; Ray reads it for every line it prints."""
+    if "RAY_COLOR_PREFIX" not in os.environ and not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ["RAY_COLOR_PREFIX"] = "0"
 
 
 TOKEN_FILE = "~/.ray/auth_token"

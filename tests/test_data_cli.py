@@ -268,3 +268,27 @@ def test_a_command_pointed_at_a_cluster_sends_the_token_where_one_exists(monkeyp
     assert mode("127.0.0.1:6379", "disabled", token=True) == "disabled"
     assert mode("127.0.0.1:6379", None, token=False) is None
     assert mode(None, None, token=True) is None
+
+
+def test_worker_lines_are_not_coloured_off_a_terminal(monkeypatch):
+    import io
+    import os
+    import sys
+
+    from mtfm.platform.cluster import plain_prefixes_off_a_terminal
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    cases = [(Terminal(), Terminal(), None, None), (io.StringIO(), Terminal(), None, "0"),
+             (Terminal(), io.StringIO(), None, "0"), (io.StringIO(), io.StringIO(), "1", "1")]
+    for stdout, stderr, preset, expected in cases:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        monkeypatch.setattr(sys, "stderr", stderr)
+        if preset is None:
+            monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+        else:
+            monkeypatch.setenv("RAY_COLOR_PREFIX", preset)
+        plain_prefixes_off_a_terminal()
+        assert os.environ.get("RAY_COLOR_PREFIX") == expected
