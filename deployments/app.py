@@ -79,25 +79,26 @@ class AppPlan:
     notes: list[str]
 
 
-def plan_app(args: AppArgs | dict, config_name: str = "serve.yaml") -> AppPlan:
+def plan_app(args: AppArgs | dict, config_name: str = "serve.yaml", built_in: str | None = None) -> AppPlan:
     """Every check `build_app` makes before it deploys anything, on the `args` of an application
     in the serve config `config_name` (named in the errors). Raises ServeConfigError, CheckpointError
     or RegistryError naming the setting and what was expected. Relative paths are read from the
-    current folder, as the app builder reads them from the folder the app is built in."""
+    current folder, as the app builder reads them from the folder the app is built in; `built_in`
+    says which folder that is in the errors (default: the cluster's, where its `ray start` ran)."""
     args = parse_app_args(args, config_name)
     config_dir = resolve_config_dir(args.config_dir)
     if not config_dir.is_absolute() and not config_dir.is_dir():
-        named = (f"{config_name} args.config_dir" if args.config_dir else
+        named = (f"{config_name}: args.config_dir" if args.config_dir else
                  "$MTFM_CONFIG_DIR" if os.environ.get("MTFM_CONFIG_DIR") else "the default config dir")
-        raise ServeConfigError(f"{named} {str(config_dir)!r}: no config directory at "
-                               f"{config_dir.resolve()}: a relative path is read from the folder the app is built in "
-                               f"({Path.cwd()}, where this cluster's `ray start` ran); write an absolute path "
+        folder = built_in or f"the folder the app is built in ({Path.cwd()}, where this cluster's `ray start` ran)"
+        raise ServeConfigError(f"{named} {str(config_dir)!r}: no config directory at {config_dir.resolve()}: a "
+                               f"relative path is read from {folder}; write an absolute path "
                                "(`mtfm serve config --config-dir /ABSOLUTE/configs`)")
     registry = load_registry(config_dir)
     serving = scenario_serving(registry, args.scenarios, config_name)
     if args.scenario_ingress is not None:
         if args.scenario_ingress not in serving:
-            raise ServeConfigError(f"{config_name} args.scenario_ingress: unknown scenario {args.scenario_ingress!r}; "
+            raise ServeConfigError(f"{config_name}: args.scenario_ingress: unknown scenario {args.scenario_ingress!r}; "
                                    f"registered in {registry.config_dir}: {', '.join(registry.scenarios)}")
         serving = {args.scenario_ingress: serving[args.scenario_ingress]}
     checkpoint = resolve_checkpoint(args.checkpoint, config_name=config_name)
@@ -118,7 +119,7 @@ def parse_app_args(args: AppArgs | dict, config_name: str = "serve.yaml") -> App
     if isinstance(args, AppArgs):
         return args
     if not isinstance(args, dict):
-        raise ServeConfigError(f"{config_name} args: expected a mapping of settings, found {type(args).__name__}")
+        raise ServeConfigError(f"{config_name}: args: expected a mapping of settings, found {type(args).__name__}")
     try:
         return AppArgs.model_validate(args)
     except ValidationError as exc:
@@ -127,9 +128,9 @@ def parse_app_args(args: AppArgs | dict, config_name: str = "serve.yaml") -> App
         for error in exc.errors():
             where = ".".join(str(part) for part in error["loc"])
             if error["type"] == "extra_forbidden":
-                problems.append(f"{config_name} args.{where}: unknown setting; expected one of: {known}")
+                problems.append(f"{config_name}: args.{where}: unknown setting; expected one of: {known}")
             else:
-                problems.append(f"{config_name} args.{where}: {error['msg']}, found {error['input']!r}")
+                problems.append(f"{config_name}: args.{where}: {error['msg']}, found {error['input']!r}")
         raise ServeConfigError("; ".join(problems)) from None
 
 
@@ -270,7 +271,7 @@ def scenario_serving(registry: Registry, overrides: dict[str, Any],
     overrides, which are read as that block is."""
     unknown = sorted(set(overrides) - set(registry.scenarios))
     if unknown:
-        raise ServeConfigError(f"{config_name} args.scenarios.{unknown[0]}: unknown scenario; registered in "
+        raise ServeConfigError(f"{config_name}: args.scenarios.{unknown[0]}: unknown scenario; registered in "
                                f"{registry.config_dir}: {', '.join(registry.scenarios)}")
     out = {}
     for name, scenario in registry.scenarios.items():

@@ -150,8 +150,10 @@ class RankEndpoint:
             raise RequestError(415, "unsupported_encoding", "body",
                                f"Content-Encoding {encoding[:40]} is not accepted; send the JSON body uncompressed")
         limit = self.max_body_bytes
-        declared = http.headers.get("content-length", "")
-        declared = int(declared) if declared.isdigit() else 0
+        length = http.headers.get("content-length", "")
+        declared = int(length) if length.isascii() and length.isdigit() else 0
+        if declared > limit + DRAIN_BYTES:  # more than is worth reading: refused at once
+            raise _too_large(declared, limit)
         chunks, size = [], 0
         async for chunk in http.stream():
             size += len(chunk)
@@ -162,7 +164,7 @@ class RankEndpoint:
         if max(size, declared) > limit:
             raise _too_large(max(size, declared), limit)
         body = b"".join(chunks)
-        if not body.strip():
+        if not body or body.isspace():
             raise RequestError(400, "invalid_json", "body", "empty body; expected a JSON object (a rank request)")
         try:
             return orjson.loads(body)

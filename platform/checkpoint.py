@@ -17,6 +17,7 @@ import dataclasses
 import json
 import pickle
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -240,9 +241,7 @@ class WarmStart:
         named in the run's warm_start.json), then the fresh and skipped ones grouped by the module they
         belong to; `names` are scenario, sequence and feature names, so that e.g. every tensor of
         scenario `grocery` groups together."""
-        tops: dict[str, int] = {}
-        for key in self.loaded:
-            tops[key.split(".")[0]] = tops.get(key.split(".")[0], 0) + 1
+        tops = Counter(key.split(".")[0] for key in self.loaded)
         counts = ", ".join(f"{top} {n}" for top, n in sorted(tops.items()))
         lines = [f"loaded: {len(self.loaded)} tensors"
                  + (f" ({counts}; each one named in the run's warm_start.json)" if self.loaded else " (none)")]

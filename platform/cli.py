@@ -389,16 +389,27 @@ def cmd_serve_check(args: argparse.Namespace) -> int:
         print(f"error: {path}: expected a Serve config, a mapping whose `applications` is a list of applications "
               "(`mtfm serve config` writes one)", file=sys.stderr)
         return 1
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    try:  # what `serve run` checks first: Serve's own schema (names, route prefixes, args a mapping)
+        ServeDeploySchema.model_validate(config)
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            print(f"error: {path}: {where}: {error['msg']} (Serve's config schema)", file=sys.stderr)
+        return 1
     failed = checked = 0
+    built_in = f"this folder ({Path.cwd()}), as a `serve run` that starts its own Ray here would"
     for i, app in enumerate(apps):
-        name = f"applications[{i}] ({app.get('name', 'no name')})"
+        name = f"applications[{i}] ({app.get('name', 'default')})"
         if app.get("import_path") != APP_BUILDER:
             print(f"note: {path} {name}: import_path {app.get('import_path')!r} is not {APP_BUILDER}; not checked",
                   file=sys.stderr)
             continue
         checked += 1
         try:
-            plan = plan_app(app.get("args") or {}, f"{path} {name}")
+            plan = plan_app(app.get("args", {}), f"{path} {name}", built_in)
         except (ServeConfigError, CheckpointError, RegistryError) as exc:
             message = str(exc) if str(exc).startswith(f"{path} {name}") else f"{path} {name}: {exc}"
             print(f"error: {message}", file=sys.stderr)
@@ -613,12 +624,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(no router hop; regenerate when scenarios change)")
     p.set_defaults(handler=cmd_serve_config)
     p = vsub.add_parser("check", help="check a serve config as the app builder will, before `serve run`",
-                        description="Make every check the app builder makes on each application of FILE that "
-                                    f"builds with {APP_BUILDER} (its args, the checkpoint, the registry, each "
-                                    "scenario's serving knobs, whether the checkpoint can serve them), without Ray. "
-                                    "Relative paths and $MTFM_CHECKPOINT are read here, as `serve run FILE` run here "
-                                    "reads them. `serve run` of a config the builder refuses keeps running and "
-                                    "answers 404 on every path. Exit status 1 if any application is refused.")
+                        description="Check FILE against Serve's config schema, then make every check the app "
+                                    f"builder makes on each application that builds with {APP_BUILDER} (its args, the "
+                                    "registry, each scenario's serving knobs, the checkpoint and whether it can serve "
+                                    "them), without starting Ray. Relative paths are read in this folder and "
+                                    "$MTFM_CHECKPOINT in this shell, as a `serve run FILE` that starts its own Ray "
+                                    "here reads them (on a running cluster the app is built where its `ray start` "
+                                    "ran, with its environment). `serve run` of a config the builder refuses keeps "
+                                    "running and answers 404 on every path. Exit status 1 if anything is refused.")
     p.add_argument("file", metavar="FILE", help="the serve config, e.g. deployments/serve.yaml")
     p.set_defaults(handler=cmd_serve_check)
     p = vsub.add_parser("example-request", parents=[common], help="print a valid rank request for a scenario",

@@ -157,7 +157,8 @@ def plain_prefixes_off_a_terminal() -> None:
     """Ray colours the `(RayTrainWorker pid=...)` prefix of every forwarded line, also into a file or a
     pipe, where the colour codes show as `[36m`. Off a terminal (stdout or stderr redirected, a job's
     log) they are turned off, unless RAY_COLOR_PREFIX is set; Ray reads it for every line it prints."""
-    if "RAY_COLOR_PREFIX" not in os.environ and not (sys.stdout.isatty() and sys.stderr.isatty()):
+    on_a_terminal = all(getattr(stream, "isatty", lambda: False)() for stream in (sys.stdout, sys.stderr))
+    if "RAY_COLOR_PREFIX" not in os.environ and not on_a_terminal:
         os.environ["RAY_COLOR_PREFIX"] = "0"
 
 
@@ -167,12 +168,31 @@ TOKEN_FILE = "~/.ray/auth_token"
 def send_the_token_where_one_exists() -> None:
     """Ray 2.60's `ray start` turns token authentication on where ~/.ray/auth_token exists, and a client
     sends the token only with RAY_AUTH_MODE=token, which Ray reads when it is imported. A command
-    pointed at a cluster by RAY_ADDRESS, with the variable unset where the file exists, sets it (Ray
-    not yet imported): a cluster without token authentication takes such a client as well (checked
-    with Ray 2.60), where one with it refused the client after 20 s of retries, a log line a second."""
-    if (os.environ.get("RAY_ADDRESS") and "RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules
+    pointed by RAY_ADDRESS at a cluster on this machine, with the variable unset where the file exists,
+    sets it (Ray not yet imported): that cluster's `ray start` found the same file. Without it Ray
+    retried for 20 s, a log line a second, and was refused. A cluster on another machine is not sent
+    this machine's token unasked (nor does Ray send it to an address given explicitly): the refusal
+    names the variable instead (`_auth_hint`)."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    if ("RAY_AUTH_MODE" not in os.environ and "ray" not in sys.modules and _on_this_machine(address)
             and os.path.exists(os.path.expanduser(TOKEN_FILE))):
         os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _on_this_machine(address: str) -> bool:
+    """Whether a RAY_ADDRESS of the form HOST:PORT names this machine: a loopback name or address, its
+    host name, or an address of one of its interfaces."""
+    import socket
+
+    import psutil
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if "://" in address or not host or not port.isdigit():
+        return False
+    if host in ("localhost", "127.0.0.1", "::1", socket.gethostname()):
+        return True
+    return any(a.address.split("%")[0] == host for addrs in psutil.net_if_addrs().values() for a in addrs)
 
 
 def _auth_hint() -> str:

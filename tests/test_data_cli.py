@@ -243,10 +243,12 @@ def test_an_interrupt_while_the_process_exits_prints_no_traceback(raised, shown)
 
 
 def test_a_command_pointed_at_a_cluster_sends_the_token_where_one_exists(monkeypatch, tmp_path):
-    """RAY_AUTH_MODE=token is set only with RAY_ADDRESS set, the variable unset, ~/.ray/auth_token
-    present and Ray not yet imported (Ray reads the variable when imported). The end-to-end case, a
-    `ray start` cluster taking such a command, is test_train.py::test_ray_job_submit."""
+    """RAY_AUTH_MODE=token is set only with RAY_ADDRESS naming this machine, the variable unset,
+    ~/.ray/auth_token present and Ray not yet imported (Ray reads the variable when imported): another
+    machine's cluster is not sent this machine's token. The end-to-end case, a `ray start` cluster
+    taking such a command, is test_train.py::test_ray_job_submit."""
     import os
+    import socket
     import sys
 
     from mtfm.platform.cluster import send_the_token_where_one_exists
@@ -265,9 +267,14 @@ def test_a_command_pointed_at_a_cluster_sends_the_token_where_one_exists(monkeyp
         return os.environ.get("RAY_AUTH_MODE")
 
     assert mode("127.0.0.1:6379", None, token=True) == "token"
+    assert mode(f"{socket.gethostname()}:6379", None, token=True) == "token"
     assert mode("127.0.0.1:6379", "disabled", token=True) == "disabled"
     assert mode("127.0.0.1:6379", None, token=False) is None
     assert mode(None, None, token=True) is None
+    assert mode("203.0.113.7:6379", None, token=True) is None  # TEST-NET-3: no interface of this machine
+    assert mode("ray://127.0.0.1:10001", None, token=True) is None
+    monkeypatch.setitem(sys.modules, "ray", object())  # imported already: too late to take effect
+    assert mode("127.0.0.1:6379", None, token=True) is None
 
 
 def test_worker_lines_are_not_coloured_off_a_terminal(monkeypatch):

@@ -545,3 +545,34 @@ def test_a_required_field_sent_as_null_is_told_from_one_left_out():
             parser.parse(body, now_ms=NOW_MS)
         assert (error.value.kind, error.value.field) == ("missing_field", field)
         assert error.value.message.startswith(message), error.value.message
+
+
+def test_a_body_over_the_limit_is_read_up_to_a_bound_before_its_413(monkeypatch):
+    """Read and thrown away up to DRAIN_BYTES past the limit (a client that sends its whole body first
+    then gets the 413, not a reset), but not when its Content-Length alone is past that bound."""
+    from starlette.requests import Request
+
+    from mtfm.deployments import http_api
+
+    monkeypatch.setattr(http_api, "DRAIN_BYTES", 5000)
+    endpoint = http_api.RankEndpoint({"hp": RankRequestParser(REGISTRY, "hp", 10)}, 2000)
+
+    def post(chunks: int, declared: int | None) -> tuple[int, int]:
+        """(status, chunks of 1000 bytes the endpoint read) for a body of `chunks` such chunks."""
+        read = 0
+
+        async def receive():
+            nonlocal read
+            read += 1
+            return {"type": "http.request", "body": b"x" * 1000, "more_body": read < chunks}
+
+        headers = [(b"content-length", str(declared).encode())] if declared is not None else []
+        scope = {"type": "http", "method": "POST", "path": "/hp/rank", "root_path": "", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json"), *headers]}
+        response = asyncio.run(endpoint.answer(Request(scope, receive), None, None))
+        assert json.loads(response.body)["error"]["kind"] == "body_too_large"
+        return response.status_code, read
+
+    assert post(6, declared=6000) == (413, 6)  # all of it: within the limit and the bound
+    assert post(20, declared=None) == (413, 8)  # chunked: read until past limit + bound (8000 > 7000)
+    assert post(20, declared=20_000) == (413, 0)  # declared past the bound: not read at all

@@ -276,7 +276,6 @@ def test_the_committed_serve_yaml_is_the_generators_output():
 
 def test_serve_config_writes_every_path_so_that_it_reads_back_as_given():
     """A path YAML would read otherwise (a " #" starts a comment, "null" is no string) is quoted."""
-
     for path in ("/runs/v1 #retrained", "null", "yes", "a: b", "runs/x", "{x}", " lead", "'q'"):
         config = yaml.safe_load(render_serve_config(checkpoint=path, config_dir=path, host=path))
         args = config["applications"][0]["args"]
@@ -332,7 +331,6 @@ def test_serve_config_warns_of_a_checkpoint_path_without_a_checkpoint(tmp_path, 
 
 
 def test_a_scenario_ingress_config_has_one_app_per_scenario_at_its_own_prefix(checkpoint):
-
     config = yaml.safe_load(render_serve_config(scenario_ingress=["hp", "sqs"]))
     apps = {a["name"]: a for a in config["applications"]}
     assert list(apps) == ["hp", "sqs"]
@@ -399,15 +397,28 @@ def test_serve_check_makes_the_builders_checks_on_each_application(checkpoint, c
 
     assert "args.scenarios.hp.replica: unknown key; expected one of: replicas, " in check(
         lambda args: args.update(scenarios={"hp": {"replica": 2}}))
-    assert "args.checkpont: unknown setting; expected one of: checkpoint, config_dir, scenarios, " in check(
+    assert ": args.checkpont: unknown setting; expected one of: checkpoint, config_dir, scenarios, " in check(
         lambda args: args.update(checkpont="x"))
-    assert "args.chunk_size: Input should be a valid integer, found True" in check(lambda args: args.update(
+    assert ": args.chunk_size: Input should be a valid integer, found True" in check(lambda args: args.update(
         chunk_size=True))
+    assert f"a relative path is read from this folder ({Path.cwd()}), as a `serve run`" in check(
+        lambda args: args.update(config_dir="no_such_configs"))
     assert f"{tmp_path / 'nope'}: not found" in check(lambda args: args.update(checkpoint=str(tmp_path / "nope")))
     text = (config_dir / "scenarios" / "sqs.yaml").read_text().replace("name: sqs", "name: coupon")
     (config_dir / "scenarios" / "coupon.yaml").write_text(text)
     assert "(args.checkpoint) was trained without scenarios ['coupon']" in check(lambda args: None)
     (config_dir / "scenarios" / "coupon.yaml").unlink()
+
+    twice = yaml.safe_load(good.read_text())
+    twice["applications"].append({**twice["applications"][0], "route_prefix": "/again"})
+    (tmp_path / "twice.yaml").write_text(yaml.safe_dump(twice))
+    assert main(["serve", "check", str(tmp_path / "twice.yaml")]) == 1
+    assert 'applications: Value error, Found multiple configs for application "mtfm"' in capsys.readouterr().err
+    twice["applications"] = twice["applications"][:1]
+    twice["applications"][0]["args"] = None
+    (tmp_path / "twice.yaml").write_text(yaml.safe_dump(twice))
+    assert main(["serve", "check", str(tmp_path / "twice.yaml")]) == 1
+    assert "applications.0.args: Input should be a valid dictionary (Serve's config schema)" in capsys.readouterr().err
 
     not_serve = tmp_path / "scenario.yaml"
     not_serve.write_text((config_dir / "scenarios" / "hp.yaml").read_text())
@@ -608,7 +619,6 @@ def test_builder_refuses_a_baseline_checkpoint(tmp_path, model_config, architect
 
 def test_serve_config_names_the_registry_it_validated(config_dir, monkeypatch, capsys, tmp_path, checkpoint):
     """$MTFM_CONFIG_DIR picks the registry: the config written names that one, not ./configs."""
-
     monkeypatch.setenv("MTFM_CONFIG_DIR", str(config_dir))
     assert main(["serve", "config"]) == 0
     apps = yaml.safe_load(capsys.readouterr().out)["applications"]
@@ -634,7 +644,7 @@ def test_serve_config_names_the_registry_it_validated(config_dir, monkeypatch, c
     assert main(["serve", "config", "--config-dir", "other", "--checkpoint", "runs/latest"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]["checkpoint"] == str(
         tmp_path / "runs" / "latest")
-    with pytest.raises(ServeConfigError, match=r"serve.yaml args.config_dir 'configs': no config directory at "
+    with pytest.raises(ServeConfigError, match=r"serve.yaml: args.config_dir 'configs': no config directory at "
                                                rf"{tmp_path / 'configs'}: a relative path is read from the folder "
                                                rf"the app is built in \({tmp_path}, where"):
         build_app({"checkpoint": str(checkpoint), "config_dir": "configs"})
