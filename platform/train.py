@@ -236,7 +236,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         quiet_ray_data()
         train_ds, test_ds, windows = _samples_to_train_on(plan, log)
         _start_run_folder(plan, windows, log)
-        trainer = _trainer(plan, train_ds, test_ds, resumed=bool(resume))
+        trainer = _trainer(plan, train_ds, test_ds)
         (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a resume tries again
         say_when_ray_train_stops_for_ctrl_c()
         result = _fit(trainer, run_dir, log)
@@ -437,7 +437,7 @@ def _start_run_folder(plan: RunPlan, windows: list, log) -> None:
         f"{' with GPU' if config.use_gpu else ''}")
 
 
-def _trainer(plan: RunPlan, train_ds, test_ds, resumed: bool):
+def _trainer(plan: RunPlan, train_ds, test_ds):
     """The TorchTrainer of the run: `train_loop_per_worker` on `num_workers` workers, restarted from the
     newest checkpoint on a worker's failure."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -453,7 +453,7 @@ def _trainer(plan: RunPlan, train_ds, test_ds, resumed: bool):
                            "init_from": str(plan.init_from) if plan.init_from else None,
                            "samples_fingerprint": plan.samples_fingerprint or _fingerprint_or_none(config.data),
                            "resume_from": str(plan.resume_from) if plan.resume_from else None,
-                           "loaded_by_warm_start": _loaded_by_warm_start(run_dir) if resumed else None},
+                           "loaded_by_warm_start": _loaded_by_warm_start(run_dir) if plan.resume_from else None},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker} | (
                                          {"GPU": config.gpus_per_worker} if config.use_gpu else {})),
@@ -561,7 +561,8 @@ def refuse_workers_the_cluster_cannot_hold(config: TrainConfig, log,
 def _warn_of_resources_held_by_other_work(config: TrainConfig, cpus: float, log) -> None:
     import ray
 
-    needed = {"CPU": cpus + READ_CPUS} | ({"GPU": config.num_workers * config.gpus_per_worker} if config.use_gpu else {})
+    gpus = {"GPU": config.num_workers * config.gpus_per_worker} if config.use_gpu else {}
+    needed = {"CPU": cpus + READ_CPUS} | gpus
     free = ray.available_resources()
     short = [f"{free.get(key, 0.0):g} {key} of the {need:g} needed" for key, need in needed.items()
              if free.get(key, 0.0) < need - 1e-9]
@@ -732,8 +733,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, metavar="AGG_DIR",
                         help="aggregated samples (the --out of `mtfm data aggregate`); default: the config's `data`")
     parser.add_argument("--out", "--run-dir", dest="out", default=None, metavar="RUN_DIR",
-                        help="run folder (default: runs/<name>-<time>; --run-dir, as `mtfm quickstart` calls it, is the "
-                             "same); under `ray job submit`, an absolute path on storage every node sees")
+                        help="run folder (default: runs/<name>-<time>; --run-dir, as `mtfm quickstart` calls it, is "
+                             "the same); under `ray job submit`, an absolute path on storage every node sees")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR",
                         help="continue a run from its newest checkpoint (same run folder); a finished run goes on "
                              "only with more --epochs or --max-steps")
