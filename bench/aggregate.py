@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from checkout import default_out
 
 from mtfm.platform.aggregate import aggregate, aggregate_local
 from mtfm.platform.cluster import init_ray
@@ -51,7 +52,7 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, nargs="+", default=[1, 2], help="Ray CPU counts to run (default 1 2)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one, removed after)")
-    parser.add_argument("--out", default="bench/out/aggregate.json", help="JSON results file")
+    parser.add_argument("--out", default=default_out("aggregate.json"), help="JSON results file")
     args = parser.parse_args()
 
     registry = load_registry(args.config_dir)

@@ -1,8 +1,14 @@
-"""`import mtfm` from a bare checkout, for bench scripts run on a machine where the project is not
-installed (the GPU machine). Installed: nothing to do. Otherwise a link `mtfm` -> the repository root
-goes first on sys.path and on PYTHONPATH, which subprocesses and the workers of a Ray cluster started
-afterwards inherit: `mtfm` is then a namespace package whose subpackages are ./platform, ./model,
-./kernels and ./deployments, as pyproject.toml maps them."""
+"""What a bench script needs from the checkout it runs in.
+
+`ensure_mtfm_importable()`: `import mtfm` from a bare checkout, for bench scripts run on a machine
+where the project is not installed (the GPU machine). Installed: nothing to do. Otherwise a link
+`mtfm` -> the repository root goes first on sys.path and on PYTHONPATH, which subprocesses and the
+workers of a Ray cluster started afterwards inherit: `mtfm` is then a namespace package whose
+subpackages are ./platform, ./model, ./kernels and ./deployments, as pyproject.toml maps them.
+
+`default_out(name)`: where a script writes its JSON when `--out` is not given: `$OUT/name` where OUT
+is set (the GPU machine's folder that comes back), else `bench/out/name` (git-ignored), so that a run
+of one's own never overwrites the recorded results in `bench/results/`."""
 from __future__ import annotations
 
 import atexit
@@ -14,6 +20,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_out(name: str) -> str:
+    return os.path.join(os.environ.get("OUT") or str(ROOT / "bench" / "out"), name)
 
 
 def ensure_mtfm_importable() -> None:

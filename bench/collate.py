@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from checkout import ensure_mtfm_importable
+from checkout import default_out, ensure_mtfm_importable
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_MIX = {"history": (200, 1000), "realtime": (20, 100), "hp": (25, 150), "phf": (15, 100), "sqs": (10, 50)}
@@ -42,7 +42,7 @@ def timed_ms(fn, repeats: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/out"), "collate.json"),
+    parser.add_argument("--out", default=default_out("collate.json"),
                         help="JSON results file ($OUT, else bench/out)")
     parser.add_argument("--repeats", type=int, default=300, help="collations timed per case")
     args = parser.parse_args()

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
-from checkout import ensure_mtfm_importable
+from checkout import default_out, ensure_mtfm_importable
 from collate import TRAIN_MIX, timed_ms
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def best_median_ms(fns: dict[str, callable], repeats: int, rounds: int) -> dict[
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", required=True, metavar="REV", help="git revision to compare against")
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench/out"), "host_ab.json"),
+    parser.add_argument("--out", default=default_out("host_ab.json"),
                         help="JSON results file (default $OUT, else bench/out: host_ab.json)")
     parser.add_argument("--repeats", type=int, default=200, help="calls per round and case (default 200)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
-from checkout import ensure_mtfm_importable
+from checkout import default_out, ensure_mtfm_importable
 
 
 def per_call_us(fn, iters: int, device: torch.device) -> float:
@@ -52,8 +51,7 @@ def main() -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here (--device cpu times the wrappers on the CPU)")
     if args.out is None:  # a CPU run does not overwrite the recorded GPU one
-        args.out = os.path.join(os.environ.get("OUT", "bench/out"),
-                                "host_overhead_cpu.json" if args.device == "cpu" else "host_overhead.json")
+        args.out = default_out("host_overhead_cpu.json" if args.device == "cpu" else "host_overhead.json")
     ensure_mtfm_importable()
     from mtfm.kernels.group_layer_norm import group_layer_norm
     from mtfm.kernels.hstu_attention import hstu_attention

@@ -32,6 +32,7 @@ from triton.runtime.driver import driver
 from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkout import default_out  # noqa: E402
 from kernels import ALPHA, SPLIT_SWEEP, SWEEP, split_halves, training_mix_batch  # noqa: E402
 
 from mtfm.kernels import hstu_attention_triton as attn  # noqa: E402 (kernels.py makes mtfm importable)
@@ -214,15 +215,13 @@ def main():
     parser.add_argument("--sweep", action="store_true",
                         help="every block config of bench/kernels.py's sweep lists, not only the tables' ones")
     parser.add_argument("--tokens", type=int, default=8192, help="tokens of the CPU batch (shapes only matter)")
-    parser.add_argument("--out", help="JSON path (default: $OUT/kernel_resources.json if OUT is set, else "
-                                      "bench/out/kernel_resources_triton<version>[_sweep].json)")
+    parser.add_argument("--out", help="JSON path (default $OUT or bench/out: kernel_resources_triton<version>[_sweep].json)")
     args = parser.parse_args()
     if args.tokens < 1:
         parser.error("--tokens must be at least 1")
     if args.out is None:
         name = f"kernel_resources_triton{triton.__version__}{'_sweep' if args.sweep else ''}.json"
-        args.out = (os.path.join(os.environ["OUT"], "kernel_resources.json") if os.environ.get("OUT")
-                    else str(Path(__file__).resolve().parent / "out" / name))
+        args.out = default_out(name)
     if len(args.heads) % 2:
         parser.error("--heads takes pairs: query heads then kv heads")
     heads = list(zip(args.heads[::2], args.heads[1::2]))

@@ -2,7 +2,7 @@
 
 Checks correctness at real sizes in bf16 against a float64 reference first, then times
 (triton.testing.do_bench, median) and prints a table; writes JSON to --out
-(default $OUT/kernels.json when OUT is set). FLOP convention (DESIGN.md): forward =
+(default $OUT/kernels.json, or bench/out/kernels.json where OUT is not set). FLOP convention (DESIGN.md): forward =
 4 * Hq * d * visible query-key pairs, backward = 2.5 x forward; torch SDPA (causal, same
 tokens, heads and dim, as a dense batch of equal-length users) is counted the same way over
 its causal pairs. Usage: python bench/kernels.py [--out PATH] [--quick]
@@ -15,13 +15,10 @@ kernel variant the study compiles.
 """
 
 import argparse
-import importlib.util
 import itertools
 import json
-import os
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -29,26 +26,13 @@ import triton
 from triton.testing import do_bench
 
 
-def _import_kernels():
-    """mtfm.kernels, from the installed package or, in a bare checkout, from ./kernels."""
-    if importlib.util.find_spec("mtfm") is None:
-        root = Path(__file__).resolve().parents[1]
-        package = types.ModuleType("mtfm")
-        package.__path__ = []
-        sys.modules["mtfm"] = package
-        spec = importlib.util.spec_from_file_location(
-            "mtfm.kernels", root / "kernels" / "__init__.py", submodule_search_locations=[str(root / "kernels")]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["mtfm.kernels"] = module
-        spec.loader.exec_module(module)
-    from mtfm.kernels.group_layer_norm import group_layer_norm
-    from mtfm.kernels.hstu_attention import hstu_attention, hstu_split_target_attention, hstu_target_attention
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkout import default_out, ensure_mtfm_importable  # noqa: E402
 
-    return hstu_attention, hstu_target_attention, hstu_split_target_attention, group_layer_norm
-
-
-hstu_attention, hstu_target_attention, hstu_split_target_attention, group_layer_norm = _import_kernels()
+ensure_mtfm_importable()
+from mtfm.kernels.group_layer_norm import group_layer_norm  # noqa: E402
+from mtfm.kernels.hstu_attention import (  # noqa: E402
+    hstu_attention, hstu_split_target_attention, hstu_target_attention)
 
 ALPHA = 1.0 / 128 ** 0.5
 SCENARIOS = 3
@@ -624,8 +608,7 @@ def bench_registers(device) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_out = os.path.join(os.environ["OUT"], "kernels.json") if os.environ.get("OUT") else None
-    parser.add_argument("--out", default=default_out)
+    parser.add_argument("--out", default=default_out("kernels.json"), help="JSON results ($OUT or bench/out)")
     parser.add_argument("--tokens", type=int, default=65536, help="total tokens per batch")
     parser.add_argument("--quick", action="store_true", help="correctness and the 4K / d=128 shapes only")
     parser.add_argument("--sweep", choices=("none", "attention", "gln", "all"), default="none",

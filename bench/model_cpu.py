@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from checkout import default_out
+
 CASES = [  # name, hta_layout, num_kv_heads (None = num_heads)
     ("full", "(0:4)*1", None),
     ("full+gqa", "(0:4)*1", 1),
@@ -104,7 +106,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and batches")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--out", help="write the results as JSON here (default: no file)", default=argparse.SUPPRESS)
+    parser.add_argument("--out", default=default_out("model_cpu.json"), help="JSON results file")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a single case, in a child process
     args = parser.parse_args()
     import torch
@@ -135,9 +137,10 @@ def main() -> int:
                   f"{r['fwd_attention_gflop']:>10.1f} {r['fwd_bwd_gflop'] / r['fwd_bwd_s']:>9.1f} "
                   f"{r['peak_rss_mib']:>8.0f} {r['step_mem_mib']:>8.0f}",
                   flush=True)
-    if getattr(args, "out", None):
-        Path(args.out).write_text(json.dumps({"config": args.config, "device": args.device, "threads": args.threads,
-                                              "results": results}, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"config": args.config, "device": args.device, "threads": args.threads,
+                                          "results": results}, indent=2))
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from checkout import ensure_mtfm_importable
+from checkout import default_out, ensure_mtfm_importable
 
 ensure_mtfm_importable()  # before Ray and the training subprocesses start: they inherit PYTHONPATH
 from mtfm.platform.aggregate import aggregate  # noqa: E402
@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=None,
                    help="data and run folders (default: a new temp folder; a folder of an earlier study fails its "
                         "runs: a run is never started where one exists)")
-    p.add_argument("--out", default=None, help="JSON (default bench/out/quality_<dataset>.json)")
+    p.add_argument("--out", default=None, help="JSON (default $OUT or bench/out: quality_<dataset>.json)")
     p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                    help="train nothing: merge the runs of earlier JSON outputs (e.g. seeds run on separate "
                         "machines) into one table, written to --out")
@@ -272,7 +272,7 @@ def main(argv=None) -> None:
         if not torch.cuda.is_available():
             raise SystemExit("quality.py: --device cuda: no CUDA device here (the default --device cpu runs on "
                              "the CPU)")
-    out = Path(args.out or f"bench/out/quality_{args.dataset}.json")
+    out = Path(args.out or default_out(f"quality_{args.dataset}.json"))
     if args.combine:
         combine(args.combine, out)
         return

@@ -8,9 +8,10 @@ K in {50, 200, 1000} candidates:
     closed loop   c concurrent clients send back to back for --duration s (c = 1 and 8)
     fixed rate    requests sent on a fixed schedule at half the c=8 throughput; latency counts
                   from the scheduled send time, so queueing shows
-p50/p95/p99 latency (ms) and throughput (requests/s). Each request is one user with a full
-history (256 events) and realtime sequence (32), K candidates. `k1000_over_k50` is the c=1
-p50 latency at K=1000 over K=50 (per-candidate scoring would be 20x).
+p50/p95/p99 latency (ms) and throughput (requests/s). Each request is one user with 256 events in
+each sequence (the parser keeps each sequence's newest max_len: 256 history, 32 realtime) and K
+candidates. `k_ratios` gives, per setup, the c=1 p50 latency at the largest K over the smallest
+(K=1000 over K=50: per-candidate scoring would be 20x), and the same for the in-process times.
 
 In process: one request's scoring time (median of --repeats) per backend (PyTorch with
 user-side reuse, PyTorch plain, onnxruntime) and K, for each --inprocess-models config.
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import requests
+from checkout import default_out
 
 REPO = Path(__file__).resolve().parents[1]
 EVENTS_PER_SEQUENCE = 256
@@ -234,7 +236,7 @@ def k_ratios(http: list[dict], in_process: list[dict], ks: list[int]) -> list[di
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench/out/serve.json", help="JSON results file")
+    parser.add_argument("--out", default=default_out("serve.json"), help="JSON results file")
     parser.add_argument("--model", default="configs/model/tiny.yaml", help="model config served over HTTP")
     parser.add_argument("--inprocess-models", default="configs/model/tiny.yaml,configs/model/small.yaml")
     parser.add_argument("--scenarios", default="hp,phf,sqs")

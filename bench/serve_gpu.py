@@ -97,7 +97,7 @@ from pathlib import Path
 
 import numpy as np
 
-from checkout import ensure_mtfm_importable
+from checkout import default_out, ensure_mtfm_importable
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = "hp"
@@ -1065,7 +1065,7 @@ def print_report(result: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None,
-                        help="JSON results file (default bench/out/serve_gpu[_parse|_profile]_<device>[_tiny].json, "
+                        help="JSON results file (default $OUT or bench/out: serve_gpu[_parse|_profile|_pacing]_<device>[_tiny].json, "
                              "not a recorded run's)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--tiny", action="store_true", help="tiny model, 50 history events, short cells (CPU check)")
@@ -1118,7 +1118,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:  # not the name of a recorded run
         mode = ("_parse" if args.parse_only else "_profile" if args.profile is not None
                 else "_pacing" if args.pacing is not None else "")
-        args.out = f"bench/out/serve_gpu{mode}_{args.device}{'_tiny' if args.tiny else ''}.json"
+        args.out = default_out(f"serve_gpu{mode}_{args.device}{'_tiny' if args.tiny else ''}.json")
     if args.spy_replica and py_spy() is None:
         parser.error("--spy-replica needs py-spy, found neither on PATH nor beside this Python (pip install py-spy)")
     shapes = TINY if args.tiny else FULL

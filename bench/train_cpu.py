@@ -1,9 +1,10 @@
 """Training throughput on this machine's CPUs, through the real Ray Train path.
 
-    python bench/train_cpu.py [--users 600] [--days 4] [--steps 40] [--workers 1 2] [--out FILE]
+    python bench/train_cpu.py [--users 600] [--days 4] [--steps 40] [--workers 1 2] [--models FILE ...]
+                              [--out FILE]
 
-Synthesizes and aggregates a small world once, then trains `configs/train/tiny.yaml` (and any
---model configs) for a fixed number of steps with each worker count, and reports samples/s and
+Synthesizes and aggregates a small world once, then trains `configs/train/tiny.yaml` with each
+--models config (default `configs/model/tiny.yaml`) for a fixed number of steps with each worker count, and reports samples/s and
 tokens/s from the run's log, leaving out the first logged window (start-up and first-batch
 costs). Prints a table and writes JSON.
 """
@@ -16,6 +17,8 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from checkout import default_out
 
 from mtfm.platform.aggregate import aggregate
 from mtfm.platform.registry import load_registry
@@ -31,7 +34,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="training steps per run")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray Train worker counts to time")
     parser.add_argument("--models", nargs="+", default=["configs/model/tiny.yaml"], help="model configs to time")
-    parser.add_argument("--out", default="bench/out/train_cpu.json", help="JSON results file")
+    parser.add_argument("--out", default=default_out("train_cpu.json"), help="JSON results file")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="mtfm-bench-train-"))

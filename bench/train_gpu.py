@@ -67,7 +67,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from checkout import ensure_mtfm_importable
+from checkout import default_out, ensure_mtfm_importable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -817,8 +817,7 @@ def main() -> int:
     if args.profile_ops and args.cuda_graphs != "off":
         parser.error("--profile-ops needs --cuda-graphs off: a graph's replay hides which op launched a kernel")
     if args.out is None:
-        args.out = os.path.join(os.environ.get("OUT", "bench/out"),
-                                "train_gpu_tiny.json" if args.tiny else "train_gpu.json")
+        args.out = default_out("train_gpu_tiny.json" if args.tiny else "train_gpu.json")
     args.tokens = args.tokens or (2048 if args.tiny else 131072)
     args.kernel_tokens = args.kernel_tokens or (1024 if args.tiny else 16384)
     out_path = str(Path(args.out).resolve())

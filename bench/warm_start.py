@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import yaml
+from checkout import default_out
 
 from mtfm.platform.aggregate import aggregate
 from mtfm.platform.registry import load_registry
@@ -35,7 +36,7 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=4, help="synthetic days (one window each)")
     parser.add_argument("--steps", type=int, default=60, help="training steps of each run (warm start and scratch)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds, one pair of runs each")
-    parser.add_argument("--out", default="bench/out/warm_start.json", help="JSON results file")
+    parser.add_argument("--out", default=default_out("warm_start.json"), help="JSON results file")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="mtfm-warm-"))

@@ -5,8 +5,8 @@
                once to the config's compute dtype (bf16), autocast, the Triton kernels, and
                (cuda_graphs) the single pass replayed from a CUDA graph per bucketed batch
                shape (cuda_graphs.py), the other paths serving batches too large for a graph
-    onnx       the subgraph exported per request shape family to ONNX (onnx_export.py), run
-               with onnxruntime on CPU
+    onnx       the subgraph exported once to ONNX with every token count dynamic
+               (onnx_export.py), run with onnxruntime on CPU
     tensorrt   the same ONNX graph run by onnxruntime's TensorRT execution provider, which
                builds a TensorRT engine from it (needs the `tensorrt` package and a GPU)
 
