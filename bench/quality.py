@@ -36,6 +36,7 @@ from checkout import default_out, ensure_mtfm_importable
 ensure_mtfm_importable()  # before Ray and the training subprocesses start: they inherit PYTHONPATH
 from mtfm.platform.aggregate import aggregate  # noqa: E402
 from mtfm.platform.cluster import init_ray  # noqa: E402
+from mtfm.platform.metrics import metric_value  # noqa: E402
 from mtfm.platform.movielens import convert_movielens  # noqa: E402
 from mtfm.platform.registry import load_registry  # noqa: E402
 from mtfm.platform.synth import synthesize  # noqa: E402
@@ -189,7 +190,7 @@ def run_all(args, runs: list[Run], config_dir: Path, data: Path, work: Path, rec
                 continue
             result = json.loads(eval_file.read_text())["eval"]
             record(run, result, time.perf_counter() - t0)
-            shown = ", ".join(f"{s} {result[f'{s}/order']['gauc']:.4f}" for s in run.scenarios
+            shown = ", ".join(f"{s} {metric_value(result[f'{s}/order']['gauc']):.4f}" for s in run.scenarios
                               if f"{s}/order" in result)
             print(f"[quality] {done}/{len(runs)} {run.variant} seed {run.seed} ({time.perf_counter() - t0:.0f} s): "
                   f"order GAUC {shown}", flush=True)
@@ -300,7 +301,8 @@ def main(argv=None) -> None:
             for s in run.scenarios:
                 if f"{s}/click" in result:
                     rows.append({"variant": run.variant, "scenario": s, "seed": run.seed,
-                                 **{f"{t}_{m}": result[f"{s}/{t}"][m] for t in TASKS for m in ("auc", "gauc")},
+                                 **{f"{t}_{m}": metric_value(result[f"{s}/{t}"][m]) for t in TASKS
+                                    for m in ("auc", "gauc")},
                                  "test_users": result[f"{s}/click"]["users_scored"],
                                  "test_positives": {t: result[f"{s}/{t}"]["positives"] for t in TASKS}})
         table, comparisons = summarise(rows)

@@ -22,10 +22,8 @@ router and replicas share the machine's cores, so absolute numbers are a floor.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -58,9 +56,7 @@ def write_checkpoint(model_config: str, folder: Path) -> Path:
     config = load_model_config(REPO / model_config)
     torch.manual_seed(0)
     model = build_model(config, registry)
-    raw = dataclasses.asdict(config)
-    raw.pop("source")
-    return write(folder, model, {}, CheckpointMeta(0, 0, 0, registry.to_dict(), raw, {}))
+    return write(folder, model, {}, CheckpointMeta(0, 0, 0, registry.to_dict(), config.to_dict(), {}))
 
 
 def request_bodies(registry, scenario: str, k: int, count: int = 8) -> list[bytes]:
@@ -123,22 +119,17 @@ def _summary(latencies: list[float], errors: int, elapsed: float) -> dict:
             "p99_ms": float(np.percentile(ms, 99))}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_http(checkpoint: Path, scenarios: list[str], ks: list[int], duration: float) -> list[dict]:
     import ray
     from ray import serve
 
     from mtfm.deployments.app import build_app
+    from mtfm.platform.cluster import unused_port
     from mtfm.platform.registry import load_registry
 
     registry = load_registry(REPO / "configs")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    port = free_port()
+    port = unused_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     rows = []
     try:

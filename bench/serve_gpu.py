@@ -84,7 +84,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -169,9 +168,7 @@ def write_checkpoint(model_config: str, registry, folder: Path, kernels: str) ->
     config = load_model_config(ROOT / model_config).replace(attention_impl=kernels, norm_impl=kernels)
     torch.manual_seed(0)
     model = build_model(config, registry)
-    raw = dataclasses.asdict(config)
-    raw.pop("source")
-    return write(folder, model, {}, CheckpointMeta(0, 0, 0, registry.to_dict(), raw, {}))
+    return write(folder, model, {}, CheckpointMeta(0, 0, 0, registry.to_dict(), config.to_dict(), {}))
 
 
 class RequestBodies:
@@ -743,19 +740,15 @@ def _latency_summary(latencies: list[float], errors: int, batches: list[dict]) -
             "replica_score_p50_ms": mean_and_median("score_ms")[1]}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DIRECT_INGRESS_PORTS = 16
 
 
 def direct_ingress_environment() -> int:
     """Sets Ray Serve's direct ingress (ingress replicas serve HTTP themselves, no proxy) for the
     Ray started next, and returns the first port of the range their ports come from."""
-    port = free_port()
+    from mtfm.platform.cluster import unused_port
+
+    port = unused_port()
     os.environ.update(RAY_SERVE_ENABLE_DIRECT_INGRESS="1", RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=str(port),
                       RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT=str(port + DIRECT_INGRESS_PORTS))
     return port
@@ -797,12 +790,13 @@ def run_http(checkpoint: Path, config_dir: Path, registry, shapes: Shapes, devic
 
     from mtfm.deployments.app import build_app
     from mtfm.deployments.rank_request import RankRequestParser
+    from mtfm.platform.cluster import unused_port
 
     # address="local": always a private cluster, never one that someone else started on this machine.
     budget.log("starting a local Ray and Serve")
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
-    port = free_port()
+    port = unused_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     knobs = {"backend": "torch", "num_gpus": 1.0 if device_name == "cuda" else 0.0, "num_cpus": 1.0,
              "max_batch_requests": 16, "max_ongoing_requests": 64, "max_candidates": max(shapes.ks),

@@ -22,6 +22,7 @@ import yaml
 from checkout import default_out
 
 from mtfm.platform.aggregate import aggregate
+from mtfm.platform.metrics import metric_value
 from mtfm.platform.registry import load_registry
 from mtfm.platform.synth import synthesize
 from mtfm.platform.train import TrainConfig, train
@@ -65,7 +66,7 @@ def main() -> None:
                         out=root / f"{variant[:5]}-{seed}", init_from=init, config_dir=str(four), **quiet)
             result = json.loads((run / "eval.json").read_text())["eval"]
             rows.append({"variant": variant, "seed": seed,
-                         **{f"{task}_{m}": result[f"grocery/{task}"][m] for task in ("click", "order")
+                         **{f"{task}_{m}": metric_value(result[f"grocery/{task}"][m]) for task in ("click", "order")
                             for m in ("auc", "gauc")}})
     table = []
     for variant in dict.fromkeys(r["variant"] for r in rows):

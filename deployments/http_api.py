@@ -31,6 +31,7 @@ import asyncio
 import codecs
 import json
 import math
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -179,8 +180,11 @@ class RankEndpoint:
                                "expected a JSON object encoded in UTF-8") from exc
         try:
             return json.loads(text)
-        except ValueError as exc:  # JSONDecodeError, an integer of over 4300 digits
+        except json.JSONDecodeError as exc:
             raise RequestError(400, "invalid_json", "body", f"not valid JSON: {exc}") from exc
+        except ValueError as exc:  # Python's limit on the digits of an integer it converts
+            raise RequestError(400, "invalid_json", "body", "a number with more digits than any field takes (over "
+                               f"{sys.get_int_max_str_digits()}); expected numbers of at most 64 bits") from exc
         except RecursionError as exc:
             raise RequestError(400, "invalid_json", "body", "not valid JSON: nested too deeply") from exc
 

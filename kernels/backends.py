@@ -2,8 +2,9 @@
 
 "reference": the PyTorch reference (any device). "triton": the Triton kernel, on CUDA
 tensors, or on CPU tensors when TRITON_INTERPRET=1 was set before triton was imported (CI).
-"auto": Triton on CUDA tensors, the reference elsewhere (and for inputs the kernels do not
-cover, such as float64; the dispatchers check that).
+"auto": Triton on CUDA tensors, the reference elsewhere, and for inputs the kernels do not cover
+(such as float64), which `impl="triton"` refuses: each op's Triton module says which those are
+(`unsupported_reason`), and `resolve_impl` acts on it for every dispatcher.
 """
 
 import functools
@@ -14,6 +15,15 @@ from typing import Callable
 import torch
 
 IMPLS = ("auto", "triton", "reference")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the references take
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton kernels take
+
+
+def dtype_unsupported_reason(dtype: torch.dtype, what: str = "dtype") -> str | None:
+    """Why the Triton kernels cannot take `dtype`, or None."""
+    if dtype in KERNEL_DTYPES:
+        return None
+    return f"{what} {dtype}; the kernels take float16, bfloat16 or float32"
 
 
 def check_argument(op: str, name: str, ok: bool, found, expected: str | Callable[[], str]) -> None:
@@ -40,17 +50,27 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     )
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """'triton' or 'reference' for a call with tensors on `device`; raises on a bad request."""
+def resolve_impl(impl: str, device: torch.device, op: str = "",
+                 unsupported: Callable[[], str | None] | None = None) -> str:
+    """'triton' or 'reference' for a call of `op` with tensors on `device`; raises on a bad request.
+    `unsupported()`, asked only where Triton would run, says why the kernels do not cover these inputs
+    (or None): "auto" then takes the reference, "triton" raises ValueError naming the op."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if device.type == "cuda" and triton_unavailable_reason(device) is None else "reference"
-    if impl == "triton":
-        reason = triton_unavailable_reason(device)
+        chosen = "triton" if device.type == "cuda" and triton_unavailable_reason(device) is None else "reference"
+    else:
+        chosen = impl
+        reason = triton_unavailable_reason(device) if impl == "triton" else None
         if reason is not None:
             raise RuntimeError(f"impl='triton' cannot run: {reason}")
-    return impl
+    if chosen == "triton" and unsupported is not None:
+        reason = unsupported()
+        if reason is not None and impl == "triton":
+            raise ValueError(f"{op}: impl='triton' does not support these inputs: {reason}")
+        if reason is not None:
+            chosen = "reference"
+    return chosen
 
 
 @functools.cache

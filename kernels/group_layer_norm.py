@@ -23,9 +23,7 @@ import torch
 from torch import Tensor
 
 from . import group_layer_norm_reference as reference
-from .backends import check_argument, resolve_impl
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from .backends import FLOAT_DTYPES, check_argument, resolve_impl
 
 
 def implementation(impl: str):
@@ -145,7 +143,7 @@ def group_layer_norm_residual(
 def checked_implementation(x: Tensor, group: Tensor, weight: Tensor, bias: Tensor, impl: str = "auto") -> str:
     """Checks the inputs of `group_layer_norm` and returns the implementation it runs for them."""
     _check("x.shape", x.dim() == 2, tuple(x.shape), "2 dims (tokens, features)")
-    _check("x.dtype", x.dtype in _FLOAT_DTYPES, x.dtype, "float16, bfloat16, float32 or float64")
+    _check("x.dtype", x.dtype in FLOAT_DTYPES, x.dtype, "float16, bfloat16, float32 or float64")
     _check("group", group.dim() == 1 and group.shape[0] == x.shape[0] and group.dtype == torch.int64,
            lambda: f"{tuple(group.shape)} {group.dtype}", lambda: f"({x.shape[0]},) torch.int64")
     _check("weight.shape", weight.dim() == 2 and weight.shape[1] == x.shape[1], tuple(weight.shape),
@@ -154,13 +152,9 @@ def checked_implementation(x: Tensor, group: Tensor, weight: Tensor, bias: Tenso
            lambda: f"{tuple(bias.shape)} {bias.dtype}", lambda: f"{tuple(weight.shape)} {weight.dtype} like weight")
     for name, t in (("group", group), ("weight", weight), ("bias", bias)):
         _check(f"{name}.device", t.device == x.device, t.device, lambda: f"{x.device} like x")
-    chosen = resolve_impl(impl, x.device)
-    if chosen == "triton":
+    def unsupported() -> str | None:
         from .group_layer_norm_triton import unsupported_reason
 
-        reason = unsupported_reason(x, weight)
-        if reason is not None and impl == "triton":
-            raise ValueError(f"group_layer_norm: impl='triton' does not support these inputs: {reason}")
-        if reason is not None:  # "auto" takes the reference for what the kernels do not cover
-            chosen = "reference"
-    return chosen
+        return unsupported_reason(x)
+
+    return resolve_impl(impl, x.device, "group_layer_norm", unsupported)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .backends import multiprocessors
+from .backends import dtype_unsupported_reason, multiprocessors
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _MAX_BLOCK_ELEMENTS = 8192  # rows x padded features per forward program: loads in flight, no spills
@@ -48,10 +48,10 @@ _BWD_STACKED_CONFIGS = {512: (2048, 2, 4), 1024: (4096, 4, 2)}
 # the row strides, fixed by the model, keep the hint.
 
 
-def unsupported_reason(x: Tensor, weight: Tensor) -> str | None:
-    """Why these inputs cannot run here, or None. x (N, D), weight (G, D)."""
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"x dtype {x.dtype}; the kernels take float16, bfloat16 or float32"
+def unsupported_reason(x: Tensor) -> str | None:
+    """Why the kernels cannot take x (N, D), or None."""
+    if (reason := dtype_unsupported_reason(x.dtype, "x dtype")) is not None:
+        return reason
     if x.shape[1] > _MAX_FEATURES:
         return f"feature dim {x.shape[1]}; the kernels take at most {_MAX_FEATURES}"
     return None

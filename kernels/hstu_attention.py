@@ -41,9 +41,7 @@ import torch
 from torch import Tensor
 
 from . import hstu_attention_reference as reference
-from .backends import check_argument, resolve_impl
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from .backends import FLOAT_DTYPES, check_argument, resolve_impl
 
 
 def _implementation(impl: str):
@@ -248,7 +246,7 @@ def _check_inputs(q, k, v, offsets, q_offsets, kind, ts, names: tuple[str, ...])
     q_name, k_name, v_name, offsets_name, q_offsets_name, kind_name, ts_name = names
     for name, t in ((q_name, q), (k_name, k), (v_name, v)):
         _check(f"{name}.shape", t.dim() == 3, tuple(t.shape), "3 dims (tokens, heads, head_dim)")
-        _check(f"{name}.dtype", t.dtype in _FLOAT_DTYPES, t.dtype, "float16, bfloat16, float32 or float64")
+        _check(f"{name}.dtype", t.dtype in FLOAT_DTYPES, t.dtype, "float16, bfloat16, float32 or float64")
     n = k.shape[0]
     _check(f"{v_name}.shape", v.shape[:2] == k.shape[:2], tuple(v.shape),
            lambda: f"({n}, {k.shape[1]}, Dv) like {k_name}")
@@ -303,16 +301,12 @@ def _check_gate(gate: Tensor | None, q: Tensor, v: Tensor, q_name: str) -> None:
 
 def _choose_impl(q: Tensor, v: Tensor, norm: float, impl: str) -> str:
     _check("norm", norm > 0, norm, "a positive constant")
-    chosen = resolve_impl(impl, q.device)
-    if chosen == "triton":
+    def unsupported() -> str | None:
         from .hstu_attention_triton import unsupported_reason
 
-        reason = unsupported_reason(q, v)
-        if reason is not None and impl == "triton":
-            raise ValueError(f"hstu attention: impl='triton' does not support these inputs: {reason}")
-        if reason is not None:  # "auto" takes the reference for what the kernels do not cover
-            chosen = "reference"
-    return chosen
+        return unsupported_reason(q, v)
+
+    return resolve_impl(impl, q.device, "hstu attention", unsupported)
 
 
 def hstu_attention(

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .backends import multiprocessors
+from .backends import dtype_unsupported_reason, multiprocessors
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -88,8 +88,8 @@ _PER_BATCH_ARGS = ["Offsets", "QOffsets", "Kind", "Ts", "TsSelf", "num_users"]
 
 def unsupported_reason(q: Tensor, v: Tensor) -> str | None:
     """Why these inputs cannot run here, or None. q (NQ, Hq, D), v (N, Hkv, Dv)."""
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {q.dtype}; the kernels take float16, bfloat16 or float32"
+    if (reason := dtype_unsupported_reason(q.dtype)) is not None:
+        return reason
     for name, dim in (("head dim D", q.shape[2]), ("value head dim Dv", v.shape[2])):
         if dim not in (16, 32, 64, 128, 256):
             return f"{name} = {dim}; the kernels take 16, 32, 64, 128 or 256"
@@ -169,6 +169,7 @@ def _user_block(pid, Offsets, QOffsets, Kind, num_users, ScheduleOffsets, BLOCK:
     length = tl.load(Offsets + b + 1) - start
     q_start = tl.load(QOffsets + b)
     n_q = tl.load(QOffsets + b + 1) - q_start
+    # A user's kinds ascend H, R, T; 1 and 2 are TokenKind.R and TokenKind.T (test_mask.py holds the values).
     n_hist = _count_below(Kind + start, length, 1, 64)
     if SPLIT:
         return b, first, start, length, q_start, n_q, length, n_hist, length, q_start

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import linear_silu_reference as reference
-from .backends import resolve_impl
+from .backends import dtype_unsupported_reason, resolve_impl
 
 
 def implementation(impl: str):
@@ -61,16 +61,8 @@ def bias_grad(grad_y: Tensor, *, impl: str = "auto") -> Tensor:
 
 
 def _chosen(op: str, impl: str, t: Tensor, dtype: torch.dtype | None = None) -> str:
-    """The implementation for `impl` and tensor t computed in `dtype` (default t's): "auto" takes the
-    reference for dtypes the kernels do not take (float64), "triton" refuses them."""
-    chosen = resolve_impl(impl, t.device)
-    dtype = dtype or t.dtype
-    if chosen == "triton" and dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        if impl == "triton":
-            raise ValueError(f"{op}: impl='triton' does not support these inputs: dtype {dtype}; the kernels take "
-                             "float16, bfloat16 or float32")
-        return "reference"
-    return chosen
+    """The implementation for `impl` and tensor t computed in `dtype` (default t's)."""
+    return resolve_impl(impl, t.device, op, lambda: dtype_unsupported_reason(dtype or t.dtype))
 
 
 def linear_silu(h: Tensor, weight: Tensor, bias: Tensor, *, impl: str = "auto") -> Tensor:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import merge_rows_reference as reference
-from .backends import resolve_impl
+from .backends import dtype_unsupported_reason, resolve_impl
 
 
 def merge_rows(first: Tensor, second: Tensor, source: Tensor, *, impl: str = "auto") -> Tensor:
@@ -27,12 +27,7 @@ def merge_rows(first: Tensor, second: Tensor, source: Tensor, *, impl: str = "au
         raise ValueError(f"merge_rows: source must be a 1-d int64 index on {first.device}, got {tuple(source.shape)} "
                          f"{source.dtype} on {source.device}")
     source = source.contiguous()
-    chosen = resolve_impl(impl, first.device)
-    if chosen == "triton" and first.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        if impl == "triton":
-            raise ValueError(f"merge_rows: impl='triton' does not support these inputs: dtype {first.dtype}; the "
-                             "kernel takes float16, bfloat16 or float32")
-        chosen = "reference"  # "auto" takes the reference for what the kernel does not cover
+    chosen = resolve_impl(impl, first.device, "merge_rows", lambda: dtype_unsupported_reason(first.dtype))
     if torch.compiler.is_compiling():
         chosen = "reference"
     if chosen == "triton":

@@ -104,12 +104,20 @@ class ModelConfig:
     def mlp_hidden_dim(self) -> int:
         return self.tokenizer_hidden_dim or self.d_model
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a file would hold them (what a checkpoint records): no source, lists for tuples."""
+        raw = dataclasses.asdict(self)
+        raw.pop("source")
+        if raw["scenarios"] is not None:
+            raw["scenarios"] = list(raw["scenarios"])
+        return raw
+
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with some fields changed, validated like a loaded file."""
-        raw = dataclasses.asdict(self) | changes
+        raw = self.to_dict() | changes
         if isinstance(raw["mmoe"], MMoEConfig):
             raw["mmoe"] = dataclasses.asdict(raw["mmoe"])
-        return parse_model_config(raw, raw.pop("source"))
+        return parse_model_config(raw, self.source)
 
 
 def parse_hta_layout(layout: str, file: str = "<model config>") -> tuple[str, ...]:

@@ -353,6 +353,9 @@ def _check_inputs(registry: Registry, raw: Path, out: Path) -> tuple[list[tuple[
         if raw.resolve().is_relative_to(p.resolve()):
             raise ValueError(f"--raw {raw} is inside {p}, which this aggregation writes anew (and --overwrite "
                              "deletes first); copy those logs elsewhere, or choose another --out")
+    if out.resolve() == raw.resolve():
+        raise ValueError(f"--out {out} is the --raw folder: the samples, quarantine and summary would mix with the "
+                         f"logs; choose another --out (e.g. {raw.parent / 'agg'})")
     for kind in ("exposures", "behaviors"):
         if out.resolve().is_relative_to((raw / kind).resolve()):
             raise ValueError(f"--out {out} is inside {raw / kind}, the logs this aggregation reads (its output "

@@ -172,7 +172,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from mtfm.platform.train import TrainConfig, refuse_existing_run, refuse_workers_the_cluster_cannot_hold, train
 
     reg = load_registry(args.config_dir)
-    config = TrainConfig.load(args.train_config)
+    config = TrainConfig.load(args.train_config).with_flags({"max_steps": args.max_steps})
     if args.days <= config.test_windows:
         print(f"error: --days {args.days}: {args.train_config} holds out the last {config.test_windows} day(s) for "
               f"evaluation; expected more days than that", file=sys.stderr)
@@ -204,8 +204,6 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     synthesize(reg, root / "raw", users=args.users, days=args.days, seed=args.seed, overwrite=True)
     print(f"[2/3] Ray Data aggregation -> {root / 'agg'}")
     aggregate(reg, root / "raw", root / "agg", overwrite=True)
-    if args.max_steps is not None:
-        config = TrainConfig.from_dict(config.to_dict() | {"max_steps": args.max_steps}, config.source)
     print(f"[3/3] Ray Train: {args.train_config}")
     run_dir = train(config, data=str(root / "agg"), out=args.run_dir, config_dir=args.config_dir)
     # deployments/serve.yaml names ./configs; another registry needs a serve config of its own
@@ -401,11 +399,23 @@ def cmd_serve_check(args: argparse.Namespace) -> int:
         return 1
     failed = checked = 0
     built_in = f"this folder ({Path.cwd()}), as a `serve run` that starts its own Ray here would"
+    wanted = {"CPU": 0.0, "GPU": 0.0}  # what the checked apps' replicas ask of a cluster, for a `serve run` here
+    unavailable: dict[str, list[str]] = {}  # backend -> the scenarios configured with it
     for i, app in enumerate(apps):
         name = f"applications[{i}] ({app.get('name', 'default')})"
+        problem = _route_prefix_problem(app.get("route_prefix", "/"))
+        if problem:  # Serve's schema lets these through; its deploy step refuses them
+            print(f"error: {path} {name}: route_prefix {app['route_prefix']!r}: {problem}", file=sys.stderr)
+            failed += 1
+            continue
         if app.get("import_path") != APP_BUILDER:
-            print(f"note: {path} {name}: import_path {app.get('import_path')!r} is not {APP_BUILDER}; not checked",
-                  file=sys.stderr)
+            problem = _import_problem(app.get("import_path", ""))
+            if problem:
+                print(f"error: {path} {name}: import_path {app.get('import_path')!r}: {problem}", file=sys.stderr)
+                failed += 1
+            else:
+                print(f"note: {path} {name}: import_path {app.get('import_path')!r} is not {APP_BUILDER}; not "
+                      "checked", file=sys.stderr)
             continue
         checked += 1
         try:
@@ -421,10 +431,69 @@ def cmd_serve_check(args: argparse.Namespace) -> int:
                               for scenario, cfg in plan.serving.items())
         print(f"ok: {path} {name} at {app.get('route_prefix', '/')}: {plan.checkpoint} ({plan.source}), registry "
               f"{plan.registry.config_dir}; serves {scenarios}")
+        for scenario, cfg in plan.serving.items():
+            wanted["CPU"] += cfg.replicas * cfg.num_cpus
+            wanted["GPU"] += cfg.replicas * cfg.num_gpus
+            unavailable.setdefault(cfg.backend, []).append(scenario)
+        if plan.args.scenario_ingress is None:
+            wanted["CPU"] += plan.args.router_replicas * plan.args.router_num_cpus
     if not checked:
         print(f"error: {path}: no application builds with {APP_BUILDER}", file=sys.stderr)
         return 1
+    for warning in _what_this_machine_lacks(wanted, unavailable):
+        print(f"warning: {path}: {warning}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _route_prefix_problem(prefix) -> str | None:
+    """What Serve's deploy step refuses in an application's route_prefix (its config schema does not)."""
+    if prefix is None:
+        return None
+    if not isinstance(prefix, str) or not prefix.startswith("/"):
+        return "expected a path that starts with '/', e.g. /hp"
+    if prefix != "/" and prefix.endswith("/"):
+        return "expected no trailing '/' (but for the prefix '/' itself)"
+    if "{" in prefix or "}" in prefix:
+        return "expected no wildcards ('{', '}')"
+    return None
+
+
+def _import_problem(import_path: str) -> str | None:
+    """Why `serve run` could not import an application's builder (None when it can), from this folder as
+    `serve run`'s default --app-dir."""
+    import importlib
+
+    module, _, attribute = import_path.rpartition(":") if ":" in import_path else import_path.rpartition(".")
+    if not module or not attribute:
+        return "expected MODULE:ATTRIBUTE, e.g. " + APP_BUILDER
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        found = importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - what `serve run` would meet
+        return f"cannot import {module} ({type(exc).__name__}: {exc})"
+    finally:
+        sys.path.remove(str(Path.cwd()))
+    if not hasattr(found, attribute):
+        return f"{module} has no {attribute}"
+    return None
+
+
+def _what_this_machine_lacks(wanted: dict[str, float], backends: dict[str, list[str]]) -> list[str]:
+    """Where `serve run` would start its own Ray here (no RAY_ADDRESS): the backends this machine cannot
+    run and the CPUs and GPUs its replicas ask for beyond the machine's. A cluster may have them."""
+    if os.environ.get("RAY_ADDRESS"):
+        return []
+    import torch
+
+    from mtfm.deployments.backends import backend_unavailable_reason
+
+    lacks = [f"scenario(s) {', '.join(scenarios)}: {reason}; their replicas would not start here"
+             for backend, scenarios in backends.items() if (reason := backend_unavailable_reason(backend))]
+    have = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+    lacks += [f"the replicas ask for {wanted[kind]:g} {kind} in all, this machine has {have[kind]:g}: a `serve run` "
+              "here would wait for them (a cluster with more: RAY_ADDRESS)" for kind in ("CPU", "GPU")
+              if wanted[kind] > have[kind]]
+    return lacks
 
 
 def cmd_serve_example_request(args: argparse.Namespace) -> int:

@@ -7,14 +7,13 @@ together. The same `evaluate_batches` runs inside training (at checkpoints) and 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from mtfm.platform.metrics import auc, gauc
+from mtfm.platform.metrics import auc, gauc, metric_value, metrics_json
 
 
 class NonFiniteScores(ValueError):
@@ -76,7 +75,8 @@ def format_table(results: dict[str, dict], missing: Iterable[str] = ()) -> str:
     lines = [f"{'scenario/task':<20} {'AUC':>7} {'GAUC':>7} {'exposures':>10} {'positives':>10} {'users':>7}"]
     notes = []
     for key, r in results.items():
-        lines.append(f"{key:<20} {r['auc']:>7.4f} {r['gauc']:>7.4f} {r['exposures']:>10} {r['positives']:>10} "
+        lines.append(f"{key:<20} {metric_value(r['auc']):>7.4f} {metric_value(r['gauc']):>7.4f} {r['exposures']:>10} "
+                     f"{r['positives']:>10} "
                      f"{r['users_scored']:>7}")
         if r["users_scored"] < FEW or r["positives"] < FEW:
             notes.append(f"note: {key}: {r['users_scored']} user(s) with both classes, {r['positives']} positive(s): "
@@ -118,27 +118,27 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
                                     "there; pass --data AGG_DIR")
     registry = model.registry
 
-    def refuse_other_samples(names: list[str]) -> None:
+    def refuse_other_samples(schema) -> None:
         refuse_samples_that_do_not_fit(
-            names, str(data), list(registry.scenarios), list(registry.sequences), whose=f"checkpoint {folder}",
+            schema, str(data), registry, list(registry.scenarios), whose=f"checkpoint {folder}",
             remedy=(f"pass --data samples aggregated with the registry it was trained with (a config dir declaring "
                     f"scenarios {list(registry.scenarios)} and sequences {list(registry.sequences)})"))
 
     if "://" not in str(data):  # named before Ray starts
         fs, files = sample_files(samples_folder(str(data)))
         try:
-            names = pq.read_schema(files[0], filesystem=fs).names if files else None
+            schema = pq.read_schema(files[0], filesystem=fs) if files else None
         except Exception:  # noqa: BLE001 - an unreadable part is named by split_by_window below
-            names = None
-        if names is not None and "window" in names:  # else split_by_window says what the folder is not
-            refuse_other_samples(names)
+            schema = None
+        if schema is not None and "window" in schema.names:  # else split_by_window says what the folder is not
+            refuse_other_samples(schema)
     windows_held_out = trained["test_windows"] if test_windows is None else test_windows
     if windows_held_out < 1:
         raise ValueError(f"test_windows {windows_held_out}: expected at least 1 (the last N windows are the test set)")
     init_ray()
     quiet_ray_data()  # a table at the end is the output; Ray Data's per-dataset INFO lines are noise here
     _, test_ds, windows = split_by_window(data, windows_held_out, need_train=False)
-    refuse_other_samples(test_ds.schema().names)
+    refuse_other_samples(test_ds.schema().base_schema)
     budget = trained["tokens_per_batch"]
     reads = test_ds.iter_batches(batch_size=trained["rows_per_read"], batch_format="pyarrow")
     results = evaluate_batches(model, token_budget_batches(reads, Collator(registry), budget), torch.device("cpu"))
@@ -178,6 +178,6 @@ def run_from_args(args) -> int:
               "are windows its run trained on (it held out fewer of these samples): their scores are not held-out "
               "scores")
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        Path(args.json).write_text(metrics_json(report, indent=1))
         print(f"wrote {args.json}")
     return 0

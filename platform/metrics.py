@@ -4,12 +4,38 @@ AUC is the Mann-Whitney statistic with tied scores counted as half (average rank
 GAUC is the per-user AUC averaged over users that have both a positive and a negative label,
 weighted by the user's number of exposures (impressions), as in DIN and MTGR; users with one
 class only are skipped and counted in `users_skipped`.
+
+A metric that cannot be computed (a task whose test exposures hold one class) is NaN. The files the
+platform writes hold it as null (`metrics_json`): NaN is not JSON, and strict readers refuse it;
+`metric_value` reads it back as NaN.
 """
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+
+def metrics_json(record: Any, **kwargs) -> str:
+    """`record` as strict JSON: every float that is not finite (NaN, inf) written as null."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    return json.dumps(finite(record), allow_nan=False, **kwargs)
+
+
+def metric_value(value: float | None) -> float:
+    """A metric as read back from such a file: null is NaN."""
+    return math.nan if value is None else float(value)
 
 
 @dataclass(frozen=True)

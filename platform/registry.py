@@ -279,7 +279,7 @@ class Registry:
 
     @classmethod
     def from_dict(cls, snapshot: dict[str, Any]) -> "Registry":
-        seqs = _parse_sequences({"sequences": list(snapshot["sequences"].values())}, "<snapshot>/sequences",
+        seqs = parse_sequences({"sequences": list(snapshot["sequences"].values())}, "<snapshot>/sequences",
                                 snapshot=True)
         scns = {}
         for name, raw in snapshot["scenarios"].items():
@@ -325,7 +325,7 @@ def load_registry(config_dir: str | Path | None = None) -> Registry:
         raise RegistryError(root, "", f"{what} (expected a folder holding sequences.yaml and scenarios/*.yaml; "
                             "set --config-dir or MTFM_CONFIG_DIR)")
     seq_file = sequences_file(root)
-    sequences = _parse_sequences(read_yaml_mapping(seq_file), str(seq_file))
+    sequences = parse_sequences(read_yaml_mapping(seq_file), str(seq_file))
     scn_dir = root / "scenarios"
     files = scenario_files(scn_dir)
     if not files:
@@ -665,7 +665,9 @@ def _parse_synthetic(raw: dict, file: str, task_names: list[str]) -> SyntheticCo
                            fraction, {k: float(v) for k, v in rates.items()})
 
 
-def _parse_sequences(raw: Any, file: str, snapshot: bool = False) -> dict[str, Sequence]:
+def parse_sequences(raw: Any, file: str, snapshot: bool = False) -> dict[str, Sequence]:
+    """The shared sequences of `file` (raw: its YAML mapping), by name; errors name the file and field.
+    `snapshot`: read from a checkpoint's record of a registry, whose reserved column names are its own."""
     top = FieldReader(raw, file, "", ("sequences",))
     items = top.items("sequences")
     if not items:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mtfm.platform.metrics import metric_value
 from mtfm.platform.registry import events_column, read_yaml_mapping, scenario_of_column
 from mtfm.platform.train import DIVERGED_FILE, METRICS_FILE, TRAIN_CONFIG_FILE, read_metrics
 
@@ -58,7 +59,7 @@ def plot_curves(run_dir: Path, out: Path, plt) -> list[Path]:
             for row, metric in enumerate(("auc", "gauc")):
                 ax = axes[row][col]
                 for task in tasks:
-                    points = [(r["step"], r["eval"][f"{scenario}/{task}"][metric]) for r in evals
+                    points = [(r["step"], metric_value(r["eval"][f"{scenario}/{task}"][metric])) for r in evals
                               if f"{scenario}/{task}" in r["eval"]]
                     ax.plot(*zip(*points), marker="o", label=task)
                 ax.set(title=f"{scenario} {metric.upper()}", xlabel="step")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mtfm.platform.aggregate import SAMPLES, UNFINISHED
-from mtfm.platform.registry import events_column, exposures_column, scenario_of_column
+from mtfm.platform.registry import events_column, exposures_column, scenario_of_column, user_column
 from mtfm.platform.run_lock import DRIVER_FILE, live_holder
 
 
@@ -187,11 +187,13 @@ def scenarios_in(names: list[str]) -> set[str]:
     return {scenario_of_column(name) for name in names} - {None}
 
 
-def refuse_samples_that_do_not_fit(names: list[str], data: str, scenarios: list[str], sequences: list[str], *,
-                                   whose: str, remedy: str, remedy_for_scenarios: str = "") -> None:
-    """Samples (column `names`) without the columns of each of `scenarios` and `sequences`, aggregated
-    before those were registered or with another registry: reading them would fail in the workers
-    (each failure retried) or mid-evaluation. `whose` names what needs them, `remedy` what to do."""
+def refuse_samples_that_do_not_fit(schema, data: str, registry, scenarios: list[str], *, whose: str, remedy: str,
+                                   remedy_for_scenarios: str = "") -> None:
+    """Samples (Arrow `schema`) without the columns of each of `scenarios` and of `registry`'s sequences,
+    or whose columns lack a feature the registry declares or hold it as another type: aggregated before
+    those were registered or with another registry. Reading them would fail in the workers (each failure
+    retried) or mid-evaluation. `whose` names what needs them, `remedy` what to do."""
+    names, sequences = schema.names, list(registry.sequences)
     held = scenarios_in(names)
     if not held & set(scenarios):
         raise ValueError(f"{data}: no exposures of the scenarios of {whose} ({list(scenarios)}); the samples hold "
@@ -204,3 +206,45 @@ def refuse_samples_that_do_not_fit(names: list[str], data: str, scenarios: list[
     lacking = [q for q in sequences if events_column(q) not in names]
     if lacking:
         raise ValueError(f"{data}: no column of sequence(s) {lacking}, which {whose} reads: {why}; {remedy}")
+    expected = registry.aggregated_schema()
+    read = ([user_column(s) for s in scenarios] + [exposures_column(s) for s in scenarios]
+            + [events_column(q) for q in sequences])
+    differences = [d for column in read if column in expected.names
+                   for d in _feature_differences(column, expected.field(column).type,
+                                                 schema.field(column).type if column in names else None)]
+    if differences:
+        raise ValueError(f"{data}: {'; '.join(differences[:4])}{'; ...' if len(differences) > 4 else ''} ({whose} "
+                         f"reads them): the samples were aggregated before these features were declared as they are "
+                         f"now, or with another registry; {remedy}")
+
+
+def _feature_differences(column: str, expected, found) -> list[str]:
+    """How the samples' `column` (Arrow type `found`; None: no such column) differs from the registry's
+    `expected` type: the features it lacks and those of another type. Extra fields are left alone."""
+    import pyarrow as pa
+
+    if found is None:
+        return [f"no column {column}"]
+    if pa.types.is_list(expected) and pa.types.is_list(found):
+        expected, found = expected.value_type, found.value_type
+    if not (pa.types.is_struct(expected) and pa.types.is_struct(found)):
+        return [] if _same_type(expected, found) else [f"column {column} is {found}, expected {expected}"]
+    have = {found.field(i).name: found.field(i).type for i in range(found.num_fields)}
+    out = []
+    for i in range(expected.num_fields):
+        field = expected.field(i)
+        if field.name not in have:
+            out.append(f"column {column} has no feature {field.name}")
+        elif not _same_type(field.type, have[field.name]):
+            out.append(f"column {column}: feature {field.name} is {have[field.name]}, the registry declares "
+                       f"{field.type}")
+    return out
+
+
+def _same_type(a, b) -> bool:
+    """Arrow types equal but for the names of list items (Parquet writes `element` where Arrow wrote `item`)."""
+    import pyarrow as pa
+
+    if pa.types.is_list(a) and pa.types.is_list(b):
+        return _same_type(a.value_type, b.value_type)
+    return a.equals(b)

@@ -57,7 +57,7 @@ import pyarrow.compute as pc
 import yaml
 
 from mtfm.platform.registry import (
-    NAME_PATTERN, RESERVED_COLUMNS, Feature, Registry, RegistryError, _parse_sequences, declared_feature, load_registry,
+    NAME_PATTERN, RESERVED_COLUMNS, Feature, Registry, RegistryError, declared_feature, load_registry, parse_sequences,
     read_yaml_mapping, resolve_config_dir, scenario_files, sequences_file,
 )
 
@@ -151,6 +151,7 @@ def read_exposures(path: str | Path, max_rows: int = MAX_ROWS,
             dataset = ds.dataset([str(f) for f in files], format="parquet", schema=_one_schema(path, files))
             table = dataset.head(max_rows)
         else:
+            _one_schema(path.parent, [path])  # names a file it cannot read, or its repeated columns
             table = ds.dataset(str(path), format="parquet").head(max_rows)
     except SchemaInferenceError:
         raise
@@ -209,6 +210,7 @@ def _one_schema(folder: Path, files: list[Path]) -> pa.Schema:
             schemas.append((file, pq.read_schema(file)))
         except (pa.ArrowInvalid, OSError) as exc:
             raise SchemaInferenceError(f"{file}: cannot read as Parquet: {exc}") from exc
+        _refuse_repeated_columns(schemas[-1][1].names, file)
     try:
         return pa.unify_schemas([schema for _, schema in schemas], promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
@@ -225,6 +227,13 @@ def _one_schema(folder: Path, files: list[Path]) -> pa.Schema:
                     f"{column.type} in {file.relative_to(folder)}: the files of one log need types that read as one "
                     "(rewrite them, or infer from one file)") from None
     raise SchemaInferenceError(f"{folder}: the files' schemas do not read as one")
+
+
+def _refuse_repeated_columns(names: list[str], source) -> None:
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise SchemaInferenceError(f"{source}: column(s) {', '.join(repeated)} appear more than once; a log's "
+                                   "columns need distinct names")
 
 
 # ---------------------------------------------------------------- rules
@@ -296,7 +305,7 @@ def _known_features(config_dir: Path, exclude: str) -> tuple[dict[str, tuple[Fea
                 for f in getattr(scn, section):
                     known.setdefault(f.name, (f, section, f"scenario {scn.name}"))
         return known, set(reg.sequences)
-    sequences = _parse_sequences(read_yaml_mapping(seq_file), str(seq_file))
+    sequences = parse_sequences(read_yaml_mapping(seq_file), str(seq_file))
     for seq in sequences.values():
         for f in seq.features:
             known.setdefault(f.name, (f, "item_features", f"sequence {seq.name}"))
@@ -354,6 +363,7 @@ def _some_values(col: pa.ChunkedArray, most: int = 5) -> str:
 def infer_columns(table: pa.Table, source: Path, known: dict[str, tuple[Feature, str, str]],
                   skip: tuple[str, ...] = ()) -> list[Inferred]:
     names = table.column_names
+    _refuse_repeated_columns(names, source)
     unknown = [s for s in dict.fromkeys(skip) if s not in names]
     if unknown:  # a typo would leave the column meant to be skipped (say, a leaking label) in the draft
         raise SchemaInferenceError(f"{source}: --skip {', '.join(unknown)}: not a column of the log; expected some "

@@ -168,6 +168,16 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def with_flags(self, flags: dict[str, Any]) -> "TrainConfig":
+        """This config with command-line values (field -> value; None: not given) in place of its own,
+        checked as the file's are; its source names them ("tiny.yaml with --max-steps 40"), so that a
+        refusal says where a value came from."""
+        given = {key: value for key, value in flags.items() if value is not None}
+        if not given:
+            return self
+        named = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in given.items())
+        return TrainConfig.from_dict(self.to_dict() | given, f"{self.source} with {named}")
+
 
 class TrainingDiverged(ValueError):
     """The loss, weights or scores stopped being finite; the run stopped there without saving the weights."""
@@ -328,8 +338,8 @@ def _checkpoint_to_resume(resume: str | Path, out: str | Path | None, config: Tr
     resume_from = check_optimizer_file(find_checkpoint(resume).resolve())
     meta = read_meta(resume_from)
     check_compatible(meta, registry, str(resume_from))
-    trained, given = meta.model_config, _model_config_dict(model_config)
-    differ = sorted(k for k in given if k not in RESUMABLE_CHANGES and k in trained and trained[k] != given[k])
+    trained = meta.model_config
+    differ = model_config_changes(trained, model_config)
     if differ:
         raise ValueError(f"--resume {resume}: its checkpoint's model {trained.get('name')!r} differs from the "
                          f"model of {config.source} ({config.model}) in {', '.join(differ)}; resume with the "
@@ -404,15 +414,15 @@ def _samples_to_train_on(plan: RunPlan, log):
     samples that lack what the model reads are refused."""
     config, registry, model_config = plan.config, plan.registry, plan.model_config
     train_ds, test_ds, windows = split_by_window(config.data, config.test_windows)
-    names = train_ds.schema().names
-    in_data = scenarios_in(names)
+    schema = train_ds.schema().base_schema
+    in_data = scenarios_in(schema.names)
     if in_data - set(registry.scenarios):
         log(f"[mtfm] warning: the samples hold exposures of scenarios not in the registry, ignored: "
             f"{sorted(in_data - set(registry.scenarios))} (retired, or a --config-dir mismatch?)")
     model_scenarios = plan.scenarios
     # The workers' collator would fail on missing columns, each failure retried: named here first.
     refuse_samples_that_do_not_fit(
-        names, config.data, model_scenarios, list(registry.sequences),
+        schema, config.data, registry, model_scenarios,
         whose=f"model {model_config.name} (registered in {registry.config_dir})",
         remedy=("aggregate the raw logs again with this registry (`mtfm data aggregate --config-dir "
                 f"{registry.config_dir} --raw RAW --out AGG`)"),
@@ -449,7 +459,7 @@ def _trainer(plan: RunPlan, train_ds, test_ds):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train_config": config.to_dict(), "registry": plan.registry.to_dict(),
-                           "model_config": _model_config_dict(plan.model_config), "run_dir": str(run_dir),
+                           "model_config": plan.model_config.to_dict(), "run_dir": str(run_dir),
                            "init_from": str(plan.init_from) if plan.init_from else None,
                            "samples_fingerprint": plan.samples_fingerprint or _fingerprint_or_none(config.data),
                            "resume_from": str(plan.resume_from) if plan.resume_from else None,
@@ -590,24 +600,30 @@ def _data_config(DataConfig):
 BATCHING = ("num_workers", "tokens_per_batch", "test_windows")
 
 
-# Model-config fields a resumed run may change: none shapes a parameter or what the model computes in
-# evaluation (dropout acts in training only).
-RESUMABLE_CHANGES = frozenset({"name", "attention_impl", "norm_impl", "compute_dtype", "dropout",
+# Model-config fields a run from a checkpoint (--resume, --init-from) may change: none shapes a parameter
+# or what the model computes in evaluation (dropout acts in training only).
+FREE_MODEL_FIELDS = frozenset({"name", "attention_impl", "norm_impl", "compute_dtype", "dropout",
                                "recompute_target_context"})
+
+
+def model_config_changes(trained: dict, given, also_free: frozenset = frozenset()) -> list[str]:
+    """The fields in which model config `given` differs from a checkpoint's record of its own (`trained`,
+    its meta.json's), leaving out FREE_MODEL_FIELDS and `also_free`."""
+    now = given.to_dict()
+    return sorted(k for k in now if k not in FREE_MODEL_FIELDS | also_free and k in trained and trained[k] != now[k])
 
 
 def refuse_a_warm_start_that_cannot_load(checkpoint: Path, registry: Registry, model_config) -> None:
     """Before Ray: warm start loads the modules of the sequences and scenarios both the checkpoint's
     registry and this one declare, so the model config must be the one the checkpoint was trained
-    with (but for its scenarios and what RESUMABLE_CHANGES allows) and those features the same (a
+    with (but for its scenarios and FREE_MODEL_FIELDS) and those features the same (a
     sequence or scenario only one of them has is fine: it is skipped or starts fresh)."""
     from mtfm.platform.checkpoint import (META_FILE, CheckpointError, embedding_table_changes, read_meta,
                                           registry_changes, trained_registry)
 
     meta = read_meta(checkpoint)
-    given = _model_config_dict(model_config)
-    differ = sorted(k for k in given if k not in RESUMABLE_CHANGES | {"scenarios"} and k in meta.model_config
-                    and meta.model_config[k] != given[k])
+    given = model_config.to_dict()
+    differ = model_config_changes(meta.model_config, model_config, frozenset({"scenarios"}))
     if differ:
         raise CheckpointError(f"--init-from {checkpoint}: its model {meta.model_config.get('name')!r} differs from "
                               f"{model_config.source} in " + ", ".join(f"{k} ({meta.model_config[k]} -> {given[k]})"
@@ -718,14 +734,6 @@ def _loaded_by_warm_start(run_dir: Path) -> list[str] | None:
     return json.loads(path.read_text())["loaded"] if path.is_file() else None
 
 
-def _model_config_dict(model_config) -> dict:
-    raw = dataclasses.asdict(model_config)
-    raw.pop("source", None)
-    if raw.get("scenarios") is not None:
-        raw["scenarios"] = list(raw["scenarios"])
-    return raw
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, metavar="CFG",
                         help="train config, e.g. configs/train/tiny.yaml (with --resume, default: the run's own "
@@ -767,12 +775,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         if not args.config.is_file():
             raise FileNotFoundError(f"--resume {args.resume}: no train_config.yaml there (not a run folder?); "
                                     "pass --config")
-    config = TrainConfig.load(args.config)
-    overrides = {k: v for k, v in (("num_workers", args.num_workers), ("max_steps", args.max_steps),
-                                   ("epochs", args.epochs), ("test_windows", args.test_windows)) if v is not None}
-    if overrides:
-        given = ", ".join(f"--{key.replace('_', '-')} {value}" for key, value in overrides.items())
-        config = TrainConfig.from_dict(config.to_dict() | overrides, f"{config.source} with {given}")
+    config = TrainConfig.load(args.config).with_flags({"num_workers": args.num_workers, "max_steps": args.max_steps,
+                                                       "epochs": args.epochs, "test_windows": args.test_windows})
     if args.resume and args.init_from:
         raise ValueError("--resume continues a run, --init-from starts a new one from a checkpoint: pass one of them")
     train(config, data=args.data, out=args.out, resume=args.resume, init_from=args.init_from,

@@ -37,6 +37,7 @@ from mtfm.platform.checkpoint import (CheckpointMeta, OPTIMIZER_FILE, load_weigh
                                       write_checkpoint)
 from mtfm.platform.cluster import quiet_ray_data
 from mtfm.platform.eval import NonFiniteScores, evaluate_batches, not_evaluated
+from mtfm.platform.metrics import metrics_json
 from mtfm.platform.registry import Registry
 from mtfm.platform.train import (DIVERGED_FILE, EVAL_FILE, METRICS_FILE, WARM_START_FILE, TrainConfig,
                                  read_metrics)
@@ -483,7 +484,7 @@ class TrainingWorker:
             return
         last = [r for r in read_metrics(self.run_dir / METRICS_FILE) if "eval" in r]
         if last:
-            (self.run_dir / EVAL_FILE).write_text(json.dumps(last[-1] | {
+            (self.run_dir / EVAL_FILE).write_text(metrics_json(last[-1] | {
                 "checkpoint": f"checkpoint_{self.step:08d}",
                 "not_evaluated": not_evaluated(last[-1]["eval"], self.model.registry)},
                 indent=1))
@@ -499,7 +500,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     a last line cut short)."""
     if path.exists():
         kept = [record for record in read_metrics(path) if record["step"] <= last_step]
-        path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        path.write_text("".join(metrics_json(record) + "\n" for record in kept))
 
 
 def _progress(message: str) -> None:
@@ -510,4 +511,4 @@ def _progress(message: str) -> None:
 
 def _append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+        fh.write(metrics_json(record) + "\n")

@@ -373,6 +373,10 @@ def test_refuses_to_overwrite_without_flag(ray_cluster, registry, raw, tmp_path)
                                          r"this aggregation reads"):
         shutil.copytree(raw, tmp_path / "raw_copy")
         aggregate_local(registry, tmp_path / "raw_copy", tmp_path / "raw_copy" / "exposures" / "agg", **QUIET)
+    with pytest.raises(ValueError, match=r"--out .*raw_copy is the --raw folder: the samples, quarantine and summary "
+                                         r"would mix with the logs; choose another --out \(e.g. .*/agg\)"):
+        aggregate_local(registry, tmp_path / "raw_copy", tmp_path / "raw_copy", **QUIET)
+    assert sorted(p.name for p in (tmp_path / "raw_copy").iterdir()) == sorted(p.name for p in raw.iterdir())
 
 
 @settings(max_examples=60, deadline=None)

@@ -21,15 +21,11 @@ GROCERY = (REPO_ROOT / "configs/examples/grocery.yaml").read_text()  # a scenari
 
 def _trained_like(registry, folder, seed=0):
     """A checkpoint of the tiny model on `registry` (weights random but fixed by the seed)."""
-    import dataclasses
-
     from mtfm.platform.checkpoint import CheckpointMeta, write_checkpoint
 
     torch.manual_seed(seed)
     model = build_model(TINY, registry)
-    raw = dataclasses.asdict(TINY)
-    raw.pop("source")
-    write_checkpoint(folder, model, {}, CheckpointMeta(9, 0, 0, registry.to_dict(), raw, {}))
+    write_checkpoint(folder, model, {}, CheckpointMeta(9, 0, 0, registry.to_dict(), TINY.to_dict(), {}))
     return model
 
 
@@ -267,10 +263,8 @@ def test_a_model_file_of_another_model_config_is_refused_by_name(tmp_path, confi
     folder = tmp_path / "run" / "checkpoint_00000009"
     _trained_like(registry, folder)
     other = dataclasses.replace(TINY, d_model=2 * TINY.d_model)
-    raw = dataclasses.asdict(other)
-    raw.pop("source")
     write_checkpoint(tmp_path / "other", build_model(other, registry), {}, CheckpointMeta(9, 0, 0, registry.to_dict(),
-                                                                                         raw, {}))
+                                                                                         other.to_dict(), {}))
     (tmp_path / "other" / "model.pt").replace(folder / "model.pt")
     expected = rf"{re.escape(str(folder / 'model.pt'))}: its tensors do not fit the model its meta.json " \
                r"describes \(0 missing, \d+ of another shape, 0 not in the model; e.g. .*\): the model file of " \

@@ -155,3 +155,24 @@ def test_evaluate_batches_equals_sklearn_on_the_exposures_it_scored():
         assert g["auc"] == pytest.approx(w["auc"], abs=1e-6) and g["gauc"] == pytest.approx(w["gauc"], abs=1e-6), key
         assert {k: g[k] for k in ("exposures", "positives", "users_scored", "users_skipped")} == {
             k: w[k] for k in ("exposures", "positives", "users_scored", "users_skipped")}, key
+
+
+def test_metrics_files_hold_strict_json_with_null_for_a_metric_that_cannot_be_computed():
+    """NaN (the AUC of a task whose test exposures hold one class) is not JSON: strict readers refuse it."""
+    import json
+    import math
+
+    from mtfm.platform.eval import format_table
+    from mtfm.platform.metrics import metric_value, metrics_json
+
+    record = {"step": 4, "eval": {"sqs/order": {"auc": auc([1, 1], [0.2, 0.3]), "gauc": math.inf, "exposures": 2,
+                                                "positives": 2, "users_scored": 0}}, "lr": [0.5, -math.inf]}
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    read = json.loads(metrics_json(record), parse_constant=refuse)
+    assert read == {"step": 4, "eval": {"sqs/order": {"auc": None, "gauc": None, "exposures": 2, "positives": 2,
+                                                      "users_scored": 0}}, "lr": [0.5, None]}
+    assert math.isnan(metric_value(None)) and metric_value(0.75) == 0.75
+    assert format_table(read["eval"]).splitlines()[1].split()[:3] == ["sqs/order", "nan", "nan"]

@@ -127,6 +127,10 @@ def test_sizing_rules():
                         r"'shop_feed' as shop_feed\.yaml there, or --out a file outside it"),
     ("no_rows", r"log\.parquet: the exposure log has no rows \(columns user_id, request_id, ts, shop_id, click\)"),
     ("corrupt_file_in_folder", r"log/b\.parquet: cannot read as Parquet"),
+    ("corrupt_file", r"log\.parquet: cannot read as Parquet: Parquet magic bytes not found"),
+    ("repeated_column", r"log\.parquet: column\(s\) click appear more than once; a log's columns need distinct"),
+    ("repeated_column_in_folder", r"log/a\.parquet: column\(s\) click appear more than once"),
+    ("repeated_column_csv", r"log\.csv: column\(s\) click appear more than once"),
 ])
 def test_error_paths_name_the_file_and_column(tmp_path, config_dir, case, match):
     good = _table(shop_id=[1, 2, 3], click=[0, 1, 0])
@@ -142,6 +146,17 @@ def test_error_paths_name_the_file_and_column(tmp_path, config_dir, case, match)
         pq.write_table(good, tmp_path / "log" / "a.parquet")
         (tmp_path / "log" / "b.parquet").write_bytes(path.read_bytes()[:100])
         path = tmp_path / "log"
+    if case == "corrupt_file":
+        path.write_bytes(path.read_bytes()[:100])
+    if case.startswith("repeated_column"):  # pyarrow writes such a table; reading it back by name fails
+        twice = pa.Table.from_arrays(good.columns + [good["click"]], names=good.column_names + ["click"])
+        pq.write_table(twice, path)
+    if case == "repeated_column_in_folder":
+        (tmp_path / "log").mkdir()
+        path = path.rename(tmp_path / "log" / "a.parquet").parent
+    if case == "repeated_column_csv":
+        path = tmp_path / "log.csv"
+        path.write_text("user_id,request_id,ts,shop_id,click,click\n1,1,5,3,1,0\n")
     out = config_dir / "scenarios" / "other.yaml" if case == "other_file_name" else None
     with pytest.raises(SchemaInferenceError, match=match):
         infer_scenario(name, path, config_dir=config_dir, out=out)

@@ -505,6 +505,22 @@ def test_samples_aggregated_before_a_scenario_was_registered_are_refused_before_
                                          r"in .*\) reads: the samples were aggregated before they were registered"):
         train(_config(), data=str(tiny_samples), out=tmp_path / "run", config_dir=str(config_dir),
               log=lambda *a: None)
+    shutil.copy(CONFIGS / "sequences.yaml", config_dir / "sequences.yaml")
+    # A feature added to a scenario, and one whose type changed: the collator would fail on each in every worker.
+    hp = config_dir / "scenarios" / "hp.yaml"
+    hp.write_text(hp.read_text().replace(
+        "cross_features:\n", "cross_features:\n  - {name: new_feat, type: numeric}\n").replace(
+        "{name: poi_rating, type: numeric,", "{name: poi_rating, type: categorical, buckets: 8, dim: 4,").replace(
+        "user_features:\n", "user_features:\n  - {name: user_age, type: numeric}\n"))
+    with pytest.raises(ValueError) as refused:
+        train(_config(), data=str(tiny_samples), out=tmp_path / "run", config_dir=str(config_dir),
+              log=lambda *a: None)
+    assert str(refused.value) == (
+        f"{tiny_samples}: column hp__user has no feature user_age; column hp__exposures: feature poi_rating is float, "
+        "the registry declares int64; column hp__exposures has no feature new_feat (model tiny (registered in "
+        f"{config_dir}) reads them): the samples were aggregated before these features were declared as they are "
+        f"now, or with another registry; aggregate the raw logs again with this registry (`mtfm data aggregate "
+        f"--config-dir {config_dir} --raw RAW --out AGG`)")
     assert not (tmp_path / "run").exists()
 
 
@@ -790,6 +806,13 @@ def test_train_config_errors(tmp_path):
     bad.write_text("model: configs/model/tiny.yaml\nmax_steps: 0\n")
     with pytest.raises(RegistryError, match=r"bad.yaml: max_steps: expected an integer >= 1 or null, found 0"):
         TrainConfig.load(bad)
+    # Command-line values are checked as the file's, and a refusal names them (train and quickstart alike).
+    bad.write_text("model: configs/model/tiny.yaml\n")
+    assert TrainConfig.load(bad).with_flags({"max_steps": None}) == TrainConfig.load(bad)
+    assert TrainConfig.load(bad).with_flags({"max_steps": 7, "epochs": None}).max_steps == 7
+    with pytest.raises(RegistryError, match=r"bad.yaml with --max-steps 0, --epochs 2: max_steps: expected an integer "
+                                            r">= 1 or null, found 0"):
+        TrainConfig.load(bad).with_flags({"max_steps": 0, "epochs": 2, "num_workers": None})
     # Numbers that would train backwards, fail inside the optimizer after Ray started, or retry forever.
     for line, message in (("grad_clip: -1", r"grad_clip: expected a finite number >= 0 \(the largest gradient norm; "
                                             r"0 or null: no clipping\), found -1"),

@@ -24,9 +24,7 @@ def write_tiny_checkpoint(registry: Registry, folder: Path, step: int = 7, seed:
         config = dataclasses.replace(config, scenarios=tuple(scenarios))
     torch.manual_seed(seed)
     model = build_model(config, registry)
-    raw = dataclasses.asdict(config)
-    raw.pop("source")
-    meta = CheckpointMeta(step, 0, 0, registry.to_dict(), raw, {})
+    meta = CheckpointMeta(step, 0, 0, registry.to_dict(), config.to_dict(), {})
     return write_checkpoint(folder, model, {}, meta)
 
 

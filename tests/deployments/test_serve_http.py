@@ -188,6 +188,10 @@ def _check_bad_requests(registry, url: str) -> None:
     _check_a_client_that_sends_its_whole_body_first_gets_the_413(url)
     empty = requests.post(f"{url}/hp/rank", data=b"", timeout=60, headers={"content-type": "application/json"})
     assert empty.json()["error"]["message"] == "empty body; expected a JSON object (a rank request)"
+    huge = requests.post(f"{url}/hp/rank", data=b'{"user_id": ' + b"9" * 5000 + b"}", timeout=60,
+                         headers={"content-type": "application/json"})
+    assert huge.json()["error"]["message"] == ("a number with more digits than any field takes (over 4300); expected "
+                                               "numbers of at most 64 bits")
     wrong = requests.get(f"{url}/hp/rank", timeout=60)
     assert (wrong.status_code, wrong.headers["allow"]) == (405, "POST")
     wrong = requests.post(f"{url}/healthz", json={}, timeout=60)

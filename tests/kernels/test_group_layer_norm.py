@@ -223,3 +223,14 @@ def test_dispatcher_errors_name_the_argument():
         group_layer_norm(inputs["x"], inputs["group"], inputs["weight"][:, :4], inputs["bias"])
     with pytest.raises(ValueError, match="group is"):
         group_layer_norm(inputs["x"], inputs["group"].int(), inputs["weight"], inputs["bias"])
+
+
+def test_float64_is_refused_by_the_kernels_and_taken_by_auto():
+    """What the kernels do not cover: impl="triton" names it, "auto" runs the reference (here on CPU anyway)."""
+    inputs = make_inputs(6, 8, 2, seed=6, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"^group_layer_norm: impl='triton' does not support these inputs: x dtype "
+                                         r"torch.float64; the kernels take float16, bfloat16 or float32$"):
+        group_layer_norm(inputs["x"], inputs["group"], inputs["weight"], inputs["bias"], impl="triton")
+    out = group_layer_norm(inputs["x"], inputs["group"], inputs["weight"], inputs["bias"], impl="auto")
+    torch.testing.assert_close(out, group_layer_norm(inputs["x"], inputs["group"], inputs["weight"], inputs["bias"],
+                                                     impl="reference"), rtol=0, atol=0)

@@ -373,6 +373,18 @@ def test_dispatcher_errors_name_the_argument(monkeypatch):
     with pytest.raises(ValueError, match="gate.dtype"):
         hstu_split_target_attention(q_t, k_c, v_c, k_t, v_t, *split_meta, alpha=ALPHA, norm=NORM,
                                     gate=torch.zeros(q_t.shape[0], HQ, DV, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"^hstu attention: impl='triton' does not support these inputs: dtype "
+                                         r"torch.float64; the kernels take float16, bfloat16 or float32$"):
+        hstu_attention(*(b[n].double() for n in "qkv"), *meta, alpha=ALPHA, norm=NORM, impl="triton")
+    with pytest.raises(ValueError, match=r"^hstu attention: impl='triton' does not support these inputs: head dim D "
+                                         r"= 24; the kernels take 16, 32, 64, 128 or 256$"):
+        hstu_attention(b["q"].repeat(1, 1, 3)[..., :24], b["k"].repeat(1, 1, 3)[..., :24], b["v"], *meta,
+                       alpha=ALPHA, norm=NORM, impl="triton")
+    # What the kernels cover is asked only where Triton would run, and "auto" takes the reference otherwise.
+    assert resolve_impl("auto", torch.device("cpu"), "op", lambda: 1 / 0) == "reference"
+    assert resolve_impl("triton", torch.device("cpu"), "op", lambda: None) == "triton"
+    with pytest.raises(ValueError, match=r"^op: impl='triton' does not support these inputs: a reason$"):
+        resolve_impl("triton", torch.device("cpu"), "op", lambda: "a reason")
     assert resolve_impl("auto", torch.device("cpu")) == "reference"
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="need CUDA tensors"):

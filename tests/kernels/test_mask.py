@@ -8,6 +8,7 @@ H, R, T = TokenKind.H, TokenKind.R, TokenKind.T
 
 
 def test_token_kind_values():
+    """The Triton attention kernels count a user's H and R rows by these values (`_user_block`)."""
     assert (H, R, T) == (0, 1, 2)
 
 

@@ -75,6 +75,20 @@ def test_a_train_config_given_as_the_model_config_is_named_as_such():
         load_model_config(CONFIGS.parent / "train" / "tiny.yaml")
 
 
+@pytest.mark.parametrize("name", ["tiny", "large", "single_scenario_hp", "dlrm_mmoe_tiny"])
+def test_a_config_as_a_checkpoint_records_it_reads_back_the_same(name):
+    import json
+
+    config = load_model_config(CONFIGS / f"{name}.yaml")
+    recorded = json.loads(json.dumps(config.to_dict()))  # as meta.json holds it
+    assert "source" not in recorded
+    assert parse_model_config(recorded, config.source) == config
+    assert config.replace(d_model=2 * config.d_model) == parse_model_config(recorded | {"d_model": 2 * config.d_model},
+                                                                          config.source)
+    with pytest.raises(ModelConfigError, match=rf"{name}.yaml: d_model: "):
+        config.replace(d_model=-1)
+
+
 def _summary_section(out: str, title: str) -> dict[str, str]:
     """The `  name  value` lines under the line starting with `title` in `mtfm model summary` output."""
     lines = out.split("\n\n" + title, 1)[1].split("\n\n", 1)[0].splitlines()[1:]
