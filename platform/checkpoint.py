@@ -202,10 +202,16 @@ def read_meta(checkpoint: str | Path) -> CheckpointMeta:
     folder = find_checkpoint(checkpoint)
     try:
         raw = json.loads((folder / META_FILE).read_text())
-        # Keys a later version adds are left out: such a checkpoint still loads and serves here.
-        return CheckpointMeta(**{f.name: raw[f.name] for f in dataclasses.fields(CheckpointMeta) if f.name in raw})
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise CheckpointError(f"{folder / META_FILE}: not a valid checkpoint description ({exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{folder / META_FILE}: not a valid checkpoint description (not JSON: {exc})") from exc
+    fields = dataclasses.fields(CheckpointMeta)
+    required = [f.name for f in fields if f.default is dataclasses.MISSING]  # an earlier version's lack the rest
+    missing = [name for name in required if name not in raw] if isinstance(raw, dict) else required
+    if missing:
+        raise CheckpointError(f"{folder / META_FILE}: not a valid checkpoint description (expected a JSON object with "
+                              f"{', '.join(required)}; missing {', '.join(missing)})")
+    # Keys a later version adds are left out: such a checkpoint still loads and serves here.
+    return CheckpointMeta(**{f.name: raw[f.name] for f in fields if f.name in raw})
 
 
 def trained_model_config(checkpoint: str | Path, meta: CheckpointMeta | None = None) -> "ModelConfig":

@@ -637,6 +637,10 @@ def infer_scenario(name: str, exposures: str | Path, config_dir: str | Path | No
                             "replacement (features reused from the other scenarios); copying it there replaces it")
     if table.num_rows >= MAX_ROWS:
         result.notes.append(f"only the first {MAX_ROWS:,} rows were read; cardinalities may be larger")
+    for column in ("user_id", "ts"):  # every exposure needs them (the exposure log's contract, DESIGN.md)
+        if column not in table.column_names:
+            result.notes.append(f"the log has no column {column!r}: `mtfm data aggregate` quarantines every row "
+                                f"of it (reason: missing column {column}); add it to the log")
     for task in tasks:
         values = pc.unique(table.column(task.column).drop_null()).to_pylist()
         if len(values) == 1:  # a head trained on one class learns nothing but that rate

@@ -251,6 +251,14 @@ def test_a_label_of_one_value_gets_a_note(tmp_path, config_dir):
     assert result.notes == ["label 'click' is 0 in every row read: check the log, or drop the task"]
 
 
+def test_a_log_without_user_ids_gets_a_note_saying_the_aggregation_quarantines_it(tmp_path, config_dir):
+    path = tmp_path / "log.parquet"
+    pq.write_table(_table(shop_id=[1, 2, 3], click=[0, 1, 0]).drop_columns(["user_id"]), path)
+    result = infer_scenario("shop_feed", path, config_dir=config_dir, write=False)
+    assert result.notes == ["the log has no column 'user_id': `mtfm data aggregate` quarantines every row of it "
+                            "(reason: missing column user_id); add it to the log"]
+
+
 def test_a_label_with_nulls_gets_a_note_saying_the_aggregation_quarantines_them(tmp_path, config_dir):
     path = tmp_path / "log.parquet"
     pq.write_table(_table(shop_id=[1, 2, 3, 4], click=pa.array([0, None, 1, None], pa.int8()), order=[0, 1, 0, 0]),

@@ -617,6 +617,27 @@ def test_workers_a_clusters_other_work_holds_the_resources_of_are_warned_of(ray_
 
 
 
+def test_a_broken_meta_json_is_named_with_what_it_lacks(tmp_path):
+    folder = tmp_path / "checkpoint_00000003"
+    folder.mkdir()
+    torch.save({}, folder / "model.pt")
+    meta = folder / "meta.json"
+    required = "step, epoch, batches_in_epoch, registry, model_config, train_config"
+    for text, why in (("{}", f"expected a JSON object with {required}; missing {required}"),
+                      ("[3]", f"expected a JSON object with {required}; missing {required}"),
+                      ('{"step": 3, "epoch": 1}', f"expected a JSON object with {required}; missing batches_in_epoch, "
+                                                  "registry, model_config, train_config"),
+                      ("{", "not JSON: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)")):
+        meta.write_text(text)
+        with pytest.raises(CheckpointError) as refused:
+            read_meta(folder)
+        assert str(refused.value) == f"{meta}: not a valid checkpoint description ({why})"
+    # An earlier version's meta.json, without the samples' fingerprint, and a later one's extra key: read.
+    meta.write_text(json.dumps({"step": 3, "epoch": 1, "batches_in_epoch": 0, "registry": {}, "model_config": {},
+                                "train_config": {}, "added_later": 1}))
+    assert (read_meta(folder).step, read_meta(folder).samples_fingerprint) == (3, None)
+
+
 def test_command_line_refuses_a_run_folder_that_holds_a_run(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     (run / "checkpoint_00000003").mkdir(parents=True)
