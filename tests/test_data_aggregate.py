@@ -439,10 +439,10 @@ def test_training_and_eval_refuse_an_aggregation_that_did_not_finish(ray_cluster
     (out / "_summary.json").unlink()
     (out / "samples" / "_UNFINISHED").write_text("")
     part = next((out / "samples").glob("*.parquet"))
-    for given in (out, out / "samples", part):
-        with pytest.raises(ValueError, match=rf"{re.escape(str(given))}: the output of an aggregation that did not "
+    for named in (out, out / "samples", part):
+        with pytest.raises(ValueError, match=rf"{re.escape(str(named))}: the output of an aggregation that did not "
                                              r"finish \(.*_UNFINISHED: interrupted, or still running elsewhere\)"):
-            split_by_window(given, test_windows=1)
+            split_by_window(named, test_windows=1)
     with DriverLock(out, "aggregation"):  # one still running
         with pytest.raises(ValueError, match=r"an aggregation is still writing these samples"):
             samples_folder(str(out / "samples"))
