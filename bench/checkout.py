@@ -8,7 +8,10 @@ subpackages are ./platform, ./model, ./kernels and ./deployments, as pyproject.t
 
 `default_out(name)`: where a script writes its JSON when `--out` is not given: `$OUT/name` where OUT
 is set (the GPU machine's folder that comes back), else `bench/out/name` (git-ignored), so that a run
-of one's own never overwrites the recorded results in `bench/results/`."""
+of one's own never overwrites the recorded results in `bench/results/`.
+
+`random_checkpoint(config, registry, folder)`: a checkpoint of a freshly initialised model (seed 0),
+for the serving benches, whose cost does not depend on the weights."""
 from __future__ import annotations
 
 import atexit
@@ -34,3 +37,15 @@ def ensure_mtfm_importable() -> None:
     (link_dir / "mtfm").symlink_to(ROOT, target_is_directory=True)
     sys.path.insert(0, str(link_dir))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(link_dir), os.environ.get("PYTHONPATH")]))
+
+
+def random_checkpoint(config, registry, folder: Path) -> Path:
+    """`folder` holding model config `config` (a ModelConfig) built on `registry` with seed 0, untrained."""
+    import torch
+
+    from mtfm.model import build_model
+    from mtfm.platform.checkpoint import CheckpointMeta, write_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(config, registry)
+    return write_checkpoint(folder, model, {}, CheckpointMeta(0, 0, 0, registry.to_dict(), config.to_dict(), {}))

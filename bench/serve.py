@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import requests
-from checkout import default_out
+from checkout import default_out, random_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 EVENTS_PER_SEQUENCE = 256
@@ -46,17 +46,10 @@ SETUPS = {  # name -> (backend, max_batch_requests, scenarios limited to the fir
 
 
 def write_checkpoint(model_config: str, folder: Path) -> Path:
-    import torch
-
-    from mtfm.model import build_model, load_model_config
-    from mtfm.platform.checkpoint import CheckpointMeta, write_checkpoint as write
+    from mtfm.model import load_model_config
     from mtfm.platform.registry import load_registry
 
-    registry = load_registry(REPO / "configs")
-    config = load_model_config(REPO / model_config)
-    torch.manual_seed(0)
-    model = build_model(config, registry)
-    return write(folder, model, {}, CheckpointMeta(0, 0, 0, registry.to_dict(), config.to_dict(), {}))
+    return random_checkpoint(load_model_config(REPO / model_config), load_registry(REPO / "configs"), folder)
 
 
 def request_bodies(registry, scenario: str, k: int, count: int = 8) -> list[bytes]:

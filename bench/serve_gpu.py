@@ -96,7 +96,7 @@ from pathlib import Path
 
 import numpy as np
 
-from checkout import default_out, ensure_mtfm_importable
+from checkout import default_out, ensure_mtfm_importable, random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = "hp"
@@ -160,15 +160,10 @@ def write_config_dir(folder: Path, history_events: int) -> Path:
 def write_checkpoint(model_config: str, registry, folder: Path, kernels: str) -> Path:
     """The model config, randomly initialised (cost does not depend on the weights), with both
     kernel choices set to `kernels`."""
-    import torch
-
-    from mtfm.model import build_model, load_model_config
-    from mtfm.platform.checkpoint import CheckpointMeta, write_checkpoint as write
+    from mtfm.model import load_model_config
 
     config = load_model_config(ROOT / model_config).replace(attention_impl=kernels, norm_impl=kernels)
-    torch.manual_seed(0)
-    model = build_model(config, registry)
-    return write(folder, model, {}, CheckpointMeta(0, 0, 0, registry.to_dict(), config.to_dict(), {}))
+    return random_checkpoint(config, registry, folder)
 
 
 class RequestBodies:

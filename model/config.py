@@ -20,6 +20,10 @@ ARCHITECTURES = ("mtfm", "dlrm_mmoe", "dcnv2")
 # No float16: its gradients underflow without loss scaling, which training does not do.
 COMPUTE_DTYPES = ("float32", "bfloat16")
 _BLOCK = re.compile(r"^\((\d+):(\d+)\)\*(\d+)$")
+# What each architecture builds without reading: set to anything but its default, such a field is refused, not
+# silently left out (the baselines pool with plain heads of dim d_model / num_heads and have no GLN or HTA stack).
+_MTFM_ONLY = ("num_kv_heads", "head_dim", "hta_layout", "alpha", "norm_impl", "recompute_target_context")
+UNREAD_FIELDS = {"mtfm": ("cross_layers",), "dlrm_mmoe": _MTFM_ONLY + ("cross_layers",), "dcnv2": _MTFM_ONLY}
 
 
 class ModelConfigError(RegistryError):
@@ -145,8 +149,8 @@ def parse_hta_layout(layout: str, file: str = "<model config>") -> tuple[str, ..
 
 def load_model_config(path: str | Path) -> ModelConfig:
     """Read and validate one `configs/model/<name>.yaml`."""
-    path = Path(path)
     raw = read_yaml_mapping(path, "model config file (expected e.g. configs/model/small.yaml)", ModelConfigError)
+    path = Path(path)
     raw.setdefault("name", path.stem)
     return parse_model_config(raw, str(path))
 
@@ -191,6 +195,11 @@ def parse_model_config(raw: dict[str, Any], file: str = "<dict>") -> ModelConfig
     if cfg.alpha is not None and cfg.alpha <= 0:  # finite: FieldReader.finite
         raise ModelConfigError(file, "alpha", f"expected a positive number, found {cfg.alpha}")
     parse_hta_layout(cfg.hta_layout, file)
+    for name in UNREAD_FIELDS[cfg.architecture]:
+        if getattr(cfg, name) != d[name]:
+            readers = [a for a in ARCHITECTURES if name not in UNREAD_FIELDS[a]]
+            raise ModelConfigError(file, name, f"not read by architecture {cfg.architecture} (only by "
+                                   f"{', '.join(readers)}); remove it, or leave it at its default {d[name]!r}")
     return cfg
 
 

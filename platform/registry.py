@@ -452,7 +452,11 @@ def dump_yaml(data: Any, **options) -> str:
 def read_yaml_mapping(path: str | Path, what: str = "config", error: type[RegistryError] = RegistryError) -> dict:
     """One YAML config file as a mapping; a missing file, bad YAML or a non-mapping is `error`
     naming the file. `what` says what the file should be, e.g. "train config (configs/train/*.yaml)"."""
+    if not str(path).strip():  # Path("") is the current folder
+        raise error("''", "", f"an empty path where a {what} was expected")
     path = Path(path)
+    if path.is_dir():
+        raise error(path, "", f"a folder where a {what} was expected")
     if not path.is_file():
         raise error(path, "", f"{what} not found")
     try:

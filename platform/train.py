@@ -88,8 +88,8 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
-        path = Path(path)
         raw = read_yaml_mapping(path, "train config (expected e.g. configs/train/tiny.yaml)")
+        path = Path(path)
         if raw.get("name") is None:  # left out or null: the file's name
             raw["name"] = path.stem
         return cls.from_dict(raw, str(path))
@@ -305,11 +305,23 @@ def _plan_run(config: TrainConfig, *, data: str | None, out: str | Path | None, 
     if config.freeze_loaded_steps and init_from is None and (resume is None or _loaded_by_warm_start(run_dir) is None):
         log(f"[mtfm] warning: freeze_loaded_steps {config.freeze_loaded_steps} ({config.source}) has no effect: "
             "nothing is warm-started (--init-from CHECKPOINT)")
+    _warn_of_a_budget_below_one_user(config, registry, log)
     if "_ray_pkg_" in str(run_dir):  # `ray job submit --working-dir .` runs in Ray's copy of it
         raise ValueError(f"--out {run_dir}: inside the copy of the job's working directory that Ray made and deletes "
                          "with the job, so the run would be lost; pass --out on storage every node sees (an absolute "
                          "path, e.g. /shared/runs/NAME)")
     return RunPlan(config, registry, model_config, run_dir, resume_from, init_from, fingerprint)
+
+
+def _warn_of_a_budget_below_one_user(config: TrainConfig, registry: Registry, log) -> None:
+    """tokens_per_batch below the tokens of a user whose sequences are full: such a user is a batch of its own,
+    over the budget, so a step's memory follows the longest user rather than the budget."""
+    full = {name: s.max_len for name, s in registry.sequences.items()}
+    if config.tokens_per_batch < sum(full.values()):
+        log(f"[mtfm] warning: tokens_per_batch {config.tokens_per_batch} ({config.source}) is less than the "
+            f"{sum(full.values())} tokens of a user whose sequences are full "
+            f"({' + '.join(f'{name} {n}' for name, n in full.items())}, before its exposures): each such user is "
+            "a batch of its own, over the budget, and a step's memory follows the longest user")
 
 
 def _with_samples(config: TrainConfig, data: str | None, resume: str | Path | None, log) -> TrainConfig:

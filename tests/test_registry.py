@@ -1,6 +1,7 @@
 """The scenario registry: loading, the data contracts it states, and every validation error."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -275,6 +276,11 @@ def test_missing_and_malformed_files(config_dir, tmp_path):
                                             r"twice"):
         load_registry(config_dir)
     hp.write_text(text)
+    # An empty path is not the current folder; a folder is not a file
+    with pytest.raises(RegistryError, match=r"^'': an empty path where a train config was expected$"):
+        read_yaml_mapping("", "train config")
+    with pytest.raises(RegistryError, match=rf"^{re.escape(str(config_dir))}: a folder where a config was expected$"):
+        read_yaml_mapping(config_dir)
     (config_dir / "scenarios" / "broken.yaml").write_bytes("name: caf\u00e9\n".encode("latin-1"))
     with pytest.raises(RegistryError, match=r"broken.yaml: not UTF-8 text \(invalid continuation byte at byte 9\)"):
         load_registry(config_dir)

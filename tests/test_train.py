@@ -1038,6 +1038,17 @@ def test_freeze_loaded_steps_without_a_warm_start_is_warned_of(tmp_path):
                      "(--init-from CHECKPOINT)"]
 
 
+def test_a_token_budget_below_one_full_user_is_warned_of(tmp_path):
+    lines = []
+    for budget in (287, 288):  # the registry's sequences keep up to 256 history and 32 realtime events
+        with pytest.raises(FileNotFoundError, match="no aggregated samples here"):
+            train(_config(tokens_per_batch=budget), data=str(tmp_path / "none"), out=tmp_path / "run",
+                  config_dir=str(CONFIGS), log=lines.append)
+    assert lines == ["[mtfm] warning: tokens_per_batch 287 (test) is less than the 288 tokens of a user whose "
+                     "sequences are full (history 256 + realtime 32, before its exposures): each such user is a batch "
+                     "of its own, over the budget, and a step's memory follows the longest user"]
+
+
 def test_a_run_folder_a_live_driver_trains_is_refused_before_ray_starts(tmp_path, monkeypatch):
     """A second driver on one run folder (a --resume of a run still training under `ray job submit`)
     would prune the other's checkpoints; a driver file left by one that died is ignored."""

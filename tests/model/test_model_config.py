@@ -62,6 +62,14 @@ def test_malformed_layout_names_the_string_and_the_grammar(layout):
     ({"layers": 3}, "layers", "unknown key"),
     ({"scenarios": "hp"}, "scenarios", "list of scenario names"),
     ({"compute_dtype": "float16"}, "compute_dtype", "one of float32, bfloat16"),
+    # a field the architecture does not read is not silently left out
+    ({"architecture": "dlrm_mmoe", "num_kv_heads": 1}, "num_kv_heads",
+     "not read by architecture dlrm_mmoe (only by mtfm); remove it, or leave it at its default None"),
+    ({"architecture": "dcnv2", "hta_layout": "(3:1)*4"}, "hta_layout", "not read by architecture dcnv2 (only by mtfm)"),
+    ({"architecture": "dcnv2", "alpha": 0.5}, "alpha", "not read by architecture dcnv2"),
+    ({"architecture": "dlrm_mmoe", "cross_layers": 4}, "cross_layers", "not read by architecture dlrm_mmoe (only by "
+                                                                         "dcnv2)"),
+    ({"cross_layers": 2}, "cross_layers", "not read by architecture mtfm (only by dcnv2)"),
 ])
 def test_invalid_config_names_file_field_and_expectation(raw, field, expected):
     with pytest.raises(ModelConfigError) as err:
