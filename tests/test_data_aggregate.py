@@ -235,6 +235,8 @@ def test_unreadable_files_and_ts_in_seconds_are_named_and_the_rest_aggregated(ra
     damaged[20:600] = bytes(580)
     (hp / "damaged.parquet").write_bytes(bytes(damaged))
     assert pq.ParquetFile(hp / "damaged.parquet").metadata.num_rows > 0
+    pq.write_table(pa.Table.from_arrays([pa.array([1, 2]), pa.array([3, 4]), pa.array([5, 6])],
+                                        names=["user_id", "ts", "user_id"]), hp / "twice.parquet")
     seconds = pq.read_table(next((raw / "exposures" / "phf").glob("*.parquet"))).slice(0, 5)
     seconds = seconds.set_column(seconds.schema.get_field_index("ts"), "ts", pc.divide(seconds["ts"], 1000))
     pq.write_table(seconds, dirty / "exposures" / "phf" / "in-seconds.parquet")  # read, but warned of
@@ -243,8 +245,11 @@ def test_unreadable_files_and_ts_in_seconds_are_named_and_the_rest_aggregated(ra
 
     named = {Path(w.split(": ")[0]).name: w for w in summary["warnings"] if w.split(": ")[0].endswith(
         (".parquet", ".csv"))}
-    assert set(named) == {"empty.parquet", "garbage.parquet", "day.csv", "loose.parquet", "damaged.parquet"}, \
-        summary["warnings"]
+    assert set(named) == {"empty.parquet", "garbage.parquet", "day.csv", "loose.parquet", "damaged.parquet",
+                          "twice.parquet"}, summary["warnings"]
+    assert named["twice.parquet"] == (f"{hp / 'twice.parquet'}: not read, it has more than one column named 'user_id' "
+                                      "(3 columns: ['user_id', 'ts', 'user_id']; its footer counts 2 rows, not "
+                                      "aggregated)")
     assert "not a readable Parquet file" in named["garbage.parquet"] and "expected exposures/" in named["day.csv"]
     rows = pq.ParquetFile(hp / "damaged.parquet").metadata.num_rows
     assert "does not decode" in named["damaged.parquet"] and "\n" not in named["damaged.parquet"]
