@@ -90,9 +90,26 @@ def _samples(out: Path) -> dict[tuple[int, int], dict]:
     return {(r["user_id"], r["window"]): r for r in table.to_pylist()}
 
 
+def _with_events_at_window_edges(raw: Path, out: Path, window_ms: int) -> tuple[int, int]:
+    """A copy of `raw` where one user with an exposure in window W also has events of every sequence at
+    W - 1, W, W + window_ms - 1 and W + window_ms; returns (user, W)."""
+    shutil.copytree(raw, out)
+    exposure = pq.read_table(next((raw / "exposures" / "hp").glob("*.parquet"))).slice(0, 1).to_pylist()[0]
+    user, window = exposure["user_id"], exposure["ts"] // window_ms * window_ms
+    for folder in (out / "behaviors").iterdir():
+        rows = pq.read_table(next(folder.glob("*.parquet"))).slice(0, 4)
+        rows = rows.set_column(0, "user_id", pa.array([user] * 4, rows.schema.field("user_id").type))
+        edges = [window - 1, window, window + window_ms - 1, window + window_ms]
+        rows = rows.set_column(1, "ts", pa.array(edges, rows.schema.field("ts").type))
+        pq.write_table(rows, folder / "edges.parquet")
+    return user, window
+
+
 @pytest.mark.parametrize("window", ["1d", "6h"])
 def test_aggregation_equals_pandas_reference(ray_cluster, registry, raw, tmp_path, window):
     window_ms = {"1d": DAY_MS, "6h": DAY_MS // 4}[window]
+    user, edge_window = _with_events_at_window_edges(raw, tmp_path / "raw", window_ms)
+    raw = tmp_path / "raw"
     summary = aggregate(registry, raw, tmp_path / "agg", window_ms=window_ms, num_partitions=3, **QUIET)
     assert pq.read_schema(next((tmp_path / "agg" / "samples").glob("*.parquet"))).equals(registry.aggregated_schema())
     got, want = _samples(tmp_path / "agg"), reference(registry, raw, window_ms)
@@ -107,6 +124,11 @@ def test_aggregation_equals_pandas_reference(ray_cluster, registry, raw, tmp_pat
         assert all(e["ts"] < row["window"] for e in row["history__events"])
         assert all(row["window"] <= e["ts"] < row["window"] + window_ms for e in row["realtime__events"])
     assert json.loads((tmp_path / "agg" / "_summary.json").read_text())["samples_out"] == len(want)
+    # At the window's edges: history ends just before W, realtime is [W, W + window_ms).
+    row, w = got[(user, edge_window)], edge_window
+    history, realtime = ({e["ts"] for e in row[f"{q}__events"]} for q in ("history", "realtime"))
+    assert w - 1 in history and not history & {w, w + window_ms - 1, w + window_ms}
+    assert {w, w + window_ms - 1} <= realtime and not realtime & {w - 1, w + window_ms}
 
 
 def test_single_process_path_gives_the_same_samples(ray_cluster, registry, raw, tmp_path):

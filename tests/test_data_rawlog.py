@@ -1,10 +1,12 @@
-"""Raw-log column casting: what can be cast is, each value that cannot is flagged."""
+"""Raw-log column casting and row validation: what can be cast is, each value that cannot is flagged."""
 from __future__ import annotations
 
 import pyarrow as pa
 import pytest
 
-from mtfm.platform.rawlog import cast_column, ts_in_ms
+from repo_paths import CONFIGS
+from mtfm.platform.rawlog import Contract, cast_column, ts_in_ms, validate
+from mtfm.platform.registry import load_registry
 
 
 def test_cast_column_value_by_value():
@@ -34,3 +36,14 @@ def test_cast_column_value_by_value():
 def test_ts_of_arrow_timestamps_and_dates_is_read_in_ms(array, expected):
     assert ts_in_ms(array).to_pylist() == expected
     assert ts_in_ms(pa.chunked_array([array])).to_pylist() == expected
+
+
+def test_ts_bounds_keep_0_and_max_ts_and_quarantine_what_lies_outside():
+    registry = load_registry(CONFIGS)
+    contract = Contract.for_table(registry, "behaviors", "history")
+    max_ts = 1_700_000_000_000
+    table = pa.table({"user_id": [1, 2, 3, 4], "ts": [max_ts, max_ts + 1, 0, -1], "poi_id": [5, 6, 7, 8]})
+    good, bad = validate(table, contract, max_ts)
+    assert good["user_id"].to_pylist() == [1, 3] and good["ts"].to_pylist() == [max_ts, 0]
+    assert bad["user_id"].to_pylist() == [2, 4]
+    assert bad["reason"].to_pylist() == ["ts out of range (expected 0 <= ts <= max_ts)"] * 2

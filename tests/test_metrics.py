@@ -24,12 +24,20 @@ def test_auc_matches_sklearn(seed):
     assert auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_gauc_matches_per_user_sklearn(seed):
+def test_gauc_ties_do_not_reach_across_users():
+    # User 0: negative 0.1 < positive 0.5 (AUC 1); user 1: negative 0.5 < positive 0.9 (AUC 1). The 0.5s of the
+    # two users are not a tie: a rank averaged across users would score each 0.75.
+    assert gauc([0, 0, 1, 1], [0, 1, 0, 1], [0.1, 0.5, 0.5, 0.9]).gauc == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seed,shared_scores", [(0, False), (1, False), (2, False), (3, True), (4, True)])
+def test_gauc_matches_per_user_sklearn(seed, shared_scores):
     rng = np.random.default_rng(seed)
     users = rng.integers(0, 60, size=3000)
     labels = rng.random(3000) < rng.random(60)[users]
     scores = np.round(rng.random(3000) + labels * 0.2, 2)
+    if shared_scores:  # each user's scores on a coarse grid that overlaps the next user's: ties at users' edges
+        scores = users * 0.5 + rng.integers(0, 3, 3000) * 0.25 + labels * 0.25
     total, weights, skipped = 0.0, 0.0, 0
     for u in np.unique(users):
         m = users == u

@@ -102,3 +102,23 @@ def test_a_cancelled_consumer_cancels_the_requests_of_the_batch_it_was_scoring()
 
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(cancel_mid_batch())
+
+
+def test_a_request_cancelled_while_it_waits_is_not_scored_and_its_cost_is_not_counted():
+    """A client that went away while its request waited (its task cancelled) takes no room in the next batch."""
+    scorer = RecordingScorer()
+    queue = BatchQueue(scorer, max_cost=2)
+
+    async def cancel_one_waiting():
+        first = asyncio.create_task(queue.submit(0, 1))
+        await asyncio.to_thread(scorer.started.wait, 10)
+        rest = [asyncio.create_task(queue.submit(item, 1)) for item in (1, 2, 3)]
+        await asyncio.sleep(0.05)
+        rest[1].cancel()
+        await asyncio.sleep(0)
+        scorer.release.set()
+        return await asyncio.gather(first, *rest, return_exceptions=True)
+
+    results = asyncio.run(cancel_one_waiting())
+    assert results[:2] == [0, 10] and isinstance(results[2], asyncio.CancelledError) and results[3] == 30
+    assert scorer.batches == [[0], [1, 3]]  # 1 and 3 fit the limit of 2 together: 2 counted nothing

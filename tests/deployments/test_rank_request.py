@@ -24,11 +24,13 @@ NOW_MS = example_request(REGISTRY, "hp")["ts"] + 1000
 
 
 def _varied_body(scenario: str) -> dict:
-    """Events out of order with ts ties, optional features null or absent, numerics given as ints."""
+    """Events out of order with ts ties, one at the request ts (allowed), optional features null or absent,
+    numerics given as ints."""
     body = example_request(REGISTRY, scenario, candidates=40, events=60, seed=5)
     history = body["sequences"]["history"]
     history.reverse()
     history[3]["ts"] = history[4]["ts"]  # a tie: request order is kept
+    history[0]["ts"] = body["ts"]
     for i, candidate in enumerate(body["candidates"]):
         for f in REGISTRY.scenario(scenario).exposure_features:
             if not f.required and i % 3 == 0:

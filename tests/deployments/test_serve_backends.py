@@ -92,12 +92,24 @@ def test_user_side_cache_expires_and_stays_within_its_bytes(model):
     batch = ranker.collator()(pa.concat_tables([r.table for r in _varied_requests(model.registry, "hp")]))
     with torch.no_grad():
         sides = split_users(ranker.encode_users(batch))
+    config = model.config
+    per_row = config.num_layers * 2 * config.kv_heads * config.dim_per_head * 4 + 1 + 8  # float32 K, V; int8 kind, ts
+    assert [user_side_bytes(side) for side in sides] == [len(side.kind) * per_row for side in sides]
     newest_two = user_side_bytes(sides[-1]) + user_side_bytes(sides[-2])
     cache = UserSideCache(ttl_s=60, max_bytes=newest_two)
     for i, side in enumerate(sides):
         cache.put(str(i), side)
     assert cache.bytes <= newest_two and cache.get("0") is None
     assert cache.get(str(len(sides) - 1)) is not None and cache.get(str(len(sides) - 2)) is not None
+    # Least recently used goes first: a, b, then a read, then c evicts b.
+    a, b, c = [side for side in sides if len(side.kind)][:3]
+    lru = UserSideCache(ttl_s=60, max_bytes=user_side_bytes(a) + max(user_side_bytes(b), user_side_bytes(c)))
+    lru.put("a", a)
+    lru.put("b", b)
+    assert lru.get("a") is a
+    lru.put("c", c)
+    assert lru.get("b") is None and lru.get("a") is a and lru.get("c") is c
+    assert lru.bytes == (len(a.kind) + len(c.kind)) * per_row
     expired = UserSideCache(ttl_s=0, max_bytes=2**30)
     expired.put("a", sides[0])
     time.sleep(0.01)

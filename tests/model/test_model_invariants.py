@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -184,6 +185,16 @@ def test_loss_ignores_any_logit_of_a_row_without_a_label():
     bce = np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))  # independent BCE with logits
     per_task = [(bce[m[:, t], t]).mean() for t in range(m.shape[1]) if m[:, t].any()]
     assert loss.item() == pytest.approx(np.mean(per_task), rel=1e-5)
+    # A task with no label in the batch is absent: the mean is over the other tasks (not a zero term).
+    feats.label_mask[:, 1] = False
+    poisoned.grad = None
+    loss, terms = multitask_bce_loss(ModelOutput({"hp": poisoned}), batch)
+    loss.backward()
+    m = feats.label_mask.numpy()
+    assert m[:, 0].any()
+    expected = np.mean([(bce[m[:, t], t]).mean() for t in range(m.shape[1]) if t != 1])
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert math.isnan(terms[f"hp/{batch.scenario_tasks['hp'][1]}"]) and (poisoned.grad[:, 1] == 0).all()
 
 
 def test_yaml_added_scenario_builds_scores_and_warm_starts(config_dir):
