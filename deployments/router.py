@@ -1,10 +1,13 @@
 """The HTTP ingress of the app: answers the ranking API (http_api.py) for every scenario and
 hands each validated request to that scenario's deployment, so a bad request costs a replica
-nothing. A scenario whose deployment failed to deploy, with no replica left running, is answered
-with Serve's reason (503 `deployment_failed`, and in /healthz), which only a redeploy clears."""
+nothing. A scenario with no replica running is answered with Serve's reason (a 503, and in
+/healthz): `deployment_failed` where its deployment failed to deploy, which only a redeploy clears;
+`replica_unavailable` where its replicas fail to start after it served, which Serve keeps retrying
+(a request would otherwise wait for a replica that may never come)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 
@@ -38,7 +41,7 @@ class RankRouter:
         self.rankers = rankers
         self.endpoint = RankEndpoint({s: RankRequestParser(registry, s, max_candidates[s]) for s in rankers},
                                      max_body_bytes)
-        self.failures = FailedDeployments()
+        self.down = DeploymentsDown()
 
     async def __call__(self, http: Request) -> JSONResponse:
         return await self.endpoint.answer(http, self._rank, self._health)
@@ -48,21 +51,22 @@ class RankRouter:
         response = handle.rank.remote(request)
         answer = asyncio.ensure_future(_awaited(response))
         try:
-            # A request that reached the handle before its deployment failed waits for a replica
-            # that never comes (Serve fails only requests made later, DeploymentUnavailableError):
-            # one still unanswered asks every few seconds whether that is why.
+            # A request that reached the handle before its deployment failed, or while its replicas fail
+            # to start, waits for a replica that may never come (Serve fails only requests made later to
+            # a failed deployment, DeploymentUnavailableError): one still unanswered asks every few
+            # seconds whether that is why.
             while True:
                 done, _ = await asyncio.wait({answer}, timeout=FAILURE_CHECK_EVERY_S)
                 if done:
                     return answer.result()
-                reason = (await self.failures.get()).get(handle.deployment_name)
-                if reason is not None:
-                    raise _deployment_failed(scenario, reason)
+                down = (await self.down.get()).get(handle.deployment_name)
+                if down is not None:
+                    raise down.error(scenario)
         except DeploymentUnavailableError:  # failed to deploy, or deleted by a redeploy: the controller says which
-            reason = (await self.failures.get()).get(handle.deployment_name)
-            if reason is None:
+            down = (await self.down.get()).get(handle.deployment_name)
+            if down is None:
                 raise  # answered as a replica unavailable: retry
-            raise _deployment_failed(scenario, reason) from None
+            raise down.error(scenario) from None
         finally:
             if not answer.done():  # refused, or the client went away: the replica need not score it
                 response.cancel()
@@ -70,37 +74,59 @@ class RankRouter:
 
     async def _health(self) -> dict:
         """Every scenario's info, or {"status": "unavailable", "error"} for one whose replica did
-        not answer, or whose deployment failed with no replica left (Serve's reason, at once); the
-        app is "ok" when all answered, "degraded" when some, else "unavailable"."""
-        failed = await self.failures.get()
+        not answer, or that has no replica running (`Down`: Serve's reason, at once); the app is
+        "ok" when all answered, "degraded" when some, else "unavailable"."""
+        down = await self.down.get()
         infos = dict(zip(self.rankers, await asyncio.gather(
-            *(_info(h, failed.get(h.deployment_name)) for h in self.rankers.values()))))
+            *(_info(h, down.get(h.deployment_name)) for h in self.rankers.values()))))
         down = sum(info.get("status") == "unavailable" for info in infos.values())
         status = "ok" if not down else "unavailable" if down == len(infos) else "degraded"
         return {"status": status, "scenarios": infos}
 
 
-class FailedDeployments:
-    """{deployment name: Serve's reason} for this app's deployments that failed to deploy and have
-    no replica left running (after a failed rolling update Serve keeps routing to the old replicas
-    that still run: those serve). One controller call per STATUS_TTL_S at most, shared by
-    concurrent callers; {} where the controller does not answer within STATUS_TIMEOUT_S."""
+@dataclasses.dataclass(frozen=True)
+class Down:
+    """A deployment with no replica running, and Serve's reason: `failed` (DEPLOY_FAILED: only a
+    redeploy clears it), else its replicas fail to start after it served (UNHEALTHY): Serve goes
+    on starting new ones, which may yet come up (a file put back, a node back)."""
+
+    failed: bool
+    reason: str
+
+    def error(self, scenario: str) -> RequestError:
+        if self.failed:
+            return RequestError(503, "deployment_failed", "", f"scenario {scenario}: its deployment failed to deploy "
+                                f"and serves again only once redeployed; retrying will not help: {self.reason}")
+        return RequestError(503, "replica_unavailable", "", f"scenario {scenario}: no replica running, as its replicas "
+                            f"fail to start (Serve keeps starting new ones; retry later): {self.reason}")
+
+    def health(self) -> str:
+        if self.failed:
+            return f"failed to deploy (redeploy once fixed): {self.reason}"
+        return f"no replica running: its replicas fail to start (Serve keeps starting new ones): {self.reason}"
+
+
+class DeploymentsDown:
+    """{deployment name: `Down`} for this app's deployments with no replica running that failed to
+    deploy or whose replicas fail to start (after a failed rolling update Serve keeps routing to the
+    old replicas that still run: those serve). One controller call per STATUS_TTL_S at most, shared
+    by concurrent callers; {} where the controller does not answer within STATUS_TIMEOUT_S."""
 
     def __init__(self):
-        self._value: dict[str, str] = {}
+        self._value: dict[str, Down] = {}
         self._fetched = -float("inf")
         self._pending: asyncio.Future | None = None
 
-    async def get(self) -> dict[str, str]:
+    async def get(self) -> dict[str, Down]:
         if time.monotonic() - self._fetched < STATUS_TTL_S:
             return self._value
         if self._pending is None:
             self._pending = asyncio.ensure_future(self._fetch())
         return await asyncio.shield(self._pending)
 
-    async def _fetch(self) -> dict[str, str]:
+    async def _fetch(self) -> dict[str, Down]:
         try:
-            self._value = failed_without_replicas(await _app_status())
+            self._value = deployments_down(await _app_status())
         except Exception:  # noqa: BLE001 - a status is a nicety: callers answer without it
             self._value = {}
         finally:
@@ -115,20 +141,22 @@ async def _app_status():
     return status.applications[app].deployments
 
 
-def failed_without_replicas(deployments: dict) -> dict[str, str]:
-    """{name: reason} of the deployments (Serve's `DeploymentStatusOverview`s) that failed to deploy
-    and have no replica running."""
-    return {name: _condensed(d.message) or d.status.value for name, d in deployments.items()
-            if d.status == "DEPLOY_FAILED" and not d.replica_states.get("RUNNING", 0)}
+def deployments_down(deployments: dict) -> dict[str, Down]:
+    """{name: Down} of the deployments (Serve's `DeploymentStatusOverview`s) with no replica running
+    that failed to deploy, or that are unhealthy because their replicas fail to start."""
+    down = {}
+    for name, d in deployments.items():
+        if d.replica_states.get("RUNNING", 0):
+            continue
+        if d.status == "DEPLOY_FAILED":
+            down[name] = Down(True, _condensed(d.message) or d.status.value)
+        elif d.status == "UNHEALTHY" and d.status_trigger == "REPLICA_STARTUP_FAILED":
+            down[name] = Down(False, _condensed(d.message) or d.status.value)
+    return down
 
 
 async def _awaited(response):
     return await response
-
-
-def _deployment_failed(scenario: str, reason: str) -> RequestError:
-    return RequestError(503, "deployment_failed", "", f"scenario {scenario}: its deployment failed to deploy and "
-                        f"serves again only once redeployed; retrying will not help: {reason}")
 
 
 def _condensed(message: str) -> str:
@@ -143,9 +171,9 @@ def _condensed(message: str) -> str:
     return f"{lines[0].split('. ')[0].rstrip('.')}: {' '.join(lines[indented[-1] + 1:])}"
 
 
-async def _info(handle: DeploymentHandle, failure: str | None = None) -> dict:
-    if failure is not None:
-        return {"status": "unavailable", "error": f"failed to deploy (redeploy once fixed): {failure}"}
+async def _info(handle: DeploymentHandle, down: Down | None = None) -> dict:
+    if down is not None:
+        return {"status": "unavailable", "error": down.health()}
 
     async def ask() -> dict:
         return await handle.info.remote()

@@ -1,7 +1,8 @@
-"""The router's answer for a scenario whose deployment failed: which deployments count as failed
-(Serve's status), Serve's reason in one line, one controller call shared by concurrent askers,
-and a rank request held by a handle answered 503 once its deployment is known to have failed.
-Serve's handle is stood in for here; test_serve_http.py fails a real deployment over HTTP."""
+"""The router's answer for a scenario with no replica running: which deployments count as down
+(Serve's status: failed to deploy, or unhealthy as its replicas fail to start), Serve's reason in
+one line, one controller call shared by concurrent askers, and a rank request held by a handle
+answered 503 once its deployment is known to be down. Serve's handle is stood in for here;
+test_serve_http.py fails a real deployment over HTTP."""
 from __future__ import annotations
 
 import asyncio
@@ -28,21 +29,30 @@ class _Status(str):
         return str(self)
 
 
-def _overview(status: str, running: int, message: str = TRACEBACK):
+def _overview(status: str, running: int, message: str = TRACEBACK, trigger: str = "REPLICA_STARTUP_FAILED"):
     """As Serve's DeploymentStatusOverview."""
     return SimpleNamespace(status=_Status(status), replica_states={"RUNNING": running} if running else {},
-                           message=message)
+                           message=message, status_trigger=_Status(trigger))
 
 
-def test_a_deployment_counts_as_failed_only_with_no_replica_left_running():
+def test_a_deployment_counts_as_down_only_with_no_replica_left_running():
+    reason = ("The deployment failed to start 3 times in a row: mtfm.deployments.backends.BackendUnavailable: "
+              "scenario sqs: backend tensorrt needs the `tensorrt` package")
     deployments = {"ranker_sqs": _overview("DEPLOY_FAILED", 0),
                    "ranker_hp": _overview("DEPLOY_FAILED", 2),  # a failed rolling update: the old replicas serve
                    "ranker_phf": _overview("UPDATING", 0, ""),
-                   "ranker_new": _overview("DEPLOY_FAILED", 0, "")}
-    assert router.failed_without_replicas(deployments) == {
-        "ranker_sqs": "The deployment failed to start 3 times in a row: mtfm.deployments.backends.BackendUnavailable: "
-                      "scenario sqs: backend tensorrt needs the `tensorrt` package",
-        "ranker_new": "DEPLOY_FAILED"}
+                   "ranker_new": _overview("DEPLOY_FAILED", 0, ""),
+                   # served, then its replicas failed to start (a pinned checkpoint moved away): Serve retries
+                   "ranker_restarting": _overview("UNHEALTHY", 0),
+                   "ranker_flaky": _overview("UNHEALTHY", 1),
+                   "ranker_probe": _overview("UNHEALTHY", 0, "", trigger="HEALTH_CHECK_FAILED")}
+    assert router.deployments_down(deployments) == {
+        "ranker_sqs": router.Down(True, reason), "ranker_new": router.Down(True, "DEPLOY_FAILED"),
+        "ranker_restarting": router.Down(False, reason)}
+    assert router.Down(False, "why").error("sqs").to_json()["error"] == {
+        "kind": "replica_unavailable", "field": "",
+        "message": "scenario sqs: no replica running, as its replicas fail to start (Serve keeps starting new ones; "
+                   "retry later): why"}
     assert router._condensed("one line, no traceback.") == "one line, no traceback."
     assert router._condensed("") == ""
 
@@ -58,19 +68,20 @@ def test_concurrent_askers_share_one_controller_call_per_ttl(monkeypatch):
     monkeypatch.setattr(router, "_app_status", app_status)
 
     async def main():
-        failures = router.FailedDeployments()
-        answers = await asyncio.gather(*(failures.get() for _ in range(20)))
-        again = await failures.get()  # within the TTL: no call
+        down = router.DeploymentsDown()
+        answers = await asyncio.gather(*(down.get() for _ in range(20)))
+        again = await down.get()  # within the TTL: no call
         return answers, again
 
     answers, again = asyncio.run(main())
-    assert len(calls) == 1 and all(a == {"ranker_sqs": "broken"} for a in answers) and again == answers[0]
+    assert len(calls) == 1 and all(a == {"ranker_sqs": router.Down(True, "broken")} for a in answers)
+    assert again == answers[0]
 
     async def unreachable():
         raise TimeoutError
 
     monkeypatch.setattr(router, "_app_status", unreachable)
-    assert asyncio.run(router.FailedDeployments().get()) == {}  # no status: no claim of a failure
+    assert asyncio.run(router.DeploymentsDown().get()) == {}  # no status: no claim of a failure
 
 
 class _Response:
@@ -92,39 +103,71 @@ class _Response:
         self.cancelled = True
 
 
-def _router(response: _Response, failed: dict[str, str]):
+def _router(response: _Response, down: dict[str, router.Down]):
     handle = SimpleNamespace(deployment_name="ranker_sqs", rank=SimpleNamespace(remote=lambda request: response))
 
-    class Failures:
+    class Down:
         asked = 0
 
         async def get(self):
-            Failures.asked += 1
-            return failed
+            Down.asked += 1
+            return down
 
-    return SimpleNamespace(rankers={"sqs": handle}, failures=Failures()), Failures
+    return SimpleNamespace(rankers={"sqs": handle}, down=Down()), Down
 
 
-def test_a_held_request_is_answered_once_its_deployment_is_known_to_have_failed(monkeypatch):
+def test_a_held_request_is_answered_once_its_deployment_is_known_to_be_down(monkeypatch):
     monkeypatch.setattr(router, "FAILURE_CHECK_EVERY_S", 0.02)
     rank = router.RankRouter.func_or_class._rank
 
     held = _Response(None)
-    this, failures = _router(held, {"ranker_sqs": "the reason"})
+    this, _ = _router(held, {"ranker_sqs": router.Down(True, "the reason")})
     with pytest.raises(RequestError) as refused:
         asyncio.run(rank(this, "sqs", object()))
     assert (refused.value.status, refused.value.kind) == (503, "deployment_failed")
     assert refused.value.message.endswith("retrying will not help: the reason") and held.cancelled
 
+    held = _Response(None)  # its replicas fail to start: Serve retries, and so may the client
+    this, _ = _router(held, {"ranker_sqs": router.Down(False, "the reason")})
+    with pytest.raises(RequestError) as refused:
+        asyncio.run(rank(this, "sqs", object()))
+    assert (refused.value.status, refused.value.kind) == (503, "replica_unavailable")
+    assert refused.value.message.endswith("retry later): the reason") and held.cancelled
+
     slow = _Response(0.1)  # slower than a check, its deployment fine: waited for, not cancelled
-    this, failures = _router(slow, {})
+    this, down = _router(slow, {})
     assert asyncio.run(rank(this, "sqs", object())) == {"scores": []}
-    assert failures.asked >= 2 and not slow.cancelled
+    assert down.asked >= 2 and not slow.cancelled
 
     unavailable = _Response(0, DeploymentUnavailableError(None))
     this, _ = _router(unavailable, {})  # not confirmed failed (deleted by a redeploy?): Serve's error, to retry
     with pytest.raises(DeploymentUnavailableError):
         asyncio.run(rank(this, "sqs", object()))
-    this, _ = _router(_Response(0, DeploymentUnavailableError(None)), {"ranker_sqs": "the reason"})
+    this, _ = _router(_Response(0, DeploymentUnavailableError(None)), {"ranker_sqs": router.Down(True, "the reason")})
     with pytest.raises(RequestError, match="retrying will not help: the reason"):
         asyncio.run(rank(this, "sqs", object()))
+
+
+def test_health_names_each_scenario_down_and_the_apps_status():
+    """All down: "unavailable"; some: "degraded"; none: "ok" (the replicas' info stood in for)."""
+    health = router.RankRouter.func_or_class._health
+
+    def handle(name: str):
+        async def info():
+            return {"model_version": name}
+        return SimpleNamespace(deployment_name=f"ranker_{name}", info=SimpleNamespace(remote=info))
+
+    def app(down: dict):
+        this, _ = _router(_Response(0), down)
+        this.rankers = {"hp": handle("hp"), "sqs": handle("sqs")}
+        return this
+
+    assert asyncio.run(health(app({}))) == {"status": "ok", "scenarios": {"hp": {"model_version": "hp"},
+                                                                          "sqs": {"model_version": "sqs"}}}
+    some = asyncio.run(health(app({"ranker_sqs": router.Down(False, "why")})))
+    assert some == {"status": "degraded", "scenarios": {"hp": {"model_version": "hp"}, "sqs": {
+        "status": "unavailable", "error": "no replica running: its replicas fail to start (Serve keeps starting new "
+                                         "ones): why"}}}
+    every = asyncio.run(health(app({"ranker_hp": router.Down(True, "why"), "ranker_sqs": router.Down(False, "why")})))
+    assert every["status"] == "unavailable"
+    assert every["scenarios"]["hp"] == {"status": "unavailable", "error": "failed to deploy (redeploy once fixed): why"}
