@@ -3,7 +3,7 @@
 
 `serve run deployments/serve.yaml` calls `build_app(args)` with the `args` of serve.yaml. The
 builder enumerates the registry itself, so a scenario added by dropping in its YAML is served
-after a redeploy with no code change and no edit of serve.yaml, which holds only overrides:
+by a new build with no code change and no edit of serve.yaml, which holds only overrides:
 
     checkpoint   a run folder or checkpoint_* folder; $MTFM_CHECKPOINT overrides it; default:
                  the newest checkpoint saved under ./runs; an mtfm model trained on every served
@@ -12,6 +12,9 @@ after a redeploy with no code change and no edit of serve.yaml, which holds only
     config_dir   the registry (default $MTFM_CONFIG_DIR, else ./configs): which scenarios, and
                  each one's `serving:` knobs (replicas, batching, resources, backend)
     scenarios    per-scenario overrides of those knobs, e.g. {hp: {replicas: 2}}
+    revision     written by `mtfm serve config`: a digest of the checkpoint and registry it found
+                 (`serving_revision`). `serve deploy` rebuilds an app only when its config changed,
+                 so a file regenerated after training on, or after a registry change, rolls them out
     and the replicas' and router's settings, `AppArgs` below (the README has the table)
 
 Deployment `ranker_<scenario>` loads only that scenario's subgraph; the ingress `RankRouter`
@@ -22,6 +25,8 @@ scenario, for the lowest latency (README, "Latency through Serve").
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -30,7 +35,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray.serve import Application
 
-from mtfm.platform.checkpoint import (META_FILE, CheckpointError, find_served_checkpoint, pin_for_serving, read_meta,
+from mtfm.platform.checkpoint import (META_FILE, MODEL_FILE, CheckpointError, find_served_checkpoint, pin_for_serving, read_meta,
                                       registry_changes, trained_config_dir, trained_model_config,
                                       trained_registry)
 from mtfm.platform.registry import (Registry, RegistryError, ServingConfig, load_registry, read_serving_knobs,
@@ -60,6 +65,8 @@ class AppArgs(BaseModel):
     router_num_cpus: float = Field(0.25, ge=0)
     scenario_ingress: str | None = Field(
         None, description="serve only this scenario, its replicas taking HTTP themselves (no router)")
+    revision: str | None = Field(
+        None, description="what `mtfm serve config` found: a changed file is what makes `serve deploy` roll it out")
 
 
 class ServeConfigError(ValueError):
@@ -112,6 +119,18 @@ def plan_app(args: AppArgs | dict, config_name: str = "serve.yaml", built_in: st
                                         "args.scenario_ingress serves" if args.scenario_ingress is not None
                                         else f"{registry.config_dir} registers")
     return AppPlan(args, checkpoint, source, registry, serving, notes)
+
+
+def serving_revision(checkpoint: Path, registry: Registry) -> str:
+    """A digest of what an app serves: the checkpoint (its folder, step and model file's size and time)
+    and the registry's sequences and scenarios. `mtfm serve config` writes it into the file as
+    `args.revision`: Ray Serve leaves an app whose config is unchanged as it is, even where the app
+    would now find a newer checkpoint or another registry, so this is what changes the file."""
+    stat = (Path(checkpoint) / MODEL_FILE).stat()
+    snapshot = registry.to_dict()
+    key = [str(Path(checkpoint).resolve()), read_meta(checkpoint).step, stat.st_size, stat.st_mtime_ns,
+           snapshot["sequences"], snapshot["scenarios"]]
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def parse_app_args(args: AppArgs | dict, config_name: str = "serve.yaml") -> AppArgs:

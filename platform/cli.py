@@ -286,12 +286,13 @@ def _holds_a_checkpoint(path: Path) -> bool:
 
 def cmd_serve_config(args: argparse.Namespace) -> int:
     from mtfm.deployments.app import (CHECKPOINT_ENV, DEFAULT_RUNS_DIR, ServeConfigError, newest_checkpoint,
-                                      refuse_what_it_cannot_serve, servable_scenarios)
+                                      refuse_what_it_cannot_serve, servable_scenarios, serving_revision)
     from mtfm.deployments.serve_config import render_serve_config
     from mtfm.platform.checkpoint import CheckpointError, find_served_checkpoint
 
     reg = load_registry(args.config_dir)  # refuse to write a serve config for an invalid registry
     scenarios = list(reg.scenarios)
+    revision = None  # of the checkpoint found here, if one is
     if args.checkpoint is None:  # the app picks one when it is built: said, and checked as it is now
         from_env = os.environ.get(CHECKPOINT_ENV)
         if from_env:
@@ -311,6 +312,7 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
                 print(f"note: {picks}: now {found}", file=sys.stderr)
                 for line in notes:
                     print(f"note: {line}", file=sys.stderr)
+                revision = serving_revision(found, reg)
             except (CheckpointError, ServeConfigError, RegistryError) as exc:  # still written: the app picks later
                 print(f"warning: {picks}: now {picked}, which the app would refuse: {exc}. Pass --checkpoint to "
                       "serve another", file=sys.stderr)
@@ -337,6 +339,7 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
                 return 1
             for line in notes:
                 print(f"note: {line}", file=sys.stderr)
+            revision = serving_revision(found, reg)
     # The registry validated above: --config-dir, else $MTFM_CONFIG_DIR, else ./configs. The app is built in the
     # folder where the cluster's `ray start` ran: paths given are written absolute (the default stays relative,
     # for `serve run` from the repository root).
@@ -345,7 +348,7 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
     config_dir = os.path.abspath(reg.config_dir) if explicit else str(reg.config_dir)
     checkpoint = None if args.checkpoint is None else os.path.abspath(os.path.expanduser(args.checkpoint))
     text = render_serve_config(config_dir=config_dir, checkpoint=checkpoint, host=args.host, port=args.port,
-                               scenario_ingress=scenarios if args.scenario_ingress else None)
+                               scenario_ingress=scenarios if args.scenario_ingress else None, revision=revision)
     if args.out is None:
         print(text, end="")
         return 0
@@ -370,7 +373,7 @@ def cmd_serve_check(args: argparse.Namespace) -> int:
     the reason among Ray's retries."""
     import yaml
 
-    from mtfm.deployments.app import ServeConfigError, plan_app
+    from mtfm.deployments.app import ServeConfigError, plan_app, serving_revision
     from mtfm.platform.checkpoint import CheckpointError
 
     path = Path(args.file)
@@ -427,6 +430,11 @@ def cmd_serve_check(args: argparse.Namespace) -> int:
             continue
         for note in plan.notes:
             print(f"note: {path} {name}: {note}", file=sys.stderr)
+        now = serving_revision(plan.checkpoint, plan.registry)
+        if plan.args.revision is not None and plan.args.revision != now:
+            print(f"warning: {path} {name}: args.revision {plan.args.revision} was written for another checkpoint or "
+                  f"registry than the app finds now ({now}): `serve deploy` of this file leaves a deployed app as it "
+                  f"is; regenerate it (`mtfm serve config ... --out {path}`) to roll them out", file=sys.stderr)
         scenarios = ", ".join(f"{scenario} ({cfg.replicas} x {cfg.backend}, {cfg.num_gpus:g} GPU)"
                               for scenario, cfg in plan.serving.items())
         print(f"ok: {path} {name} at {app.get('route_prefix', '/')}: {plan.checkpoint} ({plan.source}), registry "

@@ -330,6 +330,38 @@ def test_serve_config_out_writes_only_a_config_of_a_valid_registry(config_dir, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["configs", "serve.yaml", "served.yaml"]
 
 
+def test_serve_config_writes_a_revision_that_changes_with_the_checkpoint_and_the_registry(config_dir, tmp_path, capsys,
+                                                                                         monkeypatch):
+    """`serve deploy` leaves an app whose file is unchanged as it is: the file's revision changes when the run
+    saved a newer checkpoint or the registry changed, and `serve check` says when a file's is stale."""
+    registry = load_registry(config_dir)
+    run, written = tmp_path / "run", tmp_path / "serve.yaml"
+    write_tiny_checkpoint(registry, run / "checkpoint_00000003", step=3)
+
+    def regenerated() -> str:
+        assert main(["serve", "config", "--config-dir", str(config_dir), "--checkpoint", str(run),
+                     "--out", str(written)]) == 0
+        return yaml.safe_load(written.read_text())["applications"][0]["args"]["revision"]
+
+    def checked() -> str:
+        assert main(["serve", "check", str(written)]) == 0
+        return capsys.readouterr().err
+
+    first = regenerated()
+    assert regenerated() == first and "warning" not in checked()
+    write_tiny_checkpoint(registry, run / "checkpoint_00000005", step=5)  # the run trained on
+    assert (f"warning: {written} applications[0] (mtfm): args.revision {first} was written for another checkpoint "
+            "or registry than the app finds now") in checked()
+    second = regenerated()
+    assert second != first and "warning" not in checked()
+    hp = config_dir / "scenarios" / "hp.yaml"
+    hp.write_text(hp.read_text().replace("replicas: 1", "replicas: 2", 1))  # a serving knob: also a rollout
+    assert "args.revision" in checked() and regenerated() not in (first, second)
+    monkeypatch.chdir(tmp_path)  # no runs/ here: no checkpoint found, no revision written
+    assert main(["serve", "config", "--config-dir", str(config_dir)]) == 0
+    assert "revision" not in capsys.readouterr().out
+
+
 def test_serve_config_warns_of_a_checkpoint_path_without_a_checkpoint(tmp_path, capsys):
     """A warning, not a refusal: the path may be one of the cluster's, not this machine's."""
     assert main(["serve", "config", "--config-dir", str(REPO / "configs"), "--checkpoint", str(tmp_path / "nope")]) == 0
