@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
 from mtfm.platform.registry import Registry, load_registry
-from mtfm.platform.synth import DAY_MS, EPOCH_MS, synthesize
+from mtfm.platform.synth import DAY_MS, EPOCH_MS, Draws, World, _realtime_match, synthesize
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUIET = dict(log=lambda *_: None)
@@ -94,3 +95,17 @@ def test_signal_realtime_interest_and_distance(raw):
         df = df.merge(seen, on=["user_id", "day_start", "category"], how="left")
         known = df["in_history"].eq(True)
         assert _click_rate(df, known) > 1.5 * _click_rate(df, ~known), name
+
+
+def test_realtime_match_needs_an_event_strictly_earlier_the_same_day():
+    """_realtime_match by hand: an exposure matches a realtime event of its user on its item's cluster the
+    same day only if the event came strictly before it (an event at the exposure's own ms is not yet seen)."""
+    world = World.draw(n_users=3, days=2, seed=0)
+    ts = EPOCH_MS + DAY_MS + 5_000  # day 1
+    one = dict(users=np.array([1]), items=np.array([7]))
+    exposure = Draws(**one, ts=np.array([ts]), cross={})
+    for event_ts, expected in ((ts, 0.0), (ts - 1, 1.0), (ts + 1, 0.0), (ts - DAY_MS, 0.0)):
+        events = Draws(**one, ts=np.array([event_ts]), cross={})
+        assert _realtime_match(world, events, exposure).tolist() == [expected], event_ts - ts
+    other_user = Draws(users=np.array([2]), items=np.array([7]), ts=np.array([ts - 1]), cross={})
+    assert _realtime_match(world, other_user, exposure).tolist() == [0.0]

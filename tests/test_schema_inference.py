@@ -384,3 +384,15 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_log_is_read(tmp_pat
     pq.write_table(_table(shop_id=[1, 2, 3], click=[0, 1, 0]), path)
     out = tmp_path / "new" / "deeper" / "shop.yaml"
     assert infer_scenario("shop_feed", path, config_dir=config_dir, out=out).out == out and out.is_file()
+
+
+def test_a_dependent_task_label_rate_is_given_its_parent(tmp_path, config_dir):
+    """100 exposures, 20 clicked, 5 ordered (all clicked): order depends_on click, so its rate for
+    `mtfm data synth` is P(order | click) = 5 / 20 = 0.25, not the 0.05 of all rows; click's is 0.2."""
+    click = [1] * 20 + [0] * 80
+    order = [1] * 5 + [0] * 95
+    path = tmp_path / "log.parquet"
+    pq.write_table(_table(shop_id=[i % 7 for i in range(100)], click=click, order=order), path)
+    result = infer_scenario("shop_feed", path, config_dir=config_dir, out=tmp_path / "shop_feed.yaml")
+    assert _tasks(result.out) == [("click", "ctr", None), ("order", "ctcvr", "click")]
+    assert read_yaml_mapping(result.out)["synthetic"]["label_rates"] == {"click": 0.2, "order": 0.25}

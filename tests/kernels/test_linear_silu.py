@@ -161,3 +161,15 @@ def test_impl_triton_refuses_dtypes_the_kernels_do_not_take():
                      ("bias_grad", lambda: bias_grad(h.detach(), impl="triton"))):
         with pytest.raises(ValueError, match=rf"^{op}: impl='triton' does not support these inputs: dtype torch.float64"):
             call()
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_silu_bias_grad_of_bfloat16_sums_dpre_before_rounding(impl):
+    """pre = dy = 1 in bfloat16, by hand: s = sigmoid(1) = 0.73105858, dpre = s (1 + (1 - s)) = 0.92767051,
+    which rounds to 0.92578125 in bfloat16. db sums the float32 dpre over the 64 rows (64 x 0.92767051 =
+    59.370913), not the rounded one (59.25, 2e-3 off)."""
+    pre = torch.ones(64, 8, dtype=torch.bfloat16)
+    grad_pre, grad_bias = silu_backward_bias_grad(torch.ones_like(pre), pre, impl=impl)
+    assert grad_bias.dtype == torch.float32 and grad_pre.dtype == torch.bfloat16
+    assert grad_bias.tolist() == pytest.approx([64 * 0.92767051] * 8, rel=1e-6)
+    assert grad_pre.float().unique().tolist() == [0.92578125]

@@ -5,6 +5,8 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from model_test_utils import random_table
 from mtfm.kernels.mask import build_dynamic_mask
@@ -179,3 +181,48 @@ def test_model_summary_cli_reports_a_bad_config(tmp_path, capsys):
     bad.write_text("hta_layout: '(3:1)'\n")
     assert main(["model", "summary", "--config", str(bad)]) == 1
     assert "hta_layout" in capsys.readouterr().err
+
+
+def _counted_flops(module, *args) -> int:
+    """FLOPs of one forward call as torch's FlopCounterMode counts them (matmuls: 2 per multiply-add)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*args)
+    return counter.get_total_flops()
+
+
+def test_forward_flops_per_layer_heads_and_tokenizer_by_hand():
+    """The per-layer linear FLOPs of the module docstring written out by hand (the output projection of a
+    target layer runs on its NT queries only), and the heads' and tokenizer's FLOPs against FlopCounterMode
+    run on the built model's MMoE heads and group MLPs (every Linear, the towers' output layer included)."""
+    tokens = {"history": 5.0, "realtime": 2.0, "hp": 1.0, "phf": 1.0, "sqs": 1.0}  # N = 10, NT = 3
+    mix = TokenMix(tokens, full_pairs=0.0, target_pairs=0.0, scenarios=("hp", "phf", "sqs"))
+    assert (mix.num_tokens, mix.num_targets) == (10, 3)
+    base = load_model_config(CONFIGS / "tiny.yaml").replace(
+        d_model=8, num_heads=2, num_kv_heads=1, tokenizer_hidden_dim=6, attention_impl="reference",
+        norm_impl="reference", mmoe={"num_experts": 3, "expert_dim": 5, "tower_dim": 7})
+    n, nt, d, hq, hkv, dh, experts, expert_dim = 10, 3, 8, 2, 1, 4, 3, 5
+    full = 2 * n * d * (2 * hq * dh + 2 * hkv * dh) + 2 * n * hq * dh * d
+    target = 2 * n * d * (2 * hkv * dh) + 2 * nt * d * (2 * hq * dh) + 2 * nt * hq * dh * d
+    assert (full, target) == (5120, 2432)
+    target_only = forward_flops(base.replace(hta_layout="(1:0)*1"), REGISTRY, mix)  # runs: target
+    full_then_top = forward_flops(base.replace(hta_layout="(0:2)*1"), REGISTRY, mix)  # runs: full, target (top)
+    assert target_only["layer_linear"] == target
+    assert full_then_top["layer_linear"] == full + target
+    assert target_only["attention"] == 0
+
+    torch.manual_seed(0)
+    model = build_model(base, REGISTRY).eval()
+    k = 4  # rows run through each module; FLOPs per row times the mix's tokens of that group
+    heads = 0.0
+    for s in mix.scenarios:
+        tasks = len(REGISTRY.scenario(s).tasks)
+        counted = _counted_flops(model.heads, torch.randn(k, d), s) / k
+        # the gate-weighted sum of the experts is element-wise (not a matmul FlopCounterMode sees): E x expert_dim
+        # multiply-adds per task
+        heads += tokens[s] * (counted + tasks * 2 * experts * expert_dim)
+    assert target_only["heads"] == pytest.approx(heads, rel=1e-12)
+    tokenizer = 0.0
+    for name, group in model.tokenizer.groups.items():
+        mlp = group.mlp
+        tokenizer += tokens[name] * _counted_flops(mlp, torch.randn(k, mlp[0].in_features)) / k
+    assert target_only["tokenizer"] == pytest.approx(tokenizer, rel=1e-12)

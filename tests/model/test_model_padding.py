@@ -164,3 +164,31 @@ def test_pack_and_unpack_round_trip_every_tensor():
         assert a.dtype == b.dtype and torch.equal(a, b)
     with pytest.raises(ValueError, match="bytes"):
         batch.unpack(flat[1:])
+
+
+def test_padding_rows_have_no_request_id():
+    """A padding T row belongs to no request: its request_id is -1 (the documented "none"), never a
+    real id such as 0, so nothing keyed by request (scores, GAUC groups) can pick it up."""
+    batch = Collator(REGISTRY)(random_table(REGISTRY, 4, 11, lengths=MIXED))
+    padded = pad_batch(batch, batch_shape(batch))
+    for s in batch.scenarios:
+        real, ids = batch.features[s].request_id, padded.features[s].request_id
+        assert ids.shape[0] > real.shape[0] and torch.equal(ids[:real.shape[0]], real)
+        assert (ids[real.shape[0]:] == -1).all(), f"{s}: {ids[real.shape[0]:].tolist()}"
+
+
+def test_growing_shape_keeps_a_shape_that_fits_exactly():
+    """A shape holding each group's tokens plus the one padding row it needs, each list's values and the
+    users plus padding users, exactly: fit() keeps it (no growth, no new CUDA graph)."""
+    batch = Collator(REGISTRY)(random_table(REGISTRY, 5, 12, lengths=MIXED))
+    shapes = GrowingShape(headroom=0.02, granule=64, max_user_tokens=16)
+    counts = [batch.features[g].num_tokens for g in batch.group_names]
+    group_tokens = tuple(n + 1 if n else 0 for n in counts)
+    lists = tuple(v.shape[0] for g in batch.group_names for v in batch.features[g].list_values.values())
+    users = batch.num_users + -(-sum(group_tokens) // 16)
+    assert all(n % 64 for n in group_tokens if n) and users % 64  # a grown size would differ (granule 64)
+    exact = BatchShape(users, group_tokens, lists)
+    shapes.shape = exact
+    assert shapes.fit(batch) == exact and shapes.grown == 0
+    padded = shapes.pad(batch)
+    assert shapes.shape == exact and shapes.grown == 0 and padded.num_tokens == exact.num_tokens
