@@ -83,6 +83,20 @@ def set_rates(optimizers: dict[str, Any], config: TrainConfig) -> None:
         group["lr"] = config.embedding_lr
 
 
+def checkpoint_to_restore(reported, resume_from: str | None):
+    """What a worker restores: Ray's newest reported checkpoint `reported` (after a worker restart, or on
+    `--resume` of a folder holding Ray's snapshot), unless `resume_from`, the checkpoint `--resume` checked
+    and named, is newer. Ray's snapshot lists only the checkpoints its driver registered: one the workers
+    finished as the driver was killed is on disk, whole, and newer. None: a new run."""
+    if resume_from is None:
+        return reported
+    if reported is not None:
+        with reported.as_directory() as folder:
+            if read_meta(folder).step >= read_meta(resume_from).step:
+                return reported
+    return ray.train.Checkpoint(resume_from)
+
+
 # ---------------------------------------------------------------- steps the workers agree on
 
 class StepAgreement:
@@ -214,11 +228,7 @@ class TrainingWorker:
         # On the device before the optimizers exist: Adagrad allocates its state at construction, beside the parameters.
         self.model = build_model(model_config, self.registry).to(self.device)
         self.optimizers = make_optimizers(self.model, config)
-        # Ray returns the run's newest reported checkpoint (after a worker restart, or on `--resume` of a
-        # folder holding Ray's snapshot); `resume_from` covers a resume without one.
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None and loop_config.get("resume_from"):
-            checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
+        checkpoint = checkpoint_to_restore(ray.train.get_checkpoint(), loop_config.get("resume_from"))
         # A warm start comes first: when this attempt resumes its own run, the checkpoint overwrites it.
         frozen = self._warm_start(loop_config, resuming=checkpoint is not None)
         self.step, self.epoch, self.skip = self._restore(checkpoint)

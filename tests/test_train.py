@@ -1029,6 +1029,27 @@ def test_workers_step_until_every_batch_is_trained_the_one_out_of_batches_standi
     assert untrained == [2 + 4 + 1]
 
 
+def test_a_resume_restores_the_newer_of_rays_checkpoint_and_the_one_it_checked(tmp_path):
+    """A driver killed as its workers saved checkpoint 20 leaves it whole on disk but not in Ray's snapshot,
+    whose newest is 15: `--resume` checks 20 (the newest on disk) and the workers restore 20, not 15. After a
+    worker restart later in the resumed run, Ray's newer checkpoint wins."""
+    import ray.train
+
+    sys.path.insert(0, str(REPO_ROOT / "tests" / "deployments"))
+    from serve_test_utils import write_tiny_checkpoint
+    from mtfm.platform.train_worker import checkpoint_to_restore
+
+    registry = load_registry(CONFIGS)
+    run = tmp_path / "run"
+    registered = ray.train.Checkpoint(str(write_tiny_checkpoint(registry, run / "checkpoint_00000015", step=15)))
+    on_disk = str(write_tiny_checkpoint(registry, run / "checkpoint_00000020", step=20))
+    assert checkpoint_to_restore(registered, on_disk).path == on_disk
+    assert checkpoint_to_restore(None, on_disk).path == on_disk  # a folder without Ray's snapshot
+    later = ray.train.Checkpoint(str(write_tiny_checkpoint(registry, run / "checkpoint_00000025", step=25)))
+    assert checkpoint_to_restore(later, on_disk) is later
+    assert checkpoint_to_restore(registered, None) is registered and checkpoint_to_restore(None, None) is None
+
+
 def test_freeze_loaded_steps_without_a_warm_start_is_warned_of(tmp_path):
     lines = []
     with pytest.raises(FileNotFoundError, match="no aggregated samples here"):  # stops before Ray starts
