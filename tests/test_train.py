@@ -409,6 +409,19 @@ def test_a_samples_file_that_is_not_parquet_is_named(ray_cluster, tiny_samples, 
         split_by_window(tmp_path, 1)
 
 
+def test_the_window_split_leaves_training_a_window(ray_cluster, tiny_samples):
+    """Holding out every window is refused for training; evaluation alone may take them all."""
+    import pyarrow.parquet as pq
+
+    windows = sorted(set(pq.read_table(tiny_samples / "samples", columns=["window"])["window"].to_pylist()))
+    with pytest.raises(ValueError, match=rf"{len(windows)} window\(s\) of data, but test_windows={len(windows)} "):
+        split_by_window(tiny_samples, len(windows))
+    train_ds, test_ds, found = split_by_window(tiny_samples, len(windows), need_train=False)
+    assert found == windows and train_ds.count() == 0 and test_ds.count() > 0
+    train_ds, _, _ = split_by_window(tiny_samples, len(windows) - 1)
+    assert set(train_ds.unique("window")) == {windows[0]}
+
+
 def test_files_ray_data_does_not_read_do_not_stop_the_window_split(ray_cluster, tiny_samples, tmp_path):
     """The windows are found from the same files Ray Data reads: *.parquet, none hidden."""
     import pyarrow.parquet as pq
@@ -437,6 +450,10 @@ def test_resume_refuses_a_checkpoint_with_other_scenarios(config_dir, tmp_path):
 
     meta = CheckpointMeta(5, 0, 5, meta_registry, {}, {})
     with pytest.raises(CheckpointError, match=r"the registry has scenarios the checkpoint lacks: \['grocery'\]"):
+        check_compatible(meta, load_registry(config_dir), "runs/x/checkpoint_00000005")
+    (config_dir / "scenarios" / "grocery.yaml").unlink()
+    (config_dir / "scenarios" / "sqs.yaml").unlink()
+    with pytest.raises(CheckpointError, match=r"the checkpoint has scenarios the registry lacks: \['sqs'\]"):
         check_compatible(meta, load_registry(config_dir), "runs/x/checkpoint_00000005")
     with pytest.raises(CheckpointError, match="no checkpoint_"):
         find_checkpoint(tmp_path)
@@ -472,6 +489,14 @@ def test_single_scenario_model_trains_on_its_users_only(tiny_samples):
     kept = keep_users_of(train_ds, ["sqs"]).select_columns(["user_id", "window"]).to_pandas()
     assert 0 < len(expected) < train_rows.num_rows  # the filter has something to drop
     assert sorted(zip(kept["user_id"], kept["window"])) == expected
+    # Two scenarios: the rows with exposures of either
+    lengths = {s: pc.fill_null(pc.list_value_length(train_rows[f"{s}__exposures"]), 0) for s in ("phf", "sqs")}
+    either = pc.or_(pc.greater(lengths["phf"], 0), pc.greater(lengths["sqs"], 0))
+    both = pc.and_(pc.greater(lengths["phf"], 0), pc.greater(lengths["sqs"], 0))
+    assert pc.sum(both).as_py() < pc.sum(either).as_py()  # the rows tell "or" from "and"
+    kept = keep_users_of(train_ds, ["phf", "sqs"]).select_columns(["user_id", "window"]).to_pandas()
+    assert sorted(zip(kept["user_id"], kept["window"])) == sorted(zip(
+        train_rows.filter(either)["user_id"].to_pylist(), train_rows.filter(either)["window"].to_pylist()))
     with pytest.raises(ValueError, match="no exposures of"):
         keep_users_of(train_ds, ["grocery"])
 

@@ -559,7 +559,7 @@ def test_a_body_over_the_limit_is_read_up_to_a_bound_before_its_413(monkeypatch)
     monkeypatch.setattr(http_api, "DRAIN_BYTES", 5000)
     endpoint = http_api.RankEndpoint({"hp": RankRequestParser(REGISTRY, "hp", 10)}, 2000)
 
-    def post(chunks: int, declared: int | None) -> tuple[int, int]:
+    def post(chunks: int, declared: int | None, kind: str = "body_too_large") -> tuple[int, int]:
         """(status, chunks of 1000 bytes the endpoint read) for a body of `chunks` such chunks."""
         read = 0
 
@@ -572,9 +572,12 @@ def test_a_body_over_the_limit_is_read_up_to_a_bound_before_its_413(monkeypatch)
         scope = {"type": "http", "method": "POST", "path": "/hp/rank", "root_path": "", "query_string": b"",
                  "headers": [(b"content-type", b"application/json"), *headers]}
         response = asyncio.run(endpoint.answer(Request(scope, receive), None, None))
-        assert json.loads(response.body)["error"]["kind"] == "body_too_large"
+        assert json.loads(response.body)["error"]["kind"] == kind
         return response.status_code, read
 
+    assert post(2, declared=2000, kind="invalid_json") == (400, 2)  # at the limit: read as a body ("xx..." no JSON)
+    assert post(2, declared=None, kind="invalid_json") == (400, 2)
+    assert post(3, declared=3000) == (413, 3)
     assert post(6, declared=6000) == (413, 6)  # all of it: within the limit and the bound
     assert post(20, declared=None) == (413, 8)  # chunked: read until past limit + bound (8000 > 7000)
     assert post(20, declared=20_000) == (413, 0)  # declared past the bound: not read at all

@@ -59,6 +59,10 @@ def _varied_requests(registry, scenario: str):
                 c[name] = []
             elif not any(f.name == name and f.required for f in registry.scenario(scenario).features):
                 c[name] = None
+    for i, c in enumerate(edited["candidates"][1::2]):  # lists of several lengths in one request: padded apart
+        for name, value in list(c.items()):
+            if isinstance(value, list) and value:
+                c[name] = (value * 4)[:(1, 2, 3)[i % 3]]
     return [parser.parse(b, now_ms=int(time.time() * 1000)) for b in bodies]
 
 
@@ -137,6 +141,9 @@ def test_graph_runner_reuses_its_static_buffers_and_gives_the_plain_scores(model
     assert runner.scores(collate(requests[3].table)) is None  # a fourth shape: no room for another graph
     large = CudaGraphRunner(ranker, torch.device("cpu"), max_tokens=16)
     assert large.scores(collate(requests[1].table)) is None
+    padded = batch_shape(collate(requests[1].table)).num_tokens  # the limit counts the padded tokens
+    assert CudaGraphRunner(ranker, torch.device("cpu"), max_tokens=padded).scores(collate(requests[1].table)) is not None
+    assert CudaGraphRunner(ranker, torch.device("cpu"), max_tokens=padded - 1).scores(collate(requests[1].table)) is None
 
 
 @pytest.mark.parametrize("scenario", ["hp", "phf"])
@@ -804,3 +811,7 @@ def test_a_served_checkpoint_is_pinned_against_its_runs_pruning(tmp_path, capsys
     again = pin_for_serving(rewritten)
     assert again != pinned and os.path.samefile(again / "model.pt", rewritten / "model.pt")
     assert load_scenario_ranker(pinned, "hp")[1].step == 4  # apps serving the first pin keep its weights
+    os.utime(pinned / "meta.json", ns=(10**18, 10**18))  # pinned first, then `again`
+    os.utime(again / "meta.json", ns=(2 * 10**18, 2 * 10**18))
+    shutil.rmtree(rewritten)  # pruned again: the folder's newest pin is served
+    assert resolve_checkpoint(str(checkpoint)) == again.resolve() and load_scenario_ranker(again, "hp")[1].step == 9
