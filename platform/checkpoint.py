@@ -46,6 +46,9 @@ class CheckpointMeta:
     model_config: dict[str, Any]
     train_config: dict[str, Any]
     samples_fingerprint: str | None = None  # of the samples trained on (`samples.samples_fingerprint`); None before
+    # The windows (start, ms) whose samples these weights trained on: this run's training windows and those of
+    # the checkpoints it resumed or warm-started from; None before 2026-12-07 (`mtfm eval` then guesses).
+    trained_windows: list[int] | None = None
 
     @property
     def scenarios(self) -> list[str]:

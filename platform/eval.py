@@ -142,12 +142,14 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     budget = trained["tokens_per_batch"]
     reads = test_ds.iter_batches(batch_size=trained["rows_per_read"], batch_format="pyarrow")
     results = evaluate_batches(model, token_budget_batches(reads, Collator(registry), budget), torch.device("cpu"))
-    trained_held_out = trained["test_windows"]
-    same_data = _same_path(data, meta.train_config.get("data"))
-    return {"checkpoint": str(folder), "step": meta.step, "data": str(data),
-            "test_windows": windows[-windows_held_out:], "eval": results,
-            "not_evaluated": not_evaluated(results, registry),
-            "trained_windows_in_test": max(windows_held_out - trained_held_out, 0) if same_data else 0}
+    test = windows[-windows_held_out:]
+    if meta.trained_windows is not None:
+        trained_in_test = len(set(test) & set(meta.trained_windows))
+    else:  # a checkpoint that does not record its windows: those its run held out fewer of, on the same samples
+        same_data = _same_path(data, meta.train_config.get("data"))
+        trained_in_test = max(windows_held_out - trained["test_windows"], 0) if same_data else 0
+    return {"checkpoint": str(folder), "step": meta.step, "data": str(data), "test_windows": test, "eval": results,
+            "not_evaluated": not_evaluated(results, registry), "trained_windows_in_test": trained_in_test}
 
 
 def _same_path(a, b) -> bool:
@@ -175,8 +177,7 @@ def run_from_args(args) -> int:
     print(format_table(report["eval"], report["not_evaluated"]))
     if report["trained_windows_in_test"]:
         print(f"warning: {report['trained_windows_in_test']} of these {len(report['test_windows'])} test windows "
-              "are windows its run trained on (it held out fewer of these samples): their scores are not held-out "
-              "scores")
+              "are windows this checkpoint trained on: their scores are not held-out scores")
     if args.json:
         Path(args.json).write_text(metrics_json(report, indent=1))
         print(f"wrote {args.json}")

@@ -246,7 +246,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         quiet_ray_data()
         train_ds, test_ds, windows = _samples_to_train_on(plan, log)
         _start_run_folder(plan, windows, log)
-        trainer = _trainer(plan, train_ds, test_ds)
+        trainer = _trainer(plan, train_ds, test_ds, _windows_trained_on(plan, windows, log))
         (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a resume tries again
         say_when_ray_train_stops_for_ctrl_c()
         result = _fit(trainer, run_dir, log)
@@ -459,7 +459,25 @@ def _start_run_folder(plan: RunPlan, windows: list, log) -> None:
         f"{' with GPU' if config.use_gpu else ''}")
 
 
-def _trainer(plan: RunPlan, train_ds, test_ds):
+def _windows_trained_on(plan: RunPlan, windows: list[int], log) -> list[int]:
+    """The windows the run's checkpoints record as trained on: its training windows and those of the checkpoints
+    it continues (--resume) or starts from (--init-from); a test window among the latter is warned of."""
+    from mtfm.platform.checkpoint import read_meta
+
+    train, test = windows[:-plan.config.test_windows], windows[-plan.config.test_windows:]
+    earlier = set()
+    for source in (plan.resume_from, plan.init_from):
+        if source is not None:
+            earlier |= set(read_meta(source).trained_windows or ())
+    seen = sorted(earlier & set(test))
+    if seen:
+        days = ", ".join(time.strftime("%Y-%m-%d", time.gmtime(w / 1000)) for w in seen)
+        log(f"[mtfm] warning: test window(s) starting {days} were trained on by the checkpoint this run continues or "
+            "starts from: their evaluation is not held out")
+    return sorted(earlier | set(train))
+
+
+def _trainer(plan: RunPlan, train_ds, test_ds, trained_windows: list[int]):
     """The TorchTrainer of the run: `train_loop_per_worker` on `num_workers` workers, restarted from the
     newest checkpoint on a worker's failure."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -474,6 +492,7 @@ def _trainer(plan: RunPlan, train_ds, test_ds):
                            "model_config": plan.model_config.to_dict(), "run_dir": str(run_dir),
                            "init_from": str(plan.init_from) if plan.init_from else None,
                            "samples_fingerprint": plan.samples_fingerprint or _fingerprint_or_none(config.data),
+                           "trained_windows": trained_windows,
                            "resume_from": str(plan.resume_from) if plan.resume_from else None,
                            "loaded_by_warm_start": _loaded_by_warm_start(run_dir) if plan.resume_from else None},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,

@@ -219,6 +219,7 @@ class TrainingWorker:
         self.registry = Registry.from_dict(loop_config["registry"])
         self.model_config_dict = loop_config["model_config"]  # as checkpoints record it
         self.samples_fingerprint = loop_config["samples_fingerprint"]
+        self.trained_windows = loop_config["trained_windows"]
         model_config = parse_model_config(dict(self.model_config_dict))
         self.run_dir = Path(loop_config["run_dir"])
         context = ray.train.get_context()
@@ -421,7 +422,8 @@ class TrainingWorker:
                 checkpoint, scores_finite = None, True
                 if self.rank == 0:
                     meta = CheckpointMeta(self.step, self.epoch, batches_in_epoch, self.registry.to_dict(),
-                                          self.model_config_dict, self.config.to_dict(), self.samples_fingerprint)
+                                          self.model_config_dict, self.config.to_dict(), self.samples_fingerprint,
+                                          self.trained_windows)
                     write_checkpoint(Path(tmp), self.model, self.optimizers, meta)
                     if self.config.evaluate_at_checkpoints or final:  # the final checkpoint always gets eval.json
                         result = self._evaluate()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -363,7 +364,23 @@ def test_a_scenario_without_exposures_is_warned_of_and_listed_as_not_evaluated(r
     assert main(["eval", "--checkpoint", str(run), "--test-windows", "3"]) == 0
     out = capsys.readouterr().out
     assert "test windows starting 2026-01-01" in out
-    assert ("warning: 2 of these 3 test windows are windows its run trained on (it held out fewer of these samples): "
-            "their scores are not held-out scores") in out
+    assert ("warning: 2 of these 3 test windows are windows this checkpoint trained on: their scores are not "
+            "held-out scores") in out
+    # The checkpoint records the windows it trained on: the same days are found in other samples too.
+    from mtfm.platform.synth import EPOCH_MS
+    from mtfm.platform.train import RunPlan, _windows_trained_on
+
+    day, first = 86_400_000, EPOCH_MS  # synth's first day, 2026-01-01
+    assert read_meta(run).trained_windows == [first, first + day]
+    shutil.copytree(tmp_path / "agg", tmp_path / "agg-copy")
+    assert main(["eval", "--checkpoint", str(run), "--data", str(tmp_path / "agg-copy"), "--test-windows", "2"]) == 0
+    assert "warning: 1 of these 2 test windows are windows this checkpoint trained on" in capsys.readouterr().out
+    # A run that continues from it with two test windows: the second day is warned of, and recorded once.
+    continued = RunPlan(TrainConfig.from_dict(base | {"test_windows": 2}, "test"), four, None, tmp_path / "next",
+                        find_checkpoint(run), None, None)
+    said = []
+    assert _windows_trained_on(continued, [first, first + day, first + 2 * day], said.append) == [first, first + day]
+    assert said == ["[mtfm] warning: test window(s) starting 2026-01-02 were trained on by the checkpoint this run "
+                    "continues or starts from: their evaluation is not held out"]
     assert main(["eval", "--checkpoint", str(run), "--test-windows", "4"]) == 1
     assert "3 window(s) of data, but test_windows=4" in capsys.readouterr().err
