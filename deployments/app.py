@@ -209,9 +209,10 @@ def refuse_what_it_cannot_serve(checkpoint: str | Path, source: str | None, trai
                                "the wrong checkpoint, or the wrong config dir? Name the checkpoint or the config dir "
                                "it was trained with" + (f" (it was trained with {recorded})" if recorded else ""))
     if untrained:
+        servable = [s for s in trained if s in registry.scenarios]
         raise ServeConfigError(f"{named} was trained without scenarios {untrained} that {served_by} (it was trained "
                                f"on {trained}); train or warm-start a model with them, or serve only scenarios it "
-                               f"has: a config dir that registers just {trained}, or one app per trained scenario "
+                               f"has: a config dir that registers just {servable}, or one app per trained scenario "
                                f"from `mtfm serve config --scenario-ingress --checkpoint {checkpoint} --config-dir "
                                f"{registry.config_dir}`")
     trained_with = trained_registry(read_meta(checkpoint), str(checkpoint))
@@ -226,8 +227,11 @@ def refuse_what_it_cannot_serve(checkpoint: str | Path, source: str | None, trai
                                "warm-start a model on the registry as it is now (`mtfm train "
                                f"--init-from {checkpoint} ...`), or serve with the config dir it was trained with "
                                f"(`mtfm scenarios export --checkpoint {checkpoint} --out DIR` writes it)")
-    return ([f"{named}: {cut} in {registry.config_dir}; its replicas keep the max_len it was trained with"
-             for cut in cuts]
+    retired = [s for s in trained if s not in registry.scenarios]
+    return ([f"{named} was also trained on {retired}, which {registry.config_dir} does not register: not served"]
+            * bool(retired)
+            + [f"{named}: {cut} in {registry.config_dir}; its replicas keep the max_len it was trained with"
+               for cut in cuts]
             + [f"{named}: {change} in {registry.config_dir}; its replicas still take requests without it, as "
                "it was trained" for change in tightened])
 

@@ -370,8 +370,9 @@ def check_compatible(meta: CheckpointMeta, registry: Registry, where: str) -> No
     other_dir = f"pass the config dir it was trained with (--config-dir {trained_with}), " \
         if trained_with and Path(trained_with).resolve() != Path(registry.config_dir).resolve() else ""
     raise CheckpointError(f"{where}: {'; '.join(parts)}. Resuming needs the scenarios the checkpoint was "
-                          f"trained with ({sorted(have)}, stored in its {META_FILE}): {other_dir}restore those "
-                          "scenario files, or start a new run from it with --init-from (warm start)")
+                          f"trained with ({sorted(have)}, stored in its {META_FILE}): {other_dir}resume with that "
+                          f"registry (`mtfm scenarios export --checkpoint {where} --out DIR` writes it; then "
+                          "--config-dir DIR), or start a new run from it with --init-from (warm start)")
 
 
 def trained_config_dir(meta: CheckpointMeta) -> str | None:

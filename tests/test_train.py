@@ -449,7 +449,10 @@ def test_resume_refuses_a_checkpoint_with_other_scenarios(config_dir, tmp_path):
     from mtfm.platform.checkpoint import CheckpointMeta
 
     meta = CheckpointMeta(5, 0, 5, meta_registry, {}, {})
-    with pytest.raises(CheckpointError, match=r"the registry has scenarios the checkpoint lacks: \['grocery'\]"):
+    with pytest.raises(CheckpointError, match=r"the registry has scenarios the checkpoint lacks: \['grocery'\]. "
+                                              r".*resume with that registry \(`mtfm scenarios export --checkpoint "
+                                              r"runs/x/checkpoint_00000005 --out DIR` writes it; then --config-dir "
+                                              r"DIR\), or start a new run from it with --init-from"):
         check_compatible(meta, load_registry(config_dir), "runs/x/checkpoint_00000005")
     (config_dir / "scenarios" / "grocery.yaml").unlink()
     (config_dir / "scenarios" / "sqs.yaml").unlink()

@@ -598,6 +598,24 @@ def test_a_schema_changed_since_training_is_refused_by_the_builder_and_serve_con
                      r"now .*elsewhere, which the app would refuse: .*elsewhere: not found", capsys.readouterr().err)
 
 
+def test_a_renamed_scenario_is_one_the_checkpoint_lacks_and_the_rest_are_offered(checkpoint, config_dir, capsys):
+    """sqs renamed coupons in the registry: the model has no coupons, and what it can serve is hp and phf.
+    With sqs only retired, the app serves hp and phf and says that sqs is not served."""
+    sqs = config_dir / "scenarios" / "sqs.yaml"
+    text = sqs.read_text()
+    sqs.unlink()
+    assert main(["serve", "config", "--checkpoint", str(checkpoint), "--config-dir", str(config_dir)]) == 0
+    assert (f"note: checkpoint {checkpoint} was also trained on ['sqs'], which {config_dir} does not register: not "
+            "served") in capsys.readouterr().err
+    sqs.write_text(text)
+    (config_dir / "scenarios" / "coupons.yaml").write_text(sqs.read_text().replace("name: sqs", "name: coupons"))
+    sqs.unlink()
+    with pytest.raises(ServeConfigError, match=r"trained without scenarios \['coupons'\] .* \(it was trained on "
+                                               r"\['hp', 'phf', 'sqs'\]\); .* a config dir that registers just "
+                                               r"\['hp', 'phf'\], or one app per trained scenario"):
+        build_app({"checkpoint": str(checkpoint), "config_dir": str(config_dir)})
+
+
 def test_builder_refuses_a_single_scenario_checkpoint_for_the_scenarios_it_lacks(tmp_path, config_dir, capsys):
     """A model config's `scenarios: [hp]` (configs/model/single_scenario_hp.yaml) trains on hp alone,
     though the checkpoint saves the whole registry: only hp can be served from it."""
