@@ -35,8 +35,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray.serve import Application
 
-from mtfm.platform.checkpoint import (META_FILE, MODEL_FILE, CheckpointError, find_served_checkpoint, pin_for_serving, read_meta,
-                                      registry_changes, trained_config_dir, trained_model_config,
+from mtfm.platform.checkpoint import (META_FILE, MODEL_FILE, CheckpointError, find_served_checkpoint, pin_for_serving,
+                                      read_meta, registry_changes, trained_config_dir, trained_model_config,
                                       trained_registry)
 from mtfm.platform.registry import (Registry, RegistryError, ServingConfig, load_registry, read_serving_knobs,
                                     resolve_config_dir, serving_conflict)

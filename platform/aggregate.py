@@ -386,25 +386,35 @@ def _owned(out: Path) -> list[Path]:
     return [out / SAMPLES, out / QUARANTINE, out / SHUFFLE, out / SUMMARY]
 
 
+def _refuse_to_replace(raw: Path, out: Path, overwrite: bool) -> str | None:
+    """Raises FileExistsError where `out` holds an earlier output that this aggregation may not replace (checked
+    before Ray starts, and again under the lock); the note for one it replaces without --overwrite, else None."""
+    if not any(p.exists() for p in _owned(out)):
+        return None
+    previous = _previous_run(out)
+    if previous is not None and previous["samples_out"] == 0 and Path(previous["raw"]).resolve() == raw.resolve():
+        # The same logs, again, after a run that produced nothing: replacing it loses no sample
+        # (its quarantine, of these logs, is written anew).
+        return f"replacing {out}: its earlier aggregation of {raw} wrote no user samples"
+    if overwrite:
+        return None
+    if previous is not None:
+        held = f"already holds {previous['samples_out']:,} aggregated user samples of {previous['raw']}"
+    elif (out / SUMMARY).exists():
+        held = f"holds aggregation output whose {SUMMARY} cannot be read"
+    else:
+        held = f"holds the output of an aggregation that did not finish (no {SUMMARY})"
+    raise FileExistsError(f"{out} {held}; choose another --out or pass --overwrite")
+
+
 def _clear_output(raw: Path, out: Path, overwrite: bool, log) -> None:
     """Under this aggregation's lock of `out`: an earlier output removed where that is allowed, the
     samples/ folder marked unfinished."""
-    owned = _owned(out)
-    if any(p.exists() for p in owned):
-        previous = _previous_run(out)
-        if previous is not None and previous["samples_out"] == 0 and Path(previous["raw"]).resolve() == raw.resolve():
-            # The same logs, again, after a run that produced nothing: replacing it loses no sample
-            # (its quarantine, of these logs, is written anew).
-            log(f"replacing {out}: its earlier aggregation of {raw} wrote no user samples")
-        elif not overwrite:
-            if previous is not None:
-                held = (f"already holds {previous['samples_out']:,} aggregated user samples of {previous['raw']}")
-            elif (out / SUMMARY).exists():
-                held = f"holds aggregation output whose {SUMMARY} cannot be read"
-            else:
-                held = f"holds the output of an aggregation that did not finish (no {SUMMARY})"
-            raise FileExistsError(f"{out} {held}; choose another --out or pass --overwrite")
-        for p in owned:
+    note = _refuse_to_replace(raw, out, overwrite)
+    if note:
+        log(note)
+    for p in _owned(out):
+        if p.exists():
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     (out / SAMPLES).mkdir(parents=True, exist_ok=True)
     (out / SAMPLES / UNFINISHED).write_text(f"an aggregation of {raw} writes these samples; {SUMMARY} is written and "
@@ -480,6 +490,7 @@ def aggregate(registry: Registry, raw: str | Path, out: str | Path, window_ms: i
     raw, out = Path(raw), Path(out)
     prepare_start = time.perf_counter()
     files, rows, warnings = _check_inputs(registry, raw, out)
+    _refuse_to_replace(raw, out, overwrite)  # before Ray's start-up, which takes seconds
     prepare_s = time.perf_counter() - prepare_start
     ray = init_ray()  # before anything is written: a cluster that cannot be reached leaves no output
     import ray.data

@@ -94,14 +94,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
                         test_windows: int | None = None) -> dict:
     """Load a checkpoint (or a run folder's newest) and evaluate it on the last windows of `data`
     (default: the samples it was trained on, as its train config names them)."""
-    import pyarrow.parquet as pq
     import torch
 
     from mtfm.model import Collator, token_budget_batches
     from mtfm.platform.checkpoint import find_checkpoint, load_model
     from mtfm.platform.cluster import init_ray, quiet_ray_data
-    from mtfm.platform.samples import (refuse_samples_that_do_not_fit, sample_files, samples_folder,
-                                       split_by_window)
+    from mtfm.platform.samples import local_samples_schema, refuse_samples_that_do_not_fit, split_by_window
     from mtfm.platform.train import TrainConfig
 
     folder = find_checkpoint(checkpoint)
@@ -124,14 +122,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
             remedy=(f"pass --data samples aggregated with the registry it was trained with (a config dir declaring "
                     f"scenarios {list(registry.scenarios)} and sequences {list(registry.sequences)})"))
 
-    if "://" not in str(data):  # named before Ray starts
-        fs, files = sample_files(samples_folder(str(data)))
-        try:
-            schema = pq.read_schema(files[0], filesystem=fs) if files else None
-        except Exception:  # noqa: BLE001 - an unreadable part is named by split_by_window below
-            schema = None
-        if schema is not None and "window" in schema.names:  # else split_by_window says what the folder is not
-            refuse_other_samples(schema)
+    schema = local_samples_schema(str(data))  # named before Ray starts
+    if schema is not None:
+        refuse_other_samples(schema)
     windows_held_out = trained["test_windows"] if test_windows is None else test_windows
     if windows_held_out < 1:
         raise ValueError(f"test_windows {windows_held_out}: expected at least 1 (the last N windows are the test set)")

@@ -147,6 +147,22 @@ def samples_folder(samples: str) -> str:
     return samples
 
 
+def local_samples_schema(samples: str):
+    """The schema of local aggregated samples (their first part's), read with pyarrow before Ray starts, so that
+    samples a model cannot read are refused at once; None for a URI (it may need the cluster's credentials), a
+    folder without parts or with a part that does not read, or not samples (`split_by_window` names those)."""
+    import pyarrow.parquet as pq
+
+    if "://" in str(samples):
+        return None
+    fs, files = sample_files(samples_folder(str(samples)))
+    try:
+        schema = pq.read_schema(files[0], filesystem=fs) if files else None
+    except Exception:  # noqa: BLE001 - an unreadable part is named by split_by_window
+        return None
+    return schema if schema is not None and "window" in schema.names else None
+
+
 def refuse_an_unfinished_aggregation(filesystem, folder: str, samples: str) -> None:
     """Samples of an aggregation that has not finished (its samples/ `folder` holds UNFINISHED until
     it writes its summary) are those of only some users: one still running, or one interrupted.

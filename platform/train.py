@@ -37,8 +37,8 @@ from mtfm.platform.cluster import quiet_ray_data
 from mtfm.platform.registry import (FieldReader, Registry, RegistryError, dump_yaml, load_registry,
                                     read_yaml_mapping, resolve_config_dir)
 from mtfm.platform.run_lock import DriverLock, refuse_a_folder_a_live_driver_holds
-from mtfm.platform.samples import (keep_users_of, refuse_samples_that_do_not_fit, samples_folder,
-                                   scenarios_in, split_by_window)
+from mtfm.platform.samples import (keep_users_of, local_samples_schema, refuse_samples_that_do_not_fit,
+                                   samples_folder, scenarios_in, split_by_window)
 
 if TYPE_CHECKING:
     from mtfm.model import ModelConfig
@@ -238,8 +238,10 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     with DriverLock(run_dir):  # refuses a folder a live driver trains; held until this driver ends
         if resume is None:
             refuse_existing_run(run_dir)
-        if "://" not in config.data:
-            samples_folder(config.data)  # named before Ray starts (a URI may need the cluster's credentials)
+        if "://" not in config.data:  # named before Ray starts (a URI may need the cluster's credentials)
+            schema = local_samples_schema(config.data)
+            if schema is not None:
+                refuse_samples_the_model_cannot_read(plan, schema)
 
         init_ray(log_to_driver=True)
         refuse_workers_the_cluster_cannot_hold(config, log)
@@ -432,19 +434,26 @@ def _samples_to_train_on(plan: RunPlan, log):
         log(f"[mtfm] warning: the samples hold exposures of scenarios not in the registry, ignored: "
             f"{sorted(in_data - set(registry.scenarios))} (retired, or a --config-dir mismatch?)")
     model_scenarios = plan.scenarios
-    # The workers' collator would fail on missing columns, each failure retried: named here first.
-    refuse_samples_that_do_not_fit(
-        schema, config.data, registry, model_scenarios,
-        whose=f"model {model_config.name} (registered in {registry.config_dir})",
-        remedy=("aggregate the raw logs again with this registry (`mtfm data aggregate --config-dir "
-                f"{registry.config_dir} --raw RAW --out AGG`)"),
-        remedy_for_scenarios=(f", or train a model of the scenarios the samples hold, "
-                              f"{sorted(in_data & set(model_scenarios))} (a model config's `scenarios:`)"))
+    refuse_samples_the_model_cannot_read(plan, schema)
     if in_data - set(model_scenarios):
         train_ds, test_ds = keep_users_of(train_ds, model_scenarios), keep_users_of(test_ds, model_scenarios)
         log(f"[mtfm] model {model_config.name} covers {model_scenarios}: training and evaluating on their users "
             "only")
     return train_ds, test_ds, windows
+
+
+def refuse_samples_the_model_cannot_read(plan: RunPlan, schema) -> None:
+    """Samples (their Arrow schema) that lack what the run's model reads are refused, naming what: the workers'
+    collator would fail on missing columns, each failure retried."""
+    config, registry, model_config = plan.config, plan.registry, plan.model_config
+    in_data = scenarios_in(schema.names)
+    refuse_samples_that_do_not_fit(
+        schema, config.data, registry, plan.scenarios,
+        whose=f"model {model_config.name} (registered in {registry.config_dir})",
+        remedy=("aggregate the raw logs again with this registry (`mtfm data aggregate --config-dir "
+                f"{registry.config_dir} --raw RAW --out AGG`)"),
+        remedy_for_scenarios=(f", or train a model of the scenarios the samples hold, "
+                              f"{sorted(in_data & set(plan.scenarios))} (a model config's `scenarios:`)"))
 
 
 def _start_run_folder(plan: RunPlan, windows: list, log) -> None:

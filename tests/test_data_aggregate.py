@@ -373,10 +373,15 @@ tasks:
     assert Collator(restrict_registry(registry, ["kiosk"]))(request.table).features["kiosk"].num_tokens == 3
 
 
-def test_refuses_to_overwrite_without_flag(ray_cluster, registry, raw, tmp_path):
+def test_refuses_to_overwrite_without_flag(ray_cluster, registry, raw, tmp_path, monkeypatch):
     aggregate_local(registry, raw, tmp_path / "agg", **QUIET)
     with pytest.raises(FileExistsError, match="--overwrite"):
         aggregate_local(registry, raw, tmp_path / "agg", **QUIET)
+    with monkeypatch.context() as patched:  # the Ray path refuses before Ray's start-up too
+        patched.setattr("mtfm.platform.cluster.init_ray", lambda *a, **k: pytest.fail("Ray started before the refusal"))
+        with pytest.raises(FileExistsError, match=r"agg already holds \d+ aggregated user samples of .*; choose "
+                                                  r"another --out or pass --overwrite"):
+            aggregate(registry, raw, tmp_path / "agg", **QUIET)
     with pytest.raises(FileNotFoundError, match="raw log folder not found"):
         aggregate_local(registry, tmp_path / "nowhere", tmp_path / "agg2", **QUIET)
     # Logs of another registry (no exposure table of a registered scenario) are refused before any row is read.

@@ -84,7 +84,7 @@ BAD_SCENARIOS = [
     (lambda d: d["cross_features"].append(dict(d["item_features"][0])), "cross_features[2].name", "duplicate name 'poi_id'"),
     (lambda d: d["tasks"].append({"name": "click", "kind": "ctr"}), "tasks[2].name", "duplicate name 'click'"),
     (lambda d: d["tasks"][1].update(depends_on="purchase"), "tasks[1].depends_on", "earlier task"),
-    (lambda d: d["tasks"][0].update(depends_on="click"), "tasks[0].depends_on", "earlier task, found 'click'"),  # itself
+    (lambda d: d["tasks"][0].update(depends_on="click"), "tasks[0].depends_on", "earlier task, found 'click'"),
     (lambda d: d["tasks"][0].update(depends_on=d["tasks"][1]["name"]), "tasks[0].depends_on", "earlier task"),  # later
     (lambda d: d["tasks"][1].update(depends_on="poi_id"), "tasks[1].depends_on", "earlier task, found 'poi_id'"),
     (lambda d: d.update(name="homepage"), "name", "the file name"),

@@ -514,17 +514,20 @@ def test_samples_read_from_a_uri_as_from_a_path(tiny_samples):
 
 
 def test_samples_aggregated_before_a_scenario_was_registered_are_refused_before_training(
-        ray_cluster, tiny_samples, config_dir, tmp_path):
+        ray_cluster, tiny_samples, config_dir, tmp_path, monkeypatch):
     """A scenario YAML added after aggregating: the workers' collator would fail on its missing
-    columns (each failure retried); the driver names it first, and no run folder is made."""
+    columns (each failure retried); the driver names it first, before Ray starts for local samples, and no
+    run folder is made."""
     (config_dir / "scenarios" / "grocery.yaml").write_text(
         "name: grocery\nitem_features:\n  - {name: sku_id, type: categorical, buckets: 100, dim: 4}\n"
         "tasks:\n  - {name: click, kind: ctr}\n")
-    with pytest.raises(ValueError, match=r"no columns of scenario\(s\) \['grocery'\], which model tiny \(registered "
-                                         r"in .*\) covers: the samples were aggregated before they were registered, "
-                                         r"or with another registry; aggregate the raw logs again"):
-        train(_config(), data=str(tiny_samples), out=tmp_path / "run", config_dir=str(config_dir),
-              log=lambda *a: None)
+    with monkeypatch.context() as patched:
+        patched.setattr("mtfm.platform.cluster.init_ray", lambda *a, **k: pytest.fail("Ray started before the refusal"))
+        with pytest.raises(ValueError, match=r"no columns of scenario\(s\) \['grocery'\], which model tiny "
+                                             r"\(registered in .*\) covers: the samples were aggregated before "
+                                             r"they were registered, or with another registry; aggregate"):
+            train(_config(), data=str(tiny_samples), out=tmp_path / "run", config_dir=str(config_dir),
+                  log=lambda *a: None)
     (config_dir / "scenarios" / "grocery.yaml").unlink()
     with open(config_dir / "sequences.yaml", "a") as sequences:  # a sequence registered later, likewise
         sequences.write("  - name: searches\n    kind: realtime\n    max_len: 8\n    features:\n"

@@ -141,9 +141,10 @@ def test_graph_runner_reuses_its_static_buffers_and_gives_the_plain_scores(model
     assert runner.scores(collate(requests[3].table)) is None  # a fourth shape: no room for another graph
     large = CudaGraphRunner(ranker, torch.device("cpu"), max_tokens=16)
     assert large.scores(collate(requests[1].table)) is None
-    padded = batch_shape(collate(requests[1].table)).num_tokens  # the limit counts the padded tokens
-    assert CudaGraphRunner(ranker, torch.device("cpu"), max_tokens=padded).scores(collate(requests[1].table)) is not None
-    assert CudaGraphRunner(ranker, torch.device("cpu"), max_tokens=padded - 1).scores(collate(requests[1].table)) is None
+    batch = collate(requests[1].table)
+    padded = batch_shape(batch).num_tokens  # the limit counts the padded tokens
+    assert CudaGraphRunner(ranker, torch.device("cpu"), max_tokens=padded).scores(batch) is not None
+    assert CudaGraphRunner(ranker, torch.device("cpu"), max_tokens=padded - 1).scores(batch) is None
 
 
 @pytest.mark.parametrize("scenario", ["hp", "phf"])
