@@ -41,7 +41,7 @@ class RankRouter:
         self.rankers = rankers
         self.endpoint = RankEndpoint({s: RankRequestParser(registry, s, max_candidates[s]) for s in rankers},
                                      max_body_bytes)
-        self.down = DeploymentsDown()
+        self.status = AppStatus()
 
     async def __call__(self, http: Request) -> JSONResponse:
         return await self.endpoint.answer(http, self._rank, self._health)
@@ -59,11 +59,11 @@ class RankRouter:
                 done, _ = await asyncio.wait({answer}, timeout=FAILURE_CHECK_EVERY_S)
                 if done:
                     return answer.result()
-                down = (await self.down.get()).get(handle.deployment_name)
+                down = (await self.status.get()).down.get(handle.deployment_name)
                 if down is not None:
                     raise down.error(scenario)
         except DeploymentUnavailableError:  # failed to deploy, or deleted by a redeploy: the controller says which
-            down = (await self.down.get()).get(handle.deployment_name)
+            down = (await self.status.get()).down.get(handle.deployment_name)
             if down is None:
                 raise  # answered as a replica unavailable: retry
             raise down.error(scenario) from None
@@ -75,13 +75,15 @@ class RankRouter:
     async def _health(self) -> dict:
         """Every scenario's info, or {"status": "unavailable", "error"} for one whose replica did
         not answer, or that has no replica running (`Down`: Serve's reason, at once); the app is
-        "ok" when all answered, "degraded" when some, else "unavailable"."""
-        down = await self.down.get()
+        "ok" when all answered, "degraded" when some, else "unavailable". `update_failed`: Serve's
+        reason, where the app's last deploy failed and this, its earlier version, serves on."""
+        known = await self.status.get()
         infos = dict(zip(self.rankers, await asyncio.gather(
-            *(_info(h, down.get(h.deployment_name)) for h in self.rankers.values()))))
+            *(_info(h, known.down.get(h.deployment_name)) for h in self.rankers.values()))))
         down = sum(info.get("status") == "unavailable" for info in infos.values())
         status = "ok" if not down else "unavailable" if down == len(infos) else "degraded"
-        return {"status": status, "scenarios": infos}
+        return {"status": status, "scenarios": infos} | (
+            {"update_failed": known.update_failed} if known.update_failed else {})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,39 +108,55 @@ class Down:
         return f"no replica running: its replicas fail to start (Serve keeps starting new ones): {self.reason}"
 
 
-class DeploymentsDown:
-    """{deployment name: `Down`} for this app's deployments with no replica running that failed to
-    deploy or whose replicas fail to start (after a failed rolling update Serve keeps routing to the
-    old replicas that still run: those serve). One controller call per STATUS_TTL_S at most, shared
-    by concurrent callers; {} where the controller does not answer within STATUS_TIMEOUT_S."""
+@dataclasses.dataclass(frozen=True)
+class StatusSnapshot:
+    """What Serve's controller said of this app: its deployments with no replica running (`Down`), and
+    Serve's reason where the app's last deploy failed while an earlier version of it still serves."""
+
+    down: dict[str, Down] = dataclasses.field(default_factory=dict)
+    update_failed: str | None = None
+
+
+class AppStatus:
+    """This app's `StatusSnapshot`s (after a failed rolling update Serve keeps routing to the old replicas
+    that still run: those serve). One controller call per STATUS_TTL_S at most, shared by concurrent
+    callers; an empty snapshot where the controller does not answer within STATUS_TIMEOUT_S."""
 
     def __init__(self):
-        self._value: dict[str, Down] = {}
+        self._value = StatusSnapshot()
         self._fetched = -float("inf")
         self._pending: asyncio.Future | None = None
 
-    async def get(self) -> dict[str, Down]:
+    async def get(self) -> StatusSnapshot:
         if time.monotonic() - self._fetched < STATUS_TTL_S:
             return self._value
         if self._pending is None:
             self._pending = asyncio.ensure_future(self._fetch())
         return await asyncio.shield(self._pending)
 
-    async def _fetch(self) -> dict[str, Down]:
+    async def _fetch(self) -> StatusSnapshot:
         try:
-            self._value = deployments_down(await _app_status())
+            self._value = status_snapshot(await _app_status())
         except Exception:  # noqa: BLE001 - a status is a nicety: callers answer without it
-            self._value = {}
+            self._value = StatusSnapshot()
         finally:
             self._fetched, self._pending = time.monotonic(), None
         return self._value
 
 
 async def _app_status():
-    """Serve's status of this app's deployments ({name: DeploymentStatusOverview})."""
+    """Serve's status of this app (an ApplicationStatusOverview: status, message, deployments)."""
     app = serve.get_replica_context().app_name
     status = await asyncio.wait_for(asyncio.to_thread(serve.status), STATUS_TIMEOUT_S)
-    return status.applications[app].deployments
+    return status.applications[app]
+
+
+def status_snapshot(app) -> StatusSnapshot:
+    """The snapshot of Serve's `ApplicationStatusOverview` of this app: a failed deploy with every deployment
+    still running is a failed update (its build refused, say), which the deployments' states do not show."""
+    down = deployments_down(app.deployments)
+    failed = app.status == "DEPLOY_FAILED" and not down
+    return StatusSnapshot(down, (_condensed(app.message) or app.status.value) if failed else None)
 
 
 def deployments_down(deployments: dict) -> dict[str, Down]:

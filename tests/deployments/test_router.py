@@ -35,6 +35,22 @@ def _overview(status: str, running: int, message: str = TRACEBACK, trigger: str 
                            message=message, status_trigger=_Status(trigger))
 
 
+def _app(status: str, deployments: dict, message: str = ""):
+    """As Serve's ApplicationStatusOverview."""
+    return SimpleNamespace(status=_Status(status), message=message, deployments=deployments)
+
+
+def test_a_failed_update_of_a_serving_app_is_told_apart_from_a_deployment_down():
+    """A new config whose build was refused: Serve marks the app DEPLOY_FAILED while its earlier version serves."""
+    serving = {"ranker_hp": _overview("HEALTHY", 1, "")}
+    refused = _app("DEPLOY_FAILED", serving, "Deploying the app failed.\n  File x\nServeConfigError: no checkpoint")
+    assert router.status_snapshot(refused) == router.StatusSnapshot({}, "Deploying the app failed: ServeConfigError: "
+                                                                        "no checkpoint")
+    assert router.status_snapshot(_app("RUNNING", serving)) == router.StatusSnapshot()
+    down = _app("DEPLOY_FAILED", {"ranker_sqs": _overview("DEPLOY_FAILED", 0, "broken")}, "broken")
+    assert router.status_snapshot(down) == router.StatusSnapshot({"ranker_sqs": router.Down(True, "broken")})
+
+
 def test_a_deployment_counts_as_down_only_with_no_replica_left_running():
     reason = ("The deployment failed to start 3 times in a row: mtfm.deployments.backends.BackendUnavailable: "
               "scenario sqs: backend tensorrt needs the `tensorrt` package")
@@ -63,25 +79,26 @@ def test_concurrent_askers_share_one_controller_call_per_ttl(monkeypatch):
     async def app_status():
         calls.append(1)
         await asyncio.sleep(0.05)
-        return {"ranker_sqs": _overview("DEPLOY_FAILED", 0, "broken")}
+        return _app("DEPLOY_FAILED", {"ranker_sqs": _overview("DEPLOY_FAILED", 0, "broken")})
 
     monkeypatch.setattr(router, "_app_status", app_status)
 
     async def main():
-        down = router.DeploymentsDown()
-        answers = await asyncio.gather(*(down.get() for _ in range(20)))
-        again = await down.get()  # within the TTL: no call
+        status = router.AppStatus()
+        answers = await asyncio.gather(*(status.get() for _ in range(20)))
+        again = await status.get()  # within the TTL: no call
         return answers, again
 
     answers, again = asyncio.run(main())
-    assert len(calls) == 1 and all(a == {"ranker_sqs": router.Down(True, "broken")} for a in answers)
+    assert len(calls) == 1 and all(a == router.StatusSnapshot({"ranker_sqs": router.Down(True, "broken")})
+                                   for a in answers)
     assert again == answers[0]
 
     async def unreachable():
         raise TimeoutError
 
     monkeypatch.setattr(router, "_app_status", unreachable)
-    assert asyncio.run(router.DeploymentsDown().get()) == {}  # no status: no claim of a failure
+    assert asyncio.run(router.AppStatus().get()) == router.StatusSnapshot()  # no status: no claim of a failure
 
 
 class _Response:
@@ -103,17 +120,17 @@ class _Response:
         self.cancelled = True
 
 
-def _router(response: _Response, down: dict[str, router.Down]):
+def _router(response: _Response, down: dict[str, router.Down], update_failed: str | None = None):
     handle = SimpleNamespace(deployment_name="ranker_sqs", rank=SimpleNamespace(remote=lambda request: response))
 
-    class Down:
+    class Status:
         asked = 0
 
         async def get(self):
-            Down.asked += 1
-            return down
+            Status.asked += 1
+            return router.StatusSnapshot(down, update_failed)
 
-    return SimpleNamespace(rankers={"sqs": handle}, down=Down()), Down
+    return SimpleNamespace(rankers={"sqs": handle}, status=Status()), Status
 
 
 def test_a_held_request_is_answered_once_its_deployment_is_known_to_be_down(monkeypatch):
@@ -149,7 +166,8 @@ def test_a_held_request_is_answered_once_its_deployment_is_known_to_be_down(monk
 
 
 def test_health_names_each_scenario_down_and_the_apps_status():
-    """All down: "unavailable"; some: "degraded"; none: "ok" (the replicas' info stood in for)."""
+    """All down: "unavailable"; some: "degraded"; none: "ok" (the replicas' info stood in for); a failed update
+    is named while the earlier version serves."""
     health = router.RankRouter.func_or_class._health
 
     def handle(name: str):
@@ -157,8 +175,8 @@ def test_health_names_each_scenario_down_and_the_apps_status():
             return {"model_version": name}
         return SimpleNamespace(deployment_name=f"ranker_{name}", info=SimpleNamespace(remote=info))
 
-    def app(down: dict):
-        this, _ = _router(_Response(0), down)
+    def app(down: dict, update_failed: str | None = None):
+        this, _ = _router(_Response(0), down, update_failed)
         this.rankers = {"hp": handle("hp"), "sqs": handle("sqs")}
         return this
 
@@ -171,3 +189,6 @@ def test_health_names_each_scenario_down_and_the_apps_status():
     every = asyncio.run(health(app({"ranker_hp": router.Down(True, "why"), "ranker_sqs": router.Down(False, "why")})))
     assert every["status"] == "unavailable"
     assert every["scenarios"]["hp"] == {"status": "unavailable", "error": "failed to deploy (redeploy once fixed): why"}
+    refused = asyncio.run(health(app({}, "Deploying the app failed: ServeConfigError: no checkpoint")))
+    assert refused == {"status": "ok", "scenarios": {"hp": {"model_version": "hp"}, "sqs": {"model_version": "sqs"}},
+                       "update_failed": "Deploying the app failed: ServeConfigError: no checkpoint"}
