@@ -35,9 +35,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray.serve import Application
 
-from mtfm.platform.checkpoint import (META_FILE, MODEL_FILE, CheckpointError, find_served_checkpoint, pin_for_serving,
-                                      read_meta, registry_changes, trained_config_dir, trained_model_config,
-                                      trained_registry)
+from mtfm.platform.checkpoint import (META_FILE, MODEL_FILE, CheckpointError, find_served_checkpoint, is_pinned,
+                                      pin_for_serving, read_meta, registry_changes, trained_config_dir,
+                                      trained_model_config, trained_registry)
 from mtfm.platform.registry import (Registry, RegistryError, ServingConfig, load_registry, read_serving_knobs,
                                     resolve_config_dir, serving_conflict)
 
@@ -126,10 +126,14 @@ def serving_revision(checkpoint: Path, registry: Registry) -> str:
     and the registry's sequences and scenarios. `mtfm serve config` writes it into the file as
     `args.revision`: Ray Serve leaves an app whose config is unchanged as it is, even where the app
     would now find a newer checkpoint or another registry, so this is what changes the file."""
-    stat = (Path(checkpoint) / MODEL_FILE).stat()
+    checkpoint = Path(checkpoint).resolve()
+    # A pin (RUN/.serving/<key>/<name>) is its checkpoint's hard links: named as that checkpoint, the same revision
+    # whether the run still holds the folder or has pruned it since.
+    named = checkpoint.parents[2] / checkpoint.name if is_pinned(checkpoint) else checkpoint
+    stat = (checkpoint / MODEL_FILE).stat()
     snapshot = registry.to_dict()
-    key = [str(Path(checkpoint).resolve()), read_meta(checkpoint).step, stat.st_size, stat.st_mtime_ns,
-           snapshot["sequences"], snapshot["scenarios"]]
+    key = [str(named), read_meta(checkpoint).step, stat.st_size, stat.st_mtime_ns, snapshot["sequences"],
+           snapshot["scenarios"]]
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -228,12 +232,13 @@ def refuse_what_it_cannot_serve(checkpoint: str | Path, source: str | None, trai
                                f"--init-from {checkpoint} ...`), or serve with the config dir it was trained with "
                                f"(`mtfm scenarios export --checkpoint {checkpoint} --out DIR` writes it)")
     retired = [s for s in trained if s not in registry.scenarios]
-    return ([f"{named} was also trained on {retired}, which {registry.config_dir} does not register: not served"]
-            * bool(retired)
-            + [f"{named}: {cut} in {registry.config_dir}; its replicas keep the max_len it was trained with"
-               for cut in cuts]
-            + [f"{named}: {change} in {registry.config_dir}; its replicas still take requests without it, as "
-               "it was trained" for change in tightened])
+    notes = [f"{named} was also trained on {retired}, which {registry.config_dir} does not register: not served"
+             ] if retired else []
+    notes += [f"{named}: {cut} in {registry.config_dir}; its replicas keep the max_len it was trained with"
+              for cut in cuts]
+    notes += [f"{named}: {change} in {registry.config_dir}; its replicas still take requests without it, as it was "
+              "trained" for change in tightened]
+    return notes
 
 
 def _required_changes(trained: Registry, current: Registry, served: list[str]) -> tuple[list[str], list[str]]:

@@ -31,6 +31,9 @@ HEALTH_TIMEOUT_S = 5.0
 STATUS_TIMEOUT_S = 2.0
 STATUS_TTL_S = 2.0
 FAILURE_CHECK_EVERY_S = 3.0
+# A deployment whose replicas fail to start counts as down only after this long with none running: Serve keeps
+# an earlier count of failed starts, so a replica replaced after a crash may show so for the seconds it starts.
+RESTART_GRACE_S = 10.0
 
 
 @serve.deployment
@@ -126,6 +129,7 @@ class AppStatus:
         self._value = StatusSnapshot()
         self._fetched = -float("inf")
         self._pending: asyncio.Future | None = None
+        self._restarting_since: dict[str, float] = {}  # deployment -> when first seen failing to start
 
     async def get(self) -> StatusSnapshot:
         if time.monotonic() - self._fetched < STATUS_TTL_S:
@@ -136,7 +140,13 @@ class AppStatus:
 
     async def _fetch(self) -> StatusSnapshot:
         try:
-            self._value = status_snapshot(await _app_status())
+            snapshot = status_snapshot(await _app_status())
+            now = time.monotonic()
+            self._restarting_since = {name: self._restarting_since.get(name, now)
+                                      for name, down in snapshot.down.items() if not down.failed}
+            self._value = dataclasses.replace(snapshot, down={
+                name: down for name, down in snapshot.down.items()
+                if down.failed or now - self._restarting_since[name] >= RESTART_GRACE_S})
         except Exception:  # noqa: BLE001 - a status is a nicety: callers answer without it
             self._value = StatusSnapshot()
         finally:
@@ -168,7 +178,7 @@ def deployments_down(deployments: dict) -> dict[str, Down]:
             continue
         if d.status == "DEPLOY_FAILED":
             down[name] = Down(True, _condensed(d.message) or d.status.value)
-        elif d.status == "UNHEALTHY" and d.status_trigger == "REPLICA_STARTUP_FAILED":
+        elif d.status == "UNHEALTHY" and getattr(d, "status_trigger", None) == "REPLICA_STARTUP_FAILED":
             down[name] = Down(False, _condensed(d.message) or d.status.value)
     return down
 

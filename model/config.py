@@ -155,8 +155,9 @@ def load_model_config(path: str | Path) -> ModelConfig:
     return parse_model_config(raw, str(path))
 
 
-def parse_model_config(raw: dict[str, Any], file: str = "<dict>") -> ModelConfig:
-    """Validate a plain mapping (a loaded YAML file or a checkpoint's snapshot)."""
+def parse_model_config(raw: dict[str, Any], file: str = "<dict>", snapshot: bool = False) -> ModelConfig:
+    """Validate a plain mapping (a loaded YAML file or, `snapshot`, a checkpoint's copy: a field its architecture
+    does not read is refused in a file, but a checkpoint written before that rule still loads)."""
     fields = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "source")
     d = {x.name: x.default for x in dataclasses.fields(ModelConfig)}  # the defaults, written once: the dataclass's
     if "model" in raw:  # every train config names its model config so
@@ -195,7 +196,7 @@ def parse_model_config(raw: dict[str, Any], file: str = "<dict>") -> ModelConfig
     if cfg.alpha is not None and cfg.alpha <= 0:  # finite: FieldReader.finite
         raise ModelConfigError(file, "alpha", f"expected a positive number, found {cfg.alpha}")
     parse_hta_layout(cfg.hta_layout, file)
-    for name in UNREAD_FIELDS[cfg.architecture]:
+    for name in () if snapshot else UNREAD_FIELDS[cfg.architecture]:
         if getattr(cfg, name) != d[name]:
             readers = [a for a in ARCHITECTURES if name not in UNREAD_FIELDS[a]]
             raise ModelConfigError(file, name, f"not read by architecture {cfg.architecture} (only by "

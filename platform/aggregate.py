@@ -220,7 +220,7 @@ def read_valid(registry: Registry, kind: str, name: str, path: str, index: int, 
         empty = contract.schema.empty_table() if contract.schema is not None else pa.table({})
         return empty, {"table": f"{kind}/{name}", "rows": 0, "good": 0, "early": 0, "reasons": {}, "ignored": [],
                        "missing": [], "file": Path(path).name,
-                       "unreadable": f"{path}: not read, {_why_not_read(path, exc)}; {_footer_rows(path)})"}
+                       "unreadable": f"{path}: not read, {_why_not_read(path, exc)} ({_footer_rows(path)})"}
     good, bad = validate(table, contract, max_ts)
     if bad.num_rows:
         folder = Path(out) / QUARANTINE / kind / name
@@ -252,15 +252,15 @@ def _first_line(exc: Exception) -> str:
 
 
 def _why_not_read(path: str, exc: Exception) -> str:
-    """The start of a summary's line on a file whose footer reads but whose table does not, up to the footer's count."""
+    """Why a file whose footer reads but whose table does not was not read, for the summary."""
     try:
         names = pq.read_schema(path).names
     except (OSError, pa.ArrowException):
         names = []
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:  # Arrow says "Multiple matches for FieldRef.Name(...)" and lists its internal columns
-        return f"it has more than one column named {', '.join(map(repr, repeated))} ({len(names)} columns: {names}"
-    return f"its data does not decode ({_first_line(exc)}"
+        return f"it has more than one column named {', '.join(map(repr, repeated))} of its {len(names)}: {names}"
+    return f"its data does not decode: {_first_line(exc)}"
 
 
 def _footer_rows(path: str) -> str:

@@ -223,7 +223,7 @@ def trained_model_config(checkpoint: str | Path, meta: CheckpointMeta | None = N
     from mtfm.model import parse_model_config
 
     folder = find_checkpoint(checkpoint)
-    return parse_model_config(dict((meta or read_meta(folder)).model_config), str(folder / META_FILE))
+    return parse_model_config(dict((meta or read_meta(folder)).model_config), str(folder / META_FILE), snapshot=True)
 
 
 def load_model(checkpoint: str | Path) -> tuple["RecommenderBase", CheckpointMeta]:

@@ -324,7 +324,9 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
             if _holds_a_checkpoint(Path(args.checkpoint).expanduser()):  # found here and refused: so would the app be
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
-            print(f"warning: {exc}; written as given, for a cluster whose machines have that path", file=sys.stderr)
+            print(f"warning: {exc}; written as given, for a cluster whose machines have that path, without "
+                  "args.revision (nothing here to digest): to roll out a newer checkpoint there, name it "
+                  "(--checkpoint RUN/checkpoint_N)", file=sys.stderr)
         else:
             if note:  # as the app builder will
                 print(f"note: {note}", file=sys.stderr)

@@ -238,10 +238,9 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
     with DriverLock(run_dir):  # refuses a folder a live driver trains; held until this driver ends
         if resume is None:
             refuse_existing_run(run_dir)
-        if "://" not in config.data:  # named before Ray starts (a URI may need the cluster's credentials)
-            schema = local_samples_schema(config.data)
-            if schema is not None:
-                refuse_samples_the_model_cannot_read(plan, schema)
+        schema = local_samples_schema(config.data)  # named before Ray starts (None for a URI)
+        if schema is not None:
+            refuse_samples_the_model_cannot_read(plan, schema)
 
         init_ray(log_to_driver=True)
         refuse_workers_the_cluster_cannot_hold(config, log)
@@ -468,16 +467,21 @@ def _start_run_folder(plan: RunPlan, windows: list, log) -> None:
         f"{' with GPU' if config.use_gpu else ''}")
 
 
-def _windows_trained_on(plan: RunPlan, windows: list[int], log) -> list[int]:
+def _windows_trained_on(plan: RunPlan, windows: list[int], log) -> list[int] | None:
     """The windows the run's checkpoints record as trained on: its training windows and those of the checkpoints
-    it continues (--resume) or starts from (--init-from); a test window among the latter is warned of."""
+    it continues (--resume) or starts from (--init-from); a test window among the latter is warned of. None where
+    one of those does not record its windows (written before they were): `mtfm eval` then guesses, as for it."""
     from mtfm.platform.checkpoint import read_meta
 
     train, test = windows[:-plan.config.test_windows], windows[-plan.config.test_windows:]
-    earlier = set()
+    earlier: set[int] = set()
     for source in (plan.resume_from, plan.init_from):
-        if source is not None:
-            earlier |= set(read_meta(source).trained_windows or ())
+        recorded = None if source is None else read_meta(source).trained_windows
+        if source is not None and recorded is None:
+            log(f"[mtfm] note: {source} does not record the windows it trained on, so this run's checkpoints do not "
+                "either: `mtfm eval` cannot tell whether their test windows were trained on")
+            return None
+        earlier |= set(recorded or ())
     seen = sorted(earlier & set(test))
     if seen:
         days = ", ".join(time.strftime("%Y-%m-%d", time.gmtime(w / 1000)) for w in seen)
@@ -486,12 +490,13 @@ def _windows_trained_on(plan: RunPlan, windows: list[int], log) -> list[int]:
     return sorted(earlier | set(train))
 
 
-def _trainer(plan: RunPlan, train_ds, test_ds, trained_windows: list[int]):
+def _trainer(plan: RunPlan, train_ds, test_ds, trained_windows: list[int] | None):
     """The TorchTrainer of the run: `train_loop_per_worker` on `num_workers` workers, restarted from the
     newest checkpoint on a worker's failure."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from mtfm.platform.checkpoint import read_meta
     from mtfm.platform.train_worker import train_loop_per_worker
 
     config, run_dir = plan.config, plan.run_dir
@@ -503,6 +508,7 @@ def _trainer(plan: RunPlan, train_ds, test_ds, trained_windows: list[int]):
                            "samples_fingerprint": plan.samples_fingerprint or _fingerprint_or_none(config.data),
                            "trained_windows": trained_windows,
                            "resume_from": str(plan.resume_from) if plan.resume_from else None,
+                           "resume_step": read_meta(plan.resume_from).step if plan.resume_from else None,
                            "loaded_by_warm_start": _loaded_by_warm_start(run_dir) if plan.resume_from else None},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker} | (

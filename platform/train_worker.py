@@ -83,16 +83,17 @@ def set_rates(optimizers: dict[str, Any], config: TrainConfig) -> None:
         group["lr"] = config.embedding_lr
 
 
-def checkpoint_to_restore(reported, resume_from: str | None):
+def checkpoint_to_restore(reported, resume_from: str | None, resume_step: int | None):
     """What a worker restores: Ray's newest reported checkpoint `reported` (after a worker restart, or on
     `--resume` of a folder holding Ray's snapshot), unless `resume_from`, the checkpoint `--resume` checked
-    and named, is newer. Ray's snapshot lists only the checkpoints its driver registered: one the workers
-    finished as the driver was killed is on disk, whole, and newer. None: a new run."""
+    and named (at step `resume_step`), is newer. Ray's snapshot lists only the checkpoints its driver
+    registered: one the workers finished as the driver was killed is on disk, whole, and newer. Compared
+    by step, not by reading `resume_from` again: Ray may have pruned it since. None: a new run."""
     if resume_from is None:
         return reported
     if reported is not None:
         with reported.as_directory() as folder:
-            if read_meta(folder).step >= read_meta(resume_from).step:
+            if read_meta(folder).step >= resume_step:
                 return reported
     return ray.train.Checkpoint(resume_from)
 
@@ -220,7 +221,7 @@ class TrainingWorker:
         self.model_config_dict = loop_config["model_config"]  # as checkpoints record it
         self.samples_fingerprint = loop_config["samples_fingerprint"]
         self.trained_windows = loop_config["trained_windows"]
-        model_config = parse_model_config(dict(self.model_config_dict))
+        model_config = parse_model_config(dict(self.model_config_dict), snapshot=True)  # checked by the driver
         self.run_dir = Path(loop_config["run_dir"])
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
@@ -229,7 +230,8 @@ class TrainingWorker:
         # On the device before the optimizers exist: Adagrad allocates its state at construction, beside the parameters.
         self.model = build_model(model_config, self.registry).to(self.device)
         self.optimizers = make_optimizers(self.model, config)
-        checkpoint = checkpoint_to_restore(ray.train.get_checkpoint(), loop_config.get("resume_from"))
+        checkpoint = checkpoint_to_restore(ray.train.get_checkpoint(), loop_config.get("resume_from"),
+                                           loop_config.get("resume_step"))
         # A warm start comes first: when this attempt resumes its own run, the checkpoint overwrites it.
         frozen = self._warm_start(loop_config, resuming=checkpoint is not None)
         self.step, self.epoch, self.skip = self._restore(checkpoint)

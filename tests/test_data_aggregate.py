@@ -270,12 +270,12 @@ def test_unreadable_files_and_ts_in_seconds_are_named_and_the_rest_aggregated(ra
     assert set(named) == {"empty.parquet", "garbage.parquet", "day.csv", "loose.parquet", "damaged.parquet",
                           "twice.parquet"}, summary["warnings"]
     assert named["twice.parquet"] == (f"{hp / 'twice.parquet'}: not read, it has more than one column named 'user_id' "
-                                      "(3 columns: ['user_id', 'ts', 'user_id']; its footer counts 2 rows, not "
+                                      "of its 3: ['user_id', 'ts', 'user_id'] (its footer counts 2 rows, not "
                                       "aggregated)")
     assert "not a readable Parquet file" in named["garbage.parquet"] and "expected exposures/" in named["day.csv"]
     rows = pq.ParquetFile(hp / "damaged.parquet").metadata.num_rows
     assert "does not decode" in named["damaged.parquet"] and "\n" not in named["damaged.parquet"]
-    assert named["damaged.parquet"].endswith(f"; its footer counts {rows:,} rows, not aggregated)")
+    assert named["damaged.parquet"].endswith(f" (its footer counts {rows:,} rows, not aggregated)")
     early = [w for w in summary["warnings"] if w.startswith("exposures/phf: ")]
     assert len(early) == 1 and early[0].startswith("exposures/phf: 5 of ") and early[0].endswith("rather than ms?")
     clean = aggregate(registry, raw, tmp_path / "clean", **QUIET)

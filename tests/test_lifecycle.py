@@ -382,5 +382,13 @@ def test_a_scenario_without_exposures_is_warned_of_and_listed_as_not_evaluated(r
     assert _windows_trained_on(continued, [first, first + day, first + 2 * day], said.append) == [first, first + day]
     assert said == ["[mtfm] warning: test window(s) starting 2026-01-02 were trained on by the checkpoint this run "
                     "continues or starts from: their evaluation is not held out"]
+    # From a checkpoint that does not record its windows (written before they were): not recorded either.
+    meta_file = find_checkpoint(run) / "meta.json"
+    meta_file.write_text(json.dumps({k: v for k, v in json.loads(meta_file.read_text()).items()
+                                     if k != "trained_windows"}))
+    said.clear()
+    assert _windows_trained_on(continued, [first, first + day, first + 2 * day], said.append) is None
+    assert said == [f"[mtfm] note: {find_checkpoint(run)} does not record the windows it trained on, so this run's "
+                    "checkpoints do not either: `mtfm eval` cannot tell whether their test windows were trained on"]
     assert main(["eval", "--checkpoint", str(run), "--test-windows", "4"]) == 1
     assert "3 window(s) of data, but test_windows=4" in capsys.readouterr().err

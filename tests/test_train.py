@@ -1074,11 +1074,14 @@ def test_a_resume_restores_the_newer_of_rays_checkpoint_and_the_one_it_checked(t
     run = tmp_path / "run"
     registered = ray.train.Checkpoint(str(write_tiny_checkpoint(registry, run / "checkpoint_00000015", step=15)))
     on_disk = str(write_tiny_checkpoint(registry, run / "checkpoint_00000020", step=20))
-    assert checkpoint_to_restore(registered, on_disk).path == on_disk
-    assert checkpoint_to_restore(None, on_disk).path == on_disk  # a folder without Ray's snapshot
+    assert checkpoint_to_restore(registered, on_disk, 20).path == on_disk
+    assert checkpoint_to_restore(None, on_disk, 20).path == on_disk  # a folder without Ray's snapshot
     later = ray.train.Checkpoint(str(write_tiny_checkpoint(registry, run / "checkpoint_00000025", step=25)))
-    assert checkpoint_to_restore(later, on_disk) is later
-    assert checkpoint_to_restore(registered, None) is registered and checkpoint_to_restore(None, None) is None
+    assert checkpoint_to_restore(later, on_disk, 20) is later
+    shutil.rmtree(on_disk)  # pruned by Ray (keep_checkpoints) as the resumed run went on: not read again
+    assert checkpoint_to_restore(later, on_disk, 20) is later
+    assert checkpoint_to_restore(registered, None, None) is registered  # no --resume: Ray's, or none
+    assert checkpoint_to_restore(None, None, None) is None
 
 
 def test_freeze_loaded_steps_without_a_warm_start_is_warned_of(tmp_path):

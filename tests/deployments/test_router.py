@@ -120,6 +120,33 @@ class _Response:
         self.cancelled = True
 
 
+def test_replicas_failing_to_start_count_as_down_after_a_grace(monkeypatch):
+    """Serve keeps its count of failed starts: a replica replaced after a crash may be reported so while it
+    starts. Such a deployment counts as down once it has had no replica for RESTART_GRACE_S; a failed one at once."""
+    monkeypatch.setattr(router, "STATUS_TTL_S", 0.0)
+    monkeypatch.setattr(router, "RESTART_GRACE_S", 0.2)
+    deployments = {"ranker_sqs": _overview("UNHEALTHY", 0, "slow"), "ranker_phf": _overview("DEPLOY_FAILED", 0, "no")}
+
+    async def app_status():
+        return _app("UNHEALTHY", deployments)
+
+    monkeypatch.setattr(router, "_app_status", app_status)
+
+    async def main():
+        status = router.AppStatus()
+        first = await status.get()
+        await asyncio.sleep(0.3)
+        later = await status.get()
+        deployments["ranker_sqs"] = _overview("HEALTHY", 1, "")  # started: forgotten, the grace starts anew
+        await status.get()
+        deployments["ranker_sqs"] = _overview("UNHEALTHY", 0, "slow")
+        return first, later, await status.get()
+
+    first, later, again = asyncio.run(main())
+    assert first.down == again.down == {"ranker_phf": router.Down(True, "no")}
+    assert later.down == {"ranker_phf": router.Down(True, "no"), "ranker_sqs": router.Down(False, "slow")}
+
+
 def _router(response: _Response, down: dict[str, router.Down], update_failed: str | None = None):
     handle = SimpleNamespace(deployment_name="ranker_sqs", rank=SimpleNamespace(remote=lambda request: response))
 

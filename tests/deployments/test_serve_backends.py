@@ -22,7 +22,8 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from mtfm.deployments.app import AppArgs, ServeConfigError, build_app, resolve_checkpoint, scenario_serving
+from mtfm.deployments.app import (AppArgs, ServeConfigError, build_app, resolve_checkpoint, scenario_serving,
+                                  serving_revision)
 from mtfm.deployments.backends import BackendUnavailable, TorchBackend, create_backend, without_events
 from mtfm.deployments.cuda_graphs import CudaGraphRunner
 from mtfm.deployments.rank_request import RankRequestParser, example_request
@@ -817,7 +818,9 @@ def test_a_served_checkpoint_is_pinned_against_its_runs_pruning(tmp_path, capsys
     assert pin_for_serving(checkpoint) == pinned and pin_for_serving(pinned) == pinned
     assert find_checkpoint(tmp_path / "run") == checkpoint  # a pin is not one of the run's checkpoints
     expected = load_scenario_ranker(checkpoint, "hp")[0].state_dict()
+    revision = serving_revision(checkpoint, registry)
     shutil.rmtree(checkpoint)  # pruned by the run
+    assert serving_revision(pinned, registry) == revision  # the same weights: a regenerated file is unchanged
     ranker, meta = load_scenario_ranker(pinned, "hp")
     assert meta.step == 4 and all(torch.equal(t, expected[k]) for k, t in ranker.state_dict().items())
     assert model_version(pinned, meta.step) == "run/checkpoint_00000004@step4"  # named by its run, as before

@@ -79,6 +79,15 @@ def test_invalid_config_names_file_field_and_expectation(raw, field, expected):
     assert str(err.value).startswith(f"configs/model/m.yaml: {field}: ") and expected in str(err.value)
 
 
+def test_a_checkpoints_copy_of_a_baseline_config_loads_with_fields_it_does_not_read():
+    """Written before unread fields were refused: a baseline's checkpoint recorded, say, norm_impl: reference."""
+    recorded = {"name": "m", "architecture": "dcnv2", "norm_impl": "reference", "alpha": 0.5}
+    with pytest.raises(ModelConfigError, match="alpha: not read by architecture dcnv2"):
+        parse_model_config(recorded, "configs/model/m.yaml")
+    config = parse_model_config(recorded, "run/checkpoint_00000003/meta.json", snapshot=True)
+    assert (config.architecture, config.norm_impl, config.alpha) == ("dcnv2", "reference", 0.5)
+
+
 def test_a_train_config_given_as_the_model_config_is_named_as_such():
     with pytest.raises(ModelConfigError, match=r"tiny.yaml: model: unknown key: this looks like a train config "
                                                r"\(configs/train/\); pass the model config it names"):
