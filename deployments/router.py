@@ -196,7 +196,7 @@ def _condensed(message: str) -> str:
     indented = [i for i, line in enumerate(lines) if line[:1].isspace()]
     if not indented or indented[-1] == len(lines) - 1:
         return " ".join(line.strip() for line in lines)
-    return f"{lines[0].split('. ')[0].rstrip('.')}: {' '.join(lines[indented[-1] + 1:])}"
+    return f"{lines[0].split('. ')[0].rstrip('.:')}: {' '.join(lines[indented[-1] + 1:])}"
 
 
 async def _info(handle: DeploymentHandle, down: Down | None = None) -> dict:

@@ -47,6 +47,9 @@ def test_a_failed_update_of_a_serving_app_is_told_apart_from_a_deployment_down()
     assert router.status_snapshot(refused) == router.StatusSnapshot({}, "Deploying the app failed: ServeConfigError: "
                                                                         "no checkpoint")
     assert router.status_snapshot(_app("RUNNING", serving)) == router.StatusSnapshot()
+    refused = _app("DEPLOY_FAILED", serving, "Deploying app 'mtfm' failed with exception:\n  File x\nCheckpointError: y")
+    assert router.status_snapshot(refused).update_failed == ("Deploying app 'mtfm' failed with exception: "
+                                                             "CheckpointError: y")
     down = _app("DEPLOY_FAILED", {"ranker_sqs": _overview("DEPLOY_FAILED", 0, "broken")}, "broken")
     assert router.status_snapshot(down) == router.StatusSnapshot({"ranker_sqs": router.Down(True, "broken")})
 
