@@ -28,11 +28,17 @@ class RecordingScorer:
         return [10 * i for i in items]
 
 
-async def _submit_while_first_batch_scores(queue: BatchQueue, scorer: RecordingScorer, later: list[tuple[int, int]]):
+async def _submit_while_first_batch_scores(queue: BatchQueue, scorer: RecordingScorer, later: list[tuple[int, int]],
+                                           cancel: tuple[int, ...] = ()):
+    """Item 0, then the `later` (item, cost) while it scores; those at the indices `cancel` are cancelled while
+    they wait (their clients went away)."""
     first = asyncio.create_task(queue.submit(0, 1))
     await asyncio.to_thread(scorer.started.wait, 10)
     rest = [asyncio.create_task(queue.submit(item, cost)) for item, cost in later]
     await asyncio.sleep(0.05)  # every later request is waiting now
+    for index in cancel:
+        rest[index].cancel()
+    await asyncio.sleep(0)
     scorer.release.set()
     return await asyncio.gather(first, *rest, return_exceptions=True)
 
@@ -108,17 +114,6 @@ def test_a_request_cancelled_while_it_waits_is_not_scored_and_its_cost_is_not_co
     """A client that went away while its request waited (its task cancelled) takes no room in the next batch."""
     scorer = RecordingScorer()
     queue = BatchQueue(scorer, max_cost=2)
-
-    async def cancel_one_waiting():
-        first = asyncio.create_task(queue.submit(0, 1))
-        await asyncio.to_thread(scorer.started.wait, 10)
-        rest = [asyncio.create_task(queue.submit(item, 1)) for item in (1, 2, 3)]
-        await asyncio.sleep(0.05)
-        rest[1].cancel()
-        await asyncio.sleep(0)
-        scorer.release.set()
-        return await asyncio.gather(first, *rest, return_exceptions=True)
-
-    results = asyncio.run(cancel_one_waiting())
+    results = asyncio.run(_submit_while_first_batch_scores(queue, scorer, [(1, 1), (2, 1), (3, 1)], cancel=(1,)))
     assert results[:2] == [0, 10] and isinstance(results[2], asyncio.CancelledError) and results[3] == 30
     assert scorer.batches == [[0], [1, 3]]  # 1 and 3 fit the limit of 2 together: 2 counted nothing
