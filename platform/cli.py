@@ -126,7 +126,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     reg = load_registry(args.config_dir)
     try:
         counts = synthesize(reg, args.out, users=args.users, days=args.days, seed=args.seed,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, first_day=args.first_day)
     except KeyboardInterrupt:
         print(f"interrupted: {args.out} holds only part of the logs; run the command again with --overwrite",
               file=sys.stderr)
@@ -580,12 +580,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = dsub.add_parser("synth", parents=[common], help="write synthetic raw logs for every registered scenario",
                         description="Write synthetic raw logs (the raw-log contract) for every scenario and sequence "
                                     "of the registry, driven by their YAML (features, tasks, synthetic: knobs). "
-                                    "Deterministic per seed; day 0 starts 2026-01-01 UTC.")
+                                    "Deterministic per seed, and per day: day N (2026-01-01 UTC + N days) is the "
+                                    "same whatever --days and --first-day, so new days can be added to an --out "
+                                    "later (--first-day), as logs arrive.")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write exposures/ and behaviors/ into")
     p.add_argument("--users", type=positive_int, default=2000, metavar="N", help="number of users (default 2000)")
-    p.add_argument("--days", type=positive_int, default=7, metavar="D", help="number of days (default 7)")
+    p.add_argument("--days", type=positive_int, default=7, metavar="D", help="number of days to write (default 7)")
+    p.add_argument("--first-day", type=non_negative_int, default=0, metavar="N",
+                   help="write days N..N+D-1 only (default 0; day 0 also writes the history's 7 warm-up days); "
+                        "into an --out holding earlier days of the same --seed and --users, they are added")
     p.add_argument("--seed", type=non_negative_int, default=0, metavar="S", help="random seed (default 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace exposures/ and behaviors/ already in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write days whose files exist again: the files of --first-day and later days are removed "
+                        "first (all of exposures/ and behaviors/ with --first-day 0, or where --out holds logs of "
+                        "another seed, --users or registry)")
     p.set_defaults(handler=cmd_data_synth)
 
     p = dsub.add_parser("aggregate", parents=[common], help="aggregate raw logs into user samples on Ray Data",

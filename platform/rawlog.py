@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from mtfm.platform.registry import Registry
 
 REASON = "reason"  # the quarantine's column saying why a row is there
+SYNTH_RECORD = "_synth.json"  # beside exposures/ and behaviors/: the seed, users and tables `mtfm data synth` wrote
 INTEGER = r"^\s*[+-]?\d+\s*$"
 FLOAT = r"^\s*[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?|inf|infinity|nan)\s*$"
 
@@ -194,7 +195,9 @@ def _with_reason(table: pa.Table, code: np.ndarray, reasons: list[str]) -> pa.Ta
 
 def prepare_raw_out(out: str | Path, overwrite: bool) -> Path:
     """The folder a raw-log writer (synthetic or adapter) writes exposures/ and behaviors/ into,
-    emptied of earlier ones only when `overwrite` says so."""
+    emptied of earlier ones only when `overwrite` says so. The record of the synthetic world they
+    were (SYNTH_RECORD) goes with them: `mtfm data synth` writes its own again and adds days to a folder
+    only where it stands (platform/synth.py, `prepare_synth_out`)."""
     out = Path(out)
     refuse_a_file_for_a_folder(out, f"--out {out}")
     for sub in ("exposures", "behaviors"):
@@ -202,6 +205,8 @@ def prepare_raw_out(out: str | Path, overwrite: bool) -> Path:
             if not overwrite:
                 raise FileExistsError(f"{out / sub} already exists; choose an empty --out folder or pass --overwrite")
             shutil.rmtree(out / sub)
+    if (out / SYNTH_RECORD).is_file():
+        (out / SYNTH_RECORD).unlink()
     return out
 
 

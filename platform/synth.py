@@ -4,7 +4,7 @@ Writes the raw-log contract of DESIGN.md (`exposures/<scenario>/<date>.parquet` 
 `Registry.exposure_schema`, `behaviors/<sequence>/<date>.parquet` with `behavior_schema`), driven
 only by the YAML: a scenario or feature the generator has never seen gets values by its type.
 
-The generative model (deterministic per seed; every step is vectorised numpy):
+The generative model (deterministic per seed; every step is vectorised numpy, a day at a time):
 
 - World. `N_ITEMS` latent items, each in one of `N_CLUSTERS` latent clusters, with a quality
   `q_i ~ N(0, 1)` and a Zipf-like popularity. Each user has an interest vector
@@ -32,12 +32,23 @@ The generative model (deterministic per seed; every step is vectorised numpy):
   iff a spontaneous event of the first realtime sequence on the same cluster happened earlier
   that day (so R-tokens help); a dependent task (order depends_on click) is drawn only where its
   parent is 1, with logit `0.5 log(K theta_u[c] + 0.05) + 0.5 b_u + 0.3 q_i`. Each task's
-  intercept is solved so its rate (conditional on the parent) matches `label_rates`
-  (default 0.1 root, 0.3 dependent). A small scenario (sqs) learns from the same theta_u.
+  intercept is solved, on each day's exposures, so its rate (conditional on the parent) matches
+  `label_rates` (default 0.1 root, 0.3 dependent). A small scenario (sqs) learns from the same theta_u.
+- Day-stable. The world, the active users and the static user noise come from the seed alone;
+  each day's draws (counts, times, items, cross latents, labels, echo delays, item-feature noise)
+  from a generator keyed by (seed, table, day) (`_day_rng`). So day d's file of every table
+  (warm-up days included) is the same bytes whatever `days` and `first_day`: a run of days
+  N..N+D-1 (`--first-day N`) writes what a longer run writes for them, and new days can be added
+  to a folder later. A click late on day d-1 echoes past midnight into day d's file: a run starting
+  at N > 0 draws day N-1's exposures (not written) for those echoes, and the echoes of its own last
+  day that land after it are left to the run that writes the next day. `SYNTH_RECORD` (beside
+  exposures/ and behaviors/) holds the seed, users and tables, so that days of another world are not
+  added to a folder (`prepare_synth_out`).
 """
 from __future__ import annotations
 
 import datetime as dt
+import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +57,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mtfm.platform.rawlog import prepare_raw_out
+from mtfm.platform.rawlog import SYNTH_RECORD, prepare_raw_out, refuse_a_file_for_a_folder
 from mtfm.platform.registry import Feature, Registry, Scenario, Sequence
 
 EPOCH_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: windows are day-aligned
@@ -55,6 +66,7 @@ N_CLUSTERS = 32
 N_ITEMS = 20_000
 ITEM_LEVEL_BUCKETS = 1000
 HISTORY_WARMUP_DAYS = 7
+MAX_DAYS = 1 << 20  # days 0..MAX_DAYS-1: the request ids' bits for the day
 REQUEST_SIZE = 5
 RT_BOOST = 1.2
 DEFAULT_RATE = {True: 0.1, False: 0.3}  # keyed by "is a root task"
@@ -110,7 +122,6 @@ class World:
     """The latent state every table is drawn from."""
 
     n_users: int
-    days: int
     item_cluster: np.ndarray
     item_quality: np.ndarray
     cluster_items: np.ndarray      # item ids sorted by cluster
@@ -123,7 +134,7 @@ class World:
     seed: int
 
     @classmethod
-    def draw(cls, n_users: int, days: int, seed: int) -> "World":
+    def draw(cls, n_users: int, seed: int) -> "World":
         rng = np.random.default_rng([seed, 0])
         item_cluster = rng.integers(N_CLUSTERS, size=N_ITEMS)
         popularity = 1.0 / (rng.permutation(N_ITEMS) + 10.0) ** 0.8
@@ -132,7 +143,7 @@ class World:
         theta_cum = np.cumsum(theta, axis=1)
         theta_cum[:, -1] = 1.0
         return cls(
-            n_users=n_users, days=days, item_cluster=item_cluster, item_quality=rng.standard_normal(N_ITEMS),
+            n_users=n_users, item_cluster=item_cluster, item_quality=rng.standard_normal(N_ITEMS),
             cluster_items=order, cluster_cum=np.cumsum(popularity[order]),
             cluster_bounds=np.searchsorted(item_cluster[order], np.arange(N_CLUSTERS + 1)),
             theta=theta, theta_cum=(theta_cum + np.arange(n_users)[:, None]).ravel(),
@@ -203,28 +214,11 @@ def feature_column(world: World, f: Feature, section: str, rows: Draws, rng: np.
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values), type=pa.list_(pa.int64()))
 
 
-def _poisson_days(rng: np.random.Generator, users: np.ndarray, days: np.ndarray, rate: float):
-    """Per (user, day) Poisson counts, expanded to one row each: (users, days, position in the user-day)."""
-    counts = rng.poisson(rate, size=(len(users), len(days)))
-    flat = counts.ravel()
-    u = np.repeat(np.repeat(users, len(days)), flat)
-    d = np.repeat(np.tile(days, len(users)), flat)
-    starts = np.repeat(np.cumsum(flat) - flat, flat)
-    return u, d, np.arange(flat.sum()) - starts, flat
-
-
-def _spontaneous_events(world: World, seq: Sequence, rng: np.random.Generator) -> Draws:
-    first = -HISTORY_WARMUP_DAYS if seq.kind == "history" else 0
-    u, d, _, _ = _poisson_days(rng, np.arange(world.n_users), np.arange(first, world.days), seq.events_per_user_day)
-    ts = EPOCH_MS + d * DAY_MS + rng.integers(DAY_MS, size=len(u))
-    return Draws(u, world.draw_items(rng, u, 0.85), ts, {})
-
-
 def _realtime_match(world: World, events: Draws, rows: Draws) -> np.ndarray:
     """1 where the user had an event on the row's cluster earlier the same day."""
     def key(d: Draws) -> np.ndarray:
         day = (d.ts - EPOCH_MS) // DAY_MS
-        return (d.users * (world.days + HISTORY_WARMUP_DAYS) + day) * N_CLUSTERS + world.item_cluster[d.items]
+        return (day * world.n_users + d.users) * N_CLUSTERS + world.item_cluster[d.items]
 
     ek = key(events)
     order = np.lexsort((events.ts, ek))
@@ -255,80 +249,217 @@ def _labels(world: World, scn: Scenario, rows: Draws, rt: np.ndarray, rng: np.ra
     return labels
 
 
-def _exposures(world: World, scn: Scenario, rt_events: Draws | None) -> tuple[Draws, pa.Table, dict[str, np.ndarray]]:
-    rng = np.random.default_rng([world.seed, _name_seed("scenario", scn.name)])
-    active = np.flatnonzero(rng.random(world.n_users) < scn.synthetic.active_user_fraction)
-    u, d, pos, per_user_day = _poisson_days(rng, active, np.arange(world.days), scn.synthetic.exposures_per_user_day)
-    requests_per_user_day = -(-per_user_day // REQUEST_SIZE)
-    first_request = np.repeat(np.cumsum(requests_per_user_day) - requests_per_user_day, per_user_day)
-    request = first_request + pos // REQUEST_SIZE
-    request_day = np.repeat(np.repeat(np.arange(world.days)[None, :], len(active), 0).ravel(), requests_per_user_day)
-    request_ts = EPOCH_MS + request_day * DAY_MS + rng.integers(DAY_MS, size=len(request_day))
-    cross = {f.name: rng.standard_normal(len(u)) for f in scn.cross_features if f.type == "numeric"}
-    rows = Draws(u, world.draw_items(rng, u, 0.5), request_ts[request], cross)
-    rt = _realtime_match(world, rt_events, rows) if rt_events is not None else np.zeros(len(u))
+def _day_rng(seed: int, kind: str, name: str, day: int) -> np.random.Generator:
+    """The generator of one table's draws on one day. The name seed says "day" so that no key of it equals a
+    static one: numpy's SeedSequence pads a short key with zeros ([s, n] draws as [s, n, 0] does)."""
+    return np.random.default_rng([seed, _name_seed(kind, name, "day"), day % 2**32])  # warm-up days are < 0
+
+
+def _concat(parts: list[Draws]) -> Draws:
+    if not parts:
+        return Draws(*(np.zeros(0, np.int64) for _ in range(3)), {})
+    return Draws(*(np.concatenate([getattr(p, a) for p in parts]) for a in ("users", "items", "ts")), {})
+
+
+def _spontaneous_events(world: World, seq: Sequence, day: int) -> Draws:
+    """A sequence's own events of one day: Poisson(events_per_user_day) per user, at uniform times."""
+    rng = _day_rng(world.seed, "sequence", seq.name, day)
+    users = np.repeat(np.arange(world.n_users), rng.poisson(seq.events_per_user_day, size=world.n_users))
+    ts = EPOCH_MS + day * DAY_MS + rng.integers(DAY_MS, size=len(users))
+    return Draws(users, world.draw_items(rng, users, 0.85), ts, {})
+
+
+def _exposure_rows(world: World, scn: Scenario, active: np.ndarray, day: int, rt_events: Draws | None):
+    """One day of a scenario before its features: (rows, request ids, labels, the day's generator, which the
+    features draw on)."""
+    rng = _day_rng(world.seed, "scenario", scn.name, day)
+    per_user = rng.poisson(scn.synthetic.exposures_per_user_day, size=len(active))
+    users = np.repeat(active, per_user)
+    position = np.arange(len(users)) - np.repeat(np.cumsum(per_user) - per_user, per_user)
+    requests_per_user = -(-per_user // REQUEST_SIZE)
+    request = np.repeat(np.cumsum(requests_per_user) - requests_per_user, per_user) + position // REQUEST_SIZE
+    request_ts = EPOCH_MS + day * DAY_MS + rng.integers(DAY_MS, size=int(requests_per_user.sum()))
+    cross = {f.name: rng.standard_normal(len(users)) for f in scn.cross_features if f.type == "numeric"}
+    rows = Draws(users, world.draw_items(rng, users, 0.5), request_ts[request], cross)
+    rt = _realtime_match(world, rt_events, rows) if rt_events is not None else np.zeros(len(users))
     labels = _labels(world, scn, rows, rt, rng)
-    request_id = (np.int64(_name_seed("request", scn.name) & 0x7FFF) << np.int64(40)) + request
+    # Unique in the scenario: its name's 15 bits, then the day's 20, then the request of that day (28 bits).
+    request_id = ((np.int64(_name_seed("request", scn.name) & 0x7FFF) << np.int64(48))
+                  + (np.int64(day) << np.int64(28)) + request)
+    return rows, request_id, labels, rng
+
+
+def _exposures_table(world: World, scn: Scenario, rows: Draws, request_id: np.ndarray,
+                     labels: dict[str, np.ndarray], rng: np.random.Generator) -> pa.Table:
     columns = {"user_id": pa.array(rows.users.astype(np.int64)), "request_id": pa.array(request_id.astype(np.int64)),
                "ts": pa.array(rows.ts.astype(np.int64))}
     for section, feats in (("user", scn.user_features), ("item", scn.item_features), ("cross", scn.cross_features)):
         for f in feats:
             columns[f.name] = feature_column(world, f, section, rows, rng)
     columns.update((t, pa.array(v)) for t, v in labels.items())
-    return rows, pa.table(columns), labels
+    return pa.table(columns)
 
 
-def _events_table(world: World, seq: Sequence, rows: Draws, rng: np.random.Generator) -> pa.Table:
+def _events_table(world: World, seq: Sequence, rows: Draws, day: int) -> pa.Table:
+    rng = _day_rng(world.seed, "events", seq.name, day)
     columns = {"user_id": pa.array(rows.users.astype(np.int64)), "ts": pa.array(rows.ts.astype(np.int64))}
     for f in seq.features:
         columns[f.name] = feature_column(world, f, "item", rows, rng)
     return pa.table(columns)
 
 
-def _write_by_day(table: pa.Table, schema: pa.Schema, folder: Path) -> None:
-    """One file per day, rows in time order, exactly `schema`."""
+def day_date(day: int) -> dt.date:
+    return dt.date(2026, 1, 1) + dt.timedelta(days=day)
+
+
+def _day_file(folder: Path, day: int) -> Path:
+    return folder / f"{day_date(day).isoformat()}.parquet"
+
+
+def _file_day(path: Path) -> int | None:
+    """The day of a file named <date>.parquet; None for any other name."""
+    try:
+        return (dt.date.fromisoformat(path.stem) - dt.date(2026, 1, 1)).days if path.suffix == ".parquet" else None
+    except ValueError:
+        return None
+
+
+def _write_day(table: pa.Table, schema: pa.Schema, folder: Path, day: int) -> None:
+    """One day's file, rows in time order, exactly `schema` (written also without rows: readers see its schema)."""
     folder.mkdir(parents=True, exist_ok=True)
     table = table.select(schema.names).cast(schema)
-    if table.num_rows == 0:  # still a table, so that readers see its schema
-        pq.write_table(table, folder / "2026-01-01.parquet")
-        return
-    day = (table["ts"].to_numpy() - EPOCH_MS) // DAY_MS
-    order = np.lexsort((table["ts"].to_numpy(), day))
-    table, day = table.take(order), day[order]
-    bounds = np.flatnonzero(np.diff(day)) + 1
-    for start, end in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(day)]])):
-        date = dt.date(2026, 1, 1) + dt.timedelta(days=int(day[start]))
-        pq.write_table(table.slice(start, end - start), folder / f"{date.isoformat()}.parquet")
+    pq.write_table(table.take(np.argsort(table["ts"].to_numpy(), kind="stable")), _day_file(folder, day))
+
+
+def _record(registry: Registry, users: int, seed: int) -> dict:
+    """What the days of one folder must share (the sidecar SYNTH_RECORD)."""
+    return {"seed": seed, "users": users, "tables": [f"exposures/{s}" for s in registry.scenarios]
+            + [f"behaviors/{q}" for q in registry.sequences]}
+
+
+def _files_to_write(registry: Registry, out: Path, first_day: int, days: int) -> list[Path]:
+    files = []
+    for day in range(first_day - (HISTORY_WARMUP_DAYS if first_day == 0 else 0), first_day + days):
+        files += [_day_file(out / "exposures" / s, day) for s in registry.scenarios if day >= 0]
+        files += [_day_file(out / "behaviors" / q.name, day) for q in registry.sequences.values()
+                  if day >= 0 or q.kind == "history"]
+    return files
+
+
+def prepare_synth_out(registry: Registry, out: str | Path, users: int, seed: int, first_day: int, days: int,
+                      overwrite: bool) -> Path:
+    """The --out to write days first_day.. into. Days of the same world (SYNTH_RECORD: seed, users, tables) are
+    added to those already there; a file of a day to write is refused unless `overwrite`, which then removes the
+    files of first_day and later days (with first_day 0, or logs of another world or none recorded: all of
+    exposures/ and behaviors/)."""
+    out = Path(out)
+    refuse_a_file_for_a_folder(out, f"--out {out}")
+    held = [out / sub for sub in ("exposures", "behaviors") if (out / sub).exists()]
+    record = _record(registry, users, seed)
+    if held:
+        try:
+            recorded = json.loads((out / SYNTH_RECORD).read_text())
+        except FileNotFoundError:
+            recorded, what = None, (f"{held[0]} already exists and {out} has no {SYNTH_RECORD} (logs not written by "
+                                    "`mtfm data synth`, or by a version before --first-day)")
+        except (OSError, ValueError) as exc:
+            recorded, what = None, f"{out / SYNTH_RECORD} cannot be read ({exc})"
+        else:
+            if not isinstance(recorded, dict):
+                recorded = {}
+            if (recorded.get("seed"), recorded.get("users")) != (seed, users):
+                what = (f"{out} holds the synthetic logs of seed {recorded.get('seed')} and {recorded.get('users')} "
+                        f"users ({SYNTH_RECORD}), not of --seed {seed} and --users {users}: days added there would "
+                        "not continue them")
+            else:
+                what = (f"{out} holds synthetic logs of the tables {', '.join(map(str, recorded.get('tables') or []))}"
+                        f" ({SYNTH_RECORD}), not of this registry's {', '.join(record['tables'])}")
+        if recorded != record:
+            if not overwrite:
+                raise FileExistsError(f"{what}; choose an empty --out folder or pass --overwrite to replace its "
+                                      "exposures/ and behaviors/")
+            prepare_raw_out(out, overwrite=True)
+        elif overwrite and first_day == 0:
+            prepare_raw_out(out, overwrite=True)
+        elif overwrite:
+            for path in sorted(p for sub in held for p in sub.glob("*/*.parquet")):
+                day = _file_day(path)
+                if day is not None and day >= first_day:
+                    path.unlink()
+        else:
+            existing = next((p for p in _files_to_write(registry, out, first_day, days) if p.exists()), None)
+            if existing is not None:
+                last = max(d for sub in held for p in sub.glob("*/*.parquet") if (d := _file_day(p)) is not None)
+                raise FileExistsError(f"{existing} already exists (day {_file_day(existing)} of these logs, which "
+                                      f"reach day {last}); write later days with --first-day {last + 1}, or pass "
+                                      f"--overwrite to write again from day {first_day} on (its files and those "
+                                      "of later days are removed first)")
+    else:
+        prepare_raw_out(out, overwrite)  # nothing to replace: removes a stale record
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SYNTH_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    return out
 
 
 def synthesize(registry: Registry, out: str | Path, users: int = 2000, days: int = 7, seed: int = 0,
-               overwrite: bool = False, log=print) -> dict[str, int]:
-    """Write synthetic raw logs for every scenario and sequence of `registry`; returns rows per table."""
-    out = prepare_raw_out(out, overwrite)
-    log(f"synthesizing {users:,} users x {days} days (seed {seed}) for scenarios {', '.join(registry.scenarios)} "
-        f"and sequences {', '.join(registry.sequences)} into {out}")
-    world = World.draw(users, days, seed)
-    realtime = registry.realtime_sequences
-    spontaneous = {q.name: _spontaneous_events(world, q, np.random.default_rng([seed, _name_seed("sequence", q.name)]))
-                   for q in registry.sequences.values()}
-    rt_events = spontaneous[realtime[0].name] if realtime else None
-    clicks: list[Draws] = []
-    counts: dict[str, int] = {}
-    for scn in registry.scenarios.values():
-        rows, table, labels = _exposures(world, scn, rt_events)
-        _write_by_day(table, registry.exposure_schema(scn.name), out / "exposures" / scn.name)
-        counts[f"exposures/{scn.name}"] = table.num_rows
-        rates = "".join(f", {t} rate {v.mean():.3f}" for t, v in labels.items() if len(v))
-        log(f"exposures/{scn.name}: {table.num_rows:,} rows{rates}")
-        root = next(t.name for t in scn.tasks if t.depends_on is None)
-        clicks.append(rows.take(np.flatnonzero(labels[root] == 1)))
-    for q in registry.sequences.values():
-        rng = np.random.default_rng([seed, _name_seed("echo", q.name)])
-        echoes = [Draws(c.users, c.items, c.ts + rng.integers(1000, 60_000, size=len(c.ts)), {}) for c in clicks]
-        parts = [spontaneous[q.name]] + echoes
-        rows = Draws(*(np.concatenate([getattr(p, a) for p in parts]) for a in ("users", "items", "ts")), {})
-        table = _events_table(world, q, rows, rng)
-        _write_by_day(table, registry.behavior_schema(q.name), out / "behaviors" / q.name)
-        counts[f"behaviors/{q.name}"] = table.num_rows
-        log(f"behaviors/{q.name}: {table.num_rows:,} rows ({q.kind})")
+               overwrite: bool = False, first_day: int = 0, log=print) -> dict[str, int]:
+    """Write days first_day..first_day+days-1 of the synthetic raw logs for every scenario and sequence of
+    `registry` (with day 0, the history's warm-up days before it); returns the rows written per table."""
+    if first_day < 0 or days < 1 or first_day + days > MAX_DAYS:
+        raise ValueError(f"expected first_day >= 0, days >= 1 and first_day + days <= {MAX_DAYS} (request ids hold "
+                         f"the day in 20 bits), found {first_day} and {days}")
+    out = prepare_synth_out(registry, out, users, seed, first_day, days, overwrite)
+    last = first_day + days - 1
+    log(f"synthesizing {users:,} users x {days} days ({day_date(first_day)} to {day_date(last)}, days {first_day}-"
+        f"{last}; seed {seed}) for scenarios {', '.join(registry.scenarios)} and sequences "
+        f"{', '.join(registry.sequences)} into {out}")
+    world = World.draw(users, seed)
+    sequences = list(registry.sequences.values())
+    realtime = registry.realtime_sequences[0] if registry.realtime_sequences else None
+    active = {name: np.flatnonzero(np.random.default_rng([seed, _name_seed("scenario", name)]).random(users)
+                                   < scn.synthetic.active_user_fraction)
+              for name, scn in registry.scenarios.items()}
+    counts = {f"exposures/{s}": 0 for s in registry.scenarios} | {f"behaviors/{q.name}": 0 for q in sequences}
+    positives = {s: {t: 0 for t in scn.task_names} for s, scn in registry.scenarios.items()}
+    if first_day == 0:  # the warm-up: the history sequences' own events of the days before day 0
+        for q in sequences:
+            for day in range(-HISTORY_WARMUP_DAYS, 0) if q.kind == "history" else ():
+                table = _events_table(world, q, _spontaneous_events(world, q, day), day)
+                _write_day(table, registry.behavior_schema(q.name), out / "behaviors" / q.name, day)
+                counts[f"behaviors/{q.name}"] += table.num_rows
+    # Every click is echoed into every sequence up to a minute later, past midnight too: the day before the
+    # first is drawn (not written) for the echoes of its clicks that land in the first.
+    spill: dict[str, Draws] = {q.name: _concat([]) for q in sequences}
+    for day in range(max(first_day - 1, 0), last + 1):
+        write = day >= first_day
+        spontaneous = {q.name: _spontaneous_events(world, q, day) for q in sequences if write or q is realtime}
+        rt_events = spontaneous[realtime.name] if realtime is not None else None
+        clicks: list[Draws] = []
+        for name, scn in registry.scenarios.items():
+            rows, request_id, labels, rng = _exposure_rows(world, scn, active[name], day, rt_events)
+            if write:
+                table = _exposures_table(world, scn, rows, request_id, labels, rng)
+                _write_day(table, registry.exposure_schema(name), out / "exposures" / name, day)
+                counts[f"exposures/{name}"] += table.num_rows
+                for task, values in labels.items():
+                    positives[name][task] += int(values.sum())
+            root = next(t.name for t in scn.tasks if t.depends_on is None)
+            clicks.append(rows.take(np.flatnonzero(labels[root] == 1)))
+        end = EPOCH_MS + (day + 1) * DAY_MS
+        for q in sequences:
+            rng = _day_rng(seed, "echo", q.name, day)
+            echoes = _concat([Draws(c.users, c.items, c.ts + rng.integers(1000, 60_000, size=len(c.ts)), {})
+                              for c in clicks])
+            if write:
+                rows = _concat([spontaneous[q.name], spill[q.name], echoes.take(np.flatnonzero(echoes.ts < end))])
+                table = _events_table(world, q, rows, day)
+                _write_day(table, registry.behavior_schema(q.name), out / "behaviors" / q.name, day)
+                counts[f"behaviors/{q.name}"] += table.num_rows
+            spill[q.name] = echoes.take(np.flatnonzero(echoes.ts >= end))  # the next day's, written with it
+    for name, scn in registry.scenarios.items():
+        n = counts[f"exposures/{name}"]
+        rates = "".join(f", {t} rate {v / n:.3f}" for t, v in positives[name].items() if n)
+        log(f"exposures/{name}: {n:,} rows{rates}")
+    for q in sequences:
+        log(f"behaviors/{q.name}: {counts[f'behaviors/{q.name}']:,} rows ({q.kind})")
     return counts

@@ -18,7 +18,7 @@ def test_help(argv, capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     assert "--config-dir" in text or argv == ["data", "--help"]
-    assert {"data": "synth", "synth": "--users", "aggregate": "--window", "movielens": "recbole"}[argv[-2]] in text
+    assert {"data": "synth", "synth": "--first-day", "aggregate": "--window", "movielens": "recbole"}[argv[-2]] in text
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -152,3 +152,21 @@ def test_an_interrupted_synth_says_its_output_is_partial(tmp_path, monkeypatch, 
     assert main(["data", "synth", "--out", str(out), "--users", "5", "--days", "1"]) == 130
     assert capsys.readouterr().err.strip() == (f"interrupted: {out} holds only part of the logs; run the command "
                                                "again with --overwrite")
+
+
+def test_synth_adds_later_days_with_first_day(config_dir, tmp_path, capsys):
+    raw = tmp_path / "raw"
+    config = ["--config-dir", str(config_dir)]
+    assert main(["data", "synth", *config, "--out", str(raw), "--users", "10", "--days", "2"]) == 0
+    assert main(["data", "synth", *config, "--out", str(raw), "--users", "10", "--days", "1", "--first-day", "2"]) == 0
+    assert "(2026-01-03 to 2026-01-03, days 2-2; seed 0)" in capsys.readouterr().out
+    assert sorted(p.name for p in (raw / "exposures" / "hp").iterdir()) == [
+        "2026-01-01.parquet", "2026-01-02.parquet", "2026-01-03.parquet"]
+    assert main(["data", "synth", *config, "--out", str(raw), "--users", "10", "--days", "1", "--first-day", "1"]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {raw / 'exposures/hp/2026-01-02.parquet'} already exists "
+                                              "(day 1 of these logs, which reach day 2); write later days with "
+                                              "--first-day 3, or pass --overwrite")
+    assert main(["data", "synth", *config, "--out", str(raw), "--users", "10", "--days", "1", "--first-day", "3",
+                 "--seed", "1"]) == 1
+    assert f"error: {raw} holds the synthetic logs of seed 0 and 10 users (_synth.json), not of --seed 1 and " \
+           "--users 10" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """Synthetic logs: the raw-log contract, determinism per seed, label structure, and signal a model can learn."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from mtfm.platform.rawlog import SYNTH_RECORD
 from mtfm.platform.registry import Registry, load_registry
 from mtfm.platform.synth import DAY_MS, EPOCH_MS, Draws, World, _realtime_match, synthesize
 
@@ -100,7 +102,7 @@ def test_signal_realtime_interest_and_distance(raw):
 def test_realtime_match_needs_an_event_strictly_earlier_the_same_day():
     """_realtime_match by hand: an exposure matches a realtime event of its user on its item's cluster the
     same day only if the event came strictly before it (an event at the exposure's own ms is not yet seen)."""
-    world = World.draw(n_users=3, days=2, seed=0)
+    world = World.draw(n_users=3, seed=0)
     ts = EPOCH_MS + DAY_MS + 5_000  # day 1
     one = dict(users=np.array([1]), items=np.array([7]))
     exposure = Draws(**one, ts=np.array([ts]), cross={})
@@ -109,3 +111,69 @@ def test_realtime_match_needs_an_event_strictly_earlier_the_same_day():
         assert _realtime_match(world, events, exposure).tolist() == [expected], event_ts - ts
     other_user = Draws(users=np.array([2]), items=np.array([7]), ts=np.array([ts - 1]), cross={})
     assert _realtime_match(world, other_user, exposure).tolist() == [0.0]
+
+
+def _day_files(root: Path) -> dict[str, Path]:
+    return {str(p.relative_to(root)): p for p in sorted(root.glob("*/*/*.parquet"))}
+
+
+def test_a_day_is_the_same_whatever_days_and_first_day(registry, tmp_path):
+    """Days 0-3 of a 4-day run are those of a 6-day run, file by file; days 4-5 written later into the 4-day
+    folder (--first-day 4) complete it into the 6-day run's, echoes of day 3's last clicks past midnight included."""
+    four, six, alone = tmp_path / "four", tmp_path / "six", tmp_path / "alone"
+    synthesize(registry, four, users=300, days=4, seed=4, **QUIET)
+    synthesize(registry, six, users=300, days=6, seed=4, **QUIET)
+    days4, days6 = _day_files(four), _day_files(six)
+    assert len(days4) == 3 * 4 + 2 * 4 + 7 and len(days6) == 3 * 6 + 2 * 6 + 7  # scenarios, sequences, warm-up days
+    assert "behaviors/history/2025-12-25.parquet" in days4 and "behaviors/realtime/2025-12-31.parquet" not in days4
+    for name, path in days4.items():
+        assert pq.read_table(path).equals(pq.read_table(days6[name])), name
+        assert path.read_bytes() == days6[name].read_bytes(), name
+    counts = synthesize(registry, four, users=300, days=2, first_day=4, seed=4, **QUIET)
+    assert _day_files(four).keys() == days6.keys()
+    for name, path in _day_files(four).items():
+        assert pq.read_table(path).equals(pq.read_table(days6[name])), name
+    assert counts["exposures/hp"] == sum(pq.read_metadata(six / "exposures/hp" / f).num_rows
+                                         for f in ("2026-01-05.parquet", "2026-01-06.parquet"))
+    # One day alone, into an empty folder: that day's files (no warm-up), the same again.
+    synthesize(registry, alone, users=300, days=1, first_day=3, seed=4, **QUIET)
+    assert sorted(_day_files(alone)) == sorted(n for n in days6 if n.endswith("2026-01-04.parquet"))
+    for name, path in _day_files(alone).items():
+        assert pq.read_table(path).equals(pq.read_table(days6[name])), name
+    # The comparison covers a click of day 3 whose echo lands on day 4 (seed 4 has one): drawn by the run that
+    # starts at day 4.
+    midnight = EPOCH_MS + 4 * DAY_MS
+    hp = pd.read_parquet(six / "exposures/hp/2026-01-04.parquet")
+    late = hp[(hp["click"] == 1) & (hp["ts"] > midnight - 60_000)][["user_id", "poi_id"]]
+    early = pd.read_parquet(four / "behaviors/history/2026-01-05.parquet")
+    early = early[early["ts"] < midnight + 60_000][["user_id", "poi_id"]]
+    assert len(late.merge(early)) >= 1
+
+
+def test_days_added_to_a_folder_must_continue_it(registry, tmp_path):
+    raw = tmp_path / "raw"
+    synthesize(registry, raw, users=40, days=3, seed=2, **QUIET)
+    before = {name: path.read_bytes() for name, path in _day_files(raw).items()}
+    # A day already written is refused by name (nothing is written), unless --overwrite.
+    with pytest.raises(FileExistsError, match=r"exposures/hp/2026-01-03\.parquet already exists \(day 2 .*"
+                                              r"--first-day 3, or pass --overwrite"):
+        synthesize(registry, raw, users=40, days=2, first_day=2, seed=2, **QUIET)
+    # Another seed or number of users: refused, whatever the days.
+    with pytest.raises(FileExistsError, match="seed 2 and 40 users .* not of --seed 3 and --users 40: .*--overwrite"):
+        synthesize(registry, raw, users=40, days=1, first_day=3, seed=3, **QUIET)
+    with pytest.raises(FileExistsError, match="not of --seed 2 and --users 41"):
+        synthesize(registry, raw, users=41, days=1, first_day=3, seed=2, **QUIET)
+    assert {name: path.read_bytes() for name, path in _day_files(raw).items()} == before
+    assert json.loads((raw / SYNTH_RECORD).read_text())["seed"] == 2
+    # --overwrite from day 1: days 1 and later are removed, days 1 and 2 written again (the same bytes).
+    synthesize(registry, raw, users=40, days=1, first_day=1, seed=2, overwrite=True, **QUIET)
+    assert {n: p.read_bytes() for n, p in _day_files(raw).items()} == {n: b for n, b in before.items()
+                                                                        if "2026-01-03" not in n}
+    # Logs no record describes (another tool's, or an earlier version's) are refused too; --overwrite replaces them.
+    (raw / SYNTH_RECORD).unlink()
+    with pytest.raises(FileExistsError, match=f"has no {SYNTH_RECORD}"):
+        synthesize(registry, raw, users=40, days=1, first_day=3, seed=2, **QUIET)
+    synthesize(registry, raw, users=40, days=1, first_day=3, seed=7, overwrite=True, **QUIET)
+    assert sorted(_day_files(raw)) == [f"{kind}/{name}/2026-01-04.parquet" for kind, names in
+                                       (("behaviors", registry.sequences), ("exposures", registry.scenarios))
+                                       for name in sorted(names)]
