@@ -59,10 +59,10 @@ def _test_loss(model, samples: Path) -> float:
 
 @pytest.mark.slow
 def test_two_workers_lower_the_loss(tiny_samples, tmp_path):
-    # 8100 tokens a batch: Ray's split of these 320 training users cuts into 2 batches on one worker and 3 on the
+    # 7940 tokens a batch: Ray's split of these 320 training users cuts into 2 batches on one worker and 3 on the
     # other, so every epoch ends with a step one worker stands in for (asserted below).
     config = _config(num_workers=2, cpus_per_worker=0.5, epochs=4, log_every=2, checkpoint_every=1000,
-                     tokens_per_batch=8100)
+                     tokens_per_batch=7940)
     run = train(config, data=str(tiny_samples), out=tmp_path / "run", config_dir=str(CONFIGS), log=lambda *a: None)
     trained, meta = load_model(run)
     torch.manual_seed(config.seed)
@@ -219,11 +219,11 @@ def test_killed_worker_and_resumed_run_continue_the_same_loss_curve(tiny_samples
 
 @pytest.mark.slow
 def test_two_workers_resumed_where_one_stands_in_continue_the_same_loss_curve(tiny_samples, tmp_path):
-    """Two workers, 8100 tokens a batch: each epoch is 3 steps, the third with one worker standing in
+    """Two workers, 7940 tokens a batch: each epoch is 3 steps, the third with one worker standing in
     (test_two_workers_lower_the_loss). A worker killed after step 3 resumes from step 2's checkpoint:
     the worker whose shard has 2 batches skips both and stands in with the last it skipped, the
     other trains its third; the curve and the weights are the uninterrupted run's."""
-    common = dict(num_workers=2, cpus_per_worker=0.5, epochs=2, tokens_per_batch=8100, log_every=1,
+    common = dict(num_workers=2, cpus_per_worker=0.5, epochs=2, tokens_per_batch=7940, log_every=1,
                   checkpoint_every=2, evaluate_at_checkpoints=False, keep_checkpoints=5)
     clean = train(_config(**common), data=str(tiny_samples), out=tmp_path / "clean", config_dir=str(CONFIGS),
                   log=lambda *a: None)
@@ -915,7 +915,10 @@ def test_a_run_that_diverges_stops_on_every_worker_and_saves_nothing_past_it(tin
     if (run / EVAL_FILE).exists():
         assert (run / json.loads((run / EVAL_FILE).read_text())["checkpoint"]) in kept
     logged = _log(run) if (run / METRICS_FILE).exists() else []
-    assert all(math.isfinite(r["loss"]) and r["step"] < diverged["step"] for r in logged if "loss" in r)
+    # A loss is logged only where finite; at the step that diverged only when its weights or scores did (checked
+    # at the checkpoint, after the step's loss is logged).
+    assert all(math.isfinite(r["loss"]) and (r["step"] < diverged["step"] or r["step"] == diverged["step"]
+                                             and diverged["what"] != "loss") for r in logged if "loss" in r)
     model = build_model(load_model_config(REPO_ROOT / "configs/model/tiny.yaml"), load_registry(CONFIGS))
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
