@@ -337,7 +337,10 @@ def _check_inputs(registry: Registry, raw: Path, out: Path) -> tuple[list[tuple[
         raise FileNotFoundError(f"{raw}: raw log folder not found (expected exposures/<scenario>/ and behaviors/<sequence>/)")
     tables = list_tables(raw)
     if not any(kind == "exposures" for kind, _ in tables):
-        raise FileNotFoundError(f"{raw}/exposures: no exposure tables found (expected exposures/<scenario>/*.parquet)")
+        inside = raw.name in ("exposures", "behaviors") or raw.parent.name in ("exposures", "behaviors")
+        hint = "; --raw is the folder that holds exposures/ and behaviors/, not one of them" if inside else ""
+        raise FileNotFoundError(f"{raw}/exposures: no exposure tables found (expected exposures/<scenario>/*.parquet)"
+                                + hint)
     files, rows, warnings = [], 0, []
     for (kind, name), paths in tables.items():
         for path in paths:

@@ -29,10 +29,7 @@ def split_by_window(samples: str | Path, test_windows: int, need_train: bool = T
     except Exception as exc:  # Arrow names the problem but not the file
         name_the_unreadable_parquet(path, exc)
         raise
-    if "window" not in names or not any(scenario_of_column(name) for name in names):
-        raise ValueError(f"{path}: not aggregated samples (its columns: {', '.join(names[:6])}"
-                         f"{', ...' if len(names) > 6 else ''}); aggregate the raw logs first: mtfm data aggregate "
-                         "--raw RAW_DIR --out AGG_DIR, then pass AGG_DIR")
+    refuse_what_is_not_samples(path, names)
     try:
         parts = sample_files(path)
         refuse_parts_with_other_columns(parts)
@@ -46,6 +43,14 @@ def split_by_window(samples: str | Path, test_windows: int, need_train: bool = T
                          "config)")
     cut = windows[-test_windows]
     return ds.filter(expr=col("window") < cut), ds.filter(expr=col("window") >= cut), windows
+
+
+def refuse_what_is_not_samples(path: str, names: list[str]) -> None:
+    """Aggregated samples have a window column and a scenario's columns; raw logs, say, have neither."""
+    if "window" not in names or not any(scenario_of_column(name) for name in names):
+        raise ValueError(f"{path}: not aggregated samples (its columns: {', '.join(names[:6])}"
+                         f"{', ...' if len(names) > 6 else ''}); aggregate the raw logs first: mtfm data aggregate "
+                         "--raw RAW_DIR --out AGG_DIR, then pass AGG_DIR")
 
 
 def sample_files(path: str) -> tuple:
@@ -149,18 +154,22 @@ def samples_folder(samples: str) -> str:
 
 def local_samples_schema(samples: str):
     """The schema of local aggregated samples (their first part's), read with pyarrow before Ray starts, so that
-    samples a model cannot read are refused at once; None for a URI (it may need the cluster's credentials), a
-    folder without parts or with a part that does not read, or not samples (`split_by_window` names those)."""
+    samples a model cannot read are refused at once, as is what is not samples (raw logs, say); None for a URI (it
+    may need the cluster's credentials), or a folder without parts or with a part that does not read
+    (`split_by_window` names those)."""
     import pyarrow.parquet as pq
 
     if "://" in str(samples):
         return None
-    fs, files = sample_files(samples_folder(str(samples)))
+    path = samples_folder(str(samples))
+    fs, files = sample_files(path)
     try:
         schema = pq.read_schema(files[0], filesystem=fs) if files else None
     except Exception:  # noqa: BLE001 - an unreadable part is named by split_by_window
         return None
-    return schema if schema is not None and "window" in schema.names else None
+    if schema is not None:
+        refuse_what_is_not_samples(path, schema.names)
+    return schema
 
 
 def refuse_an_unfinished_aggregation(filesystem, folder: str, samples: str) -> None:

@@ -384,6 +384,9 @@ def test_refuses_to_overwrite_without_flag(ray_cluster, registry, raw, tmp_path,
             aggregate(registry, raw, tmp_path / "agg", **QUIET)
     with pytest.raises(FileNotFoundError, match="raw log folder not found"):
         aggregate_local(registry, tmp_path / "nowhere", tmp_path / "agg2", **QUIET)
+    with pytest.raises(FileNotFoundError, match=r"no exposure tables found \(expected exposures/<scenario>/\*.parquet\); "
+                                                r"--raw is the folder that holds exposures/ and behaviors/"):
+        aggregate_local(registry, raw / "exposures", tmp_path / "agg2", **QUIET)
     # Logs of another registry (no exposure table of a registered scenario) are refused before any row is read.
     other = tmp_path / "other_raw" / "exposures" / "adult"
     other.mkdir(parents=True)

@@ -28,7 +28,7 @@ from mtfm.platform.checkpoint import CheckpointError, check_compatible, find_che
 from mtfm.platform.cluster import unused_port
 from mtfm.platform.registry import RegistryError, dump_yaml, exposures_column, load_registry
 from mtfm.platform.report import write_report
-from mtfm.platform.samples import keep_users_of, split_by_window
+from mtfm.platform.samples import keep_users_of, local_samples_schema, split_by_window
 from mtfm.platform.train import (DIVERGED_FILE, METRICS_FILE, RAY_TRAIN_SNAPSHOT, TrainConfig, main, read_metrics,
                                  train)
 from mtfm.platform.train_worker import _truncate_metrics
@@ -394,9 +394,10 @@ def test_raw_logs_given_as_samples_are_refused_by_name(ray_cluster, tmp_path):
 
     (tmp_path / "raw").mkdir()
     pq.write_table(pa.table({"user_id": [1], "ts": [5], "poi_id": [3]}), tmp_path / "raw" / "part.parquet")
-    with pytest.raises(ValueError, match=r"not aggregated samples \(its columns: user_id, ts, poi_id\); aggregate the "
-                                         r"raw logs first: mtfm data aggregate"):
-        split_by_window(tmp_path / "raw", 1)
+    for read in (lambda: split_by_window(tmp_path / "raw", 1), lambda: local_samples_schema(str(tmp_path / "raw"))):
+        with pytest.raises(ValueError, match=r"not aggregated samples \(its columns: user_id, ts, poi_id\); aggregate "
+                                             r"the raw logs first: mtfm data aggregate"):
+            read()  # the second before Ray starts (train, eval)
 
 
 def test_a_samples_file_that_is_not_parquet_is_named(ray_cluster, tiny_samples, tmp_path):
