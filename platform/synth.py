@@ -42,12 +42,14 @@ The generative model (deterministic per seed; every step is vectorised numpy, a 
   to a folder later. A click late on day d-1 echoes past midnight into day d's file: a run starting
   at N > 0 draws day N-1's exposures (not written) for those echoes, and the echoes of its own last
   day that land after it are left to the run that writes the next day. `SYNTH_RECORD` (beside
-  exposures/ and behaviors/) holds the seed, users and tables, so that days of another world are not
-  added to a folder (`prepare_synth_out`).
+  exposures/ and behaviors/) holds the seed, users, tables and a digest of what the generator reads
+  from the registry, so that days of another world are not added to a folder (`prepare_synth_out`).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import hashlib
 import json
 import zlib
 from dataclasses import dataclass
@@ -332,9 +334,20 @@ def _write_day(table: pa.Table, schema: pa.Schema, folder: Path, day: int) -> No
 
 
 def _record(registry: Registry, users: int, seed: int) -> dict:
-    """What the days of one folder must share (the sidecar SYNTH_RECORD)."""
+    """What the days of one folder must share (the sidecar SYNTH_RECORD): the seed, the users, the tables, and a
+    digest of what the generator reads from the registry (features, tasks, `synthetic:` knobs, sequences; not
+    descriptions, embedding dims or serving knobs, which change no row)."""
+    def feature(f: Feature) -> dict:
+        return {k: v for k, v in dataclasses.asdict(f).items() if k not in ("description", "dim", "required")}
+
+    drawn = {"sequences": [[q.name, q.kind, q.events_per_user_day, [feature(f) for f in q.features]]
+                           for q in registry.sequences.values()],
+             "scenarios": [[s.name, [feature(f) for f in s.user_features + s.item_features + s.cross_features],
+                            [dataclasses.asdict(task) for task in s.tasks], dataclasses.asdict(s.synthetic)]
+                           for s in registry.scenarios.values()]}
+    digest = hashlib.sha256(json.dumps(drawn, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"seed": seed, "users": users, "tables": [f"exposures/{s}" for s in registry.scenarios]
-            + [f"behaviors/{q}" for q in registry.sequences]}
+            + [f"behaviors/{q}" for q in registry.sequences], "registry": digest}
 
 
 def _files_to_write(registry: Registry, out: Path, first_day: int, days: int) -> list[Path]:
@@ -346,56 +359,99 @@ def _files_to_write(registry: Registry, out: Path, first_day: int, days: int) ->
     return files
 
 
+def _days_held(registry: Registry, out: Path) -> tuple[list[int], list[int]]:
+    """The days 0.. of which `out` holds every table's file, and those of which it holds only some (a run cut
+    short)."""
+    files: dict[int, int] = {}
+    for path in out.glob("*/*/*.parquet"):
+        day = _file_day(path)
+        if day is not None and day >= 0 and path.parent.parent.name in ("exposures", "behaviors"):
+            files[day] = files.get(day, 0) + 1
+    tables = len(registry.scenarios) + len(registry.sequences)
+    return sorted(d for d, n in files.items() if n >= tables), sorted(d for d, n in files.items() if n < tables)
+
+
+def _spans(days: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    spans: list[list[int]] = []
+    for day in days:
+        if spans and day == spans[-1][1] + 1:
+            spans[-1][1] = day
+        else:
+            spans.append([day, day])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans) or "none"
+
+
+def _world_differs(record: dict, recorded, out: Path) -> str | None:
+    """Why the logs in `out` (their SYNTH_RECORD, or None if it has none) are not of this world; None if they are."""
+    if recorded is None:
+        return (f"{out} holds raw logs but no {SYNTH_RECORD} (logs not written by `mtfm data synth`, or by a version "
+                "before --first-day)")
+    if not isinstance(recorded, dict):
+        recorded = {}
+    if (recorded.get("seed"), recorded.get("users")) != (record["seed"], record["users"]):
+        return (f"{out} holds the synthetic logs of seed {recorded.get('seed')} and {recorded.get('users')} users "
+                f"({SYNTH_RECORD}), not of --seed {record['seed']} and --users {record['users']}: days added there "
+                "would not continue them")
+    if recorded.get("tables") != record["tables"]:
+        return (f"{out} holds synthetic logs of the tables {', '.join(map(str, recorded.get('tables') or []))} "
+                f"({SYNTH_RECORD}), not of this registry's {', '.join(record['tables'])}")
+    if recorded.get("registry") != record["registry"]:
+        return (f"{out} holds synthetic logs drawn with other features, tasks or `synthetic:` settings than this "
+                f"registry's ({SYNTH_RECORD}): days added there would not continue them")
+    return None
+
+
 def prepare_synth_out(registry: Registry, out: str | Path, users: int, seed: int, first_day: int, days: int,
-                      overwrite: bool) -> Path:
-    """The --out to write days first_day.. into. Days of the same world (SYNTH_RECORD: seed, users, tables) are
-    added to those already there; a file of a day to write is refused unless `overwrite`, which then removes the
-    files of first_day and later days (with first_day 0, or logs of another world or none recorded: all of
-    exposures/ and behaviors/)."""
+                      overwrite: bool, log=print) -> Path:
+    """The --out to write days first_day.. into. Days of the same world (SYNTH_RECORD: seed, users, tables and
+    what the generator reads from the registry) are added to those already there; a file of a day to write is
+    refused unless `overwrite`, which then removes the files of first_day and later days (with first_day 0, or
+    logs of another world or none recorded: all of exposures/ and behaviors/). Days before first_day that the
+    folder lacks are noted."""
     out = Path(out)
     refuse_a_file_for_a_folder(out, f"--out {out}")
     held = [out / sub for sub in ("exposures", "behaviors") if (out / sub).exists()]
     record = _record(registry, users, seed)
-    if held:
+    if not held:
+        prepare_raw_out(out, overwrite)  # nothing to replace: removes a stale record
+    else:
         try:
             recorded = json.loads((out / SYNTH_RECORD).read_text())
+            why = _world_differs(record, recorded, out)
         except FileNotFoundError:
-            recorded, what = None, (f"{held[0]} already exists and {out} has no {SYNTH_RECORD} (logs not written by "
-                                    "`mtfm data synth`, or by a version before --first-day)")
+            why = _world_differs(record, None, out)
         except (OSError, ValueError) as exc:
-            recorded, what = None, f"{out / SYNTH_RECORD} cannot be read ({exc})"
-        else:
-            if not isinstance(recorded, dict):
-                recorded = {}
-            if (recorded.get("seed"), recorded.get("users")) != (seed, users):
-                what = (f"{out} holds the synthetic logs of seed {recorded.get('seed')} and {recorded.get('users')} "
-                        f"users ({SYNTH_RECORD}), not of --seed {seed} and --users {users}: days added there would "
-                        "not continue them")
-            else:
-                what = (f"{out} holds synthetic logs of the tables {', '.join(map(str, recorded.get('tables') or []))}"
-                        f" ({SYNTH_RECORD}), not of this registry's {', '.join(record['tables'])}")
-        if recorded != record:
+            why = f"{out / SYNTH_RECORD} cannot be read ({exc})"
+        if why is not None:
             if not overwrite:
-                raise FileExistsError(f"{what}; choose an empty --out folder or pass --overwrite to replace its "
+                raise FileExistsError(f"{why}; choose an empty --out folder or pass --overwrite to replace its "
                                       "exposures/ and behaviors/")
             prepare_raw_out(out, overwrite=True)
         elif overwrite and first_day == 0:
             prepare_raw_out(out, overwrite=True)
         elif overwrite:
-            for path in sorted(p for sub in held for p in sub.glob("*/*.parquet")):
-                day = _file_day(path)
-                if day is not None and day >= first_day:
-                    path.unlink()
+            doomed = [p for sub in held for p in sub.glob("*/*.parquet")
+                      if (d := _file_day(p)) is not None and d >= first_day]
+            if doomed:
+                log(f"--overwrite: removing {len(doomed)} file(s) of day {first_day} and later days from {out}")
+            for path in doomed:
+                path.unlink()
         else:
             existing = next((p for p in _files_to_write(registry, out, first_day, days) if p.exists()), None)
             if existing is not None:
-                last = max(d for sub in held for p in sub.glob("*/*.parquet") if (d := _file_day(p)) is not None)
-                raise FileExistsError(f"{existing} already exists (day {_file_day(existing)} of these logs, which "
-                                      f"reach day {last}); write later days with --first-day {last + 1}, or pass "
-                                      f"--overwrite to write again from day {first_day} on (its files and those "
-                                      "of later days are removed first)")
-    else:
-        prepare_raw_out(out, overwrite)  # nothing to replace: removes a stale record
+                whole, partial = _days_held(registry, out)
+                cut_short = (f", and part of day(s) {_spans(partial)} (a run cut short? write again from day "
+                             f"{partial[0]} with --overwrite --first-day {partial[0]})") if partial else ""
+                raise FileExistsError(f"{existing} already exists (day {_file_day(existing)}): {out} holds days "
+                                      f"{_spans(whole)}{cut_short}; write only days it lacks (--first-day N "
+                                      f"--days D), or pass --overwrite to write again from day {first_day} on "
+                                      "(its files and those of all later days are removed first)")
+    whole, partial = _days_held(registry, out) if out.is_dir() else ([], [])
+    missing = [d for d in range(first_day) if d not in whole]
+    if missing:
+        log(f"note: {out} lacks day(s) {_spans(missing)} before day {first_day}: their windows will have no "
+            "samples, and the history of the days written here lacks their events")
     out.mkdir(parents=True, exist_ok=True)
     (out / SYNTH_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return out
@@ -408,7 +464,7 @@ def synthesize(registry: Registry, out: str | Path, users: int = 2000, days: int
     if first_day < 0 or days < 1 or first_day + days > MAX_DAYS:
         raise ValueError(f"expected first_day >= 0, days >= 1 and first_day + days <= {MAX_DAYS} (request ids hold "
                          f"the day in 20 bits), found {first_day} and {days}")
-    out = prepare_synth_out(registry, out, users, seed, first_day, days, overwrite)
+    out = prepare_synth_out(registry, out, users, seed, first_day, days, overwrite, log)
     last = first_day + days - 1
     log(f"synthesizing {users:,} users x {days} days ({day_date(first_day)} to {day_date(last)}, days {first_day}-"
         f"{last}; seed {seed}) for scenarios {', '.join(registry.scenarios)} and sequences "

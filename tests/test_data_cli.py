@@ -164,8 +164,8 @@ def test_synth_adds_later_days_with_first_day(config_dir, tmp_path, capsys):
         "2026-01-01.parquet", "2026-01-02.parquet", "2026-01-03.parquet"]
     assert main(["data", "synth", *config, "--out", str(raw), "--users", "10", "--days", "1", "--first-day", "1"]) == 1
     assert capsys.readouterr().err.startswith(f"error: {raw / 'exposures/hp/2026-01-02.parquet'} already exists "
-                                              "(day 1 of these logs, which reach day 2); write later days with "
-                                              "--first-day 3, or pass --overwrite")
+                                              f"(day 1): {raw} holds days 0-2; write only days it lacks (--first-day "
+                                              "N --days D), or pass --overwrite")
     assert main(["data", "synth", *config, "--out", str(raw), "--users", "10", "--days", "1", "--first-day", "3",
                  "--seed", "1"]) == 1
     assert f"error: {raw} holds the synthetic logs of seed 0 and 10 users (_synth.json), not of --seed 1 and " \

@@ -155,8 +155,9 @@ def test_days_added_to_a_folder_must_continue_it(registry, tmp_path):
     synthesize(registry, raw, users=40, days=3, seed=2, **QUIET)
     before = {name: path.read_bytes() for name, path in _day_files(raw).items()}
     # A day already written is refused by name (nothing is written), unless --overwrite.
-    with pytest.raises(FileExistsError, match=r"exposures/hp/2026-01-03\.parquet already exists \(day 2 .*"
-                                              r"--first-day 3, or pass --overwrite"):
+    with pytest.raises(FileExistsError, match=r"exposures/hp/2026-01-03\.parquet already exists \(day 2\): .*raw holds "
+                                              r"days 0-2; write only days it lacks \(--first-day N --days D\), or "
+                                              r"pass --overwrite to write again from day 2 on"):
         synthesize(registry, raw, users=40, days=2, first_day=2, seed=2, **QUIET)
     # Another seed or number of users: refused, whatever the days.
     with pytest.raises(FileExistsError, match="seed 2 and 40 users .* not of --seed 3 and --users 40: .*--overwrite"):
@@ -165,13 +166,31 @@ def test_days_added_to_a_folder_must_continue_it(registry, tmp_path):
         synthesize(registry, raw, users=41, days=1, first_day=3, seed=2, **QUIET)
     assert {name: path.read_bytes() for name, path in _day_files(raw).items()} == before
     assert json.loads((raw / SYNTH_RECORD).read_text())["seed"] == 2
-    # --overwrite from day 1: days 1 and later are removed, days 1 and 2 written again (the same bytes).
-    synthesize(registry, raw, users=40, days=1, first_day=1, seed=2, overwrite=True, **QUIET)
+    # What the generator reads from the registry must be the same too; a serving knob changes no row.
+    changed, serving = registry.to_dict(), registry.to_dict()
+    changed["scenarios"]["hp"]["synthetic"]["exposures_per_user_day"] *= 2
+    serving["scenarios"]["hp"]["serving"]["replicas"] += 1
+    with pytest.raises(FileExistsError, match=r"drawn with other features, tasks or `synthetic:` settings"):
+        synthesize(Registry.from_dict(changed), raw, users=40, days=1, first_day=3, seed=2, **QUIET)
+    # --overwrite from day 1: days 1 and later are removed (said), days 1 and 2 written again (the same bytes).
+    said = []
+    synthesize(Registry.from_dict(serving), raw, users=40, days=1, first_day=1, seed=2, overwrite=True, log=said.append)
+    assert said[0] == f"--overwrite: removing {2 * 5} file(s) of day 1 and later days from {raw}"
     assert {n: p.read_bytes() for n, p in _day_files(raw).items()} == {n: b for n, b in before.items()
                                                                         if "2026-01-03" not in n}
+    # A day with only some of its files (a run cut short) is named, with the command that writes it again.
+    (raw / "exposures/sqs/2026-01-02.parquet").unlink()
+    with pytest.raises(FileExistsError, match=r"holds days 0, and part of day\(s\) 1 \(a run cut short\? write again "
+                                              r"from day 1 with --overwrite --first-day 1\)"):
+        synthesize(registry, raw, users=40, days=1, first_day=1, seed=2, **QUIET)
+    # Days skipped before the first written are noted.
+    synthesize(registry, raw, users=40, days=1, first_day=4, seed=2, log=said.append)
+    assert said[-len(registry.scenarios) - len(registry.sequences) - 2] == (
+        f"note: {raw} lacks day(s) 1-3 before day 4: their windows will have no samples, and the history of the days "
+        "written here lacks their events")
     # Logs no record describes (another tool's, or an earlier version's) are refused too; --overwrite replaces them.
     (raw / SYNTH_RECORD).unlink()
-    with pytest.raises(FileExistsError, match=f"has no {SYNTH_RECORD}"):
+    with pytest.raises(FileExistsError, match=f"holds raw logs but no {SYNTH_RECORD}"):
         synthesize(registry, raw, users=40, days=1, first_day=3, seed=2, **QUIET)
     synthesize(registry, raw, users=40, days=1, first_day=3, seed=7, overwrite=True, **QUIET)
     assert sorted(_day_files(raw)) == [f"{kind}/{name}/2026-01-04.parquet" for kind, names in
