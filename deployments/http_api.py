@@ -4,7 +4,7 @@
                             "tasks", "scores": [{task: probability} per candidate], "batch"}
     POST /rank              the same, where the app serves one scenario (`scenario_ingress`,
                             whose app's route prefix is then /<scenario>: the same URL)
-    GET  /healthz           every served scenario's model version, backend, device and knobs; 503
+    GET  /healthz           every served scenario's model version, checkpoint, backend, device and knobs; 503
                             when no scenario answers (HEAD: the status alone)
 
 Paths are below the application's route prefix. A scored response carries a `Server-Timing`

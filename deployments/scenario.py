@@ -98,6 +98,7 @@ class ScenarioDeployment:
         ranker, meta = load_scenario_ranker(checkpoint, scenario)
         self.tasks = list(ranker.task_names)
         self.version = model_version(checkpoint, meta.step)
+        self.checkpoint = str(Path(checkpoint).resolve())  # its pin: `mtfm serve pins` keeps what apps report
         threads = max(1, round(self.serving.num_cpus))
         cache = UserSideCache(user_cache_ttl_s, user_cache_mb * 2**20) if user_cache_ttl_s > 0 else None
         self.backend = create_backend(self.serving.backend, ranker, device=self.device, chunk_size=chunk_size,
@@ -156,10 +157,12 @@ class ScenarioDeployment:
                 for s, q in zip(scores, queued)]
 
     def info(self) -> dict:
-        """What /healthz reports for this scenario: device (where it scores, "cuda" or "cpu") and
-        cuda_graphs as in effect; serving as configured (its cuda_graphs applies on a GPU only)."""
-        return {"model_version": self.version, "backend": self.backend.name, "device": self.device.type,
-                "cuda_graphs": self.backend.cuda_graphs, "serving": dataclasses.asdict(self.serving)}
+        """What /healthz reports for this scenario: the checkpoint folder it loaded (a pin), device (where it
+        scores, "cuda" or "cpu") and cuda_graphs as in effect; serving as configured (its cuda_graphs applies on a
+        GPU only)."""
+        return {"model_version": self.version, "checkpoint": self.checkpoint, "backend": self.backend.name,
+                "device": self.device.type, "cuda_graphs": self.backend.cuda_graphs,
+                "serving": dataclasses.asdict(self.serving)}
 
     def check_health(self) -> None:
         if self.failed_batches >= UNHEALTHY_AFTER_FAILED_BATCHES:

@@ -92,7 +92,7 @@ def pin_for_serving(checkpoint: Path) -> Path:
     exists; copies where links are refused) under RUN_DIR/.serving/<key>/<name>, the key naming
     the model file's version: a pin is reused, never replaced, so apps already serving it keep
     their weights even if a checkpoint of that name is written again. `checkpoint` itself where
-    its folder cannot be written. Remove .serving once no app serves from it."""
+    its folder cannot be written. `mtfm serve pins` lists them and removes those no app loads."""
     import os
     import shutil
 

@@ -506,6 +506,54 @@ def _what_this_machine_lacks(wanted: dict[str, float], backends: dict[str, list[
     return lacks
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def cmd_serve_pins(args: argparse.Namespace) -> int:
+    """A run's pins (RUN/.serving), which the apps at --url load, and with --prune the others removed."""
+    import time
+
+    from mtfm.deployments.pins import checkpoints_served, prune_pins, run_pins
+
+    run = Path(args.run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: {'not a folder' if run.exists() else 'not found'} (expected a run folder)")
+    if args.prune and not args.url:
+        raise ValueError(f"--prune needs the --url of every app serving from {run}: a pin that no app is asked about "
+                         "may still be loaded by one, and read again when its replica restarts")
+    pins = run_pins(run)
+    users: dict[Path, list[str]] = {}
+    for url in args.url:
+        for scenario, folder in checkpoints_served(url).items():
+            if folder is not None:
+                users.setdefault(Path(folder).resolve(), []).append(f"{scenario} ({url})")
+            elif args.prune:
+                raise ValueError(f"{url}: scenario {scenario} did not report the checkpoint it loads (its replica "
+                                 "is down or starting, or the app was deployed before replicas reported it); "
+                                 "nothing was removed: prune once every scenario answers")
+            else:
+                print(f"note: {url}: scenario {scenario} did not report the checkpoint it loads", file=sys.stderr)
+    print(f"{run / '.serving'}: {len(pins)} pin(s), newest first")
+    rows = [("pin", "step", "pinned (UTC)", "frees", "loaded by")]
+    for pin in pins:
+        rows.append((str(pin.folder.relative_to(run)), str(pin.step),
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(pin.pinned_at)),
+                     _size(pin.unshared_bytes),
+                     ", ".join(users.get(pin.folder.resolve(), [])) or ("-" if args.url else "(no --url asked)")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows if pins else ():
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    if args.prune:
+        removed = prune_pins(pins, set(users))
+        print(f"removed {len(removed)} pin(s) no app loads, freeing {_size(sum(p.unshared_bytes for p in removed))}; "
+              f"kept {len(pins) - len(removed)}")
+    return 0
+
+
 def cmd_serve_example_request(args: argparse.Namespace) -> int:
     import json
 
@@ -721,6 +769,19 @@ def build_parser() -> argparse.ArgumentParser:
                                     "running and answers 404 on every path. Exit status 1 if anything is refused.")
     p.add_argument("file", metavar="FILE", help="the serve config, e.g. deployments/serve.yaml")
     p.set_defaults(handler=cmd_serve_check)
+    p = vsub.add_parser("pins", help="list a run's checkpoints pinned for serving; --prune removes those no app loads",
+                        description="List the checkpoints of RUN_DIR pinned for serving (RUN_DIR/.serving: hard "
+                                    "links the app builder makes, never removed by training or serving, so that a "
+                                    "replica restarted later finds its weights), with what removing each frees (its "
+                                    "files the run no longer holds) and which apps at --url load it (their /healthz). "
+                                    "--prune removes the pins no --url app loads, and nothing unless every scenario "
+                                    "of every --url app answered.")
+    p.add_argument("run", metavar="RUN_DIR", help="the run folder whose checkpoints apps serve")
+    p.add_argument("--url", action="append", default=[], metavar="APP_URL",
+                   help="an app serving from RUN_DIR, by its base URL with its route prefix: http://HOST:8000 for "
+                        "serve.yaml's app, http://HOST:8000/hp for hp's app of --scenario-ingress; once per app")
+    p.add_argument("--prune", action="store_true", help="remove the pins that no --url app loads")
+    p.set_defaults(handler=cmd_serve_pins)
     p = vsub.add_parser("example-request", parents=[common], help="print a valid rank request for a scenario",
                         description="Print a valid JSON body for POST /<scenario>/rank, built from the scenario's "
                                     "YAML: every user, item and cross feature and every sequence.")

@@ -250,6 +250,46 @@ def test_health(service):
     assert requests.get(f"{service['url']}/-/healthz", timeout=60).status_code == 200
 
 
+def test_pins_no_app_loads_are_pruned_and_the_served_one_kept(service, tmp_path, capsys):
+    """`mtfm serve pins`: the app reports the pin its replicas load, and --prune removes only pins no app loads,
+    nothing without --url (or while a scenario does not answer: test_a_backend_the_replica_cannot_run_...)."""
+    from mtfm.deployments.pins import run_pins
+    from mtfm.platform.checkpoint import pin_for_serving
+    from mtfm.platform.cli import main
+
+    run = service["root"] / "run-a"
+    [served] = (run / ".serving").glob("*/checkpoint_00000007")
+    scenarios = requests.get(f"{service['url']}/healthz", timeout=60).json()["scenarios"]
+    assert {info["checkpoint"] for info in scenarios.values()} == {str(served.resolve())}
+    # The pin of an earlier rollout whose checkpoint the run has pruned since: it holds the only link to its files.
+    earlier = write_tiny_checkpoint(service["registry"], run / "checkpoint_00000003", step=3)
+    stale = pin_for_serving(earlier)
+    stale_bytes = sum(f.stat().st_size for f in stale.iterdir())
+    shutil.rmtree(earlier)
+    assert [(p.folder, p.step, p.unshared_bytes) for p in run_pins(run)] == [(stale, 3, stale_bytes), (served, 7, 0)]
+
+    assert main(["serve", "pins", str(run)]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0] == f"{run / '.serving'}: 2 pin(s), newest first"
+    assert [line.split()[:2] for line in listed[2:]] == [[str(stale.relative_to(run)), "3"],
+                                                        [str(served.relative_to(run)), "7"]]
+    assert all(line.endswith("(no --url asked)") for line in listed[2:])
+    assert main(["serve", "pins", str(run), "--prune"]) == 1
+    assert "--prune needs the --url of every app serving from" in capsys.readouterr().err
+    nobody = f"http://127.0.0.1:{unused_port()}"
+    assert main(["serve", "pins", str(run), "--url", nobody, "--prune"]) == 1
+    assert f"{nobody}/healthz: no answer" in capsys.readouterr().err
+
+    assert main(["serve", "pins", str(run), "--url", service["url"], "--prune"]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert said[2].split()[-1] == "-" and said[3].endswith(f"sqs ({service['url']})")
+    freed = re.fullmatch(r"removed 1 pin\(s\) no app loads, freeing ([\d.]+) (KiB|MiB); kept 1", said[-1])
+    assert abs(float(freed[1]) * {"KiB": 2**10, "MiB": 2**20}[freed[2]] - stale_bytes) <= 0.05 * 2**20, said[-1]
+    assert not stale.parent.exists() and served.is_dir()
+    assert requests.post(f"{service['url']}/hp/rank", json=example_request(service["registry"], "hp"),
+                         timeout=60).status_code == 200
+
+
 def test_metrics_reach_the_prometheus_endpoint_with_exact_counts(service):
     """An app of its own (one scenario behind its router; its series carry its name): read the
     counters, send known requests, and every counter and histogram count grows by exactly them."""
@@ -426,7 +466,7 @@ def test_a_single_scenario_checkpoint_serves_its_scenario(service, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
-def test_a_backend_the_replica_cannot_run_fails_the_replica_with_a_clear_error(service):
+def test_a_backend_the_replica_cannot_run_fails_the_replica_with_a_clear_error(service, tmp_path, capsys):
     """The builder (on the controller's node) accepts backend tensorrt by name; the replica, on
     the node it runs on (here without the `tensorrt` package), refuses it and says why. The
     router keeps serving the other scenarios, and /healthz says which one is down, promptly."""
@@ -473,5 +513,13 @@ def test_a_backend_the_replica_cannot_run_fails_the_replica_with_a_clear_error(s
         response = requests.post(f"{url}/hp/rank", json=body, timeout=60)
         assert response.status_code == 200, response.text
         np.testing.assert_allclose(_served(response), _offline(service, "hp", body), atol=1e-5)
+        # While a scenario does not answer, `mtfm serve pins --prune` removes nothing, and says which.
+        from mtfm.platform.checkpoint import pin_for_serving
+        from mtfm.platform.cli import main
+
+        pin = pin_for_serving(write_tiny_checkpoint(registry, tmp_path / "run-b" / "checkpoint_00000001", step=1))
+        assert main(["serve", "pins", str(tmp_path / "run-b"), "--url", url, "--prune"]) == 1
+        assert f"{url}: scenario sqs did not report the checkpoint it loads" in capsys.readouterr().err
+        assert pin.is_dir()
     finally:
         serve.delete("sqs_tensorrt")
