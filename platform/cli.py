@@ -537,6 +537,9 @@ def cmd_serve_pins(args: argparse.Namespace) -> int:
                                  "nothing was removed: prune once every scenario answers")
             else:
                 print(f"note: {url}: scenario {scenario} did not report the checkpoint it loads", file=sys.stderr)
+    if not pins:
+        print(f"{run}: no pins ({run / '.serving'} holds none: no app has been built from this run's checkpoints)")
+        return 0
     print(f"{run / '.serving'}: {len(pins)} pin(s), newest first")
     rows = [("pin", "step", "pinned (UTC)", "frees", "loaded by")]
     for pin in pins:
@@ -545,7 +548,7 @@ def cmd_serve_pins(args: argparse.Namespace) -> int:
                      _size(pin.unshared_bytes),
                      ", ".join(users.get(pin.folder.resolve(), [])) or ("-" if args.url else "(no --url asked)")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows if pins else ():
+    for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     if args.prune:
         removed = prune_pins(pins, set(users))

@@ -274,6 +274,8 @@ def test_pins_no_app_loads_are_pruned_and_the_served_one_kept(service, tmp_path,
     assert [line.split()[:2] for line in listed[2:]] == [[str(stale.relative_to(run)), "3"],
                                                         [str(served.relative_to(run)), "7"]]
     assert all(line.endswith("(no --url asked)") for line in listed[2:])
+    assert main(["serve", "pins", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path}: no pins")
     assert main(["serve", "pins", str(run), "--prune"]) == 1
     assert "--prune needs the --url of every app serving from" in capsys.readouterr().err
     nobody = f"http://127.0.0.1:{unused_port()}"
