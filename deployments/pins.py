@@ -3,14 +3,16 @@ pruning the rest (`mtfm serve pins`).
 
 A pin is never removed by training or serving, so that a replica restarted later still finds the weights its app
 was built with. Once the run has pruned the original checkpoint, a pin holds the only copy of its files, and pins
-of past rollouts pile up. Only the apps know which pins they load: each replica reports its pin in /healthz, so a
-prune asks every app serving from the run and removes nothing unless each of their scenarios answered.
+of past rollouts pile up. Only the apps know which pins they load: each replica reports its pin in /healthz. A
+prune asks every app of a Serve instance (its proxy's /-/routes), removes nothing unless every scenario of every
+mtfm app answered, and keeps the pins newer than every pin an app loads: a rollout may be starting on them.
 """
 from __future__ import annotations
 
 import json
 import shutil
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,30 +43,53 @@ def run_pins(run_dir: str | Path) -> list[Pin]:
     return sorted(pins, key=lambda p: p.pinned_at, reverse=True)
 
 
-def checkpoints_served(app_url: str) -> dict[str, str | None]:
-    """{scenario: the checkpoint folder its replica loads} from an app's /healthz (`app_url` is the app's base,
-    route prefix included, e.g. http://127.0.0.1:8000 or http://127.0.0.1:8000/hp); None for a scenario whose
-    replica did not answer."""
-    url = app_url.rstrip("/") + "/healthz"
+def _get(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT_S) as response:
-            body = response.read()
-    except urllib.error.HTTPError as exc:  # 503 while a scenario is down: the body still lists the others
-        body = exc.read()
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:  # a 503 /healthz still lists the scenarios that answered
+        return exc.code, exc.read()
     except (urllib.error.URLError, OSError) as exc:
-        raise ValueError(f"{url}: no answer ({getattr(exc, 'reason', exc)}); is the app running there?") from exc
+        raise ValueError(f"{url}: no answer ({getattr(exc, 'reason', exc)}); is Serve's HTTP proxy there?") from exc
+
+
+def checkpoints_served(serve_url: str) -> dict[str, dict[str, str | None]]:
+    """{app name: {scenario: the checkpoint folder its replica loads, None where it did not answer}} for every
+    mtfm app of the Serve instance whose HTTP proxy is at `serve_url` (its /-/routes lists the apps). An app that
+    has no /healthz (404) is not one; one that answers it with anything but an mtfm app's report is refused."""
+    parts = urllib.parse.urlsplit(serve_url if "://" in serve_url else f"http://{serve_url}")
+    base = f"{parts.scheme}://{parts.netloc}"
+    status, body = _get(f"{base}/-/routes")
     try:
-        scenarios = json.loads(body)["scenarios"]
-        return {name: info.get("checkpoint") for name, info in scenarios.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{url}: not an mtfm app's /healthz (found {body[:120]!r})") from exc
+        routes = json.loads(body)
+    except ValueError:
+        routes = None
+    if status != 200 or not isinstance(routes, dict):
+        raise ValueError(f"{base}/-/routes: not Serve's route table (HTTP {status}: {body[:120]!r})")
+    served = {}
+    for prefix, app in routes.items():
+        url = f"{base}{prefix.rstrip('/')}/healthz"
+        status, body = _get(url)
+        if status == 404:
+            continue  # another kind of app
+        try:
+            scenarios = json.loads(body)["scenarios"]
+            served[app] = {name: info.get("checkpoint") for name, info in scenarios.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{url}: app {app} answered HTTP {status} {body[:120]!r}, not an mtfm app's report "
+                             "(failed or deploying?)") from exc
+    return served
 
 
-def prune_pins(pins: list[Pin], in_use: set[Path]) -> list[Pin]:
-    """Removes the pins not in `in_use` (resolved folders); returns those removed."""
-    removed = [pin for pin in pins if pin.folder.resolve() not in in_use]
-    for pin in removed:
+def removable(pins: list[Pin], in_use: set[Path]) -> list[Pin]:
+    """The pins no app loads that are older than the newest pin one does: one newer than every pin in use may be
+    what a rollout is starting replicas on."""
+    loaded = [pin.pinned_at for pin in pins if pin.folder.resolve() in in_use]
+    return [pin for pin in pins if loaded and pin.folder.resolve() not in in_use and pin.pinned_at < max(loaded)]
+
+
+def remove_pins(pins: list[Pin]) -> None:
+    for pin in pins:
         shutil.rmtree(pin.folder)
         if not any(pin.folder.parent.iterdir()):
             pin.folder.parent.rmdir()
-    return removed

@@ -514,29 +514,33 @@ def _size(n: int) -> str:
 
 
 def cmd_serve_pins(args: argparse.Namespace) -> int:
-    """A run's pins (RUN/.serving), which the apps at --url load, and with --prune the others removed."""
+    """A run's pins (RUN/.serving), which apps of the Serve instances at --url load, and with --prune the others
+    removed (`mtfm.deployments.pins`)."""
     import time
 
-    from mtfm.deployments.pins import checkpoints_served, prune_pins, run_pins
+    from mtfm.deployments.pins import checkpoints_served, removable, remove_pins, run_pins
 
     run = Path(args.run)
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: {'not a folder' if run.exists() else 'not found'} (expected a run folder)")
     if args.prune and not args.url:
-        raise ValueError(f"--prune needs the --url of every app serving from {run}: a pin that no app is asked about "
-                         "may still be loaded by one, and read again when its replica restarts")
+        raise ValueError(f"--prune needs --url, the HTTP address of each Serve instance with apps serving from {run}: "
+                         "a pin that no app is asked about may still be loaded by one, and read again when its "
+                         "replica restarts")
     pins = run_pins(run)
     users: dict[Path, list[str]] = {}
     for url in args.url:
-        for scenario, folder in checkpoints_served(url).items():
-            if folder is not None:
-                users.setdefault(Path(folder).resolve(), []).append(f"{scenario} ({url})")
-            elif args.prune:
-                raise ValueError(f"{url}: scenario {scenario} did not report the checkpoint it loads (its replica "
-                                 "is down or starting, or the app was deployed before replicas reported it); "
-                                 "nothing was removed: prune once every scenario answers")
-            else:
-                print(f"note: {url}: scenario {scenario} did not report the checkpoint it loads", file=sys.stderr)
+        for app, scenarios in checkpoints_served(url).items():
+            for scenario, folder in scenarios.items():
+                if folder is not None:
+                    users.setdefault(Path(folder).resolve(), []).append(f"{scenario} ({app})")
+                elif args.prune:
+                    raise ValueError(f"{url}: scenario {scenario} of app {app} did not report the checkpoint it "
+                                     "loads (its replica is down or starting, or the app was deployed before replicas "
+                                     "reported it); nothing was removed: prune once every scenario answers")
+                else:
+                    print(f"note: {url}: scenario {scenario} of app {app} did not report the checkpoint it loads",
+                          file=sys.stderr)
     if not pins:
         print(f"{run}: no pins ({run / '.serving'} holds none: no app has been built from this run's checkpoints)")
         return 0
@@ -551,9 +555,12 @@ def cmd_serve_pins(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     if args.prune:
-        removed = prune_pins(pins, set(users))
-        print(f"removed {len(removed)} pin(s) no app loads, freeing {_size(sum(p.unshared_bytes for p in removed))}; "
-              f"kept {len(pins) - len(removed)}")
+        doomed = removable(pins, set(users))
+        remove_pins(doomed)
+        newer = sum(1 for pin in pins if pin not in doomed and pin.folder.resolve() not in users)
+        print(f"removed {len(doomed)} pin(s) no app loads, freeing {_size(sum(p.unshared_bytes for p in doomed))}; "
+              f"kept {len(pins) - len(doomed)}" + (f", of them {newer} newer than every pin an app loads (a rollout "
+                                                    "may be starting on it)" if newer else ""))
     return 0
 
 
@@ -776,14 +783,17 @@ def build_parser() -> argparse.ArgumentParser:
                         description="List the checkpoints of RUN_DIR pinned for serving (RUN_DIR/.serving: hard "
                                     "links the app builder makes, never removed by training or serving, so that a "
                                     "replica restarted later finds its weights), with what removing each frees (its "
-                                    "files the run no longer holds) and which apps at --url load it (their /healthz). "
-                                    "--prune removes the pins no --url app loads, and nothing unless every scenario "
-                                    "of every --url app answered.")
+                                    "files the run no longer holds) and which apps load it: every app of the Serve "
+                                    "instance at --url (its proxy's /-/routes) is asked by its /healthz. --prune "
+                                    "removes the pins no app loads, but not those newer than every pin an app loads "
+                                    "(a rollout may be starting on them), and nothing unless every scenario of every "
+                                    "app answered.")
     p.add_argument("run", metavar="RUN_DIR", help="the run folder whose checkpoints apps serve")
-    p.add_argument("--url", action="append", default=[], metavar="APP_URL",
-                   help="an app serving from RUN_DIR, by its base URL with its route prefix: http://HOST:8000 for "
-                        "serve.yaml's app, http://HOST:8000/hp for hp's app of --scenario-ingress; once per app")
-    p.add_argument("--prune", action="store_true", help="remove the pins that no --url app loads")
+    p.add_argument("--url", action="append", default=[], metavar="SERVE_URL",
+                   help="the HTTP address of Serve's proxy, e.g. http://127.0.0.1:8000 (every app there is asked); "
+                        "once per Serve instance with apps serving from RUN_DIR")
+    p.add_argument("--prune", action="store_true",
+                   help="remove the pins no app loads, older than the newest one an app loads")
     p.set_defaults(handler=cmd_serve_pins)
     p = vsub.add_parser("example-request", parents=[common], help="print a valid rank request for a scenario",
                         description="Print a valid JSON body for POST /<scenario>/rank, built from the scenario's "

@@ -251,8 +251,11 @@ def test_health(service):
 
 
 def test_pins_no_app_loads_are_pruned_and_the_served_one_kept(service, tmp_path, capsys):
-    """`mtfm serve pins`: the app reports the pin its replicas load, and --prune removes only pins no app loads,
-    nothing without --url (or while a scenario does not answer: test_a_backend_the_replica_cannot_run_...)."""
+    """`mtfm serve pins`: every app reports the pin its replicas load, and --prune removes only pins no app loads
+    that are older than the newest one loaded (a newer one may be a rollout's), nothing without --url (or while a
+    scenario does not answer: test_a_backend_the_replica_cannot_run_...)."""
+    import os
+
     from mtfm.deployments.pins import run_pins
     from mtfm.platform.checkpoint import pin_for_serving
     from mtfm.platform.cli import main
@@ -261,35 +264,43 @@ def test_pins_no_app_loads_are_pruned_and_the_served_one_kept(service, tmp_path,
     [served] = (run / ".serving").glob("*/checkpoint_00000007")
     scenarios = requests.get(f"{service['url']}/healthz", timeout=60).json()["scenarios"]
     assert {info["checkpoint"] for info in scenarios.values()} == {str(served.resolve())}
-    # The pin of an earlier rollout whose checkpoint the run has pruned since: it holds the only link to its files.
+    # The pin of an earlier rollout, whose checkpoint the run has pruned since (the pin holds the only link to its
+    # files), and one made after the served pin, as by a rollout starting.
     earlier = write_tiny_checkpoint(service["registry"], run / "checkpoint_00000003", step=3)
     stale = pin_for_serving(earlier)
+    before = served.stat().st_mtime - 60
+    os.utime(stale, (before, before))
     stale_bytes = sum(f.stat().st_size for f in stale.iterdir())
     shutil.rmtree(earlier)
-    assert [(p.folder, p.step, p.unshared_bytes) for p in run_pins(run)] == [(stale, 3, stale_bytes), (served, 7, 0)]
+    rolling = pin_for_serving(write_tiny_checkpoint(service["registry"], run / "checkpoint_00000009", step=9))
+    assert [(p.folder, p.step, p.unshared_bytes) for p in run_pins(run)] == [
+        (rolling, 9, 0), (served, 7, 0), (stale, 3, stale_bytes)]
 
-    assert main(["serve", "pins", str(run)]) == 0
-    listed = capsys.readouterr().out.splitlines()
-    assert listed[0] == f"{run / '.serving'}: 2 pin(s), newest first"
-    assert [line.split()[:2] for line in listed[2:]] == [[str(stale.relative_to(run)), "3"],
-                                                        [str(served.relative_to(run)), "7"]]
-    assert all(line.endswith("(no --url asked)") for line in listed[2:])
     assert main(["serve", "pins", str(tmp_path)]) == 0
     assert capsys.readouterr().out.startswith(f"{tmp_path}: no pins")
+    assert main(["serve", "pins", str(run)]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0] == f"{run / '.serving'}: 3 pin(s), newest first"
+    assert [line.split()[:2] for line in listed[2:]] == [[str(pin.relative_to(run)), step] for pin, step in
+                                                        ((rolling, "9"), (served, "7"), (stale, "3"))]
+    assert all(line.endswith("(no --url asked)") for line in listed[2:])
     assert main(["serve", "pins", str(run), "--prune"]) == 1
-    assert "--prune needs the --url of every app serving from" in capsys.readouterr().err
+    assert "--prune needs --url, the HTTP address of each Serve instance" in capsys.readouterr().err
     nobody = f"http://127.0.0.1:{unused_port()}"
     assert main(["serve", "pins", str(run), "--url", nobody, "--prune"]) == 1
-    assert f"{nobody}/healthz: no answer" in capsys.readouterr().err
+    assert f"{nobody}/-/routes: no answer" in capsys.readouterr().err
 
     assert main(["serve", "pins", str(run), "--url", service["url"], "--prune"]) == 0
     said = capsys.readouterr().out.splitlines()
-    assert said[2].split()[-1] == "-" and said[3].endswith(f"sqs ({service['url']})")
-    freed = re.fullmatch(r"removed 1 pin\(s\) no app loads, freeing ([\d.]+) (KiB|MiB); kept 1", said[-1])
-    assert abs(float(freed[1]) * {"KiB": 2**10, "MiB": 2**20}[freed[2]] - stale_bytes) <= 0.05 * 2**20, said[-1]
-    assert not stale.parent.exists() and served.is_dir()
+    assert said[2].split()[-1] == "-" and said[3].endswith(", sqs (mtfm)") and said[4].split()[-1] == "-"
+    freed = re.fullmatch(r"removed 1 pin\(s\) no app loads, freeing ([\d.]+) (KiB|MiB); kept 2, of them 1 newer "
+                         r"than every pin an app loads \(a rollout may be starting on it\)", said[-1])
+    assert freed and abs(float(freed[1]) * {"KiB": 2**10, "MiB": 2**20}[freed[2]] - stale_bytes) <= 0.05 * 2**20
+    assert not stale.parent.exists() and served.is_dir() and rolling.is_dir()
     assert requests.post(f"{service['url']}/hp/rank", json=example_request(service["registry"], "hp"),
                          timeout=60).status_code == 200
+    shutil.rmtree(rolling.parent)
+    shutil.rmtree(run / "checkpoint_00000009")
 
 
 def test_metrics_reach_the_prometheus_endpoint_with_exact_counts(service):
@@ -520,8 +531,9 @@ def test_a_backend_the_replica_cannot_run_fails_the_replica_with_a_clear_error(s
         from mtfm.platform.cli import main
 
         pin = pin_for_serving(write_tiny_checkpoint(registry, tmp_path / "run-b" / "checkpoint_00000001", step=1))
-        assert main(["serve", "pins", str(tmp_path / "run-b"), "--url", url, "--prune"]) == 1
-        assert f"{url}: scenario sqs did not report the checkpoint it loads" in capsys.readouterr().err
+        assert main(["serve", "pins", str(tmp_path / "run-b"), "--url", service["url"], "--prune"]) == 1
+        said = capsys.readouterr().err
+        assert f"{service['url']}: scenario sqs of app sqs_tensorrt did not report the checkpoint it loads" in said
         assert pin.is_dir()
     finally:
         serve.delete("sqs_tensorrt")
