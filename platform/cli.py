@@ -554,7 +554,10 @@ def cmd_serve_pins(args: argparse.Namespace) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-    if args.prune:
+    if args.prune and not any(pin.folder.resolve() in users for pin in pins):
+        print(f"no app at {', '.join(args.url)} loads a pin of {run}: nothing removed (with no app serving from it, "
+              f"`rm -r {run / '.serving'}` removes them all)")
+    elif args.prune:
         doomed = removable(pins, set(users))
         remove_pins(doomed)
         newer = sum(1 for pin in pins if pin not in doomed and pin.folder.resolve() not in users)

@@ -290,6 +290,11 @@ def test_pins_no_app_loads_are_pruned_and_the_served_one_kept(service, tmp_path,
     assert main(["serve", "pins", str(run), "--url", nobody, "--prune"]) == 1
     assert f"{nobody}/-/routes: no answer" in capsys.readouterr().err
 
+    other = tmp_path / "run-other"
+    pin_for_serving(write_tiny_checkpoint(service["registry"], other / "checkpoint_00000001", step=1))
+    assert main(["serve", "pins", str(other), "--url", service["url"], "--prune"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"no app at {service['url']} loads a pin of {other}: "
+                                                               "nothing removed")
     assert main(["serve", "pins", str(run), "--url", service["url"], "--prune"]) == 0
     said = capsys.readouterr().out.splitlines()
     assert said[2].split()[-1] == "-" and said[3].endswith(", sqs (mtfm)") and said[4].split()[-1] == "-"
