@@ -1,11 +1,14 @@
 """GPU training benchmark (issue 7, parts 1 and 2): MTFM training steps through Ray Train.
 
     python bench/train_gpu.py [--out FILE] [--no-ray] [--device cuda|cpu] [--tiny] [--only NAME ...]
-                              [--cuda-graphs off|on|both] [--pipeline] [--compile-shapes N]
+                              [--cuda-graphs off|on|both] [--workers N] [--pipeline] [--compile-shapes N]
 
 One Ray Train `TorchTrainer` with one GPU worker (use_gpu=True) runs every case in turn in the
 same worker process (one trainer start instead of one per case); `--no-ray` runs the same worker
 function in-process (debugging; `--device cpu --tiny` for this CPU box at tiny shapes).
+`--workers N` runs N workers (one GPU each) under DDP, as `num_workers: N` trains: each worker
+steps its own batches (the same mix, another draw), and samples, tokens and FLOPs are summed
+over the workers (MFU over N times the matmul rate); eager steps only, as training's DDP is.
 
 Per case: the model is built from its config (plus overrides), Adam + Adagrad from
 `mtfm.platform.train_worker.make_optimizers`, and trained on pre-collated token-budget batches of
@@ -106,6 +109,25 @@ CASE_NAMES = {c[0] for c in CASES}
 
 
 # ---------------------------------------------------------------- helpers (run in the worker)
+
+_agreement = []  # the process's one StepAgreement (not functools.cache: Ray pickles this module's functions by value)
+
+
+def workers():
+    """The workers' `StepAgreement` (sums over the workers; world_size 1 without DDP), made once per
+    process: it is collective, so every worker makes it at the same point."""
+    from mtfm.platform.train_worker import StepAgreement
+
+    if not _agreement:
+        _agreement.append(StepAgreement())
+    return _agreement[0]
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
 
 def exact_mix(batch):
     """TokenMix of a collated batch: tokens per group and visible (query, key) pairs per user,
@@ -360,6 +382,11 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
         flops_2x += batch_flops_2x[i % len(batches)]
     sync()
     elapsed = time.perf_counter() - start
+    # Under DDP, every worker's samples, tokens and FLOPs over the workers' mean time (DDP keeps them in step).
+    world = workers().world_size
+    if world > 1:
+        users, tokens, flops, flops_2x, elapsed = workers().sums(users, tokens, flops, flops_2x, elapsed)
+        elapsed /= world
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
     # Split pass.
@@ -405,7 +432,7 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
             except Exception:  # noqa: BLE001
                 text = averages.table(sort_by="self_cuda_time_total", row_limit=40)
             host_text = averages.table(sort_by="self_cpu_time_total", row_limit=25)
-            with open(Path(args.out).resolve().parent / "profiles.txt", "a") as fh:
+            with open(os.devnull if rank() else Path(args.out).resolve().parent / "profiles.txt", "a") as fh:
                 fh.write(f"==== {name}\n{text}\n==== {name}, by host time\n{host_text}\n")
                 if args.profile_ops:
                     by_op, totals = kernel_time_by_op(prof)
@@ -418,18 +445,19 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
     train_flops = flops
     result = {
         "case": name, "part": part, "config": config_path, "overrides": overrides,
-        "layout": config.hta_layout, "d_model": config.d_model, "num_heads": config.num_heads,
+        "workers": world, "layout": config.hta_layout, "d_model": config.d_model, "num_heads": config.num_heads,
         "kv_heads": config.kv_heads, "layers": config.num_layers,
         "recompute_target_context": config.recompute_target_context,
         "attention_impl": config.attention_impl, "norm_impl": config.norm_impl, "parameters": params,
         "first_step_s": first_step_s,
-        "steps": args.steps, "users_per_step": users / args.steps, "tokens_per_step": tokens / args.steps,
+        "steps": args.steps, "users_per_step": users / args.steps / world,
+        "tokens_per_step": tokens / args.steps / world,
         "step_s": elapsed / args.steps, "samples_per_s": users / elapsed, "tokens_per_s": tokens / elapsed,
         "fwd_gflop_per_sample": fwd["total"] / 1e9, "fwd_attention_share": fwd["attention"] / fwd["total"],
         "train_tflop_per_step": train_flops / args.steps / 1e12,
         "achieved_tflops": train_flops / elapsed / 1e12,
-        "mfu": (train_flops / elapsed / 1e12) / peak_tflops if peak_tflops else None,
-        "mfu_backward_2x": (flops_2x / elapsed / 1e12) / peak_tflops if peak_tflops else None,
+        "mfu": (train_flops / elapsed / 1e12) / (world * peak_tflops) if peak_tflops else None,
+        "mfu_backward_2x": (flops_2x / elapsed / 1e12) / (world * peak_tflops) if peak_tflops else None,
         "peak_mem_gib": peak, "peak_reserved_gib": reserved,
         "host_ms_per_step": 1e3 * statistics.mean(host), "host_probe": host_probe(device), "profile": profile,
         "split_ms": {k: 1e3 * statistics.median(v) for k, v in parts.items() if v},
@@ -569,10 +597,15 @@ def worker(loop_config: dict) -> None:
         device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # batches on it compare equal
-    say = lambda msg: (sys.stdout.write(f"[bench] {msg}\n"), sys.stdout.flush())  # noqa: E731
+    lead = rank() == 0  # the worker that prints and writes the JSON
+
+    def say(msg):
+        if lead:
+            sys.stdout.write(f"[bench] {msg}\n")
+            sys.stdout.flush()
     t0 = time.perf_counter()
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__}
+            "torch": torch.__version__, "workers": workers().world_size}
     try:
         import triton
 
@@ -585,7 +618,7 @@ def worker(loop_config: dict) -> None:
 
     registry = load_registry(ROOT / "configs")
     collator = Collator(registry, max_len=MAX_LEN)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(rank())  # each worker its own users
     mix = TINY_MIX if args.tiny else MIX
     budgets = {"main": args.tokens, "kernels": args.kernel_tokens}
     pools, collate_ms = {}, {}
@@ -610,6 +643,8 @@ def worker(loop_config: dict) -> None:
     results, sections = [], {}
 
     def write(extra: dict) -> None:
+        if not lead:
+            return
         out = {"info": info, "dense_bf16_matmul_tflops": peak_tflops, "collate_ms_per_batch": collate_ms,
                "args": vars(args), "ray": ray_mode, "wall_s": time.perf_counter() - t0, "sections": sections} | extra
         Path(loop_config["out"]).parent.mkdir(parents=True, exist_ok=True)
@@ -642,7 +677,8 @@ def worker(loop_config: dict) -> None:
     for name, part, config_path, overrides, pool in CASES:
         if args.only and not any(o == name or (o in name and o not in CASE_NAMES) for o in args.only):
             continue
-        if time.perf_counter() - t0 > args.budget_s:
+        over_budget = workers().sums(float(time.perf_counter() - t0 > args.budget_s))[0]  # one verdict for all
+        if over_budget:
             results.append({"case": name, "part": part, "skipped": "time budget"})
             say(f"{name}: skipped (time budget)")
             continue
@@ -682,7 +718,7 @@ def worker(loop_config: dict) -> None:
         ray.train.report({"cases": len(results)})
 
 
-def run_with_ray(loop_config: dict, use_gpu: bool) -> None:
+def run_with_ray(loop_config: dict, use_gpu: bool, num_workers: int) -> None:
     import tempfile
 
     from ray.train import RunConfig, ScalingConfig
@@ -691,9 +727,9 @@ def run_with_ray(loop_config: dict, use_gpu: bool) -> None:
     from mtfm.platform.cluster import init_ray
 
     ray = init_ray(num_cpus=os.cpu_count(), log_to_driver=True)  # the platform's embedded Ray, as quiet
-    cpus = max(1, min(8, (os.cpu_count() or 2) - 1))
+    cpus = max(1, min(8, ((os.cpu_count() or 2) - 1) // num_workers))
     trainer = TorchTrainer(worker, train_loop_config=loop_config,
-                           scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu,
+                           scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                         resources_per_worker={"CPU": cpus}),
                            run_config=RunConfig(name="train_gpu_bench", storage_path=tempfile.mkdtemp()))
     result = trainer.fit()
@@ -809,8 +845,18 @@ def main() -> int:
     parser.add_argument("--rows-per-read", type=int, default=256, help="users per raw Arrow table in section (a)")
     parser.add_argument("--compile-shapes", type=int, default=0, metavar="N",
                         help="section (b): first steps on N new batch shapes, kernels with vs without do_not_specialize")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="Ray Train workers, one GPU each, under DDP (default 1); with N > 1 steps are eager")
     args = parser.parse_args()
     import torch
+
+    if args.workers < 1:
+        parser.error(f"--workers: expected an integer >= 1, found {args.workers}")
+    if args.workers > 1 and (args.no_ray or args.cuda_graphs != "off" or args.pipeline or args.compile_shapes):
+        parser.error("--workers N > 1 runs DDP through Ray Train with eager steps: not with --no-ray, --cuda-graphs "
+                     "on/both, --pipeline or --compile-shapes")
+    if args.workers > 1 and args.device == "cuda" and torch.cuda.device_count() < args.workers:
+        parser.error(f"--workers {args.workers}: this machine has {torch.cuda.device_count()} GPU(s)")
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here (a CPU check: --no-ray --device cpu --tiny)")
@@ -828,7 +874,7 @@ def main() -> int:
     if args.no_ray:
         worker(loop_config)
     else:
-        run_with_ray(loop_config, use_gpu=args.device == "cuda")
+        run_with_ray(loop_config, use_gpu=args.device == "cuda", num_workers=args.workers)
     out = json.loads(Path(out_path).read_text())
     out["command"] = "python " + " ".join(sys.argv)
     out["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

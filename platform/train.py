@@ -162,7 +162,8 @@ class TrainConfig:
         if config.cuda_graphs and (not config.use_gpu or config.num_workers != 1):
             raise RegistryError(source, "cuda_graphs", "needs use_gpu: true and num_workers: 1 (DDP all-reduces "
                                 f"gradients inside backward), found use_gpu {config.use_gpu}, num_workers "
-                                f"{config.num_workers}")
+                                f"{config.num_workers}; several GPU workers step eagerly: cuda_graphs: false, as "
+                                "configs/train/multi_gpu.yaml has")
         return config
 
     def to_dict(self) -> dict[str, Any]:

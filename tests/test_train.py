@@ -816,6 +816,17 @@ def test_a_resume_takes_the_rates_of_its_train_config():
     assert [g["lr"] for g in optimizers["embedding"].param_groups] == [2e-4]
 
 
+def test_shipped_train_configs_load_and_name_shipped_models():
+    for path in sorted((REPO_ROOT / "configs" / "train").glob("*.yaml")):
+        config = TrainConfig.load(path)
+        assert (REPO_ROOT / config.model).is_file(), path
+    several = TrainConfig.load(REPO_ROOT / "configs" / "train" / "multi_gpu.yaml")
+    assert (several.num_workers, several.use_gpu, several.cuda_graphs) == (2, True, False)
+    with pytest.raises(RegistryError, match=r"gpu.yaml with --num-workers 2: cuda_graphs: needs use_gpu: true and "
+                                            r"num_workers: 1 .* as configs/train/multi_gpu.yaml has"):
+        TrainConfig.load(REPO_ROOT / "configs" / "train" / "gpu.yaml").with_flags({"num_workers": 2})
+
+
 def test_train_config_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     for line, expected in (("tokens_per_batch: lots",
