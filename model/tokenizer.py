@@ -90,13 +90,24 @@ class _LookupsSharingBackward(torch.autograd.Function):
         return (None, *(None for _ in ids), *table_grad.split(ctx.rows))
 
 
+def input_columns(features: Iterable[Feature]) -> dict[str, tuple[int, int]]:
+    """Each feature's (first column, width) in its group's MLP input, the concatenation `GroupTokenizer`
+    builds: an embedding's `dim` columns for a categorical feature or list, one for a numeric."""
+    columns, start = {}, 0
+    for f in features:
+        width = f.dim if f.is_categorical else 1
+        columns[f.name] = (start, width)
+        start += width
+    return columns
+
+
 class GroupTokenizer(nn.Module):
     """MLP over the concatenated embeddings and transformed numerics of one group's features."""
 
     def __init__(self, features: tuple[Feature, ...], d_model: int, hidden_dim: int):
         super().__init__()
         self.features = features
-        in_dim = sum(f.dim if f.is_categorical else 1 for f in features)
+        in_dim = sum(width for _, width in input_columns(features).values())
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, d_model))
 
     def lookups(self, feats: GroupFeatures) -> list[tuple[str, Tensor]]:

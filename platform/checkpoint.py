@@ -239,17 +239,22 @@ def load_model(checkpoint: str | Path) -> tuple["RecommenderBase", CheckpointMet
 
 @dataclass
 class WarmStart:
-    """What `warm_start` did, tensor by tensor name (parameters and buffers)."""
+    """What `warm_start` did, tensor by tensor name (parameters and buffers).
+
+    remapped: the first layer of each group tokenizer whose input features changed, loaded column by
+    column (`feature_changes` says how, per group): trainable under `freeze_loaded_steps`, as fresh ones are."""
 
     loaded: list[str]
     initialised: list[str]
     skipped: list[str]
+    remapped: list[str] = dataclasses.field(default_factory=list)
+    feature_changes: dict[str, dict[str, list[str]]] = dataclasses.field(default_factory=dict)
 
     def describe(self, names: set[str]) -> str:
         """The loaded tensors counted by top-level module on one line (most of the model: each one is
         named in the run's warm_start.json), then the fresh and skipped ones grouped by the module they
         belong to; `names` are scenario, sequence and feature names, so that e.g. every tensor of
-        scenario `grocery` groups together."""
+        scenario `grocery` groups together. Last, each group whose input features changed."""
         tops = Counter(key.split(".")[0] for key in self.loaded)
         counts = ", ".join(f"{top} {n}" for top, n in sorted(tops.items()))
         lines = [f"loaded: {len(self.loaded)} tensors"
@@ -264,6 +269,12 @@ class WarmStart:
                 groups[prefix] = groups.get(prefix, 0) + 1
             lines.append(f"{verb}: {len(keys)} tensors" + ("" if keys else " (none)"))
             lines += [f"    {prefix}.* ({n})" for prefix, n in sorted(groups.items())]
+        if self.feature_changes:
+            lines.append("input features changed: each group's first tokenizer layer loads the weights of the features "
+                         "it kept; new and changed features start at zero weights (the scores are the checkpoint's "
+                         "until they train), removed ones' weights are dropped")
+            lines += [f"    {group}: " + "; ".join(f"{kind} {', '.join(features)}" for kind, features in change.items())
+                      for group, change in sorted(self.feature_changes.items())]
         return "\n".join(lines)
 
 
@@ -271,21 +282,78 @@ def warm_start(model: "RecommenderBase", checkpoint: str | Path) -> WarmStart:
     """Load every tensor of `checkpoint` that this model has under the same name (the shared
     modules, and the modules of scenarios both know); the model's other tensors (a scenario the
     checkpoint lacks) keep their fresh initialisation; the checkpoint's tensors this model lacks
-    (a retired scenario) are reported and left in the checkpoint. A tensor present in both with
-    another shape is an error: the two were built from different model configs."""
+    (a retired scenario) are reported and left in the checkpoint.
+
+    A group (sequence or scenario) both know whose input features changed since the checkpoint's
+    registry (added, removed, reordered, or a type, buckets, dim or transform changed) gets its
+    tokenizer's first layer column by column: the columns of each feature it kept as trained, those
+    of a new or changed feature zero, so its tokens, and every score, are the trained model's until
+    those weights train. A changed feature's embedding table starts fresh where its shape changed.
+    Any other tensor present in both with another shape is an error: the two were built from
+    different model configs."""
+    from mtfm.model.tokenizer import GroupTokenizer, HeterogeneousTokenizer, group_features
+
     folder = find_checkpoint(checkpoint)
     state = load_state_dict(folder)
+    trained = trained_registry(read_meta(folder), str(folder))
+    trained_groups = group_features(trained)
     own = model.state_dict()
-    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
+
+    remapped, changes, changed_tables = {}, {}, set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, HeterogeneousTokenizer):  # a table is one feature's, whatever groups name it
+            changed_tables |= {f"{prefix}.tables.{name}.weight" for name in module.tables if name in trained.features
+                               and _spec(trained.features[name]) != _spec(model.registry.features[name])}
+        if not isinstance(module, GroupTokenizer):
+            continue
+        group, key = prefix.rsplit(".", 1)[-1], f"{prefix}.mlp.0.weight"
+        old = trained_groups.get(group)
+        if (old is not None and key in state and state[key].shape[0] == own[key].shape[0]
+                and [(f.name, _spec(f)) for f in old] != [(f.name, _spec(f)) for f in module.features]):
+            remapped[key], changes[group] = _input_weight_by_feature(state[key], old, module.features, own[key])
+
+    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape
+                  and k not in remapped and k not in changed_tables]
     if mismatched:
         k = mismatched[0]
         raise CheckpointError(f"{folder}: {len(mismatched)} tensors have other shapes than this model's, e.g. {k}: "
                               f"{tuple(state[k].shape)} in the checkpoint vs {tuple(own[k].shape)} here; warm start "
                               "needs the model config the checkpoint was trained with (its meta.json has it, with "
                               "its registry)")
-    loaded = [k for k in own if k in state]
-    model.load_state_dict({k: state[k] for k in loaded}, strict=False)
-    return WarmStart(loaded, [k for k in own if k not in state], [k for k in state if k not in own])
+    loaded = [k for k in own if k in state and k not in remapped and state[k].shape == own[k].shape]
+    model.load_state_dict({k: state[k] for k in loaded} | remapped, strict=False)
+    return WarmStart(loaded, [k for k in own if k not in loaded and k not in remapped],
+                     [k for k in state if k not in own], sorted(remapped), changes)
+
+
+def _spec(feature) -> tuple:
+    return tuple(getattr(feature, key) for key in _MODEL_SPEC)
+
+
+def _input_weight_by_feature(trained: "torch.Tensor", trained_features, features, like: "torch.Tensor"):
+    """A group tokenizer's first-layer weight (hidden, inputs) for `features` from the one `trained` for
+    `trained_features`: the columns of each feature both have with the same spec as trained, those of a
+    new or changed feature zero. Returns it and what changed ({"new": [...], "changed": ..., "removed":
+    ...}, or {"reordered": the features} where only the order did)."""
+    import torch
+
+    from mtfm.model.tokenizer import input_columns
+
+    was, now = input_columns(trained_features), input_columns(features)
+    trained_specs = {f.name: _spec(f) for f in trained_features}
+    weight = torch.zeros_like(like)
+    change: dict[str, list[str]] = {"new": [], "changed": [], "removed": [n for n in was if n not in now]}
+    for feature in features:
+        first, width = now[feature.name]
+        if feature.name not in trained_specs:
+            change["new"].append(feature.name)
+        elif trained_specs[feature.name] != _spec(feature):
+            change["changed"].append(feature.name)
+        else:
+            start = was[feature.name][0]
+            weight[:, first:first + width] = trained[:, start:start + width]
+    change = {kind: names for kind, names in change.items() if names} or {"reordered": list(now)}
+    return weight, change
 
 
 def trained_registry(meta: CheckpointMeta, where: str) -> Registry:
@@ -296,19 +364,6 @@ def trained_registry(meta: CheckpointMeta, where: str) -> Registry:
     except (KeyError, TypeError, RegistryError) as exc:
         raise CheckpointError(f"{where}: the registry snapshot in its {META_FILE} cannot be read "
                               f"({type(exc).__name__}: {exc})") from exc
-
-
-def embedding_table_changes(trained: Registry, trained_scenarios, current: Registry, scenarios) -> list[str]:
-    """Embedding tables are one per categorical feature name, shared by every group that names it: a
-    table both models have (over the sequences and each model's own scenarios) with other rows or
-    width cannot be loaded, even where it belongs to scenarios the other model lacks."""
-    def tables(registry: Registry, names) -> dict:
-        groups = list(registry.sequences.values()) + [registry.scenarios[n] for n in names if n in registry.scenarios]
-        return {f.name: f for g in groups for f in g.features if f.is_categorical}
-
-    old, new = tables(trained, trained_scenarios), tables(current, scenarios)
-    return [f"features.{n}: buckets {old[n].buckets}, dim {old[n].dim} -> buckets {new[n].buckets}, dim {new[n].dim}"
-            for n in sorted(old.keys() & new.keys()) if (old[n].buckets, old[n].dim) != (new[n].buckets, new[n].dim)]
 
 
 # What of a feature's spec the model's parameters and inputs depend on (its max_len trims a list's

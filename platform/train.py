@@ -415,7 +415,11 @@ def _checkpoint_to_warm_start_from(init_from: str | Path, registry: Registry, mo
     from mtfm.platform.checkpoint import find_checkpoint, read_meta
 
     checkpoint = find_checkpoint(init_from).resolve()
-    refuse_a_warm_start_that_cannot_load(checkpoint, registry, model_config)
+    changes = check_warm_start(checkpoint, registry, model_config)
+    if changes:
+        log(f"[mtfm] note: the registry ({registry.config_dir}) differs from the one {checkpoint} was trained with, "
+            f"in {'; '.join(changes)}: new and changed features start at zero weights (the scores are the "
+            "checkpoint's until they train), new tasks with fresh heads")
     retired = sorted(set(read_meta(checkpoint).scenarios) - set(registry.scenarios))
     if retired:
         log(f"[mtfm] warning: {checkpoint} has scenarios the registry no longer declares: {retired}; their "
@@ -660,13 +664,13 @@ def model_config_changes(trained: dict, given, also_free: frozenset = frozenset(
     return sorted(k for k in now if k not in FREE_MODEL_FIELDS | also_free and k in trained and trained[k] != now[k])
 
 
-def refuse_a_warm_start_that_cannot_load(checkpoint: Path, registry: Registry, model_config) -> None:
+def check_warm_start(checkpoint: Path, registry: Registry, model_config) -> list[str]:
     """Before Ray: warm start loads the modules of the sequences and scenarios both the checkpoint's
     registry and this one declare, so the model config must be the one the checkpoint was trained
-    with (but for its scenarios and FREE_MODEL_FIELDS) and those features the same (a
-    sequence or scenario only one of them has is fine: it is skipped or starts fresh)."""
-    from mtfm.platform.checkpoint import (META_FILE, CheckpointError, embedding_table_changes, read_meta,
-                                          registry_changes, trained_registry)
+    with (but for its scenarios and FREE_MODEL_FIELDS). Returns how the registries differ where both
+    declare a group ("<where>: <trained> -> <current>"): features, a sequence's kind, the tasks, which
+    `checkpoint.warm_start` takes in (new and changed features start at zero weights, new tasks fresh)."""
+    from mtfm.platform.checkpoint import META_FILE, CheckpointError, read_meta, registry_changes, trained_registry
 
     meta = read_meta(checkpoint)
     given = model_config.to_dict()
@@ -682,14 +686,8 @@ def refuse_a_warm_start_that_cannot_load(checkpoint: Path, registry: Registry, m
     # Only the scenarios both models have modules of: the snapshot holds every registered one.
     trained_scenarios = meta.model_config.get("scenarios") or list(trained.scenarios)
     shared = [s for s in scenarios if s in trained_scenarios]
-    changes = [c for c in registry_changes(trained, registry, shared)[0]
-               if not re.fullmatch(r"sequences\.\w+: (added|removed)", c)]
-    changes += embedding_table_changes(trained, trained_scenarios, registry, scenarios)
-    if changes:
-        raise CheckpointError(f"--init-from {checkpoint}: the registry ({registry.config_dir}) declares what both "
-                              "registries know differently from the one the checkpoint was trained with, in "
-                              f"{'; '.join(changes)}; warm start loads those modules as trained (the checkpoint's "
-                              f"{META_FILE} holds its registry)")
+    return [c for c in registry_changes(trained, registry, shared)[0]
+            if not re.fullmatch(r"sequences\.\w+: (added|removed)", c)]
 
 
 def _interrupted(run_dir: Path) -> str:

@@ -12,6 +12,7 @@ import torch
 from repo_paths import CONFIGS, REPO_ROOT
 from mtfm.model import Collator, build_model, load_model_config
 from mtfm.model.sample_tables import random_aggregated_table
+from mtfm.model.tokenizer import group_features
 from mtfm.platform.checkpoint import CheckpointError, find_checkpoint, load_model, read_meta, warm_start
 from mtfm.platform.registry import load_registry
 from mtfm.platform.train import TrainConfig, train
@@ -73,6 +74,79 @@ def test_retired_scenario_is_reported_and_stays_in_the_checkpoint(config_dir, tm
     assert (tmp_path / "ckpt" / "model.pt").read_bytes() == before
 
 
+def _edit(config_dir, path, old, new):
+    text = (config_dir / path).read_text()
+    assert old in text, (path, old)
+    (config_dir / path).write_text(text.replace(old, new))
+
+
+RATING = "  - {name: poi_rating, type: numeric, description: average rating 0-5}\n"
+
+
+def test_features_added_to_a_scenario_and_a_sequence_leave_every_score_unchanged(config_dir, tmp_path):
+    """Two features added to hp between its item features (a categorical and a numeric), one to the history
+    sequence, one of hp's reordered: each group tokenizer's first layer loads the kept features' columns
+    and zeros for the new ones, so every score is the trained model's, whatever the new features hold."""
+    old_registry = load_registry(config_dir)
+    old = _trained_like(old_registry, tmp_path / "ckpt").eval()
+    _edit(config_dir, "scenarios/hp.yaml", RATING, "  - {name: poi_brand, type: categorical, buckets: 100, dim: 8}\n"
+          + RATING + "  - {name: poi_photos, type: numeric, transform: log1p}\n")
+    _edit(config_dir, "scenarios/hp.yaml", "  - {name: user_city, type: categorical, buckets: 64, dim: 8, required: true}\n"
+          "  - {name: user_level, type: categorical, buckets: 8, dim: 4}\n",
+          "  - {name: user_level, type: categorical, buckets: 8, dim: 4}\n"
+          "  - {name: user_city, type: categorical, buckets: 64, dim: 8, required: true}\n")
+    sequences = (config_dir / "sequences.yaml").read_text()
+    history_first = sequences.index("features:", sequences.index("history")) + len("features:\n")
+    (config_dir / "sequences.yaml").write_text(sequences[:history_first] + "      - {name: dwell_s, type: numeric, "
+                                               "transform: log1p}\n" + sequences[history_first:])
+    new_registry = load_registry(config_dir)
+    assert [f.name for f in new_registry.sequences["history"].features][0] == "dwell_s"
+    torch.manual_seed(123)
+    new = build_model(TINY, new_registry).eval()
+    report = warm_start(new, tmp_path / "ckpt")
+    assert report.feature_changes == {"hp": {"new": ["poi_brand", "poi_photos"]}, "history": {"new": ["dwell_s"]}}
+    assert report.remapped == ["tokenizer.groups.history.mlp.0.weight", "tokenizer.groups.hp.mlp.0.weight"]
+    assert report.initialised == ["tokenizer.tables.poi_brand.weight"] and report.skipped == []
+    assert set(report.loaded) == set(old.state_dict()) - set(report.remapped)
+    # The weight by hand: hp's inputs are user_level (4), user_city (8), poi_id (32), category (16), poi_brand
+    # (8), poi_rating, poi_photos, avg_price, distance_km, user_poi_clicks_30d; trained: user_city first.
+    trained, now = old.state_dict()["tokenizer.groups.hp.mlp.0.weight"], new.state_dict()["tokenizer.groups.hp.mlp.0.weight"]
+    expected = torch.cat([trained[:, 8:12], trained[:, 0:8], trained[:, 12:60], torch.zeros(len(trained), 8),
+                          trained[:, 60:61], torch.zeros(len(trained), 1), trained[:, 61:64]], dim=1)
+    assert torch.equal(now, expected)
+    table = random_aggregated_table(new_registry, 6, np.random.default_rng(5))  # the new features hold values
+    with torch.no_grad():
+        before = old(Collator(old_registry)(table)).logits
+        after = new(Collator(new_registry)(table)).logits
+    for scenario in ("hp", "phf", "sqs"):
+        torch.testing.assert_close(after[scenario], before[scenario], rtol=0, atol=1e-6)
+    text = report.describe(set(new_registry.scenarios) | set(new_registry.sequences) | set(new_registry.features))
+    assert text.splitlines()[-2:] == ["    history: new dwell_s", "    hp: new poi_brand, poi_photos"]
+
+
+def test_a_feature_removed_or_rehashed_drops_or_zeroes_its_weights(config_dir, tmp_path):
+    """hp loses avg_price, and category gets other buckets (a table every group shares by name): the
+    other features' columns load, category's are zero in each group that has it, its table starts fresh."""
+    old = _trained_like(load_registry(config_dir), tmp_path / "ckpt")
+    _edit(config_dir, "scenarios/hp.yaml", "  - {name: avg_price, type: numeric, transform: log1p}\n", "")
+    for path in ("sequences.yaml", "scenarios/hp.yaml", "scenarios/phf.yaml", "scenarios/sqs.yaml"):
+        text = (config_dir / path).read_text()
+        assert "{name: category, type: categorical, buckets: 64, dim: 16" in text, path
+        (config_dir / path).write_text(text.replace("{name: category, type: categorical, buckets: 64, dim: 16",
+                                                    "{name: category, type: categorical, buckets: 128, dim: 16"))
+    registry = load_registry(config_dir)
+    new = build_model(TINY, registry)
+    report = warm_start(new, tmp_path / "ckpt")
+    assert report.feature_changes["hp"] == {"changed": ["category"], "removed": ["avg_price"]}
+    assert "tokenizer.tables.category.weight" in report.initialised
+    trained, now = old.state_dict()["tokenizer.groups.hp.mlp.0.weight"], new.state_dict()["tokenizer.groups.hp.mlp.0.weight"]
+    # user_city 8, user_level 4, poi_id 32 | category 16 | poi_rating | (avg_price gone) | distance_km, clicks
+    expected = torch.cat([trained[:, :44], torch.zeros(len(trained), 16), trained[:, 60:61], trained[:, 62:64]], dim=1)
+    assert torch.equal(now, expected)
+    having = [g for g, features in group_features(registry).items() if "category" in [f.name for f in features]]
+    assert len(having) > 2 and all(report.feature_changes[g].get("changed") == ["category"] for g in having)
+
+
 def test_warm_start_from_another_model_config_is_an_error(tmp_path):
     registry = load_registry(CONFIGS)
     _trained_like(registry, tmp_path / "ckpt")
@@ -83,8 +157,9 @@ def test_warm_start_from_another_model_config_is_an_error(tmp_path):
 
 @pytest.mark.slow
 def test_train_with_init_from_a_run_of_fewer_scenarios(ray_cluster, config_dir, tmp_path):
-    """End to end: train on 3 scenarios, add a fourth by YAML, warm-start a run on all four with the
-    loaded modules frozen; they come out exactly as loaded and the new scenario's modules moved."""
+    """End to end: train on 3 scenarios, add a fourth by YAML and a feature to hp, warm-start a run on all
+    four with the loaded modules frozen; they come out exactly as loaded, the new scenario's modules moved,
+    and so did hp's new feature's weights, which started at zero."""
     from mtfm.platform.aggregate import aggregate
     from mtfm.platform.synth import synthesize
 
@@ -99,6 +174,7 @@ def test_train_with_init_from_a_run_of_fewer_scenarios(ray_cluster, config_dir, 
                   config_dir=str(config_dir), **quiet)
 
     (config_dir / "scenarios" / "grocery.yaml").write_text(GROCERY)
+    _edit(config_dir, "scenarios/hp.yaml", RATING, RATING + "  - {name: poi_photos, type: numeric, transform: log1p}\n")
     four = load_registry(config_dir)
     synthesize(four, tmp_path / "raw4", users=80, days=3, seed=2, **quiet)
     aggregate(four, tmp_path / "raw4", tmp_path / "agg4", **quiet)
@@ -107,8 +183,13 @@ def test_train_with_init_from_a_run_of_fewer_scenarios(ray_cluster, config_dir, 
 
     report = json.loads((second / "warm_start.json").read_text())
     assert report["skipped"] == [] and any("grocery" in k for k in report["initialised"])
+    hp_input = "tokenizer.groups.hp.mlp.0.weight"
+    assert report["remapped"] == [hp_input] and report["feature_changes"] == {"hp": {"new": ["poi_photos"]}}
     old = torch.load(find_checkpoint(first) / "model.pt")
     new = torch.load(find_checkpoint(second) / "model.pt")
+    photos = 8 + 4 + 32 + 16 + 1  # poi_photos's column: after user_city, user_level, poi_id, category, poi_rating
+    assert new[hp_input].shape[1] == old[hp_input].shape[1] + 1 and new[hp_input][:, photos].abs().sum() > 0
+    old.pop(hp_input)  # not frozen: the rest is
     for name, tensor in old.items():
         torch.testing.assert_close(new[name], tensor, rtol=0, atol=0)  # frozen: exactly as loaded
     initial_grocery = {k for k in report["initialised"] if k.endswith("weight") and "grocery" in k}
