@@ -242,13 +242,15 @@ class WarmStart:
     """What `warm_start` did, tensor by tensor name (parameters and buffers).
 
     remapped: the first layer of each group tokenizer whose input features changed, loaded column by
-    column (`feature_changes` says how, per group): trainable under `freeze_loaded_steps`, as fresh ones are."""
+    column (`feature_changes` says how, per group); kept_columns: of each, the columns loaded as trained,
+    which `freeze_loaded_steps` keeps frozen while the new features' columns train."""
 
     loaded: list[str]
     initialised: list[str]
     skipped: list[str]
     remapped: list[str] = dataclasses.field(default_factory=list)
     feature_changes: dict[str, dict[str, list[str]]] = dataclasses.field(default_factory=dict)
+    kept_columns: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     def describe(self, names: set[str]) -> str:
         """The loaded tensors counted by top-level module on one line (most of the model: each one is
@@ -270,10 +272,12 @@ class WarmStart:
             lines.append(f"{verb}: {len(keys)} tensors" + ("" if keys else " (none)"))
             lines += [f"    {prefix}.* ({n})" for prefix, n in sorted(groups.items())]
         if self.feature_changes:
-            lines.append("input features changed: each group's first tokenizer layer loads the weights of the features "
-                         "it kept; new and changed features start at zero weights (the scores are the checkpoint's "
-                         "until they train), removed ones' weights are dropped")
+            lines.append("input features changed: each group's first tokenizer layer loads the weights of the "
+                         "features it kept; new and changed ones start at zero (a changed one with a fresh table), "
+                         "removed ones' are dropped")
             lines += [f"    {group}: " + "; ".join(f"{kind} {', '.join(features)}" for kind, features in change.items())
+                      + (" (its tokens as trained until the new weights train)" if change.keys() <= {"new", "reordered"}
+                         else " (its tokens change)")
                       for group, change in sorted(self.feature_changes.items())]
         return "\n".join(lines)
 
@@ -288,7 +292,7 @@ def warm_start(model: "RecommenderBase", checkpoint: str | Path) -> WarmStart:
     registry (added, removed, reordered, or a type, buckets, dim or transform changed) gets its
     tokenizer's first layer column by column: the columns of each feature it kept as trained, those
     of a new or changed feature zero, so its tokens, and every score, are the trained model's until
-    those weights train. A changed feature's embedding table starts fresh where its shape changed.
+    those weights train. A changed feature's embedding table starts fresh.
     Any other tensor present in both with another shape is an error: the two were built from
     different model configs."""
     from mtfm.model.tokenizer import GroupTokenizer, HeterogeneousTokenizer, group_features
@@ -299,7 +303,7 @@ def warm_start(model: "RecommenderBase", checkpoint: str | Path) -> WarmStart:
     trained_groups = group_features(trained)
     own = model.state_dict()
 
-    remapped, changes, changed_tables = {}, {}, set()
+    remapped, changes, kept, changed_tables = {}, {}, {}, set()
     for prefix, module in model.named_modules():
         if isinstance(module, HeterogeneousTokenizer):  # a table is one feature's, whatever groups name it
             changed_tables |= {f"{prefix}.tables.{name}.weight" for name in module.tables if name in trained.features
@@ -310,7 +314,8 @@ def warm_start(model: "RecommenderBase", checkpoint: str | Path) -> WarmStart:
         old = trained_groups.get(group)
         if (old is not None and key in state and state[key].shape[0] == own[key].shape[0]
                 and [(f.name, _spec(f)) for f in old] != [(f.name, _spec(f)) for f in module.features]):
-            remapped[key], changes[group] = _input_weight_by_feature(state[key], old, module.features, own[key])
+            remapped[key], changes[group], kept[key] = _input_weight_by_feature(state[key], old, module.features,
+                                                                                 own[key])
 
     mismatched = [k for k in own if k in state and state[k].shape != own[k].shape
                   and k not in remapped and k not in changed_tables]
@@ -320,10 +325,10 @@ def warm_start(model: "RecommenderBase", checkpoint: str | Path) -> WarmStart:
                               f"{tuple(state[k].shape)} in the checkpoint vs {tuple(own[k].shape)} here; warm start "
                               "needs the model config the checkpoint was trained with (its meta.json has it, with "
                               "its registry)")
-    loaded = [k for k in own if k in state and k not in remapped and state[k].shape == own[k].shape]
+    loaded = [k for k in own if k in state and k not in remapped and k not in changed_tables]
     model.load_state_dict({k: state[k] for k in loaded} | remapped, strict=False)
     return WarmStart(loaded, [k for k in own if k not in loaded and k not in remapped],
-                     [k for k in state if k not in own], sorted(remapped), changes)
+                     [k for k in state if k not in own], sorted(remapped), changes, kept)
 
 
 def _spec(feature) -> tuple:
@@ -333,8 +338,8 @@ def _spec(feature) -> tuple:
 def _input_weight_by_feature(trained: "torch.Tensor", trained_features, features, like: "torch.Tensor"):
     """A group tokenizer's first-layer weight (hidden, inputs) for `features` from the one `trained` for
     `trained_features`: the columns of each feature both have with the same spec as trained, those of a
-    new or changed feature zero. Returns it and what changed ({"new": [...], "changed": ..., "removed":
-    ...}, or {"reordered": the features} where only the order did)."""
+    new or changed feature zero. Returns it, what changed ({"new": [...], "changed": ..., "removed": ...},
+    or {"reordered": the features} where only the order did) and the columns loaded as trained."""
     import torch
 
     from mtfm.model.tokenizer import input_columns
@@ -343,6 +348,7 @@ def _input_weight_by_feature(trained: "torch.Tensor", trained_features, features
     trained_specs = {f.name: _spec(f) for f in trained_features}
     weight = torch.zeros_like(like)
     change: dict[str, list[str]] = {"new": [], "changed": [], "removed": [n for n in was if n not in now]}
+    kept: list[int] = []
     for feature in features:
         first, width = now[feature.name]
         if feature.name not in trained_specs:
@@ -352,8 +358,9 @@ def _input_weight_by_feature(trained: "torch.Tensor", trained_features, features
         else:
             start = was[feature.name][0]
             weight[:, first:first + width] = trained[:, start:start + width]
+            kept += range(first, first + width)
     change = {kind: names for kind, names in change.items() if names} or {"reordered": list(now)}
-    return weight, change
+    return weight, change, kept
 
 
 def trained_registry(meta: CheckpointMeta, where: str) -> Registry:

@@ -82,7 +82,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0       # with use_gpu; a fraction lets small runs share one GPU
     max_failures: int = 2              # worker failures survived by restarting from the latest checkpoint
-    freeze_loaded_steps: int = 0       # with --init-from: train only the fresh modules for this many steps
+    freeze_loaded_steps: int = 0       # with --init-from: keep what it loaded frozen for this many steps
     inject_failure_at_step: int | None = None  # fault injection: a worker dies once at this step
     source: str = "<dict>"
 
@@ -304,7 +304,7 @@ def _plan_run(config: TrainConfig, *, data: str | None, out: str | Path | None, 
     if init_from is not None:
         init_from = _checkpoint_to_warm_start_from(init_from, registry, model_config, log)
     run_dir = Path(out or default_run_dir(config.name)).resolve()
-    if config.freeze_loaded_steps and init_from is None and (resume is None or _loaded_by_warm_start(run_dir) is None):
+    if config.freeze_loaded_steps and init_from is None and (resume is None or _warm_start_record(run_dir) is None):
         log(f"[mtfm] warning: freeze_loaded_steps {config.freeze_loaded_steps} ({config.source}) has no effect: "
             "nothing is warm-started (--init-from CHECKPOINT)")
     _warn_of_a_budget_below_one_user(config, registry, log)
@@ -417,9 +417,12 @@ def _checkpoint_to_warm_start_from(init_from: str | Path, registry: Registry, mo
     checkpoint = find_checkpoint(init_from).resolve()
     changes = check_warm_start(checkpoint, registry, model_config)
     if changes:
+        kinds = [c.split(":")[0] for c in changes if re.fullmatch(r"sequences\.\w+\.kind: .*", c)]
         log(f"[mtfm] note: the registry ({registry.config_dir}) differs from the one {checkpoint} was trained with, "
-            f"in {'; '.join(changes)}: new and changed features start at zero weights (the scores are the "
-            "checkpoint's until they train), new tasks with fresh heads")
+            f"in {'; '.join(changes)}. The warm start loads each group's features by name: added ones start at "
+            "zero weights (a group with features only added or reordered tokenizes as trained until they train), "
+            "changed ones at zero weights with a fresh table, removed ones are dropped; new tasks get fresh heads"
+            + (f"; {', '.join(kinds)} changed which tokens see its events, so every score changes" if kinds else ""))
     retired = sorted(set(read_meta(checkpoint).scenarios) - set(registry.scenarios))
     if retired:
         log(f"[mtfm] warning: {checkpoint} has scenarios the registry no longer declares: {retired}; their "
@@ -514,7 +517,7 @@ def _trainer(plan: RunPlan, train_ds, test_ds, trained_windows: list[int] | None
                            "trained_windows": trained_windows,
                            "resume_from": str(plan.resume_from) if plan.resume_from else None,
                            "resume_step": read_meta(plan.resume_from).step if plan.resume_from else None,
-                           "loaded_by_warm_start": _loaded_by_warm_start(run_dir) if plan.resume_from else None},
+                           "warm_start_record": _warm_start_record(run_dir) if plan.resume_from else None},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker} | (
                                          {"GPU": config.gpus_per_worker} if config.use_gpu else {})),
@@ -773,10 +776,14 @@ def _absolute(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def _loaded_by_warm_start(run_dir: Path) -> list[str] | None:
-    """The parameters a warm-started run loaded (its warm_start.json), for a resume to keep them frozen."""
+def _warm_start_record(run_dir: Path) -> dict | None:
+    """What a warm-started run loaded (its warm_start.json: the tensors, and the columns of the first
+    layers loaded by feature), for a resume to keep them frozen."""
     path = run_dir / WARM_START_FILE
-    return json.loads(path.read_text())["loaded"] if path.is_file() else None
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return {"loaded": record["loaded"], "kept_columns": record.get("kept_columns", {})}
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

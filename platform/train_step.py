@@ -22,7 +22,7 @@ written by each replay, so the graphed step never zeroes them.
 
 Graphs need one worker (no DDP: its gradient all-reduce runs inside backward) and a step with
 no host synchronisation (the Triton kernels; the PyTorch reference kernels synchronise). Steps
-that drop frozen parameters' gradients (a warm start's `freeze_loaded_steps`) run eagerly. On a
+that keep parameters or some of their columns frozen (a warm start's `freeze_loaded_steps`) run eagerly. On a
 CPU device nothing is captured: the graphed path runs eagerly on the same static buffers (the
 padding, the copies into them), which the CPU tests check; the capture itself is tested on GPU.
 """
@@ -35,6 +35,23 @@ import torch
 from torch import Tensor, nn
 
 from mtfm.model import TokenBatch, multitask_bce_loss
+
+
+@dataclass
+class FrozenColumns:
+    """Columns of a 2-D parameter kept as they are while the rest of it trains (a warm start's first
+    tokenizer layer: the columns of the features it loaded). Their gradient is zeroed before the
+    optimizers step (no momentum builds up there from the loss) and their values are written back
+    after it: weight decay moves a parameter whose gradient is zero."""
+
+    param: nn.Parameter
+    index: Tensor
+    values: Tensor
+
+    @classmethod
+    def of(cls, param: nn.Parameter, columns: list[int]) -> "FrozenColumns":
+        index = torch.tensor(columns, dtype=torch.long, device=param.device)
+        return cls(param, index, param.detach().index_select(1, index).clone())
 
 
 @dataclass
@@ -62,20 +79,25 @@ class TrainStep:
             raise ValueError("cuda_graphs needs one worker: DDP all-reduces gradients inside backward")
         self.captures = 0
         self._graph: _Graph | None = None
+        self._frozen_columns: Collection[FrozenColumns] = ()  # of the step whose update is next
 
-    def __call__(self, batch: TokenBatch, frozen: Collection[nn.Parameter] = (), loss_scale: float = 1.0) -> Tensor:
-        loss = self.gradients(batch, frozen, loss_scale=loss_scale)
+    def __call__(self, batch: TokenBatch, frozen: Collection[nn.Parameter] = (), loss_scale: float = 1.0,
+                 frozen_columns: Collection[FrozenColumns] = ()) -> Tensor:
+        loss = self.gradients(batch, frozen, loss_scale=loss_scale, frozen_columns=frozen_columns)
         self.update()
         return loss
 
     def gradients(self, batch: TokenBatch, frozen: Collection[nn.Parameter] = (),
-                  mark: Callable[[], None] | None = None, loss_scale: float = 1.0) -> Tensor:
-        """Sets every parameter's gradient for `batch` (None for `frozen` ones) and returns the loss,
-        detached (a tensor of its own). A graph replay also clips and steps the captured optimizers.
+                  mark: Callable[[], None] | None = None, loss_scale: float = 1.0,
+                  frozen_columns: Collection[FrozenColumns] = ()) -> Tensor:
+        """Sets every parameter's gradient for `batch` (None for `frozen` ones, zero in `frozen_columns`,
+        whose values the next `update` writes back) and returns the loss, detached (a tensor of its
+        own). A graph replay also clips and steps the captured optimizers.
         `mark` is called between forward and backward (eager only). The gradients are those of
         `loss_scale` x the loss: DDP averages them over the workers, so the workers that hold a
         batch scale by world size / their number and the others stand in with 0 (train_worker.py)."""
-        if self.cuda_graphs and not frozen:
+        self._frozen_columns = frozen_columns
+        if self.cuda_graphs and not frozen and not frozen_columns:
             if loss_scale != 1.0:
                 raise ValueError(f"cuda_graphs: a graphed step takes no loss_scale (found {loss_scale}): it runs "
                                  "on one worker")
@@ -86,6 +108,9 @@ class TrainStep:
         loss = self._forward_backward(batch, mark=mark, loss_scale=loss_scale)
         for p in frozen:
             p.grad = None  # the optimizers skip it
+        for columns in frozen_columns:
+            if columns.param.grad is not None:
+                columns.param.grad.index_fill_(1, columns.index, 0.0)
         return loss
 
     def update(self) -> None:
@@ -96,6 +121,10 @@ class TrainStep:
         for opt in self.optimizers:
             if not (replayed and _captured(opt)):
                 opt.step()
+        with torch.no_grad():
+            for columns in self._frozen_columns:
+                columns.param.index_copy_(1, columns.index, columns.values)
+        self._frozen_columns = ()
 
     def _forward_backward(self, batch: TokenBatch, cache: bool = True,
                           mark: Callable[[], None] | None = None, loss_scale: float = 1.0) -> Tensor:

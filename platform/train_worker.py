@@ -41,7 +41,7 @@ from mtfm.platform.metrics import metrics_json
 from mtfm.platform.registry import Registry
 from mtfm.platform.train import (DIVERGED_FILE, EVAL_FILE, METRICS_FILE, WARM_START_FILE, TrainConfig,
                                  read_metrics)
-from mtfm.platform.train_step import TrainStep
+from mtfm.platform.train_step import FrozenColumns, TrainStep
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -233,7 +233,7 @@ class TrainingWorker:
         checkpoint = checkpoint_to_restore(ray.train.get_checkpoint(), loop_config.get("resume_from"),
                                            loop_config.get("resume_step"))
         # A warm start comes first: when this attempt resumes its own run, the checkpoint overwrites it.
-        frozen = self._warm_start(loop_config, resuming=checkpoint is not None)
+        frozen, kept_columns = self._warm_start(loop_config, resuming=checkpoint is not None)
         self.step, self.epoch, self.skip = self._restore(checkpoint)
 
         ddp_model = ray.train.torch.prepare_model(self.model, parallel_strategy_kwargs={"find_unused_parameters": True})
@@ -242,7 +242,9 @@ class TrainingWorker:
                                     cuda_graphs=config.cuda_graphs)
         # With CUDA graphs every batch is padded to the run's one shape, in the prefetch thread.
         self.shapes = GrowingShape() if config.cuda_graphs else None
-        self.frozen_params = [p for name, p in self.model.named_parameters() if name in frozen]
+        parameters = dict(self.model.named_parameters())
+        self.frozen_params = [p for name, p in parameters.items() if name in frozen]
+        self.frozen_columns = [FrozenColumns.of(parameters[name], columns) for name, columns in kept_columns.items()]
         self.train_shard = ray.train.get_dataset_shard("train")
         self.agreement = StepAgreement()
 
@@ -257,22 +259,26 @@ class TrainingWorker:
         self.run_exposures: dict[str, int] | None = None  # of each scenario, over this attempt's epochs
         self.window = ProgressWindow()
 
-    def _warm_start(self, loop_config: dict, resuming: bool) -> set[str]:
-        """Loads --init-from's checkpoint where the run starts from one. Returns the names of the
-        tensors that stay frozen for the first `freeze_loaded_steps` steps (the caller keeps its
-        parameters among them): what a warm start loaded, this one or, in a resumed warm-started run,
-        the run's first attempt's."""
+    def _warm_start(self, loop_config: dict, resuming: bool) -> tuple[set[str], dict[str, list[int]]]:
+        """Loads --init-from's checkpoint where the run starts from one. Returns what stays frozen for
+        the first `freeze_loaded_steps` steps, as this warm start or, in a resumed warm-started run,
+        the run's first attempt's loaded it: the tensors' names (the caller keeps its parameters
+        among them), and the columns of the first layers it loaded by feature."""
         config = self.config
-        if not loop_config.get("init_from"):
-            return set(loop_config.get("loaded_by_warm_start") or ()) if config.freeze_loaded_steps else set()
-        report = warm_start(self.model, loop_config["init_from"])
-        if self.rank == 0 and not resuming:
-            names = set(self.registry.scenarios) | set(self.registry.sequences) | set(self.registry.features)
-            (self.run_dir / WARM_START_FILE).write_text(json.dumps(dataclasses.asdict(report), indent=1))
-            frozen_for = (f"\n[mtfm] the loaded tensors stay frozen for the first {config.freeze_loaded_steps} steps "
-                          "(freeze_loaded_steps)" if config.freeze_loaded_steps else "")
-            _progress(f"[mtfm] warm start from {loop_config['init_from']}:\n{report.describe(names)}{frozen_for}")
-        return set(report.loaded) if config.freeze_loaded_steps else set()
+        if loop_config.get("init_from"):
+            report = warm_start(self.model, loop_config["init_from"])
+            if self.rank == 0 and not resuming:
+                names = set(self.registry.scenarios) | set(self.registry.sequences) | set(self.registry.features)
+                (self.run_dir / WARM_START_FILE).write_text(json.dumps(dataclasses.asdict(report), indent=1))
+                frozen_for = (f"\n[mtfm] the loaded tensors stay frozen for the first {config.freeze_loaded_steps} "
+                              "steps (freeze_loaded_steps)" if config.freeze_loaded_steps else "")
+                _progress(f"[mtfm] warm start from {loop_config['init_from']}:\n{report.describe(names)}{frozen_for}")
+            record = {"loaded": report.loaded, "kept_columns": report.kept_columns}
+        else:
+            record = loop_config.get("warm_start_record") or {"loaded": [], "kept_columns": {}}
+        if not config.freeze_loaded_steps:
+            return set(), {}
+        return set(record["loaded"]), record["kept_columns"]
 
     def _restore(self, checkpoint) -> tuple[int, int, int]:
         """Model and optimizers as `checkpoint` saved them, and its step, epoch and batches consumed in
@@ -356,8 +362,9 @@ class TrainingWorker:
         """One training step; its loss (a tensor)."""
         batch = agreed.batch.to(self.device)  # a stand-in skipped at a resume is still on the host
         # Frozen: the optimizers skip them, so warm-started modules stay as loaded.
-        frozen = self.frozen_params if self.step < self.config.freeze_loaded_steps else ()
-        loss = self.train_step(batch, frozen, loss_scale=agreed.loss_scale)
+        freezing = self.step < self.config.freeze_loaded_steps
+        loss = self.train_step(batch, self.frozen_params if freezing else (), loss_scale=agreed.loss_scale,
+                               frozen_columns=self.frozen_columns if freezing else ())
         self.step += 1
         if agreed.stand_in:
             counts.stand_in_steps += 1

@@ -121,12 +121,17 @@ def test_features_added_to_a_scenario_and_a_sequence_leave_every_score_unchanged
     for scenario in ("hp", "phf", "sqs"):
         torch.testing.assert_close(after[scenario], before[scenario], rtol=0, atol=1e-6)
     text = report.describe(set(new_registry.scenarios) | set(new_registry.sequences) | set(new_registry.features))
-    assert text.splitlines()[-2:] == ["    history: new dwell_s", "    hp: new poi_brand, poi_photos"]
+    assert text.splitlines()[-2:] == ["    history: new dwell_s (its tokens as trained until the new weights train)",
+                                      "    hp: new poi_brand, poi_photos (its tokens as trained until the new weights "
+                                      "train)"]
+    kept = report.kept_columns["tokenizer.groups.hp.mlp.0.weight"]
+    assert kept == list(range(60)) + [68] + list(range(70, 73))  # all but poi_brand's 8 and poi_photos's 1
 
 
 def test_a_feature_removed_or_rehashed_drops_or_zeroes_its_weights(config_dir, tmp_path):
-    """hp loses avg_price, and category gets other buckets (a table every group shares by name): the
-    other features' columns load, category's are zero in each group that has it, its table starts fresh."""
+    """hp loses avg_price, category gets other buckets (a table every group shares by name), phf's dish_tags
+    becomes a plain categorical (its table of the same shape): the other features' columns load, a changed
+    one's are zero in each group that has it, and its table starts fresh."""
     old = _trained_like(load_registry(config_dir), tmp_path / "ckpt")
     _edit(config_dir, "scenarios/hp.yaml", "  - {name: avg_price, type: numeric, transform: log1p}\n", "")
     for path in ("sequences.yaml", "scenarios/hp.yaml", "scenarios/phf.yaml", "scenarios/sqs.yaml"):
@@ -134,17 +139,25 @@ def test_a_feature_removed_or_rehashed_drops_or_zeroes_its_weights(config_dir, t
         assert "{name: category, type: categorical, buckets: 64, dim: 16" in text, path
         (config_dir / path).write_text(text.replace("{name: category, type: categorical, buckets: 64, dim: 16",
                                                     "{name: category, type: categorical, buckets: 128, dim: 16"))
+    _edit(config_dir, "scenarios/phf.yaml",
+          "{name: dish_tags, type: categorical_list, buckets: 256, dim: 8, max_len: 4}",
+          "{name: dish_tags, type: categorical, buckets: 256, dim: 8}")
     registry = load_registry(config_dir)
     new = build_model(TINY, registry)
     report = warm_start(new, tmp_path / "ckpt")
     assert report.feature_changes["hp"] == {"changed": ["category"], "removed": ["avg_price"]}
-    assert "tokenizer.tables.category.weight" in report.initialised
+    assert report.feature_changes["phf"] == {"changed": ["category", "dish_tags"]}
+    assert {"tokenizer.tables.category.weight", "tokenizer.tables.dish_tags.weight"} <= set(report.initialised)
+    table = "tokenizer.tables.dish_tags.weight"
+    assert new.state_dict()[table].shape == old.state_dict()[table].shape
+    assert not torch.equal(new.state_dict()[table], old.state_dict()[table])
+    assert report.describe(set()).splitlines()[-1].endswith("(its tokens change)")
     trained, now = old.state_dict()["tokenizer.groups.hp.mlp.0.weight"], new.state_dict()["tokenizer.groups.hp.mlp.0.weight"]
     # user_city 8, user_level 4, poi_id 32 | category 16 | poi_rating | (avg_price gone) | distance_km, clicks
     expected = torch.cat([trained[:, :44], torch.zeros(len(trained), 16), trained[:, 60:61], trained[:, 62:64]], dim=1)
     assert torch.equal(now, expected)
     having = [g for g, features in group_features(registry).items() if "category" in [f.name for f in features]]
-    assert len(having) > 2 and all(report.feature_changes[g].get("changed") == ["category"] for g in having)
+    assert len(having) > 2 and all("category" in report.feature_changes[g]["changed"] for g in having)
 
 
 def test_warm_start_from_another_model_config_is_an_error(tmp_path):
@@ -189,7 +202,9 @@ def test_train_with_init_from_a_run_of_fewer_scenarios(ray_cluster, config_dir, 
     new = torch.load(find_checkpoint(second) / "model.pt")
     photos = 8 + 4 + 32 + 16 + 1  # poi_photos's column: after user_city, user_level, poi_id, category, poi_rating
     assert new[hp_input].shape[1] == old[hp_input].shape[1] + 1 and new[hp_input][:, photos].abs().sum() > 0
-    old.pop(hp_input)  # not frozen: the rest is
+    assert report["kept_columns"] == {hp_input: [c for c in range(old[hp_input].shape[1] + 1) if c != photos]}
+    kept_as_trained = torch.cat([new[hp_input][:, :photos], new[hp_input][:, photos + 1:]], dim=1)
+    torch.testing.assert_close(kept_as_trained, old.pop(hp_input), rtol=0, atol=0)  # the loaded columns: frozen
     for name, tensor in old.items():
         torch.testing.assert_close(new[name], tensor, rtol=0, atol=0)  # frozen: exactly as loaded
     initial_grocery = {k for k in report["initialised"] if k.endswith("weight") and "grocery" in k}

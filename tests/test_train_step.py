@@ -140,3 +140,29 @@ def test_a_graphed_step_refuses_a_loss_scale():
     step = TrainStep(model, make_optimizers(model, TrainConfig(name="t", model="m")).values(), cuda_graphs=True)
     with pytest.raises(ValueError, match="one worker"):
         step(Collator(REGISTRY)(random_table(REGISTRY, 2, seed=0, lengths=LENGTHS)), loss_scale=0.0)
+
+
+def test_frozen_columns_stay_as_they_are_while_the_rest_of_their_parameter_trains():
+    """A warm start's partly loaded first layer under freeze_loaded_steps: the frozen columns keep their
+    values exactly, also under weight decay (which moves a parameter whose gradient is zero) and in a
+    graphed step, which then runs eagerly; the other columns train."""
+    from mtfm.platform.train_step import FrozenColumns
+
+    for cuda_graphs in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny_config(), REGISTRY).train()
+        weight = model.tokenizer.groups["hp"].mlp[0].weight
+        before = weight.detach().clone()
+        kept = [0, 1, 2, 5, 9]
+        optimizers = make_optimizers(model, TrainConfig(name="t", model="m", weight_decay=0.1,
+                                                        cuda_graphs=cuda_graphs))
+        step = TrainStep(model, optimizers.values(), grad_clip=1.0, cuda_graphs=cuda_graphs)
+        frozen = [FrozenColumns.of(weight, kept)]
+        for seed in range(3):
+            step(Collator(REGISTRY)(random_table(REGISTRY, 4, seed, lengths=LENGTHS)), frozen_columns=frozen)
+        assert torch.equal(weight.detach()[:, kept], before[:, kept])
+        others = [c for c in range(weight.shape[1]) if c not in kept]
+        assert (weight.detach()[:, others] - before[:, others]).abs().amax(0).min() > 0  # every other column moved
+        # Unfrozen, the same columns train.
+        step(Collator(REGISTRY)(random_table(REGISTRY, 4, 7, lengths=LENGTHS)))
+        assert not torch.equal(weight.detach()[:, kept], before[:, kept])
