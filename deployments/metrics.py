@@ -14,6 +14,9 @@ replica and application besides `scenario`:
     ray_mtfm_candidates_total              counter, candidates of accepted requests
     ray_mtfm_scored_requests_total         counter, requests scored (over all batches)
     ray_mtfm_scored_tokens_total           counter, tokens scored
+    ray_mtfm_user_cache_lookups_total      counter, user-side cache lookups by `result` (hit, miss): one per
+                                           request scored, where the replica keeps a cache
+    ray_mtfm_user_cache_bytes              gauge, the cached user sides' tensors, after each batch
 
 Ray 2.60 exports a histogram's bucket counts exactly but its `_sum` from the buckets' midpoints (a
 batch of one request adds 0.5 to `ray_mtfm_batch_requests_sum`), so means come from the counters:
@@ -75,6 +78,11 @@ class BatchMetrics:
             "mtfm_scored_requests_total", description="Requests scored, over all batches.", tag_keys=("scenario",))
         self.tokens_total = metrics.Counter(
             "mtfm_scored_tokens_total", description="Tokens scored, over all batches.", tag_keys=("scenario",))
+        self.cache_lookups = metrics.Counter(
+            "mtfm_user_cache_lookups_total", description="User-side cache lookups, by result (hit or miss).",
+            tag_keys=("scenario", "result"))
+        self.cache_bytes = metrics.Gauge(
+            "mtfm_user_cache_bytes", description="Bytes of the cached user sides' tensors.", tag_keys=("scenario",))
 
     def batch(self, num_requests: int, num_tokens: int, latency_ms: float) -> None:
         self.requests.observe(num_requests, tags=self.tags)
@@ -82,3 +90,10 @@ class BatchMetrics:
         self.latency_ms.observe(latency_ms, tags=self.tags)
         self.requests_total.inc(num_requests, tags=self.tags)
         self.tokens_total.inc(num_tokens, tags=self.tags)
+
+    def user_cache(self, hits: int, misses: int, cached_bytes: int) -> None:
+        """A batch's cache lookups (hits, misses) and the cache's size after it."""
+        for result, count in (("hit", hits), ("miss", misses)):
+            if count:
+                self.cache_lookups.inc(count, tags=self.tags | {"result": result})
+        self.cache_bytes.set(cached_bytes, tags=self.tags)

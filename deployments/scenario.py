@@ -104,6 +104,8 @@ class ScenarioDeployment:
         self.backend = create_backend(self.serving.backend, ranker, device=self.device, chunk_size=chunk_size,
                                       threads=threads, user_cache=cache, cuda_graphs=self.serving.cuda_graphs)
         self.metrics = BatchMetrics(scenario)
+        self.user_cache = getattr(self.backend, "user_cache", None)  # the backends that keep one (torch)
+        self.cache_counts = (0, 0)  # its hits and misses when the last batch's were recorded
         self.slot_tokens = math.ceil(self.serving.max_batch_tokens / self.serving.max_batch_requests)
         self.failed_batches = 0
         self.queue = BatchQueue(self.score_batch, max_cost=self.serving.max_batch_tokens,
@@ -153,16 +155,23 @@ class ScenarioDeployment:
         self.failed_batches = 0
         score_ms = (time.perf_counter() - start) * 1000
         self.metrics.batch(len(requests), tokens, score_ms)
+        if self.user_cache is not None:
+            hits, misses = self.user_cache.hits, self.user_cache.misses
+            self.metrics.user_cache(hits - self.cache_counts[0], misses - self.cache_counts[1], self.user_cache.bytes)
+            self.cache_counts = (hits, misses)
         return [ScoredRequest(s, len(requests), tokens, (start - q.arrived) * 1000, score_ms)
                 for s, q in zip(scores, queued)]
 
     def info(self) -> dict:
         """What /healthz reports for this scenario: the checkpoint folder it loaded (a pin), device (where it
         scores, "cuda" or "cpu") and cuda_graphs as in effect; serving as configured (its cuda_graphs applies on a
-        GPU only)."""
+        GPU only); the user-side cache's users, bytes, hits and misses since the replica started (null without one)."""
+        cache = self.user_cache
         return {"model_version": self.version, "checkpoint": self.checkpoint, "backend": self.backend.name,
                 "device": self.device.type, "cuda_graphs": self.backend.cuda_graphs,
-                "serving": dataclasses.asdict(self.serving)}
+                "serving": dataclasses.asdict(self.serving),
+                "user_cache": None if cache is None else {"users": len(cache.entries), "bytes": cache.bytes,
+                                                          "hits": cache.hits, "misses": cache.misses}}
 
     def check_health(self) -> None:
         if self.failed_batches >= UNHEALTHY_AFTER_FAILED_BATCHES:

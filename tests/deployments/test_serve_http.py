@@ -310,7 +310,9 @@ def test_pins_no_app_loads_are_pruned_and_the_served_one_kept(service, tmp_path,
 
 def test_metrics_reach_the_prometheus_endpoint_with_exact_counts(service):
     """An app of its own (one scenario behind its router; its series carry its name): read the
-    counters, send known requests, and every counter and histogram count grows by exactly them."""
+    counters, send known requests, and every counter and histogram count grows by exactly them; the
+    user-side cache's lookups by exactly the requests' hits and misses (the last request repeats the
+    first's user and events), as /healthz reports them too."""
     import ray
     from ray import serve
 
@@ -334,12 +336,17 @@ def test_metrics_reach_the_prometheus_endpoint_with_exact_counts(service):
                 "latency 4xx": _metric_total(text, "ray_mtfm_request_latency_ms_count", status="4xx", **ours),
                 "too_many_candidates": _metric_total(text, "ray_mtfm_request_errors_total",
                                                      kind="too_many_candidates", **ours),
+                "cache hits": _metric_total(text, "ray_mtfm_user_cache_lookups_total", result="hit", **ours),
+                "cache misses": _metric_total(text, "ray_mtfm_user_cache_lookups_total", result="miss", **ours),
+                "cache bytes": _metric_total(text, "ray_mtfm_user_cache_bytes", **ours),
             }
 
         before = counts()
-        shapes = [(1, 0), (4, 3), (9, 40), (30, 5), (120, 300)]  # (candidates, events per sequence)
+        shapes = [(1, 0), (4, 3), (9, 40), (30, 5), (120, 300), (4, 3)]  # (candidates, events per sequence)
         for k, (candidates, events) in enumerate(shapes):  # one at a time: one request per batch
-            body = example_request(registry, "phf", candidates=candidates, events=events, seed=k, user_id=500 + k)
+            user = 1 if k == 5 else k  # the last: the second request again (its user and events), a cache hit
+            body = example_request(registry, "phf", candidates=candidates, events=events, seed=user,
+                                   user_id=500 + user)
             response = requests.post(f"{url}/phf/rank", json=body, timeout=60)
             assert response.status_code == 200, response.text
         most = registry.scenario("phf").serving.max_candidates
@@ -348,15 +355,21 @@ def test_metrics_reach_the_prometheus_endpoint_with_exact_counts(service):
         assert (refused.status_code, refused.json()["error"]["kind"]) == (422, "too_many_candidates")
         # Tokens: the candidates and each sequence's newest max_len events.
         tokens = sum(c + sum(min(e, seq.max_len) for seq in registry.sequences.values()) for c, e in shapes)
-        expected = {"candidates": 1 + 4 + 9 + 30 + 120, "accepted": 5, "scored": 5, "tokens": tokens, "batches": 5,
-                    "latency 2xx": 5, "latency 4xx": 1, "too_many_candidates": 1}
+        expected = {"candidates": 1 + 4 + 9 + 30 + 120 + 4, "accepted": 6, "scored": 6, "tokens": tokens, "batches": 6,
+                    "latency 2xx": 6, "latency 4xx": 1, "too_many_candidates": 1, "cache hits": 1,
+                    "cache misses": 5}
         deadline = time.monotonic() + 120
         while True:  # Ray exports metrics every few seconds, later on a loaded machine
             grown = {name: value - before[name] for name, value in counts().items()}
             if all(grown[name] >= expected[name] for name in expected) or time.monotonic() > deadline:
                 break
             time.sleep(2)
+        cached = grown.pop("cache bytes")
         assert grown == expected, f"on port {port}, {app}'s series grew by {grown}"
+        [health] = requests.get(f"{url}/healthz", timeout=60).json()["scenarios"].values()
+        assert {k: health["user_cache"][k] for k in ("users", "hits", "misses")} == {"users": 5, "hits": 1,
+                                                                                       "misses": 5}
+        assert health["user_cache"]["bytes"] == before["cache bytes"] + cached > 0
     finally:
         serve.delete(app)
 
