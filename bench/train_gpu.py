@@ -7,8 +7,10 @@ One Ray Train `TorchTrainer` with one GPU worker (use_gpu=True) runs every case 
 same worker process (one trainer start instead of one per case); `--no-ray` runs the same worker
 function in-process (debugging; `--device cpu --tiny` for this CPU box at tiny shapes).
 `--workers N` runs N workers (one GPU each) under DDP, as `num_workers: N` trains: each worker
-steps its own batches (the same mix, another draw), and samples, tokens and FLOPs are summed
-over the workers (MFU over N times the matmul rate); eager steps only, as training's DDP is.
+steps its own batches (the same mix, another draw). samples/s, tokens/s, TFLOP/s and MFU (over N
+times the matmul rate) count every worker; the per-step figures (users, tokens, TFLOP, step ms and
+its split, host ms) and peak memory are one worker's (the first's). Eager steps only, as training's
+DDP is; a case that fails on any worker ends the run (the others would wait in DDP's all-reduce).
 
 Per case: the model is built from its config (plus overrides), Adam + Adagrad from
 `mtfm.platform.train_worker.make_optimizers`, and trained on pre-collated token-budget batches of
@@ -113,7 +115,7 @@ CASE_NAMES = {c[0] for c in CASES}
 _agreement = []  # the process's one StepAgreement (not functools.cache: Ray pickles this module's functions by value)
 
 
-def workers():
+def agreement():
     """The workers' `StepAgreement` (sums over the workers; world_size 1 without DDP), made once per
     process: it is collective, so every worker makes it at the same point."""
     from mtfm.platform.train_worker import StepAgreement
@@ -383,9 +385,9 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
     sync()
     elapsed = time.perf_counter() - start
     # Under DDP, every worker's samples, tokens and FLOPs over the workers' mean time (DDP keeps them in step).
-    world = workers().world_size
+    world = agreement().world_size
     if world > 1:
-        users, tokens, flops, flops_2x, elapsed = workers().sums(users, tokens, flops, flops_2x, elapsed)
+        users, tokens, flops, flops_2x, elapsed = agreement().sums(users, tokens, flops, flops_2x, elapsed)
         elapsed /= world
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
@@ -439,6 +441,8 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
                     profile.update(totals)
                     fh.write(f"==== {name}, GPU time by the op that launched it\n{by_op}\n")
         except Exception as exc:  # noqa: BLE001 - the profile is extra; keep the case's numbers
+            if agreement().world_size > 1:
+                raise  # under DDP the other workers may be waiting in its step's all-reduce
             profile = {"error": f"{type(exc).__name__}: {exc}"}
     fwd = forward_flops(config, model.registry, mixes[0])
     final_loss = float(torch.stack(losses).float().mean())
@@ -454,7 +458,7 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
         "tokens_per_step": tokens / args.steps / world,
         "step_s": elapsed / args.steps, "samples_per_s": users / elapsed, "tokens_per_s": tokens / elapsed,
         "fwd_gflop_per_sample": fwd["total"] / 1e9, "fwd_attention_share": fwd["attention"] / fwd["total"],
-        "train_tflop_per_step": train_flops / args.steps / 1e12,
+        "train_tflop_per_step": train_flops / args.steps / world / 1e12,
         "achieved_tflops": train_flops / elapsed / 1e12,
         "mfu": (train_flops / elapsed / 1e12) / (world * peak_tflops) if peak_tflops else None,
         "mfu_backward_2x": (flops_2x / elapsed / 1e12) / (world * peak_tflops) if peak_tflops else None,
@@ -605,7 +609,7 @@ def worker(loop_config: dict) -> None:
             sys.stdout.flush()
     t0 = time.perf_counter()
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "workers": workers().world_size}
+            "torch": torch.__version__, "workers": agreement().world_size}
     try:
         import triton
 
@@ -677,7 +681,7 @@ def worker(loop_config: dict) -> None:
     for name, part, config_path, overrides, pool in CASES:
         if args.only and not any(o == name or (o in name and o not in CASE_NAMES) for o in args.only):
             continue
-        over_budget = workers().sums(float(time.perf_counter() - t0 > args.budget_s))[0]  # one verdict for all
+        over_budget = agreement().sums(float(time.perf_counter() - t0 > args.budget_s))[0]  # one verdict for all
         if over_budget:
             results.append({"case": name, "part": part, "skipped": "time budget"})
             say(f"{name}: skipped (time budget)")
@@ -702,10 +706,12 @@ def worker(loop_config: dict) -> None:
             except torch.OutOfMemoryError as exc:
                 r = {"case": case, "part": part, "error": f"OOM: {str(exc).splitlines()[0]}"}
                 say(f"{case}: OOM")
+                end_if_distributed(r, results, write)
             except Exception as exc:  # noqa: BLE001 - record and go on with the next case
                 r = {"case": case, "part": part, "error": f"{type(exc).__name__}: {exc}",
                      "traceback": traceback.format_exc()[-2000:]}
                 say(f"{case}: {r['error']}\n{r['traceback']}")
+                end_if_distributed(r, results, write)
             results.append(r)
             write({"partial": True, "results": results})
             gc.collect()
@@ -716,6 +722,16 @@ def worker(loop_config: dict) -> None:
         import ray.train
 
         ray.train.report({"cases": len(results)})
+
+
+def end_if_distributed(failed: dict, results: list, write) -> None:
+    """Under DDP a case that failed on one worker leaves the others waiting in its all-reduce: say so on
+    this worker, write what was measured (the first worker), and end the run by raising again."""
+    if agreement().world_size > 1:
+        sys.stdout.write(f"[bench] worker {rank()}: {failed['case']}: {failed['error']}; ending the run\n")
+        sys.stdout.flush()
+        write({"partial": True, "results": results + [failed]})
+        raise
 
 
 def run_with_ray(loop_config: dict, use_gpu: bool, num_workers: int) -> None:
@@ -855,11 +871,10 @@ def main() -> int:
     if args.workers > 1 and (args.no_ray or args.cuda_graphs != "off" or args.pipeline or args.compile_shapes):
         parser.error("--workers N > 1 runs DDP through Ray Train with eager steps: not with --no-ray, --cuda-graphs "
                      "on/both, --pipeline or --compile-shapes")
-    if args.workers > 1 and args.device == "cuda" and torch.cuda.device_count() < args.workers:
-        parser.error(f"--workers {args.workers}: this machine has {torch.cuda.device_count()} GPU(s)")
-
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here (a CPU check: --no-ray --device cpu --tiny)")
+    if args.workers > torch.cuda.device_count() and args.device == "cuda" and not os.environ.get("RAY_ADDRESS"):
+        parser.error(f"--workers {args.workers}: this machine has {torch.cuda.device_count()} GPU(s)")
     if args.profile_ops and args.cuda_graphs != "off":
         parser.error("--profile-ops needs --cuda-graphs off: a graph's replay hides which op launched a kernel")
     if args.out is None:

@@ -152,20 +152,26 @@ class ScenarioDeployment:
         except Exception:
             self.failed_batches += 1
             raise
+        finally:  # a failed batch's lookups count too
+            self._record_user_cache()
         self.failed_batches = 0
         score_ms = (time.perf_counter() - start) * 1000
         self.metrics.batch(len(requests), tokens, score_ms)
+        return [ScoredRequest(s, len(requests), tokens, (start - q.arrived) * 1000, score_ms)
+                for s, q in zip(scores, queued)]
+
+    def _record_user_cache(self) -> None:
+        """The cache's lookups since the last batch's, and its size now, into the metrics."""
         if self.user_cache is not None:
             hits, misses = self.user_cache.hits, self.user_cache.misses
             self.metrics.user_cache(hits - self.cache_counts[0], misses - self.cache_counts[1], self.user_cache.bytes)
             self.cache_counts = (hits, misses)
-        return [ScoredRequest(s, len(requests), tokens, (start - q.arrived) * 1000, score_ms)
-                for s, q in zip(scores, queued)]
 
     def info(self) -> dict:
         """What /healthz reports for this scenario: the checkpoint folder it loaded (a pin), device (where it
         scores, "cuda" or "cpu") and cuda_graphs as in effect; serving as configured (its cuda_graphs applies on a
-        GPU only); the user-side cache's users, bytes, hits and misses since the replica started (null without one)."""
+        GPU only); the user-side cache's entries (expired ones until they are dropped), bytes, hits and misses since
+        the replica started (null without one)."""
         cache = self.user_cache
         return {"model_version": self.version, "checkpoint": self.checkpoint, "backend": self.backend.name,
                 "device": self.device.type, "cuda_graphs": self.backend.cuda_graphs,

@@ -291,8 +291,9 @@ def warm_start(model: "RecommenderBase", checkpoint: str | Path) -> WarmStart:
     A group (sequence or scenario) both know whose input features changed since the checkpoint's
     registry (added, removed, reordered, or a type, buckets, dim or transform changed) gets its
     tokenizer's first layer column by column: the columns of each feature it kept as trained, those
-    of a new or changed feature zero, so its tokens, and every score, are the trained model's until
-    those weights train. A changed feature's embedding table starts fresh.
+    of a new or changed feature zero. With features only added or reordered its tokens, and every
+    score, are then the trained model's until those weights train; a changed or removed feature
+    changes them. A changed feature's embedding table starts fresh.
     Any other tensor present in both with another shape is an error: the two were built from
     different model configs."""
     from mtfm.model.tokenizer import GroupTokenizer, HeterogeneousTokenizer, group_features

@@ -160,10 +160,11 @@ class TrainConfig:
             raise RegistryError(source, "name", f"expected a folder name for the run (runs/<name>-<time>), found "
                                 f"{config.name!r}")
         if config.cuda_graphs and (not config.use_gpu or config.num_workers != 1):
+            several = ("; several GPU workers step eagerly: cuda_graphs: false, as configs/train/multi_gpu.yaml has"
+                       if config.num_workers != 1 else "")
             raise RegistryError(source, "cuda_graphs", "needs use_gpu: true and num_workers: 1 (DDP all-reduces "
                                 f"gradients inside backward), found use_gpu {config.use_gpu}, num_workers "
-                                f"{config.num_workers}; several GPU workers step eagerly: cuda_graphs: false, as "
-                                "configs/train/multi_gpu.yaml has")
+                                f"{config.num_workers}{several}")
         return config
 
     def to_dict(self) -> dict[str, Any]:

@@ -91,10 +91,9 @@ def test_features_added_to_a_scenario_and_a_sequence_leave_every_score_unchanged
     old = _trained_like(old_registry, tmp_path / "ckpt").eval()
     _edit(config_dir, "scenarios/hp.yaml", RATING, "  - {name: poi_brand, type: categorical, buckets: 100, dim: 8}\n"
           + RATING + "  - {name: poi_photos, type: numeric, transform: log1p}\n")
-    _edit(config_dir, "scenarios/hp.yaml", "  - {name: user_city, type: categorical, buckets: 64, dim: 8, required: true}\n"
-          "  - {name: user_level, type: categorical, buckets: 8, dim: 4}\n",
-          "  - {name: user_level, type: categorical, buckets: 8, dim: 4}\n"
-          "  - {name: user_city, type: categorical, buckets: 64, dim: 8, required: true}\n")
+    city = "  - {name: user_city, type: categorical, buckets: 64, dim: 8, required: true}\n"
+    level = "  - {name: user_level, type: categorical, buckets: 8, dim: 4}\n"
+    _edit(config_dir, "scenarios/hp.yaml", city + level, level + city)
     sequences = (config_dir / "sequences.yaml").read_text()
     history_first = sequences.index("features:", sequences.index("history")) + len("features:\n")
     (config_dir / "sequences.yaml").write_text(sequences[:history_first] + "      - {name: dwell_s, type: numeric, "
@@ -110,7 +109,8 @@ def test_features_added_to_a_scenario_and_a_sequence_leave_every_score_unchanged
     assert set(report.loaded) == set(old.state_dict()) - set(report.remapped)
     # The weight by hand: hp's inputs are user_level (4), user_city (8), poi_id (32), category (16), poi_brand
     # (8), poi_rating, poi_photos, avg_price, distance_km, user_poi_clicks_30d; trained: user_city first.
-    trained, now = old.state_dict()["tokenizer.groups.hp.mlp.0.weight"], new.state_dict()["tokenizer.groups.hp.mlp.0.weight"]
+    key = "tokenizer.groups.hp.mlp.0.weight"
+    trained, now = old.state_dict()[key], new.state_dict()[key]
     expected = torch.cat([trained[:, 8:12], trained[:, 0:8], trained[:, 12:60], torch.zeros(len(trained), 8),
                           trained[:, 60:61], torch.zeros(len(trained), 1), trained[:, 61:64]], dim=1)
     assert torch.equal(now, expected)
@@ -152,7 +152,8 @@ def test_a_feature_removed_or_rehashed_drops_or_zeroes_its_weights(config_dir, t
     assert new.state_dict()[table].shape == old.state_dict()[table].shape
     assert not torch.equal(new.state_dict()[table], old.state_dict()[table])
     assert report.describe(set()).splitlines()[-1].endswith("(its tokens change)")
-    trained, now = old.state_dict()["tokenizer.groups.hp.mlp.0.weight"], new.state_dict()["tokenizer.groups.hp.mlp.0.weight"]
+    key = "tokenizer.groups.hp.mlp.0.weight"
+    trained, now = old.state_dict()[key], new.state_dict()[key]
     # user_city 8, user_level 4, poi_id 32 | category 16 | poi_rating | (avg_price gone) | distance_km, clicks
     expected = torch.cat([trained[:, :44], torch.zeros(len(trained), 16), trained[:, 60:61], trained[:, 62:64]], dim=1)
     assert torch.equal(now, expected)

@@ -312,7 +312,7 @@ def test_metrics_reach_the_prometheus_endpoint_with_exact_counts(service):
     """An app of its own (one scenario behind its router; its series carry its name): read the
     counters, send known requests, and every counter and histogram count grows by exactly them; the
     user-side cache's lookups by exactly the requests' hits and misses (the last request repeats the
-    first's user and events), as /healthz reports them too."""
+    second's user and events, well within the cache's 30 s), as /healthz reports them too."""
     import ray
     from ray import serve
 
