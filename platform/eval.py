@@ -135,7 +135,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path | None = None, 
     budget = trained["tokens_per_batch"]
     reads = test_ds.iter_batches(batch_size=trained["rows_per_read"], batch_format="pyarrow")
     results = evaluate_batches(model, token_budget_batches(reads, Collator(registry), budget), torch.device("cpu"))
-    test = windows[-windows_held_out:]
+    test = windows.test
     if meta.trained_windows is not None:
         trained_in_test = len(set(test) & set(meta.trained_windows))
     else:  # a checkpoint that does not record its windows: those its run held out fewer of, on the same samples

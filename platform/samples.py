@@ -10,15 +10,22 @@ starts.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from mtfm.platform.aggregate import SAMPLES, UNFINISHED
 from mtfm.platform.registry import events_column, exposures_column, scenario_of_column, user_column
 from mtfm.platform.run_lock import DRIVER_FILE, live_holder
 
 
+class Windows(NamedTuple):
+    """The windows (their start, epoch ms) the samples hold, in order, cut into training and held-out ones."""
+    train: list[int]
+    test: list[int]
+
+
 def split_by_window(samples: str | Path, test_windows: int, need_train: bool = True):
-    """(train, test) Ray Datasets: the last `test_windows` windows are the test set. Without
-    `need_train` (evaluation) the test set may be every window, and the train set empty."""
+    """(train, test, Windows): Ray Datasets of the samples, the last `test_windows` windows the test set.
+    Without `need_train` (evaluation) the test set may be every window, and the train set empty."""
     import ray.data
     from ray.data.expressions import col
 
@@ -42,7 +49,8 @@ def split_by_window(samples: str | Path, test_windows: int, need_train: bool = T
                          "for evaluation: generate more days, or hold out fewer (`--test-windows N`, or test_windows in the train "
                          "config)")
     cut = windows[-test_windows]
-    return ds.filter(expr=col("window") < cut), ds.filter(expr=col("window") >= cut), windows
+    return (ds.filter(expr=col("window") < cut), ds.filter(expr=col("window") >= cut),
+            Windows(windows[:-test_windows], windows[-test_windows:]))
 
 
 def refuse_what_is_not_samples(path: str, names: list[str]) -> None:

@@ -38,7 +38,7 @@ from mtfm.platform.registry import (FieldReader, Registry, RegistryError, dump_y
                                     read_yaml_mapping, resolve_config_dir)
 from mtfm.platform.run_lock import DriverLock, refuse_a_folder_a_live_driver_holds
 from mtfm.platform.samples import (keep_users_of, local_samples_schema, refuse_samples_that_do_not_fit,
-                                   samples_folder, scenarios_in, split_by_window)
+                                   Windows, samples_folder, scenarios_in, split_by_window)
 
 if TYPE_CHECKING:
     from mtfm.model import ModelConfig
@@ -464,25 +464,24 @@ def refuse_samples_the_model_cannot_read(plan: RunPlan, schema) -> None:
                               f"{sorted(in_data & set(plan.scenarios))} (a model config's `scenarios:`)"))
 
 
-def _start_run_folder(plan: RunPlan, windows: list, log) -> None:
+def _start_run_folder(plan: RunPlan, windows: Windows, log) -> None:
     """The run folder with the train config as it runs; the run's line."""
     config, model_config, run_dir = plan.config, plan.model_config, plan.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / TRAIN_CONFIG_FILE).write_text(dump_yaml(config.to_dict(), sort_keys=False))
     layout = f", layout {model_config.hta_layout}" if model_config.architecture == "mtfm" else ""  # baselines: none
-    log(f"[mtfm] run {run_dir}\n[mtfm] scenarios {plan.scenarios}; windows {len(windows)} "
-        f"({len(windows) - config.test_windows} train, {config.test_windows} test); model {model_config.name} "
+    log(f"[mtfm] run {run_dir}\n[mtfm] scenarios {plan.scenarios}; windows {len(windows.train) + len(windows.test)} "
+        f"({len(windows.train)} train, {len(windows.test)} test); model {model_config.name} "
         f"({model_config.architecture}{layout}); {config.num_workers} worker(s)"
         f"{' with GPU' if config.use_gpu else ''}")
 
 
-def _windows_trained_on(plan: RunPlan, windows: list[int], log) -> list[int] | None:
+def _windows_trained_on(plan: RunPlan, windows: Windows, log) -> list[int] | None:
     """The windows the run's checkpoints record as trained on: its training windows and those of the checkpoints
     it continues (--resume) or starts from (--init-from); a test window among the latter is warned of. None where
     one of those does not record its windows (written before they were): `mtfm eval` then guesses, as for it."""
     from mtfm.platform.checkpoint import read_meta
 
-    train, test = windows[:-plan.config.test_windows], windows[-plan.config.test_windows:]
     earlier: set[int] = set()
     for source in (plan.resume_from, plan.init_from):
         recorded = None if source is None else read_meta(source).trained_windows
@@ -491,12 +490,12 @@ def _windows_trained_on(plan: RunPlan, windows: list[int], log) -> list[int] | N
                 "either: `mtfm eval` cannot tell whether their test windows were trained on")
             return None
         earlier |= set(recorded or ())
-    seen = sorted(earlier & set(test))
+    seen = sorted(earlier & set(windows.test))
     if seen:
         days = ", ".join(time.strftime("%Y-%m-%d", time.gmtime(w / 1000)) for w in seen)
         log(f"[mtfm] warning: test window(s) starting {days} were trained on by the checkpoint this run continues or "
             "starts from: their evaluation is not held out")
-    return sorted(earlier | set(train))
+    return sorted(earlier | set(windows.train))
 
 
 def _trainer(plan: RunPlan, train_ds, test_ds, trained_windows: list[int] | None):

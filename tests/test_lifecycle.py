@@ -464,6 +464,7 @@ def test_a_scenario_without_exposures_is_warned_of_and_listed_as_not_evaluated(r
     assert ("warning: 2 of these 3 test windows are windows this checkpoint trained on: their scores are not "
             "held-out scores") in out
     # The checkpoint records the windows it trained on: the same days are found in other samples too.
+    from mtfm.platform.samples import Windows
     from mtfm.platform.synth import EPOCH_MS
     from mtfm.platform.train import RunPlan, _windows_trained_on
 
@@ -475,8 +476,8 @@ def test_a_scenario_without_exposures_is_warned_of_and_listed_as_not_evaluated(r
     # A run that continues from it with two test windows: the second day is warned of, and recorded once.
     continued = RunPlan(TrainConfig.from_dict(base | {"test_windows": 2}, "test"), four, None, tmp_path / "next",
                         find_checkpoint(run), None, None)
-    said = []
-    assert _windows_trained_on(continued, [first, first + day, first + 2 * day], said.append) == [first, first + day]
+    said, windows = [], Windows([first], [first + day, first + 2 * day])
+    assert _windows_trained_on(continued, windows, said.append) == [first, first + day]
     assert said == ["[mtfm] warning: test window(s) starting 2026-01-02 were trained on by the checkpoint this run "
                     "continues or starts from: their evaluation is not held out"]
     # From a checkpoint that does not record its windows (written before they were): not recorded either.
@@ -484,7 +485,7 @@ def test_a_scenario_without_exposures_is_warned_of_and_listed_as_not_evaluated(r
     meta_file.write_text(json.dumps({k: v for k, v in json.loads(meta_file.read_text()).items()
                                      if k != "trained_windows"}))
     said.clear()
-    assert _windows_trained_on(continued, [first, first + day, first + 2 * day], said.append) is None
+    assert _windows_trained_on(continued, windows, said.append) is None
     assert said == [f"[mtfm] note: {find_checkpoint(run)} does not record the windows it trained on, so this run's "
                     "checkpoints do not either: `mtfm eval` cannot tell whether their test windows were trained on"]
     assert main(["eval", "--checkpoint", str(run), "--test-windows", "4"]) == 1

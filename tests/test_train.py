@@ -418,7 +418,7 @@ def test_the_window_split_leaves_training_a_window(ray_cluster, tiny_samples):
     with pytest.raises(ValueError, match=rf"{len(windows)} window\(s\) of data, but test_windows={len(windows)} "):
         split_by_window(tiny_samples, len(windows))
     train_ds, test_ds, found = split_by_window(tiny_samples, len(windows), need_train=False)
-    assert found == windows and train_ds.count() == 0 and test_ds.count() > 0
+    assert found == ([], windows) and train_ds.count() == 0 and test_ds.count() > 0
     train_ds, _, _ = split_by_window(tiny_samples, len(windows) - 1)
     assert set(train_ds.unique("window")) == {windows[0]}
 
@@ -436,7 +436,7 @@ def test_files_ray_data_does_not_read_do_not_stop_the_window_split(ray_cluster, 
     (folder / ".hidden" / "old.parquet").write_bytes(b"not read")
     windows = sorted(set(pq.read_table(tiny_samples / "samples", columns=["window"])["window"].to_pylist()))
     train_ds, test_ds, found = split_by_window(folder, 1)
-    assert found == windows
+    assert found == (windows[:-1], windows[-1:])
     rows = sum(pq.read_metadata(f).num_rows for f in folder.glob("*.parquet"))
     assert train_ds.count() + test_ds.count() == rows
 
@@ -484,9 +484,9 @@ def test_single_scenario_model_trains_on_its_users_only(tiny_samples):
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    train_ds, _, windows = split_by_window(tiny_samples, 1)
+    train_ds, _, (_, test_windows) = split_by_window(tiny_samples, 1)
     table = pq.read_table(tiny_samples / "samples" if (tiny_samples / "samples").is_dir() else tiny_samples)
-    train_rows = table.filter(pc.less(table["window"], windows[-1]))
+    train_rows = table.filter(pc.less(table["window"], test_windows[0]))
     with_sqs = pc.greater(pc.fill_null(pc.list_value_length(train_rows["sqs__exposures"]), 0), 0)
     expected = sorted(zip(train_rows.filter(with_sqs)["user_id"].to_pylist(),
                           train_rows.filter(with_sqs)["window"].to_pylist()))
