@@ -14,7 +14,8 @@ by a new build with no code change and no edit of serve.yaml, which holds only o
     scenarios    per-scenario overrides of those knobs, e.g. {hp: {replicas: 2}}
     revision     written by `mtfm serve config`: a digest of the checkpoint and registry it found
                  (`serving_revision`). `serve deploy` rebuilds an app only when its config changed,
-                 so a file regenerated after training on, or after a registry change, rolls them out
+                 so a file regenerated after training on, or after a registry change, rolls them out;
+                 `--redeploy` adds the time, to retry a failed rollout with nothing else changed
     and the replicas' and router's settings, `AppArgs` below (the README has the table)
 
 Deployment `ranker_<scenario>` loads only that scenario's subgraph; the ingress `RankRouter`
@@ -29,6 +30,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +137,22 @@ def serving_revision(checkpoint: Path, registry: Registry) -> str:
     key = [str(named), read_meta(checkpoint).step, stat.st_size, stat.st_mtime_ns, snapshot["sequences"],
            snapshot["scenarios"]]
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def redeploy_revision(revision: str | None) -> str:
+    """`revision` (a `serving_revision`, or None where nothing was found to digest) stamped with the time
+    (`mtfm serve config --redeploy`): a file Serve has not seen, so `serve deploy` rebuilds the app and replaces
+    every replica. Ray Serve leaves an app whose config is unchanged as it is, a failed one included."""
+    now_us = time.time_ns() // 1000
+    stamp = f"redeploy-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now_us // 1_000_000))}.{now_us % 1_000_000:06d}Z"
+    return f"{revision}+{stamp}" if revision else stamp
+
+
+def digest_of_revision(revision: str | None) -> str | None:
+    """The `serving_revision` part of an `args.revision` (None where it has none)."""
+    if revision is None or revision.startswith("redeploy-"):
+        return None
+    return revision.partition("+")[0]
 
 
 def parse_app_args(args: AppArgs | dict, config_name: str = "serve.yaml") -> AppArgs:

@@ -5,7 +5,9 @@ A pin is never removed by training or serving, so that a replica restarted later
 was built with. Once the run has pruned the original checkpoint, a pin holds the only copy of its files, and pins
 of past rollouts pile up. Only the apps know which pins they load: each replica reports its pin in /healthz. A
 prune asks every app of a Serve instance (its proxy's /-/routes), removes nothing unless every scenario of every
-mtfm app answered, and keeps the pins newer than every pin an app loads: a rollout may be starting on them.
+mtfm app answered, and keeps the pins newer than every pin an app loads: a rollout may be starting on them. A pin's
+time is when an app build last chose it (`pin_for_serving` sets it again on a rollback to an older pin), and a pin
+chosen again while a prune asked the apps is not removed.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ HEALTH_TIMEOUT_S = 15.0  # an app's /healthz waits up to 5 s for each scenario's
 class Pin:
     folder: Path        # RUN/.serving/<key>/<checkpoint>
     step: int
-    pinned_at: float    # the folder's mtime: when the app build made it
+    chosen_at: float    # the folder's mtime: when an app build last chose it
     unshared_bytes: int  # of its files no other link holds (the run pruned the original): what removing it frees
 
 
@@ -40,7 +42,7 @@ def run_pins(run_dir: str | Path) -> list[Pin]:
         files = [f.stat() for f in folder.iterdir() if f.is_file()]
         pins.append(Pin(folder, read_meta(folder).step, folder.stat().st_mtime,
                         sum(s.st_size for s in files if s.st_nlink == 1)))
-    return sorted(pins, key=lambda p: p.pinned_at, reverse=True)
+    return sorted(pins, key=lambda p: p.chosen_at, reverse=True)
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -84,12 +86,18 @@ def checkpoints_served(serve_url: str) -> dict[str, dict[str, str | None]]:
 def removable(pins: list[Pin], in_use: set[Path]) -> list[Pin]:
     """The pins no app loads that are older than the newest pin one does: one newer than every pin in use may be
     what a rollout is starting replicas on."""
-    loaded = [pin.pinned_at for pin in pins if pin.folder.resolve() in in_use]
-    return [pin for pin in pins if loaded and pin.folder.resolve() not in in_use and pin.pinned_at < max(loaded)]
+    loaded = [pin.chosen_at for pin in pins if pin.folder.resolve() in in_use]
+    return [pin for pin in pins if loaded and pin.folder.resolve() not in in_use and pin.chosen_at < max(loaded)]
 
 
-def remove_pins(pins: list[Pin]) -> None:
+def remove_pins(pins: list[Pin]) -> list[Pin]:
+    """Removes `pins`, but not one an app build chose since it was listed (a rollback to it); returns those removed."""
+    removed = []
     for pin in pins:
+        if pin.folder.stat().st_mtime != pin.chosen_at:
+            continue
         shutil.rmtree(pin.folder)
         if not any(pin.folder.parent.iterdir()):
             pin.folder.parent.rmdir()
+        removed.append(pin)
+    return removed

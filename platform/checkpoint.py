@@ -92,15 +92,19 @@ def pin_for_serving(checkpoint: Path) -> Path:
     exists; copies where links are refused) under RUN_DIR/.serving/<key>/<name>, the key naming
     the model file's version: a pin is reused, never replaced, so apps already serving it keep
     their weights even if a checkpoint of that name is written again. `checkpoint` itself where
-    its folder cannot be written. `mtfm serve pins` lists them and removes those no app loads."""
+    its folder cannot be written. `mtfm serve pins` lists them and removes those no app loads.
+    A pin reused (a rollback to it, say) has its folder's time set to now: the newest pin, which
+    a prune keeps while the rollout starts replicas on it."""
     import os
     import shutil
 
     if is_pinned(checkpoint):
+        _mark_chosen(checkpoint)
         return checkpoint
     model = (checkpoint / MODEL_FILE).stat()
     pinned = checkpoint.parent / SERVING_PINS / f"{model.st_ino:x}-{model.st_mtime_ns:x}" / checkpoint.name
     if (pinned / META_FILE).is_file():
+        _mark_chosen(pinned)
         return pinned
     staging = pinned.with_name(f".{pinned.name}.{os.getpid()}.tmp")
     try:
@@ -117,6 +121,15 @@ def pin_for_serving(checkpoint: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return pinned
+
+
+def _mark_chosen(pin: Path) -> None:
+    import os
+
+    try:
+        os.utime(pin)
+    except OSError:  # a pin in a folder this user cannot write: it cannot be pruned by this user either
+        pass
 
 
 def is_pinned(checkpoint: Path) -> bool:

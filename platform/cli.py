@@ -286,7 +286,8 @@ def _holds_a_checkpoint(path: Path) -> bool:
 
 def cmd_serve_config(args: argparse.Namespace) -> int:
     from mtfm.deployments.app import (CHECKPOINT_ENV, DEFAULT_RUNS_DIR, ServeConfigError, newest_checkpoint,
-                                      refuse_what_it_cannot_serve, servable_scenarios, serving_revision)
+                                      redeploy_revision, refuse_what_it_cannot_serve, servable_scenarios,
+                                      serving_revision)
     from mtfm.deployments.serve_config import render_serve_config
     from mtfm.platform.checkpoint import CheckpointError, find_served_checkpoint
 
@@ -349,6 +350,8 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
     explicit = args.config_dir or os.environ.get("MTFM_CONFIG_DIR")
     config_dir = os.path.abspath(reg.config_dir) if explicit else str(reg.config_dir)
     checkpoint = None if args.checkpoint is None else os.path.abspath(os.path.expanduser(args.checkpoint))
+    if args.redeploy:
+        revision = redeploy_revision(revision)
     text = render_serve_config(config_dir=config_dir, checkpoint=checkpoint, host=args.host, port=args.port,
                                scenario_ingress=scenarios if args.scenario_ingress else None, revision=revision)
     if args.out is None:
@@ -375,7 +378,7 @@ def cmd_serve_check(args: argparse.Namespace) -> int:
     the reason among Ray's retries."""
     import yaml
 
-    from mtfm.deployments.app import ServeConfigError, plan_app, serving_revision
+    from mtfm.deployments.app import ServeConfigError, digest_of_revision, plan_app, serving_revision
     from mtfm.platform.checkpoint import CheckpointError
 
     path = Path(args.file)
@@ -433,7 +436,8 @@ def cmd_serve_check(args: argparse.Namespace) -> int:
         for note in plan.notes:
             print(f"note: {path} {name}: {note}", file=sys.stderr)
         now = serving_revision(plan.checkpoint, plan.registry)
-        if plan.args.revision is not None and plan.args.revision != now:
+        digested = digest_of_revision(plan.args.revision)
+        if digested is not None and digested != now:
             print(f"warning: {path} {name}: args.revision {plan.args.revision} was written for another checkpoint or "
                   f"registry than the app finds now ({now}): `serve deploy` of this file leaves a deployed app as it "
                   f"is; regenerate it (`mtfm serve config ... --out {path}`) to roll them out", file=sys.stderr)
@@ -545,10 +549,10 @@ def cmd_serve_pins(args: argparse.Namespace) -> int:
         print(f"{run}: no pins ({run / '.serving'} holds none: no app has been built from this run's checkpoints)")
         return 0
     print(f"{run / '.serving'}: {len(pins)} pin(s), newest first")
-    rows = [("pin", "step", "pinned (UTC)", "frees", "loaded by")]
+    rows = [("pin", "step", "chosen (UTC)", "frees", "loaded by")]
     for pin in pins:
         rows.append((str(pin.folder.relative_to(run)), str(pin.step),
-                     time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(pin.pinned_at)),
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(pin.chosen_at)),
                      _size(pin.unshared_bytes),
                      ", ".join(users.get(pin.folder.resolve(), [])) or ("-" if args.url else "(no --url asked)")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -559,11 +563,13 @@ def cmd_serve_pins(args: argparse.Namespace) -> int:
               f"`rm -r {run / '.serving'}` removes them all)")
     elif args.prune:
         doomed = removable(pins, set(users))
-        remove_pins(doomed)
+        removed = remove_pins(doomed)
         newer = sum(1 for pin in pins if pin not in doomed and pin.folder.resolve() not in users)
-        print(f"removed {len(doomed)} pin(s) no app loads, freeing {_size(sum(p.unshared_bytes for p in doomed))}; "
-              f"kept {len(pins) - len(doomed)}" + (f", of them {newer} newer than every pin an app loads (a rollout "
-                                                    "may be starting on it)" if newer else ""))
+        chosen = len(doomed) - len(removed)
+        print(f"removed {len(removed)} pin(s) no app loads, freeing {_size(sum(p.unshared_bytes for p in removed))}; "
+              f"kept {len(pins) - len(removed)}" + (f", of them {newer} newer than every pin an app loads (a rollout "
+                                                     "may be starting on it)" if newer else "")
+              + (f", and {chosen} an app build chose meanwhile" if chosen else ""))
     return 0
 
 
@@ -770,6 +776,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario-ingress", action="store_true",
                    help="one app per registered scenario, its replicas taking HTTP themselves at /<scenario>/rank "
                         "(no router hop; regenerate when scenarios change)")
+    p.add_argument("--redeploy", action="store_true",
+                   help="stamp args.revision with the time, so that `serve deploy` of the file rebuilds the app and "
+                        "starts every replica again even where the checkpoint and the registry are unchanged: to retry "
+                        "a rollout that failed for a cause outside them (a package or a GPU a node lacked), once fixed")
     p.set_defaults(handler=cmd_serve_config)
     p = vsub.add_parser("check", help="check a serve config as the app builder will, before `serve run`",
                         description="Check FILE against Serve's config schema, then make every check the app "

@@ -347,9 +347,9 @@ def test_serve_config_writes_a_revision_that_changes_with_the_checkpoint_and_the
     run, written = tmp_path / "run", tmp_path / "serve.yaml"
     write_tiny_checkpoint(registry, run / "checkpoint_00000003", step=3)
 
-    def regenerated() -> str:
+    def regenerated(*flags: str) -> str:
         assert main(["serve", "config", "--config-dir", str(config_dir), "--checkpoint", str(run),
-                     "--out", str(written)]) == 0
+                     "--out", str(written), *flags]) == 0
         return yaml.safe_load(written.read_text())["applications"][0]["args"]["revision"]
 
     def checked() -> str:
@@ -366,9 +366,20 @@ def test_serve_config_writes_a_revision_that_changes_with_the_checkpoint_and_the
     hp = config_dir / "scenarios" / "hp.yaml"
     hp.write_text(hp.read_text().replace("replicas: 1", "replicas: 2", 1))  # a serving knob: also a rollout
     assert "args.revision" in checked() and regenerated() not in (first, second)
+    third = regenerated()
+    # --redeploy: the same digest, stamped with the time, so a file Serve has not seen; `serve check` reads the digest.
+    redeployed = regenerated("--redeploy")
+    assert re.fullmatch(rf"{third}\+redeploy-\d{{8}}T\d{{6}}\.\d{{6}}Z", redeployed), redeployed
+    assert "warning" not in checked()
+    again = regenerated("--redeploy")
+    assert again != redeployed and again.startswith(f"{third}+redeploy-")
+    write_tiny_checkpoint(registry, run / "checkpoint_00000006", step=6)
+    assert f"args.revision {again} was written for another checkpoint or registry" in checked()
     monkeypatch.chdir(tmp_path)  # no runs/ here: no checkpoint found, no revision written
     assert main(["serve", "config", "--config-dir", str(config_dir)]) == 0
     assert "revision" not in capsys.readouterr().out
+    assert main(["serve", "config", "--config-dir", str(config_dir), "--redeploy"]) == 0  # the stamp alone
+    assert re.search(r"\n      revision: redeploy-\d{8}T\d{6}\.\d{6}Z\n", capsys.readouterr().out)
 
 
 def test_serve_config_warns_of_a_checkpoint_path_without_a_checkpoint(tmp_path, capsys):
@@ -837,3 +848,24 @@ def test_a_served_checkpoint_is_pinned_against_its_runs_pruning(tmp_path, capsys
     os.utime(again / "meta.json", ns=(2 * 10**18, 2 * 10**18))
     shutil.rmtree(rewritten)  # pruned again: the folder's newest pin is served
     assert resolve_checkpoint(str(checkpoint)) == again.resolve() and load_scenario_ranker(again, "hp")[1].step == 9
+
+
+def test_a_pin_an_app_build_chooses_during_a_prune_is_not_removed(tmp_path):
+    """A prune lists the pins, asks the apps (seconds), then removes: a pin a build chose meanwhile (a rollback
+    to it) is kept, the others go; the newest pin is the one a build chose last."""
+    from mtfm.deployments.pins import removable, remove_pins, run_pins
+    from mtfm.platform.checkpoint import pin_for_serving
+
+    registry = load_registry(REPO / "configs")
+    pins = [pin_for_serving(write_tiny_checkpoint(registry, tmp_path / "run" / f"checkpoint_0000000{step}", step=step))
+            for step in (1, 2, 3)]
+    for age, pin in zip((300, 200, 100), pins):
+        os.utime(pin, (time.time() - age, time.time() - age))
+    listed = run_pins(tmp_path / "run")
+    assert [p.folder for p in listed] == pins[::-1]
+    doomed = removable(listed, {pins[2].resolve()})  # the newest one serves
+    assert [p.folder for p in doomed] == [pins[1], pins[0]]
+    assert pin_for_serving(pins[0]) == pins[0]  # a rollback builds on the oldest
+    assert [p.folder for p in remove_pins(doomed)] == [pins[1]]
+    assert not pins[1].exists() and pins[0].is_dir()
+    assert [p.folder for p in run_pins(tmp_path / "run")] == [pins[0], pins[2]]

@@ -295,6 +295,13 @@ def test_pins_no_app_loads_are_pruned_and_the_served_one_kept(service, tmp_path,
     assert main(["serve", "pins", str(other), "--url", service["url"], "--prune"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith(f"no app at {service['url']} loads a pin of {other}: "
                                                                "nothing removed")
+    # A rollback to the earlier pin (an app built on it again): now the newest pin, kept while its replicas start.
+    assert pin_for_serving(stale) == stale and [p.folder for p in run_pins(run)] == [stale, rolling, served]
+    assert main(["serve", "pins", str(run), "--url", service["url"], "--prune"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == ("removed 0 pin(s) no app loads, freeing 0 B; kept 3, of them "
+                                                        "2 newer than every pin an app loads (a rollout may be "
+                                                        "starting on it)")
+    os.utime(stale, (before, before))  # as it was: a rollout long past
     assert main(["serve", "pins", str(run), "--url", service["url"], "--prune"]) == 0
     said = capsys.readouterr().out.splitlines()
     assert said[2].split()[-1] == "-" and said[3].endswith(", sqs (mtfm)") and said[4].split()[-1] == "-"
