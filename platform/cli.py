@@ -372,10 +372,35 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
 APP_BUILDER = "mtfm.deployments.app:build_app"
 
 
+def _keys_serve_ignores(config: dict) -> list[tuple[str, str, list[str]]]:
+    """(where, key, the keys Serve reads there) for each key of a Serve config that Serve's schema does not know:
+    it validates what it knows and drops the rest, so a misspelt `http_options` binds the default address."""
+    from ray.serve.schema import (DeploymentSchema, gRPCOptionsSchema, HTTPOptionsSchema, ServeApplicationSchema,
+                                  ServeDeploySchema)
+
+    found = []
+
+    def against(schema, mapping, where: str) -> None:
+        if isinstance(mapping, dict):
+            known = list(schema.model_fields)
+            found.extend((where, key, known) for key in mapping if key not in known)
+
+    against(ServeDeploySchema, config, "")
+    against(HTTPOptionsSchema, config.get("http_options"), "http_options.")
+    against(gRPCOptionsSchema, config.get("grpc_options"), "grpc_options.")
+    for i, app in enumerate(config.get("applications") or []):
+        against(ServeApplicationSchema, app, f"applications[{i}].")
+        for j, deployment in enumerate(app.get("deployments") or [] if isinstance(app, dict) else []):
+            against(DeploymentSchema, deployment, f"applications[{i}].deployments[{j}].")
+    return found
+
+
 def cmd_serve_check(args: argparse.Namespace) -> int:
     """Every check the app builder makes, on each of this project's applications in a serve config,
     without Ray: `serve run` of a config the builder refuses keeps running and answers 404s, with
     the reason among Ray's retries."""
+    import difflib
+
     import yaml
 
     from mtfm.deployments.app import ServeConfigError, digest_of_revision, plan_app, serving_revision
@@ -404,6 +429,14 @@ def cmd_serve_check(args: argparse.Namespace) -> int:
         for error in exc.errors():
             where = ".".join(str(part) for part in error["loc"])
             print(f"error: {path}: {where}: {error['msg']} (Serve's config schema)", file=sys.stderr)
+        return 1
+    unknown = _keys_serve_ignores(config)
+    for where, key, expected in unknown:
+        close = difflib.get_close_matches(key, expected, n=1)
+        print(f"error: {path}: {where}{key}: unknown key, which Serve ignores (`serve run` would use the default "
+              f"instead){f'; did you mean {close[0]}?' if close else ''} Expected one of: {', '.join(expected)}",
+              file=sys.stderr)
+    if unknown:
         return 1
     failed = checked = 0
     built_in = f"this folder ({Path.cwd()}), as a `serve run` that starts its own Ray here would"
@@ -580,7 +613,8 @@ def cmd_serve_example_request(args: argparse.Namespace) -> int:
 
     reg = load_registry(args.config_dir)
     if args.scenario not in reg.scenarios:
-        print(f"error: unknown scenario {args.scenario!r}; registered: {', '.join(reg.scenarios)}", file=sys.stderr)
+        print(f"error: unknown scenario {args.scenario!r}; registered in {reg.config_dir}: {', '.join(reg.scenarios)} "
+              "(another config dir: --config-dir DIR or $MTFM_CONFIG_DIR)", file=sys.stderr)
         return 1
     most = reg.scenario(args.scenario).serving.max_candidates
     if args.candidates > most:

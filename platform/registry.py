@@ -588,6 +588,9 @@ def _parse_scenario(raw: Any, file: str, expected_name: str, snapshot: bool = Fa
                                 "tasks", "serving", "synthetic"))
     name = f.name()
     if name != expected_name:
+        if not NAME_PATTERN.match(expected_name):  # the file's name is the one to change
+            raise RegistryError(file, "name", f"{name!r}: a scenario's file is named as the scenario, a lower-case "
+                                f"identifier; rename the file to {name}{Path(file).suffix}")
         raise RegistryError(file, "name", f"expected {expected_name!r} (the file name without .yaml), found {name!r}")
     reserved = SNAPSHOT_RESERVED_COLUMNS if snapshot else RESERVED_COLUMNS
     if name in reserved:  # as `mtfm scenarios infer --name` refuses it

@@ -229,8 +229,11 @@ def refuse_samples_that_do_not_fit(schema, data: str, registry, scenarios: list[
     names, sequences = schema.names, list(registry.sequences)
     held = scenarios_in(names)
     if not held & set(scenarios):
+        nearby = _config_dirs_registering(held, Path(registry.config_dir))
+        found = (f"{' and '.join(map(str, nearby))} register{'s' if len(nearby) == 1 else ''} them: pass "
+                 f"--config-dir {nearby[0]}, or " if nearby else "")
         raise ValueError(f"{data}: no exposures of the scenarios of {whose} ({list(scenarios)}); the samples hold "
-                         f"{sorted(held)}: aggregated with another registry? {remedy}")
+                         f"{sorted(held)}: aggregated with another registry? {found}{remedy}")
     why = "the samples were aggregated before they were registered, or with another registry"
     lacking = [s for s in scenarios if s not in held]
     if lacking:
@@ -249,6 +252,16 @@ def refuse_samples_that_do_not_fit(schema, data: str, registry, scenarios: list[
         raise ValueError(f"{data}: {'; '.join(differences[:4])}{'; ...' if len(differences) > 4 else ''} ({whose} "
                          f"reads them): the samples were aggregated before these features were declared as they are "
                          f"now, or with another registry; {remedy}")
+
+
+def _config_dirs_registering(scenarios: set[str], config_dir: Path) -> list[Path]:
+    """Config dirs inside `config_dir` or beside it (as configs/movielens is to configs) whose scenarios/ has a YAML
+    for each of `scenarios`: where samples aggregated with another registry of this project came from."""
+    if not scenarios:
+        return []
+    candidates = sorted({*config_dir.glob("*/scenarios"), *config_dir.parent.glob("*/scenarios")})
+    return [folder.parent for folder in candidates if folder.parent.resolve() != config_dir.resolve()
+            and all((folder / f"{name}.yaml").is_file() or (folder / f"{name}.yml").is_file() for name in scenarios)]
 
 
 def _feature_differences(column: str, expected, found) -> list[str]:

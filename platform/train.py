@@ -402,6 +402,12 @@ def _check_what_is_left_to_train(resume: str | Path, meta, config: TrainConfig, 
             shorter.append(f"{key} {before} -> {now}")
     if shorter:
         log(f"[mtfm] note: --resume {resume} ends the run sooner than it was started to: {'; '.join(shorter)}")
+    epochs_before, max_steps_before = meta.train_config.get("epochs"), meta.train_config.get("max_steps")
+    if max_steps_before is not None and config.max_steps == max_steps_before and epochs_before is not None \
+            and config.epochs > epochs_before:
+        log(f"[mtfm] note: --resume {resume} with epochs {epochs_before} -> {config.epochs}: the run's max_steps "
+            f"{config.max_steps} ({config.source}) still ends it at step {config.max_steps}, which may come first; "
+            "pass --max-steps to raise it")
     if config.max_steps is not None and meta.step >= config.max_steps:
         raise ValueError(f"--resume {resume}: it is at step {meta.step} and max_steps is {config.max_steps} "
                          f"({config.source}): nothing to train; raise --max-steps to go on")
@@ -566,8 +572,16 @@ def _report_result(result, plan: RunPlan, log) -> None:
     _warn_of_untrained_scenarios(run_dir, (result.metrics or {}).get("step"), log)  # after the table: seen
     saved = result.checkpoint.path if result.checkpoint else None
     steps = (result.metrics or {}).get("step")
-    ended = (f" (its {config.epochs} epoch(s) ended before max_steps {config.max_steps})"
-             if config.max_steps is not None and isinstance(steps, int) and steps < config.max_steps else "")
+    ended = ""
+    if config.max_steps is not None and isinstance(steps, int) and steps < config.max_steps:
+        ended = f" (its {config.epochs} epoch(s) ended before max_steps {config.max_steps})"
+    elif config.max_steps is not None and saved is not None:
+        from mtfm.platform.checkpoint import read_meta
+
+        epoch = read_meta(Path(saved)).epoch  # epochs completed
+        if epoch < config.epochs:
+            ended = (f" (max_steps {config.max_steps} stopped it in epoch {epoch + 1} of {config.epochs}: --resume "
+                     f"{run_dir} --max-steps N goes on)")
     log(f"[mtfm] done: {steps} steps{ended}; checkpoint {saved}")
 
 
@@ -728,11 +742,11 @@ def _resumed_runs_config_dir(resume: str | Path, log) -> str | None:
         return None
     if not Path(recorded).is_dir():  # removed since, or relative to another folder (recorded so before 2026-12-06)
         log(f"[mtfm] note: --resume {resume}: the config dir the run was started with, {recorded}, is not here "
-            f"({Path(recorded).resolve()}); the registry of {resolve_config_dir(None)} is used (--config-dir names "
-            "another)")
+            f"({Path(recorded).resolve()}); the registry of {resolve_config_dir(None)} is used (pass --config-dir to "
+            "use another)")
         return None
     log(f"[mtfm] note: --resume {resume}: the registry of {recorded}, the config dir the run was started with "
-        "(--config-dir names another)")
+        "(pass --config-dir to use another)")
     return recorded
 
 

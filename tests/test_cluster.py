@@ -44,13 +44,18 @@ def test_the_driver_leaves_out_forwarded_lines_that_ask_nothing_of_the_user(monk
     ddp = "[rank0]:[W1206 14:31:32.563669693 reducer.cpp:1529] Warning: find_unused_parameters=True was specified " \
           "in DDP constructor, but did not find any unused parameters in the forward pass. This flag results ..."
     raylet = "WARNING: 8 PYTHON worker processes have been started on node: d7 with address: 192.0.2.2"
+    gcs = ("[2026-12-07 08:02:11,120 E 4711 4711] gcs_actor_scheduler.cc:538: Failed to kill actor NIL_ID, "
+           "status: RpcError: RPC Error message: Socket closed; RPC Error details: rpc_code: 14")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     wrapped({"pid": 7, "is_err": True, "lines": [watcher, "[mtfm] step 10", ddp, theirs]}, ignore_prefix=True)
     wrapped({"pid": "raylet", "is_err": False, "lines": [raylet]}, ignore_prefix=False)
-    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # on a cluster the raylet's count may be a leak
+    wrapped({"pid": "gcs_server", "is_err": True, "lines": [gcs]}, ignore_prefix=False)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # on a cluster these may be faults
     wrapped({"pid": "raylet", "is_err": False, "lines": [raylet]}, ignore_prefix=False)
+    wrapped({"pid": "gcs_server", "is_err": True, "lines": [gcs]}, ignore_prefix=False)
     assert printed == [({"pid": 7, "is_err": True, "lines": ["[mtfm] step 10", theirs]}, True),
-                       ({"pid": "raylet", "is_err": False, "lines": [raylet]}, False)]
+                       ({"pid": "raylet", "is_err": False, "lines": [raylet]}, False),
+                       ({"pid": "gcs_server", "is_err": True, "lines": [gcs]}, False)]
 
     logger = logging.getLogger(_RAY_TOKEN_LOGGER)
     monkeypatch.setattr(logger, "filters", [])

@@ -64,6 +64,15 @@ def test_tiny_folder_end_to_end(ray_cluster, registry, tmp_path):
     day2 = rows[(1, 86_400_000 * 2)]
     assert [e["movie_id"] for e in day2["history__events"]] == [10, 11] and day2["young__user"]["gender"] == 2
     assert day2["adult__exposures"] == [] and day2["adult__user"] is None
+    # Read with the default registry (no --config-dir): the error names the config dir that registers them.
+    from mtfm.platform.samples import local_samples_schema, refuse_samples_that_do_not_fit
+
+    default = load_registry(ML_CONFIGS.parent)
+    with pytest.raises(ValueError, match=rf"the samples hold \['adult', 'senior', 'young'\]: aggregated with another "
+                                         rf"registry\? {ML_CONFIGS} registers them: pass --config-dir {ML_CONFIGS}, or "
+                                         "aggregate again"):
+        refuse_samples_that_do_not_fit(local_samples_schema(str(tmp_path / "agg")), str(tmp_path / "agg"), default,
+                                       list(default.scenarios), whose="model tiny", remedy="aggregate again")
 
 
 def test_clear_errors(registry, tmp_path, monkeypatch):

@@ -129,6 +129,16 @@ def test_bad_scenario_is_a_clear_error(config_dir, mutate, field, words):
     assert words in str(err.value)
 
 
+def test_a_scenario_file_named_otherwise_than_its_scenario_is_told_which_to_change(config_dir):
+    """The scenario's name is what the message asks to change, unless the file's name could not be one."""
+    hp = config_dir / "scenarios" / "hp.yaml"
+    hp.rename(config_dir / "scenarios" / "Hp.yaml")
+    with pytest.raises(RegistryError) as err:
+        load_registry(config_dir)
+    assert str(err.value) == (f"{config_dir / 'scenarios' / 'Hp.yaml'}: name: 'hp': a scenario's file is named as "
+                              "the scenario, a lower-case identifier; rename the file to hp.yaml")
+
+
 def test_feature_declared_differently_names_both_places(config_dir):
     """A new file that sorts first (flash < hp) must not make the untouched hp.yaml the culprit,
     and a categorical declaration is not compared on a numeric's transform."""

@@ -295,7 +295,7 @@ def test_a_resume_whose_model_config_file_is_gone_takes_the_checkpoints(tiny_sam
                       log=lambda *a: None)
     assert main(["--resume", str(other_run), "--max-steps", "3"]) == 0
     assert (f"[mtfm] note: --resume {other_run}: the registry of {config_dir}, the config dir the run was started "
-            "with (--config-dir names another)") in capsys.readouterr().out
+            "with (pass --config-dir to use another)") in capsys.readouterr().out
     assert read_meta(other_run).step == 3
     with pytest.raises(RegistryError, match=r"model: model config file .*tiny.yaml not found"):
         train(config, data=str(tiny_samples), out=tmp_path / "other", config_dir=str(CONFIGS), log=lambda *a: None)
@@ -349,8 +349,17 @@ def test_a_resume_mid_epoch_refuses_samples_written_again_at_the_same_path(tiny_
     shutil.copytree(tiny_samples, data)
     config = _config(num_workers=1, epochs=1, max_steps=2, checkpoint_every=1000, log_every=1000,
                      evaluate_at_checkpoints=False)
-    run = train(config, data=str(data), out=tmp_path / "run", config_dir=str(CONFIGS), log=lambda *a: None)
+    said = []
+    run = train(config, data=str(data), out=tmp_path / "run", config_dir=str(CONFIGS), log=said.append)
     assert read_meta(run).batches_in_epoch == 2
+    assert said[-1] == (f"[mtfm] done: 2 steps (max_steps 2 stopped it in epoch 1 of 1: --resume {tmp_path / 'run'} "
+                        f"--max-steps N goes on); checkpoint {find_checkpoint(run)}")
+    notes = []  # more epochs, but the run's max_steps still applies: said
+    with pytest.raises(ValueError, match=r"it is at step 2 and max_steps is 2 \(test\): nothing to train"):
+        train(TrainConfig.from_dict(config.to_dict() | {"epochs": 3}, "test"), resume=str(run),
+              config_dir=str(CONFIGS), log=notes.append)
+    assert (f"[mtfm] note: --resume {run} with epochs 1 -> 3: the run's max_steps 2 (test) still ends it at step 2, "
+            "which may come first; pass --max-steps to raise it") in notes, notes
     notes = []  # a lower limit than the run was started with is said (--max-steps usually extends a run)
     with pytest.raises(ValueError, match=r"it is at step 2 and max_steps is 1 \(test\): nothing to train"):
         train(TrainConfig.from_dict(config.to_dict() | {"max_steps": 1}, "test"), resume=str(run),

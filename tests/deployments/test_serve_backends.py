@@ -484,6 +484,19 @@ def test_serve_check_makes_the_builders_checks_on_each_application(checkpoint, c
     (tmp_path / "twice.yaml").write_text(yaml.safe_dump(twice))
     assert main(["serve", "check", str(tmp_path / "twice.yaml")]) == 1
     assert "applications.0.args: Input should be a valid dictionary (Serve's config schema)" in capsys.readouterr().err
+    # Keys Serve's schema does not know, which it drops: a misspelt http_options would serve on 0.0.0.0:8000.
+    misspelt = yaml.safe_load(good.read_text())
+    misspelt["http_option"] = misspelt.pop("http_options")
+    misspelt["applications"][0]["argz"] = misspelt["applications"][0].pop("args")
+    misspelt["applications"][0]["deployments"] = [{"name": "ranker_hp", "num_replica": 2}]
+    (tmp_path / "misspelt.yaml").write_text(yaml.safe_dump(misspelt))
+    assert main(["serve", "check", str(tmp_path / "misspelt.yaml")]) == 1
+    said = capsys.readouterr().err.splitlines()
+    assert [line.split(": unknown key")[0] for line in said] == [
+        f"error: {tmp_path / 'misspelt.yaml'}: {key}" for key in (
+            "http_option", "applications[0].argz", "applications[0].deployments[0].num_replica")], said
+    assert ("which Serve ignores (`serve run` would use the default instead); did you mean http_options? Expected "
+            "one of: proxy_location, http_options, ") in said[0], said
 
     not_serve = tmp_path / "scenario.yaml"
     not_serve.write_text((config_dir / "scenarios" / "hp.yaml").read_text())
@@ -808,6 +821,9 @@ def test_example_request_cli_refuses_a_request_the_scenario_would_refuse(capsys)
             main(common + [flag, value])
     assert main(common + ["--candidates", "1", "--indent", "0"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 1  # compact
+    assert main(common[:-1] + ["grocery"]) == 1  # a scenario of another config dir
+    assert capsys.readouterr().err == (f"error: unknown scenario 'grocery'; registered in {REPO / 'configs'}: hp, phf, "
+                                       "sqs (another config dir: --config-dir DIR or $MTFM_CONFIG_DIR)\n")
 
 
 def test_a_served_checkpoint_is_pinned_against_its_runs_pruning(tmp_path, capsys):
