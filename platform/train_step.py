@@ -42,7 +42,8 @@ class FrozenColumns:
     """Columns of a 2-D parameter kept as they are while the rest of it trains (a warm start's first
     tokenizer layer: the columns of the features it loaded). Their gradient is zeroed before the
     optimizers step (no momentum builds up there from the loss) and their values are written back
-    after it: weight decay moves a parameter whose gradient is zero."""
+    after it: weight decay moves a parameter whose gradient is zero. The optimizers' per-element
+    state there (Adam's moments, which hold the decay term) is zeroed too."""
 
     param: nn.Parameter
     index: Tensor
@@ -124,6 +125,10 @@ class TrainStep:
         with torch.no_grad():
             for columns in self._frozen_columns:
                 columns.param.index_copy_(1, columns.index, columns.values)
+                for opt in self.optimizers:  # Adam's weight decay is in its moments: they start afresh at the thaw
+                    for state in opt.state.get(columns.param, {}).values():
+                        if torch.is_tensor(state) and state.shape == columns.param.shape:
+                            state.index_fill_(1, columns.index, 0.0)
         self._frozen_columns = ()
 
     def _forward_backward(self, batch: TokenBatch, cache: bool = True,

@@ -145,7 +145,8 @@ def test_a_graphed_step_refuses_a_loss_scale():
 def test_frozen_columns_stay_as_they_are_while_the_rest_of_their_parameter_trains():
     """A warm start's partly loaded first layer under freeze_loaded_steps: the frozen columns keep their
     values exactly, also under weight decay (which moves a parameter whose gradient is zero) and in a
-    graphed step, which then runs eagerly; the other columns train."""
+    graphed step, which then runs eagerly; Adam's moments there stay zero (its decay term is in them);
+    the other columns train."""
     from mtfm.platform.train_step import FrozenColumns
 
     for cuda_graphs in (False, True):
@@ -163,6 +164,8 @@ def test_frozen_columns_stay_as_they_are_while_the_rest_of_their_parameter_train
         assert torch.equal(weight.detach()[:, kept], before[:, kept])
         others = [c for c in range(weight.shape[1]) if c not in kept]
         assert (weight.detach()[:, others] - before[:, others]).abs().amax(0).min() > 0  # every other column moved
+        moments = [optimizers["dense"].state[weight][key] for key in ("exp_avg", "exp_avg_sq")]
+        assert all(not m[:, kept].any() and m[:, others].abs().amax(0).min() > 0 for m in moments)  # no decay kept
         # Unfrozen, the same columns train.
         step(Collator(REGISTRY)(random_table(REGISTRY, 4, 7, lengths=LENGTHS)))
         assert not torch.equal(weight.detach()[:, kept], before[:, kept])
