@@ -476,10 +476,12 @@ def _start_run_folder(plan: RunPlan, windows: Windows, log) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / TRAIN_CONFIG_FILE).write_text(dump_yaml(config.to_dict(), sort_keys=False))
     layout = f", layout {model_config.hta_layout}" if model_config.architecture == "mtfm" else ""  # baselines: none
+    gpu = " with GPU" if config.use_gpu else ""
+    if config.use_gpu and config.num_workers > 1 and ddp_backend(config) == "gloo":
+        gpu += f" ({config.gpus_per_worker:g} each: DDP over gloo, as NCCL needs a GPU of its own per worker)"
     log(f"[mtfm] run {run_dir}\n[mtfm] scenarios {plan.scenarios}; windows {len(windows.train) + len(windows.test)} "
         f"({len(windows.train)} train, {len(windows.test)} test); model {model_config.name} "
-        f"({model_config.architecture}{layout}); {config.num_workers} worker(s)"
-        f"{' with GPU' if config.use_gpu else ''}")
+        f"({model_config.architecture}{layout}); {config.num_workers} worker(s){gpu}")
 
 
 def _windows_trained_on(plan: RunPlan, windows: Windows, log) -> list[int] | None:
@@ -504,11 +506,18 @@ def _windows_trained_on(plan: RunPlan, windows: Windows, log) -> list[int] | Non
     return sorted(earlier | set(windows.train))
 
 
+def ddp_backend(config: TrainConfig) -> str:
+    """torch.distributed's backend for the workers: NCCL for GPU workers, one GPU each; gloo on CPUs, and for GPU
+    workers that share GPUs (`gpus_per_worker` below 1), which NCCL refuses ("Duplicate GPU detected") when two
+    ranks land on one GPU. gloo all-reduces CUDA tensors through the host: slower, but it runs."""
+    return "nccl" if config.use_gpu and config.gpus_per_worker >= 1 else "gloo"
+
+
 def _trainer(plan: RunPlan, train_ds, test_ds, trained_windows: list[int] | None):
     """The TorchTrainer of the run: `train_loop_per_worker` on `num_workers` workers, restarted from the
     newest checkpoint on a worker's failure."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from mtfm.platform.checkpoint import read_meta
     from mtfm.platform.train_worker import train_loop_per_worker
@@ -516,6 +525,7 @@ def _trainer(plan: RunPlan, train_ds, test_ds, trained_windows: list[int] | None
     config, run_dir = plan.config, plan.run_dir
     return TorchTrainer(
         train_loop_per_worker,
+        torch_config=TorchConfig(backend=ddp_backend(config)),
         train_loop_config={"train_config": config.to_dict(), "registry": plan.registry.to_dict(),
                            "model_config": plan.model_config.to_dict(), "run_dir": str(run_dir),
                            "init_from": str(plan.init_from) if plan.init_from else None,
