@@ -185,6 +185,10 @@ def build_app(args: AppArgs) -> Application:
     if pinned != plan.checkpoint:
         print(f"[mtfm] replicas load {pinned} (pinned: the run's later checkpoints do not remove it)", file=sys.stderr,
               flush=True)
+    if is_pinned(pinned) and time.time() - pinned.stat().st_mtime > 60:  # its time not set: not this user's to set
+        print(f"[mtfm] note: {pinned} could not be marked as chosen now (this user may not set its time): `mtfm "
+              "serve pins --prune` takes it for an earlier rollout's until an app loads it; prune once this app "
+              "serves", file=sys.stderr, flush=True)
     rankers = {
         name: ScenarioDeployment.options(
             name=f"ranker_{name}", num_replicas=cfg.replicas, max_ongoing_requests=cfg.max_ongoing_requests,

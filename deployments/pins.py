@@ -5,9 +5,9 @@ A pin is never removed by training or serving, so that a replica restarted later
 was built with. Once the run has pruned the original checkpoint, a pin holds the only copy of its files, and pins
 of past rollouts pile up. Only the apps know which pins they load: each replica reports its pin in /healthz. A
 prune asks every app of a Serve instance (its proxy's /-/routes), removes nothing unless every scenario of every
-mtfm app answered, and keeps the pins newer than every pin an app loads: a rollout may be starting on them. A pin's
-time is when an app build last chose it (`pin_for_serving` sets it again on a rollback to an older pin), and a pin
-chosen again while a prune asked the apps is not removed.
+mtfm app answered, and keeps the pins newer than every pin an app loads and those an app build chose in the last
+10 minutes: a rollout may be starting on them. A pin's time is when an app build last chose it (`pin_for_serving`
+sets it again on a rollback to an older pin), and a pin chosen again while a prune asked the apps is not removed.
 """
 from __future__ import annotations
 
@@ -83,18 +83,26 @@ def checkpoints_served(serve_url: str) -> dict[str, dict[str, str | None]]:
     return served
 
 
-def removable(pins: list[Pin], in_use: set[Path]) -> list[Pin]:
-    """The pins no app loads that are older than the newest pin one does: one newer than every pin in use may be
-    what a rollout is starting replicas on."""
+RECENT_S = 600.0  # a pin an app build chose this recently may be what its replicas are starting on
+
+
+def removable(pins: list[Pin], in_use: set[Path], now: float) -> list[Pin]:
+    """The pins no app loads that are older than the newest pin one does and were not chosen by an app build in the
+    last RECENT_S: a rollout may be starting replicas on those (one on another Serve instance, say, while an app
+    here was rebuilt on the pin it loads)."""
     loaded = [pin.chosen_at for pin in pins if pin.folder.resolve() in in_use]
-    return [pin for pin in pins if loaded and pin.folder.resolve() not in in_use and pin.chosen_at < max(loaded)]
+    return [pin for pin in pins if loaded and pin.folder.resolve() not in in_use and pin.chosen_at < max(loaded)
+            and now - pin.chosen_at > RECENT_S]
 
 
 def remove_pins(pins: list[Pin]) -> list[Pin]:
     """Removes `pins`, but not one an app build chose since it was listed (a rollback to it); returns those removed."""
     removed = []
     for pin in pins:
-        if pin.folder.stat().st_mtime != pin.chosen_at:
+        try:
+            if pin.folder.stat().st_mtime != pin.chosen_at:
+                continue
+        except FileNotFoundError:  # removed meanwhile (another prune)
             continue
         shutil.rmtree(pin.folder)
         if not any(pin.folder.parent.iterdir()):

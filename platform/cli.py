@@ -325,9 +325,10 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
             if _holds_a_checkpoint(Path(args.checkpoint).expanduser()):  # found here and refused: so would the app be
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
-            print(f"warning: {exc}; written as given, for a cluster whose machines have that path, without "
-                  "args.revision (nothing here to digest): to roll out a newer checkpoint there, name it "
-                  "(--checkpoint RUN/checkpoint_N)", file=sys.stderr)
+            revision_said = ("with args.revision the time alone (--redeploy; nothing here to digest)" if args.redeploy
+                             else "without args.revision (nothing here to digest)")
+            print(f"warning: {exc}; written as given, for a cluster whose machines have that path, {revision_said}: "
+                  "to roll out a newer checkpoint there, name it (--checkpoint RUN/checkpoint_N)", file=sys.stderr)
         else:
             if note:  # as the app builder will
                 print(f"note: {note}", file=sys.stderr)
@@ -375,8 +376,9 @@ APP_BUILDER = "mtfm.deployments.app:build_app"
 def _keys_serve_ignores(config: dict) -> list[tuple[str, str, list[str]]]:
     """(where, key, the keys Serve reads there) for each key of a Serve config that Serve's schema does not know:
     it validates what it knows and drops the rest, so a misspelt `http_options` binds the default address."""
-    from ray.serve.schema import (DeploymentSchema, gRPCOptionsSchema, HTTPOptionsSchema, ServeApplicationSchema,
-                                  ServeDeploySchema)
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import (DeploymentSchema, gRPCOptionsSchema, HTTPOptionsSchema, RayActorOptionsSchema,
+                                  ServeApplicationSchema, ServeDeploySchema)
 
     found = []
 
@@ -391,8 +393,18 @@ def _keys_serve_ignores(config: dict) -> list[tuple[str, str, list[str]]]:
     for i, app in enumerate(config.get("applications") or []):
         against(ServeApplicationSchema, app, f"applications[{i}].")
         for j, deployment in enumerate(app.get("deployments") or [] if isinstance(app, dict) else []):
-            against(DeploymentSchema, deployment, f"applications[{i}].deployments[{j}].")
+            where = f"applications[{i}].deployments[{j}]."
+            against(DeploymentSchema, deployment, where)
+            if isinstance(deployment, dict):
+                against(RayActorOptionsSchema, deployment.get("ray_actor_options"), f"{where}ray_actor_options.")
+                against(AutoscalingConfig, deployment.get("autoscaling_config"), f"{where}autoscaling_config.")
     return found
+
+
+def _ray_version() -> str:
+    import ray
+
+    return ray.__version__
 
 
 def cmd_serve_check(args: argparse.Namespace) -> int:
@@ -432,10 +444,10 @@ def cmd_serve_check(args: argparse.Namespace) -> int:
         return 1
     unknown = _keys_serve_ignores(config)
     for where, key, expected in unknown:
-        close = difflib.get_close_matches(key, expected, n=1)
-        print(f"error: {path}: {where}{key}: unknown key, which Serve ignores (`serve run` would use the default "
-              f"instead){f'; did you mean {close[0]}?' if close else ''} Expected one of: {', '.join(expected)}",
-              file=sys.stderr)
+        close = difflib.get_close_matches(str(key), expected, n=1)
+        print(f"error: {path}: {where}{key if isinstance(key, str) else repr(key)}: unknown key, which Serve ignores "
+              f"(`serve run` would use the default instead){f'; did you mean {close[0]}?' if close else ''} Expected "
+              f"one of: {', '.join(expected)} (as this machine's Ray {_ray_version()} reads them)", file=sys.stderr)
     if unknown:
         return 1
     failed = checked = 0
@@ -555,7 +567,7 @@ def cmd_serve_pins(args: argparse.Namespace) -> int:
     removed (`mtfm.deployments.pins`)."""
     import time
 
-    from mtfm.deployments.pins import checkpoints_served, removable, remove_pins, run_pins
+    from mtfm.deployments.pins import RECENT_S, checkpoints_served, removable, remove_pins, run_pins
 
     run = Path(args.run)
     if not run.is_dir():
@@ -595,13 +607,20 @@ def cmd_serve_pins(args: argparse.Namespace) -> int:
         print(f"no app at {', '.join(args.url)} loads a pin of {run}: nothing removed (with no app serving from it, "
               f"`rm -r {run / '.serving'}` removes them all)")
     elif args.prune:
-        doomed = removable(pins, set(users))
+        now = time.time()
+        doomed = removable(pins, set(users), now)
         removed = remove_pins(doomed)
-        newer = sum(1 for pin in pins if pin not in doomed and pin.folder.resolve() not in users)
+        newest_loaded = max(pin.chosen_at for pin in pins if pin.folder.resolve() in users)
+        spared = [pin for pin in pins if pin not in doomed and pin.folder.resolve() not in users]
+        newer = sum(1 for pin in spared if pin.chosen_at >= newest_loaded)
+        recent = len(spared) - newer
         chosen = len(doomed) - len(removed)
+        reasons = [f"{newer} newer than every pin an app loads" if newer else "",
+                   f"{recent} an app build chose in the last {RECENT_S / 60:g} minutes" if recent else ""]
+        reasons = " and ".join(r for r in reasons if r)
         print(f"removed {len(removed)} pin(s) no app loads, freeing {_size(sum(p.unshared_bytes for p in removed))}; "
-              f"kept {len(pins) - len(removed)}" + (f", of them {newer} newer than every pin an app loads (a rollout "
-                                                     "may be starting on it)" if newer else "")
+              f"kept {len(pins) - len(removed)}" + (f", of them {reasons} (a rollout may be starting on it)"
+                                                     if reasons else "")
               + (f", and {chosen} an app build chose meanwhile" if chosen else ""))
     return 0
 

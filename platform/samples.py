@@ -221,15 +221,16 @@ def scenarios_in(names: list[str]) -> set[str]:
 
 
 def refuse_samples_that_do_not_fit(schema, data: str, registry, scenarios: list[str], *, whose: str, remedy: str,
-                                   remedy_for_scenarios: str = "") -> None:
+                                   remedy_for_scenarios: str = "", config_dir_flag: bool = False) -> None:
     """Samples (Arrow `schema`) without the columns of each of `scenarios` and of `registry`'s sequences,
     or whose columns lack a feature the registry declares or hold it as another type: aggregated before
     those were registered or with another registry. Reading them would fail in the workers (each failure
-    retried) or mid-evaluation. `whose` names what needs them, `remedy` what to do."""
+    retried) or mid-evaluation. `whose` names what needs them, `remedy` what to do; `config_dir_flag`: the
+    command takes --config-dir, so samples of none of `scenarios` name the config dirs beside that register theirs."""
     names, sequences = schema.names, list(registry.sequences)
     held = scenarios_in(names)
     if not held & set(scenarios):
-        nearby = _config_dirs_registering(held, Path(registry.config_dir))
+        nearby = _config_dirs_registering(held, Path(registry.config_dir)) if config_dir_flag else []
         found = (f"{' and '.join(map(str, nearby))} register{'s' if len(nearby) == 1 else ''} them: pass "
                  f"--config-dir {nearby[0]}, or " if nearby else "")
         raise ValueError(f"{data}: no exposures of the scenarios of {whose} ({list(scenarios)}); the samples hold "

@@ -467,7 +467,8 @@ def refuse_samples_the_model_cannot_read(plan: RunPlan, schema) -> None:
         remedy=("aggregate the raw logs again with this registry (`mtfm data aggregate --config-dir "
                 f"{registry.config_dir} --raw RAW --out AGG`)"),
         remedy_for_scenarios=(f", or train a model of the scenarios the samples hold, "
-                              f"{sorted(in_data & set(plan.scenarios))} (a model config's `scenarios:`)"))
+                              f"{sorted(in_data & set(plan.scenarios))} (a model config's `scenarios:`)"),
+        config_dir_flag=True)
 
 
 def _start_run_folder(plan: RunPlan, windows: Windows, log) -> None:
@@ -588,10 +589,11 @@ def _report_result(result, plan: RunPlan, log) -> None:
     elif config.max_steps is not None and saved is not None:
         from mtfm.platform.checkpoint import read_meta
 
-        epoch = read_meta(Path(saved)).epoch  # epochs completed
-        if epoch < config.epochs:
-            ended = (f" (max_steps {config.max_steps} stopped it in epoch {epoch + 1} of {config.epochs}: --resume "
-                     f"{run_dir} --max-steps N goes on)")
+        meta = read_meta(Path(saved))  # its epoch: the epochs completed
+        if meta.epoch < config.epochs:
+            where = (f"in epoch {meta.epoch + 1}" if meta.batches_in_epoch else f"after epoch {meta.epoch}")
+            ended = (f" (max_steps {config.max_steps} stopped it {where} of {config.epochs}: --resume {run_dir} "
+                     "--max-steps N goes on)")
     log(f"[mtfm] done: {steps} steps{ended}; checkpoint {saved}")
 
 

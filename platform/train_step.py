@@ -125,7 +125,7 @@ class TrainStep:
         with torch.no_grad():
             for columns in self._frozen_columns:
                 columns.param.index_copy_(1, columns.index, columns.values)
-                for opt in self.optimizers:  # Adam's weight decay is in its moments: they start afresh at the thaw
+                for opt in self.optimizers:  # Adam's weight decay enters its moments: the thaw finds them at zero
                     for state in opt.state.get(columns.param, {}).values():
                         if torch.is_tensor(state) and state.shape == columns.param.shape:
                             state.index_fill_(1, columns.index, 0.0)

@@ -72,7 +72,11 @@ def test_tiny_folder_end_to_end(ray_cluster, registry, tmp_path):
                                          rf"registry\? {ML_CONFIGS} registers them: pass --config-dir {ML_CONFIGS}, or "
                                          "aggregate again"):
         refuse_samples_that_do_not_fit(local_samples_schema(str(tmp_path / "agg")), str(tmp_path / "agg"), default,
-                                       list(default.scenarios), whose="model tiny", remedy="aggregate again")
+                                       list(default.scenarios), whose="model tiny", remedy="aggregate again",
+                                       config_dir_flag=True)
+    with pytest.raises(ValueError, match=r"aggregated with another registry\? aggregate again$"):  # as `mtfm eval`
+        refuse_samples_that_do_not_fit(local_samples_schema(str(tmp_path / "agg")), str(tmp_path / "agg"), default,
+                                       list(default.scenarios), whose="checkpoint", remedy="aggregate again")
 
 
 def test_clear_errors(registry, tmp_path, monkeypatch):

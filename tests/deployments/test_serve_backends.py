@@ -488,13 +488,18 @@ def test_serve_check_makes_the_builders_checks_on_each_application(checkpoint, c
     misspelt = yaml.safe_load(good.read_text())
     misspelt["http_option"] = misspelt.pop("http_options")
     misspelt["applications"][0]["argz"] = misspelt["applications"][0].pop("args")
-    misspelt["applications"][0]["deployments"] = [{"name": "ranker_hp", "num_replica": 2}]
+    misspelt["applications"][0]["deployments"] = [{"name": "ranker_hp", "num_replica": 2,
+                                                   "ray_actor_options": {"num_cpu": 1, 8000: "a key YAML reads as "
+                                                                                          "an integer"}}]
     (tmp_path / "misspelt.yaml").write_text(yaml.safe_dump(misspelt))
     assert main(["serve", "check", str(tmp_path / "misspelt.yaml")]) == 1
     said = capsys.readouterr().err.splitlines()
     assert [line.split(": unknown key")[0] for line in said] == [
         f"error: {tmp_path / 'misspelt.yaml'}: {key}" for key in (
-            "http_option", "applications[0].argz", "applications[0].deployments[0].num_replica")], said
+            "http_option", "applications[0].argz", "applications[0].deployments[0].num_replica",
+            "applications[0].deployments[0].ray_actor_options.num_cpu",
+            "applications[0].deployments[0].ray_actor_options.8000")], said
+    assert "did you mean num_cpus?" in said[3], said
     assert ("which Serve ignores (`serve run` would use the default instead); did you mean http_options? Expected "
             "one of: proxy_location, http_options, ") in said[0], said
 
@@ -868,18 +873,22 @@ def test_a_served_checkpoint_is_pinned_against_its_runs_pruning(tmp_path, capsys
 
 def test_a_pin_an_app_build_chooses_during_a_prune_is_not_removed(tmp_path):
     """A prune lists the pins, asks the apps (seconds), then removes: a pin a build chose meanwhile (a rollback
-    to it) is kept, the others go; the newest pin is the one a build chose last."""
+    to it) is kept, the others go; the newest pin is the one a build chose last, and one chosen in the last 10
+    minutes is kept too (another Serve instance's rollout may be starting on it)."""
     from mtfm.deployments.pins import removable, remove_pins, run_pins
     from mtfm.platform.checkpoint import pin_for_serving
 
     registry = load_registry(REPO / "configs")
     pins = [pin_for_serving(write_tiny_checkpoint(registry, tmp_path / "run" / f"checkpoint_0000000{step}", step=step))
             for step in (1, 2, 3)]
-    for age, pin in zip((300, 200, 100), pins):
-        os.utime(pin, (time.time() - age, time.time() - age))
+    now = time.time()
+    for age, pin in zip((3000, 100, 50), pins):
+        os.utime(pin, (now - age, now - age))
     listed = run_pins(tmp_path / "run")
     assert [p.folder for p in listed] == pins[::-1]
-    doomed = removable(listed, {pins[2].resolve()})  # the newest one serves
+    in_use = {pins[2].resolve()}  # the newest one serves
+    assert [p.folder for p in removable(listed, in_use, now)] == [pins[0]]  # pins[1]: chosen 100 s ago, kept
+    doomed = removable(listed, in_use, now + 1000)
     assert [p.folder for p in doomed] == [pins[1], pins[0]]
     assert pin_for_serving(pins[0]) == pins[0]  # a rollback builds on the oldest
     assert [p.folder for p in remove_pins(doomed)] == [pins[1]]

@@ -268,7 +268,7 @@ def test_pins_no_app_loads_are_pruned_and_the_served_one_kept(service, tmp_path,
     # files), and one made after the served pin, as by a rollout starting.
     earlier = write_tiny_checkpoint(service["registry"], run / "checkpoint_00000003", step=3)
     stale = pin_for_serving(earlier)
-    before = served.stat().st_mtime - 60
+    before = served.stat().st_mtime - 3600  # older than the 10 minutes a recently chosen pin is kept
     os.utime(stale, (before, before))
     stale_bytes = sum(f.stat().st_size for f in stale.iterdir())
     shutil.rmtree(earlier)
