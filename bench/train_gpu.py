@@ -1,7 +1,8 @@
 """GPU training benchmark (issue 7, parts 1 and 2): MTFM training steps through Ray Train.
 
     python bench/train_gpu.py [--out FILE] [--no-ray] [--device cuda|cpu] [--tiny] [--only NAME ...]
-                              [--cuda-graphs off|on|both] [--workers N] [--pipeline] [--compile-shapes N]
+                              [--cuda-graphs off|on|both] [--workers N [--gpus-per-worker F]] [--pipeline]
+                              [--compile-shapes N]
 
 One Ray Train `TorchTrainer` with one GPU worker (use_gpu=True) runs every case in turn in the
 same worker process (one trainer start instead of one per case); `--no-ray` runs the same worker
@@ -11,6 +12,8 @@ steps its own batches (the same mix, another draw). samples/s, tokens/s, TFLOP/s
 times the matmul rate) count every worker; the per-step figures (users, tokens, TFLOP, step ms and
 its split, host ms) and peak memory are one worker's (the first's). Eager steps only, as training's
 DDP is; a case that fails on any worker ends the run (the others would wait in DDP's all-reduce).
+`--gpus-per-worker F` below 1 lets workers share GPUs (DDP over gloo then, as training picks it:
+`ddp_backend`), MFU over N x F matmul rates: a check that the path runs, not a scaling figure.
 
 Per case: the model is built from its config (plus overrides), Adam + Adagrad from
 `mtfm.platform.train_worker.make_optimizers`, and trained on pre-collated token-budget batches of
@@ -386,6 +389,7 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
     elapsed = time.perf_counter() - start
     # Under DDP, every worker's samples, tokens and FLOPs over the workers' mean time (DDP keeps them in step).
     world = agreement().world_size
+    gpus = world * min(args.gpus_per_worker, 1.0)  # what the workers hold together
     if world > 1:
         users, tokens, flops, flops_2x, elapsed = agreement().sums(users, tokens, flops, flops_2x, elapsed)
         elapsed /= world
@@ -460,8 +464,8 @@ def run_case(name, part, config_path, overrides, batches, mixes, device, args, p
         "fwd_gflop_per_sample": fwd["total"] / 1e9, "fwd_attention_share": fwd["attention"] / fwd["total"],
         "train_tflop_per_step": train_flops / args.steps / world / 1e12,
         "achieved_tflops": train_flops / elapsed / 1e12,
-        "mfu": (train_flops / elapsed / 1e12) / (world * peak_tflops) if peak_tflops else None,
-        "mfu_backward_2x": (flops_2x / elapsed / 1e12) / (world * peak_tflops) if peak_tflops else None,
+        "mfu": (train_flops / elapsed / 1e12) / (gpus * peak_tflops) if peak_tflops else None,
+        "mfu_backward_2x": (flops_2x / elapsed / 1e12) / (gpus * peak_tflops) if peak_tflops else None,
         "peak_mem_gib": peak, "peak_reserved_gib": reserved,
         "host_ms_per_step": 1e3 * statistics.mean(host), "host_probe": host_probe(device), "profile": profile,
         "split_ms": {k: 1e3 * statistics.median(v) for k, v in parts.items() if v},
@@ -734,19 +738,22 @@ def end_if_distributed(failed: dict, results: list, write) -> None:
         raise
 
 
-def run_with_ray(loop_config: dict, use_gpu: bool, num_workers: int) -> None:
+def run_with_ray(loop_config: dict, use_gpu: bool, num_workers: int, gpus_per_worker: float = 1.0) -> None:
     import tempfile
 
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from mtfm.platform.cluster import init_ray
+    from mtfm.platform.train import ddp_backend
 
     ray = init_ray(num_cpus=os.cpu_count(), log_to_driver=True)  # the platform's embedded Ray, as quiet
     cpus = max(1, min(8, ((os.cpu_count() or 2) - 1) // num_workers))
     trainer = TorchTrainer(worker, train_loop_config=loop_config,
+                           torch_config=TorchConfig(backend=ddp_backend(use_gpu, gpus_per_worker)),
                            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                                        resources_per_worker={"CPU": cpus}),
+                                                        resources_per_worker={"CPU": cpus} | (
+                                                            {"GPU": gpus_per_worker} if use_gpu else {})),
                            run_config=RunConfig(name="train_gpu_bench", storage_path=tempfile.mkdtemp()))
     result = trainer.fit()
     if result.error:
@@ -863,6 +870,9 @@ def main() -> int:
                         help="section (b): first steps on N new batch shapes, kernels with vs without do_not_specialize")
     parser.add_argument("--workers", type=int, default=1,
                         help="Ray Train workers, one GPU each, under DDP (default 1); with N > 1 steps are eager")
+    parser.add_argument("--gpus-per-worker", type=float, default=1.0, metavar="F",
+                        help="GPUs each worker holds (default 1); below 1 workers share GPUs, DDP over gloo (a check "
+                             "that the path runs, not a scaling figure)")
     args = parser.parse_args()
     import torch
 
@@ -873,8 +883,12 @@ def main() -> int:
                      "on/both, --pipeline or --compile-shapes")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here (a CPU check: --no-ray --device cpu --tiny)")
-    if args.workers > torch.cuda.device_count() and args.device == "cuda" and not os.environ.get("RAY_ADDRESS"):
-        parser.error(f"--workers {args.workers}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if not 0 < args.gpus_per_worker <= 1:
+        parser.error(f"--gpus-per-worker: expected a number in (0, 1], found {args.gpus_per_worker}")
+    if (args.workers * args.gpus_per_worker > torch.cuda.device_count() and args.device == "cuda"
+            and not os.environ.get("RAY_ADDRESS")):
+        parser.error(f"--workers {args.workers} x --gpus-per-worker {args.gpus_per_worker:g}: this machine has "
+                     f"{torch.cuda.device_count()} GPU(s)")
     if args.profile_ops and args.cuda_graphs != "off":
         parser.error("--profile-ops needs --cuda-graphs off: a graph's replay hides which op launched a kernel")
     if args.out is None:
@@ -889,7 +903,8 @@ def main() -> int:
     if args.no_ray:
         worker(loop_config)
     else:
-        run_with_ray(loop_config, use_gpu=args.device == "cuda", num_workers=args.workers)
+        run_with_ray(loop_config, use_gpu=args.device == "cuda", num_workers=args.workers,
+                     gpus_per_worker=args.gpus_per_worker)
     out = json.loads(Path(out_path).read_text())
     out["command"] = "python " + " ".join(sys.argv)
     out["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())

@@ -478,7 +478,7 @@ def _start_run_folder(plan: RunPlan, windows: Windows, log) -> None:
     (run_dir / TRAIN_CONFIG_FILE).write_text(dump_yaml(config.to_dict(), sort_keys=False))
     layout = f", layout {model_config.hta_layout}" if model_config.architecture == "mtfm" else ""  # baselines: none
     gpu = " with GPU" if config.use_gpu else ""
-    if config.use_gpu and config.num_workers > 1 and ddp_backend(config) == "gloo":
+    if config.use_gpu and config.num_workers > 1 and ddp_backend(config.use_gpu, config.gpus_per_worker) == "gloo":
         gpu += f" ({config.gpus_per_worker:g} each: DDP over gloo, as NCCL needs a GPU of its own per worker)"
     log(f"[mtfm] run {run_dir}\n[mtfm] scenarios {plan.scenarios}; windows {len(windows.train) + len(windows.test)} "
         f"({len(windows.train)} train, {len(windows.test)} test); model {model_config.name} "
@@ -507,11 +507,11 @@ def _windows_trained_on(plan: RunPlan, windows: Windows, log) -> list[int] | Non
     return sorted(earlier | set(windows.train))
 
 
-def ddp_backend(config: TrainConfig) -> str:
+def ddp_backend(use_gpu: bool, gpus_per_worker: float) -> str:
     """torch.distributed's backend for the workers: NCCL for GPU workers, one GPU each; gloo on CPUs, and for GPU
-    workers that share GPUs (`gpus_per_worker` below 1), which NCCL refuses ("Duplicate GPU detected") when two
-    ranks land on one GPU. gloo all-reduces CUDA tensors through the host: slower, but it runs."""
-    return "nccl" if config.use_gpu and config.gpus_per_worker >= 1 else "gloo"
+    workers that share GPUs (`gpus_per_worker` below 1), which NCCL refuses ("invalid usage") when two ranks land
+    on one GPU. gloo all-reduces CUDA tensors through the host: slower, but it runs."""
+    return "nccl" if use_gpu and gpus_per_worker >= 1 else "gloo"
 
 
 def _trainer(plan: RunPlan, train_ds, test_ds, trained_windows: list[int] | None):
@@ -526,7 +526,7 @@ def _trainer(plan: RunPlan, train_ds, test_ds, trained_windows: list[int] | None
     config, run_dir = plan.config, plan.run_dir
     return TorchTrainer(
         train_loop_per_worker,
-        torch_config=TorchConfig(backend=ddp_backend(config)),
+        torch_config=TorchConfig(backend=ddp_backend(config.use_gpu, config.gpus_per_worker)),
         train_loop_config={"train_config": config.to_dict(), "registry": plan.registry.to_dict(),
                            "model_config": plan.model_config.to_dict(), "run_dir": str(run_dir),
                            "init_from": str(plan.init_from) if plan.init_from else None,
