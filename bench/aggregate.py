@@ -46,11 +46,13 @@ def timed(run) -> tuple[float, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config-dir", default="configs")
+    parser.add_argument("--config-dir", default="configs",
+                        help="the registry to synthesize and aggregate (default configs)")
     parser.add_argument("--exposures", type=int, default=5_000_000, help="about this many exposures (default 5M)")
-    parser.add_argument("--days", type=int, default=7)
+    parser.add_argument("--days", type=int, default=7, help="synthetic days (default 7)")
     parser.add_argument("--cpus", type=int, nargs="+", default=[1, 2], help="Ray CPU counts to run (default 1 2)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="timed aggregations per CPU count, best kept (default 2)")
     parser.add_argument("--work-dir", default=None, help="scratch folder (default: a temporary one, removed after)")
     parser.add_argument("--out", default=default_out("aggregate.json"), help="JSON results file")
     args = parser.parse_args()

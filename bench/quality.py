@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,28 +70,31 @@ class Run:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--dataset", choices=("synthetic", "movielens"), default="synthetic")
+    p.add_argument("--dataset", choices=("synthetic", "movielens"), default="synthetic",
+                   help="synthetic (the generator's world) or movielens (ml-100k, three age scenarios)")
     p.add_argument("--users", type=int, default=2000, help="synthetic users (default: the generator's 2000)")
     p.add_argument("--days", type=int, default=7, help="synthetic days (default: the generator's 7)")
     p.add_argument("--movielens-path", default=None, metavar="DIR",
                    help="RecBole ml-100k atomic files (default: the copy inside the recbole package)")
     p.add_argument("--test-windows", type=int, default=1, help="last N days held out (default 1)")
-    p.add_argument("--model", default="configs/model/small.yaml")
-    p.add_argument("--baseline", default="configs/model/dlrm_mmoe_small.yaml")
+    p.add_argument("--model", default="configs/model/small.yaml", help="MTFM model config (default small)")
+    p.add_argument("--baseline", default="configs/model/dlrm_mmoe_small.yaml",
+                   help="model config of the dlrm variant (default dlrm_mmoe_small)")
     p.add_argument("--variants", nargs="+", default=["joint", "alone", "dlrm", "hta"],
                    choices=("joint", "alone", "dlrm", "hta", "table4"),
                    help="what to train (default: joint alone dlrm hta; table4: the Table 4 layouts)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--tokens-per-batch", type=int, default=16384)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds, one run of each variant "
+                   "each (default 0 1 2)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of each run (default 3)")
+    p.add_argument("--tokens-per-batch", type=int, default=16384, help="per step (default 16384)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default 1e-3)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--parallel", type=int, default=1, help="training jobs at once (default 1)")
-    p.add_argument("--cpus-per-run", type=float, default=1.0)
+    p.add_argument("--cpus-per-run", type=float, default=1.0, help="CPUs of each run's Ray Train worker (default 1)")
     p.add_argument("--budget-s", type=float, default=None, help="start no new run after this many seconds")
     p.add_argument("--work-dir", default=None,
-                   help="data and run folders (default: a new temp folder; a folder of an earlier study fails its "
-                        "runs: a run is never started where one exists)")
+                   help="data and run folders, kept (default: a new temp folder, removed at the end unless a run "
+                        "failed; a folder of an earlier study fails its runs: a run is never started where one exists)")
     p.add_argument("--out", default=None, help="JSON (default $OUT or bench/out: quality_<dataset>.json)")
     p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                    help="train nothing: merge the runs of earlier JSON outputs (e.g. seeds run on separate "
@@ -317,7 +321,10 @@ def main(argv=None) -> None:
     print(f"\n[quality] {len(runs) - len(failed)} of {len(runs)} runs in {time.perf_counter() - started:.0f} s; "
           f"wrote {out}")
     if failed:
+        print(f"[quality] kept {work} for the failed runs' logs ({work / 'runs'})")
         sys.exit(1)
+    if not args.work_dir:  # a temp folder of this study's data and runs (hundreds of MB): --work-dir keeps them
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

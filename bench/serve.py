@@ -6,8 +6,8 @@ HTTP (localhost only, bounded in time): for each setup (PyTorch with batching, P
 batching, onnxruntime with batching) the app is deployed on a local Ray, then per scenario and
 K in {50, 200, 1000} candidates:
     closed loop   c concurrent clients send back to back for --duration s (c = 1 and 8)
-    fixed rate    requests sent on a fixed schedule at half the c=8 throughput; latency counts
-                  from the scheduled send time, so queueing shows
+    fixed rate    (PyTorch with batching only) requests sent on a fixed schedule at half the c=8
+                  throughput; latency counts from the scheduled send time, so queueing shows
 p50/p95/p99 latency (ms) and throughput (requests/s). Each request is one user with 256 events in
 each sequence (the parser keeps each sequence's newest max_len: 256 history, 32 realtime) and K
 candidates. `k_ratios` gives, per setup, the c=1 p50 latency at the largest K over the smallest
@@ -222,9 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=default_out("serve.json"), help="JSON results file")
     parser.add_argument("--model", default="configs/model/tiny.yaml", help="model config served over HTTP")
-    parser.add_argument("--inprocess-models", default="configs/model/tiny.yaml,configs/model/small.yaml")
-    parser.add_argument("--scenarios", default="hp,phf,sqs")
-    parser.add_argument("--ks", default="50,200,1000")
+    parser.add_argument("--inprocess-models", default="configs/model/tiny.yaml,configs/model/small.yaml",
+                        help="comma-separated model configs timed in process (default tiny and small)")
+    parser.add_argument("--scenarios", default="hp,phf,sqs",
+                        help="comma-separated scenarios to load (default hp,phf,sqs)")
+    parser.add_argument("--ks", default="50,200,1000", help="comma-separated candidate counts K (default 50,200,1000)")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per HTTP load cell")
     parser.add_argument("--repeats", type=int, default=5, help="in-process timings per cell (median)")
     parser.add_argument("--device", default="cpu", help="in-process device: cpu, or cuda (bf16 + Triton kernels)")

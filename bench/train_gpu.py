@@ -763,7 +763,8 @@ def run_with_ray(loop_config: dict, use_gpu: bool, num_workers: int, gpus_per_wo
 
 def print_table(out: dict) -> None:
     rows = out["results"]
-    print(f"\n{out['info']}; dense bf16 matmul {out['dense_bf16_matmul_tflops']} TFLOP/s; "
+    matmul = out["dense_bf16_matmul_tflops"]
+    print(f"\n{out['info']}; dense bf16 matmul {f'{matmul:.1f} TFLOP/s' if matmul else 'not measured (no GPU)'}; "
           f"collate ms/batch {out['collate_ms_per_batch']}")
     print(f"{'case':<26} {'layout':<9} {'kv':>2} {'tok/step':>8} {'users':>5} {'samples/s':>9} {'tokens/s':>9} "
           f"{'step ms':>7} {'data':>5} {'fwd':>6} {'bwd':>6} {'opt':>5} {'peak GiB':>8} {'TFLOP/s':>7} {'MFU':>5} {'host ms':>7} {'GPU ms':>7}")

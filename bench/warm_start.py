@@ -41,6 +41,13 @@ def main() -> None:
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="mtfm-warm-"))
+    try:
+        run_study(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run_study(args, root: Path) -> None:
     three, four = root / "configs3", root / "configs4"
     for folder in (three, four):
         shutil.copytree(REPO / "configs", folder, ignore=shutil.ignore_patterns("movielens"))
@@ -48,6 +55,8 @@ def main() -> None:
     quiet = dict(log=lambda *a, **k: None)
     synthesize(load_registry(four), root / "raw", users=args.users, days=args.days, seed=0, **quiet)
     aggregate(load_registry(four), root / "raw", root / "agg", **quiet)
+    print(f"[warm_start] {args.users} users x {args.days} days synthesized and aggregated; training the base model "
+          f"({args.steps} steps) on hp, phf and sqs", flush=True)
 
     base = TrainConfig.load(REPO / "configs/train/tiny.yaml").to_dict() | {
         "model": str(REPO / "configs/model/tiny.yaml"), "num_workers": 1, "cpus_per_worker": 1.0, "epochs": 100,
@@ -65,20 +74,25 @@ def main() -> None:
             run = train(TrainConfig.from_dict(base | changes | {"seed": seed}, "bench"), data=str(root / "agg"),
                         out=root / f"{variant[:5]}-{seed}", init_from=init, config_dir=str(four), **quiet)
             result = json.loads((run / "eval.json").read_text())["eval"]
+            print(f"[warm_start] {variant}, seed {seed}: grocery order GAUC "
+                  f"{metric_value(result['grocery/order']['gauc']):.4f} ({time.perf_counter() - started:.0f} s)",
+                  flush=True)
             rows.append({"variant": variant, "seed": seed,
                          **{f"{task}_{m}": metric_value(result[f"grocery/{task}"][m]) for task in ("click", "order")
                             for m in ("auc", "gauc")}})
     table = []
     for variant in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == variant]
-        stats = {k: (statistics.mean(r[k] for r in mine), statistics.stdev(r[k] for r in mine) if len(mine) > 1 else 0.0)
+        spread = (lambda k: statistics.stdev(r[k] for r in mine)) if len(mine) > 1 else (lambda k: None)  # 1 seed
+        stats = {k: (statistics.mean(r[k] for r in mine), spread(k))
                  for k in ("click_auc", "click_gauc", "order_auc", "order_gauc")}
         table.append({"variant": variant, **{k: {"mean": m, "std": s} for k, (m, s) in stats.items()}})
     print(f"{'grocery, after ' + str(args.steps) + ' steps':<28} {'click AUC':>15} {'click GAUC':>15} "
           f"{'order AUC':>15} {'order GAUC':>15}")
     for t in table:
-        print(f"{t['variant']:<28} " + " ".join(f"{t[k]['mean']:>8.4f}±{t[k]['std']:.4f}"
-                                                 for k in ("click_auc", "click_gauc", "order_auc", "order_gauc")))
+        print(f"{t['variant']:<28} " + " ".join(
+            f"{t[k]['mean']:>8.4f}" + (f"±{t[k]['std']:.4f}" if t[k]["std"] is not None else " (1 seed)")
+            for k in ("click_auc", "click_gauc", "order_auc", "order_gauc")))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "date": time.strftime("%Y-%m-%d"), "runs": rows,
                                           "table": table, "seconds": time.perf_counter() - started}, indent=1))

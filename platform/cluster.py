@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 
@@ -82,10 +83,14 @@ HARMLESS_ON_THE_EMBEDDED_RAY = (("PYTHON worker processes have been started on n
                                 ("Failed to kill actor", "Socket closed"))
 
 
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _drop_harmless_worker_lines() -> None:
     """Wrap the driver's printer of forwarded output (Ray 2.60's `print_to_stdstream`: the workers'
-    lines and the raylet's messages) so that it leaves out HARMLESS_WORKER_LINES. Before ray.init,
-    which hands the printer to its log thread; a Ray whose internals differ is left as it is."""
+    lines and the raylet's messages) so that it leaves out HARMLESS_WORKER_LINES, and off a terminal
+    colour codes. Before ray.init, which hands the printer to its log thread; a Ray whose internals
+    differ is left as it is."""
     try:
         from ray._private import worker as ray_worker
 
@@ -99,6 +104,8 @@ def _drop_harmless_worker_lines() -> None:
         harmless = HARMLESS_WORKER_LINES + (HARMLESS_ON_THE_EMBEDDED_RAY if is_embedded() else ())
         lines = [line for line in data.get("lines", ())
                  if not any(all(part in line for part in parts) for parts in harmless)]
+        if os.environ.get("RAY_COLOR_PREFIX") == "0":  # off a terminal: also the colour Ray gives "[repeated 2x ...]"
+            lines = [ANSI_COLOUR.sub("", line) for line in lines]
         if lines:
             ray_print(data | {"lines": lines}, ignore_prefix=ignore_prefix)
 

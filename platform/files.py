@@ -1,4 +1,5 @@
-"""Writing a file whole: a reader (a `serve run`, another worker) never meets half of it."""
+"""Files as runs write and record them: a file written whole (a reader, a `serve run` or another worker,
+never meets half of it), and the paths a run records for a later command (`recorded_path`)."""
 from __future__ import annotations
 
 import os
@@ -31,3 +32,13 @@ def _umask() -> int:
             return next(int(line.split()[1], 8) for line in fh if line.startswith("Umask:"))
     except (OSError, StopIteration, ValueError):
         return 0o022
+
+
+def recorded_path(path: Path) -> str:
+    """An absolute `path` as a run records it for a later command: as it is, so that a resume from another folder
+    finds it; but inside the copy of the working directory that Ray makes for a job (`ray job submit --working-dir
+    .`: a folder `_ray_pkg_<hash>`, deleted with the job), relative to that copy, which the next job's copy resolves."""
+    cwd = Path.cwd().resolve()
+    if "_ray_pkg_" in cwd.name and path.resolve().is_relative_to(cwd):
+        return str(path.resolve().relative_to(cwd))
+    return str(path)

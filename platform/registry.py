@@ -29,6 +29,8 @@ from typing import Any
 import pyarrow as pa
 import yaml
 
+from mtfm.platform.files import recorded_path
+
 FEATURE_TYPES = ("categorical", "numeric", "categorical_list")
 # The type-specific keys of a feature and the types they apply to.
 TYPE_KEYS = {
@@ -250,7 +252,8 @@ class Registry:
         """A plain snapshot (stored in checkpoints); `Registry.from_dict` rebuilds it."""
         return {
             # absolute, for a resume from another folder to find it (a snapshot's own name stays as it is)
-            "config_dir": str(Path(self.config_dir).absolute() if Path(self.config_dir).is_dir() else self.config_dir),
+            "config_dir": (recorded_path(Path(self.config_dir).absolute()) if Path(self.config_dir).is_dir()
+                           else str(self.config_dir)),
             "sequences": {n: _raw_sequence(s) for n, s in self.sequences.items()},
             "scenarios": {n: _raw_scenario(s) for n, s in self.scenarios.items()},
         }

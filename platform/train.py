@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtfm.platform.cluster import quiet_ray_data
+from mtfm.platform.files import recorded_path
 from mtfm.platform.registry import (FieldReader, Registry, RegistryError, dump_yaml, load_registry,
                                     read_yaml_mapping, resolve_config_dir)
 from mtfm.platform.run_lock import DriverLock, refuse_a_folder_a_live_driver_holds
@@ -753,9 +754,9 @@ def _resumed_runs_config_dir(resume: str | Path, log) -> str | None:
     if recorded is None or Path(recorded).resolve() == resolve_config_dir(None).resolve():
         return None
     if not Path(recorded).is_dir():  # removed since, or relative to another folder (recorded so before 2026-12-06)
-        log(f"[mtfm] note: --resume {resume}: the config dir the run was started with, {recorded}, is not here "
-            f"({Path(recorded).resolve()}); the registry of {resolve_config_dir(None)} is used (pass --config-dir to "
-            "use another)")
+        where = "" if Path(recorded).is_absolute() else f" ({Path(recorded).resolve()})"
+        log(f"[mtfm] note: --resume {resume}: the config dir the run was started with, {recorded}, is not here"
+            f"{where}; the registry of {resolve_config_dir(None)} is used (pass --config-dir to use another)")
         return None
     log(f"[mtfm] note: --resume {resume}: the registry of {recorded}, the config dir the run was started with "
         "(pass --config-dir to use another)")
@@ -798,8 +799,8 @@ def _fingerprint_or_none(data: str) -> str | None:
 
 
 def _absolute(path: str) -> str:
-    """A local path made absolute; a URI (s3://...) as it is."""
-    return path if "://" in path else str(Path(path).resolve())
+    """A local path made absolute (but in a job's copy of its working directory: `recorded_path`); a URI as it is."""
+    return path if "://" in path else recorded_path(Path(path).resolve())
 
 
 def _warm_start_record(run_dir: Path) -> dict | None:

@@ -56,6 +56,14 @@ def test_the_driver_leaves_out_forwarded_lines_that_ask_nothing_of_the_user(monk
     assert printed == [({"pid": 7, "is_err": True, "lines": ["[mtfm] step 10", theirs]}, True),
                        ({"pid": "raylet", "is_err": False, "lines": [raylet]}, False),
                        ({"pid": "gcs_server", "is_err": True, "lines": [gcs]}, False)]
+    # Off a terminal, the colour Ray gives a deduplicated line's count goes too.
+    printed.clear()
+    repeated = "RuntimeError: injected failure at step 12\x1b[32m [repeated 2x across cluster]\x1b[0m"
+    for colour in ("0", "1"):
+        monkeypatch.setenv("RAY_COLOR_PREFIX", colour)
+        wrapped({"pid": 7, "is_err": True, "lines": [repeated]}, ignore_prefix=False)
+    assert [lines for (data, _) in printed for lines in data["lines"]] == [
+        "RuntimeError: injected failure at step 12 [repeated 2x across cluster]", repeated]
 
     logger = logging.getLogger(_RAY_TOKEN_LOGGER)
     monkeypatch.setattr(logger, "filters", [])

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
 from repo_paths import CONFIGS, REPO_ROOT
 from mtfm.model import Collator, build_model, load_model_config, multitask_bce_loss, token_budget_batches
@@ -981,6 +982,10 @@ def test_ray_job_submit(tiny_samples, tmp_path):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "succeeded" in done.stdout
         assert read_meta(out).step == 3
+        # Paths in the job's copy of its working dir (deleted with the job) are recorded relative to it, for the
+        # next job's copy (a resume) to resolve.
+        assert yaml.safe_load((out / "train_config.yaml").read_text())["model"] == "configs/model/tiny.yaml"
+        assert read_meta(out).registry["config_dir"] == "configs"
         assert "hp/click" in done.stdout  # the evaluation table reached the job's log
         # The job's log is the run's own: Ray Train's INFO lines, Ray Data's from the actors that feed
         # training and each report's metrics dict stay in the cluster's log files.
@@ -1000,6 +1005,20 @@ def test_ray_job_submit(tiny_samples, tmp_path):
     finally:
         _stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_paths_a_run_records_are_relative_in_a_jobs_copy_of_its_working_dir(tmp_path, monkeypatch):
+    from mtfm.platform.train import _absolute
+
+    copy = tmp_path / "_ray_pkg_0123abcd"  # as Ray names it
+    shutil.copytree(CONFIGS, copy / "configs", ignore=shutil.ignore_patterns("movielens"))
+    monkeypatch.chdir(copy)
+    assert load_registry("configs").to_dict()["config_dir"] == "configs"
+    assert _absolute("configs/model/tiny.yaml") == "configs/model/tiny.yaml"
+    assert _absolute(str(CONFIGS / "model" / "tiny.yaml")) == str((CONFIGS / "model" / "tiny.yaml").resolve())
+    monkeypatch.chdir(tmp_path)  # anywhere else: absolute, for a resume from another folder
+    assert load_registry(copy / "configs").to_dict()["config_dir"] == str(copy / "configs")
+    assert _absolute("_ray_pkg_0123abcd/configs/model/tiny.yaml") == str(copy / "configs" / "model" / "tiny.yaml")
 
 
 def test_registry_changes_tell_the_model_from_the_data():
