@@ -86,10 +86,14 @@ def main() -> None:
         local_times.append(local_s)
         results[cpus] = {"seconds": ray_s, "exposures_per_s": exposures / ray_s,
                          "single_process_seconds": local_s, "ratio_vs_single_process": local_s / ray_s}
-        print(f"Ray Data, {cpus} CPU(s): {ray_s:.2f} s, {exposures / ray_s:,.0f} exposures/s; single process "
-              f"alongside: {local_s:.2f} s, {exposures / local_s:,.0f} exposures/s; ratio {local_s / ray_s:.2f}x")
+        print(f"[aggregate] Ray Data on {cpus} CPU(s): {ray_s:.2f} s (single process alongside {local_s:.2f} s)",
+              flush=True)
     local_s = min(local_times)
-    print(f"single process (pyarrow/numpy), best: {local_s:.2f} s, {exposures / local_s:,.0f} exposures/s")
+    print(f"\n{'aggregation':<28} {'seconds':>8} {'exposures/s':>12} {'single process / this':>22}")
+    for cpus, r in results.items():
+        print(f"{f'Ray Data, {cpus} CPU(s)':<28} {r['seconds']:>8.2f} {r['exposures_per_s']:>12,.0f} "
+              f"{r['ratio_vs_single_process']:>21.2f}x")
+    print(f"{'single process (best)':<28} {local_s:>8.2f} {exposures / local_s:>12,.0f} {'':>22}")
 
     key = [("user_id", "ascending"), ("window", "ascending")]
     equal = pq.read_table(work / "ray" / "samples").sort_by(key).equals(pq.read_table(work / "local" / "samples"))
