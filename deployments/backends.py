@@ -95,7 +95,7 @@ class TorchBackend:
     batch that fits a graph (`CudaGraphRunner`) is scored by replaying one. Otherwise the user
     side of every request is encoded once (or taken from `user_cache`), then candidates are
     scored in chunks of `chunk_size` per request. `reuse_user_side=False` scores everything in
-    one plain pass (benchmark baseline).
+    one plain pass (the tests' reference scorer and the benchmarks' baseline).
 
     With graphs and a `user_cache`: a batch whose users are all cached replays a graph of its
     candidates alone against their cached user sides; any other batch replays the single pass

@@ -21,7 +21,9 @@ from pathlib import Path
 
 from mtfm.platform.checkpoint import META_FILE, SERVING_PINS, read_meta
 
-HEALTH_TIMEOUT_S = 15.0  # an app's /healthz waits up to 5 s for each scenario's replica
+# How long one GET (/-/routes, an app's /healthz) may take: an app's /healthz waits for its scenarios' replicas
+# (router.HEALTH_TIMEOUT_S, 5 s) and for Serve's status (router.STATUS_TIMEOUT_S), in parallel; this leaves room.
+PROBE_TIMEOUT_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ def run_pins(run_dir: str | Path) -> list[Pin]:
 
 def _get(url: str) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT_S) as response:
+        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT_S) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:  # a 503 /healthz still lists the scenarios that answered
         return exc.code, exc.read()

@@ -141,7 +141,7 @@ class RankRequestParser:
         user_id = _integer(_required(body, "user_id", "an integer user id"), "user_id")
         ts = _integer(_required(body, "ts", "the request time in ms since the epoch"), "ts")
         if ts < 0:
-            raise RequestError(422, "wrong_type", "ts", f"expected a time in ms since the epoch (>= 0), found {ts}")
+            raise RequestError(422, "ts_before_epoch", "ts", f"expected a time in ms since the epoch (>= 0), found {ts}")
         if ts > now_ms + FUTURE_TOLERANCE_MS:
             raise RequestError(422, "ts_in_future", "ts",
                                f"{ts} is {(ts - now_ms) / 1000:.0f} s after the server's clock ({now_ms}); expected "
@@ -460,7 +460,8 @@ def _first_outside(ts: pa.Array, limit: int) -> int | None:
 
 def _event_time_error(field: str, event_ts: int, request_ts: int) -> RequestError:
     if event_ts < 0:
-        return RequestError(422, "wrong_type", field, f"expected a time in ms since the epoch (>= 0), found {event_ts}")
+        return RequestError(422, "ts_before_epoch", field,
+                            f"expected a time in ms since the epoch (>= 0), found {event_ts}")
     seconds = " (the request ts looks like seconds: times are ms since 1970)" if 10**9 <= request_ts < 10**10 else ""
     return RequestError(422, "event_after_request", field,
                         f"{event_ts} is after the request ts {request_ts}{seconds}; expected events at or before it")

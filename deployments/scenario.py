@@ -8,8 +8,8 @@ Each replica loads only the scenario's subgraph of the checkpoint (`load_scenari
 scores with the scenario's configured backend. Concurrent requests are merged by a `BatchQueue`
 (batch_queue.py: those that arrive while a batch scores form the next one) into one jagged
 batch, bounded in tokens (`max_batch_tokens`) and in requests (`max_batch_requests`): a request
-costs max(its tokens, max_batch_tokens / max_batch_requests), so a full batch of costs never
-holds more of either.
+costs max(its tokens capped at max_batch_tokens, max_batch_tokens / max_batch_requests), so a full
+batch of costs never holds more of either (a request larger than max_batch_tokens scores alone).
 """
 from __future__ import annotations
 

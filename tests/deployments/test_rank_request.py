@@ -100,7 +100,7 @@ def _broken(path: str, value) -> dict:
     ("history.44.price", float("nan"), "wrong_type"),
     ("history.50.ts", NOW_MS + 10**6, "event_after_request"),
     ("history.8.ts", None, "missing_field"),
-    ("history.9.ts", -5, "wrong_type"),
+    ("history.9.ts", -5, "ts_before_epoch"),
     ("history.20.colour", 1, "unknown_field"),
     ("realtime.3.action", 2**63, "wrong_type"),
     ("candidates.25.poi_id", None, "missing_field"),
@@ -139,6 +139,14 @@ def test_a_request_ts_in_seconds_is_named_as_such():
     body["ts"] = 0  # not seconds either: no such hint
     with pytest.raises(RequestError, match=r"is after the request ts 0; expected events at or before it$"):
         RankRequestParser(REGISTRY, "hp", max_candidates=1000).parse(body, now_ms=NOW_MS)
+
+
+def test_a_request_ts_before_1970_is_out_of_range_not_of_the_wrong_type():
+    body = _varied_body("hp")
+    body["ts"] = -5
+    with pytest.raises(RequestError, match=r"expected a time in ms since the epoch \(>= 0\), found -5$") as error:
+        RankRequestParser(REGISTRY, "hp", max_candidates=1000).parse(body, now_ms=NOW_MS)
+    assert (error.value.status, error.value.kind, error.value.field) == (422, "ts_before_epoch", "ts")
 
 
 def _as_columns(objects: list[dict], names) -> dict[str, list]:
@@ -183,7 +191,7 @@ def test_events_and_candidates_as_columns_give_the_same_request(scenario):
     ("candidates.distance_km", ("set", 9, -(10**39)), "wrong_type", "candidates.distance_km[9]"),
     ("candidates.poi_id", ("drop",), "missing_field", "candidates.poi_id"),
     ("sequences.history.ts", ("column", None), "missing_field", "sequences.history.ts"),
-    ("sequences.history.ts", ("set", 4, -1), "wrong_type", "sequences.history.ts[4]"),
+    ("sequences.history.ts", ("set", 4, -1), "ts_before_epoch", "sequences.history.ts[4]"),
 ])
 def test_a_bad_value_in_a_column_is_refused_by_its_exact_field(path, value, kind, field):
     body = _columnar(_varied_body("hp"))

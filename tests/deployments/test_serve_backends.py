@@ -276,6 +276,28 @@ def test_onnx_backend_matches_pytorch(model, scenario):
         np.testing.assert_allclose(o, p, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout,kv_heads", [("(0:3)*1", 1), ("(1:2)*1", 2)])
+def test_dense_export_form_matches_the_subgraph_with_full_layers(layout, kv_heads):
+    """The export form (`DenseRequestRanker`) writes the layer math out again; configs/model/tiny.yaml runs
+    only target layers (its top layer always does), so the ONNX test above never reaches its full-layer
+    branch: checked here in PyTorch, with GQA and without."""
+    from mtfm.deployments.onnx_export import DenseRequestRanker
+    from mtfm.model import build_model, load_model_config
+
+    registry = load_registry(REPO / "configs")
+    config = load_model_config(REPO / "configs/model/tiny.yaml").replace(hta_layout=layout, num_kv_heads=kv_heads)
+    torch.manual_seed(0)
+    ranker = build_model(config, registry).eval().subgraph("hp")
+    assert "full" in [layer.kind for layer in ranker.stack.layers]
+    dense = DenseRequestRanker(ranker).eval()
+    for request in _varied_requests(ranker.registry, "hp"):
+        batch = ranker.collator()(request.table)
+        with torch.no_grad():
+            expected = ranker(batch)
+            found = dense(*(torch.from_numpy(a) for a in dense.request_inputs(batch)))
+        torch.testing.assert_close(found, expected, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
 def test_tensorrt_without_the_package_is_a_clear_error_on_the_replica_not_in_the_builder(model, checkpoint):
     """The replica (`create_backend`, on its own node) refuses a backend it cannot run; the builder,

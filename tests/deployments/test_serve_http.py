@@ -381,20 +381,12 @@ def test_metrics_reach_the_prometheus_endpoint_with_exact_counts(service):
         serve.delete(app)
 
 
-_SERIES = re.compile(r"^(?P<name>[A-Za-z_:][\w:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)")
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
 def _metric_total(text: str, name: str, **labels: str) -> float:
     """The sum of one metric over its series, in a Prometheus text page, that carry `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        match = _SERIES.match(line)
-        if match and match["name"] == name:
-            found = dict(_LABEL.findall(match["labels"] or ""))
-            if all(found.get(key) == value for key, value in labels.items()):
-                total += float(match["value"])
-    return total
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
 
 
 def test_a_killed_replica_loses_no_retried_request(service):
