@@ -88,7 +88,7 @@ class AppPlan:
     notes: list[str]
 
 
-def plan_app(args: AppArgs | dict, config_name: str = "serve.yaml", built_in: str | None = None) -> AppPlan:
+def plan_app(args: AppArgs | dict, config_name: str = "the serve config", built_in: str | None = None) -> AppPlan:
     """Every check `build_app` makes before it deploys anything, on the `args` of an application
     in the serve config `config_name` (named in the errors). Raises ServeConfigError, CheckpointError
     or RegistryError naming the setting and what was expected. Relative paths are read from the
@@ -155,7 +155,7 @@ def digest_of_revision(revision: str | None) -> str | None:
     return revision.partition("+")[0]
 
 
-def parse_app_args(args: AppArgs | dict, config_name: str = "serve.yaml") -> AppArgs:
+def parse_app_args(args: AppArgs | dict, config_name: str = "the serve config") -> AppArgs:
     """`args` as AppArgs; a ServeConfigError naming every setting refused and what it expects."""
     if isinstance(args, AppArgs):
         return args
@@ -280,7 +280,7 @@ def _required_changes(trained: Registry, current: Registry, served: list[str]) -
 
 
 def resolve_checkpoint(argument: str | None, runs_dir: str | Path = DEFAULT_RUNS_DIR,
-                       config_name: str = "serve.yaml") -> Path:
+                       config_name: str = "the serve config") -> Path:
     """$MTFM_CHECKPOINT, else `argument`, else the newest checkpoint saved under `runs_dir`
     (`newest_checkpoint`), as an absolute path (replicas may start in another working directory)."""
     from_env = os.environ.get(CHECKPOINT_ENV)
@@ -316,7 +316,7 @@ def newest_checkpoint(runs_dir: str | Path = DEFAULT_RUNS_DIR) -> Path | None:
 
 
 def scenario_serving(registry: Registry, overrides: dict[str, Any],
-                     config_name: str = "serve.yaml") -> dict[str, ServingConfig]:
+                     config_name: str = "the serve config") -> dict[str, ServingConfig]:
     """Each registered scenario's serving knobs: its YAML's `serving:` with the serve config's
     overrides, which are read as that block is."""
     unknown = sorted(set(overrides) - set(registry.scenarios))

@@ -57,10 +57,12 @@ def _get(url: str) -> tuple[int, bytes]:
         raise ValueError(f"{url}: no answer ({getattr(exc, 'reason', exc)}); is Serve's HTTP proxy there?") from exc
 
 
-def checkpoints_served(serve_url: str) -> dict[str, dict[str, str | None]]:
+def checkpoints_served(serve_url: str, not_mtfm: list[str] | None = None) -> dict[str, dict[str, str | None]]:
     """{app name: {scenario: the checkpoint folder its replica loads, None where it did not answer}} for every
     mtfm app of the Serve instance whose HTTP proxy is at `serve_url` (its /-/routes lists the apps). An app that
-    has no /healthz (404) is not one; one that answers it with anything but an mtfm app's report is refused."""
+    has no /healthz (404), or whose /healthz answers a JSON object without `scenarios` (2xx: up, and not an mtfm
+    app, whose report always names them), is not one: named in `not_mtfm` where given. One that answers anything
+    else (a 503 in plain text: failed or deploying?) is refused, as it may be an mtfm app."""
     parts = urllib.parse.urlsplit(serve_url if "://" in serve_url else f"http://{serve_url}")
     base = f"{parts.scheme}://{parts.netloc}"
     status, body = _get(f"{base}/-/routes")
@@ -77,11 +79,20 @@ def checkpoints_served(serve_url: str) -> dict[str, dict[str, str | None]]:
         if status == 404:
             continue  # another kind of app
         try:
-            scenarios = json.loads(body)["scenarios"]
+            report = json.loads(body)
+        except ValueError:
+            report = None
+        scenarios = report.get("scenarios") if isinstance(report, dict) else None
+        if isinstance(scenarios, dict) and all(isinstance(info, dict) for info in scenarios.values()):
             served[app] = {name: info.get("checkpoint") for name, info in scenarios.items()}
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        elif 200 <= status < 300 and isinstance(report, dict) and "scenarios" not in report:
+            # An app that answers its own /healthz (an mtfm app's always names its scenarios, even when they are
+            # down): another kind of app, not one to ask
+            if not_mtfm is not None:
+                not_mtfm.append(f"{app} (its {url} answered HTTP {status} naming no scenarios)")
+        else:
             raise ValueError(f"{url}: app {app} answered HTTP {status} {body[:120]!r}, not an mtfm app's report "
-                             "(failed or deploying?)") from exc
+                             "(failed or deploying?)")
     return served
 
 

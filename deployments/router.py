@@ -74,6 +74,9 @@ class RankRouter:
             if not answer.done():  # refused, or the client went away: the replica need not score it
                 response.cancel()
                 answer.cancel()
+                # The handle turns its cancellation into RequestCancelledError: retrieved here, else asyncio logs
+                # "Task exception was never retrieved" with a traceback for every request whose client went away
+                answer.add_done_callback(_retrieved)
 
     async def _health(self) -> dict:
         """Every scenario's info, or {"status": "unavailable", "error"} for one whose replica did
@@ -82,7 +85,8 @@ class RankRouter:
         reason, where the app's last deploy failed and this, its earlier version, serves on."""
         known = await self.status.get()
         infos = dict(zip(self.rankers, await asyncio.gather(
-            *(_info(h, known.down.get(h.deployment_name)) for h in self.rankers.values()))))
+            *(_info(h, known.down.get(h.deployment_name), known.running.get(h.deployment_name, 0))
+              for h in self.rankers.values()))))
         down = sum(info.get("status") == "unavailable" for info in infos.values())
         status = "ok" if not down else "unavailable" if down == len(infos) else "degraded"
         return {"status": status, "scenarios": infos} | (
@@ -114,10 +118,12 @@ class Down:
 @dataclasses.dataclass(frozen=True)
 class StatusSnapshot:
     """What Serve's controller said of this app: its deployments with no replica running (`Down`), and
-    Serve's reason where the app's last deploy failed while an earlier version of it still serves."""
+    Serve's reason where the app's last deploy failed while an earlier version of it still serves; `running`:
+    each deployment's replicas in state RUNNING."""
 
     down: dict[str, Down] = dataclasses.field(default_factory=dict)
     update_failed: str | None = None
+    running: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 class AppStatus:
@@ -166,7 +172,9 @@ def status_snapshot(app) -> StatusSnapshot:
     still running is a failed update (its build refused, say), which the deployments' states do not show."""
     down = deployments_down(app.deployments)
     failed = app.status == "DEPLOY_FAILED" and not down
-    return StatusSnapshot(down, (_condensed(app.message) or app.status.value) if failed else None)
+    running = {name: d.replica_states.get("RUNNING", 0) for name, d in app.deployments.items()}
+    return StatusSnapshot(down, (_condensed(app.message) or app.status.value) if failed else None,
+                          {name: n for name, n in running.items() if n})
 
 
 def deployments_down(deployments: dict) -> dict[str, Down]:
@@ -187,6 +195,11 @@ async def _awaited(response):
     return await response
 
 
+def _retrieved(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def _condensed(message: str) -> str:
     """Serve's failure message in one line: its first sentence and, where it holds a traceback, the
     exception that ended it (the lines after the last indented one), without terminal colours."""
@@ -199,7 +212,9 @@ def _condensed(message: str) -> str:
     return f"{lines[0].split('. ')[0].rstrip('.:')}: {' '.join(lines[indented[-1] + 1:])}"
 
 
-async def _info(handle: DeploymentHandle, down: Down | None = None) -> dict:
+async def _info(handle: DeploymentHandle, down: Down | None = None, running: int = 0) -> dict:
+    """The scenario's info from one of its replicas; `down`: Serve's reason it has none running; `running`: its
+    replicas Serve reports RUNNING, which tells a replica that is busy from one that is (re)starting."""
     if down is not None:
         return {"status": "unavailable", "error": down.health()}
 
@@ -209,6 +224,10 @@ async def _info(handle: DeploymentHandle, down: Down | None = None) -> dict:
     try:
         return await asyncio.wait_for(ask(), HEALTH_TIMEOUT_S)
     except asyncio.TimeoutError:
+        if running:  # it serves: its replicas' slots (max_ongoing_requests) are taken by rank requests, queued ahead
+            return {"status": "busy", "note": f"no replica answered within {HEALTH_TIMEOUT_S:g} s, while Serve reports "
+                                              f"{running} running: every one at its max_ongoing_requests, requests "
+                                              "queue (or a replica hangs: Serve's health check replaces it)"}
         return {"status": "unavailable", "error": f"no replica answered within {HEALTH_TIMEOUT_S:g} s (starting, "
                                                   "restarting or failed: see `serve status`)"}
     except Exception as exc:  # the deployment failed, or its replica died while answering

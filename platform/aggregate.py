@@ -2,7 +2,8 @@
 
 One row per (user, window) with at least one exposure in any scenario, exactly
 `Registry.aggregated_schema()`: per scenario the window's exposures (sorted by ts, then
-request_id, then position in the raw log) and the user features of the newest one; per
+request_id, then position in the raw log) and the user features of the earliest one (those of a later
+exposure may already count an earlier exposure's click or order: its label would leak); per
 sequence the user's events (history: ts < window start; realtime: window start <= ts < window
 end), newest `max_len`, sorted by ts.
 
@@ -80,12 +81,12 @@ def aggregate_partition(registry: Registry, exposures: dict[str, pa.Table], beha
         start += len(gu)
         list_type = schema.field(exposures_column(name)).type
         if user_column(name) in schema.names:  # a scenario without user features has no such column
-            newest = np.zeros(n_out, np.int64)
-            newest[rows] = ends - 1
+            earliest = np.zeros(n_out, np.int64)
+            earliest[rows] = starts
             missing = np.ones(n_out, bool)
             missing[rows] = False
             user_type = schema.field(user_column(name)).type
-            arrays.append(_struct(table, user_type, pa.array(newest) if len(table) else None, missing))
+            arrays.append(_struct(table, user_type, pa.array(earliest) if len(table) else None, missing))
         counts = np.zeros(n_out, np.int64)
         counts[rows] = ends - starts
         arrays.append(_list(_struct(table, list_type.value_type), counts, list_type))
@@ -429,12 +430,14 @@ def _summary(registry: Registry, raw: Path, out: Path, window_ms: int, max_ts: i
     per_table: dict[str, dict] = {}
     for s in split:
         t = per_table.setdefault(s["table"], {"rows": 0, "valid": 0, "early": 0, "late": 0, "quarantined": Counter(),
-                                              "ignored": set(), "missing": {}})
+                                              "ignored": set(), "missing": {}, "files": {}})
         t["rows"] += s["rows"]
         t["valid"] += s["good"]
         t["early"] += s["early"]
         t["late"] += s.get("late", 0)
         t["quarantined"].update(s["reasons"])
+        for reason in s["reasons"]:
+            t["files"].setdefault(reason, []).append(s["file"])
         t["ignored"].update(s["ignored"])
         if s["missing"] and s["good"]:
             missing = t["missing"].setdefault(tuple(s["missing"]), {"files": [], "rows": 0})
@@ -462,6 +465,8 @@ def _summary(registry: Registry, raw: Path, out: Path, window_ms: int, max_ts: i
         "compression": exposures_in / samples if samples else None,
         "quarantined": {k: dict(t["quarantined"]) for k, t in per_table.items() if t["quarantined"]},
         "quarantined_rows": sum(sum(t["quarantined"].values()) for t in per_table.values()),
+        "quarantined_files": {k: {reason: sorted(files) for reason, files in t["files"].items()}
+                              for k, t in per_table.items() if t["files"]},
         "tables": {k: {"rows": t["rows"], "valid": t["valid"]} for k, t in per_table.items()},
         "warnings": warnings, "seconds": round(seconds, 3),
     }
@@ -607,5 +612,7 @@ def _print_summary(s: dict, log) -> None:
         for table, reasons in s["quarantined"].items():
             for reason, n in reasons.items():
                 bound = f"; max_ts = {s['max_ts']} ms, {_utc(s['max_ts'])}" if reason.endswith("max_ts)") else ""
-                log(f"  {table}: {n:,}  {reason}{bound}")
+                files = s["quarantined_files"][table][reason]
+                where = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+                log(f"  {table}: {n:,}  {reason}{bound} (in {where})")
     log(f"samples: {s['samples_dir']}  summary: {Path(s['out']) / SUMMARY}  ({s['seconds']:.1f} s)")

@@ -579,17 +579,20 @@ def cmd_serve_pins(args: argparse.Namespace) -> int:
     pins = run_pins(run)
     users: dict[Path, list[str]] = {}
     for url in args.url:
-        for app, scenarios in checkpoints_served(url).items():
+        others: list[str] = []
+        for app, scenarios in checkpoints_served(url, others).items():
             for scenario, folder in scenarios.items():
                 if folder is not None:
                     users.setdefault(Path(folder).resolve(), []).append(f"{scenario} ({app})")
                 elif args.prune:
                     raise ValueError(f"{url}: scenario {scenario} of app {app} did not report the checkpoint it "
-                                     "loads (its replica is down or starting, or the app was deployed before replicas "
-                                     "reported it); nothing was removed: prune once every scenario answers")
+                                     "loads (its replica is down, starting or busy, or the app was deployed before "
+                                     "replicas reported it); nothing was removed: prune once every scenario answers")
                 else:
                     print(f"note: {url}: scenario {scenario} of app {app} did not report the checkpoint it loads",
                           file=sys.stderr)
+        for other in others:
+            print(f"note: {url}: app {other}: not an mtfm app, skipped", file=sys.stderr)
     if not pins:
         print(f"{run}: no pins ({run / '.serving'} holds none: no app has been built from this run's checkpoints)")
         return 0

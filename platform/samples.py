@@ -18,9 +18,11 @@ from mtfm.platform.run_lock import DRIVER_FILE, live_holder
 
 
 class Windows(NamedTuple):
-    """The windows (their start, epoch ms) the samples hold, in order, cut into training and held-out ones."""
+    """The windows (their start, epoch ms) the samples hold, in order, cut into training and held-out ones,
+    and how many samples (rows) the training windows hold."""
     train: list[int]
     test: list[int]
+    train_rows: int = 0
 
 
 def split_by_window(samples: str | Path, test_windows: int, need_train: bool = True):
@@ -40,17 +42,19 @@ def split_by_window(samples: str | Path, test_windows: int, need_train: bool = T
     try:
         parts = sample_files(path)
         refuse_parts_with_other_columns(parts)
-        windows = windows_of(parts)
+        rows_per_window = rows_per_window_of(parts)
     except Exception as exc:  # a file whose footer the schema's read did not reach
         name_the_unreadable_parquet(path, exc)
         raise
+    windows = list(rows_per_window)
     if len(windows) < test_windows + need_train:
         raise ValueError(f"{path}: {len(windows)} window(s) of data, but test_windows={test_windows} are held out "
                          "for evaluation: generate more days, or hold out fewer (`--test-windows N`, or test_windows in the train "
                          "config)")
     cut = windows[-test_windows]
     return (ds.filter(expr=col("window") < cut), ds.filter(expr=col("window") >= cut),
-            Windows(windows[:-test_windows], windows[-test_windows:]))
+            Windows(windows[:-test_windows], windows[-test_windows:],
+                    sum(rows_per_window[w] for w in windows[:-test_windows])))
 
 
 def refuse_what_is_not_samples(path: str, names: list[str]) -> None:
@@ -101,17 +105,19 @@ def refuse_parts_with_other_columns(parts: tuple) -> None:
                              "samples folder come from one aggregation; aggregate the raw logs again (--overwrite)")
 
 
-def windows_of(parts: tuple) -> list[int]:
-    """The distinct windows of the samples, from their `window` column alone, read here batch by batch
-    (Ray Data's `unique` starts hash-aggregate workers for it)."""
-    import pyarrow.compute as pc
+def rows_per_window_of(parts: tuple) -> dict[int, int]:
+    """How many samples each window holds, windows in order, from the `window` column alone, read here batch
+    by batch (Ray Data's `groupby` starts hash-aggregate workers for it)."""
+    import collections
+
     import pyarrow.dataset as pads
 
     fs, files = parts
-    windows: set[int] = set()
+    rows: collections.Counter = collections.Counter()
     for batch in pads.dataset(files, filesystem=fs, format="parquet").to_batches(columns=["window"]):
-        windows.update(pc.unique(batch.column(0)).drop_null().to_pylist())
-    return sorted(windows)
+        counts = batch.column(0).drop_null().value_counts()
+        rows.update(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
+    return dict(sorted(rows.items()))
 
 
 def name_the_unreadable_parquet(path: str, error: Exception) -> None:

@@ -250,7 +250,7 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         quiet_ray_data()
         train_ds, test_ds, windows = _samples_to_train_on(plan, log)
         _start_run_folder(plan, windows, log)
-        trainer = _trainer(plan, train_ds, test_ds, _windows_trained_on(plan, windows, log))
+        trainer = _trainer(plan, train_ds, test_ds, _windows_trained_on(plan, windows, log), windows.train_rows)
         (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a resume tries again
         say_when_ray_train_stops_for_ctrl_c()
         result = _fit(trainer, run_dir, log)
@@ -515,14 +515,14 @@ def ddp_backend(use_gpu: bool, gpus_per_worker: float) -> str:
     return "nccl" if use_gpu and gpus_per_worker >= 1 else "gloo"
 
 
-def _trainer(plan: RunPlan, train_ds, test_ds, trained_windows: list[int] | None):
+def _trainer(plan: RunPlan, train_ds, test_ds, trained_windows: list[int] | None, train_rows: int):
     """The TorchTrainer of the run: `train_loop_per_worker` on `num_workers` workers, restarted from the
     newest checkpoint on a worker's failure."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from mtfm.platform.checkpoint import read_meta
-    from mtfm.platform.train_worker import train_loop_per_worker
+    from mtfm.platform.train_worker import EveryRowSplit, train_loop_per_worker
 
     config, run_dir = plan.config, plan.run_dir
     return TorchTrainer(
@@ -543,7 +543,7 @@ def _trainer(plan: RunPlan, train_ds, test_ds, trained_windows: list[int] | None
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),
         datasets={"train": train_ds, "test": test_ds},
-        dataset_config=_data_config(DataConfig),
+        dataset_config=EveryRowSplit.of_run(config.rows_per_read, config.num_workers, train_rows),
     )
 
 
@@ -667,18 +667,9 @@ def _warn_of_resources_held_by_other_work(config: TrainConfig, cpus: float, log)
         f"Serve app: `ray status`): {waits}")
 
 
-def _data_config(DataConfig):
-    """Split the train set across workers (the test set is read whole by rank 0), in a fixed order:
-    a restarted worker skips exactly the batches its checkpoint had consumed."""
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    options.verbose_progress = False
-    return DataConfig(datasets_to_split=["train"], execution_options={"train": options, "test": options})
-
-
-# Train-config fields that decide how an epoch is cut into batches (rows_per_read does not: rows
-# left over from one read wait for the next): a resume mid-epoch keeps them.
-BATCHING = ("num_workers", "tokens_per_batch", "test_windows")
+# Train-config fields that decide how an epoch is cut into batches (rows_per_read through the blocks the
+# train set is split into, `EveryRowSplit`): a resume mid-epoch keeps them.
+BATCHING = ("num_workers", "tokens_per_batch", "test_windows", "rows_per_read")
 
 
 # Model-config fields a run from a checkpoint (--resume, --init-from) may change: none shapes a parameter

@@ -98,6 +98,50 @@ def checkpoint_to_restore(reported, resume_from: str | None, resume_step: int | 
     return ray.train.Checkpoint(resume_from)
 
 
+# ---------------------------------------------------------------- the train set's shards
+
+class EveryRowSplit(ray.train.DataConfig):
+    """The train set split across the workers with no sample left out, the same way in every attempt.
+
+    Ray Train's own DataConfig splits with `streaming_split(equal=True)`, which drops the rows left over
+    from an equal split (up to one fewer than the workers, and the same ones every epoch, as the order is
+    fixed), and hands blocks to the workers on their node first, so that on a cluster a shard depends on
+    where its blocks were read. Here the train set is cut into blocks of at most `rows_per_block` samples
+    (a streaming repartition) and each block goes, in order, to the worker with the fewest samples so
+    far: shards differ by at most one block, which the workers' stand-in steps absorb (`StepAgreement`),
+    and a restarted attempt meets the shards its checkpoint's batch counts were taken on. The test set
+    is every worker's whole (rank 0 evaluates it).
+    """
+
+    def __init__(self, rows_per_block: int):
+        options = self.default_ingest_options()
+        options.preserve_order = True  # the fixed order a restarted attempt relies on
+        options.verbose_progress = False
+        super().__init__(datasets_to_split=["train"], execution_options={"train": options, "test": options})
+        self.rows_per_block = rows_per_block
+
+    @classmethod
+    def of_run(cls, rows_per_read: int, num_workers: int, train_rows: int) -> "EveryRowSplit":
+        """Blocks of at most `rows_per_read` samples and at least two per worker, so that shards differ by
+        a few batches at most."""
+        return cls(max(1, min(rows_per_read, math.ceil(train_rows / (2 * num_workers)))))
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        shards = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            if name == "train" and world_size > 1:
+                split = ds.repartition(target_num_rows_per_block=self.rows_per_block).streaming_split(
+                    world_size, equal=False)
+                for rank, shard in enumerate(split):
+                    shards[rank][name] = shard
+            else:
+                for rank in range(world_size):
+                    shards[rank][name] = ds.iterator()
+        return shards
+
+
 # ---------------------------------------------------------------- steps the workers agree on
 
 class StepAgreement:

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtfm.platform.aggregate import _count_before, _order, aggregate, aggregate_local
+from mtfm.platform.aggregate import _count_before, _order, _print_summary, aggregate, aggregate_local
 from mtfm.platform.registry import Registry, events_column, exposures_column, load_registry, user_column
 from mtfm.platform.synth import DAY_MS, EPOCH_MS, synthesize
 
@@ -71,7 +71,7 @@ def reference(registry: Registry, raw: Path, window_ms: int) -> dict[tuple[int, 
             fields = ["request_id", "ts"] + [f.name for f in scn.exposure_features] + list(scn.task_names)
             row[exposures_column(name)] = _records(mine, fields)
             users = [f.name for f in scn.user_features]
-            row[user_column(name)] = _records(mine.tail(1), users)[0] if len(mine) else None
+            row[user_column(name)] = _records(mine.head(1), users)[0] if len(mine) else None  # the earliest's
         for name, seq in registry.sequences.items():
             df = behaviors[name]
             mine = df[df["user_id"] == user]
@@ -92,8 +92,14 @@ def _samples(out: Path) -> dict[tuple[int, int], dict]:
 
 def _with_events_at_window_edges(raw: Path, out: Path, window_ms: int) -> tuple[int, int]:
     """A copy of `raw` where one user with an exposure in window W also has events of every sequence at
-    W - 1, W, W + window_ms - 1 and W + window_ms; returns (user, W)."""
+    W - 1, W, W + window_ms - 1 and W + window_ms, and hp's `user_level` changes from exposure to exposure
+    (as a logged counter does); returns (user, W)."""
     shutil.copytree(raw, out)
+    for path in sorted((out / "exposures" / "hp").glob("*.parquet")):
+        table = pq.read_table(path)
+        at = table.schema.get_field_index("user_level")
+        levels = pa.array(np.arange(len(table)) % 8).cast(table.schema.field(at).type)
+        pq.write_table(table.set_column(at, table.schema.field(at), levels), path)
     exposure = pq.read_table(next((raw / "exposures" / "hp").glob("*.parquet"))).slice(0, 1).to_pylist()[0]
     user, window = exposure["user_id"], exposure["ts"] // window_ms * window_ms
     for folder in (out / "behaviors").iterdir():
@@ -198,6 +204,14 @@ def test_bad_rows_are_quarantined_with_their_reason(ray_cluster, registry, raw, 
     assert ("exposures/hp: 1 file(s) without column(s) category, avg_price (optional; older.parquet): their 5 valid "
             "rows get null there" in summary["warnings"]), summary["warnings"]
     assert not any("no-order.parquet)" in w for w in summary["warnings"])  # a label: quarantined instead
+    # Each reason names the files its rows came from, in the summary and in the lines printed.
+    files = summary["quarantined_files"]["exposures/hp"]
+    assert [files[r] for r in reasons if r.startswith("null ts")] == [["bad-1.parquet"]]
+    assert [files[r] for r in reasons if r.startswith("wrong type in distance_km")] == [["text.parquet"]]
+    printed = []
+    _print_summary(summary, printed.append)
+    assert any(line.startswith("  exposures/hp: 3  missing column order") and line.endswith("(in no-order.parquet)")
+               for line in printed), printed
     # Nothing lost: every exposure row is either aggregated or quarantined.
     assert summary["exposures_in"] == summary["exposures_out"] + summary["quarantined_rows"]
     # The convertible text value made it through, as a number.

@@ -9,7 +9,7 @@ import asyncio
 from types import SimpleNamespace
 
 import pytest
-from ray.serve.exceptions import DeploymentUnavailableError
+from ray.serve.exceptions import DeploymentUnavailableError, RequestCancelledError
 
 from mtfm.deployments import router
 from mtfm.deployments.rank_request import RequestError
@@ -45,8 +45,8 @@ def test_a_failed_update_of_a_serving_app_is_told_apart_from_a_deployment_down()
     serving = {"ranker_hp": _overview("HEALTHY", 1, "")}
     refused = _app("DEPLOY_FAILED", serving, "Deploying the app failed.\n  File x\nServeConfigError: no checkpoint")
     assert router.status_snapshot(refused) == router.StatusSnapshot({}, "Deploying the app failed: ServeConfigError: "
-                                                                        "no checkpoint")
-    assert router.status_snapshot(_app("RUNNING", serving)) == router.StatusSnapshot()
+                                                                        "no checkpoint", {"ranker_hp": 1})
+    assert router.status_snapshot(_app("RUNNING", serving)) == router.StatusSnapshot(running={"ranker_hp": 1})
     refused = _app("DEPLOY_FAILED", serving, "Deploying app 'mtfm' failed with exception:\n  File x\nCheckpointError: y")
     assert router.status_snapshot(refused).update_failed == ("Deploying app 'mtfm' failed with exception: "
                                                              "CheckpointError: y")
@@ -150,7 +150,8 @@ def test_replicas_failing_to_start_count_as_down_after_a_grace(monkeypatch):
     assert later.down == {"ranker_phf": router.Down(True, "no"), "ranker_sqs": router.Down(False, "slow")}
 
 
-def _router(response: _Response, down: dict[str, router.Down], update_failed: str | None = None):
+def _router(response: _Response, down: dict[str, router.Down], update_failed: str | None = None,
+            running: dict[str, int] | None = None):
     handle = SimpleNamespace(deployment_name="ranker_sqs", rank=SimpleNamespace(remote=lambda request: response))
 
     class Status:
@@ -158,7 +159,7 @@ def _router(response: _Response, down: dict[str, router.Down], update_failed: st
 
         async def get(self):
             Status.asked += 1
-            return router.StatusSnapshot(down, update_failed)
+            return router.StatusSnapshot(down, update_failed, running or {})
 
     return SimpleNamespace(rankers={"sqs": handle}, status=Status()), Status
 
@@ -222,3 +223,66 @@ def test_health_names_each_scenario_down_and_the_apps_status():
     refused = asyncio.run(health(app({}, "Deploying the app failed: ServeConfigError: no checkpoint")))
     assert refused == {"status": "ok", "scenarios": {"hp": {"model_version": "hp"}, "sqs": {"model_version": "sqs"}},
                        "update_failed": "Deploying the app failed: ServeConfigError: no checkpoint"}
+
+
+def test_health_tells_a_busy_scenario_from_one_with_no_replica_answering(monkeypatch):
+    """A scenario whose replicas' slots are all taken by rank requests answers /healthz's question only after them:
+    with a replica Serve reports running it is "busy", still serving, and the app "ok"; with none, "unavailable"."""
+    monkeypatch.setattr(router, "HEALTH_TIMEOUT_S", 0.05)
+    health = router.RankRouter.func_or_class._health
+
+    def handle(name: str, seconds: float):
+        async def info():
+            await asyncio.sleep(seconds)
+            return {"model_version": name}
+        return SimpleNamespace(deployment_name=f"ranker_{name}", info=SimpleNamespace(remote=info))
+
+    def app(running: dict[str, int]):
+        this, _ = _router(_Response(0), {}, running=running)
+        this.rankers = {"hp": handle("hp", 0), "sqs": handle("sqs", 1.0)}
+        return this
+
+    busy = asyncio.run(health(app({"ranker_hp": 1, "ranker_sqs": 2})))
+    assert busy["status"] == "ok" and busy["scenarios"]["hp"] == {"model_version": "hp"}
+    assert busy["scenarios"]["sqs"]["status"] == "busy"
+    assert "Serve reports 2 running: every one at its max_ongoing_requests" in busy["scenarios"]["sqs"]["note"]
+    starting = asyncio.run(health(app({"ranker_hp": 1})))
+    assert starting["status"] == "degraded" and starting["scenarios"]["sqs"] == {
+        "status": "unavailable", "error": "no replica answered within 0.05 s (starting, restarting or failed: see "
+                                          "`serve status`)"}
+
+
+def test_a_request_whose_client_goes_away_leaves_no_unretrieved_error_to_log():
+    """Serve cancels the router's handler when the client goes away; the handle's response then raises
+    RequestCancelledError, which must not reach asyncio's "Task exception was never retrieved" log (a traceback
+    per disconnected client)."""
+    import gc
+
+    rank = router.RankRouter.func_or_class._rank
+
+    class Cancelling(_Response):  # as Serve's handle: its cancellation is raised as RequestCancelledError
+        async def _wait(self):
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                raise RequestCancelledError("the-request") from None
+
+    logged = []
+
+    async def main():
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: logged.append(context["message"]))
+        response = Cancelling(None)
+        this, _ = _router(response, {})
+        handler = asyncio.ensure_future(rank(this, "sqs", object()))
+        await asyncio.sleep(0.05)
+        handler.cancel()  # the client went away
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+        await asyncio.sleep(0.05)
+        del handler
+        gc.collect()
+        return response.cancelled
+
+    assert asyncio.run(main())
+    gc.collect()
+    assert logged == []

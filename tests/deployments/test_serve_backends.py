@@ -308,7 +308,7 @@ def test_tensorrt_without_the_package_is_a_clear_error_on_the_replica_not_in_the
     overrides = AppArgs(scenarios={"sqs": {"backend": "tensorrt"}}).scenarios
     assert scenario_serving(load_registry(REPO / "configs"), overrides)["sqs"].backend == "tensorrt"
     build_app({"checkpoint": str(checkpoint), "config_dir": str(REPO / "configs"), "scenarios": overrides})
-    with pytest.raises(ServeConfigError, match=r"serve.yaml: args\.scenarios\.sqs\.backend: expected one of "
+    with pytest.raises(ServeConfigError, match=r"the serve config: args\.scenarios\.sqs\.backend: expected one of "
                                                r"torch, onnx, tensorrt, found 'tensorrtx'"):
         scenario_serving(load_registry(REPO / "configs"),
                          AppArgs(scenarios={"sqs": {"backend": "tensorrtx"}}).scenarios)
@@ -445,10 +445,10 @@ def test_serving_knobs_come_from_yaml_with_overrides_and_are_checked():
                                   ("cuda_graphs", "yes", "expected true or false, found a string 'yes'"),
                                   ("num_cpus", math.inf, "expected a number >= 0, finite, found inf"),
                                   ("replica", 2, "unknown key; expected one of: replicas, ")]:
-        with pytest.raises(ServeConfigError, match=re.escape(f"serve.yaml: args.scenarios.hp.{knob}: {expected}")):
+        with pytest.raises(ServeConfigError, match=re.escape(f"the serve config: args.scenarios.hp.{knob}: {expected}")):
             scenario_serving(registry, AppArgs(scenarios={"hp": {knob: value}}).scenarios)
     for not_a_mapping in (3, [], "", False):
-        with pytest.raises(ServeConfigError, match=re.escape("serve.yaml: args.scenarios.hp: expected a mapping")):
+        with pytest.raises(ServeConfigError, match=re.escape("the serve config: args.scenarios.hp: expected a mapping")):
             scenario_serving(registry, AppArgs(scenarios={"hp": not_a_mapping}).scenarios)
     unset = scenario_serving(registry, AppArgs(scenarios={"hp": None}).scenarios)
     assert unset["hp"] == registry.scenario("hp").serving
@@ -793,7 +793,7 @@ def test_serve_config_names_the_registry_it_validated(config_dir, monkeypatch, c
     assert main(["serve", "config", "--config-dir", "other", "--checkpoint", "runs/latest"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["applications"][0]["args"]["checkpoint"] == str(
         tmp_path / "runs" / "latest")
-    with pytest.raises(ServeConfigError, match=r"serve.yaml: args.config_dir 'configs': no config directory at "
+    with pytest.raises(ServeConfigError, match=r"the serve config: args.config_dir 'configs': no config directory at "
                                                rf"{tmp_path / 'configs'}: a relative path is read from the folder "
                                                rf"the app is built in \({tmp_path}, where"):
         build_app({"checkpoint": str(checkpoint), "config_dir": "configs"})
@@ -824,7 +824,7 @@ def test_checkpoint_resolution_env_then_argument_then_newest_run(tmp_path, monke
                                               r"\$MTFM_CHECKPOINT\)$"):
         resolve_checkpoint(str(old.parent), tmp_path / "runs")
     monkeypatch.delenv("MTFM_CHECKPOINT")
-    with pytest.raises(CheckpointError, match=r"\(the checkpoint to serve, from serve.yaml's args.checkpoint\)$"):
+    with pytest.raises(CheckpointError, match=r"\(the checkpoint to serve, from the serve config's args.checkpoint\)$"):
         resolve_checkpoint(str(tmp_path / "gone"), tmp_path / "runs")
 
 
