@@ -35,6 +35,7 @@ from mtfm.kernels.hstu_attention import (  # noqa: E402
     hstu_attention, hstu_split_target_attention, hstu_target_attention)
 
 ALPHA = 1.0 / 128 ** 0.5
+BENCH_HQ = 4  # query heads of the attention table, the correctness checks and SDPA's rows
 SCENARIOS = 3
 
 
@@ -118,10 +119,10 @@ def rel_err(a, b) -> float:
 def check_attention(length: int, hkv: int, d: int, device) -> dict:
     """bf16 Triton vs float64 reference on two users: out, dq, dk, dv (full), target, and split
     target attention's output and gradients (dk_t, dv_t of the T rows' own keys)."""
-    batch = make_batch(length, 2, 4, hkv, d, torch.bfloat16, device, seed=length + hkv + d)
+    batch = make_batch(length, 2, BENCH_HQ, hkv, d, torch.bfloat16, device, seed=length + hkv + d)
     meta = (batch["offsets"], batch["kind"], batch["ts"])
     norm = float(length)
-    grad = torch.randn(batch["q"].shape[0], 4, d, device=device, dtype=torch.bfloat16)
+    grad = torch.randn(batch["q"].shape[0], BENCH_HQ, d, device=device, dtype=torch.bfloat16)
     results = {}
     for dtype, impl in ((torch.float64, "reference"), (torch.bfloat16, "triton")):
         q, k, v = (batch[n].to(dtype).requires_grad_() for n in "qkv")
@@ -143,7 +144,7 @@ def check_attention(length: int, hkv: int, d: int, device) -> dict:
 
 def bench_attention(length, hkv, d, device, total_tokens, quick) -> dict:
     users = max(1, total_tokens // length)
-    batch = make_batch(length, users, 4, hkv, d, torch.bfloat16, device, seed=1)
+    batch = make_batch(length, users, BENCH_HQ, hkv, d, torch.bfloat16, device, seed=1)
     meta = (batch["offsets"], batch["kind"], batch["ts"])
     norm = float(length)
     pairs, target_pairs = visible_pairs(batch)
@@ -174,14 +175,15 @@ def bench_attention(length, hkv, d, device, total_tokens, quick) -> dict:
     t_tbwd = do_bench(lambda: torch.autograd.grad(out_t, (q_t, k, v), grad_t, retain_graph=True), return_mode="median")
     del out_t
 
-    flops = 4 * 4 * d * pairs
+    flops = 4 * BENCH_HQ * d * pairs  # DESIGN.md's convention: backward 2.5x
+    target_flops = 4 * BENCH_HQ * d * target_pairs
     row = dict(
-        length=length, users=users, tokens=users * length, hq=4, hkv=hkv, d=d, visible_pairs=pairs,
+        length=length, users=users, tokens=users * length, hq=BENCH_HQ, hkv=hkv, d=d, visible_pairs=pairs,
         fwd_ms=t_fwd, bwd_ms=t_bwd, fwd_tflops=flops / t_fwd * 1e-9, bwd_tflops=2.5 * flops / t_bwd * 1e-9,
         peak_mib=peak / 2**20, peak_bytes_per_token=peak / (users * length),
         target_fwd_ms=t_tfwd, target_bwd_ms=t_tbwd,
-        target_fwd_tflops=4 * 4 * d * target_pairs / t_tfwd * 1e-9,
-        target_bwd_tflops=10 * 4 * d * target_pairs / t_tbwd * 1e-9,
+        target_fwd_tflops=target_flops / t_tfwd * 1e-9,
+        target_bwd_tflops=2.5 * target_flops / t_tbwd * 1e-9,
     )
     row["fwd_graph_ms"] = graph_time(forward)
     row["target_fwd_graph_ms"] = graph_time(target_forward)
@@ -310,8 +312,9 @@ def bench_sdpa(length, d, device, total_tokens) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     users = max(1, total_tokens // length)
-    q, k, v = (torch.randn(users, 4, length, d, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    flops = 4 * 4 * d * users * length * (length + 1) // 2
+    q, k, v = (torch.randn(users, BENCH_HQ, length, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    flops = 4 * BENCH_HQ * d * users * length * (length + 1) // 2
     best = None
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
         try:

@@ -704,31 +704,20 @@ def parse_sequences(raw: Any, file: str, snapshot: bool = False) -> dict[str, Se
 
 # ---------------------------------------------------------------- snapshots
 
-def _raw_feature(f: Feature) -> dict[str, Any]:
-    raw = {"name": f.name, "type": f.type, "required": f.required, "description": f.description}
-    if f.type == "numeric":
-        raw["transform"] = f.transform
-    else:
-        raw.update(buckets=f.buckets, dim=f.dim)
-        if f.max_len is not None:
-            raw["max_len"] = f.max_len
-    return raw
-
-
-def declared_feature(f: Feature) -> dict[str, Any]:
-    """A feature as the YAML mapping that declares it, defaults left out (what a config dir holds;
-    `_raw_feature` is the snapshot's, every key written)."""
+def declared_feature(f: Feature, every_key: bool = False) -> dict[str, Any]:
+    """A feature as the YAML mapping that declares it: defaults left out (what a config dir holds), or
+    with `every_key` each key written (a registry snapshot's)."""
     raw: dict[str, Any] = {"name": f.name, "type": f.type}
     if f.type == "numeric":
-        if f.transform != "none":
+        if every_key or f.transform != "none":
             raw["transform"] = f.transform
     else:
         raw.update(buckets=f.buckets, dim=f.dim)
         if f.max_len is not None:
             raw["max_len"] = f.max_len
-    if f.required:
-        raw["required"] = True
-    if f.description:
+    if every_key or f.required:
+        raw["required"] = f.required
+    if every_key or f.description:
         raw["description"] = f.description
     return raw
 
@@ -736,9 +725,9 @@ def declared_feature(f: Feature) -> dict[str, Any]:
 def _raw_scenario(s: Scenario) -> dict[str, Any]:
     return {
         "name": s.name, "description": s.description,
-        "user_features": [_raw_feature(f) for f in s.user_features],
-        "item_features": [_raw_feature(f) for f in s.item_features],
-        "cross_features": [_raw_feature(f) for f in s.cross_features],
+        "user_features": [declared_feature(f, every_key=True) for f in s.user_features],
+        "item_features": [declared_feature(f, every_key=True) for f in s.item_features],
+        "cross_features": [declared_feature(f, every_key=True) for f in s.cross_features],
         "tasks": [{k: v for k, v in dataclasses.asdict(t).items() if v is not None} for t in s.tasks],
         "serving": dataclasses.asdict(s.serving),
         "synthetic": dataclasses.asdict(s.synthetic),
@@ -747,7 +736,8 @@ def _raw_scenario(s: Scenario) -> dict[str, Any]:
 
 def _raw_sequence(s: Sequence) -> dict[str, Any]:
     return {"name": s.name, "kind": s.kind, "max_len": s.max_len, "description": s.description,
-            "events_per_user_day": s.events_per_user_day, "features": [_raw_feature(f) for f in s.features]}
+            "events_per_user_day": s.events_per_user_day,
+            "features": [declared_feature(f, every_key=True) for f in s.features]}
 
 
 # ---------------------------------------------------------------- small helpers
