@@ -60,8 +60,8 @@ def _get(url: str) -> tuple[int, bytes]:
 def checkpoints_served(serve_url: str, not_mtfm: list[str] | None = None) -> dict[str, dict[str, str | None]]:
     """{app name: {scenario: the checkpoint folder its replica loads, None where it did not answer}} for every
     mtfm app of the Serve instance whose HTTP proxy is at `serve_url` (its /-/routes lists the apps). An app that
-    has no /healthz (404), or whose /healthz answers a JSON object without `scenarios` (2xx: up, and not an mtfm
-    app, whose report always names them), is not one: named in `not_mtfm` where given. One that answers anything
+    has no /healthz (404) is not one; nor is one whose /healthz answers a JSON object without `scenarios` (2xx: up,
+    and not an mtfm app, whose report always names them), named in `not_mtfm` where given. One that answers anything
     else (a 503 in plain text: failed or deploying?) is refused, as it may be an mtfm app."""
     parts = urllib.parse.urlsplit(serve_url if "://" in serve_url else f"http://{serve_url}")
     base = f"{parts.scheme}://{parts.netloc}"

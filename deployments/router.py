@@ -74,9 +74,9 @@ class RankRouter:
             if not answer.done():  # refused, or the client went away: the replica need not score it
                 response.cancel()
                 answer.cancel()
-                # The handle turns its cancellation into RequestCancelledError: retrieved here, else asyncio logs
-                # "Task exception was never retrieved" with a traceback for every request whose client went away
-                answer.add_done_callback(_retrieved)
+            # The handle turns its cancellation into RequestCancelledError, and an answer may fail while the status
+            # is asked: retrieved here, else asyncio logs "Task exception was never retrieved" with a traceback
+            answer.add_done_callback(_retrieved)
 
     async def _health(self) -> dict:
         """Every scenario's info, or {"status": "unavailable", "error"} for one whose replica did

@@ -229,7 +229,7 @@ class Registry:
     def aggregated_schema(self) -> pa.Schema:
         """Aggregated samples: one row per (user, window).
 
-        `<scenario>__user` is the user's features in that scenario (from its newest exposure in
+        `<scenario>__user` is the user's features in that scenario (from its earliest exposure in
         the window; null if the user had none there; no column for a scenario without user
         features: Parquet has no struct of no fields); `<scenario>__exposures` the window's
         exposures sorted by ts (empty if none); `<sequence>__events` the sequence's events

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 
 from mtfm.platform.cluster import quiet_ray_data
 from mtfm.platform.files import recorded_path
-from mtfm.platform.registry import (FieldReader, Registry, RegistryError, dump_yaml, load_registry,
-                                    read_yaml_mapping, resolve_config_dir)
+from mtfm.platform.registry import (FieldReader, Registry, RegistryError, dump_yaml, exposures_column,
+                                    load_registry, read_yaml_mapping, resolve_config_dir)
 from mtfm.platform.run_lock import DriverLock, refuse_a_folder_a_live_driver_holds
 from mtfm.platform.samples import (keep_users_of, local_samples_schema, refuse_samples_that_do_not_fit,
                                    Windows, samples_folder, scenarios_in, split_by_window)
@@ -249,6 +249,11 @@ def train(config: TrainConfig, *, data: str | None = None, out: str | Path | Non
         refuse_workers_the_cluster_cannot_hold(config, log)
         quiet_ray_data()
         train_ds, test_ds, windows = _samples_to_train_on(plan, log)
+        if windows.train_rows < config.num_workers:  # a worker with no sample has no batch to stand in with
+            raise ValueError(f"{config.data}: the training windows hold {windows.train_rows} sample(s) of the model's "
+                             f"scenarios, fewer than the {config.num_workers} workers, each of which needs one: "
+                             + ("aggregate more logs" if not windows.train_rows else
+                                f"--num-workers {windows.train_rows} or fewer"))
         _start_run_folder(plan, windows, log)
         trainer = _trainer(plan, train_ds, test_ds, _windows_trained_on(plan, windows, log), windows.train_rows)
         (run_dir / DIVERGED_FILE).unlink(missing_ok=True)  # a resume tries again
@@ -451,6 +456,12 @@ def _samples_to_train_on(plan: RunPlan, log):
     model_scenarios = plan.scenarios
     refuse_samples_the_model_cannot_read(plan, schema)
     if in_data - set(model_scenarios):
+        # EveryRowSplit sizes its blocks for the rows trained on: sized for every row, a train set the filter
+        # leaves under half of may come in fewer blocks than workers, and a worker with none ends every epoch
+        # for all of them. Counted on the exposure columns alone.
+        exposures = [exposures_column(s) for s in model_scenarios if exposures_column(s) in schema.names]
+        windows = windows._replace(
+            train_rows=keep_users_of(train_ds.select_columns(exposures), model_scenarios).count())
         train_ds, test_ds = keep_users_of(train_ds, model_scenarios), keep_users_of(test_ds, model_scenarios)
         log(f"[mtfm] model {model_config.name} covers {model_scenarios}: training and evaluating on their users "
             "only")

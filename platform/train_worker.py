@@ -105,12 +105,12 @@ class EveryRowSplit(ray.train.DataConfig):
 
     Ray Train's own DataConfig splits with `streaming_split(equal=True)`, which drops the rows left over
     from an equal split (up to one fewer than the workers, and the same ones every epoch, as the order is
-    fixed), and hands blocks to the workers on their node first, so that on a cluster a shard depends on
-    where its blocks were read. Here the train set is cut into blocks of at most `rows_per_block` samples
-    (a streaming repartition) and each block goes, in order, to the worker with the fewest samples so
-    far: shards differ by at most one block, which the workers' stand-in steps absorb (`StepAgreement`),
-    and a restarted attempt meets the shards its checkpoint's batch counts were taken on. The test set
-    is every worker's whole (rank 0 evaluates it).
+    fixed). Here the train set is cut into blocks of exactly `rows_per_block` samples but the last (a
+    strict streaming repartition: the blocks' bounds depend on the rows' order alone, not on how the read
+    cut the files into blocks, which follows the cluster's CPUs) and each block goes, in order, to the
+    worker with the fewest samples so far: shards differ by at most one block, which the workers' stand-in
+    steps absorb (`StepAgreement`), and a restarted attempt meets the shards its checkpoint's batch counts
+    were taken on. The test set is every worker's whole (rank 0 evaluates it).
     """
 
     def __init__(self, rows_per_block: int):
@@ -132,7 +132,7 @@ class EveryRowSplit(ray.train.DataConfig):
             ds = ds.copy(ds)
             ds.context.execution_options = self._resolve_execution_options(name)
             if name == "train" and world_size > 1:
-                split = ds.repartition(target_num_rows_per_block=self.rows_per_block).streaming_split(
+                split = ds.repartition(target_num_rows_per_block=self.rows_per_block, strict=True).streaming_split(
                     world_size, equal=False)
                 for rank, shard in enumerate(split):
                     shards[rank][name] = shard

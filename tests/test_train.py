@@ -69,6 +69,22 @@ def _without_one_training_user(samples: Path, out: Path) -> Path:
     return out
 
 
+def test_fewer_training_samples_than_workers_are_refused_by_count(tiny_samples, tmp_path):
+    """A worker given no sample would have no batch to stand in with while the others train."""
+    out = tmp_path / "agg"
+    shutil.copytree(tiny_samples, out)
+    table = pq.read_table(out / "samples")
+    last = pc.max(table["window"]).as_py()
+    one = pa.concat_tables([table.filter(pc.less(table["window"], last)).slice(0, 1),
+                            table.filter(pc.equal(table["window"], last))])
+    for part in (out / "samples").glob("*.parquet"):
+        part.unlink()
+    pq.write_table(one, out / "samples" / "part-00000.parquet")
+    with pytest.raises(ValueError, match=r"the training windows hold 1 sample\(s\) of the model's scenarios, fewer "
+                                         r"than the 2 workers, each of which needs one: --num-workers 1 or fewer"):
+        train(_config(num_workers=2), data=str(out), out=tmp_path / "run", config_dir=str(CONFIGS), log=lambda *a: None)
+
+
 @pytest.mark.slow
 def test_two_workers_lower_the_loss(tiny_samples, tmp_path):
     # An odd number of training users (319), which Ray Train's equal split would leave one of out of every epoch;
@@ -527,6 +543,21 @@ def test_single_scenario_model_trains_on_its_users_only(tiny_samples):
         train_rows.filter(either)["user_id"].to_pylist(), train_rows.filter(either)["window"].to_pylist()))
     with pytest.raises(ValueError, match="no exposures of"):
         keep_users_of(train_ds, ["grocery"])
+
+
+@pytest.mark.slow
+def test_a_restricted_model_on_two_workers_trains_every_user_it_keeps(tiny_samples, tmp_path):
+    """The train split's blocks are sized for the users a `scenarios: [sqs]` model keeps, not for every
+    row: each epoch trains each of them once, on both workers."""
+    model = tmp_path / "sqs.yaml"
+    model.write_text((CONFIGS / "model" / "tiny.yaml").read_text() + "scenarios: [sqs]\n")
+    config = _config(model=str(model), num_workers=2, cpus_per_worker=0.5, epochs=1, checkpoint_every=1000)
+    run = train(config, data=str(tiny_samples), out=tmp_path / "run", config_dir=str(CONFIGS), log=lambda *a: None)
+    table = pq.read_table(tiny_samples / "samples", columns=["window", "sqs__exposures"])
+    in_train = pc.less(table["window"], pc.max(table["window"]))
+    with_sqs = pc.greater(pc.fill_null(pc.list_value_length(table["sqs__exposures"]), 0), 0)
+    [epoch] = [r for r in _log(run) if "users_trained" in r]
+    assert (epoch["users_trained"], epoch["users_not_trained"]) == (pc.sum(pc.and_(in_train, with_sqs)).as_py(), 0)
 
 
 def test_samples_read_from_a_uri_as_from_a_path(tiny_samples):
@@ -1256,3 +1287,11 @@ def test_a_metrics_log_whose_last_line_was_cut_short_reads_without_it(tmp_path):
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))}, line 2: not a JSON record \(Unterminated string"):
         read_metrics(path)
     assert read_metrics(tmp_path / "none.jsonl") == []
+
+
+def test_the_train_split_has_blocks_of_at_most_rows_per_read_and_two_per_worker():
+    from mtfm.platform.train_worker import EveryRowSplit
+
+    assert EveryRowSplit.of_run(256, 2, 10**6).rows_per_block == 256  # big: rows_per_read
+    assert EveryRowSplit.of_run(256, 2, 321).rows_per_block == 81  # small: 4 blocks (81, 81, 81, 78)
+    assert EveryRowSplit.of_run(256, 4, 3).rows_per_block == 1  # fewer rows than workers: a worker has none
