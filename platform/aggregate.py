@@ -211,6 +211,16 @@ def partition_of(user_id: np.ndarray, num_partitions: int) -> np.ndarray:
     return ((h >> np.uint64(33)) % np.uint64(num_partitions)).astype(np.int64)
 
 
+def _in_table(path: str, kind: str, name: str) -> str:
+    """`path` below its table's folder (RAW/<kind>/<name>/), as the summary names files: a table's files may
+    sit in folders of their own (`dt=.../part-0.parquet`)."""
+    parts = Path(path).parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i - 1:i + 1] == (kind, name):
+            return "/".join(parts[i + 1:])
+    return Path(path).name
+
+
 def read_valid(registry: Registry, kind: str, name: str, path: str, index: int, out: str,
                max_ts: int) -> tuple[pa.Table, dict]:
     """Read and validate one raw file; its bad rows go to quarantine. Returns (good rows, counts)."""
@@ -220,7 +230,7 @@ def read_valid(registry: Registry, kind: str, name: str, path: str, index: int, 
     except (OSError, pa.ArrowException) as exc:  # a footer that reads, damaged pages behind it
         empty = contract.schema.empty_table() if contract.schema is not None else pa.table({})
         return empty, {"table": f"{kind}/{name}", "rows": 0, "good": 0, "early": 0, "reasons": {}, "ignored": [],
-                       "missing": [], "file": Path(path).name,
+                       "missing": [], "file": _in_table(path, kind, name),
                        "unreadable": f"{path}: not read, {_why_not_read(path, exc)} ({_footer_rows(path)})"}
     good, bad = validate(table, contract, max_ts)
     if bad.num_rows:
@@ -237,7 +247,7 @@ def read_valid(registry: Registry, kind: str, name: str, path: str, index: int, 
     return good, {"table": f"{kind}/{name}", "rows": table.num_rows, "good": good.num_rows, "early": early,
                   "late": late, "reasons": dict(Counter(bad[REASON].to_pylist())) if bad.num_rows else {},
                   "ignored": ignored,
-                  "missing": missing, "file": Path(path).name}
+                  "missing": missing, "file": _in_table(path, kind, name)}
 
 
 def _count_late(table: pa.Table) -> int:

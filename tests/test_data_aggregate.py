@@ -173,6 +173,9 @@ def test_bad_rows_are_quarantined_with_their_reason(ray_cluster, registry, raw, 
     for i, (reason, table) in enumerate(cases.items()):
         nullable = pa.schema([f.with_nullable(True) for f in table.schema])
         pq.write_table(table.cast(nullable), dirty / "exposures" / "hp" / f"bad-{i}.parquet")
+    (dirty / "exposures" / "hp" / "dt=9").mkdir()  # a table's files in folders of their own
+    pq.write_table(cases["null ts"].cast(pa.schema([f.with_nullable(True) for f in cases["null ts"].schema])),
+                   dirty / "exposures" / "hp" / "dt=9" / "part-0.parquet")
     # A file whose distance_km column is text: "2.5" converts, "far" does not.
     text = pa.concat_tables([_bad_copy(hp.cast(hp.schema.set(hp.schema.get_field_index("distance_km"),
                                                              pa.field("distance_km", pa.string()))),
@@ -190,7 +193,7 @@ def test_bad_rows_are_quarantined_with_their_reason(ray_cluster, registry, raw, 
     reasons = summary["quarantined"]["exposures/hp"]
     def count(prefix: str) -> int:
         return sum(n for r, n in reasons.items() if r.startswith(prefix))
-    assert count("null user_id") == 1 and count("null ts") == 1 and count("ts out of range") == 2
+    assert count("null user_id") == 1 and count("null ts") == 2 and count("ts out of range") == 2
     assert count("null required feature poi_id") == 1 and count("label click not 0/1") == 1
     assert count("null label click") == 1 and summary["max_ts"] > far_future - 3650 * DAY_MS
     assert count("wrong type in distance_km") == 1 and count("missing column order") == 3
@@ -200,13 +203,13 @@ def test_bad_rows_are_quarantined_with_their_reason(ray_cluster, registry, raw, 
     assert any("unknown_feed" in w for w in summary["warnings"])
     quarantined = pa.concat_tables([pq.read_table(f).select(["reason"])
                                     for f in (tmp_path / "agg" / "quarantine").rglob("*.parquet")])
-    assert quarantined.num_rows == summary["quarantined_rows"] == 21
+    assert quarantined.num_rows == summary["quarantined_rows"] == 22
     assert ("exposures/hp: 1 file(s) without column(s) category, avg_price (optional; older.parquet): their 5 valid "
             "rows get null there" in summary["warnings"]), summary["warnings"]
     assert not any("no-order.parquet)" in w for w in summary["warnings"])  # a label: quarantined instead
     # Each reason names the files its rows came from, in the summary and in the lines printed.
     files = summary["quarantined_files"]["exposures/hp"]
-    assert [files[r] for r in reasons if r.startswith("null ts")] == [["bad-1.parquet"]]
+    assert [files[r] for r in reasons if r.startswith("null ts")] == [["bad-1.parquet", "dt=9/part-0.parquet"]]
     assert [files[r] for r in reasons if r.startswith("wrong type in distance_km")] == [["text.parquet"]]
     printed = []
     _print_summary(summary, printed.append)
